@@ -1,0 +1,118 @@
+"""Collection throughput against the bare forward pass, store bytes per neuron, and peak memory.
+
+    python bench/collect.py                      # default model, dtype and batch, 256 excerpts
+    python bench/collect.py --dtype float32 --excerpts 512 --layers 0-29
+    python bench/collect.py --rss 500            # peak RSS of `neuronscope collect` at 500 and 2000 excerpts
+
+Everything is measured in one run on one machine and printed as ratios; absolute times are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from core.collect import collect, parse_layers
+    from core.corpus import CorpusSpec, cut_excerpts
+    from core.records import CollectSettings
+    from core.store import Store
+    from core.subject import load_subject
+
+    subject = load_subject(args.model, device=args.device, dtype=args.dtype)
+    layers = parse_layers(args.layers, subject.n_layers)
+    excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
+    batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
+    n = len(excerpts.excerpt_ids)
+
+    def sync() -> None:
+        if subject.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare() -> float:
+        started = time.perf_counter()
+        for i in range(0, n, batch):
+            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : i + batch].astype(np.int64)))
+        sync()
+        return time.perf_counter() - started
+
+    bare()  # warm-up (allocator, kernels)
+    bare_s = bare()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.duckdb"
+        stages: dict[str, float] = {}
+        marks: dict[str, float] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            marks.setdefault(stage, time.perf_counter())
+            if done == total:
+                stages[stage] = time.perf_counter() - marks[stage]
+
+        with Store.open(path) as store:
+            settings = CollectSettings(max_excerpts=args.excerpts)
+            result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
+                             progress=progress, reuse=False)
+            store.checkpoint()
+        size = path.stat().st_size
+    collect_s = stages.get("collect", result.seconds)
+    write_s = stages.get("write", 0.0)
+    print(f"model {subject.name}  dtype {str(subject.dtype).replace('torch.', '')}  device {subject.device}  "
+          f"batch {batch}  excerpts {n}  layers {len(layers)}  neurons {result.n_neurons}")
+    print(f"bare forward        {n * 64 / bare_s:10.0f} tok/s")
+    print(f"collection pass     {n * 64 / collect_s:10.0f} tok/s   ratio to bare forward: {bare_s / collect_s:.2f}")
+    print(f"pass + store write  {n * 64 / (collect_s + write_s):10.0f} tok/s   ratio: {bare_s / (collect_s + write_s):.2f}")
+    print(f"store bytes per neuron: {size / result.n_neurons:,.0f}  ({size / 1e6:.1f} MB for {result.n_neurons} neurons)")
+
+
+def peak_rss(args: argparse.Namespace) -> None:
+    """Peak RSS of a CLI collection at N and 4N excerpts (memory must not grow with the corpus)."""
+    rows = []
+    for n in (args.rss, 4 * args.rss):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "tui.cli", "collect", "--store", str(Path(tmp) / "s.duckdb"),
+                   "--max-excerpts", str(n), "--model", args.model, "--top", "1"]
+            if args.layers:
+                cmd += ["--layers", args.layers]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            # A fresh parent per measurement: RUSAGE_CHILDREN is the peak over all children waited for.
+            probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+                     "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+            started = time.perf_counter()
+            peak = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True,
+                                  env={**os.environ, "CI": "1"}).stdout.split()[-1]
+            rows.append((n, int(peak) / 1024, time.perf_counter() - started))
+    for n, mib, secs in rows:
+        print(f"{n:7d} excerpts: peak RSS {mib:8.0f} MiB  ({secs:.0f} s)")
+    print(f"peak RSS ratio 4N / N: {rows[1][1] / rows[0][1]:.2f} (1.00 = bounded by neurons x k x length)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--excerpts", type=int, default=256)
+    parser.add_argument("--layers")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--rss", type=int, help="measure peak RSS at this many excerpts and 4x as many")
+    args = parser.parse_args()
+    if args.rss:
+        peak_rss(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()

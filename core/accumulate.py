@@ -1,0 +1,142 @@
+"""Per-layer streaming state of a collection: record samplers, moments, histogram; merge and finalise.
+
+Memory per layer is neurons x (top_k + bottom_k + random_k + CELLS x CELL_K) x length activations,
+whatever the corpus size. Everything here is a deterministic function of the set of excerpts
+offered, so shards merge into exactly what one run would have kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
+from core.records import CollectSettings
+from core.sampling import SmallestK, composite, hash_keys
+
+
+class LayerAccumulator:
+    """Streaming state for one layer of F neurons."""
+
+    def __init__(
+        self, layer: int, neurons: int, settings: CollectSettings, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layer, self.neurons, self.settings = layer, neurons, settings
+        length = settings.length
+        self.samplers = {
+            "top": SmallestK(neurons, settings.top_k, length, dtype, device),
+            "bottom": SmallestK(neurons, settings.bottom_k, length, dtype, device),
+            "random": SmallestK(neurons, settings.random_k, length, dtype, device),
+            "cell": SmallestK(neurons * CELLS, CELL_K, length, dtype, device),
+        }
+        self.sums = torch.zeros((5, neurons), dtype=torch.float64, device=device)
+        self.count = 0
+        self.max = torch.full((neurons,), -float("inf"), device=device)
+        self.min = torch.full((neurons,), float("inf"), device=device)
+        self.min_excerpt_max = torch.full((neurons,), float("inf"), device=device)
+        self.hist = torch.zeros(neurons * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
+        self.cell_counts = torch.zeros(neurons * CELLS, dtype=torch.int64, device=device)
+        self._hist_edges = torch.from_numpy(HIST_EDGES).to(device)
+        self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
+        self._neuron_ids = torch.arange(neurons, device=device)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def update(self, acts: torch.Tensor, excerpt_ids: torch.Tensor, token_stats: Callable = None) -> None:  # type: ignore[assignment]
+        """Fold in one batch.  acts: [B, T, F] in the subject's dtype; excerpt_ids: [B] int64."""
+        stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride)
+        sums, ex_max, ex_min, hist_bins = stats
+        batch = acts.shape[0]
+        self.sums += sums
+        self.count += batch * acts.shape[1]
+        self.max = torch.maximum(self.max, ex_max.amax(0))
+        self.min = torch.minimum(self.min, ex_min.amin(0))
+        self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
+        nb = len(HIST_EDGES) + 1
+        flat = (self._neuron_ids * nb + hist_bins).reshape(-1)
+        self.hist += torch.bincount(flat, minlength=self.hist.numel())
+
+        f_of = self._neuron_ids.repeat_interleave(batch)  # candidate p = f * B + b
+        ids = excerpt_ids.to(self.max.device).repeat(self.neurons)
+        maxes = ex_max.t().reshape(-1)  # [F*B]
+
+        by_neuron = acts.permute(2, 0, 1).reshape(self.neurons * batch, -1)  # [F*B, T], row p = f * B + b
+
+        def fetch(p: torch.Tensor) -> torch.Tensor:
+            return by_neuron[p]  # [len(p), T]
+
+        self.samplers["top"].offer(f_of, composite(-maxes, ids), fetch)
+        self.samplers["bottom"].offer(f_of, composite(ex_min.t().reshape(-1), ids), fetch)
+        random = composite(hash_keys(self.settings.seed, self.layer, f_of, ids), ids)
+        self.samplers["random"].offer(f_of, random, fetch)
+        cells = torch.bucketize(maxes, self._cell_edges)
+        self.cell_counts += torch.bincount(f_of * CELLS + cells, minlength=self.cell_counts.numel())
+        self.samplers["cell"].offer(f_of * CELLS + cells, random, fetch)
+
+    def absorb(self, other: LayerResult) -> None:
+        """Merge a finished shard's state of the same layer into this one (exact)."""
+        dev = self.max.device
+        self.sums += torch.from_numpy(other.sums).to(dev)
+        self.count += other.count
+        self.max = torch.maximum(self.max, torch.from_numpy(other.max).to(dev))
+        self.min = torch.minimum(self.min, torch.from_numpy(other.min).to(dev))
+        self.min_excerpt_max = torch.minimum(self.min_excerpt_max, torch.from_numpy(other.min_excerpt_max).to(dev))
+        self.hist += torch.from_numpy(other.histogram.reshape(-1)).to(dev)
+        self.cell_counts += torch.from_numpy(other.cell_counts.reshape(-1)).to(dev)
+        for kind in ("top", "bottom", "random", "cell"):
+            sample = other.samples[kind]
+            k = sample.ids.shape[1]
+            neuron = torch.arange(self.neurons, device=dev).repeat_interleave(k)
+            ids = torch.from_numpy(sample.ids).to(dev).reshape(-1)
+            acts = torch.from_numpy(sample.acts).to(dev).reshape(-1, sample.acts.shape[2])
+            maxes = torch.from_numpy(sample.maxes).to(dev).reshape(-1)
+            group = neuron
+            if kind == "top":
+                key = -maxes
+            elif kind == "bottom":
+                key = torch.from_numpy(sample.mins).to(dev).reshape(-1)
+            else:
+                key = hash_keys(self.settings.seed, self.layer, neuron, ids)
+                if kind == "cell":
+                    group = neuron * CELLS + torch.bucketize(maxes, self._cell_edges)
+            sel = (ids >= 0).nonzero().squeeze(1)
+            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), lambda p, s=sel: acts[s[p]])
+
+    # -- results -----------------------------------------------------------------------------
+    def result(self) -> LayerResult:
+        """The state as numpy arrays (for the store, or a later merge)."""
+        samples = {}
+        for kind, sampler in self.samplers.items():
+            ids, acts = sampler.sorted()
+            if kind == "cell":
+                ids = ids.reshape(self.neurons, CELLS * CELL_K)
+                acts = acts.reshape(self.neurons, CELLS * CELL_K, acts.shape[2])
+            samples[kind] = Samples.of(ids.cpu().numpy(), acts.float().cpu().numpy())
+        return LayerResult(
+            layer=self.layer,
+            sums=self.sums.cpu().numpy(),
+            count=self.count,
+            max=self.max.cpu().numpy(),
+            min=self.min.cpu().numpy(),
+            min_excerpt_max=self.min_excerpt_max.cpu().numpy(),
+            histogram=self.hist.reshape(self.neurons, -1).cpu().numpy(),
+            cell_counts=self.cell_counts.reshape(self.neurons, CELLS).cpu().numpy(),
+            samples=samples,
+        )
+
+
+def compute_token_stats(
+    acts: torch.Tensor, hist_edges: torch.Tensor, hist_stride: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Moments, excerpt max/min and histogram bins of one batch.
+
+    acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
+    histogram bin of every hist_stride-th token [B, T/stride, F].
+    """
+    x = acts.float()
+    x2 = x.double() * x.double()  # float64: raw power sums cancel badly when |mean| >> std
+    sums = torch.stack(
+        [x.double().sum((0, 1)), x2.sum((0, 1)), (x2 * x).sum((0, 1)), (x2 * x2).sum((0, 1)), (x > 0).sum((0, 1)).double()]
+    )
+    bins = torch.bucketize(x[:, ::hist_stride, :].contiguous(), hist_edges)
+    return sums, x.amax(1), x.amin(1), bins

@@ -1,0 +1,252 @@
+"""Collection: one streaming, batched pass of a subject model over excerpts into a store run.
+
+Memory is bounded by neurons x records x length (see core.accumulate); the corpus only streams
+through. The run is registered as 'running' first and all its data lands in one transaction at the
+end, so an interrupted collection never looks complete.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.records import CollectSettings
+from core.store import Store, StoreError
+
+#: progress(stage, done, total): stage is "collect", "write" or "merge".
+Progress = Callable[[str, int, int], None]
+
+
+class CollectError(Exception):
+    """A collection problem, as one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    """What a collection produced."""
+
+    run_id: int
+    """The run written (or found)."""
+    n_excerpts: int
+    """Excerpts processed."""
+    n_neurons: int
+    """Neurons stored."""
+    seconds: float
+    """Wall time of the pass and the write."""
+    reused: bool = False
+    """True when an identical complete run already existed and nothing was recomputed."""
+
+
+def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...]:
+    """'0-5,12' -> (0, 1, 2, 3, 4, 5, 12); None or 'all' -> every layer; negative numbers count from the end."""
+    if text is None or text.strip() in ("", "all"):
+        return tuple(range(n_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not match:
+            raise CollectError(f"invalid layer range {part!r}: write layers like 0-5,12 (this model has 0-{n_layers - 1})")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)
+        if not (0 <= lo <= hi < n_layers):
+            raise CollectError(f"invalid layer range {part!r}: this model has layers 0-{n_layers - 1}")
+        layers.update(range(lo, hi + 1))
+    return tuple(sorted(layers))
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if not text:
+        return (0, 1)
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise CollectError(f"invalid shard {text!r}: write i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def collect(
+    store: Store,
+    subject,  # core.subject.Subject  # type: ignore[no-untyped-def]
+    excerpts,  # core.corpus.Excerpts  # type: ignore[no-untyped-def]
+    *,
+    layers: tuple[int, ...],
+    settings: CollectSettings,
+    batch_size: int = 32,
+    shard: tuple[int, int] = (0, 1),
+    progress: Progress | None = None,
+    reuse: bool = True,
+) -> CollectResult:
+    """Collect every neuron of `layers` over `excerpts` into a new run of `store`."""
+    import torch
+
+    from core.accumulate import LayerAccumulator
+
+    report = progress or (lambda _stage, _done, _total: None)
+    shard_text = f"{shard[0]}/{shard[1]}" if shard[1] > 1 else ""
+    n = len(excerpts.excerpt_ids)
+    if n == 0:
+        raise CollectError("this shard of the corpus has no excerpts: use fewer shards or a larger corpus")
+    if reuse:
+        found = store.find_complete_run(subject.name, subject.revision, excerpts.corpus, settings, layers, shard_text)
+        if found is not None:
+            return CollectResult(found.run_id, found.n_excerpts, found.n_neurons, 0.0, reused=True)
+    started = time.perf_counter()
+    store.mark_stale_runs()
+    run_id = store.create_run(
+        model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings, layers=layers,
+        neurons_per_layer=subject.n_neurons, dtype=str(subject.dtype).replace("torch.", ""), shard=shard_text,
+    )
+    try:
+        accs = {
+            layer: LayerAccumulator(layer, subject.n_neurons, settings, subject.dtype, subject.device)
+            for layer in layers
+        }
+        token_stats = _token_stats_fn(subject.device, n // batch_size)
+        report("collect", 0, n)
+        for start in range(0, n, batch_size):
+            ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
+            eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
+            acts = subject.activations(ids, layers)
+            eids = eids.to(subject.device)
+            for layer in layers:
+                accs[layer].update(acts[layer], eids, token_stats if len(ids) == batch_size else None)
+            report("collect", min(start + batch_size, n), n)
+        results = [accs.pop(layer).result() for layer in layers]
+        write_run(store, run_id, results, settings, keep_cells=bool(shard_text), n_excerpts=n,
+                  tokens=lambda wanted: _tokens_for(subject, excerpts, wanted), progress=report)
+    except KeyboardInterrupt:
+        store.fail_run(run_id, "interrupted", "interrupted by the user")
+        raise
+    except BaseException as err:
+        store.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
+        raise
+    return CollectResult(run_id, n, len(layers) * subject.n_neurons, time.perf_counter() - started)
+
+
+def write_run(
+    store: Store,
+    run_id: int,
+    results: list,  # list[LayerResult]  # type: ignore[type-arg]
+    settings: CollectSettings,
+    *,
+    keep_cells: bool,
+    n_excerpts: int,
+    tokens: Callable[[np.ndarray], tuple[np.ndarray, list[list[str]]]],
+    progress: Progress,
+) -> None:
+    """Summarise finished layers and write them, their excerpts and the run's completion at once."""
+    from core.summarize import summarize
+
+    kinds = ("top", "bottom", "random") + (("cell",) if keep_cells else ())
+    with store.transaction():
+        wanted: set[int] = set()
+        for i, result in enumerate(results):
+            summary = summarize(result, settings)
+            store.write_layer(run_id, result, summary, keep_cells=keep_cells)
+            for kind in kinds:
+                wanted.update(int(x) for x in np.unique(result.samples[kind].ids) if x >= 0)
+            wanted.update(int(x) for x in np.unique(summary.quantile.ids) if x >= 0)
+            progress("write", i + 1, len(results))
+        ids = np.array(sorted(wanted), dtype=np.int64)
+        token_ids, strings = tokens(ids)
+        store.write_excerpts(run_id, ids, token_ids, strings)
+        store.finish_run(run_id, n_excerpts)
+
+
+def _tokens_for(subject, excerpts, wanted: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:  # type: ignore[no-untyped-def]
+    pos = np.searchsorted(excerpts.excerpt_ids, wanted)
+    token_ids = excerpts.token_ids[pos]
+    return token_ids, [subject.token_strings(row) for row in token_ids]
+
+
+def _token_stats_fn(device, n_batches: int):  # type: ignore[no-untyped-def]
+    """The per-batch statistics kernel: compiled where that pays off (GPU, or a long CPU run)."""
+    import os
+
+    from core.accumulate import compute_token_stats
+
+    wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
+    if wanted == "0" or (wanted == "auto" and not (device.type == "cuda" or n_batches >= 64)):
+        return compute_token_stats
+    import torch
+
+    try:
+        compiled = torch.compile(compute_token_stats, dynamic=False)
+    except Exception:  # noqa: BLE001 - no compiler on this machine: eager is correct, only slower
+        return compute_token_stats
+
+    def run(*args):  # type: ignore[no-untyped-def]
+        nonlocal compiled
+        if compiled is not compute_token_stats:
+            try:
+                return compiled(*args)
+            except Exception:  # noqa: BLE001 - compilation failed at first call: fall back for good
+                compiled = compute_token_stats
+        return compute_token_stats(*args)
+
+    return run
+
+
+def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> CollectResult:
+    """Combine the complete shard runs of several stores into one run equal to a single collection."""
+    import torch
+
+    from core.accumulate import LayerAccumulator
+
+    report = progress or (lambda _stage, _done, _total: None)
+    started = time.perf_counter()
+    runs = []
+    for shard_store in shards:
+        candidates = [r for r in shard_store.runs() if r.status == "complete" and r.shard]
+        if not candidates:
+            raise CollectError(f"{shard_store.path} has no complete shard run: collect it with --shard i/n first")
+        runs.append(candidates[-1])
+    first = runs[0]
+    for run in runs[1:]:
+        if (run.model_revision, run.corpus, run.settings, run.layers) != (
+            first.model_revision, first.corpus, first.settings, first.layers
+        ):
+            raise CollectError("shard stores differ in model, corpus, settings or layers: merge shards of one collection")
+    total = int(first.shard.split("/")[1])
+    have = sorted(int(r.shard.split("/")[0]) for r in runs)
+    if have != list(range(total)) or any(int(r.shard.split("/")[1]) != total for r in runs):
+        missing = sorted(set(range(total)) - set(have))
+        detail = f"missing {', '.join(f'{i}/{total}' for i in missing)}" if missing else "a shard appears twice"
+        raise CollectError(f"shards do not cover the corpus exactly ({detail}): pass every shard store once")
+    settings = first.settings
+    run_id = out.create_run(
+        model=first.model, revision=first.model_revision, corpus=first.corpus, settings=settings,
+        layers=first.layers, neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="",
+    )
+    try:
+        results = []
+        for i, layer in enumerate(first.layers):
+            acc = LayerAccumulator(layer, first.neurons_per_layer, settings, torch.float32, torch.device("cpu"))
+            for shard_store, run in zip(shards, runs):
+                acc.absorb(shard_store.load_layer(run.run_id, layer, settings))
+            results.append(acc.result())
+            report("merge", i + 1, len(first.layers))
+        excerpts: dict[int, tuple[list[int], list[str]]] = {}
+        for shard_store, run in zip(shards, runs):
+            excerpts.update(shard_store.excerpts(run.run_id))
+
+        def tokens(wanted: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+            try:
+                rows = [excerpts[int(e)] for e in wanted]
+            except KeyError as err:
+                raise StoreError(f"shard stores lack excerpt {err}: they are damaged; collect them again") from None
+            return np.array([r[0] for r in rows], dtype=np.int32).reshape(len(rows), -1), [r[1] for r in rows]
+
+        write_run(out, run_id, results, settings, keep_cells=False, n_excerpts=sum(r.n_excerpts for r in runs),
+                  tokens=tokens, progress=report)
+    except BaseException as err:
+        out.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
+        raise
+    return CollectResult(run_id, sum(r.n_excerpts for r in runs), len(first.layers) * first.neurons_per_layer,
+                         time.perf_counter() - started)

@@ -1,0 +1,588 @@
+"""Turn a ``--corpus`` argument into fixed-length token excerpts.
+
+Sources (``CorpusSpec.source``):
+
+- ``"default"``: the embedded default corpus (below);
+- a path: a text file (any extension that decodes as UTF-8, ``.gz`` too), a ``.jsonl`` /
+  ``.jsonl.gz`` file (one JSON object per line, text in ``text_field``), a ``.parquet`` file
+  (column ``text_field``), or a folder holding any of these (read recursively, sorted by
+  relative path, hidden files and folders skipped, binary files skipped);
+- ``"hf:<dataset id>[:<config>][:<split>]"``: a Hugging Face dataset, streamed with the
+  optional ``datasets`` package (split defaults to ``train``).
+
+Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph
+(blank-line) boundaries; CRLF line ends become LF. ``cut_excerpts`` tokenizes the documents,
+joins them with the tokenizer's eos token (bos if it has none), cuts the stream into
+consecutive windows and numbers them; the numbers are stable, so shards merge.
+
+Default corpus: The Jargon File, version 4.4.7 (Eric S. Raymond and contributors, 2003),
+which is in the public domain ("to be freely used, shared, and modified"). The file
+``data/corpus/jargon-4.4.7.txt.gz`` is Debian's ``jargon-text`` 4.4.7-4.1
+``/usr/share/doc/jargon-text/jargon.txt.gz``, byte for byte. The builder verifies the sha256 of
+its text, drops the tables of contents and headword indexes (runs of three or more bare
+one-line paragraphs), unwraps hard-wrapped paragraphs, verifies the sha256 of the result and
+caches it under ``$NEURONSCOPE_CACHE`` (default ``~/.cache/neuronscope``) ``/corpus/``. If the
+shipped file is missing it falls back to an installed ``jargon-text`` package, then to
+``apt-get download jargon-text`` (same sha256 check). Result: 1.42 M characters in 72
+documents, 360,918 SmolLM2 tokens, 5,639 excerpts of 64 tokens; identical on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_DOC_CHARS = 20_000
+DEFAULT_NAME = "jargon-file-4.4.7"
+_JARGON_FILE = "jargon-4.4.7.txt.gz"
+_JARGON_RAW_SHA256 = "40dfb4b98191a670a09a183d5798d50f243d23fdbd1495dcc0aca2ce5895ba97"
+_JARGON_TEXT_SHA256 = "a772368d3904882ae18e0af53d44b5d3c37237ccf911af65668fdb33ebb32d5f"
+_HERE = Path(__file__).resolve().parent
+_DATA_DIRS = (_HERE.parent / "data" / "corpus", _HERE / "data" / "corpus")
+_SYSTEM_JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+_BATCH_CHARS = 1_000_000
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class CorpusError(Exception):
+    """One-line message naming the problem and the fix (shown to the user as is)."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What the user asked for."""
+
+    source: str
+    """``"default"``, a file or folder path, or ``"hf:<dataset id>[:<config>][:<split>]"``."""
+    text_field: str = "text"
+    """Field (JSONL, Hugging Face) or column (Parquet) that holds the text."""
+
+
+@dataclass(frozen=True, eq=False)
+class Excerpts:
+    """Fixed-length token windows cut from a corpus, sorted by excerpt id."""
+
+    token_ids: np.ndarray
+    """[n, length] int32 token ids."""
+    excerpt_ids: np.ndarray
+    """[n] int64 index of each window in the full cut (before sampling and sharding)."""
+    length: int
+    """Tokens per excerpt."""
+    corpus: str
+    """``describe(spec)`` of the corpus the excerpts came from."""
+
+
+# ---------------------------------------------------------------- description
+
+
+def describe(spec: CorpusSpec) -> str:
+    """Stable short description: equal for identical input, different when content differs."""
+    field = "" if spec.text_field == "text" else f", field {spec.text_field!r}"
+    if spec.source == "default":
+        return f"default:{DEFAULT_NAME}@{_JARGON_TEXT_SHA256[:12]}"
+    if spec.source.startswith("hf:"):
+        name, config, split = _parse_hf(spec.source)
+        return f"hf:{name}:{config + ':' if config else ''}{split} (streamed{field})"
+    root = _existing_path(spec.source)
+    files = _list_files(root) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for path in files:
+        rel = path.relative_to(root).as_posix() if root.is_dir() else ""
+        data = _read(path)
+        digest.update(f"{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
+    return f"files:{root} ({count}, sha256 {digest.hexdigest()[:12]}{field})"
+
+
+def same_corpus(a: str, b: str) -> bool:
+    """Whether two ``describe`` strings name the same content (file paths may differ by host)."""
+    if a.startswith("files:") and b.startswith("files:"):
+        return a[a.rfind(" (") :] == b[b.rfind(" (") :]
+    return a == b
+
+
+# ---------------------------------------------------------------- documents
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[str]:
+    """Yield the corpus's documents in a deterministic order; CorpusError on bad input."""
+    if spec.source == "default":
+        yield from _split_text(default_corpus_text())
+        return
+    if spec.source.startswith("hf:"):
+        yield from _iter_hf(spec)
+        return
+    path = _existing_path(spec.source)
+    files = _list_files(path) if path.is_dir() else [path]
+    if not files:
+        raise CorpusError(
+            f"corpus folder {path} has no files; add text, JSONL or Parquet files"
+        )
+    count = skipped = 0
+    for file in files:
+        docs = _file_docs(file, spec.text_field)
+        if docs is None:
+            if not path.is_dir():
+                raise CorpusError(
+                    f"corpus file {path} is binary (not UTF-8 text); "
+                    "pass a text, JSONL or Parquet file"
+                )
+            skipped += 1  # binary files inside a folder are skipped
+            continue
+        for doc in docs:
+            count += 1
+            yield doc
+    if count == 0 and path.is_dir():
+        raise CorpusError(
+            f"corpus folder {path} has no text ({len(files)} files, {skipped} binary, "
+            "the rest empty); add UTF-8 text, JSONL or Parquet files"
+        )
+    if count == 0:
+        raise CorpusError(
+            f"corpus file {path} has no text (it is empty); add text or pass another file"
+        )
+
+
+def _existing_path(source: str) -> Path:
+    if not source.strip():
+        raise CorpusError(
+            "no corpus given; pass 'default', a file or folder, or hf:<dataset id>"
+        )
+    path = Path(source).expanduser()
+    if path.is_file() or path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise CorpusError(
+            f"corpus path {source} is not a regular file or folder; pass a file or folder"
+        )
+    if _HF_ID.fullmatch(source) and not path.suffix:
+        raise CorpusError(
+            f"corpus path {source} does not exist; for a Hugging Face dataset write "
+            f"hf:{source}, else pass an existing file or folder"
+        )
+    raise CorpusError(
+        f"corpus path {source} does not exist; pass an existing file or folder, "
+        "'default', or hf:<dataset id>"
+    )
+
+
+def _list_files(root: Path) -> list[Path]:
+    """Regular, non-hidden files under root, sorted by relative path."""
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(folder, n) for n in names if not n.startswith("."))
+    return sorted(
+        (p for p in found if p.is_file()), key=lambda p: p.relative_to(root).parts
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(
+            f"cannot read {path} ({_brief(exc)}); check it exists and is readable"
+        ) from None
+
+
+def _brief(exc: BaseException) -> str:
+    """First line of an exception's message, for one-line CorpusErrors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _file_docs(path: Path, field: str) -> Iterator[str] | None:
+    """Documents of one file, or None for a binary text file (NUL bytes or not UTF-8)."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return _iter_parquet(path, field)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _iter_jsonl(path, field)
+    data = _read(path)
+    if name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            return None
+    if b"\0" in data:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return _split_text(text.removeprefix("\ufeff").replace("\r\n", "\n"))
+
+
+def _split_text(text: str) -> Iterator[str]:
+    """Documents of at most MAX_DOC_CHARS characters, cut at blank lines (then lines)."""
+    current: list[str] = []
+    size = 0
+    for para in re.split(r"\n(?:[ \t\f\v]*\n)+", text):
+        para = para.lstrip("\n").rstrip()
+        if not para.strip():
+            continue
+        for piece in _pieces(para):
+            if not piece.strip():
+                continue
+            if current and size + len(piece) + 2 > MAX_DOC_CHARS:
+                yield "\n\n".join(current)
+                current, size = [], 0
+            current.append(piece)
+            size += len(piece) + 2
+    if current:
+        yield "\n\n".join(current)
+
+
+def _pieces(para: str) -> Iterator[str]:
+    """Split an over-long paragraph at line ends, then every MAX_DOC_CHARS characters."""
+    if len(para) <= MAX_DOC_CHARS:
+        yield para
+        return
+    group: list[str] = []
+    size = 0
+    for line in para.split("\n"):
+        for start in range(0, len(line) or 1, MAX_DOC_CHARS):
+            part = line[start : start + MAX_DOC_CHARS]
+            if group and size + len(part) + 1 > MAX_DOC_CHARS:
+                yield "\n".join(group)
+                group, size = [], 0
+            group.append(part)
+            size += len(part) + 1
+    if group:
+        yield "\n".join(group)
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    fix = f"write one JSON object per line with a {field!r} field"
+    try:
+        with opener(path, "rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                where = f"{path} line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CorpusError(f"{where} is not UTF-8 text; {fix}") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(
+                        f"{where} is not valid JSON ({exc.msg}); {fix}"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise CorpusError(
+                        f"{where} is a JSON {type(obj).__name__}, not an object; {fix}"
+                    )
+                if field not in obj:
+                    has = ", ".join(repr(k) for k in list(obj)[:6]) or "no fields"
+                    raise CorpusError(
+                        f"{where} has no {field!r} field (it has {has}); pass --text-field NAME"
+                    )
+                value = obj[field]
+                if value is not None and not isinstance(value, str):
+                    raise CorpusError(
+                        f"{where}: field {field!r} is a {type(value).__name__}, not text; "
+                        "pass --text-field NAME of a text field"
+                    )
+                if value and value.strip():
+                    yield value
+    except (OSError, EOFError) as exc:
+        raise CorpusError(
+            f"cannot read {path} ({_brief(exc)}); pass a valid JSONL or .jsonl.gz file"
+        ) from None
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(
+            f"{path} is not a readable Parquet file ({_brief(exc)}); pass a valid .parquet file"
+        ) from None
+    schema = table.schema_arrow
+    if field not in schema.names:
+        has = ", ".join(repr(n) for n in schema.names[:6]) or "no columns"
+        raise CorpusError(
+            f"{path} has no {field!r} column (it has {has}); pass --text-field NAME"
+        )
+    kind = schema.field(field).type
+    if str(kind) not in ("string", "large_string", "string_view"):
+        raise CorpusError(
+            f"{path} column {field!r} is {kind}, not text; pass --text-field NAME of a text column"
+        )
+    for batch in table.iter_batches(batch_size=1024, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if value and value.strip():
+                yield value
+
+
+def _parse_hf(source: str) -> tuple[str, str | None, str]:
+    parts = source[3:].split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise CorpusError(
+            f"cannot read {source!r}; write hf:<dataset id>[:<config>][:<split>], "
+            "e.g. hf:roneneldan/TinyStories:train"
+        )
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], None, parts[1] if len(parts) == 2 else "train"
+
+
+def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
+    name, config, split = _parse_hf(spec.source)
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(
+            "hf: corpora need the 'datasets' package, which is not installed; run "
+            "`pip install datasets` (and be online), or pass a local text/JSONL/Parquet path"
+        ) from None
+    field = spec.text_field
+    try:
+        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
+        for row in rows:
+            if field not in row:
+                has = ", ".join(repr(k) for k in list(row)[:6])
+                raise CorpusError(
+                    f"Hugging Face dataset {name} has no {field!r} field (it has {has}); "
+                    "pass --text-field NAME"
+                )
+            value = row[field]
+            if isinstance(value, str) and value.strip():
+                yield value
+    except CorpusError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: many types
+        raise CorpusError(
+            f"cannot load Hugging Face dataset {name!r} split {split!r} ({_brief(exc)}); check the id "
+            "and that you are online, or save it as JSONL/Parquet and pass the file"
+        ) from None
+
+
+# ---------------------------------------------------------------- default corpus
+
+
+def _cache_dir() -> Path:
+    return Path(
+        os.environ.get("NEURONSCOPE_CACHE") or Path.home() / ".cache" / "neuronscope"
+    )
+
+
+def default_corpus_text() -> str:
+    """Text of the default corpus, built once, verified by sha256 and cached."""
+    target = _cache_dir() / "corpus" / f"{DEFAULT_NAME}-{_JARGON_TEXT_SHA256[:12]}.txt"
+    try:
+        data = target.read_bytes()
+        if hashlib.sha256(data).hexdigest() == _JARGON_TEXT_SHA256:
+            return data.decode("utf-8")
+    except OSError:
+        pass
+    text = _normalise_jargon(_jargon_source().decode("utf-8"))
+    data = text.encode("utf-8")
+    got = hashlib.sha256(data).hexdigest()
+    if got != _JARGON_TEXT_SHA256:
+        raise CorpusError(
+            f"default corpus built with sha256 {got[:12]}, expected {_JARGON_TEXT_SHA256[:12]}; "
+            "this is a neuronscope bug: report it, and pass --corpus PATH meanwhile"
+        )
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:  # an unwritable cache only costs a rebuild next time
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return text
+
+
+def _jargon_source() -> bytes:
+    """The Jargon File text from the first place that has the expected bytes."""
+    for path in [*(d / _JARGON_FILE for d in _DATA_DIRS), _SYSTEM_JARGON]:
+        data = _verified_gunzip(path)
+        if data is not None:
+            return data
+    data = _apt_download_jargon()
+    if data is not None:
+        return data
+    raise CorpusError(
+        f"cannot build the default corpus: data/corpus/{_JARGON_FILE} is missing or damaged and "
+        "`apt-get download jargon-text` failed; reinstall neuronscope from a full checkout, or "
+        "run `apt-get update` and retry, or pass --corpus PATH"
+    )
+
+
+def _verified_gunzip(path: Path) -> bytes | None:
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == _JARGON_RAW_SHA256 else None
+
+
+def _apt_download_jargon() -> bytes | None:
+    """Fetch Debian's jargon-text with apt-get download (no root needed, needs apt lists)."""
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(
+                ["apt-get", "download", "-q", "jargon-text"],
+                cwd=tmp,
+                capture_output=True,
+                timeout=300,
+                check=True,
+            )
+            debs = sorted(Path(tmp).glob("jargon-text_*.deb"))
+            if not debs:
+                return None
+            subprocess.run(
+                ["dpkg-deb", "-x", str(debs[0]), str(Path(tmp, "x"))],
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return _verified_gunzip(Path(tmp, "x", *_SYSTEM_JARGON.parts[1:]))
+
+
+def _normalise_jargon(text: str) -> str:
+    """Drop tables, contents lists and headword indexes; unwrap hard-wrapped paragraphs."""
+    paras = [p.strip() for p in re.split(r"\n[ \t]*\n", text)]
+    paras = [p for p in paras if p and not re.search("[\u2500-\u257f]", p)]  # no tables
+    bare = [
+        "\n" not in p
+        and len(p) <= 80
+        and not re.match(r"[:\[•(\d]", p)
+        and not re.search(r"[.!?}\]):;,\"”]$", p)
+        for p in paras
+    ]
+    kept: list[str] = []
+    i = 0
+    while i < len(paras):
+        j = i
+        while j < len(paras) and bare[j]:
+            j += 1
+        if j - i < 3:  # runs of three or more bare lines are indexes, not prose
+            kept.extend(paras[i : max(j, i + 1)])
+        i = max(j, i + 1)
+    return (
+        "\n\n".join(" ".join(line.strip() for line in p.split("\n")) for p in kept)
+        + "\n"
+    )
+
+
+# ---------------------------------------------------------------- excerpts
+
+
+def _token_batches(docs: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
+    """Token ids of the documents joined by eos (or bos), a batch of documents at a time."""
+    sep = (
+        tokenizer.eos_token_id
+        if tokenizer.eos_token_id is not None
+        else tokenizer.bos_token_id
+    )
+    first = True
+    batch: list[str] = []
+    size = 0
+
+    def encode(texts: list[str]) -> np.ndarray:
+        nonlocal first
+        out = tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        flat: list[int] = []
+        for ids in out:
+            if not ids:
+                continue
+            if not first and sep is not None:
+                flat.append(sep)
+            flat.extend(ids)
+            first = False
+        return np.asarray(flat, dtype=np.int32)
+
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= _BATCH_CHARS or len(batch) >= 4096:
+            yield encode(batch)
+            batch, size = [], 0
+    if batch:
+        yield encode(batch)
+
+
+def cut_excerpts(
+    spec: CorpusSpec,
+    tokenizer: Any,
+    length: int = 64,
+    max_excerpts: int | None = None,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Excerpts:
+    """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
+
+    ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
+    read so far after each batch of documents.
+    """
+    if length < 1:
+        raise CorpusError(
+            f"excerpt length must be at least 1 token (got {length}); raise --length"
+        )
+    if max_excerpts is not None and max_excerpts < 1:
+        raise CorpusError(f"--max-excerpts must be at least 1 (got {max_excerpts})")
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
+    chunks: list[np.ndarray] = []
+    total = 0
+    for chunk in _token_batches(iter_documents(spec), tokenizer):
+        chunks.append(chunk)
+        total += len(chunk)
+        if progress is not None:
+            progress(total)
+    n = total // length
+    if n == 0:
+        raise CorpusError(
+            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; "
+            "add text or lower --length"
+        )
+    stream = np.concatenate(chunks)[: n * length].reshape(n, length)  # [n, length]
+    del chunks
+    ids = np.arange(n, dtype=np.int64)
+    if max_excerpts is not None and max_excerpts < n:
+        rng = np.random.default_rng(seed)
+        ids = np.sort(rng.choice(n, size=max_excerpts, replace=False)).astype(np.int64)
+    ids = ids[index::count]
+    return Excerpts(
+        token_ids=np.ascontiguousarray(stream[ids], dtype=np.int32),
+        excerpt_ids=ids,
+        length=length,
+        corpus=describe(spec),
+    )

@@ -1,0 +1,143 @@
+"""Domain records shared by every stage: plain frozen dataclasses, no behaviour beyond derived values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: Kinds of activation records kept per neuron.
+RECORD_KINDS = ("top", "bottom", "random", "quantile")
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """A neuron: the input of the MLP output projection at one position of one layer."""
+
+    layer: int
+    """Transformer block index, from 0."""
+    index: int
+    """Position in the MLP hidden activation (the output projection's input)."""
+
+    def __str__(self) -> str:
+        return f"L{self.layer}/N{self.index}"
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """Everything that decides what a collection writes; two runs are comparable iff these match."""
+
+    length: int = 64
+    """Tokens per excerpt."""
+    top_k: int = 50
+    """Top-activating excerpts kept per neuron."""
+    bottom_k: int = 50
+    """Most negative excerpts kept per neuron."""
+    random_k: int = 20
+    """Uniform random excerpts kept per neuron (independent per neuron)."""
+    quantile_k: int = 5
+    """Excerpts sampled per quantile bin."""
+    quantiles: tuple[float, ...] = (0.0, 0.5, 0.9, 0.99, 0.999)
+    """Bin edges, as quantiles of the excerpt-max distribution."""
+    max_excerpts: int | None = None
+    """Cap on excerpts sampled from the corpus (None: all)."""
+    seed: int = 0
+    """Seed for excerpt sampling and per-neuron random samples."""
+    hist_stride: int = 8
+    """Token activation histogram uses one token position in this many (1 = every token)."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One collection of one model over one corpus."""
+
+    run_id: int
+    """Store-wide id."""
+    model: str
+    """What the user named (packaged name, path or hub id)."""
+    model_revision: str
+    """Content hash or hub revision of the weights."""
+    corpus: str
+    """Stable description of the corpus, from core.corpus.describe."""
+    settings: CollectSettings
+    """Collection settings."""
+    layers: tuple[int, ...]
+    """Layers collected."""
+    neurons_per_layer: int
+    """MLP width."""
+    status: str
+    """running, complete, interrupted or failed."""
+    created_at: str
+    """UTC timestamp, ISO format."""
+    n_excerpts: int = 0
+    """Excerpts seen."""
+    shard: str = ""
+    """'i/n' for a shard run, '' otherwise."""
+    dtype: str = ""
+    """Compute dtype of the subject."""
+    error: str = ""
+    """Why a failed run failed."""
+
+    @property
+    def n_neurons(self) -> int:
+        """Neurons collected in this run."""
+        return len(self.layers) * self.neurons_per_layer
+
+
+@dataclass(frozen=True)
+class NeuronStats:
+    """Per-neuron statistics over every token of the corpus (histogram: a subsample of tokens)."""
+
+    layer: int
+    """Layer."""
+    index: int
+    """Neuron index."""
+    count: int
+    """Tokens seen."""
+    mean: float
+    """Mean activation."""
+    variance: float
+    """Population variance."""
+    skewness: float
+    """Standardised third moment (0 for a constant neuron)."""
+    kurtosis: float
+    """Standardised fourth moment, not excess (3 for a normal distribution)."""
+    max: float
+    """Largest activation seen."""
+    min: float
+    """Most negative activation seen."""
+    density: float
+    """Share of tokens with activation > 0."""
+    selectivity: float
+    """(Mean of the top-k excerpt maxima - median excerpt maximum) / std of token activations."""
+    histogram: tuple[int, ...] = field(default=(), repr=False)
+    """Token counts per bin of core.grid.HIST_EDGES."""
+    quantile_edges: tuple[float, ...] = ()
+    """Excerpt-max values at the run's quantiles."""
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    """One excerpt with the neuron's activation at every token."""
+
+    kind: str
+    """top, bottom, random or quantile."""
+    rank: int
+    """Position within its kind (0 = strongest for top/bottom)."""
+    excerpt_id: int
+    """Excerpt id within the run."""
+    tokens: tuple[str, ...]
+    """Token strings, decoded one by one."""
+    activations: tuple[float, ...]
+    """Activation at each token."""
+    bin: int = -1
+    """Quantile bin index for kind 'quantile', else -1."""
+
+    @property
+    def max(self) -> float:
+        """Largest activation in the excerpt."""
+        return max(self.activations) if self.activations else math.nan
+
+    @property
+    def min(self) -> float:
+        """Most negative activation in the excerpt."""
+        return min(self.activations) if self.activations else math.nan

@@ -1,0 +1,101 @@
+"""Streaming, bounded, mergeable samplers for activation records (torch, on the subject's device).
+
+Every sampler is a `SmallestK`: per group (a neuron, or a neuron and a cell of excerpt maxima) it
+keeps the k entries with the smallest (key, excerpt id). Top-k uses key = -max, bottom-k key = min,
+random samples a hash of (seed, layer, neuron, excerpt) — so the result is a deterministic function
+of the set of excerpts seen, whatever their order or sharding, and two samplers merge exactly.
+Memory is groups x k x length, independent of the corpus size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+EMPTY = torch.iinfo(torch.int64).max
+_MASK63 = (1 << 63) - 1
+
+
+def hash_keys(seed: int, layer: int, neurons: torch.Tensor, excerpt_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform pseudo-random keys in [0, 1) of (neuron, excerpt) pairs; the two tensors broadcast."""
+    x = neurons.to(torch.int64) * 0x9E3779B1 + excerpt_ids.to(torch.int64) * 0x85EBCA77
+    x = x + (seed * 0x27D4EB2F + layer * 0x165667B1 + 0x5BD1E995)
+    for mul in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):
+        x = x ^ ((x >> 31) & (_MASK63 >> 30))  # logical shift of a signed int64
+        x = x * mul  # wraps modulo 2**64
+    x = x ^ ((x >> 29) & (_MASK63 >> 28))
+    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).div_(float(1 << 24))  # 24 bits: exact in float32
+
+
+def composite(key: torch.Tensor, excerpt_id: torch.Tensor) -> torch.Tensor:
+    """One int64 per entry whose order is the order of (key, excerpt id): float32 key bits made
+    monotonic in the high half, the id (< 2^31) in the low half."""
+    bits = (key.to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (bits.to(torch.int64) << 32) + excerpt_id.to(torch.int64)
+
+
+def composite_ids(comp: torch.Tensor) -> torch.Tensor:
+    """Excerpt ids back from composites; -1 for empty slots."""
+    return torch.where(comp == EMPTY, torch.full_like(comp, -1), comp & 0xFFFFFFFF)
+
+
+class SmallestK:
+    """Per group, the k entries with the smallest (key, excerpt id), each with its activations.
+
+    Slots are unordered while streaming: a newcomer takes the slot of the entry it evicts, so
+    only the rows of winners are written (call `sorted()` for the final order).
+    """
+
+    def __init__(self, groups: int, k: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k = k
+        self.comp = torch.full((groups, k), EMPTY, dtype=torch.int64, device=device)  # [groups, k]
+        self.acts = torch.zeros((groups, k, length), dtype=dtype, device=device)  # [groups, k, length]
+
+    def offer(self, group: torch.Tensor, comp: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Offer candidates: flat group indices and composites of equal length.
+
+        fetch(positions) receives indices into the offered candidates and returns their
+        activations [len(positions), length].
+        """
+        if self.k == 0 or group.numel() == 0:
+            return
+        worst = self.comp.max(dim=1).values  # [groups]
+        pos = (comp < worst[group]).nonzero().squeeze(1)
+        if pos.numel() == 0:
+            return
+        group = group[pos]
+        if group.numel() > 1 and not bool((group[1:] >= group[:-1]).all()):
+            order = torch.argsort(group, stable=True)
+            pos, group = pos[order], group[order]
+        comp = comp[pos]
+        touched, counts = torch.unique_consecutive(group, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        row = torch.repeat_interleave(torch.arange(len(touched), device=group.device), counts)
+        col = torch.arange(len(group), device=group.device) - starts[row]
+        width = int(counts.max())
+        new = torch.full((len(touched), width), EMPTY, dtype=torch.int64, device=group.device)
+        new[row, col] = comp
+        new_pos = torch.full_like(new, -1)
+        new_pos[row, col] = pos
+        candidates = torch.cat([self.comp[touched], new], 1)  # [touched, k + width]
+        chosen = torch.topk(candidates, self.k, dim=1, largest=False, sorted=False).indices
+        kept = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, chosen, True)
+        # Per row, as many old slots are freed as newcomers kept: pair them in row-major order.
+        free_row, free_slot = (~kept[:, : self.k]).nonzero(as_tuple=True)
+        in_row, in_col = kept[:, self.k :].nonzero(as_tuple=True)
+        dest = touched[free_row]
+        incoming = new[in_row, in_col]
+        self.comp[dest, free_slot] = incoming
+        real = incoming != EMPTY
+        if bool(real.any()):
+            rows = fetch(new_pos[in_row[real], in_col[real]])
+            self.acts[dest[real], free_slot[real]] = rows.to(self.acts.dtype)
+
+    def sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Excerpt ids (-1 empty) and activations with each group's entries in (key, id) order."""
+        order = torch.argsort(self.comp, dim=1)
+        ids = composite_ids(torch.gather(self.comp, 1, order))
+        acts = torch.gather(self.acts, 1, order[:, :, None].expand(-1, -1, self.acts.shape[2]))
+        return ids, acts

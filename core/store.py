@@ -1,0 +1,485 @@
+"""The DuckDB store: the only module that writes SQL.
+
+One file per project. Schema version in `meta`; a file of another version or a foreign file gets a
+StoreError naming the fix. DuckDB allows one writing process: a second one gets "in use by PID".
+Bulk data goes in through Arrow tables, never row by row; untrusted text only ever as parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize, quantize
+from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
+
+SCHEMA_VERSION = 1
+DEFAULT_STORE = "neuronscope.duckdb"
+
+_SCHEMA = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE SEQUENCE run_ids START 1;
+CREATE TABLE runs (
+    run_id INTEGER PRIMARY KEY DEFAULT nextval('run_ids'), model VARCHAR, model_revision VARCHAR,
+    corpus VARCHAR, settings VARCHAR, layers INTEGER[], neurons_per_layer INTEGER, dtype VARCHAR,
+    shard VARCHAR, status VARCHAR, pid INTEGER, created_at TIMESTAMP DEFAULT current_timestamp,
+    finished_at TIMESTAMP, n_excerpts BIGINT DEFAULT 0, error VARCHAR DEFAULT '');
+CREATE TABLE excerpts (run_id INTEGER, excerpt_id BIGINT, token_ids INTEGER[], tokens VARCHAR[]);
+CREATE TABLE neurons (
+    run_id INTEGER, layer SMALLINT, neuron INTEGER, count BIGINT, mean DOUBLE, variance DOUBLE,
+    skewness DOUBLE, kurtosis DOUBLE, max_act REAL, min_act REAL, density REAL, selectivity REAL,
+    sums DOUBLE[], min_excerpt_max REAL, histogram BIGINT[], cell_counts BIGINT[], quantile_edges REAL[]);
+CREATE TABLE records (
+    run_id INTEGER, layer SMALLINT, neuron INTEGER, kind VARCHAR, rank SMALLINT, bin SMALLINT,
+    excerpt_id BIGINT, max_act REAL, min_act REAL, scale REAL, acts BLOB);
+CREATE SEQUENCE explanation_ids START 1;
+CREATE TABLE explanations (
+    explanation_id BIGINT PRIMARY KEY DEFAULT nextval('explanation_ids'), run_id INTEGER, layer SMALLINT,
+    neuron INTEGER, tail VARCHAR, explainer VARCHAR, prompt_hash VARCHAR, text VARCHAR, job_id BIGINT,
+    created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE simulations (
+    explanation_id BIGINT, simulator VARCHAR, excerpt_id BIGINT, kind VARCHAR, predicted REAL[]);
+CREATE TABLE scores (
+    explanation_id BIGINT, simulator VARCHAR, method VARCHAR, split VARCHAR, value DOUBLE, ci_low DOUBLE,
+    ci_high DOUBLE, n INTEGER, flags VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE SEQUENCE call_ids START 1;
+CREATE TABLE llm_calls (
+    call_id BIGINT PRIMARY KEY DEFAULT nextval('call_ids'), cache_key VARCHAR, backend VARCHAR, model VARCHAR,
+    prompt VARCHAR, response VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s DOUBLE,
+    error VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE SEQUENCE job_ids START 1;
+CREATE TABLE jobs (
+    job_id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'), kind VARCHAR, params VARCHAR, state VARCHAR,
+    done BIGINT DEFAULT 0, total BIGINT DEFAULT 0, error VARCHAR DEFAULT '', pid INTEGER,
+    created_at TIMESTAMP DEFAULT current_timestamp, updated_at TIMESTAMP DEFAULT current_timestamp);
+"""
+
+_RUN_COLUMNS = (
+    "run_id, model, model_revision, corpus, settings, layers, neurons_per_layer, status, "
+    "strftime(created_at, '%Y-%m-%d %H:%M:%S'), n_excerpts, shard, dtype, error, pid"
+)
+_SAMPLE_KINDS = {"top": "top", "bottom": "bottom", "random": "random", "cell": "cell"}
+
+
+class StoreError(Exception):
+    """A store problem, as one line naming the problem and the fix."""
+
+
+def settings_to_json(settings: CollectSettings) -> str:
+    """Stable JSON of collection settings."""
+    return json.dumps(asdict(settings), sort_keys=True)
+
+
+def settings_from_json(text: str) -> CollectSettings:
+    """Inverse of settings_to_json."""
+    data = json.loads(text)
+    data["quantiles"] = tuple(data["quantiles"])
+    return CollectSettings(**data)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
+
+    def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]
+        self.con = con
+        self.path = path
+        self.read_only = read_only
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, read_only: bool = False, create: bool = True) -> Store:
+        """Open (and with create, initialise) a store; StoreError on every known failure."""
+        import duckdb
+
+        path = Path(path)
+        if not path.exists() and (read_only or not create):
+            raise StoreError(f"no store at {path}: run `neuronscope collect --store {path}` first")
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder, not a store file: pass a file path with --store")
+        fresh = not path.exists() or path.stat().st_size == 0
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as err:
+            msg = str(err)
+            pid = re.search(r"PID (\d+)", msg)
+            if pid:
+                raise StoreError(
+                    f"store {path} is in use by PID {pid.group(1)}: wait for it to finish or close it, "
+                    "or use another --store"
+                ) from None
+            raise StoreError(f"cannot open {path} ({msg.splitlines()[0]}): is it a neuronscope store?") from None
+        except duckdb.Error as err:
+            raise StoreError(
+                f"cannot open {path} as a DuckDB store ({str(err).splitlines()[0]}); pass another --store"
+            ) from None
+        store = cls(con, path, read_only)
+        try:
+            if fresh and not read_only:
+                store._initialise()
+            store._check_version()
+        except BaseException:
+            con.close()
+            raise
+        return store
+
+    def _initialise(self) -> None:
+        self.con.execute("BEGIN")
+        self.con.execute(_SCHEMA)
+        self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('app', 'neuronscope')", [str(SCHEMA_VERSION)])
+        self.con.execute("COMMIT")
+
+    def _check_version(self) -> None:
+        tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "meta" not in tables:
+            raise StoreError(f"{self.path} is a DuckDB file but not a neuronscope store: pass another --store")
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        version = int(row[0][0]) if row else -1
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this neuronscope's {SCHEMA_VERSION}: "
+                "upgrade neuronscope (pip install -U neuronscope)"
+            )
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, older than this neuronscope's {SCHEMA_VERSION}: "
+                "collect into a new --store, or use the neuronscope version that wrote it"
+            )
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All statements inside commit together or not at all."""
+        self.con.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # -- runs -----------------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        model: str,
+        revision: str,
+        corpus: str,
+        settings: CollectSettings,
+        layers: tuple[int, ...],
+        neurons_per_layer: int,
+        dtype: str,
+        shard: str = "",
+    ) -> int:
+        """Register a run as 'running' (committed at once, so an interruption is visible)."""
+        row = self.con.execute(
+            "INSERT INTO runs (model, model_revision, corpus, settings, layers, neurons_per_layer, dtype, shard, "
+            "status, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?) RETURNING run_id",
+            [model, revision, corpus, settings_to_json(settings), list(layers), neurons_per_layer, dtype, shard, os.getpid()],
+        ).fetchall()
+        return int(row[0][0])
+
+    def finish_run(self, run_id: int, n_excerpts: int) -> None:
+        """Mark a run complete (call inside the transaction that wrote its data)."""
+        self.con.execute(
+            "UPDATE runs SET status = 'complete', n_excerpts = ?, finished_at = current_timestamp WHERE run_id = ?",
+            [n_excerpts, run_id],
+        )
+
+    def fail_run(self, run_id: int, status: str, error: str = "") -> None:
+        """Mark a run interrupted or failed and drop any of its rows."""
+        with self.transaction():
+            self._delete_run_data(run_id)
+            self.con.execute("UPDATE runs SET status = ?, error = ? WHERE run_id = ?", [status, error, run_id])
+
+    def _delete_run_data(self, run_id: int) -> None:
+        for table in ("excerpts", "neurons", "records"):
+            self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+
+    def delete_run(self, run_id: int) -> None:
+        """Remove a run and everything it holds."""
+        with self.transaction():
+            self._delete_run_data(run_id)
+            self.con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+
+    def mark_stale_runs(self) -> None:
+        """Runs left 'running' by a process that no longer exists become 'interrupted'."""
+        for run_id, pid in self.con.execute("SELECT run_id, pid FROM runs WHERE status = 'running'").fetchall():
+            if pid != os.getpid() and not _pid_alive(pid):
+                self.fail_run(run_id, "interrupted", "the collecting process stopped before it finished")
+
+    def runs(self) -> list[RunInfo]:
+        """Every run, oldest first; a 'running' run whose process is gone shows as interrupted."""
+        rows = self.con.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY run_id").fetchall()
+        return [self._run_info(r) for r in rows]
+
+    def run(self, run_id: int | None = None) -> RunInfo:
+        """One run by id, or the newest complete one; StoreError if there is none."""
+        if run_id is None:
+            rows = self.con.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'complete' ORDER BY run_id DESC LIMIT 1"
+            ).fetchall()
+            if not rows:
+                raise StoreError(f"{self.path} has no complete run: run `neuronscope collect` first")
+        else:
+            rows = self.con.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchall()
+            if not rows:
+                raise StoreError(f"{self.path} has no run {run_id}: `neuronscope info` lists the runs")
+        return self._run_info(rows[0])
+
+    def find_complete_run(self, model: str, revision: str, corpus: str, settings: CollectSettings,
+                          layers: tuple[int, ...], shard: str) -> RunInfo | None:
+        """A complete run with exactly these inputs, if one exists."""
+        rows = self.con.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'complete' AND model_revision = ? AND corpus = ? "
+            "AND settings = ? AND layers = ? AND shard = ? ORDER BY run_id DESC LIMIT 1",
+            [revision, corpus, settings_to_json(settings), list(layers), shard],
+        ).fetchall()
+        del model
+        return self._run_info(rows[0]) if rows else None
+
+    @staticmethod
+    def _run_info(row: tuple) -> RunInfo:  # type: ignore[type-arg]
+        status = row[7]
+        if status == "running" and row[13] != os.getpid() and not _pid_alive(row[13]):
+            status = "interrupted"
+        return RunInfo(
+            run_id=row[0], model=row[1], model_revision=row[2], corpus=row[3],
+            settings=settings_from_json(row[4]), layers=tuple(row[5]), neurons_per_layer=row[6], status=status,
+            created_at=row[8], n_excerpts=row[9], shard=row[10] or "", dtype=row[11] or "", error=row[12] or "",
+        )
+
+    # -- writing a collection ---------------------------------------------------------------------
+    def write_layer(self, run_id: int, result: LayerResult, summary: LayerSummary, *, keep_cells: bool) -> None:
+        """Insert one layer's neurons and records (in the caller's transaction)."""
+        import pyarrow as pa
+
+        n = len(result.max)
+        layer = result.layer
+        neurons = pa.table({
+            "run_id": pa.array(np.full(n, run_id, np.int32)),
+            "layer": pa.array(np.full(n, layer, np.int16)),
+            "neuron": pa.array(np.arange(n, dtype=np.int32)),
+            "count": pa.array(np.full(n, result.count, np.int64)),
+            "mean": summary.mean, "variance": summary.variance, "skewness": summary.skewness,
+            "kurtosis": summary.kurtosis,
+            "max_act": result.max.astype(np.float32), "min_act": result.min.astype(np.float32),
+            "density": summary.density.astype(np.float32), "selectivity": summary.selectivity,
+            "sums": _lists(result.sums.T.astype(np.float64)),
+            "min_excerpt_max": result.min_excerpt_max.astype(np.float32),
+            "histogram": _lists(result.histogram.astype(np.int64)),
+            "cell_counts": _lists(result.cell_counts.astype(np.int64)),
+            "quantile_edges": _lists(summary.quantile_edges.astype(np.float32)),
+        })
+        self.con.register("_neurons_in", neurons)
+        self.con.execute("INSERT INTO neurons SELECT * FROM _neurons_in")
+        self.con.unregister("_neurons_in")
+        kinds = ["top", "bottom", "random"] + (["cell"] if keep_cells else [])
+        parts = [_record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in kinds]
+        bins = max(summary.quantile_edges.shape[1] - 1, 1)
+        parts.append(_record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
+        records = pa.concat_tables([p for p in parts if p.num_rows])
+        self.con.register("_records_in", records)
+        self.con.execute("INSERT INTO records SELECT * FROM _records_in")
+        self.con.unregister("_records_in")
+
+    def write_excerpts(self, run_id: int, excerpt_ids: np.ndarray, token_ids: np.ndarray, tokens: list[list[str]]) -> None:
+        """Insert excerpts (in the caller's transaction)."""
+        import pyarrow as pa
+
+        table = pa.table({
+            "run_id": pa.array(np.full(len(excerpt_ids), run_id, np.int32)),
+            "excerpt_id": pa.array(excerpt_ids.astype(np.int64)),
+            "token_ids": _lists(token_ids.astype(np.int32)),
+            "tokens": pa.array(tokens, type=pa.list_(pa.string())),
+        })
+        self.con.register("_excerpts_in", table)
+        self.con.execute("INSERT INTO excerpts SELECT * FROM _excerpts_in")
+        self.con.unregister("_excerpts_in")
+
+    def referenced_excerpt_ids(self, run_id: int) -> np.ndarray:
+        """Distinct excerpt ids that some record of the run points at."""
+        rows = self.con.execute(
+            "SELECT DISTINCT excerpt_id FROM records WHERE run_id = ? ORDER BY excerpt_id", [run_id]
+        ).fetchnumpy()
+        return rows["excerpt_id"]
+
+    # -- reading ------------------------------------------------------------------------------------
+    def load_layer(self, run_id: int, layer: int, settings: CollectSettings) -> LayerResult:
+        """A layer's mergeable state (a shard run keeps its cell candidates for this)."""
+        cols = self.con.execute(
+            "SELECT neuron, count, sums, max_act, min_act, min_excerpt_max, histogram, cell_counts FROM neurons "
+            "WHERE run_id = ? AND layer = ? ORDER BY neuron", [run_id, layer]
+        ).fetchnumpy()
+        n = len(cols["neuron"])
+        sizes = {"top": settings.top_k, "bottom": settings.bottom_k, "random": settings.random_k, "cell": CELLS * CELL_K}
+        samples = {}
+        for kind, k in sizes.items():
+            ids = np.full((n, k), -1, np.int64)
+            acts = np.zeros((n, k, settings.length), np.float32)
+            maxes = np.zeros((n, k), np.float32)
+            mins = np.zeros((n, k), np.float32)
+            rec = self.con.execute(
+                "SELECT neuron, rank, excerpt_id, max_act, min_act, scale, acts FROM records "
+                "WHERE run_id = ? AND layer = ? AND kind = ?", [run_id, layer, kind],
+            ).fetchnumpy()
+            if len(rec["neuron"]):
+                at = (rec["neuron"], rec["rank"])
+                ids[at] = rec["excerpt_id"]
+                maxes[at] = rec["max_act"]
+                mins[at] = rec["min_act"]
+                codes = np.frombuffer(b"".join(rec["acts"]), np.int8).reshape(len(rec["neuron"]), -1)
+                acts[at] = dequantize(rec["scale"].astype(np.float32), codes)
+            samples[kind] = Samples(ids, acts, maxes, mins)
+        return LayerResult(
+            layer=layer,
+            sums=np.stack([np.asarray(s, np.float64) for s in cols["sums"]]).T if n else np.zeros((5, 0)),
+            count=int(cols["count"][0]) if n else 0,
+            max=cols["max_act"].astype(np.float32),
+            min=cols["min_act"].astype(np.float32),
+            min_excerpt_max=cols["min_excerpt_max"].astype(np.float32),
+            histogram=np.stack([np.asarray(h, np.int64) for h in cols["histogram"]]),
+            cell_counts=np.stack([np.asarray(c, np.int64) for c in cols["cell_counts"]]),
+            samples=samples,
+        )
+
+    def excerpts(self, run_id: int, excerpt_ids: list[int] | None = None) -> dict[int, tuple[list[int], list[str]]]:
+        """excerpt id -> (token ids, token strings)."""
+        if excerpt_ids is None:
+            rows = self.con.execute(
+                "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? ORDER BY excerpt_id", [run_id]
+            ).fetchall()
+        else:
+            rows = self.con.execute(
+                "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? AND list_contains(?, excerpt_id)",
+                [run_id, list(excerpt_ids)],
+            ).fetchall()
+        return {r[0]: (list(r[1]), list(r[2])) for r in rows}
+
+    def neuron_stats(self, run_id: int, layer: int, neuron: int) -> NeuronStats | None:
+        """One neuron's statistics, or None if the run has no such neuron."""
+        rows = self._stats_query("WHERE run_id = ? AND layer = ? AND neuron = ?", [run_id, layer, neuron])
+        return rows[0] if rows else None
+
+    def top_neurons(self, run_id: int, limit: int = 20, order: str = "selectivity") -> list[NeuronStats]:
+        """Neurons ranked by a statistic, highest first."""
+        columns = {"selectivity": "selectivity", "kurtosis": "kurtosis", "max": "max_act", "density": "density"}
+        if order not in columns:
+            raise StoreError(f"cannot order by {order!r}: use one of {', '.join(columns)}")
+        return self._stats_query(
+            f"WHERE run_id = ? ORDER BY {columns[order]} DESC NULLS LAST, layer, neuron LIMIT ?", [run_id, limit]
+        )
+
+    def _stats_query(self, where: str, params: list) -> list[NeuronStats]:  # type: ignore[type-arg]
+        rows = self.con.execute(
+            "SELECT layer, neuron, count, mean, variance, skewness, kurtosis, max_act, min_act, density, "
+            f"selectivity, histogram, quantile_edges FROM neurons {where}", params
+        ).fetchall()
+        return [
+            NeuronStats(layer=r[0], index=r[1], count=r[2], mean=r[3], variance=r[4], skewness=r[5], kurtosis=r[6],
+                        max=r[7], min=r[8], density=r[9], selectivity=r[10], histogram=tuple(r[11]),
+                        quantile_edges=tuple(r[12]))
+            for r in rows
+        ]
+
+    def records(self, run_id: int, layer: int, neuron: int, kinds: tuple[str, ...] = ("top", "bottom", "random", "quantile")) -> list[ActivationRecord]:
+        """A neuron's activation records with their tokens, ordered by kind then rank."""
+        rows = self.con.execute(
+            "SELECT r.kind, r.rank, r.bin, r.excerpt_id, r.scale, r.acts, e.tokens FROM records r "
+            "JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
+            "WHERE r.run_id = ? AND r.layer = ? AND r.neuron = ? AND list_contains(?, r.kind) "
+            "ORDER BY r.kind, r.rank", [run_id, layer, neuron, list(kinds)]
+        ).fetchall()
+        out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(r[6]), bin=r[2],
+                                activations=tuple(float(v) for v in _decode(r[4], r[5])))
+               for r in rows]
+        return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+        tables = ("runs", "excerpts", "neurons", "records", "explanations", "scores", "llm_calls", "jobs")
+        return {t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in tables}
+
+    def run_counts(self, run_id: int) -> dict[str, int]:
+        """Neurons, records and excerpts stored for one run."""
+        return {
+            t: int(self.con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [run_id]).fetchall()[0][0])
+            for t in ("neurons", "records", "excerpts")
+        }
+
+    def checkpoint(self) -> None:
+        """Flush the write-ahead log into the file (so its size is the data's size)."""
+        self.con.execute("CHECKPOINT")
+
+
+def _lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]
+    """A 2-D numpy array as an Arrow list column, one row each."""
+    import pyarrow as pa
+
+    rows, width = matrix.shape[0], (matrix.shape[1] if matrix.ndim > 1 else 0)
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1))
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def _blobs(codes: np.ndarray):  # type: ignore[no-untyped-def]
+    """Rows of an int8 matrix as an Arrow binary column, without a Python loop."""
+    import pyarrow as pa
+
+    rows, width = codes.shape
+    offsets = pa.py_buffer((np.arange(rows + 1, dtype=np.int32) * width).tobytes())
+    return pa.Array.from_buffers(pa.binary(), rows, [None, offsets, pa.py_buffer(np.ascontiguousarray(codes).tobytes())])
+
+
+def _decode(scale: float, blob: bytes) -> np.ndarray:
+    """One record's stored activations."""
+    codes = np.frombuffer(blob, np.int8)[None, :]
+    return dequantize(np.array([scale], np.float32), codes)[0]
+
+
+def _record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: int):  # type: ignore[no-untyped-def]
+    """Arrow rows for the filled slots of one kind; activations as int8 codes with a per-record scale."""
+    import pyarrow as pa
+
+    neuron, slot = np.nonzero(samples.ids >= 0)
+    scale, codes = quantize(samples.acts[neuron, slot].astype(np.float32))
+    return pa.table({
+        "run_id": pa.array(np.full(len(slot), run_id, np.int32)),
+        "layer": pa.array(np.full(len(slot), layer, np.int16)),
+        "neuron": pa.array(neuron.astype(np.int32)),
+        "kind": pa.array([kind] * len(slot), pa.string()),
+        "rank": pa.array(slot.astype(np.int16)),
+        "bin": pa.array((slot // bin_size if bin_size else np.full(len(slot), -1)).astype(np.int16)),
+        "excerpt_id": pa.array(samples.ids[neuron, slot].astype(np.int64)),
+        "max_act": pa.array(samples.maxes[neuron, slot].astype(np.float32)),
+        "min_act": pa.array(samples.mins[neuron, slot].astype(np.float32)),
+        "scale": pa.array(scale),
+        "acts": _blobs(codes),
+    })

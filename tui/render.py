@@ -1,0 +1,127 @@
+"""Rich renderables for neurons: tokens coloured by activation, statistics, histograms.
+
+Untrusted text (corpus tokens) only ever enters through `visible()` and `Text.append`, so markup
+such as `[bold]` and terminal escapes show literally and are never interpreted.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+from rich.color import Color
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from core.records import ActivationRecord, NeuronStats
+
+_SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+_SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def visible(token: str) -> str:
+    """A token made safe and visible: newlines and tabs as symbols, other control characters as \\xNN."""
+    out = []
+    for ch in token:
+        if ch in _SHOWN:
+            out.append(_SHOWN[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") and ch != " ":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def activation_style(value: float, scale: float, peak: bool = False) -> Style:
+    """Green for positive, purple for negative, stronger with |value| / scale; readable on dark and light."""
+    t = 0.0 if scale <= 0 else max(-1.0, min(1.0, value / scale))
+    strength = abs(t)
+    if strength < 0.05:
+        return Style(bold=peak, underline=peak)
+    if t > 0:
+        rgb = (int(225 - 205 * strength), int(245 - 115 * strength), int(225 - 185 * strength))
+    else:
+        rgb = (int(240 - 130 * strength), int(225 - 200 * strength), int(245 - 75 * strength))
+    fg = Color.from_rgb(255, 255, 255) if strength > 0.6 else Color.from_rgb(0, 0, 0)
+    return Style(color=fg, bgcolor=Color.from_rgb(*rgb), bold=peak, underline=peak)
+
+
+def record_text(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
+    """One excerpt as coloured tokens; the peak (or, for negative records, the trough) is underlined."""
+    acts = record.activations
+    if not acts:
+        return Text("")
+    peak = min(range(len(acts)), key=acts.__getitem__) if negative else max(range(len(acts)), key=acts.__getitem__)
+    text = Text(no_wrap=False)
+    for i, (token, value) in enumerate(zip(record.tokens, acts)):
+        text.append(visible(token), style=activation_style(value, scale, peak=i == peak))
+    return text
+
+
+def scale_of(records: Sequence[ActivationRecord]) -> float:
+    """One colour scale for every record of a neuron: its largest |activation| shown."""
+    return max((abs(a) for r in records for a in r.activations), default=0.0)
+
+
+def sparkline(counts: Sequence[int]) -> str:
+    """Counts as a line of block characters (log-scaled so rare tails stay visible)."""
+    import math
+
+    logs = [math.log1p(c) for c in counts]
+    top = max(logs, default=0.0)
+    if top <= 0:
+        return ""
+    return "".join(_SPARK[round(v / top * (len(_SPARK) - 1))] for v in logs)
+
+
+def stats_table(stats: NeuronStats, quantiles: Sequence[float]) -> Table:
+    """A neuron's statistics as a two-column table."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("tokens", f"{stats.count:,}"),
+        ("mean", f"{stats.mean:.4g}"),
+        ("std", f"{stats.variance ** 0.5:.4g}"),
+        ("skewness", f"{stats.skewness:.3g}"),
+        ("kurtosis", f"{stats.kurtosis:.3g}"),
+        ("max / min", f"{stats.max:.4g} / {stats.min:.4g}"),
+        ("density", f"{stats.density:.1%} of tokens > 0"),
+        ("selectivity", f"{stats.selectivity:.3g}"),
+    ]
+    if stats.quantile_edges:
+        edges = ", ".join(f"q{q:g}={v:.3g}" for q, v in zip(quantiles, stats.quantile_edges))
+        rows.append(("excerpt max", edges))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def histogram_text(stats: NeuronStats) -> Text:
+    """The token-activation histogram (symmetric log bins) as a sparkline with its range."""
+    from core.layerdata import HIST_EDGES
+
+    counts = list(stats.histogram)
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return Text("no tokens")
+    lo, hi = nonzero[0], nonzero[-1]
+    left = "-inf" if lo == 0 else f"{HIST_EDGES[lo - 1]:.3g}"
+    right = "+inf" if hi >= len(HIST_EDGES) else f"{HIST_EDGES[hi]:.3g}"
+    text = Text(f"{left} ")
+    text.append(sparkline(counts[lo : hi + 1]), style="cyan")
+    text.append(f" {right}  (log counts, bins of ±2^(j/2))")
+    return text
+
+
+def neurons_table(rows: Sequence[NeuronStats], title: str) -> Table:
+    """A ranked table of neurons."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("#", "right"), ("neuron", "left"), ("selectivity", "right"), ("max", "right"),
+                          ("min", "right"), ("density", "right"), ("kurtosis", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, s in enumerate(rows, 1):
+        table.add_row(str(i), f"L{s.layer}/N{s.index}", f"{s.selectivity:.2f}", f"{s.max:.3g}", f"{s.min:.3g}",
+                      f"{s.density:.1%}", f"{s.kurtosis:.3g}")
+    return table
