@@ -268,6 +268,7 @@ def load_subject(
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar would tear through ours
     try:
         from transformers.utils import logging as hf_logging
 

