@@ -60,18 +60,25 @@ class LayerAccumulator:
         ids = excerpt_ids.to(self.max.device).repeat(self.neurons)
         maxes = ex_max.t().reshape(-1)  # [F*B]
 
-        by_neuron = acts.permute(2, 0, 1).reshape(self.neurons * batch, -1)  # [F*B, T], row p = f * B + b
+        by_neuron: list[torch.Tensor] = []
 
         def fetch(p: torch.Tensor) -> torch.Tensor:
-            return by_neuron[p]  # [len(p), T]
+            """Rows p = f * B + b as [len(p), T]: a few gathered directly, many from one transposed copy."""
+            if by_neuron or len(p) * 16 > self.neurons * batch:
+                if not by_neuron:
+                    by_neuron.append(acts.permute(2, 0, 1).reshape(self.neurons * batch, -1))
+                return by_neuron[0][p]
+            return acts[p % batch, :, p // batch]
 
-        self.samplers["top"].offer(f_of, composite(-maxes, ids), fetch)
-        self.samplers["bottom"].offer(f_of, composite(ex_min.t().reshape(-1), ids), fetch)
+        mins = ex_min.t().reshape(-1)
+        extremes = torch.stack([maxes, mins], 1)  # [F*B, 2]
+        self.samplers["top"].offer(f_of, composite(-maxes, ids), fetch, extremes)
+        self.samplers["bottom"].offer(f_of, composite(mins, ids), fetch, extremes)
         random = composite(hash_keys(self.settings.seed, self.layer, f_of, ids), ids)
-        self.samplers["random"].offer(f_of, random, fetch)
+        self.samplers["random"].offer(f_of, random, fetch, extremes)
         cells = torch.bucketize(maxes, self._cell_edges)
         self.cell_counts += torch.bincount(f_of * CELLS + cells, minlength=self.cell_counts.numel())
-        self.samplers["cell"].offer(f_of * CELLS + cells, random, fetch)
+        self.samplers["cell"].offer(f_of * CELLS + cells, random, fetch, extremes)
 
     def absorb(self, other: LayerResult) -> None:
         """Merge a finished shard's state of the same layer into this one (exact)."""
@@ -90,28 +97,33 @@ class LayerAccumulator:
             ids = torch.from_numpy(sample.ids).to(dev).reshape(-1)
             acts = torch.from_numpy(sample.acts).to(dev).reshape(-1, sample.acts.shape[2])
             maxes = torch.from_numpy(sample.maxes).to(dev).reshape(-1)
+            mins = torch.from_numpy(sample.mins).to(dev).reshape(-1)
+            extremes = torch.stack([maxes, mins], 1)
             group = neuron
             if kind == "top":
                 key = -maxes
             elif kind == "bottom":
-                key = torch.from_numpy(sample.mins).to(dev).reshape(-1)
+                key = mins
             else:
                 key = hash_keys(self.settings.seed, self.layer, neuron, ids)
                 if kind == "cell":
-                    group = neuron * CELLS + torch.bucketize(maxes, self._cell_edges)
+                    group = neuron * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
             sel = (ids >= 0).nonzero().squeeze(1)
-            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), lambda p, s=sel: acts[s[p]])
+            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), lambda p, s=sel: acts[s[p]],
+                                      extremes[sel])
 
     # -- results -----------------------------------------------------------------------------
     def result(self) -> LayerResult:
         """The state as numpy arrays (for the store, or a later merge)."""
         samples = {}
         for kind, sampler in self.samplers.items():
-            ids, acts = sampler.sorted()
+            ids, acts, ext = sampler.sorted()
             if kind == "cell":
                 ids = ids.reshape(self.neurons, CELLS * CELL_K)
                 acts = acts.reshape(self.neurons, CELLS * CELL_K, acts.shape[2])
-            samples[kind] = Samples.of(ids.cpu().numpy(), acts.float().cpu().numpy())
+                ext = ext.reshape(self.neurons, CELLS * CELL_K, 2)
+            ext_np = ext.cpu().numpy()
+            samples[kind] = Samples(ids.cpu().numpy(), acts.float().cpu().numpy(), ext_np[..., 0], ext_np[..., 1])
         return LayerResult(
             layer=self.layer,
             sums=self.sums.cpu().numpy(),

@@ -107,7 +107,7 @@ def collect(
             layer: LayerAccumulator(layer, subject.n_neurons, settings, subject.dtype, subject.device)
             for layer in layers
         }
-        token_stats = _token_stats_fn(subject.device, n // batch_size)
+        token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(layers))
         report("collect", 0, n)
         for start in range(0, n, batch_size):
             ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
@@ -165,14 +165,16 @@ def _tokens_for(subject, excerpts, wanted: np.ndarray) -> tuple[np.ndarray, list
     return token_ids, [subject.token_strings(row) for row in token_ids]
 
 
-def _token_stats_fn(device, n_batches: int):  # type: ignore[no-untyped-def]
-    """The per-batch statistics kernel: compiled where that pays off (GPU, or a long CPU run)."""
+def _token_stats_fn(device, layer_batches: int):  # type: ignore[no-untyped-def]
+    """The per-batch statistics kernel, compiled (fused) where that pays off: on a GPU, or for a CPU
+    run long enough to repay the compile (about 20 s the first time, cached on disk after).
+    NEURONSCOPE_COMPILE=0/1 forces either way."""
     import os
 
     from core.accumulate import compute_token_stats
 
     wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
-    if wanted == "0" or (wanted == "auto" and not (device.type == "cuda" or n_batches >= 64)):
+    if wanted == "0" or (wanted == "auto" and not (device.type == "cuda" or layer_batches >= 300)):
         return compute_token_stats
     import torch
 
@@ -195,10 +197,6 @@ def _token_stats_fn(device, n_batches: int):  # type: ignore[no-untyped-def]
 
 def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> CollectResult:
     """Combine the complete shard runs of several stores into one run equal to a single collection."""
-    import torch
-
-    from core.accumulate import LayerAccumulator
-
     report = progress or (lambda _stage, _done, _total: None)
     started = time.perf_counter()
     runs = []
@@ -208,9 +206,11 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
             raise CollectError(f"{shard_store.path} has no complete shard run: collect it with --shard i/n first")
         runs.append(candidates[-1])
     first = runs[0]
+    from core.corpus import same_corpus
+
     for run in runs[1:]:
-        if (run.model_revision, run.corpus, run.settings, run.layers) != (
-            first.model_revision, first.corpus, first.settings, first.layers
+        if (run.model_revision, run.settings, run.layers) != (first.model_revision, first.settings, first.layers) or (
+            not same_corpus(run.corpus, first.corpus)
         ):
             raise CollectError("shard stores differ in model, corpus, settings or layers: merge shards of one collection")
     total = int(first.shard.split("/")[1])
@@ -219,6 +219,10 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
         missing = sorted(set(range(total)) - set(have))
         detail = f"missing {', '.join(f'{i}/{total}' for i in missing)}" if missing else "a shard appears twice"
         raise CollectError(f"shards do not cover the corpus exactly ({detail}): pass every shard store once")
+    import torch
+
+    from core.accumulate import LayerAccumulator
+
     settings = first.settings
     run_id = out.create_run(
         model=first.model, revision=first.model_revision, corpus=first.corpus, settings=settings,

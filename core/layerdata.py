@@ -34,14 +34,6 @@ class Samples:
     mins: np.ndarray
     """[F, k] exact excerpt minima."""
 
-    @classmethod
-    def of(cls, ids: np.ndarray, acts: np.ndarray) -> Samples:
-        """Samples whose extremes are read off full-precision activations."""
-        empty = acts.shape[-1] == 0
-        maxes = np.zeros(ids.shape, np.float32) if empty else acts.max(-1).astype(np.float32)
-        mins = np.zeros(ids.shape, np.float32) if empty else acts.min(-1).astype(np.float32)
-        return cls(ids, acts, maxes, mins)
-
 
 def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Activations [n, T] -> (scale [n] = max |a|, int8 codes [n, T] = round(127 a / scale))."""

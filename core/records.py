@@ -131,13 +131,21 @@ class ActivationRecord:
     """Activation at each token."""
     bin: int = -1
     """Quantile bin index for kind 'quantile', else -1."""
+    exact_max: float = math.nan
+    """The excerpt's largest activation at full precision (stored activations are int8 codes)."""
+    exact_min: float = math.nan
+    """The excerpt's most negative activation at full precision."""
 
     @property
     def max(self) -> float:
-        """Largest activation in the excerpt."""
+        """Largest activation in the excerpt (exact when known)."""
+        if not math.isnan(self.exact_max):
+            return self.exact_max
         return max(self.activations) if self.activations else math.nan
 
     @property
     def min(self) -> float:
-        """Most negative activation in the excerpt."""
+        """Most negative activation in the excerpt (exact when known)."""
+        if not math.isnan(self.exact_min):
+            return self.exact_min
         return min(self.activations) if self.activations else math.nan

@@ -52,12 +52,21 @@ class SmallestK:
         self.k = k
         self.comp = torch.full((groups, k), EMPTY, dtype=torch.int64, device=device)  # [groups, k]
         self.acts = torch.zeros((groups, k, length), dtype=dtype, device=device)  # [groups, k, length]
+        self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
 
-    def offer(self, group: torch.Tensor, comp: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def offer(
+        self,
+        group: torch.Tensor,
+        comp: torch.Tensor,
+        fetch: Callable[[torch.Tensor], torch.Tensor],
+        extremes: torch.Tensor | None = None,
+    ) -> None:
         """Offer candidates: flat group indices and composites of equal length.
 
         fetch(positions) receives indices into the offered candidates and returns their
-        activations [len(positions), length].
+        activations [len(positions), length]. extremes [n, 2] are the candidates' exact
+        (max, min), kept beside activations that may be stored at lower precision; by
+        default they are read off the fetched rows.
         """
         if self.k == 0 or group.numel() == 0:
             return
@@ -90,12 +99,19 @@ class SmallestK:
         self.comp[dest, free_slot] = incoming
         real = incoming != EMPTY
         if bool(real.any()):
-            rows = fetch(new_pos[in_row[real], in_col[real]])
+            positions = new_pos[in_row[real], in_col[real]]
+            rows = fetch(positions)
             self.acts[dest[real], free_slot[real]] = rows.to(self.acts.dtype)
+            if extremes is None:
+                ext = torch.stack([rows.amax(1), rows.amin(1)], 1).float()
+            else:
+                ext = extremes[positions]
+            self.ext[dest[real], free_slot[real]] = ext
 
-    def sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Excerpt ids (-1 empty) and activations with each group's entries in (key, id) order."""
+    def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Excerpt ids (-1 empty), activations and (max, min) with each group's entries in (key, id) order."""
         order = torch.argsort(self.comp, dim=1)
         ids = composite_ids(torch.gather(self.comp, 1, order))
         acts = torch.gather(self.acts, 1, order[:, :, None].expand(-1, -1, self.acts.shape[2]))
-        return ids, acts
+        ext = torch.gather(self.ext, 1, order[:, :, None].expand(-1, -1, 2))
+        return ids, acts, ext

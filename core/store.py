@@ -412,13 +412,13 @@ class Store:
     def records(self, run_id: int, layer: int, neuron: int, kinds: tuple[str, ...] = ("top", "bottom", "random", "quantile")) -> list[ActivationRecord]:
         """A neuron's activation records with their tokens, ordered by kind then rank."""
         rows = self.con.execute(
-            "SELECT r.kind, r.rank, r.bin, r.excerpt_id, r.scale, r.acts, e.tokens FROM records r "
+            "SELECT r.kind, r.rank, r.bin, r.excerpt_id, r.scale, r.acts, e.tokens, r.max_act, r.min_act FROM records r "
             "JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
             "WHERE r.run_id = ? AND r.layer = ? AND r.neuron = ? AND list_contains(?, r.kind) "
             "ORDER BY r.kind, r.rank", [run_id, layer, neuron, list(kinds)]
         ).fetchall()
         out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(r[6]), bin=r[2],
-                                activations=tuple(float(v) for v in _decode(r[4], r[5])))
+                                activations=tuple(float(v) for v in _decode(r[4], r[5])), exact_max=r[7], exact_min=r[8])
                for r in rows]
         return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))
 

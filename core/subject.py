@@ -352,9 +352,10 @@ def _load_transformers(source: SubjectSource, dtype: Any, say: Callable[[str], N
 
 
 def _folder_digest(folder: Path) -> str:
-    """A stable digest of a model folder: its config plus the names and sizes of its weight files."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    """A digest of a model folder's content: every file that decides the model's behaviour (config,
+    weights, tokenizer), each file hashed once per version (memoised by size and mtime)."""
+    digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin", ".pt"):
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        if path.is_file() and (path.suffix in (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".gguf")):
+            digest.update(f"{path.name}:{_file_digest(path)}\n".encode())
     return digest.hexdigest()

@@ -399,11 +399,11 @@ def test_smallest_k_with_ties_and_fetch_calls() -> None:
     offer([0, 0, 0, 1], [0.5, 0.5, 0.5, 0.2], [9, 4, 7, 1])
     offer([0, 0, 1, 1], [0.5, 0.1, 0.9, 0.2], [2, 8, 3, 0])
     offer([0], [0.5], [5])  # ties the worst key, larger id than the worst kept -> rejected, never fetched
-    ids, acts = sampler.sorted()
+    ids, acts, _ = sampler.sorted()
     assert ids.tolist() == [[8, 2, 4], [0, 1, 3]]
     assert acts[0, :, 0].tolist() == [8.0, 2.0, 4.0] and acts[1, :, 1].tolist() == [-0.0, -1.0, -3.0]
     assert len(fetched) == 2  # the third offer fetched nothing
-    empty_ids, empty_acts = SmallestK(groups=2, k=2, length=1, dtype=torch.float32, device=CPU).sorted()
+    empty_ids, empty_acts, _ = SmallestK(groups=2, k=2, length=1, dtype=torch.float32, device=CPU).sorted()
     assert (empty_ids == -1).all() and (empty_acts == 0).all()
 
 

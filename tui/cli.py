@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.text import Text
 
-from core.store import DEFAULT_STORE, Store, StoreError
+from core.store import DEFAULT_STORE, SCHEMA_VERSION, Store, StoreError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
 
 
 class UserError(Exception):
@@ -112,23 +112,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
             status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
                    f"in {result.seconds:.1f} s → {store.path}")
         store.checkpoint()
-        out.print(_top_table(store, result.run_id, args.top))
+        _print_top(store, result.run_id, args.top)
     return 0
 
 
-def _top_table(store: Store, run_id: int, limit: int, order: str = "selectivity"):  # type: ignore[no-untyped-def]
+def _print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:
     from tui.render import neurons_table
 
     run = store.run(run_id)
     rows = store.top_neurons(run_id, limit=limit, order=order)
-    return neurons_table(rows, f"Most {order} neurons of run {run_id} ({run.model}, {run.n_excerpts:,} excerpts)")
+    out.print(Text(f"Neurons of run {run_id} by {order} ({run.model}, {run.n_excerpts:,} excerpts)", style="bold"),
+              soft_wrap=True)
+    out.print(neurons_table(rows))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     """Print neurons ranked by a statistic."""
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        out.print(_top_table(store, run.run_id, args.limit, args.order))
+        _print_top(store, run.run_id, args.limit, args.order)
     return 0
 
 
@@ -142,7 +144,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         size = os.path.getsize(store.path)
         wal = store.path.with_name(store.path.name + ".wal")
         size += wal.stat().st_size if wal.exists() else 0
-        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {1}", style="bold"))
+        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {SCHEMA_VERSION}", style="bold"))
         table = Table(title="runs", title_justify="left")
         for col in ("run", "status", "model", "corpus", "layers", "neurons", "excerpts", "dtype", "shard", "created"):
             table.add_column(col)

@@ -115,9 +115,9 @@ def histogram_text(stats: NeuronStats) -> Text:
     return text
 
 
-def neurons_table(rows: Sequence[NeuronStats], title: str) -> Table:
+def neurons_table(rows: Sequence[NeuronStats]) -> Table:
     """A ranked table of neurons."""
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for name, justify in (("#", "right"), ("neuron", "left"), ("selectivity", "right"), ("max", "right"),
                           ("min", "right"), ("density", "right"), ("kurtosis", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]

@@ -1,0 +1,276 @@
+"""The `neuronscope` command as a user runs it: subprocesses, exit codes, one-line errors, and output
+that never lets corpus text act as markup or terminal escapes.
+
+One real `neuronscope collect` of the tiny model (session fixture `cli_store`) feeds info/top/show;
+the collect failure cases run as concurrent subprocesses, since half of them pay for a torch import.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FAST,
+    MARKERS,
+    Result,
+    assert_one_line_error,
+    cli_command,
+    cli_env,
+    collect_into,
+    fast_settings,
+    run_cli,
+)
+
+from core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+SUBCOMMANDS = ["collect", "info", "show", "top", "merge", "models", "demo"]
+
+
+# -- help --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)], ids=["top-level", *SUBCOMMANDS])
+def test_help(command: list[str]) -> None:
+    result = run_cli([*command, "--help"])
+    assert result.code == 0, result.err
+    assert result.out.startswith("usage: neuronscope") and result.err == ""
+    if not command:
+        for name in SUBCOMMANDS:
+            assert name in result.out
+
+
+def test_no_command_prints_help() -> None:
+    result = run_cli([])
+    assert result.code == 0 and "usage: neuronscope" in result.out and result.err == ""
+
+
+def test_models_lists_the_packaged_models() -> None:
+    script = Path(sys.executable).with_name("neuronscope")  # the installed entry point, once
+    command = [str(script), "models"] if script.exists() else cli_command(["models"])
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=cli_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2-135m" in proc.stdout and "gemma3-270m" in proc.stdout
+    assert "pip install" in proc.stdout
+
+
+# -- collect failures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def collect_failures(tmp_path_factory, tiny_model, corpus_dir):  # type: ignore[no-untyped-def]
+    """Every collect failure case, run at once: name -> (Result, needles that the one line must contain)."""
+    tmp = tmp_path_factory.mktemp("collect-errors")
+    (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "binary.bin").write_bytes(bytes(range(256)) * 16)
+    (tmp / "no-config").mkdir()
+    (tmp / "no-config" / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp / "folder-store").mkdir()
+    foreign = tmp / "foreign.duckdb"
+    foreign.write_bytes(b"my thesis notes, not a database\n" * 64)
+    locked = tmp / "locked.duckdb"
+    Store.open(locked).close()
+
+    def base(name: str, **over: object) -> list[object]:
+        args: dict[str, object] = {"--model": tiny_model, "--corpus": corpus_dir, "--store": tmp / f"{name}.duckdb"}
+        args.update(over)
+        return ["collect", *(x for kv in args.items() for x in kv), *FAST]
+
+    cases: dict[str, tuple[list[object], tuple[str, ...]]] = {
+        "missing-corpus": (base("a", **{"--corpus": tmp / "missing.txt"}), ("missing.txt", "does not exist")),
+        "empty-corpus": (base("b", **{"--corpus": tmp / "empty.txt"}), ("empty.txt", "no text")),
+        "binary-corpus": (base("c", **{"--corpus": tmp / "binary.bin"}), ("binary.bin", "binary")),
+        "unknown-model": (base("d", **{"--model": "nosuchmodel"}), ("unknown model", "nosuchmodel", "smollm2-135m")),
+        "folder-without-config": (base("e", **{"--model": tmp / "no-config"}), ("no-config", "config.json")),
+        "layers-reversed": ([*base("f"), "--layers", "7-2"], ("invalid layer range", "7-2")),
+        "layers-out-of-range": ([*base("g"), "--layers", "0-99"], ("0-99", "layers 0-2")),
+        "bad-shard": ([*base("h"), "--shard", "3/2"], ("invalid shard", "3/2")),
+        "max-excerpts-0": ([*base("i"), "--max-excerpts", "0"], ("--max-excerpts", "at least 1")),
+        "store-is-folder": (base("j", **{"--store": tmp / "folder-store"}), ("folder-store", "folder")),
+        "foreign-store": (base("k", **{"--store": foreign}), ("foreign.duckdb", "neuronscope store")),
+        "locked-store": (base("l", **{"--store": locked}), ("in use by PID",)),
+    }
+    code = f"import duckdb, time; c = duckdb.connect({str(locked)!r}); print('ready', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        procs = {name: subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=cli_env(), cwd=ROOT)
+                 for name, (args, _) in cases.items()}
+        results = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=180)
+            results[name] = (Result(proc.returncode, out, err), cases[name][1])
+    finally:
+        holder.kill()
+        holder.wait()
+    results["locked-store"] = (results["locked-store"][0], (f"in use by PID {holder.pid}",))
+    return tmp, foreign, results
+
+
+COLLECT_CASES = ["missing-corpus", "empty-corpus", "binary-corpus", "unknown-model", "folder-without-config",
+                 "layers-reversed", "layers-out-of-range", "bad-shard", "max-excerpts-0", "store-is-folder",
+                 "foreign-store", "locked-store"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COLLECT_CASES)
+def test_collect_failure_is_one_line(collect_failures, case: str) -> None:  # type: ignore[no-untyped-def]
+    _tmp, _foreign, results = collect_failures
+    result, needles = results[case]
+    assert_one_line_error(result, *needles)
+    assert result.out == ""
+
+
+@pytest.mark.slow
+def test_collect_failures_leave_foreign_files_alone(collect_failures) -> None:  # type: ignore[no-untyped-def]
+    tmp, foreign, _results = collect_failures
+    assert foreign.read_bytes() == b"my thesis notes, not a database\n" * 64
+    assert not foreign.with_name(foreign.name + ".wal").exists()
+    assert (tmp / "folder-store").is_dir() and not any((tmp / "folder-store").iterdir())
+
+
+def test_long_errors_stay_one_line_at_the_default_width(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / ("a-rather-long-folder-name-" * 3) / "store.duckdb"
+    result = run_cli(["info", "--store", store], COLUMNS="")
+    assert_one_line_error(result, "neuronscope collect")
+
+
+# -- a real collection and what reads it ---------------------------------------------------------------
+
+def test_collect_prints_the_selective_neurons(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, result = cli_store
+    assert "Traceback" not in result.err
+    header = next(line for line in result.out.splitlines() if "┃" in line)
+    assert "neuron" in header and "selectivity" in header and "kurtosis" in header
+    assert len(re.findall(r"L\d/N\d+", result.out)) == 15  # --top defaults to 15 rows
+    assert re.search(r"run 1: 144 neurons over \d+ excerpts", result.err)
+    with Store.open(path, read_only=True) as store:
+        (run,) = store.runs()
+        assert run.status == "complete" and run.n_excerpts >= 100
+
+
+def test_info(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    result = run_cli(["info", "--store", path])
+    assert result.code == 0, result.err
+    assert str(path) in result.out and "complete" in result.out and "float32" in result.out
+    with Store.open(path, read_only=True) as store:
+        counts = store.counts()
+    assert f"neurons {counts['neurons']:,}" in result.out and f"records {counts['records']:,}" in result.out
+    assert f"excerpts {counts['excerpts']:,}" in result.out
+    assert re.search(r"store bytes per neuron: [\d,]+", result.out)
+
+
+def test_top_by_kurtosis(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    result = run_cli(["top", "--store", path, "--order", "kurtosis", "--limit", "3"])
+    assert result.code == 0, result.err
+    with Store.open(path, read_only=True) as store:
+        expected = [f"L{s.layer}/N{s.index}" for s in store.top_neurons(1, limit=3, order="kurtosis")]
+    assert re.findall(r"L\d/N\d+", result.out) == expected
+    assert "kurtosis" in result.out
+
+
+@pytest.mark.parametrize("spelling", ["1/3", "L1/N3", "L1N3"])
+def test_show(cli_store, spelling: str) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    result = run_cli(["show", spelling, "--store", path])
+    assert result.code == 0, result.err
+    for needle in ("L1/N3", "Top excerpts", "Most negative excerpts", "Random excerpts", "Quantile-bin samples",
+                   "kurtosis", "histogram"):
+        assert needle in result.out
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["show", "9/0"], ("L9/N0", "layers 0-2", "neurons 0-47")),
+    (["show", "1/48"], ("L1/N48", "neurons 0-47")),
+    (["show", "abc"], ("cannot read neuron", "abc")),
+    (["show", "1/3", "--run", "99"], ("no run 99", "neuronscope info")),
+    (["top", "--run", "99"], ("no run 99",)),
+], ids=["no-layer", "no-index", "not-a-neuron", "no-run", "top-no-run"])
+def test_show_and_top_errors(cli_store, args: list[str], needles: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    assert_one_line_error(run_cli([*args, "--store", path]), *needles)
+
+
+def test_store_without_runs_and_missing_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    empty = tmp_path / "empty.duckdb"
+    Store.open(empty).close()
+    assert_one_line_error(run_cli(["show", "1/3", "--store", empty]), "no complete run", "neuronscope collect")
+    assert_one_line_error(run_cli(["top", "--store", empty]), "no complete run")
+    info = run_cli(["info", "--store", empty])
+    assert info.code == 0 and "runs 0" in info.out and "bytes per neuron" not in info.out
+    missing = tmp_path / "missing.duckdb"
+    assert_one_line_error(run_cli(["info", "--store", missing]), "no store", "neuronscope collect")
+    assert_one_line_error(run_cli(["show", "1/3", "--store", missing]), "neuronscope collect")
+    assert not missing.exists(), "reading commands never create a store"
+
+
+def test_merge_errors(tmp_path, cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    assert_one_line_error(run_cli(["merge", path, "--output", path]), "also a shard")
+    assert_one_line_error(run_cli(["merge", tmp_path / "nope.duckdb", "--output", tmp_path / "out.duckdb"]),
+                          "no store", "nope.duckdb")
+
+
+# -- hostile text --------------------------------------------------------------------------------------
+
+def shown(text: str) -> str:
+    """How a token sequence must appear on screen: control characters spelled out, never executed."""
+    symbols = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+    return "".join(symbols.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c)
+                   for c in text)
+
+
+def test_hostile_tokens_show_literally(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    with Store.open(path, read_only=True) as store:
+        excerpts = store.excerpts(1)
+        holders = {m: {e for e, (_ids, toks) in excerpts.items() if m in "".join(toks)} for m in MARKERS}
+        assert all(holders.values()), {m: len(h) for m, h in holders.items()}
+        # For every marker, a neuron that shows (all its records fit in `show`) an excerpt holding it.
+        chosen: dict[tuple[int, int], set[int]] = {}
+        for marker in MARKERS:
+            if any(holders[marker] & shown_ids for shown_ids in chosen.values()):
+                continue
+            for layer in range(3):
+                for index in range(48):
+                    ids = {r.excerpt_id for r in store.records(1, layer, index)}
+                    if ids & holders[marker]:
+                        chosen[(layer, index)] = ids
+                        break
+                else:
+                    continue
+                break
+        expected = {(n, e): shown("".join(excerpts[e][1])) for n, ids in chosen.items() for e in ids
+                    if any(e in holders[m] for m in MARKERS)}
+    assert chosen
+    for (layer, index), _ids in chosen.items():
+        result = run_cli(["show", f"{layer}/{index}", "--store", path])
+        assert result.code == 0, result.err
+        for text in (result.out, result.err):
+            assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text and "\x9d" not in text
+        for (neuron, _e), line in expected.items():
+            if neuron == (layer, index):
+                assert line in result.out, f"{line!r} not shown literally"
+    everything = "".join(expected.values())
+    assert "[bold red]x[/]" in everything and "[/INST]" in everything
+    assert "\\x1b[31mRED\\x1b[0m" in everything and "\\x1b]0;title\\x07" in everything
+
+
+def test_model_name_with_markup_is_shown_literally(tmp_path, tiny_model, corpus_dir) -> None:  # type: ignore[no-untyped-def]
+    from core.subject import load_subject
+
+    odd = tmp_path / "chat[/INST]" / "[bold red]model"
+    odd.parent.mkdir(parents=True)
+    odd.symlink_to(tiny_model, target_is_directory=True)
+    store = tmp_path / "store.duckdb"
+    collect_into(store, load_subject(str(odd), device="cpu", dtype="float32"), corpus_dir,
+                 settings=fast_settings(max_excerpts=32))
+    result = run_cli(["top", "--store", store, "--limit", "2"])
+    assert result.code == 0, result.err
+    assert "chat[/INST]/[bold red]model" in result.out
