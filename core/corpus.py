@@ -29,15 +29,11 @@ documents, 360,918 SmolLM2 tokens, 5,639 excerpts of 64 tokens; identical on eve
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +42,6 @@ from typing import Any
 import numpy as np
 
 MAX_DOC_CHARS = 20_000
-DEFAULT_NAME = "jargon-file-4.4.7"
-_JARGON_FILE = "jargon-4.4.7.txt.gz"
-_JARGON_RAW_SHA256 = "40dfb4b98191a670a09a183d5798d50f243d23fdbd1495dcc0aca2ce5895ba97"
-_JARGON_TEXT_SHA256 = "a772368d3904882ae18e0af53d44b5d3c37237ccf911af65668fdb33ebb32d5f"
-_HERE = Path(__file__).resolve().parent
-_DATA_DIRS = (_HERE.parent / "data" / "corpus", _HERE / "data" / "corpus")
-_SYSTEM_JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 _BATCH_CHARS = 1_000_000
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -92,7 +81,9 @@ def describe(spec: CorpusSpec) -> str:
     """Stable short description: equal for identical input, different when content differs."""
     field = "" if spec.text_field == "text" else f", field {spec.text_field!r}"
     if spec.source == "default":
-        return f"default:{DEFAULT_NAME}@{_JARGON_TEXT_SHA256[:12]}"
+        from core.default_corpus import DESCRIPTION
+
+        return DESCRIPTION
     if spec.source.startswith("hf:"):
         name, config, split = _parse_hf(spec.source)
         return f"hf:{name}:{config + ':' if config else ''}{split} (streamed{field})"
@@ -121,6 +112,8 @@ def same_corpus(a: str, b: str) -> bool:
 def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     """Yield the corpus's documents in a deterministic order; CorpusError on bad input."""
     if spec.source == "default":
+        from core.default_corpus import default_corpus_text
+
         yield from _split_text(default_corpus_text())
         return
     if spec.source.startswith("hf:"):
@@ -129,18 +122,13 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     path = _existing_path(spec.source)
     files = _list_files(path) if path.is_dir() else [path]
     if not files:
-        raise CorpusError(
-            f"corpus folder {path} has no files; add text, JSONL or Parquet files"
-        )
+        raise CorpusError(f"corpus folder {path} has no files; add text, JSONL or Parquet files")
     count = skipped = 0
     for file in files:
         docs = _file_docs(file, spec.text_field)
         if docs is None:
             if not path.is_dir():
-                raise CorpusError(
-                    f"corpus file {path} is binary (not UTF-8 text); "
-                    "pass a text, JSONL or Parquet file"
-                )
+                raise CorpusError(f"corpus file {path} is binary (not UTF-8 text); pass a text, JSONL or Parquet file")
             skipped += 1  # binary files inside a folder are skipped
             continue
         for doc in docs:
@@ -152,31 +140,24 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
             "the rest empty); add UTF-8 text, JSONL or Parquet files"
         )
     if count == 0:
-        raise CorpusError(
-            f"corpus file {path} has no text (it is empty); add text or pass another file"
-        )
+        raise CorpusError(f"corpus file {path} has no text (it is empty); add text or pass another file")
 
 
 def _existing_path(source: str) -> Path:
     if not source.strip():
-        raise CorpusError(
-            "no corpus given; pass 'default', a file or folder, or hf:<dataset id>"
-        )
+        raise CorpusError("no corpus given; pass 'default', a file or folder, or hf:<dataset id>")
     path = Path(source).expanduser()
     if path.is_file() or path.is_dir():
         return path.resolve()
     if path.exists():
-        raise CorpusError(
-            f"corpus path {source} is not a regular file or folder; pass a file or folder"
-        )
+        raise CorpusError(f"corpus path {source} is not a regular file or folder; pass a file or folder")
     if _HF_ID.fullmatch(source) and not path.suffix:
         raise CorpusError(
             f"corpus path {source} does not exist; for a Hugging Face dataset write "
             f"hf:{source}, else pass an existing file or folder"
         )
     raise CorpusError(
-        f"corpus path {source} does not exist; pass an existing file or folder, "
-        "'default', or hf:<dataset id>"
+        f"corpus path {source} does not exist; pass an existing file or folder, 'default', or hf:<dataset id>"
     )
 
 
@@ -186,18 +167,14 @@ def _list_files(root: Path) -> list[Path]:
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(Path(folder, n) for n in names if not n.startswith("."))
-    return sorted(
-        (p for p in found if p.is_file()), key=lambda p: p.relative_to(root).parts
-    )
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(root).parts)
 
 
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise CorpusError(
-            f"cannot read {path} ({_brief(exc)}); check it exists and is readable"
-        ) from None
+        raise CorpusError(f"cannot read {path} ({_brief(exc)}); check it exists and is readable") from None
 
 
 def _brief(exc: BaseException) -> str:
@@ -283,18 +260,12 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise CorpusError(
-                        f"{where} is not valid JSON ({exc.msg}); {fix}"
-                    ) from None
+                    raise CorpusError(f"{where} is not valid JSON ({exc.msg}); {fix}") from None
                 if not isinstance(obj, dict):
-                    raise CorpusError(
-                        f"{where} is a JSON {type(obj).__name__}, not an object; {fix}"
-                    )
+                    raise CorpusError(f"{where} is a JSON {type(obj).__name__}, not an object; {fix}")
                 if field not in obj:
                     has = ", ".join(repr(k) for k in list(obj)[:6]) or "no fields"
-                    raise CorpusError(
-                        f"{where} has no {field!r} field (it has {has}); pass --text-field NAME"
-                    )
+                    raise CorpusError(f"{where} has no {field!r} field (it has {has}); pass --text-field NAME")
                 value = obj[field]
                 if value is not None and not isinstance(value, str):
                     raise CorpusError(
@@ -304,9 +275,7 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 if value and value.strip():
                     yield value
     except (OSError, EOFError) as exc:
-        raise CorpusError(
-            f"cannot read {path} ({_brief(exc)}); pass a valid JSONL or .jsonl.gz file"
-        ) from None
+        raise CorpusError(f"cannot read {path} ({_brief(exc)}); pass a valid JSONL or .jsonl.gz file") from None
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:
@@ -322,14 +291,10 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
     schema = table.schema_arrow
     if field not in schema.names:
         has = ", ".join(repr(n) for n in schema.names[:6]) or "no columns"
-        raise CorpusError(
-            f"{path} has no {field!r} column (it has {has}); pass --text-field NAME"
-        )
+        raise CorpusError(f"{path} has no {field!r} column (it has {has}); pass --text-field NAME")
     kind = schema.field(field).type
     if str(kind) not in ("string", "large_string", "string_view"):
-        raise CorpusError(
-            f"{path} column {field!r} is {kind}, not text; pass --text-field NAME of a text column"
-        )
+        raise CorpusError(f"{path} column {field!r} is {kind}, not text; pass --text-field NAME of a text column")
     for batch in table.iter_batches(batch_size=1024, columns=[field]):
         for value in batch.column(0).to_pylist():
             if value and value.strip():
@@ -340,8 +305,7 @@ def _parse_hf(source: str) -> tuple[str, str | None, str]:
     parts = source[3:].split(":")
     if not parts[0] or len(parts) > 3 or not all(parts):
         raise CorpusError(
-            f"cannot read {source!r}; write hf:<dataset id>[:<config>][:<split>], "
-            "e.g. hf:roneneldan/TinyStories:train"
+            f"cannot read {source!r}; write hf:<dataset id>[:<config>][:<split>], e.g. hf:roneneldan/TinyStories:train"
         )
     if len(parts) == 3:
         return parts[0], parts[1], parts[2]
@@ -364,8 +328,7 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
             if field not in row:
                 has = ", ".join(repr(k) for k in list(row)[:6])
                 raise CorpusError(
-                    f"Hugging Face dataset {name} has no {field!r} field (it has {has}); "
-                    "pass --text-field NAME"
+                    f"Hugging Face dataset {name} has no {field!r} field (it has {has}); pass --text-field NAME"
                 )
             value = row[field]
             if isinstance(value, str) and value.strip():
@@ -379,130 +342,12 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
         ) from None
 
 
-# ---------------------------------------------------------------- default corpus
-
-
-def _cache_dir() -> Path:
-    return Path(
-        os.environ.get("NEURONSCOPE_CACHE") or Path.home() / ".cache" / "neuronscope"
-    )
-
-
-def default_corpus_text() -> str:
-    """Text of the default corpus, built once, verified by sha256 and cached."""
-    target = _cache_dir() / "corpus" / f"{DEFAULT_NAME}-{_JARGON_TEXT_SHA256[:12]}.txt"
-    try:
-        data = target.read_bytes()
-        if hashlib.sha256(data).hexdigest() == _JARGON_TEXT_SHA256:
-            return data.decode("utf-8")
-    except OSError:
-        pass
-    text = _normalise_jargon(_jargon_source().decode("utf-8"))
-    data = text.encode("utf-8")
-    got = hashlib.sha256(data).hexdigest()
-    if got != _JARGON_TEXT_SHA256:
-        raise CorpusError(
-            f"default corpus built with sha256 {got[:12]}, expected {_JARGON_TEXT_SHA256[:12]}; "
-            "this is a neuronscope bug: report it, and pass --corpus PATH meanwhile"
-        )
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:  # an unwritable cache only costs a rebuild next time
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return text
-
-
-def _jargon_source() -> bytes:
-    """The Jargon File text from the first place that has the expected bytes."""
-    for path in [*(d / _JARGON_FILE for d in _DATA_DIRS), _SYSTEM_JARGON]:
-        data = _verified_gunzip(path)
-        if data is not None:
-            return data
-    data = _apt_download_jargon()
-    if data is not None:
-        return data
-    raise CorpusError(
-        f"cannot build the default corpus: data/corpus/{_JARGON_FILE} is missing or damaged and "
-        "`apt-get download jargon-text` failed; reinstall neuronscope from a full checkout, or "
-        "run `apt-get update` and retry, or pass --corpus PATH"
-    )
-
-
-def _verified_gunzip(path: Path) -> bytes | None:
-    try:
-        data = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError):
-        return None
-    return data if hashlib.sha256(data).hexdigest() == _JARGON_RAW_SHA256 else None
-
-
-def _apt_download_jargon() -> bytes | None:
-    """Fetch Debian's jargon-text with apt-get download (no root needed, needs apt lists)."""
-    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            subprocess.run(
-                ["apt-get", "download", "-q", "jargon-text"],
-                cwd=tmp,
-                capture_output=True,
-                timeout=300,
-                check=True,
-            )
-            debs = sorted(Path(tmp).glob("jargon-text_*.deb"))
-            if not debs:
-                return None
-            subprocess.run(
-                ["dpkg-deb", "-x", str(debs[0]), str(Path(tmp, "x"))],
-                capture_output=True,
-                timeout=120,
-                check=True,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return _verified_gunzip(Path(tmp, "x", *_SYSTEM_JARGON.parts[1:]))
-
-
-def _normalise_jargon(text: str) -> str:
-    """Drop tables, contents lists and headword indexes; unwrap hard-wrapped paragraphs."""
-    paras = [p.strip() for p in re.split(r"\n[ \t]*\n", text)]
-    paras = [p for p in paras if p and not re.search("[\u2500-\u257f]", p)]  # no tables
-    bare = [
-        "\n" not in p
-        and len(p) <= 80
-        and not re.match(r"[:\[•(\d]", p)
-        and not re.search(r"[.!?}\]):;,\"”]$", p)
-        for p in paras
-    ]
-    kept: list[str] = []
-    i = 0
-    while i < len(paras):
-        j = i
-        while j < len(paras) and bare[j]:
-            j += 1
-        if j - i < 3:  # runs of three or more bare lines are indexes, not prose
-            kept.extend(paras[i : max(j, i + 1)])
-        i = max(j, i + 1)
-    return (
-        "\n\n".join(" ".join(line.strip() for line in p.split("\n")) for p in kept)
-        + "\n"
-    )
-
-
 # ---------------------------------------------------------------- excerpts
 
 
 def _token_batches(docs: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
     """Token ids of the documents joined by eos (or bos), a batch of documents at a time."""
-    sep = (
-        tokenizer.eos_token_id
-        if tokenizer.eos_token_id is not None
-        else tokenizer.bos_token_id
-    )
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     first = True
     batch: list[str] = []
     size = 0
@@ -552,9 +397,7 @@ def cut_excerpts(
     read so far after each batch of documents.
     """
     if length < 1:
-        raise CorpusError(
-            f"excerpt length must be at least 1 token (got {length}); raise --length"
-        )
+        raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
     if max_excerpts is not None and max_excerpts < 1:
         raise CorpusError(f"--max-excerpts must be at least 1 (got {max_excerpts})")
     index, count = shard
@@ -570,8 +413,7 @@ def cut_excerpts(
     n = total // length
     if n == 0:
         raise CorpusError(
-            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; "
-            "add text or lower --length"
+            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
         )
     stream = np.concatenate(chunks)[: n * length].reshape(n, length)  # [n, length]
     del chunks

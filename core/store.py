@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize, quantize
+from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
 from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
+from core.rows import decode, lists, record_rows
 
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "neuronscope.duckdb"
@@ -292,19 +293,19 @@ class Store:
             "kurtosis": summary.kurtosis,
             "max_act": result.max.astype(np.float32), "min_act": result.min.astype(np.float32),
             "density": summary.density.astype(np.float32), "selectivity": summary.selectivity,
-            "sums": _lists(result.sums.T.astype(np.float64)),
+            "sums": lists(result.sums.T.astype(np.float64)),
             "min_excerpt_max": result.min_excerpt_max.astype(np.float32),
-            "histogram": _lists(result.histogram.astype(np.int64)),
-            "cell_counts": _lists(result.cell_counts.astype(np.int64)),
-            "quantile_edges": _lists(summary.quantile_edges.astype(np.float32)),
+            "histogram": lists(result.histogram.astype(np.int64)),
+            "cell_counts": lists(result.cell_counts.astype(np.int64)),
+            "quantile_edges": lists(summary.quantile_edges.astype(np.float32)),
         })
         self.con.register("_neurons_in", neurons)
         self.con.execute("INSERT INTO neurons SELECT * FROM _neurons_in")
         self.con.unregister("_neurons_in")
         kinds = ["top", "bottom", "random"] + (["cell"] if keep_cells else [])
-        parts = [_record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in kinds]
+        parts = [record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in kinds]
         bins = max(summary.quantile_edges.shape[1] - 1, 1)
-        parts.append(_record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
+        parts.append(record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
         records = pa.concat_tables([p for p in parts if p.num_rows])
         self.con.register("_records_in", records)
         self.con.execute("INSERT INTO records SELECT * FROM _records_in")
@@ -317,7 +318,7 @@ class Store:
         table = pa.table({
             "run_id": pa.array(np.full(len(excerpt_ids), run_id, np.int32)),
             "excerpt_id": pa.array(excerpt_ids.astype(np.int64)),
-            "token_ids": _lists(token_ids.astype(np.int32)),
+            "token_ids": lists(token_ids.astype(np.int32)),
             "tokens": pa.array(tokens, type=pa.list_(pa.string())),
         })
         self.con.register("_excerpts_in", table)
@@ -418,7 +419,7 @@ class Store:
             "ORDER BY r.kind, r.rank", [run_id, layer, neuron, list(kinds)]
         ).fetchall()
         out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(r[6]), bin=r[2],
-                                activations=tuple(float(v) for v in _decode(r[4], r[5])), exact_max=r[7], exact_min=r[8])
+                                activations=tuple(float(v) for v in decode(r[4], r[5])), exact_max=r[7], exact_min=r[8])
                for r in rows]
         return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))
 
@@ -437,49 +438,3 @@ class Store:
     def checkpoint(self) -> None:
         """Flush the write-ahead log into the file (so its size is the data's size)."""
         self.con.execute("CHECKPOINT")
-
-
-def _lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]
-    """A 2-D numpy array as an Arrow list column, one row each."""
-    import pyarrow as pa
-
-    rows, width = matrix.shape[0], (matrix.shape[1] if matrix.ndim > 1 else 0)
-    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1))
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, flat)
-
-
-def _blobs(codes: np.ndarray):  # type: ignore[no-untyped-def]
-    """Rows of an int8 matrix as an Arrow binary column, without a Python loop."""
-    import pyarrow as pa
-
-    rows, width = codes.shape
-    offsets = pa.py_buffer((np.arange(rows + 1, dtype=np.int32) * width).tobytes())
-    return pa.Array.from_buffers(pa.binary(), rows, [None, offsets, pa.py_buffer(np.ascontiguousarray(codes).tobytes())])
-
-
-def _decode(scale: float, blob: bytes) -> np.ndarray:
-    """One record's stored activations."""
-    codes = np.frombuffer(blob, np.int8)[None, :]
-    return dequantize(np.array([scale], np.float32), codes)[0]
-
-
-def _record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: int):  # type: ignore[no-untyped-def]
-    """Arrow rows for the filled slots of one kind; activations as int8 codes with a per-record scale."""
-    import pyarrow as pa
-
-    neuron, slot = np.nonzero(samples.ids >= 0)
-    scale, codes = quantize(samples.acts[neuron, slot].astype(np.float32))
-    return pa.table({
-        "run_id": pa.array(np.full(len(slot), run_id, np.int32)),
-        "layer": pa.array(np.full(len(slot), layer, np.int16)),
-        "neuron": pa.array(neuron.astype(np.int32)),
-        "kind": pa.array([kind] * len(slot), pa.string()),
-        "rank": pa.array(slot.astype(np.int16)),
-        "bin": pa.array((slot // bin_size if bin_size else np.full(len(slot), -1)).astype(np.int16)),
-        "excerpt_id": pa.array(samples.ids[neuron, slot].astype(np.int64)),
-        "max_act": pa.array(samples.maxes[neuron, slot].astype(np.float32)),
-        "min_act": pa.array(samples.mins[neuron, slot].astype(np.float32)),
-        "scale": pa.array(scale),
-        "acts": _blobs(codes),
-    })

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import corpus
+from core import corpus, default_corpus
 from core.corpus import (
     CorpusError,
     CorpusSpec,
@@ -45,9 +45,7 @@ def byte_tokenizer(**special: str):
 
     vocab = {ch: b for b, ch in _byte_map().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(
-        add_prefix_space=False, use_regex=False
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
@@ -106,9 +104,7 @@ def test_jsonl_reader(tmp_path):
     ]
     body = "\n".join(json.dumps(x) for x in lines) + "\n\n"
     assert docs(write(tmp_path / "c.jsonl", body)) == ["first", "second"]
-    gz = write(
-        tmp_path / "c.jsonl.gz", gzip.compress(json.dumps({"body": "x"}).encode())
-    )
+    gz = write(tmp_path / "c.jsonl.gz", gzip.compress(json.dumps({"body": "x"}).encode()))
     assert docs(gz, "body") == ["x"]
 
 
@@ -176,21 +172,15 @@ def test_bad_jsonl(tmp_path):
     message = error(path)
     assert "c.jsonl line 3 is not valid JSON" in message
     path = write(tmp_path / "d.jsonl", '{"text": "ok"}\n{"body": "x"}\n')
-    assert error(path).endswith(
-        "d.jsonl line 2 has no 'text' field (it has 'body'); pass --text-field NAME"
-    )
+    assert error(path).endswith("d.jsonl line 2 has no 'text' field (it has 'body'); pass --text-field NAME")
     assert "line 1 is a JSON list" in error(write(tmp_path / "e.jsonl", "[1]\n"))
     assert "is a int, not text" in error(write(tmp_path / "f.jsonl", '{"text": 3}\n'))
-    assert "line 1 is not UTF-8" in error(
-        write(tmp_path / "g.jsonl", b'{"text": "\xff"}\n')
-    )
+    assert "line 1 is not UTF-8" in error(write(tmp_path / "g.jsonl", b'{"text": "\xff"}\n'))
 
 
 def test_too_few_tokens(tmp_path, tok):
     spec = CorpusSpec(str(write(tmp_path / "a.txt", "tiny")))
-    with pytest.raises(
-        CorpusError, match="only 4 tokens, fewer than one excerpt of 64"
-    ):
+    with pytest.raises(CorpusError, match="only 4 tokens, fewer than one excerpt of 64"):
         cut_excerpts(spec, tok)
 
 
@@ -200,10 +190,7 @@ def test_hf_without_datasets(monkeypatch):
     assert "'datasets' package" in message and "pip install datasets" in message
     assert "write hf:<dataset id>" in error("hf:")
     assert describe(CorpusSpec("hf:a/b")) == "hf:a/b:train (streamed)"
-    assert (
-        describe(CorpusSpec("hf:a/b:cfg:test", "body"))
-        == "hf:a/b:cfg:test (streamed, field 'body')"
-    )
+    assert describe(CorpusSpec("hf:a/b:cfg:test", "body")) == "hf:a/b:cfg:test (streamed, field 'body')"
 
 
 def test_hf_with_a_stand_in_datasets_module(monkeypatch):
@@ -252,9 +239,7 @@ def test_cut_windows_and_separators(tmp_path, tok):
     assert ex.token_ids.dtype == np.int32 and ex.excerpt_ids.dtype == np.int64
     assert ex.excerpt_ids.tolist() == [0, 1] and ex.length == 3
     assert ex.corpus == describe(CorpusSpec(str(folder)))
-    bos_only = cut_excerpts(
-        CorpusSpec(str(folder)), byte_tokenizer(bos_token="<s>"), length=4
-    )
+    bos_only = cut_excerpts(CorpusSpec(str(folder)), byte_tokenizer(bos_token="<s>"), length=4)
     assert bos_only.token_ids.tolist() == [[a, b, c, 256], [d, e, f, ord("g")]]
     bare = cut_excerpts(CorpusSpec(str(folder)), byte_tokenizer(), length=7)
     assert bare.token_ids.tolist() == [[a, b, c, d, e, f, ord("g")]]
@@ -300,19 +285,12 @@ def test_max_excerpts_and_seed(tmp_path, tok):
 def test_shards_partition_the_selection(tmp_path, tok, max_excerpts):
     spec = text_corpus(tmp_path)
     whole = cut_excerpts(spec, tok, length=16, max_excerpts=max_excerpts, seed=3)
-    parts = [
-        cut_excerpts(
-            spec, tok, length=16, max_excerpts=max_excerpts, seed=3, shard=(i, 3)
-        )
-        for i in range(3)
-    ]
+    parts = [cut_excerpts(spec, tok, length=16, max_excerpts=max_excerpts, seed=3, shard=(i, 3)) for i in range(3)]
     ids = np.concatenate([p.excerpt_ids for p in parts])
     assert len(set(ids.tolist())) == len(ids)  # disjoint
     order = np.argsort(ids)
     assert np.array_equal(ids[order], whole.excerpt_ids)
-    assert np.array_equal(
-        np.concatenate([p.token_ids for p in parts])[order], whole.token_ids
-    )
+    assert np.array_equal(np.concatenate([p.token_ids for p in parts])[order], whole.token_ids)
     assert all(np.all(np.diff(p.excerpt_ids) > 0) for p in parts)
 
 
@@ -329,9 +307,7 @@ def test_describe_tracks_content(tmp_path):
     copy = tmp_path / "g"
     write(copy / "a.txt", "hellO")
     moved = describe(CorpusSpec(str(copy)))
-    assert (
-        moved != second and same_corpus(moved, second) and not same_corpus(moved, first)
-    )
+    assert moved != second and same_corpus(moved, second) and not same_corpus(moved, first)
 
 
 def test_import_is_light():
@@ -354,30 +330,23 @@ def test_import_is_light():
 
 def test_default_corpus_build_cache_and_rebuild(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONSCOPE_CACHE", str(tmp_path))
-    text = corpus.default_corpus_text()
+    text = default_corpus.default_corpus_text()
     cached = list((tmp_path / "corpus").iterdir())
     assert len(cached) == 1
-    assert (
-        hashlib.sha256(cached[0].read_bytes()).hexdigest() == corpus._JARGON_TEXT_SHA256
-    )
+    assert hashlib.sha256(cached[0].read_bytes()).hexdigest() == default_corpus._JARGON_TEXT_SHA256
     assert "Jargon File" in text and "┌" not in text
     cached[0].write_text("tampered")
-    assert corpus.default_corpus_text() == text  # a damaged cache is rebuilt
-    assert (
-        hashlib.sha256(cached[0].read_bytes()).hexdigest() == corpus._JARGON_TEXT_SHA256
-    )
-    assert (
-        describe(CorpusSpec("default"))
-        == f"default:jargon-file-4.4.7@{corpus._JARGON_TEXT_SHA256[:12]}"
-    )
+    assert default_corpus.default_corpus_text() == text  # a damaged cache is rebuilt
+    assert hashlib.sha256(cached[0].read_bytes()).hexdigest() == default_corpus._JARGON_TEXT_SHA256
+    assert describe(CorpusSpec("default")) == f"default:jargon-file-4.4.7@{default_corpus._JARGON_TEXT_SHA256[:12]}"
 
 
 def test_default_corpus_unbuildable(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONSCOPE_CACHE", str(tmp_path))
     write(tmp_path / "data" / "jargon-4.4.7.txt.gz", gzip.compress(b"wrong text"))
-    monkeypatch.setattr(corpus, "_DATA_DIRS", (tmp_path / "data",))
-    monkeypatch.setattr(corpus, "_SYSTEM_JARGON", tmp_path / "none.gz")
-    monkeypatch.setattr(corpus, "_apt_download_jargon", lambda: None)
+    monkeypatch.setattr(default_corpus, "_DATA_DIRS", (tmp_path / "data",))
+    monkeypatch.setattr(default_corpus, "_SYSTEM_JARGON", tmp_path / "none.gz")
+    monkeypatch.setattr(default_corpus, "_apt_download_jargon", lambda: None)
     message = error("default")
     assert "cannot build the default corpus" in message and "--corpus PATH" in message
 
@@ -388,9 +357,7 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(
-        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_default_corpus_with_smollm2(tmp_path, monkeypatch):

@@ -1,0 +1,53 @@
+"""Numpy arrays of a collected layer as Arrow columns for bulk inserts (and back): no SQL here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.layerdata import Samples, dequantize, quantize
+
+
+def lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]
+    """A 2-D numpy array as an Arrow list column, one row each."""
+    import pyarrow as pa
+
+    rows, width = matrix.shape[0], (matrix.shape[1] if matrix.ndim > 1 else 0)
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1))
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def blobs(codes: np.ndarray):  # type: ignore[no-untyped-def]
+    """Rows of an int8 matrix as an Arrow binary column, without a Python loop."""
+    import pyarrow as pa
+
+    rows, width = codes.shape
+    offsets = pa.py_buffer((np.arange(rows + 1, dtype=np.int32) * width).tobytes())
+    return pa.Array.from_buffers(pa.binary(), rows, [None, offsets, pa.py_buffer(np.ascontiguousarray(codes).tobytes())])
+
+
+def decode(scale: float, blob: bytes) -> np.ndarray:
+    """One record's stored activations."""
+    codes = np.frombuffer(blob, np.int8)[None, :]
+    return dequantize(np.array([scale], np.float32), codes)[0]
+
+
+def record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: int):  # type: ignore[no-untyped-def]
+    """Arrow rows for the filled slots of one kind; activations as int8 codes with a per-record scale."""
+    import pyarrow as pa
+
+    neuron, slot = np.nonzero(samples.ids >= 0)
+    scale, codes = quantize(samples.acts[neuron, slot].astype(np.float32))
+    return pa.table({
+        "run_id": pa.array(np.full(len(slot), run_id, np.int32)),
+        "layer": pa.array(np.full(len(slot), layer, np.int16)),
+        "neuron": pa.array(neuron.astype(np.int32)),
+        "kind": pa.array([kind] * len(slot), pa.string()),
+        "rank": pa.array(slot.astype(np.int16)),
+        "bin": pa.array((slot // bin_size if bin_size else np.full(len(slot), -1)).astype(np.int16)),
+        "excerpt_id": pa.array(samples.ids[neuron, slot].astype(np.int64)),
+        "max_act": pa.array(samples.maxes[neuron, slot].astype(np.float32)),
+        "min_act": pa.array(samples.mins[neuron, slot].astype(np.float32)),
+        "scale": pa.array(scale),
+        "acts": blobs(codes),
+    })
