@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,8 +117,9 @@ def collect(
             for layer in layers:
                 accs[layer].update(acts[layer], eids, token_stats if len(ids) == batch_size else None)
             report("collect", min(start + batch_size, n), n)
-        results = [accs.pop(layer).result() for layer in layers]
-        write_run(store, run_id, results, settings, keep_cells=bool(shard_text), n_excerpts=n,
+        # One layer at a time: its accumulator is freed as soon as its rows are written.
+        results = (accs.pop(layer).result() for layer in layers)
+        write_run(store, run_id, results, len(layers), settings, keep_cells=bool(shard_text), n_excerpts=n,
                   tokens=lambda wanted: _tokens_for(subject, excerpts, wanted), progress=report)
     except KeyboardInterrupt:
         store.fail_run(run_id, "interrupted", "interrupted by the user")
@@ -132,7 +133,8 @@ def collect(
 def write_run(
     store: Store,
     run_id: int,
-    results: list,  # list[LayerResult]  # type: ignore[type-arg]
+    results: Iterable,  # Iterable[LayerResult]  # type: ignore[type-arg]
+    n_layers: int,
     settings: CollectSettings,
     *,
     keep_cells: bool,
@@ -152,7 +154,7 @@ def write_run(
             for kind in kinds:
                 wanted.update(int(x) for x in np.unique(result.samples[kind].ids) if x >= 0)
             wanted.update(int(x) for x in np.unique(summary.quantile.ids) if x >= 0)
-            progress("write", i + 1, len(results))
+            progress("write", i + 1, n_layers)
         ids = np.array(sorted(wanted), dtype=np.int64)
         token_ids, strings = tokens(ids)
         store.write_excerpts(run_id, ids, token_ids, strings)
@@ -229,13 +231,14 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
         layers=first.layers, neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="",
     )
     try:
-        results = []
-        for i, layer in enumerate(first.layers):
-            acc = LayerAccumulator(layer, first.neurons_per_layer, settings, torch.float32, torch.device("cpu"))
-            for shard_store, run in zip(shards, runs):
-                acc.absorb(shard_store.load_layer(run.run_id, layer, settings))
-            results.append(acc.result())
-            report("merge", i + 1, len(first.layers))
+        def merged() -> Iterator:  # type: ignore[type-arg]
+            for i, layer in enumerate(first.layers):
+                acc = LayerAccumulator(layer, first.neurons_per_layer, settings, torch.float32, torch.device("cpu"))
+                for shard_store, run in zip(shards, runs):
+                    acc.absorb(shard_store.load_layer(run.run_id, layer, settings))
+                report("merge", i + 1, len(first.layers))
+                yield acc.result()
+
         excerpts: dict[int, tuple[list[int], list[str]]] = {}
         for shard_store, run in zip(shards, runs):
             excerpts.update(shard_store.excerpts(run.run_id))
@@ -247,7 +250,7 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
                 raise StoreError(f"shard stores lack excerpt {err}: they are damaged; collect them again") from None
             return np.array([r[0] for r in rows], dtype=np.int32).reshape(len(rows), -1), [r[1] for r in rows]
 
-        write_run(out, run_id, results, settings, keep_cells=False, n_excerpts=sum(r.n_excerpts for r in runs),
+        write_run(out, run_id, merged(), len(first.layers), settings, keep_cells=False, n_excerpts=sum(r.n_excerpts for r in runs),
                   tokens=tokens, progress=report)
     except BaseException as err:
         out.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")

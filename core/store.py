@@ -132,6 +132,12 @@ class Store:
             raise StoreError(
                 f"cannot open {path} as a DuckDB store ({str(err).splitlines()[0]}); pass another --store"
             ) from None
+        # Bounded memory: big transactions spill to disk instead of growing with the collection.
+        limit = os.environ.get("NEURONSCOPE_DUCKDB_MEMORY", "2GB")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit):
+            con.close()
+            raise StoreError(f"NEURONSCOPE_DUCKDB_MEMORY={limit!r} is not a size like 2GB or 512MiB")
+        con.execute(f"SET memory_limit = '{limit}'")
         store = cls(con, path, read_only)
         try:
             if fresh and not read_only:

@@ -519,11 +519,13 @@ class Collector:
         raise AssertionError(f"no {needle!r} on stderr after {timeout} s: {''.join(self.seen)}")
 
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
-        out, rest = self.proc.communicate(timeout=timeout)  # may take stderr lines the reader has not seen
-        self._reader.join(timeout=5)
+        # stderr has exactly one reader (the thread), so its lines keep their order.
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
         while not self.lines.empty():
             self.seen.append(self.lines.get())
-        self.seen.append(rest or "")
         return self.proc.returncode, out, "".join(self.seen)
 
     def kill(self) -> None:
