@@ -49,6 +49,16 @@ def throughput(args: argparse.Namespace) -> None:
 
     bare()  # warm-up (allocator, kernels)
     bare_s = bare()
+    # The same compile decision as `neuronscope collect`, applied to the warm-up too.
+    compiled = os.environ.get("NEURONSCOPE_COMPILE") == "1" or (
+        os.environ.get("NEURONSCOPE_COMPILE", "auto") == "auto"
+        and (subject.device.type == "cuda" or (n // batch) * len(layers) >= 300)
+    )
+    os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: compiles the statistics kernel once
+        with Store.open(Path(tmp) / "warm.duckdb") as store:
+            warm = type(excerpts)(excerpts.token_ids[: 2 * batch], excerpts.excerpt_ids[: 2 * batch], 64, "warm-up")
+            collect(store, subject, warm, layers=layers, settings=CollectSettings(), batch_size=batch, reuse=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.duckdb"
         stages: dict[str, float] = {}
@@ -68,7 +78,8 @@ def throughput(args: argparse.Namespace) -> None:
     collect_s = stages.get("collect", result.seconds)
     write_s = stages.get("write", 0.0)
     print(f"model {subject.name}  dtype {str(subject.dtype).replace('torch.', '')}  device {subject.device}  "
-          f"batch {batch}  excerpts {n}  layers {len(layers)}  neurons {result.n_neurons}")
+          f"batch {batch}  excerpts {n}  layers {len(layers)}  neurons {result.n_neurons}  "
+          f"compiled stats {'yes' if compiled else 'no'}")
     print(f"bare forward        {n * 64 / bare_s:10.0f} tok/s")
     print(f"collection pass     {n * 64 / collect_s:10.0f} tok/s   ratio to bare forward: {bare_s / collect_s:.2f}")
     print(f"pass + store write  {n * 64 / (collect_s + write_s):10.0f} tok/s   ratio: {bare_s / (collect_s + write_s):.2f}")

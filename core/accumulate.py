@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
@@ -37,7 +38,8 @@ class LayerAccumulator:
         self.min_excerpt_max = torch.full((neurons,), float("inf"), device=device)
         self.hist = torch.zeros(neurons * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
         self.cell_counts = torch.zeros(neurons * CELLS, dtype=torch.int64, device=device)
-        self._hist_edges = torch.from_numpy(HIST_EDGES).to(device)
+        inf = np.array([np.inf], np.float32)
+        self._hist_edges = torch.from_numpy(np.concatenate([-inf, HIST_EDGES, inf])).to(device)  # padded
         self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
         self._neuron_ids = torch.arange(neurons, device=device)
 
@@ -138,17 +140,28 @@ class LayerAccumulator:
 
 
 def compute_token_stats(
-    acts: torch.Tensor, hist_edges: torch.Tensor, hist_stride: int
+    acts: torch.Tensor, padded_edges: torch.Tensor, hist_stride: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments, excerpt max/min and histogram bins of one batch.
+    """Moments, excerpt max/min and histogram bins of one batch (elementwise only, so it fuses).
 
     acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
-    histogram bin of every hist_stride-th token [B, T/stride, F].
+    and the histogram bin of every hist_stride-th token [B, T/stride, F]. padded_edges is
+    HIST_EDGES with -inf before and +inf after.
     """
     x = acts.float()
-    x2 = x.double() * x.double()  # float64: raw power sums cancel badly when |mean| >> std
-    sums = torch.stack(
-        [x.double().sum((0, 1)), x2.sum((0, 1)), (x2 * x).sum((0, 1)), (x2 * x2).sum((0, 1)), (x > 0).sum((0, 1)).double()]
-    )
-    bins = torch.bucketize(x[:, ::hist_stride, :].contiguous(), hist_edges)
-    return sums, x.amax(1), x.amin(1), bins
+    xd = x.double()  # float64: raw power sums cancel badly when |mean| >> std
+    x2 = xd * xd
+    sums = torch.stack([xd.sum((0, 1)), x2.sum((0, 1)), (x2 * xd).sum((0, 1)), (x2 * x2).sum((0, 1)),
+                        (x > 0).sum((0, 1)).double()])
+    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :], padded_edges)
+
+
+def hist_bins(x: torch.Tensor, padded_edges: torch.Tensor) -> torch.Tensor:
+    """What torch.bucketize(x, HIST_EDGES) gives (edges 0 and +-2^(j/2), j = -16..14), computed
+    arithmetically so it fuses: an estimate from log2, then one correction step against the edges."""
+    y = 2 * torch.log2(x.abs())  # -inf at 0
+    above = torch.clamp(torch.ceil(y) + 16, 0, 31) + 32  # 31 negative edges and 0 lie below a positive value
+    below = torch.clamp(14 - torch.floor(y), 0, 31)  # negative edges -2^(j/2) below a negative value
+    idx = torch.where(x > 0, above, torch.where(x < 0, below, torch.full_like(y, 31))).to(torch.int64)
+    # bucketize's rule: edges[i - 1] < x <= edges[i]; padded_edges[i] is edges[i - 1].
+    return idx - (x <= padded_edges[idx]).long() + (x > padded_edges[idx + 1]).long()

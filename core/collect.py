@@ -167,10 +167,13 @@ def _tokens_for(subject, excerpts, wanted: np.ndarray) -> tuple[np.ndarray, list
     return token_ids, [subject.token_strings(row) for row in token_ids]
 
 
+_COMPILED: dict[str, Callable] = {}  # type: ignore[type-arg]
+
+
 def _token_stats_fn(device, layer_batches: int):  # type: ignore[no-untyped-def]
     """The per-batch statistics kernel, compiled (fused) where that pays off: on a GPU, or for a CPU
-    run long enough to repay the compile (about 20 s the first time, cached on disk after).
-    NEURONSCOPE_COMPILE=0/1 forces either way."""
+    run long enough to repay the compile (about 20 s the first time in a process, faster once
+    torch's on-disk cache has it). NEURONSCOPE_COMPILE=0/1 forces either way."""
     import os
 
     from core.accumulate import compute_token_stats
@@ -178,20 +181,17 @@ def _token_stats_fn(device, layer_batches: int):  # type: ignore[no-untyped-def]
     wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
     if wanted == "0" or (wanted == "auto" and not (device.type == "cuda" or layer_batches >= 300)):
         return compute_token_stats
-    import torch
+    if "stats" not in _COMPILED:
+        import torch
 
-    try:
-        compiled = torch.compile(compute_token_stats, dynamic=False)
-    except Exception:  # noqa: BLE001 - no compiler on this machine: eager is correct, only slower
-        return compute_token_stats
+        _COMPILED["stats"] = torch.compile(compute_token_stats, dynamic=False)
 
     def run(*args):  # type: ignore[no-untyped-def]
-        nonlocal compiled
-        if compiled is not compute_token_stats:
+        if _COMPILED["stats"] is not compute_token_stats:
             try:
-                return compiled(*args)
-            except Exception:  # noqa: BLE001 - compilation failed at first call: fall back for good
-                compiled = compute_token_stats
+                return _COMPILED["stats"](*args)
+            except Exception:  # noqa: BLE001 - no working compiler here: eager is correct, only slower
+                _COMPILED["stats"] = compute_token_stats
         return compute_token_stats(*args)
 
     return run
