@@ -8,6 +8,7 @@ offered, so shards merge into exactly what one run would have kept.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ class LayerAccumulator:
         self._neuron_ids = torch.arange(neurons, device=device)
 
     # -- streaming ---------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, excerpt_ids: torch.Tensor, token_stats: Callable = None) -> None:  # type: ignore[assignment]
+    def update(
+        self, acts: torch.Tensor, excerpt_ids: torch.Tensor, token_stats: Callable[..., Any] | None = None
+    ) -> None:
         """Fold in one batch.  acts: [B, T, F] in the subject's dtype; excerpt_ids: [B] int64."""
         stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride)
         sums, ex_max, ex_min, hist_bins = stats
@@ -111,8 +114,11 @@ class LayerAccumulator:
                 if kind == "cell":
                     group = neuron * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
             sel = (ids >= 0).nonzero().squeeze(1)
-            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), lambda p, s=sel: acts[s[p]],
-                                      extremes[sel])
+
+            def fetch(p: torch.Tensor, rows: torch.Tensor = acts, sel: torch.Tensor = sel) -> torch.Tensor:
+                return rows[sel[p]]
+
+            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), fetch, extremes[sel])
 
     # -- results -----------------------------------------------------------------------------
     def result(self) -> LayerResult:

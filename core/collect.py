@@ -11,11 +11,17 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.records import CollectSettings
 from core.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from core.corpus import Excerpts
+    from core.layerdata import LayerResult
+    from core.subject import Subject
 
 #: progress(stage, done, total): stage is "collect", "write" or "merge".
 Progress = Callable[[str, int, int], None]
@@ -72,8 +78,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def collect(
     store: Store,
-    subject,  # core.subject.Subject  # type: ignore[no-untyped-def]
-    excerpts,  # core.corpus.Excerpts  # type: ignore[no-untyped-def]
+    subject: Subject,
+    excerpts: Excerpts,
     *,
     layers: tuple[int, ...],
     settings: CollectSettings,
@@ -93,7 +99,7 @@ def collect(
     if n == 0:
         raise CollectError("this shard of the corpus has no excerpts: use fewer shards or a larger corpus")
     if reuse:
-        found = store.find_complete_run(subject.name, subject.revision, excerpts.corpus, settings, layers, shard_text)
+        found = store.find_complete_run(subject.revision, excerpts.corpus, settings, layers, shard_text)
         if found is not None:
             return CollectResult(found.run_id, found.n_excerpts, found.n_neurons, 0.0, reused=True)
     started = time.perf_counter()
@@ -133,7 +139,7 @@ def collect(
 def write_run(
     store: Store,
     run_id: int,
-    results: Iterable,  # Iterable[LayerResult]  # type: ignore[type-arg]
+    results: Iterable[LayerResult],
     n_layers: int,
     settings: CollectSettings,
     *,
@@ -161,7 +167,7 @@ def write_run(
         store.finish_run(run_id, n_excerpts)
 
 
-def _tokens_for(subject, excerpts, wanted: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:  # type: ignore[no-untyped-def]
+def _tokens_for(subject: Subject, excerpts: Excerpts, wanted: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
     pos = np.searchsorted(excerpts.excerpt_ids, wanted)
     token_ids = excerpts.token_ids[pos]
     return token_ids, [subject.token_strings(row) for row in token_ids]
@@ -231,7 +237,7 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
         layers=first.layers, neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="",
     )
     try:
-        def merged() -> Iterator:  # type: ignore[type-arg]
+        def merged() -> Iterator[LayerResult]:
             for i, layer in enumerate(first.layers):
                 acc = LayerAccumulator(layer, first.neurons_per_layer, settings, torch.float32, torch.device("cpu"))
                 for shard_store, run in zip(shards, runs):

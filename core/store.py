@@ -261,7 +261,7 @@ class Store:
                 raise StoreError(f"{self.path} has no run {run_id}: `neuronscope info` lists the runs")
         return self._run_info(rows[0])
 
-    def find_complete_run(self, model: str, revision: str, corpus: str, settings: CollectSettings,
+    def find_complete_run(self, revision: str, corpus: str, settings: CollectSettings,
                           layers: tuple[int, ...], shard: str) -> RunInfo | None:
         """A complete run with exactly these inputs, if one exists."""
         rows = self.con.execute(
@@ -269,7 +269,6 @@ class Store:
             "AND settings = ? AND layers = ? AND shard = ? ORDER BY run_id DESC LIMIT 1",
             [revision, corpus, settings_to_json(settings), list(layers), shard],
         ).fetchall()
-        del model
         return self._run_info(rows[0]) if rows else None
 
     @staticmethod

@@ -316,10 +316,10 @@ def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str]
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained until its quantisation markers are cleared.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    model.is_quantized = False  # type: ignore[assignment]
     partial = cached.with_name(cached.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

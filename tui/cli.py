@@ -47,6 +47,7 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TaskProgressColumn,
         TextColumn,
         TimeElapsedColumn,
@@ -57,14 +58,14 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
               "tokenize": "tokenizing corpus"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI"))) as bar:
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
             task = tasks[stage]
             bar.update(task, completed=done, total=total)
-            speed = bar.tasks[task].speed
+            speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
             if speed:
                 bar.update(task, rate=f"{speed:,.1f}/s")
 
