@@ -137,29 +137,30 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
-    from rich.table import Table
-
     with Store.open(args.store, read_only=True) as store:
         runs = store.runs()
         counts = store.counts()
         size = os.path.getsize(store.path)
         wal = store.path.with_name(store.path.name + ".wal")
         size += wal.stat().st_size if wal.exists() else 0
-        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {SCHEMA_VERSION}", style="bold"))
-        table = Table(title="runs", title_justify="left")
-        for col in ("run", "status", "model", "corpus", "layers", "neurons", "excerpts", "dtype", "shard", "created"):
-            table.add_column(col)
+        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {SCHEMA_VERSION}", style="bold"), soft_wrap=True)
+        if not runs:
+            out.print("no runs yet: `neuronscope collect` makes one")
+        styles = {"complete": "green", "running": "yellow", "interrupted": "red", "failed": "red"}
         for r in runs:
-            st = r.status + (f": {r.error}" if r.error and r.status != "complete" else "")
-            nrec = store.run_counts(r.run_id)
-            table.add_row(str(r.run_id), Text(st), Text(r.model), Text(r.corpus), _layers_text(r.layers),
-                          f"{nrec['neurons']:,}", f"{r.n_excerpts:,}", r.dtype, r.shard or "-", r.created_at)
-        out.print(table)
-        out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())))
-        complete = [r for r in runs if r.status == "complete" and counts["neurons"]]
-        if complete:
-            per = size / max(counts["neurons"], 1)
-            out.print(Text(f"store bytes per neuron: {per:,.0f}"))
+            stored = store.run_counts(r.run_id)
+            line = Text(f"run {r.run_id}  ", style="bold")
+            line.append(r.status, style=styles.get(r.status, ""))
+            if r.error and r.status != "complete":
+                line.append(f" ({r.error})")
+            line.append(f"  {r.model}  layers {_layers_text(r.layers)} x {r.neurons_per_layer}  "
+                        f"{stored['neurons']:,} neurons  {r.n_excerpts:,} excerpts  {r.dtype}"
+                        f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
+            out.print(line, soft_wrap=True)
+            out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
+        out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())), soft_wrap=True)
+        if counts["neurons"]:
+            out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
     return 0
 
 
