@@ -192,7 +192,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """A neuron's statistics and excerpts, tokens coloured by activation."""
     from rich.rule import Rule
 
-    from tui.render import histogram_text, record_text, scale_of, stats_table
+    from tui.render import histogram_text, record_line, scale_of, stats_table
 
     layer, index = parse_neuron(args.neuron)
     with Store.open(args.store, read_only=True) as store:
@@ -208,20 +208,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
     out.print(stats_table(stats, run.settings.quantiles))
     out.print(Text("histogram ", style="bold") + histogram_text(stats))
-    sections = (("top", "Top excerpts (peak underlined)"), ("quantile", "Quantile-bin samples"),
-                ("random", "Random excerpts"), ("bottom", "Most negative excerpts (trough underlined)"))
-    for kind, title in sections:
-        chosen = [r for r in records if r.kind == kind][: args.count if kind != "quantile" else args.count * 4]
+    quantiles = run.settings.quantiles
+    sections = [("top", "Top excerpts", [r for r in records if r.kind == "top"][: args.count])]
+    for b in reversed(range(len(quantiles) - 1)):  # the highest bins first: they are the informative ones
+        chosen = [r for r in records if r.kind == "quantile" and r.bin == b][: args.count]
+        sections.append(("quantile", f"Quantile bin [{quantiles[b]:g}, {quantiles[b + 1]:g}) of excerpt maxima", chosen))
+    sections.append(("random", "Random excerpts", [r for r in records if r.kind == "random"][: args.count]))
+    sections.append(("bottom", "Most negative excerpts", [r for r in records if r.kind == "bottom"][: args.count]))
+    for kind, title, chosen in sections:
         if not chosen:
             continue
         out.print()
         out.print(Text(title, style="bold underline"))
         for rec in chosen:
-            value = rec.min if kind == "bottom" else rec.max
-            label = f"q-bin {rec.bin} " if kind == "quantile" else ""
-            line = Text(f"{label}{value:+8.3f}  ", style="dim")
-            line.append_text(record_text(rec, scale, negative=kind == "bottom"))
-            out.print(line)
+            out.print(record_line(rec, scale, negative=kind == "bottom"))
     return 0
 
 

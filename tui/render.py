@@ -59,6 +59,20 @@ def record_text(record: ActivationRecord, scale: float, negative: bool = False) 
     return text
 
 
+def record_line(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
+    """A record as one line: its peak (or trough) value and token, then the coloured excerpt; the
+    token is named in plain text too, so the line reads without colour (NO_COLOR, pipes)."""
+    acts = record.activations
+    pick = min if negative else max
+    at = pick(range(len(acts)), key=acts.__getitem__) if acts else 0
+    value = record.min if negative else record.max
+    token = visible(record.tokens[at]) if record.tokens else ""
+    line = Text(f"{value:+8.3f} ", style="dim")
+    line.append(f"{token!r:>12.12} ", style="bold")
+    line.append_text(record_text(record, scale, negative=negative))
+    return line
+
+
 def scale_of(records: Sequence[ActivationRecord]) -> float:
     """One colour scale for every record of a neuron: its largest |activation| shown."""
     return max((abs(a) for r in records for a in r.activations), default=0.0)
