@@ -7,7 +7,7 @@ offered, so shards merge into exactly what one run would have kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,101 +18,113 @@ from core.records import CollectSettings
 from core.sampling import SmallestK, composite, hash_keys
 
 
-class LayerAccumulator:
-    """Streaming state for one layer of F neurons."""
+class Accumulator:
+    """Streaming state for several layers of F neurons each, updated together.
+
+    The layers' activations are concatenated into one unit axis (unit u = layer layers[u // F],
+    neuron u % F), so every batch costs one round of tensor operations however many layers there
+    are: on a GPU, kernel launches rather than arithmetic would otherwise dominate.
+    """
 
     def __init__(
-        self, layer: int, neurons: int, settings: CollectSettings, dtype: torch.dtype, device: torch.device
+        self, layers: tuple[int, ...], neurons: int, settings: CollectSettings, dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        self.layer, self.neurons, self.settings = layer, neurons, settings
+        self.layers, self.neurons, self.settings = tuple(layers), neurons, settings
+        units = self.units = len(self.layers) * neurons
         length = settings.length
         self.samplers = {
-            "top": SmallestK(neurons, settings.top_k, length, dtype, device),
-            "bottom": SmallestK(neurons, settings.bottom_k, length, dtype, device),
-            "random": SmallestK(neurons, settings.random_k, length, dtype, device),
-            "cell": SmallestK(neurons * CELLS, CELL_K, length, dtype, device),
+            "top": SmallestK(units, settings.top_k, length, dtype, device),
+            "bottom": SmallestK(units, settings.bottom_k, length, dtype, device),
+            "random": SmallestK(units, settings.random_k, length, dtype, device),
+            "cell": SmallestK(units * CELLS, CELL_K, length, dtype, device),
         }
-        self.sums = torch.zeros((5, neurons), dtype=torch.float64, device=device)
+        self.sums = torch.zeros((5, units), dtype=torch.float64, device=device)
         self.count = 0
-        self.max = torch.full((neurons,), -float("inf"), device=device)
-        self.min = torch.full((neurons,), float("inf"), device=device)
-        self.min_excerpt_max = torch.full((neurons,), float("inf"), device=device)
-        self.hist = torch.zeros(neurons * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
-        self.cell_counts = torch.zeros(neurons * CELLS, dtype=torch.int64, device=device)
+        self.max = torch.full((units,), -float("inf"), device=device)
+        self.min = torch.full((units,), float("inf"), device=device)
+        self.min_excerpt_max = torch.full((units,), float("inf"), device=device)
+        self.hist = torch.zeros(units * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
+        self.cell_counts = torch.zeros(units * CELLS, dtype=torch.int64, device=device)
         inf = np.array([np.inf], np.float32)
         self._hist_edges = torch.from_numpy(np.concatenate([-inf, HIST_EDGES, inf])).to(device)  # padded
         self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
-        self._neuron_ids = torch.arange(neurons, device=device)
+        self._units = torch.arange(units, device=device)
+        self._unit_layer = torch.tensor(self.layers, device=device).repeat_interleave(neurons)  # [units]
+        self._unit_neuron = self._units % neurons  # [units]
 
     # -- streaming ---------------------------------------------------------------------------
     def update(
         self, acts: torch.Tensor, excerpt_ids: torch.Tensor, token_stats: Callable[..., Any] | None = None
     ) -> None:
-        """Fold in one batch.  acts: [B, T, F] in the subject's dtype; excerpt_ids: [B] int64."""
+        """Fold in one batch.  acts: [B, T, units] in the subject's dtype (the layers' activations
+        concatenated in order); excerpt_ids: [B] int64."""
         stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride)
         sums, ex_max, ex_min, hist_bins = stats
-        batch = acts.shape[0]
+        batch, units = acts.shape[0], self.units
         self.sums += sums
         self.count += batch * acts.shape[1]
         self.max = torch.maximum(self.max, ex_max.amax(0))
         self.min = torch.minimum(self.min, ex_min.amin(0))
         self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
         nb = len(HIST_EDGES) + 1
-        flat = (self._neuron_ids * nb + hist_bins).reshape(-1)
-        self.hist += torch.bincount(flat, minlength=self.hist.numel())
+        self.hist += torch.bincount((self._units * nb + hist_bins).reshape(-1), minlength=self.hist.numel())
 
-        f_of = self._neuron_ids.repeat_interleave(batch)  # candidate p = f * B + b
-        ids = excerpt_ids.to(self.max.device).repeat(self.neurons)
-        maxes = ex_max.t().reshape(-1)  # [F*B]
-
-        by_neuron: list[torch.Tensor] = []
+        u_of = self._units.repeat_interleave(batch)  # candidate p = u * B + b
+        ids = excerpt_ids.to(self.max.device).repeat(units)
+        maxes = ex_max.t().reshape(-1)  # [units*B]
+        mins = ex_min.t().reshape(-1)
+        extremes = torch.stack([maxes, mins], 1)  # [units*B, 2]
+        by_unit: list[torch.Tensor] = []
 
         def fetch(p: torch.Tensor) -> torch.Tensor:
-            """Rows p = f * B + b as [len(p), T]: a few gathered directly, many from one transposed copy."""
-            if by_neuron or len(p) * 16 > self.neurons * batch:
-                if not by_neuron:
-                    by_neuron.append(acts.permute(2, 0, 1).reshape(self.neurons * batch, -1))
-                return by_neuron[0][p]
+            """Rows p = u * B + b as [len(p), T]: a few gathered directly, many from one transposed copy."""
+            if by_unit or len(p) * 16 > units * batch:
+                if not by_unit:
+                    by_unit.append(acts.permute(2, 0, 1).reshape(units * batch, -1))
+                return by_unit[0][p]
             return acts[p % batch, :, p // batch]
 
-        mins = ex_min.t().reshape(-1)
-        extremes = torch.stack([maxes, mins], 1)  # [F*B, 2]
-        self.samplers["top"].offer(f_of, composite(-maxes, ids), fetch, extremes)
-        self.samplers["bottom"].offer(f_of, composite(mins, ids), fetch, extremes)
-        random = composite(hash_keys(self.settings.seed, self.layer, f_of, ids), ids)
-        self.samplers["random"].offer(f_of, random, fetch, extremes)
-        cells = torch.bucketize(maxes, self._cell_edges)
-        self.cell_counts += torch.bincount(f_of * CELLS + cells, minlength=self.cell_counts.numel())
-        self.samplers["cell"].offer(f_of * CELLS + cells, random, fetch, extremes)
+        self.samplers["top"].offer(u_of, composite(-maxes, ids), fetch, extremes)
+        self.samplers["bottom"].offer(u_of, composite(mins, ids), fetch, extremes)
+        random = composite(hash_keys(self.settings.seed, self._unit_layer[u_of], self._unit_neuron[u_of], ids), ids)
+        self.samplers["random"].offer(u_of, random, fetch, extremes)
+        cells = u_of * CELLS + torch.bucketize(maxes, self._cell_edges)
+        self.cell_counts += torch.bincount(cells, minlength=self.cell_counts.numel())
+        self.samplers["cell"].offer(cells, random, fetch, extremes)
 
     def absorb(self, other: LayerResult) -> None:
-        """Merge a finished shard's state of the same layer into this one (exact)."""
-        dev = self.max.device
-        self.sums += torch.from_numpy(other.sums).to(dev)
+        """Merge a finished shard's state of this (single-layer) accumulator's layer into it (exact)."""
+        if self.layers != (other.layer,):
+            raise ValueError(f"absorb merges one layer into a single-layer accumulator, not {other.layer} into {self.layers}")
+        dev, f = self.max.device, self.neurons
+        at = slice(0, f)
+        self.sums[:, at] += torch.from_numpy(other.sums).to(dev)
         self.count += other.count
-        self.max = torch.maximum(self.max, torch.from_numpy(other.max).to(dev))
-        self.min = torch.minimum(self.min, torch.from_numpy(other.min).to(dev))
-        self.min_excerpt_max = torch.minimum(self.min_excerpt_max, torch.from_numpy(other.min_excerpt_max).to(dev))
-        self.hist += torch.from_numpy(other.histogram.reshape(-1)).to(dev)
-        self.cell_counts += torch.from_numpy(other.cell_counts.reshape(-1)).to(dev)
+        self.max[at] = torch.maximum(self.max[at], torch.from_numpy(other.max).to(dev))
+        self.min[at] = torch.minimum(self.min[at], torch.from_numpy(other.min).to(dev))
+        self.min_excerpt_max[at] = torch.minimum(self.min_excerpt_max[at], torch.from_numpy(other.min_excerpt_max).to(dev))
+        nb = len(HIST_EDGES) + 1
+        self.hist[at.start * nb : at.stop * nb] += torch.from_numpy(other.histogram.reshape(-1)).to(dev)
+        self.cell_counts[at.start * CELLS : at.stop * CELLS] += torch.from_numpy(other.cell_counts.reshape(-1)).to(dev)
         for kind in ("top", "bottom", "random", "cell"):
             sample = other.samples[kind]
             k = sample.ids.shape[1]
-            neuron = torch.arange(self.neurons, device=dev).repeat_interleave(k)
+            neuron = torch.arange(f, device=dev).repeat_interleave(k)
             ids = torch.from_numpy(sample.ids).to(dev).reshape(-1)
             acts = torch.from_numpy(sample.acts).to(dev).reshape(-1, sample.acts.shape[2])
             maxes = torch.from_numpy(sample.maxes).to(dev).reshape(-1)
             mins = torch.from_numpy(sample.mins).to(dev).reshape(-1)
             extremes = torch.stack([maxes, mins], 1)
-            group = neuron
+            group = neuron + at.start
             if kind == "top":
                 key = -maxes
             elif kind == "bottom":
                 key = mins
             else:
-                key = hash_keys(self.settings.seed, self.layer, neuron, ids)
+                key = hash_keys(self.settings.seed, other.layer, neuron, ids)
                 if kind == "cell":
-                    group = neuron * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
+                    group = group * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
             sel = (ids >= 0).nonzero().squeeze(1)
 
             def fetch(p: torch.Tensor, rows: torch.Tensor = acts, sel: torch.Tensor = sel) -> torch.Tensor:
@@ -121,28 +133,46 @@ class LayerAccumulator:
             self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), fetch, extremes[sel])
 
     # -- results -----------------------------------------------------------------------------
+    def results(self) -> Iterator[LayerResult]:
+        """Each layer's state as numpy arrays (for the store, or a later merge), in layer order."""
+        sorted_samples = {kind: sampler.sorted() for kind, sampler in self.samplers.items()}
+        f, nb = self.neurons, len(HIST_EDGES) + 1
+        for i, layer in enumerate(self.layers):
+            at = slice(i * f, (i + 1) * f)
+            samples = {}
+            for kind, (ids, acts, ext) in sorted_samples.items():
+                per = CELLS if kind == "cell" else 1
+                rows = slice(at.start * per, at.stop * per)
+                width = ids.shape[1] * per
+                ext_np = ext[rows].reshape(f, width, 2).cpu().numpy()
+                samples[kind] = Samples(ids[rows].reshape(f, width).cpu().numpy(),
+                                        acts[rows].reshape(f, width, acts.shape[2]).float().cpu().numpy(),
+                                        ext_np[..., 0], ext_np[..., 1])
+            yield LayerResult(
+                layer=layer,
+                sums=self.sums[:, at].cpu().numpy(),
+                count=self.count,
+                max=self.max[at].cpu().numpy(),
+                min=self.min[at].cpu().numpy(),
+                min_excerpt_max=self.min_excerpt_max[at].cpu().numpy(),
+                histogram=self.hist[at.start * nb : at.stop * nb].reshape(f, nb).cpu().numpy(),
+                cell_counts=self.cell_counts[at.start * CELLS : at.stop * CELLS].reshape(f, CELLS).cpu().numpy(),
+                samples=samples,
+            )
+
+
+class LayerAccumulator(Accumulator):
+    """The state of a single layer (merges, tests)."""
+
+    def __init__(
+        self, layer: int, neurons: int, settings: CollectSettings, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__((layer,), neurons, settings, dtype, device)
+        self.layer = layer
+
     def result(self) -> LayerResult:
-        """The state as numpy arrays (for the store, or a later merge)."""
-        samples = {}
-        for kind, sampler in self.samplers.items():
-            ids, acts, ext = sampler.sorted()
-            if kind == "cell":
-                ids = ids.reshape(self.neurons, CELLS * CELL_K)
-                acts = acts.reshape(self.neurons, CELLS * CELL_K, acts.shape[2])
-                ext = ext.reshape(self.neurons, CELLS * CELL_K, 2)
-            ext_np = ext.cpu().numpy()
-            samples[kind] = Samples(ids.cpu().numpy(), acts.float().cpu().numpy(), ext_np[..., 0], ext_np[..., 1])
-        return LayerResult(
-            layer=self.layer,
-            sums=self.sums.cpu().numpy(),
-            count=self.count,
-            max=self.max.cpu().numpy(),
-            min=self.min.cpu().numpy(),
-            min_excerpt_max=self.min_excerpt_max.cpu().numpy(),
-            histogram=self.hist.reshape(self.neurons, -1).cpu().numpy(),
-            cell_counts=self.cell_counts.reshape(self.neurons, CELLS).cpu().numpy(),
-            samples=samples,
-        )
+        """The layer's state as numpy arrays."""
+        return next(self.results())
 
 
 def compute_token_stats(

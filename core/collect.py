@@ -91,7 +91,7 @@ def collect(
     """Collect every neuron of `layers` over `excerpts` into a new run of `store`."""
     import torch
 
-    from core.accumulate import LayerAccumulator
+    from core.accumulate import Accumulator
 
     report = progress or (lambda _stage, _done, _total: None)
     shard_text = f"{shard[0]}/{shard[1]}" if shard[1] > 1 else ""
@@ -109,22 +109,29 @@ def collect(
         neurons_per_layer=subject.n_neurons, dtype=str(subject.dtype).replace("torch.", ""), shard=shard_text,
     )
     try:
-        accs = {
-            layer: LayerAccumulator(layer, subject.n_neurons, settings, subject.dtype, subject.device)
-            for layer in layers
-        }
-        token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(layers))
+        # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time,
+        # which measured faster here (cache locality beats fewer calls).
+        budget = 1 << 28 if subject.device.type == "cuda" else 0
+        groups = layer_groups(layers, subject.n_neurons, batch_size * settings.length, budget)
+        accs = [Accumulator(group, subject.n_neurons, settings, subject.dtype, subject.device) for group in groups]
+        token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
         report("collect", 0, n)
         for start in range(0, n, batch_size):
             ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
             eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
             acts = subject.activations(ids, layers)
             eids = eids.to(subject.device)
-            for layer in layers:
-                accs[layer].update(acts[layer], eids, token_stats if len(ids) == batch_size else None)
+            for group, acc in zip(groups, accs):
+                joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
+                acc.update(joined, eids, token_stats if len(ids) == batch_size else None)
+            del acts
             report("collect", min(start + batch_size, n), n)
-        # One layer at a time: its accumulator is freed as soon as its rows are written.
-        results = (accs.pop(layer).result() for layer in layers)
+
+        def finished() -> Iterator[LayerResult]:
+            while accs:  # a group's state is freed once its layers are written
+                yield from accs.pop(0).results()
+
+        results = finished()
         write_run(store, run_id, results, len(layers), settings, keep_cells=bool(shard_text), n_excerpts=n,
                   tokens=lambda wanted: _tokens_for(subject, excerpts, wanted), progress=report)
     except KeyboardInterrupt:
@@ -134,6 +141,13 @@ def collect(
         store.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
         raise
     return CollectResult(run_id, n, len(layers) * subject.n_neurons, time.perf_counter() - started)
+
+
+def layer_groups(layers: tuple[int, ...], neurons: int, tokens_per_batch: int, budget: int) -> list[tuple[int, ...]]:
+    """Split layers into groups updated together, each group's joined batch [tokens, layers x
+    neurons] within `budget` elements (a copy of that size is made per batch)."""
+    per_group = max(1, budget // max(1, tokens_per_batch * neurons))
+    return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
 
 
 def write_run(

@@ -17,7 +17,7 @@ EMPTY = torch.iinfo(torch.int64).max
 _MASK63 = (1 << 63) - 1
 
 
-def hash_keys(seed: int, layer: int, neurons: torch.Tensor, excerpt_ids: torch.Tensor) -> torch.Tensor:
+def hash_keys(seed: int, layer: int | torch.Tensor, neurons: torch.Tensor, excerpt_ids: torch.Tensor) -> torch.Tensor:
     """Uniform pseudo-random keys in [0, 1) of (neuron, excerpt) pairs; the two tensors broadcast."""
     x = neurons.to(torch.int64) * 0x9E3779B1 + excerpt_ids.to(torch.int64) * 0x85EBCA77
     x = x + (seed * 0x27D4EB2F + layer * 0x165667B1 + 0x5BD1E995)

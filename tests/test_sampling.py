@@ -454,3 +454,31 @@ def _q(summary):  # type: ignore[no-untyped-def]
     ids, acts = summary.quantile.ids, summary.quantile.acts
     f = ids.shape[0]
     return ids.reshape(f, bins, -1), acts.reshape(f, bins, ids.shape[1] // bins, -1)
+
+
+def test_layers_updated_together_equal_layers_updated_apart() -> None:
+    """The GPU path joins layers into one unit axis; it must keep exactly what per-layer updates keep."""
+    from core.accumulate import Accumulator, LayerAccumulator
+    from core.collect import layer_groups
+
+    gen = torch.Generator().manual_seed(7)
+    layers, f, t = (2, 5, 9), 6, 8
+    settings = CollectSettings(length=t, top_k=3, bottom_k=2, random_k=2, quantile_k=2, seed=3)
+    joined = Accumulator(layers, f, settings, torch.float32, CPU)
+    apart = {layer: LayerAccumulator(layer, f, settings, torch.float32, CPU) for layer in layers}
+    for start in range(0, 40, 8):
+        acts = {layer: torch.randn(8, t, f, generator=gen) * (1 + layer) for layer in layers}
+        ids = torch.arange(start, start + 8) * 3 + 1
+        joined.update(torch.cat([acts[layer] for layer in layers], 2), ids)
+        for layer in layers:
+            apart[layer].update(acts[layer], ids)
+    for got in joined.results():
+        want = apart[got.layer].result()
+        assert np.allclose(got.sums, want.sums) and got.count == want.count
+        for name in ("max", "min", "min_excerpt_max", "histogram", "cell_counts"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), name
+        for kind in ("top", "bottom", "random", "cell"):
+            assert np.array_equal(got.samples[kind].ids, want.samples[kind].ids), kind
+            assert np.array_equal(got.samples[kind].acts, want.samples[kind].acts), kind
+    assert layer_groups((0, 1, 2, 3, 4), 10, 100, budget=2000) == [(0, 1), (2, 3), (4,)]
+    assert layer_groups((0, 1, 2), 10, 100, budget=0) == [(0,), (1,), (2,)]
