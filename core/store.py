@@ -159,11 +159,14 @@ class Store:
         if "meta" not in tables:
             raise StoreError(f"{self.path} is a DuckDB file but not a neuronscope store: pass another --store")
         row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-        version = int(row[0][0]) if row else -1
+        try:
+            version = int(row[0][0]) if row else -1
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.path} has an unreadable schema version: it is damaged; pass another --store") from None
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this neuronscope's {SCHEMA_VERSION}: "
-                "upgrade neuronscope (pip install -U neuronscope)"
+                "upgrade neuronscope (git pull, then ./setup.sh)"
             )
         if version < SCHEMA_VERSION:
             raise StoreError(
