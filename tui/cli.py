@@ -55,16 +55,16 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     )
 
     labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
-              "tokenize": "tokenizing corpus"}
+              "tokenize": "tokenizing corpus (tokens)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     tasks: dict[str, TaskID] = {}
     with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI"))) as bar:
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total or None, rate="")
             task = tasks[stage]
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total or None)  # total 0: unknown, the bar pulses
             speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
             if speed:
                 bar.update(task, rate=f"{speed:,.1f}/s")
@@ -99,10 +99,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         layers = parse_layers(args.layers, subject.n_layers)
         spec = CorpusSpec(args.corpus, text_field=args.text_field)
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
-        excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
-                                seed=args.seed, shard=shard)
+        with progress_bars() as progress:
+            excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
+                                    seed=args.seed, shard=shard, progress=lambda tokens: progress("tokenize", tokens, 0))
         batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
-        status(f"{subject.name}: {len(layers)} layers x {subject.n_neurons} neurons, {len(excerpts.excerpt_ids):,} "
+        status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
+               f"{len(excerpts.excerpt_ids):,} "
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
         with progress_bars() as progress:
             result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
