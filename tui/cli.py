@@ -59,17 +59,24 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     tasks: dict[str, TaskID] = {}
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI"))) as bar:
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total or None, rate="")
-            task = tasks[stage]
-            bar.update(task, completed=done, total=total or None)  # total 0: unknown, the bar pulses
-            speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
-            if speed:
-                bar.update(task, rate=f"{speed:,.1f}/s")
+    bar = Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI")))
 
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # lazily: a command that fails before any progress prints nothing extra
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total or None, rate="")
+        task = tasks[stage]
+        bar.update(task, completed=done, total=total or None)  # total 0: unknown, the bar pulses
+        speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
+        if speed:
+            bar.update(task, rate=f"{speed:,.1f}/s")
+
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def status(message: str) -> None:
