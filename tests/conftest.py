@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from core.store import Store
+
 #: Flags that keep a collection over the tiny model fast (dtype fixed: exact comparisons need fp32).
 FAST = ["--length", "16", "--top-k", "5", "--bottom-k", "5", "--random-k", "4", "--quantile-k", "2",
         "--dtype", "float32", "--device", "cpu"]
@@ -269,3 +271,20 @@ def cli_store(session_dir: Path, tiny_model: Path, corpus_dir: Path) -> tuple[Pa
     result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", path, *FAST])
     assert result.code == 0, result.err
     return path, result
+
+
+def run_rows(store: Store, run_id: int) -> dict[str, list[tuple]]:  # type: ignore[type-arg]
+    """Every row a run owns, in a stable order (for before/after comparisons)."""
+    orders = {"neurons": "layer, neuron", "records": "layer, neuron, kind, rank", "excerpts": "excerpt_id"}
+    return {
+        table: store.con.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {order}", [run_id]).fetchall()
+        for table, order in orders.items()
+    }
+
+
+def orphan_records(store: Store) -> int:
+    """Records whose excerpt is not stored in the same run (runs must never mix)."""
+    return store.con.execute(
+        "SELECT count(*) FROM records r LEFT JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
+        "WHERE e.excerpt_id IS NULL"
+    ).fetchall()[0][0]

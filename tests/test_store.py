@@ -1,28 +1,24 @@
-"""The store end to end on a tiny random-weight Llama: collection round trip, reuse, shards and merge,
-schema-version checks, the one-writer lock, and interrupted collections (Ctrl-C and kill -9).
-
-Collections run in-process through the core API (fast); the interruption tests run the real
-`neuronscope collect` in a subprocess and signal it.
-"""
+"""The store on a tiny random-weight Llama: collection round trip, reuse and separate runs,
+schema-version checks and foreign files, and the one-writer lock."""
 
 from __future__ import annotations
 
-import os
-import queue
-import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-from conftest import FAST, build_tiny_model, cli_command, cli_env, collect_into, fast_settings, run_cli
+from conftest import (
+    build_tiny_model,
+    collect_into,
+    fast_settings,
+    orphan_records,
+    run_rows,
+)
 
-from core.collect import CollectError, merge, parse_layers, parse_shard
+from core.collect import CollectError, parse_layers, parse_shard
 from core.corpus import CorpusSpec, cut_excerpts, describe
 from core.store import SCHEMA_VERSION, Store, StoreError
 
@@ -30,22 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 PROBES = [(0, 0), (0, 17), (1, 3), (1, 40), (2, 11), (2, 47)]
 
-
-def run_rows(store: Store, run_id: int) -> dict[str, list[tuple]]:  # type: ignore[type-arg]
-    """Every row a run owns, in a stable order (for before/after comparisons)."""
-    orders = {"neurons": "layer, neuron", "records": "layer, neuron, kind, rank", "excerpts": "excerpt_id"}
-    return {
-        table: store.con.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {order}", [run_id]).fetchall()
-        for table, order in orders.items()
-    }
-
-
-def orphan_records(store: Store) -> int:
-    """Records whose excerpt is not stored in the same run (runs must never mix)."""
-    return store.con.execute(
-        "SELECT count(*) FROM records r LEFT JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
-        "WHERE e.excerpt_id IS NULL"
-    ).fetchall()[0][0]
 
 
 # -- round trip --------------------------------------------------------------------------------------
@@ -249,139 +229,6 @@ def test_different_weights_same_shape_make_a_new_run(tmp_path, session_dir, subj
     assert not second.reused and second.run_id != first.run_id
 
 
-# -- shards and merge --------------------------------------------------------------------------------
-
-def _batch_invariant(subject, corpus: Path) -> bool:  # type: ignore[no-untyped-def]
-    """Whether an excerpt's fp32 activations here do not depend on the other excerpts of its batch."""
-    import torch
-
-    ids = cut_excerpts(CorpusSpec(str(corpus)), subject.tokenizer, length=16).token_ids[:32].astype(np.int64)
-    full = subject.activations(torch.from_numpy(ids), (0, 1, 2))
-    half = subject.activations(torch.from_numpy(ids[1::2]), (0, 1, 2))
-    return all(torch.equal(full[layer][1::2], half[layer]) for layer in range(3))
-
-
-@pytest.fixture(scope="module")
-def shard_stores(tmp_path_factory, subject, corpus_dir):  # type: ignore[no-untyped-def]
-    """A single-run store and the two halves of the same collection (96 sampled excerpts). Exact
-    comparisons need each excerpt's forward pass to be the same whichever batch it lands in: true
-    for fp32 on the CPUs we know; elsewhere fall back to batches of one."""
-    folder = tmp_path_factory.mktemp("shards")
-    batch = 32 if _batch_invariant(subject, corpus_dir) else 1
-    settings = fast_settings(max_excerpts=96, seed=3)
-    single = folder / "single.duckdb"
-    collect_into(single, subject, corpus_dir, settings=settings, batch_size=batch)
-    parts = []
-    for i in range(2):
-        parts.append(folder / f"shard{i}.duckdb")
-        result = collect_into(parts[-1], subject, corpus_dir, settings=settings, shard=(i, 2), batch_size=batch)
-        assert not result.reused and result.n_excerpts == 48
-    merged = folder / "merged.duckdb"
-    with Store.open(parts[0], read_only=True) as s0, Store.open(parts[1], read_only=True) as s1:
-        assert [r.shard for r in s0.runs()] == ["0/2"] and [r.shard for r in s1.runs()] == ["1/2"]
-        with Store.open(merged) as out:
-            stages: list[str] = []
-            result = merge(out, [s1, s0], progress=lambda stage, _d, _t: stages.append(stage))
-    assert "merge" in stages and "write" in stages
-    return folder, single, parts, merged, result
-
-
-NEURON_EXACT = ("layer", "neuron", "count", "max_act", "min_act", "min_excerpt_max", "histogram", "cell_counts")
-NEURON_CLOSE = ("mean", "variance", "skewness", "kurtosis", "density", "sums")
-RECORDS = ("SELECT layer, neuron, kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "
-           "WHERE run_id = ? ORDER BY layer, neuron, kind, rank")
-
-
-def test_merge_equals_single_run(shard_stores) -> None:  # type: ignore[no-untyped-def]
-    _folder, single_path, _parts, merged_path, result = shard_stores
-    with Store.open(single_path, read_only=True) as single, Store.open(merged_path, read_only=True) as merged:
-        (one,), (two,) = single.runs(), merged.runs()
-        assert two.run_id == result.run_id and two.status == "complete" and two.shard == ""
-        assert (two.model_revision, two.corpus, two.settings, two.layers, two.neurons_per_layer, two.n_excerpts) == (
-            one.model_revision, one.corpus, one.settings, one.layers, one.neurons_per_layer, one.n_excerpts)
-        assert result.n_excerpts == one.n_excerpts == 96
-
-        cols = ", ".join(NEURON_EXACT + NEURON_CLOSE)
-        query = f"SELECT {cols} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        a = single.con.execute(query, [one.run_id]).fetchall()
-        b = merged.con.execute(query, [two.run_id]).fetchall()
-        assert len(a) == len(b) == 144
-        n_exact = len(NEURON_EXACT)
-        for row_a, row_b in zip(a, b):
-            assert row_a[:n_exact] == row_b[:n_exact], (row_a[:2], row_b[:2])
-            np.testing.assert_allclose(np.array(row_a[n_exact:-1], float), np.array(row_b[n_exact:-1], float),
-                                       rtol=1e-6, atol=1e-9)
-            np.testing.assert_allclose(row_a[-1], row_b[-1], rtol=1e-9)
-
-        # Top, bottom and random records: same excerpt at every (layer, neuron, kind, rank), same activations.
-        rec_a = [r[:8] for r in single.con.execute(RECORDS, [one.run_id]).fetchall() if r[2] != "quantile"]
-        rec_b = [r[:8] for r in merged.con.execute(RECORDS, [two.run_id]).fetchall() if r[2] != "quantile"]
-        assert {r[2] for r in rec_b} == {"top", "bottom", "random"}  # no shard-only 'cell' rows
-        assert len(rec_a) == 144 * 14 and rec_a == rec_b
-        assert orphan_records(merged) == 0
-
-
-def test_merge_equals_single_run_exactly(shard_stores) -> None:  # type: ignore[no-untyped-def]
-    _folder, single_path, _parts, merged_path, _result = shard_stores
-    with Store.open(single_path, read_only=True) as single, Store.open(merged_path, read_only=True) as merged:
-        (one,), (two,) = single.runs(), merged.runs()
-        query = "SELECT layer, neuron, quantile_edges, selectivity FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        a = single.con.execute(query, [one.run_id]).fetchall()
-        b = merged.con.execute(query, [two.run_id]).fetchall()
-        assert [r[:3] for r in a] == [r[:3] for r in b]
-        np.testing.assert_allclose([r[3] for r in a], [r[3] for r in b], rtol=1e-6)
-        assert single.con.execute(RECORDS, [one.run_id]).fetchall() == merged.con.execute(RECORDS, [two.run_id]).fetchall()
-        query = "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? ORDER BY excerpt_id"
-        assert single.con.execute(query, [one.run_id]).fetchall() == merged.con.execute(query, [two.run_id]).fetchall()
-
-
-def _merge_error(out_path: Path, shard_paths: list[Path]) -> str:
-    with Store.open(out_path) as out:
-        shards = [Store.open(p, read_only=True) for p in shard_paths]
-        try:
-            with pytest.raises(CollectError) as info:
-                merge(out, shards)
-        finally:
-            for s in shards:
-                s.close()
-        assert out.runs() == [], "a refused merge leaves no run behind"
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
-def test_merge_errors(shard_stores, tmp_path, subject, other_corpus) -> None:  # type: ignore[no-untyped-def]
-    _folder, single_path, parts, _merged, _result = shard_stores
-    copy = tmp_path / "shard0-copy.duckdb"
-    shutil.copyfile(parts[0], copy)
-
-    message = _merge_error(tmp_path / "a.duckdb", [parts[0]])
-    assert "missing 1/2" in message and "every shard" in message
-    message = _merge_error(tmp_path / "b.duckdb", [parts[0], copy, parts[1]])
-    assert "twice" in message
-    message = _merge_error(tmp_path / "c.duckdb", [parts[0], copy])
-    assert "missing 1/2" in message
-
-    foreign = tmp_path / "other-shard1.duckdb"
-    collect_into(foreign, subject, other_corpus, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
-    message = _merge_error(tmp_path / "d.duckdb", [parts[0], foreign])
-    assert "corpus" in message and "differ" in message
-
-    message = _merge_error(tmp_path / "e.duckdb", [parts[0], single_path])
-    assert "no complete shard run" in message and "--shard" in message
-
-
-def test_merge_shards_of_the_same_text_at_different_paths(shard_stores, tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    _folder, _single, parts, _merged, _result = shard_stores
-    copy = shutil.copytree(corpus_dir, tmp_path / "elsewhere")
-    other_half = tmp_path / "shard1-elsewhere.duckdb"
-    collect_into(other_half, subject, copy, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
-    with Store.open(parts[0], read_only=True) as s0, Store.open(other_half, read_only=True) as s1:
-        with Store.open(tmp_path / "merged.duckdb") as out:
-            result = merge(out, [s0, s1])
-            assert out.run(result.run_id).status == "complete"
-
-
 # -- version checks and foreign files ----------------------------------------------------------------
 
 def _set_version(path: Path, value: str) -> None:
@@ -485,153 +332,3 @@ def test_store_in_use_by_another_process(tmp_path, read_only) -> None:  # type: 
         child.wait()
     with Store.open(path) as store:  # free again once the other process is gone
         assert store.runs() == []
-
-
-# -- interrupted collections -------------------------------------------------------------------------
-
-class Collector:
-    """`neuronscope collect` in a subprocess, with its stderr read line by line in a thread."""
-
-    def __init__(self, args: list[object]) -> None:
-        self.proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=cli_env(), cwd=ROOT)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, needle: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.proc.poll() is None, f"collect ended early: {''.join(self.seen)}"
-                continue
-            self.seen.append(line)
-            if needle in line:
-                return
-        raise AssertionError(f"no {needle!r} on stderr after {timeout} s: {''.join(self.seen)}")
-
-    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
-        # stderr has exactly one reader (the thread), so its lines keep their order.
-        assert self.proc.stdout is not None
-        out = self.proc.stdout.read()
-        self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=timeout)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return self.proc.returncode, out, "".join(self.seen)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-def _start_long_collect(path: Path, model: Path, corpus: Path) -> Collector:
-    collector = Collector(["collect", "--model", model, "--corpus", corpus, "--store", path, *FAST,
-                           "--batch-size", "1"])
-    collector.wait_for(", batch 1")  # the last status line before the run is registered
-    time.sleep(1.5)  # well inside the loop: the full pass takes ~30 s at batch size 1
-    assert collector.proc.poll() is None, "the collection ended before it could be interrupted"
-    return collector
-
-
-@pytest.mark.slow
-def test_ctrl_c_marks_the_run_interrupted(tmp_path, subject, tiny_model, corpus_dir, big_corpus) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "store.duckdb"
-    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
-    with Store.open(path, read_only=True) as store:
-        before = run_rows(store, done.run_id)
-    collector = _start_long_collect(path, tiny_model, big_corpus)
-    try:
-        collector.proc.send_signal(signal.SIGINT)
-        code, out, err = collector.finish()
-    finally:
-        collector.kill()
-    assert code == 130, err
-    assert "Traceback" not in err and "Traceback" not in out
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted:") and "run the same command again" in last, err
-    assert sum("interrupted" in line for line in err.splitlines()) == 1
-    with Store.open(path, read_only=True) as store:
-        runs = store.runs()
-        assert [r.status for r in runs] == ["complete", "interrupted"]
-        assert runs[1].corpus == describe(CorpusSpec(str(big_corpus)))
-        assert runs[1].error == "interrupted by the user"
-        assert store.run_counts(runs[1].run_id) == {"neurons": 0, "records": 0, "excerpts": 0}
-        assert run_rows(store, done.run_id) == before
-        assert store.run().run_id == done.run_id, "the newest complete run is still the old one"
-
-
-@pytest.mark.slow
-def test_kill_9_leaves_an_openable_store(tmp_path, subject, tiny_model, corpus_dir, big_corpus) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "store.duckdb"
-    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
-    with Store.open(path, read_only=True) as store:
-        before = run_rows(store, done.run_id)
-    collector = _start_long_collect(path, tiny_model, big_corpus)
-    killed_pid = collector.proc.pid
-    collector.proc.send_signal(signal.SIGKILL)
-    collector.kill()  # reaps it: a zombie would still look alive
-    assert collector.proc.returncode == -signal.SIGKILL
-
-    with Store.open(path, read_only=True) as store:
-        runs = store.runs()
-        assert [r.status for r in runs] == ["complete", "interrupted"]
-        stale = runs[1].run_id
-        raw = store.con.execute("SELECT status, pid FROM runs WHERE run_id = ?", [stale]).fetchall()
-        assert raw == [("running", killed_pid)], "nothing has rewritten the row yet; runs() derives the status"
-        assert store.run_counts(stale) == {"neurons": 0, "records": 0, "excerpts": 0}
-        assert run_rows(store, done.run_id) == before
-
-    info = run_cli(["info", "--store", path])
-    assert info.code == 0, info.err
-    assert "interrupted" in info.out and "complete" in info.out
-
-    # The same collection again (in-process: same model, corpus, settings and layers as the CLI's).
-    again = collect_into(path, subject, big_corpus)
-    assert not again.reused
-    with Store.open(path, read_only=True) as store:
-        runs = store.runs()
-        assert [r.status for r in runs] == ["complete", "interrupted", "complete"]
-        raw = store.con.execute("SELECT status, error FROM runs WHERE run_id = ?", [stale]).fetchall()
-        assert raw[0][0] == "interrupted" and "stopped" in raw[0][1], "mark_stale_runs rewrote the stale run"
-        assert store.run_counts(stale) == {"neurons": 0, "records": 0, "excerpts": 0}
-        assert store.run_counts(runs[2].run_id)["neurons"] == 144
-        assert (runs[2].model_revision, runs[2].corpus, runs[2].settings, runs[2].layers) == (
-            runs[1].model_revision, runs[1].corpus, runs[1].settings, runs[1].layers)
-        assert run_rows(store, done.run_id) == before
-        assert orphan_records(store) == 0
-
-
-def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from core.records import CollectSettings
-
-    path = tmp_path / "store.duckdb"
-    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    try:
-        with Store.open(path) as store:
-            live = store.create_run(model="m", revision="r", corpus="c", settings=CollectSettings(), layers=(0,),
-                                    neurons_per_layer=4, dtype="float32")
-            dead = store.create_run(model="m", revision="r", corpus="c", settings=CollectSettings(), layers=(0,),
-                                    neurons_per_layer=4, dtype="float32")
-            store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [sleeper.pid, live])
-            store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [gone.pid, dead])
-            store.mark_stale_runs()
-            status = dict(store.con.execute("SELECT run_id, status FROM runs").fetchall())
-            assert status == {done.run_id: "complete", live: "running", dead: "interrupted"}
-            assert {r.run_id: r.status for r in store.runs()}[live] == "running"
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert os.path.exists(path)

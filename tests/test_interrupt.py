@@ -1,0 +1,183 @@
+"""Interrupted collections: the real `neuronscope collect` in a subprocess, stopped by Ctrl-C or
+kill -9, leaves a store that opens cleanly, shows no half-written run as complete, and resumes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FAST,
+    cli_command,
+    cli_env,
+    collect_into,
+    fast_settings,
+    orphan_records,
+    run_cli,
+    run_rows,
+)
+
+from core.corpus import CorpusSpec, describe
+from core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+PROBES = [(0, 0), (0, 17), (1, 3), (1, 40), (2, 11), (2, 47)]
+
+
+
+# -- interrupted collections -------------------------------------------------------------------------
+
+class Collector:
+    """`neuronscope collect` in a subprocess, with its stderr read line by line in a thread."""
+
+    def __init__(self, args: list[object]) -> None:
+        self.proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=cli_env(), cwd=ROOT)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, needle: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                assert self.proc.poll() is None, f"collect ended early: {''.join(self.seen)}"
+                continue
+            self.seen.append(line)
+            if needle in line:
+                return
+        raise AssertionError(f"no {needle!r} on stderr after {timeout} s: {''.join(self.seen)}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        # stderr has exactly one reader (the thread), so its lines keep their order.
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return self.proc.returncode, out, "".join(self.seen)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _start_long_collect(path: Path, model: Path, corpus: Path) -> Collector:
+    collector = Collector(["collect", "--model", model, "--corpus", corpus, "--store", path, *FAST,
+                           "--batch-size", "1"])
+    collector.wait_for(", batch 1")  # the last status line before the run is registered
+    time.sleep(1.5)  # well inside the loop: the full pass takes ~30 s at batch size 1
+    assert collector.proc.poll() is None, "the collection ended before it could be interrupted"
+    return collector
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_interrupted(tmp_path, subject, tiny_model, corpus_dir, big_corpus) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "store.duckdb"
+    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
+    with Store.open(path, read_only=True) as store:
+        before = run_rows(store, done.run_id)
+    collector = _start_long_collect(path, tiny_model, big_corpus)
+    try:
+        collector.proc.send_signal(signal.SIGINT)
+        code, out, err = collector.finish()
+    finally:
+        collector.kill()
+    assert code == 130, err
+    assert "Traceback" not in err and "Traceback" not in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "run the same command again" in last, err
+    assert sum("interrupted" in line for line in err.splitlines()) == 1
+    with Store.open(path, read_only=True) as store:
+        runs = store.runs()
+        assert [r.status for r in runs] == ["complete", "interrupted"]
+        assert runs[1].corpus == describe(CorpusSpec(str(big_corpus)))
+        assert runs[1].error == "interrupted by the user"
+        assert store.run_counts(runs[1].run_id) == {"neurons": 0, "records": 0, "excerpts": 0}
+        assert run_rows(store, done.run_id) == before
+        assert store.run().run_id == done.run_id, "the newest complete run is still the old one"
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_an_openable_store(tmp_path, subject, tiny_model, corpus_dir, big_corpus) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "store.duckdb"
+    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
+    with Store.open(path, read_only=True) as store:
+        before = run_rows(store, done.run_id)
+    collector = _start_long_collect(path, tiny_model, big_corpus)
+    killed_pid = collector.proc.pid
+    collector.proc.send_signal(signal.SIGKILL)
+    collector.kill()  # reaps it: a zombie would still look alive
+    assert collector.proc.returncode == -signal.SIGKILL
+
+    with Store.open(path, read_only=True) as store:
+        runs = store.runs()
+        assert [r.status for r in runs] == ["complete", "interrupted"]
+        stale = runs[1].run_id
+        raw = store.con.execute("SELECT status, pid FROM runs WHERE run_id = ?", [stale]).fetchall()
+        assert raw == [("running", killed_pid)], "nothing has rewritten the row yet; runs() derives the status"
+        assert store.run_counts(stale) == {"neurons": 0, "records": 0, "excerpts": 0}
+        assert run_rows(store, done.run_id) == before
+
+    info = run_cli(["info", "--store", path])
+    assert info.code == 0, info.err
+    assert "interrupted" in info.out and "complete" in info.out
+
+    # The same collection again (in-process: same model, corpus, settings and layers as the CLI's).
+    again = collect_into(path, subject, big_corpus)
+    assert not again.reused
+    with Store.open(path, read_only=True) as store:
+        runs = store.runs()
+        assert [r.status for r in runs] == ["complete", "interrupted", "complete"]
+        raw = store.con.execute("SELECT status, error FROM runs WHERE run_id = ?", [stale]).fetchall()
+        assert raw[0][0] == "interrupted" and "stopped" in raw[0][1], "mark_stale_runs rewrote the stale run"
+        assert store.run_counts(stale) == {"neurons": 0, "records": 0, "excerpts": 0}
+        assert store.run_counts(runs[2].run_id)["neurons"] == 144
+        assert (runs[2].model_revision, runs[2].corpus, runs[2].settings, runs[2].layers) == (
+            runs[1].model_revision, runs[1].corpus, runs[1].settings, runs[1].layers)
+        assert run_rows(store, done.run_id) == before
+        assert orphan_records(store) == 0
+
+
+def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
+    from core.records import CollectSettings
+
+    path = tmp_path / "store.duckdb"
+    done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        with Store.open(path) as store:
+            live = store.create_run(model="m", revision="r", corpus="c", settings=CollectSettings(), layers=(0,),
+                                    neurons_per_layer=4, dtype="float32")
+            dead = store.create_run(model="m", revision="r", corpus="c", settings=CollectSettings(), layers=(0,),
+                                    neurons_per_layer=4, dtype="float32")
+            store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [sleeper.pid, live])
+            store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [gone.pid, dead])
+            store.mark_stale_runs()
+            status = dict(store.con.execute("SELECT run_id, status FROM runs").fetchall())
+            assert status == {done.run_id: "complete", live: "running", dead: "interrupted"}
+            assert {r.run_id: r.status for r in store.runs()}[live] == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert os.path.exists(path)

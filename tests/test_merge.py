@@ -1,0 +1,156 @@
+"""Shards and merge: shard stores merged into one equal a single-run store; merge refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    collect_into,
+    fast_settings,
+    orphan_records,
+)
+
+from core.collect import CollectError, merge
+from core.corpus import CorpusSpec, cut_excerpts
+from core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+PROBES = [(0, 0), (0, 17), (1, 3), (1, 40), (2, 11), (2, 47)]
+
+
+
+# -- shards and merge --------------------------------------------------------------------------------
+
+def _batch_invariant(subject, corpus: Path) -> bool:  # type: ignore[no-untyped-def]
+    """Whether an excerpt's fp32 activations here do not depend on the other excerpts of its batch."""
+    import torch
+
+    ids = cut_excerpts(CorpusSpec(str(corpus)), subject.tokenizer, length=16).token_ids[:32].astype(np.int64)
+    full = subject.activations(torch.from_numpy(ids), (0, 1, 2))
+    half = subject.activations(torch.from_numpy(ids[1::2]), (0, 1, 2))
+    return all(torch.equal(full[layer][1::2], half[layer]) for layer in range(3))
+
+
+@pytest.fixture(scope="module")
+def shard_stores(tmp_path_factory, subject, corpus_dir):  # type: ignore[no-untyped-def]
+    """A single-run store and the two halves of the same collection (96 sampled excerpts). Exact
+    comparisons need each excerpt's forward pass to be the same whichever batch it lands in: true
+    for fp32 on the CPUs we know; elsewhere fall back to batches of one."""
+    folder = tmp_path_factory.mktemp("shards")
+    batch = 32 if _batch_invariant(subject, corpus_dir) else 1
+    settings = fast_settings(max_excerpts=96, seed=3)
+    single = folder / "single.duckdb"
+    collect_into(single, subject, corpus_dir, settings=settings, batch_size=batch)
+    parts = []
+    for i in range(2):
+        parts.append(folder / f"shard{i}.duckdb")
+        result = collect_into(parts[-1], subject, corpus_dir, settings=settings, shard=(i, 2), batch_size=batch)
+        assert not result.reused and result.n_excerpts == 48
+    merged = folder / "merged.duckdb"
+    with Store.open(parts[0], read_only=True) as s0, Store.open(parts[1], read_only=True) as s1:
+        assert [r.shard for r in s0.runs()] == ["0/2"] and [r.shard for r in s1.runs()] == ["1/2"]
+        with Store.open(merged) as out:
+            stages: list[str] = []
+            result = merge(out, [s1, s0], progress=lambda stage, _d, _t: stages.append(stage))
+    assert "merge" in stages and "write" in stages
+    return folder, single, parts, merged, result
+
+
+NEURON_EXACT = ("layer", "neuron", "count", "max_act", "min_act", "min_excerpt_max", "histogram", "cell_counts")
+NEURON_CLOSE = ("mean", "variance", "skewness", "kurtosis", "density", "sums")
+RECORDS = ("SELECT layer, neuron, kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "
+           "WHERE run_id = ? ORDER BY layer, neuron, kind, rank")
+
+
+def test_merge_equals_single_run(shard_stores) -> None:  # type: ignore[no-untyped-def]
+    _folder, single_path, _parts, merged_path, result = shard_stores
+    with Store.open(single_path, read_only=True) as single, Store.open(merged_path, read_only=True) as merged:
+        (one,), (two,) = single.runs(), merged.runs()
+        assert two.run_id == result.run_id and two.status == "complete" and two.shard == ""
+        assert (two.model_revision, two.corpus, two.settings, two.layers, two.neurons_per_layer, two.n_excerpts) == (
+            one.model_revision, one.corpus, one.settings, one.layers, one.neurons_per_layer, one.n_excerpts)
+        assert result.n_excerpts == one.n_excerpts == 96
+
+        cols = ", ".join(NEURON_EXACT + NEURON_CLOSE)
+        query = f"SELECT {cols} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        a = single.con.execute(query, [one.run_id]).fetchall()
+        b = merged.con.execute(query, [two.run_id]).fetchall()
+        assert len(a) == len(b) == 144
+        n_exact = len(NEURON_EXACT)
+        for row_a, row_b in zip(a, b):
+            assert row_a[:n_exact] == row_b[:n_exact], (row_a[:2], row_b[:2])
+            np.testing.assert_allclose(np.array(row_a[n_exact:-1], float), np.array(row_b[n_exact:-1], float),
+                                       rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(row_a[-1], row_b[-1], rtol=1e-9)
+
+        # Top, bottom and random records: same excerpt at every (layer, neuron, kind, rank), same activations.
+        rec_a = [r[:8] for r in single.con.execute(RECORDS, [one.run_id]).fetchall() if r[2] != "quantile"]
+        rec_b = [r[:8] for r in merged.con.execute(RECORDS, [two.run_id]).fetchall() if r[2] != "quantile"]
+        assert {r[2] for r in rec_b} == {"top", "bottom", "random"}  # no shard-only 'cell' rows
+        assert len(rec_a) == 144 * 14 and rec_a == rec_b
+        assert orphan_records(merged) == 0
+
+
+def test_merge_equals_single_run_exactly(shard_stores) -> None:  # type: ignore[no-untyped-def]
+    _folder, single_path, _parts, merged_path, _result = shard_stores
+    with Store.open(single_path, read_only=True) as single, Store.open(merged_path, read_only=True) as merged:
+        (one,), (two,) = single.runs(), merged.runs()
+        query = "SELECT layer, neuron, quantile_edges, selectivity FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        a = single.con.execute(query, [one.run_id]).fetchall()
+        b = merged.con.execute(query, [two.run_id]).fetchall()
+        assert [r[:3] for r in a] == [r[:3] for r in b]
+        np.testing.assert_allclose([r[3] for r in a], [r[3] for r in b], rtol=1e-6)
+        assert single.con.execute(RECORDS, [one.run_id]).fetchall() == merged.con.execute(RECORDS, [two.run_id]).fetchall()
+        query = "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? ORDER BY excerpt_id"
+        assert single.con.execute(query, [one.run_id]).fetchall() == merged.con.execute(query, [two.run_id]).fetchall()
+
+
+def _merge_error(out_path: Path, shard_paths: list[Path]) -> str:
+    with Store.open(out_path) as out:
+        shards = [Store.open(p, read_only=True) for p in shard_paths]
+        try:
+            with pytest.raises(CollectError) as info:
+                merge(out, shards)
+        finally:
+            for s in shards:
+                s.close()
+        assert out.runs() == [], "a refused merge leaves no run behind"
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_merge_errors(shard_stores, tmp_path, subject, other_corpus) -> None:  # type: ignore[no-untyped-def]
+    _folder, single_path, parts, _merged, _result = shard_stores
+    copy = tmp_path / "shard0-copy.duckdb"
+    shutil.copyfile(parts[0], copy)
+
+    message = _merge_error(tmp_path / "a.duckdb", [parts[0]])
+    assert "missing 1/2" in message and "every shard" in message
+    message = _merge_error(tmp_path / "b.duckdb", [parts[0], copy, parts[1]])
+    assert "twice" in message
+    message = _merge_error(tmp_path / "c.duckdb", [parts[0], copy])
+    assert "missing 1/2" in message
+
+    foreign = tmp_path / "other-shard1.duckdb"
+    collect_into(foreign, subject, other_corpus, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
+    message = _merge_error(tmp_path / "d.duckdb", [parts[0], foreign])
+    assert "corpus" in message and "differ" in message
+
+    message = _merge_error(tmp_path / "e.duckdb", [parts[0], single_path])
+    assert "no complete shard run" in message and "--shard" in message
+
+
+def test_merge_shards_of_the_same_text_at_different_paths(shard_stores, tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
+    _folder, _single, parts, _merged, _result = shard_stores
+    copy = shutil.copytree(corpus_dir, tmp_path / "elsewhere")
+    other_half = tmp_path / "shard1-elsewhere.duckdb"
+    collect_into(other_half, subject, copy, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
+    with Store.open(parts[0], read_only=True) as s0, Store.open(other_half, read_only=True) as s1:
+        with Store.open(tmp_path / "merged.duckdb") as out:
+            result = merge(out, [s0, s1])
+            assert out.run(result.run_id).status == "complete"
