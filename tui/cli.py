@@ -94,11 +94,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from core.subject import load_subject
 
     shard = parse_shard(args.shard)
-    for name in ("length", "top_k", "bottom_k", "random_k", "quantile_k", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < (1 if name in ("length", "batch_size") else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be {'positive' if name in ('length', 'batch_size') else 'zero or more'}")
-    if args.max_excerpts is not None and args.max_excerpts < 1:
-        raise UserError("--max-excerpts must be at least 1")
+    least = {"length": 1, "batch_size": 1, "max_excerpts": 1, "top_k": 0, "bottom_k": 0, "random_k": 0, "quantile_k": 0}
+    for name, minimum in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}")
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
     with Store.open(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
