@@ -15,7 +15,7 @@ import torch
 
 from core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from core.records import CollectSettings
-from core.sampling import SmallestK, composite, hash_keys
+from core.sampling import SmallestK, composite, excerpt_hash, hash_keys, keys_from, unit_hash
 
 
 class Accumulator:
@@ -52,6 +52,7 @@ class Accumulator:
         self._units = torch.arange(units, device=device)
         self._unit_layer = torch.tensor(self.layers, device=device).repeat_interleave(neurons)  # [units]
         self._unit_neuron = self._units % neurons  # [units]
+        self._unit_hash = unit_hash(settings.seed, self._unit_layer, self._unit_neuron)  # [units]
 
     # -- streaming ---------------------------------------------------------------------------
     def update(
@@ -85,10 +86,11 @@ class Accumulator:
                 return by_unit[0][p]
             return acts[p % batch, :, p // batch]
 
-        self.samplers["top"].offer(u_of, composite(-maxes, ids), fetch, extremes)
-        self.samplers["bottom"].offer(u_of, composite(mins, ids), fetch, extremes)
-        random = composite(hash_keys(self.settings.seed, self._unit_layer[u_of], self._unit_neuron[u_of], ids), ids)
-        self.samplers["random"].offer(u_of, random, fetch, extremes)
+        self.samplers["top"].offer(u_of, composite(-maxes, ids), fetch, extremes, blocks=batch)
+        self.samplers["bottom"].offer(u_of, composite(mins, ids), fetch, extremes, blocks=batch)
+        keys = keys_from(self._unit_hash[:, None], excerpt_hash(excerpt_ids.to(self.max.device))[None, :])  # [units, B]
+        random = composite(keys.reshape(-1), ids)
+        self.samplers["random"].offer(u_of, random, fetch, extremes, blocks=batch)
         cells = u_of * CELLS + torch.bucketize(maxes, self._cell_edges)
         self.cell_counts += torch.bincount(cells, minlength=self.cell_counts.numel())
         self.samplers["cell"].offer(cells, random, fetch, extremes)

@@ -17,15 +17,37 @@ EMPTY = torch.iinfo(torch.int64).max
 _MASK63 = (1 << 63) - 1
 
 
+_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
+_MUL2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (multiplications wrap; shifts made logical)."""
+    x = (x ^ ((x >> 30) & (_MASK63 >> 29))) * _MUL1
+    x = (x ^ ((x >> 27) & (_MASK63 >> 26))) * _MUL2
+    return x ^ ((x >> 31) & (_MASK63 >> 30))
+
+
+def unit_hash(seed: int, layer: int | torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+    """The per-neuron half of hash_keys (computed once per collection)."""
+    return _mix(neurons.to(torch.int64) * 0x9E3779B1 + (layer * 0x165667B1 + seed * 0x27D4EB2F + 0x5BD1E995))
+
+
+def excerpt_hash(excerpt_ids: torch.Tensor) -> torch.Tensor:
+    """The per-excerpt half of hash_keys (computed once per batch)."""
+    return _mix(excerpt_ids.to(torch.int64) * 0x85EBCA77 + 0x2545F491)
+
+
+def keys_from(units: torch.Tensor, excerpts: torch.Tensor) -> torch.Tensor:
+    """Combine the two halves (they broadcast) into uniform keys in [0, 1), exact in float32."""
+    x = (units ^ excerpts) * _MUL2
+    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).div_(float(1 << 24))
+
+
 def hash_keys(seed: int, layer: int | torch.Tensor, neurons: torch.Tensor, excerpt_ids: torch.Tensor) -> torch.Tensor:
-    """Uniform pseudo-random keys in [0, 1) of (neuron, excerpt) pairs; the two tensors broadcast."""
-    x = neurons.to(torch.int64) * 0x9E3779B1 + excerpt_ids.to(torch.int64) * 0x85EBCA77
-    x = x + (seed * 0x27D4EB2F + layer * 0x165667B1 + 0x5BD1E995)
-    for mul in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):
-        x = x ^ ((x >> 31) & (_MASK63 >> 30))  # logical shift of a signed int64
-        x = x * mul  # wraps modulo 2**64
-    x = x ^ ((x >> 29) & (_MASK63 >> 28))
-    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).div_(float(1 << 24))  # 24 bits: exact in float32
+    """Uniform pseudo-random keys in [0, 1) of (neuron, excerpt) pairs; the tensors broadcast.
+    A deterministic function of (seed, layer, neuron, excerpt id) alone, so samples merge."""
+    return keys_from(unit_hash(seed, layer, neurons), excerpt_hash(excerpt_ids))
 
 
 def composite(key: torch.Tensor, excerpt_id: torch.Tensor) -> torch.Tensor:
@@ -60,18 +82,23 @@ class SmallestK:
         comp: torch.Tensor,
         fetch: Callable[[torch.Tensor], torch.Tensor],
         extremes: torch.Tensor | None = None,
+        blocks: int = 0,
     ) -> None:
         """Offer candidates: flat group indices and composites of equal length.
 
         fetch(positions) receives indices into the offered candidates and returns their
         activations [len(positions), length]. extremes [n, 2] are the candidates' exact
         (max, min), kept beside activations that may be stored at lower precision; by
-        default they are read off the fetched rows.
+        default they are read off the fetched rows. blocks=B declares that the candidates are B
+        consecutive entries for each group in order (group = position // B), a faster filter.
         """
         if self.k == 0 or group.numel() == 0:
             return
         worst = self.comp.max(dim=1).values  # [groups]
-        pos = (comp < worst[group]).nonzero().squeeze(1)
+        if blocks:  # candidates come as `blocks` consecutive entries per group, for every group in order
+            pos = (comp.view(-1, blocks) < worst[:, None]).view(-1).nonzero().squeeze(1)
+        else:
+            pos = (comp < worst[group]).nonzero().squeeze(1)
         if pos.numel() == 0:
             return
         group = group[pos]

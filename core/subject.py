@@ -268,7 +268,6 @@ def load_subject(
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar would tear through ours
     try:
         from transformers.utils import logging as hf_logging
 
@@ -278,6 +277,20 @@ def _quiet_transformers() -> None:
         pass
     for name in ("transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _silence_gguf_progress() -> None:
+    """transformers' GGUF loader draws its own tqdm bar on stderr, which would tear through ours."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support fails later, clearly
+        return
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
 
 
 def _file_digest(path: Path) -> str:
@@ -314,6 +327,7 @@ def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str]
             AutoTokenizer.from_pretrained(cached),
         )
     say(f"loading {gguf.name} (first time: dequantising, then caching as safetensors)")
+    _silence_gguf_progress()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained until its quantisation markers are cleared.
