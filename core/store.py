@@ -66,7 +66,6 @@ _RUN_COLUMNS = (
     "run_id, model, model_revision, corpus, settings, layers, neurons_per_layer, status, "
     "strftime(created_at, '%Y-%m-%d %H:%M:%S'), n_excerpts, shard, dtype, error, pid"
 )
-_SAMPLE_KINDS = {"top": "top", "bottom": "bottom", "random": "random", "cell": "cell"}
 
 
 class StoreError(Exception):

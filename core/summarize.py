@@ -106,12 +106,12 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
 def summarize(result: LayerResult, settings: CollectSettings) -> LayerSummary:
     """Statistics, quantile edges and quantile samples of one finished layer."""
     mean, var, skew, kurt, density = moments(result.sums, result.count)
-    edges = quantile_edges(result, settings.quantiles)
+    with_median = quantile_edges(result, (*settings.quantiles, 0.5))  # one pass for the bins and the median
+    edges, median = with_median[:, :-1], with_median[:, -1]
     quantile = quantile_samples(result, settings, edges)
     top = result.samples["top"]
     top_max = np.where(top.ids >= 0, top.maxes, np.nan)
     mean_top = np.nanmean(top_max, 1) if top_max.shape[1] else np.zeros(len(mean))
-    median = median_excerpt_max(result)
     std = np.sqrt(var)
     with np.errstate(divide="ignore", invalid="ignore"):
         sel = np.where(std > 0, (mean_top - median) / std, 0.0)
@@ -125,8 +125,3 @@ def summarize(result: LayerResult, settings: CollectSettings) -> LayerSummary:
         quantile_edges=edges,
         quantile=quantile,
     )
-
-
-def median_excerpt_max(result: LayerResult) -> np.ndarray:
-    """Median of the excerpt maxima per neuron.  # [F]"""
-    return quantile_edges(result, (0.5,))[:, 0]

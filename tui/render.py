@@ -47,14 +47,18 @@ def activation_style(value: float, scale: float, peak: bool = False) -> Style:
     return Style(color=fg, bgcolor=Color.from_rgb(*rgb), bold=peak, underline=peak)
 
 
+def peak_index(record: ActivationRecord, negative: bool = False) -> int:
+    """Position of the record's largest activation (its most negative one for negative records)."""
+    acts = record.activations
+    pick = min if negative else max
+    return pick(range(len(acts)), key=acts.__getitem__) if acts else -1
+
+
 def record_text(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
     """One excerpt as coloured tokens; the peak (or, for negative records, the trough) is underlined."""
-    acts = record.activations
-    if not acts:
-        return Text("")
-    peak = min(range(len(acts)), key=acts.__getitem__) if negative else max(range(len(acts)), key=acts.__getitem__)
+    peak = peak_index(record, negative)
     text = Text(no_wrap=False)
-    for i, (token, value) in enumerate(zip(record.tokens, acts)):
+    for i, (token, value) in enumerate(zip(record.tokens, record.activations)):
         text.append(visible(token), style=activation_style(value, scale, peak=i == peak))
     return text
 
@@ -62,11 +66,9 @@ def record_text(record: ActivationRecord, scale: float, negative: bool = False) 
 def record_line(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
     """A record as one line: its peak (or trough) value and token, then the coloured excerpt; the
     token is named in plain text too, so the line reads without colour (NO_COLOR, pipes)."""
-    acts = record.activations
-    pick = min if negative else max
-    at = pick(range(len(acts)), key=acts.__getitem__) if acts else 0
+    at = peak_index(record, negative)
     value = record.min if negative else record.max
-    token = visible(record.tokens[at]) if record.tokens else ""
+    token = visible(record.tokens[at]) if 0 <= at < len(record.tokens) else ""
     line = Text(f"{value:+8.3f} ", style="dim")
     line.append(f"{token!r:>12.12} ", style="bold")
     line.append_text(record_text(record, scale, negative=negative))
