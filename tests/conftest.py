@@ -288,3 +288,60 @@ def orphan_records(store: Store) -> int:
         "SELECT count(*) FROM records r LEFT JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
         "WHERE e.excerpt_id IS NULL"
     ).fetchall()[0][0]
+
+
+# -- a planted-neuron model: ground truth for explain/score --------------------------------------------
+
+#: Words whose tokens the planted model's layer-0 neurons 0, 1, 2 fire on (each one token in the tiny vocabulary).
+PLANTED_WORDS = (" the", " a", ",")
+
+
+def build_planted_model(folder: Path) -> Path:
+    """The tiny model with layer-0 neurons 0..2 wired to fire only on the tokens of PLANTED_WORDS: the token's
+    embedding alone carries residual dimension i, attention never writes it, and neuron i's gate and up
+    projections read only that dimension, so its activation is silu(4x)*4x there and exactly 0 elsewhere.
+    Every other neuron keeps its random weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    build_tiny_model(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = []
+    for word in PLANTED_WORDS:
+        pieces = tok.encode(word, add_special_tokens=False)
+        assert len(pieces) == 1, f"{word!r} is {len(pieces)} tokens in the tiny vocabulary"
+        ids.append(pieces[0])
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        for i, token_id in enumerate(ids):
+            embed[:, i] = 0.0
+            embed[token_id, i] = 30.0  # dominates the token's RMS norm, so the neuron's input is nearly constant
+            layer.self_attn.o_proj.weight[i, :] = 0.0
+            layer.mlp.gate_proj.weight[i, :] = 0.0
+            layer.mlp.up_proj.weight[i, :] = 0.0
+            layer.mlp.gate_proj.weight[i, i] = 4.0
+            layer.mlp.up_proj.weight[i, i] = 4.0
+            # No other neuron reads a planted dimension, so they stay unrelated to the planted tokens.
+            layer.mlp.gate_proj.weight[len(ids):, i] = 0.0
+            layer.mlp.up_proj.weight[len(ids):, i] = 0.0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def planted_model(session_dir: Path) -> Path:
+    """Folder of the planted-neuron model."""
+    return build_planted_model(session_dir / "planted-llama")
+
+
+@pytest.fixture(scope="session")
+def planted_store(session_dir: Path, planted_model: Path, corpus_dir: Path) -> Path:
+    """A store with one collection of the planted model (top/random records large enough for the splits)."""
+    path = session_dir / "planted.duckdb"
+    result = run_cli(["collect", "--model", planted_model, "--corpus", corpus_dir, "--store", path,
+                      "--length", "16", "--top-k", "16", "--bottom-k", "4", "--random-k", "10", "--quantile-k", "1",
+                      "--dtype", "float32", "--device", "cpu"])
+    assert result.code == 0, result.err
+    return path

@@ -256,10 +256,42 @@ def test_newer_and_older_schema(tmp_path, read_only) -> None:  # type: ignore[no
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION + 1),)]
     con.close()
 
-    _set_version(path, str(SCHEMA_VERSION - 1))
+    _set_version(path, "0")
     with pytest.raises(StoreError) as info:
         Store.open(path, read_only=read_only)
     assert "older" in str(info.value) and "\n" not in str(info.value)
+
+
+#: Version 1's placeholder result tables (that version never wrote them).
+_V1_TABLES = """
+DROP TABLE explanations; DROP TABLE simulations; DROP TABLE scores; DROP TABLE llm_calls; DROP TABLE jobs;
+DROP TABLE job_neurons;
+CREATE TABLE explanations (explanation_id BIGINT, run_id INTEGER, layer SMALLINT, neuron INTEGER, tail VARCHAR,
+    explainer VARCHAR, prompt_hash VARCHAR, text VARCHAR, job_id BIGINT, created_at TIMESTAMP);
+CREATE TABLE simulations (explanation_id BIGINT, simulator VARCHAR, excerpt_id BIGINT, kind VARCHAR, predicted REAL[]);
+CREATE TABLE scores (explanation_id BIGINT, simulator VARCHAR, method VARCHAR, split VARCHAR, value DOUBLE);
+CREATE TABLE llm_calls (call_id BIGINT, cache_key VARCHAR, prompt VARCHAR, response VARCHAR);
+CREATE TABLE jobs (job_id BIGINT, kind VARCHAR, params VARCHAR, state VARCHAR);
+UPDATE meta SET value = '1' WHERE key = 'schema_version';
+"""
+
+
+def test_version_1_store_is_upgraded_in_place_by_a_writer(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "v1.duckdb"
+    info = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=24))
+    with Store.open(path) as store:
+        before = run_rows(store, info.run_id)
+    con = duckdb.connect(str(path))
+    con.execute(_V1_TABLES)
+    con.close()
+    with pytest.raises(StoreError, match="schema version 1.*writing command"):
+        Store.open(path, read_only=True)
+    with Store.open(path) as store:  # a writer upgrades it; the collection is untouched
+        assert run_rows(store, info.run_id) == before
+        assert store.jobs() == [] and store.explanations(info.run_id, 0, 0) == []
+    with Store.open(path, read_only=True) as store:
+        assert store.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (str(SCHEMA_VERSION),)]
 
 
 @pytest.mark.parametrize("read_only", [False, True])

@@ -9,79 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-from rich.console import Console
 from rich.text import Text
 
-from core.store import DEFAULT_STORE, SCHEMA_VERSION, Store, StoreError
+from core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
+from tui.console import UserError, _known_errors, err, out, progress_bars, status
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
-
-
-class UserError(Exception):
-    """A problem the user can fix, shown as one line."""
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from core.collect import CollectError
-
-    errors: list[type[BaseException]] = [UserError, StoreError, CollectError]
-    for module, name in (("core.corpus", "CorpusError"), ("core.subject", "SubjectError"), ("core.models", "ModelError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
-# -- progress ----------------------------------------------------------------------------------------
-
-@contextmanager
-def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress display driven by core's progress(stage, done, total) callbacks."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
-              "tokenize": "tokenizing corpus (tokens)"}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    tasks: dict[str, TaskID] = {}
-    bar = Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI")))
-
-    def update(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()  # lazily: a command that fails before any progress prints nothing extra
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total or None, rate="")
-        task = tasks[stage]
-        bar.update(task, completed=done, total=total or None)  # total 0: unknown, the bar pulses
-        speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
-        if speed:
-            bar.update(task, rate=f"{speed:,.1f}/s")
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
-
-
-def status(message: str) -> None:
-    """A dim one-line status message on stderr."""
-    err.print(Text(message, style="dim"))
 
 
 # -- subcommands -------------------------------------------------------------------------------------
@@ -154,7 +90,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {SCHEMA_VERSION}", style="bold"), soft_wrap=True)
         if not runs:
             out.print("no runs yet: `neuronscope collect` makes one")
-        styles = {"complete": "green", "running": "yellow", "interrupted": "red", "failed": "red"}
+        styles = {"complete": "green", "running": "yellow", "interrupted": "red", "failed": "red", "partial": "yellow",
+                  "stopped": "yellow"}
         for r in runs:
             stored = store.run_counts(r.run_id)
             line = Text(f"run {r.run_id}  ", style="bold")
@@ -166,6 +103,17 @@ def cmd_info(args: argparse.Namespace) -> int:
                         f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
             out.print(line, soft_wrap=True)
             out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
+        for job in store.jobs():
+            line = Text(f"job {job['job_id']}  ", style="bold")
+            line.append(job["state"], style=styles.get(job["state"], "yellow"))
+            line.append(f"  {job['kind']} on run {job['run_id']}  {job['done']}/{job['total']} neurons done"
+                        f"{', ' + str(job['failed']) + ' failed' if job['failed'] else ''}  {job['created_at']}")
+            if job["error"]:
+                line.append(f"  ({job['error']})", style="dim")
+            out.print(line, soft_wrap=True)
+        calls, tokens = store.call_totals()
+        if calls:
+            out.print(Text(f"LLM calls logged: {calls:,} ({tokens:,} tokens)"), soft_wrap=True)
         out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())), soft_wrap=True)
         if counts["neurons"]:
             out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
@@ -212,6 +160,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f"with neurons 0-{run.neurons_per_layer - 1}"
             )
         records = store.records(run.run_id, layer, index)
+        explanations = store.explanations(run.run_id, layer, index)
     scale = scale_of(records)
     out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
     out.print(stats_table(stats, run.settings.quantiles))
@@ -230,6 +179,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         out.print(Text(title, style="bold underline"))
         for rec in chosen:
             out.print(record_line(rec, scale, negative=kind == "bottom"))
+    if explanations:
+        from tui.cli_jobs import print_explanations
+
+        print_explanations(explanations, records, scale, args.count)
     return 0
 
 
@@ -263,11 +216,17 @@ def cmd_models(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: collect the default corpus on the default model, print the table."""
+    """The main job on the embedded default: collect the default corpus on the default model, then explain and
+    score the most selective neurons with the local default explainer and print the ranked table."""
     parser = build_parser()
     collect_args = parser.parse_args(["collect", "--store", args.store, "--max-excerpts", str(args.max_excerpts),
                                       "--top", str(args.top)])
-    return cmd_collect(collect_args)
+    code = cmd_collect(collect_args)
+    if code or not args.explain:
+        return code
+    job_args = parser.parse_args(["run", "--store", args.store, "--limit", str(args.explain),
+                                  "--explainer", args.explainer])
+    return int(job_args.func(job_args) or 0)
 
 
 # -- parser ------------------------------------------------------------------------------------------
@@ -332,13 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="store to write the merged run into")
     p.set_defaults(func=cmd_merge)
 
+    from tui.cli_jobs import add_job_parsers
+
+    add_job_parsers(sub, store_arg)
+
     p = sub.add_parser("models", help="list the packaged models and how to install them")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="the quick start: collect the default corpus on the default model and "
-                                    "print the most selective neurons")
+    p = sub.add_parser("demo", help="the quick start: collect the default corpus on the default model, then explain "
+                                    "and score its most selective neurons with the local default")
     p.add_argument("--max-excerpts", type=int, default=2000, help="excerpts to collect (default: 2000)")
     p.add_argument("--top", type=int, default=15, help="rows of the table (default: 15)")
+    p.add_argument("--explain", type=int, default=5,
+                   help="then explain and score this many of the most selective neurons (default: 5; 0 skips)")
+    p.add_argument("--explainer", default="local:qwen-1.5b",
+                   help="explainer and simulator for that step (default: local:qwen-1.5b)")
     store_arg(p)
     p.set_defaults(func=cmd_demo)
     return parser

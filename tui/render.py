@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from core.records import ActivationRecord, NeuronStats
+from core.results import NeuronSummary
+from core.score import Score
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -141,3 +143,43 @@ def neurons_table(rows: Sequence[NeuronStats]) -> Table:
         table.add_row(str(i), f"L{s.layer}/N{s.index}", f"{s.selectivity:.2f}", f"{s.max:.3g}", f"{s.min:.3g}",
                       f"{s.density:.1%}", f"{s.kurtosis:.3g}")
     return table
+
+
+def score_text(score: Score | None) -> Text:
+    """A score with its 95% interval, e.g. `0.41 [0.30, 0.52]`; flags shown dim; '-' when not measured."""
+    if score is None:
+        return Text("-", style="dim")
+    text = Text(f"{score.value:+.2f} [{score.ci_low:+.2f}, {score.ci_high:+.2f}]")
+    if score.flags:
+        text.append(f" {score.flags.replace('_', ' ')}", style="dim")
+    return text
+
+
+def summaries_table(rows: Sequence[NeuronSummary], width: int = 60) -> Table:
+    """Explained neurons ranked by headline score, each beside its shuffled and token-baseline controls."""
+    table = Table()
+    for name, justify in (("#", "right"), ("neuron", "left"), ("explanation", "left"), ("score [95% CI]", "right"),
+                          ("shuffled", "right"), ("token baseline", "right"), ("", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, s in enumerate(rows, 1):
+        text = visible(s.text)
+        if len(text) > width:
+            text = text[: width - 1] + "…"
+        verdict = Text("")
+        if s.score is not None and s.shuffled is not None and not s.beats_shuffled:
+            verdict = Text("not above shuffled", style="yellow")
+        tail = "" if s.tail == "pos" else " (neg)"
+        table.add_row(str(i), f"L{s.layer}/N{s.neuron}{tail}", Text(text), score_text(s.score),
+                      Text(f"{s.shuffled.value:+.2f}") if s.shuffled else Text("-"),
+                      Text(f"{s.baseline.value:+.2f}") if s.baseline else Text("-"), verdict)
+    return table
+
+
+def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale: float) -> ActivationRecord:
+    """A record whose activations are a simulation's predictions (0-9) mapped onto the real colour scale."""
+    from dataclasses import replace
+
+    from core.prompts import TOP
+
+    values = tuple(float(p) / TOP * scale for p in predicted)
+    return replace(record, activations=values, exact_max=max(values, default=0.0), exact_min=min(values, default=0.0))

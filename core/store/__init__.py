@@ -20,56 +20,16 @@ import numpy as np
 from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
 from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
 from core.rows import decode, lists, record_rows
+from core.store.results import ResultsMixin
+from core.store.schema import SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
-SCHEMA_VERSION = 1
 DEFAULT_STORE = "neuronscope.duckdb"
 
-_SCHEMA = """
-CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE SEQUENCE run_ids START 1;
-CREATE TABLE runs (
-    run_id INTEGER PRIMARY KEY DEFAULT nextval('run_ids'), model VARCHAR, model_revision VARCHAR,
-    corpus VARCHAR, settings VARCHAR, layers INTEGER[], neurons_per_layer INTEGER, dtype VARCHAR,
-    shard VARCHAR, status VARCHAR, pid INTEGER, created_at TIMESTAMP DEFAULT current_timestamp,
-    finished_at TIMESTAMP, n_excerpts BIGINT DEFAULT 0, error VARCHAR DEFAULT '');
-CREATE TABLE excerpts (run_id INTEGER, excerpt_id BIGINT, token_ids INTEGER[], tokens VARCHAR[]);
-CREATE TABLE neurons (
-    run_id INTEGER, layer SMALLINT, neuron INTEGER, count BIGINT, mean DOUBLE, variance DOUBLE,
-    skewness DOUBLE, kurtosis DOUBLE, max_act REAL, min_act REAL, density REAL, selectivity REAL,
-    sums DOUBLE[], min_excerpt_max REAL, histogram BIGINT[], cell_counts BIGINT[], quantile_edges REAL[]);
-CREATE TABLE records (
-    run_id INTEGER, layer SMALLINT, neuron INTEGER, kind VARCHAR, rank SMALLINT, bin SMALLINT,
-    excerpt_id BIGINT, max_act REAL, min_act REAL, scale REAL, acts BLOB);
-CREATE SEQUENCE explanation_ids START 1;
-CREATE TABLE explanations (
-    explanation_id BIGINT PRIMARY KEY DEFAULT nextval('explanation_ids'), run_id INTEGER, layer SMALLINT,
-    neuron INTEGER, tail VARCHAR, explainer VARCHAR, prompt_hash VARCHAR, text VARCHAR, job_id BIGINT,
-    created_at TIMESTAMP DEFAULT current_timestamp);
-CREATE TABLE simulations (
-    explanation_id BIGINT, simulator VARCHAR, excerpt_id BIGINT, kind VARCHAR, predicted REAL[]);
-CREATE TABLE scores (
-    explanation_id BIGINT, simulator VARCHAR, method VARCHAR, split VARCHAR, value DOUBLE, ci_low DOUBLE,
-    ci_high DOUBLE, n INTEGER, flags VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
-CREATE SEQUENCE call_ids START 1;
-CREATE TABLE llm_calls (
-    call_id BIGINT PRIMARY KEY DEFAULT nextval('call_ids'), cache_key VARCHAR, backend VARCHAR, model VARCHAR,
-    prompt VARCHAR, response VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s DOUBLE,
-    error VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
-CREATE SEQUENCE job_ids START 1;
-CREATE TABLE jobs (
-    job_id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'), kind VARCHAR, params VARCHAR, state VARCHAR,
-    done BIGINT DEFAULT 0, total BIGINT DEFAULT 0, error VARCHAR DEFAULT '', pid INTEGER,
-    created_at TIMESTAMP DEFAULT current_timestamp, updated_at TIMESTAMP DEFAULT current_timestamp);
-"""
 
 _RUN_COLUMNS = (
     "run_id, model, model_revision, corpus, settings, layers, neurons_per_layer, status, "
     "strftime(created_at, '%Y-%m-%d %H:%M:%S'), n_excerpts, shard, dtype, error, pid"
 )
-
-
-class StoreError(Exception):
-    """A store problem, as one line naming the problem and the fix."""
 
 
 def settings_to_json(settings: CollectSettings) -> str:
@@ -96,7 +56,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class Store:
+class Store(ResultsMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]
@@ -149,7 +109,7 @@ class Store:
 
     def _initialise(self) -> None:
         self.con.execute("BEGIN")
-        self.con.execute(_SCHEMA)
+        self.con.execute(SCHEMA)
         self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('app', 'neuronscope')", [str(SCHEMA_VERSION)])
         self.con.execute("COMMIT")
 
@@ -166,6 +126,14 @@ class Store:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this neuronscope's {SCHEMA_VERSION}: "
                 "upgrade neuronscope (git pull, then ./setup.sh)"
+            )
+        if version == 1 and not self.read_only:
+            migrate(self.con, version)
+            return
+        if version == 1:
+            raise StoreError(
+                f"{self.path} has schema version 1: open it once with a writing command (e.g. `neuronscope run`) "
+                "to upgrade it in place"
             )
         if version < SCHEMA_VERSION:
             raise StoreError(

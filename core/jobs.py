@@ -1,0 +1,398 @@
+"""Explain and score jobs over many neurons: choose, run resumably, persist, plan.
+
+A job is identified by its parameters (run, kind, backends, tail, samples, split sizes, seed, neuron
+list): running the same command again finds the job and does only the neurons it has not finished
+(failed neurons are retried). Each neuron is written in one transaction after all its LLM calls;
+every call is logged in `llm_calls` the moment it returns and serves as a cache, so an interrupted
+neuron's calls are not paid twice. A token budget stops the job cleanly between calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from core.explain import controls, prompt_for, score_candidates
+from core.llm.base import Backend, BudgetExceeded, Call, CallLog, LLMError, make_backend
+from core.llm.baseline import lookup_explanation
+from core.prompts import explain_prompt
+from core.records import RunInfo
+from core.results import NeuronResult, ScoredExplanation
+from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
+from core.store import Store
+from core.store.results import FILTER_FIELDS, FILTER_OPS, ORDERS
+
+KINDS = ("explain", "score", "run")
+DEFAULT_BACKEND = "local:qwen-1.5b"
+Progress = Callable[[str, int, int], None]
+
+
+class JobError(Exception):
+    """A job that cannot start, as one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What a job does to each neuron; with the neuron list, its identity."""
+
+    kind: str = "run"
+    """explain (candidates only), score (stored candidates or a given sentence) or run (both)."""
+    explainer: str = DEFAULT_BACKEND
+    """Backend spec of the explainer."""
+    simulator: str = DEFAULT_BACKEND
+    """Backend spec of the simulator."""
+    tail: str = "pos"
+    """pos: explain max(a, 0) from top records; neg: max(-a, 0) from bottom records."""
+    samples: int = 1
+    """Candidate explanations per neuron (best of k on the select split)."""
+    sizes: SplitSizes = field(default_factory=SplitSizes)
+    """Excerpts per split."""
+    seed: int = 0
+    """Seed for sampled explanations and bootstrap intervals."""
+    explanation: str | None = None
+    """A user's own sentence to score (kind score)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which neurons a job takes."""
+
+    neurons: tuple[tuple[int, int], ...] = ()
+    """Explicit (layer, neuron) pairs; when given, the other fields are ignored."""
+    layers: tuple[int, ...] | None = None
+    """Layers to choose from (None: all)."""
+    order: str = "selectivity"
+    """selectivity, kurtosis, max, min, density or random."""
+    where: tuple[tuple[str, str, float], ...] = ()
+    """Conditions on the statistics, all of which must hold."""
+    limit: int | None = 10
+    """How many neurons (None: all that match)."""
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """How a job ended."""
+
+    job_id: int
+    """The job's id."""
+    state: str
+    """complete, partial (some neurons failed), stopped (budget) or interrupted."""
+    done: int
+    """Neurons finished (in this and earlier sessions of the job)."""
+    failed: dict[tuple[int, int], str]
+    """Neurons that failed, with their errors."""
+    total: int
+    """Neurons in the job."""
+    new_calls: int
+    """LLM calls made in this session."""
+    cache_hits: int
+    """LLM calls answered from the log."""
+    tokens: int
+    """Tokens spent in this session."""
+    message: str = ""
+    """Why it stopped early, if it did."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dry run's count of what a job would spend."""
+
+    neurons: int
+    """Neurons still to do."""
+    calls: int
+    """New LLM calls."""
+    cached: int
+    """Calls the log would answer."""
+    prompt_tokens: int
+    """Prompt tokens of the new calls (estimated where explanations are not known yet)."""
+    completion_tokens: int
+    """Completion tokens (at most)."""
+    cost: float | None
+    """Dollars, where every backend's price is known."""
+
+
+def parse_where(text: str) -> tuple[tuple[str, str, float], ...]:
+    """`density < 0.5 and kurtosis > 10` -> typed conditions; JobError naming the allowed fields."""
+    out = []
+    for part in re.split(r"\s+and\s+|,", text.strip(), flags=re.IGNORECASE):
+        if not part.strip():
+            continue
+        ops = "|".join(re.escape(o) for o in FILTER_OPS)
+        m = re.fullmatch(rf"\s*([a-z_]+)\s*({ops})\s*(-?(?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)\s*", part, re.IGNORECASE)
+        if not m or m.group(1).lower() not in FILTER_FIELDS:
+            raise JobError(f"cannot read the filter {part.strip()!r}: write FIELD OP NUMBER joined by 'and', "
+                           f"with FIELD one of {', '.join(FILTER_FIELDS)} and OP one of {' '.join(FILTER_OPS)}")
+        out.append((m.group(1).lower(), m.group(2), float(m.group(3))))
+    return tuple(out)
+
+
+class StoreCallLog(CallLog):
+    """The call log in the store: lookups read `llm_calls`, every new call is appended at once."""
+
+    def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None) -> None:
+        super().__init__(max_tokens)
+        self.store = store
+        self.job_id = job_id
+        self._write = threading.Lock()
+
+    def lookup(self, key: str) -> str | None:
+        with self._write:
+            return self.store.lookup_call(key)
+
+    def save(self, key: str, call: Call) -> None:
+        with self._write:
+            self.store.save_call(key, call, self.job_id)
+
+
+class Job:
+    """One job over one run. Build it, then `plan()` or `run()`."""
+
+    def __init__(self, store: Store, run: RunInfo, settings: JobSettings, selection: Selection, *,
+                 backend_factory: Callable[[str], Backend] | None = None) -> None:
+        if settings.kind not in KINDS:
+            raise JobError(f"unknown job kind {settings.kind!r}")
+        if settings.tail not in TAILS:
+            raise JobError(f"--tail must be one of {', '.join(TAILS)}")
+        if settings.samples < 1:
+            raise JobError("--samples must be at least 1")
+        if selection.order not in ORDERS:
+            raise JobError(f"cannot order by {selection.order!r}: use one of {', '.join(ORDERS)}")
+        if run.status != "complete":
+            raise JobError(f"run {run.run_id} is {run.status}: explain neurons of a complete run")
+        self.store, self.run_info, self.settings = store, run, settings
+        self.neurons = self._resolve(selection)
+        if not self.neurons:
+            raise JobError("no neuron matches the selection: widen --layers or --where")
+        self._factory = backend_factory or make_backend
+        self._backends: dict[str, Backend] = {}
+        self.log: CallLog = CallLog()
+        self._partner_texts: dict[tuple[int, int], str] = {}
+        params = {"run_id": run.run_id, **asdict(settings), "neurons": [list(n) for n in self.neurons]}
+        self.params = json.dumps(params, sort_keys=True)
+        self.key = hashlib.sha256(self.params.encode()).hexdigest()
+
+    def _resolve(self, selection: Selection) -> tuple[tuple[int, int], ...]:
+        if selection.neurons:
+            missing = [n for n in selection.neurons if n[0] not in self.run_info.layers
+                       or not 0 <= n[1] < self.run_info.neurons_per_layer]
+            if missing:
+                layer, neuron = missing[0]
+                raise JobError(f"run {self.run_info.run_id} has no neuron L{layer}/N{neuron}: it has layers "
+                               f"{list(self.run_info.layers)} of {self.run_info.neurons_per_layer} neurons")
+            return tuple(dict.fromkeys(selection.neurons))
+        return tuple(self.store.choose_neurons(self.run_info.run_id, layers=selection.layers, order=selection.order,
+                                               where=selection.where, limit=selection.limit, seed=self.settings.seed))
+
+    # -- backends -------------------------------------------------------------------------------------
+    def backend(self, spec: str) -> Backend:
+        """A backend by spec, built once per job (explainer and simulator share a model when the spec matches)."""
+        if spec not in self._backends:
+            self._backends[spec] = self._factory(spec)
+        backend = self._backends[spec]
+        backend.bind(self.log)
+        return backend
+
+    def close(self) -> None:
+        """Release the backends' models and connections."""
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+
+    def prepare(self) -> None:
+        """Load the backends the job needs (so a bad model fails before any neuron starts)."""
+        if self._uses_explainer and self.settings.explanation is None:
+            self.backend(self.settings.explainer)
+        if self.settings.kind != "explain":
+            self.backend(self.settings.simulator)
+
+    @property
+    def _uses_explainer(self) -> bool:
+        return self.settings.kind in ("explain", "run")
+
+    # -- per neuron ---------------------------------------------------------------------------------
+    def _splits(self, neuron: tuple[int, int]) -> NeuronSplits:
+        records = self.store.records(self.run_info.run_id, neuron[0], neuron[1],
+                                     kinds=("top", "bottom", "random"))
+        splits = split_records(records, self.settings.tail, self.settings.sizes)
+        if not splits.train or not splits.test:
+            raise LLMError(f"L{neuron[0]}/N{neuron[1]} has too few records for the {self.settings.tail} tail")
+        return splits
+
+    def _partner(self, index: int) -> tuple[int, int] | None:
+        if len(self.neurons) > 1:
+            return self.neurons[(index + 1) % len(self.neurons)]
+        others = [n for n in self.store.choose_neurons(self.run_info.run_id, layers=None, order="random", where=(),
+                                                       limit=2, seed=self.settings.seed) if n != self.neurons[0]]
+        return others[0] if others else None
+
+    def _partner_text(self, partner: tuple[int, int]) -> str:
+        """Another neuron's explanation: the explainer's first candidate for it (a cached call when the partner is in
+        the job), or for score jobs its newest stored explanation, else its lookup explanation."""
+        if partner not in self._partner_texts:
+            splits = self._splits(partner)
+            if self._uses_explainer:
+                explainer = self.backend(self.settings.explainer)
+                text = explainer.explain(prompt_for(explainer, splits), self.settings.samples, self.settings.seed)[0]
+            else:
+                stored = [e for e in self.store.explanations(self.run_info.run_id, *partner, tail=self.settings.tail)
+                          if e.role in ("candidate", "user") and e.selected]
+                text = stored[0].text if stored else lookup_explanation(
+                    explain_prompt(splits.train, lambda t: 0, 0).examples)
+            self._partner_texts[partner] = text
+        return self._partner_texts[partner]
+
+    def _candidates(self, neuron: tuple[int, int], splits: NeuronSplits) -> tuple[list[str], str, str]:
+        """(texts, explainer, role) to score or store."""
+        s = self.settings
+        if s.kind == "score" and s.explanation is not None:
+            return [s.explanation], "user", "user"
+        if s.kind == "score":
+            texts = self.store.candidate_texts(self.run_info.run_id, *neuron, tail=s.tail, explainer=s.explainer)
+            if not texts:
+                raise LLMError(f"L{neuron[0]}/N{neuron[1]} has no {s.tail} explanation by {s.explainer}: "
+                               "run `neuronscope explain` first, or pass --explanation")
+            return texts, s.explainer, "candidate"
+        explainer = self.backend(s.explainer)
+        return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), s.explainer, "candidate"
+
+    def process(self, index: int) -> NeuronResult:
+        """Explain and/or score one neuron (all LLM calls; nothing written)."""
+        neuron = self.neurons[index]
+        splits = self._splits(neuron)
+        texts, explainer, role = self._candidates(neuron, splits)
+        seed = self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
+        if self.settings.kind == "explain":
+            out = tuple(ScoredExplanation(text=t, explainer=explainer, role=role, sample=i, selected=i == 0)
+                        for i, t in enumerate(texts))
+            return NeuronResult(neuron[0], neuron[1], self.settings.tail, out)
+        simulator = self.backend(self.settings.simulator)
+        scored = score_candidates(simulator, splits, texts, explainer=explainer, role=role, seed=seed)
+        partner = self._partner(index)
+        prompt = explain_prompt(splits.train, lambda t: 0, 0)
+        extra = controls(simulator, splits, prompt, partner=partner, seed=seed, explainer=explainer,
+                         partner_text=(lambda: self._partner_text(partner)) if partner else None)  # type: ignore[arg-type]
+        return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
+
+    # -- running --------------------------------------------------------------------------------------
+    def pending(self, job_id: int | None) -> list[int]:
+        """Indexes of the neurons a (new or resumed) job still has to do."""
+        states = self.store.job_neuron_states(job_id) if job_id is not None else {}
+        return [i for i, n in enumerate(self.neurons) if states.get(n, ("", ""))[0] != "done"]
+
+    def run(self, *, progress: Progress | None = None, max_tokens: int | None = None,
+            stop: threading.Event | None = None) -> JobReport:
+        """Run (or resume) the job; Ctrl-C leaves it interrupted and resumable."""
+        progress = progress or (lambda *_: None)
+        if not self.store.read_only:
+            self.store.mark_stale_jobs()
+        found = self.store.find_job(self.key)
+        if found and found[1] == "complete":
+            return self._report(found[0], "complete", CallLog(), "")
+        job_id = found[0] if found else self.store.create_job(self.run_info.run_id, self.settings.kind, self.params,
+                                                               self.key, len(self.neurons))
+        self.store.set_job_state(job_id, "running")
+        log = self.log = StoreCallLog(self.store, job_id, max_tokens)
+        todo = self.pending(job_id)
+        if todo:
+            self.prepare()
+        done = len(self.neurons) - len(todo)
+        progress("neurons", done, len(self.neurons))
+        state, message = "running", ""
+        try:
+            for index in todo:
+                if stop is not None and stop.is_set():
+                    state, message = "interrupted", "cancelled"
+                    break
+                layer, neuron = self.neurons[index]
+                try:
+                    result = self.process(index)
+                except LLMError as err:
+                    self.store.fail_neuron(job_id, layer, neuron, str(err))
+                else:
+                    self.store.save_neuron(job_id, self.run_info.run_id, result)
+                done += 1
+                progress("neurons", done, len(self.neurons))
+            else:
+                failed = self.store.job_neuron_states(job_id)
+                state = "partial" if any(s == "failed" for s, _ in failed.values()) else "complete"
+        except BudgetExceeded as err:
+            state, message = "stopped", str(err)
+        except BaseException:
+            self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
+            raise
+        self.store.set_job_state(job_id, state, message)
+        return self._report(job_id, state, log, message)
+
+    def _report(self, job_id: int, state: str, log: CallLog, message: str) -> JobReport:
+        states = self.store.job_neuron_states(job_id)
+        return JobReport(job_id=job_id, state=state, done=sum(s == "done" for s, _ in states.values()),
+                         failed={n: e for n, (s, e) in states.items() if s == "failed"}, total=len(self.neurons),
+                         new_calls=log.new_calls, cache_hits=log.cache_hits, tokens=log.used_tokens, message=message)
+
+    def plan(self, progress: Progress | None = None) -> Plan:
+        """Count the calls and tokens the job would spend, without calling any model."""
+        found = self.store.find_job(self.key)
+        todo = [] if found and found[1] == "complete" else self.pending(found[0] if found else None)
+        self.log = StoreCallLog(self.store, None)
+        calls = cached = prompt_tokens = completion_tokens = 0
+        cost: float | None = 0.0
+        stand_in = "x " * 40  # an explanation of typical length, for simulations of explanations not written yet
+        for step, index in enumerate(todo):
+            splits = self._splits(self.neurons[index])
+            requests: list[tuple[Backend, str, Any]] = []
+            texts: list[str] = [stand_in]
+            if self._uses_explainer:
+                explainer = self.backend(self.settings.explainer)
+                prompt = prompt_for(explainer, splits)
+                for payload, p, c in explainer.requests("explain", prompt, self.settings.samples, self.settings.seed):
+                    requests.append((explainer, "explain", (payload, p, c)))
+                texts = [stand_in] * self.settings.samples
+            elif self.settings.explanation is not None:
+                texts = [self.settings.explanation]
+            if self.settings.kind != "explain":
+                simulator = self.backend(self.settings.simulator)
+                runs = [(t, splits.select) for t in texts] if len(texts) > 1 else []
+                runs += [(texts[0], splits.test), (stand_in, splits.test)]  # the chosen one, the shuffled control
+                for text, examples in runs:
+                    for payload, p, c in simulator.requests("simulate", text, [e.tokens for e in examples]):
+                        requests.append((simulator, "simulate", (payload, p, c)))
+            for backend, kind, (payload, p, c) in requests:
+                if backend.is_cached(kind, payload):
+                    cached += 1
+                    continue
+                calls += 1
+                prompt_tokens += p
+                completion_tokens += c
+                if cost is not None and backend.price is not None:
+                    cost += (p * backend.price[0] + c * backend.price[1]) / 1e6
+                else:
+                    cost = None
+            if progress:
+                progress("planning", step + 1, len(todo))
+        return Plan(len(todo), calls, cached, prompt_tokens, completion_tokens, cost)
+
+
+def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Selection, **options: Any) -> JobReport:
+    """Build and run a job in one call (tests and scripts)."""
+    factory = options.pop("backend_factory", None)
+    job = Job(store, run, settings, selection, backend_factory=factory)
+    try:
+        return job.run(**options)
+    finally:
+        job.close()
+
+
+def neurons_from_args(values: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """`12/345` or `L12/N345` -> (12, 345); JobError for anything else."""
+    out = []
+    for value in values:
+        m = re.fullmatch(r"[Ll]?(\d+)/[Nn]?(\d+)", value.strip())
+        if not m:
+            raise JobError(f"cannot read neuron {value!r}: write LAYER/NEURON, e.g. 12/345")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return tuple(out)

@@ -1,0 +1,248 @@
+"""The backend interface, the call log that audits and caches every LLM call, and backend specs.
+
+A backend explains (prompt -> sentences) and simulates (explanation + excerpts -> an expected
+0-9 value per token). Every exchange with a model goes through `Backend.call`, which looks the
+request up in the call log first (a hit costs nothing), enforces the token budget, times the call
+and records it. API keys never enter a request payload, so they never reach the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.prompts import ExplainPrompt
+
+
+class LLMError(Exception):
+    """A failed or unusable LLM exchange, as one line (recorded against the neuron, never fatal to a job)."""
+
+
+class BudgetExceeded(Exception):
+    """The job's token budget would be passed by the next call; the job stops cleanly."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One exchange with a model, as the audit log keeps it."""
+
+    backend: str
+    """Backend spec, e.g. `local:qwen-1.5b`."""
+    model: str
+    """Model name and revision as the backend knows it."""
+    kind: str
+    """explain or simulate."""
+    prompt: str
+    """The request: prompt text or JSON of messages and parameters."""
+    response: str
+    """The answer as text (JSON for structured answers)."""
+    prompt_tokens: int
+    """Tokens sent."""
+    completion_tokens: int
+    """Tokens generated."""
+    latency_s: float
+    """Wall time of the call."""
+
+
+class CallLog:
+    """An in-memory call log: cache by key, token accounting, an optional budget. The store-backed log
+    (core.jobs) subclasses it to persist calls; this one serves tests and one-off use."""
+
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens
+        self.used_tokens = 0
+        self.new_calls = 0
+        self.cache_hits = 0
+        self._lock = threading.Lock()
+        self._memory: dict[str, str] = {}
+
+    def lookup(self, key: str) -> str | None:
+        """The cached response for a request key, if any."""
+        return self._memory.get(key)
+
+    def save(self, key: str, call: Call) -> None:
+        """Keep a finished call (subclasses persist it)."""
+        self._memory[key] = call.response
+
+    def reserve(self, tokens: int) -> None:
+        """Account for a call about to be made; BudgetExceeded if it would pass the budget."""
+        with self._lock:
+            if self.max_tokens is not None and self.used_tokens + tokens > self.max_tokens:
+                raise BudgetExceeded(
+                    f"token budget reached: {self.used_tokens:,} used, the next call needs about {tokens:,} more "
+                    f"(--max-tokens {self.max_tokens:,})"
+                )
+            self.used_tokens += tokens
+
+    def settle(self, reserved: int, actual: int) -> None:
+        """Replace a reservation by the call's actual token count."""
+        with self._lock:
+            self.used_tokens += actual - reserved
+
+
+def request_key(backend: str, revision: str, kind: str, payload: Any) -> str:
+    """A stable cache key for a request: same backend, weights, kind and payload -> same key."""
+    text = json.dumps([backend, revision, kind, payload], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Backend(ABC):
+    """An explainer and simulator. Subclasses implement `_explain` and `_simulate` through `call`."""
+
+    #: The spec the user named, e.g. `local:qwen-1.5b`.
+    spec: str
+    #: Weights revision or server model id: part of every cache key.
+    revision: str = ""
+    #: Dollars per million (prompt, completion) tokens, where known.
+    price: tuple[float, float] | None = None
+
+    def __init__(self) -> None:
+        self.log = CallLog()
+
+    def bind(self, log: CallLog) -> None:
+        """Send this backend's calls through `log` (the job's store-backed log)."""
+        self.log = log
+
+    # -- the two operations -----------------------------------------------------------------------
+    def explain(self, prompt: ExplainPrompt, n: int = 1, seed: int = 0) -> list[str]:
+        """n explanations of a neuron (greedy when n == 1, else n seeded samples)."""
+        texts = self._explain(prompt, n, seed)
+        cleaned = [clean_explanation(t) for t in texts]
+        if not any(cleaned):
+            raise LLMError(f"{self.spec} returned no usable explanation (answer began {texts[0][:60]!r})")
+        return [c or cleaned[next(i for i, x in enumerate(cleaned) if x)] for c in cleaned]
+
+    def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """The expected activation (0-9 scale) at every token of every excerpt, given the explanation."""
+        out = self._simulate(explanation, excerpts)
+        for tokens, pred in zip(excerpts, out):
+            if len(pred) != len(tokens):
+                raise LLMError(f"{self.spec} simulated {len(pred)} values for {len(tokens)} tokens")
+        return [np.asarray(p, np.float32) for p in out]
+
+    @abstractmethod
+    def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]: ...
+
+    @abstractmethod
+    def _simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]: ...
+
+    def requests(self, kind: str, *args: Any) -> list[tuple[Any, int, int]]:
+        """The calls `explain(prompt, n, seed)` or `simulate(explanation, excerpts)` would make, as (payload or
+        None when unknown, prompt tokens, completion tokens), for dry runs. This default estimates from text
+        lengths; backends that know their payloads return them, so cached calls are recognised."""
+        from core.prompts import simulation_text
+
+        if kind == "explain":
+            prompt, n, _seed = args
+            return [(None, self.count_tokens(prompt.text()), 48 * n)]
+        explanation, excerpts = args
+        return [(None, self.count_tokens(simulation_text(explanation, tokens).text), 2 * len(tokens))
+                for tokens in excerpts]
+
+    def is_cached(self, kind: str, payload: Any) -> bool:
+        """Whether a request with this payload is in the call log."""
+        return payload is not None and self.log.lookup(request_key(self.spec, self.revision, kind, payload)) is not None
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a text in this backend's tokenizer (an estimate where it has none)."""
+        return max(1, len(text) // 4)
+
+    def context_tokens(self) -> int:
+        """How many prompt tokens an explanation request may use."""
+        return 6000
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release models or connections."""
+
+    # -- calls through the log --------------------------------------------------------------------
+    def call(self, kind: str, payload: Any, run: Callable[[], tuple[str, int, int]], *, estimate: int) -> str:
+        """Answer a request from the log, or run it: `run()` returns (response, prompt tokens, completion
+        tokens). `estimate` (tokens) is reserved against the budget before the call."""
+        key = request_key(self.spec, self.revision, kind, payload)
+        cached = self.log.lookup(key)
+        if cached is not None:
+            self.log.cache_hits += 1
+            return cached
+        self.log.reserve(estimate)
+        start = time.perf_counter()
+        try:
+            response, prompt_tokens, completion_tokens = run()
+        except BaseException:
+            self.log.settle(estimate, 0)
+            raise
+        self.log.settle(estimate, prompt_tokens + completion_tokens)
+        self.log.new_calls += 1
+        prompt_text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        self.log.save(key, Call(self.spec, self.revision, kind, prompt_text, response, prompt_tokens,
+                                completion_tokens, time.perf_counter() - start))
+        return response
+
+
+def clean_explanation(text: str) -> str:
+    """The first sentence-like line of an answer, without labels, quotes or list markers."""
+    for line in text.strip().splitlines():
+        line = line.strip().lstrip("-*#>0123456789. ").strip()
+        for label in ("explanation:", "answer:", "the neuron fires on", "this neuron fires on"):
+            if line.lower().startswith(label) and label.endswith(":"):
+                line = line[len(label):].strip()
+        line = line.strip('"\'` ')
+        if len(line) >= 2:
+            return line[:2000]
+    return ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed backend spec."""
+
+    kind: str
+    """local, openai or baseline."""
+    model: str
+    """Model name ('' for baseline)."""
+    base_url: str | None = None
+    """Server URL for openai specs given as MODEL@URL."""
+
+
+BACKENDS = ("local", "openai", "baseline")
+
+
+def parse_spec(spec: str) -> Spec:
+    """`local:qwen-1.5b`, `openai:gpt-4o-mini`, `openai:MODEL@http://host:port/v1`, `baseline`."""
+    kind, _, rest = spec.partition(":")
+    if kind == "baseline" and not rest:
+        return Spec("baseline", "")
+    if kind not in BACKENDS or not rest:
+        raise LLMError(
+            f"unknown backend {spec!r}: use local:MODEL (e.g. local:qwen-1.5b), openai:MODEL[@URL] or baseline"
+        )
+    if kind == "openai" and "@" in rest:
+        model, _, url = rest.partition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            raise LLMError(f"bad openai spec {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
+        return Spec("openai", model, url)
+    return Spec(kind, rest)
+
+
+def make_backend(spec: str, *, device: str | None = None, dtype: str | None = None,
+                 status: Callable[[str], None] | None = None) -> Backend:
+    """Build the backend a spec names (models load here, lazily imported)."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "baseline":
+        from core.llm.baseline import BaselineBackend
+
+        return BaselineBackend()
+    if parsed.kind == "local":
+        from core.llm.local import LocalBackend
+
+        return LocalBackend(parsed.model, spec=spec, device=device, dtype=dtype, status=status)
+    from core.llm.openai_api import OpenAIBackend
+
+    return OpenAIBackend(parsed.model, spec=spec, base_url=parsed.base_url)

@@ -1,0 +1,160 @@
+"""The local backend: a Hugging Face causal LM in this process (packaged, a folder, a GGUF or a hub id).
+
+Explanations come from generation (greedy, or n seeded samples in one batch). Simulation is ONE forward
+pass per batch of excerpts: the prompt is built from ids (core.prompts.simulation_ids), the base model
+gives the final hidden state, and only the ten digit rows of the output embedding are applied at the
+position before each slot, so the full softmax over the digits costs a few multiply-adds per token
+instead of a vocabulary-wide logit tensor. The prediction is the expected digit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from core.llm.base import Backend, LLMError
+from core.prompts import (
+    TOP,
+    ExplainPrompt,
+    bos_ids,
+    chat_opening_ids,
+    digit_ids,
+    encode_text,
+    simulation_ids,
+    simulation_prefix,
+)
+
+#: Longest explanation generated, in tokens.
+MAX_NEW_TOKENS = 48
+#: Sampling temperature when several explanations are asked for.
+TEMPERATURE = 0.8
+#: Bumped when the prompt wording changes, so cached answers to old prompts are not reused.
+PROMPT_VERSION = 1
+
+
+class LocalBackend(Backend):
+    """An in-process model as explainer and simulator."""
+
+    def __init__(self, model: str, *, spec: str, device: str | None = None, dtype: str | None = None,
+                 status: Callable[[str], None] | None = None, batch_size: int = 8) -> None:
+        super().__init__()
+        from core.subject import load_subject
+
+        self.spec = spec
+        self.lm = load_subject(model, device=device, dtype=dtype, status=status)
+        self.revision = self.lm.revision
+        self.price = (0.0, 0.0)
+        self.batch_size = batch_size
+        tok = self.lm.tokenizer
+        try:
+            self.digits = digit_ids(tok)
+        except ValueError as err:
+            raise LLMError(f"{spec} cannot simulate in one pass: {err}") from None
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # -- explanation --------------------------------------------------------------------------------
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            return chat_opening_ids(tok, messages)
+        return bos_ids(tok) + encode_text(tok, "\n\n".join(m["content"] for m in messages) + "\n\nExplanation:")
+
+    def count_tokens(self, text: str) -> int:
+        return len(encode_text(self.lm.tokenizer, text))
+
+    def context_tokens(self) -> int:
+        limit = int(getattr(self.lm.model.config, "max_position_embeddings", 4096) or 4096)
+        return min(limit, 8192) - MAX_NEW_TOKENS - 64
+
+    def _explain_payload(self, prompt: ExplainPrompt, n: int, seed: int) -> tuple[list[int], dict[str, Any]]:
+        ids = self._chat_ids(prompt.messages())
+        return ids, {"v": PROMPT_VERSION, "prompt": self.lm.tokenizer.decode(ids), "n": n, "seed": seed if n > 1 else 0,
+                     "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE if n > 1 else 0}
+
+    def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
+        ids, payload = self._explain_payload(prompt, n, seed)
+        answer = self.call("explain", payload, lambda: self._generate(ids, n, seed), estimate=len(ids) + n * MAX_NEW_TOKENS)
+        return list(json.loads(answer))
+
+    def requests(self, kind: str, *args: Any) -> list[tuple[Any, int, int]]:
+        if kind == "explain":
+            ids, payload = self._explain_payload(*args)
+            return [(payload, len(ids), args[1] * MAX_NEW_TOKENS)]
+        explanation, excerpts = args
+        prompts = self._simulation_prompts(explanation, excerpts)
+        return [(self._simulation_payload(explanation, excerpts), sum(len(p.ids) for p in prompts), 0)]
+
+    @staticmethod
+    def _simulation_payload(explanation: str, excerpts: Sequence[Sequence[str]]) -> dict[str, Any]:
+        return {"v": PROMPT_VERSION, "explanation": explanation, "excerpts": [list(t) for t in excerpts]}
+
+    def _simulation_prompts(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[Any]:
+        prefix = simulation_prefix(self.lm.tokenizer, explanation)
+        return [simulation_ids(self.lm.tokenizer, explanation, tokens, prefix) for tokens in excerpts]
+
+    def _generate(self, prompt_ids: list[int], n: int, seed: int) -> tuple[str, int, int]:
+        import torch
+
+        tok = self.lm.tokenizer
+        ids = torch.tensor([prompt_ids], device=self.lm.device)
+        options: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS, "pad_token_id": self.pad_id,
+                                   "stop_strings": ["\n"], "tokenizer": tok}
+        if n > 1:
+            options.update(do_sample=True, temperature=TEMPERATURE, top_p=0.95, num_return_sequences=n)
+        else:
+            options.update(do_sample=False)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+        new = out[:, ids.shape[1]:]
+        texts = [tok.decode(row, skip_special_tokens=True) for row in new]
+        generated = int((new != self.pad_id).sum())
+        return json.dumps(texts, ensure_ascii=False), int(ids.shape[1]), generated
+
+    # -- simulation ---------------------------------------------------------------------------------
+    def _simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        payload = self._simulation_payload(explanation, excerpts)
+        prompts = self._simulation_prompts(explanation, excerpts)
+        total = sum(len(p.ids) for p in prompts)
+        answer = self.call("simulate", payload, lambda: (json.dumps(self.expected_values(prompts)), total, 0),
+                           estimate=total)
+        return [np.asarray(v, np.float32) for v in json.loads(answer)]
+
+    def expected_values(self, prompts: Sequence[Any]) -> list[list[float]]:
+        """The expected digit at every slot of every prompt (core.prompts.SimulationIds), batch by batch."""
+        import torch
+
+        model = self.lm.model
+        head = model.get_output_embeddings()
+        rows = head.weight[self.digits]  # [10, hidden]
+        bias = head.bias[self.digits] if getattr(head, "bias", None) is not None else None
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        scale = torch.arange(TOP + 1, dtype=torch.float32, device=self.lm.device)
+        out: list[list[float]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            width = max(len(p.ids) for p in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, p in enumerate(batch):
+                ids[i, :len(p.ids)] = torch.tensor(p.ids)
+                mask[i, :len(p.ids)] = 1
+            with torch.inference_mode():
+                hidden = model.base_model(input_ids=ids.to(self.lm.device),
+                                          attention_mask=mask.to(self.lm.device)).last_hidden_state  # [b, pos, hidden]
+                for i, p in enumerate(batch):
+                    before = torch.tensor(p.slots, device=self.lm.device) - 1
+                    logits = hidden[i, before] @ rows.T  # [slots, 10]
+                    if bias is not None:
+                        logits = logits + bias
+                    if cap:
+                        logits = torch.tanh(logits / cap) * cap
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    out.append((probs @ scale).tolist())
+        return out
+
+    def close(self) -> None:
+        del self.lm

@@ -1,0 +1,302 @@
+"""Prompts for the explainer and the simulator: pure functions of records, explanations and tokenizers.
+
+Activations are shown on a 0-9 integer scale (negatives clipped, divided by the largest value shown,
+floored): in one forward pass a simulator can only read single-token numbers, and "10" is two tokens
+for Llama, Qwen and Gemma tokenizers. Our few-shot examples live in data/fewshot/*.json.
+
+The simulator prompt lists an excerpt as `token<TAB>?` lines; the `?` is the slot where the
+simulator's digit distribution is read. `simulation_ids` builds it from token ids piece by piece, so
+the slot positions are exact whatever the tokenizer merges; `simulation_text` gives the same prompt
+as text with the slots' character offsets, for servers that tokenize themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+#: Highest digit on the activation scale.
+TOP = 9
+#: Placeholder written where the simulator's prediction is read.
+SLOT = "?"
+#: Below this share of non-zero shown tokens, the explainer also gets a list of only the non-zero ones.
+SPARSE_SHARE = 0.2
+
+EXPLAIN_SYSTEM = (
+    "You study single neurons inside a language model. You get text excerpts, one token per line: the token, "
+    "a tab, then how strongly the neuron fired on it, from 0 (silent) to 9 (its strongest). Find what the high "
+    "values have in common: a word, a kind of token, a topic or a context. Answer with one short sentence "
+    "describing what the neuron responds to. No preamble, no mention of the numbers or the format."
+)
+
+SIMULATE_SYSTEM = (
+    "A neuron inside a language model has been described in one sentence. Predict how strongly it fires on "
+    "each token of a new excerpt, from 0 (silent) to 9 (its strongest). Most tokens get 0; only tokens that "
+    "match the description get high values. Each line is a token, a tab, then its value; unknown values are "
+    "written as ?."
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One excerpt as the LLM stages see it: tokens and the target activation at each."""
+
+    excerpt_id: int
+    """Excerpt id in the run."""
+    kind: str
+    """top or random (the record kind it came from; 'top' covers the negative tail's bottom records)."""
+    tokens: tuple[str, ...]
+    """Subject token strings."""
+    target: np.ndarray
+    """The tail's activation at each token (max(a, 0) or max(-a, 0)), float32 [tokens]."""
+
+
+@dataclass(frozen=True)
+class ExplainPrompt:
+    """A chat prompt asking for one explanation."""
+
+    system: str
+    """Instructions."""
+    shots: tuple[tuple[str, str], ...]
+    """Few-shot (user, assistant) turns."""
+    user: str
+    """The neuron's listing."""
+    shown: int
+    """Excerpts that fit the explainer's context."""
+    examples: tuple[tuple[tuple[str, ...], tuple[float, ...]], ...] = ()
+    """The shown excerpts as (tokens, activations on the continuous 0-9 scale), for non-LLM explainers."""
+
+    def messages(self) -> list[dict[str, str]]:
+        """OpenAI-style chat messages."""
+        out = [{"role": "system", "content": self.system}]
+        for question, answer in self.shots:
+            out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append({"role": "user", "content": self.user})
+        return out
+
+    def text(self) -> str:
+        """All message contents, for token counting and logs."""
+        return "\n\n".join(m["content"] for m in self.messages())
+
+
+def show_token(token: str) -> str:
+    """A token as one visible, inert line fragment: newlines, tabs and other control characters escaped."""
+    out = []
+    for ch in token:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch != " ":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def normalise(values: np.ndarray, scale_max: float) -> np.ndarray:
+    """Activations as integers 0..TOP: clipped at 0, divided by scale_max, floored."""
+    if not scale_max > 0:
+        return np.zeros(len(values), np.int64)
+    return np.clip(np.floor(np.asarray(values, np.float64) / scale_max * (TOP + 1)), 0, TOP).astype(np.int64)
+
+
+def on_scale(values: np.ndarray, scale_max: float) -> np.ndarray:
+    """Activations on the continuous 0..TOP scale (clipped at 0)."""
+    if not scale_max > 0:
+        return np.zeros(len(values), np.float64)
+    return np.clip(np.asarray(values, np.float64) / scale_max * TOP, 0, TOP)
+
+
+def listing(tokens: Sequence[str], digits: Sequence[int | str]) -> str:
+    """`token<TAB>value` lines."""
+    return "\n".join(f"{show_token(t)}\t{d}" for t, d in zip(tokens, digits))
+
+
+@cache
+def fewshot(name: str) -> Any:
+    """A few-shot file of data/fewshot/, parsed."""
+    return json.loads(resources.files("core.data").joinpath("fewshot", f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]]) -> str:
+    """The user turn for a set of excerpts with integer values."""
+    parts = [f"Excerpt {i + 1}:\n{listing(tokens, digits.tolist())}" for i, (tokens, digits) in enumerate(excerpts)]
+    shown = sum(len(d) for _, d in excerpts)
+    nonzero = [(t, d) for tokens, digits in excerpts for t, d in zip(tokens, digits) if d > 0]
+    if shown and 0 < len(nonzero) < SPARSE_SHARE * shown:
+        parts.append("The same excerpts, only the tokens with a non-zero value:\n"
+                     + listing([t for t, _ in nonzero], [d for _, d in nonzero]))
+    return "\n\n".join(parts) + "\n\nWhat does this neuron respond to?"
+
+
+def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], int], budget: int) -> ExplainPrompt:
+    """The explainer prompt for a neuron's train excerpts, trimmed (last excerpts first) to `budget` tokens
+    as counted by the explainer's own tokenizer; at least one excerpt is always shown."""
+    scale_max = max((float(np.max(e.target)) for e in examples if len(e.target)), default=0.0)
+    shots = tuple(
+        (_explain_listing([(s["tokens"], np.asarray(s["values"])) for s in shot["excerpts"]]), shot["explanation"])
+        for shot in fewshot("explain")
+    )
+    normalised = [(e.tokens, normalise(e.target, scale_max)) for e in examples]
+    scaled = tuple((tuple(e.tokens), tuple(float(v) for v in on_scale(e.target, scale_max))) for e in examples)
+    n = len(normalised)
+    while True:
+        prompt = ExplainPrompt(EXPLAIN_SYSTEM, shots, _explain_listing(normalised[:n]), n, scaled[:n])
+        if n <= 1 or count_tokens(prompt.text()) <= budget:
+            return prompt
+        n -= 1
+
+
+# -- simulation ---------------------------------------------------------------------------------------
+
+def _simulation_head(explanation: str) -> str:
+    """Everything before the excerpt's lines: one worked example, then the explanation to simulate."""
+    shot = fewshot("simulate")
+    return (
+        f"Description: {shot['explanation']}\n{listing(shot['tokens'], shot['values'])}\n\n"
+        f"Description: {show_token(explanation.strip())}\n"
+    )
+
+
+@dataclass(frozen=True)
+class SimulationText:
+    """A simulation prompt as text, with the character offset of every slot."""
+
+    text: str
+    """The prompt."""
+    slots: tuple[int, ...]
+    """Offset in `text` of each token's `?`."""
+
+
+def simulation_text(explanation: str, tokens: Sequence[str]) -> SimulationText:
+    """The prompt as plain text (completion servers): instructions, example, explanation, slot lines."""
+    text = SIMULATE_SYSTEM + "\n\n" + _simulation_head(explanation)
+    slots = []
+    for token in tokens:
+        text += show_token(token) + "\t"
+        slots.append(len(text))
+        text += SLOT + "\n"
+    return SimulationText(text, tuple(slots))
+
+
+def simulation_messages(explanation: str, tokens: Sequence[str]) -> list[dict[str, str]]:
+    """The prompt as chat messages, for servers that only offer chat: the answer is the filled-in lines."""
+    body = _simulation_head(explanation) + listing(tokens, [SLOT] * len(tokens))
+    return [
+        {"role": "system", "content": SIMULATE_SYSTEM + " Answer with the same lines, every ? replaced by a digit, "
+                                                        "and nothing else."},
+        {"role": "user", "content": body},
+    ]
+
+
+@dataclass(frozen=True)
+class SimulationIds:
+    """A simulation prompt as token ids, with the position of every slot token."""
+
+    ids: tuple[int, ...]
+    """Prompt token ids."""
+    slots: tuple[int, ...]
+    """Index in `ids` of each token's slot; the prediction is read from the logits one position earlier."""
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of untrusted text, as text: strings that spell a control token (`<|im_end|>`, `<bos>`) stay plain
+    text, and a SentencePiece dummy prefix (Llama-2, Mistral) is not added in front of a piece, so pieces
+    encoded one by one read exactly like the same text encoded whole."""
+    if not text:
+        return []
+
+    def encode(piece: str) -> list[int]:
+        return list(tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True))
+
+    # Encoded behind a newline, which takes any dummy prefix instead, then the newline's ids dropped. Where the
+    # newline merges into the text (a text starting with a newline), the text is encoded on its own.
+    anchor, both = encode("\n"), encode("\n" + text)
+    if both[: len(anchor)] == anchor and len(both) > len(anchor):
+        return both[len(anchor):]
+    return encode(text)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return encode_text(tokenizer, text)
+
+
+def bos_ids(tokenizer: Any) -> list[int]:
+    """The beginning-of-sequence id when the tokenizer puts one in front of every text (Gemma, Llama), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    probe = tokenizer.encode("a")
+    return [bos] if probe and probe[0] == bos else []
+
+
+def chat_opening_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Ids of a chat up to the assistant's answer. The template's own markers become control tokens, while every
+    message's content is encoded as text (`encode_text`), so untrusted content cannot close a turn."""
+    marks = [f"\x00{i}\x00" for i in range(len(messages))]
+    stand_ins = [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)]
+    try:
+        rendered = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template without a system role: fold the instructions into the first turn
+        folded = [dict(m) for m in messages[1:]]
+        folded[0]["content"] = messages[0]["content"] + "\n\n" + folded[0]["content"]
+        return chat_opening_ids(tokenizer, folded)
+    ids: list[int] = []
+    rest = str(rendered)
+    for mark, message in zip(marks, messages):
+        template_part, _, rest = rest.partition(mark)
+        ids += list(tokenizer.encode(template_part, add_special_tokens=False)) + encode_text(tokenizer, message["content"])
+    ids += list(tokenizer.encode(rest, add_special_tokens=False))
+    if not ids or ids[0] not in bos_ids(tokenizer):  # templates that do not write <bos> themselves
+        ids = bos_ids(tokenizer) + ids
+    return ids
+
+
+def simulation_prefix(tokenizer: Any, explanation: str) -> list[int]:
+    """Ids of everything before the first slot line: the chat template's turn opening when the
+    tokenizer has one (the lines are then the assistant's answer), else the plain-text header."""
+    head = _simulation_head(explanation)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SIMULATE_SYSTEM}, {"role": "user", "content": "Fill in the values."}]
+        return chat_opening_ids(tokenizer, messages) + _encode(tokenizer, head)
+    return bos_ids(tokenizer) + _encode(tokenizer, SIMULATE_SYSTEM + "\n\n" + head)
+
+
+def simulation_ids(tokenizer: Any, explanation: str, tokens: Sequence[str],
+                   prefix: Sequence[int] | None = None) -> SimulationIds:
+    """The prompt built from ids piece by piece: prefix, then per token its text, a tab, the slot, a newline."""
+    ids = list(prefix if prefix is not None else simulation_prefix(tokenizer, explanation))
+    tab, slot, newline = _pieces(tokenizer)
+    slots = []
+    for token in tokens:
+        ids += _encode(tokenizer, show_token(token)) + tab
+        slots.append(len(ids))
+        ids += slot + newline
+    return SimulationIds(tuple(ids), tuple(slots))
+
+
+def _pieces(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    return _encode(tokenizer, "\t"), _encode(tokenizer, SLOT), _encode(tokenizer, "\n")
+
+
+def digit_ids(tokenizer: Any) -> list[int]:
+    """The single token id of each digit 0..TOP; ValueError if a digit is not one token."""
+    out = []
+    for d in range(TOP + 1):
+        ids = _encode(tokenizer, str(d))
+        if len(ids) != 1:
+            raise ValueError(f"the digit {d} is {len(ids)} tokens in this tokenizer")
+        if ids[0] == getattr(tokenizer, "unk_token_id", None):
+            raise ValueError(f"the digit {d} is not in this tokenizer's vocabulary")
+        out.append(ids[0])
+    return out

@@ -1,0 +1,113 @@
+"""What explain/score jobs produce for a neuron, and what `show` and the tables read back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.score import Score
+
+#: Explanation roles: the explainer's own candidates, another neuron's explanation scored on this
+#: neuron's records (the shuffled control), the token-lookup baseline, and a user's sentence.
+ROLES = ("candidate", "shuffled", "baseline", "user")
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """Predicted activations (0-9 scale) on one held-out excerpt."""
+
+    excerpt_id: int
+    """Excerpt id in the run."""
+    kind: str
+    """top or random."""
+    split: str
+    """select or test."""
+    predicted: tuple[float, ...]
+    """Expected value at every token."""
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Every method's score of one explanation on one split."""
+
+    split: str
+    """select or test."""
+    simulator: str
+    """Backend spec of the simulator."""
+    scores: tuple[Score, ...]
+    """One per method of core.score.METHODS."""
+
+    def get(self, method: str = "all") -> Score | None:
+        """The score of one method."""
+        return next((s for s in self.scores if s.method == method), None)
+
+
+@dataclass(frozen=True)
+class ScoredExplanation:
+    """One explanation of a neuron with its simulations and scores."""
+
+    text: str
+    """The explanation."""
+    explainer: str
+    """Backend spec that wrote it ('user' for a user's sentence)."""
+    role: str
+    """candidate, shuffled, baseline or user."""
+    sample: int = 0
+    """Index among the k candidates."""
+    selected: bool = False
+    """The candidate chosen on the select split (or the only one)."""
+    source: tuple[int, int] | None = None
+    """(layer, neuron) the explanation was written for, when it is another neuron's."""
+    simulations: tuple[Simulation, ...] = ()
+    """Predictions per held-out excerpt."""
+    splits: tuple[SplitScores, ...] = ()
+    """Scores per split."""
+
+    def score(self, split: str = "test", method: str = "all") -> Score | None:
+        """One score, if it was measured."""
+        for s in self.splits:
+            if s.split == split:
+                return s.get(method)
+        return None
+
+
+@dataclass(frozen=True)
+class NeuronResult:
+    """Everything one job wrote for one neuron (persisted in one transaction)."""
+
+    layer: int
+    """Layer."""
+    neuron: int
+    """Neuron index."""
+    tail: str
+    """pos or neg."""
+    explanations: tuple[ScoredExplanation, ...] = field(default=())
+    """Candidates, controls and user sentences."""
+
+
+@dataclass(frozen=True)
+class NeuronSummary:
+    """One line of the ranked table: a neuron's selected explanation and its controls on the test split."""
+
+    layer: int
+    """Layer."""
+    neuron: int
+    """Neuron index."""
+    tail: str
+    """pos or neg."""
+    text: str
+    """The selected explanation."""
+    explainer: str
+    """Who wrote it."""
+    score: Score | None
+    """Its headline score (test split, all)."""
+    shuffled: Score | None
+    """The shuffled control's score on the same records."""
+    baseline: Score | None
+    """The token-lookup baseline's score on the same records."""
+    selectivity: float = 0.0
+    """The neuron's selectivity statistic."""
+
+    @property
+    def beats_shuffled(self) -> bool:
+        """True when the interval of the score lies above the shuffled control's score."""
+        return self.score is not None and self.shuffled is not None and self.score.ci_low > self.shuffled.value

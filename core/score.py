@@ -1,0 +1,98 @@
+"""Scores of a simulation against the real activations, with bootstrap intervals.
+
+Methods (each a row in the store's `scores` table):
+- `all`: Pearson correlation pooled over every token of the held-out top and random excerpts (the headline);
+- `top`, `random`: the same over the top-only or random-only excerpts;
+- `r2`: centred r², 1 - sum((a' - p')^2) / sum(a'^2) where a' is the target on the prompt's 0-9 scale and
+  p' the prediction, each minus its mean: like correlation it ignores an offset, unlike it it also
+  rewards predicting the right size of a peak (it can be negative).
+A constant prediction or target has no correlation: the score is 0 with a flag, never a crash.
+Intervals: percentile bootstrap over excerpts (tokens within an excerpt are not independent),
+resampling top and random excerpts separately, from per-excerpt sums so it is one matrix product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.prompts import TOP
+
+METHODS = ("all", "top", "random", "r2")
+#: Bootstrap resamples.
+BOOTSTRAP = 1000
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score of one simulation."""
+
+    method: str
+    """all, top, random or r2."""
+    value: float
+    """The score (0 when undefined, with a flag)."""
+    ci_low: float
+    """Lower end of the 95% bootstrap interval."""
+    ci_high: float
+    """Upper end of the 95% bootstrap interval."""
+    n: int
+    """Tokens scored."""
+    flags: str = ""
+    """Comma-separated: constant_prediction, constant_target, no_tokens."""
+
+
+def _sums(target: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Per-excerpt sufficient statistics [n, Σa, Σp, Σa², Σp², Σap] in float64."""
+    a = np.asarray(target, np.float64)
+    p = np.asarray(predicted, np.float64)
+    return np.array([len(a), a.sum(), p.sum(), (a * a).sum(), (p * p).sum(), (a * p).sum()])
+
+
+def _from_sums(s: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, constant prediction mask, constant target mask) for stacked sums [..., 6]."""
+    n = np.maximum(s[..., 0], 1)
+    saa = s[..., 3] - s[..., 1] ** 2 / n
+    spp = s[..., 4] - s[..., 2] ** 2 / n
+    sap = s[..., 5] - s[..., 1] * s[..., 2] / n
+    eps = 1e-9
+    flat_p = spp <= eps * s[..., 4]  # relative: the spread is nothing next to the values themselves
+    flat_a = saa <= eps * s[..., 3]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "r2":
+            value = 1.0 - (saa + spp - 2 * sap) / saa
+            value = np.where(flat_a, 0.0, value)
+        else:
+            value = np.where(flat_a | flat_p, 0.0, sap / np.sqrt(saa * spp))
+    return np.clip(np.nan_to_num(value), -1e6, 1.0), flat_p, flat_a
+
+
+def score(kinds: Sequence[str], targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray], *,
+          scale_max: float, seed: int = 0, resamples: int = BOOTSTRAP) -> dict[str, Score]:
+    """Every method's score of predictions (0-9 scale) against targets (raw activations of the tail), per
+    excerpt; `kinds` says which excerpts are top and which random; scale_max puts targets on the 0-9 scale
+    for r²."""
+    scale = TOP / scale_max if scale_max > 0 else 1.0
+    kinds_arr = np.asarray(kinds)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for method in METHODS:
+        pick = {"top": kinds_arr == "top", "random": kinds_arr == "random"}.get(method, np.ones(len(kinds), bool))
+        index = [int(i) for i in np.flatnonzero(pick)]
+        sums = np.array([_sums(targets[i] * (scale if method == "r2" else 1.0), predictions[i]) for i in index])
+        if not index or sums[:, 0].sum() == 0:
+            out[method] = Score(method, 0.0, 0.0, 0.0, 0, "no_tokens")
+            continue
+        value, flat_p, flat_a = _from_sums(sums.sum(axis=0), method)
+        # Bootstrap weights: each stratum (top, random) resampled within itself, as multinomial counts.
+        weights = np.zeros((resamples, len(index)))
+        for kind in np.unique(kinds_arr[index]):
+            members = np.flatnonzero(kinds_arr[index] == kind)
+            weights[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), resamples)
+        boot, _, _ = _from_sums(weights @ sums, method)
+        low, high = np.percentile(boot, [2.5, 97.5])
+        flags = ",".join(f for f, on in (("constant_prediction", flat_p and method != "r2"),
+                                         ("constant_target", flat_a)) if on)
+        out[method] = Score(method, float(value), float(low), float(high), int(sums[:, 0].sum()), flags)
+    return out

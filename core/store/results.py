@@ -1,0 +1,249 @@
+"""The store's SQL for explain/score jobs: jobs and their neurons, the LLM call log, explanations,
+simulations and scores, and the queries that read them back. Mixed into core.store.Store."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from core.llm.base import Call
+from core.results import NeuronResult, NeuronSummary, ScoredExplanation, Simulation, SplitScores
+from core.score import Score
+
+#: Statistics a neuron filter may name, and their columns.
+FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness": "skewness", "max": "max_act",
+                 "min": "min_act", "density": "density", "mean": "mean", "variance": "variance", "layer": "layer",
+                 "neuron": "neuron"}
+FILTER_OPS = ("<=", ">=", "!=", "<", ">", "=")
+#: Orders for choosing neurons.
+ORDERS = {"selectivity": "selectivity DESC", "kurtosis": "kurtosis DESC", "max": "max_act DESC",
+          "min": "min_act ASC", "density": "density ASC", "random": "hash(layer * 1000003 + neuron + ?)"}
+
+
+class ResultsMixin:
+    con: Any
+    _thread_cursors: threading.local
+
+    def _cursor(self) -> Any:
+        """A cursor for the calling thread (DuckDB connections are not shared across threads)."""
+        if threading.current_thread() is threading.main_thread():
+            return self.con
+        local = self.__dict__.setdefault("_thread_cursors", threading.local())
+        if not hasattr(local, "cursor"):
+            local.cursor = self.con.cursor()
+        return local.cursor
+
+    # -- choosing neurons -----------------------------------------------------------------------
+    def choose_neurons(self, run_id: int, *, layers: Sequence[int] | None, order: str,
+                       where: Sequence[tuple[str, str, float]], limit: int | None, seed: int = 0) -> list[tuple[int, int]]:
+        """(layer, neuron) pairs of a run, filtered by typed conditions, ordered, limited."""
+        sql = "SELECT layer, neuron FROM neurons WHERE run_id = ?"
+        params: list[Any] = [run_id]
+        if layers is not None:
+            sql += " AND list_contains(?, layer)"
+            params.append(list(layers))
+        for field, op, value in where:
+            if field not in FILTER_FIELDS or op not in FILTER_OPS:
+                raise ValueError(f"bad filter {field} {op}")
+            sql += f" AND {FILTER_FIELDS[field]} {op} ?"
+            params.append(float(value))
+        sql += f" ORDER BY {ORDERS[order]} NULLS LAST, layer, neuron"
+        if order == "random":
+            params.append(seed)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [(int(a), int(b)) for a, b in self.con.execute(sql, params).fetchall()]
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def create_job(self, run_id: int, kind: str, params: str, params_key: str, total: int) -> int:
+        """Register a running job (committed at once)."""
+        row = self.con.execute(
+            "INSERT INTO jobs (run_id, kind, params, params_key, state, total, pid) VALUES (?, ?, ?, ?, 'running', ?, ?) "
+            "RETURNING job_id", [run_id, kind, params, params_key, total, os.getpid()]).fetchall()
+        return int(row[0][0])
+
+    def find_job(self, params_key: str) -> tuple[int, str] | None:
+        """The newest job with these exact parameters: (job id, state)."""
+        rows = self.con.execute("SELECT job_id, state FROM jobs WHERE params_key = ? ORDER BY job_id DESC LIMIT 1",
+                                [params_key]).fetchall()
+        return (int(rows[0][0]), rows[0][1]) if rows else None
+
+    def set_job_state(self, job_id: int, state: str, error: str = "") -> None:
+        """Change a job's state (running also takes this process as its owner)."""
+        self.con.execute("UPDATE jobs SET state = ?, error = ?, pid = ?, updated_at = current_timestamp WHERE job_id = ?",
+                         [state, error, os.getpid(), job_id])
+
+    def job_neuron_states(self, job_id: int) -> dict[tuple[int, int], tuple[str, str]]:
+        """(layer, neuron) -> (state, error) for every neuron the job has finished or failed."""
+        rows = self.con.execute("SELECT layer, neuron, state, error FROM job_neurons WHERE job_id = ?", [job_id]).fetchall()
+        return {(int(r[0]), int(r[1])): (r[2], r[3] or "") for r in rows}
+
+    def jobs(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        """Jobs, oldest first, as dicts (id, run, kind, state, done, failed, total, error, created)."""
+        rows = self.con.execute(
+            "SELECT job_id, run_id, kind, state, done, failed, total, error, pid, "
+            "strftime(created_at, '%Y-%m-%d %H:%M:%S') FROM jobs "
+            + ("WHERE run_id = ? " if run_id is not None else "") + "ORDER BY job_id",
+            [run_id] if run_id is not None else []).fetchall()
+        from core.store import _pid_alive
+
+        keys = ("job_id", "run_id", "kind", "state", "done", "failed", "total", "error", "pid", "created_at")
+        out = [dict(zip(keys, r)) for r in rows]
+        for job in out:
+            if job["state"] == "running" and job["pid"] != os.getpid() and not _pid_alive(job["pid"]):
+                job["state"] = "interrupted"
+        return out
+
+    def fail_neuron(self, job_id: int, layer: int, neuron: int, error: str) -> None:
+        """Record a neuron the job could not finish (a rerun retries it)."""
+        with self.transaction():  # type: ignore[attr-defined]
+            self.con.execute("DELETE FROM job_neurons WHERE job_id = ? AND layer = ? AND neuron = ?", [job_id, layer, neuron])
+            self.con.execute("INSERT INTO job_neurons (job_id, layer, neuron, state, error) VALUES (?, ?, ?, 'failed', ?)",
+                             [job_id, layer, neuron, error])
+            self._count_job(job_id)
+
+    def _count_job(self, job_id: int) -> None:
+        self.con.execute(
+            "UPDATE jobs SET done = (SELECT count(*) FROM job_neurons WHERE job_id = ? AND state = 'done'), "
+            "failed = (SELECT count(*) FROM job_neurons WHERE job_id = ? AND state = 'failed'), "
+            "updated_at = current_timestamp WHERE job_id = ?", [job_id, job_id, job_id])
+
+    def save_neuron(self, job_id: int, run_id: int, result: NeuronResult) -> None:
+        """Write a neuron's explanations, simulations and scores, and mark it done, in one transaction."""
+        with self.transaction():  # type: ignore[attr-defined]
+            for ex in result.explanations:
+                source = ex.source or (None, None)
+                row = self.con.execute(
+                    "INSERT INTO explanations (run_id, layer, neuron, tail, role, explainer, sample, selected, text, "
+                    "source_layer, source_neuron, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING explanation_id",
+                    [run_id, result.layer, result.neuron, result.tail, ex.role, ex.explainer, ex.sample, ex.selected,
+                     ex.text, source[0], source[1], job_id]).fetchall()
+                eid = int(row[0][0])
+                simulator = ex.splits[0].simulator if ex.splits else ""
+                if ex.simulations:
+                    self.con.executemany(
+                        "INSERT INTO simulations VALUES (?, ?, ?, ?, ?, ?)",
+                        [[eid, simulator, s.split, s.excerpt_id, s.kind, list(s.predicted)] for s in ex.simulations])
+                rows = [[eid, split.simulator, split.split, s.method, s.value, s.ci_low, s.ci_high, s.n, s.flags]
+                        for split in ex.splits for s in split.scores]
+                if rows:
+                    self.con.executemany(
+                        "INSERT INTO scores (explanation_id, simulator, split, method, value, ci_low, ci_high, n, flags) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.con.execute("DELETE FROM job_neurons WHERE job_id = ? AND layer = ? AND neuron = ?",
+                             [job_id, result.layer, result.neuron])
+            self.con.execute("INSERT INTO job_neurons (job_id, layer, neuron, state, error) VALUES (?, ?, ?, 'done', '')",
+                             [job_id, result.layer, result.neuron])
+            self._count_job(job_id)
+
+    def mark_stale_jobs(self) -> None:
+        """Jobs left 'running' by a process that no longer exists become 'interrupted'."""
+        from core.store import _pid_alive
+
+        for job_id, pid in self.con.execute("SELECT job_id, pid FROM jobs WHERE state = 'running'").fetchall():
+            if pid != os.getpid() and not _pid_alive(pid):
+                self.set_job_state(job_id, "interrupted", "the process running it stopped before it finished")
+
+    # -- the LLM call log -------------------------------------------------------------------------
+    def lookup_call(self, key: str) -> str | None:
+        """The response of a logged call with this cache key."""
+        rows = self._cursor().execute("SELECT response FROM llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
+        return rows[0][0] if rows else None
+
+    def save_call(self, key: str, call: Call, job_id: int | None) -> None:
+        """Append a call to the log (committed at once: a later rerun finds it)."""
+        self._cursor().execute(
+            "INSERT INTO llm_calls (cache_key, backend, model, kind, prompt, response, prompt_tokens, completion_tokens, "
+            "latency_s, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [key, call.backend, call.model, call.kind, call.prompt, call.response, call.prompt_tokens,
+             call.completion_tokens, call.latency_s, job_id])
+
+    def call_totals(self, job_id: int | None = None) -> tuple[int, int]:
+        """(calls, tokens) logged, for one job or all."""
+        sql = "SELECT count(*), coalesce(sum(prompt_tokens + completion_tokens), 0) FROM llm_calls"
+        rows = self.con.execute(sql + (" WHERE job_id = ?" if job_id is not None else ""),
+                                [job_id] if job_id is not None else []).fetchall()
+        return int(rows[0][0]), int(rows[0][1])
+
+    # -- reading results --------------------------------------------------------------------------
+    def explanations(self, run_id: int, layer: int, neuron: int, *, role: str | None = None,
+                     explainer: str | None = None, tail: str | None = None) -> list[ScoredExplanation]:
+        """A neuron's explanations, newest job first, each with its simulations and scores."""
+        sql = ("SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail "
+               "FROM explanations WHERE run_id = ? AND layer = ? AND neuron = ?")
+        params: list[Any] = [run_id, layer, neuron]
+        for column, value in (("role", role), ("explainer", explainer), ("tail", tail)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        rows = self.con.execute(sql + " ORDER BY job_id DESC, explanation_id", params).fetchall()
+        out = []
+        for eid, text, explainer_, role_, sample, selected, src_layer, src_neuron, _tail in rows:
+            sims = self.con.execute(
+                "SELECT excerpt_id, kind, split, predicted FROM simulations WHERE explanation_id = ? "
+                "ORDER BY split, kind DESC, excerpt_id", [eid]).fetchall()
+            score_rows = self.con.execute(
+                "SELECT split, simulator, method, value, ci_low, ci_high, n, flags FROM scores WHERE explanation_id = ?",
+                [eid]).fetchall()
+            splits: dict[tuple[str, str], list[Score]] = {}
+            for split, simulator, method, value, low, high, n, flags in score_rows:
+                splits.setdefault((split, simulator), []).append(Score(method, value, low, high, n, flags or ""))
+            out.append(ScoredExplanation(
+                text=text, explainer=explainer_, role=role_, sample=sample, selected=bool(selected),
+                source=(src_layer, src_neuron) if src_layer is not None else None,
+                simulations=tuple(Simulation(int(e), k, s, tuple(float(v) for v in p)) for e, k, s, p in sims),
+                splits=tuple(SplitScores(split, simulator, tuple(scores)) for (split, simulator), scores in splits.items()),
+            ))
+        return out
+
+    def candidate_texts(self, run_id: int, layer: int, neuron: int, *, tail: str, explainer: str) -> list[str]:
+        """The newest job's candidate explanations of a neuron by an explainer, in sample order."""
+        rows = self.con.execute(
+            "SELECT text FROM explanations WHERE run_id = ? AND layer = ? AND neuron = ? AND tail = ? AND explainer = ? "
+            "AND role = 'candidate' QUALIFY job_id = max(job_id) OVER () ORDER BY sample",
+            [run_id, layer, neuron, tail, explainer]).fetchall()
+        return list(dict.fromkeys(r[0] for r in rows))
+
+    def summaries(self, run_id: int, *, job_id: int | None = None, limit: int | None = None) -> list[NeuronSummary]:
+        """Per neuron and tail, the newest selected explanation with its controls from the same job, best score
+        first."""
+        params: list[Any] = [run_id]
+        job_filter = ""
+        if job_id is not None:
+            job_filter = " AND e.job_id = ?"
+            params.append(job_id)
+        sql = f"""
+        WITH chosen AS (
+            SELECT * FROM explanations e WHERE run_id = ? AND selected{job_filter}
+            QUALIFY row_number() OVER (PARTITION BY layer, neuron, tail ORDER BY job_id DESC, explanation_id DESC) = 1
+        ), headline AS (
+            SELECT explanation_id, value, ci_low, ci_high, n, flags FROM scores WHERE split = 'test' AND method = 'all'
+        )
+        SELECT c.layer, c.neuron, c.tail, c.text, c.explainer, h.value, h.ci_low, h.ci_high, h.n, h.flags,
+               sh.value, sh.ci_low, sh.ci_high, sh.n, sh.flags, b.value, b.ci_low, b.ci_high, b.n, b.flags,
+               n.selectivity
+        FROM chosen c
+        LEFT JOIN headline h ON h.explanation_id = c.explanation_id
+        LEFT JOIN explanations se ON se.job_id = c.job_id AND se.layer = c.layer AND se.neuron = c.neuron
+             AND se.tail = c.tail AND se.role = 'shuffled'
+        LEFT JOIN headline sh ON sh.explanation_id = se.explanation_id
+        LEFT JOIN explanations be ON be.job_id = c.job_id AND be.layer = c.layer AND be.neuron = c.neuron
+             AND be.tail = c.tail AND be.role = 'baseline'
+        LEFT JOIN headline b ON b.explanation_id = be.explanation_id
+        LEFT JOIN neurons n ON n.run_id = c.run_id AND n.layer = c.layer AND n.neuron = c.neuron
+        ORDER BY h.value DESC NULLS LAST, c.layer, c.neuron
+        """
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self.con.execute(sql, params).fetchall()
+
+        def score(values: Sequence[Any]) -> Score | None:
+            return None if values[0] is None else Score("all", values[0], values[1], values[2], values[3], values[4] or "")
+
+        return [NeuronSummary(layer=r[0], neuron=r[1], tail=r[2], text=r[3], explainer=r[4], score=score(r[5:10]),
+                              shuffled=score(r[10:15]), baseline=score(r[15:20]), selectivity=r[20] or 0.0)
+                for r in rows]

@@ -1,0 +1,87 @@
+"""The store's schema, its version, and the upgrade from older versions.
+
+Version 2 replaced version 1's unused placeholder tables for explanations, simulations, scores, LLM
+calls and jobs by the ones the explain/score jobs write; a version-1 store is upgraded in place the
+first time a writing command opens it (its collections are kept as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA_VERSION = 2
+
+
+class StoreError(Exception):
+    """A store problem, as one line naming the problem and the fix."""
+
+
+_COLLECTION = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE SEQUENCE run_ids START 1;
+CREATE TABLE runs (
+    run_id INTEGER PRIMARY KEY DEFAULT nextval('run_ids'), model VARCHAR, model_revision VARCHAR,
+    corpus VARCHAR, settings VARCHAR, layers INTEGER[], neurons_per_layer INTEGER, dtype VARCHAR,
+    shard VARCHAR, status VARCHAR, pid INTEGER, created_at TIMESTAMP DEFAULT current_timestamp,
+    finished_at TIMESTAMP, n_excerpts BIGINT DEFAULT 0, error VARCHAR DEFAULT '');
+CREATE TABLE excerpts (run_id INTEGER, excerpt_id BIGINT, token_ids INTEGER[], tokens VARCHAR[]);
+CREATE TABLE neurons (
+    run_id INTEGER, layer SMALLINT, neuron INTEGER, count BIGINT, mean DOUBLE, variance DOUBLE,
+    skewness DOUBLE, kurtosis DOUBLE, max_act REAL, min_act REAL, density REAL, selectivity REAL,
+    sums DOUBLE[], min_excerpt_max REAL, histogram BIGINT[], cell_counts BIGINT[], quantile_edges REAL[]);
+CREATE TABLE records (
+    run_id INTEGER, layer SMALLINT, neuron INTEGER, kind VARCHAR, rank SMALLINT, bin SMALLINT,
+    excerpt_id BIGINT, max_act REAL, min_act REAL, scale REAL, acts BLOB);
+"""
+
+#: Tables written by explain/score jobs (version 2).
+_RESULTS = """
+CREATE SEQUENCE explanation_ids START 1;
+CREATE TABLE explanations (
+    explanation_id BIGINT PRIMARY KEY DEFAULT nextval('explanation_ids'), run_id INTEGER, layer SMALLINT,
+    neuron INTEGER, tail VARCHAR, role VARCHAR, explainer VARCHAR, sample SMALLINT, selected BOOLEAN, text VARCHAR,
+    source_layer SMALLINT, source_neuron INTEGER, job_id BIGINT, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE simulations (
+    explanation_id BIGINT, simulator VARCHAR, split VARCHAR, excerpt_id BIGINT, kind VARCHAR, predicted REAL[]);
+CREATE TABLE scores (
+    explanation_id BIGINT, simulator VARCHAR, split VARCHAR, method VARCHAR, value DOUBLE, ci_low DOUBLE,
+    ci_high DOUBLE, n INTEGER, flags VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE SEQUENCE call_ids START 1;
+CREATE TABLE llm_calls (
+    call_id BIGINT PRIMARY KEY DEFAULT nextval('call_ids'), cache_key VARCHAR, backend VARCHAR, model VARCHAR,
+    kind VARCHAR, prompt VARCHAR, response VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
+    latency_s DOUBLE, job_id BIGINT, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE INDEX llm_calls_key ON llm_calls (cache_key);
+CREATE SEQUENCE job_ids START 1;
+CREATE TABLE jobs (
+    job_id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'), run_id INTEGER, kind VARCHAR, params VARCHAR,
+    params_key VARCHAR, state VARCHAR, done BIGINT DEFAULT 0, failed BIGINT DEFAULT 0, total BIGINT DEFAULT 0,
+    error VARCHAR DEFAULT '', pid INTEGER, created_at TIMESTAMP DEFAULT current_timestamp,
+    updated_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE job_neurons (
+    job_id BIGINT, layer SMALLINT, neuron INTEGER, state VARCHAR, error VARCHAR,
+    updated_at TIMESTAMP DEFAULT current_timestamp);
+"""
+
+SCHEMA = _COLLECTION + _RESULTS
+
+#: Version 1's placeholders, never written by that version's code.
+_V1_RESULT_TABLES = ("explanations", "simulations", "scores", "llm_calls", "jobs", "job_neurons")
+_V1_SEQUENCES = ("explanation_ids", "call_ids", "job_ids")
+
+
+def migrate(con: Any, version: int) -> None:
+    """Upgrade a store of an older, supported version to SCHEMA_VERSION in one transaction."""
+    con.execute("BEGIN")
+    try:
+        if version == 1:
+            for table in _V1_RESULT_TABLES:
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+            for sequence in _V1_SEQUENCES:
+                con.execute(f"DROP SEQUENCE IF EXISTS {sequence}")
+            con.execute(_RESULTS)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

@@ -1,0 +1,182 @@
+"""`neuronscope explain`, `score` and `run`: explain/score jobs from the command line.
+
+The same command run again resumes the job: finished neurons are skipped, logged LLM calls are
+answered from the store. `--dry-run` counts calls and tokens first; `--max-tokens` stops cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from rich.text import Text
+
+from core.records import ActivationRecord
+from core.results import ScoredExplanation
+from core.store import Store
+from tui.console import UserError, err, out, progress_bars, status
+
+DEFAULT_BACKEND = "local:qwen-1.5b"
+
+
+def add_job_parsers(sub: Any, store_arg: Any) -> None:
+    """Register the three job subcommands."""
+    helps = {
+        "explain": "write explanations of neurons (the most selective by default) with an explainer model",
+        "score": "simulate and score neurons' stored explanations, or your own sentence (--explanation)",
+        "run": "explain, then simulate and score, each neuron beside its shuffled and token-baseline controls",
+    }
+    for kind, text in helps.items():
+        p = sub.add_parser(kind, help=text, description=text)
+        p.add_argument("neurons", nargs="*", help="LAYER/NEURON pairs, e.g. 12/345 (default: chosen by --order)")
+        if kind in ("explain", "run", "score"):
+            p.add_argument("--explainer", default=DEFAULT_BACKEND,
+                           help="backend that explains" + (" (and whose explanations score reads)" if kind == "score" else "")
+                           + f": local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
+        if kind in ("score", "run"):
+            p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
+        if kind == "score":
+            p.add_argument("--explanation", help="score this sentence instead of stored explanations")
+        if kind in ("explain", "run"):
+            p.add_argument("--samples", type=int, default=1,
+                           help="candidate explanations per neuron; with score/run the best on a selection split "
+                                "is kept (default: 1)")
+        p.add_argument("--tail", choices=("pos", "neg"), default="pos",
+                       help="pos: explain max(a,0) from top records; neg: max(-a,0) from bottom records")
+        p.add_argument("--layers", help="choose neurons from these layers, e.g. 0-5,12")
+        p.add_argument("--limit", type=int, default=10, help="how many neurons to choose (default: 10)")
+        p.add_argument("--order", default="selectivity",
+                       choices=("selectivity", "kurtosis", "max", "min", "density", "random"),
+                       help="how to choose neurons (default: selectivity, most selective first)")
+        p.add_argument("--where", default="", help="filter on statistics, e.g. 'density < 0.5 and kurtosis > 10'")
+        p.add_argument("--train", type=int, default=10, help="top excerpts shown to the explainer (default: 10)")
+        p.add_argument("--test-top", type=int, default=5, help="top excerpts per scoring split (default: 5)")
+        p.add_argument("--test-random", type=int, default=5, help="random excerpts per scoring split (default: 5)")
+        p.add_argument("--seed", type=int, default=0, help="seed for sampled explanations and intervals (default: 0)")
+        p.add_argument("--dry-run", action="store_true", help="count the LLM calls and tokens, then stop")
+        p.add_argument("--max-tokens", type=int, help="stop cleanly once this many LLM tokens are spent")
+        p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
+        p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
+        p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+        store_arg(p)
+        p.set_defaults(func=cmd_job, kind=kind)
+
+
+def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    from core.collect import CollectError, parse_layers
+    from core.jobs import JobSettings, Selection, neurons_from_args, parse_where
+    from core.splits import SplitSizes
+
+    for name in ("limit", "train", "test_top", "test_random"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "samples", 1) < 1:
+        raise UserError("--samples must be at least 1")
+    explainer = getattr(args, "explainer", DEFAULT_BACKEND)
+    settings = JobSettings(
+        kind=args.kind, explainer=explainer, simulator=getattr(args, "simulator", None) or explainer, tail=args.tail,
+        samples=getattr(args, "samples", 1), sizes=SplitSizes(args.train, args.test_top, args.test_random),
+        seed=args.seed, explanation=getattr(args, "explanation", None),
+    )
+    layers = None
+    if args.layers:
+        try:
+            layers = parse_layers(args.layers, 10_000)
+        except CollectError as exc:
+            raise UserError(str(exc)) from None
+    selection = Selection(neurons=neurons_from_args(args.neurons), layers=layers, order=args.order,
+                          where=parse_where(args.where), limit=args.limit)
+    return settings, selection
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """Run, resume or plan an explain/score job, then print the ranked table."""
+    from core.jobs import Job
+    from core.llm.base import make_backend, parse_spec
+    from tui.render import summaries_table
+
+    settings, selection = _settings(args)
+    for spec in {settings.explainer, settings.simulator}:
+        parse_spec(spec)  # a bad spec fails before the store is opened or a model loads
+    with Store.open(args.store, create=False) as store:
+        run = store.run(args.run)
+        job = Job(store, run, settings, selection, backend_factory=lambda spec: make_backend(
+            spec, device=args.device, dtype=None if args.dtype == "auto" else args.dtype, status=status))
+        try:
+            if args.dry_run:
+                with progress_bars() as progress:
+                    plan = job.plan(progress)
+                cost = "free (local or baseline)" if plan.cost == 0 else (
+                    f"about ${plan.cost:.4f}" if plan.cost is not None else "unknown (no price for this model)")
+                out.print(Text(f"dry run: {plan.neurons} neuron{'s' if plan.neurons != 1 else ''} to do, "
+                               f"{plan.calls} new LLM call{'s' if plan.calls != 1 else ''} "
+                               f"({plan.cached} answered from the log), about {plan.prompt_tokens:,} prompt + "
+                               f"{plan.completion_tokens:,} completion tokens; cost {cost}"), soft_wrap=True)
+                return 0
+            job.prepare()
+            status(f"{settings.kind} {len(job.neurons)} neurons of run {run.run_id} ({settings.tail} tail): "
+                   f"explainer {settings.explainer}, simulator {settings.simulator}")
+            with progress_bars() as progress:
+                report = job.run(progress=progress, max_tokens=args.max_tokens)
+        finally:
+            job.close()
+        store.checkpoint()
+        rows = [s for s in store.summaries(run.run_id, job_id=report.job_id)]
+    if rows and settings.kind != "explain":
+        out.print(Text(f"Run {run.run_id}, job {report.job_id}: test-split scores (Pearson r, 95% bootstrap interval)",
+                       style="bold"), soft_wrap=True)
+        out.print(summaries_table(rows))
+    elif rows:
+        for s in rows:
+            out.print(Text(f"L{s.layer}/N{s.neuron}  ", style="bold") + Text(s.text), soft_wrap=True)
+    for (layer, neuron), error in sorted(report.failed.items()):
+        err.print(Text(f"failed L{layer}/N{neuron}: ", style="red") + Text(error), soft_wrap=True)
+    line = (f"job {report.job_id} {report.state}: {report.done}/{report.total} neurons done"
+            f"{f', {len(report.failed)} failed (run the same command to retry them)' if report.failed else ''}; "
+            f"{report.new_calls} new LLM calls, {report.cache_hits} from the log, {report.tokens:,} tokens")
+    status(line)
+    if report.message:
+        status(report.message + " — run the same command (with a larger --max-tokens) to continue")
+    return 0
+
+
+def print_explanations(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord], scale: float,
+                       count: int) -> None:
+    """`show`'s explanation section: each job's explanations with scores, then real beside simulated activations
+    for the newest selected one."""
+    from rich.rule import Rule
+
+    from tui.render import record_line, score_text, simulated_record, visible
+
+    out.print()
+    out.print(Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")))
+    for ex in explanations:
+        label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
+                 "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
+        if ex.source:
+            label += f" (from L{ex.source[0]}/N{ex.source[1]})"
+        line = Text("* " if ex.selected else "  ", style="bold")
+        line.append(f"{label}: ", style="bold" if ex.selected else "")
+        line.append(visible(ex.text))
+        out.print(line, soft_wrap=True)
+        for split in ex.splits:
+            scores = Text(f"      {split.split:6} {split.simulator}: r ")
+            scores.append_text(score_text(split.get("all")))
+            for method in ("top", "random", "r2"):
+                s = split.get(method)
+                if s is not None:
+                    scores.append(f"  {method} {s.value:+.2f}")
+            out.print(scores, soft_wrap=True)
+    chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
+    if chosen is None:
+        return
+    by_excerpt = {(r.excerpt_id, r.kind): r for r in records}
+    out.print()
+    out.print(Text("Real (upper) and simulated (lower) activations on the test excerpts", style="bold underline"))
+    for sim in [s for s in chosen.simulations if s.split == "test"][: 2 * count]:
+        record = by_excerpt.get((sim.excerpt_id, sim.kind))
+        if record is None:
+            continue
+        out.print(Text("real ", style="bold") + record_line(record, scale))
+        out.print(Text("sim  ", style="bold") + record_line(simulated_record(record, sim.predicted, scale), scale))

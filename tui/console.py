@@ -1,0 +1,89 @@
+"""What every `neuronscope` command shares: the consoles, one-line errors, progress bars, status lines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.text import Text
+
+from core.store import StoreError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
+
+
+class UserError(Exception):
+    """A problem the user can fix, shown as one line."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from core.collect import CollectError
+
+    errors: list[type[BaseException]] = [UserError, StoreError, CollectError]
+    for module, name in (("core.corpus", "CorpusError"), ("core.subject", "SubjectError"), ("core.models", "ModelError"),
+                         ("core.jobs", "JobError"), ("core.llm.base", "LLMError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display driven by core's progress(stage, done, total) callbacks. When stderr is not a
+    terminal (a batch job's log, nohup), plain `label: done/total` lines are printed too, at most one per
+    $NEURONSCOPE_PROGRESS_SECONDS (default 10) per stage, so a log shows how far a long job got."""
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
+              "tokenize": "tokenizing corpus (tokens)", "neurons": "explaining and scoring neurons",
+              "planning": "counting calls"}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    tasks: dict[str, TaskID] = {}
+    plain = not err.is_terminal
+    every = float(os.environ.get("NEURONSCOPE_PROGRESS_SECONDS", "10"))
+    last: dict[str, float] = {}
+    bar = Progress(*columns, console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("CI")))
+
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # lazily: a command that fails before any progress prints nothing extra
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total or None, rate="")
+        task = tasks[stage]
+        bar.update(task, completed=done, total=total or None)  # total 0: unknown, the bar pulses
+        speed = bar.tasks[int(task)].speed  # tasks are never removed: ids are list positions
+        if speed:
+            bar.update(task, rate=f"{speed:,.1f}/s")
+        now = time.monotonic()
+        if plain and (now - last.get(stage, -1e9) >= every or (total and done >= total)):
+            last[stage] = now
+            err.print(f"{labels.get(stage, stage)}: {done:,}/{total:,}" if total else f"{labels.get(stage, stage)}: {done:,}")
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def status(message: str) -> None:
+    """A dim one-line status message on stderr."""
+    err.print(Text(message, style="dim"))
