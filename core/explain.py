@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from core.llm.base import Backend
+from core.llm.base import Backend, LLMError
 from core.llm.baseline import BaselineBackend, lookup_explanation
 from core.prompts import Example, ExplainPrompt, explain_prompt
 from core.results import ScoredExplanation, Simulation, SplitScores
@@ -59,10 +59,16 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
 def controls(simulator: Backend, splits: NeuronSplits, prompt: ExplainPrompt, *,
              partner: tuple[int, int] | None, partner_text: Callable[[], str] | None, seed: int,
              explainer: str) -> list[ScoredExplanation]:
-    """The shuffled control (another neuron's explanation) and the token-lookup baseline on the test split."""
+    """The shuffled control (another neuron's explanation; left out when that explanation cannot be had) and the
+    token-lookup baseline on the test split."""
     out = []
+    text = None
     if partner is not None and partner_text is not None:
-        text = partner_text()
+        try:
+            text = partner_text()
+        except LLMError:
+            text = None  # the partner's own failure is recorded against the partner; this neuron goes without
+    if text is not None:
         sims, scores = evaluate(simulator, text, splits.test, "test", splits.scale_max, seed)
         out.append(ScoredExplanation(text=text, explainer=explainer, role="shuffled", source=partner,
                                      simulations=sims, splits=(scores,)))

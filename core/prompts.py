@@ -285,6 +285,41 @@ def simulation_ids(tokenizer: Any, explanation: str, tokens: Sequence[str],
     return SimulationIds(tuple(ids), tuple(slots))
 
 
+@dataclass(frozen=True)
+class PackedPrompt:
+    """Several excerpts in one simulation prompt: the prefix once, then each excerpt's lines after a blank line."""
+
+    ids: tuple[int, ...]
+    """Prompt token ids."""
+    slots: tuple[tuple[int, ...], ...]
+    """Per excerpt, the index in `ids` of each token's slot."""
+
+
+def packed_simulation_ids(tokenizer: Any, explanation: str, excerpts: Sequence[Sequence[str]],
+                          max_ids: int = 4096, prefix: Sequence[int] | None = None) -> list[PackedPrompt]:
+    """Excerpts packed, in order, into as few prompts of at most max_ids ids as they fit (an excerpt longer
+    than that gets a prompt of its own), so the shared instructions are read once per prompt, not per excerpt."""
+    head = list(prefix if prefix is not None else simulation_prefix(tokenizer, explanation))
+    blank = _encode(tokenizer, "\n")
+    out: list[PackedPrompt] = []
+    ids: list[int] = []
+    slots: list[tuple[int, ...]] = []
+    for tokens in excerpts:
+        block = simulation_ids(tokenizer, explanation, tokens, prefix=[])
+        if slots and len(ids) + len(blank) + len(block.ids) > max_ids:
+            out.append(PackedPrompt(tuple(ids), tuple(slots)))
+            slots = []
+        if not slots:
+            ids = list(head)
+        else:
+            ids += blank
+        slots.append(tuple(len(ids) + s for s in block.slots))
+        ids += block.ids
+    if slots:
+        out.append(PackedPrompt(tuple(ids), tuple(slots)))
+    return out
+
+
 def _pieces(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
     return _encode(tokenizer, "\t"), _encode(tokenizer, SLOT), _encode(tokenizer, "\n")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.llm.base import CallLog, make_backend
-from core.prompts import TOP, Example, explain_prompt, simulation_ids
+from core.prompts import TOP, Example, explain_prompt, packed_simulation_ids, simulation_ids
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -24,28 +24,40 @@ def tiny_backend(tiny_model: Path):  # type: ignore[no-untyped-def]
 
 def test_expected_values_match_the_full_softmax(tiny_backend) -> None:  # type: ignore[no-untyped-def]
     tok = tiny_backend.lm.tokenizer
-    got = tiny_backend.simulate("closing brackets", EXCERPTS)
-    for tokens, values in zip(EXCERPTS, got):
-        prompt = simulation_ids(tok, "closing brackets", tokens)
-        with torch.inference_mode():
-            logits = tiny_backend.lm.model(input_ids=torch.tensor([prompt.ids])).logits[0]  # [pos, vocab]
-        digits = logits[:, tiny_backend.digits]  # [pos, 10]: the whole vocabulary's logits, then the digit columns
-        for slot, value in zip(prompt.slots, values):
+    tiny_backend.pack_ids = 10_000
+    try:
+        (packed,) = tiny_backend._simulation_prompts("closing brackets", EXCERPTS)  # every excerpt in one prompt
+        got = tiny_backend.simulate("closing brackets", EXCERPTS)
+    finally:
+        tiny_backend.pack_ids = 4096
+    assert packed == packed_simulation_ids(tok, "closing brackets", EXCERPTS, max_ids=10_000)[0]
+    with torch.inference_mode():
+        logits = tiny_backend.lm.model(input_ids=torch.tensor([packed.ids])).logits[0]  # [pos, vocab]
+    digits = logits[:, tiny_backend.digits]  # [pos, 10]: the whole vocabulary's logits, then the digit columns
+    for tokens, slots, values in zip(EXCERPTS, packed.slots, got):
+        assert len(values) == len(tokens) == len(slots) and ((values >= 0) & (values <= TOP)).all()
+        for slot, value in zip(slots, values):
             probs = torch.softmax(digits[slot - 1], dim=-1)
             expected = float((probs * torch.arange(TOP + 1)).sum())
             assert value == pytest.approx(expected, abs=1e-4)
-        assert len(values) == len(tokens) and ((values >= 0) & (values <= TOP)).all()
 
 
-def test_batching_and_padding_do_not_change_values(tiny_backend) -> None:  # type: ignore[no-untyped-def]
-    batched = tiny_backend.simulate("rivers", EXCERPTS)
-    tiny_backend.batch_size = 1
+def test_packing_batching_and_padding_do_not_change_values(tiny_backend) -> None:  # type: ignore[no-untyped-def]
+    tiny_backend.pack_ids = 1  # one excerpt per prompt: prompts of different lengths, padded in one batch
     try:
+        batched = tiny_backend.simulate("rivers", EXCERPTS)
+        tiny_backend.batch_size = 1
         single = [tiny_backend.simulate("rivers", [t])[0] for t in EXCERPTS]
     finally:
-        tiny_backend.batch_size = 8
-    for a, b in zip(batched, single):
+        tiny_backend.batch_size, tiny_backend.pack_ids = 8, 4096
+    tok = tiny_backend.lm.tokenizer
+    for tokens, a, b in zip(EXCERPTS, batched, single):
         np.testing.assert_allclose(a, b, atol=1e-4)
+        prompt = simulation_ids(tok, "rivers", tokens)  # and each equals its own unpacked prompt
+        with torch.inference_mode():
+            logits = tiny_backend.lm.model(input_ids=torch.tensor([prompt.ids])).logits[0]
+        probs = torch.softmax(logits[torch.tensor(prompt.slots) - 1][:, tiny_backend.digits], dim=-1)
+        np.testing.assert_allclose(a, (probs @ torch.arange(TOP + 1.0)).numpy(), atol=1e-4)
 
 
 def test_calls_are_logged_and_cached(tiny_backend) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -81,6 +82,14 @@ class CallLog:
                     f"(--max-tokens {self.max_tokens:,})"
                 )
             self.used_tokens += tokens
+
+    def count(self, *, hit: bool) -> None:
+        """Count a call answered from the log (hit) or made."""
+        with self._lock:
+            if hit:
+                self.cache_hits += 1
+            else:
+                self.new_calls += 1
 
     def settle(self, reserved: int, actual: int) -> None:
         """Replace a reservation by the call's actual token count."""
@@ -169,7 +178,7 @@ class Backend(ABC):
         key = request_key(self.spec, self.revision, kind, payload)
         cached = self.log.lookup(key)
         if cached is not None:
-            self.log.cache_hits += 1
+            self.log.count(hit=True)
             return cached
         self.log.reserve(estimate)
         start = time.perf_counter()
@@ -179,7 +188,7 @@ class Backend(ABC):
             self.log.settle(estimate, 0)
             raise
         self.log.settle(estimate, prompt_tokens + completion_tokens)
-        self.log.new_calls += 1
+        self.log.count(hit=False)
         prompt_text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
         self.log.save(key, Call(self.spec, self.revision, kind, prompt_text, response, prompt_tokens,
                                 completion_tokens, time.perf_counter() - start))
@@ -245,4 +254,11 @@ def make_backend(spec: str, *, device: str | None = None, dtype: str | None = No
         return LocalBackend(parsed.model, spec=spec, device=device, dtype=dtype, status=status)
     from core.llm.openai_api import OpenAIBackend
 
-    return OpenAIBackend(parsed.model, spec=spec, base_url=parsed.base_url)
+    # Server options from the environment: a simulation route to force, a per-request timeout in seconds.
+    mode = os.environ.get("NEURONSCOPE_OPENAI_MODE") or None
+    timeout = os.environ.get("NEURONSCOPE_OPENAI_TIMEOUT")
+    try:
+        seconds = float(timeout) if timeout else 60.0
+    except ValueError:
+        raise LLMError(f"NEURONSCOPE_OPENAI_TIMEOUT={timeout!r} is not a number of seconds") from None
+    return OpenAIBackend(parsed.model, spec=spec, base_url=parsed.base_url, mode=mode, timeout=seconds)

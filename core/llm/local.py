@@ -1,10 +1,12 @@
 """The local backend: a Hugging Face causal LM in this process (packaged, a folder, a GGUF or a hub id).
 
 Explanations come from generation (greedy, or n seeded samples in one batch). Simulation is ONE forward
-pass per batch of excerpts: the prompt is built from ids (core.prompts.simulation_ids), the base model
-gives the final hidden state, and only the ten digit rows of the output embedding are applied at the
-position before each slot, so the full softmax over the digits costs a few multiply-adds per token
-instead of a vocabulary-wide logit tensor. The prediction is the expected digit.
+pass: the excerpts are packed into as few prompts as fit PACK_IDS ids (instructions once, then each
+excerpt's `token<TAB>?` lines, built from ids by core.prompts so every slot position is exact), the
+prompts run as one batch, the base model gives the final hidden state, and only the ten digit rows of the
+output embedding are applied at the position before each slot, so the full softmax over the digits costs
+a few multiply-adds per token instead of a vocabulary-wide logit tensor. The prediction is the expected
+digit.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from core.llm.base import Backend, LLMError
 from core.prompts import (
     TOP,
     ExplainPrompt,
+    PackedPrompt,
     bos_ids,
     chat_opening_ids,
     digit_ids,
     encode_text,
-    simulation_ids,
-    simulation_prefix,
+    packed_simulation_ids,
 )
 
 #: Longest explanation generated, in tokens.
@@ -32,7 +34,9 @@ MAX_NEW_TOKENS = 48
 #: Sampling temperature when several explanations are asked for.
 TEMPERATURE = 0.8
 #: Bumped when the prompt wording changes, so cached answers to old prompts are not reused.
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
+#: Most ids in one packed simulation prompt.
+PACK_IDS = 4096
 
 
 class LocalBackend(Backend):
@@ -48,6 +52,7 @@ class LocalBackend(Backend):
         self.revision = self.lm.revision
         self.price = (0.0, 0.0)
         self.batch_size = batch_size
+        self.pack_ids = PACK_IDS
         tok = self.lm.tokenizer
         try:
             self.digits = digit_ids(tok)
@@ -91,9 +96,9 @@ class LocalBackend(Backend):
     def _simulation_payload(explanation: str, excerpts: Sequence[Sequence[str]]) -> dict[str, Any]:
         return {"v": PROMPT_VERSION, "explanation": explanation, "excerpts": [list(t) for t in excerpts]}
 
-    def _simulation_prompts(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[Any]:
-        prefix = simulation_prefix(self.lm.tokenizer, explanation)
-        return [simulation_ids(self.lm.tokenizer, explanation, tokens, prefix) for tokens in excerpts]
+    def _simulation_prompts(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[PackedPrompt]:
+        limit = min(self.pack_ids, max(self.context_tokens(), 1024))
+        return packed_simulation_ids(self.lm.tokenizer, explanation, excerpts, max_ids=limit)
 
     def _generate(self, prompt_ids: list[int], n: int, seed: int) -> tuple[str, int, int]:
         import torch
@@ -123,8 +128,8 @@ class LocalBackend(Backend):
                            estimate=total)
         return [np.asarray(v, np.float32) for v in json.loads(answer)]
 
-    def expected_values(self, prompts: Sequence[Any]) -> list[list[float]]:
-        """The expected digit at every slot of every prompt (core.prompts.SimulationIds), batch by batch."""
+    def expected_values(self, prompts: Sequence[PackedPrompt]) -> list[list[float]]:
+        """The expected digit at every slot of every excerpt of the packed prompts, prompts batched."""
         import torch
 
         model = self.lm.model
@@ -146,14 +151,15 @@ class LocalBackend(Backend):
                 hidden = model.base_model(input_ids=ids.to(self.lm.device),
                                           attention_mask=mask.to(self.lm.device)).last_hidden_state  # [b, pos, hidden]
                 for i, p in enumerate(batch):
-                    before = torch.tensor(p.slots, device=self.lm.device) - 1
-                    logits = hidden[i, before] @ rows.T  # [slots, 10]
-                    if bias is not None:
-                        logits = logits + bias
-                    if cap:
-                        logits = torch.tanh(logits / cap) * cap
-                    probs = torch.softmax(logits.float(), dim=-1)
-                    out.append((probs @ scale).tolist())
+                    for excerpt_slots in p.slots:
+                        before = torch.tensor(excerpt_slots, dtype=torch.long, device=self.lm.device) - 1
+                        logits = hidden[i, before] @ rows.T  # [slots, 10]
+                        if bias is not None:
+                            logits = logits + bias
+                        if cap:
+                            logits = torch.tanh(logits / cap) * cap
+                        probs = torch.softmax(logits.float(), dim=-1)
+                        out.append((probs @ scale).tolist())
         return out
 
     def close(self) -> None:

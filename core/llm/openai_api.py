@@ -1,0 +1,550 @@
+"""The openai backend: any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama) through the `openai` client.
+
+Explanations come from chat completions (greedy for one, seeded samples for several). Simulation takes one
+of three routes, chosen once per backend by probing the server (or named with `mode=`) and kept in `mode`:
+
+* ``echo`` - the completions endpoint echoes the simulation prompt (core.prompts.simulation_text) with
+  the top logprobs of every prompt token. The token that starts at each slot's character offset
+  (`logprobs.text_offset`) is located, and the distribution predicting it is read over the digits
+  "0".."9", renormalised over the digits present, as an expected value (no digit among the top N: 0).
+  Servers disagree on where that distribution is listed: OpenAI lists at entry i the distribution that
+  predicted token i; llama-cpp-python lists there the one predicting token i+1 when the model adds no BOS
+  token (it pairs the prompt tokens with the logits rows without skipping one). `echo_shift` (0 or 1:
+  the distribution predicting token i is at entry i - shift) is measured by the echo probe: a prompt of
+  repeated `word<TAB>digit` lines whose digits are forced by the repetition; the shift under which the
+  listed distributions put most mass on those digits wins. An echo in which no token starts at a slot
+  (the server tokenised the slot together with its neighbours) is an LLMError for the call: mixing
+  routes inside one score would make scores incomparable, so the user picks `chat-logprobs` instead.
+* ``chat-logprobs`` - a chat model fills in the `token<TAB>digit` lines (core.prompts.simulation_messages)
+  with `logprobs`/`top_logprobs`; at each digit it wrote, the top logprobs over the digits give the
+  expected value.
+* ``chat-digits`` - the same request without logprobs: the written digits are the values.
+
+The excerpts of one simulate call go out in parallel (a thread pool of `concurrency` workers, default 8,
+or NEURONSCOPE_CONCURRENCY); each still goes through `Backend.call`, so calls to the log may be
+concurrent: the in-memory CallLog is thread-safe, and a store-backed log must serialise its own writes.
+
+Retries (429, 408/409, 5xx, timeouts, connection errors, exponential backoff) are the openai client's
+(`max_retries`); every failure ends as a one-line LLMError naming the spec, never a traceback. The API
+key lives only in the client (it goes to the server in the Authorization header): payloads, cache keys
+and log records never contain it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import openai
+
+from core.llm.base import Backend, LLMError
+from core.prompts import SLOT, TOP, ExplainPrompt, simulation_messages, simulation_text
+
+#: Where requests go without a base_url in the spec or OPENAI_BASE_URL.
+OPENAI_URL = "https://api.openai.com/v1"
+#: Sent as the key to servers other than OpenAI's when OPENAI_API_KEY is unset (they ignore it).
+DUMMY_KEY = "sk-no-key-required"
+#: Routes for simulation.
+MODES = ("echo", "chat-logprobs", "chat-digits")
+#: Longest explanation asked for, in tokens.
+MAX_EXPLAIN_TOKENS = 80
+#: Sampling temperature when several explanations are asked for.
+TEMPERATURE = 0.8
+#: Bumped when the requests change, so cached answers to old requests are not reused.
+PROMPT_VERSION = 1
+#: Dollars per million (prompt, completion) tokens; dated snapshots match by prefix.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.0),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+}
+_DIGITS = tuple(str(d) for d in range(TOP + 1))
+#: The echo probe: lines repeated so that a model of any size predicts their digits from the repetition.
+_PROBE_LINES = (("cat", 7), ("dog", 2), ("sun", 5), ("red", 0), ("map", 9), ("box", 3), ("pen", 6), ("cup", 1))
+_PROBE_REPEATS = 3
+#: A line of a simulation answer: anything, a tab (or spaces), one digit, optional trailing spaces.
+_VALUE_LINE = re.compile(r"^(.*?)(?:\t| +)([0-9])[ \t]*$")
+
+
+class HTTPError(LLMError):
+    """An LLMError for an HTTP status the server answered with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: Statuses that mean "this server does not offer that" when probing (not auth or server failures).
+REFUSALS = (400, 404, 405, 415, 422, 501)
+
+
+def price_of(model: str) -> tuple[float, float] | None:
+    """Known OpenAI prices for a model name (longest matching prefix), else None."""
+    name = model.lower()
+    matches = [k for k in PRICES if name == k or name.startswith(k + "-")]
+    return PRICES[max(matches, key=len)] if matches else None
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _expected(dist: dict[str, float]) -> float:
+    """Expected digit of a {digit string: logprob} distribution, renormalised; 0 when empty."""
+    if not dist:
+        return 0.0
+    top = max(dist.values())
+    weights = {d: math.exp(lp - top) for d, lp in dist.items()}
+    total = sum(weights.values())
+    return sum(int(d) * w for d, w in weights.items()) / total
+
+
+def _digit_dist(top: Any) -> dict[str, float]:
+    """The digit entries of one top_logprobs entry: a {token: logprob} dict (completions) or a list of
+    {token, logprob} objects (chat)."""
+    items: Any
+    if isinstance(top, dict):
+        items = top.items()
+    elif isinstance(top, list):
+        items = ((e.get("token"), e.get("logprob")) for e in top if isinstance(e, dict))
+    else:
+        return {}
+    out: dict[str, float] = {}
+    for token, lp in items:
+        if token in _DIGITS and isinstance(lp, (int, float)) and math.isfinite(lp):
+            out[token] = max(out.get(token, -math.inf), float(lp))
+    return out
+
+
+class OpenAIBackend(Backend):
+    """An OpenAI-compatible server as explainer and simulator."""
+
+    def __init__(self, model: str, *, spec: str, base_url: str | None = None, mode: str | None = None,
+                 echo_shift: int | None = None, concurrency: int | None = None, timeout: float = 60.0,
+                 max_retries: int = 4, top_logprobs: int = 20) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        self.is_openai = urlparse(self.base_url).hostname == "api.openai.com"
+        key = os.environ.get("OPENAI_API_KEY") or ""
+        if not key and self.is_openai:
+            raise LLMError(f"{spec}: set OPENAI_API_KEY to use {self.base_url} (or name another server: "
+                           f"openai:MODEL@http://HOST:PORT/v1)")
+        self._key = key or DUMMY_KEY
+        self.revision = model if self.is_openai else f"{model}@{self.base_url}"
+        self.price = price_of(model)
+        if mode is not None and mode not in MODES:
+            raise LLMError(f"{spec}: unknown simulation mode {mode!r}: use one of {', '.join(MODES)}")
+        if echo_shift not in (None, 0, 1):
+            raise LLMError(f"{spec}: echo_shift must be 0 or 1, not {echo_shift!r}")
+        #: Simulation route (None until probed).
+        self.mode: str | None = mode
+        #: Where the echo lists the distribution predicting token i: at entry i - echo_shift (None until probed).
+        self.echo_shift: int | None = echo_shift
+        #: How many top logprobs to ask for; the probes lower it to 5 (OpenAI's completions limit) where a
+        #: server refuses more.
+        self.top_logprobs = top_logprobs
+        self.echo_logprobs = top_logprobs
+        self.chat_logprobs = top_logprobs
+        #: Why the probe chose the route it chose.
+        self.mode_reason = "named" if mode else ""
+        env = os.environ.get("NEURONSCOPE_CONCURRENCY")
+        try:
+            self.concurrency = max(1, int(concurrency if concurrency is not None else (env or 8)))
+        except ValueError:
+            raise LLMError(f"NEURONSCOPE_CONCURRENCY must be an integer, not {env!r}") from None
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self._probe_lock = threading.Lock()
+        self._n_supported: bool | None = None
+        self.client = openai.OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout,
+                                    max_retries=self.max_retries)
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a request body to chat/completions or completions; the parsed JSON answer. Every failure
+        (after the client's retries) is a one-line LLMError."""
+        resource: Any = self.client.chat.completions if endpoint == "chat" else self.client.completions
+        try:
+            raw = resource.with_raw_response.create(**body, timeout=self.timeout)
+            text = raw.http_response.text
+        except openai.APITimeoutError:
+            raise LLMError(f"{self.spec}: no answer within {self.timeout:g} s, "
+                           f"after {self.max_retries} retries (timeout)") from None
+        except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            raise LLMError(f"{self.spec}: cannot reach {self.base_url} after {self.max_retries} retries "
+                           f"(connection error): {self._scrub(cause)}") from None
+        except openai.APIStatusError as err:
+            raise HTTPError(self._status_message(err), int(err.status_code)) from None
+        except openai.OpenAIError as err:
+            raise LLMError(f"{self.spec}: {type(err).__name__}: {self._scrub(err)}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise LLMError(f"{self.spec}: the server answered with malformed JSON: {self._scrub(text, 80)!r}") from None
+        if not isinstance(data, dict):
+            raise LLMError(f"{self.spec}: the server answered with JSON that is not an object: {self._scrub(text, 80)!r}")
+        if isinstance(data.get("error"), (dict, str)) and not data.get("choices"):
+            raise LLMError(f"{self.spec}: the server answered with an error: {self._scrub(data['error'])}")
+        return data
+
+    def _status_message(self, err: Any) -> str:
+        status = int(err.status_code)
+        detail = err.body
+        if isinstance(detail, dict):
+            detail = detail.get("error", detail)
+            if isinstance(detail, dict):
+                detail = detail.get("message", detail)
+        detail = self._scrub(detail if detail else err.message)
+        if status in (408, 409, 429) or status >= 500:
+            reason = {408: "request timeout", 409: "conflict", 429: "rate limited"}.get(status, "server error")
+            return f"{self.spec}: HTTP {status} after {self.max_retries} retries ({reason}): {detail}"
+        reason = {400: "bad request", 401: "authentication failed: check OPENAI_API_KEY",
+                  403: "permission denied", 404: "not found: check the model name and URL",
+                  422: "request not accepted"}.get(status, "refused")
+        return f"{self.spec}: HTTP {status} ({reason}): {detail}"
+
+    def _scrub(self, text: Any, limit: int = 200) -> str:
+        """One line of an error text, without the key even if a server echoes it."""
+        line = _one_line(text, limit)
+        return line.replace(self._key, "***") if self._key != DUMMY_KEY else line
+
+    def _choices(self, data: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise LLMError(f"{self.spec}: the {what} answer has no choices")
+        return choices
+
+    @staticmethod
+    def _usage(data: dict[str, Any], prompt_estimate: int, completion_estimate: int) -> tuple[int, int]:
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int) and isinstance(c, int):
+                return p, c
+        return prompt_estimate, completion_estimate
+
+    def _message_text(self, choice: dict[str, Any], what: str) -> str:
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            raise LLMError(f"{self.spec}: the {what} answer lacks choices[].message.content")
+        return content
+
+    # -- explanation --------------------------------------------------------------------------------
+    def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
+        messages = prompt.messages()
+        sampled = n > 1
+        payload = {"v": PROMPT_VERSION, "route": "chat", "model": self.model, "messages": messages, "n": n,
+                   "seed": seed if sampled else 0, "temperature": TEMPERATURE if sampled else 0.0,
+                   "max_tokens": MAX_EXPLAIN_TOKENS}
+        estimate = self.count_tokens(prompt.text()) + n * MAX_EXPLAIN_TOKENS
+        answer = self.call("explain", payload, lambda: self._run_explain(messages, n, seed), estimate=estimate)
+        return list(json.loads(answer))
+
+    def _run_explain(self, messages: list[dict[str, str]], n: int, seed: int) -> tuple[str, int, int]:
+        base = {"model": self.model, "messages": messages, "max_tokens": MAX_EXPLAIN_TOKENS}
+        prompt_estimate = sum(self.count_tokens(m["content"]) for m in messages)
+        if n == 1:
+            data = self._post("chat", {**base, "temperature": 0.0, "seed": 0})
+            texts = [self._message_text(self._choices(data, "explanation")[0], "explanation")]
+            p, c = self._usage(data, prompt_estimate, self.count_tokens(texts[0]))
+            return json.dumps(texts, ensure_ascii=False), p, c
+        texts, p_total, c_total = [], 0, 0
+        # Ask for n samples at once where the server honours n (OpenAI, vLLM); top up one seed at a time
+        # where it returns fewer (llama.cpp).
+        requests = [(n, seed)] if self._n_supported is not False else [(1, seed + i) for i in range(n)]
+        while requests:
+            count, s = requests.pop(0)
+            body = {**base, "temperature": TEMPERATURE, "seed": s}
+            if count > 1:
+                body["n"] = count
+            data = self._post("chat", body)
+            got = [self._message_text(c, "explanation") for c in self._choices(data, "explanation")][:count]
+            texts += got
+            p, c = self._usage(data, prompt_estimate, sum(self.count_tokens(t) for t in got))
+            p_total, c_total = p_total + p, c_total + c
+            if count > 1:
+                self._n_supported = len(got) >= count
+                requests += [(1, seed + i) for i in range(len(got), count)]
+        return json.dumps(texts, ensure_ascii=False), p_total, c_total
+
+    # -- simulation ---------------------------------------------------------------------------------
+    def _simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        if not excerpts:
+            return []
+        mode = self.choose_mode()
+        one: Callable[[Sequence[str]], list[float]]
+        if mode == "echo":
+            one = lambda tokens: self._simulate_echo(explanation, tokens)  # noqa: E731
+        else:
+            one = lambda tokens: self._simulate_chat(explanation, tokens, mode == "chat-logprobs")  # noqa: E731
+        if len(excerpts) <= 1 or self.concurrency == 1:
+            return [np.asarray(one(tokens), np.float32) for tokens in excerpts]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(excerpts)),
+                                  thread_name_prefix="neuronscope-openai")
+        try:
+            futures = [pool.submit(one, tokens) for tokens in excerpts]
+            return [np.asarray(f.result(), np.float32) for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _simulate_echo(self, explanation: str, tokens: Sequence[str]) -> list[float]:
+        if not tokens:
+            return []
+        prompt = simulation_text(explanation, tokens)
+        shift = self.echo_shift if self.echo_shift is not None else 0
+        payload = {"v": PROMPT_VERSION, "route": "echo", "model": self.model, "prompt": prompt.text,
+                   "logprobs": self.echo_logprobs, "echo_shift": shift}
+        estimate = self.count_tokens(prompt.text) + 1
+
+        def run() -> tuple[str, int, int]:
+            data = self._post("completions", self._echo_body(prompt.text, self.echo_logprobs))
+            values = self._read_echo(data, prompt.text, prompt.slots, shift)
+            p, c = self._usage(data, estimate - 1, 1)
+            return json.dumps({"values": values}), p, c
+
+        return list(json.loads(self.call("simulate", payload, run, estimate=estimate))["values"])
+
+    def _echo_body(self, text: str, logprobs: int) -> dict[str, Any]:
+        # max_tokens=1, not 0: llama.cpp reads 0 as "no limit", other servers refuse it; one generated token is
+        # listed after the prompt's and ignored.
+        return {"model": self.model, "prompt": text, "echo": True, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": logprobs}
+
+    def _echo_logprobs(self, data: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """(text_offset, top_logprobs) of an echo answer."""
+        logprobs = self._choices(data, "echo")[0].get("logprobs")
+        offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
+        tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+        if not isinstance(offsets, list) or not isinstance(tops, list) or len(offsets) != len(tops):
+            raise LLMError(f"{self.spec}: the echo answer lacks logprobs.text_offset and top_logprobs "
+                           f"(does the server support echo with logprobs? try mode chat-logprobs)")
+        return offsets, tops
+
+    def _read_echo(self, data: dict[str, Any], text: str, slots: Sequence[int], shift: int) -> list[float]:
+        offsets, tops = self._echo_logprobs(data)
+        index = self._token_starts(offsets)
+        values = []
+        for k, slot in enumerate(slots):
+            i = index.get(slot)
+            if i is None:
+                near = text[max(0, slot - 8): slot + 3]
+                raise LLMError(f"{self.spec}: the echo does not match the prompt: no token starts at the slot of "
+                               f"token {k + 1} (character {slot}, {near!r}); the server tokenised the prompt "
+                               f"differently (use mode chat-logprobs)")
+            entry = i - shift
+            top = tops[entry] if 0 <= entry < len(tops) else None
+            if top is None:
+                raise LLMError(f"{self.spec}: the echo has no top_logprobs for the slot of token {k + 1}")
+            values.append(_expected(_digit_dist(top)))
+        return values
+
+    @staticmethod
+    def _token_starts(offsets: Sequence[Any]) -> dict[int, int]:
+        """Character offset -> index of the first token that starts there."""
+        index: dict[int, int] = {}
+        for i, off in enumerate(offsets):
+            if isinstance(off, int):
+                index.setdefault(off, i)
+        return index
+
+    def _simulate_chat(self, explanation: str, tokens: Sequence[str], with_logprobs: bool) -> list[float]:
+        if not tokens:
+            return []
+        messages = simulation_messages(explanation, tokens)
+        max_tokens = 8 * len(tokens) + 32
+        payload: dict[str, Any] = {"v": PROMPT_VERSION, "route": "chat-logprobs" if with_logprobs else "chat-digits",
+                                   "model": self.model, "messages": messages, "max_tokens": max_tokens}
+        if with_logprobs:
+            payload["top_logprobs"] = self.chat_logprobs
+        prompt_estimate = sum(self.count_tokens(m["content"]) for m in messages)
+        estimate = prompt_estimate + 4 * len(tokens)
+
+        def run() -> tuple[str, int, int]:
+            body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                    "temperature": 0.0, "seed": 0}
+            if with_logprobs:
+                body.update(logprobs=True, top_logprobs=self.chat_logprobs)
+            data = self._post("chat", body)
+            choice = self._choices(data, "simulation")[0]
+            if with_logprobs:
+                answer, values = self._read_chat_logprobs(choice, len(tokens))
+            else:
+                answer = self._message_text(choice, "simulation")
+                values = [float(d) for _, d in self._value_lines(answer, len(tokens))]
+            p, c = self._usage(data, prompt_estimate, self.count_tokens(answer))
+            return json.dumps({"answer": answer, "values": values}, ensure_ascii=False), p, c
+
+        return list(json.loads(self.call("simulate", payload, run, estimate=estimate))["values"])
+
+    def _value_lines(self, answer: str, count: int) -> list[tuple[int, str]]:
+        """(character offset, digit) of the value on each answer line; LLMError unless one per token."""
+        found: list[tuple[int, str]] = []
+        pos = 0
+        for line in answer.splitlines(keepends=True):
+            body = line.rstrip("\r\n")
+            match = _VALUE_LINE.match(body)
+            if match and body.strip() and not body.lstrip().startswith("```"):
+                found.append((pos + match.start(2), match.group(2)))
+            pos += len(line)
+        if len(found) != count:
+            raise LLMError(f"{self.spec}: the simulation answer has {len(found)} value lines for {count} tokens "
+                           f"(answer began {_one_line(answer, 60)!r})")
+        return found
+
+    def _read_chat_logprobs(self, choice: dict[str, Any], count: int) -> tuple[str, list[float]]:
+        """The answer (as the logprob tokens spell it) and the expected value at each digit written."""
+        logprobs = choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if not isinstance(content, list) or not content or not all(isinstance(t, dict) for t in content):
+            raise LLMError(f"{self.spec}: the simulation answer has no logprobs (the server ignores logprobs; "
+                           f"use mode chat-digits)")
+        pieces = [t.get("token") if isinstance(t.get("token"), str) else "" for t in content]
+        answer = "".join(pieces)
+        owner: list[int] = []  # character offset -> index of the logprob token covering it
+        starts: list[int] = []  # index of a logprob token -> its character offset
+        for i, piece in enumerate(pieces):
+            starts.append(len(owner))
+            owner += [i] * len(piece)
+        values = []
+        for offset, digit in self._value_lines(answer, count):
+            i = owner[offset]
+            token = pieces[i]
+            start = offset - starts[i]  # where the digit sits inside its token
+            pre, post = token[:start], token[start + 1:]
+            dist: dict[str, float] = {}
+            tops = content[i].get("top_logprobs")
+            for entry in tops if isinstance(tops, list) else []:
+                t, lp = (entry.get("token"), entry.get("logprob")) if isinstance(entry, dict) else (None, None)
+                if (isinstance(t, str) and len(t) == len(token) and t.startswith(pre) and t.endswith(post)
+                        and t[start] in _DIGITS and isinstance(lp, (int, float)) and math.isfinite(lp)):
+                    dist[t[start]] = max(dist.get(t[start], -math.inf), float(lp))
+            if digit not in dist:
+                own = content[i].get("logprob")
+                dist[digit] = float(own) if isinstance(own, (int, float)) and math.isfinite(own) else 0.0
+            values.append(_expected(dist))
+        return answer, values
+
+    # -- choosing the route -------------------------------------------------------------------------
+    def choose_mode(self) -> str:
+        """The simulation route: named, or probed once (echo, then chat logprobs, then plain digits)."""
+        with self._probe_lock:
+            if self.mode == "echo" and self.echo_shift is None:
+                ok, why = self._probe_echo()
+                if not ok:
+                    raise LLMError(f"{self.spec}: mode echo does not work with this server: {why}")
+            if self.mode is None:
+                ok, why = self._probe_echo()
+                if ok:
+                    self.mode, self.mode_reason = "echo", why
+                else:
+                    ok2, why2 = self._probe_chat_logprobs()
+                    self.mode = "chat-logprobs" if ok2 else "chat-digits"
+                    self.mode_reason = f"echo: {why}; chat logprobs: {why2}"
+            return self.mode
+
+    def _probe_request(self, what: str, payload: dict[str, Any], endpoint: str, body: dict[str, Any],
+                       judge: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """One probe through the call log: the verdict is cached, so a rerun routes the same way. A refusal
+        (HTTP 4xx) is a verdict; a server failure (5xx, timeout) raises and is not cached."""
+
+        def run() -> tuple[str, int, int]:
+            try:
+                data = self._post(endpoint, body)
+            except HTTPError as err:
+                if err.status in REFUSALS:
+                    return json.dumps({"ok": False, "status": err.status,
+                                       "why": str(err).removeprefix(f"{self.spec}: ")}), 0, 0
+                raise
+            verdict = judge(data)
+            p, c = self._usage(data, self.count_tokens(json.dumps(body)), 1)
+            return json.dumps(verdict), p, c
+
+        return dict(json.loads(self.call("simulate", {"v": PROMPT_VERSION, "probe": what, **payload}, run,
+                                         estimate=self.count_tokens(json.dumps(body)) + 2)))
+
+    def _probe_echo(self) -> tuple[bool, str]:
+        """Does the server echo prompt logprobs, and at which shift? Tries 20 top logprobs, then 5."""
+        lines = [f"{w}\t{d}\n" for w, d in _PROBE_LINES] * _PROBE_REPEATS
+        text = "".join(lines) + f"{_PROBE_LINES[0][0]}\t{SLOT}\n"
+        digits, pos = [], 0
+        for rep in range(_PROBE_REPEATS):
+            for w, d in _PROBE_LINES:
+                if rep > 0:  # from the second repetition on, the digits are forced by the first
+                    digits.append((pos + len(w) + 1, str(d)))
+                pos += len(w) + 3
+        slot = len(text) - 2
+        verdict: dict[str, Any] = {}
+        for n in dict.fromkeys((self.top_logprobs, 5)):
+            verdict = self._probe_request("echo", {"model": self.model, "prompt": text, "logprobs": n},
+                                          "completions", self._echo_body(text, n),
+                                          lambda data: self._judge_echo(data, digits, slot))
+            if verdict["ok"]:
+                self.echo_shift, self.echo_logprobs = int(verdict["shift"]), n
+            if verdict.get("status") not in (400, 422):  # too many logprobs asked for: try 5 (OpenAI's limit)
+                break
+        return bool(verdict["ok"]), str(verdict["why"])
+
+    def _judge_echo(self, data: dict[str, Any], digits: Sequence[tuple[int, str]], slot: int) -> dict[str, Any]:
+        try:
+            offsets, tops = self._echo_logprobs(data)
+        except LLMError as err:
+            return {"ok": False, "why": str(err).split(": ", 1)[-1]}
+        index = self._token_starts(offsets)
+        if slot not in index or any(off not in index for off, _ in digits):
+            return {"ok": False, "why": "the echoed tokens do not start at the digits and slots of the prompt"}
+        scores = {}
+        for shift in (0, 1):
+            total = 0.0
+            for off, digit in digits:
+                entry = index[off] - shift
+                top = tops[entry] if 0 <= entry < len(tops) else None
+                dist = _digit_dist(top) if top is not None else {}
+                total += math.exp(dist[digit]) if digit in dist else 0.0
+            scores[shift] = total / len(digits)
+        best = max(scores, key=lambda s: scores[s])
+        summary = f"P(forced digit) {scores[0]:.2f} at shift 0, {scores[1]:.2f} at shift 1"
+        if scores[best] < 0.3 or scores[best] - scores[1 - best] < 0.2:
+            return {"ok": False, "why": f"the echo probe is inconclusive ({summary})"}
+        return {"ok": True, "shift": best, "why": f"echo with prompt logprobs, shift {best} ({summary})"}
+
+    def _probe_chat_logprobs(self) -> tuple[bool, str]:
+        messages = [{"role": "user", "content": "Answer with one digit: 3 + 4 ="}]
+        verdict: dict[str, Any] = {}
+        for n in dict.fromkeys((self.top_logprobs, 5)):
+            body = {"model": self.model, "messages": messages, "max_tokens": 2, "temperature": 0.0,
+                    "logprobs": True, "top_logprobs": n}
+            verdict = self._probe_request("chat-logprobs", {"model": self.model, "top_logprobs": n}, "chat", body,
+                                          self._judge_chat_logprobs)
+            if verdict["ok"]:
+                self.chat_logprobs = n
+            if verdict.get("status") not in (400, 422):
+                break
+        return bool(verdict["ok"]), str(verdict["why"])
+
+    def _judge_chat_logprobs(self, data: dict[str, Any]) -> dict[str, Any]:
+        choices = data.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        logprobs = choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if isinstance(content, list) and content and isinstance(content[0], dict) \
+                and isinstance(content[0].get("top_logprobs"), list) and content[0]["top_logprobs"]:
+            return {"ok": True, "why": "chat answers carry top_logprobs"}
+        return {"ok": False, "why": "chat answers carry no top_logprobs"}
+
+    def close(self) -> None:
+        self.client.close()
