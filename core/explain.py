@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from core.llm.base import Backend, LLMError
 from core.llm.baseline import BaselineBackend, lookup_explanation
-from core.prompts import Example, ExplainPrompt, explain_prompt
+from core.prompts import Example, ExplainPrompt, explain_prompt, on_scale
 from core.results import ScoredExplanation, Simulation, SplitScores
 from core.score import score
 from core.splits import NeuronSplits
@@ -22,6 +22,11 @@ from core.splits import NeuronSplits
 def prompt_for(explainer: Backend, splits: NeuronSplits) -> ExplainPrompt:
     """The explainer's prompt for a neuron, trimmed to the explainer's context."""
     return explain_prompt(splits.train, explainer.count_tokens, explainer.context_tokens())
+
+
+def lookup_of(splits: NeuronSplits) -> str:
+    """The token-lookup explanation of a neuron's train excerpts."""
+    return lookup_explanation([(e.tokens, on_scale(e.target, splits.scale_max).tolist()) for e in splits.train])
 
 
 def evaluate(simulator: Backend, text: str, examples: Sequence[Example], split: str, scale_max: float,
@@ -56,7 +61,7 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
     return out
 
 
-def controls(simulator: Backend, splits: NeuronSplits, prompt: ExplainPrompt, *,
+def controls(simulator: Backend, splits: NeuronSplits, *,
              partner: tuple[int, int] | None, partner_text: Callable[[], str] | None, seed: int,
              explainer: str) -> list[ScoredExplanation]:
     """The shuffled control (another neuron's explanation; left out when that explanation cannot be had) and the
@@ -74,7 +79,7 @@ def controls(simulator: Backend, splits: NeuronSplits, prompt: ExplainPrompt, *,
                                      simulations=sims, splits=(scores,)))
     if explainer == "baseline" and simulator.spec == "baseline":
         return out  # the candidate is the baseline itself
-    lookup = lookup_explanation(prompt.examples)
+    lookup = lookup_of(splits)
     sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed)
     out.append(ScoredExplanation(text=lookup, explainer="baseline", role="baseline", simulations=sims,
                                  splits=(scores,)))

@@ -17,10 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.explain import controls, prompt_for, score_candidates
+from core.explain import controls, lookup_of, prompt_for, score_candidates
 from core.llm.base import Backend, BudgetExceeded, Call, CallLog, LLMError, make_backend
-from core.llm.baseline import lookup_explanation
-from core.prompts import explain_prompt
 from core.records import RunInfo
 from core.results import NeuronResult, ScoredExplanation
 from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
@@ -241,8 +239,7 @@ class Job:
             else:
                 stored = [e for e in self.store.explanations(self.run_info.run_id, *partner, tail=self.settings.tail)
                           if e.role in ("candidate", "user") and e.selected]
-                text = stored[0].text if stored else lookup_explanation(
-                    explain_prompt(splits.train, lambda t: 0, 0).examples)
+                text = stored[0].text if stored else lookup_of(splits)
             self._partner_texts[partner] = text
         return self._partner_texts[partner]
 
@@ -273,8 +270,7 @@ class Job:
         simulator = self.backend(self.settings.simulator)
         scored = score_candidates(simulator, splits, texts, explainer=explainer, role=role, seed=seed)
         partner = self._partner(index)
-        prompt = explain_prompt(splits.train, lambda t: 0, 0)
-        extra = controls(simulator, splits, prompt, partner=partner, seed=seed, explainer=explainer,
+        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer,
                          partner_text=(lambda: self._partner_text(partner)) if partner else None)  # type: ignore[arg-type]
         return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
 

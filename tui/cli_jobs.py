@@ -122,7 +122,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         finally:
             job.close()
         store.checkpoint()
-        rows = [s for s in store.summaries(run.run_id, job_id=report.job_id)]
+        rows = store.summaries(run.run_id, job_id=report.job_id)
     if rows and settings.kind != "explain":
         out.print(Text(f"Run {run.run_id}, job {report.job_id}: test-split scores (Pearson r, 95% bootstrap interval)",
                        style="bold"), soft_wrap=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -124,10 +125,10 @@ class Backend(ABC):
     def explain(self, prompt: ExplainPrompt, n: int = 1, seed: int = 0) -> list[str]:
         """n explanations of a neuron (greedy when n == 1, else n seeded samples)."""
         texts = self._explain(prompt, n, seed)
-        cleaned = [clean_explanation(t) for t in texts]
-        if not any(cleaned):
-            raise LLMError(f"{self.spec} returned no usable explanation (answer began {texts[0][:60]!r})")
-        return [c or cleaned[next(i for i, x in enumerate(cleaned) if x)] for c in cleaned]
+        cleaned = [c for c in (clean_explanation(t) for t in texts) if c]
+        if not cleaned:
+            raise LLMError(f"{self.spec} returned no usable explanation (its answer began {texts[0][:60]!r})")
+        return cleaned  # empty samples dropped: fewer than n candidates is fine
 
     def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """The expected activation (0-9 scale) at every token of every excerpt, given the explanation."""
@@ -196,13 +197,13 @@ class Backend(ABC):
 
 
 def clean_explanation(text: str) -> str:
-    """The first sentence-like line of an answer, without labels, quotes or list markers."""
+    """The first non-empty line of an answer, without a list marker, an `Explanation:` label or wrapping
+    quotes; '' when nothing usable is left."""
     for line in text.strip().splitlines():
-        line = line.strip().lstrip("-*#>0123456789. ").strip()
-        for label in ("explanation:", "answer:", "the neuron fires on", "this neuron fires on"):
-            if line.lower().startswith(label) and label.endswith(":"):
-                line = line[len(label):].strip()
-        line = line.strip('"\'` ')
+        line = re.sub(r"^(?:[-*#>]+|\d+[.)])\s+", "", line.strip())
+        line = re.sub(r"^(?:explanation|answer)\s*:\s*", "", line, flags=re.IGNORECASE)
+        if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`" and line[0] not in line[1:-1]:
+            line = line[1:-1].strip()
         if len(line) >= 2:
             return line[:2000]
     return ""
