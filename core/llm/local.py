@@ -34,9 +34,25 @@ MAX_NEW_TOKENS = 48
 #: Sampling temperature when several explanations are asked for.
 TEMPERATURE = 0.8
 #: Bumped when the prompt wording changes, so cached answers to old prompts are not reused.
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3
 #: Most ids in one packed simulation prompt.
 PACK_IDS = 4096
+
+
+class _FirstLineDone:
+    """Stops generation once every sequence has written a non-blank line and then a newline (a leading
+    blank line, which some models write first, does not stop it)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.start = prompt_length
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = [bool(text.lstrip().count("\n")) for text in
+                self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class LocalBackend(Backend):
@@ -106,7 +122,7 @@ class LocalBackend(Backend):
         tok = self.lm.tokenizer
         ids = torch.tensor([prompt_ids], device=self.lm.device)
         options: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS, "pad_token_id": self.pad_id,
-                                   "stop_strings": ["\n"], "tokenizer": tok}
+                                   "stopping_criteria": [_FirstLineDone(tok, ids.shape[1])]}
         if n > 1:
             options.update(do_sample=True, temperature=TEMPERATURE, top_p=0.95, num_return_sequences=n)
         else:
