@@ -111,3 +111,27 @@ class NeuronSummary:
     def beats_shuffled(self) -> bool:
         """True when the interval of the score lies above the shuffled control's score."""
         return self.score is not None and self.shuffled is not None and self.score.ci_low > self.shuffled.value
+
+
+@dataclass(frozen=True)
+class NeuronRow:
+    """One line of the neuron browser: a neuron's statistics and its newest selected explanation."""
+
+    layer: int
+    """Layer."""
+    neuron: int
+    """Neuron index."""
+    explanation: str
+    """The newest selected explanation of the pos tail ('' if none)."""
+    score: float | None
+    """Its test-split 'all' score (None if not measured)."""
+    ci_low: float | None
+    """Lower end of the score's 95% interval."""
+    ci_high: float | None
+    """Upper end of the score's 95% interval."""
+    max_act: float
+    """Largest activation seen."""
+    density: float
+    """Fraction of tokens with a positive activation."""
+    selectivity: float
+    """The selectivity statistic."""

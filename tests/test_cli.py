@@ -29,7 +29,7 @@ from core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
-SUBCOMMANDS = ["collect", "info", "show", "top", "merge", "models", "demo"]
+SUBCOMMANDS = ["collect", "info", "show", "top", "merge", "models", "demo", "browse"]
 
 
 # -- help --------------------------------------------------------------------------------------------

@@ -186,6 +186,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    """Open the full-screen neuron browser on a store (errors opening it are one line, before the app starts)."""
+    from tui.app import NeuronscopeApp
+
+    NeuronscopeApp(args.store_path or args.store).run()
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge shard stores into one store equal to a single collection."""
     from contextlib import ExitStack
@@ -285,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("browse", help="browse a store's neurons full-screen: sort, search, open one with enter")
+    p.add_argument("store_path", nargs="?", metavar="STORE",
+                   help="store file (default: --store, $NEURONSCOPE_STORE or neuronscope.duckdb)")
+    store_arg(p)
+    p.set_defaults(func=cmd_browse)
 
     p = sub.add_parser("merge", help="combine shard stores (collect --shard i/n) into one store")
     p.add_argument("shards", nargs="+", help="shard store files")

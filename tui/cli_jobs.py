@@ -143,40 +143,9 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def print_explanations(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord], scale: float,
                        count: int) -> None:
-    """`show`'s explanation section: each job's explanations with scores, then real beside simulated activations
-    for the newest selected one."""
-    from rich.rule import Rule
-
-    from tui.render import record_line, score_text, simulated_record, visible
+    """`show`'s explanation section (see tui.render.explanation_renderables)."""
+    from tui.render import explanation_renderables
 
     out.print()
-    out.print(Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")))
-    for ex in explanations:
-        label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
-                 "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
-        if ex.source:
-            label += f" (from L{ex.source[0]}/N{ex.source[1]})"
-        line = Text("* " if ex.selected else "  ", style="bold")
-        line.append(f"{label}: ", style="bold" if ex.selected else "")
-        line.append(visible(ex.text))
-        out.print(line, soft_wrap=True)
-        for split in ex.splits:
-            scores = Text(f"      {split.split:6} {split.simulator}: r ")
-            scores.append_text(score_text(split.get("all")))
-            for method in ("top", "random", "r2"):
-                s = split.get(method)
-                if s is not None:
-                    scores.append(f"  {method} {s.value:+.2f}")
-            out.print(scores, soft_wrap=True)
-    chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
-    if chosen is None:
-        return
-    by_excerpt = {(r.excerpt_id, r.kind): r for r in records}
-    out.print()
-    out.print(Text("Real (upper) and simulated (lower) activations on the test excerpts", style="bold underline"))
-    for sim in [s for s in chosen.simulations if s.split == "test"][: 2 * count]:
-        record = by_excerpt.get((sim.excerpt_id, sim.kind))
-        if record is None:
-            continue
-        out.print(Text("real ", style="bold") + record_line(record, scale))
-        out.print(Text("sim  ", style="bold") + record_line(simulated_record(record, sim.predicted, scale), scale))
+    for renderable, one_line in explanation_renderables(explanations, records, scale, count):
+        out.print(renderable, soft_wrap=one_line)

@@ -10,12 +10,14 @@ import unicodedata
 from collections.abc import Sequence
 
 from rich.color import Color
+from rich.console import RenderableType
+from rich.rule import Rule
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
 from core.records import ActivationRecord, NeuronStats
-from core.results import NeuronSummary
+from core.results import NeuronSummary, ScoredExplanation
 from core.score import Score
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
@@ -183,3 +185,43 @@ def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale
 
     values = tuple(float(p) / TOP * scale for p in predicted)
     return replace(record, activations=values, exact_max=max(values, default=0.0), exact_min=min(values, default=0.0))
+
+
+def explanation_renderables(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord],
+                            scale: float, count: int) -> list[tuple[RenderableType, bool]]:
+    """A neuron's explanations with their scores, then real above simulated activations for the newest selected
+    one, as (renderable, keep on one line) pairs: `show` prints them, the app's neuron screen stacks them."""
+    parts: list[tuple[RenderableType, bool]] = [
+        (Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")), False)]
+    for ex in explanations:
+        label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
+                 "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
+        if ex.source:
+            label += f" (from L{ex.source[0]}/N{ex.source[1]})"
+        line = Text("* " if ex.selected else "  ", style="bold")
+        line.append(f"{visible(label)}: ", style="bold" if ex.selected else "")
+        line.append(visible(ex.text))
+        parts.append((line, True))
+        for split in ex.splits:
+            scores = Text(f"      {split.split:6} {visible(split.simulator)}: r ")
+            scores.append_text(score_text(split.get("all")))
+            for method in ("top", "random", "r2"):
+                s = split.get(method)
+                if s is not None:
+                    scores.append(f"  {method} {s.value:+.2f}")
+            parts.append((scores, True))
+    chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
+    if chosen is None:
+        return parts
+    by_excerpt = {(r.excerpt_id, r.kind): r for r in records}
+    parts.append((Text(""), False))
+    parts.append((Text("Real (upper) and simulated (lower) activations on the test excerpts", style="bold underline"),
+                  False))
+    for sim in [s for s in chosen.simulations if s.split == "test"][: 2 * count]:
+        record = by_excerpt.get((sim.excerpt_id, sim.kind))
+        if record is None:
+            continue
+        parts.append((Text("real ", style="bold") + record_line(record, scale), False))
+        parts.append((Text("sim  ", style="bold") + record_line(simulated_record(record, sim.predicted, scale), scale),
+                      False))
+    return parts

@@ -20,6 +20,7 @@ import numpy as np
 from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
 from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
 from core.rows import decode, lists, record_rows
+from core.store.browse import BrowseMixin
 from core.store.results import ResultsMixin
 from core.store.schema import SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
@@ -56,7 +57,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class Store(ResultsMixin):
+class Store(ResultsMixin, BrowseMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]

@@ -22,6 +22,16 @@ ORDERS = {"selectivity": "selectivity DESC", "kurtosis": "kurtosis DESC", "max":
           "min": "min_act ASC", "density": "density ASC", "random": "hash(layer * 1000003 + neuron + ?)"}
 
 
+#: `chosen`: per neuron and tail, the newest selected explanation of a run (first parameter: the run id;
+#: `{where}` adds conditions on `e`); `headline`: every explanation's test-split 'all' score.
+CHOSEN_CTES = """chosen AS (
+            SELECT * FROM explanations e WHERE run_id = ? AND selected{where}
+            QUALIFY row_number() OVER (PARTITION BY layer, neuron, tail ORDER BY job_id DESC, explanation_id DESC) = 1
+        ), headline AS (
+            SELECT explanation_id, value, ci_low, ci_high, n, flags FROM scores WHERE split = 'test' AND method = 'all'
+        )"""
+
+
 class ResultsMixin:
     con: Any
     _thread_cursors: threading.local
@@ -216,12 +226,7 @@ class ResultsMixin:
             job_filter = " AND e.job_id = ?"
             params.append(job_id)
         sql = f"""
-        WITH chosen AS (
-            SELECT * FROM explanations e WHERE run_id = ? AND selected{job_filter}
-            QUALIFY row_number() OVER (PARTITION BY layer, neuron, tail ORDER BY job_id DESC, explanation_id DESC) = 1
-        ), headline AS (
-            SELECT explanation_id, value, ci_low, ci_high, n, flags FROM scores WHERE split = 'test' AND method = 'all'
-        )
+        WITH {CHOSEN_CTES.format(where=job_filter)}
         SELECT c.layer, c.neuron, c.tail, c.text, c.explainer, h.value, h.ci_low, h.ci_high, h.n, h.flags,
                sh.value, sh.ci_low, sh.ci_high, sh.n, sh.flags, b.value, b.ci_low, b.ci_high, b.n, b.flags,
                n.selectivity

@@ -1,0 +1,214 @@
+"""The Textual neuron browser: the store's paged browse queries, and the app driven by Pilot on the tiny
+model's store (table, cursor, sort, search, neuron screen, hostile tokens), plus its import cost."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
+from textual.geometry import Region
+from textual.widgets import Static
+
+from core.store import Store
+from core.store.schema import StoreError
+from tui.app import NeuronscopeApp
+from tui.screens.neuron import NeuronScreen
+from tui.widgets.neuron_table import NeuronTable
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+SIZE = (100, 30)
+
+
+def sync(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async Pilot test in its own event loop (no pytest async plugin needed)."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+    return run
+
+
+@pytest.fixture(scope="module")
+def scored_store(cli_store, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the CLI store in which a baseline explain/score job ran on five neurons."""
+    path = tmp_path_factory.mktemp("browse") / "scored.duckdb"
+    shutil.copy(cli_store[0], path)
+    result = run_cli(["run", "--explainer", "baseline", "--limit", "5", "--store", str(path)])
+    assert result.code == 0, result.err
+    return path
+
+
+def table_lines(table: NeuronTable, rows: int = 4) -> list[str]:
+    """The table's rendered header and first rows as plain text."""
+    return [strip.text for strip in table.render_lines(Region(0, 0, table.size.width, rows + 1))]
+
+
+def screen_text(screen: NeuronScreen) -> str:
+    """Every line the neuron screen's widgets render, scrolled into view or not."""
+    lines = []
+    for widget in screen.query(Static):
+        lines += [strip.text for strip in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))]
+    return "\n".join(lines)
+
+
+# -- the store's browse queries ------------------------------------------------------------------------
+
+def test_neuron_rows_and_count(scored_store: Path) -> None:
+    with Store.open(scored_store, read_only=True) as store:
+        run = store.run()
+        total = store.con.execute("SELECT count(*) FROM neurons WHERE run_id = ?", [run.run_id]).fetchall()[0][0]
+        assert store.neuron_count(run.run_id) == total == len(run.layers) * run.neurons_per_layer
+        pages = [store.neuron_rows(run.run_id, order="layer", descending=False, layers=None, search=None,
+                                   explained=None, offset=o, limit=50) for o in range(0, total, 50)]
+        rows = [r for page in pages for r in page]
+        assert [(r.layer, r.neuron) for r in rows] == sorted((r.layer, r.neuron) for r in rows)
+        assert len(set((r.layer, r.neuron) for r in rows)) == total
+
+        explained = store.neuron_rows(run.run_id, order="score", descending=True, layers=None, search=None,
+                                      explained=True, offset=0, limit=100)
+        assert len(explained) == store.neuron_count(run.run_id, explained=True) == 5
+        scores = [r.score for r in explained]
+        assert None not in scores and scores == sorted(scores, reverse=True)  # type: ignore[type-var]
+        assert all(r.ci_low <= r.score <= r.ci_high for r in explained)  # type: ignore[operator]
+        best = store.summaries(run.run_id, limit=1)[0]
+        assert (explained[0].layer, explained[0].neuron, explained[0].explanation) == (best.layer, best.neuron, best.text)
+        # Score order puts unexplained neurons last; explained=False is the complement.
+        by_score = store.neuron_rows(run.run_id, order="score", descending=True, layers=None, search=None,
+                                     explained=None, offset=0, limit=6)
+        assert by_score[:5] == explained and by_score[5].score is None and by_score[5].explanation == ""
+        assert store.neuron_count(run.run_id, explained=False) == total - 5
+
+        by_max = store.neuron_rows(run.run_id, order="max", descending=True, layers=(1, 2), search=None,
+                                   explained=None, offset=0, limit=500)
+        direct = store.con.execute("SELECT layer, neuron FROM neurons WHERE run_id = ? AND layer BETWEEN 1 AND 2 "
+                                   "ORDER BY max_act DESC, layer, neuron", [run.run_id]).fetchall()
+        assert [(r.layer, r.neuron) for r in by_max] == [tuple(d) for d in direct]
+        assert store.neuron_count(run.run_id, layers=(1, 2)) == len(direct)
+
+        word = explained[0].explanation.split()[1]  # a token of the baseline's explanation, e.g. '"W"'
+        found = store.neuron_rows(run.run_id, order="layer", descending=False, layers=None, search=word.lower(),
+                                  explained=None, offset=0, limit=500)
+        assert found and all(word.lower() in r.explanation.lower() for r in found)
+        assert store.neuron_count(run.run_id, search=word.lower()) == len(found)
+        # LIKE wildcards and quotes are matched literally, never as patterns or SQL.
+        for hostile in ("%", "_", "' OR 1=1 --", "\\"):
+            assert store.neuron_count(run.run_id, search=hostile) == sum(hostile in r.explanation for r in rows)
+        with pytest.raises(StoreError, match="cannot order"):
+            store.neuron_rows(run.run_id, order="kurtosis; DROP TABLE neurons", descending=False, layers=None,
+                              search=None, explained=None, offset=0, limit=1)
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+@sync
+async def test_table_cursor_and_sort(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    app = NeuronscopeApp(path)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        total = app.store.con.execute("SELECT count(*) FROM neurons WHERE run_id = ?",
+                                      [app.run_info.run_id]).fetchall()[0][0]
+        assert table.row_count == total
+        header, first, second = table_lines(table, 2)
+        assert "explanation" in header and f"{total:,} rows" in header
+        assert first.startswith("L0/N0 ") and second.startswith("L0/N1 ")
+        assert table.cached_pages == 1  # only the page on screen was fetched
+
+        await pilot.press("down", "j", "down", "k")
+        assert table.cursor == 2 and table.current is not None and table.current.neuron == 2
+        await pilot.press("end")
+        assert table.cursor == total - 1 and table.scroll_offset.y > 0
+        await pilot.press("pageup", "home")
+        assert table.cursor == 0 and table.scroll_offset.y == 0
+
+        await pilot.press("s", "s")  # layer -> score -> max
+        await pilot.pause()
+        assert table.order == "max" and table.descending
+        top = app.store.con.execute("SELECT layer, neuron FROM neurons WHERE run_id = ? ORDER BY max_act DESC "
+                                    "LIMIT 1", [app.run_info.run_id]).fetchall()[0]
+        assert table_lines(table, 1)[1].startswith(f"L{top[0]}/N{top[1]} ")
+        await pilot.press("q")
+    assert app.return_code == 0
+    with pytest.raises(Exception, match="closed"):  # noqa: B017 - duckdb's closed-connection error
+        app.store.con.execute("SELECT 1")
+
+
+@sync
+async def test_search_and_neuron_screen(scored_store: Path) -> None:
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        total = table.row_count
+        await pilot.press("s")  # by score: the best explained neuron first
+        await pilot.pause()
+        best = table.current
+        assert best is not None and best.score is not None
+        assert f"{best.score:+.2f}" in table_lines(table, 1)[1]
+
+        word = best.explanation.split()[1]
+        await pilot.press("slash", *word, "enter")
+        await pilot.pause()
+        assert table.search == word and 1 <= table.row_count < total
+        assert all(word.lower() in (table.row(i).explanation.lower()) for i in range(table.row_count))  # type: ignore[union-attr]
+
+        await pilot.press("enter")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, NeuronScreen) and screen.position == (table.current.layer, table.current.neuron)  # type: ignore[union-attr]
+        text = screen_text(screen)
+        layer, neuron = screen.position
+        assert f"L{layer}/N{neuron}" in text and "Top excerpts" in text and "Explanations" in text
+        record = app.store.records(app.run_info.run_id, layer, neuron, kinds=("top",))[0]
+        assert "".join(record.tokens[:3]).strip() in text
+
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is not screen and app.focused is table
+
+        await pilot.press("slash", "x", "escape")  # escape clears the search
+        await pilot.pause()
+        assert table.search is None and table.row_count == total and app.focused is table
+
+
+@sync
+async def test_hostile_tokens_show_literally(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    app = NeuronscopeApp(path)
+    async with app.run_test(size=SIZE) as pilot:
+        run_id = app.run_info.run_id
+        rows = app.store.con.execute(
+            "SELECT r.layer, r.neuron FROM records r JOIN excerpts e USING (run_id, excerpt_id) "
+            "WHERE r.run_id = ? AND r.kind = 'top' AND r.rank < 5 GROUP BY r.layer, r.neuron "
+            "HAVING bool_or(contains(array_to_string(e.tokens, ''), ?)) "
+            "AND bool_or(contains(array_to_string(e.tokens, ''), ?)) ORDER BY 1, 2 LIMIT 1",
+            [run_id, MARKERS[0], MARKERS[1]]).fetchall()
+        assert rows, "no neuron has both markers among its top excerpts"
+        screen = NeuronScreen(app.store, app.run_info, *rows[0])
+        await app.push_screen(screen)
+        await pilot.pause()
+        text = screen_text(screen)
+        assert MARKERS[0] in text and MARKERS[1] in text
+        assert "\x1b" not in text and "\x07" not in text
+
+
+def test_browse_errors_are_one_line(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli(["browse", str(tmp_path / "missing.duckdb")]), "no store")
+    foreign = tmp_path / "notes.duckdb"
+    foreign.write_text("not a database\n")
+    assert_one_line_error(run_cli(["browse", "--store", str(foreign)]), str(foreign))
+
+
+def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def]
+    code = ("import sys; from tui.app import NeuronscopeApp; app = NeuronscopeApp(sys.argv[1]); app.store.close(); "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code, str(cli_store[0])], capture_output=True, text=True,
+                          env=cli_env(), cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr

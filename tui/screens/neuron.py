@@ -1,0 +1,69 @@
+"""One neuron: statistics, histogram, explanations with scores, and its excerpts coloured by activation."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table
+
+#: Excerpts shown per kind (and per quantile bin).
+COUNT = 5
+
+
+class NeuronScreen(Screen[None]):
+    """Everything the store holds on one neuron of a run; escape goes back."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back")]
+
+    def __init__(self, store: Any, run: Any, layer: int, neuron: int) -> None:
+        super().__init__()
+        self.store = store
+        self.run = run
+        self.position = (layer, neuron)
+        """(layer, neuron) shown."""
+
+    def compose(self) -> ComposeResult:
+        run, (layer, neuron) = self.run, self.position
+        stats = self.store.neuron_stats(run.run_id, layer, neuron)
+        records = self.store.records(run.run_id, layer, neuron)
+        explanations = self.store.explanations(run.run_id, layer, neuron)
+        scale = scale_of(records)
+        title = Text(f"L{layer}/N{neuron}", style="bold")
+        title.append(f"  ·  run {run.run_id}  ·  ")
+        title.append(run.model)
+        with VerticalScroll():
+            yield Static(title, id="title")
+            if stats is None:
+                yield Static(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
+            else:
+                yield Static(stats_table(stats, run.settings.quantiles), id="stats")
+                yield Static(Text("histogram ", style="bold") + histogram_text(stats), id="histogram")
+            if explanations:
+                yield Static("")
+                for renderable, _one_line in explanation_renderables(explanations, records, scale, COUNT):
+                    yield Static(renderable, classes="explanation")
+            for kind, title_text, chosen in self._sections(records):
+                if chosen:
+                    yield Static("")
+                    yield Static(Text(title_text, style="bold underline"))
+                    for rec in chosen:
+                        yield Static(record_line(rec, scale, negative=kind == "bottom"), classes="record")
+        yield Footer()
+
+    def _sections(self, records: list[Any]) -> list[tuple[str, str, list[Any]]]:
+        quantiles = self.run.settings.quantiles
+        sections = [("top", "Top excerpts", [r for r in records if r.kind == "top"][:COUNT])]
+        for b in reversed(range(len(quantiles) - 1)):
+            chosen = [r for r in records if r.kind == "quantile" and r.bin == b][:COUNT]
+            sections.append(("quantile", f"Quantile bin [{quantiles[b]:g}, {quantiles[b + 1]:g}) of excerpt maxima",
+                             chosen))
+        sections.append(("random", "Random excerpts", [r for r in records if r.kind == "random"][:COUNT]))
+        sections.append(("bottom", "Most negative excerpts", [r for r in records if r.kind == "bottom"][:COUNT]))
+        return sections

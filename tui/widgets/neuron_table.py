@@ -1,0 +1,187 @@
+"""A virtual table of a run's neurons: rows are fetched from the store a page at a time as they scroll
+into view (Textual's line API with a small LRU page cache), so a run of any size opens at once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.geometry import Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from core.results import NeuronRow
+from tui.render import visible
+
+PAGE = 200
+PAGES_CACHED = 8
+#: Fixed column widths; the explanation takes what is left.
+NEURON_W, SCORE_W, MAX_W, DENSITY_W = 11, 22, 9, 8
+
+
+def _cell(text: str, width: int, justify: str = "left") -> str:
+    text = text[:width]
+    return text.rjust(width) if justify == "right" else text.ljust(width)
+
+
+class NeuronTable(ScrollView, can_focus=True):
+    """Every neuron of a run, one line each, with a cursor; enter posts `Selected`."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up,k", "cursor(-1)", "Up", show=False),
+        Binding("down,j", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "jump(0)", "First", show=False),
+        Binding("end", "jump(-1)", "Last", show=False),
+        Binding("enter", "select", "Open neuron"),
+    ]
+    DEFAULT_CSS = """
+    NeuronTable { height: 1fr; overflow-x: hidden; }
+    """
+
+    class Selected(Message):
+        """The user chose a neuron (enter)."""
+
+        def __init__(self, layer: int, neuron: int) -> None:
+            super().__init__()
+            self.layer = layer
+            self.neuron = neuron
+
+    def __init__(self, store: Any, run_id: int, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
+        super().__init__(id=id)
+        self.store = store
+        self.run_id = run_id
+        self.order = "layer"
+        self.descending = False
+        self.search: str | None = None
+        self.row_count = 0
+        self.cursor = 0
+        self._pages: OrderedDict[int, list[NeuronRow]] = OrderedDict()
+        self.row_count = self.store.neuron_count(self.run_id)
+
+    # -- data ---------------------------------------------------------------------------------------
+    def set_query(self, *, order: str | None = None, descending: bool | None = None, search: str | None = "") -> None:
+        """Change the sort or the search ('' keeps the current search, None clears it); the cursor goes to the top."""
+        if order is not None:
+            self.order = order
+        if descending is not None:
+            self.descending = descending
+        if search != "":
+            self.search = search or None
+        self._pages.clear()
+        self.row_count = self.store.neuron_count(self.run_id, search=self.search)
+        self.virtual_size = Size(self.size.width, self.row_count + 1)
+        self.cursor = 0
+        self.scroll_to(y=0, animate=False)
+        self.refresh()
+
+    def on_mount(self) -> None:
+        self.virtual_size = Size(self.size.width, self.row_count + 1)
+
+    def row(self, index: int) -> NeuronRow | None:
+        """The row at a position of the current order, fetching its page if it is not cached."""
+        if not 0 <= index < self.row_count:
+            return None
+        page_no = index // PAGE
+        page = self._pages.get(page_no)
+        if page is None:
+            page = self.store.neuron_rows(self.run_id, order=self.order, descending=self.descending, layers=None,
+                                          search=self.search, explained=None, offset=page_no * PAGE, limit=PAGE)
+            self._pages[page_no] = page
+            while len(self._pages) > PAGES_CACHED:
+                self._pages.popitem(last=False)
+        else:
+            self._pages.move_to_end(page_no)
+        offset = index - page_no * PAGE
+        return page[offset] if offset < len(page) else None
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages held in memory now."""
+        return len(self._pages)
+
+    # -- rendering ----------------------------------------------------------------------------------
+    def on_resize(self) -> None:
+        self.virtual_size = Size(self.size.width, self.row_count + 1)
+
+    def _explanation_width(self) -> int:
+        return max(self.scrollable_content_region.width - NEURON_W - SCORE_W - MAX_W - DENSITY_W - 4, 10)
+
+    def _line(self, row: NeuronRow) -> Text:
+        width = self._explanation_width()
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(_cell(f"L{row.layer}/N{row.neuron}", NEURON_W), style="bold")
+        explanation = visible(row.explanation)
+        if len(explanation) > width:
+            explanation = explanation[: width - 1] + "…"
+        text.append(" ")
+        text.append(_cell(explanation, width) if row.explanation else _cell("-", width), style="" if row.explanation else "dim")
+        score = "-" if row.score is None else f"{row.score:+.2f} [{row.ci_low or 0:+.2f},{row.ci_high or 0:+.2f}]"
+        text.append(" " + _cell(score, SCORE_W, "right"))
+        text.append(" " + _cell(f"{row.max_act:.3g}", MAX_W, "right"))
+        text.append(" " + _cell(f"{row.density:.1%}", DENSITY_W, "right"))
+        return text
+
+    def _header(self) -> Text:
+        width = self._explanation_width()
+        arrow = "↓" if self.descending else "↑"
+        names = {"layer": "neuron", "score": "score", "max": "max", "density": "density"}
+        text = Text(no_wrap=True, overflow="ellipsis", style="bold underline")
+        searching = f"  /{visible(self.search)}" if self.search else ""
+        label = f"explanation{searching}  ({self.row_count:,} rows, by {self.order} {arrow})"
+        cells = [_cell(names["layer"], NEURON_W), _cell(label, width), _cell(names["score"], SCORE_W, "right"),
+                 _cell(names["max"], MAX_W, "right"), _cell(names["density"], DENSITY_W, "right")]
+        text.append(" ".join(cells))
+        return text
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        if y == 0:
+            text = self._header()
+        else:
+            index = int(self.scroll_offset.y) + y - 1
+            row = self.row(index)
+            if row is None:
+                return Strip.blank(width, self.rich_style)
+            text = self._line(row)
+            if index == self.cursor:
+                text.stylize(Style(reverse=True))
+        segments = list(text.render(self.app.console, end=""))
+        return Strip(segments).adjust_cell_length(width, self.rich_style).apply_style(self.rich_style) \
+            if segments else Strip([Segment(" " * width, self.rich_style)])
+
+    # -- cursor -------------------------------------------------------------------------------------
+    def _move_to(self, index: int) -> None:
+        new = self.cursor = max(0, min(index, self.row_count - 1))
+        top = int(self.scroll_offset.y)
+        visible_rows = max(self.scrollable_content_region.height - 1, 1)
+        if new < top:
+            self.scroll_to(y=new, animate=False)
+        elif new >= top + visible_rows:
+            self.scroll_to(y=new - visible_rows + 1, animate=False)
+        self.refresh()
+
+    def action_cursor(self, step: int) -> None:
+        self._move_to(self.cursor + step)
+
+    def action_page(self, direction: int) -> None:
+        self._move_to(self.cursor + direction * max(self.scrollable_content_region.height - 2, 1))
+
+    def action_jump(self, where: int) -> None:
+        self._move_to(self.row_count - 1 if where < 0 else 0)
+
+    def action_select(self) -> None:
+        row = self.row(self.cursor)
+        if row is not None:
+            self.post_message(self.Selected(row.layer, row.neuron))
+
+    @property
+    def current(self) -> NeuronRow | None:
+        """The row under the cursor."""
+        return self.row(self.cursor)
