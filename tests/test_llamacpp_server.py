@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from core.llm.base import LLMError
+from core.llm.openai_answers import read_echo
 from core.llm.openai_api import OpenAIBackend
 from core.prompts import TOP, ExplainPrompt, fewshot
 
@@ -140,8 +141,8 @@ def test_echo_route_reads_the_shifted_slot(server: str) -> None:
         slots.append(len(text))
         text += "?\n"
     data = b._post("completions", b._echo_body(text, b.echo_logprobs))
-    right = np.array(b._read_echo(data, text, slots, b.echo_shift))
-    wrong = np.array(b._read_echo(data, text, slots, 1 - b.echo_shift))
+    right = np.array(read_echo(b.spec, data, text, slots, b.echo_shift))
+    wrong = np.array(read_echo(b.spec, data, text, slots, 1 - b.echo_shift))
     forced = np.array([d for _, d in pairs[:3]], float)
     assert np.abs(right - forced).max() < 2.5, (right, forced)
     assert np.abs(right - forced).mean() < np.abs(wrong - forced).mean() - 1.0, (right, wrong, forced)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,19 @@ import numpy as np
 import openai
 
 from core.llm.base import Backend, LLMError
-from core.prompts import SLOT, TOP, ExplainPrompt, simulation_messages, simulation_text
+from core.llm.openai_answers import (
+    choices,
+    digit_dist,
+    echo_logprobs,
+    message_text,
+    one_line,
+    read_chat_logprobs,
+    read_echo,
+    token_starts,
+    usage,
+    value_lines,
+)
+from core.prompts import SLOT, ExplainPrompt, simulation_messages, simulation_text
 
 #: Where requests go without a base_url in the spec or OPENAI_BASE_URL.
 OPENAI_URL = "https://api.openai.com/v1"
@@ -68,12 +79,9 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1-mini": (0.40, 1.60),
     "gpt-4.1-nano": (0.10, 0.40),
 }
-_DIGITS = tuple(str(d) for d in range(TOP + 1))
 #: The echo probe: lines repeated so that a model of any size predicts their digits from the repetition.
 _PROBE_LINES = (("cat", 7), ("dog", 2), ("sun", 5), ("red", 0), ("map", 9), ("box", 3), ("pen", 6), ("cup", 1))
 _PROBE_REPEATS = 3
-#: A line of a simulation answer: anything, a tab (or spaces), one digit, optional trailing spaces.
-_VALUE_LINE = re.compile(r"^(.*?)(?:\t| +)([0-9])[ \t]*$")
 
 
 class HTTPError(LLMError):
@@ -93,38 +101,6 @@ def price_of(model: str) -> tuple[float, float] | None:
     name = model.lower()
     matches = [k for k in PRICES if name == k or name.startswith(k + "-")]
     return PRICES[max(matches, key=len)] if matches else None
-
-
-def _one_line(text: Any, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _expected(dist: dict[str, float]) -> float:
-    """Expected digit of a {digit string: logprob} distribution, renormalised; 0 when empty."""
-    if not dist:
-        return 0.0
-    top = max(dist.values())
-    weights = {d: math.exp(lp - top) for d, lp in dist.items()}
-    total = sum(weights.values())
-    return sum(int(d) * w for d, w in weights.items()) / total
-
-
-def _digit_dist(top: Any) -> dict[str, float]:
-    """The digit entries of one top_logprobs entry: a {token: logprob} dict (completions) or a list of
-    {token, logprob} objects (chat)."""
-    items: Any
-    if isinstance(top, dict):
-        items = top.items()
-    elif isinstance(top, list):
-        items = ((e.get("token"), e.get("logprob")) for e in top if isinstance(e, dict))
-    else:
-        return {}
-    out: dict[str, float] = {}
-    for token, lp in items:
-        if token in _DIGITS and isinstance(lp, (int, float)) and math.isfinite(lp):
-            out[token] = max(out.get(token, -math.inf), float(lp))
-    return out
 
 
 class OpenAIBackend(Backend):
@@ -219,30 +195,9 @@ class OpenAIBackend(Backend):
 
     def _scrub(self, text: Any, limit: int = 200) -> str:
         """One line of an error text, without the key even if a server echoes it."""
-        line = _one_line(text, limit)
+        line = one_line(text, limit)
         return line.replace(self._key, "***") if self._key != DUMMY_KEY else line
 
-    def _choices(self, data: dict[str, Any], what: str) -> list[dict[str, Any]]:
-        choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-            raise LLMError(f"{self.spec}: the {what} answer has no choices")
-        return choices
-
-    @staticmethod
-    def _usage(data: dict[str, Any], prompt_estimate: int, completion_estimate: int) -> tuple[int, int]:
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(p, int) and isinstance(c, int):
-                return p, c
-        return prompt_estimate, completion_estimate
-
-    def _message_text(self, choice: dict[str, Any], what: str) -> str:
-        message = choice.get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str):
-            raise LLMError(f"{self.spec}: the {what} answer lacks choices[].message.content")
-        return content
 
     # -- explanation --------------------------------------------------------------------------------
     def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
@@ -260,8 +215,8 @@ class OpenAIBackend(Backend):
         prompt_estimate = sum(self.count_tokens(m["content"]) for m in messages)
         if n == 1:
             data = self._post("chat", {**base, "temperature": 0.0, "seed": 0})
-            texts = [self._message_text(self._choices(data, "explanation")[0], "explanation")]
-            p, c = self._usage(data, prompt_estimate, self.count_tokens(texts[0]))
+            texts = [message_text(self.spec, choices(self.spec, data, "explanation")[0], "explanation")]
+            p, c = usage(data, prompt_estimate, self.count_tokens(texts[0]))
             return json.dumps(texts, ensure_ascii=False), p, c
         texts, p_total, c_total = [], 0, 0
         # Ask for n samples at once where the server honours n (OpenAI, vLLM); top up one seed at a time
@@ -273,9 +228,9 @@ class OpenAIBackend(Backend):
             if count > 1:
                 body["n"] = count
             data = self._post("chat", body)
-            got = [self._message_text(c, "explanation") for c in self._choices(data, "explanation")][:count]
+            got = [message_text(self.spec, c, "explanation") for c in choices(self.spec, data, "explanation")][:count]
             texts += got
-            p, c = self._usage(data, prompt_estimate, sum(self.count_tokens(t) for t in got))
+            p, c = usage(data, prompt_estimate, sum(self.count_tokens(t) for t in got))
             p_total, c_total = p_total + p, c_total + c
             if count > 1:
                 self._n_supported = len(got) >= count
@@ -313,8 +268,8 @@ class OpenAIBackend(Backend):
 
         def run() -> tuple[str, int, int]:
             data = self._post("completions", self._echo_body(prompt.text, self.echo_logprobs))
-            values = self._read_echo(data, prompt.text, prompt.slots, shift)
-            p, c = self._usage(data, estimate - 1, 1)
+            values = read_echo(self.spec, data, prompt.text, prompt.slots, shift)
+            p, c = usage(data, estimate - 1, 1)
             return json.dumps({"values": values}), p, c
 
         return list(json.loads(self.call("simulate", payload, run, estimate=estimate))["values"])
@@ -325,42 +280,6 @@ class OpenAIBackend(Backend):
         return {"model": self.model, "prompt": text, "echo": True, "max_tokens": 1, "temperature": 0.0,
                 "logprobs": logprobs}
 
-    def _echo_logprobs(self, data: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        """(text_offset, top_logprobs) of an echo answer."""
-        logprobs = self._choices(data, "echo")[0].get("logprobs")
-        offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
-        tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
-        if not isinstance(offsets, list) or not isinstance(tops, list) or len(offsets) != len(tops):
-            raise LLMError(f"{self.spec}: the echo answer lacks logprobs.text_offset and top_logprobs "
-                           f"(does the server support echo with logprobs? try mode chat-logprobs)")
-        return offsets, tops
-
-    def _read_echo(self, data: dict[str, Any], text: str, slots: Sequence[int], shift: int) -> list[float]:
-        offsets, tops = self._echo_logprobs(data)
-        index = self._token_starts(offsets)
-        values = []
-        for k, slot in enumerate(slots):
-            i = index.get(slot)
-            if i is None:
-                near = text[max(0, slot - 8): slot + 3]
-                raise LLMError(f"{self.spec}: the echo does not match the prompt: no token starts at the slot of "
-                               f"token {k + 1} (character {slot}, {near!r}); the server tokenised the prompt "
-                               f"differently (use mode chat-logprobs)")
-            entry = i - shift
-            top = tops[entry] if 0 <= entry < len(tops) else None
-            if top is None:
-                raise LLMError(f"{self.spec}: the echo has no top_logprobs for the slot of token {k + 1}")
-            values.append(_expected(_digit_dist(top)))
-        return values
-
-    @staticmethod
-    def _token_starts(offsets: Sequence[Any]) -> dict[int, int]:
-        """Character offset -> index of the first token that starts there."""
-        index: dict[int, int] = {}
-        for i, off in enumerate(offsets):
-            if isinstance(off, int):
-                index.setdefault(off, i)
-        return index
 
     def _simulate_chat(self, explanation: str, tokens: Sequence[str], with_logprobs: bool) -> list[float]:
         if not tokens:
@@ -380,64 +299,17 @@ class OpenAIBackend(Backend):
             if with_logprobs:
                 body.update(logprobs=True, top_logprobs=self.chat_logprobs)
             data = self._post("chat", body)
-            choice = self._choices(data, "simulation")[0]
+            choice = choices(self.spec, data, "simulation")[0]
             if with_logprobs:
-                answer, values = self._read_chat_logprobs(choice, len(tokens))
+                answer, values = read_chat_logprobs(self.spec, choice, len(tokens))
             else:
-                answer = self._message_text(choice, "simulation")
-                values = [float(d) for _, d in self._value_lines(answer, len(tokens))]
-            p, c = self._usage(data, prompt_estimate, self.count_tokens(answer))
+                answer = message_text(self.spec, choice, "simulation")
+                values = [float(d) for _, d in value_lines(self.spec, answer, len(tokens))]
+            p, c = usage(data, prompt_estimate, self.count_tokens(answer))
             return json.dumps({"answer": answer, "values": values}, ensure_ascii=False), p, c
 
         return list(json.loads(self.call("simulate", payload, run, estimate=estimate))["values"])
 
-    def _value_lines(self, answer: str, count: int) -> list[tuple[int, str]]:
-        """(character offset, digit) of the value on each answer line; LLMError unless one per token."""
-        found: list[tuple[int, str]] = []
-        pos = 0
-        for line in answer.splitlines(keepends=True):
-            body = line.rstrip("\r\n")
-            match = _VALUE_LINE.match(body)
-            if match and body.strip() and not body.lstrip().startswith("```"):
-                found.append((pos + match.start(2), match.group(2)))
-            pos += len(line)
-        if len(found) != count:
-            raise LLMError(f"{self.spec}: the simulation answer has {len(found)} value lines for {count} tokens "
-                           f"(answer began {_one_line(answer, 60)!r})")
-        return found
-
-    def _read_chat_logprobs(self, choice: dict[str, Any], count: int) -> tuple[str, list[float]]:
-        """The answer (as the logprob tokens spell it) and the expected value at each digit written."""
-        logprobs = choice.get("logprobs")
-        content = logprobs.get("content") if isinstance(logprobs, dict) else None
-        if not isinstance(content, list) or not content or not all(isinstance(t, dict) for t in content):
-            raise LLMError(f"{self.spec}: the simulation answer has no logprobs (the server ignores logprobs; "
-                           f"use mode chat-digits)")
-        pieces = [t.get("token") if isinstance(t.get("token"), str) else "" for t in content]
-        answer = "".join(pieces)
-        owner: list[int] = []  # character offset -> index of the logprob token covering it
-        starts: list[int] = []  # index of a logprob token -> its character offset
-        for i, piece in enumerate(pieces):
-            starts.append(len(owner))
-            owner += [i] * len(piece)
-        values = []
-        for offset, digit in self._value_lines(answer, count):
-            i = owner[offset]
-            token = pieces[i]
-            start = offset - starts[i]  # where the digit sits inside its token
-            pre, post = token[:start], token[start + 1:]
-            dist: dict[str, float] = {}
-            tops = content[i].get("top_logprobs")
-            for entry in tops if isinstance(tops, list) else []:
-                t, lp = (entry.get("token"), entry.get("logprob")) if isinstance(entry, dict) else (None, None)
-                if (isinstance(t, str) and len(t) == len(token) and t.startswith(pre) and t.endswith(post)
-                        and t[start] in _DIGITS and isinstance(lp, (int, float)) and math.isfinite(lp)):
-                    dist[t[start]] = max(dist.get(t[start], -math.inf), float(lp))
-            if digit not in dist:
-                own = content[i].get("logprob")
-                dist[digit] = float(own) if isinstance(own, (int, float)) and math.isfinite(own) else 0.0
-            values.append(_expected(dist))
-        return answer, values
 
     # -- choosing the route -------------------------------------------------------------------------
     def choose_mode(self) -> str:
@@ -471,7 +343,7 @@ class OpenAIBackend(Backend):
                                        "why": str(err).removeprefix(f"{self.spec}: ")}), 0, 0
                 raise
             verdict = judge(data)
-            p, c = self._usage(data, self.count_tokens(json.dumps(body)), 1)
+            p, c = usage(data, self.count_tokens(json.dumps(body)), 1)
             return json.dumps(verdict), p, c
 
         return dict(json.loads(self.call("simulate", {"v": PROMPT_VERSION, "probe": what, **payload}, run,
@@ -501,10 +373,10 @@ class OpenAIBackend(Backend):
 
     def _judge_echo(self, data: dict[str, Any], digits: Sequence[tuple[int, str]], slot: int) -> dict[str, Any]:
         try:
-            offsets, tops = self._echo_logprobs(data)
+            offsets, tops = echo_logprobs(self.spec, data)
         except LLMError as err:
             return {"ok": False, "why": str(err).split(": ", 1)[-1]}
-        index = self._token_starts(offsets)
+        index = token_starts(offsets)
         if slot not in index or any(off not in index for off, _ in digits):
             return {"ok": False, "why": "the echoed tokens do not start at the digits and slots of the prompt"}
         scores = {}
@@ -513,7 +385,7 @@ class OpenAIBackend(Backend):
             for off, digit in digits:
                 entry = index[off] - shift
                 top = tops[entry] if 0 <= entry < len(tops) else None
-                dist = _digit_dist(top) if top is not None else {}
+                dist = digit_dist(top) if top is not None else {}
                 total += math.exp(dist[digit]) if digit in dist else 0.0
             scores[shift] = total / len(digits)
         best = max(scores, key=lambda s: scores[s])
