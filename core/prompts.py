@@ -227,10 +227,6 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return encode(text)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return encode_text(tokenizer, text)
-
-
 def bos_ids(tokenizer: Any) -> list[int]:
     """The beginning-of-sequence id when the tokenizer puts one in front of every text (Gemma, Llama), else []."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -268,8 +264,8 @@ def simulation_prefix(tokenizer: Any, explanation: str) -> list[int]:
     head = _simulation_head(explanation)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": SIMULATE_SYSTEM}, {"role": "user", "content": "Fill in the values."}]
-        return chat_opening_ids(tokenizer, messages) + _encode(tokenizer, head)
-    return bos_ids(tokenizer) + _encode(tokenizer, SIMULATE_SYSTEM + "\n\n" + head)
+        return chat_opening_ids(tokenizer, messages) + encode_text(tokenizer, head)
+    return bos_ids(tokenizer) + encode_text(tokenizer, SIMULATE_SYSTEM + "\n\n" + head)
 
 
 def simulation_ids(tokenizer: Any, explanation: str, tokens: Sequence[str],
@@ -279,7 +275,7 @@ def simulation_ids(tokenizer: Any, explanation: str, tokens: Sequence[str],
     tab, slot, newline = _pieces(tokenizer)
     slots = []
     for token in tokens:
-        ids += _encode(tokenizer, show_token(token)) + tab
+        ids += encode_text(tokenizer, show_token(token)) + tab
         slots.append(len(ids))
         ids += slot + newline
     return SimulationIds(tuple(ids), tuple(slots))
@@ -300,7 +296,7 @@ def packed_simulation_ids(tokenizer: Any, explanation: str, excerpts: Sequence[S
     """Excerpts packed, in order, into as few prompts of at most max_ids ids as they fit (an excerpt longer
     than that gets a prompt of its own), so the shared instructions are read once per prompt, not per excerpt."""
     head = list(prefix if prefix is not None else simulation_prefix(tokenizer, explanation))
-    blank = _encode(tokenizer, "\n")
+    blank = encode_text(tokenizer, "\n")
     out: list[PackedPrompt] = []
     ids: list[int] = []
     slots: list[tuple[int, ...]] = []
@@ -321,14 +317,14 @@ def packed_simulation_ids(tokenizer: Any, explanation: str, excerpts: Sequence[S
 
 
 def _pieces(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
-    return _encode(tokenizer, "\t"), _encode(tokenizer, SLOT), _encode(tokenizer, "\n")
+    return encode_text(tokenizer, "\t"), encode_text(tokenizer, SLOT), encode_text(tokenizer, "\n")
 
 
 def digit_ids(tokenizer: Any) -> list[int]:
     """The single token id of each digit 0..TOP; ValueError if a digit is not one token."""
     out = []
     for d in range(TOP + 1):
-        ids = _encode(tokenizer, str(d))
+        ids = encode_text(tokenizer, str(d))
         if len(ids) != 1:
             raise ValueError(f"the digit {d} is {len(ids)} tokens in this tokenizer")
         if ids[0] == getattr(tokenizer, "unk_token_id", None):
