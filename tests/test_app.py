@@ -18,6 +18,7 @@ from textual.geometry import Region
 from textual.widgets import Static
 
 from core.store import Store
+from core.store.browse import BrowseQuery
 from core.store.schema import StoreError
 from tui.app import NeuronscopeApp
 from tui.screens.neuron import NeuronScreen
@@ -66,44 +67,38 @@ def test_neuron_rows_and_count(scored_store: Path) -> None:
         run = store.run()
         total = store.con.execute("SELECT count(*) FROM neurons WHERE run_id = ?", [run.run_id]).fetchall()[0][0]
         assert store.neuron_count(run.run_id) == total == len(run.layers) * run.neurons_per_layer
-        pages = [store.neuron_rows(run.run_id, order="layer", descending=False, layers=None, search=None,
-                                   explained=None, offset=o, limit=50) for o in range(0, total, 50)]
+        pages = [store.neuron_rows(run.run_id, offset=o, limit=50) for o in range(0, total, 50)]
         rows = [r for page in pages for r in page]
         assert [(r.layer, r.neuron) for r in rows] == sorted((r.layer, r.neuron) for r in rows)
         assert len(set((r.layer, r.neuron) for r in rows)) == total
 
-        explained = store.neuron_rows(run.run_id, order="score", descending=True, layers=None, search=None,
-                                      explained=True, offset=0, limit=100)
-        assert len(explained) == store.neuron_count(run.run_id, explained=True) == 5
+        explained = store.neuron_rows(run.run_id, BrowseQuery(order="score", descending=True, explained=True), limit=100)
+        assert len(explained) == store.neuron_count(run.run_id, BrowseQuery(explained=True)) == 5
         scores = [r.score for r in explained]
         assert None not in scores and scores == sorted(scores, reverse=True)  # type: ignore[type-var]
         assert all(r.ci_low <= r.score <= r.ci_high for r in explained)  # type: ignore[operator]
         best = store.summaries(run.run_id, limit=1)[0]
         assert (explained[0].layer, explained[0].neuron, explained[0].explanation) == (best.layer, best.neuron, best.text)
         # Score order puts unexplained neurons last; explained=False is the complement.
-        by_score = store.neuron_rows(run.run_id, order="score", descending=True, layers=None, search=None,
-                                     explained=None, offset=0, limit=6)
+        by_score = store.neuron_rows(run.run_id, BrowseQuery(order="score", descending=True), limit=6)
         assert by_score[:5] == explained and by_score[5].score is None and by_score[5].explanation == ""
-        assert store.neuron_count(run.run_id, explained=False) == total - 5
+        assert store.neuron_count(run.run_id, BrowseQuery(explained=False)) == total - 5
 
-        by_max = store.neuron_rows(run.run_id, order="max", descending=True, layers=(1, 2), search=None,
-                                   explained=None, offset=0, limit=500)
+        by_max = store.neuron_rows(run.run_id, BrowseQuery(order="max", descending=True, layers=(1, 2)), limit=500)
         direct = store.con.execute("SELECT layer, neuron FROM neurons WHERE run_id = ? AND layer BETWEEN 1 AND 2 "
                                    "ORDER BY max_act DESC, layer, neuron", [run.run_id]).fetchall()
         assert [(r.layer, r.neuron) for r in by_max] == [tuple(d) for d in direct]
-        assert store.neuron_count(run.run_id, layers=(1, 2)) == len(direct)
+        assert store.neuron_count(run.run_id, BrowseQuery(layers=(1, 2))) == len(direct)
 
         word = explained[0].explanation.split()[1]  # a token of the baseline's explanation, e.g. '"W"'
-        found = store.neuron_rows(run.run_id, order="layer", descending=False, layers=None, search=word.lower(),
-                                  explained=None, offset=0, limit=500)
+        found = store.neuron_rows(run.run_id, BrowseQuery(search=word.lower()), limit=500)
         assert found and all(word.lower() in r.explanation.lower() for r in found)
-        assert store.neuron_count(run.run_id, search=word.lower()) == len(found)
+        assert store.neuron_count(run.run_id, BrowseQuery(search=word.lower())) == len(found)
         # LIKE wildcards and quotes are matched literally, never as patterns or SQL.
         for hostile in ("%", "_", "' OR 1=1 --", "\\"):
-            assert store.neuron_count(run.run_id, search=hostile) == sum(hostile in r.explanation for r in rows)
+            assert store.neuron_count(run.run_id, BrowseQuery(search=hostile)) == sum(hostile in r.explanation for r in rows)
         with pytest.raises(StoreError, match="cannot order"):
-            store.neuron_rows(run.run_id, order="kurtosis; DROP TABLE neurons", descending=False, layers=None,
-                              search=None, explained=None, offset=0, limit=1)
+            store.neuron_rows(run.run_id, BrowseQuery(order="kurtosis; DROP TABLE neurons"), limit=1)
 
 
 # -- the app -------------------------------------------------------------------------------------------

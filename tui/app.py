@@ -3,6 +3,7 @@ opening on its own screen. Opens the store read-only; imports no torch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,7 +64,7 @@ class NeuronscopeApp(App[None]):
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(SORTS)
         order, descending = SORTS[self.sort_index]
-        self.table.set_query(order=order, descending=descending)
+        self.table.set_query(replace(self.table.query_spec, order=order, descending=descending))
 
     def action_search(self) -> None:
         box = self.query_one("#search", Input)
@@ -82,7 +83,7 @@ class NeuronscopeApp(App[None]):
     def _close_search(self, search: str | None) -> None:
         box = self.query_one("#search", Input)
         box.remove_class("open")
-        self.table.set_query(search=search)
+        self.table.set_query(replace(self.table.query_spec, search=search))
         self.table.focus()
 
     def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:

@@ -3,6 +3,7 @@ so a view never holds more rows than it shows. Mixed into core.store.Store."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from core.results import NeuronRow
@@ -21,47 +22,108 @@ LEFT JOIN chosen c ON c.layer = n.layer AND c.neuron = n.neuron
 LEFT JOIN headline h ON h.explanation_id = c.explanation_id
 WHERE n.run_id = ?"""
 
+_ROW_COLUMNS = ("n.layer, n.neuron, coalesce(c.text, ''), h.value, h.ci_low, h.ci_high, n.max_act, n.density, "
+                "n.selectivity")
+
+
+@dataclass(frozen=True)
+class BrowseQuery:
+    """What the browser shows: an order and the filters every row must pass."""
+
+    order: str = "layer"
+    """A key of BROWSE_ORDERS."""
+    descending: bool = False
+    """Largest first."""
+    layers: tuple[int, int] | None = None
+    """Inclusive layer range (None: all)."""
+    score: tuple[float, float] | None = None
+    """Inclusive range of the headline score; only scored neurons pass (None: no condition)."""
+    explained: bool | None = None
+    """True: only neurons with an explanation; False: only those without; None: both."""
+    search: str | None = None
+    """A substring the explanation must contain, case-insensitively (None: no condition)."""
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any filter or search narrows the rows."""
+        return any(x is not None for x in (self.layers, self.score, self.explained, self.search))
+
 
 def _like_pattern(text: str) -> str:
     """A substring pattern for ILIKE ... ESCAPE '\\' that matches `text` literally."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _row(r: tuple[Any, ...]) -> NeuronRow:
+    return NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
+                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0))
+
+
 class BrowseMixin:
     con: Any
 
-    def _browse_sql(self, columns: str, run_id: int, layers: tuple[int, int] | None, search: str | None,
-                    explained: bool | None) -> tuple[str, list[Any]]:
+    def _browse_sql(self, columns: str, run_id: int, query: BrowseQuery) -> tuple[str, list[Any]]:
         sql = _BROWSE_FROM.format(columns=columns)
         params: list[Any] = [run_id, run_id]
-        if layers is not None:
+        if query.layers is not None:
             sql += " AND n.layer BETWEEN ? AND ?"
-            params += [layers[0], layers[1]]
-        if search:
+            params += [query.layers[0], query.layers[1]]
+        if query.score is not None:
+            sql += " AND h.value BETWEEN ? AND ?"
+            params += [query.score[0], query.score[1]]
+        if query.search:
             sql += " AND c.text ILIKE ? ESCAPE '\\'"
-            params.append(_like_pattern(search))
-        if explained is not None:
-            sql += " AND c.explanation_id IS NOT NULL" if explained else " AND c.explanation_id IS NULL"
+            params.append(_like_pattern(query.search))
+        if query.explained is not None:
+            sql += " AND c.explanation_id IS NOT NULL" if query.explained else " AND c.explanation_id IS NULL"
         return sql, params
 
-    def neuron_rows(self, run_id: int, *, order: str = "layer", descending: bool = False,
-                    layers: tuple[int, int] | None = None, search: str | None = None, explained: bool | None = None,
-                    offset: int = 0, limit: int = 200) -> list[NeuronRow]:
-        """One page of a run's neurons, sorted and filtered; search matches explanations case-insensitively."""
-        if order not in BROWSE_ORDERS:
-            raise StoreError(f"cannot order by {order!r}: use one of {', '.join(BROWSE_ORDERS)}")
-        direction = "DESC" if descending else "ASC"
-        column = BROWSE_ORDERS[order]
-        keys = f"{column} {direction} NULLS LAST" + (f", n.neuron {direction}" if order == "layer" else ", n.layer, n.neuron")
-        sql, params = self._browse_sql(
-            "n.layer, n.neuron, coalesce(c.text, ''), h.value, h.ci_low, h.ci_high, n.max_act, n.density, "
-            "n.selectivity", run_id, layers, search, explained)
-        rows = self.con.execute(f"{sql} ORDER BY {keys} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        return [NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
-                          max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0)) for r in rows]
+    @staticmethod
+    def _order_keys(query: BrowseQuery) -> str:
+        if query.order not in BROWSE_ORDERS:
+            raise StoreError(f"cannot order by {query.order!r}: use one of {', '.join(BROWSE_ORDERS)}")
+        direction = "DESC" if query.descending else "ASC"
+        column = BROWSE_ORDERS[query.order]
+        ties = f", n.neuron {direction}" if query.order == "layer" else ", n.layer, n.neuron"
+        return f"{column} {direction} NULLS LAST{ties}"
 
-    def neuron_count(self, run_id: int, *, layers: tuple[int, int] | None = None, search: str | None = None,
-                     explained: bool | None = None) -> int:
-        """How many neurons `neuron_rows` pages through with these filters."""
-        sql, params = self._browse_sql("count(*)", run_id, layers, search, explained)
+    def neuron_rows(self, run_id: int, query: BrowseQuery = BrowseQuery(), *, offset: int = 0,
+                    limit: int = 200) -> list[NeuronRow]:
+        """One page of a run's neurons in the query's order, filtered."""
+        keys = self._order_keys(query)
+        sql, params = self._browse_sql(_ROW_COLUMNS, run_id, query)
+        rows = self.con.execute(f"{sql} ORDER BY {keys} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+        return [_row(r) for r in rows]
+
+    def neuron_count(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> int:
+        """How many neurons `neuron_rows` pages through."""
+        sql, params = self._browse_sql("count(*)", run_id, query)
         return int(self.con.execute(sql, params).fetchall()[0][0])
+
+    def neuron_keys(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> list[tuple[int, int]]:
+        """(layer, neuron) of every row the query shows, in its order (the scope of a job on a filter)."""
+        keys = self._order_keys(query)
+        sql, params = self._browse_sql("n.layer, n.neuron", run_id, query)
+        return [(int(a), int(b)) for a, b in self.con.execute(f"{sql} ORDER BY {keys}", params).fetchall()]
+
+    def _positions(self, run_id: int, query: BrowseQuery) -> tuple[str, list[Any]]:
+        """The query's rows numbered from 0 in its order, as SQL over (pos, layer, neuron, explained)."""
+        keys = self._order_keys(query)
+        sql, params = self._browse_sql(
+            f"row_number() OVER (ORDER BY {keys}) - 1 AS pos, n.layer AS layer, n.neuron AS neuron, "
+            "c.explanation_id IS NOT NULL AS explained", run_id, query)
+        return sql, params
+
+    def neuron_position(self, run_id: int, query: BrowseQuery, layer: int, neuron: int) -> int | None:
+        """Where a neuron sits in the query's rows (None if the filters hide it)."""
+        sql, params = self._positions(run_id, query)
+        row = self.con.execute(f"SELECT pos FROM ({sql}) WHERE layer = ? AND neuron = ?",
+                               [*params, layer, neuron]).fetchall()
+        return int(row[0][0]) if row else None
+
+    def next_unexplained(self, run_id: int, query: BrowseQuery, after: int) -> int | None:
+        """The position of the first neuron without an explanation past `after` (wrapping round; None if none)."""
+        sql, params = self._positions(run_id, query)
+        row = self.con.execute(
+            f"SELECT pos FROM ({sql}) WHERE NOT explained ORDER BY pos <= ?, pos LIMIT 1", [*params, after]).fetchall()
+        return int(row[0][0]) if row else None

@@ -16,6 +16,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from core.results import NeuronRow
+from core.store.browse import BrowseQuery
 from tui.render import visible
 
 PAGE = 200
@@ -57,28 +58,37 @@ class NeuronTable(ScrollView, can_focus=True):
         super().__init__(id=id)
         self.store = store
         self.run_id = run_id
-        self.order = "layer"
-        self.descending = False
-        self.search: str | None = None
-        self.row_count = 0
+        self.query_spec = BrowseQuery()
         self.cursor = 0
         self._pages: OrderedDict[int, list[NeuronRow]] = OrderedDict()
-        self.row_count = self.store.neuron_count(self.run_id)
+        self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
 
     # -- data ---------------------------------------------------------------------------------------
-    def set_query(self, *, order: str | None = None, descending: bool | None = None, search: str | None = "") -> None:
-        """Change the sort or the search ('' keeps the current search, None clears it); the cursor goes to the top."""
-        if order is not None:
-            self.order = order
-        if descending is not None:
-            self.descending = descending
-        if search != "":
-            self.search = search or None
+    @property
+    def order(self) -> str:
+        return self.query_spec.order
+
+    @property
+    def descending(self) -> bool:
+        return self.query_spec.descending
+
+    @property
+    def search(self) -> str | None:
+        return self.query_spec.search
+
+    def set_query(self, query: BrowseQuery, *, keep: tuple[int, int] | None = None) -> None:
+        """Show another order or filter; the cursor goes to `keep` if it is still shown, else to the top."""
+        self.query_spec = query
+        self.reload()
+        position = self.store.neuron_position(self.run_id, query, *keep) if keep else None
+        self._move_to(position or 0)
+
+    def reload(self) -> None:
+        """Drop cached pages and count again (after a job wrote results); the cursor stays where it is."""
         self._pages.clear()
-        self.row_count = self.store.neuron_count(self.run_id, search=self.search)
+        self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
         self.virtual_size = Size(self.size.width, self.row_count + 1)
-        self.cursor = 0
-        self.scroll_to(y=0, animate=False)
+        self.cursor = min(self.cursor, max(self.row_count - 1, 0))
         self.refresh()
 
     def on_mount(self) -> None:
@@ -91,8 +101,7 @@ class NeuronTable(ScrollView, can_focus=True):
         page_no = index // PAGE
         page = self._pages.get(page_no)
         if page is None:
-            page = self.store.neuron_rows(self.run_id, order=self.order, descending=self.descending, layers=None,
-                                          search=self.search, explained=None, offset=page_no * PAGE, limit=PAGE)
+            page = self.store.neuron_rows(self.run_id, self.query_spec, offset=page_no * PAGE, limit=PAGE)
             self._pages[page_no] = page
             while len(self._pages) > PAGES_CACHED:
                 self._pages.popitem(last=False)
