@@ -34,6 +34,14 @@ class JobError(Exception):
     """A job that cannot start, as one line naming the fix."""
 
 
+class JobCancelled(Exception):
+    """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
+
+
+#: Called after each neuron of a job lands: (layer, neuron) and its error ('' when it succeeded).
+Landed = Callable[[tuple[int, int], str], None]
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """What a job does to each neuron; with the neuron list, its identity."""
@@ -132,13 +140,17 @@ def parse_where(text: str) -> tuple[tuple[str, str, float], ...]:
 class StoreCallLog(CallLog):
     """The call log in the store: lookups read `llm_calls`, every new call is appended at once."""
 
-    def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None) -> None:
+    def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None,
+                 stop: threading.Event | None = None) -> None:
         super().__init__(max_tokens)
         self.store = store
         self.job_id = job_id
+        self.stop = stop
         self._write = threading.Lock()
 
     def lookup(self, key: str) -> str | None:
+        if self.stop is not None and self.stop.is_set():
+            raise JobCancelled("cancelled")
         with self._write:
             return self.store.lookup_call(key)
 
@@ -281,8 +293,9 @@ class Job:
         return [i for i, n in enumerate(self.neurons) if states.get(n, ("", ""))[0] != "done"]
 
     def run(self, *, progress: Progress | None = None, max_tokens: int | None = None,
-            stop: threading.Event | None = None) -> JobReport:
-        """Run (or resume) the job; Ctrl-C leaves it interrupted and resumable."""
+            stop: threading.Event | None = None, landed: Landed | None = None) -> JobReport:
+        """Run (or resume) the job; Ctrl-C or `stop` (checked before every LLM call) leaves it interrupted and
+        resumable, with the calls already made in the log."""
         progress = progress or (lambda *_: None)
         if not self.store.read_only:
             self.store.mark_stale_jobs()
@@ -292,7 +305,7 @@ class Job:
         job_id = found[0] if found else self.store.create_job(self.run_info.run_id, self.settings.kind, self.params,
                                                                self.key, len(self.neurons))
         self.store.set_job_state(job_id, "running")
-        log = self.log = StoreCallLog(self.store, job_id, max_tokens)
+        log = self.log = StoreCallLog(self.store, job_id, max_tokens, stop)
         todo = self.pending(job_id)
         if todo:
             self.prepare()
@@ -305,12 +318,16 @@ class Job:
                     state, message = "interrupted", "cancelled"
                     break
                 layer, neuron = self.neurons[index]
+                error = ""
                 try:
                     result = self.process(index)
                 except LLMError as err:
-                    self.store.fail_neuron(job_id, layer, neuron, str(err))
+                    error = str(err)
+                    self.store.fail_neuron(job_id, layer, neuron, error)
                 else:
                     self.store.save_neuron(job_id, self.run_info.run_id, result)
+                if landed is not None:
+                    landed((layer, neuron), error)
                 done += 1
                 progress("neurons", done, len(self.neurons))
             else:
@@ -318,6 +335,8 @@ class Job:
                 state = "partial" if any(s == "failed" for s, _ in failed.values()) else "complete"
         except BudgetExceeded as err:
             state, message = "stopped", str(err)
+        except JobCancelled:
+            state, message = "interrupted", "cancelled"
         except BaseException:
             self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
             raise

@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
+from fake_openai import CHAT, FakeOpenAI, Reply
+from test_job_faults import Server
 from textual.geometry import Region
-from textual.widgets import Static
+from textual.widgets import Input, Label, Static
 
+from core.jobs import JobSettings
 from core.store import Store
 from core.store.browse import BrowseQuery
 from core.store.schema import StoreError
-from tui.app import NeuronscopeApp
+from tui.app import CONFIRM_ABOVE, NeuronscopeApp
+from tui.screens.filter import FilterScreen
+from tui.screens.modals import HelpScreen, MessageScreen
 from tui.screens.neuron import NeuronScreen
-from tui.widgets.neuron_table import NeuronTable
+from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -48,8 +56,8 @@ def scored_store(cli_store, tmp_path_factory: pytest.TempPathFactory) -> Path:  
 
 
 def table_lines(table: NeuronTable, rows: int = 4) -> list[str]:
-    """The table's rendered header and first rows as plain text."""
-    return [strip.text for strip in table.render_lines(Region(0, 0, table.size.width, rows + 1))]
+    """The table's rendered lines as plain text: its status line, its column names, then `rows` rows."""
+    return [strip.text for strip in table.render_lines(Region(0, 0, table.size.width, rows + HEADER_LINES))]
 
 
 def screen_text(screen: NeuronScreen) -> str:
@@ -112,9 +120,9 @@ async def test_table_cursor_and_sort(cli_store) -> None:  # type: ignore[no-unty
         total = app.store.con.execute("SELECT count(*) FROM neurons WHERE run_id = ?",
                                       [app.run_info.run_id]).fetchall()[0][0]
         assert table.row_count == total
-        header, first, second = table_lines(table, 2)
-        assert "explanation" in header and f"{total:,} rows" in header
-        assert first.startswith("L0/N0 ") and second.startswith("L0/N1 ")
+        status, header, first, second = table_lines(table, 2)
+        assert "explanation" in header and "score [95% CI]" in header and status.startswith(f"{total:,} neurons")
+        assert first.startswith(" L0/N0 ") and second.startswith(" L0/N1 ")
         assert table.cached_pages == 1  # only the page on screen was fetched
 
         await pilot.press("down", "j", "down", "k")
@@ -129,7 +137,7 @@ async def test_table_cursor_and_sort(cli_store) -> None:  # type: ignore[no-unty
         assert table.order == "max" and table.descending
         top = app.store.con.execute("SELECT layer, neuron FROM neurons WHERE run_id = ? ORDER BY max_act DESC "
                                     "LIMIT 1", [app.run_info.run_id]).fetchall()[0]
-        assert table_lines(table, 1)[1].startswith(f"L{top[0]}/N{top[1]} ")
+        assert table_lines(table, 1)[2].startswith(f" L{top[0]}/N{top[1]} ")
         await pilot.press("q")
     assert app.return_code == 0
     with pytest.raises(Exception, match="closed"):  # noqa: B017 - duckdb's closed-connection error
@@ -146,7 +154,7 @@ async def test_search_and_neuron_screen(scored_store: Path) -> None:
         await pilot.pause()
         best = table.current
         assert best is not None and best.score is not None
-        assert f"{best.score:+.2f}" in table_lines(table, 1)[1]
+        assert f"{best.score:+.2f}" in table_lines(table, 1)[2]
 
         word = best.explanation.split()[1]
         await pilot.press("slash", *word, "enter")
@@ -207,3 +215,216 @@ def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def
     proc = subprocess.run([sys.executable, "-c", code, str(cli_store[0])], capture_output=True, text=True,
                           env=cli_env(), cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- filters, marks, navigation ------------------------------------------------------------------------
+
+async def until(pilot: Any, condition: Callable[[], bool], seconds: float = 60) -> None:
+    """Let the app run until `condition` holds (jobs run in threads; their messages need the loop)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the app"
+        await pilot.pause(0.05)
+
+
+@sync
+async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path) -> None:
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        run_id = app.run_info.run_id
+        await pilot.press("f", *"1..2", "enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers == (1, 2)
+        assert table.row_count == app.store.neuron_count(run_id, BrowseQuery(layers=(1, 2))) > 0
+        assert {table.row(i).layer for i in range(table.row_count)} == {1, 2}  # type: ignore[union-attr]
+        assert "L1..2" in table_lines(table, 0)[0]
+
+        # A score range keeps only scored neurons in it; the form shows the current filters when reopened.
+        await pilot.press("f")
+        await pilot.pause()
+        await pilot.press("ctrl+r", "tab", *"0.5..", "enter")
+        await pilot.pause()
+        assert table.query_spec.layers is None and table.query_spec.score == (0.5, float("inf"))
+        rows = [table.row(i) for i in range(table.row_count)]
+        assert rows and all(r is not None and r.score is not None and r.score >= 0.5 for r in rows)
+        await pilot.press("f")
+        await pilot.pause()
+        assert app.screen.query_one("#score", Input).value == "0.5.."
+
+        # Bad input keeps the form open with a message; escape leaves the filters as they were.
+        await pilot.press("ctrl+r", *"abc", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, FilterScreen)
+        assert "cannot read 'abc'" in str(app.screen.query_one("#filter-error", Label).render())
+        await pilot.press("escape")
+        await pilot.pause()
+        assert table.query_spec.score == (0.5, float("inf"))
+
+        # Explained/unexplained radio buttons: tab to them, choose, tab back to a field and apply.
+        await pilot.press("f")
+        await pilot.pause()
+        await pilot.press("ctrl+r", "tab", "tab", "right", "right", "space", "enter")
+        await pilot.pause()
+        assert table.query_spec == BrowseQuery(explained=False)
+        assert table.row_count == app.store.neuron_count(run_id, BrowseQuery()) - 5
+
+        # n: the next neuron without an explanation, in score order after the five explained ones.
+        table.set_query(BrowseQuery(order="score", descending=True))
+        await pilot.press("n")
+        assert table.cursor == 5 and table.current is not None and table.current.explanation == ""
+        # m marks and steps down; the status line counts marks.
+        await pilot.press("up", "m", "m")
+        assert len(table.marked) == 2 and table.cursor == 6 and "2 marked" in table_lines(table, 0)[0]
+        assert table_lines(table, 6)[6].startswith("●")
+        await pilot.press("up", "m")
+        assert len(table.marked) == 1
+
+        # r opens a random neuron of those shown; escape goes back.
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, NeuronScreen)
+        assert app.check_action("sort", ()) is False and app.check_action("cancel", ()) is None
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.focused is table
+
+
+@sync
+async def test_help_and_go_to_from_the_command_palette(scored_store: Path) -> None:
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = screen_text(app.screen)  # type: ignore[arg-type]
+        for key, words in (("s", "next order"), ("f", "layer range"), ("/", "find explanations"),
+                           ("n", "without an explanation"), ("e", "explain and score"), ("ctrl+p", "go to a neuron"),
+                           ("escape", "back to the table")):
+            assert re.search(rf"^\s*{re.escape(key)}\s+.*{words}", text, re.MULTILINE), (key, text)
+        await pilot.press("escape")
+        await pilot.pause()
+
+        await pilot.press("ctrl+p", *"L1/N3")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, NeuronScreen))
+        assert app.screen.position == (1, 3)  # type: ignore[attr-defined]
+        await pilot.press("ctrl+p", *"L99/N3")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen.position == (1, 3)  # type: ignore[attr-defined]
+
+
+# -- jobs from the app ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_store(cli_store, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the CLI store with nothing explained yet."""
+    path = tmp_path / "jobs.duckdb"
+    shutil.copy(cli_store[0], path)
+    return path
+
+
+@sync
+async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Path) -> None:
+    app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        assert app.store.read_only and table.current is not None and table.current.score is None
+        await pilot.press("down", "e")  # explain and score L0/N1 with the baseline
+        await until(pilot, lambda: not app.jobs.running)
+        handle = app.jobs.handles[0]
+        assert handle.state == "complete" and (handle.done, handle.total) == (1, 1)
+        await until(pilot, lambda: table.row(1).score is not None)  # type: ignore[union-attr]
+        row = table.row(1)
+        assert row is not None and (row.layer, row.neuron) == (0, 1) and row.explanation.startswith("tokens:")
+        assert f"{row.score:+.2f}" in table_lines(table, 2)[3]
+        assert "complete 1/1" in str(app.jobs.query_one(".job-state", Label).render())
+        assert app.check_action("cancel", ()) is None  # nothing to cancel: greyed out
+
+        # Score the marked neurons: L0/N1 has an explanation, L0/N3 has none and fails with a modal naming it.
+        await pilot.press("m", "down", "m")
+        assert table.marked == {(0, 1), (0, 3)}
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, MessageScreen))
+        text = screen_text(app.screen)  # type: ignore[arg-type]
+        assert "1 neuron failed" in text and "L0/N3: " in text and "no pos explanation" in text
+        assert "L0/N1:" not in text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.jobs.handles[1].state == "partial"
+
+        # The neuron screen's e acts on the neuron shown, and its result appears on the open screen.
+        app.open_neuron(0, 5)
+        await pilot.pause()
+        assert "Explanations" not in screen_text(app.screen)  # type: ignore[arg-type]
+        await pilot.press("e")
+        await until(pilot, lambda: not app.jobs.running)
+        await until(pilot, lambda: "Explanations" in screen_text(app.screen))  # type: ignore[arg-type]
+        assert "* baseline #0: tokens:" in screen_text(app.screen)  # type: ignore[arg-type]
+    with Store.open(fresh_store, read_only=True) as store:
+        states = [(j["state"], j["done"], j["failed"]) for j in store.jobs()]
+        assert states == [("complete", 1, 0), ("partial", 1, 1), ("complete", 1, 0)]
+
+
+class SlowServer(Server):
+    """The fault server's answers, each after a short delay (so a job is still running when cancelled)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__({})
+        self.delay = delay
+
+    def __call__(self, body: Any) -> Reply:
+        time.sleep(self.delay)
+        return super().__call__(body)
+
+
+@sync
+async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
+    with FakeOpenAI() as server:
+        server.on(CHAT, SlowServer(0.15))
+        spec = f"openai:fake@{server.url}"
+        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec))
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.query_one(NeuronTable)
+            await pilot.press("f")
+            await pilot.pause()
+            await pilot.press(*"1..2", "enter")  # the job takes the filtered rows: layers 1 and 2
+            await pilot.pause()
+            neurons = table.row_count
+            assert neurons > CONFIRM_ABOVE
+            await pilot.press("e")
+            await pilot.pause()
+            assert isinstance(app.screen, MessageScreen)  # so many neurons: it asks first
+            assert f"explain and score {neurons} filtered neurons?" in screen_text(app.screen)  # type: ignore[arg-type]
+            await pilot.press("enter")
+            handle = app.jobs.handles[0]
+            await until(pilot, lambda: handle.done >= 2)
+            assert app.check_action("cancel", ()) is True
+            await pilot.press("c")
+            await until(pilot, lambda: not handle.running)
+            assert handle.state == "cancelled" and 2 <= handle.done < neurons
+            done_before = handle.done
+            calls_before = len(server.hits(CHAT))
+
+            # Started again, the same job resumes: finished neurons are not asked again.
+            await pilot.press("e")
+            await pilot.pause()
+            await pilot.press("enter")
+            second = app.jobs.handles[1]
+            await until(pilot, lambda: second.done >= done_before + 1)
+            # Every call of the first session is answered from the store's log, never sent again.
+            first_bodies = [json.dumps(r.body, sort_keys=True) for r in server.hits(CHAT)[:calls_before]]
+            again = [r for r in server.hits(CHAT)[calls_before:] if json.dumps(r.body, sort_keys=True) in first_bodies]
+            assert not again
+            await pilot.press("q")  # quitting mid-job stops the job first
+            await until(pilot, lambda: not second.running)
+        assert app.return_code == 0 and second.state == "cancelled"
+    with Store.open(fresh_store, read_only=True) as store:
+        jobs = store.jobs()
+        assert len(jobs) == 1 and jobs[0]["state"] == "interrupted"  # one job, resumable
+        assert jobs[0]["done"] == second.done < neurons
+        assert len(store.summaries(app.run_info.run_id)) == second.done

@@ -1,41 +1,73 @@
-"""The full-screen neuron browser: a run's neurons in a virtual table, sortable and searchable, each one
-opening on its own screen. Opens the store read-only; imports no torch."""
+"""The full-screen neuron browser: a run's neurons in a virtual table (sort, filter, search, marks), each
+opening on its own screen, and explain/score jobs in background workers whose results land in the table as
+they finish. Opens the store read-only (so CLI commands can read it meanwhile) and for writing only when the
+first job starts; imports no torch until a job loads a model."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+from rich.text import Text
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Input
+from textual.widgets import Footer, Header, Input
 
-from core.store import Store
-from core.store.browse import BROWSE_ORDERS
+from core.jobs import JobSettings
+from core.store import Store, StoreError
+from core.store.browse import BROWSE_ORDERS, BrowseQuery
+from tui.commands import NeuronCommands
+from tui.render import visible
+from tui.screens.filter import FilterScreen
+from tui.screens.modals import HelpScreen, MessageScreen
 from tui.screens.neuron import NeuronScreen
+from tui.widgets.jobs import JobHandle, JobsPanel, job_label
 from tui.widgets.neuron_table import NeuronTable
 
 #: Sort orders `s` cycles through, with the direction each reads best in.
 SORTS = tuple((order, order != "layer") for order in BROWSE_ORDERS)
+#: A job on more neurons than this asks first.
+CONFIRM_ABOVE = 50
+#: Seconds between table reloads while results land.
+RELOAD_INTERVAL = 0.25
+#: Actions that act on the table, not offered on a neuron's screen.
+TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark"}
 
 
 class NeuronscopeApp(App[None]):
     """Browse the newest complete run of a store. Opening fails with StoreError before the app starts."""
 
     TITLE = "neuronscope"
+    COMMANDS = App.COMMANDS | {NeuronCommands}
     CSS = """
     #search { dock: bottom; display: none; }
     #search.open { display: block; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("s", "sort", "Sort", id="sort"),
-        Binding("slash", "search", "Search", key_display="/", id="search"),
-        Binding("q", "quit", "Quit", id="quit"),
+        Binding("question_mark", "help", "Help", key_display="?", id="help", tooltip="this list of keys"),
+        Binding("s", "sort", "Sort", id="sort",
+                tooltip="next order: neuron, score, max, density, selectivity (largest first but neuron)"),
+        Binding("f", "filter", "Filter", id="filter", tooltip="layer range, score range, explained or not"),
+        Binding("slash", "search", "Search", key_display="/", id="search",
+                tooltip="find explanations containing a text (enter applies, escape clears)"),
+        Binding("n", "next_unexplained", "Unexplained", id="next", tooltip="next neuron without an explanation"),
+        Binding("r", "random", "Random", id="random", tooltip="open a random neuron of those shown"),
+        Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor"),
+        Binding("e", "job('run')", "Explain", id="explain",
+                tooltip="explain and score in the background with the configured explainer and simulator"),
+        Binding("x", "job('score')", "Score", id="score",
+                tooltip="score the stored explanations again with the configured simulator"),
+        Binding("c", "cancel", "Cancel", id="cancel", tooltip="stop the newest job before its next LLM call"),
+        Binding("q", "quit", "Quit", id="quit", tooltip="quit (running jobs stop first and resume later)"),
     ]
 
-    def __init__(self, store_path: str | Path) -> None:
+    def __init__(self, store_path: str | Path, *, settings: JobSettings | None = None,
+                 backend_options: dict[str, object] | None = None, start_job: int = 0) -> None:
+        """`settings`: the backends and options of the app's jobs; `start_job`: explain and score this many of
+        the most selective unexplained neurons as soon as the app opens (the demo)."""
         super().__init__()
         self.store = Store.open(store_path, read_only=True)
         try:
@@ -43,28 +75,101 @@ class NeuronscopeApp(App[None]):
         except BaseException:
             self.store.close()
             raise
+        self.settings = settings or JobSettings()
+        self.backend_options = backend_options or {}
+        self.start_job = start_job
         self.sort_index = 0
-        self.sub_title = f"{self.store.path} · run {self.run_info.run_id} · {self.run_info.model}"
+        self.quitting = False
+        self._dirty: set[tuple[int, int]] = set()
+        self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
     def compose(self) -> ComposeResult:
+        yield Header()
         yield NeuronTable(self.store, self.run_info.run_id, id="neurons")
         yield Input(placeholder="search explanations (enter applies, escape clears)", id="search")
+        yield JobsPanel(id="jobs")
         yield Footer()
 
     @property
     def table(self) -> NeuronTable:
         return self.query_one(NeuronTable)
 
+    @property
+    def jobs(self) -> JobsPanel:
+        return self.query_one(JobsPanel)
+
     def on_mount(self) -> None:
         self.table.focus()
+        self.set_interval(RELOAD_INTERVAL, self._reload_landed)
+        if self.start_job:
+            # The job takes the most selective neurons: show them first, so their results land in view.
+            self.sort_index = next(i for i, (order, _) in enumerate(SORTS) if order == "selectivity")
+            self.table.set_query(BrowseQuery(order="selectivity", descending=True))
+            neurons = self.store.choose_neurons(self.run_info.run_id, layers=None, order="selectivity", where=(),
+                                                limit=self.start_job)
+            self.start(self.settings, tuple(neurons), "most selective")
 
     def on_unmount(self) -> None:
         self.store.close()
+
+    # -- neurons ---------------------------------------------------------------------------------------
+    @property
+    def layers_text(self) -> str:
+        layers = self.run_info.layers
+        return f"layers {min(layers)}..{max(layers)}, neurons 0..{self.run_info.neurons_per_layer - 1}"
+
+    def has_neuron(self, layer: int, neuron: int) -> bool:
+        return layer in self.run_info.layers and 0 <= neuron < self.run_info.neurons_per_layer
+
+    def open_neuron(self, layer: int, neuron: int) -> None:
+        """Show a neuron's screen, with the table's cursor on it if the filters show it."""
+        if not self.has_neuron(layer, neuron):
+            self.notify(f"run {self.run_info.run_id} has no L{layer}/N{neuron}: {self.layers_text}", severity="error")
+            return
+        position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
+        if position is not None:
+            self.table.move_to(position)
+        while isinstance(self.screen, NeuronScreen):
+            self.pop_screen()
+        self.push_screen(NeuronScreen(self.store, self.run_info, layer, neuron))
+
+    def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
+        self.open_neuron(message.layer, message.neuron)
+
+    def current_neuron(self) -> tuple[int, int] | None:
+        """The neuron on screen, or under the table's cursor."""
+        if isinstance(self.screen, NeuronScreen):
+            return self.screen.position
+        row = self.table.current
+        return (row.layer, row.neuron) if row is not None else None
+
+    # -- table actions -----------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        on_table = not isinstance(self.screen, NeuronScreen)
+        if action in TABLE_ACTIONS and not on_table:
+            return False
+        if action == "cancel":
+            return True if any(h.running and not h.stop.is_set() for h in self.jobs.handles) else None
+        if action in ("job", "random", "next_unexplained", "mark") and self.table.row_count == 0 and on_table:
+            return None
+        if action == "job" and self.quitting:
+            return None
+        return True
 
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(SORTS)
         order, descending = SORTS[self.sort_index]
         self.table.set_query(replace(self.table.query_spec, order=order, descending=descending))
+
+    def action_filter(self) -> None:
+        layers = self.run_info.layers
+
+        def apply(query: object) -> None:
+            if query is not None:
+                self.table.set_query(query)  # type: ignore[arg-type]
+            self.table.focus()
+
+        self.push_screen(FilterScreen(self.table.query_spec, (min(layers), max(layers))), apply)
 
     def action_search(self) -> None:
         box = self.query_one("#search", Input)
@@ -73,7 +178,8 @@ class NeuronscopeApp(App[None]):
         box.focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self._close_search(event.value.strip() or None)
+        if event.input.id == "search":
+            self._close_search(event.value.strip() or None)
 
     def on_key(self, event: events.Key) -> None:
         if event.key == "escape" and self.query_one("#search", Input).has_focus:
@@ -86,5 +192,126 @@ class NeuronscopeApp(App[None]):
         self.table.set_query(replace(self.table.query_spec, search=search))
         self.table.focus()
 
-    def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
-        self.push_screen(NeuronScreen(self.store, self.run_info, message.layer, message.neuron))
+    def action_next_unexplained(self) -> None:
+        table = self.table
+        position = self.store.next_unexplained(self.run_info.run_id, table.query_spec, table.cursor)
+        if position is None:
+            self.notify("every neuron shown is explained")
+        else:
+            table.move_to(position)
+
+    def action_random(self) -> None:
+        table = self.table
+        if table.row_count:
+            index = random.randrange(table.row_count)
+            table.move_to(index)
+            row = table.row(index)
+            if row is not None:
+                self.open_neuron(row.layer, row.neuron)
+
+    def action_mark(self) -> None:
+        self.table.toggle_mark()
+
+    def action_help(self) -> None:
+        def keys(bindings: list[BindingType]) -> list[tuple[str, str]]:
+            return [(b.key_display or b.key, b.tooltip or b.description) for b in bindings if isinstance(b, Binding)]
+
+        self.push_screen(HelpScreen([
+            ("Everywhere", keys(self.BINDINGS) + [("ctrl+p", "command palette: go to a neuron, e.g. L3/N71")]),
+            ("Neuron table", keys(NeuronTable.BINDINGS)
+             + [("e / x", "act on the marked neurons, else the filtered rows, else the one under the cursor")]),
+            ("Neuron screen", keys(NeuronScreen.BINDINGS) + [("e / x", "act on the neuron shown")]),
+        ]))
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def _job_scope(self) -> tuple[tuple[tuple[int, int], ...], str]:
+        if isinstance(self.screen, NeuronScreen):
+            return (self.screen.position,), "shown"
+        table = self.table
+        if table.marked:
+            return tuple(sorted(table.marked)), "marked"
+        if table.query_spec.filtered:
+            return tuple(self.store.neuron_keys(self.run_info.run_id, table.query_spec)), "filtered"
+        current = self.current_neuron()
+        return ((current,) if current else ()), "cursor"
+
+    def action_job(self, kind: str) -> None:
+        neurons, scope = self._job_scope()
+        if not neurons:
+            return
+        settings = replace(self.settings, kind=kind)
+        if len(neurons) <= CONFIRM_ABOVE:
+            self.start(settings, neurons, scope)
+            return
+        verb = "explain and score" if kind == "run" else kind
+        question = MessageScreen(f"{verb} {len(neurons):,} {scope} neurons?", [
+            Text(f"explainer {settings.explainer}, simulator {settings.simulator}"),
+            Text("The job runs in the background; c cancels it, and the same job started again resumes it.")],
+            question=True)
+        self.push_screen(question, lambda yes: self.start(settings, neurons, scope) if yes else None)
+
+    def start(self, settings: JobSettings, neurons: tuple[tuple[int, int], ...], scope: str) -> None:
+        """Start a job in a worker, reopening the store for writing first if it is still read-only."""
+        try:
+            self.store.make_writable()
+        except StoreError as exc:
+            self.push_screen(MessageScreen("cannot start the job", [Text(str(exc))]))
+            return
+        handle = JobHandle(settings, neurons, job_label(settings, neurons, scope))
+        self.jobs.start(self.store, self.run_info, handle, dict(self.backend_options))
+        self.refresh_bindings()
+
+    def action_cancel(self) -> None:
+        handle = self.jobs.cancel_newest()
+        if handle is not None:
+            self.notify(f"stopping {handle.label} before its next LLM call; the same job started again resumes it")
+        self.refresh_bindings()
+
+    def on_jobs_panel_landed(self, message: JobsPanel.Landed) -> None:
+        self._dirty.add(message.neuron)
+        if message.error:
+            layer, neuron = message.neuron
+            self.notify(f"L{layer}/N{neuron} failed: {visible(message.error)}", severity="error", markup=False)
+
+    def _reload_landed(self) -> None:
+        """Show the neurons that landed since the last tick (rate-limited, so fast backends stay smooth)."""
+        if not self._dirty:
+            return
+        landed, self._dirty = self._dirty, set()
+        self.table.reload()
+        for screen in self.screen_stack:
+            if isinstance(screen, NeuronScreen) and screen.position in landed:
+                screen.reload()
+
+    def on_jobs_panel_finished(self, message: JobsPanel.Finished) -> None:
+        handle = message.handle
+        self._reload_landed()
+        self.refresh_bindings()
+        if self.quitting and not self.jobs.running:
+            self.exit()
+            return
+        problems = [Text(f"L{layer}/N{neuron}: ", style="bold") + Text(error) for (layer, neuron), error in
+                    handle.failures[:20]]
+        if len(handle.failures) > 20:
+            problems.append(Text(f"… and {len(handle.failures) - 20} more"))
+        if message.error:
+            problems.insert(0, Text(message.error))
+        if problems:
+            title = f"{handle.label}: {handle.state}" + (
+                f", {len(handle.failures)} neuron{'s' if len(handle.failures) != 1 else ''} failed"
+                if handle.failures else "")
+            problems.append(Text("Start the same job again to retry the failed neurons.", style="dim"))
+            self.push_screen(MessageScreen(title, problems))
+        elif handle.state == "complete":
+            self.notify(f"{handle.label}: complete")
+
+    async def action_quit(self) -> None:
+        if not self.jobs.running:
+            self.exit()
+            return
+        if self.quitting:
+            self.notify("still waiting for the current LLM calls; the store stays consistent either way")
+            return
+        self.quitting = True
+        self.jobs.cancel_all()
+        self.notify("stopping jobs after their current LLM call, then quitting; they resume when started again")

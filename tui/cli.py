@@ -10,11 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.text import Text
 
 from core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
-from tui.console import UserError, _known_errors, err, out, progress_bars, status
+from tui.console import UserError, _known_errors, err, interactive, out, progress_bars, status
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -186,11 +187,27 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_browse(args: argparse.Namespace) -> int:
+def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The job settings and backend options of the app's `e`/`x` jobs, checked before the app starts."""
+    from core.jobs import JobSettings
+    from core.llm.base import parse_spec
+
+    simulator = args.simulator or args.explainer
+    for spec in {args.explainer, simulator}:
+        parse_spec(spec)
+    if args.samples < 1:
+        raise UserError("--samples must be at least 1")
+    settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail)
+    return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
+
+
+def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     """Open the full-screen neuron browser on a store (errors opening it are one line, before the app starts)."""
     from tui.app import NeuronscopeApp
 
-    NeuronscopeApp(args.store_path or args.store).run()
+    settings, options = _app_settings(args)
+    NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
+                   start_job=start_job).run()
     return 0
 
 
@@ -232,6 +249,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_collect(collect_args)
     if code or not args.explain:
         return code
+    if interactive():
+        # The app opens on the collected store at once and explains in the background, results landing live.
+        browse_args = parser.parse_args(["browse", "--store", args.store, "--explainer", args.explainer])
+        return cmd_browse(browse_args, start_job=args.explain)
     job_args = parser.parse_args(["run", "--store", args.store, "--limit", str(args.explain),
                                   "--explainer", args.explainer])
     return int(job_args.func(job_args) or 0)
@@ -294,9 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.set_defaults(func=cmd_top)
 
-    p = sub.add_parser("browse", help="browse a store's neurons full-screen: sort, search, open one with enter")
+    p = sub.add_parser("browse", help="browse a store's neurons full-screen: sort, filter, search, open one, "
+                                      "explain and score in the background (? lists the keys)")
     p.add_argument("store_path", nargs="?", metavar="STORE",
                    help="store file (default: --store, $NEURONSCOPE_STORE or neuronscope.duckdb)")
+    app_job_args(p)
     store_arg(p)
     p.set_defaults(func=cmd_browse)
 
@@ -325,12 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def app_job_args(p: argparse.ArgumentParser) -> None:
+    """Options of the jobs the app starts (e explains and scores, x scores)."""
+    from tui.cli_jobs import DEFAULT_BACKEND
+
+    p.add_argument("--explainer", default=DEFAULT_BACKEND,
+                   help=f"backend of the app's jobs: local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
+    p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
+    p.add_argument("--samples", type=int, default=1, help="candidate explanations per neuron, best of k (default: 1)")
+    p.add_argument("--tail", choices=("pos", "neg"), default="pos", help="tail the app's jobs explain (default: pos)")
+    p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        if argv is None and len(sys.argv) == 1 and interactive():
+            args = parser.parse_args(["browse"])  # bare `neuronscope` in a terminal opens the default store
+        else:
+            parser.print_help()
+            return 0
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -31,6 +31,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def interactive() -> bool:
+    """Whether a person is at a terminal: stdin and stdout are TTYs and this is not CI (the app may open)."""
+    return sys.stdin.isatty() and sys.stdout.isatty() and not os.environ.get("CI")
+
+
 # -- progress ----------------------------------------------------------------------------------------
 
 @contextmanager

@@ -146,6 +146,23 @@ class Store(ResultsMixin, BrowseMixin):
         """Close the connection (idempotent)."""
         self.con.close()
 
+    def for_thread(self) -> Store:
+        """The same store on a new cursor, for use by one other thread (close it there when done)."""
+        return Store(self.con.cursor(), self.path, self.read_only)
+
+    def make_writable(self) -> None:
+        """Reopen a read-only store for writing, in place; StoreError (and still read-only) if another
+        process holds it."""
+        if not self.read_only:
+            return
+        self.con.close()
+        try:
+            writer = Store.open(self.path, read_only=False, create=False)
+        except StoreError:
+            self.con = Store.open(self.path, read_only=True).con
+            raise
+        self.con, self.read_only = writer.con, False
+
     def __enter__(self) -> Store:
         return self
 

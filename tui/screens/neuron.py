@@ -20,7 +20,8 @@ COUNT = 5
 class NeuronScreen(Screen[None]):
     """Everything the store holds on one neuron of a run; escape goes back."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.pop_screen", "Back", tooltip="back to the table")]
 
     def __init__(self, store: Any, run: Any, layer: int, neuron: int) -> None:
         super().__init__()
@@ -56,6 +57,10 @@ class NeuronScreen(Screen[None]):
                     for rec in chosen:
                         yield Static(record_line(rec, scale, negative=kind == "bottom"), classes="record")
         yield Footer()
+
+    def reload(self) -> None:
+        """Show what a job just wrote for this neuron."""
+        self.call_later(self.recompose)
 
     def _sections(self, records: list[Any]) -> list[tuple[str, str, list[Any]]]:
         quantiles = self.run.settings.quantiles

@@ -22,7 +22,24 @@ from tui.render import visible
 PAGE = 200
 PAGES_CACHED = 8
 #: Fixed column widths; the explanation takes what is left.
-NEURON_W, SCORE_W, MAX_W, DENSITY_W = 11, 22, 9, 8
+NEURON_W, SCORE_W, MAX_W, DENSITY_W = 11, 20, 7, 7
+#: Lines above the rows: what is shown (count, order, filters, marks), then the column names.
+HEADER_LINES = 2
+
+
+def describe(query: BrowseQuery) -> str:
+    """The filters of a query in a few words, e.g. ` · L3..10 · score 0.3.. · explained · /dog`."""
+    parts = []
+    if query.layers is not None:
+        parts.append(f"L{query.layers[0]}" if query.layers[0] == query.layers[1] else f"L{query.layers[0]}..{query.layers[1]}")
+    if query.score is not None:
+        low, high = ("" if abs(v) == float("inf") else f"{v:g}" for v in query.score)
+        parts.append(f"score {low}..{high}")
+    if query.explained is not None:
+        parts.append("explained" if query.explained else "unexplained")
+    if query.search:
+        parts.append("/" + visible(query.search))
+    return "".join(f" · {p}" for p in parts)
 
 
 def _cell(text: str, width: int, justify: str = "left") -> str:
@@ -34,13 +51,13 @@ class NeuronTable(ScrollView, can_focus=True):
     """Every neuron of a run, one line each, with a cursor; enter posts `Selected`."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("up,k", "cursor(-1)", "Up", show=False),
-        Binding("down,j", "cursor(1)", "Down", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
-        Binding("home", "jump(0)", "First", show=False),
-        Binding("end", "jump(-1)", "Last", show=False),
-        Binding("enter", "select", "Open neuron"),
+        Binding("up,k", "cursor(-1)", "Up", show=False, tooltip="previous neuron"),
+        Binding("down,j", "cursor(1)", "Down", show=False, tooltip="next neuron"),
+        Binding("pageup", "page(-1)", "Page up", show=False, tooltip="a screen up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, tooltip="a screen down"),
+        Binding("home", "jump(0)", "First", show=False, tooltip="first row"),
+        Binding("end", "jump(-1)", "Last", show=False, tooltip="last row"),
+        Binding("enter", "select", "Open", tooltip="open the neuron under the cursor"),
     ]
     DEFAULT_CSS = """
     NeuronTable { height: 1fr; overflow-x: hidden; }
@@ -61,6 +78,7 @@ class NeuronTable(ScrollView, can_focus=True):
         self.query_spec = BrowseQuery()
         self.cursor = 0
         self._pages: OrderedDict[int, list[NeuronRow]] = OrderedDict()
+        self.marked: set[tuple[int, int]] = set()
         self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -76,23 +94,22 @@ class NeuronTable(ScrollView, can_focus=True):
     def search(self) -> str | None:
         return self.query_spec.search
 
-    def set_query(self, query: BrowseQuery, *, keep: tuple[int, int] | None = None) -> None:
-        """Show another order or filter; the cursor goes to `keep` if it is still shown, else to the top."""
+    def set_query(self, query: BrowseQuery) -> None:
+        """Show another order or filter, from the top."""
         self.query_spec = query
         self.reload()
-        position = self.store.neuron_position(self.run_id, query, *keep) if keep else None
-        self._move_to(position or 0)
+        self.move_to(0)
 
     def reload(self) -> None:
         """Drop cached pages and count again (after a job wrote results); the cursor stays where it is."""
         self._pages.clear()
         self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
-        self.virtual_size = Size(self.size.width, self.row_count + 1)
+        self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
         self.cursor = min(self.cursor, max(self.row_count - 1, 0))
         self.refresh()
 
     def on_mount(self) -> None:
-        self.virtual_size = Size(self.size.width, self.row_count + 1)
+        self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
 
     def row(self, index: int) -> NeuronRow | None:
         """The row at a position of the current order, fetching its page if it is not cached."""
@@ -110,6 +127,14 @@ class NeuronTable(ScrollView, can_focus=True):
         offset = index - page_no * PAGE
         return page[offset] if offset < len(page) else None
 
+    def toggle_mark(self) -> None:
+        """Mark or unmark the neuron under the cursor, then step down."""
+        row = self.current
+        if row is not None:
+            self.marked.symmetric_difference_update({(row.layer, row.neuron)})
+            self.action_cursor(1)
+            self.refresh()
+
     @property
     def cached_pages(self) -> int:
         """Pages held in memory now."""
@@ -117,7 +142,7 @@ class NeuronTable(ScrollView, can_focus=True):
 
     # -- rendering ----------------------------------------------------------------------------------
     def on_resize(self) -> None:
-        self.virtual_size = Size(self.size.width, self.row_count + 1)
+        self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
 
     def _explanation_width(self) -> int:
         return max(self.scrollable_content_region.width - NEURON_W - SCORE_W - MAX_W - DENSITY_W - 4, 10)
@@ -125,7 +150,8 @@ class NeuronTable(ScrollView, can_focus=True):
     def _line(self, row: NeuronRow) -> Text:
         width = self._explanation_width()
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(_cell(f"L{row.layer}/N{row.neuron}", NEURON_W), style="bold")
+        text.append("●" if (row.layer, row.neuron) in self.marked else " ", style="bold")
+        text.append(_cell(f"L{row.layer}/N{row.neuron}", NEURON_W - 1), style="bold")
         explanation = visible(row.explanation)
         if len(explanation) > width:
             explanation = explanation[: width - 1] + "…"
@@ -137,24 +163,27 @@ class NeuronTable(ScrollView, can_focus=True):
         text.append(" " + _cell(f"{row.density:.1%}", DENSITY_W, "right"))
         return text
 
+    def _status(self) -> Text:
+        arrow = "↓" if self.descending else "↑"
+        text = Text(no_wrap=True, overflow="ellipsis", style="bold")
+        text.append(f"{self.row_count:,} neuron{'s' if self.row_count != 1 else ''}")
+        text.append(describe(self.query_spec) + f" · by {self.order} {arrow}")
+        if self.marked:
+            text.append(f" · {len(self.marked)} marked")
+        return text
+
     def _header(self) -> Text:
         width = self._explanation_width()
-        arrow = "↓" if self.descending else "↑"
-        names = {"layer": "neuron", "score": "score", "max": "max", "density": "density"}
-        text = Text(no_wrap=True, overflow="ellipsis", style="bold underline")
-        searching = f"  /{visible(self.search)}" if self.search else ""
-        label = f"explanation{searching}  ({self.row_count:,} rows, by {self.order} {arrow})"
-        cells = [_cell(names["layer"], NEURON_W), _cell(label, width), _cell(names["score"], SCORE_W, "right"),
-                 _cell(names["max"], MAX_W, "right"), _cell(names["density"], DENSITY_W, "right")]
-        text.append(" ".join(cells))
-        return text
+        cells = [_cell(" neuron", NEURON_W), _cell("explanation", width), _cell("score [95% CI]", SCORE_W, "right"),
+                 _cell("max", MAX_W, "right"), _cell("density", DENSITY_W, "right")]
+        return Text(" ".join(cells), no_wrap=True, overflow="ellipsis", style="bold underline")
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        if y == 0:
-            text = self._header()
+        if y < HEADER_LINES:
+            text = self._status() if y == 0 else self._header()
         else:
-            index = int(self.scroll_offset.y) + y - 1
+            index = int(self.scroll_offset.y) + y - HEADER_LINES
             row = self.row(index)
             if row is None:
                 return Strip.blank(width, self.rich_style)
@@ -166,10 +195,10 @@ class NeuronTable(ScrollView, can_focus=True):
             if segments else Strip([Segment(" " * width, self.rich_style)])
 
     # -- cursor -------------------------------------------------------------------------------------
-    def _move_to(self, index: int) -> None:
+    def move_to(self, index: int) -> None:
         new = self.cursor = max(0, min(index, self.row_count - 1))
         top = int(self.scroll_offset.y)
-        visible_rows = max(self.scrollable_content_region.height - 1, 1)
+        visible_rows = max(self.scrollable_content_region.height - HEADER_LINES, 1)
         if new < top:
             self.scroll_to(y=new, animate=False)
         elif new >= top + visible_rows:
@@ -177,13 +206,13 @@ class NeuronTable(ScrollView, can_focus=True):
         self.refresh()
 
     def action_cursor(self, step: int) -> None:
-        self._move_to(self.cursor + step)
+        self.move_to(self.cursor + step)
 
     def action_page(self, direction: int) -> None:
-        self._move_to(self.cursor + direction * max(self.scrollable_content_region.height - 2, 1))
+        self.move_to(self.cursor + direction * max(self.scrollable_content_region.height - HEADER_LINES - 1, 1))
 
     def action_jump(self, where: int) -> None:
-        self._move_to(self.row_count - 1 if where < 0 else 0)
+        self.move_to(self.row_count - 1 if where < 0 else 0)
 
     def action_select(self) -> None:
         row = self.row(self.cursor)

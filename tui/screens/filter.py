@@ -1,0 +1,123 @@
+"""The filter form (`f`): a layer range, a score range and explained/unexplained, applied to the table."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, RadioButton, RadioSet, Static
+
+from core.store.browse import BrowseQuery
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+EXPLAINED = (("all neurons", None), ("explained", True), ("unexplained", False))
+
+
+def parse_range(text: str, *, integer: bool) -> tuple[float, float] | None:
+    """'3..10', '3-10' (integers), '0.2..', '..0.5', or one number: at least it for scores, exactly it for
+    layers. '' means no condition. ValueError with a readable message otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    low_high = re.fullmatch(rf"({_NUMBER})?\s*\.\.\s*({_NUMBER})?", text)
+    if integer and not low_high:
+        low_high = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+    if low_high and (low_high.group(1) or low_high.group(2)):
+        low = float(low_high.group(1)) if low_high.group(1) else float("-inf")
+        high = float(low_high.group(2)) if low_high.group(2) else float("inf")
+    elif re.fullmatch(_NUMBER, text):
+        low = float(text)
+        high = low if integer else float("inf")
+    else:
+        example = "3..10, 3-10 or 5" if integer else "0.3.., ..0.1, -0.2..0.5 or 0.3 (at least)"
+        raise ValueError(f"cannot read {text!r}: write a range like {example}")
+    if integer and any(v not in (float("inf"), float("-inf")) and v != int(v) for v in (low, high)):
+        raise ValueError(f"layers are whole numbers, not {text!r}")
+    if low > high:
+        raise ValueError(f"{text!r} is empty: its lower end is above its upper end")
+    return low, high
+
+
+def range_text(bounds: tuple[float, float] | None) -> str:
+    """A range as the form shows it (the inverse of parse_range)."""
+    if bounds is None:
+        return ""
+    low, high = bounds
+    show = [("" if abs(v) == float("inf") else f"{v:g}") for v in (low, high)]
+    return show[0] if low == high else f"{show[0]}..{show[1]}"
+
+
+class FilterScreen(ModalScreen[BrowseQuery | None]):
+    """Edit the table's filters; enter applies (wherever the focus is), escape leaves them as they were, ctrl+r
+    clears the form."""
+
+    DEFAULT_CSS = """
+    FilterScreen { align: center middle; }
+    FilterScreen > Vertical { width: 64; height: auto; border: thick $primary 80%; background: $surface; padding: 0 1; }
+    FilterScreen Input { width: 100%; margin-bottom: 1; }
+    FilterScreen RadioSet { width: 100%; margin-bottom: 1; }
+    FilterScreen #filter-error { color: $error; height: auto; }
+    FilterScreen .modal-keys { color: $text-muted; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "apply", "Apply", priority=True),
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+r", "clear", "Clear"),
+    ]
+
+    def __init__(self, query: BrowseQuery, layers: tuple[int, int]) -> None:
+        super().__init__()
+        self.query_spec = query
+        self.layer_span = layers
+
+    def compose(self) -> ComposeResult:
+        q = self.query_spec
+        with Vertical():
+            yield Static(Text("Filter neurons", style="bold"))
+            yield Label(f"layers (the run has {self.layer_span[0]}..{self.layer_span[1]})")
+            yield Input(range_text(q.layers and (float(q.layers[0]), float(q.layers[1]))),
+                        placeholder="e.g. 3..10, 3-10 or 5; empty: all", id="layers",
+                        compact=True)
+            yield Label("headline score (Pearson r on the test split)")
+            yield Input(range_text(q.score), placeholder="e.g. 0.3.. or -0.2..0.5; empty: any",
+                        id="score", compact=True)
+            yield Label("which neurons")
+            with RadioSet(id="explained", compact=True):
+                for label, value in EXPLAINED:
+                    yield RadioButton(label, value=q.explained is value)
+            yield Label("", id="filter-error")
+            yield Static("enter: apply  escape: cancel  ctrl+r: clear  tab: next  space: choose", classes="modal-keys")
+
+    def on_mount(self) -> None:
+        self.query_one("#layers", Input).focus()
+
+    def action_apply(self) -> None:
+        try:
+            layers = parse_range(self.query_one("#layers", Input).value, integer=True)
+            score = parse_range(self.query_one("#score", Input).value, integer=False)
+        except ValueError as exc:
+            self.query_one("#filter-error", Label).update(Text(str(exc)))
+            return
+        index = self.query_one(RadioSet).pressed_index
+        explained = EXPLAINED[index][1] if index >= 0 else None
+        span = None
+        if layers is not None:
+            low, high = layers  # open ends stop at the run's first and last layer
+            span = (self.layer_span[0] if low == float("-inf") else int(low),
+                    self.layer_span[1] if high == float("inf") else int(high))
+        self.dismiss(replace(self.query_spec, layers=span, score=score, explained=explained))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_clear(self) -> None:
+        for box in self.query(Input):
+            box.value = ""
+        self.query(RadioButton).first().value = True
+        self.query_one("#filter-error", Label).update("")
