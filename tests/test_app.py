@@ -207,6 +207,9 @@ def test_browse_errors_are_one_line(cli_store, tmp_path: Path) -> None:  # type:
     foreign = tmp_path / "notes.duckdb"
     foreign.write_text("not a database\n")
     assert_one_line_error(run_cli(["browse", "--store", str(foreign)]), str(foreign))
+    # The store is fine, but stdout is a pipe: the app would draw into it, so it says what to use instead.
+    assert_one_line_error(run_cli(["browse", str(cli_store[0])]), "needs a terminal", "neuronscope top")
+    assert_one_line_error(run_cli(["browse", str(cli_store[0]), "--explainer", "nope:x"]), "nope")
 
 
 def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def]
@@ -428,3 +431,54 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
         assert len(jobs) == 1 and jobs[0]["state"] == "interrupted"  # one job, resumable
         assert jobs[0]["done"] == second.done < neurons
         assert len(store.summaries(app.run_info.run_id)) == second.done
+
+
+def test_core_imports_no_textual_or_rich() -> None:
+    """The engine is headless: every core module imports without textual or rich (DESIGN §2)."""
+    modules = sorted(f"core.{p.relative_to(ROOT / 'core').with_suffix('').as_posix().replace('/', '.')}"
+                     for p in (ROOT / "core").rglob("*.py") if p.name != "__init__.py")
+    assert "core.jobs" in modules and "core.llm.openai_api" in modules and "core.store.browse" in modules
+    code = ("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+            "ui = sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich'}); assert not ui, ui")
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=cli_env(),
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A store held for writing by another process: a one-line error naming its PID, before the app starts."""
+    path = tmp_path / "held.duckdb"
+    shutil.copy(cli_store[0], path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
+                               "s = Store.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert_one_line_error(run_cli(["browse", str(path)]), "in use by PID", str(holder.pid))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@sync
+async def test_a_job_needs_the_store_to_itself(fresh_store: Path) -> None:
+    """Another process reading the store blocks writing: e explains why in a modal, and browsing goes on."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
+                               "s = Store.open(sys.argv[1], read_only=True); print('held', flush=True); "
+                               "time.sleep(60)", str(fresh_store)],
+                              stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("e")
+            await pilot.pause()
+            assert isinstance(app.screen, MessageScreen) and not app.jobs.handles
+            text = " ".join(screen_text(app.screen).split())  # type: ignore[arg-type]
+            assert "cannot start the job" in text and f"in use by PID {holder.pid}" in text
+            await pilot.press("escape", "down", "enter")
+            await pilot.pause()
+            assert isinstance(app.screen, NeuronScreen) and app.store.read_only
+    finally:
+        holder.kill()
+        holder.wait()

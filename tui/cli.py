@@ -206,8 +206,13 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     from tui.app import NeuronscopeApp
 
     settings, options = _app_settings(args)
-    NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
-                   start_job=start_job).run()
+    app = NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
+                         start_job=start_job)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        app.store.close()
+        raise UserError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
+                        "`show L/N` or `info`")
+    app.run()
     return 0
 
 
