@@ -20,7 +20,7 @@ from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
 from textual.geometry import Region
-from textual.widgets import Input, Label, Static
+from textual.widgets import Input, Label, ProgressBar, Static
 
 from core.jobs import JobSettings
 from core.store import Store
@@ -30,6 +30,7 @@ from tui.app import CONFIRM_ABOVE, NeuronscopeApp
 from tui.screens.filter import FilterScreen
 from tui.screens.modals import HelpScreen, MessageScreen
 from tui.screens.neuron import NeuronScreen
+from tui.widgets.jobs import PROGRESS_INTERVAL
 from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,6 +211,7 @@ def test_browse_errors_are_one_line(cli_store, tmp_path: Path) -> None:  # type:
     # The store is fine, but stdout is a pipe: the app would draw into it, so it says what to use instead.
     assert_one_line_error(run_cli(["browse", str(cli_store[0])]), "needs a terminal", "neuronscope top")
     assert_one_line_error(run_cli(["browse", str(cli_store[0]), "--explainer", "nope:x"]), "nope")
+    assert_one_line_error(run_cli(["browse", str(cli_store[0]), "--theme", "pink"]), "unknown theme", "textual-light")
 
 
 def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def]
@@ -370,6 +372,34 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
     with Store.open(fresh_store, read_only=True) as store:
         states = [(j["state"], j["done"], j["failed"]) for j in store.jobs()]
         assert states == [("complete", 1, 0), ("partial", 1, 1), ("complete", 1, 0)]
+
+
+@sync
+async def test_progress_is_rate_limited_and_complete(fresh_store: Path) -> None:
+    """A fast job (the baseline over two layers) posts about ten progress updates a second, not one per neuron,
+    and its last update shows it finished; every neuron lands in the table."""
+    app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        await pilot.press("f")
+        await pilot.pause()
+        await pilot.press(*"1..2", "enter")
+        await pilot.pause()
+        total = table.row_count
+        started = time.monotonic()
+        await pilot.press("e")
+        await pilot.pause()
+        await pilot.press("enter")  # confirm: more than CONFIRM_ABOVE neurons
+        handle = app.jobs.handles[0]
+        await until(pilot, lambda: not handle.running)
+        elapsed = time.monotonic() - started
+        assert handle.state == "complete" and handle.done == handle.total == total
+        assert 2 <= handle.updates <= elapsed / PROGRESS_INTERVAL + 2 and handle.updates < total
+        bar = app.jobs.query_one(ProgressBar)
+        assert bar.progress == bar.total == total
+        await until(pilot, lambda: app.store.neuron_count(app.run_info.run_id, BrowseQuery(explained=False,
+                                                                                         layers=(1, 2))) == 0)
+        await until(pilot, lambda: all(table.row(i).score is not None for i in range(total)))  # type: ignore[union-attr]
 
 
 class SlowServer(Server):

@@ -208,6 +208,11 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     settings, options = _app_settings(args)
     app = NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
                          start_job=start_job)
+    if args.theme:
+        if args.theme not in app.available_themes:
+            app.store.close()
+            raise UserError(f"unknown theme {args.theme!r}: use one of {', '.join(sorted(app.available_themes))}")
+        app.theme = args.theme
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         app.store.close()
         raise UserError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
@@ -364,6 +369,8 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail", choices=("pos", "neg"), default="pos", help="tail the app's jobs explain (default: pos)")
     p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
+    p.add_argument("--theme", help="Textual theme, e.g. textual-light for a light terminal (default: textual-dark; "
+                                   "ctrl+p then 'theme' switches it in the app)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

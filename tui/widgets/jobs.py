@@ -37,6 +37,8 @@ class JobHandle:
     done: int = 0
     total: int = 0
     failures: list[tuple[tuple[int, int], str]] = field(default_factory=list)
+    updates: int = 0
+    """Progress messages posted (at most about 1 / PROGRESS_INTERVAL a second)."""
 
     @property
     def running(self) -> bool:
@@ -150,6 +152,7 @@ class JobsPanel(VerticalScroll):
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL or done >= total:
                 last = now
+                handle.updates += 1
                 self.post_message(self.Progress(handle))
 
         def landed(neuron: tuple[int, int], error: str) -> None:
