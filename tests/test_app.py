@@ -463,18 +463,6 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
         assert len(store.summaries(app.run_info.run_id)) == second.done
 
 
-def test_core_imports_no_textual_or_rich() -> None:
-    """The engine is headless: every core module imports without textual or rich (DESIGN §2)."""
-    modules = sorted(f"core.{p.relative_to(ROOT / 'core').with_suffix('').as_posix().replace('/', '.')}"
-                     for p in (ROOT / "core").rglob("*.py") if p.name != "__init__.py")
-    assert "core.jobs" in modules and "core.llm.openai_api" in modules and "core.store.browse" in modules
-    code = ("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
-            "ui = sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich'}); assert not ui, ui")
-    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=cli_env(),
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-
-
 def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A store held for writing by another process: a one-line error naming its PID, before the app starts."""
     path = tmp_path / "held.duckdb"

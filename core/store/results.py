@@ -123,31 +123,7 @@ class ResultsMixin:
 
     def save_neuron(self, job_id: int, run_id: int, result: NeuronResult) -> None:
         """Write a neuron's explanations, simulations and scores, and mark it done, in one transaction."""
-        with self.transaction():  # type: ignore[attr-defined]
-            for ex in result.explanations:
-                source = ex.source or (None, None)
-                row = self.con.execute(
-                    "INSERT INTO explanations (run_id, layer, neuron, tail, role, explainer, sample, selected, text, "
-                    "source_layer, source_neuron, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING explanation_id",
-                    [run_id, result.layer, result.neuron, result.tail, ex.role, ex.explainer, ex.sample, ex.selected,
-                     ex.text, source[0], source[1], job_id]).fetchall()
-                eid = int(row[0][0])
-                simulator = ex.splits[0].simulator if ex.splits else ""
-                if ex.simulations:
-                    self.con.executemany(
-                        "INSERT INTO simulations VALUES (?, ?, ?, ?, ?, ?)",
-                        [[eid, simulator, s.split, s.excerpt_id, s.kind, list(s.predicted)] for s in ex.simulations])
-                rows = [[eid, split.simulator, split.split, s.method, s.value, s.ci_low, s.ci_high, s.n, s.flags]
-                        for split in ex.splits for s in split.scores]
-                if rows:
-                    self.con.executemany(
-                        "INSERT INTO scores (explanation_id, simulator, split, method, value, ci_low, ci_high, n, flags) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self.con.execute("DELETE FROM job_neurons WHERE job_id = ? AND layer = ? AND neuron = ?",
-                             [job_id, result.layer, result.neuron])
-            self.con.execute("INSERT INTO job_neurons (job_id, layer, neuron, state, error) VALUES (?, ?, ?, 'done', '')",
-                             [job_id, result.layer, result.neuron])
-            self._count_job(job_id)
+        self.save_neurons(job_id, run_id, [result])  # type: ignore[attr-defined]
 
     def mark_stale_jobs(self) -> None:
         """Jobs left 'running' by a process that no longer exists become 'interrupted'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.console import Group, RenderableType
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -11,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table
+from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table, visible
 
 #: Excerpts shown per kind (and per quantile bin).
 COUNT = 5
@@ -31,6 +32,12 @@ class NeuronScreen(Screen[None]):
         """(layer, neuron) shown."""
 
     def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(Group(*self._renderables()), id="neuron-body")
+        yield Footer()
+
+    def _renderables(self) -> list[RenderableType]:
+        """Everything the screen shows, as one stack of renderables (one widget: a neuron opens at once)."""
         run, (layer, neuron) = self.run, self.position
         stats = self.store.neuron_stats(run.run_id, layer, neuron)
         records = self.store.records(run.run_id, layer, neuron)
@@ -38,29 +45,24 @@ class NeuronScreen(Screen[None]):
         scale = scale_of(records)
         title = Text(f"L{layer}/N{neuron}", style="bold")
         title.append(f"  ·  run {run.run_id}  ·  ")
-        title.append(run.model)
-        with VerticalScroll():
-            yield Static(title, id="title")
-            if stats is None:
-                yield Static(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
-            else:
-                yield Static(stats_table(stats, run.settings.quantiles), id="stats")
-                yield Static(Text("histogram ", style="bold") + histogram_text(stats), id="histogram")
-            if explanations:
-                yield Static("")
-                for renderable, _one_line in explanation_renderables(explanations, records, scale, COUNT):
-                    yield Static(renderable, classes="explanation")
-            for kind, title_text, chosen in self._sections(records):
-                if chosen:
-                    yield Static("")
-                    yield Static(Text(title_text, style="bold underline"))
-                    for rec in chosen:
-                        yield Static(record_line(rec, scale, negative=kind == "bottom"), classes="record")
-        yield Footer()
+        title.append(visible(run.model))
+        parts: list[RenderableType] = [title]
+        if stats is None:
+            parts.append(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
+        else:
+            parts += [stats_table(stats, run.settings.quantiles), Text("histogram ", style="bold") + histogram_text(stats)]
+        if explanations:
+            parts.append(Text(""))
+            parts += [renderable for renderable, _one_line in explanation_renderables(explanations, records, scale, COUNT)]
+        for kind, title_text, chosen in self._sections(records):
+            if chosen:
+                parts += [Text(""), Text(title_text, style="bold underline")]
+                parts += [record_line(rec, scale, negative=kind == "bottom") for rec in chosen]
+        return parts
 
     def reload(self) -> None:
         """Show what a job just wrote for this neuron."""
-        self.call_later(self.recompose)
+        self.query_one("#neuron-body", Static).update(Group(*self._renderables()))
 
     def _sections(self, records: list[Any]) -> list[tuple[str, str, list[Any]]]:
         quantiles = self.run.settings.quantiles
