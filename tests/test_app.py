@@ -20,6 +20,7 @@ from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
 from textual.geometry import Region
+from textual.screen import Screen
 from textual.widgets import Input, Label, ProgressBar, Static
 
 from core.jobs import JobSettings
@@ -31,6 +32,7 @@ from tui.screens.filter import FilterScreen
 from tui.screens.modals import HelpScreen, MessageScreen
 from tui.screens.neuron import NeuronScreen
 from tui.widgets.jobs import PROGRESS_INTERVAL
+from tui.widgets.lines import LinesView
 from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,9 +63,9 @@ def table_lines(table: NeuronTable, rows: int = 4) -> list[str]:
     return [strip.text for strip in table.render_lines(Region(0, 0, table.size.width, rows + HEADER_LINES))]
 
 
-def screen_text(screen: NeuronScreen) -> str:
-    """Every line the neuron screen's widgets render, scrolled into view or not."""
-    lines = []
+def screen_text(screen: Screen[Any]) -> str:
+    """Every line a screen's widgets render, scrolled into view or not."""
+    lines = [view.text for view in screen.query(LinesView)]
     for widget in screen.query(Static):
         lines += [strip.text for strip in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))]
     return "\n".join(lines)
@@ -302,7 +304,7 @@ async def test_help_and_go_to_from_the_command_palette(scored_store: Path) -> No
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        text = screen_text(app.screen)  # type: ignore[arg-type]
+        text = screen_text(app.screen)
         for key, words in (("s", "next order"), ("f", "layer range"), ("/", "find explanations"),
                            ("n", "without an explanation"), ("e", "explain and score"), ("ctrl+p", "go to a neuron"),
                            ("escape", "back to the table")):
@@ -354,7 +356,7 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
         assert table.marked == {(0, 1), (0, 3)}
         await pilot.press("x")
         await until(pilot, lambda: isinstance(app.screen, MessageScreen))
-        text = screen_text(app.screen)  # type: ignore[arg-type]
+        text = screen_text(app.screen)
         assert "1 neuron failed" in text and "L0/N3: " in text and "no pos explanation" in text
         assert "L0/N1:" not in text
         await pilot.press("escape")
@@ -364,11 +366,11 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
         # The neuron screen's e acts on the neuron shown, and its result appears on the open screen.
         app.open_neuron(0, 5)
         await pilot.pause()
-        assert "Explanations" not in screen_text(app.screen)  # type: ignore[arg-type]
+        assert "Explanations" not in screen_text(app.screen)
         await pilot.press("e")
         await until(pilot, lambda: not app.jobs.running)
-        await until(pilot, lambda: "Explanations" in screen_text(app.screen))  # type: ignore[arg-type]
-        assert "* baseline #0: tokens:" in screen_text(app.screen)  # type: ignore[arg-type]
+        await until(pilot, lambda: "Explanations" in screen_text(app.screen))
+        assert "* baseline #0: tokens:" in screen_text(app.screen)
     with Store.open(fresh_store, read_only=True) as store:
         states = [(j["state"], j["done"], j["failed"]) for j in store.jobs()]
         assert states == [("complete", 1, 0), ("partial", 1, 1), ("complete", 1, 0)]
@@ -432,7 +434,7 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
             await pilot.press("e")
             await pilot.pause()
             assert isinstance(app.screen, MessageScreen)  # so many neurons: it asks first
-            assert f"explain and score {neurons} filtered neurons?" in screen_text(app.screen)  # type: ignore[arg-type]
+            assert f"explain and score {neurons} filtered neurons?" in screen_text(app.screen)
             await pilot.press("enter")
             handle = app.jobs.handles[0]
             await until(pilot, lambda: handle.done >= 2)
@@ -492,7 +494,7 @@ async def test_a_job_needs_the_store_to_itself(fresh_store: Path) -> None:
             await pilot.press("e")
             await pilot.pause()
             assert isinstance(app.screen, MessageScreen) and not app.jobs.handles
-            text = " ".join(screen_text(app.screen).split())  # type: ignore[arg-type]
+            text = " ".join(screen_text(app.screen).split())
             assert "cannot start the job" in text and f"in use by PID {holder.pid}" in text
             await pilot.press("escape", "down", "enter")
             await pilot.pause()

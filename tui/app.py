@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from rich.text import Text
 from textual import events
@@ -129,9 +129,18 @@ class NeuronscopeApp(App[None]):
         position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
         if position is not None:
             self.table.move_to(position)
-        while isinstance(self.screen, NeuronScreen):
+        # One neuron screen, installed once and shown again with each neuron: opening skips Textual's
+        # composing and styling of a new screen.
+        if not self.is_screen_installed("neuron"):
+            self.install_screen(NeuronScreen(self.store, self.run_info, layer, neuron), "neuron")
+        screen = cast(NeuronScreen, self.get_screen("neuron"))
+        while len(self.screen_stack) > 1 and self.screen is not screen:
             self.pop_screen()
-        self.push_screen(NeuronScreen(self.store, self.run_info, layer, neuron))
+        if self.screen is not screen:
+            self.push_screen(screen)
+        if screen.is_mounted:
+            screen.show(layer, neuron)  # read again: a job may have written to it since
+        screen.position = (layer, neuron)
 
     def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
         self.open_neuron(message.layer, message.neuron)

@@ -6,6 +6,7 @@ such as `[bold]` and terminal escapes show literally and are never interpreted.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Sequence
 
@@ -14,7 +15,7 @@ from rich.console import RenderableType
 from rich.rule import Rule
 from rich.style import Style
 from rich.table import Table
-from rich.text import Text
+from rich.text import Span, Text
 
 from core.records import ActivationRecord, NeuronStats
 from core.results import NeuronSummary, ScoredExplanation
@@ -24,6 +25,7 @@ _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 _SPARK = " ▁▂▃▄▅▆▇█"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def visible(token: str) -> str:
     """A token made safe and visible: newlines and tabs as symbols, other control characters as \\xNN."""
     out = []
@@ -40,6 +42,15 @@ def visible(token: str) -> str:
 def activation_style(value: float, scale: float, peak: bool = False) -> Style:
     """Green for positive, purple for negative, stronger with |value| / scale; readable on dark and light."""
     t = 0.0 if scale <= 0 else max(-1.0, min(1.0, value / scale))
+    return _shade(round(t * _SHADES), peak)
+
+
+_SHADES = 48  # steps of |value| / scale per sign: finer than the eye tells apart, few enough to cache
+
+
+@functools.lru_cache(maxsize=4 * _SHADES + 4)
+def _shade(step: int, peak: bool) -> Style:
+    t = step / _SHADES
     strength = abs(t)
     if strength < 0.05:
         return Style(bold=peak, underline=peak)
@@ -61,10 +72,13 @@ def peak_index(record: ActivationRecord, negative: bool = False) -> int:
 def record_text(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
     """One excerpt as coloured tokens; the peak (or, for negative records, the trough) is underlined."""
     peak = peak_index(record, negative)
-    text = Text(no_wrap=False)
+    pieces, spans, at = [], [], 0
     for i, (token, value) in enumerate(zip(record.tokens, record.activations)):
-        text.append(visible(token), style=activation_style(value, scale, peak=i == peak))
-    return text
+        piece = visible(token)
+        pieces.append(piece)
+        spans.append(Span(at, at + len(piece), activation_style(value, scale, peak=i == peak)))
+        at += len(piece)
+    return Text("".join(pieces), spans=spans, no_wrap=False)  # spans, not append: a neuron's ~3,000 tokens at once
 
 
 def record_line(record: ActivationRecord, scale: float, negative: bool = False) -> Text:

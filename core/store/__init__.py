@@ -23,7 +23,7 @@ from core.rows import decode, lists, record_rows
 from core.store.browse import BrowseMixin
 from core.store.bulk import BulkMixin
 from core.store.results import ResultsMixin
-from core.store.schema import SCHEMA, SCHEMA_VERSION, StoreError, migrate
+from core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
@@ -131,7 +131,7 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
             )
         if version == 1 and not self.read_only:
             migrate(self.con, version)
-            return
+            version = SCHEMA_VERSION
         if version == 1:
             raise StoreError(
                 f"{self.path} has schema version 1: open it once with a writing command (e.g. `neuronscope run`) "
@@ -142,6 +142,8 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
                 f"{self.path} has schema version {version}, older than this neuronscope's {SCHEMA_VERSION}: "
                 "collect into a new --store, or use the neuronscope version that wrote it"
             )
+        if not self.read_only:
+            self.con.execute(INDEXES)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -410,10 +412,12 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
             "SELECT kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "
             "WHERE run_id = ? AND layer = ? AND neuron = ? AND list_contains(?, kind)", [run_id, layer, neuron, list(kinds)]
         ).fetchall()
-        # Then the tokens of just those excerpts: half the time of a join, which reads every excerpt's tokens.
+        # Then the tokens of just those excerpts, named as an IN list of constants (integers read from the store)
+        # so the excerpt_ids index serves it: a third of the time of a join at 100,000 excerpts.
+        ids = ", ".join(str(int(r[3])) for r in rows)
         tokens = dict(self.con.execute(
-            "SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND list_contains(?, excerpt_id)",
-            [run_id, [int(r[3]) for r in rows]]).fetchall()) if rows else {}
+            f"SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND excerpt_id IN ({ids})", [run_id]
+        ).fetchall()) if rows else {}
         out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(tokens[r[3]]), bin=r[2],
                                 activations=tuple(float(v) for v in decode(r[4], r[5])), exact_max=r[6], exact_min=r[7])
                for r in rows if r[3] in tokens]

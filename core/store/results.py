@@ -166,24 +166,30 @@ class ResultsMixin:
                 sql += f" AND {column} = ?"
                 params.append(value)
         rows = self.con.execute(sql + " ORDER BY job_id DESC, explanation_id", params).fetchall()
-        out = []
-        for eid, text, explainer_, role_, sample, selected, src_layer, src_neuron, _tail in rows:
-            sims = self.con.execute(
-                "SELECT excerpt_id, kind, split, predicted FROM simulations WHERE explanation_id = ? "
-                "ORDER BY split, kind DESC, excerpt_id", [eid]).fetchall()
-            score_rows = self.con.execute(
-                "SELECT split, simulator, method, value, ci_low, ci_high, n, flags FROM scores WHERE explanation_id = ?",
-                [eid]).fetchall()
-            splits: dict[tuple[str, str], list[Score]] = {}
-            for split, simulator, method, value, low, high, n, flags in score_rows:
-                splits.setdefault((split, simulator), []).append(Score(method, value, low, high, n, flags or ""))
-            out.append(ScoredExplanation(
-                text=text, explainer=explainer_, role=role_, sample=sample, selected=bool(selected),
-                source=(src_layer, src_neuron) if src_layer is not None else None,
-                simulations=tuple(Simulation(int(e), k, s, tuple(float(v) for v in p)) for e, k, s, p in sims),
-                splits=tuple(SplitScores(split, simulator, tuple(scores)) for (split, simulator), scores in splits.items()),
-            ))
-        return out
+        if not rows:
+            return []
+        # Their simulations and scores in one query each: the ids (integers from the store) as constants, and their
+        # range, which lets DuckDB skip the row groups of other neurons (a neuron's rows are written together).
+        ids = [int(r[0]) for r in rows]
+        where = f"explanation_id BETWEEN {min(ids)} AND {max(ids)} AND explanation_id IN ({', '.join(map(str, ids))})"
+        sims: dict[int, list[Simulation]] = {}
+        for eid, excerpt, kind, split, predicted in self.con.execute(
+                f"SELECT explanation_id, excerpt_id, kind, split, predicted FROM simulations WHERE {where} "
+                "ORDER BY split, kind DESC, excerpt_id").fetchall():
+            sims.setdefault(int(eid), []).append(Simulation(int(excerpt), kind, split, tuple(float(v) for v in predicted)))
+        splits: dict[int, dict[tuple[str, str], list[Score]]] = {}
+        for eid, split, simulator, method, value, low, high, n, flags in self.con.execute(
+                f"SELECT explanation_id, split, simulator, method, value, ci_low, ci_high, n, flags FROM scores "
+                f"WHERE {where}").fetchall():
+            splits.setdefault(int(eid), {}).setdefault((split, simulator), []).append(
+                Score(method, value, low, high, n, flags or ""))
+        return [ScoredExplanation(
+                    text=text, explainer=explainer_, role=role_, sample=sample, selected=bool(selected),
+                    source=(src_layer, src_neuron) if src_layer is not None else None,
+                    simulations=tuple(sims.get(int(eid), ())),
+                    splits=tuple(SplitScores(split, simulator, tuple(scores))
+                                 for (split, simulator), scores in splits.get(int(eid), {}).items()))
+                for eid, text, explainer_, role_, sample, selected, src_layer, src_neuron, _tail in rows]
 
     def candidate_texts(self, run_id: int, layer: int, neuron: int, *, tail: str, explainer: str) -> list[str]:
         """The newest job's candidate explanations of a neuron by an explainer, in sample order."""

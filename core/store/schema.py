@@ -63,7 +63,12 @@ CREATE TABLE job_neurons (
     updated_at TIMESTAMP DEFAULT current_timestamp);
 """
 
-SCHEMA = _COLLECTION + _RESULTS
+#: Indexes added without a version bump: made with a new store, and by the first writable open of an older one
+#: (a read-only open works without them, only slower). Excerpts by id: opening a neuron reads its records'
+#: excerpts, at 100,000 excerpts in half the time with the index.
+INDEXES = "CREATE INDEX IF NOT EXISTS excerpt_ids ON excerpts (excerpt_id);"
+
+SCHEMA = _COLLECTION + _RESULTS + INDEXES
 
 #: Version 1's placeholders, never written by that version's code.
 _V1_RESULT_TABLES = ("explanations", "simulations", "scores", "llm_calls", "jobs", "job_neurons")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from rich.console import Group, RenderableType
+from rich.console import RenderableType
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Footer
 
 from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table, visible
+from tui.widgets.lines import LinesView
 
 #: Excerpts shown per kind (and per quantile bin).
 COUNT = 5
@@ -32,9 +32,11 @@ class NeuronScreen(Screen[None]):
         """(layer, neuron) shown."""
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll():
-            yield Static(Group(*self._renderables()), id="neuron-body")
+        yield LinesView(self._renderables(), id="neuron-body")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(LinesView).focus()
 
     def _renderables(self) -> list[RenderableType]:
         """Everything the screen shows, as one stack of renderables (one widget: a neuron opens at once)."""
@@ -60,9 +62,16 @@ class NeuronScreen(Screen[None]):
                 parts += [record_line(rec, scale, negative=kind == "bottom") for rec in chosen]
         return parts
 
+    def show(self, layer: int, neuron: int) -> None:
+        """Show another neuron on this screen (reusing it spares Textual a new screen's layout and styles)."""
+        self.position = (layer, neuron)
+        view = self.query_one(LinesView)
+        view.update(self._renderables())
+        view.scroll_home(animate=False)
+
     def reload(self) -> None:
         """Show what a job just wrote for this neuron."""
-        self.query_one("#neuron-body", Static).update(Group(*self._renderables()))
+        self.query_one(LinesView).update(self._renderables())
 
     def _sections(self, records: list[Any]) -> list[tuple[str, str, list[Any]]]:
         quantiles = self.run.settings.quantiles
