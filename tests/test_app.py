@@ -502,3 +502,26 @@ async def test_a_job_needs_the_store_to_itself(fresh_store: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+@sync
+async def test_hostile_explanations_show_literally_in_the_table(fresh_store: Path) -> None:
+    """A user's sentence with markup, escapes, a newline and a tab is one inert line in the table and on the
+    neuron screen (search finds it by its literal text)."""
+    hostile = "[bold red]x[/] [/INST] \x1b[31mRED\x1b[0m \x1b]0;title\x07 two\nlines\ttab"
+    result = run_cli(["score", "0/2", "--explanation", hostile, "--simulator", "baseline", "--store",
+                      str(fresh_store)])
+    assert result.code == 0, result.err
+    app = NeuronscopeApp(fresh_store)
+    async with app.run_test(size=(160, 30)) as pilot:
+        table = app.query_one(NeuronTable)
+        await pilot.press("slash", *"[/INST]", "enter")
+        await pilot.pause()
+        assert table.row_count == 1 and table.current is not None and table.current.explanation == hostile
+        line = table_lines(table, 1)[HEADER_LINES]
+        assert "[bold red]x[/] [/INST] \\x1b[31mRED\\x1b[0m \\x1b]0;title\\x07 two↵lines⇥tab" in line
+        assert "\x1b" not in line and "\x07" not in line and "\n" not in line
+        await pilot.press("enter")
+        await pilot.pause()
+        text = screen_text(app.screen)
+        assert "[/INST]" in text and "\\x1b[31mRED" in text and "\x1b" not in text
