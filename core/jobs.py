@@ -15,15 +15,20 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.explain import controls, lookup_of, prompt_for, score_candidates
 from core.llm.base import Backend, BudgetExceeded, Call, CallLog, LLMError, make_backend
+from core.prompts import NEUTRAL_EXPLANATION
 from core.records import RunInfo
 from core.results import NeuronResult, ScoredExplanation
+from core.scorers import RATED, SCORERS, rating_items
 from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
 from core.store import Store
 from core.store.results import FILTER_FIELDS, FILTER_OPS, ORDERS
+
+if TYPE_CHECKING:
+    from core.embedding import Embedder
 
 KINDS = ("explain", "score", "run")
 DEFAULT_BACKEND = "local:qwen-1.5b"
@@ -62,6 +67,8 @@ class JobSettings:
     """Seed for sampled explanations and bootstrap intervals."""
     explanation: str | None = None
     """A user's own sentence to score (kind score)."""
+    scorers: tuple[str, ...] = ()
+    """Scorers beside simulation on the test split (core.scorers.SCORERS: detection, fuzzing, embedding)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,9 @@ class Job:
             raise JobError(f"--tail must be one of {', '.join(TAILS)}")
         if settings.samples < 1:
             raise JobError("--samples must be at least 1")
+        unknown = [name for name in settings.scorers if name not in SCORERS]
+        if unknown:
+            raise JobError(f"unknown scorer {unknown[0]!r}: use {', '.join(SCORERS)}")
         if selection.order not in ORDERS:
             raise JobError(f"cannot order by {selection.order!r}: use one of {', '.join(ORDERS)}")
         if run.status != "complete":
@@ -180,6 +190,7 @@ class Job:
             raise JobError("no neuron matches the selection: widen --layers or --where")
         self._factory = backend_factory or make_backend
         self._backends: dict[str, Backend] = {}
+        self._embedder: Embedder | None = None
         self.log: CallLog = CallLog()
         self._partner_texts: dict[tuple[int, int], str] = {}
         params = {"run_id": run.run_id, **asdict(settings), "neurons": [list(n) for n in self.neurons]}
@@ -207,11 +218,25 @@ class Job:
         backend.bind(self.log)
         return backend
 
+    def embedder(self) -> Embedder | None:
+        """The embedding model, loaded once, when the embedding scorer is asked for."""
+        if "embedding" in self.settings.scorers and self._embedder is None:
+            from core.embedding import Embedder, EmbeddingError
+
+            try:
+                self._embedder = Embedder.load()
+            except EmbeddingError as err:
+                raise JobError(str(err)) from None
+        return self._embedder
+
     def close(self) -> None:
         """Release the backends' models and connections."""
         for backend in self._backends.values():
             backend.close()
         self._backends.clear()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
 
     def prepare(self) -> None:
         """Load the backends the job needs (so a bad model fails before any neuron starts)."""
@@ -219,6 +244,7 @@ class Job:
             self.backend(self.settings.explainer)
         if self.settings.kind != "explain":
             self.backend(self.settings.simulator)
+            self.embedder()
 
     @property
     def _uses_explainer(self) -> bool:
@@ -269,20 +295,27 @@ class Job:
         explainer = self.backend(s.explainer)
         return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), s.explainer, "candidate"
 
+    def _seed(self, neuron: tuple[int, int]) -> int:
+        """A neuron's seed for bootstraps and decoys: the job's seed mixed with its position."""
+        return self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
+
     def process(self, index: int) -> NeuronResult:
         """Explain and/or score one neuron (all LLM calls; nothing written)."""
         neuron = self.neurons[index]
         splits = self._splits(neuron)
         texts, explainer, role = self._candidates(neuron, splits)
-        seed = self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
+        seed = self._seed(neuron)
         if self.settings.kind == "explain":
             out = tuple(ScoredExplanation(text=t, explainer=explainer, role=role, sample=i, selected=i == 0)
                         for i, t in enumerate(texts))
             return NeuronResult(neuron[0], neuron[1], self.settings.tail, out)
         simulator = self.backend(self.settings.simulator)
-        scored = score_candidates(simulator, splits, texts, explainer=explainer, role=role, seed=seed)
+        scorers, embedder = self.settings.scorers, self.embedder()
+        scored = score_candidates(simulator, splits, texts, explainer=explainer, role=role, seed=seed,
+                                  scorers=scorers, embedder=embedder)
         partner = self._partner(index)
-        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer,
+        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, scorers=scorers,
+                         embedder=embedder,
                          partner_text=(lambda: self._partner_text(partner)) if partner else None)  # type: ignore[arg-type]
         return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
 
@@ -372,10 +405,17 @@ class Job:
             if self.settings.kind != "explain":
                 simulator = self.backend(self.settings.simulator)
                 runs = [(t, splits.select) for t in texts] if len(texts) > 1 else []
-                runs += [(texts[0], splits.test), (stand_in, splits.test)]  # the chosen one, the shuffled control
+                # the chosen one, the shuffled control, and the neutral explanation of the contrast score
+                runs += [(texts[0], splits.test), (stand_in, splits.test), (NEUTRAL_EXPLANATION, splits.test)]
                 for text, examples in runs:
                     for payload, p, c in simulator.requests("simulate", text, [e.tokens for e in examples]):
                         requests.append((simulator, "simulate", (payload, p, c)))
+                rated = [task for name, task in RATED.items() if name in self.settings.scorers]
+                for task in rated:  # the chosen one, the shuffled control, the neutral explanation
+                    items = rating_items(task, splits.test, self._seed(self.neurons[index]))[0]
+                    for text in (texts[0], stand_in, NEUTRAL_EXPLANATION):
+                        for payload, p, c in simulator.requests("rate", task, text, items):
+                            requests.append((simulator, "rate", (payload, p, c)))
             for backend, kind, (payload, p, c) in requests:
                 if backend.is_cached(kind, payload):
                     cached += 1

@@ -36,6 +36,10 @@ EXPLAIN_SYSTEM = (
     "describing what the neuron responds to. No preamble, no mention of the numbers or the format."
 )
 
+#: The explanation whose simulation is subtracted for the `contrast` score: what a simulator predicts from the text
+#: alone, without being told anything about the neuron.
+NEUTRAL_EXPLANATION = "nothing in particular"
+
 SIMULATE_SYSTEM = (
     "A neuron inside a language model has been described in one sentence. Predict how strongly it fires on "
     "each token of a new excerpt, from 0 (silent) to 9 (its strongest). Most tokens get 0; only tokens that "

@@ -6,6 +6,9 @@ Methods (each a row in the store's `scores` table):
 - `r2`: centred r², 1 - sum((a' - p')^2) / sum(a'^2) where a' is the target on the prompt's 0-9 scale and
   p' the prediction, each minus its mean: like correlation it ignores an offset, unlike it it also
   rewards predicting the right size of a peak (it can be negative).
+- `contrast`: the `all` correlation of the prediction minus the simulator's prediction for a neutral explanation
+  on the same excerpts, which cancels what the simulator predicts from the text alone (a small simulator's
+  prior for salient tokens), leaving what the explanation itself changes.
 A constant prediction or target has no correlation: the score is 0 with a flag, never a crash.
 Intervals: percentile bootstrap over excerpts (tokens within an excerpt are not independent),
 resampling top and random excerpts separately, from per-excerpt sums so it is one matrix product.
@@ -14,7 +17,7 @@ resampling top and random excerpts separately, from per-excerpt sums so it is on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,3 +99,12 @@ def score(kinds: Sequence[str], targets: Sequence[np.ndarray], predictions: Sequ
                                          ("constant_target", flat_a)) if on)
         out[method] = Score(method, float(value), float(low), float(high), int(sums[:, 0].sum()), flags)
     return out
+
+
+def contrast(kinds: Sequence[str], targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray],
+             neutral: Sequence[np.ndarray], *, seed: int = 0, resamples: int = BOOTSTRAP) -> Score:
+    """The `contrast` score: Pearson r (pooled, with its bootstrap interval) of predictions minus a neutral
+    explanation's predictions on the same excerpts."""
+    shifted = [np.asarray(p, np.float64) - np.asarray(n, np.float64) for p, n in zip(predictions, neutral)]
+    pooled = score(kinds, targets, shifted, scale_max=1.0, seed=seed, resamples=resamples)["all"]
+    return replace(pooled, method="contrast")

@@ -103,7 +103,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
     with Store.open(reference) as store:
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and not report.failed
-        assert report.new_calls == 6 * 3  # explain, simulate the explanation, simulate the shuffled control
+        assert report.new_calls == 6 * 4  # explain; simulate the explanation, the shuffled control, the neutral one
         expected = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
 
     path = _fresh(job_store, tmp_path, "interrupted.duckdb")
@@ -121,7 +121,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         first_calls = store.call_totals()[0]
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and report.job_id == store.jobs()[0]["job_id"]
-        assert first_calls + report.new_calls == 6 * 3  # the interrupted part is never paid twice
+        assert first_calls + report.new_calls == 6 * 4  # the interrupted part is never paid twice
         got = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
     assert got == expected
     assert len(_calls(path)) == len(set(_calls(path)))
@@ -131,7 +131,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         again = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
         assert again.state == "complete" and again.new_calls == 0
         wider = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=7))
-        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 3 + 2
+        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 4 + 2
 
 
 def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
@@ -140,7 +140,7 @@ def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path
     with Store.open(path) as store:
         job = _job(store, spec, limit=4)
         plan = job.plan()
-        assert (plan.neurons, plan.calls, plan.cached) == (4, 12, 0) and plan.cost == 0.0
+        assert (plan.neurons, plan.calls, plan.cached) == (4, 16, 0) and plan.cost == 0.0
         assert plan.prompt_tokens > 0 and store.jobs() == [] and store.call_totals() == (0, 0)  # nothing ran
         report = job.run(max_tokens=plan.prompt_tokens // 2)
         job.close()

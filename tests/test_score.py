@@ -18,7 +18,7 @@ from core.llm.baseline import (
     lookup_weights,
 )
 from core.prompts import TOP, Example, explain_prompt
-from core.score import BOOTSTRAP, METHODS, score
+from core.score import BOOTSTRAP, METHODS, contrast, score
 
 RESAMPLES = 300  # enough for the interval checks, a few ms per call
 
@@ -352,3 +352,28 @@ def test_baseline_explanation_of_long_tokens_survives_explain() -> None:
     prompt = explain_prompt([Example(0, "top", tokens, np.full(8, 5.0, np.float32))], len, 10**6)
     text = BaselineBackend().explain(prompt)[0]
     assert lookup_weights(text)[0] == dict.fromkeys(tokens, float(TOP))
+
+
+def test_contrast_cancels_what_the_text_alone_predicts() -> None:
+    """A simulator whose predictions are mostly its own prior for the text (the same under a neutral
+    explanation) plus a little of what the explanation says: `all` is dominated by the prior, `contrast`
+    by the explanation's shift; a shift along the target scores 1, against it -1, none 0 with a flag."""
+    kinds, targets, _, _ = make_data(seed=3)
+    rng = np.random.default_rng(7)
+    prior = [rng.uniform(0, 9, len(t)) for t in targets]  # unrelated to the neuron
+    helpful = [p + 0.05 * t for p, t in zip(prior, targets)]
+    assert abs(score(kinds, targets, helpful, scale_max=1.0, resamples=RESAMPLES)["all"].value) < 0.3
+    pooled_target = np.concatenate(targets)
+    for shift, expected in ((0.05, 1.0), (-0.05, -1.0)):
+        predicted = [p + shift * t for p, t in zip(prior, targets)]
+        got = contrast(kinds, targets, predicted, prior, seed=1, resamples=RESAMPLES)
+        assert got.method == "contrast" and got.value == pytest.approx(expected, abs=1e-9)
+        assert got.ci_low <= got.value <= got.ci_high and got.n == len(pooled_target)
+    unchanged = contrast(kinds, targets, prior, prior, resamples=RESAMPLES)
+    assert unchanged.value == 0.0 and "constant_prediction" in unchanged.flags
+    # Equal to scipy's Pearson r of the pooled differences, and deterministic for a seed.
+    noisy = [p + 0.05 * t + rng.normal(0, 0.05, len(t)) for p, t in zip(prior, targets)]
+    got = contrast(kinds, targets, noisy, prior, seed=2, resamples=RESAMPLES)
+    expected = stats.pearsonr(pooled_target, np.concatenate([n - p for n, p in zip(noisy, prior)]))[0]
+    assert got.value == pytest.approx(expected, abs=1e-9)
+    assert got == contrast(kinds, targets, noisy, prior, seed=2, resamples=RESAMPLES)

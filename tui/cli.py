@@ -191,13 +191,15 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The job settings and backend options of the app's `e`/`x` jobs, checked before the app starts."""
     from core.jobs import JobSettings
     from core.llm.base import parse_spec
+    from tui.cli_jobs import parse_scorers
 
     simulator = args.simulator or args.explainer
     for spec in {args.explainer, simulator}:
         parse_spec(spec)
     if args.samples < 1:
         raise UserError("--samples must be at least 1")
-    settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail)
+    settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
+                           scorers=parse_scorers(args.scorers))
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
 
 
@@ -367,6 +369,7 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
     p.add_argument("--samples", type=int, default=1, help="candidate explanations per neuron, best of k (default: 1)")
     p.add_argument("--tail", choices=("pos", "neg"), default="pos", help="tail the app's jobs explain (default: pos)")
+    p.add_argument("--scorers", default="", help="scorers beside simulation: detection, fuzzing, embedding")
     p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
     p.add_argument("--theme", help="Textual theme, e.g. textual-light for a light terminal (default: textual-dark; "

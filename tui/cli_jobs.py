@@ -36,6 +36,11 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
                            + f": local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
         if kind in ("score", "run"):
             p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
+        if kind in ("score", "run"):
+            p.add_argument("--scorers", default="",
+                           help="scorers beside simulation on the test split, comma-separated: detection (top vs "
+                                "random excerpts rated by the simulator), fuzzing (firing vs decoy tokens marked), "
+                                "embedding (the packaged MiniLM); each beside its shuffled and token baselines")
         if kind == "score":
             p.add_argument("--explanation", help="score this sentence instead of stored explanations")
         if kind in ("explain", "run"):
@@ -77,7 +82,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     settings = JobSettings(
         kind=args.kind, explainer=explainer, simulator=getattr(args, "simulator", None) or explainer, tail=args.tail,
         samples=getattr(args, "samples", 1), sizes=SplitSizes(args.train, args.test_top, args.test_random),
-        seed=args.seed, explanation=getattr(args, "explanation", None),
+        seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
     )
     layers = None
     if args.layers:
@@ -88,6 +93,17 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     selection = Selection(neurons=neurons_from_args(args.neurons), layers=layers, order=args.order,
                           where=parse_where(args.where), limit=args.limit)
     return settings, selection
+
+
+def parse_scorers(text: str) -> tuple[str, ...]:
+    """`detection,embedding` -> ('detection', 'embedding'); UserError naming the scorers for an unknown one."""
+    from core.scorers import SCORERS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise UserError(f"unknown scorer {unknown[0]!r}: use any of {', '.join(SCORERS)}, comma-separated")
+    return names
 
 
 def cmd_job(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from rich.text import Span, Text
 from core.records import ActivationRecord, NeuronStats
 from core.results import NeuronSummary, ScoredExplanation
 from core.score import Score
+from core.scorers import SCORERS
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -217,12 +218,18 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         line.append(visible(ex.text))
         parts.append((line, True))
         for split in ex.splits:
-            scores = Text(f"      {split.split:6} {visible(split.simulator)}: r ")
-            scores.append_text(score_text(split.get("all")))
-            for method in ("top", "random", "r2"):
+            scores = Text(f"      {split.split:6} {visible(split.simulator)}:")
+            if split.get("all") is not None:
+                scores.append(" r ")
+                scores.append_text(score_text(split.get("all")))
+            for method in ("top", "random", "r2", "contrast"):
                 s = split.get(method)
                 if s is not None:
                     scores.append(f"  {method} {s.value:+.2f}")
+            for method in SCORERS:  # AUROCs, 0.5 is chance
+                s = split.get(method)
+                if s is not None:
+                    scores.append(f"  {method} {s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]")
             parts.append((scores, True))
     chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
     if chosen is None:

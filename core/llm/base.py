@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.prompts import ExplainPrompt
+from core.rating import Item
 
 
 class LLMError(Exception):
@@ -138,14 +139,25 @@ class Backend(ABC):
                 raise LLMError(f"{self.spec} simulated {len(pred)} values for {len(tokens)} tokens")
         return [np.asarray(p, np.float32) for p in out]
 
+    def rate(self, task: str, explanation: str, items: Sequence[Item]) -> np.ndarray:
+        """The expected rating (0-9) of every item for a rating task of core.rating (detect, fuzz)."""
+        out = self._rate(task, explanation, items) if items else []
+        if len(out) != len(items):
+            raise LLMError(f"{self.spec} rated {len(out)} excerpts of {len(items)}")
+        return np.asarray(out, np.float32)
+
     @abstractmethod
     def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]: ...
+
+    @abstractmethod
+    def _rate(self, task: str, explanation: str, items: Sequence[Item]) -> list[float]: ...
 
     @abstractmethod
     def _simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]: ...
 
     def requests(self, kind: str, *args: Any) -> list[tuple[Any, int, int]]:
-        """The calls `explain(prompt, n, seed)` or `simulate(explanation, excerpts)` would make, as (payload or
+        """The calls `explain(prompt, n, seed)`, `simulate(explanation, excerpts)` or `rate(task, explanation,
+        items)` would make, as (payload or
         None when unknown, prompt tokens, completion tokens), for dry runs. This default estimates from text
         lengths; backends that know their payloads return them, so cached calls are recognised."""
         from core.prompts import simulation_text
@@ -153,6 +165,11 @@ class Backend(ABC):
         if kind == "explain":
             prompt, n, _seed = args
             return [(None, self.count_tokens(prompt.text()), 48 * n)]
+        if kind == "rate":
+            from core.rating import rating_text
+
+            task, explanation, items = args
+            return [(None, self.count_tokens(rating_text(task, explanation, items)), 4 * len(items))]
         explanation, excerpts = args
         return [(None, self.count_tokens(simulation_text(explanation, tokens).text), 2 * len(tokens))
                 for tokens in excerpts]

@@ -19,6 +19,7 @@ import numpy as np
 
 from core.llm.base import Backend
 from core.prompts import TOP, ExplainPrompt
+from core.rating import Item
 
 #: Most tokens a lookup explanation names.
 MAX_TOKENS = 8
@@ -87,3 +88,15 @@ class BaselineBackend(Backend):
 
     def _simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
         return [lookup_predict(explanation, tokens) for tokens in excerpts]
+
+    def _rate(self, task: str, explanation: str, items: Sequence[Item]) -> list[float]:
+        """Detection: the excerpt's largest lookup value; fuzzing: the mean lookup value of the marked tokens."""
+        out = []
+        for item in items:
+            predicted = lookup_predict(explanation, item.tokens)
+            if task == "fuzz":
+                marked = predicted[np.asarray(item.marks, bool)] if item.marks else predicted[:0]
+                out.append(float(marked.mean()) if len(marked) else 0.0)
+            else:
+                out.append(float(predicted.max(initial=0.0)))
+        return out

@@ -28,6 +28,7 @@ from core.prompts import (
     encode_text,
     packed_simulation_ids,
 )
+from core.rating import Item, packed_rating_ids
 
 #: Longest explanation generated, in tokens.
 MAX_NEW_TOKENS = 48
@@ -104,6 +105,9 @@ class LocalBackend(Backend):
         if kind == "explain":
             ids, payload = self._explain_payload(*args)
             return [(payload, len(ids), args[1] * MAX_NEW_TOKENS)]
+        if kind == "rate":
+            payload, prompts = self._rating_request(*args)
+            return [(payload, sum(len(p.ids) for p in prompts), 0)]
         explanation, excerpts = args
         prompts = self._simulation_prompts(explanation, excerpts)
         return [(self._simulation_payload(explanation, excerpts), sum(len(p.ids) for p in prompts), 0)]
@@ -143,6 +147,21 @@ class LocalBackend(Backend):
         answer = self.call("simulate", payload, lambda: (json.dumps(self.expected_values(prompts)), total, 0),
                            estimate=total)
         return [np.asarray(v, np.float32) for v in json.loads(answer)]
+
+    # -- rating -------------------------------------------------------------------------------------
+    def _rating_request(self, task: str, explanation: str, items: Sequence[Item]) -> tuple[dict[str, Any],
+                                                                                           list[PackedPrompt]]:
+        payload = {"v": PROMPT_VERSION, "task": task, "explanation": explanation,
+                   "items": [[list(i.tokens), list(i.marks)] for i in items]}
+        limit = min(self.pack_ids, max(self.context_tokens(), 1024))
+        return payload, packed_rating_ids(self.lm.tokenizer, task, explanation, items, max_ids=limit)
+
+    def _rate(self, task: str, explanation: str, items: Sequence[Item]) -> list[float]:
+        payload, prompts = self._rating_request(task, explanation, items)
+        total = sum(len(p.ids) for p in prompts)
+        answer = self.call("rate", payload, lambda: (json.dumps([v[0] for v in self.expected_values(prompts)]), total, 0),
+                           estimate=total)
+        return [float(v) for v in json.loads(answer)]
 
     def expected_values(self, prompts: Sequence[PackedPrompt]) -> list[list[float]]:
         """The expected digit at every slot of every excerpt of the packed prompts, prompts batched."""

@@ -58,6 +58,7 @@ from core.llm.openai_answers import (
     value_lines,
 )
 from core.prompts import SLOT, ExplainPrompt, simulation_messages, simulation_text
+from core.rating import Item, rating_messages
 
 #: Where requests go without a base_url in the spec or OPENAI_BASE_URL.
 OPENAI_URL = "https://api.openai.com/v1"
@@ -284,14 +285,22 @@ class OpenAIBackend(Backend):
     def _simulate_chat(self, explanation: str, tokens: Sequence[str], with_logprobs: bool) -> list[float]:
         if not tokens:
             return []
-        messages = simulation_messages(explanation, tokens)
-        max_tokens = 8 * len(tokens) + 32
-        payload: dict[str, Any] = {"v": PROMPT_VERSION, "route": "chat-logprobs" if with_logprobs else "chat-digits",
+        return self._chat_values("simulate", {}, simulation_messages(explanation, tokens), len(tokens),
+                                 with_logprobs)
+
+    def _chat_values(self, kind: str, extra: dict[str, Any], messages: list[dict[str, str]], count: int,
+                     with_logprobs: bool) -> list[float]:
+        """One digit per answer line, `count` lines: the expected digit from the top logprobs where the server
+        gives them, else the digit written."""
+        max_tokens = 8 * count + 32
+        payload: dict[str, Any] = {"v": PROMPT_VERSION, **extra,
+                                   "route": "chat-logprobs" if with_logprobs else "chat-digits",
                                    "model": self.model, "messages": messages, "max_tokens": max_tokens}
         if with_logprobs:
             payload["top_logprobs"] = self.chat_logprobs
         prompt_estimate = sum(self.count_tokens(m["content"]) for m in messages)
-        estimate = prompt_estimate + 4 * len(tokens)
+        estimate = prompt_estimate + 4 * count
+        what = "simulation" if kind == "simulate" else "rating"
 
         def run() -> tuple[str, int, int]:
             body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
@@ -299,16 +308,23 @@ class OpenAIBackend(Backend):
             if with_logprobs:
                 body.update(logprobs=True, top_logprobs=self.chat_logprobs)
             data = self._post("chat", body)
-            choice = choices(self.spec, data, "simulation")[0]
+            choice = choices(self.spec, data, what)[0]
             if with_logprobs:
-                answer, values = read_chat_logprobs(self.spec, choice, len(tokens))
+                answer, values = read_chat_logprobs(self.spec, choice, count)
             else:
-                answer = message_text(self.spec, choice, "simulation")
-                values = [float(d) for _, d in value_lines(self.spec, answer, len(tokens))]
+                answer = message_text(self.spec, choice, what)
+                values = [float(d) for _, d in value_lines(self.spec, answer, count)]
             p, c = usage(data, prompt_estimate, self.count_tokens(answer))
             return json.dumps({"answer": answer, "values": values}, ensure_ascii=False), p, c
 
-        return list(json.loads(self.call("simulate", payload, run, estimate=estimate))["values"])
+        return list(json.loads(self.call(kind, payload, run, estimate=estimate))["values"])
+
+    def _rate(self, task: str, explanation: str, items: Sequence[Item]) -> list[float]:
+        """Ratings through chat (one `Rating: d` line per excerpt, read from logprobs where the route has them);
+        the echo route's servers take the same chat request, as every OpenAI-compatible server does."""
+        mode = self.choose_mode()
+        return self._chat_values("rate", {"task": task}, rating_messages(task, explanation, items), len(items),
+                                 mode == "chat-logprobs")
 
 
     # -- choosing the route -------------------------------------------------------------------------

@@ -234,3 +234,13 @@ class ResultsMixin:
         return [NeuronSummary(layer=r[0], neuron=r[1], tail=r[2], text=r[3], explainer=r[4], score=score(r[5:10]),
                               shuffled=score(r[10:15]), baseline=score(r[15:20]), selectivity=r[20] or 0.0)
                 for r in rows]
+
+    def job_scores(self, job_id: int, split: str = "test") -> list[tuple[int, int, str, str, str, float]]:
+        """Every score a job wrote on a split, as (layer, neuron, tail, role, method, value); of candidates, only
+        the selected one's (for benchmarks that compare methods and controls across a job's neurons)."""
+        rows = self.con.execute(
+            "SELECT e.layer, e.neuron, e.tail, e.role, s.method, s.value FROM explanations e "
+            "JOIN scores s ON s.explanation_id = e.explanation_id "
+            "WHERE e.job_id = ? AND s.split = ? AND (e.role <> 'candidate' OR e.selected) "
+            "ORDER BY e.layer, e.neuron, e.tail, e.role, s.method", [job_id, split]).fetchall()
+        return [(int(a), int(b), c, d, m, float(v)) for a, b, c, d, m, v in rows]
