@@ -8,6 +8,7 @@ temp dir; the `neuronscope_env` fixture points NEURONSCOPE_CACHE there too.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -271,6 +272,17 @@ def cli_store(session_dir: Path, tiny_model: Path, corpus_dir: Path) -> tuple[Pa
     result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", path, *FAST])
     assert result.code == 0, result.err
     return path, result
+
+
+@pytest.fixture(scope="session")
+def scored_store(cli_store: tuple[Path, Result], session_dir: Path) -> Path:
+    """A copy of the CLI store in which a baseline explain/score job ran on five neurons (the app's tests only
+    read it; those that write copy it first)."""
+    path = session_dir / "scored.duckdb"
+    shutil.copy(cli_store[0], path)
+    result = run_cli(["run", "--explainer", "baseline", "--limit", "5", "--store", str(path)])
+    assert result.code == 0, result.err
+    return path
 
 
 def run_rows(store: Store, run_id: int) -> dict[str, list[tuple]]:  # type: ignore[type-arg]

@@ -1,74 +1,30 @@
 """The Textual neuron browser: the store's paged browse queries, and the app driven by Pilot on the tiny
-model's store (table, cursor, sort, search, neuron screen, hostile tokens), plus its import cost."""
+model's store (table, cursor, sort, search, filters, marks, help, command palette, neuron screen, hostile
+tokens), plus its import cost. Jobs from the app: tests/test_app_jobs.py."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
 import re
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
+from app_helpers import SIZE, screen_text, sync, table_lines, until
 from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
-from fake_openai import CHAT, FakeOpenAI, Reply
-from test_job_faults import Server
-from textual.geometry import Region
-from textual.screen import Screen
-from textual.widgets import Input, Label, ProgressBar, Static
+from textual.widgets import Input, Label
 
-from core.jobs import JobSettings
 from core.store import Store
 from core.store.browse import BrowseQuery
 from core.store.schema import StoreError
-from tui.app import CONFIRM_ABOVE, NeuronscopeApp
+from tui.app import NeuronscopeApp
 from tui.screens.filter import FilterScreen
-from tui.screens.modals import HelpScreen, MessageScreen
+from tui.screens.modals import HelpScreen
 from tui.screens.neuron import NeuronScreen
-from tui.widgets.jobs import PROGRESS_INTERVAL
-from tui.widgets.lines import LinesView
-from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
+from tui.widgets.neuron_table import NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
-SIZE = (100, 30)
-
-
-def sync(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async Pilot test in its own event loop (no pytest async plugin needed)."""
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-    return run
-
-
-@pytest.fixture(scope="module")
-def scored_store(cli_store, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the CLI store in which a baseline explain/score job ran on five neurons."""
-    path = tmp_path_factory.mktemp("browse") / "scored.duckdb"
-    shutil.copy(cli_store[0], path)
-    result = run_cli(["run", "--explainer", "baseline", "--limit", "5", "--store", str(path)])
-    assert result.code == 0, result.err
-    return path
-
-
-def table_lines(table: NeuronTable, rows: int = 4) -> list[str]:
-    """The table's rendered lines as plain text: its status line, its column names, then `rows` rows."""
-    return [strip.text for strip in table.render_lines(Region(0, 0, table.size.width, rows + HEADER_LINES))]
-
-
-def screen_text(screen: Screen[Any]) -> str:
-    """Every line a screen's widgets render, scrolled into view or not."""
-    lines = [view.text for view in screen.query(LinesView)]
-    for widget in screen.query(Static):
-        lines += [strip.text for strip in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))]
-    return "\n".join(lines)
 
 
 # -- the store's browse queries ------------------------------------------------------------------------
@@ -226,14 +182,6 @@ def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def
 
 # -- filters, marks, navigation ------------------------------------------------------------------------
 
-async def until(pilot: Any, condition: Callable[[], bool], seconds: float = 60) -> None:
-    """Let the app run until `condition` holds (jobs run in threads; their messages need the loop)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the app"
-        await pilot.pause(0.05)
-
-
 @sync
 async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path) -> None:
     app = NeuronscopeApp(scored_store)
@@ -322,206 +270,3 @@ async def test_help_and_go_to_from_the_command_palette(scored_store: Path) -> No
         await pilot.press("enter")
         await pilot.pause()
         assert app.screen.position == (1, 3)  # type: ignore[attr-defined]
-
-
-# -- jobs from the app ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def fresh_store(cli_store, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the CLI store with nothing explained yet."""
-    path = tmp_path / "jobs.duckdb"
-    shutil.copy(cli_store[0], path)
-    return path
-
-
-@sync
-async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Path) -> None:
-    app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
-    async with app.run_test(size=SIZE) as pilot:
-        table = app.query_one(NeuronTable)
-        assert app.store.read_only and table.current is not None and table.current.score is None
-        await pilot.press("down", "e")  # explain and score L0/N1 with the baseline
-        await until(pilot, lambda: not app.jobs.running)
-        handle = app.jobs.handles[0]
-        assert handle.state == "complete" and (handle.done, handle.total) == (1, 1)
-        await until(pilot, lambda: table.row(1).score is not None)  # type: ignore[union-attr]
-        row = table.row(1)
-        assert row is not None and (row.layer, row.neuron) == (0, 1) and row.explanation.startswith("tokens:")
-        assert f"{row.score:+.2f}" in table_lines(table, 2)[3]
-        assert "complete 1/1" in str(app.jobs.query_one(".job-state", Label).render())
-        assert app.check_action("cancel", ()) is None  # nothing to cancel: greyed out
-
-        # Score the marked neurons: L0/N1 has an explanation, L0/N3 has none and fails with a modal naming it.
-        await pilot.press("m", "down", "m")
-        assert table.marked == {(0, 1), (0, 3)}
-        await pilot.press("x")
-        await until(pilot, lambda: isinstance(app.screen, MessageScreen))
-        text = screen_text(app.screen)
-        assert "1 neuron failed" in text and "L0/N3: " in text and "no pos explanation" in text
-        assert "L0/N1:" not in text
-        await pilot.press("escape")
-        await pilot.pause()
-        assert app.jobs.handles[1].state == "partial"
-
-        # The neuron screen's e acts on the neuron shown, and its result appears on the open screen.
-        app.open_neuron(0, 5)
-        await pilot.pause()
-        assert "Explanations" not in screen_text(app.screen)
-        await pilot.press("e")
-        await until(pilot, lambda: not app.jobs.running)
-        await until(pilot, lambda: "Explanations" in screen_text(app.screen))
-        assert "* baseline #0: tokens:" in screen_text(app.screen)
-    with Store.open(fresh_store, read_only=True) as store:
-        states = [(j["state"], j["done"], j["failed"]) for j in store.jobs()]
-        assert states == [("complete", 1, 0), ("partial", 1, 1), ("complete", 1, 0)]
-
-
-@sync
-async def test_progress_is_rate_limited_and_complete(fresh_store: Path) -> None:
-    """A fast job (the baseline over two layers) posts about ten progress updates a second, not one per neuron,
-    and its last update shows it finished; every neuron lands in the table."""
-    app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
-    async with app.run_test(size=SIZE) as pilot:
-        table = app.query_one(NeuronTable)
-        await pilot.press("f")
-        await pilot.pause()
-        await pilot.press(*"1..2", "enter")
-        await pilot.pause()
-        total = table.row_count
-        started = time.monotonic()
-        await pilot.press("e")
-        await pilot.pause()
-        await pilot.press("enter")  # confirm: more than CONFIRM_ABOVE neurons
-        handle = app.jobs.handles[0]
-        await until(pilot, lambda: not handle.running)
-        elapsed = time.monotonic() - started
-        assert handle.state == "complete" and handle.done == handle.total == total
-        assert 2 <= handle.updates <= elapsed / PROGRESS_INTERVAL + 2 and handle.updates < total
-        bar = app.jobs.query_one(ProgressBar)
-        assert bar.progress == bar.total == total
-        await until(pilot, lambda: app.store.neuron_count(app.run_info.run_id, BrowseQuery(explained=False,
-                                                                                         layers=(1, 2))) == 0)
-        await until(pilot, lambda: all(table.row(i).score is not None for i in range(total)))  # type: ignore[union-attr]
-
-
-class SlowServer(Server):
-    """The fault server's answers, each after a short delay (so a job is still running when cancelled)."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__({})
-        self.delay = delay
-
-    def __call__(self, body: Any) -> Reply:
-        time.sleep(self.delay)
-        return super().__call__(body)
-
-
-@sync
-async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
-    with FakeOpenAI() as server:
-        server.on(CHAT, SlowServer(0.15))
-        spec = f"openai:fake@{server.url}"
-        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec))
-        async with app.run_test(size=SIZE) as pilot:
-            table = app.query_one(NeuronTable)
-            await pilot.press("f")
-            await pilot.pause()
-            await pilot.press(*"1..2", "enter")  # the job takes the filtered rows: layers 1 and 2
-            await pilot.pause()
-            neurons = table.row_count
-            assert neurons > CONFIRM_ABOVE
-            await pilot.press("e")
-            await pilot.pause()
-            assert isinstance(app.screen, MessageScreen)  # so many neurons: it asks first
-            assert f"explain and score {neurons} filtered neurons?" in screen_text(app.screen)
-            await pilot.press("enter")
-            handle = app.jobs.handles[0]
-            await until(pilot, lambda: handle.done >= 2)
-            assert app.check_action("cancel", ()) is True
-            await pilot.press("c")
-            await until(pilot, lambda: not handle.running)
-            assert handle.state == "cancelled" and 2 <= handle.done < neurons
-            done_before = handle.done
-            calls_before = len(server.hits(CHAT))
-
-            # Started again, the same job resumes: finished neurons are not asked again.
-            await pilot.press("e")
-            await pilot.pause()
-            await pilot.press("enter")
-            second = app.jobs.handles[1]
-            await until(pilot, lambda: second.done >= done_before + 1)
-            # Every call of the first session is answered from the store's log, never sent again.
-            first_bodies = [json.dumps(r.body, sort_keys=True) for r in server.hits(CHAT)[:calls_before]]
-            again = [r for r in server.hits(CHAT)[calls_before:] if json.dumps(r.body, sort_keys=True) in first_bodies]
-            assert not again
-            await pilot.press("q")  # quitting mid-job stops the job first
-            await until(pilot, lambda: not second.running)
-        assert app.return_code == 0 and second.state == "cancelled"
-    with Store.open(fresh_store, read_only=True) as store:
-        jobs = store.jobs()
-        assert len(jobs) == 1 and jobs[0]["state"] == "interrupted"  # one job, resumable
-        assert jobs[0]["done"] == second.done < neurons
-        assert len(store.summaries(app.run_info.run_id)) == second.done
-
-
-def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A store held for writing by another process: a one-line error naming its PID, before the app starts."""
-    path = tmp_path / "held.duckdb"
-    shutil.copy(cli_store[0], path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
-                               "s = Store.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
-                              stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        assert_one_line_error(run_cli(["browse", str(path)]), "in use by PID", str(holder.pid))
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-@sync
-async def test_a_job_needs_the_store_to_itself(fresh_store: Path) -> None:
-    """Another process reading the store blocks writing: e explains why in a modal, and browsing goes on."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
-                               "s = Store.open(sys.argv[1], read_only=True); print('held', flush=True); "
-                               "time.sleep(60)", str(fresh_store)],
-                              stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("e")
-            await pilot.pause()
-            assert isinstance(app.screen, MessageScreen) and not app.jobs.handles
-            text = " ".join(screen_text(app.screen).split())
-            assert "cannot start the job" in text and f"in use by PID {holder.pid}" in text
-            await pilot.press("escape", "down", "enter")
-            await pilot.pause()
-            assert isinstance(app.screen, NeuronScreen) and app.store.read_only
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-@sync
-async def test_hostile_explanations_show_literally_in_the_table(fresh_store: Path) -> None:
-    """A user's sentence with markup, escapes, a newline and a tab is one inert line in the table and on the
-    neuron screen (search finds it by its literal text)."""
-    hostile = "[bold red]x[/] [/INST] \x1b[31mRED\x1b[0m \x1b]0;title\x07 two\nlines\ttab"
-    result = run_cli(["score", "0/2", "--explanation", hostile, "--simulator", "baseline", "--store",
-                      str(fresh_store)])
-    assert result.code == 0, result.err
-    app = NeuronscopeApp(fresh_store)
-    async with app.run_test(size=(160, 30)) as pilot:
-        table = app.query_one(NeuronTable)
-        await pilot.press("slash", *"[/INST]", "enter")
-        await pilot.pause()
-        assert table.row_count == 1 and table.current is not None and table.current.explanation == hostile
-        line = table_lines(table, 1)[HEADER_LINES]
-        assert "[bold red]x[/] [/INST] \\x1b[31mRED\\x1b[0m \\x1b]0;title\\x07 two↵lines⇥tab" in line
-        assert "\x1b" not in line and "\x07" not in line and "\n" not in line
-        await pilot.press("enter")
-        await pilot.pause()
-        text = screen_text(app.screen)
-        assert "[/INST]" in text and "\\x1b[31mRED" in text and "\x1b" not in text

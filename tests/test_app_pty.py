@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, cli_env, run_cli
+from conftest import cli_command, cli_env
 
 from core.store import Store
 from core.store.browse import BrowseQuery
@@ -40,16 +40,6 @@ def tmux() -> str:
     path = shutil.which("tmux")
     if path is None:
         pytest.fail("tmux is not installed, and the pty tests of the app need it: apt-get install tmux", pytrace=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def scored_store(cli_store, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the CLI store in which a baseline explain/score job ran on five neurons."""
-    path = tmp_path_factory.mktemp("pty") / "scored.duckdb"
-    shutil.copy(cli_store[0], path)
-    result = run_cli(["run", "--explainer", "baseline", "--limit", "5", "--store", str(path)])
-    assert result.code == 0, result.err
     return path
 
 

@@ -17,13 +17,12 @@ title). If the UI starts to show anything else that varies (a clock, a path, a t
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import MARKERS, run_cli
+from conftest import MARKERS
 from textual.pilot import Pilot
 
 from tui.app import NeuronscopeApp
@@ -35,16 +34,6 @@ SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "12
 MODEL = "tiny-llama"
 
 SnapCompare = Callable[..., bool]
-
-
-@pytest.fixture(scope="module")
-def scored_store(cli_store, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the CLI store in which a baseline explain/score job ran on five neurons."""
-    path = tmp_path_factory.mktemp("snapshots") / "scored.duckdb"
-    shutil.copy(cli_store[0], path)
-    result = run_cli(["run", "--explainer", "baseline", "--limit", "5", "--store", str(path)])
-    assert result.code == 0, result.err
-    return path
 
 
 def steady(app: NeuronscopeApp) -> NeuronscopeApp:
