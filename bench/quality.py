@@ -51,8 +51,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    from core.jobs import Job, JobSettings, Selection, parse_where
+    from core.jobs import Job, JobSettings, Selection
     from core.llm.base import make_backend
+    from core.selection import parse_where
     from core.store import Store
 
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)  # (role, method) -> values over tails

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +22,10 @@ from core.prompts import NEUTRAL_EXPLANATION
 from core.records import RunInfo
 from core.results import NeuronResult, ScoredExplanation
 from core.scorers import RATED, SCORERS, rating_items
+from core.selection import JobError, Selection
 from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
 from core.store import Store
-from core.store.results import FILTER_FIELDS, FILTER_OPS, ORDERS
+from core.store.results import ORDERS
 
 if TYPE_CHECKING:
     from core.embedding import Embedder
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 KINDS = ("explain", "score", "run")
 DEFAULT_BACKEND = "local:qwen-1.5b"
 Progress = Callable[[str, int, int], None]
-
-
-class JobError(Exception):
-    """A job that cannot start, as one line naming the fix."""
 
 
 class JobCancelled(Exception):
@@ -69,22 +65,6 @@ class JobSettings:
     """A user's own sentence to score (kind score)."""
     scorers: tuple[str, ...] = ()
     """Scorers beside simulation on the test split (core.scorers.SCORERS: detection, fuzzing, embedding)."""
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which neurons a job takes."""
-
-    neurons: tuple[tuple[int, int], ...] = ()
-    """Explicit (layer, neuron) pairs; when given, the other fields are ignored."""
-    layers: tuple[int, ...] | None = None
-    """Layers to choose from (None: all)."""
-    order: str = "selectivity"
-    """selectivity, kurtosis, max, min, density or random."""
-    where: tuple[tuple[str, str, float], ...] = ()
-    """Conditions on the statistics, all of which must hold."""
-    limit: int | None = 10
-    """How many neurons (None: all that match)."""
 
 
 @dataclass(frozen=True)
@@ -127,21 +107,6 @@ class Plan:
     """Completion tokens (at most)."""
     cost: float | None
     """Dollars, where every backend's price is known."""
-
-
-def parse_where(text: str) -> tuple[tuple[str, str, float], ...]:
-    """`density < 0.5 and kurtosis > 10` -> typed conditions; JobError naming the allowed fields."""
-    out = []
-    for part in re.split(r"\s+and\s+|,", text.strip(), flags=re.IGNORECASE):
-        if not part.strip():
-            continue
-        ops = "|".join(re.escape(o) for o in FILTER_OPS)
-        m = re.fullmatch(rf"\s*([a-z_]+)\s*({ops})\s*(-?(?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)\s*", part, re.IGNORECASE)
-        if not m or m.group(1).lower() not in FILTER_FIELDS:
-            raise JobError(f"cannot read the filter {part.strip()!r}: write FIELD OP NUMBER joined by 'and', "
-                           f"with FIELD one of {', '.join(FILTER_FIELDS)} and OP one of {' '.join(FILTER_OPS)}")
-        out.append((m.group(1).lower(), m.group(2), float(m.group(3))))
-    return tuple(out)
 
 
 class StoreCallLog(CallLog):
@@ -440,14 +405,3 @@ def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Select
         return job.run(**options)
     finally:
         job.close()
-
-
-def neurons_from_args(values: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """`12/345` or `L12/N345` -> (12, 345); JobError for anything else."""
-    out = []
-    for value in values:
-        m = re.fullmatch(r"[Ll]?(\d+)/[Nn]?(\d+)", value.strip())
-        if not m:
-            raise JobError(f"cannot read neuron {value!r}: write LAYER/NEURON, e.g. 12/345")
-        out.append((int(m.group(1)), int(m.group(2))))
-    return tuple(out)

@@ -21,8 +21,9 @@ from conftest import (
     run_cli,
 )
 
-from core.jobs import Job, JobError, JobSettings, Selection, parse_where, run_job
+from core.jobs import Job, JobError, JobSettings, Selection, run_job
 from core.llm.base import make_backend
+from core.selection import parse_where
 from core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

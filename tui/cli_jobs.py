@@ -70,7 +70,8 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     from core.collect import CollectError, parse_layers
-    from core.jobs import JobSettings, Selection, neurons_from_args, parse_where
+    from core.jobs import JobSettings
+    from core.selection import Selection, neurons_from_args, parse_where
     from core.splits import SplitSizes
 
     for name in ("limit", "train", "test_top", "test_random"):

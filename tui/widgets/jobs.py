@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.text import Text
@@ -196,7 +196,3 @@ def job_label(settings: JobSettings, neurons: tuple[tuple[int, int], ...], scope
         else f"{settings.explainer} → {settings.simulator}"
     return f"{'explain' if settings.kind == 'run' else settings.kind} {what} · {backends}"
 
-
-def with_kind(settings: JobSettings, kind: str) -> JobSettings:
-    """The app's configured settings for one kind of job."""
-    return replace(settings, kind=kind)
