@@ -19,11 +19,18 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from core.llm.base import Backend
+    from core.records import RunInfo
+    from core.store import Store
 
 ROLES = (("candidate", "explanation"), ("shuffled", "shuffled control"), ("baseline", "token baseline"))
 
@@ -47,52 +54,73 @@ def main() -> None:
     parser.add_argument("--simulator", default=None, help="default: the explainer")
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--scorers", default="", help="also detection, fuzzing, embedding (comma-separated)")
+    parser.add_argument("--revise", action="store_true", help="also revise each explanation (run jobs' --revise)")
+    parser.add_argument("--simulation", default=None,
+                        help="quotes, tokens or lines (default: the jobs' default); several, comma-separated, each "
+                             "measured on the same explanations")
     parser.add_argument("--where", default="", help="neuron filter, e.g. 'density < 0.5'")
+    parser.add_argument("--seed", type=int, default=0, help="jobs' seed (bootstraps, decoys, sampled candidates)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    from core.jobs import Job, JobSettings, Selection
     from core.llm.base import make_backend
-    from core.selection import parse_where
+    from core.simulation import DEFAULT_SIMULATION
     from core.store import Store
+
+    scorers = tuple(n.strip() for n in args.scorers.split(",") if n.strip())
+    modes = [m.strip() for m in (args.simulation or DEFAULT_SIMULATION).split(",") if m.strip()]
+    backends: dict[str, Backend] = {}
+    with Store.open(args.store) as store:
+        run = store.run()
+        for mode in modes:
+            table(store, run, args, mode, scorers,
+                  lambda spec: backends.setdefault(spec, make_backend(spec, device=args.device)))
+    for backend in backends.values():
+        backend.close()
+
+
+def table(store: Store, run: RunInfo, args: argparse.Namespace, mode: str, scorers: tuple[str, ...],
+          factory: Callable[[str], Backend]) -> None:
+    """Run (or answer from the log) one job per tail in a simulation mode and print its table."""
+    from core.jobs import Job, JobSettings, Selection
+    from core.selection import parse_where
 
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)  # (role, method) -> values over tails
     paired: dict[str, list[tuple[float, float]]] = defaultdict(list)  # method -> (explanation, baseline) per tail
-    scorers = tuple(n.strip() for n in args.scorers.split(",") if n.strip())
-    methods = ("all", "contrast", *scorers)
+    methods = ("all", *(("contrast",) if mode == "lines" else ()), *scorers)
     seconds = neurons_done = calls = 0.0
-    backends: dict[str, object] = {}
-    with Store.open(args.store) as store:
-        run = store.run()
-        for tail in args.tails.split(","):
-            settings = JobSettings(explainer=args.explainer, simulator=args.simulator or args.explainer, tail=tail,
-                                   samples=args.samples, scorers=scorers)
-            job = Job(store, run, settings, Selection(limit=args.neurons, where=parse_where(args.where)),
-                      backend_factory=lambda spec: backends.setdefault(spec, make_backend(spec, device=args.device)))
-            started = time.perf_counter()
-            report = job.run(progress=lambda _s, done, total, t=tail: print(f"\r{t}: {done}/{total} neurons", end="",
-                                                                            flush=True))
-            print()
-            seconds += time.perf_counter() - started
-            neurons_done += report.done if report.new_calls else 0
-            calls += report.new_calls
-            by_tail: dict[tuple[int, int], dict[tuple[str, str], float]] = defaultdict(dict)
-            for layer, neuron, _tail, role, method, value in store.job_scores(report.job_id):
-                by_tail[(layer, neuron)][(role, method)] = value
-            for values in by_tail.values():
-                for key, value in values.items():
-                    scores[key].append(value)
-                for method in methods:
-                    base = values.get(("baseline", method), values.get(("baseline", "all")))
-                    if ("candidate", method) in values and base is not None:
-                        paired[method].append((values[("candidate", method)], base))
-        for backend in backends.values():
-            backend.close()  # type: ignore[attr-defined]
+    for tail in args.tails.split(","):
+        settings = JobSettings(explainer=args.explainer, simulator=args.simulator or args.explainer, tail=tail,
+                               samples=args.samples, scorers=scorers, simulation=mode, revise=args.revise,
+                               seed=args.seed)
+        job = Job(store, run, settings, Selection(limit=args.neurons, where=parse_where(args.where)),
+                  backend_factory=factory)
+        started = time.perf_counter()
+        def progress(_stage: str, done: int, total: int, t: str = tail) -> None:
+            print(f"\r{mode} {t}: {done}/{total} neurons", end="", flush=True)
+
+        report = job.run(progress=progress)
+        print()
+        seconds += time.perf_counter() - started
+        neurons_done += report.done if report.new_calls else 0
+        calls += report.new_calls
+        by_tail: dict[tuple[int, int], dict[tuple[str, str], float]] = defaultdict(dict)
+        for layer, neuron, _tail, role, method, value in store.job_scores(report.job_id):
+            by_tail[(layer, neuron)][(role, method)] = value
+        for got in by_tail.values():
+            for key, value in got.items():
+                scores[key].append(value)
+            for method in methods:
+                base = got.get(("baseline", method), got.get(("baseline", "all")))
+                if ("candidate", method) in got and base is not None:
+                    paired[method].append((got[("candidate", method)], base))
     tails = len(paired["all"])
-    print(f"{tails} neuron tails ({args.tails}) of run {run.run_id} ({run.model}), the {args.neurons} most selective "
-          f"neurons{f' where {args.where}' if args.where else ''}; explainer {args.explainer}, simulator "
-          f"{args.simulator or args.explainer}, samples {args.samples}; {calls:.0f} new LLM calls, "
-          f"{seconds / neurons_done:.1f} s per neuron tail" if neurons_done else "all calls answered from the log")
+    print(f"simulation {mode}: {tails} neuron tails ({args.tails}) of run {run.run_id} ({run.model}), the "
+          f"{args.neurons} most selective neurons{f' where {args.where}' if args.where else ''}; explainer "
+          f"{args.explainer}, simulator {args.simulator or args.explainer}, samples {args.samples}"
+          f"{', revised' if args.revise else ''}; {calls:.0f} new "
+          "LLM calls, " + (f"{seconds / neurons_done:.1f} s per neuron tail" if neurons_done
+                           else "all calls answered from the log"))
     print(f"{'explanation':18} {'method':9} {'mean':>7} {'95% CI':>18} {'>= 0.5':>7}   (detection, fuzzing, "
           "embedding: AUROC, 0.5 is chance)")
     for role, name in ROLES:
@@ -104,6 +132,7 @@ def main() -> None:
     for method, pairs in paired.items():
         wins = sum(e > b for e, b in pairs)
         print(f"explanation ({method}) above the token baseline on {wins} of {len(pairs)} tails")
+    print()
 
 
 if __name__ == "__main__":

@@ -13,16 +13,18 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from core.explain import controls, lookup_of, prompt_for, score_candidates
+from core import simulation
+from core.explain import controls, lookup_of, prompt_for, revise, score_candidates
 from core.llm.base import Backend, BudgetExceeded, Call, CallLog, LLMError, make_backend
 from core.prompts import NEUTRAL_EXPLANATION
 from core.records import RunInfo
 from core.results import NeuronResult, ScoredExplanation
 from core.scorers import RATED, SCORERS, rating_items
 from core.selection import JobError, Selection
+from core.simulation import DEFAULT_SIMULATION, SIMULATIONS
 from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
 from core.store import Store
 from core.store.results import ORDERS
@@ -65,6 +67,10 @@ class JobSettings:
     """A user's own sentence to score (kind score)."""
     scorers: tuple[str, ...] = ()
     """Scorers beside simulation on the test split (core.scorers.SCORERS: detection, fuzzing, embedding)."""
+    simulation: str = DEFAULT_SIMULATION
+    """How explanations are simulated (core.simulation.SIMULATIONS: quotes, tokens, lines)."""
+    revise: bool = False
+    """Also revise the first candidate from the select excerpts it simulated worst (run jobs)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ class Job:
             raise JobError(f"--tail must be one of {', '.join(TAILS)}")
         if settings.samples < 1:
             raise JobError("--samples must be at least 1")
+        if settings.simulation not in SIMULATIONS:
+            raise JobError(f"unknown simulation {settings.simulation!r}: use one of {', '.join(SIMULATIONS)}")
         unknown = [name for name in settings.scorers if name not in SCORERS]
         if unknown:
             raise JobError(f"unknown scorer {unknown[0]!r}: use {', '.join(SCORERS)}")
@@ -276,11 +284,19 @@ class Job:
             return NeuronResult(neuron[0], neuron[1], self.settings.tail, out)
         simulator = self.backend(self.settings.simulator)
         scorers, embedder = self.settings.scorers, self.embedder()
-        scored = score_candidates(simulator, splits, texts, explainer=explainer, role=role, seed=seed,
-                                  scorers=scorers, embedder=embedder)
+        mode = self.settings.simulation
+        revised = None
+        if self.settings.revise and self.settings.kind == "run":
+            explainer_backend = self.backend(self.settings.explainer)
+            revised = revise(explainer_backend, simulator, splits, prompt_for(explainer_backend, splits), texts[0],
+                             simulation=mode, seed=self.settings.seed)
+        scored = score_candidates(simulator, splits, texts + ([revised] if revised else []), explainer=explainer,
+                                  role=role, seed=seed, simulation=mode, scorers=scorers, embedder=embedder)
+        if revised:
+            scored[-1] = replace(scored[-1], explainer=f"{explainer} (revised)")
         partner = self._partner(index)
-        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, scorers=scorers,
-                         embedder=embedder,
+        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, simulation=mode,
+                         scorers=scorers, embedder=embedder,
                          partner_text=(lambda: self._partner_text(partner)) if partner else None)  # type: ignore[arg-type]
         return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
 
@@ -365,16 +381,23 @@ class Job:
                 for payload, p, c in explainer.requests("explain", prompt, self.settings.samples, self.settings.seed):
                     requests.append((explainer, "explain", (payload, p, c)))
                 texts = [stand_in] * self.settings.samples
+                if self.settings.revise and self.settings.kind == "run":  # its prompt is not known before the call
+                    revision = [(None, p + 64, c) for _, p, c in explainer.requests("explain", prompt, 1, 0)]
+                    requests += [(explainer, "explain", r) for r in revision]
+                    texts.append(stand_in)
             elif self.settings.explanation is not None:
                 texts = [self.settings.explanation]
             if self.settings.kind != "explain":
                 simulator = self.backend(self.settings.simulator)
                 runs = [(t, splits.select) for t in texts] if len(texts) > 1 else []
-                # the chosen one, the shuffled control, and the neutral explanation of the contrast score
-                runs += [(texts[0], splits.test), (stand_in, splits.test), (NEUTRAL_EXPLANATION, splits.test)]
+                # the chosen one, the shuffled control, and (lines) the neutral explanation of the contrast score
+                runs += [(texts[0], splits.test), (stand_in, splits.test)]
+                mode = self.settings.simulation
+                if mode == "lines":
+                    runs.append((NEUTRAL_EXPLANATION, splits.test))
                 for text, examples in runs:
-                    for payload, p, c in simulator.requests("simulate", text, [e.tokens for e in examples]):
-                        requests.append((simulator, "simulate", (payload, p, c)))
+                    for payload, p, c in simulation.requests(simulator, mode, text, [e.tokens for e in examples]):
+                        requests.append((simulator, "simulate" if mode == "lines" else "rate", (payload, p, c)))
                 rated = [task for name, task in RATED.items() if name in self.settings.scorers]
                 for task in rated:  # the chosen one, the shuffled control, the neutral explanation
                     items = rating_items(task, splits.test, self._seed(self.neurons[index]))[0]

@@ -1,12 +1,15 @@
 """Prompts for the explainer and the simulator: pure functions of records, explanations and tokenizers.
 
-Activations are shown on a 0-9 integer scale (negatives clipped, divided by the largest value shown,
-floored): in one forward pass a simulator can only read single-token numbers, and "10" is two tokens
-for Llama, Qwen and Gemma tokenizers. Our few-shot examples live in data/fewshot/*.json.
+The explainer sees what a small model can take in: the tokens the neuron fires on most (by peak value, with
+how often), then each train excerpt's window around its peak with the firing tokens marked <<like this>>. Our
+few-shot examples (data/fewshot/*.json) are windows of real neurons of our own SmolLM2 runs, outside the
+neurons bench/quality.py measures, with explanations we wrote.
 
-The simulator prompt lists an excerpt as `token<TAB>?` lines; the `?` is the slot where the
-simulator's digit distribution is read. `simulation_ids` builds it from token ids piece by piece, so
-the slot positions are exact whatever the tokenizer merges; `simulation_text` gives the same prompt
+The simulator gets activations on a 0-9 integer scale (negatives clipped, divided by the largest value shown,
+floored): in one forward pass a simulator can only read single-token numbers, and "10" is two tokens
+for Llama, Qwen and Gemma tokenizers. The simulator prompt lists an excerpt as `token<TAB>?` lines; the `?` is
+the slot where the simulator's digit distribution is read. `simulation_ids` builds it from token ids piece by
+piece, so the slot positions are exact whatever the tokenizer merges; `simulation_text` gives the same prompt
 as text with the slots' character offsets, for servers that tokenize themselves.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -26,14 +30,17 @@ import numpy as np
 TOP = 9
 #: Placeholder written where the simulator's prediction is read.
 SLOT = "?"
-#: Below this share of non-zero shown tokens, the explainer also gets a list of only the non-zero ones.
-SPARSE_SHARE = 0.2
+#: A token counts as firing, for the explainer, at this share of its excerpt's peak or more; it is marked <<so>>.
+MARK_SHARE = 0.4
+#: Tokens shown around an excerpt's peak, before and after it: the context a small explainer can take in.
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
+#: Most tokens in the explainer's list of the tokens the neuron fires on most.
+LISTED_TOKENS = 8
 
 EXPLAIN_SYSTEM = (
-    "You study single neurons inside a language model. You get text excerpts, one token per line: the token, "
-    "a tab, then how strongly the neuron fired on it, from 0 (silent) to 9 (its strongest). Find what the high "
-    "values have in common: a word, a kind of token, a topic or a context. Answer with one short sentence "
-    "describing what the neuron responds to. No preamble, no mention of the numbers or the format."
+    "You study one neuron inside a language model. You get the tokens it fires on most, then short excerpts of "
+    "text in which every token it fires on is marked <<like this>>. Say in one short phrase what it responds to. "
+    "When it fires on particular words, quote them; otherwise name the kind of token or the context. No preamble."
 )
 
 #: The explanation whose simulation is subtracted for the `contrast` score: what a simulator predicts from the text
@@ -107,13 +114,6 @@ def show_token(token: str) -> str:
     return "".join(out)
 
 
-def normalise(values: np.ndarray, scale_max: float) -> np.ndarray:
-    """Activations as integers 0..TOP: clipped at 0, divided by scale_max, floored."""
-    if not scale_max > 0:
-        return np.zeros(len(values), np.int64)
-    return np.clip(np.floor(np.asarray(values, np.float64) / scale_max * (TOP + 1)), 0, TOP).astype(np.int64)
-
-
 def on_scale(values: np.ndarray, scale_max: float) -> np.ndarray:
     """Activations on the continuous 0..TOP scale (clipped at 0)."""
     if not scale_max > 0:
@@ -132,15 +132,43 @@ def fewshot(name: str) -> Any:
     return json.loads(resources.files("core.data").joinpath("fewshot", f"{name}.json").read_text(encoding="utf-8"))
 
 
+def firing(values: np.ndarray) -> np.ndarray:
+    """Which tokens of an excerpt fire, for the explainer: MARK_SHARE of the excerpt's peak or more (none when
+    the excerpt never fires)."""
+    values = np.asarray(values, np.float64)
+    peak = values.max(initial=0.0)
+    return values >= MARK_SHARE * peak if peak > 0 else np.zeros(len(values), bool)
+
+
+def marked_window(tokens: Sequence[str], values: np.ndarray, centre: int | None = None) -> str:
+    """The excerpt around its peak (or `centre`; CONTEXT_BEFORE tokens before it, CONTEXT_AFTER after) as one
+    inert line, firing tokens inside << >>, cut ends shown as ..."""
+    fires = firing(values)
+    peak = int(np.argmax(values)) if centre is None else centre
+    start, stop = max(0, peak - CONTEXT_BEFORE), min(len(tokens), peak + CONTEXT_AFTER + 1)
+    text = "".join(f"<<{show_token(t)}>>" if fires[i] else show_token(t)
+                   for i, t in enumerate(tokens[start:stop], start))
+    return ("..." if start else "") + text + ("..." if stop < len(tokens) else "")
+
+
 def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]]) -> str:
-    """The user turn for a set of excerpts with integer values."""
-    parts = [f"Excerpt {i + 1}:\n{listing(tokens, digits.tolist())}" for i, (tokens, digits) in enumerate(excerpts)]
-    shown = sum(len(d) for _, d in excerpts)
-    nonzero = [(t, d) for tokens, digits in excerpts for t, d in zip(tokens, digits) if d > 0]
-    if shown and 0 < len(nonzero) < SPARSE_SHARE * shown:
-        parts.append("The same excerpts, only the tokens with a non-zero value:\n"
-                     + listing([t for t, _ in nonzero], [d for _, d in nonzero]))
-    return "\n\n".join(parts) + "\n\nWhat does this neuron respond to?"
+    """The user turn for a set of excerpts: the firing tokens by peak value (how often each fired), then each
+    firing excerpt's marked window."""
+    count: Counter[str] = Counter()
+    peak: dict[str, float] = {}
+    windows: list[str] = []
+    for tokens, values in excerpts:
+        values = np.asarray(values, np.float64)
+        if not values.max(initial=0.0) > 0:
+            continue
+        for i in np.flatnonzero(firing(values)).tolist():
+            count[tokens[i]] += 1
+            peak[tokens[i]] = max(peak.get(tokens[i], 0.0), float(values[i]))
+        windows.append(f"{len(windows) + 1}. {marked_window(tokens, values)}")
+    listed = sorted(count, key=lambda t: (-peak[t], -count[t], t))[:LISTED_TOKENS]
+    head = ", ".join(f'"{show_token(t)}" ({count[t]}x)' for t in listed) or "none"
+    return (f"Tokens it fires on most: {head}\n\nExcerpts:\n" + "\n".join(windows)
+            + "\n\nWhat does this neuron respond to?")
 
 
 def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], int], budget: int) -> ExplainPrompt:
@@ -148,17 +176,41 @@ def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], in
     as counted by the explainer's own tokenizer; at least one excerpt is always shown."""
     scale_max = max((float(np.max(e.target)) for e in examples if len(e.target)), default=0.0)
     shots = tuple(
-        (_explain_listing([(s["tokens"], np.asarray(s["values"])) for s in shot["excerpts"]]), shot["explanation"])
+        (_explain_listing([(s["tokens"], np.asarray(s["values"], np.float64)) for s in shot["excerpts"]]),
+         shot["explanation"])
         for shot in fewshot("explain")
     )
-    normalised = [(e.tokens, normalise(e.target, scale_max)) for e in examples]
     scaled = tuple((tuple(e.tokens), tuple(float(v) for v in on_scale(e.target, scale_max))) for e in examples)
-    n = len(normalised)
+    n = len(examples)
     while True:
-        prompt = ExplainPrompt(EXPLAIN_SYSTEM, shots, _explain_listing(normalised[:n]), n, scaled[:n])
+        user = _explain_listing([(e.tokens, e.target) for e in examples[:n]])
+        prompt = ExplainPrompt(EXPLAIN_SYSTEM, shots, user, n, scaled[:n])
         if n <= 1 or count_tokens(prompt.text()) <= budget:
             return prompt
         n -= 1
+
+
+#: Held-out excerpts shown to the explainer when it revises an explanation: those simulated worst.
+REVISION_MISSES = 3
+
+
+def revision_prompt(prompt: ExplainPrompt, explanation: str,
+                    misses: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]]) -> ExplainPrompt:
+    """The explainer's prompt again, with its first explanation and the held-out excerpts that explanation's
+    simulation got most wrong, as (tokens, target, predicted): the firing tokens marked where the excerpt fires,
+    else the window where the simulation wrongly expected it to."""
+    lines = []
+    for i, (tokens, target, predicted) in enumerate(misses, 1):
+        if firing(target).any():
+            lines.append(f"{i}. {marked_window(tokens, target)}")
+        else:
+            centre = int(np.argmax(predicted))
+            lines.append(f"{i}. {marked_window(tokens, np.zeros(len(tokens)), centre)} (it fires on nothing here)")
+    question = "What does this neuron respond to?"
+    user = (prompt.user.removesuffix(question) + f'A first answer was: "{show_token(explanation.strip())}". It '
+            "predicted these other excerpts worst (tokens the neuron fires on marked):\n" + "\n".join(lines)
+            + "\n\nWhat does this neuron respond to? Answer better, in one short phrase.")
+    return ExplainPrompt(prompt.system, prompt.shots, user, prompt.shown, prompt.examples)
 
 
 # -- simulation ---------------------------------------------------------------------------------------

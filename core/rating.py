@@ -3,6 +3,9 @@ asked of whole excerpts and answered with one digit each, 0-9, all of a split's 
 
 - detection: does the neuron fire anywhere in this excerpt?
 - fuzzing: are the tokens marked with << >> the ones the neuron fires on?
+- token: does the neuron fire on this token (quoted, out of context)? The token simulation (core.explain) rates
+  every distinct token of a split this way, so a small model judges each token against the explanation instead
+  of writing numbers for a listing it mostly reads past.
 
 A local model reads every rating from one forward pass (the expected digit at each `Rating:` slot, as the
 one-pass simulation does); a server writes them. Excerpt text is untrusted: it is shown through
@@ -17,7 +20,7 @@ from typing import Any
 
 from core.prompts import SLOT, PackedPrompt, bos_ids, chat_opening_ids, encode_text, fewshot, show_token
 
-TASKS = ("detect", "fuzz")
+TASKS = ("detect", "fuzz", "token")
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 _INSTRUCTIONS = {
@@ -31,6 +34,11 @@ _INSTRUCTIONS = {
         "are marked <<like this>>. Rate from 0 to 9 whether the marked tokens are the ones the neuron fires on: "
         "0 when they have nothing to do with the description, 9 when they are exactly what it names."
     ),
+    "token": (
+        "A neuron inside a language model has been described in one sentence. For each token below, rate from 0 "
+        "to 9 how strongly the neuron fires on it: 0 when the token has nothing to do with the description, 9 "
+        "when it is exactly what the description names."
+    ),
 }
 
 
@@ -42,6 +50,10 @@ class Item:
     """The excerpt's tokens."""
     marks: tuple[bool, ...] = ()
     """Per token, whether it is marked (fuzzing); empty for detection."""
+
+    def line(self, task: str) -> str:
+        """The item as the prompt shows it: `Token: "x"` for the token task, else `Excerpt: ...`."""
+        return f'Token: "{self.text()}"' if task == "token" else f"Excerpt: {self.text()}"
 
     def text(self) -> str:
         """The excerpt as one inert line, marked tokens inside << >>."""
@@ -64,20 +76,20 @@ def _head(task: str, explanation: str) -> str:
     shot = fewshot("rate")[task]
     lines = [f"Description: {shot['explanation']}"]
     for text, rating in shot["items"]:
-        lines.append(f"Excerpt: {text}\nRating: {rating}")
+        lines.append(f"{Item((text,)).line(task)}\nRating: {rating}")
     return "\n".join(lines) + f"\n\nDescription: {show_token(explanation.strip())}\n"
 
 
 def rating_text(task: str, explanation: str, items: Sequence[Item]) -> str:
     """The whole prompt as text, every rating a `?` (servers fill them in as `Rating: 7` lines)."""
-    body = "".join(f"Excerpt: {item.text()}\nRating: {SLOT}\n" for item in items)
+    body = "".join(f"{item.line(task)}\nRating: {SLOT}\n" for item in items)
     return instructions(task) + "\n\n" + _head(task, explanation) + body
 
 
 def rating_messages(task: str, explanation: str, items: Sequence[Item]) -> list[dict[str, str]]:
     """The prompt as chat messages: the answer is one `Rating: d` line per excerpt, in order."""
-    body = _head(task, explanation) + "".join(f"Excerpt: {item.text()}\nRating: {SLOT}\n" for item in items)
-    return [{"role": "system", "content": instructions(task) + " Answer with one line `Rating: d` per excerpt, in "
+    body = _head(task, explanation) + "".join(f"{item.line(task)}\nRating: {SLOT}\n" for item in items)
+    return [{"role": "system", "content": instructions(task) + " Answer with one line `Rating: d` per item, in "
                                                              "order, and nothing else."},
             {"role": "user", "content": body}]
 
@@ -100,7 +112,7 @@ def packed_rating_ids(tokenizer: Any, task: str, explanation: str, items: Sequen
     ids: list[int] = []
     slots: list[tuple[int, ...]] = []
     for item in items:
-        block = encode_text(tokenizer, "Excerpt: " + item.text()) + label
+        block = encode_text(tokenizer, item.line(task)) + label
         if slots and len(ids) + len(block) + len(slot) + len(newline) > max_ids:
             out.append(PackedPrompt(tuple(ids), tuple(slots)))
             slots = []

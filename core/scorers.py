@@ -1,11 +1,13 @@
 """Scorers beside simulation, each a `Score` (core.score) with its own method name and a bootstrap interval, on
 the held-out test excerpts of a neuron tail:
 
-- `detection`: does the explanation tell the excerpts that make the neuron fire (the top excerpts) from the
-  others (the random excerpts)? The rater rates each excerpt 0-9; the score is the AUROC of top against random.
+- `detection`: does the explanation tell the excerpts that make the neuron fire from the others? The rater rates
+  each test excerpt 0-9; the score is the AUROC of firing against silent excerpts. An excerpt fires when its
+  peak reaches FIRING of the weakest top excerpt's peak: every top excerpt, and a random one that fires as
+  strongly (a neuron on " the" fires in most random text, and an explanation naming " the" is right there).
 - `fuzzing`: are the marked tokens the firing ones? Each top excerpt is shown twice, once with its firing tokens
   marked, once with as many other tokens marked; the score is the AUROC of the right marks against the decoys.
-- `embedding`: is the explanation's embedding closer to the top excerpts than to the random ones (AUROC of
+- `embedding`: is the explanation's embedding closer to the firing excerpts than to the silent ones (AUROC of
   cosine similarity)?
 
 0.5 is chance for all three. The rated scorers subtract what the rater says for a neutral explanation on the
@@ -30,15 +32,25 @@ from core.score import Score
 SCORERS = ("detection", "fuzzing", "embedding")
 #: The rated scorers and their rating tasks (core.rating).
 RATED = {"detection": "detect", "fuzzing": "fuzz"}
-#: A token fires, for fuzzing, at this fraction of its excerpt's peak or more.
+#: A token fires, for fuzzing, at this fraction of its excerpt's peak or more; an excerpt fires, for detection and
+#: embedding, at this fraction of the weakest top excerpt's peak.
 FIRING = 0.5
 #: Most tokens marked in one fuzzing item.
 MAX_MARKED = 4
 
 
+def firing_excerpts(examples: Sequence[Example]) -> np.ndarray:
+    """Which excerpts make the neuron fire: peak at FIRING of the weakest firing top excerpt's peak or more."""
+    peaks = np.array([float(np.max(e.target, initial=0.0)) for e in examples])
+    tops = peaks[[e.kind != "random" and p > 0 for e, p in zip(examples, peaks)]]
+    if not len(tops):
+        return np.zeros(len(examples), bool)
+    return peaks >= FIRING * tops.min()
+
+
 def detection_items(examples: Sequence[Example]) -> tuple[list[Item], np.ndarray]:
-    """Every test excerpt unmarked, labelled 1 for top and 0 for random."""
-    return [Item(tuple(e.tokens)) for e in examples], np.array([e.kind != "random" for e in examples])
+    """Every test excerpt unmarked, labelled by whether it makes the neuron fire."""
+    return [Item(tuple(e.tokens)) for e in examples], firing_excerpts(examples)
 
 
 def fuzzing_items(examples: Sequence[Example], seed: int) -> tuple[list[Item], np.ndarray]:
@@ -92,11 +104,12 @@ def rated_score(task: str, rater: Backend, text: str, examples: Sequence[Example
 
 
 def embedding_score(embedder: Embedder, text: str, examples: Sequence[Example], seed: int) -> Score:
-    """The embedding score: AUROC of cosine similarity between the explanation and the top against the random
+    """The embedding score: AUROC of cosine similarity between the explanation and the firing against the silent
     excerpts' text."""
     texts = ["".join(e.tokens) for e in examples]
-    positives = [t for t, e in zip(texts, examples) if e.kind != "random"]
-    negatives = [t for t, e in zip(texts, examples) if e.kind == "random"]
+    fires = firing_excerpts(examples)
+    positives = [t for t, f in zip(texts, fires) if f]
+    negatives = [t for t, f in zip(texts, fires) if not f]
     if not positives or not negatives:
         return Score("embedding", 0.5, 0.5, 0.5, len(texts), "no_tokens")
     value, low, high = embedding.embedding_score(embedder, text, positives, negatives, seed)

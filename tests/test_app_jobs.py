@@ -128,7 +128,7 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
     with FakeOpenAI() as server:
         server.on(CHAT, SlowServer(0.15))
         spec = f"openai:fake@{server.url}"
-        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec))
+        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec, simulation="lines"))
         async with app.run_test(size=SIZE) as pilot:
             table = app.query_one(NeuronTable)
             await pilot.press("f")

@@ -89,7 +89,9 @@ def _fresh(job_store: Path, tmp_path: Path, name: str) -> Path:
 
 
 def _job(store: Store, spec: str, limit: int = 6, **settings: object) -> Job:
-    return Job(store, store.run(), JobSettings(explainer=spec, simulator=spec, **settings),  # type: ignore[arg-type]
+    """A job with the lines simulation: calls a model for every simulation, so call accounting shows."""
+    return Job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines",
+                                               **settings),  # type: ignore[arg-type]
                Selection(limit=limit))
 
 
@@ -102,7 +104,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
     spec = f"local:{tiny_model}"
     reference = _fresh(job_store, tmp_path, "reference.duckdb")
     with Store.open(reference) as store:
-        report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
+        report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and not report.failed
         assert report.new_calls == 6 * 4  # explain; simulate the explanation, the shuffled control, the neutral one
         expected = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
@@ -120,7 +122,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         job.close()
         assert store.jobs()[0]["state"] == "interrupted" and store.jobs()[0]["done"] == 2
         first_calls = store.call_totals()[0]
-        report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
+        report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and report.job_id == store.jobs()[0]["job_id"]
         assert first_calls + report.new_calls == 6 * 4  # the interrupted part is never paid twice
         got = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
@@ -129,9 +131,9 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
 
     # The same job again: nothing to do, no call. An overlapping job: its shared calls come from the log.
     with Store.open(path) as store:
-        again = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=6))
+        again = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert again.state == "complete" and again.new_calls == 0
-        wider = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec), Selection(limit=7))
+        wider = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=7))
         assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 4 + 2
 
 
@@ -181,7 +183,7 @@ def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, t
 @pytest.mark.slow
 def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
     path = _fresh(job_store, tmp_path, "killed.duckdb")
-    args = ["run", "--explainer", f"local:{tiny_model}", "--limit", "30", "--store", path]
+    args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30", "--store", path]
     proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=Path(__file__).resolve().parent.parent)
     assert proc.stderr is not None

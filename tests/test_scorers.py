@@ -17,7 +17,15 @@ from test_prompts import byte_bpe
 from core.llm.baseline import BaselineBackend
 from core.prompts import SLOT, Example
 from core.rating import Item, packed_rating_ids, rating_messages, rating_text
-from core.scorers import FIRING, MAX_MARKED, auroc_score, detection_items, fuzzing_items, rated_score
+from core.scorers import (
+    FIRING,
+    MAX_MARKED,
+    auroc_score,
+    detection_items,
+    firing_excerpts,
+    fuzzing_items,
+    rated_score,
+)
 from core.store import Store
 
 
@@ -80,6 +88,24 @@ def test_fuzzing_marks_the_firing_tokens_and_decoys() -> None:
     assert rated_score("fuzz", rater, 'the word "cat"', randoms, seed=3).flags == "no_tokens"
 
 
+def test_detection_labels_excerpts_by_whether_they_fire() -> None:
+    examples = excerpts(" cat", seed=5)
+    assert firing_excerpts(examples).tolist() == [e.kind == "top" for e in examples]
+    # A random excerpt holding the word fires as strongly: it is a firing excerpt, and a rater naming the word
+    # is right about it. A top excerpt that never fires (an empty tail) is not.
+    hit = examples[-1]
+    fired = Example(hit.excerpt_id, "random", (" cat",) + hit.tokens[1:], np.r_[5.0, hit.target[1:]].astype(np.float32))
+    silent_top = Example(99, "top", examples[-2].tokens, np.zeros(12, np.float32))
+    changed = examples[:-1] + [fired, silent_top]
+    assert firing_excerpts(changed).tolist() == [e.kind == "top" for e in examples[:-1]] + [True, False]
+    assert rated_score("detect", BaselineBackend(), 'the word "cat"', changed, seed=0).value == 1.0
+    # Half the weakest top peak is the line.
+    weak = [Example(0, "top", ("a",), np.array([4.0], np.float32)), Example(1, "top", ("b",), np.array([8.0], np.float32)),
+            Example(2, "random", ("c",), np.array([2.0], np.float32)), Example(3, "random", ("d",), np.array([1.9], np.float32))]
+    assert firing_excerpts(weak).tolist() == [True, True, True, False]
+    assert not firing_excerpts([Example(0, "random", ("a",), np.array([3.0], np.float32))]).any()
+
+
 def test_auroc_score_and_detection_items_are_deterministic() -> None:
     examples = excerpts(" cat", seed=2)
     items, labels = detection_items(examples)
@@ -115,13 +141,12 @@ def test_rating_prompts_put_every_slot_after_its_label(task: str) -> None:
 
 
 def test_planted_neurons_under_every_scorer(planted_store: Path, tmp_path: Path) -> None:
-    """Neurons wired to one token, explained by the lookup and rated by it: simulation, contrast and fuzzing
-    reach 0.9 or more. Detection does where random excerpts rarely hold the token (" a", ","); " the" is in so
-    many of the 16-token random excerpts that telling top from random by it tops out lower. The planted
-    sentence scored on unwired neurons stays near chance under every scorer."""
+    """Neurons wired to one token, explained by the lookup and rated by it: simulation, contrast, detection and
+    fuzzing reach 0.9 or more, also for " the", which most random excerpts hold (they fire, so detection counts
+    them as firing). The planted sentence scored on unwired neurons stays near chance under every scorer."""
     path = tmp_path / "planted.duckdb"
     shutil.copy(planted_store, path)
-    scorers = ["--scorers", "detection,fuzzing"]
+    scorers = ["--scorers", "detection,fuzzing", "--simulation", "lines"]  # lines: with the contrast score
     result = run_cli(["run", "0/0", "0/1", "0/2", "--explainer", "baseline", *scorers, "--store", str(path)],
                      timeout=300)
     assert result.code == 0, result.err
@@ -140,8 +165,35 @@ def test_planted_neurons_under_every_scorer(planted_store: Path, tmp_path: Path)
     for index in range(len(PLANTED_WORDS)):
         got = scores[(0, index)]
         assert all(got[m] >= 0.9 for m in ("all", "contrast", "fuzzing")), got
-        assert got["detection"] >= (0.65 if PLANTED_WORDS[index] == " the" else 0.9), got
+        assert got["detection"] >= 0.9, got
     for text in others:
         got = scores[tuple(map(int, text.split("/")))]  # type: ignore[index]
         assert abs(got["all"]) < 0.2 and abs(got["contrast"]) < 0.2, got
         assert abs(got["detection"] - 0.5) < 0.3 and abs(got["fuzzing"] - 0.5) < 0.3, got
+
+
+def test_every_score_is_flagged_when_not_above_the_shuffled_control() -> None:
+    from rich.console import Console
+
+    from core.results import ScoredExplanation, SplitScores
+    from core.score import Score
+    from tui.render import explanation_renderables
+
+    def scores(**values: float) -> SplitScores:
+        return SplitScores("test", "local:m (quotes)", tuple(Score(m, v, v - 0.05, v + 0.05, 10) for m, v in values.items()))
+
+    candidate = ScoredExplanation("months", "local:m", "candidate", selected=True,
+                                  splits=(scores(all=0.6, detection=0.7, fuzzing=0.52, embedding=0.9),))
+    shuffled = ScoredExplanation("cats", "local:m", "shuffled", source=(1, 2),
+                                 splits=(scores(all=0.1, detection=0.66, fuzzing=0.6, embedding=0.5),))
+    console = Console(width=200, record=True, color_system=None)
+    for renderable, _ in explanation_renderables([candidate, shuffled], [], 1.0, 2):
+        console.print(renderable)
+    lines = console.export_text().splitlines()
+    line = next(line for line in lines if "local:m (quotes)" in line)
+    # all (0.55 > 0.1) and embedding beat the control; detection's interval reaches 0.65 <= 0.66; fuzzing is below.
+    assert line.count("≤ shuffled") == 2
+    assert "detection 0.70 [0.65, 0.75] ≤ shuffled" in line and "fuzzing 0.52 [0.47, 0.57] ≤ shuffled" in line
+    assert "r +0.60" in line and "r +0.60 [+0.55, +0.65] ≤" not in line and "embedding 0.90 [0.85, 0.95] ≤" not in line
+    # The control's own line carries no flags.
+    assert sum("≤ shuffled" in line for line in lines) == 1

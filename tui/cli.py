@@ -199,7 +199,7 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.samples < 1:
         raise UserError("--samples must be at least 1")
     settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
-                           scorers=parse_scorers(args.scorers))
+                           scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise)
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
 
 
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def app_job_args(p: argparse.ArgumentParser) -> None:
     """Options of the jobs the app starts (e explains and scores, x scores)."""
-    from tui.cli_jobs import DEFAULT_BACKEND
+    from tui.cli_jobs import DEFAULT_BACKEND, simulation_arg
 
     p.add_argument("--explainer", default=DEFAULT_BACKEND,
                    help=f"backend of the app's jobs: local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
@@ -370,6 +370,9 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1, help="candidate explanations per neuron, best of k (default: 1)")
     p.add_argument("--tail", choices=("pos", "neg"), default="pos", help="tail the app's jobs explain (default: pos)")
     p.add_argument("--scorers", default="", help="scorers beside simulation: detection, fuzzing, embedding")
+    simulation_arg(p)
+    p.add_argument("--revise", action="store_true", help="e also revises each explanation from the excerpts it "
+                                                          "simulated worst, keeping the better one")
     p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
     p.add_argument("--theme", help="Textual theme, e.g. textual-light for a light terminal (default: textual-dark; "

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from core.records import ActivationRecord
 from core.results import ScoredExplanation
+from core.simulation import DEFAULT_SIMULATION, SIMULATIONS
 from core.store import Store
 from tui.console import UserError, err, out, progress_bars, status
 
@@ -36,13 +37,17 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
                            + f": local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
         if kind in ("score", "run"):
             p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
-        if kind in ("score", "run"):
             p.add_argument("--scorers", default="",
-                           help="scorers beside simulation on the test split, comma-separated: detection (top vs "
-                                "random excerpts rated by the simulator), fuzzing (firing vs decoy tokens marked), "
+                           help="scorers beside simulation on the test split, comma-separated: detection (firing vs "
+                                "silent excerpts rated by the simulator), fuzzing (firing vs decoy tokens marked), "
                                 "embedding (the packaged MiniLM); each beside its shuffled and token baselines")
+            simulation_arg(p)
         if kind == "score":
             p.add_argument("--explanation", help="score this sentence instead of stored explanations")
+        if kind == "run":
+            p.add_argument("--revise", action="store_true",
+                           help="also revise the first explanation from the held-out select excerpts it simulated "
+                                "worst, and keep whichever scores better there")
         if kind in ("explain", "run"):
             p.add_argument("--samples", type=int, default=1,
                            help="candidate explanations per neuron; with score/run the best on a selection split "
@@ -84,6 +89,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         kind=args.kind, explainer=explainer, simulator=getattr(args, "simulator", None) or explainer, tail=args.tail,
         samples=getattr(args, "samples", 1), sizes=SplitSizes(args.train, args.test_top, args.test_random),
         seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
+        simulation=getattr(args, "simulation", DEFAULT_SIMULATION), revise=getattr(args, "revise", False),
     )
     layers = None
     if args.layers:
@@ -94,6 +100,15 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     selection = Selection(neurons=neurons_from_args(args.neurons), layers=layers, order=args.order,
                           where=parse_where(args.where), limit=args.limit)
     return settings, selection
+
+
+def simulation_arg(p: argparse.ArgumentParser) -> None:
+    """The --simulation option of the commands that score."""
+    p.add_argument("--simulation", choices=SIMULATIONS, default=DEFAULT_SIMULATION,
+                   help="how explanations are simulated: quotes (the tokens an explanation quotes, predicted where "
+                        "they occur; no model call), tokens (quotes, and the simulator rates every other token "
+                        "against the explanation), lines (the simulator writes a value after every token) "
+                        f"(default: {DEFAULT_SIMULATION})")
 
 
 def parse_scorers(text: str) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Span, Text
 
 from core.records import ActivationRecord, NeuronStats
-from core.results import NeuronSummary, ScoredExplanation
+from core.results import NeuronSummary, ScoredExplanation, SplitScores
 from core.score import Score
 from core.scorers import SCORERS
 
@@ -202,13 +202,53 @@ def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale
     return replace(record, activations=values, exact_max=max(values, default=0.0), exact_min=min(values, default=0.0))
 
 
+def shuffled_control(explanations: Sequence[ScoredExplanation], index: int, split: SplitScores) -> SplitScores | None:
+    """The scores of the shuffled control nearest to explanations[index] (a job stores its candidates and controls
+    together) on the same split by the same simulator, if any."""
+    nearest = sorted((abs(j - index), j) for j, e in enumerate(explanations) if e.role == "shuffled")
+    for _, j in nearest:
+        for other in explanations[j].splits:
+            if (other.split, other.simulator) == (split.split, split.simulator):
+                return other
+    return None
+
+
+def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
+    """One split's scores on one line; with the shuffled control's, a score whose interval does not lie above the
+    control's value is flagged."""
+    text = Text(f"      {split.split:6} {visible(split.simulator)}:")
+
+    def flag(score: Score) -> None:
+        other = control.get(score.method) if control else None
+        if other is not None and not score.ci_low > other.value:
+            text.append(" ≤ shuffled", style="yellow")
+
+    score = split.get("all")
+    if score is not None:
+        text.append(" r ")
+        text.append_text(score_text(score))
+        flag(score)
+    for method in ("top", "random", "r2", "contrast"):
+        s = split.get(method)
+        if s is not None:
+            text.append(f"  {method} {s.value:+.2f}")
+            if method == "contrast":
+                flag(s)
+    for method in SCORERS:  # AUROCs, 0.5 is chance
+        s = split.get(method)
+        if s is not None:
+            text.append(f"  {method} {s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]")
+            flag(s)
+    return text
+
+
 def explanation_renderables(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord],
                             scale: float, count: int) -> list[tuple[RenderableType, bool]]:
     """A neuron's explanations with their scores, then real above simulated activations for the newest selected
     one, as (renderable, keep on one line) pairs: `show` prints them, the app's neuron screen stacks them."""
     parts: list[tuple[RenderableType, bool]] = [
         (Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")), False)]
-    for ex in explanations:
+    for index, ex in enumerate(explanations):
         label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
                  "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
         if ex.source:
@@ -218,19 +258,8 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         line.append(visible(ex.text))
         parts.append((line, True))
         for split in ex.splits:
-            scores = Text(f"      {split.split:6} {visible(split.simulator)}:")
-            if split.get("all") is not None:
-                scores.append(" r ")
-                scores.append_text(score_text(split.get("all")))
-            for method in ("top", "random", "r2", "contrast"):
-                s = split.get(method)
-                if s is not None:
-                    scores.append(f"  {method} {s.value:+.2f}")
-            for method in SCORERS:  # AUROCs, 0.5 is chance
-                s = split.get(method)
-                if s is not None:
-                    scores.append(f"  {method} {s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]")
-            parts.append((scores, True))
+            control = shuffled_control(explanations, index, split) if ex.role in ("candidate", "user") else None
+            parts.append((split_scores_line(split, control), True))
     chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
     if chosen is None:
         return parts

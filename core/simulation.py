@@ -1,0 +1,80 @@
+"""How an explanation is turned into a predicted activation at every token: the simulation modes.
+
+- `quotes`: the explanation read literally. Every token it quotes ("until", " Nov", "://") is predicted at the
+  top of the scale wherever that token occurs, in any case; "until" also with spaces around it, " Nov" only
+  word-initially (with its leading space), and every other token at 0. No
+  model is asked, so it costs nothing and cannot ignore the explanation; an explanation that names no token
+  predicts nothing.
+- `tokens`: `quotes`, and the simulator rates every other distinct token of the excerpts against the
+  explanation out of context (core.rating's token task), minus its rating for a neutral explanation, so
+  explanations that name a kind of token ("month names") are simulated too.
+- `lines`: the 2023 paper's simulation: the simulator writes a 0-9 value after every token of each excerpt,
+  read in one forward pass (core.prompts). Small models mostly ignore the explanation here (DESIGN §3).
+
+The token-lookup baseline always simulates by its own lookup table, whatever the mode.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from core.llm.base import Backend
+from core.prompts import NEUTRAL_EXPLANATION, TOP
+from core.rating import Item
+
+SIMULATIONS = ("quotes", "tokens", "lines")
+#: The mode of jobs that name none: the best of bench/quality.py's measurements on the embedded models.
+DEFAULT_SIMULATION = "quotes"
+#: Quoted strings in an explanation: straight or curly double quotes, on one line.
+_QUOTED = re.compile(r'"([^"\n]*)"|“([^”\n]*)”')
+
+
+def quoted(explanation: str) -> frozenset[str]:
+    """What an explanation quotes, case-folded, empty quotes dropped. A quote that starts with a space (" a") names
+    the word-initial token and keeps its one leading space; any other is stripped ("until" names the word however
+    it is spaced)."""
+    keys = ((a or b).rstrip().casefold() for a, b in _QUOTED.findall(explanation))
+    return frozenset(" " + k.strip() if k.startswith(" ") else k for k in keys if k.strip())
+
+
+def _matches(token: str, quotes: frozenset[str]) -> bool:
+    word = token.strip().casefold()
+    return bool(word) and (word in quotes or (token.startswith(" ") and " " + word in quotes))
+
+
+def simulator_name(spec: str, mode: str) -> str:
+    """How a simulation's scores name their simulator: the backend spec, with the mode unless it is `lines` (the
+    mode of stores made before there were others) or the simulator is the baseline (which has one way only)."""
+    return spec if mode == "lines" or spec == "baseline" else f"{spec} ({mode})"
+
+
+def simulate(simulator: Backend, mode: str, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """The predicted activation (0-9 scale) at every token of every excerpt under a simulation mode."""
+    if mode not in SIMULATIONS:
+        raise ValueError(f"unknown simulation {mode!r}: use one of {', '.join(SIMULATIONS)}")
+    if mode == "lines" or simulator.spec == "baseline":
+        return simulator.simulate(explanation, excerpts)
+    quotes = quoted(explanation)
+    types = sorted({t for tokens in excerpts for t in tokens})
+    value = {t: float(TOP) if _matches(t, quotes) else 0.0 for t in types}
+    if mode == "tokens":  # every token rated, so the neutral rating of these excerpts is one cached call
+        items = [Item((t,)) for t in types]
+        shift = simulator.rate("token", explanation, items) - simulator.rate("token", NEUTRAL_EXPLANATION, items)
+        for t, v in zip(types, np.clip(shift, 0.0, TOP).tolist()):
+            value[t] = max(value[t], v)
+    return [np.array([value[t] for t in tokens], np.float32) for tokens in excerpts]
+
+
+def requests(simulator: Backend, mode: str, explanation: str,
+             excerpts: Sequence[Sequence[str]]) -> list[tuple[Any, int, int]]:
+    """The calls `simulate` would make (Backend.requests' tuples), for dry runs."""
+    if mode == "lines" or simulator.spec == "baseline":
+        return simulator.requests("simulate", explanation, excerpts)
+    if mode == "quotes":
+        return []
+    items = [Item((t,)) for t in sorted({t for tokens in excerpts for t in tokens})]
+    return [r for text in (explanation, NEUTRAL_EXPLANATION) for r in simulator.requests("rate", "token", text, items)]
