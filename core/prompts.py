@@ -39,8 +39,11 @@ LISTED_TOKENS = 8
 
 EXPLAIN_SYSTEM = (
     "You study one neuron inside a language model. You get the tokens it fires on most, then short excerpts of "
-    "text in which every token it fires on is marked <<like this>>. Say in one short phrase what it responds to. "
-    "When it fires on particular words, quote them; otherwise name the kind of token or the context. No preamble."
+    "text in which every token it fires on is marked <<like this>>. Say in one short phrase what it responds to, "
+    "then quote the tokens from the list that it fires on strongly (at most 6), strongest first, exactly as listed "
+    "(spaces included). "
+    "When it responds to a kind of token or a context rather than to particular words, name that and quote the "
+    "listed examples. No preamble."
 )
 
 #: The explanation whose simulation is subtracted for the `contrast` score: what a simulator predicts from the text
@@ -151,9 +154,9 @@ def marked_window(tokens: Sequence[str], values: np.ndarray, centre: int | None 
     return ("..." if start else "") + text + ("..." if stop < len(tokens) else "")
 
 
-def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]]) -> str:
-    """The user turn for a set of excerpts: the firing tokens by peak value (how often each fired), then each
-    firing excerpt's marked window."""
+def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]], scale_max: float) -> str:
+    """The user turn for a set of excerpts: the firing tokens by peak value (on the 0-9 scale of scale_max, with how
+    often each fired), then each firing excerpt's marked window."""
     count: Counter[str] = Counter()
     peak: dict[str, float] = {}
     windows: list[str] = []
@@ -166,8 +169,9 @@ def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]]) -> st
             peak[tokens[i]] = max(peak.get(tokens[i], 0.0), float(values[i]))
         windows.append(f"{len(windows) + 1}. {marked_window(tokens, values)}")
     listed = sorted(count, key=lambda t: (-peak[t], -count[t], t))[:LISTED_TOKENS]
-    head = ", ".join(f'"{show_token(t)}" ({count[t]}x)' for t in listed) or "none"
-    return (f"Tokens it fires on most: {head}\n\nExcerpts:\n" + "\n".join(windows)
+    strength = dict(zip(listed, on_scale(np.array([peak[t] for t in listed]), scale_max).round().astype(int).tolist()))
+    head = ", ".join(f'"{show_token(t)}" ({strength[t]}, {count[t]}x)' for t in listed) or "none"
+    return (f"Tokens it fires on most (strength 0-9, how often): {head}\n\nExcerpts:\n" + "\n".join(windows)
             + "\n\nWhat does this neuron respond to?")
 
 
@@ -176,14 +180,14 @@ def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], in
     as counted by the explainer's own tokenizer; at least one excerpt is always shown."""
     scale_max = max((float(np.max(e.target)) for e in examples if len(e.target)), default=0.0)
     shots = tuple(
-        (_explain_listing([(s["tokens"], np.asarray(s["values"], np.float64)) for s in shot["excerpts"]]),
+        (_explain_listing([(s["tokens"], np.asarray(s["values"], np.float64)) for s in shot["excerpts"]], TOP),
          shot["explanation"])
         for shot in fewshot("explain")
     )
     scaled = tuple((tuple(e.tokens), tuple(float(v) for v in on_scale(e.target, scale_max))) for e in examples)
     n = len(examples)
     while True:
-        user = _explain_listing([(e.tokens, e.target) for e in examples[:n]])
+        user = _explain_listing([(e.tokens, e.target) for e in examples[:n]], scale_max)
         prompt = ExplainPrompt(EXPLAIN_SYSTEM, shots, user, n, scaled[:n])
         if n <= 1 or count_tokens(prompt.text()) <= budget:
             return prompt

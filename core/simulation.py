@@ -1,8 +1,9 @@
 """How an explanation is turned into a predicted activation at every token: the simulation modes.
 
-- `quotes`: the explanation read literally. Every token it quotes ("until", " Nov", "://") is predicted at the
-  top of the scale wherever that token occurs, in any case; "until" also with spaces around it, " Nov" only
-  word-initially (with its leading space), and every other token at 0. No
+- `quotes`: the explanation read literally. Every token it quotes ("until", " Nov", "://") is predicted wherever
+  that token occurs, in any case; "until" also with spaces around it, " Nov" only word-initially (with its
+  leading space); every other token at 0. Explainers are asked to quote strongest first, so the first quote is
+  predicted at the top of the scale and later ones lower, down to a quarter of it for the last. No
   model is asked, so it costs nothing and cannot ignore the explanation; an explanation that names no token
   predicts nothing.
 - `tokens`: `quotes`, and the simulator rates every other distinct token of the excerpts against the
@@ -29,21 +30,32 @@ from core.rating import Item
 SIMULATIONS = ("quotes", "tokens", "lines")
 #: The mode of jobs that name none: the best of bench/quality.py's measurements on the embedded models.
 DEFAULT_SIMULATION = "quotes"
+#: The last of an explanation's quotes is predicted at this share of the first's.
+LAST_QUOTE = 0.25
 #: Quoted strings in an explanation: straight or curly double quotes, on one line.
 _QUOTED = re.compile(r'"([^"\n]*)"|“([^”\n]*)”')
 
 
-def quoted(explanation: str) -> frozenset[str]:
-    """What an explanation quotes, case-folded, empty quotes dropped. A quote that starts with a space (" a") names
-    the word-initial token and keeps its one leading space; any other is stripped ("until" names the word however
-    it is spaced)."""
-    keys = ((a or b).rstrip().casefold() for a, b in _QUOTED.findall(explanation))
-    return frozenset(" " + k.strip() if k.startswith(" ") else k for k in keys if k.strip())
+def quoted(explanation: str) -> dict[str, float]:
+    """What an explanation quotes, case-folded, in order, each with the value the quotes mode predicts for it: TOP
+    for the first, falling linearly to LAST_QUOTE of it for the last (explainers are asked to quote strongest
+    first). A quote that starts with a space (" a") names the word-initial token and keeps its one leading space;
+    any other is stripped ("until" names the word however it is spaced). Empty quotes are dropped."""
+    keys: list[str] = []
+    for a, b in _QUOTED.findall(explanation):
+        key = (a or b).rstrip().casefold()
+        key = " " + key.strip() if key.startswith(" ") else key
+        if key.strip() and key not in keys:
+            keys.append(key)
+    step = (1 - LAST_QUOTE) / (len(keys) - 1) if len(keys) > 1 else 0.0
+    return {key: TOP * (1 - step * i) for i, key in enumerate(keys)}
 
 
-def _matches(token: str, quotes: frozenset[str]) -> bool:
+def _value(token: str, quotes: dict[str, float]) -> float:
     word = token.strip().casefold()
-    return bool(word) and (word in quotes or (token.startswith(" ") and " " + word in quotes))
+    if not word:
+        return 0.0
+    return max(quotes.get(word, 0.0), quotes.get(" " + word, 0.0) if token.startswith(" ") else 0.0)
 
 
 def simulator_name(spec: str, mode: str) -> str:
@@ -60,7 +72,7 @@ def simulate(simulator: Backend, mode: str, explanation: str, excerpts: Sequence
         return simulator.simulate(explanation, excerpts)
     quotes = quoted(explanation)
     types = sorted({t for tokens in excerpts for t in tokens})
-    value = {t: float(TOP) if _matches(t, quotes) else 0.0 for t in types}
+    value = {t: _value(t, quotes) for t in types}
     if mode == "tokens":  # every token rated, so the neutral rating of these excerpts is one cached call
         items = [Item((t,)) for t in types]
         shift = simulator.rate("token", explanation, items) - simulator.rate("token", NEUTRAL_EXPLANATION, items)

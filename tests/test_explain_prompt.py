@@ -39,7 +39,7 @@ def windows(user: str) -> list[str]:
 
 
 def listed(user: str) -> str:
-    return user.split("\n", 1)[0].removeprefix("Tokens it fires on most: ")
+    return user.split("\n", 1)[0].removeprefix("Tokens it fires on most (strength 0-9, how often): ")
 
 
 def words(text: str) -> int:
@@ -79,8 +79,8 @@ def test_explain_prompt_lists_firing_tokens_and_marked_windows() -> None:
     prompt = explain_prompt(examples, words, 10**6)
     assert prompt.system == EXPLAIN_SYSTEM and prompt.shown == 4
     assert prompt.user.endswith("What does this neuron respond to?")
-    # By peak value, then count; the silent excerpt is left out of both.
-    assert listed(prompt.user) == '" cat" (2x), " dog" (2x)'
+    # By peak value (on the 0-9 scale of the largest), then count; the silent excerpt is left out of both.
+    assert listed(prompt.user) == '" cat" (9, 2x), " dog" (6, 2x)'
     assert windows(prompt.user) == [" the<< cat>> sat", " a<< cat>> and<< dog>>", "<< dog>>!"]
     scale = 9.0
     assert [(list(t), list(v)) for t, v in prompt.examples] == [
@@ -91,7 +91,7 @@ def test_explain_prompt_lists_firing_tokens_and_marked_windows() -> None:
 def test_explain_prompt_lists_at_most_the_strongest_tokens() -> None:
     tokens = [f" w{i}" for i in range(20)]
     prompt = explain_prompt([example(0, tokens, [10.0 + i for i in range(20)])], words, 10**6)
-    names = [f'" w{i}" (1x)' for i in range(19, 19 - LISTED_TOKENS, -1)]
+    names = [f'" w{i}" ({round((10 + i) / 29 * TOP)}, 1x)' for i in range(19, 19 - LISTED_TOKENS, -1)]
     assert listed(prompt.user) == ", ".join(names)
     assert listed(explain_prompt([example(0, ["a"], [0.0])], words, 10**6).user) == "none"
 
@@ -133,7 +133,7 @@ def test_hostile_tokens_stay_in_one_escaped_line() -> None:
     body = prompt.user.split("Excerpts:\n", 1)[1].split("\n\nWhat does", 1)[0]
     assert body.splitlines() == [body]  # one line, even by splitlines' wider idea of a line break
     assert body == "1. <<line\\nbreak>>" + "".join(show_token(t) for t in HOSTILE_TOKENS[1:CONTEXT_AFTER + 1]) + "..."
-    assert listed(prompt.user) == '"line\\nbreak" (1x)'
+    assert listed(prompt.user) == '"line\\nbreak" (9, 1x)'
     everything = explain_prompt([example(0, HOSTILE_TOKENS, [0.0] * 12 + [9.0])], words, 10**6).user
     for raw in ("\x1b", "\r", "\u2028", "\x85", "\x0b", "\x0c", "\u200b"):
         assert raw not in everything

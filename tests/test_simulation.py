@@ -12,7 +12,7 @@ from core.llm.base import CallLog, make_backend
 from core.llm.baseline import BaselineBackend
 from core.prompts import NEUTRAL_EXPLANATION, TOP
 from core.rating import Item, rating_text
-from core.simulation import quoted, requests, simulate, simulator_name
+from core.simulation import LAST_QUOTE, quoted, requests, simulate, simulator_name
 
 EXCERPTS = [(" The", " cat", " sat", ".", " Until", " dawn"), ("until", " the", " Cat", " slept", ".")]
 
@@ -23,21 +23,24 @@ def tiny_backend(tiny_model: Path):  # type: ignore[no-untyped-def]
 
 
 def test_quoted_reads_straight_and_curly_quotes_case_and_spaces_ignored() -> None:
-    assert quoted('the word "until" in any case, and " since"') == {"until", " since"}
-    assert quoted("month names: “ Nov”, “March ”, \"  two\"") == {" nov", "march", " two"}
-    assert quoted('"://" in URLs, and "" or "  "') == {"://"}
-    assert quoted("words about weather") == frozenset()
-    assert quoted('a quote "across\na line" is not one') == frozenset()
+    assert quoted('the word "until" in any case, and " since"') == {"until": TOP, " since": TOP * LAST_QUOTE}
+    months = quoted("month names: “ Nov”, “March ”, \"  two\", \"MARCH\"")
+    assert list(months) == [" nov", "march", " two"]
+    assert list(months.values()) == pytest.approx([TOP, TOP * (1 + LAST_QUOTE) / 2, TOP * LAST_QUOTE])
+    assert quoted('"://" in URLs, and "" or "  "') == {"://": TOP}
+    assert quoted("words about weather") == {}
+    assert quoted('a quote "across\na line" is not one') == {}
 
 
 def test_quotes_mode_predicts_the_quoted_tokens_and_calls_nothing(tiny_backend) -> None:  # type: ignore[no-untyped-def]
     log = CallLog()
     tiny_backend.bind(log)
     got = simulate(tiny_backend, "quotes", 'the word "until" and "cat"', EXCERPTS)
-    assert [g.tolist() for g in got] == [[0, TOP, 0, 0, TOP, 0], [TOP, 0, TOP, 0, 0]]
+    low = TOP * LAST_QUOTE
+    assert [g.tolist() for g in got] == [[0, low, 0, 0, TOP, 0], [TOP, 0, low, 0, 0]]
     # A quote with a leading space names only the word-initial token.
-    got = simulate(tiny_backend, "quotes", 'the tokens " until" and " cat"', EXCERPTS)
-    assert [g.tolist() for g in got] == [[0, TOP, 0, 0, TOP, 0], [0, 0, TOP, 0, 0]]
+    got = simulate(tiny_backend, "quotes", 'the tokens " cat" and " until"', EXCERPTS)
+    assert [g.tolist() for g in got] == [[0, TOP, 0, 0, low, 0], [0, 0, TOP, 0, 0]]
     assert all(g.dtype == np.float32 for g in got)
     assert [g.tolist() for g in simulate(tiny_backend, "quotes", "animals", EXCERPTS)] == [[0] * 6, [0] * 5]
     assert log.new_calls == log.cache_hits == 0
@@ -53,7 +56,7 @@ def test_tokens_mode_rates_every_token_once_with_the_neutral_call_shared(tiny_ba
         assert len(values) == len(tokens) and ((values >= 0) & (values <= TOP)).all()
         for token, value in zip(tokens, values):
             if token.strip().lower() == "until":
-                assert value == TOP
+                assert value == TOP  # the only quote
     # One value per distinct token, wherever it occurs.
     assert first[1][4] == first[0][3]  # "."
     # The neutral explanation's ratings of the same tokens are answered from the log.

@@ -31,7 +31,7 @@ from core.prompts import (
 from core.rating import Item, packed_rating_ids
 
 #: Longest explanation generated, in tokens.
-MAX_NEW_TOKENS = 48
+MAX_NEW_TOKENS = 64
 #: Sampling temperature when several explanations are asked for.
 TEMPERATURE = 0.8
 #: Bumped when the prompt wording changes, so cached answers to old prompts are not reused.
