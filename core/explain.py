@@ -7,8 +7,8 @@ scored on the test split (so selection never leaks into the headline score). Two
 scored on the same test excerpts: another neuron's explanation (shuffled) with the same simulator and
 simulation mode (core.simulation), and the token-lookup baseline (its own explainer and simulator). On the
 test split every explanation also gets, in the lines mode, the contrast score (its simulation minus a neutral
-explanation's; see core.score), and the scores of the
-job's other scorers (core.scorers: detection, fuzzing, embedding), the controls scored the same way.
+explanation's; see core.score), and the scores of the job's other scorers (core.scorers: detection, fuzzing,
+embedding), the controls scored the same way.
 """
 
 from __future__ import annotations

@@ -41,9 +41,8 @@ EXPLAIN_SYSTEM = (
     "You study one neuron inside a language model. You get the tokens it fires on most, then short excerpts of "
     "text in which every token it fires on is marked <<like this>>. Say in one short phrase what it responds to, "
     "then quote the tokens from the list that it fires on strongly (at most 6), strongest first, exactly as listed "
-    "(spaces included). "
-    "When it responds to a kind of token or a context rather than to particular words, name that and quote the "
-    "listed examples. No preamble."
+    "(spaces included). When it responds to a kind of token or a context rather than to particular words, name "
+    "that and quote the listed examples. No preamble."
 )
 
 #: The explanation whose simulation is subtracted for the `contrast` score: what a simulator predicts from the text

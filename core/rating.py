@@ -3,7 +3,7 @@ asked of whole excerpts and answered with one digit each, 0-9, all of a split's 
 
 - detection: does the neuron fire anywhere in this excerpt?
 - fuzzing: are the tokens marked with << >> the ones the neuron fires on?
-- token: does the neuron fire on this token (quoted, out of context)? The token simulation (core.explain) rates
+- token: does the neuron fire on this token (quoted, out of context)? The `tokens` simulation (core.simulation) rates
   every distinct token of a split this way, so a small model judges each token against the explanation instead
   of writing numbers for a listing it mostly reads past.
 

@@ -34,7 +34,7 @@ class Explainer:
         if "A first answer was" not in prompt:
             return chat_answer(FIRST)
         self.revisions.append(prompt)
-        first = re.match(r'Tokens it fires on most: "((?:[^"\\]|\\.)*)"', prompt)
+        first = re.match(r'Tokens it fires on most[^:]*: "((?:[^"\\]|\\.)*)"', prompt)
         return chat_answer(f'the token "{first.group(1) if first else "?"}"')
 
 

@@ -140,7 +140,7 @@ class Backend(ABC):
         return [np.asarray(p, np.float32) for p in out]
 
     def rate(self, task: str, explanation: str, items: Sequence[Item]) -> np.ndarray:
-        """The expected rating (0-9) of every item for a rating task of core.rating (detect, fuzz)."""
+        """The expected rating (0-9) of every item for a rating task of core.rating (detect, fuzz, token)."""
         out = self._rate(task, explanation, items) if items else []
         if len(out) != len(items):
             raise LLMError(f"{self.spec} rated {len(out)} excerpts of {len(items)}")
