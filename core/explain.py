@@ -137,8 +137,8 @@ def controls(simulator: Backend, splits: NeuronSplits, *,
     if explainer == "baseline" and simulator.spec == "baseline":
         return out  # the candidate is the baseline itself
     lookup = lookup_of(splits)
-    sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed, with_contrast=True,
-                            scorers=scorers, embedder=embedder)
+    sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed, simulation=simulation,
+                            with_contrast=True, scorers=scorers, embedder=embedder)
     out.append(ScoredExplanation(text=lookup, explainer="baseline", role="baseline", simulations=sims,
                                  splits=tuple(scores)))
     return out
