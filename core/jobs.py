@@ -396,8 +396,8 @@ class Job:
                 if mode == "lines":
                     runs.append((NEUTRAL_EXPLANATION, splits.test))
                 for text, examples in runs:
-                    for payload, p, c in simulation.requests(simulator, mode, text, [e.tokens for e in examples]):
-                        requests.append((simulator, "simulate" if mode == "lines" else "rate", (payload, p, c)))
+                    for kind, request in simulation.requests(simulator, mode, text, [e.tokens for e in examples]):
+                        requests.append((simulator, kind, request))
                 rated = [task for name, task in RATED.items() if name in self.settings.scorers]
                 for task in rated:  # the chosen one, the shuffled control, the neutral explanation
                     items = rating_items(task, splits.test, self._seed(self.neurons[index]))[0]

@@ -44,7 +44,6 @@ def parse_where(text: str) -> tuple[tuple[str, str, float], ...]:
     return tuple(out)
 
 
-
 def neurons_from_args(values: Sequence[str]) -> tuple[tuple[int, int], ...]:
     """`12/345` or `L12/N345` -> (12, 345); JobError for anything else."""
     out = []

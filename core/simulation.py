@@ -82,11 +82,12 @@ def simulate(simulator: Backend, mode: str, explanation: str, excerpts: Sequence
 
 
 def requests(simulator: Backend, mode: str, explanation: str,
-             excerpts: Sequence[Sequence[str]]) -> list[tuple[Any, int, int]]:
-    """The calls `simulate` would make (Backend.requests' tuples), for dry runs."""
+             excerpts: Sequence[Sequence[str]]) -> list[tuple[str, tuple[Any, int, int]]]:
+    """The calls `simulate` would make, as (call kind, Backend.requests' tuple), for dry runs."""
     if mode == "lines" or simulator.spec == "baseline":
-        return simulator.requests("simulate", explanation, excerpts)
+        return [("simulate", r) for r in simulator.requests("simulate", explanation, excerpts)]
     if mode == "quotes":
         return []
     items = [Item((t,)) for t in sorted({t for tokens in excerpts for t in tokens})]
-    return [r for text in (explanation, NEUTRAL_EXPLANATION) for r in simulator.requests("rate", "token", text, items)]
+    return [("rate", r) for text in (explanation, NEUTRAL_EXPLANATION)
+            for r in simulator.requests("rate", "token", text, items)]

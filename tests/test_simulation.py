@@ -70,7 +70,8 @@ def test_tokens_mode_rates_every_token_once_with_the_neutral_call_shared(tiny_ba
     second = simulate(tiny_backend, "tokens", "animals", EXCERPTS)
     assert [v.tolist() for v in second] == [pytest.approx([expected[t] for t in tokens]) for tokens in EXCERPTS]
     planned = requests(tiny_backend, "tokens", "animals", EXCERPTS)
-    assert len(planned) == 2 and all(tiny_backend.is_cached("rate", payload) for payload, _, _ in planned)
+    assert len(planned) == 2 and all(kind == "rate" and tiny_backend.is_cached(kind, payload)
+                                     for kind, (payload, _, _) in planned)
 
 
 def test_token_rating_prompt_quotes_each_token_inertly() -> None:
