@@ -4,10 +4,11 @@
     python bench/make_store.py /tmp/small.duckdb --layers 4 --neurons 512
 
 Per neuron: 20 top, 20 random and 20 quantile records (4 bins x 5) of 64 tokens pointing into a shared excerpt
-pool, the statistics a collection writes, and for a fraction of neurons a selected explanation (varied text from a
+pool, the statistics a collection writes, ten related tokens per token list and ten related neurons per neuron list
+(as the release has them; --no-related leaves them out), and for a fraction of neurons a selected explanation (varied text from a
 word list) with its test-split simulations and scores, plus the shuffled and token-baseline controls. Prints the
-build time, the store's bytes per neuron, and the same records in the OpenAI neuron-explainer JSON layout
-(NeuronRecord / ActivationRecord, measured with json.dumps on a sample of neurons and extrapolated).
+build time, the store's bytes per neuron, and the same content in the OpenAI release layout (`export --format
+openai` of a sample of neurons: NeuronRecord, explanations, related tokens and neurons), extrapolated.
 Measured in one run; absolute times are noise.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -154,36 +156,51 @@ def _explained(layer: int, result: LayerResult, picks: np.ndarray, rng: np.rando
     return out
 
 
-def openai_json_bytes(store: Store, run_id: int, neurons: list[tuple[int, int]], digits: int | None) -> float:
-    """Mean bytes of one neuron's records in the OpenAI NeuronRecord JSON layout (activations rounded to `digits`
-    decimals, or as float32 values printed in full when None)."""
-    total = 0
-    for layer, neuron in neurons:
-        stats = store.neuron_stats(run_id, layer, neuron)
-        records = store.records(run_id, layer, neuron)
-        assert stats is not None
+def write_related(store: Store, run_id: int, layer: int, layers: int, neurons: int, rng: np.random.Generator) -> None:
+    """Ten related tokens per token list and ten related neurons per neuron list, for every neuron of a layer, as
+    the OpenAI release has them."""
+    vocab = vocabulary()
+    lists = []
+    for neuron in range(neurons):
+        tokens = {name: [(str(vocab[i]), float(v)) for i, v in zip(rng.integers(0, len(vocab), 10),
+                                                                      np.sort(rng.normal(0, 1, 10))[::-1])]
+                  for name in ("input_positive", "input_negative", "output_positive", "output_negative", "lookup")}
+        related = {}
+        for side, other in (("upstream", layer - 1), ("downstream", layer + 1)):
+            if 0 <= other < layers:
+                for sign, flip in (("positive", 1.0), ("negative", -1.0)):
+                    related[f"{side}_{sign}"] = [(other, int(i), flip * float(v)) for i, v in
+                                                 zip(rng.integers(0, neurons, 10), np.sort(rng.random(10))[::-1])]
+        lists.append((layer, neuron, tokens, related))
+    store.write_related(run_id, lists)
 
-        def rec(r: Any) -> dict[str, Any]:
-            acts = [round(a, digits) if digits is not None else a for a in r.activations]
-            return {"dataclass_name": "ActivationRecord", "tokens": list(r.tokens), "activations": acts}
 
-        bins = len(SETTINGS.quantiles) - 1
-        body = {
-            "dataclass_name": "NeuronRecord",
-            "neuron_id": {"dataclass_name": "NeuronId", "layer_index": layer, "neuron_index": neuron},
-            "random_sample": [rec(r) for r in records if r.kind == "random"],
-            "random_sample_by_quantile": [[rec(r) for r in records if r.kind == "quantile" and r.bin == b]
-                                          for b in range(bins)],
-            "quantile_boundaries": list(stats.quantile_edges),
-            "mean": stats.mean, "variance": stats.variance, "skewness": stats.skewness, "kurtosis": stats.kurtosis,
-            "most_positive_activation_records": [rec(r) for r in records if r.kind == "top"],
-        }
-        total += len(json.dumps(body).encode())
-    return total / len(neurons)
+def _rounded(obj: Any, digits: int) -> Any:
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, list):
+        return [_rounded(x, digits) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    return obj
+
+
+def openai_json_bytes(store: Store, run_id: int, neurons: list[tuple[int, int]]) -> tuple[float, float]:
+    """Mean bytes of one neuron in the OpenAI release layout (`export --format openai` of the sampled neurons:
+    records, statistics, explanations, related tokens and neurons), with numbers as exported and rounded to 3
+    decimals."""
+    from core.export import export_openai
+
+    with tempfile.TemporaryDirectory() as folder:
+        export_openai(store, run_id, Path(folder) / "release", neurons=neurons)
+        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        full = sum(p.stat().st_size for p in files)
+        short = sum(len(json.dumps(_rounded(json.loads(p.read_text()), 3), ensure_ascii=False).encode()) for p in files)
+    return full / len(neurons), short / len(neurons)
 
 
 def build(path: Path, *, layers: int = 48, neurons: int = 6400, explained: float = 0.3, seed: int = 0,
-          excerpts: int = 100_000, log: Any = print) -> dict[str, float]:
+          excerpts: int = 100_000, related: bool = True, log: Any = print) -> dict[str, float]:
     """Write the synthetic store (one transaction per layer); returns timings in seconds and counts."""
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, len(WORDS) + 1)
@@ -207,6 +224,8 @@ def build(path: Path, *, layers: int = 48, neurons: int = 6400, explained: float
             t1 = time.perf_counter()
             with store.transaction():
                 store.write_layer(run_id, result, summary, keep_cells=False)
+            if related:
+                write_related(store, run_id, layer, layers, neurons, rng)
             t2 = time.perf_counter()
             if results:
                 store.save_neurons(job_id, run_id, results)
@@ -234,29 +253,29 @@ def main() -> None:
     parser.add_argument("--explained", type=float, default=0.3, help="fraction of neurons with explanations")
     parser.add_argument("--excerpts", type=int, default=100_000, help="excerpt pool the records point into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-related", action="store_true", help="leave out the related tokens and neurons")
     parser.add_argument("--json-sample", type=int, default=200, help="neurons written as OpenAI JSON to measure")
     args = parser.parse_args()
     if args.path.exists():
         sys.exit(f"{args.path} exists: remove it or pass another path")
     t = build(args.path, layers=args.layers, neurons=args.neurons, explained=args.explained, seed=args.seed,
-              excerpts=args.excerpts)
+              excerpts=args.excerpts, related=not args.no_related)
     n = int(t["neurons"])
     per_neuron = t["bytes"] / n
     rng = np.random.default_rng(args.seed + 1)
     sample = [(int(i) // args.neurons, int(i) % args.neurons) for i in rng.choice(n, min(args.json_sample, n), False)]
     with Store.open(args.path, read_only=True) as store:
         run_id = store.run().run_id
-        full = openai_json_bytes(store, run_id, sample, None)
-        short = openai_json_bytes(store, run_id, sample, 3)
+        full, short = openai_json_bytes(store, run_id, sample)
     print(f"\nneurons {n:,} ({args.layers} x {args.neurons}), excerpt pool {args.excerpts:,}, "
           f"explained {args.explained:.0%}")
     print(f"build {t['build']:.0f} s (generate {t['generate']:.0f} s, records {t['records']:.0f} s, "
           f"results {t['results']:.0f} s)")
     print(f"store {t['bytes'] / 1e9:.2f} GB = {per_neuron:,.0f} bytes per neuron (records, stats, explanations, "
-          "simulations, scores)")
-    for label, size in (("float32 values in full", full), ("activations rounded to 3 decimals", short)):
-        print(f"OpenAI NeuronRecord JSON, {label}: {size:,.0f} bytes per neuron, {size * n / 1e9:.1f} GB for the "
-              f"model; store / JSON = {per_neuron / size:.3f} (goal <= 0.100)")
+          "simulations, scores, related lists)")
+    for label, size in (("numbers as exported", full), ("numbers rounded to 3 decimals", short)):
+        print(f"OpenAI release layout of the same content, {label}: {size:,.0f} bytes per neuron, "
+              f"{size * n / 1e9:.1f} GB for the model; store / JSON = {per_neuron / size:.3f} (goal <= 0.100)")
 
 
 if __name__ == "__main__":

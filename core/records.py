@@ -149,3 +149,18 @@ class ActivationRecord:
         if not math.isnan(self.exact_min):
             return self.exact_min
         return min(self.activations) if self.activations else math.nan
+
+
+@dataclass(frozen=True)
+class ImportedNeuron:
+    """A neuron brought in from another tool's files (core.importer): what a collection would have stored for it,
+    and its related tokens and neurons."""
+
+    stats: NeuronStats
+    """Statistics (count 0 and NaN where the files have none)."""
+    records: tuple[ActivationRecord, ...]
+    """Its records, with excerpt ids of the run (one excerpt per record)."""
+    related_tokens: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """core.release.TOKEN_LISTS name -> [(token, value)], strongest first."""
+    related_neurons: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
+    """core.release.NEURON_LISTS name -> [(layer, neuron, weight)], strongest first."""

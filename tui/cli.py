@@ -149,7 +149,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """A neuron's statistics and excerpts, tokens coloured by activation."""
     from rich.rule import Rule
 
-    from tui.render import histogram_text, record_line, scale_of, stats_table
+    from tui.render import histogram_text, record_line, related_lines, scale_of, stats_table
 
     layer, index = parse_neuron(args.neuron)
     with Store.open(args.store, read_only=True) as store:
@@ -162,6 +162,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
         records = store.records(run.run_id, layer, index)
         explanations = store.explanations(run.run_id, layer, index)
+        related = related_lines(store.related_tokens(run.run_id, layer, index),
+                                store.related_neurons(run.run_id, layer, index))
     scale = scale_of(records)
     out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
     out.print(stats_table(stats, run.settings.quantiles))
@@ -180,6 +182,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         out.print(Text(title, style="bold underline"))
         for rec in chosen:
             out.print(record_line(rec, scale, negative=kind == "bottom"))
+    if related:
+        out.print()
+        out.print(Text("Related tokens and neurons", style="bold underline"))
+        for line in related:
+            out.print(line, soft_wrap=True)
     if explanations:
         from tui.cli_jobs import print_explanations
 
@@ -343,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tui.cli_jobs import add_job_parsers
 
     add_job_parsers(sub, store_arg)
+
+    from tui.cli_io import add_io_parsers
+
+    add_io_parsers(sub, store_arg)
 
     p = sub.add_parser("models", help="list the packaged models and how to install them")
     p.set_defaults(func=cmd_models)

@@ -25,7 +25,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UserError, StoreError, CollectError]
     for module, name in (("core.corpus", "CorpusError"), ("core.subject", "SubjectError"), ("core.models", "ModelError"),
-                         ("core.jobs", "JobError"), ("core.llm.base", "LLMError")):
+                         ("core.jobs", "JobError"), ("core.llm.base", "LLMError"),
+                         ("core.importer", "ReleaseImportError"), ("core.export", "ExportError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -58,7 +59,8 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
 
     labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
               "tokenize": "tokenizing corpus (tokens)", "neurons": "explaining and scoring neurons",
-              "planning": "counting calls"}
+              "planning": "counting calls", "import": "importing neurons", "export": "exporting neurons",
+              "related": "related tokens and neurons (layers)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     tasks: dict[str, TaskID] = {}

@@ -116,13 +116,13 @@ def stats_table(stats: NeuronStats, quantiles: Sequence[float]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("tokens", f"{stats.count:,}"),
+        ("tokens", f"{stats.count:,}" if stats.count else "unknown (imported)"),
         ("mean", f"{stats.mean:.4g}"),
         ("std", f"{stats.variance ** 0.5:.4g}"),
         ("skewness", f"{stats.skewness:.3g}"),
         ("kurtosis", f"{stats.kurtosis:.3g}"),
         ("max / min", f"{stats.max:.4g} / {stats.min:.4g}"),
-        ("density", f"{stats.density:.1%} of tokens > 0"),
+        ("density", f"{stats.density:.1%} of tokens > 0" if stats.density == stats.density else "unknown"),
         ("selectivity", f"{stats.selectivity:.3g}"),
     ]
     if stats.quantile_edges:
@@ -228,7 +228,7 @@ def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
         text.append(" r ")
         text.append_text(score_text(score))
         flag(score)
-    for method in ("top", "random", "r2", "contrast"):
+    for method in ("top", "random", "r2", "contrast", "published"):  # published: an imported release's own r
         s = split.get(method)
         if s is not None:
             text.append(f"  {method} {s.value:+.2f}")
@@ -275,3 +275,26 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         parts.append((Text("sim  ", style="bold") + record_line(simulated_record(record, sim.predicted, scale), scale),
                       False))
     return parts
+
+
+#: How the related lists are labelled, in the order they are shown.
+RELATED_LABELS = {"input_positive": "input +", "input_negative": "input −", "output_positive": "output +",
+                  "output_negative": "output −", "lookup": "lookup", "upstream_positive": "upstream +",
+                  "upstream_negative": "upstream −", "downstream_positive": "downstream +",
+                  "downstream_negative": "downstream −"}
+
+
+def related_lines(tokens: dict[str, list[tuple[str, float]]], neurons: dict[str, list[tuple[int, int, float]]],
+                  count: int = 8) -> list[Text]:
+    """A neuron's related tokens (from its weights or the lookup of its activations) and related neurons (through
+    the adjacent layers' weights), one labelled line per list, the `count` strongest of each."""
+    lines = []
+    for name, label in RELATED_LABELS.items():
+        if name in tokens:
+            body = ", ".join(f"'{visible(t)}' {v:+.3g}" for t, v in tokens[name][:count])
+        elif name in neurons:
+            body = ", ".join(f"L{layer}/N{index} {v:+.3g}" for layer, index, v in neurons[name][:count])
+        else:
+            continue
+        lines.append(Text(f"  {label:13}", style="bold") + Text(body))
+    return lines

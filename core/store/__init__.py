@@ -22,6 +22,7 @@ from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
 from core.rows import decode, lists, record_rows
 from core.store.browse import BrowseMixin
 from core.store.bulk import BulkMixin
+from core.store.related import RELATED_TABLES, RelatedMixin
 from core.store.results import ResultsMixin
 from core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
@@ -58,7 +59,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class Store(ResultsMixin, BrowseMixin, BulkMixin):
+class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]
@@ -111,7 +112,7 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
 
     def _initialise(self) -> None:
         self.con.execute("BEGIN")
-        self.con.execute(SCHEMA)
+        self.con.execute(SCHEMA + RELATED_TABLES)
         self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('app', 'neuronscope')", [str(SCHEMA_VERSION)])
         self.con.execute("COMMIT")
 
@@ -143,7 +144,7 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
                 "collect into a new --store, or use the neuronscope version that wrote it"
             )
         if not self.read_only:
-            self.con.execute(INDEXES)
+            self.con.execute(INDEXES + RELATED_TABLES)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -218,7 +219,8 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
             self.con.execute("UPDATE runs SET status = ?, error = ? WHERE run_id = ?", [status, error, run_id])
 
     def _delete_run_data(self, run_id: int) -> None:
-        for table in ("excerpts", "neurons", "records"):
+        tables = ["excerpts", "neurons", "records"] + (["related_tokens", "related_neurons"] if self._has_related() else [])
+        for table in tables:
             self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
     def delete_run(self, run_id: int) -> None:
@@ -401,8 +403,8 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin):
         ).fetchall()
         return [
             NeuronStats(layer=r[0], index=r[1], count=r[2], mean=r[3], variance=r[4], skewness=r[5], kurtosis=r[6],
-                        max=r[7], min=r[8], density=r[9], selectivity=r[10], histogram=tuple(r[11]),
-                        quantile_edges=tuple(r[12]))
+                        max=r[7], min=r[8], density=r[9], selectivity=r[10], histogram=tuple(r[11] or ()),
+                        quantile_edges=tuple(r[12] or ()))
             for r in rows
         ]
 

@@ -76,3 +76,34 @@ class HelpScreen(ModalScreen[None]):
             with VerticalScroll():
                 yield Static(table)
             yield Static("escape: close", classes="modal-keys")
+
+
+class RelatedScreen(ModalScreen["tuple[int, int] | None"]):
+    """A neuron's related neurons (upstream and downstream, through the weights) to pick one to open."""
+
+    DEFAULT_CSS = _CSS.format(name="RelatedScreen").replace("$error", "$primary") + \
+        "RelatedScreen OptionList { height: auto; max-height: 24; }"
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,g", "close", "Close")]
+
+    def __init__(self, title: str, neurons: Sequence[tuple[str, int, int, float]]) -> None:
+        """neurons: (list label, layer, neuron, weight) each."""
+        super().__init__()
+        self.title_text = title
+        self.neurons = list(neurons)
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import OptionList
+
+        with Vertical():
+            yield Static(Text(self.title_text), classes="modal-title")
+            yield OptionList(*(Text(f"{label:13} L{layer}/N{neuron}  {weight:+.3g}")
+                               for label, layer, neuron, weight in self.neurons))
+            yield Static("enter: open   escape: close", classes="modal-keys")
+
+    def on_option_list_option_selected(self, event: object) -> None:
+        index = getattr(event, "option_index", 0)
+        _, layer, neuron, _ = self.neurons[index]
+        self.dismiss((layer, neuron))
+
+    def action_close(self) -> None:
+        self.dismiss(None)

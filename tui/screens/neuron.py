@@ -11,7 +11,16 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table, visible
+from tui.render import (
+    RELATED_LABELS,
+    explanation_renderables,
+    histogram_text,
+    record_line,
+    related_lines,
+    scale_of,
+    stats_table,
+    visible,
+)
 from tui.widgets.lines import LinesView
 
 #: Excerpts shown per kind (and per quantile bin).
@@ -22,7 +31,8 @@ class NeuronScreen(Screen[None]):
     """Everything the store holds on one neuron of a run; escape goes back."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape", "app.pop_screen", "Back", tooltip="back to the table")]
+        Binding("escape", "app.pop_screen", "Back", tooltip="back to the table"),
+        Binding("g", "related", "Related", tooltip="go to a related neuron (upstream or downstream, by the weights)")]
 
     def __init__(self, store: Any, run: Any, layer: int, neuron: int) -> None:
         super().__init__()
@@ -30,6 +40,8 @@ class NeuronScreen(Screen[None]):
         self.run = run
         self.position = (layer, neuron)
         """(layer, neuron) shown."""
+        self.related: dict[str, list[tuple[int, int, float]]] = {}
+        """The related neurons of the neuron shown."""
 
     def compose(self) -> ComposeResult:
         yield LinesView(self._renderables(), id="neuron-body")
@@ -53,6 +65,11 @@ class NeuronScreen(Screen[None]):
             parts.append(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
         else:
             parts += [stats_table(stats, run.settings.quantiles), Text("histogram ", style="bold") + histogram_text(stats)]
+        self.related = self.store.related_neurons(run.run_id, layer, neuron)
+        related = related_lines(self.store.related_tokens(run.run_id, layer, neuron), self.related)
+        if related:
+            parts += [Text(""), Text("Related tokens and neurons (g: go to one)" if self.related else
+                                     "Related tokens", style="bold underline"), *related]
         if explanations:
             parts.append(Text(""))
             parts += [renderable for renderable, _one_line in explanation_renderables(explanations, records, scale, COUNT)]
@@ -62,12 +79,30 @@ class NeuronScreen(Screen[None]):
                 parts += [record_line(rec, scale, negative=kind == "bottom") for rec in chosen]
         return parts
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return bool(self.related) if action == "related" else True
+
+    def action_related(self) -> None:
+        from tui.screens.modals import RelatedScreen
+
+        layer, neuron = self.position
+        choices = [(RELATED_LABELS[name], other, index, weight) for name in RELATED_LABELS
+                   for other, index, weight in self.related.get(name, [])]
+
+        def chosen(target: tuple[int, int] | None) -> None:
+            if target is not None:
+                self.app.open_neuron(*target)  # type: ignore[attr-defined]
+
+        self.app.push_screen(RelatedScreen(f"Neurons related to L{layer}/N{neuron} through the weights", choices),
+                             chosen)
+
     def show(self, layer: int, neuron: int) -> None:
         """Show another neuron on this screen (reusing it spares Textual a new screen's layout and styles)."""
         self.position = (layer, neuron)
         view = self.query_one(LinesView)
         view.update(self._renderables())
         view.scroll_home(animate=False)
+        self.refresh_bindings()
 
     def reload(self) -> None:
         """Show what a job just wrote for this neuron."""

@@ -1,0 +1,196 @@
+"""`neuronscope export`: a run of the store as files other tools read.
+
+- `parquet`: a folder of Parquet files: `neurons.parquet` (statistics, each neuron's newest selected positive-tail
+  explanation and its test score), `explanations.parquet` (every explanation, one row per score),
+  `related_tokens.parquet` and `related_neurons.parquet`.
+- `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README "Exports").
+- `openai`: the layout of OpenAI's GPT-2 XL release (core.release), so tools written for it read our runs:
+  collated-activations/, explanations/ (the positive tail's candidates and user sentences with test-split
+  simulations, expected activations on the release's 0-10 scale), related-tokens/ and related-neurons/ where the
+  run has them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.prompts import TOP
+from core.records import ActivationRecord
+from core.release import (
+    ACTIVATIONS,
+    EXPLANATIONS,
+    LOOKUP_TOKENS,
+    RELEASE_SCALE,
+    WEIGHT_NEURONS,
+    WEIGHT_TOKENS,
+    Excerpt,
+    ReleaseExplanation,
+    ReleaseNeuron,
+    SequenceSimulation,
+    explanations_json,
+    lookup_tokens_json,
+    neuron_record_json,
+    related_neurons_json,
+    release_path,
+    weight_tokens_json,
+)
+from core.results import ScoredExplanation
+from core.splits import TAILS
+
+if TYPE_CHECKING:
+    from core.store import Store
+
+FORMATS = ("parquet", "jsonl", "openai")
+Progress = Callable[[str, int, int], None]
+
+#: The JSONL export's fields, one object per neuron (README "Exports" shows it in full).
+JSONL_SCHEMA = {
+    "layer": "int", "neuron": "int",
+    "stats": "{count, mean, variance, skewness, kurtosis, max, min, density, selectivity, quantile_edges}",
+    "records": "[{kind, rank, bin, tokens, activations}]",
+    "explanations": "[{tail, role, explainer, sample, selected, text, source, scores: [{split, simulator, method, "
+                    "value, ci_low, ci_high, n, flags}]}]",
+    "related_tokens": "{list: [[token, value]]}", "related_neurons": "{list: [[layer, neuron, weight]]}",
+}
+
+
+class ExportError(Exception):
+    """An export that cannot be written: one line naming the fix."""
+
+
+def _prepare(out: Path, *, folder: bool) -> None:
+    if out.exists() and (not out.is_dir() if folder else out.is_dir()):
+        raise ExportError(f"{out} exists and is a {'file' if folder else 'folder'}: pass another --out")
+    if folder and out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is a folder that is not empty: pass a new or empty folder as --out")
+    if not folder and out.exists():
+        raise ExportError(f"{out} exists: pass a new file as --out")
+    try:
+        (out if folder else out.parent).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create {out} ({err.strerror or err}): pass another --out") from None
+
+
+def _clean(value: float | None) -> float | None:
+    """JSON has no NaN: unknown numbers are null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def export_parquet(store: Store, run_id: int, out: Path) -> dict[str, int]:
+    """Write the Parquet files; rows per file."""
+    import pyarrow.parquet as pq
+
+    _prepare(out, folder=True)
+    counts = {}
+    for name, table in store.export_tables(run_id).items():
+        pq.write_table(table, out / f"{name}.parquet")
+        counts[name] = table.num_rows
+    return counts
+
+
+def _explanation_json(tail: str, e: ScoredExplanation) -> dict[str, Any]:
+    return {"tail": tail, "role": e.role, "explainer": e.explainer, "sample": e.sample, "selected": e.selected,
+            "text": e.text, "source": list(e.source) if e.source else None,
+            "scores": [{"split": s.split, "simulator": s.simulator, "method": x.method, "value": _clean(x.value),
+                        "ci_low": _clean(x.ci_low), "ci_high": _clean(x.ci_high), "n": x.n, "flags": x.flags}
+                       for s in e.splits for x in s.scores]}
+
+
+def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None = None) -> int:
+    """Write one line per neuron; the number of neurons."""
+    _prepare(out, folder=False)
+    neurons = store.run_neurons(run_id)
+    with out.open("w", encoding="utf-8") as f:
+        for i, (layer, neuron) in enumerate(neurons, 1):
+            stats = store.neuron_stats(run_id, layer, neuron)
+            assert stats is not None
+            line = {
+                "layer": layer, "neuron": neuron,
+                "stats": {"count": stats.count, **{k: _clean(getattr(stats, k)) for k in (
+                    "mean", "variance", "skewness", "kurtosis", "max", "min", "density", "selectivity")},
+                          "quantile_edges": list(stats.quantile_edges)},
+                "records": [{"kind": r.kind, "rank": r.rank, "bin": r.bin, "tokens": list(r.tokens),
+                             "activations": list(r.activations)}
+                            for r in store.records(run_id, layer, neuron)],
+                "explanations": [_explanation_json(tail, e) for tail in TAILS
+                                 for e in store.explanations(run_id, layer, neuron, tail=tail)],
+                "related_tokens": store.related_tokens(run_id, layer, neuron),
+                "related_neurons": store.related_neurons(run_id, layer, neuron),
+            }
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if progress and (i % 100 == 0 or i == len(neurons)):
+                progress("export", i, len(neurons))
+    return len(neurons)
+
+
+def _excerpt(r: ActivationRecord) -> Excerpt:
+    return Excerpt(r.tokens, r.activations)
+
+
+def _release_explanations(store: Store, run_id: int, layer: int, neuron: int,
+                          records: list[ActivationRecord]) -> list[ReleaseExplanation]:
+    """The positive tail's candidates and user sentences that have test-split simulations, as the release writes
+    them: the release's own published score when the explanation came from it, else our test-split r."""
+    true = {r.excerpt_id: r.activations for r in records}
+    out = []
+    for e in store.explanations(run_id, layer, neuron, tail="pos"):
+        sims = [s for s in e.simulations if s.split == "test" and s.excerpt_id in true]
+        if e.role not in ("candidate", "user") or not sims:
+            continue
+        test = [s for s in e.splits if s.split == "test"]
+        scores = {x.method: x.value for s in test for x in s.scores}
+        out.append(ReleaseExplanation(
+            e.text, scores.get("published", scores.get("all", math.nan)), scores.get("r2", math.nan), math.nan,
+            tuple(SequenceSimulation(tokens=_tokens(records, s.excerpt_id),
+                                     expected=tuple(v * RELEASE_SCALE / TOP for v in s.predicted),
+                                     true=true[s.excerpt_id], score=math.nan) for s in sims)))
+    return out
+
+
+def _tokens(records: list[ActivationRecord], excerpt_id: int) -> tuple[str, ...]:
+    return next(r.tokens for r in records if r.excerpt_id == excerpt_id)
+
+
+def export_openai(store: Store, run_id: int, out: Path, progress: Progress | None = None,
+                  neurons: Sequence[tuple[int, int]] | None = None) -> int:
+    """Write the release layout (of every neuron of the run, or of `neurons`); the number of neurons."""
+    _prepare(out, folder=True)
+    neurons = store.run_neurons(run_id) if neurons is None else list(neurons)
+
+    def write(part: str, layer: int, neuron: int, obj: Any) -> None:
+        path = release_path(out, part, layer, neuron)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, ensure_ascii=False) + ("\n" if part == EXPLANATIONS else ""), encoding="utf-8")
+
+    for i, (layer, neuron) in enumerate(neurons, 1):
+        stats = store.neuron_stats(run_id, layer, neuron)
+        assert stats is not None
+        records = store.records(run_id, layer, neuron, kinds=("top", "random", "quantile", "scored"))
+        bins = max((r.bin for r in records if r.kind == "quantile"), default=-1) + 1
+        record = ReleaseNeuron(
+            layer, neuron,
+            top=tuple(_excerpt(r) for r in records if r.kind == "top"),
+            random=tuple(_excerpt(r) for r in records if r.kind == "random"),
+            quantile=tuple(tuple(_excerpt(r) for r in records if r.kind == "quantile" and r.bin == b) for b in range(bins)),
+            boundaries=tuple(stats.quantile_edges), mean=stats.mean, variance=stats.variance, skewness=stats.skewness,
+            kurtosis=stats.kurtosis)
+        write(ACTIVATIONS, layer, neuron, neuron_record_json(record))
+        # Every neuron gets its explanations file, empty when it has none: the release has one for every neuron, and
+        # an importer reports a missing one.
+        write(EXPLANATIONS, layer, neuron,
+              explanations_json(layer, neuron, _release_explanations(store, run_id, layer, neuron, records)))
+        tokens = store.related_tokens(run_id, layer, neuron)
+        if any(name in tokens for name in ("input_positive", "input_negative", "output_positive", "output_negative")):
+            write(WEIGHT_TOKENS, layer, neuron, weight_tokens_json(tokens))
+        if "lookup" in tokens:
+            write(LOOKUP_TOKENS, layer, neuron, lookup_tokens_json(tokens["lookup"]))
+        related = store.related_neurons(run_id, layer, neuron)
+        if related:
+            write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(related))
+        if progress and (i % 100 == 0 or i == len(neurons)):
+            progress("export", i, len(neurons))
+    return len(neurons)

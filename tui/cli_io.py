@@ -1,0 +1,140 @@
+"""`neuronscope import-openai` and `neuronscope export`: other tools' files in, ours out."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.text import Text
+
+from core.store import Store
+from tui.console import UserError, err, progress_bars, status
+
+EXIT_INTERRUPTED = 130
+#: Problems printed one per line; the rest are counted.
+SHOWN_PROBLEMS = 20
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise UserError(f"--layers {text!r} is not a list like 0-5,12")
+        layers.update(range(int(first), int(last or first) + 1))
+    return tuple(sorted(layers))
+
+
+def cmd_import_openai(args: argparse.Namespace) -> int:
+    """Import a local copy of OpenAI's GPT-2 XL neuron release (or part of it) as a run of the store."""
+    from core.importer import import_release
+    from core.prompts import show_token
+
+    shown = 0
+
+    def problem(path: Path, message: str) -> None:
+        nonlocal shown
+        shown += 1
+        if shown <= SHOWN_PROBLEMS:
+            err.print(Text("skipped ", style="yellow") + Text(f"{show_token(str(path))}: {show_token(message)}"))
+
+    with Store.open(args.store) as store, progress_bars() as progress:
+        report = import_release(store, Path(args.path), model=args.model, layers=_parse_layers(args.layers),
+                                progress=progress, problem=problem)
+        store.checkpoint()
+    if report.problems > SHOWN_PROBLEMS:
+        err.print(Text(f"... and {report.problems - SHOWN_PROBLEMS:,} more files skipped", style="yellow"))
+    summary = (f"run {report.run_id}: {report.imported:,} neurons imported"
+               + (f", {report.present:,} already there" if report.present else "")
+               + (f", {report.problems:,} files skipped" if report.problems else ""))
+    if not report.complete:
+        err.print(f"interrupted: {summary}; run the same command again to resume")
+        return EXIT_INTERRUPTED
+    status(f"{summary} → {args.store}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run as Parquet files, JSONL or the OpenAI release layout."""
+    from core.export import export_jsonl, export_openai, export_parquet
+
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        out = Path(args.out)
+        if args.format == "parquet":
+            counts = export_parquet(store, run.run_id, out)
+            status(f"run {run.run_id}: " + ", ".join(f"{name}.parquet {rows:,} rows" for name, rows in counts.items())
+                   + f" → {out}")
+            return 0
+        write: Callable[..., int] = export_jsonl if args.format == "jsonl" else export_openai
+        with progress_bars() as progress:
+            n = write(store, run.run_id, out, progress)
+    status(f"run {run.run_id}: {n:,} neurons → {out}")
+    return 0
+
+
+def cmd_related(args: argparse.Namespace) -> int:
+    """Compute a run's related tokens and neurons from its model's weights and store them."""
+    from core.related import related_lists
+    from core.subject import load_subject
+
+    with Store.open(args.store) as store:
+        run = store.run(args.run)
+        layers = _parse_layers(args.layers) or run.layers
+        missing = [layer for layer in layers if layer not in run.layers]
+        if missing:
+            raise UserError(f"run {run.run_id} has no layer {missing[0]}: it holds layers "
+                            f"{', '.join(map(str, run.layers))}")
+        subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
+        if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
+            raise UserError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
+                            f"{run.run_id} ({run.model}) {len(run.layers)} of {run.neurons_per_layer}: pass the "
+                            "run's own model with --model")
+        with progress_bars() as progress:
+            progress("related", 0, len(layers))
+            for i, layer in enumerate(layers, 1):
+                store.write_related(run.run_id, related_lists(subject.model, layer, subject.token_strings,
+                                                              args.top))
+                progress("related", i, len(layers))
+        store.checkpoint()
+    status(f"run {run.run_id}: related tokens and neurons of {len(layers)} layer{'s' if len(layers) > 1 else ''} "
+           f"from {subject.name}'s weights → {args.store}")
+    return 0
+
+
+def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    """The import-openai and export subcommands."""
+    from core.export import FORMATS
+    from core.importer import DEFAULT_MODEL
+
+    p = sub.add_parser("import-openai", help="import a local copy of OpenAI's GPT-2 XL neuron release (or part of it): "
+                                             "records, statistics, explanations, related tokens and neurons")
+    p.add_argument("path", help="the release folder (holding collated-activations/, explanations/, related-tokens/, "
+                                "related-neurons/)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name the run is shown under (default: {DEFAULT_MODEL})")
+    p.add_argument("--layers", help="import only these layers, e.g. 0-5,12 (default: all)")
+    store_arg(p)
+    p.set_defaults(func=cmd_import_openai)
+
+    p = sub.add_parser("export", help="write a run as Parquet files, JSONL (one neuron per line) or the OpenAI "
+                                      "release layout")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="parquet (a folder of tables), jsonl (one file) or openai (a folder in the release's layout)")
+    p.add_argument("--out", required=True, help="new file (jsonl) or new or empty folder (parquet, openai)")
+    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("related", help="compute every neuron's related tokens (input and output, through the "
+                                       "weights) and related neurons (adjacent layers) of a run, for show and the app")
+    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    p.add_argument("--model", help="the run's model, when it is not where the run says (an imported run's GPT-2 XL)")
+    p.add_argument("--layers", help="only these layers, e.g. 0-5,12 (default: the run's)")
+    p.add_argument("--top", type=int, default=10, help="tokens and neurons kept per list (default: 10)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    store_arg(p)
+    p.set_defaults(func=cmd_related)
