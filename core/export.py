@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +38,15 @@ from core.release import (
     release_path,
     weight_tokens_json,
 )
-from core.results import ScoredExplanation
+from core.results import NeuronBundle, ScoredExplanation
 from core.splits import TAILS
 
 if TYPE_CHECKING:
     from core.store import Store
 
 FORMATS = ("parquet", "jsonl", "openai")
+#: The record kinds a collection keeps ('scored' holds sequences only an imported explanation was scored on).
+RECORD_KINDS = ("top", "bottom", "random", "quantile")
 Progress = Callable[[str, int, int], None]
 
 #: The JSONL export's fields, one object per neuron (README "Exports" shows it in full).
@@ -92,6 +94,28 @@ def export_parquet(store: Store, run_id: int, out: Path) -> dict[str, int]:
     return counts
 
 
+#: Neurons read per bulk query.
+CHUNK = 256
+
+
+def bundles(store: Store, run_id: int, neurons: Sequence[tuple[int, int]] | None = None,
+            progress: Progress | None = None) -> Iterator[NeuronBundle]:
+    """Every neuron of a run (or those named), read a chunk of consecutive neurons at a time."""
+    chosen = store.run_neurons(run_id) if neurons is None else sorted(neurons)
+    wanted = set(chosen)
+    done = 0
+    for layer in sorted({layer for layer, _ in chosen}):
+        indices = [n for l_, n in chosen if l_ == layer]
+        for start in range(0, len(indices), CHUNK):
+            part = indices[start:start + CHUNK]
+            for bundle in store.neuron_bundles(run_id, layer, part[0], part[-1]):
+                if (layer, bundle.stats.index) in wanted:
+                    yield bundle
+            done += len(part)
+            if progress:
+                progress("export", done, len(chosen))
+
+
 def _explanation_json(tail: str, e: ScoredExplanation) -> dict[str, Any]:
     return {"tail": tail, "role": e.role, "explainer": e.explainer, "sample": e.sample, "selected": e.selected,
             "text": e.text, "source": list(e.source) if e.source else None,
@@ -103,94 +127,79 @@ def _explanation_json(tail: str, e: ScoredExplanation) -> dict[str, Any]:
 def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None = None) -> int:
     """Write one line per neuron; the number of neurons."""
     _prepare(out, folder=False)
-    neurons = store.run_neurons(run_id)
+    n = 0
     with out.open("w", encoding="utf-8") as f:
-        for i, (layer, neuron) in enumerate(neurons, 1):
-            stats = store.neuron_stats(run_id, layer, neuron)
-            assert stats is not None
+        for b in bundles(store, run_id, progress=progress):
             line = {
-                "layer": layer, "neuron": neuron,
-                "stats": {"count": stats.count, **{k: _clean(getattr(stats, k)) for k in (
+                "layer": b.stats.layer, "neuron": b.stats.index,
+                "stats": {"count": b.stats.count, **{k: _clean(getattr(b.stats, k)) for k in (
                     "mean", "variance", "skewness", "kurtosis", "max", "min", "density", "selectivity")},
-                          "quantile_edges": list(stats.quantile_edges)},
+                          "quantile_edges": list(b.stats.quantile_edges)},
                 "records": [{"kind": r.kind, "rank": r.rank, "bin": r.bin, "tokens": list(r.tokens),
-                             "activations": list(r.activations)}
-                            for r in store.records(run_id, layer, neuron)],
-                "explanations": [_explanation_json(tail, e) for tail in TAILS
-                                 for e in store.explanations(run_id, layer, neuron, tail=tail)],
-                "related_tokens": store.related_tokens(run_id, layer, neuron),
-                "related_neurons": store.related_neurons(run_id, layer, neuron),
+                             "activations": list(r.activations)} for r in b.records if r.kind in RECORD_KINDS],
+                "explanations": [_explanation_json(tail, e) for tail in TAILS for e in b.explanations.get(tail, ())],
+                "related_tokens": b.related_tokens,
+                "related_neurons": b.related_neurons,
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            if progress and (i % 100 == 0 or i == len(neurons)):
-                progress("export", i, len(neurons))
-    return len(neurons)
+            n += 1
+    return n
 
 
 def _excerpt(r: ActivationRecord) -> Excerpt:
     return Excerpt(r.tokens, r.activations)
 
 
-def _release_explanations(store: Store, run_id: int, layer: int, neuron: int,
-                          records: list[ActivationRecord]) -> list[ReleaseExplanation]:
+def _release_explanations(b: NeuronBundle) -> list[ReleaseExplanation]:
     """The positive tail's candidates and user sentences that have test-split simulations, as the release writes
     them: the release's own published score when the explanation came from it, else our test-split r."""
-    true = {r.excerpt_id: r.activations for r in records}
+    by_id = {r.excerpt_id: r for r in b.records}
     out = []
-    for e in store.explanations(run_id, layer, neuron, tail="pos"):
-        sims = [s for s in e.simulations if s.split == "test" and s.excerpt_id in true]
+    for e in b.explanations.get("pos", ()):
+        sims = [s for s in e.simulations if s.split == "test" and s.excerpt_id in by_id]
         if e.role not in ("candidate", "user") or not sims:
             continue
-        test = [s for s in e.splits if s.split == "test"]
-        scores = {x.method: x.value for s in test for x in s.scores}
+        scores = {x.method: x.value for s in e.splits if s.split == "test" for x in s.scores}
         out.append(ReleaseExplanation(
             e.text, scores.get("published", scores.get("all", math.nan)), scores.get("r2", math.nan), math.nan,
-            tuple(SequenceSimulation(tokens=_tokens(records, s.excerpt_id),
+            tuple(SequenceSimulation(tokens=by_id[s.excerpt_id].tokens,
                                      expected=tuple(v * RELEASE_SCALE / TOP for v in s.predicted),
-                                     true=true[s.excerpt_id], score=math.nan) for s in sims)))
+                                     true=by_id[s.excerpt_id].activations, score=math.nan) for s in sims)))
     return out
-
-
-def _tokens(records: list[ActivationRecord], excerpt_id: int) -> tuple[str, ...]:
-    return next(r.tokens for r in records if r.excerpt_id == excerpt_id)
 
 
 def export_openai(store: Store, run_id: int, out: Path, progress: Progress | None = None,
                   neurons: Sequence[tuple[int, int]] | None = None) -> int:
     """Write the release layout (of every neuron of the run, or of `neurons`); the number of neurons."""
     _prepare(out, folder=True)
-    neurons = store.run_neurons(run_id) if neurons is None else list(neurons)
 
     def write(part: str, layer: int, neuron: int, obj: Any) -> None:
         path = release_path(out, part, layer, neuron)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj, ensure_ascii=False) + ("\n" if part == EXPLANATIONS else ""), encoding="utf-8")
 
-    for i, (layer, neuron) in enumerate(neurons, 1):
-        stats = store.neuron_stats(run_id, layer, neuron)
-        assert stats is not None
-        records = store.records(run_id, layer, neuron, kinds=("top", "random", "quantile", "scored"))
-        bins = max((r.bin for r in records if r.kind == "quantile"), default=-1) + 1
+    n = 0
+    for b in bundles(store, run_id, neurons, progress):
+        layer, neuron, stats = b.stats.layer, b.stats.index, b.stats
+        bins = max((r.bin for r in b.records if r.kind == "quantile"), default=-1) + 1
         record = ReleaseNeuron(
             layer, neuron,
-            top=tuple(_excerpt(r) for r in records if r.kind == "top"),
-            random=tuple(_excerpt(r) for r in records if r.kind == "random"),
-            quantile=tuple(tuple(_excerpt(r) for r in records if r.kind == "quantile" and r.bin == b) for b in range(bins)),
+            top=tuple(_excerpt(r) for r in b.records if r.kind == "top"),
+            random=tuple(_excerpt(r) for r in b.records if r.kind == "random"),
+            quantile=tuple(tuple(_excerpt(r) for r in b.records if r.kind == "quantile" and r.bin == i)
+                           for i in range(bins)),
             boundaries=tuple(stats.quantile_edges), mean=stats.mean, variance=stats.variance, skewness=stats.skewness,
             kurtosis=stats.kurtosis)
         write(ACTIVATIONS, layer, neuron, neuron_record_json(record))
         # Every neuron gets its explanations file, empty when it has none: the release has one for every neuron, and
         # an importer reports a missing one.
-        write(EXPLANATIONS, layer, neuron,
-              explanations_json(layer, neuron, _release_explanations(store, run_id, layer, neuron, records)))
-        tokens = store.related_tokens(run_id, layer, neuron)
+        write(EXPLANATIONS, layer, neuron, explanations_json(layer, neuron, _release_explanations(b)))
+        tokens = b.related_tokens
         if any(name in tokens for name in ("input_positive", "input_negative", "output_positive", "output_negative")):
             write(WEIGHT_TOKENS, layer, neuron, weight_tokens_json(tokens))
         if "lookup" in tokens:
             write(LOOKUP_TOKENS, layer, neuron, lookup_tokens_json(tokens["lookup"]))
-        related = store.related_neurons(run_id, layer, neuron)
-        if related:
-            write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(related))
-        if progress and (i % 100 == 0 or i == len(neurons)):
-            progress("export", i, len(neurons))
-    return len(neurons)
+        if b.related_neurons:
+            write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(b.related_neurons))
+        n += 1
+    return n

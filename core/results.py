@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.records import ActivationRecord, NeuronStats
 from core.score import Score
 
 #: Explanation roles: the explainer's own candidates, another neuron's explanation scored on this
@@ -135,3 +136,19 @@ class NeuronRow:
     """Fraction of tokens with a positive activation."""
     selectivity: float
     """The selectivity statistic."""
+
+
+@dataclass(frozen=True)
+class NeuronBundle:
+    """Everything the store holds on one neuron, read in bulk for exports."""
+
+    stats: NeuronStats
+    """Statistics."""
+    records: tuple[ActivationRecord, ...]
+    """Every record (any kind), by kind then rank."""
+    explanations: dict[str, tuple[ScoredExplanation, ...]]
+    """Per tail, newest job first."""
+    related_tokens: dict[str, list[tuple[str, float]]]
+    """Related-token lists."""
+    related_neurons: dict[str, list[tuple[int, int, float]]]
+    """Related-neuron lists."""

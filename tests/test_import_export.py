@@ -19,7 +19,7 @@ import pytest
 from app_helpers import SIZE, screen_text, sync
 from conftest import Result, assert_one_line_error, orphan_records, run_cli
 
-from core.export import export_openai
+from core.export import bundles, export_openai
 from core.importer import import_release
 from core.release import (
     ACTIVATIONS,
@@ -342,3 +342,22 @@ def test_importing_more_layers_of_the_same_folder_grows_the_run(tmp_path: Path) 
                           "holds no L/N.json neuron files in layers 5")
     assert_one_line_error(run_cli(["import-openai", RELEASE, "--layers", "x", "--store", store_path]),
                           "is not a list like 0-5,12")
+
+
+def test_bulk_reads_of_exports_match_the_per_neuron_reads(scored_store: Path, tmp_path: Path) -> None:
+    store_path, _ = imported(tmp_path)
+    kinds = ("top", "bottom", "random", "quantile", "scored")
+    for path in (store_path, scored_store):
+        with Store.open(path, read_only=True) as store:
+            run = store.run()
+            got = list(bundles(store, run.run_id))
+            assert [(b.stats.layer, b.stats.index) for b in got] == store.run_neurons(run.run_id)
+            for b in got:
+                layer, neuron = b.stats.layer, b.stats.index
+                assert repr(b.stats) == repr(store.neuron_stats(run.run_id, layer, neuron))  # NaN != NaN
+                assert list(b.records) == store.records(run.run_id, layer, neuron, kinds=kinds)
+                for tail in ("pos", "neg"):
+                    assert repr(list(b.explanations.get(tail, ()))) == repr(
+                        store.explanations(run.run_id, layer, neuron, tail=tail))
+                assert b.related_tokens == store.related_tokens(run.run_id, layer, neuron)
+                assert b.related_neurons == store.related_neurons(run.run_id, layer, neuron)

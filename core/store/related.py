@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from core.layerdata import quantize
-from core.records import ImportedNeuron
-from core.results import NeuronResult
+from core.records import ActivationRecord, ImportedNeuron
+from core.results import NeuronBundle, NeuronResult, ScoredExplanation
+from core.rows import decode
 from core.store.results import CHOSEN_CTES
 
 RELATED_TABLES = """
@@ -225,6 +226,45 @@ class RelatedMixin:
                 out[table] = self.con.sql(f"SELECT * EXCLUDE (run_id) FROM {table} WHERE run_id = ? "
                                           "ORDER BY layer, neuron, list, rank", params=[run_id]).to_arrow_table()
         return out
+
+    def neuron_bundles(self, run_id: int, layer: int, first: int, last: int) -> list[NeuronBundle]:
+        """Everything on the neurons first..last of a layer (those the run holds), in a handful of queries: what
+        exports read, neuron by neuron, at a thousandth of the queries `records` and `explanations` would take."""
+        where, params = "run_id = ? AND layer = ? AND neuron BETWEEN ? AND ?", [run_id, layer, first, last]
+        stats = self._stats_query(f"WHERE {where} ORDER BY neuron", params)  # type: ignore[attr-defined]
+        records: dict[int, list[ActivationRecord]] = {}
+        for neuron, kind, rank, bin_, excerpt, scale, acts, high, low, tokens in self.con.execute(
+                "SELECT r.neuron, r.kind, r.rank, r.bin, r.excerpt_id, r.scale, r.acts, r.max_act, r.min_act, e.tokens "
+                "FROM records r JOIN excerpts e ON e.run_id = r.run_id AND e.excerpt_id = r.excerpt_id "
+                "WHERE r.run_id = ? AND r.layer = ? AND r.neuron BETWEEN ? AND ? ORDER BY r.neuron, r.kind, r.rank",
+                params).fetchall():
+            records.setdefault(int(neuron), []).append(ActivationRecord(
+                kind=kind, rank=rank, excerpt_id=excerpt, tokens=tuple(tokens), bin=bin_,
+                activations=tuple(decode(scale, acts).tolist()), exact_max=high, exact_min=low))
+        rows = self.con.execute(
+            "SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, neuron "
+            f"FROM explanations WHERE {where} ORDER BY neuron, job_id DESC, explanation_id", params).fetchall()
+        explanations: dict[int, dict[str, list[ScoredExplanation]]] = {}
+        for row, scored in zip(rows, self._scored(rows)):  # type: ignore[attr-defined]
+            explanations.setdefault(int(row[9]), {}).setdefault(row[8], []).append(scored)
+        token_lists: dict[int, dict[str, list[tuple[str, float]]]] = {}
+        neuron_lists: dict[int, dict[str, list[tuple[int, int, float]]]] = {}
+        if self._has_related():
+            for neuron, name, token, value in self.con.execute(
+                    f"SELECT neuron, list, token, value FROM related_tokens WHERE {where} ORDER BY neuron, list, rank",
+                    params).fetchall():
+                token_lists.setdefault(int(neuron), {}).setdefault(name, []).append((token, float(value)))
+            for neuron, name, other, index, value in self.con.execute(
+                    "SELECT neuron, list, other_layer, other_neuron, value FROM related_neurons "
+                    f"WHERE {where} ORDER BY neuron, list, rank", params).fetchall():
+                neuron_lists.setdefault(int(neuron), {}).setdefault(name, []).append(
+                    (int(other), int(index), float(value)))
+        order = {kind: i for i, kind in enumerate(("top", "bottom", "random", "quantile", "scored"))}
+        return [NeuronBundle(
+            stats=s, records=tuple(sorted(records.get(s.index, []), key=lambda r: (order.get(r.kind, 9), r.rank))),
+            explanations={tail: tuple(found) for tail, found in explanations.get(s.index, {}).items()},
+            related_tokens=token_lists.get(s.index, {}), related_neurons=neuron_lists.get(s.index, {}))
+            for s in stats]
 
     def run_neurons(self, run_id: int) -> list[tuple[int, int]]:
         """(layer, neuron) of every neuron a run holds, in order."""

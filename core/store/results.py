@@ -166,6 +166,11 @@ class ResultsMixin:
                 sql += f" AND {column} = ?"
                 params.append(value)
         rows = self.con.execute(sql + " ORDER BY job_id DESC, explanation_id", params).fetchall()
+        return self._scored(rows)
+
+    def _scored(self, rows: Sequence[tuple[Any, ...]]) -> list[ScoredExplanation]:
+        """Explanation rows (explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron,
+        ...) as ScoredExplanations with their simulations and scores, in the rows' order."""
         if not rows:
             return []
         # Their simulations and scores in one query each: the ids (integers from the store) as constants, and their
@@ -184,12 +189,12 @@ class ResultsMixin:
             splits.setdefault(int(eid), {}).setdefault((split, simulator), []).append(
                 Score(method, value, low, high, n, flags or ""))
         return [ScoredExplanation(
-                    text=text, explainer=explainer_, role=role_, sample=sample, selected=bool(selected),
-                    source=(src_layer, src_neuron) if src_layer is not None else None,
-                    simulations=tuple(sims.get(int(eid), ())),
+                    text=r[1], explainer=r[2], role=r[3], sample=r[4], selected=bool(r[5]),
+                    source=(r[6], r[7]) if r[6] is not None else None,
+                    simulations=tuple(sims.get(int(r[0]), ())),
                     splits=tuple(SplitScores(split, simulator, tuple(scores))
-                                 for (split, simulator), scores in splits.get(int(eid), {}).items()))
-                for eid, text, explainer_, role_, sample, selected, src_layer, src_neuron, _tail in rows]
+                                 for (split, simulator), scores in splits.get(int(r[0]), {}).items()))
+                for r in rows]
 
     def candidate_texts(self, run_id: int, layer: int, neuron: int, *, tail: str, explainer: str) -> list[str]:
         """The newest job's candidate explanations of a neuron by an explainer, in sample order."""
