@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--neurons", type=int, default=1000, help="neurons per layer (default: 1000)")
+    parser.add_argument("--workers", type=int, default=1, help="reading processes of the import (default: 1)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep what it writes (default: a temp folder)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="neuronscope-import-"))
@@ -61,7 +62,7 @@ def main() -> None:
         target.unlink(missing_ok=True)
         with Store.open(target) as store:
             t0 = time.perf_counter()
-            report = import_release(store, release)
+            report = import_release(store, release, workers=args.workers)
             store.checkpoint()
             t_import = time.perf_counter() - t0
             assert report.complete and report.imported == n and report.problems == 0, report
@@ -79,7 +80,7 @@ def main() -> None:
               f"{release_bytes * 307_200 / 1e9:.1f} GB at GPT-2 XL's 307,200")
         print(f"imported store: {store_bytes:,.0f} bytes per neuron; store / JSON = {store_bytes / release_bytes:.3f} "
               "(goal <= 0.100)")
-        print(f"import {n / t_import:,.0f} neurons/s ({t_import:.1f} s; {307_200 / (n / t_import) / 3600:.1f} h for "
+        print(f"import ({args.workers} reading process{'es' if args.workers > 1 else ''}) {n / t_import:,.0f} neurons/s ({t_import:.1f} s; {307_200 / (n / t_import) / 3600:.1f} h for "
               f"GPT-2 XL); export openai {n / t_export:,.0f} neurons/s, jsonl {n / t_jsonl:,.0f} neurons/s, "
               f"parquet {t_parquet:.1f} s")
     finally:

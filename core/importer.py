@@ -22,8 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import multiprocessing
+import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,61 +208,63 @@ def _results(n: ReleaseNeuron, records: tuple[ActivationRecord, ...], explanatio
     return NeuronResult(n.layer, n.neuron, "pos", tuple(out)), tuple(scored)
 
 
-@dataclass
-class _Reader:
-    """Reads one neuron's files of a release, reporting (and skipping) what is malformed or missing."""
+@dataclass(frozen=True)
+class _Read:
+    """One neuron's files, parsed: its record (None when that file is unusable), explanations, related lists, and
+    the files that were malformed or missing."""
 
-    root: Path
-    report: Callable[[Path, str], None]
+    record: ReleaseNeuron | None
+    explanations: list[ReleaseExplanation]
+    tokens: dict[str, list[tuple[str, float]]]
+    related: dict[str, list[tuple[int, int, float]]]
+    problems: list[tuple[Path, str]]
 
-    def __post_init__(self) -> None:
-        self.parts = [part for part in (EXPLANATIONS, WEIGHT_TOKENS, LOOKUP_TOKENS, WEIGHT_NEURONS)
-                      if (self.root / part).is_dir()]
 
-    def record(self, layer: int, neuron: int, file: Path) -> ReleaseNeuron | None:
-        try:
-            record = parse_neuron_record(read_json(file))
-        except ReleaseError as err:
-            self.report(file, str(err))
-            return None
+def _read_neuron(root: Path, parts: tuple[str, ...], layer: int, neuron: int, file: Path) -> _Read:
+    """Read and parse one neuron's files (in a worker process when the import has several); never raises for a
+    file's content."""
+    problems: list[tuple[Path, str]] = []
+    try:
+        record = parse_neuron_record(read_json(file))
         if (record.layer, record.neuron) != (layer, neuron):
-            self.report(file, f"it holds neuron {record.layer}/{record.neuron}, not {layer}/{neuron}")
-            return None
-        return record
+            raise ReleaseError(f"it holds neuron {record.layer}/{record.neuron}, not {layer}/{neuron}")
+    except ReleaseError as err:
+        return _Read(None, [], {}, {}, [(file, str(err))])
+    explanations: list[ReleaseExplanation] = []
+    tokens: dict[str, list[tuple[str, float]]] = {}
+    related: dict[str, list[tuple[int, int, float]]] = {}
+    for part in parts:  # the parts the folder has must hold a file for every neuron
+        path = release_path(root, part, layer, neuron)
+        try:
+            if not path.exists():
+                raise ReleaseError("missing")
+            obj = read_json(path)
+            if part == EXPLANATIONS:
+                ident, found = parse_explanations(obj)
+                if ident != (layer, neuron):
+                    raise ReleaseError(f"it holds neuron {ident[0]}/{ident[1]}, not {layer}/{neuron}")
+                explanations = found
+            elif part == WEIGHT_TOKENS:
+                tokens.update(parse_weight_tokens(obj))
+            elif part == LOOKUP_TOKENS:
+                tokens["lookup"] = parse_lookup_tokens(obj)
+            else:
+                related = parse_related_neurons(obj)
+        except ReleaseError as err:
+            problems.append((path, str(err)))
+    return _Read(record, explanations, tokens, related, problems)
 
-    def extras(self, layer: int, neuron: int) -> tuple[list[ReleaseExplanation], dict[str, list[tuple[str, float]]],
-                                                      dict[str, list[tuple[int, int, float]]]]:
-        """The neuron's explanations, related-token lists and related-neuron lists (empty where a file is absent or
-        malformed: the parts the release folder has must hold a file for every neuron)."""
-        explanations: list[ReleaseExplanation] = []
-        tokens: dict[str, list[tuple[str, float]]] = {}
-        related: dict[str, list[tuple[int, int, float]]] = {}
-        for part in self.parts:
-            file = release_path(self.root, part, layer, neuron)
-            try:
-                if not file.exists():
-                    raise ReleaseError("missing")
-                obj = read_json(file)
-                if part == EXPLANATIONS:
-                    ident, found = parse_explanations(obj)
-                    if ident != (layer, neuron):
-                        raise ReleaseError(f"it holds neuron {ident[0]}/{ident[1]}, not {layer}/{neuron}")
-                    explanations = found
-                elif part == WEIGHT_TOKENS:
-                    tokens.update(parse_weight_tokens(obj))
-                elif part == LOOKUP_TOKENS:
-                    tokens["lookup"] = parse_lookup_tokens(obj)
-                else:
-                    related = parse_related_neurons(obj)
-            except ReleaseError as err:
-                self.report(file, str(err))
-        return explanations, tokens, related
+
+def _ignore_interrupts() -> None:
+    """Worker processes leave Ctrl-C to the importing process, which stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, layers: tuple[int, ...] | None = None,
-                   batch: int = BATCH, progress: Callable[[str, int, int], None] | None = None,
+                   batch: int = BATCH, workers: int = 1, progress: Callable[[str, int, int], None] | None = None,
                    problem: Callable[[Path, str], None] | None = None) -> ImportReport:
-    """Import a release folder into the store (resuming a run of the same folder); see the module docstring."""
+    """Import a release folder into the store (resuming a run of the same folder); see the module docstring. With
+    `workers` above 1, that many processes read and parse the files while this one writes."""
     root = release_root(path)
     files = [f for f in neuron_files(root, ACTIVATIONS) if layers is None or f[0] in layers]
     if not files:
@@ -288,7 +294,8 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         if problem:
             problem(file, message)
 
-    reader = _Reader(root, report)
+    parts = tuple(p for p in (EXPLANATIONS, WEIGHT_TOKENS, LOOKUP_TOKENS, WEIGHT_NEURONS) if (root / p).is_dir())
+    todo = [(layer, neuron, file) for layer, neuron, file in files if (layer, neuron) not in present]
     pending: list[tuple[ImportedNeuron, NeuronResult]] = []
 
     def flush(done: int) -> None:
@@ -300,17 +307,22 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         if progress:
             progress("import", done, len(files))
 
+    executor = None
+    reads: Iterator[_Read] = (_read_neuron(root, parts, *item) for item in todo)
+    if workers > 1 and len(todo) > batch:
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_ignore_interrupts)
+        layer_ids, neuron_ids, paths = zip(*todo)
+        reads = executor.map(_read_neuron, repeat(root), repeat(parts), layer_ids, neuron_ids, paths, chunksize=16)
     try:
-        for done, (layer, neuron, file) in enumerate(files, 1):
-            if (layer, neuron) in present:
+        for done, read in enumerate(reads, len(present) + 1):
+            for file, message in read.problems:
+                report(file, message)
+            if read.record is None:
                 continue
-            record = reader.record(layer, neuron, file)
-            if record is None:
-                continue
-            records = _records(record, pool)
-            explanations, tokens, related = reader.extras(layer, neuron)
-            result, scored = _results(record, records, explanations, pool)
-            pending.append((ImportedNeuron(_stats(record), records + scored, tokens, related), result))
+            records = _records(read.record, pool)
+            result, scored = _results(read.record, records, read.explanations, pool)
+            pending.append((ImportedNeuron(_stats(read.record), records + scored, read.tokens, read.related), result))
             if len(pending) >= batch:
                 flush(done)
         flush(len(files))
@@ -318,6 +330,9 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         pending.clear()  # the batch in hand is dropped whole; a rerun reads it again
         store.set_job_state(job_id, "interrupted")
         return ImportReport(run_id, written, len(present), problems, False)
+    finally:
+        if executor:
+            executor.shutdown(wait=False, cancel_futures=True)
     store.set_job_state(job_id, "complete")
     store.set_run_status(run_id, "complete", n_excerpts=store.next_excerpt_id(run_id))
     return ImportReport(run_id, written, len(present), problems, True)

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 from app_helpers import SIZE, screen_text, sync
-from conftest import Result, assert_one_line_error, orphan_records, run_cli
+from conftest import Result, assert_one_line_error, orphan_records, run_cli, run_rows
 
 from core.export import bundles, export_openai
 from core.importer import import_release
@@ -361,3 +361,19 @@ def test_bulk_reads_of_exports_match_the_per_neuron_reads(scored_store: Path, tm
                         store.explanations(run.run_id, layer, neuron, tail=tail))
                 assert b.related_tokens == store.related_tokens(run.run_id, layer, neuron)
                 assert b.related_neurons == store.related_neurons(run.run_id, layer, neuron)
+
+
+def test_worker_processes_import_the_same_rows(tmp_path: Path) -> None:
+    release = _corrupt_release(tmp_path)  # problems are reported the same way from workers
+    reports, problems = [], []
+    for workers in (1, 2):
+        found: list[tuple[Path, str]] = []
+        with Store.open(tmp_path / f"w{workers}.duckdb") as store:
+            reports.append(import_release(store, release, batch=1, workers=workers,
+                                          problem=lambda f, m, out=found: out.append((f, m))))
+            rows = run_rows(store, reports[-1].run_id)
+            rows["explanations"] = store.con.execute("SELECT layer, neuron, text, selected FROM explanations "
+                                                     "ORDER BY layer, neuron, sample").fetchall()
+        problems.append((found, rows))
+    assert reports[0] == reports[1] and reports[0].imported == 2
+    assert repr(problems[0]) == repr(problems[1])  # rows hold NaN (unknown density)

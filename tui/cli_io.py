@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
 
     with Store.open(args.store) as store, progress_bars() as progress:
         report = import_release(store, Path(args.path), model=args.model, layers=_parse_layers(args.layers),
-                                progress=progress, problem=problem)
+                                workers=args.workers, progress=progress, problem=problem)
         store.checkpoint()
     if report.problems > SHOWN_PROBLEMS:
         err.print(Text(f"... and {report.problems - SHOWN_PROBLEMS:,} more files skipped", style="yellow"))
@@ -116,6 +117,8 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
                                 "related-neurons/)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name the run is shown under (default: {DEFAULT_MODEL})")
     p.add_argument("--layers", help="import only these layers, e.g. 0-5,12 (default: all)")
+    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 1) - 1)),
+                   help="processes that read and parse the files while one writes (default: CPU cores - 1, at most 8)")
     store_arg(p)
     p.set_defaults(func=cmd_import_openai)
 
