@@ -173,8 +173,14 @@ def _excerpt(obj: Any, where: str) -> Excerpt:
     return Excerpt(tokens, activations)
 
 
+def _excerpt_list(items: Any, where: str) -> tuple[Excerpt, ...]:
+    if not isinstance(items, list):
+        raise ReleaseError(f"{where} is not a list")
+    return tuple(_excerpt(r, f"{where}[{i}]") for i, r in enumerate(items))
+
+
 def _excerpts(obj: Any, name: str, where: str) -> tuple[Excerpt, ...]:
-    return tuple(_excerpt(r, f"{where}.{name}[{i}]") for i, r in enumerate(_field(obj, name, list, where)))
+    return _excerpt_list(_field(obj, name, list, where), f"{where}.{name}")
 
 
 def neuron_id(obj: Any, where: str) -> tuple[int, int]:
@@ -189,24 +195,16 @@ def parse_neuron_record(obj: Any, where: str = "NeuronRecord") -> ReleaseNeuron:
     layer, neuron = neuron_id(obj, where)
     top = _excerpts(obj, "most_positive_activation_records", where)
     random = _excerpts(obj, "random_sample", where)
-    bins_obj = obj.get("random_sample_by_quantile")
-    quantile: tuple[tuple[Excerpt, ...], ...] = ()
-    if bins_obj is not None:
-        if not isinstance(bins_obj, list):
-            raise ReleaseError(f"{where}: 'random_sample_by_quantile' is not a list")
-        quantile = tuple(tuple(_excerpt(r, f"{where}.random_sample_by_quantile[{b}][{i}]") for i, r in enumerate(
-            bin_ if isinstance(bin_, list) else _not_list(f"{where}.random_sample_by_quantile[{b}]")))
-            for b, bin_ in enumerate(bins_obj))
+    bins = obj.get("random_sample_by_quantile") or []  # null when the release did not track quantiles
+    if not isinstance(bins, list):
+        raise ReleaseError(f"{where}.random_sample_by_quantile is not a list")
+    quantile = tuple(_excerpt_list(b, f"{where}.random_sample_by_quantile[{i}]") for i, b in enumerate(bins))
     boundaries_obj = obj.get("quantile_boundaries")
     boundaries = _numbers(boundaries_obj, f"{where}.quantile_boundaries") if boundaries_obj is not None else ()
     if not top:
         raise ReleaseError(f"{where} has no most_positive_activation_records")
     moments = [_number(obj.get(name), f"{where}.{name}") for name in ("mean", "variance", "skewness", "kurtosis")]
     return ReleaseNeuron(layer, neuron, top, random, quantile, boundaries, *moments)
-
-
-def _not_list(where: str) -> list[Any]:
-    raise ReleaseError(f"{where} is not a list")
 
 
 def parse_explanations(obj: Any, where: str = "NeuronSimulationResults") -> tuple[tuple[int, int], list[ReleaseExplanation]]:
