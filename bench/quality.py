@@ -60,6 +60,9 @@ def main() -> None:
                              "measured on the same explanations")
     parser.add_argument("--where", default="", help="neuron filter, e.g. 'density < 0.5'")
     parser.add_argument("--seed", type=int, default=0, help="jobs' seed (bootstraps, decoys, sampled candidates)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also print what token lookups reach on the same tails (how far a token-level explanation "
+                             "can go), and the explanations' quotes valued at their train means")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
@@ -75,8 +78,57 @@ def main() -> None:
         for mode in modes:
             table(store, run, args, mode, scorers,
                   lambda spec: backends.setdefault(spec, make_backend(spec, device=args.device)))
+        if args.ceiling:
+            ceiling(store, run, args)
     for backend in backends.values():
         backend.close()
+
+
+def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
+    """Test-split r of token lookups built from each tail's train excerpts, and of the newest explanations' quotes
+    valued at their mean on the train excerpts: what any explanation the quotes mode reads could reach."""
+    from core.explain import lookup_of
+    from core.llm.baseline import lookup_predict
+    from core.prompts import on_scale
+    from core.score import score
+    from core.selection import parse_where
+    from core.simulation import quoted
+    from core.splits import split_records
+
+    def folded(token: str) -> str:
+        return token.strip().casefold()
+
+    rows: dict[str, list[float]] = defaultdict(list)
+    for tail in args.tails.split(","):
+        for layer, neuron in store.choose_neurons(run.run_id, layers=None, order="selectivity",
+                                                  where=parse_where(args.where), limit=args.neurons, seed=args.seed):
+            splits = split_records(store.records(run.run_id, layer, neuron, kinds=("top", "bottom", "random")), tail)
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for e in splits.train:
+                for token, value in zip(e.tokens, on_scale(e.target, splits.scale_max).tolist()):
+                    if token.strip():
+                        sums[folded(token)][0] += value
+                        sums[folded(token)][1] += 1
+            means = {key: total / count for key, (total, count) in sums.items()}
+            ranked = [key for key in sorted(means, key=lambda k: -means[k]) if means[key] >= 1.0]
+            texts = store.candidate_texts(run.run_id, layer, neuron, tail=tail, explainer=args.explainer)
+            quotes = {folded(q) for q in quoted(texts[0])} if texts else set()
+            tables = {
+                "token baseline (8 tokens, exact)": None,
+                "lookup, 8 tokens, case-folded": {k: means[k] for k in ranked[:8]},
+                "lookup, every train token, case-folded": {k: means[k] for k in ranked},
+                "explanation's quotes at their train means": {k: means.get(k, 0.0) for k in quotes},
+            }
+            lookup = lookup_of(splits)
+            for name, table in tables.items():
+                predicted = [lookup_predict(lookup, e.tokens) if table is None else
+                             np.array([table.get(folded(t), 0.0) for t in e.tokens], np.float32) for e in splits.test]
+                rows[name].append(score([e.kind for e in splits.test], [e.target for e in splits.test], predicted,
+                                        scale_max=splits.scale_max, resamples=10)["all"].value)
+    print(f"token lookups on the same {len(rows['token baseline (8 tokens, exact)'])} tails (test split, r):")
+    for name, values in rows.items():
+        mean, low, high = mean_ci(values)
+        print(f"  {name:42} {mean:7.3f} [{low:7.3f}, {high:7.3f}] {sum(v >= 0.5 for v in values):7d}")
 
 
 def table(store: Store, run: RunInfo, args: argparse.Namespace, mode: str, scorers: tuple[str, ...],
