@@ -99,6 +99,7 @@ def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
         return token.strip().casefold()
 
     rows: dict[str, list[float]] = defaultdict(list)
+    unseen: dict[str, list[float]] = defaultdict(list)  # per tail: share of its firing test tokens the train lacks
     for tail in args.tails.split(","):
         for layer, neuron in store.choose_neurons(run.run_id, layers=None, order="selectivity",
                                                   where=parse_where(args.where), limit=args.neurons, seed=args.seed):
@@ -119,6 +120,10 @@ def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
                 "lookup, every train token, case-folded": {k: means[k] for k in ranked},
                 "explanation's quotes at their train means": {k: means.get(k, 0.0) for k in quotes},
             }
+            fires = [folded(t) for e in splits.test if e.kind == "top" for t, v in zip(e.tokens, e.target.tolist())
+                     if v >= 0.4 * splits.scale_max]
+            if fires:
+                unseen[tail].append(sum(t not in sums for t in fires) / len(fires))
             lookup = lookup_of(splits)
             for name, table in tables.items():
                 predicted = [lookup_predict(lookup, e.tokens) if table is None else
@@ -129,6 +134,9 @@ def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
     for name, values in rows.items():
         mean, low, high = mean_ci(values)
         print(f"  {name:42} {mean:7.3f} [{low:7.3f}, {high:7.3f}] {sum(v >= 0.5 for v in values):7d}")
+    for tail, shares in unseen.items():
+        print(f"  {tail} tails: {np.mean(shares):.0%} of the tokens firing in the top test excerpts (at 40 % of the "
+              "scale or more) never occur in the train excerpts")
 
 
 def table(store: Store, run: RunInfo, args: argparse.Namespace, mode: str, scorers: tuple[str, ...],
