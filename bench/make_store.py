@@ -254,12 +254,19 @@ def main() -> None:
     parser.add_argument("--excerpts", type=int, default=100_000, help="excerpt pool the records point into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-related", action="store_true", help="leave out the related tokens and neurons")
+    parser.add_argument("--measure", action="store_true", help="measure a store this script built before (same "
+                                                               "--layers and --neurons) instead of building one")
     parser.add_argument("--json-sample", type=int, default=200, help="neurons written as OpenAI JSON to measure")
     args = parser.parse_args()
-    if args.path.exists():
-        sys.exit(f"{args.path} exists: remove it or pass another path")
-    t = build(args.path, layers=args.layers, neurons=args.neurons, explained=args.explained, seed=args.seed,
-              excerpts=args.excerpts, related=not args.no_related)
+    if args.measure:
+        if not args.path.exists():
+            sys.exit(f"no store at {args.path} to measure")
+        t = {"bytes": float(args.path.stat().st_size), "neurons": float(args.layers * args.neurons)}
+    elif args.path.exists():
+        sys.exit(f"{args.path} exists: remove it, pass another path, or add --measure to measure it")
+    else:
+        t = build(args.path, layers=args.layers, neurons=args.neurons, explained=args.explained, seed=args.seed,
+                  excerpts=args.excerpts, related=not args.no_related)
     n = int(t["neurons"])
     per_neuron = t["bytes"] / n
     rng = np.random.default_rng(args.seed + 1)
@@ -269,8 +276,9 @@ def main() -> None:
         full, short = openai_json_bytes(store, run_id, sample)
     print(f"\nneurons {n:,} ({args.layers} x {args.neurons}), excerpt pool {args.excerpts:,}, "
           f"explained {args.explained:.0%}")
-    print(f"build {t['build']:.0f} s (generate {t['generate']:.0f} s, records {t['records']:.0f} s, "
-          f"results {t['results']:.0f} s)")
+    if "build" in t:
+        print(f"build {t['build']:.0f} s (generate {t['generate']:.0f} s, records and related lists "
+              f"{t['records']:.0f} s, results {t['results']:.0f} s)")
     print(f"store {t['bytes'] / 1e9:.2f} GB = {per_neuron:,.0f} bytes per neuron (records, stats, explanations, "
           "simulations, scores, related lists)")
     for label, size in (("numbers as exported", full), ("numbers rounded to 3 decimals", short)):

@@ -2,7 +2,7 @@
 
 - `parquet`: a folder of Parquet files: `neurons.parquet` (statistics, each neuron's newest selected positive-tail
   explanation and its test score), `explanations.parquet` (every explanation, one row per score),
-  `related_tokens.parquet` and `related_neurons.parquet`.
+  and `related.parquet` (each neuron's related-token and related-neuron lists, one row per list).
 - `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README "Exports").
 - `openai`: the layout of OpenAI's GPT-2 XL release (core.release), so tools written for it read our runs:
   collated-activations/, explanations/ (the positive tail's candidates and user sentences with test-split
@@ -106,8 +106,9 @@ def bundles(store: Store, run_id: int, neurons: Sequence[tuple[int, int]] | None
     done = 0
     for layer in sorted({layer for layer, _ in chosen}):
         indices = [n for l_, n in chosen if l_ == layer]
-        for start in range(0, len(indices), CHUNK):
-            part = indices[start:start + CHUNK]
+        while indices:  # a range of at most CHUNK neuron indices at a time, so a sparse choice reads little
+            part = [n for n in indices if n < indices[0] + CHUNK]
+            indices = indices[len(part):]
             for bundle in store.neuron_bundles(run_id, layer, part[0], part[-1]):
                 if (layer, bundle.stats.index) in wanted:
                     yield bundle

@@ -252,7 +252,7 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
     result = run_cli(["export", "--format", "parquet", "--out", folder, "--store", store_path])
     assert result.code == 0, result.err
     assert sorted(p.name for p in folder.iterdir()) == [
-        "explanations.parquet", "neurons.parquet", "related_neurons.parquet", "related_tokens.parquet"]
+        "explanations.parquet", "neurons.parquet", "related.parquet"]
     neurons = pq.read_table(folder / "neurons.parquet").to_pylist()
     assert [(r["layer"], r["neuron"]) for r in neurons] == NEURONS
     assert neurons[0]["explanation"] == 'the word "cat"' and neurons[0]["score"] == pytest.approx(1.0)
@@ -260,7 +260,12 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
                       "AND text = 'the word \"cat\"' ORDER BY method").fetchall()
     assert [m for m, _ in rows] == ["all", "published", "r2", "random", "top"]
     assert dict(rows)["published"] == 0.97
-    assert duckdb.sql(f"SELECT count(*) FROM '{folder / 'related_tokens.parquet'}'").fetchall()[0][0] == 3 * 14
+    related = pq.read_table(folder / "related.parquet").to_pylist()
+    assert len(related) == 3 * 5 + 3 * 2  # 5 token lists per neuron; 2 neuron lists (one side of the 2 layers)
+    lookup = next(r for r in related if (r["layer"], r["neuron"], r["list"]) == (0, 3, "lookup"))
+    assert lookup["tokens"] == [" cat", " mat"] and lookup["values"] == [pytest.approx(4.1), pytest.approx(0.3)]
+    up = next(r for r in related if (r["layer"], r["neuron"], r["list"]) == (1, 0, "upstream_positive"))
+    assert (up["tokens"], up["other_layers"], up["other_neurons"]) == (None, [0, 0], [3, 7])
 
     jsonl = tmp_path / "neurons.jsonl"
     assert run_cli(["export", "--format", "jsonl", "--out", jsonl, "--store", store_path]).code == 0

@@ -27,18 +27,21 @@ def test_related_stores_what_the_weights_give_and_show_prints_it(cli_store: tupl
         subject = load_subject(run.model, device="cpu", dtype="float32")
         tokens = store.related_tokens(run.run_id, layer, 5)
         neurons = store.related_neurons(run.run_id, layer, 5)
-        rows = store.con.execute("SELECT count(*) FROM related_tokens").fetchall()[0][0]
+        rows = store.con.execute("SELECT count(*), sum(len(tokens)) FROM related").fetchall()[0]
     expected = input_tokens(subject.model, layer, 4)
     assert [t for t, _ in tokens["input_positive"]] == subject.token_strings(expected.positive_ids[5])
     assert [v for _, v in tokens["input_negative"]] == pytest.approx(expected.negative_values[5].tolist(), rel=1e-5)
     up = upstream_neurons(subject.model, layer, 4)
     assert neurons["upstream_positive"] == [(layer - 1, int(i), pytest.approx(float(v), rel=1e-5))
                                             for i, v in zip(up.positive_ids[5], up.positive_values[5])]
-    assert rows == 4 * 4 * len(run.layers) * run.neurons_per_layer  # 4 token lists of 4, every neuron
+    # Every neuron: 4 token lists of 4 tokens, and 2 neuron lists per adjacent layer the model has.
+    width, last = run.neurons_per_layer, subject.n_layers - 1
+    sides = sum((layer > 0) + (layer < last) for layer in run.layers)
+    assert rows == (4 * len(run.layers) * width + 2 * sides * width, 4 * 4 * len(run.layers) * width)
     # A second run replaces the lists instead of adding to them.
     assert run_cli(["related", "--store", path, "--top", "4"]).code == 0
     with Store.open(path, read_only=True) as store:
-        assert store.con.execute("SELECT count(*) FROM related_tokens").fetchall()[0][0] == rows
+        assert store.con.execute("SELECT count(*), sum(len(tokens)) FROM related").fetchall()[0] == rows
     shown = run_cli(["show", f"{layer}/5", "--store", path])
     assert shown.code == 0 and "Related tokens and neurons" in shown.out and "upstream +" in shown.out
 

@@ -162,8 +162,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
         records = store.records(run.run_id, layer, index)
         explanations = store.explanations(run.run_id, layer, index)
-        related = related_lines(store.related_tokens(run.run_id, layer, index),
-                                store.related_neurons(run.run_id, layer, index))
+        related = related_lines(*store.related(run.run_id, layer, index))
     scale = scale_of(records)
     out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
     out.print(stats_table(stats, run.settings.quantiles))

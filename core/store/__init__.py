@@ -166,6 +166,7 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
             self.con = Store.open(self.path, read_only=True).con
             raise
         self.con, self.read_only = writer.con, False
+        self.__dict__.pop("_related_tables", None)  # the writable open makes them if they were missing
 
     def __enter__(self) -> Store:
         return self
@@ -219,7 +220,7 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
             self.con.execute("UPDATE runs SET status = ?, error = ? WHERE run_id = ?", [status, error, run_id])
 
     def _delete_run_data(self, run_id: int) -> None:
-        tables = ["excerpts", "neurons", "records"] + (["related_tokens", "related_neurons"] if self._has_related() else [])
+        tables = ["excerpts", "neurons", "records"] + (["related"] if self._has_related() else [])
         for table in tables:
             self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 

@@ -1,7 +1,7 @@
 """The store's imported neurons and related tokens/neurons: runs filled from another tool's files (core.importer)
 and the related-token and related-neuron lists shown beside a neuron. Mixed into core.store.Store.
 
-The two related tables were added without a schema version bump (`RELATED_TABLES`, made with a new store and by
+The related table was added without a schema version bump (`RELATED_TABLES`, made with a new store and by
 the first writable open of an older one); reading a store opened read-only that lacks them gives empty lists.
 """
 
@@ -19,11 +19,9 @@ from core.rows import decode
 from core.store.results import CHOSEN_CTES
 
 RELATED_TABLES = """
-CREATE TABLE IF NOT EXISTS related_tokens (
-    run_id INTEGER, layer SMALLINT, neuron INTEGER, list VARCHAR, rank SMALLINT, token VARCHAR, value REAL);
-CREATE TABLE IF NOT EXISTS related_neurons (
-    run_id INTEGER, layer SMALLINT, neuron INTEGER, list VARCHAR, rank SMALLINT, other_layer SMALLINT,
-    other_neuron INTEGER, value REAL);
+CREATE TABLE IF NOT EXISTS related (
+    run_id INTEGER, layer SMALLINT, neuron INTEGER, list VARCHAR, tokens VARCHAR[], other_layers SMALLINT[],
+    other_neurons INTEGER[], "values" REAL[]);
 """
 
 
@@ -48,8 +46,13 @@ class RelatedMixin:
     con: Any
 
     def _has_related(self) -> bool:
-        rows = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'related_tokens'")
-        return bool(rows.fetchall()[0][0])
+        """Whether the store has the related tables (asked once per open store: a writable open makes them, and
+        nothing drops them)."""
+        known = self.__dict__.get("_related_tables")
+        if known is None:
+            rows = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'related'")
+            known = self.__dict__["_related_tables"] = bool(rows.fetchall()[0][0])
+        return bool(known)
 
     def next_excerpt_id(self, run_id: int) -> int:
         """The first excerpt id a run has not used."""
@@ -139,72 +142,69 @@ class RelatedMixin:
     def _write_related(self, run_id: int, lists: Sequence[tuple[int, int, dict[str, list[tuple[str, float]]],
                                                                 dict[str, list[tuple[int, int, float]]]]],
                        *, replace: bool = False) -> None:
+        """One row per neuron and list, its entries in list columns (a neuron's lists are one small read)."""
         import pyarrow as pa
 
-        tokens = [(layer, neuron, name, rank, token, value) for layer, neuron, token_lists, _ in lists
-                  for name, entries in token_lists.items() for rank, (token, value) in enumerate(entries)]
-        others = [(layer, neuron, name, rank, other, index, value) for layer, neuron, _, neuron_lists in lists
-                  for name, entries in neuron_lists.items() for rank, (other, index, value) in enumerate(entries)]
+        rows: list[tuple[Any, ...]] = [
+            (layer, neuron, name, [t for t, _ in entries], None, None, [v for _, v in entries])
+            for layer, neuron, token_lists, _ in lists for name, entries in token_lists.items()]
+        rows += [(layer, neuron, name, None, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+                 for layer, neuron, _, neuron_lists in lists for name, entries in neuron_lists.items()]
+        if not rows:
+            return
+        columns = list(zip(*rows))
+        table = pa.table({
+            "run_id": pa.array(np.full(len(rows), run_id, np.int32)),
+            "layer": pa.array(columns[0], pa.int16()),
+            "neuron": pa.array(columns[1], pa.int32()),
+            "list": pa.array(columns[2], pa.string()),
+            "tokens": pa.array(columns[3], pa.list_(pa.string())),
+            "other_layers": pa.array(columns[4], pa.list_(pa.int16())),
+            "other_neurons": pa.array(columns[5], pa.list_(pa.int32())),
+            "values": pa.array(columns[6], pa.list_(pa.float32())),
+        })
         if replace:
-            for table, rows in (("related_tokens", tokens), ("related_neurons", others)):
-                keys = sorted({(row[0], row[1], row[2]) for row in rows})
-                if keys:
-                    self.con.register("_keys_in", pa.table({
-                        "layer": pa.array([k[0] for k in keys], pa.int16()),
-                        "neuron": pa.array([k[1] for k in keys], pa.int32()),
-                        "list": pa.array([k[2] for k in keys], pa.string())}))
-                    self.con.execute(f"DELETE FROM {table} t USING _keys_in k WHERE t.run_id = ? AND t.layer = k.layer "
-                                     "AND t.neuron = k.neuron AND t.list = k.list", [run_id])
-                    self.con.unregister("_keys_in")
-        if tokens:
-            self._insert("related_tokens", "run_id, layer, neuron, list, rank, token, value", pa.table({  # type: ignore[attr-defined]
-                "run_id": pa.array(np.full(len(tokens), run_id, np.int32)),
-                "layer": pa.array([t[0] for t in tokens], pa.int16()),
-                "neuron": pa.array([t[1] for t in tokens], pa.int32()),
-                "list": pa.array([t[2] for t in tokens], pa.string()),
-                "rank": pa.array([t[3] for t in tokens], pa.int16()),
-                "token": pa.array([t[4] for t in tokens], pa.string()),
-                "value": pa.array([t[5] for t in tokens], pa.float32()),
-            }))
-        if others:
-            self._insert("related_neurons", "run_id, layer, neuron, list, rank, other_layer, other_neuron, value",  # type: ignore[attr-defined]
-                         pa.table({
-                             "run_id": pa.array(np.full(len(others), run_id, np.int32)),
-                             "layer": pa.array([t[0] for t in others], pa.int16()),
-                             "neuron": pa.array([t[1] for t in others], pa.int32()),
-                             "list": pa.array([t[2] for t in others], pa.string()),
-                             "rank": pa.array([t[3] for t in others], pa.int16()),
-                             "other_layer": pa.array([t[4] for t in others], pa.int16()),
-                             "other_neuron": pa.array([t[5] for t in others], pa.int32()),
-                             "value": pa.array([t[6] for t in others], pa.float32()),
-                         }))
+            self.con.register("_keys_in", table.select(["layer", "neuron", "list"]))
+            self.con.execute("DELETE FROM related t USING _keys_in k WHERE t.run_id = ? AND t.layer = k.layer "
+                             "AND t.neuron = k.neuron AND t.list = k.list", [run_id])
+            self.con.unregister("_keys_in")
+        self._insert("related", 'run_id, layer, neuron, list, tokens, other_layers, other_neurons, "values"', table)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _related_rows(rows: Sequence[tuple[Any, ...]]) -> tuple[dict[str, list[tuple[str, float]]],
+                                                               dict[str, list[tuple[int, int, float]]]]:
+        """(list, tokens, other_layers, other_neurons, values) rows as (token lists, neuron lists)."""
+        tokens: dict[str, list[tuple[str, float]]] = {}
+        neurons: dict[str, list[tuple[int, int, float]]] = {}
+        for name, names, layers, indices, values in rows:
+            if names is not None:
+                tokens[name] = [(t, float(v)) for t, v in zip(names, values)]
+            else:
+                neurons[name] = [(int(a), int(b), float(v)) for a, b, v in zip(layers, indices, values)]
+        return tokens, neurons
+
+    def related(self, run_id: int, layer: int, neuron: int) -> tuple[dict[str, list[tuple[str, float]]],
+                                                                      dict[str, list[tuple[int, int, float]]]]:
+        """A neuron's related-token lists (name -> [(token, value)]) and related-neuron lists (name -> [(layer,
+        neuron, weight)]), each in rank order."""
+        if not self._has_related():
+            return {}, {}
+        return self._related_rows(self.con.execute(
+            'SELECT list, tokens, other_layers, other_neurons, "values" FROM related WHERE run_id = ? AND layer = ? '
+            "AND neuron = ? ORDER BY list", [run_id, layer, neuron]).fetchall())
 
     def related_tokens(self, run_id: int, layer: int, neuron: int) -> dict[str, list[tuple[str, float]]]:
-        """A neuron's related-token lists: name -> [(token, value)] in rank order."""
-        if not self._has_related():
-            return {}
-        out: dict[str, list[tuple[str, float]]] = {}
-        for name, token, value in self.con.execute(
-                "SELECT list, token, value FROM related_tokens WHERE run_id = ? AND layer = ? AND neuron = ? "
-                "ORDER BY list, rank", [run_id, layer, neuron]).fetchall():
-            out.setdefault(name, []).append((token, float(value)))
-        return out
+        """A neuron's related-token lists (see `related`)."""
+        return self.related(run_id, layer, neuron)[0]
 
     def related_neurons(self, run_id: int, layer: int, neuron: int) -> dict[str, list[tuple[int, int, float]]]:
-        """A neuron's related-neuron lists: name -> [(layer, neuron, weight)] in rank order."""
-        if not self._has_related():
-            return {}
-        out: dict[str, list[tuple[int, int, float]]] = {}
-        for name, other, index, value in self.con.execute(
-                "SELECT list, other_layer, other_neuron, value FROM related_neurons WHERE run_id = ? AND layer = ? "
-                "AND neuron = ? ORDER BY list, rank", [run_id, layer, neuron]).fetchall():
-            out.setdefault(name, []).append((int(other), int(index), float(value)))
-        return out
+        """A neuron's related-neuron lists (see `related`)."""
+        return self.related(run_id, layer, neuron)[1]
 
     def export_tables(self, run_id: int) -> dict[str, Any]:
         """A run's tables for a Parquet export, as Arrow tables: `neurons` (statistics, each with its newest selected
         positive-tail explanation and that explanation's test score), `explanations` (every explanation, one row per
-        score: split, simulator, method, value, interval), `related_tokens` and `related_neurons`."""
+        score: split, simulator, method, value, interval) and `related` (a neuron's related lists, one row per list)."""
         out = {
             "neurons": self.con.sql(
                 f"WITH {_CHOSEN_POS} "
@@ -222,9 +222,8 @@ class RelatedMixin:
                 "s.method", params=[run_id]).to_arrow_table(),
         }
         if self._has_related():
-            for table in ("related_tokens", "related_neurons"):
-                out[table] = self.con.sql(f"SELECT * EXCLUDE (run_id) FROM {table} WHERE run_id = ? "
-                                          "ORDER BY layer, neuron, list, rank", params=[run_id]).to_arrow_table()
+            out["related"] = self.con.sql("SELECT * EXCLUDE (run_id) FROM related WHERE run_id = ? "
+                                          "ORDER BY layer, neuron, list", params=[run_id]).to_arrow_table()
         return out
 
     def neuron_bundles(self, run_id: int, layer: int, first: int, last: int) -> list[NeuronBundle]:
@@ -247,24 +246,22 @@ class RelatedMixin:
         explanations: dict[int, dict[str, list[ScoredExplanation]]] = {}
         for row, scored in zip(rows, self._scored(rows)):  # type: ignore[attr-defined]
             explanations.setdefault(int(row[9]), {}).setdefault(row[8], []).append(scored)
-        token_lists: dict[int, dict[str, list[tuple[str, float]]]] = {}
-        neuron_lists: dict[int, dict[str, list[tuple[int, int, float]]]] = {}
+        related: dict[int, list[tuple[Any, ...]]] = {}
         if self._has_related():
-            for neuron, name, token, value in self.con.execute(
-                    f"SELECT neuron, list, token, value FROM related_tokens WHERE {where} ORDER BY neuron, list, rank",
-                    params).fetchall():
-                token_lists.setdefault(int(neuron), {}).setdefault(name, []).append((token, float(value)))
-            for neuron, name, other, index, value in self.con.execute(
-                    "SELECT neuron, list, other_layer, other_neuron, value FROM related_neurons "
-                    f"WHERE {where} ORDER BY neuron, list, rank", params).fetchall():
-                neuron_lists.setdefault(int(neuron), {}).setdefault(name, []).append(
-                    (int(other), int(index), float(value)))
+            for row in self.con.execute(
+                    f'SELECT neuron, list, tokens, other_layers, other_neurons, "values" FROM related WHERE {where} '
+                    "ORDER BY neuron, list", params).fetchall():
+                related.setdefault(int(row[0]), []).append(row[1:])
         order = {kind: i for i, kind in enumerate(("top", "bottom", "random", "quantile", "scored"))}
-        return [NeuronBundle(
-            stats=s, records=tuple(sorted(records.get(s.index, []), key=lambda r: (order.get(r.kind, 9), r.rank))),
-            explanations={tail: tuple(found) for tail, found in explanations.get(s.index, {}).items()},
-            related_tokens=token_lists.get(s.index, {}), related_neurons=neuron_lists.get(s.index, {}))
-            for s in stats]
+        out = []
+        for stat in stats:
+            token_lists, neuron_lists = self._related_rows(related.get(stat.index, []))
+            out.append(NeuronBundle(
+                stats=stat,
+                records=tuple(sorted(records.get(stat.index, []), key=lambda r: (order.get(r.kind, 9), r.rank))),
+                explanations={tail: tuple(found) for tail, found in explanations.get(stat.index, {}).items()},
+                related_tokens=token_lists, related_neurons=neuron_lists))
+        return out
 
     def run_neurons(self, run_id: int) -> list[tuple[int, int]]:
         """(layer, neuron) of every neuron a run holds, in order."""

@@ -65,8 +65,8 @@ class NeuronScreen(Screen[None]):
             parts.append(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
         else:
             parts += [stats_table(stats, run.settings.quantiles), Text("histogram ", style="bold") + histogram_text(stats)]
-        self.related = self.store.related_neurons(run.run_id, layer, neuron)
-        related = related_lines(self.store.related_tokens(run.run_id, layer, neuron), self.related)
+        tokens, self.related = self.store.related(run.run_id, layer, neuron)
+        related = related_lines(tokens, self.related)
         if related:
             parts += [Text(""), Text("Related tokens and neurons (g: go to one)" if self.related else
                                      "Related tokens", style="bold underline"), *related]
