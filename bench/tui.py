@@ -152,10 +152,11 @@ def neuron_sample(store: Store, run_id: int, n: int) -> tuple[list[tuple[int, in
 
 def bench_open_queries(store: Store, run_id: int, neurons: list[tuple[int, int]], label: str) -> list[Row]:
     """What NeuronScreen.compose asks the store, and the renderables it builds, without Textual."""
-    from tui.render import explanation_renderables, histogram_text, record_line, scale_of, stats_table
+    from tui.render import explanation_renderables, histogram_text, record_line, related_lines, scale_of, stats_table
 
     run = store.run(run_id)
-    parts: dict[str, list[float]] = {"neuron_stats": [], "records": [], "explanations": [], "renderables": []}
+    parts: dict[str, list[float]] = {"neuron_stats": [], "records": [], "explanations": [], "related": [],
+                                     "renderables": []}
     for layer, neuron in neurons:
         t0 = time.perf_counter()
         stats_ = store.neuron_stats(run_id, layer, neuron)
@@ -164,15 +165,18 @@ def bench_open_queries(store: Store, run_id: int, neurons: list[tuple[int, int]]
         t2 = time.perf_counter()
         explanations = store.explanations(run_id, layer, neuron)
         t3 = time.perf_counter()
+        related = store.related(run_id, layer, neuron)
+        t3b = time.perf_counter()
         scale = scale_of(records)
         assert stats_ is not None
         stats_table(stats_, run.settings.quantiles)
         histogram_text(stats_)
         explanation_renderables(explanations, records, scale, 5)
+        related_lines(*related)
         for rec in records:
             record_line(rec, scale)
         t4 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t4 - t3b)):
             parts[key].append(value)
     total = [sum(v) for v in zip(*parts.values())]
     return [("open", f"{label}: {key}", value, OPEN_MS) for key, value in parts.items()] + [
