@@ -1,4 +1,5 @@
-"""`neuronscope import-openai` and `neuronscope export`: other tools' files in, ours out."""
+"""`neuronscope import-openai`, `export` and `related`: other tools' files in, ours out, and what a run's model weights
+say about its neurons."""
 
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def cmd_related(args: argparse.Namespace) -> int:
     from core.related import related_lists
     from core.subject import load_subject
 
+    if args.top < 1:
+        raise UserError("--top must be at least 1")
     with Store.open(args.store) as store:
         run = store.run(args.run)
         layers = _parse_layers(args.layers) or run.layers
@@ -107,7 +110,7 @@ def cmd_related(args: argparse.Namespace) -> int:
 
 
 def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
-    """The import-openai and export subcommands."""
+    """The import-openai, export and related subcommands."""
     from core.export import FORMATS
     from core.importer import DEFAULT_MODEL
 

@@ -2,7 +2,7 @@
 and the related-token and related-neuron lists shown beside a neuron. Mixed into core.store.Store.
 
 The related table was added without a schema version bump (`RELATED_TABLES`, made with a new store and by
-the first writable open of an older one); reading a store opened read-only that lacks them gives empty lists.
+the first writable open of an older one); reading a store opened read-only that lacks it gives empty lists.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class RelatedMixin:
     con: Any
 
     def _has_related(self) -> bool:
-        """Whether the store has the related tables (asked once per open store: a writable open makes them, and
+        """Whether the store has the related table (asked once per open store: a writable open makes them, and
         nothing drops them)."""
         known = self.__dict__.get("_related_tables")
         if known is None:
