@@ -25,6 +25,7 @@ from core.release import (
     EXPLANATIONS,
     LOOKUP_TOKENS,
     RELEASE_SCALE,
+    TOKEN_LISTS,
     WEIGHT_NEURONS,
     WEIGHT_TOKENS,
     Excerpt,
@@ -196,7 +197,7 @@ def export_openai(store: Store, run_id: int, out: Path, progress: Progress | Non
         # an importer reports a missing one.
         write(EXPLANATIONS, layer, neuron, explanations_json(layer, neuron, _release_explanations(b)))
         tokens = b.related_tokens
-        if any(name in tokens for name in ("input_positive", "input_negative", "output_positive", "output_negative")):
+        if any(name in tokens for name in TOKEN_LISTS[:4]):  # the weight-based lists
             write(WEIGHT_TOKENS, layer, neuron, weight_tokens_json(tokens))
         if "lookup" in tokens:
             write(LOOKUP_TOKENS, layer, neuron, lookup_tokens_json(tokens["lookup"]))

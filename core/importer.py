@@ -144,7 +144,7 @@ class ExcerptPool:
         """Excerpts first seen since the last `take_new`."""
 
     def id_of(self, tokens: tuple[str, ...]) -> int:
-        key = hashlib.blake2b("\x00".join(tokens).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        key = hashlib.blake2b(json.dumps(tokens).encode(), digest_size=16).digest()  # unambiguous for any tokens
         found = self._ids.get(key)
         if found is None:
             found = self._ids[key] = self.next_id
@@ -284,7 +284,7 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
     key = f"import:{run_id}"
     job = store.find_job(key)
     job_id = job[0] if job else store.create_job(run_id, "import", json.dumps({"path": str(root)}), key, len(files))
-    present = store.stored_neurons(run_id)
+    present = store.stored_neurons(run_id) & {(layer, neuron) for layer, neuron, _ in files}
     pool = ExcerptPool(store.next_excerpt_id(run_id))
     problems = written = 0
 

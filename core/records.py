@@ -159,7 +159,7 @@ class ImportedNeuron:
     stats: NeuronStats
     """Statistics (count 0 and NaN where the files have none)."""
     records: tuple[ActivationRecord, ...]
-    """Its records, with excerpt ids of the run (one excerpt per record)."""
+    """Its records, with excerpt ids of the run (records with the same tokens share one)."""
     related_tokens: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     """core.release.TOKEN_LISTS name -> [(token, value)], strongest first."""
     related_neurons: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)

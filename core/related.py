@@ -367,14 +367,12 @@ def related_lists(model: Any, layer: int, strings: Callable[[list[int]], list[st
         tokens[f"{side}_positive"] = (top.positive_ids, top.positive_values)
         tokens[f"{side}_negative"] = (top.negative_ids, top.negative_values)
     neurons: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
-    if layer > 0:
-        top = upstream_neurons(model, layer, k)
-        neurons["upstream_positive"] = (layer - 1, top.positive_ids, top.positive_values)
-        neurons["upstream_negative"] = (layer - 1, top.negative_ids, top.negative_values)
-    if layer < n_layers(model) - 1:
-        top = downstream_neurons(model, layer, k)
-        neurons["downstream_positive"] = (layer + 1, top.positive_ids, top.positive_values)
-        neurons["downstream_negative"] = (layer + 1, top.negative_ids, top.negative_values)
+    for side, other, neighbours in (("upstream", layer - 1, upstream_neurons),
+                                    ("downstream", layer + 1, downstream_neurons)):
+        if 0 <= other < n_layers(model):
+            top = neighbours(model, layer, k)
+            neurons[f"{side}_positive"] = (other, top.positive_ids, top.positive_values)
+            neurons[f"{side}_negative"] = (other, top.negative_ids, top.negative_values)
     names = {name: _names(strings, ids) for name, (ids, _) in tokens.items()}
     width = next(iter(tokens.values()))[0].shape[0]
     return [(layer, n,

@@ -343,6 +343,8 @@ def test_importing_more_layers_of_the_same_folder_grows_the_run(tmp_path: Path) 
         run = store.run()
         assert (run.layers, len(store.runs())) == ((0, 1), 1)
         assert store.stored_neurons(run.run_id) == set(NEURONS)
+    again = run_cli(["import-openai", RELEASE, "--layers", "1", "--store", store_path])
+    assert again.code == 0 and "0 neurons imported, 1 already there" in again.err  # counts the layers asked for
     assert_one_line_error(run_cli(["import-openai", RELEASE, "--layers", "5", "--store", store_path]),
                           "holds no L/N.json neuron files in layers 5")
     assert_one_line_error(run_cli(["import-openai", RELEASE, "--layers", "x", "--store", store_path]),

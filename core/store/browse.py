@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.results import NeuronRow
-from core.store.results import CHOSEN_CTES
+from core.store.results import CHOSEN_POS_CTES
 from core.store.schema import StoreError
 
 #: Sort orders of the browser: columns of the browse table, each sorted with NULLS LAST and ties broken by position.
@@ -22,7 +22,7 @@ BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density"
 #: Every neuron of a run with its newest selected pos-tail explanation and that explanation's headline score: the
 #: joins every browse query needs, made once per connection into a temporary table (`_browse_table`).
 _BROWSE_BASE = f"""
-WITH {CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('candidate', 'user')")}
+WITH {CHOSEN_POS_CTES}
 SELECT n.layer, n.neuron, c.explanation_id, coalesce(c.text, '') AS text, h.value, h.ci_low, h.ci_high, n.max_act,
        n.density, n.selectivity
 FROM neurons n

@@ -16,16 +16,13 @@ from core.layerdata import quantize
 from core.records import ActivationRecord, ImportedNeuron
 from core.results import NeuronBundle, NeuronResult, ScoredExplanation
 from core.rows import decode
-from core.store.results import CHOSEN_CTES
+from core.store.results import CHOSEN_POS_CTES
 
 RELATED_TABLES = """
 CREATE TABLE IF NOT EXISTS related (
     run_id INTEGER, layer SMALLINT, neuron INTEGER, list VARCHAR, tokens VARCHAR[], other_layers SMALLINT[],
     other_neurons INTEGER[], "values" REAL[]);
 """
-
-
-_CHOSEN_POS = CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('candidate', 'user')")
 
 
 def _quantized(rows: Sequence[Sequence[float]]) -> tuple[list[float], list[bytes]]:
@@ -207,7 +204,7 @@ class RelatedMixin:
         score: split, simulator, method, value, interval) and `related` (a neuron's related lists, one row per list)."""
         out = {
             "neurons": self.con.sql(
-                f"WITH {_CHOSEN_POS} "
+                f"WITH {CHOSEN_POS_CTES} "
                 "SELECT n.layer, n.neuron, n.count, n.mean, n.variance, n.skewness, n.kurtosis, n.max_act, n.min_act, "
                 "n.density, n.selectivity, n.quantile_edges, c.text AS explanation, c.explainer, h.value AS score, "
                 "h.ci_low AS score_low, h.ci_high AS score_high FROM neurons n "

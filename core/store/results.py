@@ -32,6 +32,11 @@ CHOSEN_CTES = """chosen AS (
         )"""
 
 
+#: The CTEs for the newest selected positive-tail explanation (a candidate or user sentence) of every neuron: what
+#: the browser and the Parquet export show beside a neuron.
+CHOSEN_POS_CTES = CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('candidate', 'user')")
+
+
 class ResultsMixin:
     con: Any
     _thread_cursors: threading.local
