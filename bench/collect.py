@@ -24,14 +24,15 @@ def throughput(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from core.collect import collect, parse_layers
-    from core.corpus import CorpusSpec, cut_excerpts
-    from core.records import CollectSettings
-    from core.store import Store
-    from core.subject import load_subject
+    from neuronscope.core.collection.collect import collect
+    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.ids import parse_layers
+    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.records import CollectSettings
+    from neuronscope.core.store import Store
 
     subject = load_subject(args.model, device=args.device, dtype=args.dtype)
-    layers = parse_layers(args.layers, subject.n_layers)
+    layers = parse_layers(args.layers, range(subject.n_layers)) or ()
     excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
     batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
     n = len(excerpts.excerpt_ids)
@@ -91,7 +92,7 @@ def peak_rss(args: argparse.Namespace) -> None:
     rows = []
     for n in (args.rss, 4 * args.rss):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "tui.cli", "collect", "--store", str(Path(tmp) / "s.duckdb"),
+            cmd = [sys.executable, "-m", "neuronscope.tui.cli", "collect", "--store", str(Path(tmp) / "s.duckdb"),
                    "--max-excerpts", str(n), "--model", args.model, "--top", "1"]
             if args.layers:
                 cmd += ["--layers", args.layers]

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_store import build  # noqa: E402
 
-from core.export import export_jsonl, export_openai, export_parquet  # noqa: E402
-from core.importer import import_release  # noqa: E402
-from core.store import Store  # noqa: E402
+from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet  # noqa: E402
+from neuronscope.core.interop.importer import import_release  # noqa: E402
+from neuronscope.core.store import Store  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:

@@ -26,11 +26,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.layerdata import CELLS, HIST_EDGES, LayerResult, LayerSummary, Samples  # noqa: E402
-from core.records import CollectSettings  # noqa: E402
-from core.results import NeuronResult, ScoredExplanation, Simulation, SplitScores  # noqa: E402
-from core.score import METHODS, Score  # noqa: E402
-from core.store import Store  # noqa: E402
+from neuronscope.core.explanation.score import METHODS  # noqa: E402
+from neuronscope.core.layerdata import CELLS, HIST_EDGES, LayerResult, LayerSummary, Samples  # noqa: E402
+from neuronscope.core.records import CollectSettings  # noqa: E402
+from neuronscope.core.results import (  # noqa: E402
+    NeuronResult,
+    Score,  # noqa: E402
+    ScoredExplanation,
+    Simulation,
+    SplitScores,
+)
+from neuronscope.core.store import Store  # noqa: E402
 
 SETTINGS = CollectSettings(top_k=20, bottom_k=0, random_k=20, quantile_k=5)
 LENGTH = SETTINGS.length
@@ -189,7 +195,7 @@ def openai_json_bytes(store: Store, run_id: int, neurons: list[tuple[int, int]])
     """Mean bytes of one neuron in the OpenAI release layout (`export --format openai` of the sampled neurons:
     records, statistics, explanations, related tokens and neurons), with numbers as exported and rounded to 3
     decimals."""
-    from core.export import export_openai
+    from neuronscope.core.interop.export import export_openai
 
     with tempfile.TemporaryDirectory() as folder:
         export_openai(store, run_id, Path(folder) / "release", neurons=neurons)

@@ -28,9 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:
-    from core.llm.base import Backend
-    from core.records import RunInfo
-    from core.store import Store
+    from neuronscope.core.llm.base import Backend
+    from neuronscope.core.records import RunInfo
+    from neuronscope.core.store import Store
 
 ROLES = (("candidate", "explanation"), ("shuffled", "shuffled control"), ("baseline", "token baseline"))
 
@@ -66,9 +66,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    from core.llm.base import make_backend
-    from core.simulation import DEFAULT_SIMULATION
-    from core.store import Store
+    from neuronscope.core.choices import DEFAULT_SIMULATION
+    from neuronscope.core.llm.base import make_backend
+    from neuronscope.core.store import Store
 
     scorers = tuple(n.strip() for n in args.scorers.split(",") if n.strip())
     modes = [m.strip() for m in (args.simulation or DEFAULT_SIMULATION).split(",") if m.strip()]
@@ -87,13 +87,13 @@ def main() -> None:
 def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
     """Test-split r of token lookups built from each tail's train excerpts, and of the newest explanations' quotes
     valued at their mean on the train excerpts: what any explanation the quotes mode reads could reach."""
-    from core.explain import lookup_of
-    from core.llm.baseline import lookup_predict
-    from core.prompts import on_scale
-    from core.score import score
-    from core.selection import parse_where
-    from core.simulation import quoted
-    from core.splits import split_records
+    from neuronscope.core.explanation.explain import lookup_of
+    from neuronscope.core.explanation.score import score
+    from neuronscope.core.explanation.simulation import quoted
+    from neuronscope.core.explanation.splits import split_records
+    from neuronscope.core.jobs.selection import parse_where
+    from neuronscope.core.llm.baseline import lookup_predict
+    from neuronscope.core.llm.prompts import on_scale
 
     def folded(token: str) -> str:
         return token.strip().casefold()
@@ -142,8 +142,8 @@ def ceiling(store: Store, run: RunInfo, args: argparse.Namespace) -> None:
 def table(store: Store, run: RunInfo, args: argparse.Namespace, mode: str, scorers: tuple[str, ...],
           factory: Callable[[str], Backend]) -> None:
     """Run (or answer from the log) one job per tail in a simulation mode and print its table."""
-    from core.jobs import Job, JobSettings, Selection
-    from core.selection import parse_where
+    from neuronscope.core.jobs.engine import Job, JobSettings, Selection
+    from neuronscope.core.jobs.selection import parse_where
 
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)  # (role, method) -> values over tails
     paired: dict[str, list[tuple[float, float]]] = defaultdict(list)  # method -> (explanation, baseline) per tail

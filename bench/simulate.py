@@ -25,7 +25,7 @@ def token_by_token(backend, prompts) -> list[list[float]]:  # type: ignore[no-un
     distribution after each token's tab, writing the most likely digit before moving on."""
     import torch
 
-    from core.prompts import TOP
+    from neuronscope.core.records import TOP
 
     model, device = backend.lm.model, backend.lm.device
     scale = torch.arange(TOP + 1, dtype=torch.float32)
@@ -53,9 +53,9 @@ def token_by_token(backend, prompts) -> list[list[float]]:  # type: ignore[no-un
 def speed(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from core.llm.base import make_backend
-    from core.splits import split_records
-    from core.store import Store
+    from neuronscope.core.explanation.splits import split_records
+    from neuronscope.core.llm.base import make_backend
+    from neuronscope.core.store import Store
 
     backend = make_backend(args.simulator, device=args.device)
     with Store.open(args.store, read_only=True) as store:

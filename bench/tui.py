@@ -1,5 +1,5 @@
 """The neuron browser at GPT-2 XL scale: app start, sorts, filters, positions and opening a neuron, against the
-targets of issue 4 (a sort or filter under 100 ms at p95, opening a neuron under 50 ms).
+targets (a sort or filter under 100 ms at p95, opening a neuron under 50 ms).
 
     python bench/tui.py                                   # builds /tmp/neuronscope-xl.duckdb first if missing
     python bench/tui.py --store /tmp/xl.duckdb --repeat 20
@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"] + [str(ROOT / "bench")]
 sys.path.insert(0, str(ROOT))
 
-from core.store import Store  # noqa: E402
-from core.store.browse import BROWSE_ORDERS, BrowseQuery  # noqa: E402
+from neuronscope.core.store import Store  # noqa: E402
+from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery  # noqa: E402
 
 SORT_MS, OPEN_MS = 100.0, 50.0
 #: Run in a fresh interpreter: prints seconds from its start to the app's first screen being mounted.
 START_PROBE = """
 import asyncio, sys, time
-from tui.app import NeuronscopeApp
+from neuronscope.tui.app import NeuronscopeApp
 
 async def main() -> None:
     app = NeuronscopeApp(sys.argv[1])
@@ -86,7 +86,7 @@ def wall(cmd: list[str], n: int, until: str | None = None) -> list[float]:
 
 
 def bench_start(path: Path, n: int) -> list[Row]:
-    help_cmd = [sys.executable, "-m", "tui.cli", "--help"]
+    help_cmd = [sys.executable, "-m", "neuronscope.tui.cli", "--help"]
     app_cmd = [sys.executable, "-c", START_PROBE, str(path)]
     return [("start", "neuronscope --help (process)", wall(help_cmd, n), 2000.0),
             ("start", "app first screen (process, headless)", wall(app_cmd, n, until="ready"), 2000.0)]
@@ -152,7 +152,14 @@ def neuron_sample(store: Store, run_id: int, n: int) -> tuple[list[tuple[int, in
 
 def bench_open_queries(store: Store, run_id: int, neurons: list[tuple[int, int]], label: str) -> list[Row]:
     """What NeuronScreen.compose asks the store, and the renderables it builds, without Textual."""
-    from tui.render import explanation_renderables, histogram_text, record_line, related_lines, scale_of, stats_table
+    from neuronscope.tui.render import (
+        explanation_renderables,
+        histogram_text,
+        record_line,
+        related_lines,
+        scale_of,
+        stats_table,
+    )
 
     run = store.run(run_id)
     parts: dict[str, list[float]] = {"neuron_stats": [], "records": [], "explanations": [], "related": [],
@@ -188,7 +195,7 @@ def bench_open_screen(path: Path, neurons: dict[str, list[tuple[int, int]]]) -> 
     same wait for an empty screen: Textual's own floor for any screen in this harness, not the neuron's cost."""
     from textual.screen import Screen
 
-    from tui.app import NeuronscopeApp
+    from neuronscope.tui.app import NeuronscopeApp
 
     rows: list[Row] = []
 

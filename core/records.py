@@ -5,21 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: Kinds of activation records kept per neuron.
-RECORD_KINDS = ("top", "bottom", "random", "quantile")
-
-
-@dataclass(frozen=True)
-class Neuron:
-    """A neuron: the input of the MLP output projection at one position of one layer."""
-
-    layer: int
-    """Transformer block index, from 0."""
-    index: int
-    """Position in the MLP hidden activation (the output projection's input)."""
-
-    def __str__(self) -> str:
-        return f"L{self.layer}/N{self.index}"
+#: Highest digit of the 0-TOP activation scale that prompts show and simulations predict: one token in every
+#: tokenizer we use ("10" is two in Llama/Qwen/Gemma).
+TOP = 9
 
 
 @dataclass(frozen=True)
@@ -57,7 +45,7 @@ class RunInfo:
     model_revision: str
     """Content hash or hub revision of the weights."""
     corpus: str
-    """Stable description of the corpus, from core.corpus.describe."""
+    """Stable description of the corpus, from neuronscope.core.collection.corpus.describe."""
     settings: CollectSettings
     """Collection settings."""
     layers: tuple[int, ...]
@@ -110,7 +98,7 @@ class NeuronStats:
     selectivity: float
     """(Mean of the top-k excerpt maxima - median excerpt maximum) / std of token activations."""
     histogram: tuple[int, ...] = field(default=(), repr=False)
-    """Token counts per bin of core.grid.HIST_EDGES."""
+    """Token counts per bin of neuronscope.core.layerdata.HIST_EDGES."""
     quantile_edges: tuple[float, ...] = ()
     """Excerpt-max values at the run's quantiles."""
 
@@ -120,7 +108,7 @@ class ActivationRecord:
     """One excerpt with the neuron's activation at every token."""
 
     kind: str
-    """top, bottom, random or quantile."""
+    """top, bottom, random, quantile, or scored (a sequence an imported explanation was scored on)."""
     rank: int
     """Position within its kind (0 = strongest for top/bottom)."""
     excerpt_id: int
@@ -153,7 +141,7 @@ class ActivationRecord:
 
 @dataclass(frozen=True)
 class ImportedNeuron:
-    """A neuron brought in from another tool's files (core.importer): what a collection would have stored for it,
+    """A neuron brought in from another tool's files (neuronscope.core.interop.importer): what a collection would have stored for it,
     and its related tokens and neurons."""
 
     stats: NeuronStats
@@ -161,6 +149,28 @@ class ImportedNeuron:
     records: tuple[ActivationRecord, ...]
     """Its records, with excerpt ids of the run (records with the same tokens share one)."""
     related_tokens: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
-    """core.release.TOKEN_LISTS name -> [(token, value)], strongest first."""
+    """neuronscope.core.interop.release.TOKEN_LISTS name -> [(token, value)], strongest first."""
     related_neurons: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
-    """core.release.NEURON_LISTS name -> [(layer, neuron, weight)], strongest first."""
+    """neuronscope.core.interop.release.NEURON_LISTS name -> [(layer, neuron, weight)], strongest first."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One exchange with a model, as the audit log keeps it."""
+
+    backend: str
+    """Backend spec, e.g. `local:qwen-1.5b`."""
+    model: str
+    """Model name and revision as the backend knows it."""
+    kind: str
+    """explain or simulate."""
+    prompt: str
+    """The request: prompt text or JSON of messages and parameters."""
+    response: str
+    """The answer as text (JSON for structured answers)."""
+    prompt_tokens: int
+    """Tokens sent."""
+    completion_tokens: int
+    """Tokens generated."""
+    latency_s: float
+    """Wall time of the call."""

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.records import ActivationRecord, NeuronStats
-from core.score import Score
+from neuronscope.core.records import ActivationRecord, NeuronStats
 
-#: Explanation roles: the explainer's own candidates, another neuron's explanation scored on this
-#: neuron's records (the shuffled control), the token-lookup baseline, and a user's sentence.
-ROLES = ("candidate", "shuffled", "baseline", "user")
+
+@dataclass(frozen=True)
+class Score:
+    """One score of one simulation."""
+
+    method: str
+    """all, top, random or r2."""
+    value: float
+    """The score (0 when undefined, with a flag)."""
+    ci_low: float
+    """Lower end of the 95% bootstrap interval."""
+    ci_high: float
+    """Upper end of the 95% bootstrap interval."""
+    n: int
+    """Tokens scored."""
+    flags: str = ""
+    """Comma-separated: constant_prediction, constant_target, no_tokens."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,7 @@ class SplitScores:
     simulator: str
     """Backend spec of the simulator."""
     scores: tuple[Score, ...]
-    """One per method of core.score.METHODS."""
+    """One per method of neuronscope.core.explanation.score.METHODS."""
 
     def get(self, method: str = "all") -> Score | None:
         """The score of one method."""

@@ -13,8 +13,8 @@ from textual.geometry import Region
 from textual.screen import Screen
 from textual.widgets import Static
 
-from tui.widgets.lines import LinesView
-from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
+from neuronscope.tui.widgets.lines import LinesView
+from neuronscope.tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 SIZE = (100, 30)
 

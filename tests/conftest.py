@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from core.store import Store
+from neuronscope.core.store import Store
 
 #: Flags that keep a collection over the tiny model fast (dtype fixed: exact comparisons need fp32).
 FAST = ["--length", "16", "--top-k", "5", "--bottom-k", "5", "--random-k", "4", "--quantile-k", "2",
@@ -140,7 +140,7 @@ class Result:
 
 
 def cli_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "tui.cli", *[str(a) for a in args]]
+    return [sys.executable, "-m", "neuronscope.tui.cli", *[str(a) for a in args]]
 
 
 def run_cli(args: Sequence[str], timeout: float = 120, **env: str) -> Result:
@@ -236,14 +236,14 @@ def big_corpus(session_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def subject(tiny_model: Path):  # type: ignore[no-untyped-def]
     """The tiny model, loaded once in this process (fp32, CPU)."""
-    from core.subject import load_subject
+    from neuronscope.core.models.subject import load_subject
 
     return load_subject(str(tiny_model), device="cpu", dtype="float32")
 
 
 def fast_settings(**changes: object):  # type: ignore[no-untyped-def]
     """CollectSettings equal to what the CLI builds from FAST."""
-    from core.records import CollectSettings
+    from neuronscope.core.records import CollectSettings
 
     values: dict[str, object] = {"length": 16, "top_k": 5, "bottom_k": 5, "random_k": 4, "quantile_k": 2}
     values.update(changes)
@@ -253,9 +253,9 @@ def fast_settings(**changes: object):  # type: ignore[no-untyped-def]
 def collect_into(store_path: Path, subject, corpus: Path, *, settings=None, shard=(0, 1),  # type: ignore[no-untyped-def]
                  batch_size: int = 32, layers: tuple[int, ...] | None = None, reuse: bool = True):
     """Collect in-process through the core API, as `neuronscope collect` does."""
-    from core.collect import collect
-    from core.corpus import CorpusSpec, cut_excerpts
-    from core.store import Store
+    from neuronscope.core.collection.collect import collect
+    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.store import Store
 
     settings = settings or fast_settings()
     excerpts = cut_excerpts(CorpusSpec(str(corpus)), subject.tokenizer, length=settings.length,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from core.prompts import SLOT
+from neuronscope.core.llm.prompts import SLOT
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

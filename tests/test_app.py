@@ -14,14 +14,14 @@ from app_helpers import SIZE, screen_text, sync, table_lines, until
 from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
 from textual.widgets import Input, Label
 
-from core.store import Store
-from core.store.browse import BrowseQuery
-from core.store.schema import StoreError
-from tui.app import NeuronscopeApp
-from tui.screens.filter import FilterScreen
-from tui.screens.modals import HelpScreen
-from tui.screens.neuron import NeuronScreen
-from tui.widgets.neuron_table import NeuronTable
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.core.store.schema import StoreError
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.screens.filter import FilterScreen
+from neuronscope.tui.screens.modals import HelpScreen
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -173,7 +173,7 @@ def test_browse_errors_are_one_line(cli_store, tmp_path: Path) -> None:  # type:
 
 
 def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def]
-    code = ("import sys; from tui.app import NeuronscopeApp; app = NeuronscopeApp(sys.argv[1]); app.store.close(); "
+    code = ("import sys; from neuronscope.tui.app import NeuronscopeApp; app = NeuronscopeApp(sys.argv[1]); app.store.close(); "
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code, str(cli_store[0])], capture_output=True, text=True,
                           env=cli_env(), cwd=ROOT, timeout=60)

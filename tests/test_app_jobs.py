@@ -19,14 +19,14 @@ from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
 from textual.widgets import Label, ProgressBar
 
-from core.jobs import JobSettings
-from core.store import Store
-from core.store.browse import BrowseQuery
-from tui.app import CONFIRM_ABOVE, NeuronscopeApp
-from tui.screens.modals import MessageScreen
-from tui.screens.neuron import NeuronScreen
-from tui.widgets.jobs import PROGRESS_INTERVAL
-from tui.widgets.neuron_table import HEADER_LINES, NeuronTable
+from neuronscope.core.jobs.engine import JobSettings
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.tui.app import CONFIRM_ABOVE, NeuronscopeApp
+from neuronscope.tui.screens.modals import MessageScreen
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.jobs import PROGRESS_INTERVAL
+from neuronscope.tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -175,7 +175,7 @@ def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> Non
     """A store held for writing by another process: a one-line error naming its PID, before the app starts."""
     path = tmp_path / "held.duckdb"
     shutil.copy(cli_store[0], path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from neuronscope.core.store import Store; "
                                "s = Store.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
                               stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
     try:
@@ -189,7 +189,7 @@ def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> Non
 @sync
 async def test_a_job_needs_the_store_to_itself(fresh_store: Path) -> None:
     """Another process reading the store blocks writing: e explains why in a modal, and browsing goes on."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from core.store import Store; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from neuronscope.core.store import Store; "
                                "s = Store.open(sys.argv[1], read_only=True); print('held', flush=True); "
                                "time.sleep(60)", str(fresh_store)],
                               stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)

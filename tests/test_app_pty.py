@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_command, cli_env
 
-from core.store import Store
-from core.store.browse import BrowseQuery
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

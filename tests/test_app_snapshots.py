@@ -25,8 +25,8 @@ import pytest
 from conftest import MARKERS
 from textual.pilot import Pilot
 
-from tui.app import NeuronscopeApp
-from tui.screens.neuron import NeuronScreen
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.screens.neuron import NeuronScreen
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])

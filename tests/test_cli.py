@@ -25,7 +25,7 @@ from conftest import (
     run_cli,
 )
 
-from core.store import Store
+from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -85,8 +85,8 @@ def collect_failures(tmp_path_factory, tiny_model, corpus_dir):  # type: ignore[
         "binary-corpus": (base("c", **{"--corpus": tmp / "binary.bin"}), ("binary.bin", "binary")),
         "unknown-model": (base("d", **{"--model": "nosuchmodel"}), ("unknown model", "nosuchmodel", "smollm2-135m")),
         "folder-without-config": (base("e", **{"--model": tmp / "no-config"}), ("no-config", "config.json")),
-        "layers-reversed": ([*base("f"), "--layers", "7-2"], ("invalid layer range", "7-2")),
-        "layers-out-of-range": ([*base("g"), "--layers", "0-99"], ("0-99", "layers 0-2")),
+        "layers-reversed": ([*base("f"), "--layers", "7-2"], ("reversed range", "7-2")),
+        "layers-out-of-range": ([*base("g"), "--layers", "0-99"], ("layer 3", "layers here: 0-2")),
         "bad-shard": ([*base("h"), "--shard", "3/2"], ("invalid shard", "3/2")),
         "max-excerpts-0": ([*base("i"), "--max-excerpts", "0"], ("--max-excerpts", "at least 1")),
         "store-is-folder": (base("j", **{"--store": tmp / "folder-store"}), ("folder-store", "folder")),
@@ -175,7 +175,7 @@ def test_top_by_kurtosis(cli_store) -> None:  # type: ignore[no-untyped-def]
     assert "kurtosis" in result.out
 
 
-@pytest.mark.parametrize("spelling", ["1/3", "L1/N3", "L1N3"])
+@pytest.mark.parametrize("spelling", ["1/3", "L1/N3", "L1N3", "1:3", "l1/n3"])
 def test_show(cli_store, spelling: str) -> None:  # type: ignore[no-untyped-def]
     path, _ = cli_store
     result = run_cli(["show", spelling, "--store", path])
@@ -188,7 +188,7 @@ def test_show(cli_store, spelling: str) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(("args", "needles"), [
     (["show", "9/0"], ("L9/N0", "layers 0-2", "neurons 0-47")),
     (["show", "1/48"], ("L1/N48", "neurons 0-47")),
-    (["show", "abc"], ("cannot read neuron", "abc")),
+    (["show", "abc"], ("cannot read the neuron", "abc", "12/345, L12/N345, L12N345 or 12:345")),
     (["show", "1/3", "--run", "99"], ("no run 99", "neuronscope info")),
     (["top", "--run", "99"], ("no run 99",)),
 ], ids=["no-layer", "no-index", "not-a-neuron", "no-run", "top-no-run"])
@@ -263,7 +263,7 @@ def test_hostile_tokens_show_literally(cli_store) -> None:  # type: ignore[no-un
 
 
 def test_model_name_with_markup_is_shown_literally(tmp_path, tiny_model, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from core.subject import load_subject
+    from neuronscope.core.models.subject import load_subject
 
     odd = tmp_path / "chat[/INST]" / "[bold red]model"
     odd.parent.mkdir(parents=True)
@@ -274,3 +274,42 @@ def test_model_name_with_markup_is_shown_literally(tmp_path, tiny_model, corpus_
     result = run_cli(["top", "--store", store, "--limit", "2"])
     assert result.code == 0, result.err
     assert "chat[/INST]/[bold red]model" in result.out
+
+
+def test_every_command_reads_neurons_and_layers_alike(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One neuron grammar and one layer grammar: the same text gives the same answer, or the same one-line error,
+    in show, run, related and import-openai (collect: test_collect_failure_is_one_line)."""
+    path, _ = cli_store
+    release = Path(__file__).parent / "data" / "openai-release"
+    for spelling in ("1/3", "L1/N3", "L1N3", "1:3"):
+        result = run_cli(["run", spelling, "--explainer", "baseline", "--dry-run", "--store", path])
+        assert result.code == 0 and "1 neuron to do" in result.out, result.err
+    for command in (["show", "1-3"], ["run", "1-3", "--explainer", "baseline", "--dry-run"]):
+        assert_one_line_error(run_cli([*command, "--store", path]), "cannot read the neuron '1-3'",
+                              "12/345, L12/N345, L12N345 or 12:345")
+    reversed_range = "--layers '2-1' is a reversed range: write it low-high, e.g. 1-2"
+    for command in (["run", "--explainer", "baseline", "--dry-run", "--store", path],
+                    ["related", "--store", path],
+                    ["import-openai", release, "--store", tmp_path / "imported.duckdb"]):
+        assert_one_line_error(run_cli([*command, "--layers", "2-1"]), reversed_range)
+    assert_one_line_error(run_cli(["import-openai", release, "--layers", "5", "--store", tmp_path / "i.duckdb"]),
+                          "names layer 5, which is not here (the layers here: 0-1)")
+    assert_one_line_error(run_cli(["run", "--layers", "-2", "--explainer", "baseline", "--store", path]),
+                          "cannot read --layers '-2'", "-1 is the last layer")
+    result = run_cli(["run", "--layers", "-1", "--limit", "2", "--explainer", "baseline", "--dry-run", "--store", path])
+    assert result.code == 0 and "2 neurons to do" in result.out, result.err
+    assert not (tmp_path / "imported.duckdb").exists() and not (tmp_path / "i.duckdb").exists()
+
+
+def test_density_means_sparsest_first_in_every_command(cli_store) -> None:  # type: ignore[no-untyped-def]
+    path, _ = cli_store
+    with Store.open(path, read_only=True) as store:
+        ranked = [f"L{s.layer}/N{s.index}" for s in store.top_neurons(1, limit=3, order="density")]
+        densities = [s.density for s in store.top_neurons(1, limit=50, order="density")]
+    assert densities == sorted(densities)
+    top = run_cli(["top", "--order", "density", "--limit", "3", "--store", path])
+    assert top.code == 0 and re.findall(r"L\d/N\d+", top.out) == ranked, top.err
+    explained = run_cli(["explain", "--order", "density", "--limit", "3", "--explainer", "baseline", "--store", path])
+    assert explained.code == 0 and sorted(re.findall(r"L\d/N\d+", explained.out)) == sorted(ranked), explained.err
+    assert "density: sparsest first" in run_cli(["top", "--help"]).out
+    assert "density: sparsest first" in run_cli(["run", "--help"]).out

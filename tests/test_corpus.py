@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import corpus, default_corpus
-from core.corpus import (
+from neuronscope.core.collection import corpus, default_corpus
+from neuronscope.core.collection.corpus import (
     CorpusError,
     CorpusSpec,
     cut_excerpts,
@@ -312,7 +312,7 @@ def test_describe_tracks_content(tmp_path):
 
 def test_import_is_light():
     heavy = "{'pyarrow', 'transformers', 'datasets', 'torch', 'rich', 'textual'}"
-    code = f"import sys, core.corpus; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, neuronscope.core.collection.corpus; print(sorted({heavy} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", code],

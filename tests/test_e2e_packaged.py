@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.collect import collect, parse_layers
-from core.corpus import CorpusSpec, cut_excerpts
-from core.records import CollectSettings
-from core.store import Store
-from core.subject import load_subject
+from neuronscope.core.collection.collect import collect
+from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+from neuronscope.core.models.subject import load_subject
+from neuronscope.core.records import CollectSettings
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def collected(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     subject = load_subject("smollm2-135m", device="cpu", dtype="float32")  # fp32: exact top-k
     excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=32, max_excerpts=96, seed=1)
     settings = CollectSettings(length=32, top_k=8, bottom_k=8, random_k=4, quantile_k=2, max_excerpts=96, seed=1)
-    layers = parse_layers("3,17", subject.n_layers)
+    layers = (3, 17)
     store = Store.open(tmp_path_factory.mktemp("e2e") / "s.duckdb")
     result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=16)
     yield subject, store, result

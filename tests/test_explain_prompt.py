@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.prompts import (
+from neuronscope.core.llm.prompts import (
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
     EXPLAIN_SYSTEM,
     LISTED_TOKENS,
     MARK_SHARE,
-    TOP,
     Example,
     explain_prompt,
     fewshot,
@@ -21,6 +20,7 @@ from core.prompts import (
     on_scale,
     show_token,
 )
+from neuronscope.core.records import TOP
 
 # -- explainer prompt ----------------------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ import pytest
 from app_helpers import SIZE, screen_text, sync
 from conftest import Result, assert_one_line_error, orphan_records, run_cli, run_rows
 
-from core.export import bundles, export_openai
-from core.importer import import_release
-from core.release import (
+from neuronscope.core.interop.export import bundles, export_openai
+from neuronscope.core.interop.importer import import_release
+from neuronscope.core.interop.release import (
     ACTIVATIONS,
     EXPLANATIONS,
     ReleaseError,
@@ -32,7 +32,7 @@ from core.release import (
     parse_weight_tokens,
     read_json,
 )
-from core.store import Store
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -53,7 +53,7 @@ def test_import_brings_every_part_of_the_release_in(tmp_path: Path) -> None:
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
         assert (run.model, run.layers, run.status) == ("gpt2-xl", (0, 1), "complete")
-        assert store.stored_neurons(run.run_id) == set(NEURONS)
+        assert set(store.run_neurons(run.run_id)) == set(NEURONS)
         source = json.loads((RELEASE / ACTIVATIONS / "0" / "3.json").read_text())
         records = store.records(run.run_id, 0, 3)
         assert [r.tokens for r in records if r.kind == "top"] == [
@@ -120,7 +120,7 @@ def test_an_interrupted_import_resumes_where_it_stopped(tmp_path: Path) -> None:
         report = import_release(store, RELEASE, batch=1, progress=interrupt)
         assert not report.complete and report.imported == 1
         assert store.run(report.run_id).status == "importing"
-        assert store.stored_neurons(report.run_id) == {NEURONS[0]}
+        assert set(store.run_neurons(report.run_id)) == {NEURONS[0]}
         rest = import_release(store, RELEASE, batch=1)
         assert rest.complete and (rest.run_id, rest.imported, rest.present) == (report.run_id, 2, 1)
         assert store.run(report.run_id).status == "complete"
@@ -161,7 +161,7 @@ def test_malformed_and_missing_files_are_reported_and_skipped(tmp_path: Path) ->
     assert "2 neurons imported, 5 files skipped" in result.err
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
-        assert store.stored_neurons(run.run_id) == {(0, 3), (1, 0)}
+        assert set(store.run_neurons(run.run_id)) == {(0, 3), (1, 0)}
         assert store.explanations(run.run_id, 1, 0) == []  # its explanations file was unreadable
         assert "input_positive" not in store.related_tokens(run.run_id, 0, 3)
         assert "lookup" in store.related_tokens(run.run_id, 0, 3)
@@ -307,9 +307,9 @@ def test_parsers_name_the_field_that_is_wrong() -> None:
 
 @sync
 async def test_the_app_shows_related_lists_and_enters_a_related_neuron(tmp_path: Path) -> None:
-    from tui.app import NeuronscopeApp
-    from tui.screens.modals import RelatedScreen
-    from tui.screens.neuron import NeuronScreen
+    from neuronscope.tui.app import NeuronscopeApp
+    from neuronscope.tui.screens.modals import RelatedScreen
+    from neuronscope.tui.screens.neuron import NeuronScreen
 
     store_path, result = imported(tmp_path)
     assert result.code == 0
@@ -337,18 +337,18 @@ def test_importing_more_layers_of_the_same_folder_grows_the_run(tmp_path: Path) 
     first = run_cli(["import-openai", RELEASE, "--layers", "1", "--store", store_path])
     assert first.code == 0, first.err
     with Store.open(store_path, read_only=True) as store:
-        assert (store.run().layers, store.stored_neurons(store.run().run_id)) == ((1,), {(1, 0)})
+        assert (store.run().layers, set(store.run_neurons(store.run().run_id))) == ((1,), {(1, 0)})
     assert run_cli(["import-openai", RELEASE, "--store", store_path]).code == 0
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
         assert (run.layers, len(store.runs())) == ((0, 1), 1)
-        assert store.stored_neurons(run.run_id) == set(NEURONS)
+        assert set(store.run_neurons(run.run_id)) == set(NEURONS)
     again = run_cli(["import-openai", RELEASE, "--layers", "1", "--store", store_path])
     assert again.code == 0 and "0 neurons imported, 1 already there" in again.err  # counts the layers asked for
     assert_one_line_error(run_cli(["import-openai", RELEASE, "--layers", "5", "--store", store_path]),
-                          "holds no L/N.json neuron files in layers 5")
+                          "--layers names layer 5, which is not here (the layers here: 0-1)")
     assert_one_line_error(run_cli(["import-openai", RELEASE, "--layers", "x", "--store", store_path]),
-                          "is not a list like 0-5,12")
+                          "cannot read --layers 'x': write layers like 0-5,12")
 
 
 def test_bulk_reads_of_exports_match_the_per_neuron_reads(scored_store: Path, tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ from conftest import (
     run_rows,
 )
 
-from core.corpus import CorpusSpec, describe
-from core.store import Store
+from neuronscope.core.collection.corpus import CorpusSpec, describe
+from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -158,7 +158,7 @@ def test_kill_9_leaves_an_openable_store(tmp_path, subject, tiny_model, corpus_d
 
 
 def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from core.records import CollectSettings
+    from neuronscope.core.records import CollectSettings
 
     path = tmp_path / "store.duckdb"
     done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))

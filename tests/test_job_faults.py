@@ -12,9 +12,9 @@ import pytest
 from conftest import collect_into, fast_settings
 from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer, error
 
-from core.jobs import JobSettings, Selection, run_job
-from core.prompts import EXPLAIN_SYSTEM, SLOT
-from core.store import Store
+from neuronscope.core.jobs.engine import JobSettings, Selection, run_job
+from neuronscope.core.llm.prompts import EXPLAIN_SYSTEM, SLOT
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 

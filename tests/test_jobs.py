@@ -21,10 +21,10 @@ from conftest import (
     run_cli,
 )
 
-from core.jobs import Job, JobError, JobSettings, Selection, run_job
-from core.llm.base import make_backend
-from core.selection import parse_where
-from core.store import Store
+from neuronscope.core.jobs.engine import Job, JobError, JobSettings, Selection, run_job
+from neuronscope.core.jobs.selection import parse_where
+from neuronscope.core.llm.base import make_backend
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -219,7 +219,7 @@ def test_job_input_errors_are_one_line(cli_store: tuple[Path, object]) -> None:
         (["run", "--where", "density <<< 2", "--explainer", "baseline", "--store", path], "cannot read the filter"),
         (["run", "--where", "colour > 2", "--explainer", "baseline", "--store", path], "selectivity"),
         (["run", "7/1", "--explainer", "baseline", "--store", path], "no neuron L7/N1"),
-        (["run", "x/1", "--explainer", "baseline", "--store", path], "cannot read neuron"),
+        (["run", "x/1", "--explainer", "baseline", "--store", path], "cannot read the neuron"),
         (["run", "--limit", "0", "--explainer", "baseline", "--store", path], "--limit"),
         (["run", "--where", "density > 2", "--explainer", "baseline", "--store", path], "no neuron matches"),
         (["run", "--explainer", "local:/no/such/model", "--store", path], "/no/such/model"),

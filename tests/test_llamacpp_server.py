@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.llm.base import LLMError
-from core.llm.openai_answers import read_echo
-from core.llm.openai_api import OpenAIBackend
-from core.prompts import TOP, ExplainPrompt, fewshot
+from neuronscope.core.llm.base import LLMError
+from neuronscope.core.llm.openai_answers import read_echo
+from neuronscope.core.llm.openai_api import OpenAIBackend
+from neuronscope.core.llm.prompts import ExplainPrompt, fewshot
+from neuronscope.core.records import TOP
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.fail(f"llama-cpp-python's server is not installed (missing {', '.join(missing)}): {INSTALL}")
-    from core.models import PACKAGED
+    from neuronscope.core.models.packaged import PACKAGED
 
     model = PACKAGED["smollm2-135m"].path()
     port = free_port()

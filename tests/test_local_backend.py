@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.llm.base import CallLog, make_backend
-from core.prompts import TOP, Example, explain_prompt, packed_simulation_ids, simulation_ids
+from neuronscope.core.llm.base import CallLog, make_backend
+from neuronscope.core.llm.prompts import Example, explain_prompt, packed_simulation_ids, simulation_ids
+from neuronscope.core.records import TOP
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 

@@ -13,9 +13,9 @@ from conftest import (
     orphan_records,
 )
 
-from core.collect import CollectError, merge
-from core.corpus import CorpusSpec, cut_excerpts
-from core.store import Store
+from neuronscope.core.collection.collect import CollectError, merge
+from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

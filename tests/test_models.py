@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from core.models import PACKAGED, ModelError, assemble_chunks, verify_sha256
+from neuronscope.core.models.packaged import PACKAGED, ModelError, assemble_chunks, verify_sha256
 
 
 def _chunks(tmp_path, parts):  # type: ignore[no-untyped-def]

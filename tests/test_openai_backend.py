@@ -22,9 +22,10 @@ from fake_openai import (
     usage,
 )
 
-from core.llm.base import BudgetExceeded, Call, CallLog, LLMError, make_backend
-from core.llm.openai_api import OpenAIBackend, price_of
-from core.prompts import ExplainPrompt, simulation_text
+from neuronscope.core.llm.base import BudgetExceeded, CallLog, LLMError, make_backend
+from neuronscope.core.llm.openai_api import OpenAIBackend, price_of
+from neuronscope.core.llm.prompts import ExplainPrompt, simulation_text
+from neuronscope.core.records import Call
 
 KEY = "sk-test-SECRET-1234567890"
 TOKENS = ["The", " cat", " sat"]

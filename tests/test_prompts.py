@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 from conftest import hostile_text, prose_text
 
-from core.prompts import (
+from neuronscope.core.llm.prompts import (
     SIMULATE_SYSTEM,
     SLOT,
-    TOP,
     bos_ids,
     digit_ids,
     encode_text,
@@ -31,6 +30,7 @@ from core.prompts import (
     simulation_prefix,
     simulation_text,
 )
+from neuronscope.core.records import TOP
 
 #: Token strings that tend to break prompt builders: spaces, empties, line and tab characters, a chat tag, the
 #: slot character itself, digits, emoji, a lone combining accent, an ANSI escape, other line separators.
@@ -104,8 +104,8 @@ def packaged_tokenizer(name: str) -> Any:
     first load (it dequantises every tensor: about a minute for qwen-0.5b)."""
     from transformers import AutoTokenizer
 
-    from core.models import PACKAGED, cache_dir
-    from core.subject import _quiet_transformers
+    from neuronscope.core.models.packaged import PACKAGED, cache_dir
+    from neuronscope.core.models.subject import _quiet_transformers
 
     _quiet_transformers()
     model = PACKAGED[name]

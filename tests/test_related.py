@@ -1,4 +1,4 @@
-"""core.related against brute force, on tiny random models of every supported architecture.
+"""neuronscope.core.models.relations against brute force, on tiny random models of every supported architecture.
 
 The references share no code with core/related.py. Input tokens run the model's own forward up to
 the first block (so the model applies its own embedding scaling), then the block's MLP input norm
@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.related import TopK, downstream_neurons, input_tokens, n_layers, output_tokens, upstream_neurons
-from core.subject import SubjectError
+from neuronscope.core.models.relations import (
+    TopK,
+    downstream_neurons,
+    input_tokens,
+    n_layers,
+    output_tokens,
+    upstream_neurons,
+)
+from neuronscope.core.models.subject import SubjectError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

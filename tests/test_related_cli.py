@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import Result, assert_one_line_error, run_cli
 
-from core.related import input_tokens, upstream_neurons
-from core.store import Store
-from core.subject import load_subject
+from neuronscope.core.models.relations import input_tokens, upstream_neurons
+from neuronscope.core.models.subject import load_subject
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -53,5 +53,5 @@ def test_related_refuses_a_model_that_is_not_the_runs(cli_store: tuple[Path, Res
     model = tiny.run().model
     tiny.close()
     assert_one_line_error(run_cli(["related", "--store", imported, "--model", model]), "pass the run's own model")
-    assert_one_line_error(run_cli(["related", "--store", imported, "--layers", "7"]), "has no layer 7")
+    assert_one_line_error(run_cli(["related", "--store", imported, "--layers", "7"]), "names layer 7, which is not here")
     assert_one_line_error(run_cli(["related", "--store", imported, "--top", "0"]), "--top must be at least 1")

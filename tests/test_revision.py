@@ -14,9 +14,9 @@ import pytest
 from conftest import collect_into, fast_settings
 from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer
 
-from core.jobs import JobSettings, Selection, run_job
-from core.prompts import REVISION_MISSES, ExplainPrompt, revision_prompt
-from core.store import Store
+from neuronscope.core.jobs.engine import JobSettings, Selection, run_job
+from neuronscope.core.llm.prompts import REVISION_MISSES, ExplainPrompt, revision_prompt
+from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 

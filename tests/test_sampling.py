@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.accumulate import LayerAccumulator
-from core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult
-from core.records import CollectSettings
-from core.sampling import hash_keys
-from core.summarize import moments, quantile_edges, summarize
+from neuronscope.core.collection.accumulate import LayerAccumulator
+from neuronscope.core.collection.sampling import hash_keys
+from neuronscope.core.collection.summarize import moments, quantile_edges, summarize
+from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult
+from neuronscope.core.records import CollectSettings
 
 CPU = torch.device("cpu")
 LAYER = 4
@@ -380,8 +380,8 @@ def _q(summary):  # type: ignore[no-untyped-def]
 
 def test_layers_updated_together_equal_layers_updated_apart() -> None:
     """The GPU path joins layers into one unit axis; it must keep exactly what per-layer updates keep."""
-    from core.accumulate import Accumulator
-    from core.collect import layer_groups
+    from neuronscope.core.collection.accumulate import Accumulator
+    from neuronscope.core.collection.collect import layer_groups
 
     gen = torch.Generator().manual_seed(7)
     layers, f, t = (2, 5, 9), 6, 8

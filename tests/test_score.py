@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from core.llm.baseline import (
+from neuronscope.core.explanation.score import BOOTSTRAP, METHODS, contrast, score
+from neuronscope.core.llm.baseline import (
     MAX_TOKENS,
     MIN_MEAN,
     BaselineBackend,
@@ -17,8 +18,8 @@ from core.llm.baseline import (
     lookup_predict,
     lookup_weights,
 )
-from core.prompts import TOP, Example, explain_prompt
-from core.score import BOOTSTRAP, METHODS, contrast, score
+from neuronscope.core.llm.prompts import Example, explain_prompt
+from neuronscope.core.records import TOP
 
 RESAMPLES = 300  # enough for the interval checks, a few ms per call
 

@@ -14,10 +14,7 @@ import pytest
 from conftest import PLANTED_WORDS, run_cli
 from test_prompts import byte_bpe
 
-from core.llm.baseline import BaselineBackend
-from core.prompts import SLOT, Example
-from core.rating import Item, packed_rating_ids, rating_messages, rating_text
-from core.scorers import (
+from neuronscope.core.explanation.scorers import (
     FIRING,
     MAX_MARKED,
     auroc_score,
@@ -26,7 +23,10 @@ from core.scorers import (
     fuzzing_items,
     rated_score,
 )
-from core.store import Store
+from neuronscope.core.llm.baseline import BaselineBackend
+from neuronscope.core.llm.prompts import SLOT, Example
+from neuronscope.core.llm.rating import Item, packed_rating_ids, rating_messages, rating_text
+from neuronscope.core.store import Store
 
 
 def excerpts(word: str, seed: int = 0, n: int = 6) -> list[Example]:
@@ -175,9 +175,8 @@ def test_planted_neurons_under_every_scorer(planted_store: Path, tmp_path: Path)
 def test_every_score_is_flagged_when_not_above_the_shuffled_control() -> None:
     from rich.console import Console
 
-    from core.results import ScoredExplanation, SplitScores
-    from core.score import Score
-    from tui.render import explanation_renderables
+    from neuronscope.core.results import Score, ScoredExplanation, SplitScores
+    from neuronscope.tui.render import explanation_renderables
 
     def scores(**values: float) -> SplitScores:
         return SplitScores("test", "local:m (quotes)", tuple(Score(m, v, v - 0.05, v + 0.05, 10) for m, v in values.items()))

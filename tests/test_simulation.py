@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.llm.base import CallLog, make_backend
-from core.llm.baseline import BaselineBackend
-from core.prompts import NEUTRAL_EXPLANATION, TOP
-from core.rating import Item, rating_text
-from core.simulation import LAST_QUOTE, quoted, requests, simulate, simulator_name
+from neuronscope.core.explanation.simulation import LAST_QUOTE, quoted, requests, simulate, simulator_name
+from neuronscope.core.llm.base import CallLog, make_backend
+from neuronscope.core.llm.baseline import BaselineBackend
+from neuronscope.core.llm.prompts import NEUTRAL_EXPLANATION
+from neuronscope.core.llm.rating import Item, rating_text
+from neuronscope.core.records import TOP
 
 EXCERPTS = [(" The", " cat", " sat", ".", " Until", " dawn"), ("until", " the", " Cat", " slept", ".")]
 
@@ -103,8 +104,8 @@ def test_quotes_mode_on_the_planted_neurons(planted_store: Path, planted_model: 
 
     from conftest import PLANTED_WORDS
 
-    from core.jobs import JobSettings, Selection, run_job
-    from core.store import Store
+    from neuronscope.core.jobs.engine import JobSettings, Selection, run_job
+    from neuronscope.core.store import Store
 
     path = tmp_path / "planted.duckdb"
     shutil.copy(planted_store, path)

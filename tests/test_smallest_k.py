@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.sampling import SmallestK, composite, composite_ids, hash_keys
+from neuronscope.core.collection.sampling import SmallestK, composite, composite_ids, hash_keys
 
 CPU = torch.device("cpu")
 LAYER = 4

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from core.records import ActivationRecord
-from core.splits import SplitSizes, split_records, tail_target
+from neuronscope.core.explanation.splits import SplitSizes, split_records, tail_target
+from neuronscope.core.records import ActivationRecord
 
 # -- splits ----------------------------------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from conftest import (
     run_rows,
 )
 
-from core.collect import CollectError, parse_layers, parse_shard
-from core.corpus import CorpusSpec, cut_excerpts, describe
-from core.store import SCHEMA_VERSION, Store, StoreError
+from neuronscope.core.collection.collect import CollectError, parse_shard
+from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts, describe
+from neuronscope.core.store import SCHEMA_VERSION, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -145,23 +145,19 @@ def test_record_extremes_match_neuron_stats_for_every_neuron(collected) -> None:
 def test_top_neurons_order(collected) -> None:  # type: ignore[no-untyped-def]
     path, result = collected
     with Store.open(path, read_only=True) as store:
-        for order, attr in (("selectivity", "selectivity"), ("kurtosis", "kurtosis"), ("max", "max"),
-                            ("density", "density")):
+        for order, attr, largest_first in (("selectivity", "selectivity", True), ("kurtosis", "kurtosis", True),
+                                           ("max", "max", True), ("min", "min", False), ("density", "density", False)):
             rows = store.top_neurons(result.run_id, limit=10, order=order)
             values = [getattr(r, attr) for r in rows]
-            assert len(rows) == 10 and values == sorted(values, reverse=True)
+            assert len(rows) == 10 and values == sorted(values, reverse=largest_first), order
+        shuffled = store.top_neurons(result.run_id, limit=10, order="random", seed=1)
+        assert shuffled == store.top_neurons(result.run_id, limit=10, order="random", seed=1) != \
+            store.top_neurons(result.run_id, limit=10, order="random", seed=2)
         with pytest.raises(StoreError, match="cannot order by"):
             store.top_neurons(result.run_id, order="max_act; DROP TABLE runs")
 
 
-def test_parse_layers_and_shard() -> None:
-    assert parse_layers(None, 3) == (0, 1, 2)
-    assert parse_layers("all", 3) == (0, 1, 2)
-    assert parse_layers("0-1,2", 3) == (0, 1, 2)
-    assert parse_layers("-1", 3) == (2,)
-    for bad in ("7-2", "0-99", "x", "2-1", "3"):
-        with pytest.raises(CollectError, match="invalid layer range"):
-            parse_layers(bad, 3)
+def test_parse_shard() -> None:
     assert parse_shard(None) == (0, 1)
     assert parse_shard("1/4") == (1, 4)
     for bad in ("3/2", "2/2", "1", "a/b", "-1/2"):
@@ -172,7 +168,7 @@ def test_parse_layers_and_shard() -> None:
 # -- reuse and separate runs -------------------------------------------------------------------------
 
 def test_reuse_and_runs_never_mix(tmp_path, session_dir, subject, corpus_dir, other_corpus) -> None:  # type: ignore[no-untyped-def]
-    from core.subject import load_subject
+    from neuronscope.core.models.subject import load_subject
 
     path = tmp_path / "store.duckdb"
     base = fast_settings(max_excerpts=48)  # a sample keeps the eight collections below quick
@@ -220,7 +216,7 @@ def test_reuse_and_runs_never_mix(tmp_path, session_dir, subject, corpus_dir, ot
 
 
 def test_different_weights_same_shape_make_a_new_run(tmp_path, session_dir, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from core.subject import load_subject
+    from neuronscope.core.models.subject import load_subject
 
     path = tmp_path / "store.duckdb"
     first = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))

@@ -32,7 +32,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from core.subject import (
+from neuronscope.core.models.subject import (
     Subject,
     SubjectError,
     _bos_prefix,

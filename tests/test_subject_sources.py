@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from core.models import PACKAGED
-from core.subject import (
+from neuronscope.core.models.packaged import PACKAGED
+from neuronscope.core.models.subject import (
     SubjectError,
     choose_device,
     choose_dtype,
@@ -78,7 +78,7 @@ def test_choose_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("float8", "int8", "Float32"):
         with pytest.raises(SubjectError, match="unknown dtype"):
             choose_dtype(bad, CPU)
-    import core.subject as subject_module
+    import neuronscope.core.models.subject as subject_module
 
     monkeypatch.setattr(subject_module, "cpu_has_bf16", lambda: False)
     assert choose_dtype(None, CPU) is torch.float32

@@ -16,16 +16,16 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Header, Input
 
-from core.jobs import JobSettings
-from core.store import Store, StoreError
-from core.store.browse import BROWSE_ORDERS, BrowseQuery
-from tui.commands import NeuronCommands
-from tui.render import visible
-from tui.screens.filter import FilterScreen
-from tui.screens.modals import HelpScreen, MessageScreen
-from tui.screens.neuron import NeuronScreen
-from tui.widgets.jobs import JobHandle, JobsPanel, job_label
-from tui.widgets.neuron_table import NeuronTable
+from neuronscope.core.jobs.engine import JobSettings
+from neuronscope.core.store import Store, StoreError
+from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
+from neuronscope.tui.commands import NeuronCommands
+from neuronscope.tui.render import visible
+from neuronscope.tui.screens.filter import FilterScreen
+from neuronscope.tui.screens.modals import HelpScreen, MessageScreen
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
+from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 #: Sort orders `s` cycles through, with the direction each reads best in.
 SORTS = tuple((order, order != "layer") for order in BROWSE_ORDERS)

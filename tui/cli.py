@@ -14,8 +14,11 @@ from typing import Any
 
 from rich.text import Text
 
-from core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
-from tui.console import UserError, _known_errors, err, interactive, out, progress_bars, status
+from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
+from neuronscope.core.errors import InputError, NeuronscopeError
+from neuronscope.core.ids import NeuronId, layers_text
+from neuronscope.core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
+from neuronscope.tui.console import err, interactive, out, progress_bars, status
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -25,21 +28,22 @@ EXIT_INTERRUPTED = 130
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
-    from core.collect import collect, parse_layers, parse_shard
-    from core.corpus import CorpusSpec, cut_excerpts
-    from core.records import CollectSettings
-    from core.subject import load_subject
+    from neuronscope.core.collection.collect import collect, parse_shard
+    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.ids import parse_layers
+    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.records import CollectSettings
 
     shard = parse_shard(args.shard)
     least = {"length": 1, "batch_size": 1, "max_excerpts": 1, "top_k": 0, "bottom_k": 0, "random_k": 0, "quantile_k": 0}
     for name, minimum in least.items():
         if getattr(args, name) is not None and getattr(args, name) < minimum:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}")
+            raise InputError(f"--{name.replace('_', '-')} must be at least {minimum}")
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
     with Store.open(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
         subject = load_subject(args.model, device=args.device, dtype=args.dtype, status=status)
-        layers = parse_layers(args.layers, subject.n_layers)
+        layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         spec = CorpusSpec(args.corpus, text_field=args.text_field)
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
         with progress_bars() as progress:
@@ -63,7 +67,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:
-    from tui.render import neurons_table
+    from neuronscope.tui.render import neurons_table
 
     run = store.run(run_id)
     rows = store.top_neurons(run_id, limit=limit, order=order)
@@ -99,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             line.append(r.status, style=styles.get(r.status, ""))
             if r.error and r.status != "complete":
                 line.append(f" ({r.error})")
-            line.append(f"  {r.model}  layers {_layers_text(r.layers)} x {r.neurons_per_layer}  "
+            line.append(f"  {r.model}  layers {layers_text(r.layers)} x {r.neurons_per_layer}  "
                         f"{stored['neurons']:,} neurons  {r.n_excerpts:,} excerpts  {r.dtype}"
                         f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
             out.print(line, soft_wrap=True)
@@ -121,50 +125,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layers_text(layers: Sequence[int]) -> str:
-    if not layers:
-        return "-"
-    spans, start, prev = [], layers[0], layers[0]
-    for layer in list(layers[1:]) + [None]:  # type: ignore[list-item]
-        if layer is not None and layer == prev + 1:
-            prev = layer
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if layer is not None:
-            start = prev = layer
-    return ",".join(spans)
-
-
-def parse_neuron(text: str) -> tuple[int, int]:
-    """'12/345', 'L12/N345' or 'L12N345' -> (12, 345)."""
-    import re
-
-    match = re.fullmatch(r"\s*[Ll]?(\d+)\s*[/:,]?\s*[Nn]?(\d+)\s*", text)
-    if not match or not re.search(r"[/:,Nn]", text):
-        raise UserError(f"cannot read neuron {text!r}: write LAYER/INDEX, e.g. 12/345 or L12/N345")
-    return int(match.group(1)), int(match.group(2))
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     """A neuron's statistics and excerpts, tokens coloured by activation."""
     from rich.rule import Rule
 
-    from tui.render import histogram_text, record_line, related_lines, scale_of, stats_table
+    from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table
 
-    layer, index = parse_neuron(args.neuron)
+    layer, index = neuron = NeuronId.parse(args.neuron)
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         stats = store.neuron_stats(run.run_id, layer, index)
         if stats is None:
-            raise UserError(
-                f"run {run.run_id} has no neuron L{layer}/N{index}: it holds layers {_layers_text(run.layers)} "
+            raise InputError(
+                f"run {run.run_id} has no neuron {neuron}: it holds layers {layers_text(run.layers)} "
                 f"with neurons 0-{run.neurons_per_layer - 1}"
             )
         records = store.records(run.run_id, layer, index)
         explanations = store.explanations(run.run_id, layer, index)
         related = related_lines(*store.related(run.run_id, layer, index))
     scale = scale_of(records)
-    out.print(Rule(Text(f"L{layer}/N{index}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
+    out.print(Rule(Text(f"{neuron}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
     out.print(stats_table(stats, run.settings.quantiles))
     out.print(Text("histogram ", style="bold") + histogram_text(stats))
     quantiles = run.settings.quantiles
@@ -187,7 +167,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for line in related:
             out.print(line, soft_wrap=True)
     if explanations:
-        from tui.cli_jobs import print_explanations
+        from neuronscope.tui.cli_jobs import print_explanations
 
         print_explanations(explanations, records, scale, args.count)
     return 0
@@ -195,15 +175,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The job settings and backend options of the app's `e`/`x` jobs, checked before the app starts."""
-    from core.jobs import JobSettings
-    from core.llm.base import parse_spec
-    from tui.cli_jobs import parse_scorers
+    from neuronscope.core.jobs.engine import JobSettings
+    from neuronscope.core.llm.base import parse_spec
+    from neuronscope.tui.cli_jobs import parse_scorers
 
     simulator = args.simulator or args.explainer
     for spec in {args.explainer, simulator}:
         parse_spec(spec)
     if args.samples < 1:
-        raise UserError("--samples must be at least 1")
+        raise InputError("--samples must be at least 1")
     settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
                            scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise)
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
@@ -211,7 +191,7 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     """Open the full-screen neuron browser on a store (errors opening it are one line, before the app starts)."""
-    from tui.app import NeuronscopeApp
+    from neuronscope.tui.app import NeuronscopeApp
 
     settings, options = _app_settings(args)
     app = NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
@@ -219,11 +199,11 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     if args.theme:
         if args.theme not in app.available_themes:
             app.store.close()
-            raise UserError(f"unknown theme {args.theme!r}: use one of {', '.join(sorted(app.available_themes))}")
+            raise InputError(f"unknown theme {args.theme!r}: use one of {', '.join(sorted(app.available_themes))}")
         app.theme = args.theme
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         app.store.close()
-        raise UserError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
+        raise InputError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
                         "`show L/N` or `info`")
     app.run()
     return 0
@@ -233,10 +213,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge shard stores into one store equal to a single collection."""
     from contextlib import ExitStack
 
-    from core.collect import merge
+    from neuronscope.core.collection.collect import merge
 
     if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
-        raise UserError("the output store is also a shard: pass a new --output path")
+        raise InputError("the output store is also a shard: pass a new --output path")
     with ExitStack() as stack:
         shards = [stack.enter_context(Store.open(path, read_only=True)) for path in args.shards]
         target = stack.enter_context(Store.open(args.output))
@@ -250,7 +230,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_models(_args: argparse.Namespace) -> int:
     """List the packaged models."""
-    from core.models import PACKAGED
+    from neuronscope.core.models.packaged import PACKAGED
 
     for model in PACKAGED.values():
         out.print(Text(f"{model.name:14} {model.summary}"))
@@ -326,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("top", help="rank a run's neurons by selectivity, kurtosis, max or density")
-    p.add_argument("--order", default="selectivity", choices=("selectivity", "kurtosis", "max", "density"))
+    p = sub.add_parser("top", help="rank a run's neurons by a statistic (selectivity, kurtosis, max, min, density)")
+    p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS), help=order_help())
     p.add_argument("--limit", type=int, default=20, help="rows (default: 20)")
     p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
     store_arg(p)
@@ -346,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="store to write the merged run into")
     p.set_defaults(func=cmd_merge)
 
-    from tui.cli_jobs import add_job_parsers
+    from neuronscope.tui.cli_jobs import add_job_parsers
 
     add_job_parsers(sub, store_arg)
 
-    from tui.cli_io import add_io_parsers
+    from neuronscope.tui.cli_io import add_io_parsers
 
     add_io_parsers(sub, store_arg)
 
@@ -372,13 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def app_job_args(p: argparse.ArgumentParser) -> None:
     """Options of the jobs the app starts (e explains and scores, x scores)."""
-    from tui.cli_jobs import DEFAULT_BACKEND, simulation_arg
+    from neuronscope.tui.cli_jobs import simulation_arg
 
     p.add_argument("--explainer", default=DEFAULT_BACKEND,
                    help=f"backend of the app's jobs: local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
     p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
     p.add_argument("--samples", type=int, default=1, help="candidate explanations per neuron, best of k (default: 1)")
-    p.add_argument("--tail", choices=("pos", "neg"), default="pos", help="tail the app's jobs explain (default: pos)")
+    p.add_argument("--tail", choices=TAILS, default=TAILS[0], help="tail the app's jobs explain (default: pos)")
     p.add_argument("--scorers", default="", help="scorers beside simulation: detection, fuzzing, embedding")
     simulation_arg(p)
     p.add_argument("--revise", action="store_true", help="e also revises each explanation from the excerpts it "
@@ -403,10 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted: nothing half-written is marked complete; run the same command again to redo it")
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; known ones carry their fix
-        if isinstance(exc, _known_errors()):
-            err.print(Text("error: ", style="bold red") + Text(str(exc)))
-            return EXIT_USAGE
+    except NeuronscopeError as exc:
+        err.print(Text("error: ", style="bold red") + Text(str(exc)))
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - every other failure becomes one line too
         if os.environ.get("NEURONSCOPE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

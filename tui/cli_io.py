@@ -10,30 +10,21 @@ from pathlib import Path
 
 from rich.text import Text
 
-from core.store import Store
-from tui.console import UserError, err, progress_bars, status
+from neuronscope.core.errors import InputError
+from neuronscope.core.ids import parse_layers
+from neuronscope.core.store import Store
+from neuronscope.tui.console import err, progress_bars, status
 
 EXIT_INTERRUPTED = 130
 #: Problems printed one per line; the rest are counted.
 SHOWN_PROBLEMS = 20
 
 
-def _parse_layers(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    layers: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
-            raise UserError(f"--layers {text!r} is not a list like 0-5,12")
-        layers.update(range(int(first), int(last or first) + 1))
-    return tuple(sorted(layers))
-
-
 def cmd_import_openai(args: argparse.Namespace) -> int:
     """Import a local copy of OpenAI's GPT-2 XL neuron release (or part of it) as a run of the store."""
-    from core.importer import import_release
-    from core.prompts import show_token
+    from neuronscope.core.interop.importer import import_release, release_root
+    from neuronscope.core.interop.release import ACTIVATIONS, release_layers
+    from neuronscope.core.llm.prompts import show_token
 
     shown = 0
 
@@ -43,8 +34,10 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
         if shown <= SHOWN_PROBLEMS:
             err.print(Text("skipped ", style="yellow") + Text(f"{show_token(str(path))}: {show_token(message)}"))
 
+    root = release_root(Path(args.path))
+    layers = parse_layers(args.layers, release_layers(root, ACTIVATIONS))
     with Store.open(args.store) as store, progress_bars() as progress:
-        report = import_release(store, Path(args.path), model=args.model, layers=_parse_layers(args.layers),
+        report = import_release(store, root, model=args.model, layers=layers,
                                 workers=args.workers, progress=progress, problem=problem)
         store.checkpoint()
     if report.problems > SHOWN_PROBLEMS:
@@ -61,7 +54,7 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run as Parquet files, JSONL or the OpenAI release layout."""
-    from core.export import export_jsonl, export_openai, export_parquet
+    from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
@@ -80,21 +73,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_related(args: argparse.Namespace) -> int:
     """Compute a run's related tokens and neurons from its model's weights and store them."""
-    from core.related import related_lists
-    from core.subject import load_subject
+    from neuronscope.core.models.relations import related_lists
+    from neuronscope.core.models.subject import load_subject
 
     if args.top < 1:
-        raise UserError("--top must be at least 1")
+        raise InputError("--top must be at least 1")
     with Store.open(args.store) as store:
         run = store.run(args.run)
-        layers = _parse_layers(args.layers) or run.layers
-        missing = [layer for layer in layers if layer not in run.layers]
-        if missing:
-            raise UserError(f"run {run.run_id} has no layer {missing[0]}: it holds layers "
-                            f"{', '.join(map(str, run.layers))}")
+        layers = parse_layers(args.layers, run.layers) or ()
         subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
         if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
-            raise UserError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
+            raise InputError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
                             f"{run.run_id} ({run.model}) {len(run.layers)} of {run.neurons_per_layer}: pass the "
                             "run's own model with --model")
         with progress_bars() as progress:
@@ -111,8 +100,8 @@ def cmd_related(args: argparse.Namespace) -> int:
 
 def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
     """The import-openai, export and related subcommands."""
-    from core.export import FORMATS
-    from core.importer import DEFAULT_MODEL
+    from neuronscope.core.choices import EXPORT_FORMATS as FORMATS
+    from neuronscope.core.interop.importer import DEFAULT_MODEL
 
     p = sub.add_parser("import-openai", help="import a local copy of OpenAI's GPT-2 XL neuron release (or part of it): "
                                              "records, statistics, explanations, related tokens and neurons")

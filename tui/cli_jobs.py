@@ -12,13 +12,20 @@ from typing import Any
 
 from rich.text import Text
 
-from core.records import ActivationRecord
-from core.results import ScoredExplanation
-from core.simulation import DEFAULT_SIMULATION, SIMULATIONS
-from core.store import Store
-from tui.console import UserError, err, out, progress_bars, status
-
-DEFAULT_BACKEND = "local:qwen-1.5b"
+from neuronscope.core.choices import (
+    DEFAULT_BACKEND,
+    DEFAULT_ORDER,
+    DEFAULT_SIMULATION,
+    ORDERS,
+    SIMULATIONS,
+    TAILS,
+    order_help,
+)
+from neuronscope.core.errors import InputError
+from neuronscope.core.records import ActivationRecord, RunInfo
+from neuronscope.core.results import ScoredExplanation
+from neuronscope.core.store import Store
+from neuronscope.tui.console import err, out, progress_bars, status
 
 
 def add_job_parsers(sub: Any, store_arg: Any) -> None:
@@ -31,10 +38,9 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
     for kind, text in helps.items():
         p = sub.add_parser(kind, help=text, description=text)
         p.add_argument("neurons", nargs="*", help="LAYER/NEURON pairs, e.g. 12/345 (default: chosen by --order)")
-        if kind in ("explain", "run", "score"):
-            p.add_argument("--explainer", default=DEFAULT_BACKEND,
-                           help="backend that explains" + (" (and whose explanations score reads)" if kind == "score" else "")
-                           + f": local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
+        p.add_argument("--explainer", default=DEFAULT_BACKEND,
+                       help="backend that explains" + (" (and whose explanations score reads)" if kind == "score" else "")
+                       + f": local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
         if kind in ("score", "run"):
             p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
             p.add_argument("--scorers", default="",
@@ -52,13 +58,12 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
             p.add_argument("--samples", type=int, default=1,
                            help="candidate explanations per neuron; with score/run the best on a selection split "
                                 "is kept (default: 1)")
-        p.add_argument("--tail", choices=("pos", "neg"), default="pos",
+        p.add_argument("--tail", choices=TAILS, default=TAILS[0],
                        help="pos: explain max(a,0) from top records; neg: max(-a,0) from bottom records")
         p.add_argument("--layers", help="choose neurons from these layers, e.g. 0-5,12")
         p.add_argument("--limit", type=int, default=10, help="how many neurons to choose (default: 10)")
-        p.add_argument("--order", default="selectivity",
-                       choices=("selectivity", "kurtosis", "max", "min", "density", "random"),
-                       help="how to choose neurons (default: selectivity, most selective first)")
+        p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS),
+                       help="how to choose neurons: " + order_help())
         p.add_argument("--where", default="", help="filter on statistics, e.g. 'density < 0.5 and kurtosis > 10'")
         p.add_argument("--train", type=int, default=10, help="top excerpts shown to the explainer (default: 10)")
         p.add_argument("--test-top", type=int, default=5, help="top excerpts per scoring split (default: 5)")
@@ -73,17 +78,16 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
         p.set_defaults(func=cmd_job, kind=kind)
 
 
-def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    from core.collect import CollectError, parse_layers
-    from core.jobs import JobSettings
-    from core.selection import Selection, neurons_from_args, parse_where
-    from core.splits import SplitSizes
+def _settings(args: argparse.Namespace) -> Any:
+    """The job's settings, checked before the store is opened or a model loads."""
+    from neuronscope.core.explanation.splits import SplitSizes
+    from neuronscope.core.jobs.engine import JobSettings
 
     for name in ("limit", "train", "test_top", "test_random"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "samples", 1) < 1:
-        raise UserError("--samples must be at least 1")
+        raise InputError("--samples must be at least 1")
     explainer = getattr(args, "explainer", DEFAULT_BACKEND)
     settings = JobSettings(
         kind=args.kind, explainer=explainer, simulator=getattr(args, "simulator", None) or explainer, tail=args.tail,
@@ -91,15 +95,17 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
         simulation=getattr(args, "simulation", DEFAULT_SIMULATION), revise=getattr(args, "revise", False),
     )
-    layers = None
-    if args.layers:
-        try:
-            layers = parse_layers(args.layers, 10_000)
-        except CollectError as exc:
-            raise UserError(str(exc)) from None
-    selection = Selection(neurons=neurons_from_args(args.neurons), layers=layers, order=args.order,
-                          where=parse_where(args.where), limit=args.limit)
-    return settings, selection
+    return settings
+
+
+def _selection(args: argparse.Namespace, run: RunInfo) -> Any:
+    """The job's neurons: named ones, or a choice among the run's layers."""
+    from neuronscope.core.ids import NeuronId, parse_layers
+    from neuronscope.core.jobs.selection import Selection, parse_where
+
+    return Selection(neurons=tuple(NeuronId.parse(n) for n in args.neurons),
+                     layers=parse_layers(args.layers, run.layers) if args.layers else None, order=args.order,
+                     where=parse_where(args.where), limit=args.limit)
 
 
 def simulation_arg(p: argparse.ArgumentParser) -> None:
@@ -112,27 +118,28 @@ def simulation_arg(p: argparse.ArgumentParser) -> None:
 
 
 def parse_scorers(text: str) -> tuple[str, ...]:
-    """`detection,embedding` -> ('detection', 'embedding'); UserError naming the scorers for an unknown one."""
-    from core.scorers import SCORERS
+    """`detection,embedding` -> ('detection', 'embedding'); InputError naming the scorers for an unknown one."""
+    from neuronscope.core.choices import SCORERS
 
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
-        raise UserError(f"unknown scorer {unknown[0]!r}: use any of {', '.join(SCORERS)}, comma-separated")
+        raise InputError(f"unknown scorer {unknown[0]!r}: use any of {', '.join(SCORERS)}, comma-separated")
     return names
 
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
-    from core.jobs import Job
-    from core.llm.base import make_backend, parse_spec
-    from tui.render import summaries_table
+    from neuronscope.core.jobs.engine import Job
+    from neuronscope.core.llm.base import make_backend, parse_spec
+    from neuronscope.tui.render import summaries_table
 
-    settings, selection = _settings(args)
+    settings = _settings(args)
     for spec in {settings.explainer, settings.simulator}:
         parse_spec(spec)  # a bad spec fails before the store is opened or a model loads
     with Store.open(args.store, create=False) as store:
         run = store.run(args.run)
+        selection = _selection(args, run)
         job = Job(store, run, settings, selection, backend_factory=lambda spec: make_backend(
             spec, device=args.device, dtype=None if args.dtype == "auto" else args.dtype, status=status))
         try:
@@ -175,8 +182,8 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def print_explanations(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord], scale: float,
                        count: int) -> None:
-    """`show`'s explanation section (see tui.render.explanation_renderables)."""
-    from tui.render import explanation_renderables
+    """`show`'s explanation section (see neuronscope.tui.render.explanation_renderables)."""
+    from neuronscope.tui.render import explanation_renderables
 
     out.print()
     for renderable, one_line in explanation_renderables(explanations, records, scale, count):

@@ -1,21 +1,23 @@
-"""The command palette (ctrl+p): go to a neuron by typing `L12/N3071` (or `12/3071`, `12 3071`)."""
+"""The command palette (ctrl+p): go to a neuron by typing `L12/N3071` (or `12/3071`, `L12N3071`, `12:3071`, `12 3071`)."""
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Any
 
 from rich.text import Text
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-_NEURON = re.compile(r"\s*l?(\d+)\s*[/ :,.]\s*n?(\d+)\s*", re.IGNORECASE)
+from neuronscope.core.errors import InputError
+from neuronscope.core.ids import NeuronId
 
 
-def parse_neuron_text(text: str) -> tuple[int, int] | None:
-    """`L12/N3071`, `12/3071`, `12 3071` -> (12, 3071); None for anything else."""
-    match = _NEURON.fullmatch(text)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+def parse_neuron_text(text: str) -> NeuronId | None:
+    """A neuron in any form NeuronId.parse reads (`L12/N3071`, `12/3071`, `12 3071`, ...); None for anything else."""
+    try:
+        return NeuronId.parse(text)
+    except InputError:
+        return None
 
 
 class NeuronCommands(Provider):
@@ -32,7 +34,7 @@ class NeuronCommands(Provider):
                 yield Hit(0.5, "Go to a neuron…", self._hint, help="type its layer and index, e.g. L3/N71")
             return
         layer, neuron = target
-        name = f"L{layer}/N{neuron}"
+        name = str(target)
         if app.has_neuron(layer, neuron):
             yield Hit(1.0, Text(f"Open {name}"), partial(app.open_neuron, layer, neuron), text=f"Open {name}",
                       help="its statistics, explanations and excerpts")

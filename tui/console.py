@@ -10,26 +10,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.text import Text
 
-from core.store import StoreError
-
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
-
-
-class UserError(Exception):
-    """A problem the user can fix, shown as one line."""
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from core.collect import CollectError
-
-    errors: list[type[BaseException]] = [UserError, StoreError, CollectError]
-    for module, name in (("core.corpus", "CorpusError"), ("core.subject", "SubjectError"), ("core.models", "ModelError"),
-                         ("core.jobs", "JobError"), ("core.llm.base", "LLMError"),
-                         ("core.importer", "ReleaseImportError"), ("core.export", "ExportError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 def interactive() -> bool:

@@ -17,10 +17,9 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Span, Text
 
-from core.records import ActivationRecord, NeuronStats
-from core.results import NeuronSummary, ScoredExplanation, SplitScores
-from core.score import Score
-from core.scorers import SCORERS
+from neuronscope.core.choices import SCORERS
+from neuronscope.core.records import ActivationRecord, NeuronStats
+from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -135,7 +134,7 @@ def stats_table(stats: NeuronStats, quantiles: Sequence[float]) -> Table:
 
 def histogram_text(stats: NeuronStats) -> Text:
     """The token-activation histogram (symmetric log bins) as a sparkline with its range."""
-    from core.layerdata import HIST_EDGES
+    from neuronscope.core.layerdata import HIST_EDGES
 
     counts = list(stats.histogram)
     nonzero = [i for i, c in enumerate(counts) if c]
@@ -196,7 +195,7 @@ def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale
     """A record whose activations are a simulation's predictions (0-9) mapped onto the real colour scale."""
     from dataclasses import replace
 
-    from core.prompts import TOP
+    from neuronscope.core.records import TOP
 
     values = tuple(float(p) / TOP * scale for p in predicted)
     return replace(record, activations=values, exact_max=max(values, default=0.0), exact_min=min(values, default=0.0))

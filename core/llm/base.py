@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from core.prompts import ExplainPrompt
-from core.rating import Item
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.llm.prompts import ExplainPrompt
+from neuronscope.core.llm.rating import Item
+from neuronscope.core.records import Call
 
 
-class LLMError(Exception):
+class LLMError(NeuronscopeError):
     """A failed or unusable LLM exchange, as one line (recorded against the neuron, never fatal to a job)."""
 
 
@@ -33,31 +35,9 @@ class BudgetExceeded(Exception):
     """The job's token budget would be passed by the next call; the job stops cleanly."""
 
 
-@dataclass(frozen=True)
-class Call:
-    """One exchange with a model, as the audit log keeps it."""
-
-    backend: str
-    """Backend spec, e.g. `local:qwen-1.5b`."""
-    model: str
-    """Model name and revision as the backend knows it."""
-    kind: str
-    """explain or simulate."""
-    prompt: str
-    """The request: prompt text or JSON of messages and parameters."""
-    response: str
-    """The answer as text (JSON for structured answers)."""
-    prompt_tokens: int
-    """Tokens sent."""
-    completion_tokens: int
-    """Tokens generated."""
-    latency_s: float
-    """Wall time of the call."""
-
-
 class CallLog:
     """An in-memory call log: cache by key, token accounting, an optional budget. The store-backed log
-    (core.jobs) subclasses it to persist calls; this one serves tests and one-off use."""
+    (neuronscope.core.jobs.engine) subclasses it to persist calls; this one serves tests and one-off use."""
 
     def __init__(self, max_tokens: int | None = None) -> None:
         self.max_tokens = max_tokens
@@ -140,7 +120,7 @@ class Backend(ABC):
         return [np.asarray(p, np.float32) for p in out]
 
     def rate(self, task: str, explanation: str, items: Sequence[Item]) -> np.ndarray:
-        """The expected rating (0-9) of every item for a rating task of core.rating (detect, fuzz, token)."""
+        """The expected rating (0-9) of every item for a rating task of neuronscope.core.llm.rating (detect, fuzz, token)."""
         out = self._rate(task, explanation, items) if items else []
         if len(out) != len(items):
             raise LLMError(f"{self.spec} rated {len(out)} excerpts of {len(items)}")
@@ -160,13 +140,13 @@ class Backend(ABC):
         items)` would make, as (payload or
         None when unknown, prompt tokens, completion tokens), for dry runs. This default estimates from text
         lengths; backends that know their payloads return them, so cached calls are recognised."""
-        from core.prompts import simulation_text
+        from neuronscope.core.llm.prompts import simulation_text
 
         if kind == "explain":
             prompt, n, _seed = args
             return [(None, self.count_tokens(prompt.text()), 48 * n)]
         if kind == "rate":
-            from core.rating import rating_text
+            from neuronscope.core.llm.rating import rating_text
 
             task, explanation, items = args
             return [(None, self.count_tokens(rating_text(task, explanation, items)), 4 * len(items))]
@@ -263,14 +243,14 @@ def make_backend(spec: str, *, device: str | None = None, dtype: str | None = No
     """Build the backend a spec names (models load here, lazily imported)."""
     parsed = parse_spec(spec)
     if parsed.kind == "baseline":
-        from core.llm.baseline import BaselineBackend
+        from neuronscope.core.llm.baseline import BaselineBackend
 
         return BaselineBackend()
     if parsed.kind == "local":
-        from core.llm.local import LocalBackend
+        from neuronscope.core.llm.local import LocalBackend
 
         return LocalBackend(parsed.model, spec=spec, device=device, dtype=dtype, status=status)
-    from core.llm.openai_api import OpenAIBackend
+    from neuronscope.core.llm.openai_api import OpenAIBackend
 
     # Server options from the environment: a simulation route to force, a per-request timeout in seconds.
     mode = os.environ.get("NEURONSCOPE_OPENAI_MODE") or None

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.llm.base import Backend
-from core.prompts import TOP, ExplainPrompt
-from core.rating import Item
+from neuronscope.core.llm.base import Backend
+from neuronscope.core.llm.prompts import ExplainPrompt
+from neuronscope.core.llm.rating import Item
+from neuronscope.core.records import TOP
 
 #: Most tokens a lookup explanation names.
 MAX_TOKENS = 8

@@ -2,7 +2,7 @@
 
 Explanations come from generation (greedy, or n seeded samples in one batch). Simulation is ONE forward
 pass: the excerpts are packed into as few prompts as fit PACK_IDS ids (instructions once, then each
-excerpt's `token<TAB>?` lines, built from ids by core.prompts so every slot position is exact), the
+excerpt's `token<TAB>?` lines, built from ids by neuronscope.core.llm.prompts so every slot position is exact), the
 prompts run as one batch, the base model gives the final hidden state, and only the ten digit rows of the
 output embedding are applied at the position before each slot, so the full softmax over the digits costs
 a few multiply-adds per token instead of a vocabulary-wide logit tensor. The prediction is the expected
@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from core.llm.base import Backend, LLMError
-from core.prompts import (
-    TOP,
+from neuronscope.core.llm.base import Backend, LLMError
+from neuronscope.core.llm.prompts import (
     ExplainPrompt,
     PackedPrompt,
     bos_ids,
@@ -28,7 +27,8 @@ from core.prompts import (
     encode_text,
     packed_simulation_ids,
 )
-from core.rating import Item, packed_rating_ids
+from neuronscope.core.llm.rating import Item, packed_rating_ids
+from neuronscope.core.records import TOP
 
 #: Longest explanation generated, in tokens.
 MAX_NEW_TOKENS = 64
@@ -62,7 +62,7 @@ class LocalBackend(Backend):
     def __init__(self, model: str, *, spec: str, device: str | None = None, dtype: str | None = None,
                  status: Callable[[str], None] | None = None, batch_size: int = 8) -> None:
         super().__init__()
-        from core.subject import load_subject
+        from neuronscope.core.models.subject import load_subject
 
         self.spec = spec
         self.lm = load_subject(model, device=device, dtype=dtype, status=status)

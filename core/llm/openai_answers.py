@@ -9,8 +9,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from core.llm.base import LLMError
-from core.prompts import TOP
+from neuronscope.core.llm.base import LLMError
+from neuronscope.core.records import TOP
 
 DIGITS = tuple(str(d) for d in range(TOP + 1))
 #: A line of a simulation answer: anything, a tab (or spaces), one digit, optional trailing spaces.

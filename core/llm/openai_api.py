@@ -3,7 +3,7 @@
 Explanations come from chat completions (greedy for one, seeded samples for several). Simulation takes one
 of three routes, chosen once per backend by probing the server (or named with `mode=`) and kept in `mode`:
 
-* ``echo`` - the completions endpoint echoes the simulation prompt (core.prompts.simulation_text) with
+* ``echo`` - the completions endpoint echoes the simulation prompt (neuronscope.core.llm.prompts.simulation_text) with
   the top logprobs of every prompt token. The token that starts at each slot's character offset
   (`logprobs.text_offset`) is located, and the distribution predicting it is read over the digits
   "0".."9", renormalised over the digits present, as an expected value (no digit among the top N: 0).
@@ -15,7 +15,7 @@ of three routes, chosen once per backend by probing the server (or named with `m
   listed distributions put most mass on those digits wins. An echo in which no token starts at a slot
   (the server tokenised the slot together with its neighbours) is an LLMError for the call: mixing
   routes inside one score would make scores incomparable, so the user picks `chat-logprobs` instead.
-* ``chat-logprobs`` - a chat model fills in the `token<TAB>digit` lines (core.prompts.simulation_messages)
+* ``chat-logprobs`` - a chat model fills in the `token<TAB>digit` lines (neuronscope.core.llm.prompts.simulation_messages)
   with `logprobs`/`top_logprobs`; at each digit it wrote, the top logprobs over the digits give the
   expected value.
 * ``chat-digits`` - the same request without logprobs: the written digits are the values.
@@ -44,8 +44,8 @@ from urllib.parse import urlparse
 import numpy as np
 import openai
 
-from core.llm.base import Backend, LLMError
-from core.llm.openai_answers import (
+from neuronscope.core.llm.base import Backend, LLMError
+from neuronscope.core.llm.openai_answers import (
     choices,
     digit_dist,
     echo_logprobs,
@@ -57,8 +57,8 @@ from core.llm.openai_answers import (
     usage,
     value_lines,
 )
-from core.prompts import SLOT, ExplainPrompt, simulation_messages, simulation_text
-from core.rating import Item, rating_messages
+from neuronscope.core.llm.prompts import SLOT, ExplainPrompt, simulation_messages, simulation_text
+from neuronscope.core.llm.rating import Item, rating_messages
 
 #: Where requests go without a base_url in the spec or OPENAI_BASE_URL.
 OPENAI_URL = "https://api.openai.com/v1"

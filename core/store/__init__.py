@@ -14,17 +14,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
-from core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
-from core.rows import decode, lists, record_rows
-from core.store.browse import BrowseMixin
-from core.store.bulk import BulkMixin
-from core.store.related import RELATED_TABLES, RelatedMixin
-from core.store.results import ResultsMixin
-from core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
+from neuronscope.core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
+from neuronscope.core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
+from neuronscope.core.store.browse import BrowseMixin
+from neuronscope.core.store.bulk import BulkMixin
+from neuronscope.core.store.interop import InteropMixin
+from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
+from neuronscope.core.store.results import ORDER_SQL, ResultsMixin
+from neuronscope.core.store.rows import decode, lists, record_rows
+from neuronscope.core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
@@ -59,7 +61,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
+class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]
@@ -224,11 +226,22 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
         for table in tables:
             self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
-    def delete_run(self, run_id: int) -> None:
-        """Remove a run and everything it holds."""
-        with self.transaction():
-            self._delete_run_data(run_id)
-            self.con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+    def set_run_status(self, run_id: int, status: str, *, n_excerpts: int | None = None) -> None:
+        """Set a run's status (and, when given, its excerpt count; 'complete' also stamps the finish time)."""
+        self.con.execute(
+            "UPDATE runs SET status = ?, n_excerpts = coalesce(?, n_excerpts), finished_at = CASE WHEN ? = 'complete' "
+            "THEN current_timestamp ELSE finished_at END WHERE run_id = ?", [status, n_excerpts, status, run_id])
+
+    def set_run_shape(self, run_id: int, layers: tuple[int, ...], neurons_per_layer: int) -> None:
+        """Change the layers and width a run holds (an import that adds layers)."""
+        self.con.execute("UPDATE runs SET layers = ?, neurons_per_layer = ? WHERE run_id = ?",
+                         [list(layers), neurons_per_layer, run_id])
+
+    def find_run(self, model: str, corpus: str) -> int | None:
+        """The newest run of a model over a corpus, whatever its status."""
+        rows = self.con.execute("SELECT run_id FROM runs WHERE model = ? AND corpus = ? ORDER BY run_id DESC LIMIT 1",
+                                [model, corpus]).fetchall()
+        return int(rows[0][0]) if rows else None
 
     def mark_stale_runs(self) -> None:
         """Runs left 'running' by a process that no longer exists become 'interrupted'."""
@@ -324,13 +337,6 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
         self.con.execute("INSERT INTO excerpts SELECT * FROM _excerpts_in")
         self.con.unregister("_excerpts_in")
 
-    def referenced_excerpt_ids(self, run_id: int) -> np.ndarray:
-        """Distinct excerpt ids that some record of the run points at."""
-        rows = self.con.execute(
-            "SELECT DISTINCT excerpt_id FROM records WHERE run_id = ? ORDER BY excerpt_id", [run_id]
-        ).fetchnumpy()
-        return rows["excerpt_id"]
-
     # -- reading ------------------------------------------------------------------------------------
     def load_layer(self, run_id: int, layer: int, settings: CollectSettings) -> LayerResult:
         """A layer's mergeable state (a shard run keeps its cell candidates for this)."""
@@ -388,14 +394,12 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin):
         rows = self._stats_query("WHERE run_id = ? AND layer = ? AND neuron = ?", [run_id, layer, neuron])
         return rows[0] if rows else None
 
-    def top_neurons(self, run_id: int, limit: int = 20, order: str = "selectivity") -> list[NeuronStats]:
-        """Neurons ranked by a statistic, highest first."""
-        columns = {"selectivity": "selectivity", "kurtosis": "kurtosis", "max": "max_act", "density": "density"}
-        if order not in columns:
-            raise StoreError(f"cannot order by {order!r}: use one of {', '.join(columns)}")
-        return self._stats_query(
-            f"WHERE run_id = ? ORDER BY {columns[order]} DESC NULLS LAST, layer, neuron LIMIT ?", [run_id, limit]
-        )
+    def top_neurons(self, run_id: int, limit: int = 20, order: str = "selectivity", seed: int = 0) -> list[NeuronStats]:
+        """Neurons in one of the ORDERS of neuronscope.core.choices (each has one direction everywhere)."""
+        if order not in ORDER_SQL:
+            raise StoreError(f"cannot order by {order!r}: use one of {', '.join(ORDER_SQL)}")
+        params: list[Any] = [run_id] + ([seed] if order == "random" else []) + [limit]
+        return self._stats_query(f"WHERE run_id = ? ORDER BY {ORDER_SQL[order]} NULLS LAST, layer, neuron LIMIT ?", params)
 
     def _stats_query(self, where: str, params: list) -> list[NeuronStats]:  # type: ignore[type-arg]
         rows = self.con.execute(

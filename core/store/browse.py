@@ -1,5 +1,5 @@
 """The store's SQL for browsing a run's neurons a page at a time: sorted, filtered and searched in DuckDB,
-so a view never holds more rows than it shows. Mixed into core.store.Store.
+so a view never holds more rows than it shows. Mixed into neuronscope.core.store.Store.
 
 Choosing each neuron's newest selected explanation and joining its score costs more than the sort itself (about
 150 ms at GPT-2 XL scale, 307,200 neurons), so it is done once per connection into a temporary table, made again
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.results import NeuronRow
-from core.store.results import CHOSEN_POS_CTES
-from core.store.schema import StoreError
+from neuronscope.core.results import NeuronRow
+from neuronscope.core.store.results import CHOSEN_POS_CTES
+from neuronscope.core.store.schema import StoreError
 
 #: Sort orders of the browser: columns of the browse table, each sorted with NULLS LAST and ties broken by position.
 BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density": "density",

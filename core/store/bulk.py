@@ -1,6 +1,6 @@
 """The store's writes of job results: neurons' explanations, simulations and scores with their job state, in one
 transaction through Arrow tables. A job saves one neuron at a time (`save_neuron`); imports and synthetic stores
-save thousands at once. Mixed into core.store.Store."""
+save thousands at once. Mixed into neuronscope.core.store.Store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from core.results import NeuronResult
+from neuronscope.core.results import NeuronResult
 
 
 class BulkMixin:

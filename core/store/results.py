@@ -1,5 +1,5 @@
 """The store's SQL for explain/score jobs: jobs and their neurons, the LLM call log, explanations,
-simulations and scores, and the queries that read them back. Mixed into core.store.Store."""
+simulations and scores, and the queries that read them back. Mixed into neuronscope.core.store.Store."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from core.llm.base import Call
-from core.results import NeuronResult, NeuronSummary, ScoredExplanation, Simulation, SplitScores
-from core.score import Score
+from neuronscope.core.choices import Order
+from neuronscope.core.records import Call
+from neuronscope.core.results import NeuronResult, NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
 
 #: Statistics a neuron filter may name, and their columns.
 FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness": "skewness", "max": "max_act",
                  "min": "min_act", "density": "density", "mean": "mean", "variance": "variance", "layer": "layer",
                  "neuron": "neuron"}
 FILTER_OPS = ("<=", ">=", "!=", "<", ">", "=")
-#: Orders for choosing neurons.
-ORDERS = {"selectivity": "selectivity DESC", "kurtosis": "kurtosis DESC", "max": "max_act DESC",
-          "min": "min_act ASC", "density": "density ASC", "random": "hash(layer * 1000003 + neuron + ?)"}
+#: The SQL of each order (neuronscope.core.choices.ORDERS says the direction; keep the two in step).
+ORDER_SQL: dict[Order, str] = {
+    "selectivity": "selectivity DESC", "kurtosis": "kurtosis DESC", "max": "max_act DESC", "min": "min_act ASC",
+    "density": "density ASC", "random": "hash(layer * 1000003 + neuron + ?)"}
 
 
 #: `chosen`: per neuron and tail, the newest selected explanation of a run (first parameter: the run id;
@@ -64,7 +65,7 @@ class ResultsMixin:
                 raise ValueError(f"bad filter {field} {op}")
             sql += f" AND {FILTER_FIELDS[field]} {op} ?"
             params.append(float(value))
-        sql += f" ORDER BY {ORDERS[order]} NULLS LAST, layer, neuron"
+        sql += f" ORDER BY {ORDER_SQL[order]} NULLS LAST, layer, neuron"
         if order == "random":
             params.append(seed)
         if limit is not None:
@@ -103,7 +104,7 @@ class ResultsMixin:
             "strftime(created_at, '%Y-%m-%d %H:%M:%S') FROM jobs "
             + ("WHERE run_id = ? " if run_id is not None else "") + "ORDER BY job_id",
             [run_id] if run_id is not None else []).fetchall()
-        from core.store import _pid_alive
+        from neuronscope.core.store import _pid_alive
 
         keys = ("job_id", "run_id", "kind", "state", "done", "failed", "total", "error", "pid", "created_at")
         out = [dict(zip(keys, r)) for r in rows]
@@ -132,7 +133,7 @@ class ResultsMixin:
 
     def mark_stale_jobs(self) -> None:
         """Jobs left 'running' by a process that no longer exists become 'interrupted'."""
-        from core.store import _pid_alive
+        from neuronscope.core.store import _pid_alive
 
         for job_id, pid in self.con.execute("SELECT job_id, pid FROM jobs WHERE state = 'running'").fetchall():
             if pid != os.getpid() and not _pid_alive(pid):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from neuronscope.core.errors import NeuronscopeError
+
 SCHEMA_VERSION = 2
 
 
-class StoreError(Exception):
+class StoreError(NeuronscopeError):
     """A store problem, as one line naming the problem and the fix."""
 
 

@@ -13,7 +13,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, RadioButton, RadioSet, Static
 
-from core.store.browse import BrowseQuery
+from neuronscope.core.store.browse import BrowseQuery
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
 EXPLAINED = (("all neurons", None), ("explained", True), ("unexplained", False))

@@ -11,7 +11,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from tui.render import (
+from neuronscope.tui.render import (
     RELATED_LABELS,
     explanation_renderables,
     histogram_text,
@@ -21,7 +21,7 @@ from tui.render import (
     stats_table,
     visible,
 )
-from tui.widgets.lines import LinesView
+from neuronscope.tui.widgets.lines import LinesView
 
 #: Excerpts shown per kind (and per quantile bin).
 COUNT = 5
@@ -83,7 +83,7 @@ class NeuronScreen(Screen[None]):
         return bool(self.related) if action == "related" else True
 
     def action_related(self) -> None:
-        from tui.screens.modals import RelatedScreen
+        from neuronscope.tui.screens.modals import RelatedScreen
 
         layer, neuron = self.position
         choices = [(RELATED_LABELS[name], other, index, weight) for name in RELATED_LABELS

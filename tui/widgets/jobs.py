@@ -17,7 +17,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, ProgressBar
 
-from core.jobs import JobSettings, Selection
+from neuronscope.core.jobs.engine import JobSettings, Selection
 
 #: Seconds between progress messages of one job (the last one always goes through).
 PROGRESS_INTERVAL = 0.1
@@ -140,8 +140,8 @@ class JobsPanel(VerticalScroll):
 
     @work(thread=True, group="jobs", exit_on_error=False)
     def _run(self, store: Any, run: Any, handle: JobHandle, backend_options: dict[str, Any]) -> None:
-        from core.jobs import Job
-        from core.llm.base import make_backend
+        from neuronscope.core.jobs.engine import Job
+        from neuronscope.core.llm.base import make_backend
 
         worker_store = store.for_thread()
         last = 0.0

@@ -15,9 +15,9 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from core.results import NeuronRow
-from core.store.browse import BrowseQuery
-from tui.render import visible
+from neuronscope.core.results import NeuronRow
+from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.tui.render import visible
 
 PAGE = 200
 PAGES_CACHED = 8

@@ -1,6 +1,6 @@
 """`neuronscope import-openai`: a local copy of (part of) OpenAI's GPT-2 XL neuron release into a run of the store.
 
-Files are read one neuron at a time (core.release parses them) and written in batches, each one transaction that
+Files are read one neuron at a time (neuronscope.core.interop.release parses them) and written in batches, each one transaction that
 holds its neurons whole: records, statistics, related lists and explanations. The run is 'importing' until every
 file has been read; rerunning the same command finds the run by its folder and skips the neurons it already
 holds, so an interrupted import resumes where it stopped. A malformed or missing file is reported through
@@ -12,7 +12,7 @@ What the release has and a collection would compute differently:
 - Statistics: the release's moments; max and min over the records; selectivity as a collection defines it, with the
   median excerpt maximum taken from the random sample; token count and density are unknown (0 and NaN).
 - Explanations are the release's candidates for the positive tail, the best by its published score selected. Their
-  per-sequence simulations (0-10 scale, stored on our 0-9 scale) are scored again by core.score on the same
+  per-sequence simulations (0-10 scale, stored on our 0-9 scale) are scored again by neuronscope.core.explanation.score on the same
   sequences, so they carry our intervals and top/random split; the release's own number is kept as the
   `published` method.
 """
@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.prompts import TOP
-from core.records import ActivationRecord, CollectSettings, ImportedNeuron, NeuronStats
-from core.release import (
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.explanation.score import score
+from neuronscope.core.interop.release import (
     ACTIVATIONS,
     EXPLANATIONS,
     LOOKUP_TOKENS,
@@ -54,11 +54,11 @@ from core.release import (
     read_json,
     release_path,
 )
-from core.results import NeuronResult, ScoredExplanation, Simulation, SplitScores
-from core.score import Score, score
+from neuronscope.core.records import TOP, ActivationRecord, CollectSettings, ImportedNeuron, NeuronStats
+from neuronscope.core.results import NeuronResult, Score, ScoredExplanation, Simulation, SplitScores
 
 if TYPE_CHECKING:
-    from core.store import Store
+    from neuronscope.core.store import Store
 
 #: How imported explanations and their simulations are named.
 RELEASE_EXPLAINER = "openai-release"
@@ -69,7 +69,7 @@ BATCH = 200
 DEFAULT_MODEL = "gpt2-xl"
 
 
-class ReleaseImportError(Exception):
+class ReleaseImportError(NeuronscopeError):
     """A problem with the import as a whole (no release at the path, a store problem): one line."""
 
 
@@ -284,7 +284,7 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
     key = f"import:{run_id}"
     job = store.find_job(key)
     job_id = job[0] if job else store.create_job(run_id, "import", json.dumps({"path": str(root)}), key, len(files))
-    present = store.stored_neurons(run_id) & {(layer, neuron) for layer, neuron, _ in files}
+    present = set(store.run_neurons(run_id)) & {(layer, neuron) for layer, neuron, _ in files}
     pool = ExcerptPool(store.next_excerpt_id(run_id))
     problems = written = 0
 

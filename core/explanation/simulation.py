@@ -7,10 +7,10 @@
   model is asked, so it costs nothing and cannot ignore the explanation; an explanation that names no token
   predicts nothing.
 - `tokens`: `quotes`, and the simulator rates every other distinct token of the excerpts against the
-  explanation out of context (core.rating's token task), minus its rating for a neutral explanation, so
+  explanation out of context (neuronscope.core.llm.rating's token task), minus its rating for a neutral explanation, so
   explanations that name a kind of token ("month names") are simulated too.
 - `lines`: the 2023 paper's simulation: the simulator writes a 0-9 value after every token of each excerpt,
-  read in one forward pass (core.prompts). Small models mostly ignore the explanation here (DESIGN §3).
+  read in one forward pass (neuronscope.core.llm.prompts). Small models mostly ignore the explanation here (the README's quality table).
 
 The token-lookup baseline always simulates by its own lookup table, whatever the mode.
 """
@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from core.llm.base import Backend
-from core.prompts import NEUTRAL_EXPLANATION, TOP
-from core.rating import Item
+from neuronscope.core.choices import SIMULATIONS
+from neuronscope.core.llm.base import Backend
+from neuronscope.core.llm.prompts import NEUTRAL_EXPLANATION
+from neuronscope.core.llm.rating import Item
+from neuronscope.core.records import TOP
 
-SIMULATIONS = ("quotes", "tokens", "lines")
-#: The mode of jobs that name none: the best of bench/quality.py's measurements on the embedded models.
-DEFAULT_SIMULATION = "quotes"
 #: The last of an explanation's quotes is predicted at this share of the first's.
 LAST_QUOTE = 0.25
 #: Quoted strings in an explanation: straight or curly double quotes, on one line.

@@ -1,6 +1,6 @@
 """Collection: one streaming, batched pass of a subject model over excerpts into a store run.
 
-Memory is bounded by neurons x records x length (see core.accumulate); the corpus only streams
+Memory is bounded by neurons x records x length (see neuronscope.core.collection.accumulate); the corpus only streams
 through. The run is registered as 'running' first and all its data lands in one transaction at the
 end, so an interrupted collection never looks complete.
 """
@@ -15,19 +15,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.records import CollectSettings
-from core.store import Store, StoreError
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.records import CollectSettings
+from neuronscope.core.store import Store, StoreError
 
 if TYPE_CHECKING:
-    from core.corpus import Excerpts
-    from core.layerdata import LayerResult
-    from core.subject import Subject
+    from neuronscope.core.collection.corpus import Excerpts
+    from neuronscope.core.layerdata import LayerResult
+    from neuronscope.core.models.subject import Subject
 
 #: progress(stage, done, total): stage is "collect", "write" or "merge".
 Progress = Callable[[str, int, int], None]
 
 
-class CollectError(Exception):
+class CollectError(NeuronscopeError):
     """A collection problem, as one line naming the problem and the fix."""
 
 
@@ -45,25 +46,6 @@ class CollectResult:
     """Wall time of the pass and the write."""
     reused: bool = False
     """True when an identical complete run already existed and nothing was recomputed."""
-
-
-def parse_layers(text: str | None, n_layers: int) -> tuple[int, ...]:
-    """'0-5,12' -> (0, 1, 2, 3, 4, 5, 12); None or 'all' -> every layer; negative numbers count from the end."""
-    if text is None or text.strip() in ("", "all"):
-        return tuple(range(n_layers))
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-        if not match:
-            raise CollectError(f"invalid layer range {part!r}: write layers like 0-5,12 (this model has 0-{n_layers - 1})")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) is not None else lo
-        lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)
-        if not (0 <= lo <= hi < n_layers):
-            raise CollectError(f"invalid layer range {part!r}: this model has layers 0-{n_layers - 1}")
-        layers.update(range(lo, hi + 1))
-    return tuple(sorted(layers))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -91,7 +73,7 @@ def collect(
     """Collect every neuron of `layers` over `excerpts` into a new run of `store`."""
     import torch
 
-    from core.accumulate import Accumulator
+    from neuronscope.core.collection.accumulate import Accumulator
 
     report = progress or (lambda _stage, _done, _total: None)
     shard_text = f"{shard[0]}/{shard[1]}" if shard[1] > 1 else ""
@@ -163,7 +145,7 @@ def write_run(
     progress: Progress,
 ) -> None:
     """Summarise finished layers and write them, their excerpts and the run's completion at once."""
-    from core.summarize import summarize
+    from neuronscope.core.collection.summarize import summarize
 
     kinds = ("top", "bottom", "random") + (("cell",) if keep_cells else ())
     with store.transaction():
@@ -196,7 +178,7 @@ def _token_stats_fn(device, layer_batches: int):  # type: ignore[no-untyped-def]
     torch's on-disk cache has it). NEURONSCOPE_COMPILE=0/1 forces either way."""
     import os
 
-    from core.accumulate import compute_token_stats
+    from neuronscope.core.collection.accumulate import compute_token_stats
 
     wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
     if wanted == "0" or (wanted == "auto" and not (device.type == "cuda" or layer_batches >= 300)):
@@ -228,7 +210,7 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
             raise CollectError(f"{shard_store.path} has no complete shard run: collect it with --shard i/n first")
         runs.append(candidates[-1])
     first = runs[0]
-    from core.corpus import same_corpus
+    from neuronscope.core.collection.corpus import same_corpus
 
     for run in runs[1:]:
         if (run.model_revision, run.settings, run.layers) != (first.model_revision, first.settings, first.layers) or (
@@ -243,7 +225,7 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
         raise CollectError(f"shards do not cover the corpus exactly ({detail}): pass every shard store once")
     import torch
 
-    from core.accumulate import LayerAccumulator
+    from neuronscope.core.collection.accumulate import LayerAccumulator
 
     settings = first.settings
     run_id = out.create_run(

@@ -1,4 +1,4 @@
-"""Scorers beside simulation, each a `Score` (core.score) with its own method name and a bootstrap interval, on
+"""Scorers beside simulation, each a `Score` (neuronscope.core.explanation.score) with its own method name and a bootstrap interval, on
 the held-out test excerpts of a neuron tail:
 
 - `detection`: does the explanation tell the excerpts that make the neuron fire from the others? The rater rates
@@ -21,16 +21,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core import embedding
-from core.auroc import auroc, auroc_interval
-from core.embedding import Embedder
-from core.llm.base import Backend
-from core.prompts import NEUTRAL_EXPLANATION, Example
-from core.rating import Item
-from core.score import Score
+from neuronscope.core.explanation import embedding
+from neuronscope.core.explanation.auroc import auroc, auroc_interval
+from neuronscope.core.explanation.embedding import Embedder
+from neuronscope.core.llm.base import Backend
+from neuronscope.core.llm.prompts import NEUTRAL_EXPLANATION, Example
+from neuronscope.core.llm.rating import Item
+from neuronscope.core.results import Score
 
-SCORERS = ("detection", "fuzzing", "embedding")
-#: The rated scorers and their rating tasks (core.rating).
+#: The rated scorers and their rating tasks (neuronscope.core.llm.rating).
 RATED = {"detection": "detect", "fuzzing": "fuzz"}
 #: A token fires, for fuzzing, at this fraction of its excerpt's peak or more; an excerpt fires, for detection and
 #: embedding, at this fraction of the weakest top excerpt's peak.
@@ -112,5 +111,5 @@ def embedding_score(embedder: Embedder, text: str, examples: Sequence[Example], 
     negatives = [t for t, f in zip(texts, fires) if not f]
     if not positives or not negatives:
         return Score("embedding", 0.5, 0.5, 0.5, len(texts), "no_tokens")
-    value, low, high = embedding.embedding_score(embedder, text, positives, negatives, seed)
+    value, low, high = embedding.similarity_auroc(embedder, text, positives, negatives, seed)
     return Score("embedding", value, low, high, len(texts))

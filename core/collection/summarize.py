@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.layerdata import CELL_EDGES, LayerResult, LayerSummary, Samples
-from core.records import CollectSettings
+from neuronscope.core.layerdata import CELL_EDGES, LayerResult, LayerSummary, Samples
+from neuronscope.core.records import CollectSettings
 
 
 def moments(sums: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     excerpt max lies in the bin.  Slot j of a neuron belongs to bin j // quantile_k."""
     import torch
 
-    from core.sampling import hash_keys
+    from neuronscope.core.collection.sampling import hash_keys
 
     parts = [result.samples[kind] for kind in ("cell", "random", "top")]
     ids = np.concatenate([p.ids for p in parts], 1)  # [F, M]

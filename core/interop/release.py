@@ -1,5 +1,5 @@
 """The file layout of OpenAI's 2023 GPT-2 XL neuron release, read and written: pure functions of parsed JSON, no
-store access (core.importer and core.export move the data).
+store access (neuronscope.core.interop.importer and neuronscope.core.interop.export move the data).
 
 A release folder holds, per neuron (layer L, index N):
 
@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from neuronscope.core.errors import NeuronscopeError
+
 ACTIVATIONS = "collated-activations"
 EXPLANATIONS = "explanations"
 WEIGHT_TOKENS = "related-tokens/weight-based"
@@ -48,7 +50,7 @@ _NEURON_SIDES = {"upstream": "c_fc", "downstream": "c_proj"}
 RELEASE_SCALE = 10.0
 
 
-class ReleaseError(ValueError):
+class ReleaseError(NeuronscopeError, ValueError):
     """A file that is not in the release's format: one line naming the field."""
 
 
@@ -304,13 +306,16 @@ def read_json(path: Path) -> Any:
         raise ReleaseError(f"it is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
 
 
+def release_layers(root: Path, part: str) -> list[int]:
+    """The layers of one part of a release: its `part/L/` folders, in order."""
+    base = root / part
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
+
+
 def neuron_files(root: Path, part: str, suffix: str = ".json") -> Iterator[tuple[int, int, Path]]:
     """(layer, neuron, path) of every `part/L/N.suffix` file under a release root, by layer then neuron."""
     base = root / part
-    if not base.is_dir():
-        return
-    layers = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
-    for layer in layers:
+    for layer in release_layers(root, part):
         names = [p for p in (base / str(layer)).iterdir() if p.suffix == suffix and p.stem.isdigit()]
         for path in sorted(names, key=lambda p: int(p.stem)):
             yield layer, int(path.stem), path

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuronscope.core.errors import NeuronscopeError
 
-class ModelError(Exception):
+
+class ModelError(NeuronscopeError):
     """A model problem, as one line naming the problem and the fix."""
 
 

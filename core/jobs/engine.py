@@ -16,24 +16,35 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from core import simulation
-from core.explain import controls, lookup_of, prompt_for, revise, score_candidates
-from core.llm.base import Backend, BudgetExceeded, Call, CallLog, LLMError, make_backend
-from core.prompts import NEUTRAL_EXPLANATION
-from core.records import RunInfo
-from core.results import NeuronResult, ScoredExplanation
-from core.scorers import RATED, SCORERS, rating_items
-from core.selection import JobError, Selection
-from core.simulation import DEFAULT_SIMULATION, SIMULATIONS
-from core.splits import TAILS, NeuronSplits, SplitSizes, split_records
-from core.store import Store
-from core.store.results import ORDERS
+from neuronscope.core.choices import (
+    DEFAULT_BACKEND,
+    DEFAULT_SIMULATION,
+    JOB_KINDS,
+    ORDERS,
+    SCORERS,
+    SIMULATIONS,
+    TAILS,
+    JobKind,
+    Scorer,
+    SimulationMode,
+    Tail,
+)
+from neuronscope.core.errors import NeuronError
+from neuronscope.core.explanation import simulation
+from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
+from neuronscope.core.explanation.scorers import RATED, rating_items
+from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, split_records
+from neuronscope.core.ids import NeuronId, layers_text
+from neuronscope.core.jobs.selection import JobError, Selection
+from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend
+from neuronscope.core.llm.prompts import NEUTRAL_EXPLANATION
+from neuronscope.core.records import Call, RunInfo
+from neuronscope.core.results import NeuronResult, ScoredExplanation
+from neuronscope.core.store import Store
 
 if TYPE_CHECKING:
-    from core.embedding import Embedder
+    from neuronscope.core.explanation.embedding import Embedder
 
-KINDS = ("explain", "score", "run")
-DEFAULT_BACKEND = "local:qwen-1.5b"
 Progress = Callable[[str, int, int], None]
 
 
@@ -49,13 +60,13 @@ Landed = Callable[[tuple[int, int], str], None]
 class JobSettings:
     """What a job does to each neuron; with the neuron list, its identity."""
 
-    kind: str = "run"
+    kind: JobKind = "run"
     """explain (candidates only), score (stored candidates or a given sentence) or run (both)."""
     explainer: str = DEFAULT_BACKEND
     """Backend spec of the explainer."""
     simulator: str = DEFAULT_BACKEND
     """Backend spec of the simulator."""
-    tail: str = "pos"
+    tail: Tail = "pos"
     """pos: explain max(a, 0) from top records; neg: max(-a, 0) from bottom records."""
     samples: int = 1
     """Candidate explanations per neuron (best of k on the select split)."""
@@ -65,10 +76,10 @@ class JobSettings:
     """Seed for sampled explanations and bootstrap intervals."""
     explanation: str | None = None
     """A user's own sentence to score (kind score)."""
-    scorers: tuple[str, ...] = ()
-    """Scorers beside simulation on the test split (core.scorers.SCORERS: detection, fuzzing, embedding)."""
-    simulation: str = DEFAULT_SIMULATION
-    """How explanations are simulated (core.simulation.SIMULATIONS: quotes, tokens, lines)."""
+    scorers: tuple[Scorer, ...] = ()
+    """Scorers beside simulation on the test split (detection, fuzzing, embedding)."""
+    simulation: SimulationMode = DEFAULT_SIMULATION
+    """How explanations are simulated (quotes, tokens, lines; see neuronscope.core.explanation.simulation)."""
     revise: bool = False
     """Also revise the first candidate from the select excerpts it simulated worst (run jobs)."""
 
@@ -142,7 +153,7 @@ class Job:
 
     def __init__(self, store: Store, run: RunInfo, settings: JobSettings, selection: Selection, *,
                  backend_factory: Callable[[str], Backend] | None = None) -> None:
-        if settings.kind not in KINDS:
+        if settings.kind not in JOB_KINDS:
             raise JobError(f"unknown job kind {settings.kind!r}")
         if settings.tail not in TAILS:
             raise JobError(f"--tail must be one of {', '.join(TAILS)}")
@@ -176,8 +187,8 @@ class Job:
                        or not 0 <= n[1] < self.run_info.neurons_per_layer]
             if missing:
                 layer, neuron = missing[0]
-                raise JobError(f"run {self.run_info.run_id} has no neuron L{layer}/N{neuron}: it has layers "
-                               f"{list(self.run_info.layers)} of {self.run_info.neurons_per_layer} neurons")
+                raise JobError(f"run {self.run_info.run_id} has no neuron {NeuronId(layer, neuron)}: it has layers "
+                               f"{layers_text(self.run_info.layers)} of {self.run_info.neurons_per_layer} neurons")
             return tuple(dict.fromkeys(selection.neurons))
         return tuple(self.store.choose_neurons(self.run_info.run_id, layers=selection.layers, order=selection.order,
                                                where=selection.where, limit=selection.limit, seed=self.settings.seed))
@@ -194,7 +205,7 @@ class Job:
     def embedder(self) -> Embedder | None:
         """The embedding model, loaded once, when the embedding scorer is asked for."""
         if "embedding" in self.settings.scorers and self._embedder is None:
-            from core.embedding import Embedder, EmbeddingError
+            from neuronscope.core.explanation.embedding import Embedder, EmbeddingError
 
             try:
                 self._embedder = Embedder.load()
@@ -229,7 +240,7 @@ class Job:
                                      kinds=("top", "bottom", "random"))
         splits = split_records(records, self.settings.tail, self.settings.sizes)
         if not splits.train or not splits.test:
-            raise LLMError(f"L{neuron[0]}/N{neuron[1]} has too few records for the {self.settings.tail} tail")
+            raise NeuronError(f"{NeuronId(*neuron)} has too few records for the {self.settings.tail} tail")
         return splits
 
     def _partner(self, index: int) -> tuple[int, int] | None:
@@ -262,7 +273,7 @@ class Job:
         if s.kind == "score":
             texts = self.store.candidate_texts(self.run_info.run_id, *neuron, tail=s.tail, explainer=s.explainer)
             if not texts:
-                raise LLMError(f"L{neuron[0]}/N{neuron[1]} has no {s.tail} explanation by {s.explainer}: "
+                raise NeuronError(f"{NeuronId(*neuron)} has no {s.tail} explanation by {s.explainer}: "
                                "run `neuronscope explain` first, or pass --explanation")
             return texts, s.explainer, "candidate"
         explainer = self.backend(s.explainer)
@@ -335,7 +346,7 @@ class Job:
                 error = ""
                 try:
                     result = self.process(index)
-                except LLMError as err:
+                except (LLMError, NeuronError) as err:
                     error = str(err)
                     self.store.fail_neuron(job_id, layer, neuron, error)
                 else:

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from core.subject import MLP_LAYOUTS, SubjectError
+from neuronscope.core.models.subject import MLP_LAYOUTS, SubjectError
 
 #: Names of the final norm, on the object that holds the list of blocks.
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm")

@@ -41,12 +41,14 @@ from typing import Any
 
 import numpy as np
 
+from neuronscope.core.errors import NeuronscopeError
+
 MAX_DOC_CHARS = 20_000
 _BATCH_CHARS = 1_000_000
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class CorpusError(Exception):
+class CorpusError(NeuronscopeError):
     """One-line message naming the problem and the fix (shown to the user as is)."""
 
 
@@ -81,7 +83,7 @@ def describe(spec: CorpusSpec) -> str:
     """Stable short description: equal for identical input, different when content differs."""
     field = "" if spec.text_field == "text" else f", field {spec.text_field!r}"
     if spec.source == "default":
-        from core.default_corpus import DESCRIPTION
+        from neuronscope.core.collection.default_corpus import DESCRIPTION
 
         return DESCRIPTION
     if spec.source.startswith("hf:"):
@@ -112,7 +114,7 @@ def same_corpus(a: str, b: str) -> bool:
 def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     """Yield the corpus's documents in a deterministic order; CorpusError on bad input."""
     if spec.source == "default":
-        from core.default_corpus import default_corpus_text
+        from neuronscope.core.collection.default_corpus import default_corpus_text
 
         yield from _split_text(default_corpus_text())
         return

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-#: Highest digit on the activation scale.
-TOP = 9
+from neuronscope.core.records import TOP
+
 #: Placeholder written where the simulator's prediction is read.
 SLOT = "?"
 #: A token counts as firing, for the explainer, at this share of its excerpt's peak or more; it is marked <<so>>.
@@ -131,7 +131,7 @@ def listing(tokens: Sequence[str], digits: Sequence[int | str]) -> str:
 @cache
 def fewshot(name: str) -> Any:
     """A few-shot file of data/fewshot/, parsed."""
-    return json.loads(resources.files("core.data").joinpath("fewshot", f"{name}.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("neuronscope.data").joinpath("fewshot", f"{name}.json").read_text(encoding="utf-8"))
 
 
 def firing(values: np.ndarray) -> np.ndarray:

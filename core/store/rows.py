@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.layerdata import Samples, dequantize, quantize
+from neuronscope.core.layerdata import Samples, dequantize, quantize
 
 
 def lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]

@@ -3,8 +3,8 @@
 - `parquet`: a folder of Parquet files: `neurons.parquet` (statistics, each neuron's newest selected positive-tail
   explanation and its test score), `explanations.parquet` (every explanation, one row per score),
   and `related.parquet` (each neuron's related-token and related-neuron lists, one row per list).
-- `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README "Exports").
-- `openai`: the layout of OpenAI's GPT-2 XL release (core.release), so tools written for it read our runs:
+- `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README, "OpenAI's GPT-2 XL release, Parquet and JSONL").
+- `openai`: the layout of OpenAI's GPT-2 XL release (neuronscope.core.interop.release), so tools written for it read our runs:
   collated-activations/, explanations/ (the positive tail's candidates and user sentences with test-split
   simulations, expected activations on the release's 0-10 scale), related-tokens/ and related-neurons/ where the
   run has them.
@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.prompts import TOP
-from core.records import ActivationRecord
-from core.release import (
+from neuronscope.core.choices import TAILS
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.interop.release import (
     ACTIVATIONS,
     EXPLANATIONS,
     LOOKUP_TOKENS,
@@ -39,18 +39,17 @@ from core.release import (
     release_path,
     weight_tokens_json,
 )
-from core.results import NeuronBundle, ScoredExplanation
-from core.splits import TAILS
+from neuronscope.core.records import TOP, ActivationRecord
+from neuronscope.core.results import NeuronBundle, ScoredExplanation
 
 if TYPE_CHECKING:
-    from core.store import Store
+    from neuronscope.core.store import Store
 
-FORMATS = ("parquet", "jsonl", "openai")
 #: The record kinds a collection keeps ('scored' holds sequences only an imported explanation was scored on).
 RECORD_KINDS = ("top", "bottom", "random", "quantile")
 Progress = Callable[[str, int, int], None]
 
-#: The JSONL export's fields, one object per neuron (README "Exports" shows it in full).
+#: The JSONL export's fields, one object per neuron (the README's export section shows it in full).
 JSONL_SCHEMA = {
     "layer": "int", "neuron": "int",
     "stats": "{count, mean, variance, skewness, kurtosis, max, min, density, selectivity, quantile_edges}",
@@ -61,7 +60,7 @@ JSONL_SCHEMA = {
 }
 
 
-class ExportError(Exception):
+class ExportError(NeuronscopeError):
     """An export that cannot be written: one line naming the fix."""
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.models import PACKAGED, ModelError, cache_dir
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.models.packaged import PACKAGED, ModelError, cache_dir
 
 #: (path to the list of blocks, path from a block to the MLP output projection), tried in order.
 MLP_LAYOUTS = (
@@ -28,7 +29,7 @@ MLP_LAYOUTS = (
 )
 
 
-class SubjectError(Exception):
+class SubjectError(NeuronscopeError):
     """A subject-model problem, as one line naming the problem and the fix."""
 
 

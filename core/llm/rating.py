@@ -3,7 +3,7 @@ asked of whole excerpts and answered with one digit each, 0-9, all of a split's 
 
 - detection: does the neuron fire anywhere in this excerpt?
 - fuzzing: are the tokens marked with << >> the ones the neuron fires on?
-- token: does the neuron fire on this token (quoted, out of context)? The `tokens` simulation (core.simulation) rates
+- token: does the neuron fire on this token (quoted, out of context)? The `tokens` simulation (neuronscope.core.explanation.simulation) rates
   every distinct token of a split this way, so a small model judges each token against the explanation instead
   of writing numbers for a listing it mostly reads past.
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.prompts import SLOT, PackedPrompt, bos_ids, chat_opening_ids, encode_text, fewshot, show_token
+from neuronscope.core.llm.prompts import SLOT, PackedPrompt, bos_ids, chat_opening_ids, encode_text, fewshot, show_token
 
 TASKS = ("detect", "fuzz", "token")
 MARK_OPEN, MARK_CLOSE = "<<", ">>"

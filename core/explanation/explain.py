@@ -1,13 +1,13 @@
-"""One neuron's explain -> select -> score, with its controls; no store access (core.jobs does that).
+"""One neuron's explain -> select -> score, with its controls; no store access (neuronscope.core.jobs.engine does that).
 
 For a neuron's splits: the explainer writes k candidates from the train excerpts (and, when asked, a revision
 of the first from the select excerpts its simulation got most wrong); with more than one candidate each
 is simulated and scored on the select split and the best is marked; the chosen one is simulated and
 scored on the test split (so selection never leaks into the headline score). Two controls are
 scored on the same test excerpts: another neuron's explanation (shuffled) with the same simulator and
-simulation mode (core.simulation), and the token-lookup baseline (its own explainer and simulator). On the
+simulation mode (neuronscope.core.explanation.simulation), and the token-lookup baseline (its own explainer and simulator). On the
 test split every explanation also gets, in the lines mode, the contrast score (its simulation minus a neutral
-explanation's; see core.score), and the scores of the job's other scorers (core.scorers: detection, fuzzing,
+explanation's; see neuronscope.core.explanation.score), and the scores of the job's other scorers (neuronscope.core.explanation.scorers: detection, fuzzing,
 embedding), the controls scored the same way.
 """
 
@@ -18,9 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.llm.base import Backend, LLMError
-from core.llm.baseline import BaselineBackend, lookup_explanation
-from core.prompts import (
+from neuronscope.core.explanation.score import contrast, score
+from neuronscope.core.explanation.scorers import RATED, embedding_score, rated_score
+from neuronscope.core.explanation.simulation import simulate as simulation_of
+from neuronscope.core.explanation.simulation import simulator_name
+from neuronscope.core.explanation.splits import NeuronSplits
+from neuronscope.core.llm.base import Backend, LLMError
+from neuronscope.core.llm.baseline import BaselineBackend, lookup_explanation
+from neuronscope.core.llm.prompts import (
     NEUTRAL_EXPLANATION,
     REVISION_MISSES,
     Example,
@@ -29,15 +34,10 @@ from core.prompts import (
     on_scale,
     revision_prompt,
 )
-from core.results import ScoredExplanation, Simulation, SplitScores
-from core.score import contrast, score
-from core.scorers import RATED, embedding_score, rated_score
-from core.simulation import simulate as simulation_of
-from core.simulation import simulator_name
-from core.splits import NeuronSplits
+from neuronscope.core.results import ScoredExplanation, Simulation, SplitScores
 
 if TYPE_CHECKING:
-    from core.embedding import Embedder
+    from neuronscope.core.explanation.embedding import Embedder
 
 
 def prompt_for(explainer: Backend, splits: NeuronSplits) -> ExplainPrompt:
@@ -69,10 +69,10 @@ def lookup_of(splits: NeuronSplits) -> str:
 def evaluate(simulator: Backend, text: str, examples: Sequence[Example], split: str, scale_max: float,
              seed: int, *, simulation: str = "lines", with_contrast: bool = False, scorers: Sequence[str] = (),
              embedder: Embedder | None = None) -> tuple[tuple[Simulation, ...], list[SplitScores]]:
-    """Simulate an explanation on a split's excerpts (core.simulation's mode) and score it. with_contrast, in the
+    """Simulate an explanation on a split's excerpts (neuronscope.core.explanation.simulation's mode) and score it. with_contrast, in the
     lines mode, also simulates the neutral explanation on them (one more call, shared by every explanation of
     these excerpts) for the contrast score (the other modes subtract the neutral explanation already); `scorers`
-    (core.scorers.SCORERS) adds detection and fuzzing rated by the simulator, and the embedding score."""
+    (neuronscope.core.explanation.scorers.SCORERS) adds detection and fuzzing rated by the simulator, and the embedding score."""
     tokens = [e.tokens for e in examples]
     predicted = simulation_of(simulator, simulation, text, tokens)
     sims = tuple(Simulation(e.excerpt_id, e.kind, split, tuple(float(v) for v in p)) for e, p in zip(examples, predicted))

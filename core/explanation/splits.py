@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.prompts import Example
-from core.records import ActivationRecord
+from neuronscope.core.choices import TAILS
+from neuronscope.core.llm.prompts import Example
+from neuronscope.core.records import ActivationRecord
 
-TAILS = ("pos", "neg")
 _PATTERN = ("train", "test", "train", "select")
 
 

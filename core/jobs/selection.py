@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.store.results import FILTER_FIELDS, FILTER_OPS
+from neuronscope.core.choices import DEFAULT_ORDER, Order
+from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.store.results import FILTER_FIELDS, FILTER_OPS
 
 
-class JobError(Exception):
+class JobError(NeuronscopeError):
     """A job that cannot start (here: a neuron or filter that cannot be read), as one line naming the fix."""
 
 
@@ -21,8 +22,8 @@ class Selection:
     """Explicit (layer, neuron) pairs; when given, the other fields are ignored."""
     layers: tuple[int, ...] | None = None
     """Layers to choose from (None: all)."""
-    order: str = "selectivity"
-    """selectivity, kurtosis, max, min, density or random."""
+    order: Order = DEFAULT_ORDER
+    """One of neuronscope.core.choices.ORDERS."""
     where: tuple[tuple[str, str, float], ...] = ()
     """Conditions on the statistics, all of which must hold."""
     limit: int | None = 10
@@ -41,15 +42,4 @@ def parse_where(text: str) -> tuple[tuple[str, str, float], ...]:
             raise JobError(f"cannot read the filter {part.strip()!r}: write FIELD OP NUMBER joined by 'and', "
                            f"with FIELD one of {', '.join(FILTER_FIELDS)} and OP one of {' '.join(FILTER_OPS)}")
         out.append((m.group(1).lower(), m.group(2), float(m.group(3))))
-    return tuple(out)
-
-
-def neurons_from_args(values: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """`12/345` or `L12/N345` -> (12, 345); JobError for anything else."""
-    out = []
-    for value in values:
-        m = re.fullmatch(r"[Ll]?(\d+)/[Nn]?(\d+)", value.strip())
-        if not m:
-            raise JobError(f"cannot read neuron {value!r}: write LAYER/NEURON, e.g. 12/345")
-        out.append((int(m.group(1)), int(m.group(2))))
     return tuple(out)

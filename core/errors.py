@@ -1,0 +1,19 @@
+"""One error family. Every problem a user can fix, or must be told about, is a `NeuronscopeError`: the CLI
+and the app catch the base class and show its message as one line (exit status 2), so a new error class
+needs no registration anywhere. Each stage keeps its own subclass beside its code (CorpusError,
+StoreError, LLMError, ...); the ones no stage owns are here."""
+
+from __future__ import annotations
+
+
+class NeuronscopeError(Exception):
+    """A problem stated in one line that names what happened and what to do."""
+
+
+class InputError(NeuronscopeError):
+    """Bad input from the user: an option, a neuron address, a layer range, a file argument."""
+
+
+class NeuronError(NeuronscopeError):
+    """One neuron cannot be explained or scored for a reason that is not an LLM failure (too few records, no
+    stored explanation): recorded against the neuron, the job goes on."""
