@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import ActivationRecord, NeuronStats
 
 
@@ -69,8 +70,8 @@ class ScoredExplanation:
     """Index among the k candidates."""
     selected: bool = False
     """The candidate chosen on the select split (or the only one)."""
-    source: tuple[int, int] | None = None
-    """(layer, neuron) the explanation was written for, when it is another neuron's."""
+    source: NeuronId | None = None
+    """The neuron the explanation was written for, when it is another neuron's."""
     simulations: tuple[Simulation, ...] = ()
     """Predictions per held-out excerpt."""
     splits: tuple[SplitScores, ...] = ()

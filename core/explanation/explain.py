@@ -23,6 +23,7 @@ from neuronscope.core.explanation.scorers import RATED, embedding_score, rated_s
 from neuronscope.core.explanation.simulation import simulate as simulation_of
 from neuronscope.core.explanation.simulation import simulator_name
 from neuronscope.core.explanation.splits import NeuronSplits
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.llm.base import Backend, LLMError
 from neuronscope.core.llm.baseline import BaselineBackend, lookup_explanation
 from neuronscope.core.llm.prompts import (
@@ -116,7 +117,7 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
 
 
 def controls(simulator: Backend, splits: NeuronSplits, *,
-             partner: tuple[int, int] | None, partner_text: Callable[[], str] | None, seed: int,
+             partner: NeuronId | None, partner_text: Callable[[], str] | None, seed: int,
              explainer: str, simulation: str = "lines", scorers: Sequence[str] = (),
              embedder: Embedder | None = None) -> list[ScoredExplanation]:
     """The shuffled control (another neuron's explanation; left out when that explanation cannot be had) and the

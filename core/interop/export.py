@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from neuronscope.core.choices import TAILS
 from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.interop.release import (
     ACTIVATIONS,
     EXPLANATIONS,
@@ -98,7 +99,7 @@ def export_parquet(store: Store, run_id: int, out: Path) -> dict[str, int]:
 CHUNK = 256
 
 
-def bundles(store: Store, run_id: int, neurons: Sequence[tuple[int, int]] | None = None,
+def bundles(store: Store, run_id: int, neurons: Sequence[NeuronId] | None = None,
             progress: Progress | None = None) -> Iterator[NeuronBundle]:
     """Every neuron of a run (or those named), read a chunk of consecutive neurons at a time."""
     chosen = store.run_neurons(run_id) if neurons is None else sorted(neurons)
@@ -170,7 +171,7 @@ def _release_explanations(b: NeuronBundle) -> list[ReleaseExplanation]:
 
 
 def export_openai(store: Store, run_id: int, out: Path, progress: Progress | None = None,
-                  neurons: Sequence[tuple[int, int]] | None = None) -> int:
+                  neurons: Sequence[NeuronId] | None = None) -> int:
     """Write the release layout (of every neuron of the run, or of `neurons`); the number of neurons."""
     _prepare(out, folder=True)
 

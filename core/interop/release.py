@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.ids import NeuronId
 
 ACTIVATIONS = "collated-activations"
 EXPLANATIONS = "explanations"
@@ -185,11 +186,11 @@ def _excerpts(obj: Any, name: str, where: str) -> tuple[Excerpt, ...]:
     return _excerpt_list(_field(obj, name, list, where), f"{where}.{name}")
 
 
-def neuron_id(obj: Any, where: str) -> tuple[int, int]:
-    """(layer, neuron) of an object's `neuron_id`."""
+def neuron_id(obj: Any, where: str) -> NeuronId:
+    """The neuron of an object's `neuron_id`."""
     ident = _field(obj, "neuron_id", dict, where)
-    return (_field(ident, "layer_index", int, f"{where}.neuron_id"),
-            _field(ident, "neuron_index", int, f"{where}.neuron_id"))
+    return NeuronId(_field(ident, "layer_index", int, f"{where}.neuron_id"),
+                    _field(ident, "neuron_index", int, f"{where}.neuron_id"))
 
 
 def parse_neuron_record(obj: Any, where: str = "NeuronRecord") -> ReleaseNeuron:
@@ -209,8 +210,8 @@ def parse_neuron_record(obj: Any, where: str = "NeuronRecord") -> ReleaseNeuron:
     return ReleaseNeuron(layer, neuron, top, random, quantile, boundaries, *moments)
 
 
-def parse_explanations(obj: Any, where: str = "NeuronSimulationResults") -> tuple[tuple[int, int], list[ReleaseExplanation]]:
-    """((layer, neuron), scored explanations) of a NeuronSimulationResults."""
+def parse_explanations(obj: Any, where: str = "NeuronSimulationResults") -> tuple[NeuronId, list[ReleaseExplanation]]:
+    """(neuron, scored explanations) of a NeuronSimulationResults."""
     ident = neuron_id(obj, where)
     out = []
     for i, item in enumerate(_field(obj, "scored_explanations", list, where)):

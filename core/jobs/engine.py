@@ -52,8 +52,8 @@ class JobCancelled(Exception):
     """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
 
 
-#: Called after each neuron of a job lands: (layer, neuron) and its error ('' when it succeeded).
-Landed = Callable[[tuple[int, int], str], None]
+#: Called after each neuron of a job lands: the neuron and its error ('' when it succeeded).
+Landed = Callable[[NeuronId, str], None]
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class JobReport:
     """complete, partial (some neurons failed), stopped (budget) or interrupted."""
     done: int
     """Neurons finished (in this and earlier sessions of the job)."""
-    failed: dict[tuple[int, int], str]
+    failed: dict[NeuronId, str]
     """Neurons that failed, with their errors."""
     total: int
     """Neurons in the job."""
@@ -176,12 +176,12 @@ class Job:
         self._backends: dict[str, Backend] = {}
         self._embedder: Embedder | None = None
         self.log: CallLog = CallLog()
-        self._partner_texts: dict[tuple[int, int], str] = {}
+        self._partner_texts: dict[NeuronId, str] = {}
         params = {"run_id": run.run_id, **asdict(settings), "neurons": [list(n) for n in self.neurons]}
         self.params = json.dumps(params, sort_keys=True)
         self.key = hashlib.sha256(self.params.encode()).hexdigest()
 
-    def _resolve(self, selection: Selection) -> tuple[tuple[int, int], ...]:
+    def _resolve(self, selection: Selection) -> tuple[NeuronId, ...]:
         if selection.neurons:
             missing = [n for n in selection.neurons if n[0] not in self.run_info.layers
                        or not 0 <= n[1] < self.run_info.neurons_per_layer]
@@ -189,7 +189,7 @@ class Job:
                 layer, neuron = missing[0]
                 raise JobError(f"run {self.run_info.run_id} has no neuron {NeuronId(layer, neuron)}: it has layers "
                                f"{layers_text(self.run_info.layers)} of {self.run_info.neurons_per_layer} neurons")
-            return tuple(dict.fromkeys(selection.neurons))
+            return tuple(dict.fromkeys(NeuronId(*n) for n in selection.neurons))
         return tuple(self.store.choose_neurons(self.run_info.run_id, layers=selection.layers, order=selection.order,
                                                where=selection.where, limit=selection.limit, seed=self.settings.seed))
 
@@ -235,22 +235,22 @@ class Job:
         return self.settings.kind in ("explain", "run")
 
     # -- per neuron ---------------------------------------------------------------------------------
-    def _splits(self, neuron: tuple[int, int]) -> NeuronSplits:
+    def _splits(self, neuron: NeuronId) -> NeuronSplits:
         records = self.store.records(self.run_info.run_id, neuron[0], neuron[1],
                                      kinds=("top", "bottom", "random"))
         splits = split_records(records, self.settings.tail, self.settings.sizes)
         if not splits.train or not splits.test:
-            raise NeuronError(f"{NeuronId(*neuron)} has too few records for the {self.settings.tail} tail")
+            raise NeuronError(f"{neuron} has too few records for the {self.settings.tail} tail")
         return splits
 
-    def _partner(self, index: int) -> tuple[int, int] | None:
+    def _partner(self, index: int) -> NeuronId | None:
         if len(self.neurons) > 1:
             return self.neurons[(index + 1) % len(self.neurons)]
         others = [n for n in self.store.choose_neurons(self.run_info.run_id, layers=None, order="random", where=(),
                                                        limit=2, seed=self.settings.seed) if n != self.neurons[0]]
         return others[0] if others else None
 
-    def _partner_text(self, partner: tuple[int, int]) -> str:
+    def _partner_text(self, partner: NeuronId) -> str:
         """Another neuron's explanation: the explainer's first candidate for it (a cached call when the partner is in
         the job), or for score jobs its newest stored explanation, else its lookup explanation."""
         if partner not in self._partner_texts:
@@ -265,7 +265,7 @@ class Job:
             self._partner_texts[partner] = text
         return self._partner_texts[partner]
 
-    def _candidates(self, neuron: tuple[int, int], splits: NeuronSplits) -> tuple[list[str], str, str]:
+    def _candidates(self, neuron: NeuronId, splits: NeuronSplits) -> tuple[list[str], str, str]:
         """(texts, explainer, role) to score or store."""
         s = self.settings
         if s.kind == "score" and s.explanation is not None:
@@ -273,13 +273,13 @@ class Job:
         if s.kind == "score":
             texts = self.store.candidate_texts(self.run_info.run_id, *neuron, tail=s.tail, explainer=s.explainer)
             if not texts:
-                raise NeuronError(f"{NeuronId(*neuron)} has no {s.tail} explanation by {s.explainer}: "
+                raise NeuronError(f"{neuron} has no {s.tail} explanation by {s.explainer}: "
                                "run `neuronscope explain` first, or pass --explanation")
             return texts, s.explainer, "candidate"
         explainer = self.backend(s.explainer)
         return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), s.explainer, "candidate"
 
-    def _seed(self, neuron: tuple[int, int]) -> int:
+    def _seed(self, neuron: NeuronId) -> int:
         """A neuron's seed for bootstraps and decoys: the job's seed mixed with its position."""
         return self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
 

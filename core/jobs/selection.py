@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from neuronscope.core.choices import DEFAULT_ORDER, Order
 from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.store.results import FILTER_FIELDS, FILTER_OPS
 
 
@@ -18,8 +19,8 @@ class JobError(NeuronscopeError):
 class Selection:
     """Which neurons a job takes."""
 
-    neurons: tuple[tuple[int, int], ...] = ()
-    """Explicit (layer, neuron) pairs; when given, the other fields are ignored."""
+    neurons: tuple[NeuronId, ...] = ()
+    """Explicit neurons; when given, the other fields are ignored."""
     layers: tuple[int, ...] | None = None
     """Layers to choose from (None: all)."""
     order: Order = DEFAULT_ORDER

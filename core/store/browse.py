@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.results import CHOSEN_POS_CTES
 from neuronscope.core.store.schema import StoreError
@@ -125,11 +126,11 @@ class BrowseMixin:
         sql, params = self._browse_sql("count(*)", run_id, query)
         return int(self.con.execute(sql, params).fetchall()[0][0])
 
-    def neuron_keys(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> list[tuple[int, int]]:
-        """(layer, neuron) of every row the query shows, in its order (the scope of a job on a filter)."""
+    def neuron_keys(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> list[NeuronId]:
+        """The neuron of every row the query shows, in its order (the scope of a job on a filter)."""
         keys = self._order_keys(query)
         sql, params = self._browse_sql("layer, neuron", run_id, query)
-        return [(int(a), int(b)) for a, b in self.con.execute(f"{sql} ORDER BY {keys}", params).fetchall()]
+        return [NeuronId(int(a), int(b)) for a, b in self.con.execute(f"{sql} ORDER BY {keys}", params).fetchall()]
 
     def _positions(self, run_id: int, query: BrowseQuery) -> tuple[str, list[Any]]:
         """The query's rows numbered from 0 in its order, as SQL over (pos, layer, neuron, explained)."""

@@ -41,9 +41,9 @@ class BulkMixin:
                              "sample": pa.array([ex.sample for _, ex in pairs], pa.int16()),
                              "selected": pa.array([ex.selected for _, ex in pairs], pa.bool_()),
                              "text": pa.array([ex.text for _, ex in pairs], pa.string()),
-                             "source_layer": pa.array([ex.source[0] if ex.source else None for _, ex in pairs],
+                             "source_layer": pa.array([ex.source.layer if ex.source else None for _, ex in pairs],
                                                       pa.int16()),
-                             "source_neuron": pa.array([ex.source[1] if ex.source else None for _, ex in pairs],
+                             "source_neuron": pa.array([ex.source.neuron if ex.source else None for _, ex in pairs],
                                                        pa.int32()),
                              "job_id": pa.array(np.full(len(pairs), job_id, np.int64)),
                          }))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from neuronscope.core.choices import Order
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import Call
 from neuronscope.core.results import NeuronResult, NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
 
@@ -53,8 +54,8 @@ class ResultsMixin:
 
     # -- choosing neurons -----------------------------------------------------------------------
     def choose_neurons(self, run_id: int, *, layers: Sequence[int] | None, order: str,
-                       where: Sequence[tuple[str, str, float]], limit: int | None, seed: int = 0) -> list[tuple[int, int]]:
-        """(layer, neuron) pairs of a run, filtered by typed conditions, ordered, limited."""
+                       where: Sequence[tuple[str, str, float]], limit: int | None, seed: int = 0) -> list[NeuronId]:
+        """Neurons of a run, filtered by typed conditions, ordered, limited."""
         sql = "SELECT layer, neuron FROM neurons WHERE run_id = ?"
         params: list[Any] = [run_id]
         if layers is not None:
@@ -71,7 +72,7 @@ class ResultsMixin:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [(int(a), int(b)) for a, b in self.con.execute(sql, params).fetchall()]
+        return [NeuronId(int(a), int(b)) for a, b in self.con.execute(sql, params).fetchall()]
 
     # -- jobs -------------------------------------------------------------------------------------
     def create_job(self, run_id: int, kind: str, params: str, params_key: str, total: int) -> int:
@@ -92,10 +93,10 @@ class ResultsMixin:
         self.con.execute("UPDATE jobs SET state = ?, error = ?, pid = ?, updated_at = current_timestamp WHERE job_id = ?",
                          [state, error, os.getpid(), job_id])
 
-    def job_neuron_states(self, job_id: int) -> dict[tuple[int, int], tuple[str, str]]:
-        """(layer, neuron) -> (state, error) for every neuron the job has finished or failed."""
+    def job_neuron_states(self, job_id: int) -> dict[NeuronId, tuple[str, str]]:
+        """neuron -> (state, error) for every neuron the job has finished or failed."""
         rows = self.con.execute("SELECT layer, neuron, state, error FROM job_neurons WHERE job_id = ?", [job_id]).fetchall()
-        return {(int(r[0]), int(r[1])): (r[2], r[3] or "") for r in rows}
+        return {NeuronId(int(r[0]), int(r[1])): (r[2], r[3] or "") for r in rows}
 
     def jobs(self, run_id: int | None = None) -> list[dict[str, Any]]:
         """Jobs, oldest first, as dicts (id, run, kind, state, done, failed, total, error, created)."""
@@ -196,7 +197,7 @@ class ResultsMixin:
                 Score(method, value, low, high, n, flags or ""))
         return [ScoredExplanation(
                     text=r[1], explainer=r[2], role=r[3], sample=r[4], selected=bool(r[5]),
-                    source=(r[6], r[7]) if r[6] is not None else None,
+                    source=NeuronId(r[6], r[7]) if r[6] is not None else None,
                     simulations=tuple(sims.get(int(r[0]), ())),
                     splits=tuple(SplitScores(split, simulator, tuple(scores))
                                  for (split, simulator), scores in splits.get(int(r[0]), {}).items()))
