@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_store import build
 
-from make_store import build  # noqa: E402
-
-from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet  # noqa: E402
-from neuronscope.core.interop.importer import import_release  # noqa: E402
-from neuronscope.core.store import Store  # noqa: E402
+from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet
+from neuronscope.core.interop.importer import import_release
+from neuronscope.core.store import Store
 
 
 def folder_bytes(path: Path) -> int:

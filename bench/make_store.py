@@ -24,19 +24,17 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from neuronscope.core.explanation.score import METHODS  # noqa: E402
-from neuronscope.core.layerdata import CELLS, HIST_EDGES, LayerResult, LayerSummary, Samples  # noqa: E402
-from neuronscope.core.records import CollectSettings  # noqa: E402
-from neuronscope.core.results import (  # noqa: E402
+from neuronscope.core.explanation.score import METHODS
+from neuronscope.core.layerdata import CELLS, HIST_EDGES, LayerResult, LayerSummary, Samples
+from neuronscope.core.records import CollectSettings
+from neuronscope.core.results import (
     NeuronResult,
-    Score,  # noqa: E402
+    Score,
     ScoredExplanation,
     Simulation,
     SplitScores,
 )
-from neuronscope.core.store import Store  # noqa: E402
+from neuronscope.core.store import Store
 
 SETTINGS = CollectSettings(top_k=20, bottom_k=0, random_k=20, quantile_k=5)
 LENGTH = SETTINGS.length

@@ -16,16 +16,12 @@ kind and score method, the mean over neuron tails with a 95% bootstrap interval 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:
     from neuronscope.core.llm.base import Backend

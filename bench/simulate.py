@@ -13,11 +13,7 @@ line), and how closely the two agree. Ratios are measured in one run; absolute t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def token_by_token(backend, prompts) -> list[list[float]]:  # type: ignore[no-untyped-def]

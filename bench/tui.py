@@ -24,13 +24,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-# This file is named like the `tui` package: take its folder off the front of the path (make_store is found at the end).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"] + [str(ROOT / "bench")]
-sys.path.insert(0, str(ROOT))
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
 
-from neuronscope.core.store import Store  # noqa: E402
-from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SORT_MS, OPEN_MS = 100.0, 50.0
 #: Run in a fresh interpreter: prints seconds from its start to the app's first screen being mounted.
@@ -67,7 +64,7 @@ def repeat(fn: Callable[[], Any], n: int) -> list[float]:
 
 def wall(cmd: list[str], n: int, until: str | None = None) -> list[float]:
     """Seconds from spawning `cmd` to its exit (or to it printing a line starting with `until`)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TEXTUAL": ""}
+    env = {**os.environ, "TEXTUAL": ""}
     out = []
     for _ in range(n):
         started = time.perf_counter()
