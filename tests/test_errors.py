@@ -1,0 +1,45 @@
+"""One error family: every error a user is meant to read derives from NeuronscopeError, which the CLI catches as
+one line with exit status 2 (no hand-kept list of error classes to forget)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+import neuronscope.core
+import neuronscope.tui
+from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError
+
+#: Exceptions that are control flow, never shown: each is caught where it is raised.
+SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward"}
+
+
+def _our_exception_classes() -> dict[str, type[BaseException]]:
+    found: dict[str, type[BaseException]] = {}
+    for package in (neuronscope.core, neuronscope.tui):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                    found[f"{info.name}.{name}"] = obj
+    return found
+
+
+def test_every_error_class_is_a_neuronscope_error() -> None:
+    classes = _our_exception_classes()
+    assert len(classes) >= 15  # the walk found the stage errors
+    strays = [name for name, cls in classes.items()
+              if not issubclass(cls, NeuronscopeError) and name.rsplit(".", 1)[1] not in SIGNALS]
+    assert strays == []
+    assert {InputError, NeuronError} <= set(classes.values())
+    assert {name.rsplit(".", 1)[1] for name in classes} >= SIGNALS  # no stale allowance
+
+
+def test_the_cli_turns_any_of_them_into_one_line(capsys) -> None:  # type: ignore[no-untyped-def]
+    """A bad neuron address is an InputError raised deep in core; main() prints it as one line and returns 2."""
+    from neuronscope.tui.cli import main
+
+    assert main(["show", "twelve/3", "--store", "/nonexistent/never-opened.duckdb"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot read the neuron 'twelve/3'")
