@@ -14,6 +14,8 @@ RecordKind = Literal["top", "bottom", "random", "quantile", "scored"]
 #: Kinds of activation records: what collection keeps per neuron, and `scored` (sequences an imported explanation
 #: was scored on, which no other record holds).
 RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
+#: The kinds a collection keeps.
+COLLECTED_KINDS: tuple[RecordKind, ...] = ("top", "bottom", "random", "quantile")
 
 Order = Literal["selectivity", "kurtosis", "max", "min", "density", "random"]
 #: Orders of neurons, each with the one direction it has everywhere (`top`, `explain`/`score`/`run`, the app).

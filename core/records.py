@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from neuronscope.core.choices import RecordKind
+
 #: Highest digit of the 0-TOP activation scale that prompts show and simulations predict: one token in every
 #: tokenizer we use ("10" is two in Llama/Qwen/Gemma).
 TOP = 9
@@ -107,7 +109,7 @@ class NeuronStats:
 class ActivationRecord:
     """One excerpt with the neuron's activation at every token."""
 
-    kind: str
+    kind: RecordKind
     """top, bottom, random, quantile, or scored (a sequence an imported explanation was scored on)."""
     rank: int
     """Position within its kind (0 = strongest for top/bottom)."""

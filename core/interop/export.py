@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuronscope.core.choices import TAILS
+from neuronscope.core.choices import COLLECTED_KINDS, TAILS
 from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.interop.release import (
@@ -46,8 +46,6 @@ from neuronscope.core.results import NeuronBundle, ScoredExplanation
 if TYPE_CHECKING:
     from neuronscope.core.store import Store
 
-#: The record kinds a collection keeps ('scored' holds sequences only an imported explanation was scored on).
-RECORD_KINDS = ("top", "bottom", "random", "quantile")
 Progress = Callable[[str, int, int], None]
 
 #: The JSONL export's fields, one object per neuron (the README's export section shows it in full).
@@ -138,7 +136,7 @@ def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None
                     "mean", "variance", "skewness", "kurtosis", "max", "min", "density", "selectivity")},
                           "quantile_edges": list(b.stats.quantile_edges)},
                 "records": [{"kind": r.kind, "rank": r.rank, "bin": r.bin, "tokens": list(r.tokens),
-                             "activations": list(r.activations)} for r in b.records if r.kind in RECORD_KINDS],
+                             "activations": list(r.activations)} for r in b.records if r.kind in COLLECTED_KINDS],
                 "explanations": [_explanation_json(tail, e) for tail in TAILS for e in b.explanations.get(tail, ())],
                 "related_tokens": b.related_tokens,
                 "related_neurons": b.related_neurons,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from neuronscope.core.choices import COLLECTED_KINDS, RecordKind
 from neuronscope.core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
 from neuronscope.core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
 from neuronscope.core.store.browse import BrowseMixin
@@ -413,7 +414,8 @@ class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
             for r in rows
         ]
 
-    def records(self, run_id: int, layer: int, neuron: int, kinds: tuple[str, ...] = ("top", "bottom", "random", "quantile")) -> list[ActivationRecord]:
+    def records(self, run_id: int, layer: int, neuron: int,
+                kinds: tuple[RecordKind, ...] = COLLECTED_KINDS) -> list[ActivationRecord]:
         """A neuron's activation records with their tokens, ordered by kind then rank."""
         rows = self.con.execute(
             "SELECT kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from neuronscope.core.choices import RECORD_KINDS
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.layerdata import quantize
 from neuronscope.core.records import ActivationRecord, ImportedNeuron
@@ -142,7 +143,7 @@ class InteropMixin:
                     f'SELECT neuron, list, tokens, other_layers, other_neurons, "values" FROM related WHERE {where} '
                     "ORDER BY neuron, list", params).fetchall():
                 related.setdefault(int(row[0]), []).append(row[1:])
-        order = {kind: i for i, kind in enumerate(("top", "bottom", "random", "quantile", "scored"))}
+        order = {kind: i for i, kind in enumerate(RECORD_KINDS)}
         out = []
         for stat in stats:
             token_lists, neuron_lists = self._related_rows(related.get(stat.index, []))  # type: ignore[attr-defined]
