@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from neuronscope.core.choices import DEFAULT_ORDER, Order
 from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.ids import NeuronId
-from neuronscope.core.store.results import FILTER_FIELDS, FILTER_OPS
+from neuronscope.core.store.explanations import FILTER_FIELDS, FILTER_OPS
 
 
 class JobError(NeuronscopeError):

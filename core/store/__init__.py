@@ -23,9 +23,9 @@ from neuronscope.core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary,
 from neuronscope.core.records import ActivationRecord, CollectSettings, NeuronStats, RunInfo
 from neuronscope.core.store.browse import BrowseMixin
 from neuronscope.core.store.bulk import BulkMixin
+from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
-from neuronscope.core.store.results import ORDER_SQL, ResultsMixin
 from neuronscope.core.store.rows import decode, lists, record_rows
 from neuronscope.core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
 
@@ -62,7 +62,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class Store(ResultsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
+class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]

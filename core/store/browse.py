@@ -13,7 +13,7 @@ from typing import Any
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
-from neuronscope.core.store.results import CHOSEN_POS_CTES
+from neuronscope.core.store.explanations import CHOSEN_POS_CTES
 from neuronscope.core.store.schema import StoreError
 
 #: Sort orders of the browser: columns of the browse table, each sorted with NULLS LAST and ties broken by position.

@@ -13,7 +13,7 @@ from neuronscope.core.ids import NeuronId
 from neuronscope.core.layerdata import quantize
 from neuronscope.core.records import ActivationRecord, ImportedNeuron
 from neuronscope.core.results import NeuronBundle, NeuronResult, ScoredExplanation
-from neuronscope.core.store.results import CHOSEN_POS_CTES
+from neuronscope.core.store.explanations import CHOSEN_POS_CTES
 from neuronscope.core.store.rows import decode
 
 

@@ -39,7 +39,7 @@ CHOSEN_CTES = """chosen AS (
 CHOSEN_POS_CTES = CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('candidate', 'user')")
 
 
-class ResultsMixin:
+class ExplanationsMixin:
     con: Any
     _thread_cursors: threading.local
 
