@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md §2. The import-linter contracts in pyproject.toml say which package may import
+"""The layering (README, "Layout"). The import-linter contracts in pyproject.toml say which package may import
 which (checked here, so in CI); the hand-written checks below cover what a contract cannot say: which heavy
 libraries are loaded at start-up, where imports are lazy."""
 
