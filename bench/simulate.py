@@ -3,8 +3,8 @@
     python bench/simulate.py speed                    # qwen-1.5b as simulator, 4 neurons of the store
     python bench/simulate.py speed --simulator local:qwen-0.5b --neurons 8
 
-It reads a store holding a SmolLM2 collection (default: ./neuronscope.duckdb, as `neuronscope demo` makes;
-`--collect` makes one first). Speed: neurons scored per minute (one neuron = its 10 held-out excerpts) by
+It reads a store holding a SmolLM2 collection (default: ./neuronscope.duckdb, as `neuronscope demo` makes).
+Speed: neurons scored per minute (one neuron = its 10 held-out excerpts) by
 the one-pass simulator (every slot's digit distribution read from one forward pass) against a token-by-token
 simulator on the same model (one cached forward step per token, writing its own digit before the next
 line), and how closely the two agree. Ratios are measured in one run; absolute times are noise.
