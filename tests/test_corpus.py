@@ -158,13 +158,32 @@ def test_empty_inputs(tmp_path):
     write(tmp_path / "junk" / "a.bin", b"\x00\x01\x02")
     write(tmp_path / "junk" / "b.txt", "")
     message = error(tmp_path / "junk")
-    assert "has no text (2 files, 1 binary" in message
+    assert "has no text (2 files, 1 not text" in message
 
 
-def test_binary_file(tmp_path):
-    assert "is binary" in error(write(tmp_path / "a.txt", b"abc\x00def"))
-    assert "is binary" in error(write(tmp_path / "b.txt", b"\xff\xfe\xfa"))
-    assert "is binary" in error(write(tmp_path / "c.txt.gz", b"not gzip"))
+def test_a_file_that_is_not_text_says_why(tmp_path):
+    assert "is not text: it looks binary (14% of its bytes are NUL" in error(write(tmp_path / "a.txt", b"abc\x00def"))
+    assert "is not text: it is not UTF-8 text (byte 0xff at offset 0)" in error(write(tmp_path / "b.txt", b"\xff\xfe"))
+    assert "is not text: it is not a valid .gz file" in error(write(tmp_path / "c.txt.gz", b"not gzip"))
+    truncated = gzip.compress(("word " * 5000).encode())[:-40]
+    assert "is not text: it is a truncated .gz file" in error(write(tmp_path / "d.txt.gz", truncated))
+
+
+def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
+    """Nothing is dropped silently: each left-out file reaches the callback with its reason, and the corpus
+    description (what `info` shows) counts them; stray NULs in real text are dropped, not the file."""
+    write(tmp_path / "good.txt", "plain text")
+    write(tmp_path / "crawled.txt", ("a crawled page " * 20).encode() + b"\x00" + b" with one stray NUL")
+    write(tmp_path / "latin1.txt", ("caf\xe9 " * 10).encode("latin-1"))
+    write(tmp_path / "cut.txt.gz", gzip.compress(("word " * 5000).encode())[:-40])
+    write(tmp_path / "image.bin", bytes(range(256)) * 4)
+    left_out: list[tuple[str, str]] = []
+    got = list(iter_documents(CorpusSpec(str(tmp_path)), lambda path, why: left_out.append((path.name, why))))
+    assert got == [("a crawled page " * 20) + " with one stray NUL", "plain text"]
+    assert left_out == [("cut.txt.gz", "it is a truncated .gz file (the compressed stream ends early)"),
+                        ("image.bin", "it is not UTF-8 text (byte 0x80 at offset 128)"),
+                        ("latin1.txt", "it is not UTF-8 text (byte 0xe9 at offset 3)")]
+    assert "(2 files, 3 skipped as not text, sha256 " in describe(CorpusSpec(str(tmp_path)))
 
 
 def test_bad_jsonl(tmp_path):

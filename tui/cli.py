@@ -18,7 +18,7 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
-from neuronscope.tui.console import err, interactive, out, progress_bars, status
+from neuronscope.tui.console import Skipped, err, interactive, out, progress_bars, status
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -45,10 +45,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
         subject = load_subject(args.model, device=args.device, dtype=args.dtype, status=status)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         spec = CorpusSpec(args.corpus, text_field=args.text_field)
+        skipped = Skipped()
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
         with progress_bars() as progress:
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
-                                    seed=args.seed, shard=shard, progress=lambda tokens: progress("tokenize", tokens, 0))
+                                    seed=args.seed, shard=shard, progress=lambda tokens: progress("tokenize", tokens, 0),
+                                    skipped=skipped)
+        skipped.finish()
         batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
         status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
                f"{len(excerpts.excerpt_ids):,} "

@@ -8,40 +8,28 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.text import Text
-
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.console import err, progress_bars, status
+from neuronscope.tui.console import Skipped, err, progress_bars, status
 
 EXIT_INTERRUPTED = 130
 #: Problems printed one per line; the rest are counted.
-SHOWN_PROBLEMS = 20
 
 
 def cmd_import_openai(args: argparse.Namespace) -> int:
     """Import a local copy of OpenAI's GPT-2 XL neuron release (or part of it) as a run of the store."""
     from neuronscope.core.interop.importer import import_release, release_root
     from neuronscope.core.interop.release import ACTIVATIONS, release_layers
-    from neuronscope.core.llm.prompts import show_token
 
-    shown = 0
-
-    def problem(path: Path, message: str) -> None:
-        nonlocal shown
-        shown += 1
-        if shown <= SHOWN_PROBLEMS:
-            err.print(Text("skipped ", style="yellow") + Text(f"{show_token(str(path))}: {show_token(message)}"))
-
+    problem = Skipped()
     root = release_root(Path(args.path))
     layers = parse_layers(args.layers, release_layers(root, ACTIVATIONS))
     with Store.open(args.store) as store, progress_bars() as progress:
         report = import_release(store, root, model=args.model, layers=layers,
                                 workers=args.workers, progress=progress, problem=problem)
         store.checkpoint()
-    if report.problems > SHOWN_PROBLEMS:
-        err.print(Text(f"... and {report.problems - SHOWN_PROBLEMS:,} more files skipped", style="yellow"))
+    problem.finish()
     summary = (f"run {report.run_id}: {report.imported:,} neurons imported"
                + (f", {report.present:,} already there" if report.present else "")
                + (f", {report.problems:,} files skipped" if report.problems else ""))

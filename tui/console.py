@@ -73,6 +73,28 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
             bar.stop()
 
 
+class Skipped:
+    """Reports inputs left out (corpus files that are not text, release files that cannot be read): the first
+    `shown` as one line each with the reason, then a count of the rest, so a large folder cannot flood the
+    terminal and nothing is dropped silently."""
+
+    def __init__(self, shown: int = 20) -> None:
+        self.shown = shown
+        self.count = 0
+
+    def __call__(self, path: object, reason: str) -> None:
+        from neuronscope.tui.render import visible
+
+        self.count += 1
+        if self.count <= self.shown:
+            err.print(Text("skipped ", style="yellow") + Text(f"{visible(str(path))}: {visible(reason)}"))
+
+    def finish(self) -> None:
+        """The count of those not shown."""
+        if self.count > self.shown:
+            err.print(Text(f"... and {self.count - self.shown:,} more files skipped", style="yellow"))
+
+
 def status(message: str) -> None:
     """A dim one-line status message on stderr."""
     err.print(Text(message, style="dim"))

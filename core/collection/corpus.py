@@ -6,11 +6,13 @@ Sources (``CorpusSpec.source``):
 - a path: a text file (any extension that decodes as UTF-8, ``.gz`` too), a ``.jsonl`` /
   ``.jsonl.gz`` file (one JSON object per line, text in ``text_field``), a ``.parquet`` file
   (column ``text_field``), or a folder holding any of these (read recursively, sorted by
-  relative path, hidden files and folders skipped, binary files skipped);
+  relative path, hidden files and folders skipped; files that are not text are skipped and reported, each
+  with its reason, through the ``skipped`` callback and in the corpus description);
 - ``"hf:<dataset id>[:<config>][:<split>]"``: a Hugging Face dataset, streamed with the
   optional ``datasets`` package (split defaults to ``train``).
 
-Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph
+Text files must be UTF-8; NUL bytes inside text (common in crawled text) are dropped, while a file that is mostly
+NULs, not UTF-8, or a damaged ``.gz`` is not text. Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph
 (blank-line) boundaries; CRLF line ends become LF. ``cut_excerpts`` tokenizes the documents,
 joins them with the tokenizer's eos token (bos if it has none), cuts the stream into
 consecutive windows and numbers them; the numbers are stable, so shards merge.
@@ -44,12 +46,22 @@ import numpy as np
 from neuronscope.core.errors import NeuronscopeError
 
 MAX_DOC_CHARS = 20_000
+#: A file with more than this share of NUL bytes is binary (or UTF-16), not text with stray NULs.
+MAX_NUL_SHARE = 0.01
 _BATCH_CHARS = 1_000_000
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class CorpusError(NeuronscopeError):
     """One-line message naming the problem and the fix (shown to the user as is)."""
+
+
+class NotText(Exception):
+    """A file that is not text: its reason, e.g. "it is not UTF-8 text (byte 0xe9 at offset 1,024)"."""
+
+
+#: skipped(path, reason): a file of a corpus folder that was not read, and why.
+Skipped = Callable[[Path, str], None]
 
 
 @dataclass(frozen=True)
@@ -92,12 +104,19 @@ def describe(spec: CorpusSpec) -> str:
     root = _existing_path(spec.source)
     files = _list_files(root) if root.is_dir() else [root]
     digest = hashlib.sha256()
+    skipped = 0
     for path in files:
         rel = path.relative_to(root).as_posix() if root.is_dir() else ""
         data = _read(path)
         digest.update(f"{rel}\0{len(data)}\0".encode())
         digest.update(data)
-    count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
+        if root.is_dir() and not path.name.lower().endswith((".parquet", ".jsonl", ".jsonl.gz")):
+            try:
+                _text(path, data)
+            except NotText:
+                skipped += 1
+    count = f"{len(files) - skipped} file{'' if len(files) - skipped == 1 else 's'}"
+    count += f", {skipped} skipped as not text" if skipped else ""
     return f"files:{root} ({count}, sha256 {digest.hexdigest()[:12]}{field})"
 
 
@@ -111,8 +130,9 @@ def same_corpus(a: str, b: str) -> bool:
 # ---------------------------------------------------------------- documents
 
 
-def iter_documents(spec: CorpusSpec) -> Iterator[str]:
-    """Yield the corpus's documents in a deterministic order; CorpusError on bad input."""
+def iter_documents(spec: CorpusSpec, skipped: Skipped | None = None) -> Iterator[str]:
+    """Yield the corpus's documents in a deterministic order; CorpusError on bad input. A folder's files that are
+    not text are passed to `skipped` with the reason, and left out."""
     if spec.source == "default":
         from neuronscope.core.collection.default_corpus import default_corpus_text
 
@@ -125,20 +145,24 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     files = _list_files(path) if path.is_dir() else [path]
     if not files:
         raise CorpusError(f"corpus folder {path} has no files; add text, JSONL or Parquet files")
-    count = skipped = 0
+    count = n_skipped = 0
     for file in files:
-        docs = _file_docs(file, spec.text_field)
-        if docs is None:
+        try:
+            docs = _file_docs(file, spec.text_field)
+        except NotText as reason:
             if not path.is_dir():
-                raise CorpusError(f"corpus file {path} is binary (not UTF-8 text); pass a text, JSONL or Parquet file")
-            skipped += 1  # binary files inside a folder are skipped
+                raise CorpusError(f"corpus file {path} is not text: {reason}; pass a UTF-8 text, JSONL or Parquet "
+                                  "file") from None
+            n_skipped += 1
+            if skipped is not None:
+                skipped(file, str(reason))
             continue
         for doc in docs:
             count += 1
             yield doc
     if count == 0 and path.is_dir():
         raise CorpusError(
-            f"corpus folder {path} has no text ({len(files)} files, {skipped} binary, "
+            f"corpus folder {path} has no text ({len(files)} files, {n_skipped} not text, "
             "the rest empty); add UTF-8 text, JSONL or Parquet files"
         )
     if count == 0:
@@ -185,26 +209,34 @@ def _brief(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _file_docs(path: Path, field: str) -> Iterator[str] | None:
-    """Documents of one file, or None for a binary text file (NUL bytes or not UTF-8)."""
+def _file_docs(path: Path, field: str) -> Iterator[str]:
+    """Documents of one file; NotText for a text file that is not text."""
     name = path.name.lower()
     if name.endswith(".parquet"):
         return _iter_parquet(path, field)
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _iter_jsonl(path, field)
-    data = _read(path)
-    if name.endswith(".gz"):
+    return _split_text(_text(path, _read(path)))
+
+
+def _text(path: Path, data: bytes) -> str:
+    """A text file's text (gunzipped, BOM and CRs and stray NULs dropped); NotText naming why it is not text."""
+    if path.name.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError):
-            return None
-    if b"\0" in data:
-        return None
+        except EOFError:
+            raise NotText("it is a truncated .gz file (the compressed stream ends early)") from None
+        except OSError as exc:
+            raise NotText(f"it is not a valid .gz file ({_brief(exc)})") from None
+    nuls = data.count(b"\0")
+    if nuls > MAX_NUL_SHARE * len(data):
+        raise NotText(f"it looks binary ({nuls / len(data):.0%} of its bytes are NUL; UTF-16 text must be converted "
+                      "to UTF-8)")
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return _split_text(text.removeprefix("\ufeff").replace("\r\n", "\n"))
+    except UnicodeDecodeError as exc:
+        raise NotText(f"it is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start:,})") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\0", "")
 
 
 def _split_text(text: str) -> Iterator[str]:
@@ -392,11 +424,12 @@ def cut_excerpts(
     shard: tuple[int, int] = (0, 1),
     *,
     progress: Callable[[int], None] | None = None,
+    skipped: Skipped | None = None,
 ) -> Excerpts:
     """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
 
     ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
-    read so far after each batch of documents.
+    read so far after each batch of documents; ``skipped`` hears of every file of a folder that is not text.
     """
     if length < 1:
         raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
@@ -407,7 +440,7 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     chunks: list[np.ndarray] = []
     total = 0
-    for chunk in _token_batches(iter_documents(spec), tokenizer):
+    for chunk in _token_batches(iter_documents(spec, skipped), tokenizer):
         chunks.append(chunk)
         total += len(chunk)
         if progress is not None:
