@@ -151,7 +151,7 @@ def run_cli(args: Sequence[str], timeout: float = 120, **env: str) -> Result:
 
 
 #: Dim progress lines `collect` prints on stderr before it can fail (model load, corpus cut).
-STATUS_PREFIXES = ("loading ", "verifying packaged weights", "cutting ")
+STATUS_PREFIXES = ("loading ", "verifying packaged weights", "cutting ", "skipped ", "importing neurons")
 
 
 def assert_one_line_error(result: Result, *needles: str) -> str:

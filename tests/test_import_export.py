@@ -167,6 +167,31 @@ def test_malformed_and_missing_files_are_reported_and_skipped(tmp_path: Path) ->
         assert "lookup" in store.related_tokens(run.run_id, 0, 3)
 
 
+def test_an_import_that_reads_no_neuron_makes_no_complete_run(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    """Every neuron file malformed: each is reported, the command fails with one line, and the store's real run
+    stays the default (an empty 'complete' run would hide it)."""
+    release = tmp_path / "release"
+    shutil.copytree(RELEASE, release)
+    for path in (release / ACTIVATIONS).rglob("*.json"):
+        path.write_text("{ not json")
+    store_path = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store_path)
+    with Store.open(store_path, read_only=True) as store:
+        before = store.run().run_id
+    result = run_cli(["import-openai", release, "--store", store_path])
+    line = assert_one_line_error(result, "none of the 3 neuron files", "could be read", "run the same command again")
+    assert len([x for x in result.err.splitlines() if x.startswith("skipped ")]) == 3, line
+    with Store.open(store_path, read_only=True) as store:
+        assert store.run().run_id == before
+        imported_run = store.runs()[-1]
+        assert (imported_run.status, imported_run.error) == ("failed", "no neuron file of the release could be read")
+    info = run_cli(["info", "--store", store_path])
+    assert "failed (no neuron file of the release could be read)" in info.out
+    (release / ACTIVATIONS / "0" / "3.json").write_text((RELEASE / ACTIVATIONS / "0" / "3.json").read_text())
+    again = run_cli(["import-openai", release, "--store", store_path])  # fixed: the same command resumes
+    assert again.code == 0 and "1 neurons imported" in again.err, again.err
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda p: p / "nowhere", "no folder at"),
     (lambda p: p, "has no collated-activations/ folder"),

@@ -333,6 +333,12 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
     finally:
         if executor:
             executor.shutdown(wait=False, cancel_futures=True)
+    if written + len(present) == 0:
+        store.set_job_state(job_id, "failed", "no neuron file could be read")
+        store.fail_run(run_id, "failed", "no neuron file of the release could be read")
+        raise ReleaseImportError(f"none of the {len(files):,} neuron files under {root / ACTIVATIONS} could be read "
+                                 "(each is listed above with its reason): fix or replace them, then run the same "
+                                 "command again")
     store.set_job_state(job_id, "complete")
     store.set_run_status(run_id, "complete", n_excerpts=store.next_excerpt_id(run_id))
     return ImportReport(run_id, written, len(present), problems, True)

@@ -209,8 +209,14 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         ).fetchall()
         return int(row[0][0])
 
+    def _require_neurons(self, run_id: int) -> None:
+        """A run is complete only if it holds a neuron: an empty 'complete' run would become the default run."""
+        if not self.con.execute("SELECT count(*) FROM neurons WHERE run_id = ?", [run_id]).fetchall()[0][0]:
+            raise StoreError(f"run {run_id} holds no neuron, so it cannot be marked complete")
+
     def finish_run(self, run_id: int, n_excerpts: int) -> None:
         """Mark a run complete (call inside the transaction that wrote its data)."""
+        self._require_neurons(run_id)
         self.con.execute(
             "UPDATE runs SET status = 'complete', n_excerpts = ?, finished_at = current_timestamp WHERE run_id = ?",
             [n_excerpts, run_id],
@@ -229,6 +235,8 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
 
     def set_run_status(self, run_id: int, status: str, *, n_excerpts: int | None = None) -> None:
         """Set a run's status (and, when given, its excerpt count; 'complete' also stamps the finish time)."""
+        if status == "complete":
+            self._require_neurons(run_id)
         self.con.execute(
             "UPDATE runs SET status = ?, n_excerpts = coalesce(?, n_excerpts), finished_at = CASE WHEN ? = 'complete' "
             "THEN current_timestamp ELSE finished_at END WHERE run_id = ?", [status, n_excerpts, status, run_id])
