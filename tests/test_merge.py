@@ -154,3 +154,13 @@ def test_merge_shards_of_the_same_text_at_different_paths(shard_stores, tmp_path
         with Store.open(tmp_path / "merged.duckdb") as out:
             result = merge(out, [s0, s1])
             assert out.run(result.run_id).status == "complete"
+
+
+def test_merging_the_same_shards_again_adds_no_second_run(shard_stores) -> None:  # type: ignore[no-untyped-def]
+    _folder, _single, parts, merged_path, first = shard_stores
+    with Store.open(parts[0], read_only=True) as s0, Store.open(parts[1], read_only=True) as s1:
+        with Store.open(merged_path) as out:
+            before = (len(out.runs()), out.counts())
+            again = merge(out, [s0, s1])
+            assert again.reused and again.run_id == first.run_id
+            assert (len(out.runs()), out.counts()) == before

@@ -18,9 +18,13 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
-from neuronscope.tui.console import Skipped, err, interactive, out, progress_bars, status
+from neuronscope.tui.console import Parser, Skipped, err, interactive, number, out, progress_bars, status
 
 EXIT_USAGE = 2
+#: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
+MAX_K = 1_000
+#: Largest --samples: each sample is an explainer call and a simulation per neuron.
+MAX_SAMPLES = 64
 EXIT_INTERRUPTED = 130
 
 
@@ -35,15 +39,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from neuronscope.core.records import CollectSettings
 
     shard = parse_shard(args.shard)
-    least = {"length": 1, "batch_size": 1, "max_excerpts": 1, "top_k": 0, "bottom_k": 0, "random_k": 0, "quantile_k": 0}
-    for name, minimum in least.items():
-        if getattr(args, name) is not None and getattr(args, name) < minimum:
-            raise InputError(f"--{name.replace('_', '-')} must be at least {minimum}")
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
-    with Store.open(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
+    with Store.output(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
         subject = load_subject(args.model, device=args.device, dtype=args.dtype, status=status)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
+        room = subject.context and subject.context - len(subject.prefix_ids)
+        if room and args.length > room:
+            raise InputError(f"--length {args.length} is longer than {subject.name} reads at once ({room} tokens after "
+                             f"its {len(subject.prefix_ids)} prefix token(s)): pass --length {room} or less")
         spec = CorpusSpec(args.corpus, text_field=args.text_field)
         skipped = Skipped()
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
@@ -63,7 +67,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             status(f"run {result.run_id} already holds this collection (use --force to collect again)")
         else:
             status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-                   f"in {result.seconds:.1f} s → {store.path}")
+                   f"in {result.seconds:.1f} s → {args.store}")
         store.checkpoint()
         _print_top(store, result.run_id, args.top)
     return 0
@@ -185,8 +189,6 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     simulator = args.simulator or args.explainer
     for spec in {args.explainer, simulator}:
         parse_spec(spec)
-    if args.samples < 1:
-        raise InputError("--samples must be at least 1")
     settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
                            scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise)
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
@@ -222,12 +224,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise InputError("the output store is also a shard: pass a new --output path")
     with ExitStack() as stack:
         shards = [stack.enter_context(Store.open(path, read_only=True)) for path in args.shards]
-        target = stack.enter_context(Store.open(args.output))
+        target = stack.enter_context(Store.output(args.output))
         with progress_bars() as progress:
             result = merge(target, shards, progress=progress)
-        target.checkpoint()
+    if result.reused:
+        status(f"run {result.run_id} of {args.output} already holds this merge: nothing written")
+    else:
         status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-               f"merged from {len(shards)} shards → {target.path}")
+               f"merged from {len(shards)} shards → {args.output}")
     return 0
 
 
@@ -262,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="neuronscope",
         description="Explain the MLP neurons of a language model: collect what makes each neuron fire, into one "
                     "DuckDB store, and inspect it.",
@@ -282,19 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:SPLIT]")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/HF data (default: text)")
     p.add_argument("--layers", help="layers to collect, e.g. 0-5,12 or -1 for the last (default: all)")
-    p.add_argument("--max-excerpts", type=int, help="sample at most this many excerpts from the corpus")
-    p.add_argument("--seed", type=int, default=0, help="seed for excerpt sampling and random records (default: 0)")
-    p.add_argument("--length", type=int, default=64, help="tokens per excerpt (default: 64)")
-    p.add_argument("--top-k", type=int, default=50, help="top excerpts kept per neuron (default: 50)")
-    p.add_argument("--bottom-k", type=int, default=50, help="most negative excerpts kept per neuron (default: 50)")
-    p.add_argument("--random-k", type=int, default=20, help="random excerpts per neuron (default: 20)")
-    p.add_argument("--quantile-k", type=int, default=5, help="excerpts per quantile bin (default: 5)")
-    p.add_argument("--batch-size", type=int, help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
+    p.add_argument("--max-excerpts", type=number(1), help="sample at most this many excerpts from the corpus")
+    p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for excerpt sampling and random records (default: 0)")
+    p.add_argument("--length", type=number(1), default=64,
+                   help="tokens per excerpt, at most the model's context (default: 64)")
+    p.add_argument("--top-k", type=number(0, MAX_K), default=50, help="top excerpts kept per neuron (default: 50)")
+    p.add_argument("--bottom-k", type=number(0, MAX_K), default=50, help="most negative excerpts kept per neuron (default: 50)")
+    p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")
+    p.add_argument("--quantile-k", type=number(0, MAX_K), default=5, help="excerpts per quantile bin (default: 5)")
+    p.add_argument("--batch-size", type=number(1, 65_536), help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`")
     p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
-    p.add_argument("--top", type=int, default=15, help="rows of the selective-neuron table printed at the end")
+    p.add_argument("--top", type=number(0), default=15, help="rows of the selective-neuron table printed at the end")
     store_arg(p)
     p.set_defaults(func=cmd_collect)
 
@@ -304,15 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="show one neuron (LAYER/INDEX): statistics and excerpts coloured by activation")
     p.add_argument("neuron", help="LAYER/INDEX, e.g. 12/345")
-    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
-    p.add_argument("--count", type=int, default=5, help="excerpts shown per kind (default: 5)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--count", type=number(1), default=5, help="excerpts shown per kind (default: 5)")
     store_arg(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("top", help="rank a run's neurons by a statistic (selectivity, kurtosis, max, min, density)")
     p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS), help=order_help())
-    p.add_argument("--limit", type=int, default=20, help="rows (default: 20)")
-    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    p.add_argument("--limit", type=number(1), default=20, help="rows (default: 20)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_top)
 
@@ -342,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the quick start: collect the default corpus on the default model, then explain "
                                     "and score its most selective neurons with the local default")
-    p.add_argument("--max-excerpts", type=int, default=2000, help="excerpts to collect (default: 2000)")
-    p.add_argument("--top", type=int, default=15, help="rows of the table (default: 15)")
-    p.add_argument("--explain", type=int, default=5,
+    p.add_argument("--max-excerpts", type=number(1), default=2000, help="excerpts to collect (default: 2000)")
+    p.add_argument("--top", type=number(0), default=15, help="rows of the table (default: 15)")
+    p.add_argument("--explain", type=number(0), default=5,
                    help="then explain and score this many of the most selective neurons (default: 5; 0 skips)")
     p.add_argument("--explainer", default="local:qwen-1.5b",
                    help="explainer and simulator for that step (default: local:qwen-1.5b)")
@@ -360,7 +365,8 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explainer", default=DEFAULT_BACKEND,
                    help=f"backend of the app's jobs: local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
     p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
-    p.add_argument("--samples", type=int, default=1, help="candidate explanations per neuron, best of k (default: 1)")
+    p.add_argument("--samples", type=number(1, MAX_SAMPLES), default=1,
+                   help="candidate explanations per neuron, best of k (default: 1)")
     p.add_argument("--tail", choices=TAILS, default=TAILS[0], help="tail the app's jobs explain (default: pos)")
     p.add_argument("--scorers", default="", help="scorers beside simulation: detection, fuzzing, embedding")
     simulation_arg(p)
@@ -390,6 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - every other failure becomes one line too
+        from neuronscope.core.store.schema import StoreError, storage_failure
+
+        known = storage_failure(exc, getattr(args, "store", None))
+        if known is None and type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb"):
+            known = StoreError(f"DuckDB failed on {getattr(args, 'store', 'the store')}: {' '.join(str(exc).split())}: "
+                               "run the same command again; if it fails again, please report it")
+        if known is not None:
+            err.print(Text("error: ", style="bold red") + Text(str(known)))
+            return EXIT_USAGE
         if os.environ.get("NEURONSCOPE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -11,9 +11,11 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.console import Skipped, err, progress_bars, status
+from neuronscope.tui.console import Skipped, err, number, progress_bars, status
 
 EXIT_INTERRUPTED = 130
+#: Largest `related --top`: each list entry is stored for every neuron.
+MAX_RELATED = 1_000
 #: Problems printed one per line; the rest are counted.
 
 
@@ -46,6 +48,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
+        if run.status != "complete":
+            raise InputError(f"run {run.run_id} is {run.status}, so it holds part of a collection at most: finish it "
+                             "(collect it again, or rerun the import that made it) or export a complete run "
+                             "(`neuronscope info` lists them)")
         out = Path(args.out)
         if args.format == "parquet":
             counts = export_parquet(store, run.run_id, out)
@@ -64,8 +70,6 @@ def cmd_related(args: argparse.Namespace) -> int:
     from neuronscope.core.models.relations import related_lists
     from neuronscope.core.models.subject import load_subject
 
-    if args.top < 1:
-        raise InputError("--top must be at least 1")
     with Store.open(args.store) as store:
         run = store.run(args.run)
         layers = parse_layers(args.layers, run.layers) or ()
@@ -97,7 +101,7 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
                                 "related-neurons/)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name the run is shown under (default: {DEFAULT_MODEL})")
     p.add_argument("--layers", help="import only these layers, e.g. 0-5,12 (default: all)")
-    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 1) - 1)),
+    p.add_argument("--workers", type=number(1, 64), default=min(8, max(1, (os.cpu_count() or 1) - 1)),
                    help="processes that read and parse the files while one writes (default: CPU cores - 1, at most 8)")
     store_arg(p)
     p.set_defaults(func=cmd_import_openai)
@@ -107,16 +111,17 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
     p.add_argument("--format", choices=FORMATS, required=True,
                    help="parquet (a folder of tables), jsonl (one file) or openai (a folder in the release's layout)")
     p.add_argument("--out", required=True, help="new file (jsonl) or new or empty folder (parquet, openai)")
-    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("related", help="compute every neuron's related tokens (input and output, through the "
                                        "weights) and related neurons (adjacent layers) of a run, for show and the app")
-    p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
     p.add_argument("--model", help="the run's model, when it is not where the run says (an imported run's GPT-2 XL)")
     p.add_argument("--layers", help="only these layers, e.g. 0-5,12 (default: the run's)")
-    p.add_argument("--top", type=int, default=10, help="tokens and neurons kept per list (default: 10)")
+    p.add_argument("--top", type=number(1, MAX_RELATED), default=10,
+                   help=f"tokens and neurons kept per list, at most {MAX_RELATED} (default: 10)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     store_arg(p)

@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from rich.console import Console
 from rich.text import Text
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the problem and where the help is) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        err.print(Text("error: ", style="bold red") + Text(f"{message} (see `{self.prog} --help`)"))
+        sys.exit(2)
+
+
+def number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `least` to `most`; anything else is a one-line error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least or (most is not None and value > most):
+            allowed = f"from {least:,} to {most:,}" if most is not None else f"at least {least:,}"
+            raise argparse.ArgumentTypeError(f"{value:,} is out of range: it must be {allowed}")
+        return value
+
+    return parse
 
 
 def interactive() -> bool:

@@ -228,6 +228,10 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
     from neuronscope.core.collection.accumulate import LayerAccumulator
 
     settings = first.settings
+    n_excerpts, n_neurons = sum(r.n_excerpts for r in runs), len(first.layers) * first.neurons_per_layer
+    done = out.find_complete_run(first.model_revision, first.corpus, settings, first.layers, shard="")
+    if done is not None and done.n_excerpts == n_excerpts:  # merged before: the same shards give the same run
+        return CollectResult(done.run_id, n_excerpts, n_neurons, time.perf_counter() - started, reused=True)
     run_id = out.create_run(
         model=first.model, revision=first.model_revision, corpus=first.corpus, settings=settings,
         layers=first.layers, neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="",
@@ -252,10 +256,9 @@ def merge(out: Store, shards: list[Store], progress: Progress | None = None) -> 
                 raise StoreError(f"shard stores lack excerpt {err}: they are damaged; collect them again") from None
             return np.array([r[0] for r in rows], dtype=np.int32).reshape(len(rows), -1), [r[1] for r in rows]
 
-        write_run(out, run_id, merged(), len(first.layers), settings, keep_cells=False, n_excerpts=sum(r.n_excerpts for r in runs),
+        write_run(out, run_id, merged(), len(first.layers), settings, keep_cells=False, n_excerpts=n_excerpts,
                   tokens=tokens, progress=report)
     except BaseException as err:
         out.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    return CollectResult(run_id, sum(r.n_excerpts for r in runs), len(first.layers) * first.neurons_per_layer,
-                         time.perf_counter() - started)
+    return CollectResult(run_id, n_excerpts, n_neurons, time.perf_counter() - started)

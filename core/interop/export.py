@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,17 +66,32 @@ class ExportError(NeuronscopeError):
     """An export that cannot be written: one line naming the fix."""
 
 
-def _prepare(out: Path, *, folder: bool) -> None:
+@contextmanager
+def _staged(out: Path, *, folder: bool) -> Iterator[Path]:
+    """Where to write `out`: a hidden sibling, renamed onto `out` only once the export is complete, so a failure, a
+    full disk or Ctrl-C leaves no partial file (and a retry is not refused because one exists)."""
     if out.exists() and (not out.is_dir() if folder else out.is_dir()):
         raise ExportError(f"{out} exists and is a {'file' if folder else 'folder'}: pass another --out")
     if folder and out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is a folder that is not empty: pass a new or empty folder as --out")
     if not folder and out.exists():
         raise ExportError(f"{out} exists: pass a new file as --out")
+    staged = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        (out if folder else out.parent).mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            staged.mkdir()
     except OSError as err:
         raise ExportError(f"cannot create {out} ({err.strerror or err}): pass another --out") from None
+    try:
+        yield staged
+        os.replace(staged, out)  # a folder replaces an empty folder; a file takes a name nothing holds
+    except BaseException:
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.unlink(missing_ok=True)
+        raise
 
 
 def _clean(value: float | None) -> float | None:
@@ -85,11 +103,11 @@ def export_parquet(store: Store, run_id: int, out: Path) -> dict[str, int]:
     """Write the Parquet files; rows per file."""
     import pyarrow.parquet as pq
 
-    _prepare(out, folder=True)
     counts = {}
-    for name, table in store.export_tables(run_id).items():
-        pq.write_table(table, out / f"{name}.parquet")
-        counts[name] = table.num_rows
+    with _staged(out, folder=True) as staged:
+        for name, table in store.export_tables(run_id).items():
+            pq.write_table(table, staged / f"{name}.parquet")
+            counts[name] = table.num_rows
     return counts
 
 
@@ -126,9 +144,8 @@ def _explanation_json(tail: str, e: ScoredExplanation) -> dict[str, Any]:
 
 def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None = None) -> int:
     """Write one line per neuron; the number of neurons."""
-    _prepare(out, folder=False)
     n = 0
-    with out.open("w", encoding="utf-8") as f:
+    with _staged(out, folder=False) as staged, staged.open("w", encoding="utf-8") as f:
         for b in bundles(store, run_id, progress=progress):
             line = {
                 "layer": b.stats.layer, "neuron": b.stats.index,
@@ -171,35 +188,34 @@ def _release_explanations(b: NeuronBundle) -> list[ReleaseExplanation]:
 def export_openai(store: Store, run_id: int, out: Path, progress: Progress | None = None,
                   neurons: Sequence[NeuronId] | None = None) -> int:
     """Write the release layout (of every neuron of the run, or of `neurons`); the number of neurons."""
-    _prepare(out, folder=True)
+    with _staged(out, folder=True) as staged:
+        def write(part: str, layer: int, neuron: int, obj: Any) -> None:
+            path = release_path(staged, part, layer, neuron)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(obj, ensure_ascii=False) + ("\n" if part == EXPLANATIONS else ""), encoding="utf-8")
 
-    def write(part: str, layer: int, neuron: int, obj: Any) -> None:
-        path = release_path(out, part, layer, neuron)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, ensure_ascii=False) + ("\n" if part == EXPLANATIONS else ""), encoding="utf-8")
-
-    n = 0
-    for b in bundles(store, run_id, neurons, progress):
-        layer, neuron, stats = b.stats.layer, b.stats.index, b.stats
-        bins = max((r.bin for r in b.records if r.kind == "quantile"), default=-1) + 1
-        record = ReleaseNeuron(
-            layer, neuron,
-            top=tuple(_excerpt(r) for r in b.records if r.kind == "top"),
-            random=tuple(_excerpt(r) for r in b.records if r.kind == "random"),
-            quantile=tuple(tuple(_excerpt(r) for r in b.records if r.kind == "quantile" and r.bin == i)
-                           for i in range(bins)),
-            boundaries=tuple(stats.quantile_edges), mean=stats.mean, variance=stats.variance, skewness=stats.skewness,
-            kurtosis=stats.kurtosis)
-        write(ACTIVATIONS, layer, neuron, neuron_record_json(record))
-        # Every neuron gets its explanations file, empty when it has none: the release has one for every neuron, and
-        # an importer reports a missing one.
-        write(EXPLANATIONS, layer, neuron, explanations_json(layer, neuron, _release_explanations(b)))
-        tokens = b.related_tokens
-        if any(name in tokens for name in TOKEN_LISTS[:4]):  # the weight-based lists
-            write(WEIGHT_TOKENS, layer, neuron, weight_tokens_json(tokens))
-        if "lookup" in tokens:
-            write(LOOKUP_TOKENS, layer, neuron, lookup_tokens_json(tokens["lookup"]))
-        if b.related_neurons:
-            write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(b.related_neurons))
-        n += 1
+        n = 0
+        for b in bundles(store, run_id, neurons, progress):
+            layer, neuron, stats = b.stats.layer, b.stats.index, b.stats
+            bins = max((r.bin for r in b.records if r.kind == "quantile"), default=-1) + 1
+            record = ReleaseNeuron(
+                layer, neuron,
+                top=tuple(_excerpt(r) for r in b.records if r.kind == "top"),
+                random=tuple(_excerpt(r) for r in b.records if r.kind == "random"),
+                quantile=tuple(tuple(_excerpt(r) for r in b.records if r.kind == "quantile" and r.bin == i)
+                               for i in range(bins)),
+                boundaries=tuple(stats.quantile_edges), mean=stats.mean, variance=stats.variance, skewness=stats.skewness,
+                kurtosis=stats.kurtosis)
+            write(ACTIVATIONS, layer, neuron, neuron_record_json(record))
+            # Every neuron gets its explanations file, empty when it has none: the release has one for every neuron, and
+            # an importer reports a missing one.
+            write(EXPLANATIONS, layer, neuron, explanations_json(layer, neuron, _release_explanations(b)))
+            tokens = b.related_tokens
+            if any(name in tokens for name in TOKEN_LISTS[:4]):  # the weight-based lists
+                write(WEIGHT_TOKENS, layer, neuron, weight_tokens_json(tokens))
+            if "lookup" in tokens:
+                write(LOOKUP_TOKENS, layer, neuron, lookup_tokens_json(tokens["lookup"]))
+            if b.related_neurons:
+                write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(b.related_neurons))
+            n += 1
     return n

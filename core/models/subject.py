@@ -163,6 +163,16 @@ class Subject:
         self.prefix_ids = _bos_prefix(tokenizer)
         self._strings: dict[int, str] = {}
 
+    @property
+    def context(self) -> int | None:
+        """The longest sequence the model takes (its position table), if its config says."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, name, None) or getattr(getattr(config, "text_config", None), name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     @contextmanager
     def _hooks(self, layers: tuple[int, ...], out: dict[int, Any]) -> Iterator[None]:
         last = max(layers)

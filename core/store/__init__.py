@@ -27,7 +27,7 @@ from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
 from neuronscope.core.store.rows import decode, lists, record_rows
-from neuronscope.core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate
+from neuronscope.core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate, storage_failure
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
@@ -84,19 +84,17 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         fresh = not path.exists() or path.stat().st_size == 0
         try:
             con = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as err:
-            msg = str(err)
+        except duckdb.Error as err:
+            msg = " ".join(str(err).split())
             pid = re.search(r"PID (\d+)", msg)
             if pid:
                 raise StoreError(
                     f"store {path} is in use by PID {pid.group(1)}: wait for it to finish or close it, "
                     "or use another --store"
                 ) from None
-            raise StoreError(f"cannot open {path} ({msg.splitlines()[0]}): is it a neuronscope store?") from None
-        except duckdb.Error as err:
-            raise StoreError(
-                f"cannot open {path} as a DuckDB store ({str(err).splitlines()[0]}); pass another --store"
-            ) from None
+            if "not a valid duckdb database" in msg.lower():
+                raise StoreError(f"{path} is not a neuronscope store (not a DuckDB file): pass another --store") from None
+            raise storage_failure(err, path) or StoreError(f"cannot open {path}: {msg}; pass another --store") from None
         # Bounded memory: big transactions spill to disk instead of growing with the collection.
         limit = os.environ.get("NEURONSCOPE_DUCKDB_MEMORY", "2GB")
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit):
@@ -113,6 +111,32 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
             raise
         return store
 
+    @classmethod
+    @contextmanager
+    def output(cls, path: str | Path) -> Iterator[Store]:
+        """A store to write into. An existing store is opened as it is; a new one is built under a hidden name beside
+        `path` and renamed onto it only when the block completes, so a failure or Ctrl-C leaves no store behind."""
+        path = Path(path)
+        if path.exists():
+            with cls.open(path) as store:
+                yield store
+                store.checkpoint()
+            return
+        staged = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        wal = staged.with_name(staged.name + ".wal")
+        try:
+            store = cls.open(staged)
+            try:
+                yield store
+                store.checkpoint()
+            finally:
+                store.close()
+            os.replace(staged, path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            wal.unlink(missing_ok=True)
+            raise
+
     def _initialise(self) -> None:
         self.con.execute("BEGIN")
         self.con.execute(SCHEMA + RELATED_TABLES)
@@ -124,8 +148,11 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         if "meta" not in tables:
             raise StoreError(f"{self.path} is a DuckDB file but not a neuronscope store: pass another --store")
         row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        if not row:
+            raise StoreError(f"{self.path} records no schema version: it is damaged or not a neuronscope store; "
+                             "pass another --store")
         try:
-            version = int(row[0][0]) if row else -1
+            version = int(row[0][0])
         except (TypeError, ValueError):
             raise StoreError(f"{self.path} has an unreadable schema version: it is damaged; pass another --store") from None
         if version > SCHEMA_VERSION:

@@ -92,3 +92,39 @@ def migrate(con: Any, version: int) -> None:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+#: DuckDB and file-system messages -> what happened and what to do.
+_FAILURES = (
+    (("no space left", "disk quota", "enospc"),
+     "the disk is full", "free space there (or write elsewhere), then run the same command again"),
+    (("permission denied", "eacces", "operation not permitted"),
+     "permission denied", "check the permissions of the file and of its folder (a writable store also needs to "
+                          "create its .wal file beside it)"),
+    (("read-only file system",),
+     "the file system is read-only", "write the store or output somewhere writable"),
+    (("not a valid duckdb database", "corrupt", "checksum", "serialization error", "failed to deserialize",
+      "internal error", "unexpected end of file"),
+     "the store is damaged", "restore it from a copy, or collect into a new --store"),
+    (("out of memory",),
+     "DuckDB ran out of memory", "raise NEURONSCOPE_DUCKDB_MEMORY (e.g. 4GB) or free memory"),
+    (("input/output error", "i/o error"),
+     "the disk failed to read or write", "check the disk, then run the same command again"),
+)
+
+
+def storage_failure(exc: BaseException, path: object = None) -> StoreError | None:
+    """A DuckDB or file-system failure as one line: what happened, where, and what to do, with the underlying
+    message kept after a colon; None for anything else."""
+    is_duckdb = type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
+    if not (is_duckdb or isinstance(exc, OSError)):
+        return None
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    where = getattr(exc, "filename", None) or path
+    text = f"{detail} {getattr(exc, 'strerror', '') or ''}".lower()
+    for needles, what, fix in _FAILURES:
+        if any(n in text for n in needles):
+            return StoreError(f"{what}{f' ({where})' if where else ''}: {fix}: {detail}")
+    if isinstance(exc, OSError):
+        return StoreError(f"cannot read or write {where or 'a file'}: {detail}")
+    return None

@@ -1,0 +1,108 @@
+"""Failures a script can trust: bounds on every number, outputs written whole or not at all, storage failures as
+one line naming the fix (a full disk on a real tmpfs), and no duplicate or empty runs."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FAST, Result, assert_one_line_error, run_cli
+
+from neuronscope.core.store import Store
+
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["top", "--limit", "-5"], ("argument --limit", "-5 is out of range", "at least 1", "neuronscope top --help")),
+    (["show", "1/3", "--count", "-1"], ("argument --count", "at least 1")),
+    (["related", "--top", "10000000"], ("argument --top", "from 1 to 1,000")),
+    (["top", "--limit", "ten"], ("argument --limit", "'ten' is not a whole number")),
+    (["top", "--order", "loudest"], ("argument --order", "invalid choice", "density")),
+    (["collect", "--top-k", "1000000"], ("argument --top-k", "from 0 to 1,000")),
+    (["import-openai", "x", "--workers", "0"], ("argument --workers", "from 1 to 64")),
+], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers"])
+def test_numbers_out_of_bounds_are_one_line(cli_store: tuple[Path, Result], args: list[str],
+                                            needles: tuple[str, ...]) -> None:
+    path, _ = cli_store
+    before = path.stat().st_mtime_ns
+    assert_one_line_error(run_cli([*args, "--store", path]), *needles)
+    assert path.stat().st_mtime_ns == before
+
+
+def test_an_excerpt_longer_than_the_model_reads_is_refused(tmp_path: Path, tiny_model: Path,
+                                                          corpus_dir: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", store, *FAST,
+                      "--length", "500"])
+    assert_one_line_error(result, "--length 500 is longer than", "pass --length")
+    assert not store.exists() and not list(tmp_path.iterdir())  # no empty store left behind
+
+
+def test_a_failed_collect_leaves_no_store(tmp_path: Path, tiny_model: Path) -> None:
+    store = tmp_path / "new.duckdb"
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", tmp_path / "missing.txt", "--store", store, *FAST])
+    assert_one_line_error(result, "missing.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exporting_a_run_that_is_not_complete_is_refused(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    with Store.open(store) as s:
+        s.set_run_status(s.run().run_id, "interrupted")
+    result = run_cli(["export", "--format", "jsonl", "--out", tmp_path / "out.jsonl", "--run", "1", "--store", store])
+    assert_one_line_error(result, "run 1 is interrupted", "collect it again", "neuronscope info")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_store_without_a_schema_version_says_so(tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    with Store.open(store) as s:
+        s.con.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    assert_one_line_error(run_cli(["info", "--store", store]), "records no schema version", "pass another --store")
+
+
+# -- a full disk, on a real tmpfs ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at a fresh folder (root only: CI runs as root)."""
+    mount = tmp_path / f"disk-{size}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_an_export_that_fills_the_disk_leaves_nothing_and_can_be_retried(cli_store: tuple[Path, Result],
+                                                                         tmp_path: Path) -> None:
+    path, _ = cli_store
+    with small_disk(tmp_path, "64k") as disk:
+        for fmt, out in (("jsonl", disk / "run.jsonl"), ("openai", disk / "release")):
+            result = run_cli(["export", "--format", fmt, "--out", out, "--store", path])
+            line = assert_one_line_error(result, "the disk is full", "free space there", "No space left on device")
+            assert list(disk.iterdir()) == [], line  # no partial file, no staged leftovers
+        retry = run_cli(["export", "--format", "jsonl", "--out", tmp_path / "run.jsonl", "--store", path])
+        assert retry.code == 0 and (tmp_path / "run.jsonl").stat().st_size > 0, retry.err
+
+
+def test_a_collect_that_fills_the_disk_is_one_line_and_leaves_no_store(tmp_path: Path, tiny_model: Path,
+                                                                     corpus_dir: Path) -> None:
+    with small_disk(tmp_path, "256k") as disk:
+        result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", disk / "s.duckdb",
+                          *FAST])
+        assert result.code == 2 and "Traceback" not in result.err, result.err
+        last = result.err.strip().splitlines()[-1]  # after the progress lines of the steps that ran
+        assert last.startswith("error: the disk is full") and "run the same command again" in last, last
+        assert "No space left on device" in last
+        assert list(disk.iterdir()) == []
