@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from neuronscope.core.explanation.score import METHODS
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.layerdata import CELLS, HIST_EDGES, LayerResult, LayerSummary, Samples
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.results import (
@@ -154,7 +155,7 @@ def _explained(layer: int, result: LayerResult, picks: np.ndarray, rng: np.rando
         lookup = ", ".join(f"'{w}'" for w in rng.choice(WORDS, 3).tolist())
         out.append(NeuronResult(layer, neuron, "pos", (
             scored(texts[i], "candidate", EXPLAINER, SIMULATOR, 0.3, selected=True),
-            scored(texts[(i + 1) % len(texts)], "shuffled", EXPLAINER, SIMULATOR, 0.02, source=(layer, partner)),
+            scored(texts[(i + 1) % len(texts)], "shuffled", EXPLAINER, SIMULATOR, 0.02, source=NeuronId(layer, partner)),
             scored(lookup, "baseline", "baseline", "baseline", 0.35),
         )))
     return out

@@ -16,6 +16,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Header, Input
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store, StoreError
 from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
@@ -80,7 +81,7 @@ class NeuronscopeApp(App[None]):
         self.start_job = start_job
         self.sort_index = 0
         self.quitting = False
-        self._dirty: set[tuple[int, int]] = set()
+        self._dirty: set[NeuronId] = set()
         self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
     def compose(self) -> ComposeResult:
@@ -123,12 +124,13 @@ class NeuronscopeApp(App[None]):
 
     def open_neuron(self, layer: int, neuron: int) -> None:
         """Show a neuron's screen, with the table's cursor on it if the filters show it."""
+        target = NeuronId(layer, neuron)
         if not self.has_neuron(layer, neuron):
-            self.notify(f"run {self.run_info.run_id} has no L{layer}/N{neuron}: {self.layers_text}", severity="error")
+            self.notify(f"run {self.run_info.run_id} has no {target}: {self.layers_text}", severity="error")
             return
         position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
         if position is not None:
-            self.table.move_to(position)
+            self.table.cursor = position
         # One neuron screen, installed once and shown again with each neuron: opening skips Textual's
         # composing and styling of a new screen.
         if not self.is_screen_installed("neuron"):
@@ -139,18 +141,18 @@ class NeuronscopeApp(App[None]):
         if self.screen is not screen:
             self.push_screen(screen)
         if screen.is_mounted:
-            screen.show(layer, neuron)  # read again: a job may have written to it since
-        screen.position = (layer, neuron)
+            screen.show(target)  # read again: a job may have written to it since
+        screen.position = target
 
     def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
-        self.open_neuron(message.layer, message.neuron)
+        self.open_neuron(*message.neuron)
 
-    def current_neuron(self) -> tuple[int, int] | None:
+    def current_neuron(self) -> NeuronId | None:
         """The neuron on screen, or under the table's cursor."""
         if isinstance(self.screen, NeuronScreen):
             return self.screen.position
         row = self.table.current
-        return (row.layer, row.neuron) if row is not None else None
+        return NeuronId(row.layer, row.neuron) if row is not None else None
 
     # -- table actions -----------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -207,13 +209,13 @@ class NeuronscopeApp(App[None]):
         if position is None:
             self.notify("every neuron shown is explained")
         else:
-            table.move_to(position)
+            table.cursor = position
 
     def action_random(self) -> None:
         table = self.table
         if table.row_count:
             index = random.randrange(table.row_count)
-            table.move_to(index)
+            table.cursor = index
             row = table.row(index)
             if row is not None:
                 self.open_neuron(row.layer, row.neuron)
@@ -233,7 +235,7 @@ class NeuronscopeApp(App[None]):
         ]))
 
     # -- jobs ----------------------------------------------------------------------------------------
-    def _job_scope(self) -> tuple[tuple[tuple[int, int], ...], str]:
+    def _job_scope(self) -> tuple[tuple[NeuronId, ...], str]:
         if isinstance(self.screen, NeuronScreen):
             return (self.screen.position,), "shown"
         table = self.table
@@ -259,7 +261,7 @@ class NeuronscopeApp(App[None]):
             question=True)
         self.push_screen(question, lambda yes: self.start(settings, neurons, scope) if yes else None)
 
-    def start(self, settings: JobSettings, neurons: tuple[tuple[int, int], ...], scope: str) -> None:
+    def start(self, settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> None:
         """Start a job in a worker, reopening the store for writing first if it is still read-only."""
         try:
             self.store.make_writable()
@@ -279,8 +281,7 @@ class NeuronscopeApp(App[None]):
     def on_jobs_panel_landed(self, message: JobsPanel.Landed) -> None:
         self._dirty.add(message.neuron)
         if message.error:
-            layer, neuron = message.neuron
-            self.notify(f"L{layer}/N{neuron} failed: {visible(message.error)}", severity="error", markup=False)
+            self.notify(f"{message.neuron} failed: {visible(message.error)}", severity="error", markup=False)
 
     def _reload_landed(self) -> None:
         """Show the neurons that landed since the last tick (rate-limited, so fast backends stay smooth)."""
@@ -299,8 +300,7 @@ class NeuronscopeApp(App[None]):
         if self.quitting and not self.jobs.running:
             self.exit()
             return
-        problems = [Text(f"L{layer}/N{neuron}: ", style="bold") + Text(error) for (layer, neuron), error in
-                    handle.failures[:20]]
+        problems = [Text(f"{neuron}: ", style="bold") + Text(error) for neuron, error in handle.failures[:20]]
         if len(handle.failures) > 20:
             problems.append(Text(f"… and {len(handle.failures) - 20} more"))
         if message.error:

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Span, Text
 
 from neuronscope.core.choices import SCORERS
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import ActivationRecord, NeuronStats
 from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores
 
@@ -156,7 +157,7 @@ def neurons_table(rows: Sequence[NeuronStats]) -> Table:
                           ("min", "right"), ("density", "right"), ("kurtosis", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, s in enumerate(rows, 1):
-        table.add_row(str(i), f"L{s.layer}/N{s.index}", f"{s.selectivity:.2f}", f"{s.max:.3g}", f"{s.min:.3g}",
+        table.add_row(str(i), str(NeuronId(s.layer, s.index)), f"{s.selectivity:.2f}", f"{s.max:.3g}", f"{s.min:.3g}",
                       f"{s.density:.1%}", f"{s.kurtosis:.3g}")
     return table
 
@@ -185,7 +186,7 @@ def summaries_table(rows: Sequence[NeuronSummary], width: int = 60) -> Table:
         if s.score is not None and s.shuffled is not None and not s.beats_shuffled:
             verdict = Text("not above shuffled", style="yellow")
         tail = "" if s.tail == "pos" else " (neg)"
-        table.add_row(str(i), f"L{s.layer}/N{s.neuron}{tail}", Text(text), score_text(s.score),
+        table.add_row(str(i), f"{NeuronId(s.layer, s.neuron)}{tail}", Text(text), score_text(s.score),
                       Text(f"{s.shuffled.value:+.2f}") if s.shuffled else Text("-"),
                       Text(f"{s.baseline.value:+.2f}") if s.baseline else Text("-"), verdict)
     return table
@@ -251,7 +252,7 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
                  "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
         if ex.source:
-            label += f" (from L{ex.source[0]}/N{ex.source[1]})"
+            label += f" (from {ex.source})"
         line = Text("* " if ex.selected else "  ", style="bold")
         line.append(f"{visible(label)}: ", style="bold" if ex.selected else "")
         line.append(visible(ex.text))
@@ -292,7 +293,7 @@ def related_lines(tokens: dict[str, list[tuple[str, float]]], neurons: dict[str,
         if name in tokens:
             body = ", ".join(f"'{visible(t)}' {v:+.3g}" for t, v in tokens[name][:count])
         elif name in neurons:
-            body = ", ".join(f"L{layer}/N{index} {v:+.3g}" for layer, index, v in neurons[name][:count])
+            body = ", ".join(f"{NeuronId(layer, index)} {v:+.3g}" for layer, index, v in neurons[name][:count])
         else:
             continue
         lines.append(Text(f"  {label:13}", style="bold") + Text(body))

@@ -13,6 +13,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from neuronscope.core.ids import NeuronId
+
 _CSS = """
 {name} {{ align: center middle; }}
 {name} > Vertical {{ width: 90%; max-width: 110; height: auto; max-height: 90%; border: thick $error 80%;
@@ -78,7 +80,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static("escape: close", classes="modal-keys")
 
 
-class RelatedScreen(ModalScreen["tuple[int, int] | None"]):
+class RelatedScreen(ModalScreen[NeuronId | None]):
     """A neuron's related neurons (upstream and downstream, through the weights) to pick one to open."""
 
     DEFAULT_CSS = _CSS.format(name="RelatedScreen").replace("$error", "$primary") + \
@@ -86,7 +88,7 @@ class RelatedScreen(ModalScreen["tuple[int, int] | None"]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,g", "close", "Close")]
 
     def __init__(self, title: str, neurons: Sequence[tuple[str, int, int, float]]) -> None:
-        """neurons: (list label, layer, neuron, weight) each."""
+        """neurons: (list label, layer, neuron, weight) each, as the store's related lists hold them."""
         super().__init__()
         self.title_text = title
         self.neurons = list(neurons)
@@ -96,14 +98,14 @@ class RelatedScreen(ModalScreen["tuple[int, int] | None"]):
 
         with Vertical():
             yield Static(Text(self.title_text), classes="modal-title")
-            yield OptionList(*(Text(f"{label:13} L{layer}/N{neuron}  {weight:+.3g}")
+            yield OptionList(*(Text(f"{label:13} {NeuronId(layer, neuron)}  {weight:+.3g}")
                                for label, layer, neuron, weight in self.neurons))
             yield Static("enter: open   escape: close", classes="modal-keys")
 
     def on_option_list_option_selected(self, event: object) -> None:
         index = getattr(event, "option_index", 0)
         _, layer, neuron, _ = self.neurons[index]
-        self.dismiss((layer, neuron))
+        self.dismiss(NeuronId(layer, neuron))
 
     def action_close(self) -> None:
         self.dismiss(None)

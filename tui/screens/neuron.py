@@ -11,6 +11,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.tui.render import (
     RELATED_LABELS,
     explanation_renderables,
@@ -38,8 +39,8 @@ class NeuronScreen(Screen[None]):
         super().__init__()
         self.store = store
         self.run = run
-        self.position = (layer, neuron)
-        """(layer, neuron) shown."""
+        self.position = NeuronId(layer, neuron)
+        """The neuron shown."""
         self.related: dict[str, list[tuple[int, int, float]]] = {}
         """The related neurons of the neuron shown."""
 
@@ -57,12 +58,12 @@ class NeuronScreen(Screen[None]):
         records = self.store.records(run.run_id, layer, neuron)
         explanations = self.store.explanations(run.run_id, layer, neuron)
         scale = scale_of(records)
-        title = Text(f"L{layer}/N{neuron}", style="bold")
+        title = Text(str(self.position), style="bold")
         title.append(f"  ·  run {run.run_id}  ·  ")
         title.append(visible(run.model))
         parts: list[RenderableType] = [title]
         if stats is None:
-            parts.append(Text(f"run {run.run_id} has no neuron L{layer}/N{neuron}"))
+            parts.append(Text(f"run {run.run_id} has no neuron {self.position}"))
         else:
             parts += [stats_table(stats, run.settings.quantiles), Text("histogram ", style="bold") + histogram_text(stats)]
         tokens, self.related = self.store.related(run.run_id, layer, neuron)
@@ -85,20 +86,19 @@ class NeuronScreen(Screen[None]):
     def action_related(self) -> None:
         from neuronscope.tui.screens.modals import RelatedScreen
 
-        layer, neuron = self.position
-        choices = [(RELATED_LABELS[name], other, index, weight) for name in RELATED_LABELS
-                   for other, index, weight in self.related.get(name, [])]
+        choices = [(RELATED_LABELS[name], layer, index, weight) for name in RELATED_LABELS
+                   for layer, index, weight in self.related.get(name, [])]
 
-        def chosen(target: tuple[int, int] | None) -> None:
+        def chosen(target: NeuronId | None) -> None:
             if target is not None:
                 self.app.open_neuron(*target)  # type: ignore[attr-defined]
 
-        self.app.push_screen(RelatedScreen(f"Neurons related to L{layer}/N{neuron} through the weights", choices),
+        self.app.push_screen(RelatedScreen(f"Neurons related to {self.position} through the weights", choices),
                              chosen)
 
-    def show(self, layer: int, neuron: int) -> None:
+    def show(self, neuron: NeuronId) -> None:
         """Show another neuron on this screen (reusing it spares Textual a new screen's layout and styles)."""
-        self.position = (layer, neuron)
+        self.position = neuron
         view = self.query_one(LinesView)
         view.update(self._renderables())
         view.scroll_home(animate=False)

@@ -17,6 +17,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, ProgressBar
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings, Selection
 
 #: Seconds between progress messages of one job (the last one always goes through).
@@ -29,14 +30,14 @@ class JobHandle:
     """A job started from the app: what it does, and the event that stops it."""
 
     settings: JobSettings
-    neurons: tuple[tuple[int, int], ...]
+    neurons: tuple[NeuronId, ...]
     label: str
     number: int = field(default_factory=lambda: next(_numbers))
     stop: threading.Event = field(default_factory=threading.Event)
     state: str = "starting"
     done: int = 0
     total: int = 0
-    failures: list[tuple[tuple[int, int], str]] = field(default_factory=list)
+    failures: list[tuple[NeuronId, str]] = field(default_factory=list)
     updates: int = 0
     """Progress messages posted (at most about 1 / PROGRESS_INTERVAL a second)."""
 
@@ -82,28 +83,27 @@ class JobsPanel(VerticalScroll):
     JobsPanel.active { display: block; }
     """
 
+    @dataclass
     class Progress(Message):
-        def __init__(self, handle: JobHandle, message: str | None = None) -> None:
-            super().__init__()
-            self.handle = handle
-            self.message = message
+        """A job's counts changed, or it has news (`message`, e.g. loading models) to show instead."""
 
+        handle: JobHandle
+        message: str | None = None
+
+    @dataclass
     class Landed(Message):
         """A neuron of a job was written (error '' when it succeeded)."""
 
-        def __init__(self, handle: JobHandle, neuron: tuple[int, int], error: str) -> None:
-            super().__init__()
-            self.handle = handle
-            self.neuron = neuron
-            self.error = error
+        handle: JobHandle
+        neuron: NeuronId
+        error: str
 
+    @dataclass
     class Finished(Message):
         """A job ended: complete, partial, interrupted (cancelled), stopped, or failed with `error`."""
 
-        def __init__(self, handle: JobHandle, error: str = "") -> None:
-            super().__init__()
-            self.handle = handle
-            self.error = error
+        handle: JobHandle
+        error: str = ""
 
     def __init__(self, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
         super().__init__(id=id)
@@ -155,7 +155,8 @@ class JobsPanel(VerticalScroll):
                 handle.updates += 1
                 self.post_message(self.Progress(handle))
 
-        def landed(neuron: tuple[int, int], error: str) -> None:
+        def landed(neuron: NeuronId, error: str) -> None:
+            neuron = NeuronId(*neuron)  # the engine may pass a plain (layer, neuron) tuple
             if error:
                 handle.failures.append((neuron, error))
             self.post_message(self.Landed(handle, neuron, error))
@@ -189,9 +190,9 @@ class JobsPanel(VerticalScroll):
         self._row(handle).show(f"{handle.state} {handle.done}/{handle.total}")
 
 
-def job_label(settings: JobSettings, neurons: tuple[tuple[int, int], ...], scope: str) -> str:
+def job_label(settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> str:
     """What a job row says, e.g. `run L3/N7 · baseline` or `score 12 neurons (marked) · local:qwen-1.5b`."""
-    what = f"L{neurons[0][0]}/N{neurons[0][1]}" if len(neurons) == 1 else f"{len(neurons):,} neurons ({scope})"
+    what = str(neurons[0]) if len(neurons) == 1 else f"{len(neurons):,} neurons ({scope})"
     backends = settings.explainer if settings.kind == "explain" or settings.simulator == settings.explainer \
         else f"{settings.explainer} → {settings.simulator}"
     return f"{'explain' if settings.kind == 'run' else settings.kind} {what} · {backends}"

@@ -1,20 +1,23 @@
 """A virtual table of a run's neurons: rows are fetched from the store a page at a time as they scroll
-into view (Textual's line API with a small LRU page cache), so a run of any size opens at once."""
+into view (Textual's line API with Textual's LRU cache of pages), so a run of any size opens at once."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.cache import LRUCache
 from textual.geometry import Size
 from textual.message import Message
+from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.render import visible
@@ -63,22 +66,23 @@ class NeuronTable(ScrollView, can_focus=True):
     NeuronTable { height: 1fr; overflow-x: hidden; }
     """
 
+    @dataclass
     class Selected(Message):
         """The user chose a neuron (enter)."""
 
-        def __init__(self, layer: int, neuron: int) -> None:
-            super().__init__()
-            self.layer = layer
-            self.neuron = neuron
+        neuron: NeuronId
+
+    cursor = reactive(0, repaint=False, always_update=True, init=False)
+    """Position of the highlighted row in the current order: kept within the rows and scrolled into view (on every
+    assignment, even of the same row, so that setting it brings it back after the view was scrolled away)."""
 
     def __init__(self, store: Any, run_id: int, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
         super().__init__(id=id)
         self.store = store
         self.run_id = run_id
         self.query_spec = BrowseQuery()
-        self.cursor = 0
-        self._pages: OrderedDict[int, list[NeuronRow]] = OrderedDict()
-        self.marked: set[tuple[int, int]] = set()
+        self._pages: LRUCache[int, list[NeuronRow]] = LRUCache(PAGES_CACHED)
+        self.marked: set[NeuronId] = set()
         self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -98,14 +102,15 @@ class NeuronTable(ScrollView, can_focus=True):
         """Show another order or filter, from the top."""
         self.query_spec = query
         self.reload()
-        self.move_to(0)
+        self.cursor = 0
 
     def reload(self) -> None:
         """Drop cached pages and count again (after a job wrote results); the cursor stays where it is."""
         self._pages.clear()
         self.row_count = self.store.neuron_count(self.run_id, self.query_spec)
         self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
-        self.cursor = min(self.cursor, max(self.row_count - 1, 0))
+        if self.cursor >= self.row_count:
+            self.cursor = self.row_count - 1  # validated: the last row, or 0 when none is left
         self.refresh()
 
     def on_mount(self) -> None:
@@ -120,10 +125,6 @@ class NeuronTable(ScrollView, can_focus=True):
         if page is None:
             page = self.store.neuron_rows(self.run_id, self.query_spec, offset=page_no * PAGE, limit=PAGE)
             self._pages[page_no] = page
-            while len(self._pages) > PAGES_CACHED:
-                self._pages.popitem(last=False)
-        else:
-            self._pages.move_to_end(page_no)
         offset = index - page_no * PAGE
         return page[offset] if offset < len(page) else None
 
@@ -131,9 +132,9 @@ class NeuronTable(ScrollView, can_focus=True):
         """Mark or unmark the neuron under the cursor, then step down."""
         row = self.current
         if row is not None:
-            self.marked.symmetric_difference_update({(row.layer, row.neuron)})
-            self.action_cursor(1)
-            self.refresh()
+            self.marked.symmetric_difference_update({NeuronId(row.layer, row.neuron)})
+            self.cursor += 1
+            self.refresh()  # the mark and the status line's count of marks
 
     @property
     def cached_pages(self) -> int:
@@ -150,8 +151,9 @@ class NeuronTable(ScrollView, can_focus=True):
     def _line(self, row: NeuronRow) -> Text:
         width = self._explanation_width()
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append("●" if (row.layer, row.neuron) in self.marked else " ", style="bold")
-        text.append(_cell(f"L{row.layer}/N{row.neuron}", NEURON_W - 1), style="bold")
+        neuron = NeuronId(row.layer, row.neuron)
+        text.append("●" if neuron in self.marked else " ", style="bold")
+        text.append(_cell(str(neuron), NEURON_W - 1), style="bold")
         explanation = visible(row.explanation)
         if len(explanation) > width:
             explanation = explanation[: width - 1] + "…"
@@ -195,29 +197,32 @@ class NeuronTable(ScrollView, can_focus=True):
             if segments else Strip([Segment(" " * width, self.rich_style)])
 
     # -- cursor -------------------------------------------------------------------------------------
-    def move_to(self, index: int) -> None:
-        new = self.cursor = max(0, min(index, self.row_count - 1))
+    def validate_cursor(self, index: int) -> int:
+        return max(0, min(index, self.row_count - 1))
+
+    def watch_cursor(self, old: int, new: int) -> None:
         top = int(self.scroll_offset.y)
         visible_rows = max(self.scrollable_content_region.height - HEADER_LINES, 1)
         if new < top:
-            self.scroll_to(y=new, animate=False)
+            self.scroll_to(y=new, animate=False)  # a scroll repaints every line
         elif new >= top + visible_rows:
             self.scroll_to(y=new - visible_rows + 1, animate=False)
-        self.refresh()
+        self.refresh_line(old + HEADER_LINES)
+        self.refresh_line(new + HEADER_LINES)
 
     def action_cursor(self, step: int) -> None:
-        self.move_to(self.cursor + step)
+        self.cursor += step
 
     def action_page(self, direction: int) -> None:
-        self.move_to(self.cursor + direction * max(self.scrollable_content_region.height - HEADER_LINES - 1, 1))
+        self.cursor += direction * max(self.scrollable_content_region.height - HEADER_LINES - 1, 1)
 
     def action_jump(self, where: int) -> None:
-        self.move_to(self.row_count - 1 if where < 0 else 0)
+        self.cursor = self.row_count - 1 if where < 0 else 0
 
     def action_select(self) -> None:
         row = self.row(self.cursor)
         if row is not None:
-            self.post_message(self.Selected(row.layer, row.neuron))
+            self.post_message(self.Selected(NeuronId(row.layer, row.neuron)))
 
     @property
     def current(self) -> NeuronRow | None:
