@@ -106,3 +106,75 @@ def test_a_collect_that_fills_the_disk_is_one_line_and_leaves_no_store(tmp_path:
         assert last.startswith("error: the disk is full") and "run the same command again" in last, last
         assert "No space left on device" in last
         assert list(disk.iterdir()) == []
+
+
+# -- runs whose process is gone -------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_reused_process_id_is_not_taken_for_the_owner(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    """A run is 'running' only while the process that started it runs: the same id given to a later process (here:
+    a live process with another start time) does not keep it running."""
+    from neuronscope.core.store import process_start
+
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        with Store.open(store) as s:
+            run_id = s.create_run(model="m", revision="r", corpus="c", settings=s.run().settings, layers=(0,),
+                                  neurons_per_layer=4, dtype="float32")
+            s.con.execute("UPDATE runs SET pid = ?, owner_start = ? WHERE run_id = ?",
+                          [other.pid, process_start(other.pid), run_id])
+        with Store.open(store, read_only=True) as s:
+            assert s.run(run_id).status == "running"  # its real owner still runs
+        with Store.open(store) as s:
+            s.con.execute("UPDATE runs SET owner_start = owner_start - 3600 WHERE run_id = ?", [run_id])
+        with Store.open(store, read_only=True) as s:
+            assert s.run(run_id).status == "interrupted"  # same id, another process
+    finally:
+        other.kill()
+
+
+def test_an_import_killed_midway_reads_as_interrupted_and_says_how_to_resume(cli_store: tuple[Path, Result],
+                                                                            tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    with Store.open(cli_store[0], read_only=True) as collected:
+        settings = collected.run().settings
+    with Store.open(store) as s:
+        run_id = s.create_run(model="gpt2-xl", revision="release", corpus="openai-release:/x", settings=settings,
+                              layers=(0,), neurons_per_layer=4, dtype="float32")
+        s.set_run_status(run_id, "importing")
+        s.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [_dead_pid(), run_id])
+    info = run_cli(["info", "--store", store])
+    assert f"run {run_id}  interrupted" in info.out and "neuronscope clean" in info.out, info.out
+    line = assert_one_line_error(run_cli(["top", "--store", store]), f"run {run_id} is interrupted",
+                                 "finish it with the command that made it")
+    assert "run `neuronscope collect` first" not in line
+
+
+def test_clean_removes_unfinished_runs_and_compacts(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    with Store.open(store) as s:
+        kept = s.run()
+        counts = s.run_counts(kept.run_id)
+        stale = s.create_run(model="m", revision="r", corpus="c", settings=kept.settings, layers=kept.layers,
+                             neurons_per_layer=kept.neurons_per_layer, dtype="float32")
+        s.con.execute("INSERT INTO excerpts SELECT ?, excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ?",
+                      [stale, kept.run_id])
+        s.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [_dead_pid(), stale])
+        s.checkpoint()
+    grown = store.stat().st_size
+    result = run_cli(["clean", "--store", store])
+    assert result.code == 0 and f"removed run {stale} (interrupted)" in result.err, result.err
+    with Store.open(store, read_only=True) as s:
+        assert [r.run_id for r in s.runs()] == [kept.run_id] and s.run_counts(kept.run_id) == counts
+        assert s.counts()["excerpts"] == counts["excerpts"]
+    assert store.stat().st_size < grown
+    again = run_cli(["show", "1/3", "--store", store])  # the compacted store reads as before
+    assert again.code == 0 and "Top excerpts" in again.out, again.err

@@ -159,6 +159,7 @@ def test_kill_9_leaves_an_openable_store(tmp_path, subject, tiny_model, corpus_d
 
 def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
     from neuronscope.core.records import CollectSettings
+    from neuronscope.core.store import process_start
 
     path = tmp_path / "store.duckdb"
     done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
@@ -171,7 +172,8 @@ def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir
                                     neurons_per_layer=4, dtype="float32")
             dead = store.create_run(model="m", revision="r", corpus="c", settings=CollectSettings(), layers=(0,),
                                     neurons_per_layer=4, dtype="float32")
-            store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [sleeper.pid, live])
+            store.con.execute("UPDATE runs SET pid = ?, owner_start = ? WHERE run_id = ?",
+                              [sleeper.pid, process_start(sleeper.pid), live])
             store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [gone.pid, dead])
             store.mark_stale_runs()
             status = dict(store.con.execute("SELECT run_id, status FROM runs").fetchall())

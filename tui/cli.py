@@ -129,6 +129,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())), soft_wrap=True)
         if counts["neurons"]:
             out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
+        unfinished = [r.run_id for r in runs if r.status in ("interrupted", "failed")]
+        if unfinished:
+            out.print(Text(f"{len(unfinished)} run{'s' if len(unfinished) > 1 else ''} did not finish "
+                           f"({', '.join(map(str, unfinished))}): `neuronscope clean --store {args.store}` removes "
+                           "them and compacts the store", style="yellow"), soft_wrap=True)
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove the runs that did not finish and compact the store."""
+    with Store.open(args.store, create=False) as store:
+        before = store.path.stat().st_size
+        gone = store.remove_unfinished_runs()
+        status(f"compacting {store.path}")
+        store.compact()
+        after = store.path.stat().st_size
+    removed = ", ".join(f"run {r.run_id} ({r.status})" for r in gone) or "no unfinished run"
+    status(f"removed {removed}; {before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB")
     return 0
 
 
@@ -142,6 +160,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         stats = store.neuron_stats(run.run_id, layer, index)
+        if stats is None and run.status != "complete":
+            raise InputError(f"run {run.run_id} is {run.status}, and {neuron} is not among the neurons it wrote: finish "
+                             "the run with the command that made it, or pick a complete run (`neuronscope info`)")
         if stats is None:
             raise InputError(
                 f"run {run.run_id} has no neuron {neuron}: it holds layers {layers_text(run.layers)} "
@@ -306,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list a store's runs, models, row counts and size")
     store_arg(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("clean", help="remove the runs that did not finish (interrupted, failed) with everything they "
+                                     "hold, and compact the store file")
+    store_arg(p)
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("show", help="show one neuron (LAYER/INDEX): statistics and excerpts coloured by activation")
     p.add_argument("neuron", help="LAYER/INDEX, e.g. 12/345")

@@ -27,7 +27,15 @@ from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
 from neuronscope.core.store.rows import decode, lists, record_rows
-from neuronscope.core.store.schema import INDEXES, SCHEMA, SCHEMA_VERSION, StoreError, migrate, storage_failure
+from neuronscope.core.store.schema import (
+    INDEXES,
+    OWNER_COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    StoreError,
+    migrate,
+    storage_failure,
+)
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
@@ -50,16 +58,32 @@ def settings_from_json(text: str) -> CollectSettings:
     return CollectSettings(**data)
 
 
-def _pid_alive(pid: int | None) -> bool:
+def process_start(pid: int) -> float | None:
+    """When a process started, in epoch seconds (Linux /proc; None elsewhere or when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def owner_alive(pid: int | None, started: float | None) -> bool:
+    """Whether the process that wrote a running row still runs: its id exists and, where both start times are
+    known, it is the same process (not a later one given the same id)."""
     if not pid:
         return False
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = process_start(pid)
+    return started is None or now is None or abs(now - started) < 2.0
 
 
 class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
@@ -139,7 +163,7 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
 
     def _initialise(self) -> None:
         self.con.execute("BEGIN")
-        self.con.execute(SCHEMA + RELATED_TABLES)
+        self.con.execute(SCHEMA + RELATED_TABLES + OWNER_COLUMNS)
         self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('app', 'neuronscope')", [str(SCHEMA_VERSION)])
         self.con.execute("COMMIT")
 
@@ -174,7 +198,7 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
                 "collect into a new --store, or use the neuronscope version that wrote it"
             )
         if not self.read_only:
-            self.con.execute(INDEXES + RELATED_TABLES)
+            self.con.execute(INDEXES + RELATED_TABLES + OWNER_COLUMNS)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -234,7 +258,32 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
             "status, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?) RETURNING run_id",
             [model, revision, corpus, settings_to_json(settings), list(layers), neurons_per_layer, dtype, shard, os.getpid()],
         ).fetchall()
+        self._claim("runs", "run_id", int(row[0][0]))
         return int(row[0][0])
+
+    def _claim(self, table: str, key: str, row_id: int) -> None:
+        """Record this process as the owner of a running run or job (its id and start time)."""
+        self.con.execute(f"UPDATE {table} SET pid = ?, owner_start = ? WHERE {key} = ?",
+                         [os.getpid(), process_start(os.getpid()), row_id])
+
+    def _owner_gone(self, table: str, key: str, row_id: int, pid: int | None) -> bool:
+        """Whether a running run's or job's owner has stopped (by its id and, where recorded, its start time)."""
+        if pid == os.getpid():
+            return False
+        started = None
+        if self._has_owner_start():
+            rows = self.con.execute(f"SELECT owner_start FROM {table} WHERE {key} = ?", [row_id]).fetchall()
+            started = rows[0][0] if rows else None
+        return not owner_alive(pid, started)
+
+    def _has_owner_start(self) -> bool:
+        """Whether the store records owners' start times (a writable open adds the columns to older stores)."""
+        known = self.__dict__.get("_owner_columns")
+        if known is None:
+            rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
+                                    "AND column_name = 'owner_start'").fetchall()
+            known = self.__dict__["_owner_columns"] = bool(rows[0][0])
+        return bool(known)
 
     def _require_neurons(self, run_id: int) -> None:
         """A run is complete only if it holds a neuron: an empty 'complete' run would become the default run."""
@@ -260,10 +309,58 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         for table in tables:
             self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
+    def remove_unfinished_runs(self) -> list[RunInfo]:
+        """Remove the runs that did not finish (interrupted or failed, a stale 'running' included) with everything
+        they hold and every job on them; the runs removed."""
+        self.mark_stale_runs()
+        self.mark_stale_jobs()
+        gone = [r for r in self.runs() if r.status in ("interrupted", "failed")]
+        with self.transaction():
+            for run in gone:
+                self._delete_run_data(run.run_id)
+                jobs = "SELECT job_id FROM jobs WHERE run_id = ?"
+                explained = "SELECT explanation_id FROM explanations WHERE run_id = ?"
+                for sql in (f"DELETE FROM simulations WHERE explanation_id IN ({explained})",
+                            f"DELETE FROM scores WHERE explanation_id IN ({explained})",
+                            "DELETE FROM explanations WHERE run_id = ?",
+                            f"DELETE FROM job_neurons WHERE job_id IN ({jobs})",
+                            "DELETE FROM jobs WHERE run_id = ?",
+                            "DELETE FROM runs WHERE run_id = ?"):
+                    self.con.execute(sql, [run.run_id])
+        return gone
+
+    def compact(self) -> None:
+        """Rewrite the store into a fresh file, dropping the space that deleted rows left behind (DuckDB does not
+        give it back on its own), then reopen it. The copy is renamed over the store only when complete."""
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only: compact needs a writable open")
+        staged = self.path.with_name(f".{self.path.name}.{os.getpid()}.compact")
+        database = self.con.execute("SELECT current_database()").fetchall()[0][0]
+        closed = False
+        try:
+            self.con.execute("ATTACH ? AS compacted", [str(staged)])
+            self.con.execute(f'COPY FROM DATABASE "{database}" TO compacted')
+            self.con.execute("DETACH compacted")
+            self.con.close()
+            closed = True
+            os.replace(staged, self.path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            staged.with_name(staged.name + ".wal").unlink(missing_ok=True)
+            raise
+        finally:
+            if closed:
+                self.con = Store.open(self.path, create=False).con
+        self.__dict__.pop("_related_tables", None)
+        self.__dict__.pop("_owner_columns", None)
+
     def set_run_status(self, run_id: int, status: str, *, n_excerpts: int | None = None) -> None:
-        """Set a run's status (and, when given, its excerpt count; 'complete' also stamps the finish time)."""
+        """Set a run's status (and, when given, its excerpt count; 'complete' also stamps the finish time). A run
+        set running or importing is this process's."""
         if status == "complete":
             self._require_neurons(run_id)
+        if status in ("running", "importing"):
+            self._claim("runs", "run_id", run_id)
         self.con.execute(
             "UPDATE runs SET status = ?, n_excerpts = coalesce(?, n_excerpts), finished_at = CASE WHEN ? = 'complete' "
             "THEN current_timestamp ELSE finished_at END WHERE run_id = ?", [status, n_excerpts, status, run_id])
@@ -280,10 +377,17 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         return int(rows[0][0]) if rows else None
 
     def mark_stale_runs(self) -> None:
-        """Runs left 'running' by a process that no longer exists become 'interrupted'."""
-        for run_id, pid in self.con.execute("SELECT run_id, pid FROM runs WHERE status = 'running'").fetchall():
-            if pid != os.getpid() and not _pid_alive(pid):
-                self.fail_run(run_id, "interrupted", "the collecting process stopped before it finished")
+        """Runs left 'running' by a process that no longer runs become 'interrupted'; imports left 'importing' keep
+        what they wrote (the same command resumes them) and become 'interrupted' too."""
+        for run_id, pid, status in self.con.execute(
+                "SELECT run_id, pid, status FROM runs WHERE status IN ('running', 'importing')").fetchall():
+            if self._owner_gone("runs", "run_id", run_id, pid):
+                if status == "running":
+                    self.fail_run(run_id, "interrupted", "the collecting process stopped before it finished")
+                else:
+                    self.con.execute("UPDATE runs SET status = 'interrupted', error = ? WHERE run_id = ?",
+                                     ["the import stopped before it finished: run the same import-openai command "
+                                      "to resume it", run_id])
 
     def runs(self) -> list[RunInfo]:
         """Every run, oldest first; a 'running' run whose process is gone shows as interrupted."""
@@ -297,7 +401,13 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'complete' ORDER BY run_id DESC LIMIT 1"
             ).fetchall()
             if not rows:
-                raise StoreError(f"{self.path} has no complete run: run `neuronscope collect` first")
+                runs = self.runs()
+                if not runs:
+                    raise StoreError(f"{self.path} has no complete run: run `neuronscope collect` first")
+                last = runs[-1]
+                raise StoreError(f"{self.path} has no complete run (run {last.run_id} is {last.status}"
+                                 f"{': ' + last.error if last.error else ''}): finish it with the command that made "
+                                 "it, or `neuronscope collect`; `neuronscope info` lists the runs")
         else:
             rows = self.con.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchall()
             if not rows:
@@ -314,10 +424,9 @@ class Store(ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixi
         ).fetchall()
         return self._run_info(rows[0]) if rows else None
 
-    @staticmethod
-    def _run_info(row: tuple) -> RunInfo:  # type: ignore[type-arg]
+    def _run_info(self, row: tuple) -> RunInfo:  # type: ignore[type-arg]
         status = row[7]
-        if status == "running" and row[13] != os.getpid() and not _pid_alive(row[13]):
+        if status in ("running", "importing") and self._owner_gone("runs", "run_id", row[0], row[13]):
             status = "interrupted"
         return RunInfo(
             run_id=row[0], model=row[1], model_revision=row[2], corpus=row[3],

@@ -80,6 +80,7 @@ class ExplanationsMixin:
         row = self.con.execute(
             "INSERT INTO jobs (run_id, kind, params, params_key, state, total, pid) VALUES (?, ?, ?, ?, 'running', ?, ?) "
             "RETURNING job_id", [run_id, kind, params, params_key, total, os.getpid()]).fetchall()
+        self._claim("jobs", "job_id", int(row[0][0]))  # type: ignore[attr-defined]
         return int(row[0][0])
 
     def find_job(self, params_key: str) -> tuple[int, str] | None:
@@ -90,8 +91,9 @@ class ExplanationsMixin:
 
     def set_job_state(self, job_id: int, state: str, error: str = "") -> None:
         """Change a job's state (running also takes this process as its owner)."""
-        self.con.execute("UPDATE jobs SET state = ?, error = ?, pid = ?, updated_at = current_timestamp WHERE job_id = ?",
-                         [state, error, os.getpid(), job_id])
+        self.con.execute("UPDATE jobs SET state = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
+                         [state, error, job_id])
+        self._claim("jobs", "job_id", job_id)  # type: ignore[attr-defined]
 
     def job_neuron_states(self, job_id: int) -> dict[NeuronId, tuple[str, str]]:
         """neuron -> (state, error) for every neuron the job has finished or failed."""
@@ -105,12 +107,10 @@ class ExplanationsMixin:
             "strftime(created_at, '%Y-%m-%d %H:%M:%S') FROM jobs "
             + ("WHERE run_id = ? " if run_id is not None else "") + "ORDER BY job_id",
             [run_id] if run_id is not None else []).fetchall()
-        from neuronscope.core.store import _pid_alive
-
         keys = ("job_id", "run_id", "kind", "state", "done", "failed", "total", "error", "pid", "created_at")
         out = [dict(zip(keys, r)) for r in rows]
         for job in out:
-            if job["state"] == "running" and job["pid"] != os.getpid() and not _pid_alive(job["pid"]):
+            if job["state"] == "running" and self._owner_gone("jobs", "job_id", job["job_id"], job["pid"]):  # type: ignore[attr-defined]
                 job["state"] = "interrupted"
         return out
 
@@ -134,10 +134,8 @@ class ExplanationsMixin:
 
     def mark_stale_jobs(self) -> None:
         """Jobs left 'running' by a process that no longer exists become 'interrupted'."""
-        from neuronscope.core.store import _pid_alive
-
         for job_id, pid in self.con.execute("SELECT job_id, pid FROM jobs WHERE state = 'running'").fetchall():
-            if pid != os.getpid() and not _pid_alive(pid):
+            if self._owner_gone("jobs", "job_id", job_id, pid):  # type: ignore[attr-defined]
                 self.set_job_state(job_id, "interrupted", "the process running it stopped before it finished")
 
     # -- the LLM call log -------------------------------------------------------------------------

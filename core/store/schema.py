@@ -70,6 +70,11 @@ CREATE TABLE job_neurons (
 #: excerpts, at 100,000 excerpts in half the time with the index.
 INDEXES = "CREATE INDEX IF NOT EXISTS excerpt_ids ON excerpts (excerpt_id);"
 
+#: Columns added without a version bump, like INDEXES: when the process that owns a running run or job started
+#: (epoch seconds), so a process id reused by another process is not taken for the owner.
+OWNER_COLUMNS = ("ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner_start DOUBLE; "
+                 "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner_start DOUBLE;")
+
 SCHEMA = _COLLECTION + _RESULTS + INDEXES
 
 #: Version 1's placeholders, never written by that version's code.
