@@ -178,3 +178,29 @@ def test_clean_removes_unfinished_runs_and_compacts(cli_store: tuple[Path, Resul
     assert store.stat().st_size < grown
     again = run_cli(["show", "1/3", "--store", store])  # the compacted store reads as before
     assert again.code == 0 and "Top excerpts" in again.out, again.err
+
+
+# -- secrets --------------------------------------------------------------------------------------------
+
+def test_a_key_a_server_echoes_in_a_good_answer_is_never_stored(cli_store: tuple[Path, Result], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that puts the API key (and the bearer header it got) into a 200 answer: the explanation, the call
+    log and `show` hold neither."""
+    from fake_openai import CHAT, FakeOpenAI, chat_answer
+
+    key = "sk-test-9f8e7d6c5b4a39281706"
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with FakeOpenAI() as server:
+        server.on(CHAT, lambda body: chat_answer(f'the word "cat" (your key {key}, header Bearer {key})'))
+        result = run_cli(["explain", "1/3", "--explainer", f"openai:fake@{server.url}", "--store", store],
+                         OPENAI_API_KEY=key)
+    assert result.code == 0, result.err
+    with Store.open(store, read_only=True) as s:
+        texts = [e.text for e in s.explanations(s.run().run_id, 1, 3)]
+        logged = s.con.execute("SELECT prompt || response FROM llm_calls").fetchall()
+    assert texts and all(key not in t and "***" in t for t in texts), texts
+    assert logged and all(key not in row[0] for row in logged)
+    shown = run_cli(["show", "1/3", "--store", store])
+    assert shown.code == 0 and key not in shown.out and "Bearer ***" in shown.out

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,9 @@ class HTTPError(LLMError):
         super().__init__(message)
         self.status = status
 
+
+#: A bearer token as a server might echo it back (from a header it was sent).
+_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
 
 #: Statuses that mean "this server does not offer that" when probing (not auth or server failures).
 REFUSALS = (400, 404, 405, 415, 422, 501)
@@ -156,7 +160,7 @@ class OpenAIBackend(Backend):
         resource: Any = self.client.chat.completions if endpoint == "chat" else self.client.completions
         try:
             raw = resource.with_raw_response.create(**body, timeout=self.timeout)
-            text = raw.http_response.text
+            text = self._redact(raw.http_response.text)  # a key a server echoes never reaches the log or the store
         except openai.APITimeoutError:
             raise LLMError(f"{self.spec}: no answer within {self.timeout:g} s, "
                            f"after {self.max_retries} retries (timeout)") from None
@@ -194,10 +198,15 @@ class OpenAIBackend(Backend):
                   422: "request not accepted"}.get(status, "refused")
         return f"{self.spec}: HTTP {status} ({reason}): {detail}"
 
+    def _redact(self, text: str) -> str:
+        """Text from the server without the API key or any bearer token in it, should the server echo them."""
+        if self._key != DUMMY_KEY:
+            text = text.replace(self._key, "***")
+        return _BEARER.sub("Bearer ***", text)
+
     def _scrub(self, text: Any, limit: int = 200) -> str:
-        """One line of an error text, without the key even if a server echoes it."""
-        line = one_line(text, limit)
-        return line.replace(self._key, "***") if self._key != DUMMY_KEY else line
+        """One line of an error text, redacted (before it is cut, so no part of a key survives the cut)."""
+        return one_line(self._redact(str(text)), limit)
 
 
     # -- explanation --------------------------------------------------------------------------------
