@@ -119,7 +119,7 @@ def _dead_pid() -> int:
 def test_a_reused_process_id_is_not_taken_for_the_owner(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
     """A run is 'running' only while the process that started it runs: the same id given to a later process (here:
     a live process with another start time) does not keep it running."""
-    from neuronscope.core.store import process_start
+    from neuronscope.core.store.runs import process_start
 
     store = tmp_path / "s.duckdb"
     shutil.copy(cli_store[0], store)

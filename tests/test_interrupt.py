@@ -159,7 +159,7 @@ def test_kill_9_leaves_an_openable_store(tmp_path, subject, tiny_model, corpus_d
 
 def test_mark_stale_runs_only_touches_dead_writers(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
     from neuronscope.core.records import CollectSettings
-    from neuronscope.core.store import process_start
+    from neuronscope.core.store.runs import process_start
 
     path = tmp_path / "store.duckdb"
     done = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))
