@@ -10,7 +10,7 @@
   explanation out of context (neuronscope.core.llm.rating's token task), minus its rating for a neutral explanation, so
   explanations that name a kind of token ("month names") are simulated too.
 - `lines`: the 2023 paper's simulation: the simulator writes a 0-9 value after every token of each excerpt,
-  read in one forward pass (neuronscope.core.llm.prompts). Small models mostly ignore the explanation here (the README's quality table).
+  read in one forward pass (neuronscope.core.llm.prompts). Small models mostly ignore the explanation here (bench/README.md, quality.py).
 
 The token-lookup baseline always simulates by its own lookup table, whatever the mode.
 """
@@ -82,7 +82,8 @@ def simulate(simulator: Backend, mode: str, explanation: str, excerpts: Sequence
 
 def requests(simulator: Backend, mode: str, explanation: str,
              excerpts: Sequence[Sequence[str]]) -> list[tuple[str, tuple[Any, int, int]]]:
-    """The calls `simulate` would make, as (call kind, Backend.requests' tuple), for dry runs."""
+    """The calls `simulate` would make, as (call kind, Backend.requests' tuple). Dry runs do not use it: they run
+    `simulate` itself with a recording backend (neuronscope.core.llm.recording)."""
     if mode == "lines" or simulator.spec == "baseline":
         return [("simulate", r) for r in simulator.requests("simulate", explanation, excerpts)]
     if mode == "quotes":

@@ -30,14 +30,12 @@ from neuronscope.core.choices import (
     Tail,
 )
 from neuronscope.core.errors import NeuronError
-from neuronscope.core.explanation import simulation
 from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
-from neuronscope.core.explanation.scorers import RATED, rating_items
 from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, split_records
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend
-from neuronscope.core.llm.prompts import NEUTRAL_EXPLANATION
+from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
 from neuronscope.core.records import Call, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
@@ -117,9 +115,9 @@ class Plan:
     calls: int
     """New LLM calls."""
     cached: int
-    """Calls the log would answer."""
+    """Calls the log would answer (held now, or made earlier in the same job)."""
     prompt_tokens: int
-    """Prompt tokens of the new calls (estimated where explanations are not known yet)."""
+    """Prompt tokens of the new calls (estimated from stand-ins where explanations are not known yet)."""
     completion_tokens: int
     """Completion tokens (at most)."""
     cost: float | None
@@ -177,6 +175,10 @@ class Job:
         self._embedder: Embedder | None = None
         self.log: CallLog = CallLog()
         self._partner_texts: dict[NeuronId, str] = {}
+        #: The dry run's tally while `plan()` runs: backends come wrapped in RecordingBackends then.
+        self._tally: Tally | None = None
+        #: What the dry run's neurons so far would have stored (the store gives the partner's newest explanation).
+        self._planned: dict[NeuronId, NeuronResult] = {}
         params = {"run_id": run.run_id, **asdict(settings), "neurons": [list(n) for n in self.neurons]}
         self.params = json.dumps(params, sort_keys=True)
         self.key = hashlib.sha256(self.params.encode()).hexdigest()
@@ -195,15 +197,18 @@ class Job:
 
     # -- backends -------------------------------------------------------------------------------------
     def backend(self, spec: str) -> Backend:
-        """A backend by spec, built once per job (explainer and simulator share a model when the spec matches)."""
+        """A backend by spec, built once per job (explainer and simulator share a model when the spec matches);
+        in a dry run, wrapped to tally its calls instead of making them."""
         if spec not in self._backends:
             self._backends[spec] = self._factory(spec)
         backend = self._backends[spec]
         backend.bind(self.log)
-        return backend
+        return backend if self._tally is None else RecordingBackend(backend, self._tally)
 
     def embedder(self) -> Embedder | None:
-        """The embedding model, loaded once, when the embedding scorer is asked for."""
+        """The embedding model, loaded once, when the embedding scorer is asked for (never in a dry run)."""
+        if self._tally is not None:
+            return None
         if "embedding" in self.settings.scorers and self._embedder is None:
             from neuronscope.core.explanation.embedding import Embedder, EmbeddingError
 
@@ -259,8 +264,11 @@ class Job:
                 explainer = self.backend(self.settings.explainer)
                 text = explainer.explain(prompt_for(explainer, splits), self.settings.samples, self.settings.seed)[0]
             else:
-                stored = [e for e in self.store.explanations(self.run_info.run_id, *partner, tail=self.settings.tail)
-                          if e.role in ("candidate", "user") and e.selected]
+                # A dry run stores nothing: there, what this job would have stored for the partner by now.
+                landed = self._planned.get(partner)
+                found = landed.explanations if landed else self.store.explanations(self.run_info.run_id, *partner,
+                                                                                    tail=self.settings.tail)
+                stored = [e for e in found if e.role in ("candidate", "user") and e.selected]
                 text = stored[0].text if stored else lookup_of(splits)
             self._partner_texts[partner] = text
         return self._partner_texts[partner]
@@ -375,60 +383,29 @@ class Job:
                          new_calls=log.new_calls, cache_hits=log.cache_hits, tokens=log.used_tokens, message=message)
 
     def plan(self, progress: Progress | None = None) -> Plan:
-        """Count the calls and tokens the job would spend, without calling any model."""
+        """Count the calls and tokens the job would spend, without calling any model or writing anything: the
+        neurons still to do go through `process()` as in `run()`, every backend wrapped in a RecordingBackend
+        (neuronscope.core.llm.recording) that tallies the requests the real one would send and answers from the call
+        log where it can, else with stand-ins. The embedding model is not loaded (it calls no LLM)."""
         found = self.store.find_job(self.key)
         todo = [] if found and found[1] == "complete" else self.pending(found[0] if found else None)
-        self.log = StoreCallLog(self.store, None)
-        calls = cached = prompt_tokens = completion_tokens = 0
-        cost: float | None = 0.0
-        stand_in = "x " * 40  # an explanation of typical length, for simulations of explanations not written yet
-        for step, index in enumerate(todo):
-            splits = self._splits(self.neurons[index])
-            requests: list[tuple[Backend, str, Any]] = []
-            texts: list[str] = [stand_in]
-            if self._uses_explainer:
-                explainer = self.backend(self.settings.explainer)
-                prompt = prompt_for(explainer, splits)
-                for payload, p, c in explainer.requests("explain", prompt, self.settings.samples, self.settings.seed):
-                    requests.append((explainer, "explain", (payload, p, c)))
-                texts = [stand_in] * self.settings.samples
-                if self.settings.revise and self.settings.kind == "run":  # its prompt is not known before the call
-                    revision = [(None, p + 64, c) for _, p, c in explainer.requests("explain", prompt, 1, 0)]
-                    requests += [(explainer, "explain", r) for r in revision]
-                    texts.append(stand_in)
-            elif self.settings.explanation is not None:
-                texts = [self.settings.explanation]
-            if self.settings.kind != "explain":
-                simulator = self.backend(self.settings.simulator)
-                runs = [(t, splits.select) for t in texts] if len(texts) > 1 else []
-                # the chosen one, the shuffled control, and (lines) the neutral explanation of the contrast score
-                runs += [(texts[0], splits.test), (stand_in, splits.test)]
-                mode = self.settings.simulation
-                if mode == "lines":
-                    runs.append((NEUTRAL_EXPLANATION, splits.test))
-                for text, examples in runs:
-                    for kind, request in simulation.requests(simulator, mode, text, [e.tokens for e in examples]):
-                        requests.append((simulator, kind, request))
-                rated = [task for name, task in RATED.items() if name in self.settings.scorers]
-                for task in rated:  # the chosen one, the shuffled control, the neutral explanation
-                    items = rating_items(task, splits.test, self._seed(self.neurons[index]))[0]
-                    for text in (texts[0], stand_in, NEUTRAL_EXPLANATION):
-                        for payload, p, c in simulator.requests("rate", task, text, items):
-                            requests.append((simulator, "rate", (payload, p, c)))
-            for backend, kind, (payload, p, c) in requests:
-                if backend.is_cached(kind, payload):
-                    cached += 1
-                    continue
-                calls += 1
-                prompt_tokens += p
-                completion_tokens += c
-                if cost is not None and backend.price is not None:
-                    cost += (p * backend.price[0] + c * backend.price[1]) / 1e6
-                else:
-                    cost = None
-            if progress:
-                progress("planning", step + 1, len(todo))
-        return Plan(len(todo), calls, cached, prompt_tokens, completion_tokens, cost)
+        tally = Tally()
+        self.log, self._tally = LookupOnlyLog(StoreCallLog(self.store, None)), tally
+        self._partner_texts.clear()
+        self._planned.clear()
+        try:
+            for step, index in enumerate(todo):
+                try:
+                    self._planned[self.neurons[index]] = self.process(index)
+                except (LLMError, NeuronError):
+                    pass  # the real run records the failure against the neuron and goes on
+                if progress:
+                    progress("planning", step + 1, len(todo))
+        finally:
+            self.log, self._tally = CallLog(), None
+            self._partner_texts.clear()  # stand-ins, not the explanations a run would get
+            self._planned.clear()
+        return Plan(len(todo), tally.calls, tally.cached, tally.prompt_tokens, tally.completion_tokens, tally.cost)
 
 
 def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Selection, **options: Any) -> JobReport:
