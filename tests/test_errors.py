@@ -12,7 +12,7 @@ import neuronscope.tui
 from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError
 
 #: Exceptions that are control flow, never shown: each is caught where it is raised.
-SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward"}
+SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall"}
 
 
 def _our_exception_classes() -> dict[str, type[BaseException]]:

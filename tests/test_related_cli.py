@@ -54,4 +54,4 @@ def test_related_refuses_a_model_that_is_not_the_runs(cli_store: tuple[Path, Res
     tiny.close()
     assert_one_line_error(run_cli(["related", "--store", imported, "--model", model]), "pass the run's own model")
     assert_one_line_error(run_cli(["related", "--store", imported, "--layers", "7"]), "names layer 7, which is not here")
-    assert_one_line_error(run_cli(["related", "--store", imported, "--top", "0"]), "--top must be at least 1")
+    assert_one_line_error(run_cli(["related", "--store", imported, "--top", "0"]), "argument --top: 0 is out of range: it must be from 1 to 1,000")
