@@ -8,6 +8,7 @@ the collect failure cases run as concurrent subprocesses, since half of them pay
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,8 +302,9 @@ def test_every_command_reads_neurons_and_layers_alike(cli_store, tmp_path: Path)
     assert not (tmp_path / "imported.duckdb").exists() and not (tmp_path / "i.duckdb").exists()
 
 
-def test_density_means_sparsest_first_in_every_command(cli_store) -> None:  # type: ignore[no-untyped-def]
-    path, _ = cli_store
+def test_density_means_sparsest_first_in_every_command(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "s.duckdb"  # explain writes: not into the shared store
+    shutil.copy(cli_store[0], path)
     with Store.open(path, read_only=True) as store:
         ranked = [f"L{s.layer}/N{s.index}" for s in store.top_neurons(1, limit=3, order="density")]
         densities = [s.density for s in store.top_neurons(1, limit=50, order="density")]

@@ -204,3 +204,59 @@ def test_a_key_a_server_echoes_in_a_good_answer_is_never_stored(cli_store: tuple
     assert logged and all(key not in row[0] for row in logged)
     shown = run_cli(["show", "1/3", "--store", store])
     assert shown.code == 0 and key not in shown.out and "Bearer ***" in shown.out
+
+
+# -- jobs: exit statuses and failing fast ---------------------------------------------------------------
+
+def test_a_job_against_a_dead_server_stops_within_seconds(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    """Nothing listens at the URL: the job stops after three neurons in a row fail the same way, with one line
+    naming the cause, instead of retrying every neuron for hours; the same command resumes it later."""
+    import time
+
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    start = time.perf_counter()
+    result = run_cli(["run", "--explainer", "openai:m@http://127.0.0.1:1/v1", "--limit", "1000", "--store", store])
+    assert time.perf_counter() - start < 30  # three neurons' two quick tries each, plus start-up
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("error: job 1 stopped: 3 neurons in a row failed the same way (unreachable)"), last
+    assert "connection refused" in last and "run the same command to resume" in last
+    with Store.open(store, read_only=True) as s:
+        job = s.jobs()[-1]
+        assert (job["state"], job["failed"], job["done"], job["total"]) == ("failed", 3, 0, 144)
+
+
+def test_a_bad_key_stops_the_job_and_names_the_fix(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    from fake_openai import CHAT, FakeOpenAI, error
+
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    with FakeOpenAI() as server:
+        server.on(CHAT, lambda body: error(401, "invalid api key"))
+        result = run_cli(["explain", "--explainer", f"openai:m@{server.url}", "--limit", "50", "--store", store])
+        assert len(server.hits(CHAT)) == 3  # one request per neuron, none retried
+    last = result.err.strip().splitlines()[-1]
+    assert result.code == 2 and "(authentication)" in last and "check OPENAI_API_KEY" in last, result.err
+
+
+def test_a_job_that_leaves_neurons_unfinished_exits_3(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    """Some neurons failed (here: nothing stored to score): not 0, and not an error either; the same command
+    retries them."""
+    store = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], store)
+    result = run_cli(["score", "--explainer", "baseline", "--limit", "2", "--store", store])
+    assert result.code == 3, result.err
+    assert "0/2 neurons done, 2 failed (run the same command to retry them)" in result.err
+    done = run_cli(["run", "--explainer", "baseline", "--limit", "2", "--store", store])
+    assert done.code == 0, done.err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["run", "--max-tokens", "-5"], "argument --max-tokens: -5 is out of range"),
+    (["score", "--explanation", "  "], "--explanation is empty"),
+    (["run", "--samples", "100000"], "argument --samples"),
+    (["explain", "--train", "0"], "argument --train"),
+], ids=["max-tokens", "empty-explanation", "samples", "train"])
+def test_job_numbers_and_texts_are_checked(cli_store: tuple[Path, Result], args: list[str], needle: str) -> None:
+    assert_one_line_error(run_cli([*args, "--explainer", "baseline", "--store", cli_store[0]]), needle)

@@ -244,10 +244,22 @@ def test_timeout(fake: FakeOpenAI) -> None:
 def test_connection_refused() -> None:
     with FakeOpenAI() as gone:
         url = gone.url
-    b = OpenAIBackend("m", spec=f"openai:m@{url}", base_url=url, timeout=1.0, max_retries=0)
+    b = OpenAIBackend("m", spec=f"openai:m@{url}", base_url=url, timeout=1.0, max_retries=4)
+    start = time.perf_counter()
     with pytest.raises(LLMError) as err:
         b.explain(prompt())
-    assert "cannot reach" in one_line(err.value) and "(connection error)" in str(err.value)
+    assert "nothing answers at" in one_line(err.value) and "(connection refused): start the server" in str(err.value)
+    assert err.value.systematic == "unreachable"
+    assert time.perf_counter() - start < 2.0  # refused twice, not retried with the full backoff
+
+
+def test_systematic_and_transient_failures_are_told_apart(fake: FakeOpenAI) -> None:
+    """401/403/404 will hit every request alike (a job stops on them); 5xx and timeouts may pass."""
+    for status, cause in ((401, "authentication"), (403, "permission"), (404, "not found"), (500, ""), (429, "")):
+        fake.on(CHAT, lambda body, status=status: error(status))
+        with pytest.raises(LLMError) as err:
+            backend(fake, max_retries=1).explain(prompt())
+        assert err.value.systematic == cause, status
 
 
 @pytest.mark.parametrize("body, message", [

@@ -18,14 +18,23 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
-from neuronscope.tui.console import Parser, Skipped, err, interactive, number, out, progress_bars, status
+from neuronscope.tui.console import (
+    EXIT_ERROR,
+    EXIT_HELP,
+    EXIT_INTERRUPTED,
+    MAX_SAMPLES,
+    Parser,
+    Skipped,
+    err,
+    interactive,
+    number,
+    out,
+    progress_bars,
+    status,
+)
 
-EXIT_USAGE = 2
 #: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
 MAX_K = 1_000
-#: Largest --samples: each sample is an explainer call and a simulation per neuron.
-MAX_SAMPLES = 64
-EXIT_INTERRUPTED = 130
 
 
 # -- subcommands -------------------------------------------------------------------------------------
@@ -291,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neuronscope",
         description="Explain the MLP neurons of a language model: collect what makes each neuron fire, into one "
                     "DuckDB store, and inspect it.",
+        epilog=EXIT_HELP,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -420,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except NeuronscopeError as exc:
         err.print(Text("error: ", style="bold red") + Text(str(exc)))
-        return EXIT_USAGE
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - every other failure becomes one line too
         from neuronscope.core.store.schema import StoreError, storage_failure
 
@@ -430,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "run the same command again; if it fails again, please report it")
         if known is not None:
             err.print(Text("error: ", style="bold red") + Text(str(known)))
-            return EXIT_USAGE
+            return EXIT_ERROR
         if os.environ.get("NEURONSCOPE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

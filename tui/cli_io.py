@@ -11,9 +11,8 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.console import Skipped, err, number, progress_bars, status
+from neuronscope.tui.console import EXIT_INTERRUPTED, Skipped, err, number, progress_bars, status
 
-EXIT_INTERRUPTED = 130
 #: Largest `related --top`: each list entry is stored for every neuron.
 MAX_RELATED = 1_000
 #: Problems printed one per line; the rest are counted.

@@ -22,10 +22,14 @@ from neuronscope.core.choices import (
     order_help,
 )
 from neuronscope.core.errors import InputError
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import ScoredExplanation
 from neuronscope.core.store import Store
-from neuronscope.tui.console import err, out, progress_bars, status
+from neuronscope.tui.console import EXIT_HELP, EXIT_UNFINISHED, MAX_SAMPLES, err, number, out, progress_bars, status
+
+#: Largest --train/--test-top/--test-random: a neuron keeps at most a thousand records of a kind.
+MAX_EXCERPTS = 1_000
 
 
 def add_job_parsers(sub: Any, store_arg: Any) -> None:
@@ -36,7 +40,7 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
         "run": "explain, then simulate and score, each neuron beside its shuffled and token-baseline controls",
     }
     for kind, text in helps.items():
-        p = sub.add_parser(kind, help=text, description=text)
+        p = sub.add_parser(kind, help=text, description=text, epilog=EXIT_HELP)
         p.add_argument("neurons", nargs="*", help="LAYER/NEURON pairs, e.g. 12/345 (default: chosen by --order)")
         p.add_argument("--explainer", default=DEFAULT_BACKEND,
                        help="backend that explains" + (" (and whose explanations score reads)" if kind == "score" else "")
@@ -55,25 +59,25 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
                            help="also revise the first explanation from the held-out select excerpts it simulated "
                                 "worst, and keep whichever scores better there")
         if kind in ("explain", "run"):
-            p.add_argument("--samples", type=int, default=1,
+            p.add_argument("--samples", type=number(1, MAX_SAMPLES), default=1,
                            help="candidate explanations per neuron; with score/run the best on a selection split "
                                 "is kept (default: 1)")
         p.add_argument("--tail", choices=TAILS, default=TAILS[0],
                        help="pos: explain max(a,0) from top records; neg: max(-a,0) from bottom records")
         p.add_argument("--layers", help="choose neurons from these layers, e.g. 0-5,12")
-        p.add_argument("--limit", type=int, default=10, help="how many neurons to choose (default: 10)")
+        p.add_argument("--limit", type=number(1), default=10, help="how many neurons to choose (default: 10)")
         p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS),
                        help="how to choose neurons: " + order_help())
         p.add_argument("--where", default="", help="filter on statistics, e.g. 'density < 0.5 and kurtosis > 10'")
-        p.add_argument("--train", type=int, default=10, help="top excerpts shown to the explainer (default: 10)")
-        p.add_argument("--test-top", type=int, default=5, help="top excerpts per scoring split (default: 5)")
-        p.add_argument("--test-random", type=int, default=5, help="random excerpts per scoring split (default: 5)")
-        p.add_argument("--seed", type=int, default=0, help="seed for sampled explanations and intervals (default: 0)")
+        p.add_argument("--train", type=number(1, MAX_EXCERPTS), default=10, help="top excerpts shown to the explainer (default: 10)")
+        p.add_argument("--test-top", type=number(1, MAX_EXCERPTS), default=5, help="top excerpts per scoring split (default: 5)")
+        p.add_argument("--test-random", type=number(1, MAX_EXCERPTS), default=5, help="random excerpts per scoring split (default: 5)")
+        p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for sampled explanations and intervals (default: 0)")
         p.add_argument("--dry-run", action="store_true", help="count the LLM calls and tokens, then stop")
-        p.add_argument("--max-tokens", type=int, help="stop cleanly once this many LLM tokens are spent")
+        p.add_argument("--max-tokens", type=number(1), help="stop cleanly once this many LLM tokens are spent")
         p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
         p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
-        p.add_argument("--run", type=int, help="run id (default: the newest complete run)")
+        p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
         store_arg(p)
         p.set_defaults(func=cmd_job, kind=kind)
 
@@ -83,11 +87,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from neuronscope.core.explanation.splits import SplitSizes
     from neuronscope.core.jobs.engine import JobSettings
 
-    for name in ("limit", "train", "test_top", "test_random"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    if getattr(args, "samples", 1) < 1:
-        raise InputError("--samples must be at least 1")
+    if getattr(args, "explanation", None) is not None and not args.explanation.strip():
+        raise InputError("--explanation is empty: pass the sentence to score, e.g. --explanation 'the word \"dog\"'")
     explainer = getattr(args, "explainer", DEFAULT_BACKEND)
     settings = JobSettings(
         kind=args.kind, explainer=explainer, simulator=getattr(args, "simulator", None) or explainer, tail=args.tail,
@@ -168,16 +169,16 @@ def cmd_job(args: argparse.Namespace) -> int:
         out.print(summaries_table(rows))
     elif rows:
         for s in rows:
-            out.print(Text(f"L{s.layer}/N{s.neuron}  ", style="bold") + Text(s.text), soft_wrap=True)
-    for (layer, neuron), error in sorted(report.failed.items()):
-        err.print(Text(f"failed L{layer}/N{neuron}: ", style="red") + Text(error), soft_wrap=True)
+            out.print(Text(f"{NeuronId(s.layer, s.neuron)}  ", style="bold") + Text(s.text), soft_wrap=True)
+    for neuron, error in sorted(report.failed.items()):
+        err.print(Text(f"failed {neuron}: ", style="red") + Text(error), soft_wrap=True)
     line = (f"job {report.job_id} {report.state}: {report.done}/{report.total} neurons done"
             f"{f', {len(report.failed)} failed (run the same command to retry them)' if report.failed else ''}; "
             f"{report.new_calls} new LLM calls, {report.cache_hits} from the log, {report.tokens:,} tokens")
     status(line)
     if report.message:
         status(report.message + " — run the same command (with a larger --max-tokens) to continue")
-    return 0
+    return 0 if report.state == "complete" and not report.failed else EXIT_UNFINISHED
 
 
 def print_explanations(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord], scale: float,

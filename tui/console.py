@@ -12,6 +12,22 @@ from typing import NoReturn
 from rich.console import Console
 from rich.text import Text
 
+#: Exit statuses, the same for every command (README, "Commands"; `neuronscope --help`).
+EXIT_DONE = 0
+"""Everything asked was done."""
+EXIT_ERROR = 2
+"""A one-line error: bad input, or a failure of the disk, the store or a server, with what to do."""
+EXIT_UNFINISHED = 3
+"""A job did not finish every neuron (some failed, or --max-tokens stopped it); the same command resumes it."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: nothing half-written is marked complete; the same command resumes or redoes it."""
+#: What --help says of them.
+EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one line (bad input, or a failure of the "
+             f"disk, the store or a server, with what to do); {EXIT_UNFINISHED} a job left neurons unfinished (some "
+             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C)")
+#: Largest --samples: each is an explainer call and a simulation per neuron.
+MAX_SAMPLES = 64
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
 

@@ -46,6 +46,15 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 
+#: A job stops when this many neurons in a row fail with the same systematic cause (a bad key, an unreachable
+#: server, an unknown model): every further neuron would fail alike.
+FAIL_FAST = 3
+
+
+class JobStopped(JobError):
+    """A job stopped early because a systematic failure hit FAIL_FAST neurons in a row; the same command resumes it."""
+
+
 class JobCancelled(Exception):
     """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
 
@@ -268,7 +277,8 @@ class Job:
                 landed = self._planned.get(partner)
                 found = landed.explanations if landed else self.store.explanations(self.run_info.run_id, *partner,
                                                                                     tail=self.settings.tail)
-                stored = [e for e in found if e.role in ("candidate", "user") and e.selected]
+                # the explainer's own explanation: a user sentence may be this job's own, scored on every neuron
+                stored = [e for e in found if e.role == "candidate" and e.selected]
                 text = stored[0].text if stored else lookup_of(splits)
             self._partner_texts[partner] = text
         return self._partner_texts[partner]
@@ -345,24 +355,33 @@ class Job:
         done = len(self.neurons) - len(todo)
         progress("neurons", done, len(self.neurons))
         state, message = "running", ""
+        streak, cause = 0, ""  # neurons in a row that failed with the same systematic cause
         try:
             for index in todo:
                 if stop is not None and stop.is_set():
                     state, message = "interrupted", "cancelled"
                     break
-                layer, neuron = self.neurons[index]
+                neuron = self.neurons[index]
                 error = ""
                 try:
                     result = self.process(index)
                 except (LLMError, NeuronError) as err:
                     error = str(err)
-                    self.store.fail_neuron(job_id, layer, neuron, error)
+                    self.store.fail_neuron(job_id, *neuron, error)
+                    same = getattr(err, "systematic", "")
+                    streak, cause = (streak + 1 if same == cause else 1, same) if same else (0, "")
                 else:
                     self.store.save_neuron(job_id, self.run_info.run_id, result)
+                    streak, cause = 0, ""
                 if landed is not None:
-                    landed((layer, neuron), error)
+                    landed(neuron, error)
                 done += 1
                 progress("neurons", done, len(self.neurons))
+                if streak >= FAIL_FAST:
+                    message = f"{FAIL_FAST} neurons in a row failed the same way ({cause}): {error}"
+                    self.store.set_job_state(job_id, "failed", message)
+                    raise JobStopped(f"job {job_id} stopped: {message} — fix that, then run the same command to "
+                                     "resume")
             else:
                 failed = self.store.job_neuron_states(job_id)
                 state = "partial" if any(s == "failed" for s, _ in failed.values()) else "complete"
@@ -370,6 +389,8 @@ class Job:
             state, message = "stopped", str(err)
         except JobCancelled:
             state, message = "interrupted", "cancelled"
+        except JobStopped:
+            raise
         except BaseException:
             self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
             raise

@@ -28,7 +28,16 @@ from neuronscope.core.records import Call
 
 
 class LLMError(NeuronscopeError):
-    """A failed or unusable LLM exchange, as one line (recorded against the neuron, never fatal to a job)."""
+    """A failed or unusable LLM exchange, as one line (recorded against the neuron; a job stops only when the same
+    systematic failure hits several neurons in a row)."""
+
+    #: Non-empty for a failure that will hit every neuron alike, naming its cause: "authentication", "permission",
+    #: "not found", "unreachable". Empty for one that may pass (a timeout, a server error, a malformed answer).
+    systematic: str = ""
+
+    def __init__(self, message: str, *, systematic: str = "") -> None:
+        super().__init__(message)
+        self.systematic = systematic
 
 
 class BudgetExceeded(Exception):

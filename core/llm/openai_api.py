@@ -24,8 +24,11 @@ The excerpts of one simulate call go out in parallel (a thread pool of `concurre
 or NEURONSCOPE_CONCURRENCY); each still goes through `Backend.call`, so calls to the log may be
 concurrent: the in-memory CallLog is thread-safe, and a store-backed log must serialise its own writes.
 
-Retries (429, 408/409, 5xx, timeouts, connection errors, exponential backoff) are the openai client's
-(`max_retries`); every failure ends as a one-line LLMError naming the spec, never a traceback. The API
+Retries are ours (`max_retries`, exponential backoff, or the wait a server asks for): 429, 408/409, 5xx,
+timeouts and dropped connections are retried; a refused connection is tried twice and then reported as
+systematic ("unreachable"), as are 401, 403 and 404, so a job against a dead server or with a bad key stops
+within seconds (neuronscope.core.jobs.engine). Every failure ends as a one-line LLMError naming the spec,
+never a traceback. The API
 key lives only in the client (it goes to the server in the Authorization header): payloads, cache keys
 and log records never contain it.
 """
@@ -35,8 +38,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -90,8 +95,36 @@ class HTTPError(LLMError):
     """An LLMError for an HTTP status the server answered with."""
 
     def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
+        super().__init__(message, systematic=SYSTEMATIC_STATUSES.get(status, ""))
         self.status = status
+
+
+#: Statuses that every request of a job would get alike.
+SYSTEMATIC_STATUSES = {401: "authentication", 403: "permission", 404: "not found"}
+#: Statuses worth retrying: the server may answer next time.
+TRANSIENT_STATUSES = (408, 409, 429)
+#: Tries of a refused connection (a server restarting may refuse for a moment; a stopped one always does).
+REFUSED_TRIES = 2
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether a connection error is a refusal: nothing listens at the address."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or "connection refused" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_after(headers: Any) -> float | None:
+    """The wait a server asks for (retry-after-ms, or retry-after in seconds), at most a minute."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return min(60.0, float(headers.get(name)) * scale)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 #: A bearer token as a server might echo it back (from a header it was sent).
@@ -150,28 +183,42 @@ class OpenAIBackend(Backend):
         self.max_retries = int(max_retries)
         self._probe_lock = threading.Lock()
         self._n_supported: bool | None = None
-        self.client = openai.OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout,
-                                    max_retries=self.max_retries)
+        # Retries are ours (`_post`): a refused connection fails fast, a timeout or server error backs off.
+        self.client = openai.OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST a request body to chat/completions or completions; the parsed JSON answer. Every failure
         (after the client's retries) is a one-line LLMError."""
         resource: Any = self.client.chat.completions if endpoint == "chat" else self.client.completions
-        try:
-            raw = resource.with_raw_response.create(**body, timeout=self.timeout)
-            text = self._redact(raw.http_response.text)  # a key a server echoes never reaches the log or the store
-        except openai.APITimeoutError:
-            raise LLMError(f"{self.spec}: no answer within {self.timeout:g} s, "
-                           f"after {self.max_retries} retries (timeout)") from None
-        except openai.APIConnectionError as err:
-            cause = err.__cause__ or err
-            raise LLMError(f"{self.spec}: cannot reach {self.base_url} after {self.max_retries} retries "
-                           f"(connection error): {self._scrub(cause)}") from None
-        except openai.APIStatusError as err:
-            raise HTTPError(self._status_message(err), int(err.status_code)) from None
-        except openai.OpenAIError as err:
-            raise LLMError(f"{self.spec}: {type(err).__name__}: {self._scrub(err)}") from None
+        text = ""
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            wait: float | None = None
+            try:
+                raw = resource.with_raw_response.create(**body, timeout=self.timeout)
+                text = self._redact(raw.http_response.text)  # a key a server echoes never reaches the log or store
+                break
+            except openai.APITimeoutError:
+                if last:
+                    raise LLMError(f"{self.spec}: no answer within {self.timeout:g} s, "
+                                   f"after {self.max_retries} retries (timeout)") from None
+            except openai.APIConnectionError as err:
+                cause = err.__cause__ or err
+                if _refused(err) and (last or attempt + 1 >= REFUSED_TRIES):
+                    raise LLMError(f"{self.spec}: nothing answers at {self.base_url} (connection refused): start the "
+                                   f"server or fix the URL: {self._scrub(cause)}", systematic="unreachable") from None
+                if last:
+                    raise LLMError(f"{self.spec}: cannot reach {self.base_url} after {self.max_retries} retries "
+                                   f"(connection error): {self._scrub(cause)}") from None
+            except openai.APIStatusError as err:
+                status = int(err.status_code)
+                if last or not (status in TRANSIENT_STATUSES or status >= 500):
+                    raise HTTPError(self._status_message(err), status) from None
+                wait = _retry_after(err.response.headers)
+            except openai.OpenAIError as err:
+                raise LLMError(f"{self.spec}: {type(err).__name__}: {self._scrub(err)}") from None
+            time.sleep(wait if wait is not None else min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.75, 1.25))
         try:
             data = json.loads(text)
         except ValueError:
