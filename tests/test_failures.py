@@ -260,3 +260,51 @@ def test_a_job_that_leaves_neurons_unfinished_exits_3(cli_store: tuple[Path, Res
 ], ids=["max-tokens", "empty-explanation", "samples", "train"])
 def test_job_numbers_and_texts_are_checked(cli_store: tuple[Path, Result], args: list[str], needle: str) -> None:
     assert_one_line_error(run_cli([*args, "--explainer", "baseline", "--store", cli_store[0]]), needle)
+
+
+# -- damaged stores, read-only places, damaged weights --------------------------------------------------
+
+def _damaged_copies(source: Path, folder: Path) -> dict[str, Path]:
+    size = source.stat().st_size
+    truncated, flipped = folder / "truncated.duckdb", folder / "flipped.duckdb"
+    shutil.copy(source, truncated)
+    with truncated.open("r+b") as f:
+        f.truncate(size // 2)
+    shutil.copy(source, flipped)
+    with flipped.open("r+b") as f:
+        for offset in range(12_288 + 100, size, 262_144):  # a few bytes in every block DuckDB checksums
+            f.seek(offset)
+            chunk = f.read(64)
+            f.seek(offset)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    return {"truncated": truncated, "flipped": flipped}
+
+
+def test_a_damaged_store_is_one_line_naming_the_fix(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    for name, path in _damaged_copies(cli_store[0], tmp_path).items():
+        for command in (["info"], ["show", "1/3"], ["run", "--explainer", "baseline", "--limit", "2"]):
+            line = assert_one_line_error(run_cli([*command, "--store", path]), "the store is damaged",
+                                         "restore it from a copy")
+            assert "internal error" not in line, (name, command)
+
+
+def test_a_store_on_a_read_only_file_system_says_so(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    with small_disk(tmp_path, "8m") as disk:
+        shutil.copy(cli_store[0], disk / "s.duckdb")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert run_cli(["show", "1/3", "--store", disk / "s.duckdb"]).code == 0  # reading still works
+        result = run_cli(["run", "--explainer", "baseline", "--limit", "2", "--store", disk / "s.duckdb"])
+        assert_one_line_error(result, "read-only", "write the store or output somewhere writable")
+        export = run_cli(["export", "--format", "jsonl", "--out", disk / "x.jsonl", "--store", cli_store[0]])
+        assert_one_line_error(export, "read-only")
+
+
+def test_damaged_model_weights_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    result = run_cli(["collect", "--model", model, "--corpus", "default", "--store", tmp_path / "s.duckdb", *FAST])
+    assert_one_line_error(result, "weight files are damaged or incomplete", "copy or download them again")
+    assert not (tmp_path / "s.duckdb").exists()

@@ -268,12 +268,24 @@ def load_subject(
             hf_model, tokenizer, revision = _load_transformers(source, dt, say)
     except (ModelError, SubjectError):
         raise
+    except _damaged_weights() as err:
+        raise SubjectError(f"cannot load model {model!r}: its weight files are damaged or incomplete "
+                           f"({type(err).__name__}: {str(err).splitlines()[0]}); copy or download them again") from None
     except OSError as err:
         raise SubjectError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, KeyError, RuntimeError) as err:
         raise SubjectError(f"cannot load model {model!r} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     hf_model.to(dev)
     return Subject(hf_model, tokenizer, name=model, revision=revision, device=dev, dtype=dt)
+
+
+def _damaged_weights() -> tuple[type[BaseException], ...]:
+    """Errors of reading a truncated or corrupt safetensors file."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - transformers installs safetensors
+        return ()
+    return (SafetensorError,)
 
 
 def _quiet_transformers() -> None:

@@ -109,7 +109,7 @@ _FAILURES = (
     (("read-only file system",),
      "the file system is read-only", "write the store or output somewhere writable"),
     (("not a valid duckdb database", "corrupt", "checksum", "serialization error", "failed to deserialize",
-      "internal error", "unexpected end of file"),
+      "internal error", "unexpected end of file", "could not read enough bytes"),
      "the store is damaged", "restore it from a copy, or collect into a new --store"),
     (("out of memory",),
      "DuckDB ran out of memory", "raise NEURONSCOPE_DUCKDB_MEMORY (e.g. 4GB) or free memory"),
