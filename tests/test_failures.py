@@ -308,3 +308,21 @@ def test_damaged_model_weights_are_one_line(tiny_model: Path, tmp_path: Path) ->
     result = run_cli(["collect", "--model", model, "--corpus", "default", "--store", tmp_path / "s.duckdb", *FAST])
     assert_one_line_error(result, "weight files are damaged or incomplete", "copy or download them again")
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_a_job_that_fills_the_disk_is_one_line_and_resumes(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
+    """The disk fills while a job writes its results: one line naming the fix, the store still opens, and once
+    there is room the same command finishes the job."""
+    with small_disk(tmp_path, "6m") as disk:
+        store = disk / "s.duckdb"
+        shutil.copy(cli_store[0], store)
+        filler = disk / "filler"
+        free = shutil.disk_usage(disk).free
+        filler.write_bytes(b"\0" * max(free - 48 * 1024, 0))  # leave ~48 KB: less than the job's results
+        result = run_cli(["run", "--explainer", "baseline", "--limit", "40", "--store", store])
+        assert result.code == 2 and "Traceback" not in result.err, result.err
+        last = result.err.strip().splitlines()[-1]
+        assert last.startswith("error: the disk is full") and "run the same command again" in last, last
+        filler.unlink()
+        again = run_cli(["run", "--explainer", "baseline", "--limit", "40", "--store", store])
+        assert again.code == 0 and "40/40 neurons done" in again.err, again.err

@@ -174,8 +174,11 @@ class JobsPanel(VerticalScroll):
             handle.state = "cancelled" if report.state == "interrupted" else report.state
             self.post_message(self.Finished(handle, report.message if report.state == "stopped" else ""))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the user in the error modal
+            from neuronscope.core.store.schema import storage_failure
+
             handle.state = "failed"
-            self.post_message(self.Finished(handle, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            shown = storage_failure(exc, worker_store.path) or exc  # a full disk or damaged store: what to do
+            self.post_message(self.Finished(handle, str(shown).splitlines()[0] if str(shown) else type(exc).__name__))
         finally:
             if job is not None:
                 job.close()
