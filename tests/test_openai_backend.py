@@ -23,7 +23,8 @@ from fake_openai import (
 )
 
 from neuronscope.core.llm.base import BudgetExceeded, CallLog, LLMError, make_backend
-from neuronscope.core.llm.openai_api import OpenAIBackend, price_of
+from neuronscope.core.llm.openai_api import OpenAIBackend
+from neuronscope.core.llm.openai_http import price_of
 from neuronscope.core.llm.prompts import ExplainPrompt, simulation_text
 from neuronscope.core.records import Call
 

@@ -17,7 +17,8 @@ from rich.text import Text
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
-from neuronscope.core.store import DEFAULT_STORE, SCHEMA_VERSION, Store
+from neuronscope.core.store import DEFAULT_STORE, Store
+from neuronscope.tui.cli_store import cmd_clean, cmd_info, cmd_merge
 from neuronscope.tui.console import (
     EXIT_ERROR,
     EXIT_HELP,
@@ -97,65 +98,6 @@ def cmd_top(args: argparse.Namespace) -> int:
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         _print_top(store, run.run_id, args.limit, args.order)
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Runs, models, counts and size of a store."""
-    with Store.open(args.store, read_only=True) as store:
-        runs = store.runs()
-        counts = store.counts()
-        size = os.path.getsize(store.path)
-        wal = store.path.with_name(store.path.name + ".wal")
-        size += wal.stat().st_size if wal.exists() else 0
-        out.print(Text(f"{store.path}  {size / 1e6:,.1f} MB  schema {SCHEMA_VERSION}", style="bold"), soft_wrap=True)
-        if not runs:
-            out.print("no runs yet: `neuronscope collect` makes one")
-        styles = {"complete": "green", "running": "yellow", "interrupted": "red", "failed": "red", "partial": "yellow",
-                  "stopped": "yellow"}
-        for r in runs:
-            stored = store.run_counts(r.run_id)
-            line = Text(f"run {r.run_id}  ", style="bold")
-            line.append(r.status, style=styles.get(r.status, ""))
-            if r.error and r.status != "complete":
-                line.append(f" ({r.error})")
-            line.append(f"  {r.model}  layers {layers_text(r.layers)} x {r.neurons_per_layer}  "
-                        f"{stored['neurons']:,} neurons  {r.n_excerpts:,} excerpts  {r.dtype}"
-                        f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
-            out.print(line, soft_wrap=True)
-            out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
-        for job in store.jobs():
-            line = Text(f"job {job['job_id']}  ", style="bold")
-            line.append(job["state"], style=styles.get(job["state"], "yellow"))
-            line.append(f"  {job['kind']} on run {job['run_id']}  {job['done']}/{job['total']} neurons done"
-                        f"{', ' + str(job['failed']) + ' failed' if job['failed'] else ''}  {job['created_at']}")
-            if job["error"]:
-                line.append(f"  ({job['error']})", style="dim")
-            out.print(line, soft_wrap=True)
-        calls, tokens = store.call_totals()
-        if calls:
-            out.print(Text(f"LLM calls logged: {calls:,} ({tokens:,} tokens)"), soft_wrap=True)
-        out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())), soft_wrap=True)
-        if counts["neurons"]:
-            out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
-        unfinished = [r.run_id for r in runs if r.status in ("interrupted", "failed")]
-        if unfinished:
-            out.print(Text(f"{len(unfinished)} run{'s' if len(unfinished) > 1 else ''} did not finish "
-                           f"({', '.join(map(str, unfinished))}): `neuronscope clean --store {args.store}` removes "
-                           "them and compacts the store", style="yellow"), soft_wrap=True)
-    return 0
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    """Remove the runs that did not finish and compact the store."""
-    with Store.open(args.store, create=False) as store:
-        before = store.path.stat().st_size
-        gone = store.remove_unfinished_runs()
-        status(f"compacting {store.path}")
-        store.compact()
-        after = store.path.stat().st_size
-    removed = ", ".join(f"run {r.run_id} ({r.status})" for r in gone) or "no unfinished run"
-    status(f"removed {removed}; {before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB")
     return 0
 
 
@@ -241,27 +183,6 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
         raise InputError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
                         "`show L/N` or `info`")
     app.run()
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge shard stores into one store equal to a single collection."""
-    from contextlib import ExitStack
-
-    from neuronscope.core.collection.collect import merge
-
-    if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
-        raise InputError("the output store is also a shard: pass a new --output path")
-    with ExitStack() as stack:
-        shards = [stack.enter_context(Store.open(path, read_only=True)) for path in args.shards]
-        target = stack.enter_context(Store.output(args.output))
-        with progress_bars() as progress:
-            result = merge(target, shards, progress=progress)
-    if result.reused:
-        status(f"run {result.run_id} of {args.output} already holds this merge: nothing written")
-    else:
-        status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-               f"merged from {len(shards)} shards → {args.output}")
     return 0
 
 

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +62,16 @@ from neuronscope.core.llm.openai_answers import (
     usage,
     value_lines,
 )
+from neuronscope.core.llm.openai_http import (
+    BEARER,
+    REFUSALS,
+    REFUSED_TRIES,
+    TRANSIENT_STATUSES,
+    HTTPError,
+    price_of,
+    refused,
+    retry_after,
+)
 from neuronscope.core.llm.prompts import SLOT, ExplainPrompt, simulation_messages, simulation_text
 from neuronscope.core.llm.rating import Item, rating_messages
 
@@ -78,67 +87,9 @@ MAX_EXPLAIN_TOKENS = 80
 TEMPERATURE = 0.8
 #: Bumped when the requests change, so cached answers to old requests are not reused.
 PROMPT_VERSION = 1
-#: Dollars per million (prompt, completion) tokens; dated snapshots match by prefix.
-PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.0),
-    "gpt-4.1": (2.0, 8.0),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-}
 #: The echo probe: lines repeated so that a model of any size predicts their digits from the repetition.
 _PROBE_LINES = (("cat", 7), ("dog", 2), ("sun", 5), ("red", 0), ("map", 9), ("box", 3), ("pen", 6), ("cup", 1))
 _PROBE_REPEATS = 3
-
-
-class HTTPError(LLMError):
-    """An LLMError for an HTTP status the server answered with."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, systematic=SYSTEMATIC_STATUSES.get(status, ""))
-        self.status = status
-
-
-#: Statuses that every request of a job would get alike.
-SYSTEMATIC_STATUSES = {401: "authentication", 403: "permission", 404: "not found"}
-#: Statuses worth retrying: the server may answer next time.
-TRANSIENT_STATUSES = (408, 409, 429)
-#: Tries of a refused connection (a server restarting may refuse for a moment; a stopped one always does).
-REFUSED_TRIES = 2
-
-
-def _refused(err: BaseException) -> bool:
-    """Whether a connection error is a refusal: nothing listens at the address."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError) or "connection refused" in str(seen).lower():
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _retry_after(headers: Any) -> float | None:
-    """The wait a server asks for (retry-after-ms, or retry-after in seconds), at most a minute."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return min(60.0, float(headers.get(name)) * scale)
-        except (TypeError, ValueError):
-            continue
-    return None
-
-
-#: A bearer token as a server might echo it back (from a header it was sent).
-_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
-
-#: Statuses that mean "this server does not offer that" when probing (not auth or server failures).
-REFUSALS = (400, 404, 405, 415, 422, 501)
-
-
-def price_of(model: str) -> tuple[float, float] | None:
-    """Known OpenAI prices for a model name (longest matching prefix), else None."""
-    name = model.lower()
-    matches = [k for k in PRICES if name == k or name.startswith(k + "-")]
-    return PRICES[max(matches, key=len)] if matches else None
 
 
 class OpenAIBackend(Backend):
@@ -205,7 +156,7 @@ class OpenAIBackend(Backend):
                                    f"after {self.max_retries} retries (timeout)") from None
             except openai.APIConnectionError as err:
                 cause = err.__cause__ or err
-                if _refused(err) and (last or attempt + 1 >= REFUSED_TRIES):
+                if refused(err) and (last or attempt + 1 >= REFUSED_TRIES):
                     raise LLMError(f"{self.spec}: nothing answers at {self.base_url} (connection refused): start the "
                                    f"server or fix the URL: {self._scrub(cause)}", systematic="unreachable") from None
                 if last:
@@ -215,7 +166,7 @@ class OpenAIBackend(Backend):
                 status = int(err.status_code)
                 if last or not (status in TRANSIENT_STATUSES or status >= 500):
                     raise HTTPError(self._status_message(err), status) from None
-                wait = _retry_after(err.response.headers)
+                wait = retry_after(err.response.headers)
             except openai.OpenAIError as err:
                 raise LLMError(f"{self.spec}: {type(err).__name__}: {self._scrub(err)}") from None
             time.sleep(wait if wait is not None else min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.75, 1.25))
@@ -249,7 +200,7 @@ class OpenAIBackend(Backend):
         """Text from the server without the API key or any bearer token in it, should the server echo them."""
         if self._key != DUMMY_KEY:
             text = text.replace(self._key, "***")
-        return _BEARER.sub("Bearer ***", text)
+        return BEARER.sub("Bearer ***", text)
 
     def _scrub(self, text: Any, limit: int = 200) -> str:
         """One line of an error text, redacted (before it is cut, so no part of a key survives the cut)."""
