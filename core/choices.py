@@ -24,6 +24,9 @@ ORDERS: dict[Order, str] = {
     "min": "most negative minimum first", "density": "sparsest first", "random": "a shuffle fixed by the seed",
 }
 DEFAULT_ORDER: Order = "selectivity"
+#: The orders (of ORDERS and of the app's sorts) that put the smallest values first; every other one puts the
+#: largest first.
+ASCENDING = frozenset({"layer", "min", "density"})
 
 SimulationMode = Literal["quotes", "tokens", "lines"]
 #: How explanations are simulated (neuronscope.core.explanation.simulation).

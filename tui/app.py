@@ -16,6 +16,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Header, Input
 
+from neuronscope.core.choices import ASCENDING
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store, StoreError
@@ -29,7 +30,7 @@ from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
 from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 #: Sort orders `s` cycles through, with the direction each reads best in.
-SORTS = tuple((order, order != "layer") for order in BROWSE_ORDERS)
+SORTS = tuple((order, order not in ASCENDING) for order in BROWSE_ORDERS)
 #: A job on more neurons than this asks first.
 CONFIRM_ABOVE = 50
 #: Seconds between table reloads while results land.
@@ -50,7 +51,8 @@ class NeuronscopeApp(App[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("question_mark", "help", "Help", key_display="?", id="help", tooltip="this list of keys"),
         Binding("s", "sort", "Sort", id="sort",
-                tooltip="next order: neuron, score, max, density, selectivity (largest first but neuron)"),
+                tooltip="next order: neuron, score (highest first), max (largest first), density (sparsest first), "
+                        "selectivity (most selective first)"),
         Binding("f", "filter", "Filter", id="filter", tooltip="layer range, score range, explained or not"),
         Binding("slash", "search", "Search", key_display="/", id="search",
                 tooltip="find explanations containing a text (enter applies, escape clears)"),

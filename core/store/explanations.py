@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from neuronscope.core.choices import Order
+from neuronscope.core.choices import ASCENDING, Order
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import Call
 from neuronscope.core.results import NeuronResult, NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
@@ -18,10 +18,12 @@ FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness
                  "min": "min_act", "density": "density", "mean": "mean", "variance": "variance", "layer": "layer",
                  "neuron": "neuron"}
 FILTER_OPS = ("<=", ">=", "!=", "<", ">", "=")
-#: The SQL of each order (neuronscope.core.choices.ORDERS says the direction; keep the two in step).
+#: The SQL of each order of neuronscope.core.choices.ORDERS, in the direction choices.ASCENDING gives it.
 ORDER_SQL: dict[Order, str] = {
-    "selectivity": "selectivity DESC", "kurtosis": "kurtosis DESC", "max": "max_act DESC", "min": "min_act ASC",
-    "density": "density ASC", "random": "hash(layer * 1000003 + neuron + ?)"}
+    **{order: f"{column} {'ASC' if order in ASCENDING else 'DESC'}" for order, column in (
+        ("selectivity", "selectivity"), ("kurtosis", "kurtosis"), ("max", "max_act"), ("min", "min_act"),
+        ("density", "density"))},
+    "random": "hash(layer * 1000003 + neuron + ?)"}
 
 
 #: `chosen`: per neuron and tail, the newest selected explanation of a run (first parameter: the run id;
