@@ -353,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - every other failure becomes one line too
-        from neuronscope.core.store.schema import StoreError, storage_failure
+        from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
         known = storage_failure(exc, getattr(args, "store", None))
-        if known is None and type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb"):
+        if known is None and is_duckdb_error(exc):
             known = StoreError(f"DuckDB failed on {getattr(args, 'store', 'the store')}: {' '.join(str(exc).split())}: "
                                "run the same command again; if it fails again, please report it")
         if known is not None:

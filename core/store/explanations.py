@@ -3,7 +3,6 @@ simulations and scores, and the queries that read them back. Mixed into neuronsc
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +11,7 @@ from neuronscope.core.choices import ASCENDING, Order
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import Call
 from neuronscope.core.results import NeuronResult, NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
+from neuronscope.core.store.runs import this_owner
 
 #: Statistics a neuron filter may name, and their columns.
 FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness": "skewness", "max": "max_act",
@@ -80,9 +80,9 @@ class ExplanationsMixin:
     def create_job(self, run_id: int, kind: str, params: str, params_key: str, total: int) -> int:
         """Register a running job (committed at once)."""
         row = self.con.execute(
-            "INSERT INTO jobs (run_id, kind, params, params_key, state, total, pid) VALUES (?, ?, ?, ?, 'running', ?, ?) "
-            "RETURNING job_id", [run_id, kind, params, params_key, total, os.getpid()]).fetchall()
-        self._claim("jobs", "job_id", int(row[0][0]))  # type: ignore[attr-defined]
+            "INSERT INTO jobs (run_id, kind, params, params_key, state, total, pid, owner_start) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?) RETURNING job_id",
+            [run_id, kind, params, params_key, total, *this_owner()]).fetchall()
         return int(row[0][0])
 
     def find_job(self, params_key: str) -> tuple[int, str] | None:

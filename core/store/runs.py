@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,12 @@ def process_start(pid: int) -> float | None:
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+@cache
+def this_owner() -> tuple[int, float | None]:
+    """This process as an owner: its id and start time."""
+    return os.getpid(), process_start(os.getpid())
 
 
 def owner_alive(pid: int | None, started: float | None) -> bool:
@@ -78,16 +85,15 @@ class RunsMixin:
         """Register a run as 'running' (committed at once, so an interruption is visible)."""
         row = self.con.execute(
             "INSERT INTO runs (model, model_revision, corpus, settings, layers, neurons_per_layer, dtype, shard, "
-            "status, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?) RETURNING run_id",
-            [model, revision, corpus, settings_to_json(settings), list(layers), neurons_per_layer, dtype, shard, os.getpid()],
+            "status, pid, owner_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?) RETURNING run_id",
+            [model, revision, corpus, settings_to_json(settings), list(layers), neurons_per_layer, dtype, shard,
+             *this_owner()],
         ).fetchall()
-        self._claim("runs", "run_id", int(row[0][0]))
         return int(row[0][0])
 
     def _claim(self, table: str, key: str, row_id: int) -> None:
         """Record this process as the owner of a running run or job (its id and start time)."""
-        self.con.execute(f"UPDATE {table} SET pid = ?, owner_start = ? WHERE {key} = ?",
-                         [os.getpid(), process_start(os.getpid()), row_id])
+        self.con.execute(f"UPDATE {table} SET pid = ?, owner_start = ? WHERE {key} = ?", [*this_owner(), row_id])
 
     def _owner_gone(self, table: str, key: str, row_id: int, pid: int | None) -> bool:
         """Whether a running run's or job's owner has stopped (by its id and, where recorded, its start time)."""

@@ -118,11 +118,15 @@ _FAILURES = (
 )
 
 
+def is_duckdb_error(exc: BaseException) -> bool:
+    """Whether an exception comes from DuckDB (without importing it)."""
+    return type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
+
+
 def storage_failure(exc: BaseException, path: object = None) -> StoreError | None:
     """A DuckDB or file-system failure as one line: what happened, where, and what to do, with the underlying
     message kept after a colon; None for anything else."""
-    is_duckdb = type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
-    if not (is_duckdb or isinstance(exc, OSError)):
+    if not (is_duckdb_error(exc) or isinstance(exc, OSError)):
         return None
     detail = " ".join(str(exc).split()) or type(exc).__name__
     where = getattr(exc, "filename", None) or path
