@@ -4,7 +4,10 @@
 (stdlib http.server). Each endpoint has a queue of scripted replies, used in order; when the queue is
 empty, the endpoint's handler (a function of the request body) answers, else 404. A reply is a `Reply`
 (status, JSON body or raw bytes, headers, a delay that can outlast a client timeout) or a handler.
-Every request is recorded (`requests`: path, headers, parsed body), so tests can count retries.
+Every request is recorded (`requests`: path, headers, parsed body), so tests can count retries. Several
+servers run side by side on ports of their own; `fail(reply)` makes one answer every request with a reply (an
+error, a delay past the client's timeout, or a dropped connection: `Reply(drop=True)`) until `recover()`, and
+`refuse()` closes its port so connections to it are refused.
 
 Helpers build answers: `chat_answer`, `chat_logprobs_answer` (one logprob entry per character run),
 and `EchoModel`, a completions handler that tokenises the prompt, echoes it with text offsets and lists
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +43,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     """Seconds to wait before answering (longer than the client's timeout makes it time out)."""
+    drop: bool = False
+    """Close the connection without answering."""
 
 
 @dataclass
@@ -106,10 +112,12 @@ class EchoModel:
     Tokens come from `split_tokens`. The distribution "predicting" token i is: for the k-th slot `?`,
     `slot_dists[k]` (probabilities; the last one repeats); for a digit that follows a tab, the digit itself
     with probability 0.9 (the probe's repeated lines force them); else the token itself. It is listed at
-    entry i - shift. `misalign` merges each slot with the tab before it (a server tokenising differently)."""
+    entry i - shift. `misalign` merges each slot with the tab before it (a server tokenising differently).
+    `slot_dists` may instead be a function of (prompt, the slot's character offset): a model whose reading of a
+    slot depends on its context, not on how many slots come before it in the prompt."""
 
-    def __init__(self, slot_dists: list[dict[str, float]], shift: int = 0, misalign: bool = False,
-                 top_n: int | None = None) -> None:
+    def __init__(self, slot_dists: list[dict[str, float]] | Callable[[str, int], dict[str, float]], shift: int = 0,
+                 misalign: bool = False, top_n: int | None = None) -> None:
         self.slot_dists = slot_dists
         self.shift = shift
         self.misalign = misalign
@@ -138,7 +146,10 @@ class EchoModel:
         slot = 0
         for i, t in enumerate(tokens):
             if t == SLOT and 0 < i < len(tokens) - 1 and tokens[i - 1] == "\t" and tokens[i + 1] == "\n":
-                predicting.append(self.slot_dists[min(slot, len(self.slot_dists) - 1)])
+                if callable(self.slot_dists):
+                    predicting.append(self.slot_dists(prompt, offsets[i]))
+                else:
+                    predicting.append(self.slot_dists[min(slot, len(self.slot_dists) - 1)])
                 slot += 1
             elif t.isdigit() and i > 0 and tokens[i - 1] == "\t":
                 predicting.append({t: 0.9, "\n": 0.1})
@@ -158,6 +169,10 @@ class EchoModel:
                            "usage": usage(len(tokens), 1)})
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # hundreds of clients connecting at once are queued, not dropped
+
+
 class FakeOpenAI:
     """The server; use as a context manager. `url` is the base_url (`http://127.0.0.1:PORT/v1`)."""
 
@@ -165,6 +180,10 @@ class FakeOpenAI:
         self.script: dict[str, list[Reply | Handler]] = {CHAT: [], COMPLETIONS: []}
         self.handlers: dict[str, Handler] = {}
         self.requests: list[Request] = []
+        #: While set, every POST is answered with this reply (scripts and handlers are left as they are).
+        self.down: Reply | None = None
+        self._closed = False
+        self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         fake = self
 
@@ -174,6 +193,16 @@ class FakeOpenAI:
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.rstrip("/") == "/v1/models":
@@ -196,6 +225,10 @@ class FakeOpenAI:
             def _send(self, reply: Reply) -> None:
                 if reply.delay:
                     threading.Event().wait(reply.delay)
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
@@ -208,7 +241,7 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-openai", daemon=True)
@@ -216,6 +249,8 @@ class FakeOpenAI:
     def _next(self, request: Request) -> Reply | Handler:
         with self._lock:
             self.requests.append(request)
+            if self.down is not None:
+                return self.down
             queue = self.script.get(request.path)
             if queue:
                 return queue.pop(0)
@@ -238,11 +273,45 @@ class FakeOpenAI:
         with self._lock:
             return [r for r in self.requests if r.path == path]
 
+    def count(self, path: str | None = None) -> int:
+        """How many requests this server got (at one endpoint, or in all)."""
+        with self._lock:
+            return sum(1 for r in self.requests if path is None or r.path == path)
+
+    def fail(self, reply: Reply) -> FakeOpenAI:
+        """Answer every request with `reply` (e.g. `error(503)`, `Reply(delay=9)`, `Reply(drop=True)`) until
+        `recover()`."""
+        with self._lock:
+            self.down = reply
+        return self
+
+    def recover(self) -> FakeOpenAI:
+        """Answer from the scripts and handlers again."""
+        with self._lock:
+            self.down = None
+        return self
+
+    def refuse(self) -> FakeOpenAI:
+        """Stop serving and close the port: connections to `url` are refused from now on."""
+        self.__exit__()
+        return self
+
     def __enter__(self) -> FakeOpenAI:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
+        with self._lock:  # kept-alive connections too: nothing answers any more
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._thread.join(timeout=5)

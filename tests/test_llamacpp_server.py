@@ -34,6 +34,7 @@ from neuronscope.core.llm.base import LLMError
 from neuronscope.core.llm.openai_answers import read_echo
 from neuronscope.core.llm.openai_api import OpenAIBackend
 from neuronscope.core.llm.prompts import ExplainPrompt, fewshot
+from neuronscope.core.llm.rating import Item
 from neuronscope.core.records import TOP
 
 pytestmark = pytest.mark.slow
@@ -117,8 +118,8 @@ def tail(path: Path) -> str:
 
 
 def backend(base: str, **options: Any) -> OpenAIBackend:
-    return OpenAIBackend("smollm2", spec=f"openai:smollm2@{base}", base_url=base, timeout=300, max_retries=0,
-                         **options)
+    return OpenAIBackend("smollm2", spec="openai:smollm2", urls=options.pop("urls", (base,)), timeout=300,
+                         max_retries=0, **options)
 
 
 def in_range(values: np.ndarray, length: int) -> None:
@@ -148,15 +149,35 @@ def test_echo_route_reads_the_shifted_slot(server: str) -> None:
     assert np.abs(right - forced).max() < 2.5, (right, forced)
     assert np.abs(right - forced).mean() < np.abs(wrong - forced).mean() - 1.0, (right, wrong, forced)
 
-    # The public route: the simulation prompt, two excerpts in parallel.
+    # The public route: the simulation prompt, two excerpts packed into one echoed prompt.
     shot = fewshot("simulate")
     excerpts = [shot["tokens"][:6], ["The", " cat", " sat"]]
     values = b.simulate(shot["explanation"], excerpts)
     for v, tokens in zip(values, excerpts):
         in_range(v, len(tokens))
-    assert b.log.new_calls == 3 and b.log.used_tokens > 0  # the probe and one call per excerpt
+    assert b.log.new_calls == 2 and b.log.used_tokens > 0  # the probe and one packed echo
     b.simulate(shot["explanation"], excerpts)
-    assert b.log.new_calls == 3 and b.log.cache_hits == 2
+    assert b.log.new_calls == 2 and b.log.cache_hits == 1
+
+    # Ratings on the echo route: one echoed prompt, the slots after `Rating:<TAB>` tokens of their own.
+    items = [Item(tuple(t)) for t in excerpts] + [Item(("rain",))]
+    for task in ("detect", "token"):
+        ((payload, _, _),) = b.requests("rate", task, "words for weather", items)
+        assert payload["route"] == "echo"
+        in_range(b.rate(task, "words for weather", items), len(items))
+        assert b.is_cached("rate", payload)
+    assert b.log.new_calls == 4
+    b.close()
+
+
+def test_a_dead_server_beside_a_live_one(server: str) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    b = backend(server, urls=(dead, server), mode="echo", echo_shift=1)
+    for i in range(3):
+        in_range(b.simulate("the word 'cat'", [["The", " cat", " sat", f" {i}"]])[0], 4)
+    assert b.log.new_calls == 3
     b.close()
 
 

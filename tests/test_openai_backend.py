@@ -63,7 +63,7 @@ def fake() -> Any:
 def backend(fake: FakeOpenAI, **options: Any) -> OpenAIBackend:
     options.setdefault("timeout", 5.0)
     options.setdefault("max_retries", 2)
-    b = OpenAIBackend("fake-model", spec=f"openai:fake-model@{fake.url}", base_url=fake.url, **options)
+    b = OpenAIBackend("fake-model", spec="openai:fake-model", urls=(fake.url,), **options)
     b.bind(RecordingLog())
     return b
 
@@ -229,7 +229,8 @@ def test_server_error_after_retries(fake: FakeOpenAI) -> None:
     fake.on(CHAT, lambda body: error(500, "boom"))
     with pytest.raises(LLMError) as err:
         backend(fake, max_retries=2).explain(prompt())
-    assert re.fullmatch(r"openai:fake-model@\S+: HTTP 500 after 2 retries \(server error\): boom", one_line(err.value))
+    assert re.fullmatch(r"openai:fake-model: HTTP 500 from http://127\.0\.0\.1:\d+/v1 after 2 retries \(server error\): "
+                        r"boom", one_line(err.value))
     assert len(fake.hits(CHAT)) == 3
 
 
@@ -238,18 +239,18 @@ def test_timeout(fake: FakeOpenAI) -> None:
     start = time.perf_counter()
     with pytest.raises(LLMError) as err:
         backend(fake, timeout=0.2, max_retries=1).explain(prompt())
-    assert "no answer within 0.2 s, after 1 retries (timeout)" in one_line(err.value)
+    assert f"no answer from {fake.url} within 0.2 s, after 1 retries (timeout)" in one_line(err.value)
     assert time.perf_counter() - start < 2.0
 
 
 def test_connection_refused() -> None:
     with FakeOpenAI() as gone:
         url = gone.url
-    b = OpenAIBackend("m", spec=f"openai:m@{url}", base_url=url, timeout=1.0, max_retries=4)
+    b = OpenAIBackend("m", spec="openai:m", urls=(url,), timeout=1.0, max_retries=4)
     start = time.perf_counter()
     with pytest.raises(LLMError) as err:
         b.explain(prompt())
-    assert "nothing answers at" in one_line(err.value) and "(connection refused): start the server" in str(err.value)
+    assert f"nothing answers at {url} (connection refused): start the server" in one_line(err.value)
     assert err.value.systematic == "unreachable"
     assert time.perf_counter() - start < 2.0  # refused twice, not retried with the full backoff
 
@@ -257,7 +258,7 @@ def test_connection_refused() -> None:
 def test_systematic_and_transient_failures_are_told_apart(fake: FakeOpenAI) -> None:
     """401/403/404 will hit every request alike (a job stops on them); 5xx and timeouts may pass."""
     for status, cause in ((401, "authentication"), (403, "permission"), (404, "not found"), (500, ""), (429, "")):
-        fake.on(CHAT, lambda body, status=status: error(status))
+        fake.on(CHAT, lambda body, status=status: error(status))  # type: ignore[misc]
         with pytest.raises(LLMError) as err:
             backend(fake, max_retries=1).explain(prompt())
         assert err.value.systematic == cause, status
@@ -280,7 +281,7 @@ def test_client_error_is_not_retried(fake: FakeOpenAI) -> None:
     fake.add(CHAT, error(401, f"bad key {KEY}"))  # even a server echoing the key does not leak it
     with pytest.raises(LLMError) as err:
         backend(fake).explain(prompt())
-    assert "HTTP 401 (authentication failed: check OPENAI_API_KEY): bad key ***" in one_line(err.value)
+    assert f"HTTP 401 from {fake.url} (authentication failed: check OPENAI_API_KEY): bad key ***" in one_line(err.value)
     assert len(fake.hits(CHAT)) == 1
 
 
@@ -298,13 +299,13 @@ def test_cache_answers_a_repeated_simulation(fake: FakeOpenAI) -> None:
     first = b.simulate("cats", [TOKENS, TOKENS[:2]])
     sent = len(fake.requests)
     again = b.simulate("cats", [TOKENS, TOKENS[:2]])
-    assert len(fake.requests) == sent and b.log.cache_hits == 2
+    assert len(fake.requests) == sent == 2 and b.log.cache_hits == 1  # the probe, then both excerpts in one echo
     for x, y in zip(first, again):
         np.testing.assert_array_equal(x, y)
     # a new backend on the same log routes the same way from the cached probe, without asking the server
     b2 = backend(fake)
     b2.bind(b.log)
-    b2.simulate("cats", [TOKENS])
+    b2.simulate("cats", [TOKENS, TOKENS[:2]])
     assert len(fake.requests) == sent and b2.mode == "echo" and b2.echo_shift == 1
 
 
@@ -336,10 +337,10 @@ def test_key_never_in_saved_calls(fake: FakeOpenAI) -> None:
 def test_key_required_only_for_openai(monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI) -> None:
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(LLMError) as err:
-        OpenAIBackend("gpt-4o-mini", spec="openai:gpt-4o-mini", base_url=None)
+        OpenAIBackend("gpt-4o-mini", spec="openai:gpt-4o-mini")
     assert "OPENAI_API_KEY" in one_line(err.value)
     monkeypatch.setenv("OPENAI_BASE_URL", fake.url)  # another server: a dummy key is sent
-    b = OpenAIBackend("m", spec="openai:m", base_url=None, max_retries=0)
+    b = OpenAIBackend("m", spec="openai:m", max_retries=0)
     fake.add(CHAT, chat_answer("cats"))
     assert b.explain(prompt()) == ["cats"]
     assert fake.hits(CHAT)[0].headers["authorization"].startswith("Bearer sk-no-key")
@@ -351,6 +352,29 @@ def test_spec_and_prices(fake: FakeOpenAI) -> None:
     assert b.price == (0.15, 0.60) and b.context_tokens() == 6000 and b.count_tokens("x" * 40) == 10
     assert price_of("gpt-4o-2024-08-06") == (2.5, 10.0) and price_of("gpt-4.1-mini") == (0.4, 1.6)
     assert price_of("gpt-4.1-nano-2025-04-14") == (0.1, 0.4) and price_of("llama-3-8b") is None
-    assert b.revision.startswith("gpt-4o-mini@")
+    assert b.spec == "openai:gpt-4o-mini" and b.revision == "gpt-4o-mini"  # no URL in the cache keys
+    assert b.default_concurrency == 64  # a server other than OpenAI's batches
+    b2 = make_backend(f"openai:gpt-4o-mini#ft-2@{fake.url},{fake.url}/,http://127.0.0.1:1/v1")
+    assert isinstance(b2, OpenAIBackend) and b2.urls == (fake.url, "http://127.0.0.1:1/v1")
+    assert (b2.spec, b2.revision, b2.default_concurrency) == ("openai:gpt-4o-mini#ft-2", "ft-2", 128)
     with pytest.raises(LLMError, match="unknown simulation mode"):
-        OpenAIBackend("m", spec="openai:m", base_url=fake.url, mode="magic")
+        OpenAIBackend("m", spec="openai:m", urls=(fake.url,), mode="magic")
+
+
+def test_the_expected_digits_of_many_slots_read_as_one_at_a_time() -> None:
+    """An echo's slots are read in one numpy pass (expected_all): the same values as each slot alone, for dicts with
+    some, all or no digits among other tokens, -inf and NaN logprobs, and chat's lists."""
+    import random
+
+    from neuronscope.core.llm.openai_answers import digit_dist, expected, expected_all
+
+    rng = random.Random(0)
+    tops: list[object] = []
+    for _ in range(300):
+        top = {str(d): rng.uniform(-20, 0) for d in rng.sample(range(10), rng.randint(0, 10))}
+        top.update({f" w{j}": rng.uniform(-5, 0) for j in range(rng.randint(0, 5))})
+        tops.append(top)
+    tops += [{"a": -1.0}, {"3": float("-inf"), "4": -2.0}, {"3": float("nan"), "5": -1.0}, {}]
+    assert expected_all(tops) == pytest.approx([expected(digit_dist(t)) for t in tops], abs=1e-12)
+    assert expected_all([{"3": None, "4": -0.5}]) == [4.0]  # a value that is no number: the slot-by-slot reading
+    assert expected_all([[{"token": "7", "logprob": -0.01}]]) == [7.0]

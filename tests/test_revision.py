@@ -75,9 +75,10 @@ def test_run_revise_keeps_the_better_explanation_by_the_select_split(small_store
             improved = 0
             for layer, neuron in [(s.layer, s.neuron) for s in store.summaries(run_id)]:
                 candidates = [e for e in store.explanations(run_id, layer, neuron) if e.role == "candidate"]
-                assert {e.explainer for e in candidates} == {spec, f"{spec} (revised)"}
-                first = next(e for e in candidates if e.explainer == spec)
-                revised = next(e for e in candidates if e.explainer != spec)
+                # results name the explainer without its server
+                assert {e.explainer for e in candidates} == {"openai:fake", "openai:fake (revised)"}
+                first = next(e for e in candidates if e.explainer == "openai:fake")
+                revised = next(e for e in candidates if e.explainer != "openai:fake")
                 assert first.text == FIRST
                 # Both were scored on the select split; only the one kept there has test scores.
                 select = {e.explainer: e.score("select") for e in candidates}

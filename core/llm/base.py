@@ -55,6 +55,10 @@ class CallLog:
         self.cache_hits = 0
         self._lock = threading.Lock()
         self._memory: dict[str, str] = {}
+        #: Requests being made now, by key: a thread asking for one waits for its answer instead of paying again.
+        self._inflight: dict[str, threading.Event] = {}
+        #: Caps the requests in flight across every backend and thread of a job (None: no cap).
+        self.limiter: threading.Semaphore | None = None
 
     def lookup(self, key: str) -> str | None:
         """The cached response for a request key, if any."""
@@ -86,6 +90,26 @@ class CallLog:
         """Replace a reservation by the call's actual token count."""
         with self._lock:
             self.used_tokens += actual - reserved
+
+    def claim(self, key: str) -> threading.Event | None:
+        """Take a request to make (None) or, when another thread is making the same request now, the event its
+        answer sets: shuffled controls and resumed neurons ask for the same explanation at once, paid once."""
+        with self._lock:
+            if key in self._inflight:
+                return self._inflight[key]
+            self._inflight[key] = threading.Event()
+            return None
+
+    def release(self, key: str) -> None:
+        """The claimed request is answered (saved) or failed: wake the threads waiting for it."""
+        with self._lock:
+            event = self._inflight.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def set_concurrency(self, limit: int | None) -> None:
+        """Cap the requests in flight at once (None or 0: no cap)."""
+        self.limiter = threading.BoundedSemaphore(limit) if limit else None
 
 
 def request_key(backend: str, revision: str, kind: str, payload: Any) -> str:
@@ -181,24 +205,50 @@ class Backend(ABC):
     # -- calls through the log --------------------------------------------------------------------
     def call(self, kind: str, payload: Any, run: Callable[[], tuple[str, int, int]], *, estimate: int) -> str:
         """Answer a request from the log, or run it: `run()` returns (response, prompt tokens, completion
-        tokens). `estimate` (tokens) is reserved against the budget before the call."""
+        tokens). `estimate` (tokens) is reserved against the budget before the call. The same request made by
+        another thread at the same time is waited for, not made twice; the log's limiter caps the requests in
+        flight (the budget is checked before waiting for a slot, so it is passed by at most the requests in flight)."""
         key = request_key(self.spec, self.revision, kind, payload)
-        cached = self.log.lookup(key)
-        if cached is not None:
-            self.log.count(hit=True)
-            return cached
-        self.log.reserve(estimate)
-        start = time.perf_counter()
+        log = self.log
+        while True:
+            cached = log.lookup(key)
+            if cached is not None:
+                log.count(hit=True)
+                return cached
+            waiting = log.claim(key)
+            if waiting is None:
+                try:
+                    cached = log.lookup(key)  # answered between our lookup and our claim?
+                except BaseException:
+                    log.release(key)
+                    raise
+                if cached is None:
+                    break
+                log.release(key)
+                log.count(hit=True)
+                return cached
+            waiting.wait()  # then read its answer from the log, or make the request ourselves if it failed
         try:
-            response, prompt_tokens, completion_tokens = run()
-        except BaseException:
-            self.log.settle(estimate, 0)
-            raise
-        self.log.settle(estimate, prompt_tokens + completion_tokens)
-        self.log.count(hit=False)
-        prompt_text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        self.log.save(key, Call(self.spec, self.revision, kind, prompt_text, response, prompt_tokens,
-                                completion_tokens, time.perf_counter() - start))
+            log.reserve(estimate)
+            limiter = log.limiter
+            if limiter is not None:
+                limiter.acquire()
+            start = time.perf_counter()
+            try:
+                response, prompt_tokens, completion_tokens = run()
+            except BaseException:
+                log.settle(estimate, 0)
+                raise
+            finally:
+                if limiter is not None:
+                    limiter.release()
+            log.settle(estimate, prompt_tokens + completion_tokens)
+            log.count(hit=False)
+            prompt_text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+            log.save(key, Call(self.spec, self.revision, kind, prompt_text, response, prompt_tokens,
+                               completion_tokens, time.perf_counter() - start))
+        finally:
+            log.release(key)
         return response
 
 
@@ -223,28 +273,47 @@ class Spec:
     """local, openai or baseline."""
     model: str
     """Model name ('' for baseline)."""
-    base_url: str | None = None
-    """Server URL for openai specs given as MODEL@URL."""
+    urls: tuple[str, ...] = ()
+    """Servers of an openai spec given as MODEL@URL1,URL2 (requests spread over them)."""
+    revision: str = ""
+    """A user's name for the weights behind an openai model (MODEL#REVISION): part of the cache keys."""
+
+    @property
+    def name(self) -> str:
+        """The spec without its servers: what the call cache, the job's identity and the stored results name, so
+        the same model resumes a job served anywhere."""
+        if self.kind == "baseline":
+            return "baseline"
+        return f"{self.kind}:{self.model}" + (f"#{self.revision}" if self.revision else "")
 
 
 BACKENDS = ("local", "openai", "baseline")
 
 
 def parse_spec(spec: str) -> Spec:
-    """`local:qwen-1.5b`, `openai:gpt-4o-mini`, `openai:MODEL@http://host:port/v1`, `baseline`."""
+    """`local:qwen-1.5b`, `openai:gpt-4o-mini`, `openai:MODEL#REVISION@http://host:port/v1,http://host2:port/v1`,
+    `baseline`."""
     kind, _, rest = spec.partition(":")
     if kind == "baseline" and not rest:
         return Spec("baseline", "")
     if kind not in BACKENDS or not rest:
         raise LLMError(
-            f"unknown backend {spec!r}: use local:MODEL (e.g. local:qwen-1.5b), openai:MODEL[@URL] or baseline"
+            f"unknown backend {spec!r}: use local:MODEL (e.g. local:qwen-1.5b), openai:MODEL[#REVISION][@URL,...] "
+            "or baseline"
         )
-    if kind == "openai" and "@" in rest:
-        model, _, url = rest.partition("@")
-        if not model or not url.startswith(("http://", "https://")):
-            raise LLMError(f"bad openai spec {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
-        return Spec("openai", model, url)
-    return Spec(kind, rest)
+    if kind != "openai":
+        return Spec(kind, rest)
+    rest, at, servers = rest.partition("@")
+    model, _, revision = rest.partition("#")
+    urls = tuple(u.strip().rstrip("/") for u in servers.split(",")) if at else ()
+    if not model or (at and not all(u.startswith(("http://", "https://")) for u in urls)) or (_ and not revision):
+        raise LLMError(f"bad openai spec {spec!r}: write openai:MODEL[#REVISION]@http://HOST:PORT/v1[,http://HOST2:PORT/v1]")
+    return Spec("openai", model, tuple(dict.fromkeys(urls)), revision)
+
+
+def spec_name(spec: str) -> str:
+    """A backend spec as results and job identities name it: Spec.name (servers left out)."""
+    return parse_spec(spec).name
 
 
 def make_backend(spec: str, *, device: str | None = None, dtype: str | None = None,
@@ -268,4 +337,5 @@ def make_backend(spec: str, *, device: str | None = None, dtype: str | None = No
         seconds = float(timeout) if timeout else 60.0
     except ValueError:
         raise LLMError(f"NEURONSCOPE_OPENAI_TIMEOUT={timeout!r} is not a number of seconds") from None
-    return OpenAIBackend(parsed.model, spec=spec, base_url=parsed.base_url, mode=mode, timeout=seconds)
+    return OpenAIBackend(parsed.model, spec=parsed.name, urls=parsed.urls, revision=parsed.revision, mode=mode,
+                         timeout=seconds)

@@ -9,6 +9,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from neuronscope.core.llm.base import LLMError
 from neuronscope.core.records import TOP
 
@@ -32,12 +34,27 @@ def expected(dist: dict[str, float]) -> float:
     return sum(int(d) * w for d, w in weights.items()) / total
 
 
+def expected_all(tops: Sequence[Any]) -> list[float]:
+    """`expected(digit_dist(top))` of many top_logprobs entries at once: for an echo's hundreds of slots, one
+    lookup per digit and one numpy pass instead of a Python loop over every entry."""
+    try:
+        rows = np.array([[top.get(d, -math.inf) for d in DIGITS] for top in tops], np.float64).reshape(len(tops), 10)
+    except (AttributeError, TypeError, ValueError):  # a list entry (chat), or a value that is not a number
+        return [expected(digit_dist(top)) for top in tops]
+    rows[~np.isfinite(rows)] = -math.inf
+    peak = rows.max(axis=1, keepdims=True)
+    weights = np.exp(rows - np.where(np.isfinite(peak), peak, 0.0))
+    total = weights.sum(axis=1)
+    values = np.divide(weights @ np.arange(10.0), total, out=np.zeros(len(tops)), where=total > 0)
+    return [float(v) for v in values]
+
+
 def digit_dist(top: Any) -> dict[str, float]:
     """The digit entries of one top_logprobs entry: a {token: logprob} dict (completions) or a list of
     {token, logprob} objects (chat)."""
     items: Any
-    if isinstance(top, dict):
-        items = top.items()
+    if isinstance(top, dict):  # the digits looked up, not every entry scanned: an echo has one per slot
+        items = [(d, top[d]) for d in DIGITS if d in top]
     elif isinstance(top, list):
         items = ((e.get("token"), e.get("logprob")) for e in top if isinstance(e, dict))
     else:
@@ -87,7 +104,7 @@ def echo_logprobs(spec: str, data: dict[str, Any]) -> tuple[list[Any], list[Any]
 def read_echo(spec: str, data: dict[str, Any], text: str, slots: Sequence[int], shift: int) -> list[float]:
     offsets, tops = echo_logprobs(spec, data)
     index = token_starts(offsets)
-    values = []
+    found = []
     for k, slot in enumerate(slots):
         i = index.get(slot)
         if i is None:
@@ -99,8 +116,8 @@ def read_echo(spec: str, data: dict[str, Any], text: str, slots: Sequence[int], 
         top = tops[entry] if 0 <= entry < len(tops) else None
         if top is None:
             raise LLMError(f"{spec}: the echo has no top_logprobs for the slot of token {k + 1}")
-        values.append(expected(digit_dist(top)))
-    return values
+        found.append(top)
+    return expected_all(found)
 
 
 def token_starts(offsets: Sequence[Any]) -> dict[int, int]:

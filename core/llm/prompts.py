@@ -248,6 +248,74 @@ def simulation_text(explanation: str, tokens: Sequence[str]) -> SimulationText:
     return SimulationText(text, tuple(slots))
 
 
+def simulation_lines(tokens: Sequence[str]) -> tuple[str, tuple[int, ...]]:
+    """An excerpt's `token<TAB>?` lines as text, with the character offset of every slot in them."""
+    parts: list[str] = []
+    slots: list[int] = []
+    pos = 0
+    for token in tokens:
+        shown = show_token(token) + "\t"
+        parts += (shown, SLOT + "\n")
+        slots.append(pos + len(shown))
+        pos += len(shown) + len(SLOT) + 1
+    return "".join(parts), tuple(slots)
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """Several excerpts in one prompt as text (servers that tokenize themselves): the shared head once, then
+    each excerpt's block."""
+
+    text: str
+    """The prompt."""
+    slots: tuple[tuple[int, ...], ...]
+    """Per excerpt, the character offset in `text` of each of its slots."""
+    tokens: int
+    """The prompt's length in tokens, as estimated when packing."""
+
+
+def pack_text(head: str, blocks: Sequence[tuple[str, Sequence[int], int]], max_tokens: int,
+              count_tokens: Callable[[str], int], separator: str = "\n") -> list[PackedText]:
+    """Blocks (text, slot offsets in that text, estimated tokens) packed in order behind `head` into as few
+    prompts of at most about `max_tokens` tokens as they fit; a block longer than that gets a prompt of its own.
+    Consecutive blocks of one prompt are joined by `separator`."""
+    head_tokens = count_tokens(head)
+    gap = count_tokens(separator) if separator else 0
+    out: list[PackedText] = []
+    parts: list[str] = []
+    slots: list[tuple[int, ...]] = []
+    pos = tokens = 0
+    for text, offsets, cost in blocks:
+        if slots and tokens + gap + cost > max_tokens:
+            out.append(PackedText("".join(parts), tuple(slots), tokens))
+            slots = []
+        if not slots:
+            parts, pos, tokens = [head], len(head), head_tokens
+        elif separator:
+            parts.append(separator)
+            pos, tokens = pos + len(separator), tokens + gap
+        slots.append(tuple(pos + o for o in offsets))
+        parts.append(text)
+        pos, tokens = pos + len(text), tokens + cost
+    if slots:
+        out.append(PackedText("".join(parts), tuple(slots), tokens))
+    return out
+
+
+def packed_simulation_text(explanation: str, excerpts: Sequence[Sequence[str]], max_tokens: int,
+                           count_tokens: Callable[[str], int]) -> list[PackedText]:
+    """The text simulation prompt (`simulation_text`) with several excerpts: instructions and example once, then
+    each excerpt's lines after a blank line, packed into as few prompts of at most about `max_tokens` tokens (as
+    `count_tokens` estimates them: each line as its token's text plus three) as they fit. A prompt holding one
+    excerpt is exactly `simulation_text`'s."""
+    head = SIMULATE_SYSTEM + "\n\n" + _simulation_head(explanation)
+    blocks = []
+    for tokens in excerpts:
+        text, slots = simulation_lines(tokens)
+        blocks.append((text, slots, sum(count_tokens(show_token(t)) + 3 for t in tokens)))
+    return pack_text(head, blocks, max_tokens, count_tokens)
+
+
 def simulation_messages(explanation: str, tokens: Sequence[str]) -> list[dict[str, str]]:
     """The prompt as chat messages, for servers that only offer chat: the answer is the filled-in lines."""
     body = _simulation_head(explanation) + listing(tokens, [SLOT] * len(tokens))

@@ -8,17 +8,28 @@ asked of whole excerpts and answered with one digit each, 0-9, all of a split's 
   of writing numbers for a listing it mostly reads past.
 
 A local model reads every rating from one forward pass (the expected digit at each `Rating:` slot, as the
-one-pass simulation does); a server writes them. Excerpt text is untrusted: it is shown through
+one-pass simulation does); so does a server that echoes prompt logprobs (`packed_rating_text`: one echoed prompt,
+no answer generated); a chat server writes them. Excerpt text is untrusted: it is shown through
 `show_token` (control characters escaped) and encoded as text, never as control tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from neuronscope.core.llm.prompts import SLOT, PackedPrompt, bos_ids, chat_opening_ids, encode_text, fewshot, show_token
+from neuronscope.core.llm.prompts import (
+    SLOT,
+    PackedPrompt,
+    PackedText,
+    bos_ids,
+    chat_opening_ids,
+    encode_text,
+    fewshot,
+    pack_text,
+    show_token,
+)
 
 TASKS = ("detect", "fuzz", "token")
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -71,12 +82,12 @@ def instructions(task: str) -> str:
     return _INSTRUCTIONS[task]
 
 
-def _head(task: str, explanation: str) -> str:
-    """One worked example, then the explanation to rate against."""
+def _head(task: str, explanation: str, label: str = "Rating: ") -> str:
+    """One worked example (its ratings written after `label`), then the explanation to rate against."""
     shot = fewshot("rate")[task]
     lines = [f"Description: {shot['explanation']}"]
     for text, rating in shot["items"]:
-        lines.append(f"{Item((text,)).line(task)}\nRating: {rating}")
+        lines.append(f"{Item((text,)).line(task)}\n{label}{rating}")
     return "\n".join(lines) + f"\n\nDescription: {show_token(explanation.strip())}\n"
 
 
@@ -124,3 +135,21 @@ def packed_rating_ids(tokenizer: Any, task: str, explanation: str, items: Sequen
     if slots:
         out.append(PackedPrompt(tuple(ids), tuple(slots)))
     return out
+
+
+#: What precedes a rating's slot in the echo prompt: a tab, so the slot and each example's digit are tokens of their
+#: own whatever the server's tokenizer (a space would merge into " 7" in most BPE vocabularies).
+ECHO_LABEL = "Rating:\t"
+
+
+def packed_rating_text(task: str, explanation: str, items: Sequence[Item], max_tokens: int,
+                       count_tokens: Callable[[str], int]) -> list[PackedText]:
+    """The rating prompt as text for servers that echo prompt logprobs: instructions and example once, then per
+    item its line and `Rating:<TAB>?`, packed in order into as few prompts of at most about `max_tokens` tokens
+    as they fit; each item has one slot, its `?`."""
+    head = instructions(task) + "\n\n" + _head(task, explanation, ECHO_LABEL)
+    blocks = []
+    for item in items:
+        line = f"{item.line(task)}\n{ECHO_LABEL}"
+        blocks.append((f"{line}{SLOT}\n", (len(line),), count_tokens(item.line(task)) + 5))
+    return pack_text(head, blocks, max_tokens, count_tokens, separator="")
