@@ -202,7 +202,7 @@ def test_resumed_and_overlapping_jobs_plan_from_the_log(mode: str, choice: str, 
         job = Job(store, store.run(), settings, Selection(limit=3))
         try:
             with pytest.raises(KeyboardInterrupt):
-                job.run(progress=interrupt_after_one)
+                job.run(progress=interrupt_after_one, concurrency=1)  # no other neuron finishes meanwhile
         finally:
             job.close()
         assert _rows(store) > 0

@@ -107,7 +107,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and not report.failed
         assert report.new_calls == 6 * 4  # explain; simulate the explanation, the shuffled control, the neutral one
-        expected = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
+        expected = {(s.layer, s.neuron): (s.text, s.score.value) for s in store.summaries(store.run().run_id) if s.score}
 
     path = _fresh(job_store, tmp_path, "interrupted.duckdb")
 
@@ -120,21 +120,25 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         with pytest.raises(KeyboardInterrupt):
             job.run(progress=interrupt_after_two)
         job.close()
-        assert store.jobs()[0]["state"] == "interrupted" and store.jobs()[0]["done"] == 2
+        # the two that landed, and any that another worker finished while the requests in flight were waited for
+        assert store.jobs()[0]["state"] == "interrupted" and 2 <= store.jobs()[0]["done"] < 6
         first_calls = store.call_totals()[0]
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and report.job_id == store.jobs()[0]["job_id"]
         assert first_calls + report.new_calls == 6 * 4  # the interrupted part is never paid twice
-        got = {(s.layer, s.neuron): (s.text, s.score) for s in store.summaries(store.run().run_id)}
-    assert got == expected
+        got = {(s.layer, s.neuron): (s.text, s.score.value) for s in store.summaries(store.run().run_id) if s.score}
+    # The local backend batches concurrent neurons' simulations, so their values agree to float32 rounding.
+    assert {n: text for n, (text, _) in got.items()} == {n: text for n, (text, _) in expected.items()}
+    assert {n: value for n, (_, value) in got.items()} == pytest.approx({n: v for n, (_, v) in expected.items()}, abs=1e-2)
     assert len(_calls(path)) == len(set(_calls(path)))
 
-    # The same job again: nothing to do, no call. An overlapping job: its shared calls come from the log.
+    # The same job again: nothing to do, no call. An overlapping job: its shared calls come from the log (its
+    # partners come from another permutation, so each old neuron may pay one new shuffled simulation).
     with Store.open(path) as store:
         again = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert again.state == "complete" and again.new_calls == 0
         wider = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=7))
-        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 4 + 2
+        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 4 + 6
 
 
 def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
@@ -147,7 +151,7 @@ def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path
         # explanation asked again (the previous neuron's shuffled control), the neutral explanation asked again
         assert (plan.neurons, plan.calls, plan.cached) == (4, 16, 8) and plan.cost == 0.0
         assert plan.prompt_tokens > 0 and store.jobs() == [] and store.call_totals() == (0, 0)  # nothing ran
-        report = job.run(max_tokens=plan.prompt_tokens // 2)
+        report = job.run(max_tokens=plan.prompt_tokens // 2, concurrency=1)  # one neuron at a time: some finish
         job.close()
         assert report.state == "stopped" and "budget" in report.message and 0 < report.done < 4
         spent = store.call_totals()[1]
@@ -217,7 +221,7 @@ def test_job_input_errors_are_one_line(cli_store: tuple[Path, object]) -> None:
     path, _ = cli_store
     cases = [
         (["run", "--explainer", "gpt4", "--store", path], "unknown backend"),
-        (["run", "--explainer", "openai:m@ftp://x", "--store", path], "openai:MODEL@http"),
+        (["run", "--explainer", "openai:m@ftp://x", "--store", path], "openai:MODEL[#REVISION]@http"),
         (["run", "--where", "density <<< 2", "--explainer", "baseline", "--store", path], "cannot read the filter"),
         (["run", "--where", "colour > 2", "--explainer", "baseline", "--store", path], "selectivity"),
         (["run", "7/1", "--explainer", "baseline", "--store", path], "no neuron L7/N1"),

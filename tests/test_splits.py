@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from neuronscope.core.explanation.splits import SplitSizes, split_records, tail_target
+from neuronscope.core.explanation.splits import SplitSizes, needed_ranks, split_records, tail_target
 from neuronscope.core.records import ActivationRecord
 
 # -- splits ----------------------------------------------------------------------------------------------------
@@ -24,6 +24,20 @@ def neuron_records(top: int = 40, bottom: int = 40, rand: int = 20, quantile: in
     out += [record("random", r, 3000 + r) for r in range(rand)]
     out += [record("quantile", r, 4000 + r) for r in range(quantile)]
     return out
+
+
+@pytest.mark.parametrize("tail", ["pos", "neg"])
+@pytest.mark.parametrize("sizes", [SplitSizes(), SplitSizes(3, 7, 2), SplitSizes(25, 1, 9), SplitSizes(1, 1, 1)])
+def test_the_records_a_job_reads_are_all_the_split_needs(tail: str, sizes: SplitSizes) -> None:
+    """A job reads only the best needed_ranks records of each kind: the splits are the same as from all of them."""
+    everything = neuron_records(top=120, bottom=120, rand=40)
+    limits = needed_ranks(tail, sizes)
+    read = [r for r in everything if r.rank < limits.get(r.kind, 0)]
+    assert len(read) < len(everything)
+    got, want = split_records(read, tail, sizes), split_records(everything, tail, sizes)
+    for name in ("train", "select", "test"):
+        assert [(e.excerpt_id, e.kind, e.tokens, e.target.tolist()) for e in getattr(got, name)] == \
+            [(e.excerpt_id, e.kind, e.tokens, e.target.tolist()) for e in getattr(want, name)]
 
 
 @pytest.mark.parametrize("tail", ["pos", "neg"])

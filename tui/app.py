@@ -68,9 +68,11 @@ class NeuronscopeApp(App[None]):
     ]
 
     def __init__(self, store_path: str | Path, *, settings: JobSettings | None = None,
-                 backend_options: dict[str, object] | None = None, start_job: int = 0) -> None:
+                 backend_options: dict[str, object] | None = None, start_job: int = 0,
+                 concurrency: int | None = None) -> None:
         """`settings`: the backends and options of the app's jobs; `start_job`: explain and score this many of
-        the most selective unexplained neurons as soon as the app opens (the demo)."""
+        the most selective unexplained neurons as soon as the app opens (the demo); `concurrency`: the jobs' requests in
+        flight (None: the engine's default)."""
         super().__init__()
         self.store = Store.open(store_path, read_only=True)
         try:
@@ -80,6 +82,7 @@ class NeuronscopeApp(App[None]):
             raise
         self.settings = settings or JobSettings()
         self.backend_options = backend_options or {}
+        self.concurrency = concurrency
         self.start_job = start_job
         self.sort_index = 0
         self.quitting = False
@@ -270,7 +273,7 @@ class NeuronscopeApp(App[None]):
         except StoreError as exc:
             self.push_screen(MessageScreen("cannot start the job", [Text(str(exc))]))
             return
-        handle = JobHandle(settings, neurons, job_label(settings, neurons, scope))
+        handle = JobHandle(settings, neurons, job_label(settings, neurons, scope), concurrency=self.concurrency)
         self.jobs.start(self.store, self.run_info, handle, dict(self.backend_options))
         self.refresh_bindings()
 

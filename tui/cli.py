@@ -162,17 +162,20 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     for spec in {args.explainer, simulator}:
         parse_spec(spec)
     settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
-                           scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise)
+                           scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise,
+                           controls=args.controls)
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
 
 
 def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     """Open the full-screen neuron browser on a store (errors opening it are one line, before the app starts)."""
+    from neuronscope.core.jobs.engine import env_concurrency
     from neuronscope.tui.app import NeuronscopeApp
 
     settings, options = _app_settings(args)
+    env_concurrency()  # a bad NEURONSCOPE_CONCURRENCY fails before the app starts
     app = NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
-                         start_job=start_job)
+                         start_job=start_job, concurrency=args.concurrency)
     if args.theme:
         if args.theme not in app.available_themes:
             app.store.close()
@@ -317,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def app_job_args(p: argparse.ArgumentParser) -> None:
     """Options of the jobs the app starts (e explains and scores, x scores)."""
-    from neuronscope.tui.cli_jobs import simulation_arg
+    from neuronscope.tui.cli_jobs import concurrency_arg, controls_arg, simulation_arg
 
     p.add_argument("--explainer", default=DEFAULT_BACKEND,
-                   help=f"backend of the app's jobs: local:MODEL, openai:MODEL[@URL] or baseline (default: {DEFAULT_BACKEND})")
+                   help="backend of the app's jobs: local:MODEL, openai:MODEL[#REVISION][@URL,...] or baseline "
+                        f"(default: {DEFAULT_BACKEND})")
     p.add_argument("--simulator", help="backend that simulates (default: the explainer's)")
     p.add_argument("--samples", type=number(1, MAX_SAMPLES), default=1,
                    help="candidate explanations per neuron, best of k (default: 1)")
@@ -329,6 +333,9 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
     simulation_arg(p)
     p.add_argument("--revise", action="store_true", help="e also revises each explanation from the excerpts it "
                                                           "simulated worst, keeping the better one")
+    p.add_argument("--controls", default="all", type=controls_arg,
+                   help="which neurons of the app's jobs get the shuffled control: all, none or sample:F (default: all)")
+    concurrency_arg(p)
     p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
     p.add_argument("--theme", help="Textual theme, e.g. textual-light for a light terminal (default: textual-dark; "

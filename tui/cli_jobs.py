@@ -73,6 +73,13 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
         p.add_argument("--test-top", type=number(1, MAX_EXCERPTS), default=5, help="top excerpts per scoring split (default: 5)")
         p.add_argument("--test-random", type=number(1, MAX_EXCERPTS), default=5, help="random excerpts per scoring split (default: 5)")
         p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for sampled explanations and intervals (default: 0)")
+        if kind in ("score", "run"):
+            p.add_argument("--controls", default="all", type=controls_arg,
+                           help="which neurons get the shuffled control and the contrast score (the neutral "
+                                "explanation's simulation): all, none, or sample:F for a fraction F of them, e.g. "
+                                "sample:0.1; the others show no shuffled score (the token baseline costs no call: "
+                                "every neuron gets it) (default: all)")
+        concurrency_arg(p)
         p.add_argument("--dry-run", action="store_true", help="count the LLM calls and tokens, then stop")
         p.add_argument("--max-tokens", type=number(1), help="stop cleanly once this many LLM tokens are spent")
         p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
@@ -95,8 +102,28 @@ def _settings(args: argparse.Namespace) -> Any:
         samples=getattr(args, "samples", 1), sizes=SplitSizes(args.train, args.test_top, args.test_random),
         seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
         simulation=getattr(args, "simulation", DEFAULT_SIMULATION), revise=getattr(args, "revise", False),
+        controls=getattr(args, "controls", "all"),
     )
     return settings
+
+
+def concurrency_arg(p: argparse.ArgumentParser) -> None:
+    """The --concurrency option of the commands that run jobs."""
+    p.add_argument("--concurrency", type=number(1, 4096),
+                   help="LLM requests in flight at once, across neurons (default: NEURONSCOPE_CONCURRENCY, else "
+                        "8 for api.openai.com, 64 per other server, 16 for a local model); results do not depend on it")
+
+
+def controls_arg(text: str) -> str:
+    """--controls, checked by the engine's parser (an argparse error names the forms)."""
+    from neuronscope.core.jobs.engine import parse_controls
+    from neuronscope.core.jobs.selection import JobError
+
+    try:
+        parse_controls(text)
+    except JobError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--controls {text!r}: ")) from None
+    return text
 
 
 def _selection(args: argparse.Namespace, run: RunInfo) -> Any:
@@ -131,11 +158,12 @@ def parse_scorers(text: str) -> tuple[str, ...]:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
-    from neuronscope.core.jobs.engine import Job
+    from neuronscope.core.jobs.engine import Job, env_concurrency
     from neuronscope.core.llm.base import make_backend, parse_spec
     from neuronscope.tui.render import summaries_table
 
     settings = _settings(args)
+    env_concurrency()  # a bad NEURONSCOPE_CONCURRENCY fails before the store is opened
     for spec in {settings.explainer, settings.simulator}:
         parse_spec(spec)  # a bad spec fails before the store is opened or a model loads
     with Store.open(args.store, create=False) as store:
@@ -158,7 +186,7 @@ def cmd_job(args: argparse.Namespace) -> int:
             status(f"{settings.kind} {len(job.neurons)} neurons of run {run.run_id} ({settings.tail} tail): "
                    f"explainer {settings.explainer}, simulator {settings.simulator}")
             with progress_bars() as progress:
-                report = job.run(progress=progress, max_tokens=args.max_tokens)
+                report = job.run(progress=progress, max_tokens=args.max_tokens, concurrency=args.concurrency)
         finally:
             job.close()
         store.checkpoint()

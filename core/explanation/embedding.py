@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class Embedder:
         self.tokenizer = tokenizer
         self.device = device
         self.max_length = max_length
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, device: str | None = None) -> Embedder:
@@ -87,10 +89,15 @@ class Embedder:
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings of texts, [n, 384] float32 with unit rows, in the order given."""
-        import torch
 
         if self.model is None:
             raise EmbeddingError("this embedder was closed: load a new one with Embedder.load()")
+        with self._lock:  # a job's workers share the model, and a fast tokenizer is not safe across threads
+            return self._embed(texts, batch_size)
+
+    def _embed(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        import torch
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         with torch.inference_mode():

@@ -91,8 +91,9 @@ def evaluate(simulator: Backend, text: str, examples: Sequence[Example], split: 
 
 def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[str], *, explainer: str, role: str,
                      seed: int, simulation: str = "lines", scorers: Sequence[str] = (),
-                     embedder: Embedder | None = None) -> list[ScoredExplanation]:
-    """Score candidates: select among several on the select split, the chosen one on the test split."""
+                     embedder: Embedder | None = None, with_contrast: bool = True) -> list[ScoredExplanation]:
+    """Score candidates: select among several on the select split, the chosen one on the test split (with the
+    contrast score unless with_contrast is False)."""
     chosen = 0
     select_results: list[tuple[tuple[Simulation, ...], list[SplitScores]] | None] = [None] * len(texts)
     if len(texts) > 1:
@@ -102,7 +103,8 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
         values = [r[1][0].get("all").value if r and r[1][0].get("all") else -2.0 for r in select_results]  # type: ignore[union-attr]
         chosen = max(range(len(texts)), key=lambda i: (values[i], -i))
     test_sims, test_scores = evaluate(simulator, texts[chosen], splits.test, "test", splits.scale_max, seed,
-                                      simulation=simulation, with_contrast=True, scorers=scorers, embedder=embedder)
+                                      simulation=simulation, with_contrast=with_contrast, scorers=scorers,
+                                      embedder=embedder)
     out = []
     for i, text in enumerate(texts):
         selected = select_results[i]
@@ -119,10 +121,10 @@ def score_candidates(simulator: Backend, splits: NeuronSplits, texts: Sequence[s
 def controls(simulator: Backend, splits: NeuronSplits, *,
              partner: NeuronId | None, partner_text: Callable[[], str] | None, seed: int,
              explainer: str, simulation: str = "lines", scorers: Sequence[str] = (),
-             embedder: Embedder | None = None) -> list[ScoredExplanation]:
-    """The shuffled control (another neuron's explanation; left out when that explanation cannot be had) and the
-    token-lookup baseline on the test split, each scored the way the explanation is (the baseline by its own
-    lookup simulator and rater)."""
+             embedder: Embedder | None = None, with_contrast: bool = True) -> list[ScoredExplanation]:
+    """The shuffled control (another neuron's explanation; left out when that explanation cannot be had, or there
+    is no partner) and the token-lookup baseline on the test split, each scored the way the explanation is (the
+    baseline by its own lookup simulator and rater; with_contrast as for the explanation)."""
     out = []
     text = None
     if partner is not None and partner_text is not None:
@@ -139,7 +141,7 @@ def controls(simulator: Backend, splits: NeuronSplits, *,
         return out  # the candidate is the baseline itself
     lookup = lookup_of(splits)
     sims, scores = evaluate(BaselineBackend(), lookup, splits.test, "test", splits.scale_max, seed, simulation=simulation,
-                            with_contrast=True, scorers=scorers, embedder=embedder)
+                            with_contrast=with_contrast, scorers=scorers, embedder=embedder)
     out.append(ScoredExplanation(text=lookup, explainer="baseline", role="baseline", simulations=sims,
                                  splits=tuple(scores)))
     return out

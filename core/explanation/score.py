@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -54,33 +55,51 @@ def _from_sums(s: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray, np.n
     return np.clip(np.nan_to_num(value), -1e6, 1.0), flat_p, flat_a
 
 
+@lru_cache(maxsize=64)
+def _weights(kinds: tuple[str, ...], seed: int, resamples: int) -> np.ndarray:
+    """Bootstrap weights [resamples, excerpts]: each stratum (top, random) resampled within itself, as multinomial
+    counts. A neuron's explanation and controls are scored on the same excerpts with the same seed, so they share
+    one draw (kept read-only)."""
+    kinds_arr = np.asarray(kinds)
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((resamples, len(kinds)))
+    for kind in np.unique(kinds_arr):
+        members = np.flatnonzero(kinds_arr == kind)
+        weights[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), resamples)
+    weights.flags.writeable = False
+    return weights
+
+
 def score(kinds: Sequence[str], targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray], *,
           scale_max: float, seed: int = 0, resamples: int = BOOTSTRAP) -> dict[str, Score]:
     """Every method's score of predictions (0-9 scale) against targets (raw activations of the tail), per
     excerpt; `kinds` says which excerpts are top and which random; scale_max puts targets on the 0-9 scale
-    for r²."""
+    for r². Every method's bootstrap is one product of the same stratified weights (`top` and `random` read
+    only their stratum's columns, which is the same as resampling that stratum alone)."""
     scale = TOP / scale_max if scale_max > 0 else 1.0
     kinds_arr = np.asarray(kinds)
-    rng = np.random.default_rng(seed)
+    plain = np.array([_sums(t, p) for t, p in zip(targets, predictions)]).reshape(len(kinds), 6)
+    scaled = np.array([_sums(t * scale, p) for t, p in zip(targets, predictions)]).reshape(len(kinds), 6)
+    picks = {"all": np.ones(len(kinds), bool), "top": kinds_arr == "top", "random": kinds_arr == "random",
+             "r2": np.ones(len(kinds), bool)}
+    # [excerpts, method, 6]: each method's per-excerpt sums, zero outside its excerpts
+    stacked = np.stack([(scaled if m == "r2" else plain) * picks[m][:, None] for m in METHODS], axis=1).reshape(
+        len(kinds), len(METHODS), 6)
+    weights = _weights(tuple(kinds), seed, resamples)
+    boot = (weights @ stacked.reshape(len(kinds), len(METHODS) * 6)).reshape(resamples, len(METHODS), 6)
+    intervals = np.percentile(np.stack([_from_sums(boot[:, k], m)[0] for k, m in enumerate(METHODS)], axis=1),
+                              [2.5, 97.5], axis=0)  # [2, method]
     out = {}
-    for method in METHODS:
-        pick = {"top": kinds_arr == "top", "random": kinds_arr == "random"}.get(method, np.ones(len(kinds), bool))
-        index = [int(i) for i in np.flatnonzero(pick)]
-        sums = np.array([_sums(targets[i] * (scale if method == "r2" else 1.0), predictions[i]) for i in index])
-        if not index or sums[:, 0].sum() == 0:
+    for k, method in enumerate(METHODS):
+        total = stacked[:, k].sum(axis=0)
+        if not picks[method].any() or total[0] == 0:
             out[method] = Score(method, 0.0, 0.0, 0.0, 0, "no_tokens")
             continue
-        value, flat_p, flat_a = _from_sums(sums.sum(axis=0), method)
-        # Bootstrap weights: each stratum (top, random) resampled within itself, as multinomial counts.
-        weights = np.zeros((resamples, len(index)))
-        for kind in np.unique(kinds_arr[index]):
-            members = np.flatnonzero(kinds_arr[index] == kind)
-            weights[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), resamples)
-        boot, _, _ = _from_sums(weights @ sums, method)
-        low, high = np.percentile(boot, [2.5, 97.5])
+        value, flat_p, flat_a = _from_sums(total, method)
+        low, high = intervals[:, k]
         flags = ",".join(f for f, on in (("constant_prediction", flat_p and method != "r2"),
                                          ("constant_target", flat_a)) if on)
-        out[method] = Score(method, float(value), float(low), float(high), int(sums[:, 0].sum()), flags)
+        out[method] = Score(method, float(value), float(low), float(high), int(total[0]), flags)
     return out
 
 

@@ -56,6 +56,13 @@ def tail_target(activations: Sequence[float], tail: str) -> np.ndarray:
     return np.maximum(a, 0) if tail == "pos" else np.maximum(-a, 0)
 
 
+def needed_ranks(tail: str, sizes: SplitSizes) -> dict[str, int]:
+    """How many of a neuron's best-ranked records of each kind `split_records` can use for a tail: a job reads no
+    more (the ranked ones are dealt train, test, train, select; the random ones test, select)."""
+    ranked = max(2 * sizes.train, 4 * sizes.top)
+    return {"top" if tail == "pos" else "bottom": ranked, "random": 2 * sizes.random}
+
+
 def split_records(records: Sequence[ActivationRecord], tail: str, sizes: SplitSizes = SplitSizes()) -> NeuronSplits:
     """Split a neuron's records (as `Store.records` returns them) for a tail."""
     if tail not in TAILS:

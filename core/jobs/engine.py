@@ -1,20 +1,35 @@
-"""Explain and score jobs over many neurons: choose, run resumably, persist, plan.
+"""Explain and score jobs over many neurons: choose, run resumably and concurrently, persist, plan.
 
-A job is identified by its parameters (run, kind, backends, tail, samples, split sizes, seed, neuron
-list): running the same command again finds the job and does only the neurons it has not finished
-(failed neurons are retried). Each neuron is written in one transaction after all its LLM calls;
-every call is logged in `llm_calls` the moment it returns and serves as a cache, so an interrupted
-neuron's calls are not paid twice. A token budget stops the job cleanly between calls.
+A job is identified by its parameters (run, kind, backends by name without their servers, tail, samples, split
+sizes, seed, controls, neuron list): running the same command again finds the job and does only the neurons it
+has not finished (failed neurons are retried).
+
+Many neurons are in flight at once: each runs in a worker thread (`concurrency` of them), and the call log's
+limiter caps the LLM requests in flight across all of them, so a batching server (vLLM, llama.cpp --parallel) or
+the local backend's batcher is fed. Results do not depend on concurrency or completion order: every neuron's
+seed derives from the job's seed and the neuron, and its shuffled partner comes from a fixed permutation of the
+job's neurons. The same request from two threads at once (a neuron's explanation and its neighbour's shuffled
+control) is made once (`Backend.call`).
+
+The store stays off the hot path: the main thread reads the records of the next neurons in bulk, and commits what
+landed (neurons' results, failures and the LLM calls made) in one transaction at most every COMMIT_SECONDS; no
+commit grows with the job. Every call is also kept in memory until its commit and serves as a cache, so an
+interrupted neuron's calls are not paid twice. A token budget stops the job cleanly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from neuronscope.core.choices import (
     DEFAULT_BACKEND,
@@ -29,14 +44,14 @@ from neuronscope.core.choices import (
     SimulationMode,
     Tail,
 )
-from neuronscope.core.errors import NeuronError
+from neuronscope.core.errors import InputError, NeuronError
 from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
-from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, split_records
+from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.selection import JobError, Selection
-from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend
+from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
-from neuronscope.core.records import Call, RunInfo
+from neuronscope.core.records import ActivationRecord, Call, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
 
@@ -59,8 +74,43 @@ class JobCancelled(Exception):
     """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
 
 
-#: Called after each neuron of a job lands: the neuron and its error ('' when it succeeded).
+#: Called after each neuron of a job lands (is committed): the neuron and its error ('' when it succeeded).
 Landed = Callable[[NeuronId, str], None]
+
+#: What lands is committed at most this often (and whenever COMMIT_NEURONS wait), with the calls made meanwhile.
+COMMIT_SECONDS = 0.25
+COMMIT_NEURONS = 512
+#: Neurons are shuffled into partners, and their records read in one query ahead of their start, in blocks of
+#: this many consecutive neurons of the job.
+BLOCK = 256
+#: Requests in flight when neither --concurrency, NEURONSCOPE_CONCURRENCY nor the backends say otherwise.
+DEFAULT_CONCURRENCY = 8
+
+
+def parse_controls(text: str) -> float:
+    """`all` (1.0), `none` (0.0) or `sample:F`: the share of a job's neurons that get the shuffled control and the
+    neutral (contrast) simulation."""
+    if text in ("all", "none"):
+        return 1.0 if text == "all" else 0.0
+    kind, _, share = text.partition(":")
+    try:
+        value = float(share) if kind == "sample" else -1.0
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise JobError(f"--controls {text!r}: use all, none or sample:F with F a fraction of neurons in (0, 1], "
+                       "e.g. sample:0.1")
+    return value
+
+
+def env_concurrency() -> int | None:
+    """NEURONSCOPE_CONCURRENCY, if set; InputError when it is not a positive integer."""
+    text = os.environ.get("NEURONSCOPE_CONCURRENCY")
+    if not text:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise InputError(f"NEURONSCOPE_CONCURRENCY={text!r} is not a positive integer: set it to e.g. 64, or unset it")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -89,6 +139,9 @@ class JobSettings:
     """How explanations are simulated (quotes, tokens, lines; see neuronscope.core.explanation.simulation)."""
     revise: bool = False
     """Also revise the first candidate from the select excerpts it simulated worst (run jobs)."""
+    controls: str = "all"
+    """Which neurons get the shuffled control and the neutral (contrast) simulation: all, none or sample:F (a
+    fraction F of the job's neurons, chosen by the seed). The token-lookup baseline costs no call: every neuron gets it."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +187,8 @@ class Plan:
 
 
 class StoreCallLog(CallLog):
-    """The call log in the store: lookups read `llm_calls`, every new call is appended at once."""
+    """The call log in the store: lookups read the calls not committed yet, then `llm_calls` (each thread on its own
+    cursor); new calls wait in memory for the job's next commit (`take`, then `committed`)."""
 
     def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None,
                  stop: threading.Event | None = None) -> None:
@@ -142,17 +196,29 @@ class StoreCallLog(CallLog):
         self.store = store
         self.job_id = job_id
         self.stop = stop
-        self._write = threading.Lock()
+        self._pending: dict[str, Call] = {}
 
     def lookup(self, key: str) -> str | None:
         if self.stop is not None and self.stop.is_set():
             raise JobCancelled("cancelled")
-        with self._write:
-            return self.store.lookup_call(key)
+        with self._lock:
+            call = self._pending.get(key)
+        return call.response if call is not None else self.store.lookup_call(key)
 
     def save(self, key: str, call: Call) -> None:
-        with self._write:
-            self.store.save_call(key, call, self.job_id)
+        with self._lock:
+            self._pending[key] = call
+
+    def take(self) -> list[tuple[str, Call]]:
+        """The calls to commit now (they stay answerable from memory until `committed`)."""
+        with self._lock:
+            return list(self._pending.items())
+
+    def committed(self, calls: Sequence[tuple[str, Call]]) -> None:
+        """The calls are in the store: drop them from memory."""
+        with self._lock:
+            for key, _ in calls:
+                self._pending.pop(key, None)
 
 
 class Job:
@@ -175,20 +241,29 @@ class Job:
             raise JobError(f"cannot order by {selection.order!r}: use one of {', '.join(ORDERS)}")
         if run.status != "complete":
             raise JobError(f"run {run.run_id} is {run.status}: explain neurons of a complete run")
+        self.control_share = parse_controls(settings.controls)
         self.store, self.run_info, self.settings = store, run, settings
+        #: How results name the backends: their specs without servers.
+        self.explainer_name, self.simulator_name = spec_name(settings.explainer), spec_name(settings.simulator)
         self.neurons = self._resolve(selection)
         if not self.neurons:
             raise JobError("no neuron matches the selection: widen --layers or --where")
+        self.partners = self._partners()
         self._factory = backend_factory or make_backend
         self._backends: dict[str, Backend] = {}
+        self._backend_lock = threading.Lock()
         self._embedder: Embedder | None = None
         self.log: CallLog = CallLog()
-        self._partner_texts: dict[NeuronId, str] = {}
+        self._readers = threading.local()
+        self._opened: list[Store] = []
         #: The dry run's tally while `plan()` runs: backends come wrapped in RecordingBackends then.
         self._tally: Tally | None = None
         #: What the dry run's neurons so far would have stored (the store gives the partner's newest explanation).
         self._planned: dict[NeuronId, NeuronResult] = {}
-        params = {"run_id": run.run_id, **asdict(settings), "neurons": [list(n) for n in self.neurons]}
+        identity = {**asdict(settings), "explainer": self.explainer_name, "simulator": self.simulator_name}
+        if settings.controls == "all":
+            del identity["controls"]  # as jobs were named before controls could be sampled
+        params = {"run_id": run.run_id, **identity, "neurons": [list(n) for n in self.neurons]}
         self.params = json.dumps(params, sort_keys=True)
         self.key = hashlib.sha256(self.params.encode()).hexdigest()
 
@@ -204,28 +279,73 @@ class Job:
         return tuple(self.store.choose_neurons(self.run_info.run_id, layers=selection.layers, order=selection.order,
                                                where=selection.where, limit=selection.limit, seed=self.settings.seed))
 
+    def _blocks(self) -> list[range]:
+        """The job's neurons (indexes) in blocks of BLOCK; a last block of one neuron joins the one before."""
+        starts = list(range(0, len(self.neurons), BLOCK))
+        if len(starts) > 1 and len(self.neurons) - starts[-1] < 2:
+            starts.pop()
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [len(self.neurons)])]
+
+    def _cycles(self) -> list[list[int]]:
+        """Per block, its neurons (indexes) in one cycle through a permutation fixed by the seed."""
+        rng = np.random.default_rng(self.settings.seed)
+        return [[block[i] for i in rng.permutation(len(block))] for block in self._blocks()]
+
+    def _partners(self) -> dict[NeuronId, NeuronId]:
+        """Each neuron's shuffled partner: the next in its block's cycle, so each neuron is the partner of exactly
+        one other, whatever order they finish in, and a block's records hold its partners'. A lone neuron gets a
+        random other neuron of the run."""
+        if len(self.neurons) > 1:
+            return {self.neurons[i]: self.neurons[cycle[(k + 1) % len(cycle)]]
+                    for cycle in self._cycles() for k, i in enumerate(cycle)}
+        others = [n for n in self.store.choose_neurons(self.run_info.run_id, layers=None, order="random", where=(),
+                                                       limit=2, seed=self.settings.seed) if n != self.neurons[0]]
+        return {self.neurons[0]: others[0]} if others else {}
+
+    def _controlled(self, neuron: NeuronId) -> bool:
+        """Whether a neuron gets the shuffled control and the contrast score (--controls)."""
+        if self.control_share >= 1.0 or self.control_share <= 0.0:
+            return self.control_share >= 1.0
+        digest = hashlib.sha256(f"controls {self.settings.seed} {neuron.layer} {neuron.neuron}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.control_share
+
     # -- backends -------------------------------------------------------------------------------------
     def backend(self, spec: str) -> Backend:
         """A backend by spec, built once per job (explainer and simulator share a model when the spec matches);
         in a dry run, wrapped to tally its calls instead of making them."""
-        if spec not in self._backends:
-            self._backends[spec] = self._factory(spec)
-        backend = self._backends[spec]
-        backend.bind(self.log)
+        with self._backend_lock:
+            if spec not in self._backends:
+                self._backends[spec] = self._factory(spec)
+            backend = self._backends[spec]
+            backend.bind(self.log)
         return backend if self._tally is None else RecordingBackend(backend, self._tally)
 
     def embedder(self) -> Embedder | None:
         """The embedding model, loaded once, when the embedding scorer is asked for (never in a dry run)."""
         if self._tally is not None:
             return None
-        if "embedding" in self.settings.scorers and self._embedder is None:
-            from neuronscope.core.explanation.embedding import Embedder, EmbeddingError
+        with self._backend_lock:
+            if "embedding" in self.settings.scorers and self._embedder is None:
+                from neuronscope.core.explanation.embedding import Embedder, EmbeddingError
 
-            try:
-                self._embedder = Embedder.load()
-            except EmbeddingError as err:
-                raise JobError(str(err)) from None
+                try:
+                    self._embedder = Embedder.load()
+                except EmbeddingError as err:
+                    raise JobError(str(err)) from None
         return self._embedder
+
+    def concurrency(self, requested: int | None = None) -> int:
+        """Requests in flight: `requested` (--concurrency), else NEURONSCOPE_CONCURRENCY, else the least that the
+        job's backends ask for (a local GPU server takes many, a paid API few)."""
+        if requested is not None:
+            if requested < 1:
+                raise JobError("--concurrency must be at least 1")
+            return requested
+        env = env_concurrency()
+        if env is not None:
+            return env
+        asked = [getattr(b, "default_concurrency", None) for b in self._backends.values()]
+        return min([a for a in asked if a], default=DEFAULT_CONCURRENCY)
 
     def close(self) -> None:
         """Release the backends' models and connections."""
@@ -249,39 +369,39 @@ class Job:
         return self.settings.kind in ("explain", "run")
 
     # -- per neuron ---------------------------------------------------------------------------------
-    def _splits(self, neuron: NeuronId) -> NeuronSplits:
-        records = self.store.records(self.run_info.run_id, neuron[0], neuron[1],
-                                     kinds=("top", "bottom", "random"))
-        splits = split_records(records, self.settings.tail, self.settings.sizes)
+    def _reader(self) -> Store:
+        """The store for reads in this thread (worker threads each get a cursor of their own)."""
+        store = getattr(self._readers, "store", None)
+        if store is None:
+            store = self.store if threading.current_thread() is threading.main_thread() else self.store.for_thread()
+            self._readers.store = store
+            if store is not self.store:
+                self._opened.append(store)
+        return store
+
+    def _splits(self, neuron: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> NeuronSplits:
+        found = records.get(neuron)
+        if found is None:
+            found = self._reader().records(self.run_info.run_id, neuron[0], neuron[1], kinds=("top", "bottom", "random"))
+        splits = split_records(found, self.settings.tail, self.settings.sizes)
         if not splits.train or not splits.test:
             raise NeuronError(f"{neuron} has too few records for the {self.settings.tail} tail")
         return splits
 
-    def _partner(self, index: int) -> NeuronId | None:
-        if len(self.neurons) > 1:
-            return self.neurons[(index + 1) % len(self.neurons)]
-        others = [n for n in self.store.choose_neurons(self.run_info.run_id, layers=None, order="random", where=(),
-                                                       limit=2, seed=self.settings.seed) if n != self.neurons[0]]
-        return others[0] if others else None
-
-    def _partner_text(self, partner: NeuronId) -> str:
-        """Another neuron's explanation: the explainer's first candidate for it (a cached call when the partner is in
-        the job), or for score jobs its newest stored explanation, else its lookup explanation."""
-        if partner not in self._partner_texts:
-            splits = self._splits(partner)
-            if self._uses_explainer:
-                explainer = self.backend(self.settings.explainer)
-                text = explainer.explain(prompt_for(explainer, splits), self.settings.samples, self.settings.seed)[0]
-            else:
-                # A dry run stores nothing: there, what this job would have stored for the partner by now.
-                landed = self._planned.get(partner)
-                found = landed.explanations if landed else self.store.explanations(self.run_info.run_id, *partner,
-                                                                                    tail=self.settings.tail)
-                # the explainer's own explanation: a user sentence may be this job's own, scored on every neuron
-                stored = [e for e in found if e.role == "candidate" and e.selected]
-                text = stored[0].text if stored else lookup_of(splits)
-            self._partner_texts[partner] = text
-        return self._partner_texts[partner]
+    def _partner_text(self, partner: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> str:
+        """Another neuron's explanation: the explainer's first candidate for it (the same request as the partner's
+        own, so made once), or for score jobs its newest stored explanation, else its lookup explanation."""
+        splits = self._splits(partner, records)
+        if self._uses_explainer:
+            explainer = self.backend(self.settings.explainer)
+            return explainer.explain(prompt_for(explainer, splits), self.settings.samples, self.settings.seed)[0]
+        # A dry run stores nothing: there, what this job would have stored for the partner by now.
+        landed = self._planned.get(partner)
+        found = landed.explanations if landed else self._reader().explanations(self.run_info.run_id, *partner,
+                                                                                tail=self.settings.tail)
+        # the explainer's own explanation: a user sentence may be this job's own, scored on every neuron
+        stored = [e for e in found if e.role == "candidate" and e.selected]
+        return stored[0].text if stored else lookup_of(splits)
 
     def _candidates(self, neuron: NeuronId, splits: NeuronSplits) -> tuple[list[str], str, str]:
         """(texts, explainer, role) to score or store."""
@@ -289,22 +409,25 @@ class Job:
         if s.kind == "score" and s.explanation is not None:
             return [s.explanation], "user", "user"
         if s.kind == "score":
-            texts = self.store.candidate_texts(self.run_info.run_id, *neuron, tail=s.tail, explainer=s.explainer)
+            texts = self._reader().candidate_texts(self.run_info.run_id, *neuron, tail=s.tail,
+                                                   explainer=self.explainer_name)
             if not texts:
-                raise NeuronError(f"{neuron} has no {s.tail} explanation by {s.explainer}: "
-                               "run `neuronscope explain` first, or pass --explanation")
-            return texts, s.explainer, "candidate"
+                raise NeuronError(f"{neuron} has no {s.tail} explanation by {self.explainer_name}: "
+                                  "run `neuronscope explain` first, or pass --explanation")
+            return texts, self.explainer_name, "candidate"
         explainer = self.backend(s.explainer)
-        return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), s.explainer, "candidate"
+        return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), self.explainer_name, "candidate"
 
     def _seed(self, neuron: NeuronId) -> int:
         """A neuron's seed for bootstraps and decoys: the job's seed mixed with its position."""
         return self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
 
-    def process(self, index: int) -> NeuronResult:
-        """Explain and/or score one neuron (all LLM calls; nothing written)."""
+    def process(self, index: int, records: Mapping[NeuronId, list[ActivationRecord]] | None = None) -> NeuronResult:
+        """Explain and/or score one neuron (all LLM calls; nothing written). `records`: prefetched records of the
+        neuron and its partner (others are read from the store)."""
+        records = records or {}
         neuron = self.neurons[index]
-        splits = self._splits(neuron)
+        splits = self._splits(neuron, records)
         texts, explainer, role = self._candidates(neuron, splits)
         seed = self._seed(neuron)
         if self.settings.kind == "explain":
@@ -314,20 +437,29 @@ class Job:
         simulator = self.backend(self.settings.simulator)
         scorers, embedder = self.settings.scorers, self.embedder()
         mode = self.settings.simulation
+        controlled = self._controlled(neuron)
         revised = None
         if self.settings.revise and self.settings.kind == "run":
             explainer_backend = self.backend(self.settings.explainer)
             revised = revise(explainer_backend, simulator, splits, prompt_for(explainer_backend, splits), texts[0],
                              simulation=mode, seed=self.settings.seed)
         scored = score_candidates(simulator, splits, texts + ([revised] if revised else []), explainer=explainer,
-                                  role=role, seed=seed, simulation=mode, scorers=scorers, embedder=embedder)
+                                  role=role, seed=seed, simulation=mode, scorers=scorers, embedder=embedder,
+                                  with_contrast=controlled)
         if revised:
             scored[-1] = replace(scored[-1], explainer=f"{explainer} (revised)")
-        partner = self._partner(index)
+        partner = self.partners.get(neuron) if controlled else None
         extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, simulation=mode,
-                         scorers=scorers, embedder=embedder,
-                         partner_text=(lambda: self._partner_text(partner)) if partner else None)  # type: ignore[arg-type]
+                         scorers=scorers, embedder=embedder, with_contrast=controlled,
+                         partner_text=(lambda: self._partner_text(partner, records)) if partner else None)  # type: ignore[arg-type]
         return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
+
+    def _prefetch(self, indexes: Sequence[int]) -> dict[NeuronId, list[ActivationRecord]]:
+        """The records of these neurons and of their partners, in one read."""
+        wanted = {self.neurons[i] for i in indexes}
+        wanted |= {self.partners[n] for n in list(wanted) if n in self.partners}
+        return self.store.records_many(self.run_info.run_id, sorted(wanted),
+                                       needed_ranks(self.settings.tail, self.settings.sizes))  # type: ignore[arg-type]
 
     # -- running --------------------------------------------------------------------------------------
     def pending(self, job_id: int | None) -> list[int]:
@@ -336,9 +468,10 @@ class Job:
         return [i for i, n in enumerate(self.neurons) if states.get(n, ("", ""))[0] != "done"]
 
     def run(self, *, progress: Progress | None = None, max_tokens: int | None = None,
-            stop: threading.Event | None = None, landed: Landed | None = None) -> JobReport:
-        """Run (or resume) the job; Ctrl-C or `stop` (checked before every LLM call) leaves it interrupted and
-        resumable, with the calls already made in the log."""
+            stop: threading.Event | None = None, landed: Landed | None = None,
+            concurrency: int | None = None) -> JobReport:
+        """Run (or resume) the job, `concurrency` requests in flight (see `concurrency()`); Ctrl-C or `stop` (checked
+        before every LLM call) leaves it interrupted and resumable, with what landed and the calls made committed."""
         progress = progress or (lambda *_: None)
         if not self.store.read_only:
             self.store.mark_stale_jobs()
@@ -348,52 +481,102 @@ class Job:
         job_id = found[0] if found else self.store.create_job(self.run_info.run_id, self.settings.kind, self.params,
                                                                self.key, len(self.neurons))
         self.store.set_job_state(job_id, "running")
-        log = self.log = StoreCallLog(self.store, job_id, max_tokens, stop)
-        todo = self.pending(job_id)
+        cancel = threading.Event()  # set by `stop`, the budget, a systematic failure or Ctrl-C: workers stop at their next call
+        log = self.log = StoreCallLog(self.store, job_id, max_tokens, cancel)
+        states = self.store.job_neuron_states(job_id)
+        todo = [i for i, n in enumerate(self.neurons) if states.get(n, ("", ""))[0] != "done"]
+        retried = {n for n, (state, _) in states.items() if state == "failed"}
+        del states
         if todo:
             self.prepare()
+        workers = self.concurrency(concurrency)
+        log.set_concurrency(workers)
+        landing = _Landing(self.store, job_id, self.run_info.run_id, log, retried, landed)
         done = len(self.neurons) - len(todo)
         progress("neurons", done, len(self.neurons))
         state, message = "running", ""
         streak, cause = 0, ""  # neurons in a row that failed with the same systematic cause
+        # A job opens with FAIL_FAST neurons in flight, and falls back to as many as it takes to stop after a
+        # systematic failure, until a neuron lands without one: a dead server or a bad key costs FAIL_FAST neurons'
+        # requests, not a full window's.
+        probing = True
+        # Blocks in the job's order; in a block, each neuron right after its partner (its cycle backwards), so the
+        # partner's explanation, which its shuffled control needs, is on its way or done when it is asked for.
+        pending = set(todo)
+        queue = iter([[i for i in reversed(cycle) if i in pending] for cycle in self._cycles()])
+        del pending
+        chunk: list[int] | None = []  # the block being started, and its records
+        records: dict[NeuronId, list[ActivationRecord]] = {}
+        inflight: dict[Future[NeuronResult], int] = {}
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronscope-job")
         try:
-            for index in todo:
-                if stop is not None and stop.is_set():
+            while True:
+                if stop is not None and stop.is_set() and state == "running":
                     state, message = "interrupted", "cancelled"
+                    cancel.set()
+                window = max(FAIL_FAST - streak, 1) if probing else 2 * workers
+                while state == "running" and len(inflight) < window:
+                    if not chunk:
+                        chunk = next(queue, None)
+                        if chunk is None:
+                            break
+                        records = self._prefetch(chunk) if chunk else {}
+                    take = chunk[:window - len(inflight)] if probing else chunk
+                    chunk = chunk[len(take):]
+                    inflight.update({pool.submit(self.process, i, records): i for i in take})
+                if not inflight:
                     break
-                neuron = self.neurons[index]
-                error = ""
-                try:
-                    result = self.process(index)
-                except (LLMError, NeuronError) as err:
-                    error = str(err)
-                    self.store.fail_neuron(job_id, *neuron, error)
-                    same = getattr(err, "systematic", "")
-                    streak, cause = (streak + 1 if same == cause else 1, same) if same else (0, "")
-                else:
-                    self.store.save_neuron(job_id, self.run_info.run_id, result)
-                    streak, cause = 0, ""
-                if landed is not None:
-                    landed(neuron, error)
-                done += 1
-                progress("neurons", done, len(self.neurons))
-                if streak >= FAIL_FAST:
-                    message = f"{FAIL_FAST} neurons in a row failed the same way ({cause}): {error}"
-                    self.store.set_job_state(job_id, "failed", message)
-                    raise JobStopped(f"job {job_id} stopped: {message} — fix that, then run the same command to "
-                                     "resume")
-            else:
-                failed = self.store.job_neuron_states(job_id)
-                state = "partial" if any(s == "failed" for s, _ in failed.values()) else "complete"
-        except BudgetExceeded as err:
-            state, message = "stopped", str(err)
-        except JobCancelled:
-            state, message = "interrupted", "cancelled"
-        except JobStopped:
-            raise
+                finished, _ = wait(inflight, timeout=COMMIT_SECONDS, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    neuron = self.neurons[inflight.pop(future)]
+                    try:
+                        result = future.result()
+                    except (LLMError, NeuronError) as err:
+                        landing.fail(neuron, str(err))
+                        same = getattr(err, "systematic", "")
+                        streak, cause = (streak + 1 if same == cause else 1, same) if same else (0, "")
+                        probing = bool(same)
+                        if streak >= FAIL_FAST and state == "running":
+                            state, message = "failed", f"{FAIL_FAST} neurons in a row failed the same way ({cause}): {err}"
+                            cancel.set()
+                    except BudgetExceeded as err:
+                        if state == "running":
+                            state, message = "stopped", str(err)
+                            cancel.set()
+                        continue
+                    except JobCancelled:
+                        continue
+                    else:
+                        landing.done(result)
+                        streak, cause, probing = 0, "", False
+                    done += 1
+                    progress("neurons", done, len(self.neurons))
+                landing.commit_if_due()
+            landing.commit()
         except BaseException:
-            self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
+            cancel.set()  # workers stop at their next call; the requests in flight are waited for (a second Ctrl-C
+            try:          # stops waiting), so their answers are logged and the neurons they finish land
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                pass
+            for future in [f for f in inflight if f.done() and not f.cancelled() and f.exception() is None]:
+                landing.done(future.result())
+            try:
+                landing.commit()  # what landed before Ctrl-C or the failure is kept
+            finally:
+                self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
             raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for reader in self._opened:
+                reader.close()
+            self._opened.clear()
+            self._readers = threading.local()
+        if state == "failed":
+            self.store.set_job_state(job_id, "failed", message)
+            raise JobStopped(f"job {job_id} stopped: {message} — fix that, then run the same command to resume")
+        if state == "running":
+            state = "partial" if landing.any_failed() else "complete"
         self.store.set_job_state(job_id, state, message)
         return self._report(job_id, state, log, message)
 
@@ -412,7 +595,6 @@ class Job:
         todo = [] if found and found[1] == "complete" else self.pending(found[0] if found else None)
         tally = Tally()
         self.log, self._tally = LookupOnlyLog(StoreCallLog(self.store, None)), tally
-        self._partner_texts.clear()
         self._planned.clear()
         try:
             for step, index in enumerate(todo):
@@ -424,9 +606,54 @@ class Job:
                     progress("planning", step + 1, len(todo))
         finally:
             self.log, self._tally = CallLog(), None
-            self._partner_texts.clear()  # stand-ins, not the explanations a run would get
             self._planned.clear()
         return Plan(len(todo), tally.calls, tally.cached, tally.prompt_tokens, tally.completion_tokens, tally.cost)
+
+
+class _Landing:
+    """What landed since the last commit, committed together (with the calls made meanwhile) when due."""
+
+    def __init__(self, store: Store, job_id: int, run_id: int, log: StoreCallLog, retried: set[NeuronId],
+                 landed: Landed | None) -> None:
+        self.store, self.job_id, self.run_id, self.log = store, job_id, run_id, log
+        self.retried, self.landed = retried, landed
+        self.results: list[NeuronResult] = []
+        self.failed: dict[NeuronId, str] = {}
+        self.last = time.monotonic()
+        self.failures = 0  # neurons failed in this session
+        self.recovered = 0  # neurons failed before and done now
+
+    def done(self, result: NeuronResult) -> None:
+        self.results.append(result)
+
+    def fail(self, neuron: NeuronId, error: str) -> None:
+        self.failed[neuron] = error
+
+    def commit_if_due(self) -> None:
+        if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit what landed and the calls made, in one transaction; then tell `landed`."""
+        calls = self.log.take()
+        self.last = time.monotonic()
+        if not (calls or self.results or self.failed):
+            return
+        results, failed = self.results, self.failed
+        self.results, self.failed = [], {}
+        self.store.save_batch(self.job_id, self.run_id, results, failed, calls, self.retried)
+        self.log.committed(calls)
+        self.failures += len(failed)
+        self.recovered += sum(NeuronId(r.layer, r.neuron) in self.retried for r in results)
+        if self.landed is not None:
+            for r in results:
+                self.landed(NeuronId(r.layer, r.neuron), "")
+            for neuron, error in failed.items():
+                self.landed(neuron, error)
+
+    def any_failed(self) -> bool:
+        """Whether the job has failed neurons (earlier sessions' not done since, or this one's)."""
+        return self.failures > 0 or self.recovered < len(self.retried)
 
 
 def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Selection, **options: Any) -> JobReport:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from neuronscope.core.choices import COLLECTED_KINDS, RecordKind
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
 from neuronscope.core.records import ActivationRecord, CollectSettings, NeuronStats
 from neuronscope.core.store.browse import BrowseMixin
@@ -354,10 +355,37 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         tokens = dict(self.con.execute(
             f"SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND excerpt_id IN ({ids})", [run_id]
         ).fetchall()) if rows else {}
-        out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(tokens[r[3]]), bin=r[2],
-                                activations=tuple(float(v) for v in decode(r[4], r[5])), exact_max=r[6], exact_min=r[7])
-               for r in rows if r[3] in tokens]
-        return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))
+        return _activation_records(rows, tokens, kinds)
+
+    def records_many(self, run_id: int, neurons: Sequence[tuple[int, int]],
+                     ranks: Mapping[RecordKind, int]) -> dict[NeuronId, list[ActivationRecord]]:
+        """The best `ranks[kind]` records of each kind named, of many neurons, in two queries (a job prefetches the
+        neurons it is about to start), ordered as `records` orders them."""
+        import pyarrow as pa
+
+        kinds = tuple(ranks)
+        wanted_ranks = " OR ".join("(kind = ? AND rank < ?)" for _ in kinds)
+
+        wanted = pa.table({"layer": pa.array([n[0] for n in neurons], pa.int16()),
+                           "neuron": pa.array([n[1] for n in neurons], pa.int32())})
+        cursor = self.con.cursor()  # a registered table is per connection: this one's own, closed below
+        try:
+            cursor.register("_wanted", wanted)
+            rows = cursor.execute(
+                "SELECT r.layer, r.neuron, kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records r "
+                "JOIN _wanted w ON r.layer = w.layer AND r.neuron = w.neuron "
+                f"WHERE run_id = ? AND ({wanted_ranks})", [run_id, *(v for k in kinds for v in (k, ranks[k]))]
+            ).fetchall()
+            ids = ", ".join(str(int(i)) for i in {r[5] for r in rows})
+            tokens = dict(cursor.execute(
+                f"SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND excerpt_id IN ({ids})", [run_id]
+            ).fetchall()) if rows else {}
+        finally:
+            cursor.close()
+        grouped: dict[NeuronId, list[tuple[Any, ...]]] = {NeuronId(*n): [] for n in neurons}
+        for r in rows:
+            grouped[NeuronId(int(r[0]), int(r[1]))].append(r[2:])
+        return {n: _activation_records(found, tokens, kinds) for n, found in grouped.items()}
 
     def counts(self) -> dict[str, int]:
         """Rows per table."""
@@ -374,3 +402,13 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     def checkpoint(self) -> None:
         """Flush the write-ahead log into the file (so its size is the data's size)."""
         self.con.execute("CHECKPOINT")
+
+
+def _activation_records(rows: Sequence[tuple[Any, ...]], tokens: dict[int, Sequence[str]],
+                        kinds: tuple[RecordKind, ...]) -> list[ActivationRecord]:
+    """Record rows (kind, rank, bin, excerpt_id, scale, acts, max_act, min_act) with their excerpts' tokens, ordered by
+    kind then rank (a record whose excerpt is missing is left out)."""
+    out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(tokens[r[3]]), bin=r[2],
+                            activations=tuple(decode(r[4], r[5]).tolist()), exact_max=r[6], exact_min=r[7])
+           for r in rows if r[3] in tokens]
+    return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))

@@ -1,14 +1,18 @@
-"""The store's writes of job results: neurons' explanations, simulations and scores with their job state, in one
-transaction through Arrow tables. A job saves one neuron at a time (`save_neuron`); imports and synthetic stores
-save thousands at once. Mixed into neuronscope.core.store.Store."""
+"""The store's writes of job results: neurons' explanations, simulations and scores with their job state, and the
+LLM calls that made them, in one transaction through Arrow tables. A job commits the neurons that landed since its
+last commit (`save_batch`); imports and synthetic stores save thousands at once. Nothing here grows with the
+job's size: the job's counts move by the batch's neurons instead of being recounted. Mixed into
+neuronscope.core.store.Store."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.records import Call
 from neuronscope.core.results import NeuronResult
 
 
@@ -16,13 +20,64 @@ class BulkMixin:
     con: Any
 
     def save_neurons(self, job_id: int, run_id: int, results: Sequence[NeuronResult]) -> None:
-        """Write many neurons' results and mark them done, in one transaction: the same rows `save_neuron`
-        writes for each (explanation ids from the same sequence, in the same order)."""
+        """Write many neurons' results and mark them done, in one transaction (neurons the job has not recorded)."""
+        self.save_batch(job_id, run_id, results)
+
+    def save_batch(self, job_id: int, run_id: int, results: Sequence[NeuronResult] = (),
+                   failed: Mapping[NeuronId, str] | None = None, calls: Sequence[tuple[str, Call]] = (),
+                   retried: Collection[NeuronId] = ()) -> None:
+        """One commit of a job: LLM calls to log, neurons done (their rows) and neurons failed (their errors).
+        `retried`: those of them the job had recorded as failed before (their old state is replaced); any other is
+        new to the job."""
+        failed = failed or {}
         with self.transaction():  # type: ignore[attr-defined]
-            self._write_results(job_id, run_id, results)
+            if calls:
+                self._save_calls(calls, job_id)
+            if results:
+                self._write_results(job_id, run_id, results)
+            if results or failed:
+                self._mark(job_id, [(r.layer, r.neuron, "done", "") for r in results]
+                           + [(n[0], n[1], "failed", e) for n, e in failed.items()], retried)
+
+    def _mark(self, job_id: int, states: Sequence[tuple[int, int, str, str]], retried: Collection[NeuronId]) -> None:
+        """Record neurons' job states; the job's done and failed counts move by the change."""
+        import pyarrow as pa
+
+        again = [NeuronId(layer, neuron) for layer, neuron, _, _ in states if NeuronId(layer, neuron) in retried]
+        if again:  # only failed neurons are retried (done ones are skipped), so each removes one failure
+            pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in again)
+            self.con.execute(f"DELETE FROM job_neurons WHERE job_id = ? AND (layer, neuron) IN ({pairs})", [job_id])
+        self._insert("job_neurons", "job_id, layer, neuron, state, error", pa.table({
+            "job_id": pa.array([job_id] * len(states), pa.int64()),
+            "layer": pa.array([s[0] for s in states], pa.int16()),
+            "neuron": pa.array([s[1] for s in states], pa.int32()),
+            "state": pa.array([s[2] for s in states], pa.string()),
+            "error": pa.array([s[3] for s in states], pa.string()),
+        }))
+        done = sum(s[2] == "done" for s in states)
+        self.con.execute("UPDATE jobs SET done = done + ?, failed = failed + ?, updated_at = current_timestamp "
+                         "WHERE job_id = ?", [done, len(states) - done - len(again), job_id])
+
+    def _save_calls(self, calls: Sequence[tuple[str, Call]], job_id: int | None) -> None:
+        """Append LLM calls to the log."""
+        import pyarrow as pa
+
+        self._insert("llm_calls", "cache_key, backend, model, kind, prompt, response, prompt_tokens, completion_tokens, "
+                     "latency_s, job_id", pa.table({
+                         "cache_key": pa.array([k for k, _ in calls], pa.string()),
+                         "backend": pa.array([c.backend for _, c in calls], pa.string()),
+                         "model": pa.array([c.model for _, c in calls], pa.string()),
+                         "kind": pa.array([c.kind for _, c in calls], pa.string()),
+                         "prompt": pa.array([c.prompt for _, c in calls], pa.string()),
+                         "response": pa.array([c.response for _, c in calls], pa.string()),
+                         "prompt_tokens": pa.array([c.prompt_tokens for _, c in calls], pa.int32()),
+                         "completion_tokens": pa.array([c.completion_tokens for _, c in calls], pa.int32()),
+                         "latency_s": pa.array([c.latency_s for _, c in calls], pa.float64()),
+                         "job_id": pa.array([job_id] * len(calls), pa.int64()),
+                     }))
 
     def _write_results(self, job_id: int, run_id: int, results: Sequence[NeuronResult]) -> None:
-        """save_neurons' rows, in the caller's transaction."""
+        """The results' explanations, simulations and scores, in the caller's transaction."""
         import pyarrow as pa
 
         pairs = [(r, ex) for r in results for ex in r.explanations]
@@ -76,15 +131,6 @@ class BulkMixin:
                              "n": pa.array([s.n for *_, s in scores], pa.int32()),
                              "flags": pa.array([s.flags for *_, s in scores], pa.string()),
                          }))
-        keys = pa.table({"layer": pa.array([r.layer for r in results], pa.int16()),
-                         "neuron": pa.array([r.neuron for r in results], pa.int32())})
-        self.con.register("_done_in", keys)
-        self.con.execute("DELETE FROM job_neurons j USING _done_in d WHERE j.job_id = ? AND j.layer = d.layer "
-                         "AND j.neuron = d.neuron", [job_id])
-        self.con.execute("INSERT INTO job_neurons (job_id, layer, neuron, state, error) "
-                         "SELECT DISTINCT ?, layer, neuron, 'done', '' FROM _done_in", [job_id])
-        self.con.unregister("_done_in")
-        self._count_job(job_id)  # type: ignore[attr-defined]
 
     def _insert(self, table: str, columns: str, data: Any) -> None:
         self.con.register("_bulk_in", data)

@@ -9,8 +9,7 @@ from typing import Any
 
 from neuronscope.core.choices import ASCENDING, Order
 from neuronscope.core.ids import NeuronId
-from neuronscope.core.records import Call
-from neuronscope.core.results import NeuronResult, NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
+from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
 from neuronscope.core.store.runs import this_owner
 
 #: Statistics a neuron filter may name, and their columns.
@@ -116,24 +115,6 @@ class ExplanationsMixin:
                 job["state"] = "interrupted"
         return out
 
-    def fail_neuron(self, job_id: int, layer: int, neuron: int, error: str) -> None:
-        """Record a neuron the job could not finish (a rerun retries it)."""
-        with self.transaction():  # type: ignore[attr-defined]
-            self.con.execute("DELETE FROM job_neurons WHERE job_id = ? AND layer = ? AND neuron = ?", [job_id, layer, neuron])
-            self.con.execute("INSERT INTO job_neurons (job_id, layer, neuron, state, error) VALUES (?, ?, ?, 'failed', ?)",
-                             [job_id, layer, neuron, error])
-            self._count_job(job_id)
-
-    def _count_job(self, job_id: int) -> None:
-        self.con.execute(
-            "UPDATE jobs SET done = (SELECT count(*) FROM job_neurons WHERE job_id = ? AND state = 'done'), "
-            "failed = (SELECT count(*) FROM job_neurons WHERE job_id = ? AND state = 'failed'), "
-            "updated_at = current_timestamp WHERE job_id = ?", [job_id, job_id, job_id])
-
-    def save_neuron(self, job_id: int, run_id: int, result: NeuronResult) -> None:
-        """Write a neuron's explanations, simulations and scores, and mark it done, in one transaction."""
-        self.save_neurons(job_id, run_id, [result])  # type: ignore[attr-defined]
-
     def mark_stale_jobs(self) -> None:
         """Jobs left 'running' by a process that no longer exists become 'interrupted'."""
         for job_id, pid in self.con.execute("SELECT job_id, pid FROM jobs WHERE state = 'running'").fetchall():
@@ -145,14 +126,6 @@ class ExplanationsMixin:
         """The response of a logged call with this cache key."""
         rows = self._cursor().execute("SELECT response FROM llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
         return rows[0][0] if rows else None
-
-    def save_call(self, key: str, call: Call, job_id: int | None) -> None:
-        """Append a call to the log (committed at once: a later rerun finds it)."""
-        self._cursor().execute(
-            "INSERT INTO llm_calls (cache_key, backend, model, kind, prompt, response, prompt_tokens, completion_tokens, "
-            "latency_s, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [key, call.backend, call.model, call.kind, call.prompt, call.response, call.prompt_tokens,
-             call.completion_tokens, call.latency_s, job_id])
 
     def call_totals(self, job_id: int | None = None) -> tuple[int, int]:
         """(calls, tokens) logged, for one job or all."""

@@ -38,6 +38,8 @@ class JobHandle:
     done: int = 0
     total: int = 0
     failures: list[tuple[NeuronId, str]] = field(default_factory=list)
+    concurrency: int | None = None
+    """Requests in flight (None: NEURONSCOPE_CONCURRENCY, else the backends' default)."""
     updates: int = 0
     """Progress messages posted (at most about 1 / PROGRESS_INTERVAL a second)."""
 
@@ -170,7 +172,7 @@ class JobsPanel(VerticalScroll):
                       backend_factory=lambda spec: make_backend(spec, status=status, **backend_options))
             handle.state = "running"
             self.post_message(self.Progress(handle, "loading models…"))
-            report = job.run(progress=progress, stop=handle.stop, landed=landed)
+            report = job.run(progress=progress, stop=handle.stop, landed=landed, concurrency=handle.concurrency)
             handle.state = "cancelled" if report.state == "interrupted" else report.state
             self.post_message(self.Finished(handle, report.message if report.state == "stopped" else ""))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the user in the error modal
