@@ -360,3 +360,15 @@ def test_store_in_use_by_another_process(tmp_path, read_only) -> None:  # type: 
         child.wait()
     with Store.open(path) as store:  # free again once the other process is gone
         assert store.runs() == []
+
+
+def test_records_decoded_together_equal_one_at_a_time() -> None:
+    """decode_many (a job's prefetch) gives each record exactly what decode gives it, one length or mixed."""
+    from neuronscope.core.store.rows import decode, decode_many
+
+    rng = np.random.default_rng(0)
+    for widths in ([16] * 40, [16, 8, 16, 3]):
+        blobs = [rng.integers(-127, 128, w, dtype=np.int8).tobytes() for w in widths]
+        scales = rng.uniform(0.01, 30, len(widths)).tolist()
+        assert decode_many(scales, blobs) == [decode(s, b).tolist() for s, b in zip(scales, blobs)]
+    assert decode_many([], []) == []

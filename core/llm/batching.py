@@ -171,28 +171,25 @@ class Batcher(Generic[P, R]):
                 self._execute(batch)
                 batch = []
             # Stopped: what is left fails, so no caller waits forever.
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    pending.append(item)  # type: ignore[arg-type]
-            for row in pending:
+            for row in pending + self._drain():
                 _fail(row, BatcherClosed(f"{self.name} closed before this work ran"))
         except BaseException as err:  # the worker itself broke: fail everything instead of leaving callers hanging
             with self._lock:
                 self._closed = True
-            for row in batch + pending:
+            for row in batch + pending + self._drain():
                 _fail(row, err)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    _fail(item, err)  # type: ignore[arg-type]
             raise
+
+    def _drain(self) -> list[_Row[P, R]]:
+        """The rows still queued (the stop marker left out)."""
+        rows: list[_Row[P, R]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rows
+            if item is not _STOP:
+                rows.append(item)  # type: ignore[arg-type]
 
     def _gather(self, pending: list[_Row[P, R]]) -> bool:
         """Take queued rows, waiting up to `linger` for each next one (`max_linger` in all) until the head's group

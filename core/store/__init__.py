@@ -25,7 +25,7 @@ from neuronscope.core.store.bulk import BulkMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
-from neuronscope.core.store.rows import decode, lists, record_rows
+from neuronscope.core.store.rows import decode_many, lists, record_rows
 from neuronscope.core.store.runs import RunsMixin
 from neuronscope.core.store.schema import (
     INDEXES,
@@ -352,9 +352,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         # Then the tokens of just those excerpts, named as an IN list of constants (integers read from the store)
         # so the excerpt_ids index serves it: a third of the time of a join at 100,000 excerpts.
         ids = ", ".join(str(int(r[3])) for r in rows)
-        tokens = dict(self.con.execute(
+        tokens = {e: tuple(t) for e, t in self.con.execute(
             f"SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND excerpt_id IN ({ids})", [run_id]
-        ).fetchall()) if rows else {}
+        ).fetchall()} if rows else {}
         return _activation_records(rows, tokens, kinds)
 
     def records_many(self, run_id: int, neurons: Sequence[tuple[int, int]],
@@ -377,9 +377,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 f"WHERE run_id = ? AND ({wanted_ranks})", [run_id, *(v for k in kinds for v in (k, ranks[k]))]
             ).fetchall()
             ids = ", ".join(str(int(i)) for i in {r[5] for r in rows})
-            tokens = dict(cursor.execute(
+            tokens = {e: tuple(t) for e, t in cursor.execute(
                 f"SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ? AND excerpt_id IN ({ids})", [run_id]
-            ).fetchall()) if rows else {}
+            ).fetchall()} if rows else {}
         finally:
             cursor.close()
         grouped: dict[NeuronId, list[tuple[Any, ...]]] = {NeuronId(*n): [] for n in neurons}
@@ -404,11 +404,13 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.con.execute("CHECKPOINT")
 
 
-def _activation_records(rows: Sequence[tuple[Any, ...]], tokens: dict[int, Sequence[str]],
+def _activation_records(rows: Sequence[tuple[Any, ...]], tokens: dict[int, tuple[str, ...]],
                         kinds: tuple[RecordKind, ...]) -> list[ActivationRecord]:
-    """Record rows (kind, rank, bin, excerpt_id, scale, acts, max_act, min_act) with their excerpts' tokens, ordered by
-    kind then rank (a record whose excerpt is missing is left out)."""
-    out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tuple(tokens[r[3]]), bin=r[2],
-                            activations=tuple(decode(r[4], r[5]).tolist()), exact_max=r[6], exact_min=r[7])
-           for r in rows if r[3] in tokens]
+    """Record rows (kind, rank, bin, excerpt_id, scale, acts, max_act, min_act) with their excerpts' tokens (one
+    tuple shared by all the records of an excerpt), ordered by kind then rank (a record whose excerpt is missing is
+    left out)."""
+    kept = [r for r in rows if r[3] in tokens]
+    out = [ActivationRecord(kind=r[0], rank=r[1], excerpt_id=r[3], tokens=tokens[r[3]], bin=r[2],
+                            activations=tuple(values), exact_max=r[6], exact_min=r[7])
+           for r, values in zip(kept, decode_many([r[4] for r in kept], [r[5] for r in kept]))]
     return sorted(out, key=lambda rec: (kinds.index(rec.kind), rec.rank))
