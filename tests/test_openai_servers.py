@@ -329,3 +329,23 @@ def test_requests_before_the_probe_make_no_request(servers: list[FakeOpenAI]) ->
     b2.bind(LookupOnlyLog(b.log))
     (payload, _, _), = b2.requests("simulate", "cats", EXCERPTS)
     assert b2.is_cached("simulate", payload) and server.count() == sent and b2.echo_shift == 1
+
+
+def test_http_clients_stay_bounded_over_many_calls(servers: list[FakeOpenAI]) -> None:
+    """Each thread has its own HTTP client; the chat route's fan-out reuses one pool's threads, so a long job opens
+    a bounded number of clients, however many calls it makes."""
+    server = servers[0]
+
+    def digits(body: Any) -> Reply:
+        slots = [line[:-1] for line in body["messages"][-1]["content"].splitlines() if line.endswith("\t?")]
+        return chat_answer("".join(f"{line}{len(line) % 10}\n" for line in slots))
+
+    server.on(CHAT, digits)
+    b = backend(server.url, mode="chat-digits", concurrency=4)
+    try:
+        for call in range(30):
+            b.simulate(f"call {call}", EXCERPTS)
+        assert server.count(CHAT) == 30 * len(EXCERPTS)
+        assert len(b._clients) <= 4 + 1  # the pool's threads, and this one's
+    finally:
+        b.close()

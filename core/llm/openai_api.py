@@ -222,6 +222,7 @@ class OpenAIBackend(Backend):
         self._servers = [_Server(url) for url in self.urls]
         self._local = threading.local()
         self._clients: list[openai.OpenAI] = []
+        self._pool: ThreadPoolExecutor | None = None
 
     def _client(self, url: str) -> openai.OpenAI:
         """This thread's client of a server. Each thread has its own, with its own connection pool: threads sharing
@@ -379,15 +380,19 @@ class OpenAIBackend(Backend):
 
     def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """fn over items, in order; in parallel (up to `concurrency` threads, CALL_THREADS at most) when several."""
-        workers = min(self.concurrency, len(items), CALL_THREADS)
-        if workers <= 1:
+        if min(self.concurrency, len(items), CALL_THREADS) <= 1:
             return [fn(x) for x in items]
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronscope-openai")
+        with self._lock:  # one pool for the backend's life: its threads keep their HTTP clients (`_client`)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(self.concurrency, CALL_THREADS),
+                                                thread_name_prefix="neuronscope-openai")
+            pool = self._pool
+        futures = [pool.submit(fn, x) for x in items]
         try:
-            futures = [pool.submit(fn, x) for x in items]
             return [f.result() for f in futures]
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
 
     # -- dry runs -----------------------------------------------------------------------------------
     def requests(self, kind: str, *args: Any) -> list[tuple[Any, int, int]]:
@@ -716,5 +721,8 @@ class OpenAIBackend(Backend):
     def close(self) -> None:
         with self._lock:
             clients, self._clients = self._clients, []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for client in clients:
             client.close()
