@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -48,10 +47,11 @@ from neuronscope.core.errors import InputError, NeuronError
 from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
 from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId, layers_text
+from neuronscope.core.jobs.landing import COMMIT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
-from neuronscope.core.records import ActivationRecord, Call, RunInfo
+from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
 
@@ -70,16 +70,6 @@ class JobStopped(JobError):
     """A job stopped early because a systematic failure hit FAIL_FAST neurons in a row; the same command resumes it."""
 
 
-class JobCancelled(Exception):
-    """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
-
-
-#: Called after each neuron of a job lands (is committed): the neuron and its error ('' when it succeeded).
-Landed = Callable[[NeuronId, str], None]
-
-#: What lands is committed at most this often (and whenever COMMIT_NEURONS wait), with the calls made meanwhile.
-COMMIT_SECONDS = 0.25
-COMMIT_NEURONS = 512
 #: Neurons are shuffled into partners, and their records read in one query ahead of their start, in blocks of
 #: this many consecutive neurons of the job.
 BLOCK = 256
@@ -184,41 +174,6 @@ class Plan:
     """Completion tokens (at most)."""
     cost: float | None
     """Dollars, where every backend's price is known."""
-
-
-class StoreCallLog(CallLog):
-    """The call log in the store: lookups read the calls not committed yet, then `llm_calls` (each thread on its own
-    cursor); new calls wait in memory for the job's next commit (`take`, then `committed`)."""
-
-    def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None,
-                 stop: threading.Event | None = None) -> None:
-        super().__init__(max_tokens)
-        self.store = store
-        self.job_id = job_id
-        self.stop = stop
-        self._pending: dict[str, Call] = {}
-
-    def lookup(self, key: str) -> str | None:
-        if self.stop is not None and self.stop.is_set():
-            raise JobCancelled("cancelled")
-        with self._lock:
-            call = self._pending.get(key)
-        return call.response if call is not None else self.store.lookup_call(key)
-
-    def save(self, key: str, call: Call) -> None:
-        with self._lock:
-            self._pending[key] = call
-
-    def take(self) -> list[tuple[str, Call]]:
-        """The calls to commit now (they stay answerable from memory until `committed`)."""
-        with self._lock:
-            return list(self._pending.items())
-
-    def committed(self, calls: Sequence[tuple[str, Call]]) -> None:
-        """The calls are in the store: drop them from memory."""
-        with self._lock:
-            for key, _ in calls:
-                self._pending.pop(key, None)
 
 
 class Job:
@@ -491,7 +446,7 @@ class Job:
             self.prepare()
         workers = self.concurrency(concurrency)
         log.set_concurrency(workers)
-        landing = _Landing(self.store, job_id, self.run_info.run_id, log, retried, landed)
+        landing = Landing(self.store, job_id, self.run_info.run_id, log, retried, landed)
         done = len(self.neurons) - len(todo)
         progress("neurons", done, len(self.neurons))
         state, message = "running", ""
@@ -608,52 +563,6 @@ class Job:
             self.log, self._tally = CallLog(), None
             self._planned.clear()
         return Plan(len(todo), tally.calls, tally.cached, tally.prompt_tokens, tally.completion_tokens, tally.cost)
-
-
-class _Landing:
-    """What landed since the last commit, committed together (with the calls made meanwhile) when due."""
-
-    def __init__(self, store: Store, job_id: int, run_id: int, log: StoreCallLog, retried: set[NeuronId],
-                 landed: Landed | None) -> None:
-        self.store, self.job_id, self.run_id, self.log = store, job_id, run_id, log
-        self.retried, self.landed = retried, landed
-        self.results: list[NeuronResult] = []
-        self.failed: dict[NeuronId, str] = {}
-        self.last = time.monotonic()
-        self.failures = 0  # neurons failed in this session
-        self.recovered = 0  # neurons failed before and done now
-
-    def done(self, result: NeuronResult) -> None:
-        self.results.append(result)
-
-    def fail(self, neuron: NeuronId, error: str) -> None:
-        self.failed[neuron] = error
-
-    def commit_if_due(self) -> None:
-        if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= COMMIT_SECONDS:
-            self.commit()
-
-    def commit(self) -> None:
-        """Commit what landed and the calls made, in one transaction; then tell `landed`."""
-        calls = self.log.take()
-        self.last = time.monotonic()
-        if not (calls or self.results or self.failed):
-            return
-        results, failed = self.results, self.failed
-        self.results, self.failed = [], {}
-        self.store.save_batch(self.job_id, self.run_id, results, failed, calls, self.retried)
-        self.log.committed(calls)
-        self.failures += len(failed)
-        self.recovered += sum(NeuronId(r.layer, r.neuron) in self.retried for r in results)
-        if self.landed is not None:
-            for r in results:
-                self.landed(NeuronId(r.layer, r.neuron), "")
-            for neuron, error in failed.items():
-                self.landed(neuron, error)
-
-    def any_failed(self) -> bool:
-        """Whether the job has failed neurons (earlier sessions' not done since, or this one's)."""
-        return self.failures > 0 or self.recovered < len(self.retried)
 
 
 def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Selection, **options: Any) -> JobReport:

@@ -1,0 +1,106 @@
+"""How a job's work reaches the store: the call log that keeps new calls until their commit, and the batch of
+neurons that landed since the last commit, written with those calls in one transaction (neuronscope.core.jobs.engine
+runs the neurons)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.llm.base import CallLog
+from neuronscope.core.records import Call
+from neuronscope.core.results import NeuronResult
+from neuronscope.core.store import Store
+
+
+class JobCancelled(Exception):
+    """Raised at the next LLM call once a job's stop event is set (so a cancel need not wait for a whole neuron)."""
+
+
+#: Called after each neuron of a job lands (is committed): the neuron and its error ('' when it succeeded).
+Landed = Callable[[NeuronId, str], None]
+
+#: What lands is committed at most this often (and whenever COMMIT_NEURONS wait), with the calls made meanwhile.
+COMMIT_SECONDS = 0.25
+COMMIT_NEURONS = 512
+class StoreCallLog(CallLog):
+    """The call log in the store: lookups read the calls not committed yet, then `llm_calls` (each thread on its own
+    cursor); new calls wait in memory for the job's next commit (`take`, then `committed`)."""
+
+    def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None,
+                 stop: threading.Event | None = None) -> None:
+        super().__init__(max_tokens)
+        self.store = store
+        self.job_id = job_id
+        self.stop = stop
+        self._pending: dict[str, Call] = {}
+
+    def lookup(self, key: str) -> str | None:
+        if self.stop is not None and self.stop.is_set():
+            raise JobCancelled("cancelled")
+        with self._lock:
+            call = self._pending.get(key)
+        return call.response if call is not None else self.store.lookup_call(key)
+
+    def save(self, key: str, call: Call) -> None:
+        with self._lock:
+            self._pending[key] = call
+
+    def take(self) -> list[tuple[str, Call]]:
+        """The calls to commit now (they stay answerable from memory until `committed`)."""
+        with self._lock:
+            return list(self._pending.items())
+
+    def committed(self, calls: Sequence[tuple[str, Call]]) -> None:
+        """The calls are in the store: drop them from memory."""
+        with self._lock:
+            for key, _ in calls:
+                self._pending.pop(key, None)
+
+
+class Landing:
+    """What landed since the last commit, committed together (with the calls made meanwhile) when due."""
+
+    def __init__(self, store: Store, job_id: int, run_id: int, log: StoreCallLog, retried: set[NeuronId],
+                 landed: Landed | None) -> None:
+        self.store, self.job_id, self.run_id, self.log = store, job_id, run_id, log
+        self.retried, self.landed = retried, landed
+        self.results: list[NeuronResult] = []
+        self.failed: dict[NeuronId, str] = {}
+        self.last = time.monotonic()
+        self.failures = 0  # neurons failed in this session
+        self.recovered = 0  # neurons failed before and done now
+
+    def done(self, result: NeuronResult) -> None:
+        self.results.append(result)
+
+    def fail(self, neuron: NeuronId, error: str) -> None:
+        self.failed[neuron] = error
+
+    def commit_if_due(self) -> None:
+        if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit what landed and the calls made, in one transaction; then tell `landed`."""
+        calls = self.log.take()
+        self.last = time.monotonic()
+        if not (calls or self.results or self.failed):
+            return
+        results, failed = self.results, self.failed
+        self.results, self.failed = [], {}
+        self.store.save_batch(self.job_id, self.run_id, results, failed, calls, self.retried)
+        self.log.committed(calls)
+        self.failures += len(failed)
+        self.recovered += sum(NeuronId(r.layer, r.neuron) in self.retried for r in results)
+        if self.landed is not None:
+            for r in results:
+                self.landed(NeuronId(r.layer, r.neuron), "")
+            for neuron, error in failed.items():
+                self.landed(neuron, error)
+
+    def any_failed(self) -> bool:
+        """Whether the job has failed neurons (earlier sessions' not done since, or this one's)."""
+        return self.failures > 0 or self.recovered < len(self.retried)
