@@ -194,8 +194,11 @@ def test_resumed_and_overlapping_jobs_plan_from_the_log(mode: str, choice: str, 
     settings = JobSettings(kind="run", explainer=spec, simulator=spec, simulation=mode,  # type: ignore[arg-type]
                            scorers=("detection", "fuzzing"), sizes=SIZES, **CHOICES[choice])
 
+    landed: list[int] = []
+
     def interrupt_after_one(stage: str, done: int, total: int) -> None:
-        if stage == "neurons" and done == 1:
+        if stage == "neurons" and done >= 1:  # one commit may land more than one neuron
+            landed.append(done)
             raise KeyboardInterrupt
 
     with Store.open(_copy(dry_store, tmp_path)) as store:
@@ -207,7 +210,7 @@ def test_resumed_and_overlapping_jobs_plan_from_the_log(mode: str, choice: str, 
             job.close()
         assert _rows(store) > 0
         plan, report = plan_then_run(store, settings, limit=3)
-        assert plan.neurons == 2 and report.done == 3
+        assert landed[0] < 3 and plan.neurons == 3 - landed[0] and report.done == 3
         assert (plan.calls, plan.cached) == (report.new_calls, report.cache_hits) and plan.cached > 0
         assert plan.cost == 0.0  # a local model is free
         # A wider job: its first three neurons are all in the log.

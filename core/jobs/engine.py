@@ -504,10 +504,10 @@ class Job:
                     else:
                         landing.done(result)
                         streak, cause, probing = 0, "", False
-                    done += 1
-                    progress("neurons", done, len(self.neurons))
-                landing.commit_if_due()
-            landing.commit()
+                if landing.commit_if_due():  # progress counts committed neurons: what a kill -9 would keep
+                    progress("neurons", done + landing.count, len(self.neurons))
+            if landing.commit():
+                progress("neurons", done + landing.count, len(self.neurons))
         except BaseException:
             cancel.set()  # workers stop at their next call; the requests in flight are waited for (a second Ctrl-C
             try:          # stops waiting), so their answers are logged and the neurons they finish land

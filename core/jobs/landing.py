@@ -72,6 +72,7 @@ class Landing:
         self.last = time.monotonic()
         self.failures = 0  # neurons failed in this session
         self.recovered = 0  # neurons failed before and done now
+        self.count = 0  # neurons committed in this session, done or failed
 
     def done(self, result: NeuronResult) -> None:
         self.results.append(result)
@@ -79,27 +80,31 @@ class Landing:
     def fail(self, neuron: NeuronId, error: str) -> None:
         self.failed[neuron] = error
 
-    def commit_if_due(self) -> None:
+    def commit_if_due(self) -> bool:
+        """Commit if enough waits or the last commit is old enough; whether any neuron was committed."""
         if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= COMMIT_SECONDS:
-            self.commit()
+            return self.commit()
+        return False
 
-    def commit(self) -> None:
-        """Commit what landed and the calls made, in one transaction; then tell `landed`."""
+    def commit(self) -> bool:
+        """Commit what landed and the calls made, in one transaction; then tell `landed`. Whether any neuron was."""
         calls = self.log.take()
         self.last = time.monotonic()
         if not (calls or self.results or self.failed):
-            return
+            return False
         results, failed = self.results, self.failed
         self.results, self.failed = [], {}
         self.store.save_batch(self.job_id, self.run_id, results, failed, calls, self.retried)
         self.log.committed(calls)
         self.failures += len(failed)
+        self.count += len(results) + len(failed)
         self.recovered += sum(NeuronId(r.layer, r.neuron) in self.retried for r in results)
         if self.landed is not None:
             for r in results:
                 self.landed(NeuronId(r.layer, r.neuron), "")
             for neuron, error in failed.items():
                 self.landed(neuron, error)
+        return bool(results or failed)
 
     def any_failed(self) -> bool:
         """Whether the job has failed neurons (earlier sessions' not done since, or this one's)."""
