@@ -19,7 +19,7 @@ from textual.widgets import Footer, Header, Input
 from neuronscope.core.choices import ASCENDING
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
-from neuronscope.core.store import Store, StoreError
+from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
 from neuronscope.tui.commands import NeuronCommands
 from neuronscope.tui.render import visible
@@ -35,6 +35,8 @@ SORTS = tuple((order, order not in ASCENDING) for order in BROWSE_ORDERS)
 CONFIRM_ABOVE = 50
 #: Seconds between table reloads while results land.
 RELOAD_INTERVAL = 0.25
+#: How often the app looks for what jobs in other processes landed.
+SPOOL_INTERVAL = 2.0
 #: Actions that act on the table, not offered on a neuron's screen.
 TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark"}
 
@@ -87,6 +89,7 @@ class NeuronscopeApp(App[None]):
         self.sort_index = 0
         self.quitting = False
         self._dirty: set[NeuronId] = set()
+        self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
         self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
     def compose(self) -> ComposeResult:
@@ -107,6 +110,7 @@ class NeuronscopeApp(App[None]):
     def on_mount(self) -> None:
         self.table.focus()
         self.set_interval(RELOAD_INTERVAL, self._reload_landed)
+        self.set_interval(SPOOL_INTERVAL, self._reload_spooled)
         if self.start_job:
             # The job takes the most selective neurons: show them first, so their results land in view.
             self.sort_index = next(i for i, (order, _) in enumerate(SORTS) if order == "selectivity")
@@ -267,12 +271,7 @@ class NeuronscopeApp(App[None]):
         self.push_screen(question, lambda yes: self.start(settings, neurons, scope) if yes else None)
 
     def start(self, settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> None:
-        """Start a job in a worker, reopening the store for writing first if it is still read-only."""
-        try:
-            self.store.make_writable()
-        except StoreError as exc:
-            self.push_screen(MessageScreen("cannot start the job", [Text(str(exc))]))
-            return
+        """Start a job in a worker (it writes beside the store, which other processes may have open too)."""
         handle = JobHandle(settings, neurons, job_label(settings, neurons, scope), concurrency=self.concurrency)
         self.jobs.start(self.store, self.run_info, handle, dict(self.backend_options))
         self.refresh_bindings()
@@ -287,6 +286,18 @@ class NeuronscopeApp(App[None]):
         self._dirty.add(message.neuron)
         if message.error:
             self.notify(f"{message.neuron} failed: {visible(message.error)}", severity="error", markup=False)
+
+    def _reload_spooled(self) -> None:
+        """Show what jobs in other processes landed since the last look (they write beside the store)."""
+        self.store.refresh()
+        seen = self.store.shared.seq if self.store.shared is not None else 0
+        if seen == self._spool_seen:
+            return
+        self._spool_seen = seen
+        self.table.reload()
+        for screen in self.screen_stack:
+            if isinstance(screen, NeuronScreen):
+                screen.reload()
 
     def _reload_landed(self) -> None:
         """Show the neurons that landed since the last tick (rate-limited, so fast backends stay smooth)."""

@@ -17,7 +17,7 @@ from rich.text import Text
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
-from neuronscope.core.store import DEFAULT_STORE, Store
+from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
 from neuronscope.tui.cli_store import cmd_clean, cmd_info, cmd_merge
 from neuronscope.tui.console import (
     EXIT_ERROR,
@@ -186,6 +186,10 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
         raise InputError("the explorer needs a terminal: run it in one, or read the store with `neuronscope top`, "
                         "`show L/N` or `info`")
     app.run()
+    try:  # fold what the app's jobs wrote beside the store, unless another process has it open
+        Store.settle(app.store.path)
+    except StoreError as exc:
+        err.print(Text(f"the store stays as it is, with the app's results beside it: {exc}"), soft_wrap=True)
     return 0
 
 

@@ -166,7 +166,10 @@ def cmd_job(args: argparse.Namespace) -> int:
     env_concurrency()  # a bad NEURONSCOPE_CONCURRENCY fails before the store is opened
     for spec in {settings.explainer, settings.simulator}:
         parse_spec(spec)  # a bad spec fails before the store is opened or a model loads
-    with Store.open(args.store, create=False) as store:
+    # The job opens the store read-only and writes its results beside it (neuronscope.core.store.spool), so the app,
+    # `show`, `info` and other jobs can open it meanwhile; what is beside it is folded in when nobody else has it.
+    Store.settle(args.store)
+    with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         selection = _selection(args, run)
         job = Job(store, run, settings, selection, backend_factory=lambda spec: make_backend(
@@ -189,8 +192,8 @@ def cmd_job(args: argparse.Namespace) -> int:
                 report = job.run(progress=progress, max_tokens=args.max_tokens, concurrency=args.concurrency)
         finally:
             job.close()
-        store.checkpoint()
         rows = store.summaries(run.run_id, job_id=report.job_id)
+    Store.settle(args.store)
     if rows and settings.kind != "explain":
         out.print(Text(f"Run {run.run_id}, job {report.job_id}: test-split scores (Pearson r, 95% bootstrap interval)",
                        style="bold"), soft_wrap=True)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -47,13 +48,15 @@ from neuronscope.core.errors import InputError, NeuronError
 from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
 from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId, layers_text
-from neuronscope.core.jobs.landing import COMMIT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
+from neuronscope.core.jobs.claims import Blocks
+from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
 from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
+from neuronscope.core.store.shared import now
 
 if TYPE_CHECKING:
     from neuronscope.core.explanation.embedding import Embedder
@@ -433,6 +436,7 @@ class Job:
         found = self.store.find_job(self.key)
         if found and found[1] == "complete":
             return self._report(found[0], "complete", CallLog(), "")
+        since = now()  # neurons another process fails from now on are its to retry, not this one's
         job_id = found[0] if found else self.store.create_job(self.run_info.run_id, self.settings.kind, self.params,
                                                                self.key, len(self.neurons))
         self.store.set_job_state(job_id, "running")
@@ -446,7 +450,8 @@ class Job:
             self.prepare()
         workers = self.concurrency(concurrency)
         log.set_concurrency(workers)
-        landing = Landing(self.store, job_id, self.run_info.run_id, log, retried, landed)
+        landing = Landing(self.store, job_id, self.run_info.run_id, log, retried, landed,
+                          every=COMMIT_SECONDS if self.store.shared is None else SEGMENT_SECONDS)
         done = len(self.neurons) - len(todo)
         progress("neurons", done, len(self.neurons))
         state, message = "running", ""
@@ -455,12 +460,8 @@ class Job:
         # systematic failure, until a neuron lands without one: a dead server or a bad key costs FAIL_FAST neurons'
         # requests, not a full window's.
         probing = True
-        # Blocks in the job's order; in a block, each neuron right after its partner (its cycle backwards), so the
-        # partner's explanation, which its shuffled control needs, is on its way or done when it is asked for.
-        pending = set(todo)
-        queue = iter([[i for i in reversed(cycle) if i in pending] for cycle in self._cycles()])
-        del pending
-        chunk: list[int] | None = []  # the block being started, and its records
+        blocks = Blocks(self.store, job_id, self.neurons, self._cycles(), todo, since)
+        chunk: list[int] = []  # the block being started, and its records
         records: dict[NeuronId, list[ActivationRecord]] = {}
         inflight: dict[Future[NeuronResult], int] = {}
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronscope-job")
@@ -472,16 +473,20 @@ class Job:
                 window = max(FAIL_FAST - streak, 1) if probing else 2 * workers
                 while state == "running" and len(inflight) < window:
                     if not chunk:
-                        chunk = next(queue, None)
-                        if chunk is None:
+                        chunk = blocks.next()
+                        if not chunk:
                             break
-                        records = self._prefetch(chunk) if chunk else {}
+                        records = self._prefetch(chunk)
                     take = chunk[:window - len(inflight)] if probing else chunk
                     chunk = chunk[len(take):]
                     inflight.update({pool.submit(self.process, i, records): i for i in take})
-                if not inflight:
+                if inflight:
+                    finished, _ = wait(inflight, timeout=COMMIT_SECONDS, return_when=FIRST_COMPLETED)
+                elif blocks.finished or state != "running":
                     break
-                finished, _ = wait(inflight, timeout=COMMIT_SECONDS, return_when=FIRST_COMPLETED)
+                else:  # the blocks left are another process's for now: theirs are done when it lets them go
+                    finished = set()
+                    time.sleep(COMMIT_SECONDS)
                 for future in finished:
                     neuron = self.neurons[inflight.pop(future)]
                     try:
@@ -506,6 +511,7 @@ class Job:
                         streak, cause, probing = 0, "", False
                 if landing.commit_if_due():  # progress counts committed neurons: what a kill -9 would keep
                     progress("neurons", done + landing.count, len(self.neurons))
+                    blocks.committed(landing.last_committed)
             if landing.commit():
                 progress("neurons", done + landing.count, len(self.neurons))
         except BaseException:
@@ -523,6 +529,7 @@ class Job:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            blocks.release_all()
             for reader in self._opened:
                 reader.close()
             self._opened.clear()

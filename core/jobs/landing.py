@@ -22,8 +22,11 @@ class JobCancelled(Exception):
 #: Called after each neuron of a job lands (is committed): the neuron and its error ('' when it succeeded).
 Landed = Callable[[NeuronId, str], None]
 
-#: What lands is committed at most this often (and whenever COMMIT_NEURONS wait), with the calls made meanwhile.
+#: What lands is committed at most this often (and whenever COMMIT_NEURONS wait), with the calls made meanwhile;
+#: into the spool beside a store that others share (neuronscope.core.store.spool), less often, as each commit is
+#: a segment there that every reader reads until the next writable open folds them.
 COMMIT_SECONDS = 0.25
+SEGMENT_SECONDS = 2.0
 COMMIT_NEURONS = 512
 class StoreCallLog(CallLog):
     """The call log in the store: lookups read the calls not committed yet, then `llm_calls` (each thread on its own
@@ -64,8 +67,10 @@ class Landing:
     """What landed since the last commit, committed together (with the calls made meanwhile) when due."""
 
     def __init__(self, store: Store, job_id: int, run_id: int, log: StoreCallLog, retried: set[NeuronId],
-                 landed: Landed | None) -> None:
+                 landed: Landed | None, *, every: float = COMMIT_SECONDS) -> None:
         self.store, self.job_id, self.run_id, self.log = store, job_id, run_id, log
+        self.every = every
+        self.last_committed: list[NeuronId] = []  # the neurons of the latest commit
         self.retried, self.landed = retried, landed
         self.results: list[NeuronResult] = []
         self.failed: dict[NeuronId, str] = {}
@@ -82,7 +87,7 @@ class Landing:
 
     def commit_if_due(self) -> bool:
         """Commit if enough waits or the last commit is old enough; whether any neuron was committed."""
-        if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= COMMIT_SECONDS:
+        if len(self.results) + len(self.failed) >= COMMIT_NEURONS or time.monotonic() - self.last >= self.every:
             return self.commit()
         return False
 
@@ -98,6 +103,7 @@ class Landing:
         self.log.committed(calls)
         self.failures += len(failed)
         self.count += len(results) + len(failed)
+        self.last_committed = [NeuronId(r.layer, r.neuron) for r in results] + list(failed)
         self.recovered += sum(NeuronId(r.layer, r.neuron) in self.retried for r in results)
         if self.landed is not None:
             for r in results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,21 +33,29 @@ from neuronscope.core.store.schema import (
     OWNER_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
+    StoreBusy,
     StoreError,
     migrate,
     storage_failure,
 )
+from neuronscope.core.store.shared import Shared, SharedMixin, sql_literal
+from neuronscope.core.store.spool import Spool
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
 
-class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin):
+#: How long a read-only open waits for a process that holds the store for writing (a job folding its spool).
+LOCK_WAIT_SECONDS = 5.0
+
+
+class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
-    def __init__(self, con, path: Path, read_only: bool) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None) -> None:  # type: ignore[no-untyped-def]
         self.con = con
         self.path = path
         self.read_only = read_only
+        self.shared = shared
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -60,34 +69,61 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         if path.is_dir():
             raise StoreError(f"{path} is a folder, not a store file: pass a file path with --store")
         fresh = not path.exists() or path.stat().st_size == 0
-        try:
-            con = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.Error as err:
-            msg = " ".join(str(err).split())
-            pid = re.search(r"PID (\d+)", msg)
-            if pid:
-                raise StoreError(
-                    f"store {path} is in use by PID {pid.group(1)}: wait for it to finish or close it, "
-                    "or use another --store"
-                ) from None
-            if "not a valid duckdb database" in msg.lower():
-                raise StoreError(f"{path} is not a neuronscope store (not a DuckDB file): pass another --store") from None
-            raise storage_failure(err, path) or StoreError(f"cannot open {path}: {msg}; pass another --store") from None
         # Bounded memory: big transactions spill to disk instead of growing with the collection.
         limit = os.environ.get("NEURONSCOPE_DUCKDB_MEMORY", "2GB")
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit):
-            con.close()
             raise StoreError(f"NEURONSCOPE_DUCKDB_MEMORY={limit!r} is not a size like 2GB or 512MiB")
+        deadline = time.monotonic() + (LOCK_WAIT_SECONDS if read_only else 0)
+        while True:
+            try:
+                if read_only:  # shared with other readers and with jobs (neuronscope.core.store.shared)
+                    con = duckdb.connect(":memory:")
+                    try:
+                        con.execute(f"ATTACH {sql_literal(path)} AS store (READ_ONLY)")
+                    except BaseException:
+                        con.close()
+                        raise
+                else:
+                    con = duckdb.connect(str(path))
+                break
+            except duckdb.Error as err:
+                msg = " ".join(str(err).split())
+                pid = re.search(r"PID (\d+)", msg)
+                if pid and time.monotonic() < deadline:  # most likely a job folding the spool: a moment
+                    time.sleep(0.1)
+                    continue
+                if pid:
+                    raise StoreBusy(
+                        f"store {path} is in use by PID {pid.group(1)}: wait for it to finish or close it, "
+                        "or use another --store"
+                    ) from None
+                if "not a valid duckdb database" in msg.lower():
+                    raise StoreError(f"{path} is not a neuronscope store (not a DuckDB file): pass another --store") from None
+                raise storage_failure(err, path) or StoreError(f"cannot open {path}: {msg}; pass another --store") from None
         con.execute(f"SET memory_limit = '{limit}'")
         store = cls(con, path, read_only)
         try:
+            if read_only:
+                store._share(Spool(path))
             if fresh and not read_only:
                 store._initialise()
             store._check_version()
+            if not read_only and Spool(path).root.exists():
+                store.fold(Spool(path))
         except BaseException:
             con.close()
             raise
         return store
+
+    @classmethod
+    def settle(cls, path: str | Path) -> bool:
+        """Fold the spool that jobs left beside a store into it, if no other process has the store open (a writable
+        open folds); whether it could."""
+        try:
+            cls.open(path, create=False).close()
+        except StoreBusy:
+            return False
+        return True
 
     @classmethod
     @contextmanager
@@ -160,7 +196,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
-        return Store(self.con.cursor(), self.path, self.read_only)
+        return Store(self.con.cursor(), self.path, self.read_only, self.shared)
 
     def make_writable(self) -> None:
         """Reopen a read-only store for writing, in place; StoreError (and still read-only) if another
@@ -171,9 +207,10 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         try:
             writer = Store.open(self.path, read_only=False, create=False)
         except StoreError:
-            self.con = Store.open(self.path, read_only=True).con
+            reader = Store.open(self.path, read_only=True)
+            self.con, self.shared = reader.con, reader.shared
             raise
-        self.con, self.read_only = writer.con, False
+        self.con, self.read_only, self.shared = writer.con, False, None
         self.__dict__.pop("_related_tables", None)  # the writable open makes them if they were missing
 
     def __enter__(self) -> Store:
@@ -184,7 +221,11 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All statements inside commit together or not at all."""
+        """All statements inside commit together or not at all (on a shared store: are one segment of the spool)."""
+        if self.shared is not None:
+            with self._segment():
+                yield
+            return
         self.con.execute("BEGIN")
         try:
             yield
@@ -401,7 +442,8 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     def checkpoint(self) -> None:
         """Flush the write-ahead log into the file (so its size is the data's size)."""
-        self.con.execute("CHECKPOINT")
+        if self.shared is None:
+            self.con.execute("CHECKPOINT")
 
 
 def _activation_records(rows: Sequence[tuple[Any, ...]], tokens: dict[int, tuple[str, ...]],

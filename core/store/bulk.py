@@ -18,6 +18,8 @@ from neuronscope.core.results import NeuronResult
 
 class BulkMixin:
     con: Any
+    shared: Any
+    _spool_ids: Any
 
     def save_neurons(self, job_id: int, run_id: int, results: Sequence[NeuronResult]) -> None:
         """Write many neurons' results and mark them done, in one transaction (neurons the job has not recorded)."""
@@ -44,16 +46,21 @@ class BulkMixin:
         import pyarrow as pa
 
         again = [NeuronId(layer, neuron) for layer, neuron, _, _ in states if NeuronId(layer, neuron) in retried]
-        if again:  # only failed neurons are retried (done ones are skipped), so each removes one failure
-            pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in again)
-            self.con.execute(f"DELETE FROM job_neurons WHERE job_id = ? AND (layer, neuron) IN ({pairs})", [job_id])
-        self._insert("job_neurons", "job_id, layer, neuron, state, error", pa.table({
+        rows = pa.table({
             "job_id": pa.array([job_id] * len(states), pa.int64()),
             "layer": pa.array([s[0] for s in states], pa.int16()),
             "neuron": pa.array([s[1] for s in states], pa.int32()),
             "state": pa.array([s[2] for s in states], pa.string()),
             "error": pa.array([s[3] for s in states], pa.string()),
-        }))
+        })
+        if self.shared is not None:  # a segment: each state says what it replaces, and the counts follow from that
+            prev = ["failed" if NeuronId(s[0], s[1]) in retried else "" for s in states]
+            self._insert("job_neurons", "", rows.append_column("prev", pa.array(prev, pa.string())))
+            return
+        if again:  # only failed neurons are retried (done ones are skipped), so each removes one failure
+            pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in again)
+            self.con.execute(f"DELETE FROM job_neurons WHERE job_id = ? AND (layer, neuron) IN ({pairs})", [job_id])
+        self._insert("job_neurons", "job_id, layer, neuron, state, error", rows)
         done = sum(s[2] == "done" for s in states)
         self.con.execute("UPDATE jobs SET done = done + ?, failed = failed + ?, updated_at = current_timestamp "
                          "WHERE job_id = ?", [done, len(states) - done - len(again), job_id])
@@ -62,6 +69,8 @@ class BulkMixin:
         """Append LLM calls to the log."""
         import pyarrow as pa
 
+        ids = {"call_id": pa.array(np.arange(len(calls), dtype=np.int64) + self._spool_ids("call_ids", len(calls)))
+               } if self.shared is not None else {}
         self._insert("llm_calls", "cache_key, backend, model, kind, prompt, response, prompt_tokens, completion_tokens, "
                      "latency_s, job_id", pa.table({
                          "cache_key": pa.array([k for k, _ in calls], pa.string()),
@@ -74,6 +83,7 @@ class BulkMixin:
                          "completion_tokens": pa.array([c.completion_tokens for _, c in calls], pa.int32()),
                          "latency_s": pa.array([c.latency_s for _, c in calls], pa.float64()),
                          "job_id": pa.array([job_id] * len(calls), pa.int64()),
+                         **ids,
                      }))
 
     def _write_results(self, job_id: int, run_id: int, results: Sequence[NeuronResult]) -> None:
@@ -81,8 +91,11 @@ class BulkMixin:
         import pyarrow as pa
 
         pairs = [(r, ex) for r in results for ex in r.explanations]
-        ids = self.con.execute("SELECT nextval('explanation_ids') FROM range(?)", [len(pairs)]).fetchnumpy()
-        eids = np.sort(np.asarray(next(iter(ids.values())), np.int64)) if pairs else np.zeros(0, np.int64)
+        if self.shared is not None:
+            eids = np.arange(len(pairs), dtype=np.int64) + (self._spool_ids("explanation_ids", len(pairs)) if pairs else 0)
+        else:
+            ids = self.con.execute("SELECT nextval('explanation_ids') FROM range(?)", [len(pairs)]).fetchnumpy()
+            eids = np.sort(np.asarray(next(iter(ids.values())), np.int64)) if pairs else np.zeros(0, np.int64)
         if pairs:
             self._insert("explanations", "explanation_id, run_id, layer, neuron, tail, role, explainer, sample, "
                          "selected, text, source_layer, source_neuron, job_id", pa.table({
@@ -133,6 +146,10 @@ class BulkMixin:
                          }))
 
     def _insert(self, table: str, columns: str, data: Any) -> None:
+        """Insert an Arrow table's `columns` (all of them into a shared store's segment)."""
+        if self.shared is not None:
+            self._spool_rows(table, data)  # type: ignore[attr-defined]
+            return
         self.con.register("_bulk_in", data)
         try:
             self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _bulk_in")

@@ -3,6 +3,7 @@ simulations and scores, and the queries that read them back. Mixed into neuronsc
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from neuronscope.core.choices import ASCENDING, Order
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
 from neuronscope.core.store.runs import this_owner
+from neuronscope.core.store.shared import now
 
 #: Statistics a neuron filter may name, and their columns.
 FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness": "skewness", "max": "max_act",
@@ -42,6 +44,7 @@ CHOSEN_POS_CTES = CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('cand
 
 class ExplanationsMixin:
     con: Any
+    shared: Any
     _thread_cursors: threading.local
 
     def _cursor(self) -> Any:
@@ -77,7 +80,26 @@ class ExplanationsMixin:
 
     # -- jobs -------------------------------------------------------------------------------------
     def create_job(self, run_id: int, kind: str, params: str, params_key: str, total: int) -> int:
-        """Register a running job (committed at once)."""
+        """Register a running job (committed at once). On a shared store, a job with these parameters that another
+        process registered meanwhile is taken instead, so processes started together share one job."""
+        if self.shared is not None:
+            import pyarrow as pa
+
+            with self.shared.spool.locked():
+                self.refresh()  # type: ignore[attr-defined]
+                found = self.find_job(params_key)
+                if found:
+                    return found[0]
+                job_id = self._spool_ids("job_ids", 1)  # type: ignore[attr-defined]
+                pid, start = this_owner()
+                with self.transaction():  # type: ignore[attr-defined]
+                    self._insert("jobs", "", pa.table({  # type: ignore[attr-defined]
+                        "job_id": pa.array([job_id], pa.int64()), "run_id": pa.array([run_id], pa.int32()),
+                        "kind": [kind], "params": [params], "params_key": [params_key], "state": ["running"],
+                        "done": pa.array([0], pa.int64()), "failed": pa.array([0], pa.int64()),
+                        "total": pa.array([total], pa.int64()), "error": [""], "pid": pa.array([pid], pa.int32()),
+                        "owner_start": pa.array([start], pa.float64()), "updated_at": pa.array([now()], pa.timestamp("us"))}))
+            return job_id
         row = self.con.execute(
             "INSERT INTO jobs (run_id, kind, params, params_key, state, total, pid, owner_start) "
             "VALUES (?, ?, ?, ?, 'running', ?, ?, ?) RETURNING job_id",
@@ -92,6 +114,16 @@ class ExplanationsMixin:
 
     def set_job_state(self, job_id: int, state: str, error: str = "") -> None:
         """Change a job's state (running also takes this process as its owner)."""
+        if self.shared is not None:
+            import pyarrow as pa
+
+            pid, start = this_owner()
+            with self.transaction():  # type: ignore[attr-defined]
+                self._insert("job_events", "", pa.table({  # type: ignore[attr-defined]
+                    "job_id": pa.array([job_id], pa.int64()), "state": [state], "error": [error],
+                    "pid": pa.array([pid], pa.int32()), "owner_start": pa.array([start], pa.float64()),
+                    "updated_at": pa.array([now()], pa.timestamp("us"))}))
+            return
         self.con.execute("UPDATE jobs SET state = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
                          [state, error, job_id])
         self._claim("jobs", "job_id", job_id)  # type: ignore[attr-defined]
@@ -100,6 +132,16 @@ class ExplanationsMixin:
         """neuron -> (state, error) for every neuron the job has finished or failed."""
         rows = self.con.execute("SELECT layer, neuron, state, error FROM job_neurons WHERE job_id = ?", [job_id]).fetchall()
         return {NeuronId(int(r[0]), int(r[1])): (r[2], r[3] or "") for r in rows}
+
+    def settled(self, job_id: int, neurons: Sequence[NeuronId], since: datetime.datetime) -> dict[NeuronId, str]:
+        """Of these neurons of a job, the ones another process may have finished: neuron -> state, for those done
+        and those that failed at `since` or later (older failures are there to retry)."""
+        if not neurons:
+            return {}
+        pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in neurons)
+        rows = self.con.execute(f"SELECT layer, neuron, state FROM job_neurons WHERE job_id = ? AND (layer, neuron) "
+                                f"IN ({pairs}) AND (state = 'done' OR updated_at >= ?)", [job_id, since]).fetchall()
+        return {NeuronId(int(a), int(b)): state for a, b, state in rows}
 
     def jobs(self, run_id: int | None = None) -> list[dict[str, Any]]:
         """Jobs, oldest first, as dicts (id, run, kind, state, done, failed, total, error, created)."""
@@ -124,6 +166,8 @@ class ExplanationsMixin:
     # -- the LLM call log -------------------------------------------------------------------------
     def lookup_call(self, key: str) -> str | None:
         """The response of a logged call with this cache key."""
+        if self.shared is not None:
+            return self._spool_lookup(self._cursor(), key)  # type: ignore[attr-defined,no-any-return]
         rows = self._cursor().execute("SELECT response FROM llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
         return rows[0][0] if rows else None
 

@@ -18,6 +18,10 @@ class StoreError(NeuronscopeError):
     """A store problem, as one line naming the problem and the fix."""
 
 
+class StoreBusy(StoreError):
+    """Another process holds the store (for writing, or it is open elsewhere and this open wants to write)."""
+
+
 _COLLECTION = """
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE SEQUENCE run_ids START 1;

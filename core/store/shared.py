@@ -1,0 +1,291 @@
+"""A store opened read-only, shared with other processes, with the spool's segments laid over its tables.
+
+A read-only open attaches the store file read-only to an in-memory database, whose views, named like the store's
+tables, add the rows of the spool's segments (neuronscope.core.store.spool): so every query of the store reads the
+same SQL whether or not jobs are writing beside it, on any cursor. The small tables that browsing sorts and joins
+are copied into memory a segment at a time (`refresh`); simulations and the call log are read in place. Such a
+store also writes, as a job does: each transaction becomes one segment. A writable open folds the segments into
+the store (`fold`). Mixed into neuronscope.core.store.Store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from neuronscope.core.store.schema import SCHEMA_VERSION
+from neuronscope.core.store.spool import COPIED, IN_PLACE, Spool
+
+#: The tables of ids that segments share, and the counters the spool keeps for them (the store's sequences).
+ID_COLUMNS = {"explanation_ids": ("explanations", "explanation_id"), "call_ids": ("llm_calls", "call_id"),
+              "job_ids": ("jobs", "job_id")}
+#: The time a row was written, where the store's tables have a default for it.
+STAMPED = {"explanations": "created_at", "scores": "created_at", "llm_calls": "created_at",
+           "job_neurons": "updated_at", "jobs": "created_at"}
+_EVENT_COLUMNS = "job_id BIGINT, state VARCHAR, error VARCHAR, pid INTEGER, owner_start DOUBLE, updated_at TIMESTAMP"
+
+
+def now() -> datetime.datetime:
+    """The time a spooled row is stamped with: local time without a zone, as the store's defaults are."""
+    return datetime.datetime.now()
+
+
+@dataclass
+class Shared:
+    """What all cursors of one read-only open share: the spool, the segments already loaded, where each spooled call
+    is, and the rows of the transaction being written."""
+
+    spool: Spool
+    columns: dict[str, list[str]]
+    loaded: set[str]
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    files: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in IN_PLACE})
+    calls: dict[str, str] = field(default_factory=dict)  # cache key -> the llm_calls file it is in
+    floors: dict[str, int] = field(default_factory=dict)
+    seq: int = 0
+    pending: dict[str, list[Any]] | None = None
+
+
+class SharedMixin:
+    con: Any
+    path: Any
+    shared: Shared | None
+
+    # -- opening ------------------------------------------------------------------------------------
+    def _share(self, spool: Spool) -> None:
+        """Lay the spool over the attached store `store`: memory tables for the copied rows, views for every table."""
+        rows = self.con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                "WHERE table_catalog = 'store' AND table_schema = 'main' "
+                                "ORDER BY table_name, ordinal_position").fetchall()
+        columns: dict[str, list[str]] = {}
+        for table, column in rows:
+            columns.setdefault(table, []).append(column)
+        folded = set()
+        if "spool_folded" in columns:
+            folded = {r[0] for r in self.con.execute("SELECT name FROM store.main.spool_folded").fetchall()}
+        version = self.con.execute("SELECT value FROM store.main.meta WHERE key = 'schema_version'").fetchall() \
+            if "meta" in columns else []
+        if version != [(str(SCHEMA_VERSION),)]:  # not a store of this version: the version check says what to do
+            for table in columns:
+                self.con.execute(f"CREATE VIEW main.{table} AS SELECT * FROM store.main.{table}")
+            return
+        self.shared = Shared(spool, columns, folded)
+        for table in ("explanations", "scores", "jobs"):
+            self.con.execute(f"CREATE TABLE spool_{table} AS SELECT * FROM store.main.{table} LIMIT 0")
+        self.con.execute("CREATE TABLE spool_job_neurons AS SELECT *, ''::VARCHAR AS prev, 0::BIGINT AS seq "
+                         "FROM store.main.job_neurons LIMIT 0")
+        self.con.execute(f"CREATE TABLE spool_job_events ({_EVENT_COLUMNS}, seq BIGINT)")
+        for table in columns:
+            if table != "spool_folded":
+                self._view(table)
+        self.refresh()
+
+    def _view(self, table: str) -> None:
+        """(Re)define the view of one table: the store's rows, and the spool's."""
+        assert self.shared is not None
+        columns = self.shared.columns[table]
+        sql = f"SELECT * FROM store.main.{table}"
+        if table in ("explanations", "scores"):
+            sql += f" UNION ALL SELECT * FROM spool_{table}"
+        elif table in IN_PLACE and self.shared.files[table]:
+            files = ", ".join(sql_literal(f) for f in self.shared.files[table])
+            sql += f" UNION ALL BY NAME SELECT * FROM read_parquet([{files}])"
+        elif table == "job_neurons":
+            sql = (f"{sql} b WHERE NOT EXISTS (SELECT 1 FROM spool_job_neurons s WHERE s.job_id = b.job_id "
+                   "AND s.layer = b.layer AND s.neuron = b.neuron) UNION ALL SELECT * EXCLUDE (prev, seq) FROM "
+                   "spool_job_neurons QUALIFY row_number() OVER (PARTITION BY job_id, layer, neuron ORDER BY seq DESC) = 1")
+        elif table == "jobs":
+            latest = {"state": "coalesce(e.state, j.state)", "error": "coalesce(e.error, j.error)",
+                      "pid": "coalesce(e.pid, j.pid)", "owner_start": "coalesce(e.owner_start, j.owner_start)",
+                      "updated_at": "coalesce(e.updated_at, j.updated_at)",
+                      "done": "j.done + coalesce(d.done, 0)", "failed": "j.failed + coalesce(d.failed, 0)"}
+            picked = ", ".join(f"{latest.get(c, 'j.' + c)} AS {c}" for c in columns)
+            sql = (f"WITH j AS ({sql} UNION ALL SELECT * FROM spool_jobs), "
+                   f"{_LATEST_EVENTS.format(source='spool_job_events')}, {_DELTAS.format(source='spool_job_neurons')} "
+                   f"SELECT {picked} FROM j LEFT JOIN e USING (job_id) LEFT JOIN d USING (job_id)")
+        self.con.execute(f"CREATE OR REPLACE VIEW main.{table} AS {sql}")
+
+    def refresh(self) -> bool:
+        """Take in the segments published since the last refresh; whether there were any. Cheap when there are
+        none (one directory listing)."""
+        shared = self.shared
+        if shared is None:
+            return False
+        with shared.lock:
+            new = [n for n in shared.spool.names() if n not in shared.loaded]
+            if not new:
+                return False
+            grew: set[str] = set()
+            for name in new:
+                shared.seq += 1
+                for table in COPIED:
+                    path = shared.spool.file(name, table)
+                    if not path.exists() or (table != "job_events" and table not in shared.columns):
+                        continue
+                    if table in ("job_neurons", "job_events"):  # in the order written
+                        select = (f"* EXCLUDE (file_row_number), {shared.seq * 1_000_000} + file_row_number AS seq "
+                                  f"FROM read_parquet({sql_literal(path)}, file_row_number = true)")
+                    else:
+                        select = f"* FROM read_parquet({sql_literal(path)})"
+                    self.con.execute(f"INSERT INTO spool_{table} BY NAME SELECT {select}")
+                for table in IN_PLACE:
+                    path = shared.spool.file(name, table)
+                    if path.exists():
+                        shared.files[table].append(str(path))
+                        grew.add(table)
+                        if table == "llm_calls":
+                            keys = self.con.execute(f"SELECT cache_key FROM read_parquet({sql_literal(path)})").fetchall()
+                            shared.calls.update((k, str(path)) for (k,) in keys)
+                shared.loaded.add(name)
+            for table in grew:
+                self._view(table)
+            return True
+
+    # -- writing as a job ---------------------------------------------------------------------------
+    @contextmanager
+    def _segment(self) -> Iterator[None]:
+        """Collect the rows written inside into one segment, published at the end (nothing if it fails)."""
+        assert self.shared is not None
+        with self.shared.lock:
+            if self.shared.pending is not None:  # nested: the outer one publishes
+                yield
+                return
+            self.shared.pending = {}
+            try:
+                yield
+                batch = self.shared.pending
+            finally:
+                self.shared.pending = None
+            if batch:
+                import pyarrow as pa
+
+                self.shared.spool.write({t: pa.concat_tables(parts) for t, parts in batch.items()})
+                self.refresh()
+
+    def _spool_rows(self, table: str, data: Any) -> None:
+        """Add an Arrow table of rows to the segment being written (stamped with the time, and only the columns this
+        store has)."""
+        import pyarrow as pa
+
+        assert self.shared is not None and self.shared.pending is not None
+        if table not in COPIED + IN_PLACE:
+            from neuronscope.core.store.schema import StoreError
+
+            raise StoreError(f"{self.path} is open read-only, and only jobs write beside it: close the other "
+                             "processes that have it open, then run the command again")
+        stamp = STAMPED.get(table)
+        known = self.shared.columns.get(table)
+        if stamp and stamp not in data.column_names and (known is None or stamp in known):
+            data = data.append_column(stamp, pa.array([now()] * data.num_rows, pa.timestamp("us")))
+        if known is not None:
+            data = data.select([c for c in data.column_names if c in known or c == "prev"])
+        self.shared.pending.setdefault(table, []).append(data)
+
+    def _spool_ids(self, counter: str, n: int) -> int:
+        """The first of n new ids of one of the store's sequences, unique across every process of the spool."""
+        assert self.shared is not None
+        shared = self.shared
+        if counter not in shared.floors:
+            table, column = ID_COLUMNS[counter]
+            rows = self.con.execute(f"SELECT coalesce(max({column}), 0) + 1 FROM store.main.{table}").fetchall()
+            shared.floors[counter] = int(rows[0][0])
+        with shared.spool.locked():
+            return shared.spool.allocate(counter, n, shared.floors[counter])
+
+    def _spool_lookup(self, cursor: Any, key: str) -> str | None:
+        """A logged call's response: in the store, else in the segment the spool index names."""
+        rows = cursor.execute("SELECT response FROM store.main.llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
+        if rows:
+            return str(rows[0][0])
+        assert self.shared is not None
+        path = self.shared.calls.get(key)
+        if path is None:
+            return None
+        rows = cursor.execute("SELECT response FROM read_parquet(?) WHERE cache_key = ? LIMIT 1", [path, key]).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    def claim(self, job_id: int, block: int) -> int | None:
+        """Claim a block of a job's neurons for this process (neuronscope.core.jobs.claims): a claim to `release`, or
+        None while another process holds it. A writable store has no other process to share with."""
+        return self.shared.spool.claim(job_id, block, wait=False) if self.shared is not None else -1
+
+    @staticmethod
+    def release(claim: int) -> None:
+        if claim >= 0:
+            Spool.release(claim)
+
+    # -- folding ------------------------------------------------------------------------------------
+    def fold(self, spool: Spool) -> int:
+        """Move every published segment into the store's tables in one transaction, then empty the spool; the number
+        of segments. Only a writable open may do this (no other process then has the store open). Idempotent: the
+        folded names are recorded in the same transaction, so a fold killed at any moment is done again or not at
+        all."""
+        self.con.execute("CREATE TABLE IF NOT EXISTS spool_folded (name VARCHAR)")
+        done = {r[0] for r in self.con.execute("SELECT name FROM spool_folded").fetchall()}
+        names = [n for n in spool.names() if n not in done]
+        if names:
+            self.con.execute("BEGIN")
+            try:
+                self._fold(spool, names)
+                self.con.executemany("INSERT INTO spool_folded VALUES (?)", [[n] for n in names])
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+            self.con.execute("COMMIT")
+        spool.clear(sorted(done | set(names)))
+        self.con.execute("DELETE FROM spool_folded")
+        return len(names)
+
+    def _fold(self, spool: Spool, names: Sequence[str]) -> None:
+        def files(table: str) -> str | None:
+            found = [sql_literal(spool.file(n, table)) for n in names if spool.file(n, table).exists()]
+            return f"read_parquet([{', '.join(found)}], file_row_number = true, filename = true)" if found else None
+
+        for table in ("jobs", "explanations", "simulations", "scores", "llm_calls"):
+            source = files(table)
+            if source:
+                self.con.execute(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE (file_row_number, filename) "
+                                 f"FROM {source}")
+        source = files("job_neurons")
+        if source:
+            self.con.execute(f"CREATE TEMP TABLE fold_neurons AS SELECT * EXCLUDE (filename, file_row_number), "
+                             f"row_number() OVER (ORDER BY filename, file_row_number) AS seq FROM {source}")
+            self.con.execute(f"WITH {_DELTAS.format(source='fold_neurons')} UPDATE jobs SET done = jobs.done + d.done, "
+                             "failed = jobs.failed + d.failed FROM d WHERE jobs.job_id = d.job_id")
+            self.con.execute("CREATE TEMP TABLE fold_latest AS SELECT job_id, layer, neuron, state, error, updated_at "
+                             "FROM fold_neurons QUALIFY row_number() OVER (PARTITION BY job_id, layer, neuron "
+                             "ORDER BY seq DESC) = 1")
+            self.con.execute("DELETE FROM job_neurons b USING fold_latest l WHERE b.job_id = l.job_id "
+                             "AND b.layer = l.layer AND b.neuron = l.neuron")
+            self.con.execute("INSERT INTO job_neurons BY NAME SELECT * FROM fold_latest")
+            self.con.execute("DROP TABLE fold_neurons; DROP TABLE fold_latest")
+        source = files("job_events")
+        if source:
+            events = f"SELECT * EXCLUDE (filename, file_row_number), row_number() OVER (ORDER BY filename, file_row_number) AS seq FROM {source}"
+            self.con.execute(f"WITH {_LATEST_EVENTS.format(source=f'({events})')} UPDATE jobs SET state = e.state, "
+                             "error = e.error, pid = e.pid, owner_start = e.owner_start, updated_at = e.updated_at "
+                             "FROM e WHERE jobs.job_id = e.job_id")
+        for counter, (table, column) in ID_COLUMNS.items():  # the store's sequences pass every folded id
+            top = self.con.execute(f"SELECT max({column}) FROM {table}").fetchall()[0][0]
+            current = int(self.con.execute(f"SELECT nextval('{counter}')").fetchall()[0][0])
+            if top is not None and top > current:
+                self.con.execute(f"SELECT max(nextval('{counter}')) FROM range(?)", [int(top) - current]).fetchall()
+
+
+#: The newest state change of each job in `source` (with a seq column), as CTE `e`.
+_LATEST_EVENTS = ("e AS (SELECT job_id, state, error, pid, owner_start, updated_at FROM {source} "
+                  "QUALIFY row_number() OVER (PARTITION BY job_id ORDER BY seq DESC) = 1)")
+#: How the neuron states in `source` move each job's counts (a retried neuron's new state replaces a failure), as
+#: CTE `d`.
+_DELTAS = ("d AS (SELECT job_id, count(*) FILTER (WHERE state = 'done') AS done, "
+           "count(*) FILTER (WHERE state = 'failed') - count(*) FILTER (WHERE prev = 'failed') AS failed "
+           "FROM {source} GROUP BY job_id)")
+
+
+def sql_literal(path: object) -> str:
+    """A file path as an SQL string literal (paths are the user's; quotes are doubled, never interpreted)."""
+    return "'" + str(path).replace("'", "''") + "'"

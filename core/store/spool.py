@@ -1,0 +1,139 @@
+"""The spool beside a store (`<store>.spool/`): where job processes write while other processes have the store open.
+
+DuckDB lets one process write a file, and a writer excludes every reader. So a job never holds the store for
+writing while it works: it opens the store read-only, like the app, `show` and `info`, and publishes each commit
+as one segment, a folder of Parquet files (one per table with rows), written under a temporary name and renamed
+into `segments/`, so a segment is whole or absent after `kill -9` at any moment. Every process with the store open
+reads the store's tables with the segments laid over them (neuronscope.core.store.shared); the next process that
+opens the store for writing, with nobody else in it, folds the segments into its tables and empties the spool.
+
+Ids that rows in several segments share (explanations, calls, jobs) come from counters kept here under a lock,
+continuing the store's own sequences, so segments of different processes never collide. Jobs of several
+processes split their neurons by claiming blocks with `flock`: a claim dies with its process, so the neurons of
+a killed process's block go to whoever claims it next.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: Where the rows of each segment table are read from: copied into memory by every open store (small tables that
+#: browsing sorts and joins), or read in place from the Parquet files (large ones, read a neuron at a time).
+COPIED = ("explanations", "scores", "job_neurons", "jobs", "job_events")
+IN_PLACE = ("simulations", "llm_calls")
+
+
+class Spool:
+    """The spool folder of one store."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.root = store_path.with_name(store_path.name + ".spool")
+        self.segments = self.root / "segments"
+        self.claims = self.root / "claims"
+        self._published = 0
+        self._thread_lock = threading.RLock()
+        self._lock_fd: int | None = None
+
+    def exists(self) -> bool:
+        return self.segments.is_dir()
+
+    def names(self) -> list[str]:
+        """The published segments, oldest first (their names begin with the time they were written)."""
+        try:
+            return sorted(n for n in os.listdir(self.segments) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def file(self, name: str, table: str) -> Path:
+        return self.segments / name / f"{table}.parquet"
+
+    def write(self, tables: Mapping[str, Any]) -> str:
+        """Publish one segment of Arrow tables (the empty ones are left out); its name."""
+        import time
+
+        import pyarrow.parquet as pq
+
+        self.segments.mkdir(parents=True, exist_ok=True)
+        self._published += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._published:06d}"
+        staged = self.segments / f".{name}"
+        staged.mkdir()
+        try:
+            for table, data in tables.items():
+                if data.num_rows:
+                    pq.write_table(data, staged / f"{table}.parquet", compression="zstd")
+            os.rename(staged, self.segments / name)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return name
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The spool's lock, across processes and threads (re-entrant): for the id counters and creating jobs."""
+        with self._thread_lock:
+            if self._lock_fd is not None:  # this thread holds it already
+                yield
+                return
+            self.root.mkdir(exist_ok=True)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._lock_fd = fd
+                yield
+            finally:
+                self._lock_fd = None
+                os.close(fd)  # closing releases the lock
+
+    def allocate(self, counter: str, n: int, floor: int) -> int:
+        """The first of `n` new consecutive ids of `counter`, none below `floor` (the store's next id). Call inside
+        `locked`."""
+        path = self.root / "ids.json"
+        try:
+            ids = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            ids = {}
+        first = max(int(ids.get(counter, 0)), floor)
+        ids[counter] = first + n
+        staged = path.with_name(f".ids.{os.getpid()}")
+        staged.write_text(json.dumps(ids))
+        os.replace(staged, path)
+        return first
+
+    def claim(self, job_id: int, block: int, *, wait: bool) -> int | None:
+        """Claim a block of a job's neurons for this process: a file descriptor to `release`, or None when another
+        process holds it (and `wait` is false). A claim ends with its process, however it ends."""
+        self.claims.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.claims / f"{job_id}-{block}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        os.close(fd)
+
+    def clear(self, folded: list[str]) -> None:
+        """Delete folded segments, unfinished ones, the counters and the claims: only a process that holds the store
+        for writing (so no other process has it open) may call this."""
+        for name in folded:
+            shutil.rmtree(self.segments / name, ignore_errors=True)
+        for name in os.listdir(self.segments) if self.segments.is_dir() else ():
+            if name.startswith("."):  # a segment whose writer died before publishing it
+                shutil.rmtree(self.segments / name, ignore_errors=True)
+        shutil.rmtree(self.claims, ignore_errors=True)
+        (self.root / "ids.json").unlink(missing_ok=True)

@@ -1,0 +1,143 @@
+"""Several processes on one store: readers while a job runs, two job processes sharing one job, and the spool
+that makes both possible (neuronscope.core.store.spool), including after kill -9."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_command, cli_env, collect_into, fast_settings, run_cli
+
+from neuronscope.core.store import Store
+from neuronscope.core.store.spool import Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The CLI with the engine's blocks made small, so a short job has several blocks for processes to split.
+SMALL_BLOCKS = ("import sys; import neuronscope.core.jobs.engine as engine; engine.BLOCK = 4; "
+                "from neuronscope.tui.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory, subject, corpus_dir: Path) -> Path:  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("shared") / "shared.duckdb"
+    collect_into(path, subject, corpus_dir, settings=fast_settings(top_k=12, random_k=8, bottom_k=4))
+    return path
+
+
+def _copy(shared_store: Path, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    shutil.copy(shared_store, path)
+    return path
+
+
+def _start(args: list[str], small_blocks: bool = False) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", SMALL_BLOCKS, *map(str, args)] if small_blocks else cli_command(args)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0", NEURONSCOPE_BATCH_TOKENS="1"))
+
+
+def _wait_for_progress(proc: subprocess.Popen[str], at_least: int) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:  # plain progress lines (stderr is not a terminal), counting committed neurons
+        found = re.match(r"explaining and scoring neurons: (\d+)/", line)
+        if found and int(found.group(1)) >= at_least:
+            return
+    raise AssertionError(f"the job ended before {at_least} neurons landed")
+
+
+def _results(path: Path) -> dict[tuple[int, int], list[tuple[str, str, float | None]]]:
+    """Every neuron's explanations (role, text, test score), as stored."""
+    with Store.open(path, read_only=True) as store:
+        rows = store.con.execute(
+            "SELECT e.layer, e.neuron, e.role, e.text, s.value FROM explanations e LEFT JOIN scores s ON "
+            "s.explanation_id = e.explanation_id AND s.split = 'test' AND s.method = 'all' "
+            "ORDER BY e.layer, e.neuron, e.role, e.sample, e.text").fetchall()
+    out: dict[tuple[int, int], list[tuple[str, str, float | None]]] = {}
+    for layer, neuron, role, text, value in rows:
+        out.setdefault((layer, neuron), []).append((role, text, None if value is None else round(value, 9)))
+    return out
+
+
+def _calls(path: Path) -> list[str]:
+    with Store.open(path, read_only=True) as store:
+        return [r[0] for r in store.con.execute("SELECT cache_key FROM llm_calls ORDER BY call_id").fetchall()]
+
+
+@pytest.mark.slow
+def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(shared_store: Path, tmp_path: Path,
+                                                                      tiny_model: Path) -> None:
+    path = _copy(shared_store, tmp_path, "busy.duckdb")
+    proc = _start(["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30",
+                   "--store", path])
+    try:
+        _wait_for_progress(proc, 3)
+        info = run_cli(["info", "--store", path])  # another terminal, while the job writes
+        assert info.code == 0, info.err
+        assert re.search(r"job 1  running  run on run 1  ([3-9]|[12]\d)/30 neurons done", info.out), info.out
+        with Store.open(path, read_only=True) as store:
+            job = store.jobs()[0]
+            landed = store.summaries(store.run().run_id)
+            assert job["state"] == "running" and 3 <= job["done"] < 30 and len(landed) >= 3
+        first = landed[0]
+        shown = run_cli(["show", f"{first.layer}/{first.neuron}", "--store", path])
+        assert shown.code == 0, shown.err
+        assert first.text in shown.out  # its explanation, written beside the store, is shown
+        assert proc.wait(timeout=600) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+    # The job was alone in the store when it ended, so it folded its spool into it.
+    assert not Spool(path).names()
+    with Store.open(path, read_only=True) as store:
+        assert [(j["state"], j["done"], j["failed"]) for j in store.jobs()] == [("complete", 30, 0)]
+        assert len(store.summaries(store.run().run_id)) == 30
+    assert len(_calls(path)) == len(set(_calls(path)))
+
+
+@pytest.mark.slow
+def test_two_job_processes_finish_one_job_together(shared_store: Path, tmp_path: Path, tiny_model: Path) -> None:
+    args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "16"]
+    alone = _copy(shared_store, tmp_path, "alone.duckdb")
+    reference = _start([*args, "--store", alone], small_blocks=True)
+    assert reference.wait(timeout=600) == 0
+    together = _copy(shared_store, tmp_path, "together.duckdb")
+    procs = [_start([*args, "--store", together], small_blocks=True) for _ in range(2)]
+    paid = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        line = re.search(r"job 1 complete: 16/16 neurons done; (\d+) new LLM calls", err)
+        assert line, err
+        paid.append(int(line.group(1)))
+    # Both worked (each paid for calls), and between them they paid exactly what one process alone did.
+    assert all(n > 0 for n in paid), paid
+    assert sum(paid) == len(_calls(alone)) == len(_calls(together)) == len(set(_calls(together)))
+    assert _results(together) == _results(alone)  # nothing done twice, nothing lost, the same results
+    with Store.open(together, read_only=True) as store:
+        assert [(j["state"], j["done"], j["failed"]) for j in store.jobs()] == [("complete", 16, 0)]
+
+
+def test_a_spool_is_folded_once_and_its_unpublished_segments_dropped(shared_store: Path, tmp_path: Path) -> None:
+    """What a killed writer leaves (a segment never renamed into place) is not read; a fold moves every published
+    segment into the store once, and the spool is empty after it."""
+    path = _copy(shared_store, tmp_path, "fold.duckdb")
+    with Store.open(path, read_only=True) as store:
+        run = store.run()
+        job = store.create_job(run.run_id, "explain", "{}", "key", 2)
+        store.set_job_state(job, "interrupted", "killed")
+        other = store.create_job(run.run_id, "explain", "{}", "key", 2)
+    assert other == job  # the same parameters: the same job, whichever process registers it
+    spool = Spool(path)
+    (spool.segments / ".00000000000000000000-1-000001").mkdir()  # a writer killed before publishing
+    (spool.segments / ".00000000000000000000-1-000001" / "jobs.parquet").write_bytes(b"PAR1 half")
+    assert len(spool.names()) == 2
+    with Store.open(path, read_only=True) as store:
+        assert [(j["job_id"], j["state"], j["error"]) for j in store.jobs()] == [(job, "interrupted", "killed")]
+    assert Store.settle(path)
+    assert not spool.names() and not list(spool.segments.iterdir())
+    with Store.open(path) as store:  # folded into the store's own tables, with its sequence past the job's id
+        assert store.con.execute("SELECT job_id, state, error FROM jobs").fetchall() == [(job, "interrupted", "killed")]
+        assert store.create_job(run.run_id, "explain", "{}", "other", 1) == job + 1
