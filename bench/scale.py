@@ -4,6 +4,7 @@
     python bench/scale.py --quick               # concurrency 1 and 64 only, shorter levels; ~1.5 minutes
     python bench/scale.py --modes quotes --levels 1,64 --latency 0.5
     python bench/scale.py --profile             # also cProfile the client-bound level (every thread)
+    python bench/scale.py --shared              # the store opened read-only, as CLI jobs do: commits go to the spool
 
 A loopback OpenAI-compatible server (bench/loopback_server.py, its own process) answers every request after a fixed
 latency L plus a cost per prompt token, serving up to C requests at once and queueing the rest, as a batching server
@@ -253,6 +254,8 @@ def main() -> None:
     parser.add_argument("--pad-top", action="store_true", help="the server pads echoed top logprobs to the number "
                                                                "asked for (20 per token, as vLLM sends)")
     parser.add_argument("--profile", action="store_true", help="cProfile the client-bound level in every thread")
+    parser.add_argument("--shared", action="store_true", help="open the store read-only, as a CLI job does, so "
+                        "commits go to segments in the spool beside it (the default writes the store directly)")
     args = parser.parse_args()
     latency = args.latency if args.latency is not None else 1.0
     seconds = args.seconds if args.seconds is not None else (8.0 if args.quick else 16.0)
@@ -271,7 +274,7 @@ def main() -> None:
     results: list[Level] = []
     client: Level | None = None
     try:
-        with Store.open(work) as store:
+        with Store.open(work, read_only=args.shared) as store:
             run = store.run()
             pool = Neurons(run.layers, run.neurons_per_layer)
             print(f"store: {len(pool.all):,} neurons; server: latency {latency:g} s + {args.per_token * 1e6:g} us "
@@ -302,6 +305,7 @@ def main() -> None:
     finally:
         work.unlink(missing_ok=True)
         Path(f"{work}.wal").unlink(missing_ok=True)
+        shutil.rmtree(f"{work}.spool", ignore_errors=True)
 
     print(f"\n{HEADER}")
     serials = {r.mode: r for r in results if r.concurrency == 1}

@@ -26,6 +26,7 @@ from neuronscope.core.jobs.engine import Job, JobError, JobSettings, Selection, 
 from neuronscope.core.jobs.selection import parse_where
 from neuronscope.core.llm.base import make_backend
 from neuronscope.core.store import Store
+from neuronscope.core.store.spool import Spool
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -203,6 +204,7 @@ def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp
     time.sleep(0.1)  # somewhere inside a later neuron
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    assert Spool(path).names()  # what landed is in segments beside the store (the job held it read-only)
     killed_calls = _calls(path)
     with Store.open(path, read_only=True) as store:
         states = [j["state"] for j in store.jobs()]
@@ -214,6 +216,7 @@ def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp
     calls = _calls(path)
     # Every call made before the kill is kept and none is made twice (identical requests are one call).
     assert calls[: len(killed_calls)] == killed_calls and len(calls) == len(set(calls))
+    assert not Spool(path).root.exists()  # the rerun folded them into the store
     with Store.open(path, read_only=True) as store:
         assert [j["state"] for j in store.jobs()] == ["complete"] and store.jobs()[0]["done"] == 30
         assert len({(s.layer, s.neuron) for s in store.summaries(store.run().run_id)}) == 30

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,73 @@ def test_a_spool_is_folded_once_and_its_unpublished_segments_dropped(shared_stor
     with Store.open(path, read_only=True) as store:
         assert [(j["job_id"], j["state"], j["error"]) for j in store.jobs()] == [(job, "interrupted", "killed")]
     assert Store.settle(path)
-    assert not spool.names() and not list(spool.segments.iterdir())
+    assert not spool.root.exists()  # folded, and the spool folder gone with it
     with Store.open(path) as store:  # folded into the store's own tables, with its sequence past the job's id
         assert store.con.execute("SELECT job_id, state, error FROM jobs").fetchall() == [(job, "interrupted", "killed")]
         assert store.create_job(run.run_id, "explain", "{}", "other", 1) == job + 1
+
+
+def test_a_job_alone_folds_its_spool_as_it_goes(shared_store: Path, tmp_path: Path, tiny_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alone on the store, a job folds its segments into it every SETTLE_SECONDS (here one second) and opens it
+    again, its requests drained meanwhile: it finishes with the results of a job on a writable store."""
+    from neuronscope.core.jobs import engine
+    from neuronscope.core.jobs.engine import JobSettings, Selection, run_job
+
+    monkeypatch.setenv("NEURONSCOPE_BATCH_TOKENS", "1")
+    settings = JobSettings(explainer=f"local:{tiny_model}", simulator=f"local:{tiny_model}", simulation="lines")
+    alone = _copy(shared_store, tmp_path, "writable.duckdb")
+    with Store.open(alone) as store:
+        assert run_job(store, store.run(), settings, Selection(limit=8), concurrency=2).state == "complete"
+    path = _copy(shared_store, tmp_path, "settling.duckdb")
+    monkeypatch.setattr(engine, "SETTLE_SECONDS", 1.0)
+    folds = []
+    with Store.open(path, read_only=True) as store:
+        resettle = store.resettle
+        monkeypatch.setattr(store, "resettle", lambda: folds.append(resettle()) or folds[-1])
+        report = run_job(store, store.run(), settings, Selection(limit=8), concurrency=2)
+        assert report.state == "complete" and report.done == 8
+        assert folds and all(folds)  # it was alone each time, so each fold happened
+        assert store.summaries(store.run().run_id)  # and the store it reopened reads the results
+    assert _results(path) == _results(alone)
+    assert sorted(_calls(path)) == sorted(_calls(alone)) and len(set(_calls(path))) == len(_calls(path))
+
+
+@pytest.mark.slow
+def test_a_fold_killed_at_any_moment_loses_and_doubles_nothing(shared_store: Path, tmp_path: Path) -> None:
+    """kill -9 a process folding the spool at random moments: every open in between reads each row once, and the
+    fold that finally completes leaves exactly what was written."""
+    import random
+
+    from neuronscope.core.records import Call
+    from neuronscope.core.results import NeuronResult, ScoredExplanation
+
+    path = _copy(shared_store, tmp_path, "folding.duckdb")
+    segments = 400  # a fold of about a second here, so most kills land inside it
+    with Store.open(path, read_only=True) as store:
+        run_id = store.run().run_id
+        job = store.create_job(run_id, "explain", "{}", "fold", segments * 2)
+        for k in range(segments):
+            results = [NeuronResult(0, 2 * k + i, "pos", (ScoredExplanation(f"text {k} {i}", "x", "candidate"),))
+                       for i in range(2)]
+            store.save_batch(job, run_id, results, calls=[(f"key {k}", Call("b", "m", "explain", "p", "r", 1, 1, 0.0))])
+
+    def counts() -> tuple[int, int, int, int]:
+        with Store.open(path, read_only=True) as store:
+            return (store.con.execute("SELECT count(*), count(DISTINCT explanation_id) FROM explanations").fetchall()[0]
+                    + store.con.execute("SELECT count(*) FROM llm_calls").fetchall()[0]
+                    + (store.jobs()[0]["done"],))
+
+    expected = (segments * 2, segments * 2, segments, segments * 2)
+    assert counts() == expected
+    rng = random.Random(0)
+    fold = [sys.executable, "-c", "import sys; from neuronscope.core.store import Store; Store.settle(sys.argv[1])",
+            str(path)]
+    for _ in range(6):
+        proc = subprocess.Popen(fold, cwd=ROOT, env=cli_env())
+        time.sleep(rng.uniform(0.3, 1.5))  # interpreter start-up, the open, the fold's transaction, the deletes
+        proc.kill()
+        proc.wait()
+        assert counts() == expected
+    assert Store.settle(path) and not Spool(path).root.exists()
+    assert counts() == expected

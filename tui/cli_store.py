@@ -49,6 +49,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         if calls:
             out.print(Text(f"LLM calls logged: {calls:,} ({tokens:,} tokens)"), soft_wrap=True)
         out.print(Text("rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())), soft_wrap=True)
+        if store.shared is not None and store.shared.loaded:
+            out.print(Text(f"{len(store.shared.loaded):,} segments of jobs' results beside the store, in "
+                           f"{store.shared.spool.root} (read with it; folded in by the next command that opens it "
+                           "for writing with no other process in it)", style="dim"), soft_wrap=True)
         if counts["neurons"]:
             out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
         unfinished = [r.run_id for r in runs if r.status in ("interrupted", "failed")]

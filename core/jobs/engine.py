@@ -21,36 +21,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from neuronscope.core.choices import (
-    DEFAULT_BACKEND,
-    DEFAULT_SIMULATION,
     JOB_KINDS,
     ORDERS,
     SCORERS,
     SIMULATIONS,
     TAILS,
-    JobKind,
-    Scorer,
-    SimulationMode,
-    Tail,
 )
-from neuronscope.core.errors import InputError, NeuronError
+from neuronscope.core.errors import NeuronError
 from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
-from neuronscope.core.explanation.splits import NeuronSplits, SplitSizes, needed_ranks, split_records
+from neuronscope.core.explanation.splits import NeuronSplits, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
 from neuronscope.core.jobs.selection import JobError, Selection
+from neuronscope.core.jobs.settings import JobReport, JobSettings, Plan, env_concurrency, parse_controls
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
 from neuronscope.core.records import ActivationRecord, RunInfo
@@ -76,107 +70,10 @@ class JobStopped(JobError):
 #: Neurons are shuffled into partners, and their records read in one query ahead of their start, in blocks of
 #: this many consecutive neurons of the job.
 BLOCK = 256
+#: How often a job alone on a shared store folds its spool into the store (neuronscope.core.store.shared).
+SETTLE_SECONDS = 300.0
 #: Requests in flight when neither --concurrency, NEURONSCOPE_CONCURRENCY nor the backends say otherwise.
 DEFAULT_CONCURRENCY = 8
-
-
-def parse_controls(text: str) -> float:
-    """`all` (1.0), `none` (0.0) or `sample:F`: the share of a job's neurons that get the shuffled control and the
-    neutral (contrast) simulation."""
-    if text in ("all", "none"):
-        return 1.0 if text == "all" else 0.0
-    kind, _, share = text.partition(":")
-    try:
-        value = float(share) if kind == "sample" else -1.0
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise JobError(f"--controls {text!r}: use all, none or sample:F with F a fraction of neurons in (0, 1], "
-                       "e.g. sample:0.1")
-    return value
-
-
-def env_concurrency() -> int | None:
-    """NEURONSCOPE_CONCURRENCY, if set; InputError when it is not a positive integer."""
-    text = os.environ.get("NEURONSCOPE_CONCURRENCY")
-    if not text:
-        return None
-    if not text.strip().isdigit() or int(text) < 1:
-        raise InputError(f"NEURONSCOPE_CONCURRENCY={text!r} is not a positive integer: set it to e.g. 64, or unset it")
-    return int(text)
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    """What a job does to each neuron; with the neuron list, its identity."""
-
-    kind: JobKind = "run"
-    """explain (candidates only), score (stored candidates or a given sentence) or run (both)."""
-    explainer: str = DEFAULT_BACKEND
-    """Backend spec of the explainer."""
-    simulator: str = DEFAULT_BACKEND
-    """Backend spec of the simulator."""
-    tail: Tail = "pos"
-    """pos: explain max(a, 0) from top records; neg: max(-a, 0) from bottom records."""
-    samples: int = 1
-    """Candidate explanations per neuron (best of k on the select split)."""
-    sizes: SplitSizes = field(default_factory=SplitSizes)
-    """Excerpts per split."""
-    seed: int = 0
-    """Seed for sampled explanations and bootstrap intervals."""
-    explanation: str | None = None
-    """A user's own sentence to score (kind score)."""
-    scorers: tuple[Scorer, ...] = ()
-    """Scorers beside simulation on the test split (detection, fuzzing, embedding)."""
-    simulation: SimulationMode = DEFAULT_SIMULATION
-    """How explanations are simulated (quotes, tokens, lines; see neuronscope.core.explanation.simulation)."""
-    revise: bool = False
-    """Also revise the first candidate from the select excerpts it simulated worst (run jobs)."""
-    controls: str = "all"
-    """Which neurons get the shuffled control and the neutral (contrast) simulation: all, none or sample:F (a
-    fraction F of the job's neurons, chosen by the seed). The token-lookup baseline costs no call: every neuron gets it."""
-
-
-@dataclass(frozen=True)
-class JobReport:
-    """How a job ended."""
-
-    job_id: int
-    """The job's id."""
-    state: str
-    """complete, partial (some neurons failed), stopped (budget) or interrupted."""
-    done: int
-    """Neurons finished (in this and earlier sessions of the job)."""
-    failed: dict[NeuronId, str]
-    """Neurons that failed, with their errors."""
-    total: int
-    """Neurons in the job."""
-    new_calls: int
-    """LLM calls made in this session."""
-    cache_hits: int
-    """LLM calls answered from the log."""
-    tokens: int
-    """Tokens spent in this session."""
-    message: str = ""
-    """Why it stopped early, if it did."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A dry run's count of what a job would spend."""
-
-    neurons: int
-    """Neurons still to do."""
-    calls: int
-    """New LLM calls."""
-    cached: int
-    """Calls the log would answer (held now, or made earlier in the same job)."""
-    prompt_tokens: int
-    """Prompt tokens of the new calls (estimated from stand-ins where explanations are not known yet)."""
-    completion_tokens: int
-    """Completion tokens (at most)."""
-    cost: float | None
-    """Dollars, where every backend's price is known."""
 
 
 class Job:
@@ -337,6 +234,12 @@ class Job:
                 self._opened.append(store)
         return store
 
+    def _close_readers(self) -> None:
+        for reader in self._opened:
+            reader.close()
+        self._opened.clear()
+        self._readers = threading.local()
+
     def _splits(self, neuron: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> NeuronSplits:
         found = records.get(neuron)
         if found is None:
@@ -461,6 +364,10 @@ class Job:
         # requests, not a full window's.
         probing = True
         blocks = Blocks(self.store, job_id, self.neurons, self._cycles(), todo, since)
+        # A job alone on a shared store folds its spool into it now and then, so the spool stays small for readers
+        # who come later (with another process in the store it cannot, and goes on).
+        settle_at = time.monotonic() + SETTLE_SECONDS if self.store.shared is not None and self.store.own \
+            else float("inf")
         chunk: list[int] = []  # the block being started, and its records
         records: dict[NeuronId, list[ActivationRecord]] = {}
         inflight: dict[Future[NeuronResult], int] = {}
@@ -471,7 +378,8 @@ class Job:
                     state, message = "interrupted", "cancelled"
                     cancel.set()
                 window = max(FAIL_FAST - streak, 1) if probing else 2 * workers
-                while state == "running" and len(inflight) < window:
+                draining = time.monotonic() >= settle_at  # to fold the spool: start nothing until all have landed
+                while state == "running" and len(inflight) < window and not draining:
                     if not chunk:
                         chunk = blocks.next()
                         if not chunk:
@@ -482,6 +390,14 @@ class Job:
                     inflight.update({pool.submit(self.process, i, records): i for i in take})
                 if inflight:
                     finished, _ = wait(inflight, timeout=COMMIT_SECONDS, return_when=FIRST_COMPLETED)
+                elif draining:
+                    finished = set()
+                    if landing.commit():
+                        progress("neurons", done + landing.count, len(self.neurons))
+                        blocks.committed(landing.last_committed)
+                    self._close_readers()
+                    self.store.resettle()
+                    settle_at = time.monotonic() + SETTLE_SECONDS
                 elif blocks.finished or state != "running":
                     break
                 else:  # the blocks left are another process's for now: theirs are done when it lets them go
@@ -530,10 +446,7 @@ class Job:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             blocks.release_all()
-            for reader in self._opened:
-                reader.close()
-            self._opened.clear()
-            self._readers = threading.local()
+            self._close_readers()
         if state == "failed":
             self.store.set_job_state(job_id, "failed", message)
             raise JobStopped(f"job {job_id} stopped: {message} — fix that, then run the same command to resume")

@@ -51,11 +51,13 @@ LOCK_WAIT_SECONDS = 5.0
 class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
-    def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None,  # type: ignore[no-untyped-def]
+                 own: bool = True) -> None:
         self.con = con
         self.path = path
         self.read_only = read_only
         self.shared = shared
+        self.own = own  # its own connection, not a cursor of another Store's (for_thread)
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -196,7 +198,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
-        return Store(self.con.cursor(), self.path, self.read_only, self.shared)
+        return Store(self.con.cursor(), self.path, self.read_only, self.shared, own=False)
 
     def make_writable(self) -> None:
         """Reopen a read-only store for writing, in place; StoreError (and still read-only) if another

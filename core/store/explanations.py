@@ -45,6 +45,7 @@ CHOSEN_POS_CTES = CHOSEN_CTES.format(where=" AND tail = 'pos' AND role IN ('cand
 class ExplanationsMixin:
     con: Any
     shared: Any
+    simulations_of: Any
     _thread_cursors: threading.local
 
     def _cursor(self) -> Any:
@@ -203,7 +204,8 @@ class ExplanationsMixin:
         where = f"explanation_id BETWEEN {min(ids)} AND {max(ids)} AND explanation_id IN ({', '.join(map(str, ids))})"
         sims: dict[int, list[Simulation]] = {}
         for eid, excerpt, kind, split, predicted in self.con.execute(
-                f"SELECT explanation_id, excerpt_id, kind, split, predicted FROM simulations WHERE {where} "
+                f"SELECT explanation_id, excerpt_id, kind, split, predicted FROM {self.simulations_of(ids)} "
+                f"WHERE {where} "
                 "ORDER BY split, kind DESC, excerpt_id").fetchall():
             sims.setdefault(int(eid), []).append(Simulation(int(excerpt), kind, split, tuple(float(v) for v in predicted)))
         splits: dict[int, dict[tuple[str, str], list[Score]]] = {}

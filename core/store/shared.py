@@ -41,12 +41,14 @@ class Shared:
 
     spool: Spool
     columns: dict[str, list[str]]
-    loaded: set[str]
+    folded: set[str]  # segments in the store already (a fold killed before it deleted them)
+    loaded: set[str] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
     files: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in IN_PLACE})
     calls: dict[str, str] = field(default_factory=dict)  # cache key -> the llm_calls file it is in
+    ranges: list[tuple[int, int, str]] = field(default_factory=list)  # simulations files' explanation id ranges
     floors: dict[str, int] = field(default_factory=dict)
-    seq: int = 0
+    seq: int = 0  # refreshes that took in segments (a reader redraws when it moves)
     pending: dict[str, list[Any]] | None = None
 
 
@@ -116,33 +118,32 @@ class SharedMixin:
         if shared is None:
             return False
         with shared.lock:
-            new = [n for n in shared.spool.names() if n not in shared.loaded]
+            new = [n for n in shared.spool.names() if n not in shared.loaded and n not in shared.folded]
             if not new:
                 return False
-            grew: set[str] = set()
-            for name in new:
-                shared.seq += 1
-                for table in COPIED:
-                    path = shared.spool.file(name, table)
-                    if not path.exists() or (table != "job_events" and table not in shared.columns):
-                        continue
-                    if table in ("job_neurons", "job_events"):  # in the order written
-                        select = (f"* EXCLUDE (file_row_number), {shared.seq * 1_000_000} + file_row_number AS seq "
-                                  f"FROM read_parquet({sql_literal(path)}, file_row_number = true)")
-                    else:
-                        select = f"* FROM read_parquet({sql_literal(path)})"
-                    self.con.execute(f"INSERT INTO spool_{table} BY NAME SELECT {select}")
-                for table in IN_PLACE:
-                    path = shared.spool.file(name, table)
-                    if path.exists():
-                        shared.files[table].append(str(path))
-                        grew.add(table)
-                        if table == "llm_calls":
-                            keys = self.con.execute(f"SELECT cache_key FROM read_parquet({sql_literal(path)})").fetchall()
-                            shared.calls.update((k, str(path)) for (k,) in keys)
-                shared.loaded.add(name)
-            for table in grew:
-                self._view(table)
+            shared.seq += 1
+            for table in COPIED + IN_PLACE:
+                paths = [str(p) for p in (shared.spool.file(n, table) for n in new) if p.exists()]
+                if not paths or (table not in shared.columns and table != "job_events"):
+                    continue
+                source = f"read_parquet([{', '.join(map(sql_literal, paths))}], filename = true, file_row_number = true)"
+                if table in ("job_neurons", "job_events"):  # in the order written
+                    self.con.execute(f"INSERT INTO spool_{table} BY NAME SELECT * EXCLUDE (filename, file_row_number), "
+                                     f"{shared.seq * 1_000_000_000} + row_number() OVER (ORDER BY filename, "
+                                     f"file_row_number) AS seq FROM {source}")
+                elif table in COPIED:
+                    self.con.execute(f"INSERT INTO spool_{table} BY NAME SELECT * EXCLUDE (filename, file_row_number) "
+                                     f"FROM {source}")
+                else:
+                    shared.files[table].extend(paths)
+                    self._view(table)
+                    if table == "llm_calls":  # where each call is, for lookups by key
+                        shared.calls.update(self.con.execute(f"SELECT cache_key, filename FROM {source}").fetchall())
+                    else:  # each file's explanation ids, to read a neuron's simulations from its files only
+                        shared.ranges.extend(self.con.execute(
+                            f"SELECT min(explanation_id), max(explanation_id), filename FROM {source} "
+                            "GROUP BY filename").fetchall())
+            shared.loaded.update(new)
             return True
 
     # -- writing as a job ---------------------------------------------------------------------------
@@ -196,6 +197,17 @@ class SharedMixin:
         with shared.spool.locked():
             return shared.spool.allocate(counter, n, shared.floors[counter])
 
+    def simulations_of(self, ids: Sequence[int]) -> str:
+        """The table to read these explanations' simulations from: on a shared store, the store's and only the
+        segment files whose ids (a commit's, a narrow range) may hold them."""
+        if self.shared is None:
+            return "simulations"
+        files = [path for lo, hi, path in self.shared.ranges if any(lo <= i <= hi for i in ids)]
+        if not files:
+            return "store.main.simulations"
+        return (f"(SELECT * FROM store.main.simulations UNION ALL BY NAME SELECT * FROM "
+                f"read_parquet([{', '.join(map(sql_literal, files))}]))")
+
     def _spool_lookup(self, cursor: Any, key: str) -> str | None:
         """A logged call's response: in the store, else in the segment the spool index names."""
         rows = cursor.execute("SELECT response FROM store.main.llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
@@ -218,15 +230,34 @@ class SharedMixin:
         if claim >= 0:
             Spool.release(claim)
 
+    def resettle(self) -> bool:
+        """Fold the spool into the store if no other process has it open, then open it read-only again, in place;
+        whether it folded. For a store's own connection, with no other thread using it or its cursors meanwhile."""
+        from neuronscope.core.store import Store
+
+        self.con.close()
+        self.__dict__.pop("_thread_cursors", None)
+        try:
+            return Store.settle(self.path)
+        finally:
+            again = Store.open(self.path, read_only=True)
+            self.con, self.shared = again.con, again.shared
+
     # -- folding ------------------------------------------------------------------------------------
     def fold(self, spool: Spool) -> int:
         """Move every published segment into the store's tables in one transaction, then empty the spool; the number
         of segments. Only a writable open may do this (no other process then has the store open). Idempotent: the
         folded names are recorded in the same transaction, so a fold killed at any moment is done again or not at
         all."""
-        self.con.execute("CREATE TABLE IF NOT EXISTS spool_folded (name VARCHAR)")
-        done = {r[0] for r in self.con.execute("SELECT name FROM spool_folded").fetchall()}
+        done: set[str] = set()
+        if self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'spool_folded'"
+                            ).fetchall()[0][0]:
+            done = {r[0] for r in self.con.execute("SELECT name FROM spool_folded").fetchall()}
         names = [n for n in spool.names() if n not in done]
+        if not names and not done:
+            spool.clear([])
+            return 0
+        self.con.execute("CREATE TABLE IF NOT EXISTS spool_folded (name VARCHAR)")
         if names:
             self.con.execute("BEGIN")
             try:

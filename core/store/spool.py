@@ -135,5 +135,22 @@ class Spool:
         for name in os.listdir(self.segments) if self.segments.is_dir() else ():
             if name.startswith("."):  # a segment whose writer died before publishing it
                 shutil.rmtree(self.segments / name, ignore_errors=True)
-        shutil.rmtree(self.claims, ignore_errors=True)
         (self.root / "ids.json").unlink(missing_ok=True)
+        for claim in self.claims.iterdir() if self.claims.is_dir() else ():
+            fd = self.claim(*map(int, claim.name.split("-")), wait=False)
+            if fd is None:
+                continue  # this process's own (no other has the store open): it stays the claim's file
+            claim.unlink()
+            self.release(fd)
+        for folder in (self.segments, self.claims):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return  # a claim of this process's is still there: the spool stays
+        (self.root / "lock").unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
