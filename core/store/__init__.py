@@ -200,21 +200,6 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
         return Store(self.con.cursor(), self.path, self.read_only, self.shared, own=False)
 
-    def make_writable(self) -> None:
-        """Reopen a read-only store for writing, in place; StoreError (and still read-only) if another
-        process holds it."""
-        if not self.read_only:
-            return
-        self.con.close()
-        try:
-            writer = Store.open(self.path, read_only=False, create=False)
-        except StoreError:
-            reader = Store.open(self.path, read_only=True)
-            self.con, self.shared = reader.con, reader.shared
-            raise
-        self.con, self.read_only, self.shared = writer.con, False, None
-        self.__dict__.pop("_related_tables", None)  # the writable open makes them if they were missing
-
     def __enter__(self) -> Store:
         return self
 

@@ -116,7 +116,7 @@ class JobsPanel(VerticalScroll):
         return [h for h in self.handles if h.running]
 
     def start(self, store: Any, run: Any, handle: JobHandle, backend_options: dict[str, Any]) -> None:
-        """Add a row and run the job in a thread worker (the store must already be writable)."""
+        """Add a row and run the job in a thread worker (it writes beside the store: neuronscope.core.store.spool)."""
         self.handles.append(handle)
         self.add_class("active")
         self.mount(JobRow(handle))
