@@ -265,6 +265,21 @@ def collect_into(store_path: Path, subject, corpus: Path, *, settings=None, shar
                        batch_size=batch_size, shard=shard, reuse=reuse)
 
 
+@pytest.fixture(scope="module")
+def job_store(tmp_path_factory: pytest.TempPathFactory, subject, corpus_dir: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A collection of the tiny model with records enough for the default splits (tests that write copy it)."""
+    path = tmp_path_factory.mktemp("jobs") / "jobs.duckdb"
+    collect_into(path, subject, corpus_dir, settings=fast_settings(top_k=12, random_k=8, bottom_k=4))
+    return path
+
+
+def copy_store(source: Path, folder: Path, name: str) -> Path:
+    """A copy of a store under another name, for a test that writes to it."""
+    path = folder / name
+    shutil.copy(source, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cli_store(session_dir: Path, tiny_model: Path, corpus_dir: Path) -> tuple[Path, Result]:
     """One store filled by a real `neuronscope collect` of the tiny model over the main corpus."""

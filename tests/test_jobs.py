@@ -17,8 +17,7 @@ from conftest import (
     assert_one_line_error,
     cli_command,
     cli_env,
-    collect_into,
-    fast_settings,
+    copy_store,
     run_cli,
 )
 
@@ -76,20 +75,6 @@ def test_planted_neurons_are_found_named_and_scored(planted_store: Path, tmp_pat
 
 # -- jobs with a real local model ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def job_store(tmp_path_factory: pytest.TempPathFactory, subject, corpus_dir: Path) -> Path:  # type: ignore[no-untyped-def]
-    """A collection of the tiny model with records enough for the default splits."""
-    path = tmp_path_factory.mktemp("jobs") / "jobs.duckdb"
-    collect_into(path, subject, corpus_dir, settings=fast_settings(top_k=12, random_k=8, bottom_k=4))
-    return path
-
-
-def _fresh(job_store: Path, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    shutil.copy(job_store, path)
-    return path
-
-
 def _job(store: Store, spec: str, limit: int = 6, **settings: object) -> Job:
     """A job with the lines simulation: calls a model for every simulation, so call accounting shows."""
     return Job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines",
@@ -108,14 +93,14 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
     # job's results equal the uninterrupted one's exactly (batching's own tolerance: tests/test_local_batching.py).
     monkeypatch.setenv("NEURONSCOPE_BATCH_TOKENS", "1")
     spec = f"local:{tiny_model}"
-    reference = _fresh(job_store, tmp_path, "reference.duckdb")
+    reference = copy_store(job_store, tmp_path, "reference.duckdb")
     with Store.open(reference) as store:
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and not report.failed
         assert report.new_calls == 6 * 4  # explain; simulate the explanation, the shuffled control, the neutral one
         expected = {(s.layer, s.neuron): (s.text, s.score.value) for s in store.summaries(store.run().run_id) if s.score}
 
-    path = _fresh(job_store, tmp_path, "interrupted.duckdb")
+    path = copy_store(job_store, tmp_path, "interrupted.duckdb")
 
     def interrupt_after_two(stage: str, done: int, total: int) -> None:
         if stage == "neurons" and done >= 2:
@@ -146,7 +131,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
 
 
 def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
-    path = _fresh(job_store, tmp_path, "budget.duckdb")
+    path = copy_store(job_store, tmp_path, "budget.duckdb")
     spec = f"local:{tiny_model}"
     with Store.open(path) as store:
         job = _job(store, spec, limit=4)
@@ -170,7 +155,7 @@ def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path
 
 
 def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, tmp_path: Path) -> None:
-    path = _fresh(job_store, tmp_path, "bestof.duckdb")
+    path = copy_store(job_store, tmp_path, "bestof.duckdb")
     with Store.open(path) as store:
         report = run_job(store, store.run(), JobSettings(explainer="baseline", simulator="baseline", samples=3),
                          Selection(limit=3))
@@ -192,7 +177,7 @@ def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, t
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
-    path = _fresh(job_store, tmp_path, "killed.duckdb")
+    path = copy_store(job_store, tmp_path, "killed.duckdb")
     args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30", "--store", path]
     proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=Path(__file__).resolve().parent.parent)
@@ -244,7 +229,7 @@ def test_job_input_errors_are_one_line(cli_store: tuple[Path, object]) -> None:
 
 
 def test_score_without_stored_explanations_records_the_failure(job_store: Path, tmp_path: Path) -> None:
-    path = _fresh(job_store, tmp_path, "noexpl.duckdb")
+    path = copy_store(job_store, tmp_path, "noexpl.duckdb")
     with Store.open(path) as store:
         report = run_job(store, store.run(), JobSettings(kind="score", explainer="baseline", simulator="baseline"),
                          Selection(limit=2))
@@ -282,7 +267,7 @@ def test_fixed_seeds_give_identical_results(job_store: Path, tmp_path: Path, tin
     spec = f"local:{tiny_model}"
 
     def results(name: str, seed: int) -> list[tuple]:  # type: ignore[type-arg]
-        path = _fresh(job_store, tmp_path, name)
+        path = copy_store(job_store, tmp_path, name)
         settings = JobSettings(explainer=spec, simulator=spec, samples=2, seed=seed, simulation="lines",
                                scorers=("detection", "fuzzing"))
         with Store.open(path) as store:

@@ -4,14 +4,13 @@ that makes both possible (neuronscope.core.store.spool), including after kill -9
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, cli_env, collect_into, fast_settings, run_cli
+from conftest import cli_command, cli_env, copy_store, run_cli
 
 from neuronscope.core.store import Store
 from neuronscope.core.store.spool import Spool
@@ -20,19 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The CLI with the engine's blocks made small, so a short job has several blocks for processes to split.
 SMALL_BLOCKS = ("import sys; import neuronscope.core.jobs.engine as engine; engine.BLOCK = 4; "
                 "from neuronscope.tui.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-@pytest.fixture(scope="module")
-def shared_store(tmp_path_factory: pytest.TempPathFactory, subject, corpus_dir: Path) -> Path:  # type: ignore[no-untyped-def]
-    path = tmp_path_factory.mktemp("shared") / "shared.duckdb"
-    collect_into(path, subject, corpus_dir, settings=fast_settings(top_k=12, random_k=8, bottom_k=4))
-    return path
-
-
-def _copy(shared_store: Path, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    shutil.copy(shared_store, path)
-    return path
 
 
 def _start(args: list[str], small_blocks: bool = False) -> subprocess.Popen[str]:
@@ -69,9 +55,9 @@ def _calls(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(shared_store: Path, tmp_path: Path,
+def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(job_store: Path, tmp_path: Path,
                                                                       tiny_model: Path) -> None:
-    path = _copy(shared_store, tmp_path, "busy.duckdb")
+    path = copy_store(job_store, tmp_path, "busy.duckdb")
     proc = _start(["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30",
                    "--store", path])
     try:
@@ -99,12 +85,12 @@ def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(shared_stor
 
 
 @pytest.mark.slow
-def test_two_job_processes_finish_one_job_together(shared_store: Path, tmp_path: Path, tiny_model: Path) -> None:
+def test_two_job_processes_finish_one_job_together(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
     args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "16"]
-    alone = _copy(shared_store, tmp_path, "alone.duckdb")
+    alone = copy_store(job_store, tmp_path, "alone.duckdb")
     reference = _start([*args, "--store", alone], small_blocks=True)
     assert reference.wait(timeout=600) == 0
-    together = _copy(shared_store, tmp_path, "together.duckdb")
+    together = copy_store(job_store, tmp_path, "together.duckdb")
     procs = [_start([*args, "--store", together], small_blocks=True) for _ in range(2)]
     paid = []
     for proc in procs:
@@ -121,10 +107,10 @@ def test_two_job_processes_finish_one_job_together(shared_store: Path, tmp_path:
         assert [(j["state"], j["done"], j["failed"]) for j in store.jobs()] == [("complete", 16, 0)]
 
 
-def test_a_spool_is_folded_once_and_its_unpublished_segments_dropped(shared_store: Path, tmp_path: Path) -> None:
+def test_a_spool_is_folded_once_and_its_unpublished_segments_dropped(job_store: Path, tmp_path: Path) -> None:
     """What a killed writer leaves (a segment never renamed into place) is not read; a fold moves every published
     segment into the store once, and the spool is empty after it."""
-    path = _copy(shared_store, tmp_path, "fold.duckdb")
+    path = copy_store(job_store, tmp_path, "fold.duckdb")
     with Store.open(path, read_only=True) as store:
         run = store.run()
         job = store.create_job(run.run_id, "explain", "{}", "key", 2)
@@ -144,7 +130,7 @@ def test_a_spool_is_folded_once_and_its_unpublished_segments_dropped(shared_stor
         assert store.create_job(run.run_id, "explain", "{}", "other", 1) == job + 1
 
 
-def test_a_job_alone_folds_its_spool_as_it_goes(shared_store: Path, tmp_path: Path, tiny_model: Path,
+def test_a_job_alone_folds_its_spool_as_it_goes(job_store: Path, tmp_path: Path, tiny_model: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Alone on the store, a job folds its segments into it every SETTLE_SECONDS (here one second) and opens it
     again, its requests drained meanwhile: it finishes with the results of a job on a writable store."""
@@ -153,10 +139,10 @@ def test_a_job_alone_folds_its_spool_as_it_goes(shared_store: Path, tmp_path: Pa
 
     monkeypatch.setenv("NEURONSCOPE_BATCH_TOKENS", "1")
     settings = JobSettings(explainer=f"local:{tiny_model}", simulator=f"local:{tiny_model}", simulation="lines")
-    alone = _copy(shared_store, tmp_path, "writable.duckdb")
+    alone = copy_store(job_store, tmp_path, "writable.duckdb")
     with Store.open(alone) as store:
         assert run_job(store, store.run(), settings, Selection(limit=8), concurrency=2).state == "complete"
-    path = _copy(shared_store, tmp_path, "settling.duckdb")
+    path = copy_store(job_store, tmp_path, "settling.duckdb")
     monkeypatch.setattr(engine, "SETTLE_SECONDS", 1.0)
     folds = []
     with Store.open(path, read_only=True) as store:
@@ -171,7 +157,7 @@ def test_a_job_alone_folds_its_spool_as_it_goes(shared_store: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_fold_killed_at_any_moment_loses_and_doubles_nothing(shared_store: Path, tmp_path: Path) -> None:
+def test_a_fold_killed_at_any_moment_loses_and_doubles_nothing(job_store: Path, tmp_path: Path) -> None:
     """kill -9 a process folding the spool at random moments: every open in between reads each row once, and the
     fold that finally completes leaves exactly what was written."""
     import random
@@ -179,7 +165,7 @@ def test_a_fold_killed_at_any_moment_loses_and_doubles_nothing(shared_store: Pat
     from neuronscope.core.records import Call
     from neuronscope.core.results import NeuronResult, ScoredExplanation
 
-    path = _copy(shared_store, tmp_path, "folding.duckdb")
+    path = copy_store(job_store, tmp_path, "folding.duckdb")
     segments = 400  # a fold of about a second here, so most kills land inside it
     with Store.open(path, read_only=True) as store:
         run_id = store.run().run_id

@@ -55,12 +55,12 @@ class BulkMixin:
         })
         if self.shared is not None:  # a segment: each state says what it replaces, and the counts follow from that
             prev = ["failed" if NeuronId(s[0], s[1]) in retried else "" for s in states]
-            self._insert("job_neurons", "", rows.append_column("prev", pa.array(prev, pa.string())))
+            self._insert("job_neurons", rows.append_column("prev", pa.array(prev, pa.string())))
             return
         if again:  # only failed neurons are retried (done ones are skipped), so each removes one failure
             pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in again)
             self.con.execute(f"DELETE FROM job_neurons WHERE job_id = ? AND (layer, neuron) IN ({pairs})", [job_id])
-        self._insert("job_neurons", "job_id, layer, neuron, state, error", rows)
+        self._insert("job_neurons", rows)
         done = sum(s[2] == "done" for s in states)
         self.con.execute("UPDATE jobs SET done = done + ?, failed = failed + ?, updated_at = current_timestamp "
                          "WHERE job_id = ?", [done, len(states) - done - len(again), job_id])
@@ -71,20 +71,19 @@ class BulkMixin:
 
         ids = {"call_id": pa.array(np.arange(len(calls), dtype=np.int64) + self._spool_ids("call_ids", len(calls)))
                } if self.shared is not None else {}
-        self._insert("llm_calls", "cache_key, backend, model, kind, prompt, response, prompt_tokens, completion_tokens, "
-                     "latency_s, job_id", pa.table({
-                         "cache_key": pa.array([k for k, _ in calls], pa.string()),
-                         "backend": pa.array([c.backend for _, c in calls], pa.string()),
-                         "model": pa.array([c.model for _, c in calls], pa.string()),
-                         "kind": pa.array([c.kind for _, c in calls], pa.string()),
-                         "prompt": pa.array([c.prompt for _, c in calls], pa.string()),
-                         "response": pa.array([c.response for _, c in calls], pa.string()),
-                         "prompt_tokens": pa.array([c.prompt_tokens for _, c in calls], pa.int32()),
-                         "completion_tokens": pa.array([c.completion_tokens for _, c in calls], pa.int32()),
-                         "latency_s": pa.array([c.latency_s for _, c in calls], pa.float64()),
-                         "job_id": pa.array([job_id] * len(calls), pa.int64()),
-                         **ids,
-                     }))
+        self._insert("llm_calls", pa.table({
+            "cache_key": pa.array([k for k, _ in calls], pa.string()),
+            "backend": pa.array([c.backend for _, c in calls], pa.string()),
+            "model": pa.array([c.model for _, c in calls], pa.string()),
+            "kind": pa.array([c.kind for _, c in calls], pa.string()),
+            "prompt": pa.array([c.prompt for _, c in calls], pa.string()),
+            "response": pa.array([c.response for _, c in calls], pa.string()),
+            "prompt_tokens": pa.array([c.prompt_tokens for _, c in calls], pa.int32()),
+            "completion_tokens": pa.array([c.completion_tokens for _, c in calls], pa.int32()),
+            "latency_s": pa.array([c.latency_s for _, c in calls], pa.float64()),
+            "job_id": pa.array([job_id] * len(calls), pa.int64()),
+            **ids,
+        }))
 
     def _write_results(self, job_id: int, run_id: int, results: Sequence[NeuronResult]) -> None:
         """The results' explanations, simulations and scores, in the caller's transaction."""
@@ -97,31 +96,30 @@ class BulkMixin:
             ids = self.con.execute("SELECT nextval('explanation_ids') FROM range(?)", [len(pairs)]).fetchnumpy()
             eids = np.sort(np.asarray(next(iter(ids.values())), np.int64)) if pairs else np.zeros(0, np.int64)
         if pairs:
-            self._insert("explanations", "explanation_id, run_id, layer, neuron, tail, role, explainer, sample, "
-                         "selected, text, source_layer, source_neuron, job_id", pa.table({
-                             "explanation_id": pa.array(eids),
-                             "run_id": pa.array(np.full(len(pairs), run_id, np.int32)),
-                             "layer": pa.array([r.layer for r, _ in pairs], pa.int16()),
-                             "neuron": pa.array([r.neuron for r, _ in pairs], pa.int32()),
-                             "tail": pa.array([r.tail for r, _ in pairs], pa.string()),
-                             "role": pa.array([ex.role for _, ex in pairs], pa.string()),
-                             "explainer": pa.array([ex.explainer for _, ex in pairs], pa.string()),
-                             "sample": pa.array([ex.sample for _, ex in pairs], pa.int16()),
-                             "selected": pa.array([ex.selected for _, ex in pairs], pa.bool_()),
-                             "text": pa.array([ex.text for _, ex in pairs], pa.string()),
-                             "source_layer": pa.array([ex.source.layer if ex.source else None for _, ex in pairs],
-                                                      pa.int16()),
-                             "source_neuron": pa.array([ex.source.neuron if ex.source else None for _, ex in pairs],
-                                                       pa.int32()),
-                             "job_id": pa.array(np.full(len(pairs), job_id, np.int64)),
-                         }))
+            self._insert("explanations", pa.table({
+                "explanation_id": pa.array(eids),
+                "run_id": pa.array(np.full(len(pairs), run_id, np.int32)),
+                "layer": pa.array([r.layer for r, _ in pairs], pa.int16()),
+                "neuron": pa.array([r.neuron for r, _ in pairs], pa.int32()),
+                "tail": pa.array([r.tail for r, _ in pairs], pa.string()),
+                "role": pa.array([ex.role for _, ex in pairs], pa.string()),
+                "explainer": pa.array([ex.explainer for _, ex in pairs], pa.string()),
+                "sample": pa.array([ex.sample for _, ex in pairs], pa.int16()),
+                "selected": pa.array([ex.selected for _, ex in pairs], pa.bool_()),
+                "text": pa.array([ex.text for _, ex in pairs], pa.string()),
+                "source_layer": pa.array([ex.source.layer if ex.source else None for _, ex in pairs],
+                                         pa.int16()),
+                "source_neuron": pa.array([ex.source.neuron if ex.source else None for _, ex in pairs],
+                                          pa.int32()),
+                "job_id": pa.array(np.full(len(pairs), job_id, np.int64)),
+            }))
         sims = [(eid, ex.splits[0].simulator if ex.splits else "", s)
                 for eid, (_, ex) in zip(eids.tolist(), pairs) for s in ex.simulations]
         if sims:
             lengths = np.array([len(s.predicted) for _, _, s in sims], np.int32)
             flat = np.fromiter((v for _, _, s in sims for v in s.predicted), np.float32, int(lengths.sum()))
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            self._insert("simulations", "explanation_id, simulator, split, excerpt_id, kind, predicted", pa.table({
+            self._insert("simulations", pa.table({
                 "explanation_id": pa.array([e for e, _, _ in sims], pa.int64()),
                 "simulator": pa.array([m for _, m, _ in sims], pa.string()),
                 "split": pa.array([s.split for _, _, s in sims], pa.string()),
@@ -132,24 +130,25 @@ class BulkMixin:
         scores = [(eid, split.simulator, split.split, s) for eid, (_, ex) in zip(eids.tolist(), pairs)
                   for split in ex.splits for s in split.scores]
         if scores:
-            self._insert("scores", "explanation_id, simulator, split, method, value, ci_low, ci_high, n, flags",
-                         pa.table({
-                             "explanation_id": pa.array([e for e, _, _, _ in scores], pa.int64()),
-                             "simulator": pa.array([m for _, m, _, _ in scores], pa.string()),
-                             "split": pa.array([sp for _, _, sp, _ in scores], pa.string()),
-                             "method": pa.array([s.method for *_, s in scores], pa.string()),
-                             "value": pa.array([s.value for *_, s in scores], pa.float64()),
-                             "ci_low": pa.array([s.ci_low for *_, s in scores], pa.float64()),
-                             "ci_high": pa.array([s.ci_high for *_, s in scores], pa.float64()),
-                             "n": pa.array([s.n for *_, s in scores], pa.int32()),
-                             "flags": pa.array([s.flags for *_, s in scores], pa.string()),
-                         }))
+            self._insert("scores", pa.table({
+                "explanation_id": pa.array([e for e, _, _, _ in scores], pa.int64()),
+                "simulator": pa.array([m for _, m, _, _ in scores], pa.string()),
+                "split": pa.array([sp for _, _, sp, _ in scores], pa.string()),
+                "method": pa.array([s.method for *_, s in scores], pa.string()),
+                "value": pa.array([s.value for *_, s in scores], pa.float64()),
+                "ci_low": pa.array([s.ci_low for *_, s in scores], pa.float64()),
+                "ci_high": pa.array([s.ci_high for *_, s in scores], pa.float64()),
+                "n": pa.array([s.n for *_, s in scores], pa.int32()),
+                "flags": pa.array([s.flags for *_, s in scores], pa.string()),
+            }))
 
-    def _insert(self, table: str, columns: str, data: Any) -> None:
-        """Insert an Arrow table's `columns` (all of them into a shared store's segment)."""
+    def _insert(self, table: str, data: Any) -> None:
+        """Insert an Arrow table's rows into the table's columns of the same names (on a shared store: into the
+        segment being written)."""
         if self.shared is not None:
             self._spool_rows(table, data)  # type: ignore[attr-defined]
             return
+        columns = ", ".join(f'"{name}"' for name in data.column_names)
         self.con.register("_bulk_in", data)
         try:
             self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _bulk_in")

@@ -94,7 +94,7 @@ class ExplanationsMixin:
                 job_id = self._spool_ids("job_ids", 1)  # type: ignore[attr-defined]
                 pid, start = this_owner()
                 with self.transaction():  # type: ignore[attr-defined]
-                    self._insert("jobs", "", pa.table({  # type: ignore[attr-defined]
+                    self._insert("jobs", pa.table({  # type: ignore[attr-defined]
                         "job_id": pa.array([job_id], pa.int64()), "run_id": pa.array([run_id], pa.int32()),
                         "kind": [kind], "params": [params], "params_key": [params_key], "state": ["running"],
                         "done": pa.array([0], pa.int64()), "failed": pa.array([0], pa.int64()),
@@ -120,7 +120,7 @@ class ExplanationsMixin:
 
             pid, start = this_owner()
             with self.transaction():  # type: ignore[attr-defined]
-                self._insert("job_events", "", pa.table({  # type: ignore[attr-defined]
+                self._insert("job_events", pa.table({  # type: ignore[attr-defined]
                     "job_id": pa.array([job_id], pa.int64()), "state": [state], "error": [error],
                     "pid": pa.array([pid], pa.int32()), "owner_start": pa.array([start], pa.float64()),
                     "updated_at": pa.array([now()], pa.timestamp("us"))}))

@@ -51,7 +51,7 @@ class InteropMixin:
         records = [(n.stats.layer, n.stats.index, r) for n in neurons for r in n.records]
         with self.transaction():  # type: ignore[attr-defined]
             if excerpts:
-                self._insert("excerpts", "run_id, excerpt_id, token_ids, tokens", pa.table({  # type: ignore[attr-defined]
+                self._insert("excerpts", pa.table({  # type: ignore[attr-defined]
                     "run_id": pa.array(np.full(len(excerpts), run_id, np.int32)),
                     "excerpt_id": pa.array(list(excerpts), pa.int64()),
                     "token_ids": pa.array([None] * len(excerpts), pa.list_(pa.int32())),
@@ -59,35 +59,33 @@ class InteropMixin:
                 }))
             if records:
                 scales, blobs = _quantized([r.activations for _, _, r in records])
-                self._insert("records", "run_id, layer, neuron, kind, rank, bin, excerpt_id, max_act, min_act, scale, "  # type: ignore[attr-defined]
-                             "acts", pa.table({
-                                 "run_id": pa.array(np.full(len(records), run_id, np.int32)),
-                                 "layer": pa.array([layer for layer, _, _ in records], pa.int16()),
-                                 "neuron": pa.array([neuron for _, neuron, _ in records], pa.int32()),
-                                 "kind": pa.array([r.kind for _, _, r in records], pa.string()),
-                                 "rank": pa.array([r.rank for _, _, r in records], pa.int16()),
-                                 "bin": pa.array([r.bin for _, _, r in records], pa.int16()),
-                                 "excerpt_id": pa.array([r.excerpt_id for _, _, r in records], pa.int64()),
-                                 "max_act": pa.array([r.max for _, _, r in records], pa.float32()),
-                                 "min_act": pa.array([r.min for _, _, r in records], pa.float32()),
-                                 "scale": pa.array(scales, pa.float32()),
-                                 "acts": pa.array(blobs, pa.binary()),
-                             }))
+                self._insert("records", pa.table({  # type: ignore[attr-defined]
+                    "run_id": pa.array(np.full(len(records), run_id, np.int32)),
+                    "layer": pa.array([layer for layer, _, _ in records], pa.int16()),
+                    "neuron": pa.array([neuron for _, neuron, _ in records], pa.int32()),
+                    "kind": pa.array([r.kind for _, _, r in records], pa.string()),
+                    "rank": pa.array([r.rank for _, _, r in records], pa.int16()),
+                    "bin": pa.array([r.bin for _, _, r in records], pa.int16()),
+                    "excerpt_id": pa.array([r.excerpt_id for _, _, r in records], pa.int64()),
+                    "max_act": pa.array([r.max for _, _, r in records], pa.float32()),
+                    "min_act": pa.array([r.min for _, _, r in records], pa.float32()),
+                    "scale": pa.array(scales, pa.float32()),
+                    "acts": pa.array(blobs, pa.binary()),
+                }))
             stats = [n.stats for n in neurons]
-            self._insert("neurons", "run_id, layer, neuron, count, mean, variance, skewness, kurtosis, max_act, "  # type: ignore[attr-defined]
-                         "min_act, density, selectivity, quantile_edges", pa.table({
-                             "run_id": pa.array(np.full(len(stats), run_id, np.int32)),
-                             "layer": pa.array([s.layer for s in stats], pa.int16()),
-                             "neuron": pa.array([s.index for s in stats], pa.int32()),
-                             "count": pa.array([s.count for s in stats], pa.int64()),
-                             **{name: pa.array([getattr(s, name) for s in stats], pa.float64())
-                                for name in ("mean", "variance", "skewness", "kurtosis")},
-                             "max_act": pa.array([s.max for s in stats], pa.float32()),
-                             "min_act": pa.array([s.min for s in stats], pa.float32()),
-                             "density": pa.array([s.density for s in stats], pa.float32()),
-                             "selectivity": pa.array([s.selectivity for s in stats], pa.float32()),
-                             "quantile_edges": pa.array([list(s.quantile_edges) for s in stats], pa.list_(pa.float32())),
-                         }))
+            self._insert("neurons", pa.table({  # type: ignore[attr-defined]
+                "run_id": pa.array(np.full(len(stats), run_id, np.int32)),
+                "layer": pa.array([s.layer for s in stats], pa.int16()),
+                "neuron": pa.array([s.index for s in stats], pa.int32()),
+                "count": pa.array([s.count for s in stats], pa.int64()),
+                **{name: pa.array([getattr(s, name) for s in stats], pa.float64())
+                   for name in ("mean", "variance", "skewness", "kurtosis")},
+                "max_act": pa.array([s.max for s in stats], pa.float32()),
+                "min_act": pa.array([s.min for s in stats], pa.float32()),
+                "density": pa.array([s.density for s in stats], pa.float32()),
+                "selectivity": pa.array([s.selectivity for s in stats], pa.float32()),
+                "quantile_edges": pa.array([list(s.quantile_edges) for s in stats], pa.list_(pa.float32())),
+            }))
             related = [(n.stats.layer, n.stats.index, n.related_tokens, n.related_neurons) for n in neurons]
             self._write_related(run_id, related)  # type: ignore[attr-defined]
             self._write_results(job_id, run_id, results)  # type: ignore[attr-defined]

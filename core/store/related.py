@@ -69,7 +69,7 @@ class RelatedMixin:
             self.con.execute("DELETE FROM related t USING _keys_in k WHERE t.run_id = ? AND t.layer = k.layer "
                              "AND t.neuron = k.neuron AND t.list = k.list", [run_id])
             self.con.unregister("_keys_in")
-        self._insert("related", 'run_id, layer, neuron, list, tokens, other_layers, other_neurons, "values"', table)  # type: ignore[attr-defined]
+        self._insert("related", table)  # type: ignore[attr-defined]
 
     @staticmethod
     def _related_rows(rows: Sequence[tuple[Any, ...]]) -> tuple[dict[str, list[tuple[str, float]]],
