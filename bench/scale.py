@@ -17,7 +17,10 @@ client is not keeping it fed); the client's own CPU milliseconds per neuron (`ti
 every thread, over the job) and the server's; the speed-up over the serial level (concurrency 1) of the same run. A last level runs with a ~0 latency server, so the
 client is the limit. The store is a synthetic one of bench/make_store.py (4 layers x 5,120 neurons, built once under
 /tmp and copied for each run). Goals: at least 0.8 of the ideal at concurrency 64 with a 1 s latency in both modes, at
-least 20 neurons/s in `quotes` mode where the client is the limit.
+least 20 neurons/s in `quotes` mode where the client is the limit. A level's rate includes its start (the first
+requests on their way) and its end (the last neurons finishing with fewer in flight), about one neuron's chain of
+requests in all (4 s in `lines` mode), which a job of hours does not feel: levels last about 40 s at the ideal rate
+(--quick's 8 s levels understate the rate, `lines` most).
 
 The concurrency goes to the engine as `Job.run(concurrency=N)`.
 """
@@ -148,7 +151,7 @@ class ThreadProfiles:
         self._lock = threading.Lock()
 
     def _start(self, *_: Any) -> None:
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.thread_time)  # CPU time of the thread: waits do not count
         with self._lock:
             self.profiles.append(profile)
         profile.enable()  # replaces this hook in the thread
@@ -167,8 +170,8 @@ class ThreadProfiles:
         out = io.StringIO()
         stats = pstats.Stats(*self.profiles, stream=out)
         total = stats.total_tt  # type: ignore[attr-defined]
-        out.write(f"{len(self.profiles)} threads profiled, {total:.1f} s of profiled time (wall time in waits "
-                  "included)\n")
+        out.write(f"{len(self.profiles)} threads profiled, {total:.1f} s of profiled time (CPU time of each thread; "
+                  "waits excluded)\n")
         stats.sort_stats("tottime").print_stats(lines)
         stats.sort_stats("cumulative").print_stats(lines)
         return out.getvalue()
@@ -239,13 +242,15 @@ def main() -> None:
     parser.add_argument("--levels", help="concurrencies, comma-separated, 1 first (default 1,16,64,256; 1,64 with "
                                          "--quick)")
     parser.add_argument("--modes", default="quotes,lines", help="simulation modes (comma-separated)")
-    parser.add_argument("--seconds", type=float, help="target seconds per level at the ideal rate (default 16; 8 "
+    parser.add_argument("--seconds", type=float, help="target seconds per level at the ideal rate (default 40; 8 "
                                                       "with --quick)")
     parser.add_argument("--max-neurons", type=int, help="most neurons in a level (default 2048; 512 with --quick)")
     parser.add_argument("--client-neurons", type=int, help="neurons of the client-bound level (default 2000; 400 "
                                                            "with --quick; 0 leaves it out)")
     parser.add_argument("--client-latency", type=float, default=0.001, help="server latency of the client-bound level")
     parser.add_argument("--client-concurrency", type=int, default=64)
+    parser.add_argument("--client-mode", default="quotes", help="simulation mode of the client-bound level (the goal "
+                                                                 "is stated for quotes)")
     parser.add_argument("--store", type=Path, default=Path("/tmp/neuronscope-scale.duckdb"),
                         help="the synthetic store (built there once)")
     parser.add_argument("--store-layers", type=int, default=4)
@@ -258,7 +263,7 @@ def main() -> None:
                         "commits go to segments in the spool beside it (the default writes the store directly)")
     args = parser.parse_args()
     latency = args.latency if args.latency is not None else 1.0
-    seconds = args.seconds if args.seconds is not None else (8.0 if args.quick else 16.0)
+    seconds = args.seconds if args.seconds is not None else (8.0 if args.quick else 40.0)
     max_neurons = args.max_neurons or (512 if args.quick else 2048)
     client_neurons = args.client_neurons if args.client_neurons is not None else (400 if args.quick else 2000)
     levels = [int(c) for c in (args.levels or ("1,64" if args.quick else "1,16,64,256")).split(",") if c.strip()]
@@ -297,7 +302,7 @@ def main() -> None:
             if client_neurons:
                 with LoopbackServer(args.client_latency, args.per_token, args.capacity, args.pad_top) as server:
                     profile = ThreadProfiles() if args.profile else None
-                    client = run_level(store, run, server, "quotes", args.client_concurrency,
+                    client = run_level(store, run, server, args.client_mode, args.client_concurrency,
                                        pool.take(client_neurons), profile=profile)
                     print(row(client, None, client_bound=True) + " (client-bound)", flush=True)
                     if profile is not None:
@@ -323,8 +328,8 @@ def main() -> None:
             print(f"{verdict}: {mode} at concurrency 64: {r.rate:.2f} neurons/s = {r.rate / r.ideal:.2f} of the ideal "
                   f"{r.ideal:.2f} (goal >= {GOAL_RATIO}){note}")
     if client is not None:
-        verdict = "PASS" if client.rate >= GOAL_CLIENT else "FAIL"
-        print(f"{verdict}: quotes, client-bound (latency {args.client_latency:g} s, concurrency "
+        verdict = "PASS" if client.rate >= GOAL_CLIENT or args.client_mode != "quotes" else "FAIL"
+        print(f"{verdict}: {args.client_mode}, client-bound (latency {args.client_latency:g} s, concurrency "
               f"{args.client_concurrency}): {client.rate:.1f} neurons/s (goal >= {GOAL_CLIENT:g}); client CPU "
               f"{1000 * client.cpu / client.neurons:.1f} ms per neuron")
 

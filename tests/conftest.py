@@ -139,8 +139,15 @@ class Result:
     err: str
 
 
-def cli_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "neuronscope.tui.cli", *[str(a) for a in args]]
+def cli_command(args: Sequence[str], **engine: float) -> list[str]:
+    """The command line of `neuronscope ARGS`; `engine` sets constants of neuronscope.core.jobs.engine first (a
+    test's small BLOCK or SETTLE_SECONDS)."""
+    if not engine:
+        return [sys.executable, "-m", "neuronscope.tui.cli", *[str(a) for a in args]]
+    patch = "; ".join(f"engine.{name} = {value!r}" for name, value in engine.items())
+    code = (f"import sys; import neuronscope.core.jobs.engine as engine; {patch}; "
+            "from neuronscope.tui.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", code, *[str(a) for a in args]]
 
 
 def run_cli(args: Sequence[str], timeout: float = 120, **env: str) -> Result:

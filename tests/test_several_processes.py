@@ -16,15 +16,10 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The CLI with the engine's blocks made small, so a short job has several blocks for processes to split.
-SMALL_BLOCKS = ("import sys; import neuronscope.core.jobs.engine as engine; engine.BLOCK = 4; "
-                "from neuronscope.tui.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-def _start(args: list[str], small_blocks: bool = False) -> subprocess.Popen[str]:
-    command = [sys.executable, "-c", SMALL_BLOCKS, *map(str, args)] if small_blocks else cli_command(args)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0", NEURONSCOPE_BATCH_TOKENS="1"))
+def _start(args: list[str], **engine: float) -> subprocess.Popen[str]:
+    """`neuronscope ARGS` started, with constants of the engine set (cli_command)."""
+    return subprocess.Popen(cli_command(args, **engine), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0", NEURONSCOPE_BATCH_TOKENS="1"))
 
 
 def _wait_for_progress(proc: subprocess.Popen[str], at_least: int) -> None:
@@ -85,13 +80,27 @@ def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(job_store: 
 
 
 @pytest.mark.slow
-def test_two_job_processes_finish_one_job_together(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
+def test_two_job_processes_finish_one_job_together_folding_as_they_go(job_store: Path, tmp_path: Path,
+                                                                     tiny_model: Path) -> None:
+    """Two processes split one job's blocks (made small here). Every second (SETTLE_SECONDS, here) the first asks
+    the other, which would not fold for an hour, to step aside: it finishes its neurons in flight and closes the
+    store until the fold is done, so the spool empties while both run."""
     args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "16"]
     alone = copy_store(job_store, tmp_path, "alone.duckdb")
-    reference = _start([*args, "--store", alone], small_blocks=True)
+    reference = _start([*args, "--store", alone], BLOCK=4)
     assert reference.wait(timeout=600) == 0
     together = copy_store(job_store, tmp_path, "together.duckdb")
-    procs = [_start([*args, "--store", together], small_blocks=True) for _ in range(2)]
+    procs = [_start([*args, "--store", together], BLOCK=4, SETTLE_SECONDS=settle) for settle in (1.0, 3600.0)]
+    # Folded mid-job: the spool emptied, then new segments came, both processes running (a process's fold as it
+    # exits does not count).
+    spool, last, folded, resumed, deadline = Spool(together), 0, False, False, time.monotonic() + 600
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        published = len(spool.names())
+        resumed |= folded and published > last
+        folded |= published < last
+        last = published
+        time.sleep(0.02)
+    assert folded and resumed
     paid = []
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -147,7 +156,7 @@ def test_a_job_alone_folds_its_spool_as_it_goes(job_store: Path, tmp_path: Path,
     folds = []
     with Store.open(path, read_only=True) as store:
         resettle = store.resettle
-        monkeypatch.setattr(store, "resettle", lambda: folds.append(resettle()) or folds[-1])
+        monkeypatch.setattr(store, "resettle", lambda **how: folds.append(resettle(**how)) or folds[-1])
         report = run_job(store, store.run(), settings, Selection(limit=8), concurrency=2)
         assert report.state == "complete" and report.done == 8
         assert folds and all(folds)  # it was alone each time, so each fold happened

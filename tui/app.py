@@ -37,6 +37,9 @@ CONFIRM_ABOVE = 50
 RELOAD_INTERVAL = 0.25
 #: How often the app looks for what jobs in other processes landed.
 SPOOL_INTERVAL = 2.0
+#: The longest the app closes the store (and waits) for another process's fold of the spool: the fold itself takes
+#: about a second, but the processes of other jobs finish the neurons they are on first.
+ASIDE_SECONDS = 10.0
 #: Actions that act on the table, not offered on a neuron's screen.
 TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark"}
 
@@ -90,6 +93,7 @@ class NeuronscopeApp(App[None]):
         self.quitting = False
         self._dirty: set[NeuronId] = set()
         self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
+        self._stepped_aside = False
         self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
     def compose(self) -> ComposeResult:
@@ -288,7 +292,15 @@ class NeuronscopeApp(App[None]):
             self.notify(f"{message.neuron} failed: {visible(message.error)}", severity="error", markup=False)
 
     def _reload_spooled(self) -> None:
-        """Show what jobs in other processes landed since the last look (they write beside the store)."""
+        """Show what jobs in other processes landed since the last look (they write beside the store); close the
+        store for a moment when one asks to fold what they wrote into it (a job of this app's own needs the store
+        open: then the fold waits for a later try)."""
+        if not self.store.fold_asked():
+            self._stepped_aside = False
+        elif not self._stepped_aside and not self.jobs.running:
+            self._stepped_aside = True  # once per fold: one that cannot happen within the wait is not waited for again
+            self.store.step_aside(ASIDE_SECONDS)
+            self._spool_seen = -1  # the store was opened again: draw it again
         self.store.refresh()
         seen = self.store.shared.seq if self.store.shared is not None else 0
         if seen == self._spool_seen:

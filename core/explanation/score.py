@@ -30,15 +30,25 @@ METHODS = ("all", "top", "random", "r2")
 BOOTSTRAP = 1000
 
 
-def _sums(target: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Per-excerpt sufficient statistics [n, Σa, Σp, Σa², Σp², Σap] in float64."""
-    a = np.asarray(target, np.float64)
-    p = np.asarray(predicted, np.float64)
-    return np.array([len(a), a.sum(), p.sum(), (a * a).sum(), (p * p).sum(), (a * p).sum()])
+def _sums(targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-excerpt sufficient statistics [excerpts, 6] = [n, Σa, Σp, Σa², Σp², Σap] in float64."""
+    lengths = np.fromiter((len(t) for t in targets), np.int64, len(targets))
+    if not lengths.sum():
+        return np.zeros((len(targets), 6))
+    a = np.concatenate([np.asarray(t, np.float64) for t in targets])
+    p = np.concatenate([np.asarray(x, np.float64) for x in predictions])
+    excerpt = np.repeat(np.arange(len(targets)), lengths)
+
+    def per_excerpt(values: np.ndarray) -> np.ndarray:
+        return np.bincount(excerpt, values, minlength=len(targets))
+
+    return np.stack([lengths.astype(np.float64), per_excerpt(a), per_excerpt(p), per_excerpt(a * a),
+                     per_excerpt(p * p), per_excerpt(a * p)], axis=1)
 
 
-def _from_sums(s: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, constant prediction mask, constant target mask) for stacked sums [..., 6]."""
+def _from_sums(s: np.ndarray, r2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, constant prediction mask, constant target mask) for stacked sums [..., method, 6]; `r2` [method]
+    says which methods are the centred r², the rest being correlations."""
     n = np.maximum(s[..., 0], 1)
     saa = s[..., 3] - s[..., 1] ** 2 / n
     spp = s[..., 4] - s[..., 2] ** 2 / n
@@ -47,12 +57,9 @@ def _from_sums(s: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray, np.n
     flat_p = spp <= eps * s[..., 4]  # relative: the spread is nothing next to the values themselves
     flat_a = saa <= eps * s[..., 3]
     with np.errstate(divide="ignore", invalid="ignore"):
-        if method == "r2":
-            value = 1.0 - (saa + spp - 2 * sap) / saa
-            value = np.where(flat_a, 0.0, value)
-        else:
-            value = np.where(flat_a | flat_p, 0.0, sap / np.sqrt(saa * spp))
-    return np.clip(np.nan_to_num(value), -1e6, 1.0), flat_p, flat_a
+        value = np.where(r2, 1.0 - (saa + spp - 2 * sap) / saa, sap / np.sqrt(saa * spp))
+    value = np.clip(np.where(flat_a | (flat_p & ~r2), 0.0, value), -1e6, 1.0)
+    return np.where(np.isnan(value), 0.0, value), flat_p, flat_a
 
 
 @lru_cache(maxsize=64)
@@ -78,28 +85,27 @@ def score(kinds: Sequence[str], targets: Sequence[np.ndarray], predictions: Sequ
     only their stratum's columns, which is the same as resampling that stratum alone)."""
     scale = TOP / scale_max if scale_max > 0 else 1.0
     kinds_arr = np.asarray(kinds)
-    plain = np.array([_sums(t, p) for t, p in zip(targets, predictions)]).reshape(len(kinds), 6)
-    scaled = np.array([_sums(t * scale, p) for t, p in zip(targets, predictions)]).reshape(len(kinds), 6)
+    plain = _sums(targets, predictions)
+    scaled = plain * np.array([1.0, scale, 1.0, scale * scale, 1.0, scale])  # r² reads targets on the 0-9 scale
     picks = {"all": np.ones(len(kinds), bool), "top": kinds_arr == "top", "random": kinds_arr == "random",
              "r2": np.ones(len(kinds), bool)}
+    r2 = np.array([m == "r2" for m in METHODS])
     # [excerpts, method, 6]: each method's per-excerpt sums, zero outside its excerpts
-    stacked = np.stack([(scaled if m == "r2" else plain) * picks[m][:, None] for m in METHODS], axis=1).reshape(
-        len(kinds), len(METHODS), 6)
+    stacked = np.stack([(scaled if m == "r2" else plain) * picks[m][:, None] for m in METHODS], axis=1)
     weights = _weights(tuple(kinds), seed, resamples)
     boot = (weights @ stacked.reshape(len(kinds), len(METHODS) * 6)).reshape(resamples, len(METHODS), 6)
-    intervals = np.percentile(np.stack([_from_sums(boot[:, k], m)[0] for k, m in enumerate(METHODS)], axis=1),
-                              [2.5, 97.5], axis=0)  # [2, method]
+    intervals = np.percentile(_from_sums(boot, r2)[0], [2.5, 97.5], axis=0)  # [2, method]
+    totals = stacked.sum(axis=0)
+    values, flats_p, flats_a = _from_sums(totals, r2)
     out = {}
     for k, method in enumerate(METHODS):
-        total = stacked[:, k].sum(axis=0)
-        if not picks[method].any() or total[0] == 0:
+        if not picks[method].any() or totals[k, 0] == 0:
             out[method] = Score(method, 0.0, 0.0, 0.0, 0, "no_tokens")
             continue
-        value, flat_p, flat_a = _from_sums(total, method)
         low, high = intervals[:, k]
-        flags = ",".join(f for f, on in (("constant_prediction", flat_p and method != "r2"),
-                                         ("constant_target", flat_a)) if on)
-        out[method] = Score(method, float(value), float(low), float(high), int(total[0]), flags)
+        flags = ",".join(f for f, on in (("constant_prediction", flats_p[k] and method != "r2"),
+                                         ("constant_target", flats_a[k])) if on)
+        out[method] = Score(method, float(values[k]), float(low), float(high), int(totals[k, 0]), flags)
     return out
 
 

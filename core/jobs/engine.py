@@ -70,8 +70,14 @@ class JobStopped(JobError):
 #: Neurons are shuffled into partners, and their records read in one query ahead of their start, in blocks of
 #: this many consecutive neurons of the job.
 BLOCK = 256
-#: How often a job alone on a shared store folds its spool into the store (neuronscope.core.store.shared).
-SETTLE_SECONDS = 300.0
+#: How often a job on a shared store folds its spool into the store (neuronscope.core.store.shared), and the
+#: longest interval it backs off to while other processes keep it from folding.
+SETTLE_SECONDS, SETTLE_MAX_SECONDS = 300.0, 3600.0
+#: How long a job waits for the other processes in the store to step aside for its fold (they finish the neurons
+#: they are on first), and how long one that stepped aside waits for the fold to end.
+FOLD_WAIT_SECONDS = 60.0
+#: Neurons running at once per request allowed in flight (and as many more wait their turn, started).
+THREADS_PER_REQUEST = 2
 #: Requests in flight when neither --concurrency, NEURONSCOPE_CONCURRENCY nor the backends say otherwise.
 DEFAULT_CONCURRENCY = 8
 
@@ -345,14 +351,15 @@ class Job:
         self.store.set_job_state(job_id, "running")
         cancel = threading.Event()  # set by `stop`, the budget, a systematic failure or Ctrl-C: workers stop at their next call
         log = self.log = StoreCallLog(self.store, job_id, max_tokens, cancel)
+        log.index()
         states = self.store.job_neuron_states(job_id)
         todo = [i for i, n in enumerate(self.neurons) if states.get(n, ("", ""))[0] != "done"]
         retried = {n for n, (state, _) in states.items() if state == "failed"}
         del states
         if todo:
             self.prepare()
-        workers = self.concurrency(concurrency)
-        log.set_concurrency(workers)
+        requests = self.concurrency(concurrency)
+        log.set_concurrency(requests)
         landing = Landing(self.store, job_id, self.run_info.run_id, log, retried, landed,
                           every=COMMIT_SECONDS if self.store.shared is None else SEGMENT_SECONDS)
         done = len(self.neurons) - len(todo)
@@ -364,28 +371,37 @@ class Job:
         # requests, not a full window's.
         probing = True
         blocks = Blocks(self.store, job_id, self.neurons, self._cycles(), todo, since)
-        # A job alone on a shared store folds its spool into it now and then, so the spool stays small for readers
-        # who come later (with another process in the store it cannot, and goes on).
-        settle_at = time.monotonic() + SETTLE_SECONDS if self.store.shared is not None and self.store.own \
-            else float("inf")
+        # A job on a shared store folds its spool into it now and then, so the spool stays small for readers who
+        # come later: it drains, asks the other processes in the store to step aside, and folds when they have (a
+        # job drains first, the app closes the store for the moment); when one does not, it goes on, and tries
+        # again after twice as long.
+        sharing = self.store.shared is not None and self.store.own
+        settle_every = SETTLE_SECONDS
+        settle_at = time.monotonic() + settle_every if sharing else float("inf")
         chunk: list[int] = []  # the block being started, and its records
         records: dict[NeuronId, list[ActivationRecord]] = {}
         inflight: dict[Future[NeuronResult], int] = {}
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronscope-job")
+        # More neurons run than requests may be in flight: a neuron waiting for its partner's explanation (made by
+        # the partner's own thread) or busy between requests holds no request slot, and another takes it. One
+        # request in flight runs one neuron at a time, a serial job.
+        threads = requests if requests == 1 else THREADS_PER_REQUEST * requests
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="neuronscope-job")
         try:
             while True:
                 if stop is not None and stop.is_set() and state == "running":
                     state, message = "interrupted", "cancelled"
                     cancel.set()
-                window = max(FAIL_FAST - streak, 1) if probing else 2 * workers
-                draining = time.monotonic() >= settle_at  # to fold the spool: start nothing until all have landed
+                window = max(FAIL_FAST - streak, 1) if probing else threads + requests
+                aside = sharing and self.store.fold_asked()  # another process asks for a fold
+                # to fold the spool, or let another fold it: start nothing until all have landed
+                draining = aside or time.monotonic() >= settle_at
                 while state == "running" and len(inflight) < window and not draining:
                     if not chunk:
                         chunk = blocks.next()
                         if not chunk:
                             break
                         records = self._prefetch(chunk)
-                    take = chunk[:window - len(inflight)] if probing else chunk
+                    take = chunk[:window - len(inflight)]
                     chunk = chunk[len(take):]
                     inflight.update({pool.submit(self.process, i, records): i for i in take})
                 if inflight:
@@ -396,8 +412,14 @@ class Job:
                         progress("neurons", done + landing.count, len(self.neurons))
                         blocks.committed(landing.last_committed)
                     self._close_readers()
-                    self.store.resettle()
-                    settle_at = time.monotonic() + SETTLE_SECONDS
+                    if aside:
+                        self.store.step_aside(FOLD_WAIT_SECONDS)
+                    elif self.store.resettle(wait=FOLD_WAIT_SECONDS):
+                        settle_every = SETTLE_SECONDS
+                    else:
+                        settle_every = min(2 * settle_every, SETTLE_MAX_SECONDS)
+                    log.index()  # a fold moved the spool's calls into the store's table
+                    settle_at = time.monotonic() + settle_every
                 elif blocks.finished or state != "running":
                     break
                 else:  # the blocks left are another process's for now: theirs are done when it lets them go

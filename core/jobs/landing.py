@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.llm.base import CallLog
 from neuronscope.core.records import Call
@@ -28,9 +30,22 @@ Landed = Callable[[NeuronId, str], None]
 COMMIT_SECONDS = 0.25
 SEGMENT_SECONDS = 2.0
 COMMIT_NEURONS = 512
+#: Prefixes of keys committed since the store's were read are merged into them when this many wait.
+MERGE_PREFIXES = 65_536
+
+
+def key_prefix(key: str) -> int | None:
+    """The first 64 bits of a call's key (a sha256 hex digest), as Store.call_prefixes gives them."""
+    try:
+        return int(key[:16], 16)
+    except ValueError:
+        return None
+
+
 class StoreCallLog(CallLog):
     """The call log in the store: lookups read the calls not committed yet, then `llm_calls` (each thread on its own
-    cursor); new calls wait in memory for the job's next commit (`take`, then `committed`)."""
+    cursor); new calls wait in memory for the job's next commit (`take`, then `committed`). After `index()`, a
+    lookup reads the store only for keys whose prefix it holds (a new job's requests cost no query)."""
 
     def __init__(self, store: Store, job_id: int | None, max_tokens: int | None = None,
                  stop: threading.Event | None = None) -> None:
@@ -39,13 +54,32 @@ class StoreCallLog(CallLog):
         self.job_id = job_id
         self.stop = stop
         self._pending: dict[str, Call] = {}
+        self._stored: np.ndarray | None = None  # sorted prefixes of the keys in the store's table, once indexed
+        self._since: set[int] = set()  # prefixes of the keys committed since
+
+    def index(self) -> None:
+        """Read which keys the store's table holds; again whenever that table changes other than by `committed`
+        (a fold of the spool)."""
+        stored = self.store.call_prefixes()
+        with self._lock:
+            self._stored, self._since = stored, set()
+
+    def _maybe_stored(self, key: str) -> bool:
+        prefix = key_prefix(key)
+        with self._lock:
+            if self._stored is None or prefix is None or prefix in self._since:
+                return True
+            at = int(np.searchsorted(self._stored, prefix))
+            return at < len(self._stored) and int(self._stored[at]) == prefix
 
     def lookup(self, key: str) -> str | None:
         if self.stop is not None and self.stop.is_set():
             raise JobCancelled("cancelled")
         with self._lock:
             call = self._pending.get(key)
-        return call.response if call is not None else self.store.lookup_call(key)
+        if call is not None:
+            return call.response
+        return self.store.lookup_call(key, stored=self._maybe_stored(key))
 
     def save(self, key: str, call: Call) -> None:
         with self._lock:
@@ -61,6 +95,12 @@ class StoreCallLog(CallLog):
         with self._lock:
             for key, _ in calls:
                 self._pending.pop(key, None)
+                prefix = key_prefix(key)
+                if prefix is not None:
+                    self._since.add(prefix)
+            if self._stored is not None and len(self._since) >= MERGE_PREFIXES:
+                self._stored = np.union1d(self._stored, np.fromiter(self._since, np.uint64, len(self._since)))
+                self._since = set()
 
 
 class Landing:

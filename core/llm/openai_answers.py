@@ -122,11 +122,8 @@ def read_echo(spec: str, data: dict[str, Any], text: str, slots: Sequence[int], 
 
 def token_starts(offsets: Sequence[Any]) -> dict[int, int]:
     """Character offset -> index of the first token that starts there."""
-    index: dict[int, int] = {}
-    for i, off in enumerate(offsets):
-        if isinstance(off, int):
-            index.setdefault(off, i)
-    return index
+    # built from the end, so the first token at an offset is the one kept
+    return {off: i for i, off in zip(range(len(offsets) - 1, -1, -1), reversed(offsets)) if type(off) is int}
 
 
 def value_lines(spec: str, answer: str, count: int) -> list[tuple[int, str]]:

@@ -101,6 +101,8 @@ class ExplainPrompt:
 
 def show_token(token: str) -> str:
     """A token as one visible, inert line fragment: newlines, tabs and other control characters escaped."""
+    if token.isprintable():  # nothing to escape (most tokens): isprintable is False for every category below
+        return token
     out = []
     for ch in token:
         if ch == "\n":
@@ -174,15 +176,21 @@ def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]], scale
             + "\n\nWhat does this neuron respond to?")
 
 
-def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], int], budget: int) -> ExplainPrompt:
-    """The explainer prompt for a neuron's train excerpts, trimmed (last excerpts first) to `budget` tokens
-    as counted by the explainer's own tokenizer; at least one excerpt is always shown."""
-    scale_max = max((float(np.max(e.target)) for e in examples if len(e.target)), default=0.0)
-    shots = tuple(
+@cache
+def explain_shots() -> tuple[tuple[str, str], ...]:
+    """The explainer's few-shot turns (question, answer), built once."""
+    return tuple(
         (_explain_listing([(s["tokens"], np.asarray(s["values"], np.float64)) for s in shot["excerpts"]], TOP),
          shot["explanation"])
         for shot in fewshot("explain")
     )
+
+
+def explain_prompt(examples: Sequence[Example], count_tokens: Callable[[str], int], budget: int) -> ExplainPrompt:
+    """The explainer prompt for a neuron's train excerpts, trimmed (last excerpts first) to `budget` tokens
+    as counted by the explainer's own tokenizer; at least one excerpt is always shown."""
+    scale_max = max((float(np.max(e.target)) for e in examples if len(e.target)), default=0.0)
+    shots = explain_shots()
     scaled = tuple((tuple(e.tokens), tuple(float(v) for v in on_scale(e.target, scale_max))) for e in examples)
     n = len(examples)
     while True:
@@ -248,16 +256,16 @@ def simulation_text(explanation: str, tokens: Sequence[str]) -> SimulationText:
     return SimulationText(text, tuple(slots))
 
 
-def simulation_lines(tokens: Sequence[str]) -> tuple[str, tuple[int, ...]]:
-    """An excerpt's `token<TAB>?` lines as text, with the character offset of every slot in them."""
+def simulation_lines(shown: Sequence[str]) -> tuple[str, tuple[int, ...]]:
+    """An excerpt's `token<TAB>?` lines as text, with the character offset of every slot in them; `shown`: its
+    tokens through show_token."""
     parts: list[str] = []
     slots: list[int] = []
     pos = 0
-    for token in tokens:
-        shown = show_token(token) + "\t"
-        parts += (shown, SLOT + "\n")
-        slots.append(pos + len(shown))
-        pos += len(shown) + len(SLOT) + 1
+    for token in shown:
+        parts += (token, "\t" + SLOT + "\n")
+        slots.append(pos + len(token) + 1)
+        pos += len(token) + len(SLOT) + 2
     return "".join(parts), tuple(slots)
 
 
@@ -311,8 +319,9 @@ def packed_simulation_text(explanation: str, excerpts: Sequence[Sequence[str]], 
     head = SIMULATE_SYSTEM + "\n\n" + _simulation_head(explanation)
     blocks = []
     for tokens in excerpts:
-        text, slots = simulation_lines(tokens)
-        blocks.append((text, slots, sum(count_tokens(show_token(t)) + 3 for t in tokens)))
+        shown = [show_token(t) for t in tokens]
+        text, slots = simulation_lines(shown)
+        blocks.append((text, slots, sum(count_tokens(t) for t in shown) + 3 * len(shown)))
     return pack_text(head, blocks, max_tokens, count_tokens)
 
 

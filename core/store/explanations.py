@@ -8,6 +8,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from neuronscope.core.choices import ASCENDING, Order
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, Simulation, SplitScores
@@ -165,12 +167,25 @@ class ExplanationsMixin:
                 self.set_job_state(job_id, "interrupted", "the process running it stopped before it finished")
 
     # -- the LLM call log -------------------------------------------------------------------------
-    def lookup_call(self, key: str) -> str | None:
-        """The response of a logged call with this cache key."""
+    def lookup_call(self, key: str, *, stored: bool = True) -> str | None:
+        """The response of a logged call with this cache key. stored=False: the caller knows the store's own table
+        lacks it (`call_prefixes`), so only a shared store's spool is read."""
         if self.shared is not None:
-            return self._spool_lookup(self._cursor(), key)  # type: ignore[attr-defined,no-any-return]
+            return self._spool_lookup(self._cursor(), key, stored=stored)  # type: ignore[attr-defined,no-any-return]
+        if not stored:
+            return None
         rows = self._cursor().execute("SELECT response FROM llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
         return rows[0][0] if rows else None
+
+    def call_prefixes(self) -> np.ndarray:
+        """The first 64 bits of every logged call's key (sha256 hex), sorted, from the store's own table (not a
+        shared store's spool): a key whose prefix is not among them is not logged there, found without a query
+        (8 bytes a call: 16 MB for two million)."""
+        table = "llm_calls" if self.shared is None else "store.main.llm_calls"
+        found = self._cursor().execute(
+            f"SELECT DISTINCT TRY_CAST('0x' || cache_key[1:16] AS UBIGINT) AS prefix FROM {table} "
+            "WHERE prefix IS NOT NULL ORDER BY prefix").fetchnumpy()["prefix"]
+        return np.asarray(found, np.uint64)
 
     def call_totals(self, job_id: int | None = None) -> tuple[int, int]:
         """(calls, tokens) logged, for one job or all."""

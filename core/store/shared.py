@@ -11,7 +11,9 @@ the store (`fold`). Mixed into neuronscope.core.store.Store.
 from __future__ import annotations
 
 import datetime
+import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ ID_COLUMNS = {"explanation_ids": ("explanations", "explanation_id"), "call_ids":
 #: The time a row was written, where the store's tables have a default for it.
 STAMPED = {"explanations": "created_at", "scores": "created_at", "llm_calls": "created_at",
            "job_neurons": "updated_at", "jobs": "created_at"}
+#: How often a process waiting on a fold (its own, or another's it stepped aside for) looks again.
+FOLD_POLL_SECONDS = 0.1
 _EVENT_COLUMNS = "job_id BIGINT, state VARCHAR, error VARCHAR, pid INTEGER, owner_start DOUBLE, updated_at TIMESTAMP"
 
 
@@ -208,11 +212,14 @@ class SharedMixin:
         return (f"(SELECT * FROM store.main.simulations UNION ALL BY NAME SELECT * FROM "
                 f"read_parquet([{', '.join(map(sql_literal, files))}]))")
 
-    def _spool_lookup(self, cursor: Any, key: str) -> str | None:
-        """A logged call's response: in the store, else in the segment the spool index names."""
-        rows = cursor.execute("SELECT response FROM store.main.llm_calls WHERE cache_key = ? LIMIT 1", [key]).fetchall()
-        if rows:
-            return str(rows[0][0])
+    def _spool_lookup(self, cursor: Any, key: str, *, stored: bool = True) -> str | None:
+        """A logged call's response: in the store (unless `stored` is False), else in the segment the spool index
+        names."""
+        if stored:
+            rows = cursor.execute("SELECT response FROM store.main.llm_calls WHERE cache_key = ? LIMIT 1",
+                                  [key]).fetchall()
+            if rows:
+                return str(rows[0][0])
         assert self.shared is not None
         path = self.shared.calls.get(key)
         if path is None:
@@ -230,18 +237,58 @@ class SharedMixin:
         if claim >= 0:
             Spool.release(claim)
 
-    def resettle(self) -> bool:
+    def resettle(self, wait: float = 0.0) -> bool:
         """Fold the spool into the store if no other process has it open, then open it read-only again, in place;
-        whether it folded. For a store's own connection, with no other thread using it or its cursors meanwhile."""
+        whether it folded. With `wait`, it first asks the others to step aside (Spool.ask_fold, `step_aside`) and
+        tries for up to that many seconds while they finish what they are doing. For a store's own connection,
+        with no other thread using it or its cursors meanwhile."""
         from neuronscope.core.store import Store
 
+        spool = Spool(self.path)
+        asked = bool(wait) and spool.ask_fold()
+        self._close_all()
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                if Store.settle(self.path):
+                    return True
+                if not asked or time.monotonic() >= deadline:
+                    return False
+                time.sleep(FOLD_POLL_SECONDS)
+        finally:
+            if asked:
+                spool.end_fold()
+            self._reopen()
+
+    def fold_asked(self) -> bool:
+        """Whether another process asks everyone to step aside for its fold of the spool."""
+        asker = self.shared.spool.fold_asked() if self.shared is not None else None
+        return asker is not None and asker != os.getpid()
+
+    def step_aside(self, wait: float) -> None:
+        """Close the store while another process folds the spool into it (`fold_asked`), then open it read-only
+        again, in place: when the fold is over, or after `wait` seconds. For a store's own connection, with no
+        other thread using it or its cursors meanwhile."""
+        if self.shared is None:
+            return
+        spool = self.shared.spool
+        self._close_all()
+        deadline = time.monotonic() + wait
+        try:
+            while spool.fold_asked() not in (None, os.getpid()) and time.monotonic() < deadline:
+                time.sleep(FOLD_POLL_SECONDS)
+        finally:
+            self._reopen()
+
+    def _close_all(self) -> None:
         self.con.close()
         self.__dict__.pop("_thread_cursors", None)
-        try:
-            return Store.settle(self.path)
-        finally:
-            again = Store.open(self.path, read_only=True)
-            self.con, self.shared = again.con, again.shared
+
+    def _reopen(self) -> None:
+        from neuronscope.core.store import Store
+
+        again = Store.open(self.path, read_only=True)
+        self.con, self.shared = again.con, again.shared
 
     # -- folding ------------------------------------------------------------------------------------
     def fold(self, spool: Spool) -> int:

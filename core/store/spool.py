@@ -6,6 +6,8 @@ as one segment, a folder of Parquet files (one per table with rows), written und
 into `segments/`, so a segment is whole or absent after `kill -9` at any moment. Every process with the store open
 reads the store's tables with the segments laid over them (neuronscope.core.store.shared); the next process that
 opens the store for writing, with nobody else in it, folds the segments into its tables and empties the spool.
+A job that wants to fold as it works asks the others to close the store for a moment (`ask_fold`: a file naming
+it, which every open store looks for; neuronscope.core.jobs.engine and the app step aside).
 
 Ids that rows in several segments share (explanations, calls, jobs) come from counters kept here under a lock,
 continuing the store's own sequences, so segments of different processes never collide. Jobs of several
@@ -127,6 +129,46 @@ class Spool:
     def release(fd: int) -> None:
         os.close(fd)
 
+    # -- asking the others to step aside for a fold -----------------------------------------------------
+    def ask_fold(self) -> bool:
+        """Ask every process with the store open to close it for a moment (`fold_asked`), so this one can open it
+        for writing and fold the spool; False when another live process asks already."""
+        from neuronscope.core.store.runs import process_start
+
+        self.root.mkdir(exist_ok=True)
+        staged = self.root / f".fold.{os.getpid()}"
+        staged.write_text(json.dumps([os.getpid(), process_start(os.getpid())]))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(staged, self.root / "fold")  # whole or absent: a reader never sees it half written
+                    return True
+                except FileExistsError:
+                    if self.fold_asked() is not None:
+                        return False
+                    (self.root / "fold").unlink(missing_ok=True)  # its asker died: ask in its place
+            return False
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def fold_asked(self) -> int | None:
+        """The process asking for a fold, while one that still runs does (a stat when none does)."""
+        from neuronscope.core.store.runs import owner_alive
+
+        try:
+            pid, started = json.loads((self.root / "fold").read_text())
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+        return int(pid) if owner_alive(int(pid), started) else None
+
+    def end_fold(self) -> None:
+        """This process's fold is over (done or given up): the others may open the store again."""
+        (self.root / "fold").unlink(missing_ok=True)
+        try:
+            self.root.rmdir()  # a fold that emptied the spool leaves nothing else
+        except OSError:
+            pass
+
     def clear(self, folded: list[str]) -> None:
         """Delete folded segments, unfinished ones, the counters and the claims: only a process that holds the store
         for writing (so no other process has it open) may call this."""
@@ -136,6 +178,10 @@ class Spool:
             if name.startswith("."):  # a segment whose writer died before publishing it
                 shutil.rmtree(self.segments / name, ignore_errors=True)
         (self.root / "ids.json").unlink(missing_ok=True)
+        for marker in self.root.glob(".fold.*"):  # an asker killed while it wrote its request (it held the store)
+            marker.unlink(missing_ok=True)
+        if self.fold_asked() is None:  # a request whose asker died
+            (self.root / "fold").unlink(missing_ok=True)
         for claim in self.claims.iterdir() if self.claims.is_dir() else ():
             fd = self.claim(*map(int, claim.name.split("-")), wait=False)
             if fd is None:
