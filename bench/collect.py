@@ -23,7 +23,8 @@ def throughput(args: argparse.Namespace) -> None:
     import torch
 
     from neuronscope.core.collection.collect import collect
-    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.collection.corpus import CorpusSpec
+    from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.subject import load_subject
     from neuronscope.core.records import CollectSettings

@@ -261,7 +261,8 @@ def collect_into(store_path: Path, subject, corpus: Path, *, settings=None, shar
                  batch_size: int = 32, layers: tuple[int, ...] | None = None, reuse: bool = True):
     """Collect in-process through the core API, as `neuronscope collect` does."""
     from neuronscope.core.collection.collect import collect
-    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.collection.corpus import CorpusSpec
+    from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.store import Store
 
     settings = settings or fast_settings()

@@ -18,11 +18,11 @@ from neuronscope.core.collection import corpus, default_corpus
 from neuronscope.core.collection.corpus import (
     CorpusError,
     CorpusSpec,
-    cut_excerpts,
     describe,
     iter_documents,
     same_corpus,
 )
+from neuronscope.core.collection.excerpts import cut_excerpts
 
 
 def _byte_map() -> dict[int, str]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from neuronscope.core.collection.collect import collect
-from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+from neuronscope.core.collection.corpus import CorpusSpec
+from neuronscope.core.collection.excerpts import cut_excerpts
 from neuronscope.core.models.subject import load_subject
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from neuronscope.core.llm.base import CallLog, make_backend
-from neuronscope.core.llm.prompts import Example, explain_prompt, packed_simulation_ids, simulation_ids
+from neuronscope.core.llm.prompt_ids import packed_simulation_ids, simulation_ids
+from neuronscope.core.llm.prompts import Example, explain_prompt
 from neuronscope.core.records import TOP
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

@@ -14,7 +14,8 @@ from conftest import (
 )
 
 from neuronscope.core.collection.collect import CollectError, merge
-from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+from neuronscope.core.collection.corpus import CorpusSpec
+from neuronscope.core.collection.excerpts import cut_excerpts
 from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

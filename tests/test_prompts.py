@@ -17,17 +17,13 @@ from typing import Any
 import pytest
 from conftest import hostile_text, prose_text
 
+from neuronscope.core.llm.prompt_ids import bos_ids, digit_ids, encode_text, simulation_ids, simulation_prefix
 from neuronscope.core.llm.prompts import (
     SIMULATE_SYSTEM,
     SLOT,
-    bos_ids,
-    digit_ids,
-    encode_text,
     fewshot,
     show_token,
-    simulation_ids,
     simulation_messages,
-    simulation_prefix,
     simulation_text,
 )
 from neuronscope.core.records import TOP

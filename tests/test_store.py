@@ -19,7 +19,8 @@ from conftest import (
 )
 
 from neuronscope.core.collection.collect import CollectError, parse_shard
-from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts, describe
+from neuronscope.core.collection.corpus import CorpusSpec, describe
+from neuronscope.core.collection.excerpts import cut_excerpts
 from neuronscope.core.store import SCHEMA_VERSION, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent

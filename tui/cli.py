@@ -43,7 +43,8 @@ MAX_K = 1_000
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
     from neuronscope.core.collection.collect import collect, parse_shard
-    from neuronscope.core.collection.corpus import CorpusSpec, cut_excerpts
+    from neuronscope.core.collection.corpus import CorpusSpec
+    from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.subject import load_subject
     from neuronscope.core.records import CollectSettings

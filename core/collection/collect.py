@@ -20,7 +20,7 @@ from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store, StoreError
 
 if TYPE_CHECKING:
-    from neuronscope.core.collection.corpus import Excerpts
+    from neuronscope.core.collection.excerpts import Excerpts
     from neuronscope.core.layerdata import LayerResult
     from neuronscope.core.models.subject import Subject
 

@@ -23,9 +23,9 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,17 +38,16 @@ from neuronscope.core.choices import (
     TAILS,
 )
 from neuronscope.core.errors import NeuronError
-from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for, revise, score_candidates
-from neuronscope.core.explanation.splits import NeuronSplits, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
+from neuronscope.core.jobs.neuron_work import NeuronWork
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.jobs.settings import JobReport, JobSettings, Plan, env_concurrency, parse_controls
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
 from neuronscope.core.records import ActivationRecord, RunInfo
-from neuronscope.core.results import NeuronResult, ScoredExplanation
+from neuronscope.core.results import NeuronResult
 from neuronscope.core.store import Store
 from neuronscope.core.store.shared import now
 
@@ -82,7 +81,7 @@ THREADS_PER_REQUEST = 2
 DEFAULT_CONCURRENCY = 8
 
 
-class Job:
+class Job(NeuronWork):
     """One job over one run. Build it, then `plan()` or `run()`."""
 
     def __init__(self, store: Store, run: RunInfo, settings: JobSettings, selection: Selection, *,
@@ -163,13 +162,6 @@ class Job:
                                                        limit=2, seed=self.settings.seed) if n != self.neurons[0]]
         return {self.neurons[0]: others[0]} if others else {}
 
-    def _controlled(self, neuron: NeuronId) -> bool:
-        """Whether a neuron gets the shuffled control and the contrast score (--controls)."""
-        if self.control_share >= 1.0 or self.control_share <= 0.0:
-            return self.control_share >= 1.0
-        digest = hashlib.sha256(f"controls {self.settings.seed} {neuron.layer} {neuron.neuron}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < self.control_share
-
     # -- backends -------------------------------------------------------------------------------------
     def backend(self, spec: str) -> Backend:
         """A backend by spec, built once per job (explainer and simulator share a model when the spec matches);
@@ -224,109 +216,6 @@ class Job:
         if self.settings.kind != "explain":
             self.backend(self.settings.simulator)
             self.embedder()
-
-    @property
-    def _uses_explainer(self) -> bool:
-        return self.settings.kind in ("explain", "run")
-
-    # -- per neuron ---------------------------------------------------------------------------------
-    def _reader(self) -> Store:
-        """The store for reads in this thread (worker threads each get a cursor of their own)."""
-        store = getattr(self._readers, "store", None)
-        if store is None:
-            store = self.store if threading.current_thread() is threading.main_thread() else self.store.for_thread()
-            self._readers.store = store
-            if store is not self.store:
-                self._opened.append(store)
-        return store
-
-    def _close_readers(self) -> None:
-        for reader in self._opened:
-            reader.close()
-        self._opened.clear()
-        self._readers = threading.local()
-
-    def _splits(self, neuron: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> NeuronSplits:
-        found = records.get(neuron)
-        if found is None:
-            found = self._reader().records(self.run_info.run_id, neuron[0], neuron[1], kinds=("top", "bottom", "random"))
-        splits = split_records(found, self.settings.tail, self.settings.sizes)
-        if not splits.train or not splits.test:
-            raise NeuronError(f"{neuron} has too few records for the {self.settings.tail} tail")
-        return splits
-
-    def _partner_text(self, partner: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> str:
-        """Another neuron's explanation: the explainer's first candidate for it (the same request as the partner's
-        own, so made once), or for score jobs its newest stored explanation, else its lookup explanation."""
-        splits = self._splits(partner, records)
-        if self._uses_explainer:
-            explainer = self.backend(self.settings.explainer)
-            return explainer.explain(prompt_for(explainer, splits), self.settings.samples, self.settings.seed)[0]
-        # A dry run stores nothing: there, what this job would have stored for the partner by now.
-        landed = self._planned.get(partner)
-        found = landed.explanations if landed else self._reader().explanations(self.run_info.run_id, *partner,
-                                                                                tail=self.settings.tail)
-        # the explainer's own explanation: a user sentence may be this job's own, scored on every neuron
-        stored = [e for e in found if e.role == "candidate" and e.selected]
-        return stored[0].text if stored else lookup_of(splits)
-
-    def _candidates(self, neuron: NeuronId, splits: NeuronSplits) -> tuple[list[str], str, str]:
-        """(texts, explainer, role) to score or store."""
-        s = self.settings
-        if s.kind == "score" and s.explanation is not None:
-            return [s.explanation], "user", "user"
-        if s.kind == "score":
-            texts = self._reader().candidate_texts(self.run_info.run_id, *neuron, tail=s.tail,
-                                                   explainer=self.explainer_name)
-            if not texts:
-                raise NeuronError(f"{neuron} has no {s.tail} explanation by {self.explainer_name}: "
-                                  "run `neuronscope explain` first, or pass --explanation")
-            return texts, self.explainer_name, "candidate"
-        explainer = self.backend(s.explainer)
-        return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), self.explainer_name, "candidate"
-
-    def _seed(self, neuron: NeuronId) -> int:
-        """A neuron's seed for bootstraps and decoys: the job's seed mixed with its position."""
-        return self.settings.seed * 1_000_003 + neuron[0] * 100_003 + neuron[1]
-
-    def process(self, index: int, records: Mapping[NeuronId, list[ActivationRecord]] | None = None) -> NeuronResult:
-        """Explain and/or score one neuron (all LLM calls; nothing written). `records`: prefetched records of the
-        neuron and its partner (others are read from the store)."""
-        records = records or {}
-        neuron = self.neurons[index]
-        splits = self._splits(neuron, records)
-        texts, explainer, role = self._candidates(neuron, splits)
-        seed = self._seed(neuron)
-        if self.settings.kind == "explain":
-            out = tuple(ScoredExplanation(text=t, explainer=explainer, role=role, sample=i, selected=i == 0)
-                        for i, t in enumerate(texts))
-            return NeuronResult(neuron[0], neuron[1], self.settings.tail, out)
-        simulator = self.backend(self.settings.simulator)
-        scorers, embedder = self.settings.scorers, self.embedder()
-        mode = self.settings.simulation
-        controlled = self._controlled(neuron)
-        revised = None
-        if self.settings.revise and self.settings.kind == "run":
-            explainer_backend = self.backend(self.settings.explainer)
-            revised = revise(explainer_backend, simulator, splits, prompt_for(explainer_backend, splits), texts[0],
-                             simulation=mode, seed=self.settings.seed)
-        scored = score_candidates(simulator, splits, texts + ([revised] if revised else []), explainer=explainer,
-                                  role=role, seed=seed, simulation=mode, scorers=scorers, embedder=embedder,
-                                  with_contrast=controlled)
-        if revised:
-            scored[-1] = replace(scored[-1], explainer=f"{explainer} (revised)")
-        partner = self.partners.get(neuron) if controlled else None
-        extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, simulation=mode,
-                         scorers=scorers, embedder=embedder, with_contrast=controlled,
-                         partner_text=(lambda: self._partner_text(partner, records)) if partner else None)  # type: ignore[arg-type]
-        return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
-
-    def _prefetch(self, indexes: Sequence[int]) -> dict[NeuronId, list[ActivationRecord]]:
-        """The records of these neurons and of their partners, in one read."""
-        wanted = {self.neurons[i] for i in indexes}
-        wanted |= {self.partners[n] for n in list(wanted) if n in self.partners}
-        return self.store.records_many(self.run_info.run_id, sorted(wanted),
-                                       needed_ranks(self.settings.tail, self.settings.sizes))  # type: ignore[arg-type]
 
     # -- running --------------------------------------------------------------------------------------
     def pending(self, job_id: int | None) -> list[int]:

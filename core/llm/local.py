@@ -29,8 +29,7 @@ import numpy as np
 
 from neuronscope.core.llm.base import Backend, LLMError
 from neuronscope.core.llm.batching import Batcher
-from neuronscope.core.llm.prompts import (
-    ExplainPrompt,
+from neuronscope.core.llm.prompt_ids import (
     PackedPrompt,
     bos_ids,
     chat_opening_ids,
@@ -38,6 +37,7 @@ from neuronscope.core.llm.prompts import (
     encode_text,
     packed_simulation_ids,
 )
+from neuronscope.core.llm.prompts import ExplainPrompt
 from neuronscope.core.llm.rating import Item, packed_rating_ids
 from neuronscope.core.records import TOP
 

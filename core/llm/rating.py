@@ -19,17 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from neuronscope.core.llm.prompts import (
-    SLOT,
-    PackedPrompt,
-    PackedText,
-    bos_ids,
-    chat_opening_ids,
-    encode_text,
-    fewshot,
-    pack_text,
-    show_token,
-)
+from neuronscope.core.llm.prompt_ids import PackedPrompt, bos_ids, chat_opening_ids, encode_text
+from neuronscope.core.llm.prompts import SLOT, PackedText, fewshot, pack_text, show_token
 
 TASKS = ("detect", "fuzz", "token")
 MARK_OPEN, MARK_CLOSE = "<<", ">>"

@@ -1,0 +1,116 @@
+"""A corpus's documents as fixed-length token windows: tokenized a batch of documents at a time, joined by the
+tokenizer's eos token (bos if it has none), cut into consecutive windows numbered in order (the numbers are
+stable, so shards merge), then sampled and sharded. The documents come from neuronscope.core.collection.corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neuronscope.core.collection.corpus import CorpusError, CorpusSpec, Skipped, describe, iter_documents
+
+_BATCH_CHARS = 1_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class Excerpts:
+    """Fixed-length token windows cut from a corpus, sorted by excerpt id."""
+
+    token_ids: np.ndarray
+    """[n, length] int32 token ids."""
+    excerpt_ids: np.ndarray
+    """[n] int64 index of each window in the full cut (before sampling and sharding)."""
+    length: int
+    """Tokens per excerpt."""
+    corpus: str
+    """``describe(spec)`` of the corpus the excerpts came from."""
+
+
+
+def _token_batches(docs: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
+    """Token ids of the documents joined by eos (or bos), a batch of documents at a time."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    first = True
+    batch: list[str] = []
+    size = 0
+
+    def encode(texts: list[str]) -> np.ndarray:
+        nonlocal first
+        out = tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        flat: list[int] = []
+        for ids in out:
+            if not ids:
+                continue
+            if not first and sep is not None:
+                flat.append(sep)
+            flat.extend(ids)
+            first = False
+        return np.asarray(flat, dtype=np.int32)
+
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= _BATCH_CHARS or len(batch) >= 4096:
+            yield encode(batch)
+            batch, size = [], 0
+    if batch:
+        yield encode(batch)
+
+
+def cut_excerpts(
+    spec: CorpusSpec,
+    tokenizer: Any,
+    length: int = 64,
+    max_excerpts: int | None = None,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    *,
+    progress: Callable[[int], None] | None = None,
+    skipped: Skipped | None = None,
+) -> Excerpts:
+    """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
+
+    ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
+    read so far after each batch of documents; ``skipped`` hears of every file of a folder that is not text.
+    """
+    if length < 1:
+        raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
+    if max_excerpts is not None and max_excerpts < 1:
+        raise CorpusError(f"--max-excerpts must be at least 1 (got {max_excerpts})")
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
+    chunks: list[np.ndarray] = []
+    total = 0
+    for chunk in _token_batches(iter_documents(spec, skipped), tokenizer):
+        chunks.append(chunk)
+        total += len(chunk)
+        if progress is not None:
+            progress(total)
+    n = total // length
+    if n == 0:
+        raise CorpusError(
+            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
+        )
+    stream = np.concatenate(chunks)[: n * length].reshape(n, length)  # [n, length]
+    del chunks
+    ids = np.arange(n, dtype=np.int64)
+    if max_excerpts is not None and max_excerpts < n:
+        rng = np.random.default_rng(seed)
+        ids = np.sort(rng.choice(n, size=max_excerpts, replace=False)).astype(np.int64)
+    ids = ids[index::count]
+    return Excerpts(
+        token_ids=np.ascontiguousarray(stream[ids], dtype=np.int32),
+        excerpt_ids=ids,
+        length=length,
+        corpus=describe(spec),
+    )
