@@ -23,6 +23,7 @@ from conftest import (
     cli_env,
     collect_into,
     fast_settings,
+    prose_text,
     run_cli,
 )
 
@@ -152,6 +153,35 @@ def test_collect_prints_the_selective_neurons(cli_store) -> None:  # type: ignor
     with Store.open(path, read_only=True) as store:
         (run,) = store.runs()
         assert run.status == "complete" and run.n_excerpts >= 100
+
+
+def test_crawled_text_with_nuls_and_invalid_bytes_is_collected_and_shown_inertly(tiny_model: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A NUL and a stray invalid byte inside UTF-8 text: the file is text, the byte becomes U+FFFD (counted in the
+    summary), the tokens holding them are stored as they are, and `show` prints them escaped; --strict-utf8
+    refuses the file in one line."""
+    corpus = tmp_path / "crawl"
+    corpus.mkdir()
+    (corpus / "page.txt").write_bytes(prose_text(1).encode() + b"\n\nnul\x00here and caf\xe9 there\n\n"
+                                      + prose_text(1).encode())
+    store = tmp_path / "crawl.duckdb"
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus, "--store", store, *FAST])
+    assert result.code == 0, result.err
+    assert "replaced 1 invalid UTF-8 byte with U+FFFD in 1 file (--strict-utf8 refuses such files)" in result.err
+    with Store.open(store, read_only=True) as opened:
+        tokens = "".join(t for (row,) in opened.con.execute("SELECT tokens FROM excerpts").fetchall() for t in row)
+        (layer, neuron), = opened.con.execute(  # a neuron whose best excerpt holds the NUL
+            "SELECT r.layer, r.neuron FROM records r JOIN excerpts e USING (run_id, excerpt_id) WHERE r.kind = 'top' "
+            "AND r.rank = 0 AND contains(array_to_string(e.tokens, ''), chr(0)) "
+            "ORDER BY r.layer, r.neuron LIMIT 1").fetchall()
+    assert "\x00" in tokens and "\ufffd" in tokens
+    shown = run_cli(["show", f"{layer}/{neuron}", "--store", store])
+    assert shown.code == 0, shown.err
+    assert "\\x00" in shown.out and "\x00" not in shown.out
+    strict = run_cli(["collect", "--model", tiny_model, "--corpus", corpus / "page.txt", "--store", tmp_path / "strict.duckdb",
+                      "--strict-utf8", *FAST])
+    assert_one_line_error(strict, "page.txt is not text: it is not UTF-8 text (byte 0xe9",
+                          "--strict-utf8 refuses invalid bytes")
 
 
 def test_info(cli_store) -> None:  # type: ignore[no-untyped-def]

@@ -163,7 +163,8 @@ def test_empty_inputs(tmp_path):
 
 def test_a_file_that_is_not_text_says_why(tmp_path):
     assert "is not text: it looks binary (14% of its bytes are NUL" in error(write(tmp_path / "a.txt", b"abc\x00def"))
-    assert "is not text: it is not UTF-8 text (byte 0xff at offset 0)" in error(write(tmp_path / "b.txt", b"\xff\xfe"))
+    assert ("is not text: it is not UTF-8 text (2 invalid bytes, the first byte 0xff at offset 0): convert it to "
+            "UTF-8") in error(write(tmp_path / "b.txt", b"\xff\xfe"))
     assert "is not text: it is not a valid .gz file" in error(write(tmp_path / "c.txt.gz", b"not gzip"))
     truncated = gzip.compress(("word " * 5000).encode())[:-40]
     assert "is not text: it is a truncated .gz file" in error(write(tmp_path / "d.txt.gz", truncated))
@@ -171,7 +172,7 @@ def test_a_file_that_is_not_text_says_why(tmp_path):
 
 def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
     """Nothing is dropped silently: each left-out file reaches the callback with its reason, and the corpus
-    description (what `info` shows) counts them; stray NULs in real text are dropped, not the file."""
+    description (what `info` shows) counts them; stray NULs in real text are text, kept as they are."""
     write(tmp_path / "good.txt", "plain text")
     write(tmp_path / "crawled.txt", ("a crawled page " * 20).encode() + b"\x00" + b" with one stray NUL")
     write(tmp_path / "latin1.txt", ("caf\xe9 " * 10).encode("latin-1"))
@@ -179,11 +180,32 @@ def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
     write(tmp_path / "image.bin", bytes(range(256)) * 4)
     left_out: list[tuple[str, str]] = []
     got = list(iter_documents(CorpusSpec(str(tmp_path)), lambda path, why: left_out.append((path.name, why))))
-    assert got == [("a crawled page " * 20) + " with one stray NUL", "plain text"]
+    assert got == [("a crawled page " * 20) + "\x00 with one stray NUL", "plain text"]
     assert left_out == [("cut.txt.gz", "it is a truncated .gz file (the compressed stream ends early)"),
-                        ("image.bin", "it is not UTF-8 text (byte 0x80 at offset 128)"),
-                        ("latin1.txt", "it is not UTF-8 text (byte 0xe9 at offset 3)")]
-    assert "(2 files, 3 skipped as not text, sha256 " in describe(CorpusSpec(str(tmp_path)))
+                        ("image.bin", "it is not UTF-8 text (512 invalid bytes, the first byte 0x80 at offset 128): "
+                                      "convert it to UTF-8"),
+                        ("latin1.txt", "it is not UTF-8 text (10 invalid bytes, the first byte 0xe9 at offset 3): "
+                                       "convert it to UTF-8")]
+    assert "(2 files, 3 skipped as not text, NULs kept, sha256 " in describe(CorpusSpec(str(tmp_path)))
+
+
+def test_a_few_invalid_bytes_become_u_fffd_and_are_counted_unless_strict(tmp_path):
+    """Crawled text with a stray invalid byte (and a control character) is text: the byte becomes U+FFFD and the
+    count reaches `replaced`; --strict-utf8 refuses the file, saying where; JSONL lines alike."""
+    text = ("a page of crawled text " * 100).encode()
+    write(tmp_path / "page.txt", text + b"\xe9\x07 the rest")
+    write(tmp_path / "rows.jsonl", b'{"text": "one \xff two"}\n{"text": "three"}\n')
+    counted: list[tuple[str, int]] = []
+    got = list(iter_documents(CorpusSpec(str(tmp_path)), replaced=lambda path, n: counted.append((path.name, n))))
+    assert got == [text.decode() + "\ufffd\x07 the rest", "one \ufffd two", "three"]
+    assert counted == [("page.txt", 1), ("rows.jsonl", 1)]
+    strict = CorpusSpec(str(tmp_path / "page.txt"), strict_utf8=True)
+    with pytest.raises(CorpusError, match=r"is not text: it is not UTF-8 text \(byte 0xe9 at offset 2,300; "
+                                          r"--strict-utf8 refuses invalid bytes\)"):
+        list(iter_documents(strict))
+    with pytest.raises(CorpusError, match=r"rows.jsonl line 1 is not UTF-8 text \(--strict-utf8 refuses"):
+        list(iter_documents(CorpusSpec(str(tmp_path / "rows.jsonl"), strict_utf8=True)))
+    assert "(1 file, strict UTF-8, sha256 " in describe(strict)
 
 
 def test_bad_jsonl(tmp_path):
@@ -194,7 +216,7 @@ def test_bad_jsonl(tmp_path):
     assert error(path).endswith("d.jsonl line 2 has no 'text' field (it has 'body'); pass --text-field NAME")
     assert "line 1 is a JSON list" in error(write(tmp_path / "e.jsonl", "[1]\n"))
     assert "is a int, not text" in error(write(tmp_path / "f.jsonl", '{"text": 3}\n'))
-    assert "line 1 is not UTF-8" in error(write(tmp_path / "g.jsonl", b'{"text": "\xff"}\n'))
+    assert "is not valid JSON" in error(write(tmp_path / "g.jsonl", b'{"text": "\xff}\n'))  # replaced, then parsed
 
 
 def test_too_few_tokens(tmp_path, tok):

@@ -59,13 +59,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if room and args.length > room:
             raise InputError(f"--length {args.length} is longer than {subject.name} reads at once ({room} tokens after "
                              f"its {len(subject.prefix_ids)} prefix token(s)): pass --length {room} or less")
-        spec = CorpusSpec(args.corpus, text_field=args.text_field)
+        spec = CorpusSpec(args.corpus, text_field=args.text_field, strict_utf8=args.strict_utf8)
         skipped = Skipped()
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
         with progress_bars() as progress:
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
                                     seed=args.seed, shard=shard, progress=lambda tokens: progress("tokenize", tokens, 0),
-                                    skipped=skipped)
+                                    skipped=skipped, replaced=skipped.replaced)
         skipped.finish()
         batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
         status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="default",
                    help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:SPLIT]")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/HF data (default: text)")
+    p.add_argument("--strict-utf8", action="store_true", help="refuse corpus files with invalid UTF-8 bytes (by default "
+                                                             "a few become U+FFFD and are counted)")
     p.add_argument("--layers", help="layers to collect, e.g. 0-5,12 or -1 for the last (default: all)")
     p.add_argument("--max-excerpts", type=number(1), help="sample at most this many excerpts from the corpus")
     p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for excerpt sampling and random records (default: 0)")

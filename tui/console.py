@@ -123,6 +123,7 @@ class Skipped:
     def __init__(self, shown: int = 20) -> None:
         self.shown = shown
         self.count = 0
+        self.replaced_bytes = self.replaced_files = 0
 
     def __call__(self, path: object, reason: str) -> None:
         from neuronscope.tui.render import visible
@@ -131,10 +132,19 @@ class Skipped:
         if self.count <= self.shown:
             err.print(Text("skipped ", style="yellow") + Text(f"{visible(str(path))}: {visible(reason)}"))
 
+    def replaced(self, _path: object, count: int) -> None:
+        """A corpus file read with `count` invalid UTF-8 bytes replaced (counted for `finish`)."""
+        self.replaced_bytes += count
+        self.replaced_files += 1
+
     def finish(self) -> None:
-        """The count of those not shown."""
+        """The count of those not shown, and of the invalid bytes replaced."""
         if self.count > self.shown:
             err.print(Text(f"... and {self.count - self.shown:,} more files skipped", style="yellow"))
+        if self.replaced_bytes:
+            files = f"{self.replaced_files:,} file{'s' if self.replaced_files > 1 else ''}"
+            err.print(Text(f"replaced {self.replaced_bytes:,} invalid UTF-8 byte{'s' if self.replaced_bytes > 1 else ''}"
+                           f" with U+FFFD in {files} (--strict-utf8 refuses such files)", style="yellow"))
 
 
 def status(message: str) -> None:

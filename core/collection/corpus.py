@@ -11,8 +11,10 @@ Sources (``CorpusSpec.source``):
 - ``"hf:<dataset id>[:<config>][:<split>]"``: a Hugging Face dataset, streamed with the
   optional ``datasets`` package (split defaults to ``train``).
 
-Text files must be UTF-8; NUL bytes inside text (common in crawled text) are dropped, while a file that is mostly
-NULs, not UTF-8, or a damaged ``.gz`` is not text. Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph
+Text files are UTF-8. Control characters inside text, NUL included (common in crawled text), are text: they are
+stored as they are and shown inertly. Invalid bytes inside a mostly-UTF-8 file (at most ``MAX_INVALID_SHARE`` of
+its bytes) become U+FFFD and are counted (the ``replaced`` callback; ``strict_utf8`` refuses such a file instead);
+a file with more, one that is mostly NULs (binary, or UTF-16), or a damaged ``.gz`` is not text. Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph
 (blank-line) boundaries; CRLF line ends become LF. ``cut_excerpts`` (neuronscope.core.collection.excerpts) tokenizes the documents,
 joins them with the tokenizer's eos token (bos if it has none), cuts the stream into
 consecutive windows and numbers them; the numbers are stable, so shards merge (neuronscope.core.collection.excerpts).
@@ -45,6 +47,11 @@ from neuronscope.core.errors import NeuronscopeError
 MAX_DOC_CHARS = 20_000
 #: A file with more than this share of NUL bytes is binary (or UTF-16), not text with stray NULs.
 MAX_NUL_SHARE = 0.01
+#: A file with more than this share of bytes that are not UTF-8 is in another encoding (or binary), not UTF-8 text
+#: with stray invalid bytes.
+MAX_INVALID_SHARE = 0.001
+#: The bytes that UTF-8 decoding with surrogateescape could not decode.
+_INVALID = re.compile("[\udc80-\udcff]")
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -58,6 +65,8 @@ class NotText(Exception):
 
 #: skipped(path, reason): a file of a corpus folder that was not read, and why.
 Skipped = Callable[[Path, str], None]
+#: replaced(path, count): a file (or JSONL line's file) in which `count` invalid bytes became U+FFFD.
+Replaced = Callable[[Path, int], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class CorpusSpec:
     """``"default"``, a file or folder path, or ``"hf:<dataset id>[:<config>][:<split>]"``."""
     text_field: str = "text"
     """Field (JSONL, Hugging Face) or column (Parquet) that holds the text."""
+    strict_utf8: bool = False
+    """Refuse a file with any invalid UTF-8 byte (by default the bytes become U+FFFD and are counted)."""
 
 
 # ---------------------------------------------------------------- description
@@ -86,19 +97,22 @@ def describe(spec: CorpusSpec) -> str:
     root = _existing_path(spec.source)
     files = _list_files(root) if root.is_dir() else [root]
     digest = hashlib.sha256()
-    skipped = 0
+    skipped = nuls = 0
     for path in files:
         rel = path.relative_to(root).as_posix() if root.is_dir() else ""
         data = _read(path)
         digest.update(f"{rel}\0{len(data)}\0".encode())
         digest.update(data)
+        nuls += b"\0" in data  # such text read differently before NULs were kept: a different corpus
         if root.is_dir() and not path.name.lower().endswith((".parquet", ".jsonl", ".jsonl.gz")):
             try:
-                _text(path, data)
+                _text(path, data, spec.strict_utf8)
             except NotText:
                 skipped += 1
     count = f"{len(files) - skipped} file{'' if len(files) - skipped == 1 else 's'}"
     count += f", {skipped} skipped as not text" if skipped else ""
+    count += ", NULs kept" if nuls else ""
+    count += ", strict UTF-8" if spec.strict_utf8 else ""
     return f"files:{root} ({count}, sha256 {digest.hexdigest()[:12]}{field})"
 
 
@@ -112,9 +126,11 @@ def same_corpus(a: str, b: str) -> bool:
 # ---------------------------------------------------------------- documents
 
 
-def iter_documents(spec: CorpusSpec, skipped: Skipped | None = None) -> Iterator[str]:
+def iter_documents(spec: CorpusSpec, skipped: Skipped | None = None,
+                   replaced: Replaced | None = None) -> Iterator[str]:
     """Yield the corpus's documents in a deterministic order; CorpusError on bad input. A folder's files that are
-    not text are passed to `skipped` with the reason, and left out."""
+    not text are passed to `skipped` with the reason, and left out; files whose invalid bytes became U+FFFD to
+    `replaced` with their count."""
     if spec.source == "default":
         from neuronscope.core.collection.default_corpus import default_corpus_text
 
@@ -130,7 +146,7 @@ def iter_documents(spec: CorpusSpec, skipped: Skipped | None = None) -> Iterator
     count = n_skipped = 0
     for file in files:
         try:
-            docs = _file_docs(file, spec.text_field)
+            docs = _file_docs(file, spec, replaced)
         except NotText as reason:
             if not path.is_dir():
                 raise CorpusError(f"corpus file {path} is not text: {reason}; pass a UTF-8 text, JSONL or Parquet "
@@ -191,18 +207,19 @@ def _brief(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _file_docs(path: Path, field: str) -> Iterator[str]:
+def _file_docs(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iterator[str]:
     """Documents of one file; NotText for a text file that is not text."""
     name = path.name.lower()
     if name.endswith(".parquet"):
-        return _iter_parquet(path, field)
+        return _iter_parquet(path, spec.text_field)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _iter_jsonl(path, field)
-    return _split_text(_text(path, _read(path)))
+        return _iter_jsonl(path, spec, replaced)
+    return _split_text(_text(path, _read(path), spec.strict_utf8, replaced))
 
 
-def _text(path: Path, data: bytes) -> str:
-    """A text file's text (gunzipped, BOM and CRs and stray NULs dropped); NotText naming why it is not text."""
+def _text(path: Path, data: bytes, strict: bool = False, replaced: Replaced | None = None) -> str:
+    """A text file's text (gunzipped, BOM and CRs dropped, invalid bytes as U+FFFD unless `strict`); NotText naming
+    why it is not text."""
     if path.name.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
@@ -214,11 +231,28 @@ def _text(path: Path, data: bytes) -> str:
     if nuls > MAX_NUL_SHARE * len(data):
         raise NotText(f"it looks binary ({nuls / len(data):.0%} of its bytes are NUL; UTF-16 text must be converted "
                       "to UTF-8)")
+    return _decode(path, data, strict, replaced).removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _decode(path: Path, data: bytes, strict: bool, replaced: Replaced | None) -> str:
+    """UTF-8 bytes as text, a few invalid bytes as U+FFFD (counted through `replaced`); NotText when `strict` finds
+    one, or when there are more than MAX_INVALID_SHARE of them."""
+    text = data.decode("utf-8", "surrogateescape")
+    text, bad = _INVALID.subn("\ufffd", text)
+    if not bad:
+        return text
+    where = ""
     try:
-        text = data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise NotText(f"it is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start:,})") from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\0", "")
+        where = f"byte 0x{data[exc.start]:02x} at offset {exc.start:,}"
+    if strict:
+        raise NotText(f"it is not UTF-8 text ({where}; --strict-utf8 refuses invalid bytes)")
+    if bad > MAX_INVALID_SHARE * len(data):
+        raise NotText(f"it is not UTF-8 text ({bad:,} invalid bytes, the first {where}): convert it to UTF-8")
+    if replaced is not None:
+        replaced(path, bad)
+    return text
 
 
 def _split_text(text: str) -> Iterator[str]:
@@ -260,17 +294,19 @@ def _pieces(para: str) -> Iterator[str]:
         yield "\n".join(group)
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+def _iter_jsonl(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iterator[str]:
+    field = spec.text_field
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     fix = f"write one JSON object per line with a {field!r} field"
+    bad = 0
     try:
         with opener(path, "rb") as lines:
             for number, raw in enumerate(lines, 1):
                 where = f"{path} line {number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise CorpusError(f"{where} is not UTF-8 text; {fix}") from None
+                line, invalid = _INVALID.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+                if invalid and spec.strict_utf8:
+                    raise CorpusError(f"{where} is not UTF-8 text (--strict-utf8 refuses invalid bytes); {fix}")
+                bad += invalid
                 if not line.strip():
                     continue
                 try:
@@ -292,6 +328,8 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                     yield value
     except (OSError, EOFError) as exc:
         raise CorpusError(f"cannot read {path} ({_brief(exc)}); pass a valid JSONL or .jsonl.gz file") from None
+    if bad and replaced is not None:
+        replaced(path, bad)
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:

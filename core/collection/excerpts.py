@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from neuronscope.core.collection.corpus import CorpusError, CorpusSpec, Skipped, describe, iter_documents
+from neuronscope.core.collection.corpus import CorpusError, CorpusSpec, Replaced, Skipped, describe, iter_documents
 
 _BATCH_CHARS = 1_000_000
 
@@ -76,11 +76,13 @@ def cut_excerpts(
     *,
     progress: Callable[[int], None] | None = None,
     skipped: Skipped | None = None,
+    replaced: Replaced | None = None,
 ) -> Excerpts:
     """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
 
     ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
-    read so far after each batch of documents; ``skipped`` hears of every file of a folder that is not text.
+    read so far after each batch of documents; ``skipped`` hears of every file of a folder that is not text,
+    ``replaced`` of every file whose invalid bytes became U+FFFD.
     """
     if length < 1:
         raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
@@ -91,7 +93,7 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     chunks: list[np.ndarray] = []
     total = 0
-    for chunk in _token_batches(iter_documents(spec, skipped), tokenizer):
+    for chunk in _token_batches(iter_documents(spec, skipped, replaced), tokenizer):
         chunks.append(chunk)
         total += len(chunk)
         if progress is not None:
