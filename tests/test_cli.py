@@ -184,6 +184,16 @@ def test_crawled_text_with_nuls_and_invalid_bytes_is_collected_and_shown_inertly
                           "--strict-utf8 refuses invalid bytes")
 
 
+def test_collect_reads_only_max_tokens(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "budget.duckdb"
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", store, "--max-tokens", "1k",
+                      *FAST])
+    assert result.code == 0, result.err
+    with Store.open(store, read_only=True) as opened:
+        (run,) = opened.runs()
+    assert run.n_excerpts == 1000 // 16 and "(first 1,000 tokens, sha256 " in run.corpus  # FAST's --length 16
+
+
 def test_info(cli_store) -> None:  # type: ignore[no-untyped-def]
     path, _ = cli_store
     result = run_cli(["info", "--store", path])

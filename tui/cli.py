@@ -64,7 +64,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
         with progress_bars() as progress:
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
-                                    seed=args.seed, shard=shard, progress=lambda tokens: progress("tokenize", tokens, 0),
+                                    seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
                                     skipped=skipped, replaced=skipped.replaced)
         skipped.finish()
         batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "a few become U+FFFD and are counted)")
     p.add_argument("--layers", help="layers to collect, e.g. 0-5,12 or -1 for the last (default: all)")
     p.add_argument("--max-excerpts", type=number(1), help="sample at most this many excerpts from the corpus")
+    p.add_argument("--max-tokens", type=number(1), help="read only the corpus's first N tokens (10M, 100M: reading "
+                                                        "stops there; the run is named by a hash of what it read)")
     p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for excerpt sampling and random records (default: 0)")
     p.add_argument("--length", type=number(1), default=64,
                    help="tokens per excerpt, at most the model's context (default: 64)")

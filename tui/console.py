@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import NoReturn
 
 from rich.console import Console
@@ -40,14 +42,20 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+#: What the suffixes of numbers on the command line multiply by.
+SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
 def number(least: int, most: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number from `least` to `most`; anything else is a one-line error naming the range."""
+    """An argparse type: a whole number from `least` to `most`, written plainly or with a k, M or G suffix (10M,
+    2.5k); anything else is a one-line error naming the range."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        found = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", text.strip().replace("_", "").replace(",", ""))
+        scaled = Decimal(found.group(1)) * SUFFIXES[found.group(2)] if found else Decimal("NaN")
+        if not scaled.is_finite() or scaled != scaled.to_integral_value():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (write 10000000 or 10M)")
+        value = int(scaled)
         if value < least or (most is not None and value > most):
             allowed = f"from {least:,} to {most:,}" if most is not None else f"at least {least:,}"
             raise argparse.ArgumentTypeError(f"{value:,} is out of range: it must be {allowed}")

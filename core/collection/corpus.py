@@ -84,8 +84,10 @@ class CorpusSpec:
 # ---------------------------------------------------------------- description
 
 
-def describe(spec: CorpusSpec) -> str:
-    """Stable short description: equal for identical input, different when content differs."""
+def describe(spec: CorpusSpec, *, contents: bool = True) -> str:
+    """Stable short description: equal for identical input, different when content differs. Without `contents`,
+    a folder or file is described from a listing (its files and bytes), nothing read: for a run that reads only
+    part of it and names what it read (neuronscope.core.collection.excerpts.read_description)."""
     field = "" if spec.text_field == "text" else f", field {spec.text_field!r}"
     if spec.source == "default":
         from neuronscope.core.collection.default_corpus import DESCRIPTION
@@ -96,6 +98,10 @@ def describe(spec: CorpusSpec) -> str:
         return f"hf:{name}:{config + ':' if config else ''}{split} (streamed{field})"
     root = _existing_path(spec.source)
     files = _list_files(root) if root.is_dir() else [root]
+    if not contents:
+        size = sum(path.stat().st_size for path in files)
+        strict = ", strict UTF-8" if spec.strict_utf8 else ""
+        return f"files:{root} ({len(files):,} file{'' if len(files) == 1 else 's'}, {size:,} bytes{field}{strict})"
     digest = hashlib.sha256()
     skipped = nuls = 0
     for path in files:

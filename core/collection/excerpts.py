@@ -4,6 +4,7 @@ stable, so shards merge), then sampled and sharded. The documents come from neur
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,10 @@ class Excerpts:
     length: int
     """Tokens per excerpt."""
     corpus: str
-    """``describe(spec)`` of the corpus the excerpts came from."""
+    """``describe(spec)`` of the corpus the excerpts came from (``read_description`` under a token budget)."""
 
 
-
-def _token_batches(docs: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
+def _token_batches(docs: Iterator[str], tokenizer: Any, batch_chars: int = _BATCH_CHARS) -> Iterator[np.ndarray]:
     """Token ids of the documents joined by eos (or bos), a batch of documents at a time."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     first = True
@@ -59,7 +59,7 @@ def _token_batches(docs: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
     for doc in docs:
         batch.append(doc)
         size += len(doc)
-        if size >= _BATCH_CHARS or len(batch) >= 4096:
+        if size >= batch_chars or len(batch) >= 4096:
             yield encode(batch)
             batch, size = [], 0
     if batch:
@@ -74,6 +74,7 @@ def cut_excerpts(
     seed: int = 0,
     shard: tuple[int, int] = (0, 1),
     *,
+    max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
     skipped: Skipped | None = None,
     replaced: Replaced | None = None,
@@ -81,7 +82,8 @@ def cut_excerpts(
     """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
 
     ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
-    read so far after each batch of documents; ``skipped`` hears of every file of a folder that is not text,
+    read so far after each batch of documents; ``max_tokens`` stops reading once that many tokens are in (the
+    windows cover exactly the first ``max_tokens``; files past them are never opened); ``skipped`` hears of every file of a folder that is not text,
     ``replaced`` of every file whose invalid bytes became U+FFFD.
     """
     if length < 1:
@@ -91,20 +93,30 @@ def cut_excerpts(
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
+    if max_tokens is not None and max_tokens < length:
+        raise CorpusError(f"--max-tokens {max_tokens:,} is less than one excerpt of {length} tokens; raise it")
+    # Under a budget, batches of documents shrink to what the budget still needs (about 8 characters a token).
+    batch_chars = _BATCH_CHARS if max_tokens is None else min(_BATCH_CHARS, max(16_384, 8 * max_tokens))
     chunks: list[np.ndarray] = []
     total = 0
-    for chunk in _token_batches(iter_documents(spec, skipped, replaced), tokenizer):
+    for chunk in _token_batches(iter_documents(spec, skipped, replaced), tokenizer, batch_chars):
+        if max_tokens is not None:
+            chunk = chunk[: max_tokens - total]
         chunks.append(chunk)
         total += len(chunk)
         if progress is not None:
             progress(total)
+        if max_tokens is not None and total >= max_tokens:
+            break  # the documents after are never read
     n = total // length
     if n == 0:
         raise CorpusError(
             f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
         )
-    stream = np.concatenate(chunks)[: n * length].reshape(n, length)  # [n, length]
+    read = np.concatenate(chunks)
     del chunks
+    corpus = describe(spec) if max_tokens is None else read_description(spec, read)
+    stream = read[: n * length].reshape(n, length)  # [n, length]
     ids = np.arange(n, dtype=np.int64)
     if max_excerpts is not None and max_excerpts < n:
         rng = np.random.default_rng(seed)
@@ -114,5 +126,13 @@ def cut_excerpts(
         token_ids=np.ascontiguousarray(stream[ids], dtype=np.int32),
         excerpt_ids=ids,
         length=length,
-        corpus=describe(spec),
+        corpus=corpus,
     )
+
+
+def read_description(spec: CorpusSpec, tokens: np.ndarray) -> str:
+    """What a run records as its corpus when it read only the first tokens of it: the source (a folder's file count
+    and bytes, from a listing, not a read) and the sha256 of the token ids read, so runs and shards that read the same
+    text agree without anyone reading all of it."""
+    digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:12]
+    return describe(spec, contents=False) + f" (first {len(tokens):,} tokens, sha256 {digest})"
