@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import (
+    FAST,
+    assert_one_line_error,
+    cli_env,
     collect_into,
     fast_settings,
     orphan_records,
+    run_cli,
 )
 
 from neuronscope.core.collection.collect import CollectError, merge
@@ -165,3 +171,46 @@ def test_merging_the_same_shards_again_adds_no_second_run(shard_stores) -> None:
             again = merge(out, [s0, s1])
             assert again.reused and again.run_id == first.run_id
             assert (len(out.runs()), out.counts()) == before
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, corpus_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 … collect --shard auto`: each rank collects its shard beside the store (gloo on
+    CPU), they meet, and rank 0 merges them into a store equal to one process's collection (batches of one, so the
+    forward pass is the same in any batch)."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "64", "--batch-size", "1",
+            *FAST]
+    single = tmp_path / "single.duckdb"
+    assert run_cli([*args, "--store", single], timeout=300).code == 0
+    store = tmp_path / "ranks.duckdb"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                "-m", "neuronscope.tui.cli"]
+    proc = subprocess.run([*torchrun, *map(str, args), "--store", str(store), "--shard", "auto"], capture_output=True,
+                          text=True, timeout=600, env=cli_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(2):
+        with Store.open(tmp_path / f"ranks.shard-{i}-of-2.duckdb", read_only=True) as part:
+            assert [r.shard for r in part.runs()] == [f"{i}/2"]
+    with Store.open(single, read_only=True) as one, Store.open(store, read_only=True) as merged:
+        (a,), (b,) = one.runs(), merged.runs()
+        assert b.shard == "" and (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts) \
+            and b.n_excerpts == 64
+        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        assert one.con.execute(query, [a.run_id]).fetchall() == merged.con.execute(query, [b.run_id]).fetchall()
+        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == merged.con.execute(RECORDS, [b.run_id]).fetchall()
+
+
+def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    from neuronscope.core.collection.ranks import Rank, from_environment
+
+    assert from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(1, 4, 1, "torchrun")
+    assert from_environment({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                             "SLURM_ARRAY_TASK_COUNT": "3"}) == Rank(1, 3, None, "slurm")
+    with pytest.raises(CollectError, match="rank 7 of 3; an array must run tasks 0..n-1"):
+        from_environment({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3"})
+    with pytest.raises(CollectError, match="RANK='x' is not a whole number"):
+        from_environment({"RANK": "x", "WORLD_SIZE": "2"})
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", tmp_path / "s.duckdb",
+                      "--shard", "auto", *FAST])
+    assert_one_line_error(result, "--shard auto found no launcher: run it under torchrun")

@@ -45,15 +45,24 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from neuronscope.core.collection.collect import collect, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
+    from neuronscope.core.collection.ranks import from_environment, meet, shard_path
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.subject import load_subject
     from neuronscope.core.records import CollectSettings
 
-    shard = parse_shard(args.shard)
+    rank = from_environment() if args.shard == "auto" else None
+    shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
+    together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
+    target = shard_path(args.store, *shard) if rank is not None and rank.count > 1 else args.store
+    device = args.device
+    if device is None and rank is not None and rank.local is not None:
+        import torch
+
+        device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
-    with Store.output(args.store) as store:  # fail fast on a locked or foreign store, before loading a model
-        subject = load_subject(args.model, device=args.device, dtype=args.dtype, status=status)
+    with Store.output(target) as store:  # fail fast on a locked or foreign store, before loading a model
+        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         room = subject.context and subject.context - len(subject.prefix_ids)
         if room and args.length > room:
@@ -78,9 +87,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
             status(f"run {result.run_id} already holds this collection (use --force to collect again)")
         else:
             status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-                   f"in {result.seconds:.1f} s → {args.store}")
+                   f"in {result.seconds:.1f} s → {target}")
         store.checkpoint()
-        _print_top(store, result.run_id, args.top)
+        if not together:
+            _print_top(store, result.run_id, args.top)
+    if together:
+        assert rank is not None
+        status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
+        meet(rank)
+        if rank.index == 0:
+            from neuronscope.tui.cli_store import merge_stores
+
+            merged = merge_stores([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
+            with Store.open(args.store, read_only=True) as store:
+                _print_top(store, merged.run_id, args.top)
     return 0
 
 
@@ -261,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number(1, 65_536), help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`")
+    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`; auto: "
+                                   "the part torchrun or a SLURM job array gives this process (README, \"Many GPUs\")")
     p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
     p.add_argument("--top", type=number(0), default=15, help="rows of the selective-neuron table printed at the end")
     store_arg(p)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
@@ -11,6 +14,9 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import layers_text
 from neuronscope.core.store import SCHEMA_VERSION, Store
 from neuronscope.tui.console import out, progress_bars, status
+
+if TYPE_CHECKING:
+    from neuronscope.core.collection.collect import CollectResult
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -78,20 +84,26 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge shard stores into one store equal to a single collection."""
+    if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
+        raise InputError("the output store is also a shard: pass a new --output path")
+    merge_stores(args.shards, args.output)
+    return 0
+
+
+def merge_stores(paths: Sequence[str | Path], output: str | Path) -> CollectResult:
+    """Merge shard stores into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun)."""
     from contextlib import ExitStack
 
     from neuronscope.core.collection.collect import merge
 
-    if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
-        raise InputError("the output store is also a shard: pass a new --output path")
     with ExitStack() as stack:
-        shards = [stack.enter_context(Store.open(path, read_only=True)) for path in args.shards]
-        target = stack.enter_context(Store.output(args.output))
+        shards = [stack.enter_context(Store.open(path, read_only=True)) for path in paths]
+        target = stack.enter_context(Store.output(output))
         with progress_bars() as progress:
             result = merge(target, shards, progress=progress)
     if result.reused:
-        status(f"run {result.run_id} of {args.output} already holds this merge: nothing written")
+        status(f"run {result.run_id} of {output} already holds this merge: nothing written")
     else:
         status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-               f"merged from {len(shards)} shards → {args.output}")
-    return 0
+               f"merged from {len(shards)} shards → {output}")
+    return result

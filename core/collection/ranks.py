@@ -1,0 +1,77 @@
+"""Which part of a collection this process takes when a launcher starts several (`collect --shard auto`):
+torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or a SLURM job array's task id and count. Each process writes a
+shard store of its own beside the store asked for; under torchrun the processes meet when all are done and rank
+0 merges the shards into that store (a job array's tasks never meet: `neuronscope merge` in a job that depends on
+the array does it)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuronscope.core.collection.collect import CollectError
+
+#: How long a rank that finished waits for the others (a collection of hours: they may finish much later).
+MEET_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's part: shard `index` of `count`."""
+
+    index: int
+    count: int
+    local: int | None
+    """The GPU of this node to use (torchrun's LOCAL_RANK), when the launcher says."""
+    launcher: str
+    """'torchrun' or 'slurm'."""
+
+
+def _whole(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    text = env.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text or "")
+    except ValueError:
+        raise CollectError(f"{name}={text!r} is not a whole number: fix the launcher's environment or pass "
+                           "--shard i/n") from None
+
+
+def from_environment(env: Mapping[str, str] = os.environ) -> Rank:
+    """This process's part, from torchrun's variables, else a SLURM job array's; CollectError naming what to set."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank = Rank(_whole(env, "RANK"), _whole(env, "WORLD_SIZE"), _whole(env, "LOCAL_RANK", 0), "torchrun")
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        first = _whole(env, "SLURM_ARRAY_TASK_MIN", 0)
+        rank = Rank(_whole(env, "SLURM_ARRAY_TASK_ID") - first, _whole(env, "SLURM_ARRAY_TASK_COUNT"), None, "slurm")
+    else:
+        raise CollectError("--shard auto found no launcher: run it under torchrun (RANK, WORLD_SIZE) or in a SLURM "
+                           "job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT), or pass --shard i/n")
+    if not 0 <= rank.index < rank.count:
+        raise CollectError(f"--shard auto: {rank.launcher} gives rank {rank.index} of {rank.count}; an array must run "
+                           "tasks 0..n-1 (or from SLURM_ARRAY_TASK_MIN, with no gaps)")
+    return rank
+
+
+def shard_path(store: str | Path, index: int, count: int) -> Path:
+    """Where shard `index` of `count` of a collection into `store` is written: beside it."""
+    path = Path(store)
+    return path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}")
+
+
+def meet(rank: Rank) -> None:
+    """Wait until every rank of a torchrun launch gets here (gloo, over the address torchrun gives); a job array's
+    tasks do not wait."""
+    if rank.launcher != "torchrun" or rank.count == 1:
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
