@@ -83,8 +83,8 @@ def cut_excerpts(
 
     ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
     read so far after each batch of documents; ``max_tokens`` stops reading once that many tokens are in (the
-    windows cover exactly the first ``max_tokens``; files past them are never opened); ``skipped`` hears of every file of a folder that is not text,
-    ``replaced`` of every file whose invalid bytes became U+FFFD.
+    windows cover exactly the first ``max_tokens``; files past them are never opened); ``skipped`` hears of every
+    file of a folder that is not text, ``replaced`` of every file whose invalid bytes became U+FFFD.
     """
     if length < 1:
         raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
@@ -95,7 +95,8 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     if max_tokens is not None and max_tokens < length:
         raise CorpusError(f"--max-tokens {max_tokens:,} is less than one excerpt of {length} tokens; raise it")
-    # Under a budget, batches of documents shrink to what the budget still needs (about 8 characters a token).
+    # Under a budget, a batch of documents is no bigger than the budget needs (about 8 characters a token), so
+    # little is read past it.
     batch_chars = _BATCH_CHARS if max_tokens is None else min(_BATCH_CHARS, max(16_384, 8 * max_tokens))
     chunks: list[np.ndarray] = []
     total = 0
