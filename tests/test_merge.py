@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from conftest import (
     FAST,
     assert_one_line_error,
+    cli_command,
     cli_env,
     collect_into,
     fast_settings,
@@ -214,3 +217,39 @@ def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: 
     result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", tmp_path / "s.duckdb",
                       "--shard", "auto", *FAST])
     assert_one_line_error(result, "--shard auto found no launcher: run it under torchrun")
+
+
+@pytest.mark.slow
+def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterrupted_one(
+        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` mid-collection, then the same command: it goes on from the last checkpoint (here one every 0.2 s)
+    and writes the store an uninterrupted run writes; the checkpoints go once the run is in the store."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts", "96",
+            *FAST]
+    whole = tmp_path / "whole.duckdb"
+    assert run_cli([*args, "--store", whole, "--checkpoint-every", "off"], timeout=300).code == 0
+    store = tmp_path / "killed.duckdb"
+    folder = tmp_path / "killed.duckdb.checkpoint"
+    proc = subprocess.Popen(cli_command([*args, "--store", store, "--checkpoint-every", "0.2s"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (folder / "current").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert (folder / "current").exists() and not store.exists()  # killed mid-run: a checkpoint, no store yet
+    rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert rerun.code == 0, rerun.err
+    resumed = re.search(r"resumed from a checkpoint \(excerpts\): (\d+)/(\d+)", rerun.err)
+    assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), rerun.err
+    assert not folder.exists()
+    with Store.open(whole, read_only=True) as one, Store.open(store, read_only=True) as two:
+        a = next(r for r in one.runs() if r.status == "complete")
+        b = next(r for r in two.runs() if r.status == "complete")
+        assert (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts)
+        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
+        close = f"SELECT {', '.join(NEURON_CLOSE[:-1])} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        np.testing.assert_allclose(np.array(one.con.execute(close, [a.run_id]).fetchall(), float),
+                                   np.array(two.con.execute(close, [b.run_id]).fetchall(), float), rtol=1e-6)
+        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()

@@ -26,6 +26,7 @@ from neuronscope.tui.console import (
     MAX_SAMPLES,
     Parser,
     Skipped,
+    duration,
     err,
     interactive,
     number,
@@ -36,12 +37,15 @@ from neuronscope.tui.console import (
 
 #: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
 MAX_K = 1_000
+#: How often a collection writes its state by default (seconds): a long run loses at most this much to a crash.
+CHECKPOINT_EVERY = 20 * 60.0
 
 
 # -- subcommands -------------------------------------------------------------------------------------
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
     from neuronscope.core.collection.collect import collect, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
@@ -61,6 +65,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
+    checkpoints = Checkpoints(target, args.checkpoint_every) if args.checkpoint_every is not None else None
     with Store.output(target) as store:  # fail fast on a locked or foreign store, before loading a model
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
@@ -82,7 +87,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
         with progress_bars() as progress:
             result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
-                             shard=shard, progress=progress, reuse=not args.force)
+                             shard=shard, progress=progress, reuse=not args.force, checkpoints=checkpoints)
         if result.reused:
             status(f"run {result.run_id} already holds this collection (use --force to collect again)")
         else:
@@ -91,6 +96,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         store.checkpoint()
         if not together:
             _print_top(store, result.run_id, args.top)
+    if checkpoints is not None:  # the run is in the store, under its name: its checkpoints go
+        checkpoints.clear()
     if together:
         assert rank is not None
         status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
@@ -284,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`; auto: "
                                    "the part torchrun or a SLURM job array gives this process (README, \"Many GPUs\")")
     p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
+    p.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY, metavar="TIME",
+                   help="write the collection's state beside the store this often (90s, 20m, 1h; default 20m; off), "
+                        "so the same command after a crash or kill -9 goes on from there")
     p.add_argument("--top", type=number(0), default=15, help="rows of the selective-neuron table printed at the end")
     store_arg(p)
     p.set_defaults(func=cmd_collect)

@@ -64,6 +64,16 @@ def number(least: int, most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def duration(text: str) -> float | None:
+    """An argparse type: seconds from `90s`, `20m`, `1.5h` or a plain number of seconds; `off` is None."""
+    if text.strip().lower() == "off":
+        return None
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 20m, 1h or off")
+    return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[found.group(2)]
+
+
 def interactive() -> bool:
     """Whether a person is at a terminal: stdin and stdout are TTYs and this is not CI (the app may open)."""
     return sys.stdin.isatty() and sys.stdout.isatty() and not os.environ.get("CI")
@@ -92,7 +102,8 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     labels = {"collect": "collecting excerpts", "write": "writing layers", "merge": "merging layers",
               "tokenize": "tokenizing corpus (tokens)", "neurons": "explaining and scoring neurons",
               "planning": "counting calls", "import": "importing neurons", "export": "exporting neurons",
-              "related": "related tokens and neurons (layers)"}
+              "related": "related tokens and neurons (layers)", "resume": "resumed from a checkpoint (excerpts)",
+              "checkpoint": "last checkpoint (excerpts)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     tasks: dict[str, TaskID] = {}

@@ -96,11 +96,12 @@ class Accumulator:
         self.samplers["cell"].offer(cells, random, fetch, extremes)
 
     def absorb(self, other: LayerResult) -> None:
-        """Merge a finished shard's state of this (single-layer) accumulator's layer into it (exact)."""
-        if self.layers != (other.layer,):
-            raise ValueError(f"absorb merges one layer into a single-layer accumulator, not {other.layer} into {self.layers}")
+        """Merge another state of one of this accumulator's layers into it (a shard's, or a checkpoint's): exact."""
+        if other.layer not in self.layers:
+            raise ValueError(f"absorb merges a layer of this accumulator ({self.layers}), not {other.layer}")
         dev, f = self.max.device, self.neurons
-        at = slice(0, f)
+        first = self.layers.index(other.layer) * f
+        at = slice(first, first + f)
         self.sums[:, at] += torch.from_numpy(other.sums).to(dev)
         self.count += other.count
         self.max[at] = torch.maximum(self.max[at], torch.from_numpy(other.max).to(dev))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from neuronscope.core.collection.checkpoint import Checkpoints, identity
 from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store, StoreError
@@ -69,8 +70,11 @@ def collect(
     shard: tuple[int, int] = (0, 1),
     progress: Progress | None = None,
     reuse: bool = True,
+    checkpoints: Checkpoints | None = None,
 ) -> CollectResult:
-    """Collect every neuron of `layers` over `excerpts` into a new run of `store`."""
+    """Collect every neuron of `layers` over `excerpts` into a new run of `store`; with `checkpoints`, from the
+    last checkpoint of this collection if there is one, writing one whenever due (the caller clears them once
+    the run is safely in the store)."""
     import torch
 
     from neuronscope.core.collection.accumulate import Accumulator
@@ -97,8 +101,15 @@ def collect(
         groups = layer_groups(layers, subject.n_neurons, batch_size * settings.length, budget)
         accs = [Accumulator(group, subject.n_neurons, settings, subject.dtype, subject.device) for group in groups]
         token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
-        report("collect", 0, n)
-        for start in range(0, n, batch_size):
+        key = identity(subject.revision, excerpts.corpus, settings, layers, shard_text, excerpt_ids=excerpts.excerpt_ids)
+        resumed = checkpoints.load(key) if checkpoints is not None else None
+        if resumed is not None:
+            for acc in accs:
+                for layer in acc.layers:
+                    acc.absorb(resumed.layers[layer])
+            report("resume", resumed.done, n)
+        report("collect", resumed.done if resumed else 0, n)
+        for start in range(resumed.done if resumed else 0, n, batch_size):
             ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
             eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
             acts = subject.activations(ids, layers)
@@ -107,7 +118,11 @@ def collect(
                 joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
                 acc.update(joined, eids, token_stats if len(ids) == batch_size else None)
             del acts
-            report("collect", min(start + batch_size, n), n)
+            done = min(start + batch_size, n)
+            report("collect", done, n)
+            if checkpoints is not None and done < n and checkpoints.due():
+                report("checkpoint", done, n)
+                checkpoints.save(key, done, (result for acc in accs for result in acc.results()))
 
         def finished() -> Iterator[LayerResult]:
             while accs:  # a group's state is freed once its layers are written

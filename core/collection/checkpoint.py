@@ -1,0 +1,106 @@
+"""Checkpoints of a collection in progress, so a run of hours survives a crash, a preemption or `kill -9`.
+
+Now and then (`every` seconds) the collector writes its state: every layer's LayerResult so far and how many of
+the run's excerpts it has folded in, into a folder beside the store. Running the same command again finds the
+checkpoint of the same collection (model revision, corpus, settings, layers, shard and excerpt list), absorbs
+its layers into fresh accumulators and goes on from the next excerpt. The state is a deterministic function of
+the excerpts offered, as for shard merges, so the final store is the one an uninterrupted run writes.
+
+Each checkpoint is written whole into a folder of its own, then named in `current` (replaced atomically), then
+older ones are deleted: a kill at any moment leaves the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neuronscope.core.layerdata import LayerResult, Samples
+
+FORMAT = 1
+KINDS = ("top", "bottom", "random", "cell")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A checkpoint read back: the first `done` excerpts are in `layers`."""
+
+    done: int
+    layers: dict[int, LayerResult]
+
+
+class Checkpoints:
+    """The checkpoints of collections into one store: a folder beside it."""
+
+    def __init__(self, store: str | Path, every: float) -> None:
+        store = Path(store)
+        self.folder = store.with_name(store.name + ".checkpoint")
+        self.every = every
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every
+
+    def save(self, identity: str, done: int, layers: Iterable[LayerResult]) -> None:
+        """Write a checkpoint of `identity` after `done` excerpts."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{done:012d}-{os.getpid()}"
+        staged = self.folder / f".{name}"
+        staged.mkdir(exist_ok=True)
+        for result in layers:
+            arrays = {"sums": result.sums, "count": np.int64(result.count), "max": result.max, "min": result.min,
+                      "min_excerpt_max": result.min_excerpt_max, "histogram": result.histogram,
+                      "cell_counts": result.cell_counts}
+            for kind in KINDS:
+                sample = result.samples[kind]
+                arrays |= {f"{kind}_ids": sample.ids, f"{kind}_acts": sample.acts, f"{kind}_maxes": sample.maxes,
+                           f"{kind}_mins": sample.mins}
+            np.savez(staged / f"layer-{result.layer}.npz", **arrays)  # type: ignore[arg-type]
+        (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
+        os.rename(staged, self.folder / name)
+        pointer = self.folder / f".current.{os.getpid()}"
+        pointer.write_text(name)
+        os.replace(pointer, self.folder / "current")
+        for old in self.folder.iterdir():
+            if old.name not in (name, "current") and not old.name.startswith(".current"):
+                shutil.rmtree(old, ignore_errors=True)
+        self.last = time.monotonic()
+
+    def load(self, identity: str) -> Resumed | None:
+        """The latest checkpoint of this collection, if there is one (another collection's is left alone)."""
+        try:
+            folder = self.folder / (self.folder / "current").read_text().strip()
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != FORMAT or meta.get("identity") != identity:
+            return None
+        layers = {}
+        for path in sorted(folder.glob("layer-*.npz")):
+            with np.load(path) as data:
+                samples = {kind: Samples(data[f"{kind}_ids"], data[f"{kind}_acts"], data[f"{kind}_maxes"],
+                                         data[f"{kind}_mins"]) for kind in KINDS}
+                layer = int(path.stem.split("-", 1)[1])
+                layers[layer] = LayerResult(layer, data["sums"], int(data["count"]), data["max"], data["min"],
+                                            data["min_excerpt_max"], data["histogram"], data["cell_counts"], samples)
+        return Resumed(int(meta["done"]), layers)
+
+    def clear(self) -> None:
+        """The collection is in the store: its checkpoints go."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def identity(*parts: object, excerpt_ids: np.ndarray) -> str:
+    """What makes two collections the same one: the given parts (model revision, corpus, settings, layers, shard)
+    and the excerpt list."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())
+    digest.update(np.ascontiguousarray(excerpt_ids, dtype="<i8").tobytes())
+    return digest.hexdigest()
