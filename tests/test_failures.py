@@ -26,7 +26,11 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["top", "--order", "loudest"], ("argument --order", "invalid choice", "density")),
     (["collect", "--top-k", "1000000"], ("argument --top-k", "from 0 to 1,000")),
     (["import-openai", "x", "--workers", "0"], ("argument --workers", "from 1 to 64")),
-], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers"])
+    (["related", "--top", "2k"], ("argument --top", "2,000 is out of range", "from 1 to 1,000")),  # 2k is read
+    (["collect", "--max-tokens", "1.5"], ("argument --max-tokens", "'1.5' is not a whole number (write 10000000 or 10M)")),
+    (["collect", "--checkpoint-every", "soon"], ("argument --checkpoint-every", "not a duration: write 90s, 20m, 1h or off")),
+], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers", "suffix",
+        "not-whole", "duration"])
 def test_numbers_out_of_bounds_are_one_line(cli_store: tuple[Path, Result], args: list[str],
                                             needles: tuple[str, ...]) -> None:
     path, _ = cli_store

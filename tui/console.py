@@ -51,7 +51,7 @@ def number(least: int, most: int | None = None) -> Callable[[str], int]:
     2.5k); anything else is a one-line error naming the range."""
 
     def parse(text: str) -> int:
-        found = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", text.strip().replace("_", "").replace(",", ""))
+        found = re.fullmatch(r"(-?\d+(?:\.\d+)?)([kMG]?)", text.strip().replace("_", "").replace(",", ""))
         scaled = Decimal(found.group(1)) * SUFFIXES[found.group(2)] if found else Decimal("NaN")
         if not scaled.is_finite() or scaled != scaled.to_integral_value():
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (write 10000000 or 10M)")
