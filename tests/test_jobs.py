@@ -178,7 +178,10 @@ def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, t
 @pytest.mark.slow
 def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
     path = copy_store(job_store, tmp_path, "killed.duckdb")
-    args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30", "--store", path]
+    # Two requests in flight: the job outlasts its first commits (at 16, the tiny model's default, it can finish
+    # between the progress line and the kill).
+    args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30", "--concurrency", "2",
+            "--store", path]
     proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=Path(__file__).resolve().parent.parent)
     assert proc.stderr is not None

@@ -54,7 +54,7 @@ def test_readers_open_the_store_while_a_job_runs_and_see_what_landed(job_store: 
                                                                       tiny_model: Path) -> None:
     path = copy_store(job_store, tmp_path, "busy.duckdb")
     proc = _start(["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30",
-                   "--store", path])
+                   "--concurrency", "2", "--store", path])  # two in flight: the job outlasts the readers' look
     try:
         _wait_for_progress(proc, 3)
         info = run_cli(["info", "--store", path])  # another terminal, while the job writes
