@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from app_helpers import SIZE, screen_text, sync, table_lines, until
-from conftest import assert_one_line_error, cli_command, cli_env, run_cli
+from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
 from textual.widgets import Label, ProgressBar
@@ -22,7 +22,6 @@ from textual.widgets import Label, ProgressBar
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
-from neuronscope.core.store.spool import Spool
 from neuronscope.tui.app import CONFIRM_ABOVE, NeuronscopeApp
 from neuronscope.tui.screens.modals import MessageScreen
 from neuronscope.tui.widgets.jobs import PROGRESS_INTERVAL
@@ -237,18 +236,15 @@ async def test_the_app_steps_aside_while_a_job_in_another_process_folds_the_spoo
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env=cli_env(NEURONSCOPE_BATCH_TOKENS="1"))
         try:
-            spool, last, folded, resumed, deadline = Spool(fresh_store), 0, False, False, time.monotonic() + 600
+            watch, deadline = SpoolWatch(fresh_store), time.monotonic() + 600
             while job.poll() is None and time.monotonic() < deadline:
-                published = len(spool.names())
-                resumed |= folded and published > last  # the job went on after a fold (not its fold as it exits)
-                folded |= published < last
-                last = published
+                watch.look()
                 await pilot.pause(0.02)
             _, err = job.communicate(timeout=60)
         finally:
             job.kill()
         assert job.returncode == 0, err
-        assert folded and resumed
+        assert watch.folded_midway
         table = app.query_one(NeuronTable)
         await until(pilot, lambda: sum(table.row(i).score is not None  # type: ignore[union-attr]
                                        for i in range(table.row_count)) == 10, seconds=10)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, cli_env, copy_store, run_cli
+from conftest import SpoolWatch, cli_command, cli_env, copy_store, run_cli
 
 from neuronscope.core.store import Store
 from neuronscope.core.store.spool import Spool
@@ -91,16 +91,11 @@ def test_two_job_processes_finish_one_job_together_folding_as_they_go(job_store:
     assert reference.wait(timeout=600) == 0
     together = copy_store(job_store, tmp_path, "together.duckdb")
     procs = [_start([*args, "--store", together], BLOCK=4, SETTLE_SECONDS=settle) for settle in (1.0, 3600.0)]
-    # Folded mid-job: the spool emptied, then new segments came, both processes running (a process's fold as it
-    # exits does not count).
-    spool, last, folded, resumed, deadline = Spool(together), 0, False, False, time.monotonic() + 600
+    watch, deadline = SpoolWatch(together), time.monotonic() + 600  # both processes running throughout
     while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        published = len(spool.names())
-        resumed |= folded and published > last
-        folded |= published < last
-        last = published
+        watch.look()
         time.sleep(0.02)
-    assert folded and resumed
+    assert watch.folded_midway
     paid = []
     for proc in procs:
         _, err = proc.communicate(timeout=600)

@@ -271,11 +271,10 @@ class SharedMixin:
         other thread using it or its cursors meanwhile."""
         if self.shared is None:
             return
-        spool = self.shared.spool
         self._close_all()
         deadline = time.monotonic() + wait
         try:
-            while spool.fold_asked() not in (None, os.getpid()) and time.monotonic() < deadline:
+            while self.fold_asked() and time.monotonic() < deadline:
                 time.sleep(FOLD_POLL_SECONDS)
         finally:
             self._reopen()
