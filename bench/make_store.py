@@ -228,7 +228,7 @@ def build(path: Path, *, layers: int = 48, neurons: int = 6400, explained: float
             results = _explained(layer, result, picks, rng, weights) if n_explained else []
             t1 = time.perf_counter()
             with store.transaction():
-                store.write_layer(run_id, result, summary, keep_cells=False)
+                store.write_layer(run_id, result, summary)
             if related:
                 write_related(store, run_id, layer, layers, neurons, rng)
             t2 = time.perf_counter()

@@ -259,8 +259,9 @@ def fast_settings(**changes: object):  # type: ignore[no-untyped-def]
 
 def collect_into(store_path: Path, subject, corpus: Path, *, settings=None, shard=(0, 1),  # type: ignore[no-untyped-def]
                  batch_size: int = 32, layers: tuple[int, ...] | None = None, reuse: bool = True):
-    """Collect in-process through the core API, as `neuronscope collect` does."""
-    from neuronscope.core.collection.collect import collect
+    """Collect in-process through the core API, as `neuronscope collect` does: into the store at `store_path`, or
+    for a shard (i, n) with n > 1 into a shard state folder at `store_path`."""
+    from neuronscope.core.collection.collect import collect, collect_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.store import Store
@@ -268,9 +269,12 @@ def collect_into(store_path: Path, subject, corpus: Path, *, settings=None, shar
     settings = settings or fast_settings()
     excerpts = cut_excerpts(CorpusSpec(str(corpus)), subject.tokenizer, length=settings.length,
                             max_excerpts=settings.max_excerpts, seed=settings.seed, shard=shard)
+    options = {"layers": layers or tuple(range(subject.n_layers)), "settings": settings, "batch_size": batch_size,
+               "reuse": reuse}
+    if shard[1] > 1:
+        return collect_shard(store_path, subject, excerpts, shard=shard, **options)
     with Store.open(store_path) as store:
-        return collect(store, subject, excerpts, layers=layers or tuple(range(subject.n_layers)), settings=settings,
-                       batch_size=batch_size, shard=shard, reuse=reuse)
+        return collect(store, subject, excerpts, **options)
 
 
 @pytest.fixture(scope="module")

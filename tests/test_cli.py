@@ -254,8 +254,12 @@ def test_store_without_runs_and_missing_store(tmp_path) -> None:  # type: ignore
 def test_merge_errors(tmp_path, cli_store) -> None:  # type: ignore[no-untyped-def]
     path, _ = cli_store
     assert_one_line_error(run_cli(["merge", path, "--output", path]), "also a shard")
-    assert_one_line_error(run_cli(["merge", tmp_path / "nope.duckdb", "--output", tmp_path / "out.duckdb"]),
-                          "no store", "nope.duckdb")
+    assert_one_line_error(run_cli(["merge", tmp_path / "nope", "--output", tmp_path / "out.duckdb"]),
+                          "no shard state at", "nope")
+    assert_one_line_error(run_cli(["merge", path, "--output", tmp_path / "out.duckdb"]),
+                          "is a file, not a shard state", "writes the folder S.shard-i-of-n")
+    assert_one_line_error(run_cli(["merge", "--output", tmp_path / "out.duckdb"]), "no shard states beside")
+    assert not (tmp_path / "out.duckdb").exists()
 
 
 # -- hostile text --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shards and merge: shard stores merged into one equal a single-run store; merge refusals."""
+"""Shards and merge: shard states merged into one store equal a single-run store; merge refusals; torchrun ranks;
+checkpoints."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from conftest import (
     run_cli,
 )
 
-from neuronscope.core.collection.collect import CollectError, merge
+from neuronscope.core.collection.collect import CollectError
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts
+from neuronscope.core.collection.merge import merge
+from neuronscope.core.collection.state import ShardState, StateError
 from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +50,7 @@ def _batch_invariant(subject, corpus: Path) -> bool:  # type: ignore[no-untyped-
 
 @pytest.fixture(scope="module")
 def shard_stores(tmp_path_factory, subject, corpus_dir):  # type: ignore[no-untyped-def]
-    """A single-run store and the two halves of the same collection (96 sampled excerpts). Exact
+    """A single-run store and the two halves' shard states of the same collection (96 sampled excerpts). Exact
     comparisons need each excerpt's forward pass to be the same whichever batch it lands in: true
     for fp32 on the CPUs we know; elsewhere fall back to batches of one."""
     folder = tmp_path_factory.mktemp("shards")
@@ -57,15 +60,15 @@ def shard_stores(tmp_path_factory, subject, corpus_dir):  # type: ignore[no-unty
     collect_into(single, subject, corpus_dir, settings=settings, batch_size=batch)
     parts = []
     for i in range(2):
-        parts.append(folder / f"shard{i}.duckdb")
+        parts.append(folder / f"merged.shard-{i}-of-2")
         result = collect_into(parts[-1], subject, corpus_dir, settings=settings, shard=(i, 2), batch_size=batch)
-        assert not result.reused and result.n_excerpts == 48
+        assert not result.reused and result.n_excerpts == 48 and result.run_id is None
+    assert [ShardState(p).meta.index for p in parts] == [0, 1]
     merged = folder / "merged.duckdb"
-    with Store.open(parts[0], read_only=True) as s0, Store.open(parts[1], read_only=True) as s1:
-        assert [r.shard for r in s0.runs()] == ["0/2"] and [r.shard for r in s1.runs()] == ["1/2"]
-        with Store.open(merged) as out:
-            stages: list[str] = []
-            result = merge(out, [s1, s0], progress=lambda stage, _d, _t: stages.append(stage))
+    with Store.open(merged) as out:
+        stages: list[str] = []
+        result = merge(out, [ShardState(parts[1]), ShardState(parts[0])],
+                       progress=lambda stage, _d, _t: stages.append(stage))
     assert "merge" in stages and "write" in stages
     return folder, single, parts, merged, result
 
@@ -121,13 +124,8 @@ def test_merge_equals_single_run_exactly(shard_stores) -> None:  # type: ignore[
 
 def _merge_error(out_path: Path, shard_paths: list[Path]) -> str:
     with Store.open(out_path) as out:
-        shards = [Store.open(p, read_only=True) for p in shard_paths]
-        try:
-            with pytest.raises(CollectError) as info:
-                merge(out, shards)
-        finally:
-            for s in shards:
-                s.close()
+        with pytest.raises(CollectError) as info:
+            merge(out, [ShardState(p) for p in shard_paths])
         assert out.runs() == [], "a refused merge leaves no run behind"
     message = str(info.value)
     assert "\n" not in message
@@ -136,8 +134,7 @@ def _merge_error(out_path: Path, shard_paths: list[Path]) -> str:
 
 def test_merge_errors(shard_stores, tmp_path, subject, other_corpus) -> None:  # type: ignore[no-untyped-def]
     _folder, single_path, parts, _merged, _result = shard_stores
-    copy = tmp_path / "shard0-copy.duckdb"
-    shutil.copyfile(parts[0], copy)
+    copy = shutil.copytree(parts[0], tmp_path / "shard0-copy")
 
     message = _merge_error(tmp_path / "a.duckdb", [parts[0]])
     assert "missing 1/2" in message and "every shard" in message
@@ -146,34 +143,42 @@ def test_merge_errors(shard_stores, tmp_path, subject, other_corpus) -> None:  #
     message = _merge_error(tmp_path / "c.duckdb", [parts[0], copy])
     assert "missing 1/2" in message
 
-    foreign = tmp_path / "other-shard1.duckdb"
+    foreign = tmp_path / "other-shard1"
     collect_into(foreign, subject, other_corpus, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
     message = _merge_error(tmp_path / "d.duckdb", [parts[0], foreign])
     assert "corpus" in message and "differ" in message
 
-    message = _merge_error(tmp_path / "e.duckdb", [parts[0], single_path])
-    assert "no complete shard run" in message and "--shard" in message
+    with pytest.raises(StateError, match="is a file, not a shard state: `collect --shard i/n --store S` writes"):
+        ShardState(single_path)
+    with pytest.raises(StateError, match="no shard state at"):
+        ShardState(tmp_path / "nowhere")
+    with pytest.raises(StateError, match="not a shard state this neuronscope reads"):
+        ShardState(tmp_path)
+    damaged = shutil.copytree(parts[1], tmp_path / "damaged")
+    (damaged / "layer-1.npz").write_bytes(b"not a layer")
+    with Store.open(tmp_path / "f.duckdb") as out:
+        with pytest.raises(StateError, match="layer 1 cannot be read .* damaged; collect that shard again"):
+            merge(out, [ShardState(parts[0]), ShardState(damaged)])
+        assert [r.status for r in out.runs()] == ["failed"]  # marked, never complete
 
 
 def test_merge_shards_of_the_same_text_at_different_paths(shard_stores, tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
     _folder, _single, parts, _merged, _result = shard_stores
     copy = shutil.copytree(corpus_dir, tmp_path / "elsewhere")
-    other_half = tmp_path / "shard1-elsewhere.duckdb"
+    other_half = tmp_path / "shard1-elsewhere"
     collect_into(other_half, subject, copy, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))
-    with Store.open(parts[0], read_only=True) as s0, Store.open(other_half, read_only=True) as s1:
-        with Store.open(tmp_path / "merged.duckdb") as out:
-            result = merge(out, [s0, s1])
-            assert out.run(result.run_id).status == "complete"
+    with Store.open(tmp_path / "merged.duckdb") as out:
+        result = merge(out, [ShardState(parts[0]), ShardState(other_half)])
+        assert result.run_id is not None and out.run(result.run_id).status == "complete"
 
 
 def test_merging_the_same_shards_again_adds_no_second_run(shard_stores) -> None:  # type: ignore[no-untyped-def]
     _folder, _single, parts, merged_path, first = shard_stores
-    with Store.open(parts[0], read_only=True) as s0, Store.open(parts[1], read_only=True) as s1:
-        with Store.open(merged_path) as out:
-            before = (len(out.runs()), out.counts())
-            again = merge(out, [s0, s1])
-            assert again.reused and again.run_id == first.run_id
-            assert (len(out.runs()), out.counts()) == before
+    with Store.open(merged_path) as out:
+        before = (len(out.runs()), out.counts())
+        again = merge(out, [ShardState(p) for p in parts])
+        assert again.reused and again.run_id == first.run_id
+        assert (len(out.runs()), out.counts()) == before
 
 
 @pytest.mark.slow
@@ -193,8 +198,7 @@ def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, 
                           text=True, timeout=600, env=cli_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(2):
-        with Store.open(tmp_path / f"ranks.shard-{i}-of-2.duckdb", read_only=True) as part:
-            assert [r.shard for r in part.runs()] == [f"{i}/2"]
+        assert ShardState(tmp_path / f"ranks.shard-{i}-of-2").meta.index == i
     with Store.open(single, read_only=True) as one, Store.open(store, read_only=True) as merged:
         (a,), (b,) = one.runs(), merged.runs()
         assert b.shard == "" and (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts) \
@@ -253,3 +257,20 @@ def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterru
         np.testing.assert_allclose(np.array(one.con.execute(close, [a.run_id]).fetchall(), float),
                                    np.array(two.con.execute(close, [b.run_id]).fetchall(), float), rtol=1e-6)
         assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
+
+
+def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--shard", "1/2",
+            "--store", tmp_path / "all.duckdb", *FAST]
+    first = run_cli(args, timeout=300)
+    assert first.code == 0, first.err
+    state = ShardState(tmp_path / "all.shard-1-of-2")
+    assert (state.meta.index, state.meta.count, state.meta.n_excerpts) == (1, 2, 16)
+    assert not (tmp_path / "all.duckdb").exists()  # no store until the merge
+    assert f"neuronscope merge {tmp_path / 'all.shard-*-of-2'} --output {tmp_path / 'all.duckdb'}" in " ".join(
+        first.err.split())
+    again = run_cli(args, timeout=300)
+    assert again.code == 0 and "already holds this collection" in again.err
+    missing = run_cli(["merge", "--output", tmp_path / "all.duckdb"])
+    assert_one_line_error(missing, "missing 0/2", "pass every shard state once")

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -46,7 +48,7 @@ CHECKPOINT_EVERY = 20 * 60.0
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
     from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import collect, parse_shard
+    from neuronscope.core.collection.collect import collect, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.collection.ranks import from_environment, meet, shard_path
@@ -57,7 +59,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     rank = from_environment() if args.shard == "auto" else None
     shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
     together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
-    target = shard_path(args.store, *shard) if rank is not None and rank.count > 1 else args.store
+    part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
     device = args.device
     if device is None and rank is not None and rank.local is not None:
         import torch
@@ -65,8 +67,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
         device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
+    target = part or Path(args.store)
     checkpoints = Checkpoints(target, args.checkpoint_every) if args.checkpoint_every is not None else None
-    with Store.output(target) as store:  # fail fast on a locked or foreign store, before loading a model
+    with ExitStack() as stack:
+        # A whole run fails fast on a locked or foreign store, before loading a model.
+        store = stack.enter_context(Store.output(args.store)) if part is None else None
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         room = subject.context and subject.context - len(subject.prefix_ids)
@@ -85,16 +90,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
         status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
                f"{len(excerpts.excerpt_ids):,} "
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
+        options = {"layers": layers, "settings": settings, "batch_size": batch, "reuse": not args.force,
+                   "checkpoints": checkpoints}
         with progress_bars() as progress:
-            result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
-                             shard=shard, progress=progress, reuse=not args.force, checkpoints=checkpoints)
+            if store is None:
+                assert part is not None
+                result = collect_shard(part, subject, excerpts, shard=shard, progress=progress, **options)
+            else:
+                result = collect(store, subject, excerpts, progress=progress, **options)
         if result.reused:
-            status(f"run {result.run_id} already holds this collection (use --force to collect again)")
+            status(f"{target} already holds this collection (use --force to collect again)")
         else:
-            status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
-                   f"in {result.seconds:.1f} s → {target}")
-        store.checkpoint()
-        if not together:
+            what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
+            status(f"{what}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts in {result.seconds:.1f} s "
+                   f"→ {target}")
+        if store is not None:
+            store.checkpoint()
+            assert result.run_id is not None
             _print_top(store, result.run_id, args.top)
     if checkpoints is not None:  # the run is in the store, under its name: its checkpoints go
         checkpoints.clear()
@@ -103,11 +115,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
         status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
         meet(rank)
         if rank.index == 0:
-            from neuronscope.tui.cli_store import merge_stores
+            from neuronscope.tui.cli_store import merge_shards
 
-            merged = merge_stores([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
-            with Store.open(args.store, read_only=True) as store:
-                _print_top(store, merged.run_id, args.top)
+            merged = merge_shards([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
+            with Store.open(args.store, read_only=True) as merged_store:
+                assert merged.run_id is not None
+                _print_top(merged_store, merged.run_id, args.top)
+    elif part is not None:
+        status(f"when every shard is done: neuronscope merge {shard_path(args.store, '*', shard[1])} "
+               f"--output {args.store}")
     return 0
 
 
@@ -288,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number(1, 65_536), help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, for `neuronscope merge`; auto: "
-                                   "the part torchrun or a SLURM job array gives this process (README, \"Many GPUs\")")
+    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
+                                   "beside --store, for `neuronscope merge`; auto: the part torchrun or a SLURM job "
+                                   "array gives this process (README, \"Many GPUs\")")
     p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
     p.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY, metavar="TIME",
                    help="write the collection's state beside the store this often (90s, 20m, 1h; default 20m; off), "
@@ -329,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.set_defaults(func=cmd_browse)
 
-    p = sub.add_parser("merge", help="combine shard stores (collect --shard i/n) into one store")
-    p.add_argument("shards", nargs="+", help="shard store files")
+    p = sub.add_parser("merge", help="combine the shard states of a collection (collect --shard i/n) into one store")
+    p.add_argument("shards", nargs="*", help="shard state folders (default: every OUTPUT.shard-i-of-n beside --output)")
     p.add_argument("--output", "-o", required=True, help="store to write the merged run into")
     p.set_defaults(func=cmd_merge)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,24 +84,31 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge shard stores into one store equal to a single collection."""
-    if os.path.abspath(args.output) in {os.path.abspath(s) for s in args.shards}:
+    """Merge the shard states of a collection into one store equal to a single collection."""
+    from neuronscope.core.collection.ranks import shard_path
+
+    shards = args.shards
+    if not shards:
+        pattern = shard_path(args.output, "*", "*")
+        exact = re.compile(re.escape(pattern.name).replace(r"\*", r"\d+"))
+        shards = sorted(p for p in pattern.parent.glob(pattern.name) if exact.fullmatch(p.name) and p.is_dir())
+        if not shards:
+            raise InputError(f"no shard states beside {args.output} ({pattern}): pass the folders `collect --shard` "
+                             "wrote")
+    if os.path.abspath(args.output) in {os.path.abspath(s) for s in shards}:
         raise InputError("the output store is also a shard: pass a new --output path")
-    merge_stores(args.shards, args.output)
+    merge_shards(shards, args.output)
     return 0
 
 
-def merge_stores(paths: Sequence[str | Path], output: str | Path) -> CollectResult:
-    """Merge shard stores into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun)."""
-    from contextlib import ExitStack
+def merge_shards(paths: Sequence[str | Path], output: str | Path) -> CollectResult:
+    """Merge shard states into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun)."""
+    from neuronscope.core.collection.merge import merge
+    from neuronscope.core.collection.state import ShardState
 
-    from neuronscope.core.collection.collect import merge
-
-    with ExitStack() as stack:
-        shards = [stack.enter_context(Store.open(path, read_only=True)) for path in paths]
-        target = stack.enter_context(Store.output(output))
-        with progress_bars() as progress:
-            result = merge(target, shards, progress=progress)
+    shards = [ShardState(path) for path in paths]
+    with Store.output(output) as target, progress_bars() as progress:
+        result = merge(target, shards, progress=progress)
     if result.reused:
         status(f"run {result.run_id} of {output} already holds this merge: nothing written")
     else:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from neuronscope.core.layerdata import LayerResult, Samples
+from neuronscope.core.collection.state import load_layer, save_layer
+from neuronscope.core.layerdata import LayerResult
 
-FORMAT = 1
-KINDS = ("top", "bottom", "random", "cell")
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,7 @@ class Checkpoints:
         staged = self.folder / f".{name}"
         staged.mkdir(exist_ok=True)
         for result in layers:
-            arrays = {"sums": result.sums, "count": np.int64(result.count), "max": result.max, "min": result.min,
-                      "min_excerpt_max": result.min_excerpt_max, "histogram": result.histogram,
-                      "cell_counts": result.cell_counts}
-            for kind in KINDS:
-                sample = result.samples[kind]
-                arrays |= {f"{kind}_ids": sample.ids, f"{kind}_acts": sample.acts, f"{kind}_maxes": sample.maxes,
-                           f"{kind}_mins": sample.mins}
-            np.savez(staged / f"layer-{result.layer}.npz", **arrays)  # type: ignore[arg-type]
+            save_layer(staged / f"layer-{result.layer}.npz", result)
         (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
         os.rename(staged, self.folder / name)
         pointer = self.folder / f".current.{os.getpid()}"
@@ -84,13 +77,12 @@ class Checkpoints:
         if meta.get("format") != FORMAT or meta.get("identity") != identity:
             return None
         layers = {}
-        for path in sorted(folder.glob("layer-*.npz")):
-            with np.load(path) as data:
-                samples = {kind: Samples(data[f"{kind}_ids"], data[f"{kind}_acts"], data[f"{kind}_maxes"],
-                                         data[f"{kind}_mins"]) for kind in KINDS}
+        try:
+            for path in folder.glob("layer-*.npz"):
                 layer = int(path.stem.split("-", 1)[1])
-                layers[layer] = LayerResult(layer, data["sums"], int(data["count"]), data["max"], data["min"],
-                                            data["min_excerpt_max"], data["histogram"], data["cell_counts"], samples)
+                layers[layer] = load_layer(path, layer)
+        except (OSError, ValueError, KeyError):  # damaged (a disk error): collect from the start
+            return None
         return Resumed(int(meta["done"]), layers)
 
     def clear(self) -> None:

@@ -1,6 +1,6 @@
 """Which part of a collection this process takes when a launcher starts several (`collect --shard auto`):
 torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or a SLURM job array's task id and count. Each process writes a
-shard store of its own beside the store asked for; under torchrun the processes meet when all are done and rank
+shard state (core/collection/state.py) beside the store asked for; under torchrun the processes meet when all are done and rank
 0 merges the shards into that store (a job array's tasks never meet: `neuronscope merge` in a job that depends on
 the array does it)."""
 
@@ -57,10 +57,10 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Rank:
     return rank
 
 
-def shard_path(store: str | Path, index: int, count: int) -> Path:
-    """Where shard `index` of `count` of a collection into `store` is written: beside it."""
+def shard_path(store: str | Path, index: int | str, count: int | str) -> Path:
+    """The folder where shard `index` of `count` of a collection into `store` writes its state: beside the store."""
     path = Path(store)
-    return path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}")
+    return path.with_name(f"{path.stem}.shard-{index}-of-{count}")
 
 
 def meet(rank: Rank) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 
 from neuronscope.core.choices import COLLECTED_KINDS, RecordKind
 from neuronscope.core.ids import NeuronId
-from neuronscope.core.layerdata import CELL_K, CELLS, LayerResult, LayerSummary, Samples, dequantize
-from neuronscope.core.records import ActivationRecord, CollectSettings, NeuronStats
+from neuronscope.core.layerdata import LayerResult, LayerSummary
+from neuronscope.core.records import ActivationRecord, NeuronStats
 from neuronscope.core.store.browse import BrowseMixin
 from neuronscope.core.store.bulk import BulkMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
@@ -247,7 +247,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.__dict__.pop("_owner_columns", None)
 
     # -- writing a collection ---------------------------------------------------------------------
-    def write_layer(self, run_id: int, result: LayerResult, summary: LayerSummary, *, keep_cells: bool) -> None:
+    def write_layer(self, run_id: int, result: LayerResult, summary: LayerSummary) -> None:
         """Insert one layer's neurons and records (in the caller's transaction)."""
         import pyarrow as pa
 
@@ -271,8 +271,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.con.register("_neurons_in", neurons)
         self.con.execute("INSERT INTO neurons SELECT * FROM _neurons_in")
         self.con.unregister("_neurons_in")
-        kinds = ["top", "bottom", "random"] + (["cell"] if keep_cells else [])
-        parts = [record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in kinds]
+        parts = [record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in ("top", "bottom", "random")]
         bins = max(summary.quantile_edges.shape[1] - 1, 1)
         parts.append(record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
         records = pa.concat_tables([p for p in parts if p.num_rows])
@@ -295,44 +294,6 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.con.unregister("_excerpts_in")
 
     # -- reading ------------------------------------------------------------------------------------
-    def load_layer(self, run_id: int, layer: int, settings: CollectSettings) -> LayerResult:
-        """A layer's mergeable state (a shard run keeps its cell candidates for this)."""
-        cols = self.con.execute(
-            "SELECT neuron, count, sums, max_act, min_act, min_excerpt_max, histogram, cell_counts FROM neurons "
-            "WHERE run_id = ? AND layer = ? ORDER BY neuron", [run_id, layer]
-        ).fetchnumpy()
-        n = len(cols["neuron"])
-        sizes = {"top": settings.top_k, "bottom": settings.bottom_k, "random": settings.random_k, "cell": CELLS * CELL_K}
-        samples = {}
-        for kind, k in sizes.items():
-            ids = np.full((n, k), -1, np.int64)
-            acts = np.zeros((n, k, settings.length), np.float32)
-            maxes = np.zeros((n, k), np.float32)
-            mins = np.zeros((n, k), np.float32)
-            rec = self.con.execute(
-                "SELECT neuron, rank, excerpt_id, max_act, min_act, scale, acts FROM records "
-                "WHERE run_id = ? AND layer = ? AND kind = ?", [run_id, layer, kind],
-            ).fetchnumpy()
-            if len(rec["neuron"]):
-                at = (rec["neuron"], rec["rank"])
-                ids[at] = rec["excerpt_id"]
-                maxes[at] = rec["max_act"]
-                mins[at] = rec["min_act"]
-                codes = np.frombuffer(b"".join(rec["acts"]), np.int8).reshape(len(rec["neuron"]), -1)
-                acts[at] = dequantize(rec["scale"].astype(np.float32), codes)
-            samples[kind] = Samples(ids, acts, maxes, mins)
-        return LayerResult(
-            layer=layer,
-            sums=np.stack([np.asarray(s, np.float64) for s in cols["sums"]]).T if n else np.zeros((5, 0)),
-            count=int(cols["count"][0]) if n else 0,
-            max=cols["max_act"].astype(np.float32),
-            min=cols["min_act"].astype(np.float32),
-            min_excerpt_max=cols["min_excerpt_max"].astype(np.float32),
-            histogram=np.stack([np.asarray(h, np.int64) for h in cols["histogram"]]),
-            cell_counts=np.stack([np.asarray(c, np.int64) for c in cols["cell_counts"]]),
-            samples=samples,
-        )
-
     def excerpts(self, run_id: int, excerpt_ids: list[int] | None = None) -> dict[int, tuple[list[int], list[str]]]:
         """excerpt id -> (token ids, token strings)."""
         if excerpt_ids is None:
