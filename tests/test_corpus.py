@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
                                       "convert it to UTF-8"),
                         ("latin1.txt", "it is not UTF-8 text (10 invalid bytes, the first byte 0xe9 at offset 3): "
                                        "convert it to UTF-8")]
-    assert "(2 files, 3 skipped as not text, NULs kept, sha256 " in describe(CorpusSpec(str(tmp_path)))
+    assert describe(CorpusSpec(str(tmp_path))).startswith(f"files:{tmp_path.resolve()} (5 files, ")  # as listed
 
 
 def test_a_few_invalid_bytes_become_u_fffd_and_are_counted_unless_strict(tmp_path):
@@ -206,7 +207,7 @@ def test_a_few_invalid_bytes_become_u_fffd_and_are_counted_unless_strict(tmp_pat
         list(iter_documents(strict))
     with pytest.raises(CorpusError, match=r"rows.jsonl line 1 is not UTF-8 text \(--strict-utf8 refuses"):
         list(iter_documents(CorpusSpec(str(tmp_path / "rows.jsonl"), strict_utf8=True)))
-    assert "(1 file, strict UTF-8, sha256 " in describe(strict)
+    assert "(1 file, " in describe(strict) and describe(strict).endswith(" UTC, strict UTF-8)")
 
 
 def test_bad_jsonl(tmp_path):
@@ -239,7 +240,8 @@ def test_max_tokens_is_honoured_exactly_and_nothing_after_is_read(tmp_path, tok)
                         skipped=lambda path, _why: left_out.append(path.name))
     assert part.token_ids.tolist() == whole.token_ids[:5].tolist() and part.excerpt_ids.tolist() == list(range(5))
     assert left_out == []
-    assert re.search(r"\(3 files, [\d,]+ bytes\) \(first 43 tokens, sha256 [0-9a-f]{12}\)$", part.corpus)
+    assert re.search(r"\(3 files, [\d,]+ bytes, newest [\d-]+ [\d:]+ UTC\) \(first 43 tokens, sha256 [0-9a-f]{12}\)$",
+                     part.corpus)
     shard = cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=43, shard=(1, 2))
     assert shard.excerpt_ids.tolist() == [1, 3] and same_corpus(shard.corpus, part.corpus)
     assert not same_corpus(cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=51).corpus, part.corpus)
@@ -301,7 +303,7 @@ def test_cut_windows_and_separators(tmp_path, tok):
     assert ex.token_ids.tolist() == [[a, b, c], [256, d, e]]  # tail "fg" dropped
     assert ex.token_ids.dtype == np.int32 and ex.excerpt_ids.dtype == np.int64
     assert ex.excerpt_ids.tolist() == [0, 1] and ex.length == 3
-    assert ex.corpus == describe(CorpusSpec(str(folder)))
+    assert ex.corpus.startswith(describe(CorpusSpec(str(folder))) + " (all 8 tokens, sha256 ")  # abc, eos, defg
     bos_only = cut_excerpts(CorpusSpec(str(folder)), byte_tokenizer(bos_token="<s>"), length=4)
     assert bos_only.token_ids.tolist() == [[a, b, c, 256], [d, e, f, ord("g")]]
     bare = cut_excerpts(CorpusSpec(str(folder)), byte_tokenizer(), length=7)
@@ -357,20 +359,27 @@ def test_shards_partition_the_selection(tmp_path, tok, max_excerpts):
     assert all(np.all(np.diff(p.excerpt_ids) > 0) for p in parts)
 
 
-def test_describe_tracks_content(tmp_path):
+def test_a_corpus_is_named_by_its_listing_and_what_was_read(tmp_path, tok):
+    """The manifest comes from a listing (files, bytes, newest modification time), the identity from the token ids
+    read in the one pass: the same text elsewhere is the same corpus, a changed file is not."""
     folder = tmp_path / "f"
-    write(folder / "a.txt", "hello")
+    write(folder / "a.txt", "hello there, " * 20)
     first = describe(CorpusSpec(str(folder)))
     assert first == describe(CorpusSpec(str(folder)))
-    assert first.startswith(f"files:{folder.resolve()} (1 file, sha256 ")
-    write(folder / "a.txt", "hellO")
-    second = describe(CorpusSpec(str(folder)))
-    assert second != first
+    assert re.fullmatch(rf"files:{re.escape(str(folder.resolve()))} \(1 file, 260 bytes, newest [\d-]+ [\d:]+ UTC\)", first)
     assert describe(CorpusSpec(str(folder), "body")).endswith(", field 'body')")
+    read = cut_excerpts(CorpusSpec(str(folder)), tok, length=8).corpus
+    assert read.startswith(first + " (all 259 tokens, sha256 ")  # the last space is not text
+    os.utime(folder / "a.txt", (1e9, 1e9))
+    touched = cut_excerpts(CorpusSpec(str(folder)), tok, length=8).corpus
+    assert touched != read and same_corpus(touched, read)  # the manifest changed; the text read did not
     copy = tmp_path / "g"
-    write(copy / "a.txt", "hellO")
-    moved = describe(CorpusSpec(str(copy)))
-    assert moved != second and same_corpus(moved, second) and not same_corpus(moved, first)
+    write(copy / "a.txt", "hello there, " * 20)
+    moved = cut_excerpts(CorpusSpec(str(copy)), tok, length=8).corpus
+    assert moved != read and same_corpus(moved, read)
+    write(folder / "a.txt", "hello there, " * 19 + "hello THERE, ")
+    changed = cut_excerpts(CorpusSpec(str(folder)), tok, length=8).corpus
+    assert not same_corpus(changed, read)
 
 
 def test_import_is_light():

@@ -52,7 +52,7 @@ def test_round_trip_run_info(collected, subject, tiny_model, corpus_dir) -> None
         assert run.run_id == result.run_id
         assert run.status == "complete"
         assert run.model == str(tiny_model)
-        assert run.corpus == describe(CorpusSpec(str(corpus_dir)))
+        assert run.corpus.startswith(describe(CorpusSpec(str(corpus_dir))) + " (all ")
         assert run.layers == (0, 1, 2)
         assert run.neurons_per_layer == 48
         assert run.n_excerpts == len(excerpts.excerpt_ids)

@@ -32,8 +32,8 @@ documents, 360,918 SmolLM2 tokens, 5,639 excerpts of 64 tokens; identical on eve
 
 from __future__ import annotations
 
+import datetime
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -83,10 +83,10 @@ class CorpusSpec:
 # ---------------------------------------------------------------- description
 
 
-def describe(spec: CorpusSpec, *, contents: bool = True) -> str:
-    """Stable short description: equal for identical input, different when content differs. Without `contents`,
-    a folder or file is described from a listing (its files and bytes), nothing read: for a run that reads only
-    part of it and names what it read (neuronscope.core.collection.excerpts.read_description)."""
+def describe(spec: CorpusSpec) -> str:
+    """A corpus's manifest, from a listing, nothing read: the source, and for files their count, bytes and newest
+    modification time. A run adds what it read, the count and sha256 of the token ids (excerpts.read_description),
+    so that no terabyte is hashed twice and a corpus that changed is a different corpus."""
     field = "" if spec.text_field == "text" else f", field {spec.text_field!r}"
     if spec.source == "default":
         from neuronscope.core.collection.default_corpus import DESCRIPTION
@@ -96,35 +96,25 @@ def describe(spec: CorpusSpec, *, contents: bool = True) -> str:
         name, config, split = _parse_hf(spec.source)
         return f"hf:{name}:{config + ':' if config else ''}{split} (streamed{field})"
     root = _existing_path(spec.source)
-    files = _list_files(root) if root.is_dir() else [root]
-    if not contents:
-        size = sum(path.stat().st_size for path in files)
-        strict = ", strict UTF-8" if spec.strict_utf8 else ""
-        return f"files:{root} ({len(files):,} file{'' if len(files) == 1 else 's'}, {size:,} bytes{field}{strict})"
-    digest = hashlib.sha256()
-    skipped = nuls = 0
-    for path in files:
-        rel = path.relative_to(root).as_posix() if root.is_dir() else ""
-        data = _read(path)
-        digest.update(f"{rel}\0{len(data)}\0".encode())
-        digest.update(data)
-        nuls += b"\0" in data  # such text read differently before NULs were kept: a different corpus
-        if root.is_dir() and not path.name.lower().endswith((".parquet", ".jsonl", ".jsonl.gz")):
-            try:
-                _text(path, data, spec.strict_utf8)
-            except NotText:
-                skipped += 1
-    count = f"{len(files) - skipped} file{'' if len(files) - skipped == 1 else 's'}"
-    count += f", {skipped} skipped as not text" if skipped else ""
-    count += ", NULs kept" if nuls else ""
-    count += ", strict UTF-8" if spec.strict_utf8 else ""
-    return f"files:{root} ({count}, sha256 {digest.hexdigest()[:12]}{field})"
+    stats = [path.stat() for path in (_list_files(root) if root.is_dir() else [root])]
+    size = sum(stat.st_size for stat in stats)
+    newest = max((stat.st_mtime for stat in stats), default=0.0)
+    when = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    strict = ", strict UTF-8" if spec.strict_utf8 else ""
+    return (f"files:{root} ({len(stats):,} file{'' if len(stats) == 1 else 's'}, {size:,} bytes, newest {when} UTC"
+            f"{field}{strict})")
+
+
+#: What a run read, at the end of its corpus description: "(all|first N tokens, sha256 DIGEST)".
+_READ = re.compile(r" \((?:all|first) ([\d,]+) tokens, sha256 ([0-9a-f]+)\)$")
 
 
 def same_corpus(a: str, b: str) -> bool:
-    """Whether two ``describe`` strings name the same content (file paths may differ by host)."""
-    if a.startswith("files:") and b.startswith("files:"):
-        return a[a.rfind(" (") :] == b[b.rfind(" (") :]
+    """Whether two runs' corpus descriptions name the same text: the same token ids read, wherever the files were
+    (paths and modification times differ by host and copy)."""
+    read_a, read_b = _READ.search(a), _READ.search(b)
+    if read_a and read_b:
+        return read_a.groups() == read_b.groups()
     return a == b
 
 

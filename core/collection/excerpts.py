@@ -27,7 +27,7 @@ class Excerpts:
     length: int
     """Tokens per excerpt."""
     corpus: str
-    """``describe(spec)`` of the corpus the excerpts came from (``read_description`` under a token budget)."""
+    """The corpus the excerpts came from and what of it was read (``read_description``)."""
 
 
 def _token_batches(docs: Iterator[str], tokenizer: Any, batch_chars: int = _BATCH_CHARS) -> Iterator[np.ndarray]:
@@ -100,10 +100,12 @@ def cut_excerpts(
     batch_chars = _BATCH_CHARS if max_tokens is None else min(_BATCH_CHARS, max(16_384, 8 * max_tokens))
     chunks: list[np.ndarray] = []
     total = 0
+    digest = hashlib.sha256()  # of the token ids read: the corpus's identity, without a second pass over it
     for chunk in _token_batches(iter_documents(spec, skipped, replaced), tokenizer, batch_chars):
         if max_tokens is not None:
             chunk = chunk[: max_tokens - total]
         chunks.append(chunk)
+        digest.update(np.ascontiguousarray(chunk, dtype="<i4").tobytes())
         total += len(chunk)
         if progress is not None:
             progress(total)
@@ -116,7 +118,7 @@ def cut_excerpts(
         )
     read = np.concatenate(chunks)
     del chunks
-    corpus = describe(spec) if max_tokens is None else read_description(spec, read)
+    corpus = read_description(spec, digest.hexdigest(), total, complete=max_tokens is None or total < max_tokens)
     stream = read[: n * length].reshape(n, length)  # [n, length]
     ids = np.arange(n, dtype=np.int64)
     if max_excerpts is not None and max_excerpts < n:
@@ -131,9 +133,11 @@ def cut_excerpts(
     )
 
 
-def read_description(spec: CorpusSpec, tokens: np.ndarray) -> str:
-    """What a run records as its corpus when it read only the first tokens of it: the source (a folder's file count
-    and bytes, from a listing, not a read) and the sha256 of the token ids read, so runs and shards that read the same
-    text agree without anyone reading all of it."""
-    digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:12]
-    return describe(spec, contents=False) + f" (first {len(tokens):,} tokens, sha256 {digest})"
+def read_description(spec: CorpusSpec, digest: str, tokens: int, complete: bool) -> str:
+    """What a run records as its corpus: the manifest (corpus.describe: the source, its files, bytes and newest
+    modification time) and what was read: all of it or the first `tokens` token ids, and their sha256. Runs and shards
+    that read the same text agree wherever the files are (corpus.same_corpus); a changed file is another corpus.
+    The default corpus is pinned by the sha256 of its text: its name says it all when read whole."""
+    if spec.source == "default" and complete:
+        return describe(spec)
+    return describe(spec) + f" ({'all' if complete else 'first'} {tokens:,} tokens, sha256 {digest[:12]})"
