@@ -3,6 +3,15 @@
     python bench/collect.py                      # default model, dtype and batch, 256 excerpts
     python bench/collect.py --dtype float32 --excerpts 512 --layers 0-29
     python bench/collect.py --rss 500            # peak RSS of `neuronscope collect` at 500 and 2000 excerpts
+    python bench/collect.py --random gpt2-xl --device cuda     # a random model of GPT-2 XL's shape (GPU machine)
+    python bench/collect.py --random tiny --paths fixed filtered --check   # the same script, checked on a CPU
+
+With --random SHAPE (gpt2-xl, llama-3.1-8b, tiny; bench/shapes.py) nothing is downloaded and no store is written:
+the model is randomly initialised, the tokenizer is the folder --tokenizer (see bench/gpu_local.py
+--save-tokenizer), and it measures the collection pass alone against the bare forward pass, once per bookkeeping
+path (`fixed`: fixed-shape merges, the GPU default; `filtered`: the CPU default), with the host reads back from
+the GPU counted per batch. --check compares the two paths' results exactly on the first layers. It runs from a
+plain checkout with torch and transformers only. Prints JSON lines.
 
 Everything is measured in one run on one machine and printed as ratios; absolute times are noise.
 """
@@ -86,6 +95,103 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"store bytes per neuron: {size / result.n_neurons:,.0f}  ({size / 1e6:.1f} MB for {result.n_neurons} neurons)")
 
 
+def random_pass(args: argparse.Namespace) -> None:
+    """The collection pass on a random model of a real shape, per bookkeeping path, against the bare forward."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shapes import make_importable, random_subject
+
+    make_importable()
+    import json
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from neuronscope.core.collection.collect import accumulate, auto_batch_size
+    from neuronscope.core.collection.corpus import CorpusSpec
+    from neuronscope.core.collection.excerpts import cut_excerpts
+    from neuronscope.core.ids import parse_layers
+    from neuronscope.core.records import CollectSettings
+
+    began = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    subject = random_subject(args.random, args.tokenizer, device, dtype)
+    layers = parse_layers(args.layers, range(subject.n_layers)) or ()
+    excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
+    batch = args.batch_size or auto_batch_size(subject, layers, 64)
+    n = len(excerpts.excerpt_ids)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def bare() -> float:
+        sync()
+        started = time.perf_counter()
+        for i in range(0, n, batch):
+            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : i + batch].astype(np.int64)))
+        sync()
+        return time.perf_counter() - started
+
+    print(json.dumps({"shape": args.random, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                      "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "layers": len(layers),
+                      "neurons": len(layers) * subject.n_neurons, "excerpts": n, "batch": batch,
+                      "params": sum(p.numel() for p in subject.model.parameters()),
+                      "setup_s": round(time.perf_counter() - began, 1)}), flush=True)
+    bare()  # warm-up (allocator, kernels)
+    bare_s = bare()
+    settings = CollectSettings(max_excerpts=args.excerpts)
+    warm = type(excerpts)(excerpts.token_ids[: 2 * batch], excerpts.excerpt_ids[: 2 * batch], 64, "warm-up")
+    for path in args.paths:
+        os.environ["NEURONSCOPE_FIXED_SHAPES"] = "1" if path == "fixed" else "0"
+        report = lambda _stage, _done, _total: None  # noqa: E731
+        for _ in accumulate(subject, warm, layers, settings, batch, "warm", None, report):  # compiles, allocates
+            break
+        sync()
+        finished: list[float] = []
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage == "collect" and done == total:
+                sync()
+                finished.append(time.perf_counter())
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            started = time.perf_counter()
+            results = accumulate(subject, excerpts, layers, settings, batch, "bench", None, progress)
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        pass_s = finished[0] - started
+        del results
+        print(json.dumps({"path": path, "bare_forward_tok_s": round(n * 64 / bare_s),
+                          "collection_tok_s": round(n * 64 / pass_s), "ratio_to_bare": round(bare_s / pass_s, 3),
+                          "host_syncs_per_batch": round(syncs / -(-n // batch), 1) if cuda else None,
+                          "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if cuda else None}),
+              flush=True)
+    if args.check:
+        check_layers = layers[: max(1, min(len(layers), 4))]
+        small = type(excerpts)(excerpts.token_ids[: 4 * batch], excerpts.excerpt_ids[: 4 * batch], 64, "check")
+        got = {}
+        for path in ("fixed", "filtered"):
+            os.environ["NEURONSCOPE_FIXED_SHAPES"] = "1" if path == "fixed" else "0"
+            got[path] = list(accumulate(subject, small, check_layers, settings, batch, "check", None, report))
+        same = all(
+            np.array_equal(a.samples[k].ids, b.samples[k].ids) and np.array_equal(a.samples[k].acts, b.samples[k].acts)
+            and np.array_equal(a.samples[k].maxes, b.samples[k].maxes)
+            for a, b in zip(got["fixed"], got["filtered"]) for k in a.samples
+        ) and all(np.array_equal(a.histogram, b.histogram) and np.array_equal(a.cell_counts, b.cell_counts)
+                  for a, b in zip(got["fixed"], got["filtered"]))
+        print(json.dumps({"check": "fixed == filtered", "layers": len(check_layers), "excerpts": len(small.excerpt_ids),
+                          "identical": same}), flush=True)
+    print(json.dumps({"total_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+
 def peak_rss(args: argparse.Namespace) -> None:
     """Peak RSS of a CLI collection at N and 4N excerpts (memory must not grow with the corpus)."""
     rows = []
@@ -118,8 +224,17 @@ def main() -> None:
     parser.add_argument("--device")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--rss", type=int, help="measure peak RSS at this many excerpts and 4x as many")
+    parser.add_argument("--random", choices=("gpt2-xl", "llama-3.1-8b", "tiny"),
+                        help="a randomly initialised model of this shape: the pass alone, per bookkeeping path")
+    parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent.parent / ".gpu_tokenizer",
+                        help="tokenizer folder for --random")
+    parser.add_argument("--paths", nargs="+", choices=("fixed", "filtered"), default=["fixed", "filtered"],
+                        help="bookkeeping paths to measure with --random")
+    parser.add_argument("--check", action="store_true", help="with --random: the two paths' results are identical")
     args = parser.parse_args()
-    if args.rss:
+    if args.random:
+        random_pass(args)
+    elif args.rss:
         peak_rss(args)
     else:
         throughput(args)

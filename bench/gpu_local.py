@@ -24,38 +24,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
-#: Llama-3.1-8B's config.json, as far as it shapes the computation.
-LLAMA_31_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-}
-#: The same with small layers, for a CPU check of the script (the vocabulary stays, so the tokenizer fits).
-TINY = {**LLAMA_31_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16}
-
-
-def make_importable() -> None:
-    """Import neuronscope from this checkout when it is not installed (the GPU machine)."""
-    try:
-        import neuronscope.core  # noqa: F401
-    except ImportError:
-        shim = Path(tempfile.mkdtemp(prefix="neuronscope-")) / "neuronscope"
-        shim.mkdir()
-        for name in ("core", "data"):
-            (shim / name).symlink_to(ROOT / name)
-        sys.path.insert(0, str(shim.parent))
-    sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import LLAMA_31_8B, TINY, build_model, make_importable  # noqa: E402
 
 
 def save_tokenizer(folder: Path, model: str) -> None:
@@ -74,23 +48,6 @@ def save_tokenizer(folder: Path, model: str) -> None:
     tokenizer.save_pretrained(folder)
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(json.dumps({"saved_tokenizer": str(folder), "model": model, "ids": len(tokenizer), "bytes": size}))
-
-
-def build_model(config: dict[str, Any], device: Any, dtype: Any) -> Any:
-    """A randomly initialised LlamaForCausalLM of the config's shape, made directly on the device."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model: Any = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def sync(device: Any) -> None:
@@ -151,7 +108,8 @@ def measure(backend: Any, neurons: list[Any], threads: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same vocabulary, fp32 on the CPU")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu_tokenizer", help="tokenizer folder")
+    parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent.parent / ".gpu_tokenizer",
+                        help="tokenizer folder")
     parser.add_argument("--save-tokenizer", type=Path, default=None, metavar="FOLDER",
                         help="write the packaged model's tokenizer to FOLDER and stop")
     parser.add_argument("--tokenizer-model", default="smollm2-135m", help="packaged model whose tokenizer to save")

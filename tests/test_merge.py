@@ -274,3 +274,21 @@ def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_mo
     assert again.code == 0 and "already holds this collection" in again.err
     missing = run_cli(["merge", "--output", tmp_path / "all.duckdb"])
     assert_one_line_error(missing, "missing 0/2", "pass every shard state once")
+
+
+def test_device_map_collects_what_one_device_collects(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """`--device-map auto` (accelerate) places the model; on a machine without GPUs everything lands on the CPU, and
+    the collection equals one without it. `--device` with it is refused."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "48", "--batch-size", "16",
+            *[a for a in FAST if a not in ("--device", "cpu")]]
+    plain, mapped = tmp_path / "plain.duckdb", tmp_path / "mapped.duckdb"
+    assert run_cli([*args, "--store", plain], timeout=300).code == 0
+    result = run_cli([*args, "--store", mapped, "--device-map", "auto"], timeout=300)
+    assert result.code == 0, result.err
+    with Store.open(plain, read_only=True) as one, Store.open(mapped, read_only=True) as two:
+        (a,), (b,) = one.runs(), two.runs()
+        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
+        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
+    both = run_cli([*args, "--store", tmp_path / "both.duckdb", "--device-map", "auto", "--device", "cpu"])
+    assert_one_line_error(both, "--device and --device-map both place the model: pass one of them")

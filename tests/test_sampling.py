@@ -404,3 +404,66 @@ def test_layers_updated_together_equal_layers_updated_apart() -> None:
             assert np.array_equal(got.samples[kind].acts, want.samples[kind].acts), kind
     assert layer_groups((0, 1, 2, 3, 4), 10, 100, budget=2000) == [(0, 1), (2, 3), (4,)]
     assert layer_groups((0, 1, 2), 10, 100, budget=0) == [(0,), (1,), (2,)]
+
+
+# -- fixed-shape updates (the GPU path) ---------------------------------------------------------------
+
+def test_fixed_shape_updates_keep_exactly_what_filtered_updates_keep(data: tuple[np.ndarray, np.ndarray],
+                                                                      single: LayerResult) -> None:
+    """The GPU's fixed-shape merges keep the same entries, activations and extremes as the CPU's filtered offers,
+    whatever the order and batch sizes; so do layers joined into one unit axis."""
+    acts, ids = data
+    order = np.random.default_rng(3).permutation(len(ids))
+    for sizes in ((7, 13, 1, 32), (len(ids),)):
+        acc = feed(LayerAccumulator(LAYER, acts.shape[2], SETTINGS, torch.float32, CPU, fixed=True), acts, ids,
+                   sizes, order)
+        fixed = acc.result()
+        assert_same_result(single, fixed)
+        for kind in KINDS:
+            assert np.array_equal(single.samples[kind].maxes, fixed.samples[kind].maxes), kind
+            assert np.array_equal(single.samples[kind].mins, fixed.samples[kind].mins), kind
+    check_samples(fixed, acts, ids, SETTINGS)
+    # Absorbing a shard into a fixed-shape accumulator mid-stream (a checkpoint on a GPU) is exact too.
+    half = len(ids) // 2
+    live = feed(LayerAccumulator(LAYER, acts.shape[2], SETTINGS, torch.float32, CPU, fixed=True), acts[:half],
+                ids[:half], (50,))
+    live.absorb(accumulate(acts[half:], ids[half:], SETTINGS))
+    assert_same_result(live.result(), single)
+
+
+def test_fixed_shape_updates_never_read_the_device_back() -> None:
+    """A GPU waits for all queued work whenever the host reads a value back (nonzero, unique, bincount, .item(),
+    boolean indexing): the fixed-shape update issues none of them, where the filtered one issues many."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads_back = {"nonzero", "_local_scalar_dense", "unique_consecutive", "_unique2", "bincount", "masked_select",
+                  "repeat_interleave", "is_nonzero", "item"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            if name.startswith("index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                for i in (args[1] if len(args) > 1 and isinstance(args[1], list | tuple) else ())):
+                name = "boolean index"
+            self.seen.add(name)
+            return func(*args, **(kwargs or {}))
+
+    acts, ids = make_data(96, 8, 10, seed=2)
+    settings = CollectSettings(length=8, top_k=4, bottom_k=3, random_k=2, quantile_k=2, seed=1)
+    for fixed in (True, False):
+        acc = LayerAccumulator(LAYER, 10, settings, torch.float32, CPU, fixed=fixed)
+        batches = [(torch.from_numpy(acts[i : i + 32]), torch.from_numpy(ids[i : i + 32])) for i in range(0, 96, 32)]
+        acc.update(*batches[0])
+        with Ops() as ops:
+            for batch in batches[1:]:
+                acc.update(*batch)  # the fixed path also copies the previous batch's rows in here
+        found = ops.seen & (reads_back | {"boolean index"})
+        if fixed:
+            assert not found, found
+            assert "nonzero_static" in ops.seen and "topk" in ops.seen
+        else:
+            assert {"nonzero", "bincount"} <= found

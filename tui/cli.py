@@ -28,6 +28,7 @@ from neuronscope.tui.console import (
     MAX_SAMPLES,
     Parser,
     Skipped,
+    batch_size,
     duration,
     err,
     interactive,
@@ -48,7 +49,7 @@ CHECKPOINT_EVERY = 20 * 60.0
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
     from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import collect, collect_shard, parse_shard
+    from neuronscope.core.collection.collect import auto_batch_size, collect, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.collection.ranks import from_environment, meet, shard_path
@@ -61,7 +62,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
     part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
     device = args.device
-    if device is None and rank is not None and rank.local is not None:
+    if device is None and args.device_map is None and rank is not None and rank.local is not None:
         import torch
 
         device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
@@ -72,7 +73,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         # A whole run fails fast on a locked or foreign store, before loading a model.
         store = stack.enter_context(Store.output(args.store)) if part is None else None
-        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status)
+        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         room = subject.context and subject.context - len(subject.prefix_ids)
         if room and args.length > room:
@@ -86,7 +87,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                                     seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
                                     skipped=skipped, replaced=skipped.replaced)
         skipped.finish()
-        batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
+        batch = args.batch_size or auto_batch_size(subject, layers, args.length)
         status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
                f"{len(excerpts.excerpt_ids):,} "
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
@@ -301,9 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bottom-k", type=number(0, MAX_K), default=50, help="most negative excerpts kept per neuron (default: 50)")
     p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")
     p.add_argument("--quantile-k", type=number(0, MAX_K), default=5, help="excerpts per quantile bin (default: 5)")
-    p.add_argument("--batch-size", type=number(1, 65_536), help="excerpts per forward pass (default: 32 on CPU, 128 on GPU)")
+    p.add_argument("--batch-size", type=batch_size, help="excerpts per forward pass, or auto: on a GPU what fits in half "
+                                                         "its free memory, 32 on a CPU (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread a model too large for one GPU across the GPUs (accelerate); each layer's statistics "
+                        "stay on its GPU")
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
                                    "beside --store, for `neuronscope merge`; auto: the part torchrun or a SLURM job "
                                    "array gives this process (README, \"Many GPUs\")")

@@ -64,6 +64,11 @@ def number(least: int, most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def batch_size(text: str) -> int | None:
+    """An argparse type: excerpts per forward pass, or `auto` (None: the collector sizes it from free memory)."""
+    return None if text.strip().lower() == "auto" else number(1, 65_536)(text)
+
+
 def duration(text: str) -> float | None:
     """An argparse type: seconds from `90s`, `20m`, `1.5h` or a plain number of seconds; `off` is None."""
     if text.strip().lower() == "off":

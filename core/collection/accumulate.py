@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuronscope.core.collection.sampling import SmallestK, composite, excerpt_hash, hash_keys, keys_from, unit_hash
+from neuronscope.core.collection.sampling import (
+    Moves,
+    SmallestK,
+    composite,
+    excerpt_hash,
+    hash_keys,
+    keys_from,
+    per_cell,
+    unit_hash,
+)
 from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 
@@ -28,9 +37,12 @@ class Accumulator:
 
     def __init__(
         self, layers: tuple[int, ...], neurons: int, settings: CollectSettings, dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device, fixed: bool | None = None,
     ) -> None:
         self.layers, self.neurons, self.settings = tuple(layers), neurons, settings
+        #: Fixed-shape updates that never wait for the device (the default on a GPU; see sampling.py).
+        self.fixed = device.type == "cuda" if fixed is None else fixed
+        self._pending: tuple[dict[str, Moves], torch.Tensor, Any, Callable[[torch.Tensor], torch.Tensor]] | None = None
         units = self.units = len(self.layers) * neurons
         length = settings.length
         self.samplers = {
@@ -59,7 +71,11 @@ class Accumulator:
         self, acts: torch.Tensor, excerpt_ids: torch.Tensor, token_stats: Callable[..., Any] | None = None
     ) -> None:
         """Fold in one batch.  acts: [B, T, units] in the subject's dtype (the layers' activations
-        concatenated in order); excerpt_ids: [B] int64."""
+        concatenated in order); excerpt_ids: [B] int64.
+
+        With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
+        when results are taken): by then the caller has queued the next batch's forward pass, so reading how many
+        rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride)
         sums, ex_max, ex_min, hist_bins = stats
         batch, units = acts.shape[0], self.units
@@ -69,11 +85,10 @@ class Accumulator:
         self.min = torch.minimum(self.min, ex_min.amin(0))
         self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
         nb = len(HIST_EDGES) + 1
-        self.hist += torch.bincount((self._units * nb + hist_bins).reshape(-1), minlength=self.hist.numel())
+        self._count_into(self.hist, (self._units * nb + hist_bins).reshape(-1))
 
-        u_of = self._units.repeat_interleave(batch)  # candidate p = u * B + b
-        ids = excerpt_ids.to(self.max.device).repeat(units)
-        maxes = ex_max.t().reshape(-1)  # [units*B]
+        excerpt_ids = excerpt_ids.to(self.max.device)
+        maxes = ex_max.t().reshape(-1)  # [units*B]: candidate p = u * B + b
         mins = ex_min.t().reshape(-1)
         extremes = torch.stack([maxes, mins], 1)  # [units*B, 2]
         by_unit: list[torch.Tensor] = []
@@ -86,17 +101,58 @@ class Accumulator:
                 return by_unit[0][p]
             return acts[p % batch, :, p // batch]
 
+        keys = keys_from(self._unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :])  # [units, B]
+        random = composite(keys, excerpt_ids)  # [units, B]
+        cells = self._units[:, None] * CELLS + torch.bucketize(maxes.view(units, batch), self._cell_edges)  # [units, B]
+        self._count_into(self.cell_counts, cells.reshape(-1))
+        if self.fixed:
+            self._settle()  # the previous batch's rows
+            source = self._units[:, None] * batch + torch.arange(batch, device=acts.device)  # [units, B]
+            moves = {
+                "top": self.samplers["top"].merge(composite(-maxes.view(units, batch), excerpt_ids), source, extremes),
+                "bottom": self.samplers["bottom"].merge(composite(mins.view(units, batch), excerpt_ids), source, extremes),
+                "random": self.samplers["random"].merge(random, source, extremes),
+                "cell": self.samplers["cell"].merge(*per_cell(random, cells % CELLS, CELLS, CELL_K), extremes),
+            }
+            counts = torch.stack([m.count for m in moves.values()])
+            event = None
+            if counts.is_cuda:  # copied back while the next forward pass runs; waited for at the next update
+                host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+                host.copy_(counts, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(counts.device))
+                counts = host
+            self._pending = (moves, counts, event, fetch)
+            return
+        u_of = self._units.repeat_interleave(batch)
+        ids = excerpt_ids.repeat(units)
         self.samplers["top"].offer(u_of, composite(-maxes, ids), fetch, extremes, blocks=batch)
         self.samplers["bottom"].offer(u_of, composite(mins, ids), fetch, extremes, blocks=batch)
-        keys = keys_from(self._unit_hash[:, None], excerpt_hash(excerpt_ids.to(self.max.device))[None, :])  # [units, B]
-        random = composite(keys.reshape(-1), ids)
-        self.samplers["random"].offer(u_of, random, fetch, extremes, blocks=batch)
-        cells = u_of * CELLS + torch.bucketize(maxes, self._cell_edges)
-        self.cell_counts += torch.bincount(cells, minlength=self.cell_counts.numel())
-        self.samplers["cell"].offer(cells, random, fetch, extremes)
+        self.samplers["random"].offer(u_of, random.reshape(-1), fetch, extremes, blocks=batch)
+        self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), fetch, extremes)
+
+    def _count_into(self, counts: torch.Tensor, index: torch.Tensor) -> None:
+        """counts[i] += occurrences of i in index (bincount reads the largest index back to the host: not on a GPU)."""
+        if self.fixed:
+            counts.index_put_((index,), torch.ones((), dtype=counts.dtype, device=counts.device).expand(len(index)),
+                              accumulate=True)
+        else:
+            counts += torch.bincount(index, minlength=counts.numel())
+
+    def _settle(self) -> None:
+        """Copy the last fixed-shape update's activation rows into the samplers."""
+        if self._pending is None:
+            return
+        moves, counts, event, fetch = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        for (kind, m), n in zip(moves.items(), counts.tolist()):
+            self.samplers[kind].move_rows(m, n, fetch)
 
     def absorb(self, other: LayerResult) -> None:
         """Merge another state of one of this accumulator's layers into it (a shard's, or a checkpoint's): exact."""
+        self._settle()
         if other.layer not in self.layers:
             raise ValueError(f"absorb merges a layer of this accumulator ({self.layers}), not {other.layer}")
         dev, f = self.max.device, self.neurons
@@ -138,6 +194,7 @@ class Accumulator:
     # -- results -----------------------------------------------------------------------------
     def results(self) -> Iterator[LayerResult]:
         """Each layer's state as numpy arrays (for the store, or a later merge), in layer order."""
+        self._settle()
         sorted_samples = {kind: sampler.sorted() for kind, sampler in self.samplers.items()}
         f, nb = self.neurons, len(HIST_EDGES) + 1
         for i, layer in enumerate(self.layers):
@@ -168,9 +225,10 @@ class LayerAccumulator(Accumulator):
     """The state of a single layer (merges, tests)."""
 
     def __init__(
-        self, layer: int, neurons: int, settings: CollectSettings, dtype: torch.dtype, device: torch.device
+        self, layer: int, neurons: int, settings: CollectSettings, dtype: torch.dtype, device: torch.device,
+        fixed: bool | None = None,
     ) -> None:
-        super().__init__((layer,), neurons, settings, dtype, device)
+        super().__init__((layer,), neurons, settings, dtype, device, fixed)
         self.layer = layer
 
     def result(self) -> LayerResult:

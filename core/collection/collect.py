@@ -8,11 +8,12 @@ end, so an interrupted collection never looks complete.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -166,13 +167,17 @@ def accumulate(
     import torch
 
     from neuronscope.core.collection.accumulate import Accumulator
+    from neuronscope.core.models.subject import to_device
 
     n = len(excerpts.excerpt_ids)
     # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time,
     # which measured faster here (cache locality beats fewer calls).
-    budget = 1 << 28 if subject.device.type == "cuda" else 0
-    groups = layer_groups(layers, subject.n_neurons, batch_size * settings.length, budget)
-    accs = [Accumulator(group, subject.n_neurons, settings, subject.dtype, subject.device) for group in groups]
+    groups = [group for same_device in _by_device(subject, layers) for group in layer_groups(
+        same_device, subject.n_neurons, batch_size * settings.length,
+        GROUP_ELEMENTS if subject.layer_device(same_device[0]).type == "cuda" else 0)]
+    fixed = {"0": False, "1": True}.get(os.environ.get("NEURONSCOPE_FIXED_SHAPES", ""))  # default: on a GPU
+    accs = [Accumulator(group, subject.n_neurons, settings, subject.dtype, subject.layer_device(group[0]), fixed)
+            for group in groups]
     token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
@@ -185,10 +190,12 @@ def accumulate(
         ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
         eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
         acts = subject.activations(ids, layers)
-        eids = eids.to(subject.device)
+        on_device: dict[Any, Any] = {}
         for group, acc in zip(groups, accs):
             joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
-            acc.update(joined, eids, token_stats if len(ids) == batch_size else None)
+            if joined.device not in on_device:
+                on_device[joined.device] = to_device(eids, joined.device)
+            acc.update(joined, on_device[joined.device], token_stats if len(ids) == batch_size else None)
         del acts
         done = min(start + batch_size, n)
         report("collect", done, n)
@@ -198,9 +205,46 @@ def accumulate(
     return _drain(accs)
 
 
+def _by_device(subject: Subject, layers: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The layers in runs of the same device (one run unless a device map spread the model)."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and subject.layer_device(layer) == subject.layer_device(runs[-1][-1]):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return [tuple(run) for run in runs]
+
+
 def _drain(accs: list[Accumulator]) -> Iterator[LayerResult]:
     while accs:  # a group's state is freed once its layers are taken
         yield from accs.pop(0).results()
+
+
+def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int) -> int:
+    """Excerpts per forward pass: 32 on a CPU; on GPUs, the largest power of two (up to 1,024) whose working memory
+    fits in half of each GPU's free memory. Per token that is the activations of the GPU's layers twice (a batch is
+    kept until the next one's forward pass is queued, see accumulate.py), the model's own working memory (about 40
+    bytes per hidden unit), and the statistics' float32 and float64 copies of a group of layers."""
+    import torch
+
+    per_device: dict[Any, int] = {}
+    for layer in layers:
+        device = subject.layer_device(layer)
+        per_device[device] = per_device.get(device, 0) + 1
+    gpus = {device: count for device, count in per_device.items() if device.type == "cuda"}
+    if not gpus:
+        return 32
+    free = {device: torch.cuda.mem_get_info(device)[0] for device in gpus}
+    size = torch.finfo(subject.dtype).bits // 8
+    hidden = int(getattr(subject.model.config, "hidden_size", 0) or 4096)
+    n = subject.n_neurons
+    for batch in (1 << p for p in range(10, -1, -1)):
+        tokens = batch * length
+        if all(tokens * (count * n * size * 2 + hidden * 40) + max(GROUP_ELEMENTS, tokens * n) * 20 <= free[device] // 2
+               for device, count in gpus.items()):
+            return batch
+    return 1
 
 
 def layer_groups(layers: tuple[int, ...], neurons: int, tokens_per_batch: int, budget: int) -> list[tuple[int, ...]]:
@@ -254,6 +298,9 @@ def _excerpt_chunks(subject: Subject, excerpts: Excerpts,
         token_ids = excerpts.token_ids[np.searchsorted(excerpts.excerpt_ids, ids)]
         yield ids, token_ids, [subject.token_strings(row) for row in token_ids]
 
+
+#: On a GPU, layers are joined for the bookkeeping in groups of about this many activations per batch.
+GROUP_ELEMENTS = 1 << 28
 
 _COMPILED: dict[str, Callable] = {}  # type: ignore[type-arg]
 

@@ -5,11 +5,20 @@ keeps the k entries with the smallest (key, excerpt id). Top-k uses key = -max, 
 random samples a hash of (seed, layer, neuron, excerpt) — so the result is a deterministic function
 of the set of excerpts seen, whatever their order or sharding, and two samplers merge exactly.
 Memory is groups x k x length, independent of the corpus size.
+
+There are two ways to offer candidates. `offer` filters them against each group's worst kept entry first and
+merges only the groups that changed: the fastest on a CPU, but it reads sizes back to the host (nonzero, unique,
+int(...)) a dozen times, and on a GPU every such read waits for all queued work. `merge` + `move_rows` are the
+fixed-shape way, for GPUs: `merge` updates every group's keys and extremes with dense tensors of known shapes and
+says which slots take which candidates, reading nothing back; `move_rows` then copies the incoming activation rows,
+given their number, which the caller reads once per batch, late enough that the GPU never waits (accumulate.py).
+Both keep exactly the same entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -61,6 +70,35 @@ def composite(key: torch.Tensor, excerpt_id: torch.Tensor) -> torch.Tensor:
 def composite_ids(comp: torch.Tensor) -> torch.Tensor:
     """Excerpt ids back from composites; -1 for empty slots."""
     return torch.where(comp == EMPTY, torch.full_like(comp, -1), comp & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class Moves:
+    """What a fixed-shape merge decided: which slots take a newcomer, and the newcomer's position."""
+
+    moving: torch.Tensor
+    """[groups, k] bool."""
+    position: torch.Tensor
+    """[groups, k] position among the offered candidates (0 where not moving)."""
+    count: torch.Tensor
+    """Scalar on the device: moving.sum()."""
+
+
+def per_cell(comp: torch.Tensor, cells: torch.Tensor, n_cells: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-shape candidates for groups (unit, cell) from B candidates per unit: comp and cells [units, B] ->
+    (cand, source) [units * n_cells, k], each cell's k smallest composites of the batch (EMPTY where fewer) and their
+    positions u * B + b. Candidates past a cell's k best can never be kept, so nothing is lost."""
+    units, batch = comp.shape
+    by_comp = torch.argsort(comp, dim=1)
+    by_cell = torch.argsort(torch.gather(cells, 1, by_comp), dim=1, stable=True)
+    order = torch.gather(by_comp, 1, by_cell)  # [units, B]: by cell, then by composite
+    sorted_cells = torch.gather(cells, 1, order).contiguous()
+    rank = torch.arange(batch, device=comp.device) - torch.searchsorted(sorted_cells, sorted_cells)
+    column = torch.where(rank < k, sorted_cells * k + rank, torch.full_like(rank, n_cells * k))  # the last: discarded
+    cand = torch.full((units, n_cells * k + 1), EMPTY, dtype=torch.int64, device=comp.device)
+    cand.scatter_(1, column, torch.gather(comp, 1, order))
+    source = torch.zeros_like(cand).scatter_(1, column, order + torch.arange(units, device=comp.device)[:, None] * batch)
+    return cand[:, :-1].reshape(units * n_cells, k), source[:, :-1].reshape(units * n_cells, k)
 
 
 class SmallestK:
@@ -134,6 +172,36 @@ class SmallestK:
             else:
                 ext = extremes[positions]
             self.ext[dest[real], free_slot[real]] = ext
+
+    def merge(self, cand: torch.Tensor, source: torch.Tensor, extremes: torch.Tensor) -> Moves:
+        """Fixed-shape offer, with no read back to the host: `cand` [groups, W] composites (EMPTY for none) and
+        `source` [groups, W] their positions among the offered candidates (any value where EMPTY); `extremes`
+        [positions, 2] their exact (max, min). Keys and extremes are updated now; the slots that take a newcomer are
+        returned, for `move_rows` to copy their activations in."""
+        k, width = self.k, cand.shape[1]
+        both = torch.cat([self.comp, cand], 1)  # [groups, k + W]
+        chosen = torch.topk(both, k, dim=1, largest=False, sorted=False).indices
+        kept = torch.zeros_like(both, dtype=torch.bool).scatter_(1, chosen, True)
+        freed = ~kept[:, :k]  # [groups, k]: as many per group as newcomers kept
+        # The r-th freed slot of a group (in slot order) takes its r-th kept newcomer (in candidate order).
+        newcomers = torch.sort((~kept[:, k:]).to(torch.int8), dim=1, stable=True).indices  # kept ones first
+        rank = (torch.cumsum(freed, 1) - 1).clamp_(0, width - 1)
+        column = torch.gather(newcomers, 1, rank)  # [groups, k]
+        incoming = torch.gather(cand, 1, column)
+        position = torch.gather(source, 1, column)
+        self.comp = torch.where(freed, incoming, self.comp)
+        moving = freed & (incoming != EMPTY)  # an empty newcomer in an empty slot moves nothing
+        safe = torch.where(moving, position, torch.zeros_like(position))
+        self.ext = torch.where(moving[:, :, None], extremes[safe], self.ext)
+        return Moves(moving, safe, moving.sum())
+
+    def move_rows(self, moves: Moves, count: int, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Copy the activations of a merge's newcomers (`count` = moves.count, read by the caller) into their slots."""
+        if count == 0:
+            return
+        slots = torch.nonzero_static(moves.moving.view(-1), size=count).squeeze(1)
+        rows = fetch(moves.position.view(-1)[slots])
+        self.acts.view(-1, self.acts.shape[2])[slots] = rows.to(self.acts.dtype)
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Excerpt ids (-1 empty), activations and (max, min) with each group's entries in (key, id) order."""

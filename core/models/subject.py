@@ -163,6 +163,10 @@ class Subject:
         self.prefix_ids = _bos_prefix(tokenizer)
         self._strings: dict[int, str] = {}
 
+    def layer_device(self, layer: int) -> Any:
+        """Where a layer's activations are (its MLP's device: the subject's, unless a device map spread the model)."""
+        return self.projections[layer].weight.device
+
     @property
     def context(self) -> int | None:
         """The longest sequence the model takes (its position table), if its config says."""
@@ -204,7 +208,7 @@ class Subject:
         if self.prefix_ids:
             prefix = torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1)
             ids = torch.cat([prefix, ids], 1)
-        ids = ids.to(self.device)
+        ids = to_device(ids, self.device)
         out: dict[int, Any] = {}
         with torch.inference_mode(), self._hooks(layers, out):
             try:
@@ -233,6 +237,13 @@ class Subject:
         return out
 
 
+def to_device(tensor: Any, device: Any) -> Any:
+    """A host tensor on `device`; to a GPU through pinned memory, so that the host does not wait for the queued work."""
+    if getattr(device, "type", device) != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _bos_prefix(tokenizer: Any) -> list[int]:
     """[bos] when the tokenizer adds one by default (Gemma), else []: models expect what they saw in training."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -246,13 +257,18 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
 # -- loading ----------------------------------------------------------------------------------------
 
 def load_subject(
-    model: str, *, device: str | None = None, dtype: str | None = None, status: Callable[[str], None] | None = None
+    model: str, *, device: str | None = None, dtype: str | None = None, status: Callable[[str], None] | None = None,
+    device_map: str | None = None,
 ) -> Subject:
-    """Load a subject model; SubjectError/ModelError for every failure a user can fix."""
+    """Load a subject model; SubjectError/ModelError for every failure a user can fix. `device_map` (auto, balanced,
+    sequential) places the layers across the GPUs, through accelerate, for a model larger than one GPU."""
     say = status or (lambda _msg: None)
     source = resolve_source(model)
+    if device_map is not None and device is not None:
+        raise SubjectError("--device and --device-map both place the model: pass one of them")
     dev = choose_device(device)
     dt = choose_dtype(dtype, dev)
+    place = {"device_map": device_map} if device_map is not None else {}
     _quiet_transformers()
     try:
         if source.kind in ("packaged", "gguf"):
@@ -263,9 +279,9 @@ def load_subject(
             else:
                 gguf = Path(source.location)
                 revision = _file_digest(gguf)
-            hf_model, tokenizer = _load_gguf_cached(gguf, revision, dt, say)
+            hf_model, tokenizer = _load_gguf_cached(gguf, revision, dt, say, place)
         else:
-            hf_model, tokenizer, revision = _load_transformers(source, dt, say)
+            hf_model, tokenizer, revision = _load_transformers(source, dt, say, place)
     except (ModelError, SubjectError):
         raise
     except _damaged_weights() as err:
@@ -275,7 +291,10 @@ def load_subject(
         raise SubjectError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, KeyError, RuntimeError) as err:
         raise SubjectError(f"cannot load model {model!r} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    hf_model.to(dev)
+    if device_map is None:
+        hf_model.to(dev)
+    else:  # the inputs go where the embeddings are; each layer's activations come out on its own device
+        dev = hf_model.get_input_embeddings().weight.device
     return Subject(hf_model, tokenizer, name=model, revision=revision, device=dev, dtype=dt)
 
 
@@ -337,8 +356,10 @@ def _file_digest(path: Path) -> str:
     return index[key]
 
 
-def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str], None]) -> tuple[Any, Any]:
-    """Load a GGUF once (slow: every tensor dequantised), keep a safetensors copy, reload from it."""
+def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str], None],
+                      place: dict[str, Any]) -> tuple[Any, Any]:
+    """Load a GGUF once (slow: every tensor dequantised), keep a safetensors copy, reload from it (placed across
+    devices as `place` says)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,7 +367,7 @@ def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str]
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
         say(f"loading {gguf.name} from the safetensors cache")
         return (
-            AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
+            AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **place),
             AutoTokenizer.from_pretrained(cached),
         )
     say(f"loading {gguf.name} (first time: dequantising, then caching as safetensors)")
@@ -366,24 +387,27 @@ def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str]
 
         shutil.rmtree(cached)
     partial.rename(cached)
+    if place:  # placed by accelerate: load the copy just written
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **place), tokenizer
     return model.to(dtype), tokenizer
 
 
-def _load_transformers(source: SubjectSource, dtype: Any, say: Callable[[str], None]) -> tuple[Any, Any, str]:
+def _load_transformers(source: SubjectSource, dtype: Any, say: Callable[[str], None],
+                       place: dict[str, Any]) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "folder":
         say(f"loading {source.location}")
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **place)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
         return model, tokenizer, _folder_digest(Path(source.location))
     say(f"loading {source.location} from the Hugging Face hub cache or network")
     try:
         try:  # a model already in the hub cache loads without touching the network
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, local_files_only=True, **place)
             tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True)
         except OSError:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **place)
             tokenizer = AutoTokenizer.from_pretrained(source.location)
     except OSError as err:
         raise SubjectError(

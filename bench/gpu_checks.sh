@@ -1,0 +1,22 @@
+#!/bin/bash
+# The GPU checks in one command, about 7 minutes on one H200 (issue 15's local backend, issue 16's collection):
+# random models of real shapes, the tokenizer carried in .gpu_tokenizer (bench/gpu_local.py --save-tokenizer), no
+# store written, nothing downloaded. Prints JSON lines. On the device machine:
+#     run(command="bash bench/gpu_checks.sh", carry=[".gpu_tokenizer"], timeout_s=540)
+# Here, to check the script itself on a CPU:  SHAPE_SCALE=tiny bash bench/gpu_checks.sh
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NEURONSCOPE_CACHE="${NEURONSCOPE_CACHE:-/tmp/neuronscope-cache}"
+PY=${PYTHON:-python3}
+if [ "${SHAPE_SCALE:-}" = tiny ]; then
+    gpt2=tiny llama=tiny; many=256 few=128; local_args=(--tiny --concurrency 1 8 --max-seconds 60)
+else
+    gpt2=gpt2-xl llama=llama-3.1-8b; many=4096 few=2048; local_args=(--max-seconds 150)
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+echo '{"check": "collection, GPT-2 XL shape: fixed-shape against filtered bookkeeping, and their results equal"}'
+timeout 170 "$PY" bench/collect.py --random "$gpt2" --excerpts "$many" --check
+echo '{"check": "collection, Llama-3.1-8B shape"}'
+timeout 150 "$PY" bench/collect.py --random "$llama" --excerpts "$few"
+echo '{"check": "local backend, Llama-3.1-8B shape (issue 15)"}'
+timeout 200 "$PY" bench/gpu_local.py "${local_args[@]}"
