@@ -62,6 +62,7 @@ class Accumulator:
         self._hist_edges = torch.from_numpy(np.concatenate([-inf, HIST_EDGES, inf])).to(device)  # padded
         self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
         self._units = torch.arange(units, device=device)
+        self._hist_offsets = self._units * (len(HIST_EDGES) + 1)  # unit u's histogram starts here
         self._unit_layer = torch.tensor(self.layers, device=device).repeat_interleave(neurons)  # [units]
         self._unit_neuron = self._units % neurons  # [units]
         self._unit_hash = unit_hash(settings.seed, self._unit_layer, self._unit_neuron)  # [units]
@@ -76,16 +77,16 @@ class Accumulator:
         With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
         when results are taken): by then the caller has queued the next batch's forward pass, so reading how many
         rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
-        stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride)
-        sums, ex_max, ex_min, hist_bins = stats
+        stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride,
+                                                     self._hist_offsets)
+        sums, ex_max, ex_min, hist_index = stats
         batch, units = acts.shape[0], self.units
         self.sums += sums
         self.count += batch * acts.shape[1]
         self.max = torch.maximum(self.max, ex_max.amax(0))
         self.min = torch.minimum(self.min, ex_min.amin(0))
         self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
-        nb = len(HIST_EDGES) + 1
-        self._count_into(self.hist, (self._units * nb + hist_bins).reshape(-1))
+        self._count_into(self.hist, hist_index.reshape(-1))
 
         excerpt_ids = excerpt_ids.to(self.max.device)
         maxes = ex_max.t().reshape(-1)  # [units*B]: candidate p = u * B + b
@@ -237,20 +238,20 @@ class LayerAccumulator(Accumulator):
 
 
 def compute_token_stats(
-    acts: torch.Tensor, padded_edges: torch.Tensor, hist_stride: int
+    acts: torch.Tensor, padded_edges: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Moments, excerpt max/min and histogram bins of one batch (elementwise only, so it fuses).
 
     acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
-    and the histogram bin of every hist_stride-th token [B, T/stride, F]. padded_edges is
-    HIST_EDGES with -inf before and +inf after.
+    and for every hist_stride-th token its index in the flat histogram, hist_offsets [F] plus its bin
+    [B, T/stride, F]. padded_edges is HIST_EDGES with -inf before and +inf after.
     """
     x = acts.float()
     xd = x.double()  # float64: raw power sums cancel badly when |mean| >> std
     x2 = xd * xd
     sums = torch.stack([xd.sum((0, 1)), x2.sum((0, 1)), (x2 * xd).sum((0, 1)), (x2 * x2).sum((0, 1)),
                         (x > 0).sum((0, 1)).double()])
-    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :], padded_edges)
+    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :], padded_edges) + hist_offsets
 
 
 def hist_bins(x: torch.Tensor, padded_edges: torch.Tensor) -> torch.Tensor:
