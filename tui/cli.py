@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_io_parsers(sub, store_arg)
 
+    from neuronscope.tui.cli_probe import add_probe_parser
+
+    add_probe_parser(sub, store_arg)
+
     p = sub.add_parser("models", help="list the packaged models and how to install them")
     p.set_defaults(func=cmd_models)
 

@@ -72,9 +72,13 @@ def peak_index(record: ActivationRecord, negative: bool = False) -> int:
 
 def record_text(record: ActivationRecord, scale: float, negative: bool = False) -> Text:
     """One excerpt as coloured tokens; the peak (or, for negative records, the trough) is underlined."""
-    peak = peak_index(record, negative)
+    return tokens_text(record.tokens, record.activations, scale, peak_index(record, negative))
+
+
+def tokens_text(tokens: Sequence[str], values: Sequence[float], scale: float, peak: int = -1) -> Text:
+    """Tokens coloured by their activations (against `scale`), the token at `peak` underlined."""
     pieces, spans, at = [], [], 0
-    for i, (token, value) in enumerate(zip(record.tokens, record.activations)):
+    for i, (token, value) in enumerate(zip(tokens, values)):
         piece = visible(token)
         pieces.append(piece)
         spans.append(Span(at, at + len(piece), activation_style(value, scale, peak=i == peak)))

@@ -312,6 +312,17 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         rows = self._stats_query("WHERE run_id = ? AND layer = ? AND neuron = ?", [run_id, layer, neuron])
         return rows[0] if rows else None
 
+    def maxima(self, run_id: int, layers: Sequence[int], width: int) -> np.ndarray:
+        """[len(layers), width] every unit's largest collected activation (nan for a unit the run lacks)."""
+        out = np.full((len(layers), width), np.nan, np.float32)
+        rows = self.con.execute("SELECT layer, neuron, max_act FROM neurons WHERE run_id = ? AND list_contains(?, layer)",
+                                [run_id, list(layers)]).fetchnumpy()
+        at = {layer: i for i, layer in enumerate(layers)}
+        index = np.array([at[int(layer)] for layer in rows["layer"]], np.int64)
+        keep = rows["neuron"] < width
+        out[index[keep], rows["neuron"][keep]] = rows["max_act"][keep]
+        return out
+
     def top_neurons(self, run_id: int, limit: int = 20, order: str = "selectivity", seed: int = 0) -> list[NeuronStats]:
         """Neurons in one of the ORDERS of neuronscope.core.choices (each has one direction everywhere)."""
         if order not in ORDER_SQL:

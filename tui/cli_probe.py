@@ -1,0 +1,135 @@
+"""`neuronscope probe`: a text of your own through the run's subject model, its tokens coloured by a unit's
+activation, or the units that fire most on each token and over the whole text."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+from rich.text import Text
+
+from neuronscope.core.errors import InputError
+from neuronscope.core.ids import NeuronId, layers_text
+from neuronscope.core.store import Store
+from neuronscope.tui.console import number, out, status
+from neuronscope.tui.render import activation_style, tokens_text, visible
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from neuronscope.core.models.probe import Firing, Probe
+
+#: Units listed per token without --unit.
+PER_TOKEN = 3
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Run a text through the run's subject and print what fires."""
+    from neuronscope.core.models.probe import probe_text
+    from neuronscope.core.models.subject import load_subject
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise InputError("the text to probe is empty: pass it as an argument, or - to read it from stdin")
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        units = [NeuronId.parse(u) for u in args.unit or ()]
+        for unit in units:
+            if unit.layer not in run.layers or not 0 <= unit.neuron < run.neurons_per_layer:
+                raise InputError(f"run {run.run_id} has no unit {unit}: it holds layers {layers_text(run.layers)} "
+                                 f"with neurons 0-{run.neurons_per_layer - 1}")
+        layers = tuple(sorted({u.layer for u in units})) if units else run.layers
+        maxima = store.maxima(run.run_id, layers, run.neurons_per_layer)
+    subject = load_subject(run.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                           status=status)
+    if subject.revision != run.model_revision:
+        status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
+               f"run's {run.model_revision[:12]}): activations may not match its excerpts")
+    if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
+        raise InputError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
+                         f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
+    probe = probe_text(subject, text, layers)
+    if units:
+        for unit in units:
+            _print_unit(probe, unit, float(maxima[layers.index(unit.layer), unit.neuron]))
+    else:
+        _print_top(probe, maxima, args.top)
+    return 0
+
+
+def _print_unit(probe: Probe, unit: NeuronId, peak: float) -> None:
+    values = [float(v) for v in probe.unit(unit)]
+    scale = peak if peak > 0 else max((abs(v) for v in values), default=0.0)
+    best = max(range(len(values)), key=values.__getitem__)
+    header = Text(f"{unit}  ", style="bold")
+    header.append(f"peak {values[best]:+.3f} at token {best} ({_share(_of(values[best], peak))} of its corpus max "
+                  f"{peak:.3g})", style="dim")
+    out.print(header, soft_wrap=True)
+    out.print(tokens_text(probe.tokens, values, scale, best))
+    table = Table(box=None, pad_edge=False)
+    for name, justify in (("#", "right"), ("token", "left"), ("activation", "right"), ("of max", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, (token, value) in enumerate(zip(probe.tokens, values)):
+        table.add_row(str(i), Text(f"'{visible(token)}'"), Text(f"{value:+.3f}", style=activation_style(value, scale)),
+                      _share(_of(value, peak)))
+    out.print(table)
+    out.print()
+
+
+def _print_top(probe: Probe, maxima: np.ndarray, count: int) -> None:
+    from neuronscope.core.models.probe import top_at_tokens, top_over_text
+
+    out.print(Text("Units firing most at each token: activation (share of the unit's corpus max)", style="bold"),
+              soft_wrap=True)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("token")
+    for rank in range(PER_TOKEN):
+        table.add_column(f"unit {rank + 1}")
+    for i, (token, firings) in enumerate(zip(probe.tokens, top_at_tokens(probe, maxima, PER_TOKEN))):
+        cells = [_firing_text(f) for f in firings] + [Text("")] * (PER_TOKEN - len(firings))
+        table.add_row(str(i), Text(f"'{visible(token)}'"), *cells)
+    out.print(table)
+    out.print()
+    out.print(Text(f"Units firing most over the text (top {count})", style="bold"), soft_wrap=True)
+    whole = Table(box=None, pad_edge=False)
+    for name, justify in (("unit", "left"), ("peak", "right"), ("of max", "right"), ("at", "right"),
+                          ("token", "left")):
+        whole.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for f in top_over_text(probe, maxima, count):
+        whole.add_row(str(f.unit), f"{f.activation:+.3f}", _share(f.relative), str(f.position),
+                      Text(f"'{visible(probe.tokens[f.position])}'"))
+    out.print(whole)
+
+
+def _firing_text(firing: Firing) -> Text:
+    text = Text(f"{firing.unit} ", style="bold")
+    text.append(f"{firing.activation:+.2f} ({firing.relative:.0%})", style=activation_style(firing.relative, 1.0))
+    return text
+
+
+def _share(relative: float) -> str:
+    return f"{relative:.0%}" if math.isfinite(relative) else "-"
+
+
+def _of(value: float, peak: float) -> float:
+    return value / peak if peak > 0 else math.nan
+
+
+def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("probe", help="run a text of your own through the run's model: what fires at each token")
+    p.add_argument("text", help="the text (- reads it from stdin)")
+    p.add_argument("--unit", action="append", metavar="L/N",
+                   help="show this unit's activation at every token (repeat for several)")
+    p.add_argument("--top", type=number(1, 10_000), default=20,
+                   help="units listed for the whole text without --unit (default: 20)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    store_arg(p)
+    p.set_defaults(func=cmd_probe)
