@@ -1,5 +1,6 @@
-"""`neuronscope probe`: a text of your own through the run's subject model, its tokens coloured by a unit's
-activation, or the units that fire most on each token and over the whole text."""
+"""The commands that run the run's own model: `probe` (a text of your own, its tokens coloured by a unit's
+activation, or the units that fire most on each token and over the whole text), `effects` (what a unit does to the
+next token) and `steer` (a continuation with a unit pushed, beside the plain one)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from neuronscope.core.models.probe import Firing, Probe
+    from neuronscope.core.models.subject import Subject
+    from neuronscope.core.records import RunInfo
 
 #: Units listed per token without --unit.
 PER_TOKEN = 3
@@ -31,28 +34,16 @@ PER_TOKEN = 3
 def cmd_probe(args: argparse.Namespace) -> int:
     """Run a text through the run's subject and print what fires."""
     from neuronscope.core.models.probe import probe_text
-    from neuronscope.core.models.subject import load_subject
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise InputError("the text to probe is empty: pass it as an argument, or - to read it from stdin")
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        units = [NeuronId.parse(u) for u in args.unit or ()]
-        for unit in units:
-            if unit.layer not in run.layers or not 0 <= unit.neuron < run.neurons_per_layer:
-                raise InputError(f"run {run.run_id} has no unit {unit}: it holds layers {layers_text(run.layers)} "
-                                 f"with neurons 0-{run.neurons_per_layer - 1}")
+        units = [_unit_of(run, u) for u in args.unit or ()]
         layers = tuple(sorted({u.layer for u in units})) if units else run.layers
         maxima = store.maxima(run.run_id, layers, run.neurons_per_layer)
-    subject = load_subject(run.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                           status=status)
-    if subject.revision != run.model_revision:
-        status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
-               f"run's {run.model_revision[:12]}): activations may not match its excerpts")
-    if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
-        raise InputError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
-                         f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
+    subject = _subject_of(run, args)
     probe = probe_text(subject, text, layers)
     if units:
         for unit in units:
@@ -60,6 +51,85 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         _print_top(probe, maxima, args.top)
     return 0
+
+
+def cmd_effects(args: argparse.Namespace) -> int:
+    """What a unit does to the next token over its top excerpts: ablated and amplified."""
+    import numpy as np
+
+    from neuronscope.core.models.interventions import effects
+
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        unit = _unit_of(run, args.unit)
+        stats = store.neuron_stats(run.run_id, *unit)
+        tops = [r for r in store.records(run.run_id, *unit, kinds=("top",))][: args.excerpts]
+        if stats is None or not tops or stats.max <= 0:
+            raise InputError(f"{unit} of run {run.run_id} has no top excerpt where it fires: pick another unit")
+        token_ids = np.array([store.excerpts(run.run_id, [r.excerpt_id])[r.excerpt_id][0] for r in tops])
+    subject = _subject_of(run, args)
+    ablate_to = stats.mean if args.ablate == "mean" else 0.0
+    amplify_to = args.factor * stats.max
+    found = effects(subject, unit, token_ids, ablate_to=ablate_to, amplify_to=amplify_to, top=args.top,
+                    labels=(f"ablated to {args.ablate} ({ablate_to:+.3g})",
+                            f"amplified to {args.factor:g} x its max ({amplify_to:+.3g}) where it fires"))
+    out.print(Text(f"{unit}: next-token log-probability changes over {found.excerpts} top excerpts, at the "
+                   f"{found.positions} positions where it fires", style="bold"), soft_wrap=True)
+    for shift in found.shifts:
+        table = Table(box=None, pad_edge=False)
+        for name in ("raised most", "change", "lowered most", "change "):
+            table.add_column(name, justify="right" if name.startswith("change") else "left")
+        for up, down in zip(shift.raised, shift.lowered):
+            table.add_row(Text(f"'{visible(up.token)}'"), f"{up.change:+.3f}", Text(f"'{visible(down.token)}'"),
+                          f"{down.change:+.3f}")
+        out.print()
+        out.print(Text(f"{shift.name}: mean |change| {shift.mean_abs_change:.4f}", style="bold"), soft_wrap=True)
+        out.print(table)
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """A greedy continuation with the unit pushed by scale x its corpus max, beside the plain one."""
+    from neuronscope.core.models.interventions import steer
+
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        unit = _unit_of(run, args.unit)
+        stats = store.neuron_stats(run.run_id, *unit)
+        peak = stats.max if stats is not None and stats.max > 0 else 1.0
+    subject = _subject_of(run, args)
+    add = args.scale * peak
+    plain, steered = steer(subject, unit, args.prompt, add, args.tokens)
+    table = Table(show_lines=True)
+    table.add_column("plain", ratio=1)
+    table.add_column(f"{unit} + {args.scale:g} x its max ({add:+.3g})", ratio=1)
+    table.add_row(Text(visible(args.prompt), style="dim") + Text(visible(plain)),
+                  Text(visible(args.prompt), style="dim") + Text(visible(steered)))
+    out.print(table)
+    return 0
+
+
+def _unit_of(run: RunInfo, text: str) -> NeuronId:
+    unit = NeuronId.parse(text)
+    if unit.layer not in run.layers or not 0 <= unit.neuron < run.neurons_per_layer:
+        raise InputError(f"run {run.run_id} has no unit {unit}: it holds layers {layers_text(run.layers)} "
+                         f"with neurons 0-{run.neurons_per_layer - 1}")
+    return unit
+
+
+def _subject_of(run: RunInfo, args: argparse.Namespace) -> Subject:
+    """The run's model, loaded (a one-line error naming how to install it where it is missing)."""
+    from neuronscope.core.models.subject import load_subject
+
+    subject = load_subject(run.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                           status=status)
+    if subject.revision != run.model_revision:
+        status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
+               f"run's {run.model_revision[:12]}): activations may not match its excerpts")
+    if subject.n_neurons != run.neurons_per_layer or max(run.layers) >= subject.n_layers:
+        raise InputError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
+                         f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
+    return subject
 
 
 def _print_unit(probe: Probe, unit: NeuronId, peak: float) -> None:
@@ -122,14 +192,37 @@ def _of(value: float, peak: float) -> float:
 
 
 def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    """probe, effects and steer."""
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+        p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+        store_arg(p)
+
+    p = sub.add_parser("effects", help="what a unit does to the next token: ablated and amplified over its top "
+                                       "excerpts, the tokens raised and lowered most")
+    p.add_argument("unit", help="LAYER/INDEX, e.g. 12/345")
+    p.add_argument("--excerpts", type=number(1, 1_000), default=10, help="top excerpts measured (default: 10)")
+    p.add_argument("--ablate", choices=("zero", "mean"), default="zero", help="ablate to zero or to its mean")
+    p.add_argument("--factor", type=float, default=4.0, help="amplify to this multiple of its max (default: 4)")
+    p.add_argument("--top", type=number(1, 1_000), default=10, help="tokens listed each way (default: 10)")
+    model_args(p)
+    p.set_defaults(func=cmd_effects)
+
+    p = sub.add_parser("steer", help="a greedy continuation with a unit pushed, beside the plain one")
+    p.add_argument("unit", help="LAYER/INDEX, e.g. 12/345")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--scale", type=float, required=True, help="add this multiple of the unit's max at every token")
+    p.add_argument("--tokens", type=number(1, 2_000), default=30, help="tokens generated (default: 30)")
+    model_args(p)
+    p.set_defaults(func=cmd_steer)
+
     p = sub.add_parser("probe", help="run a text of your own through the run's model: what fires at each token")
     p.add_argument("text", help="the text (- reads it from stdin)")
     p.add_argument("--unit", action="append", metavar="L/N",
                    help="show this unit's activation at every token (repeat for several)")
     p.add_argument("--top", type=number(1, 10_000), default=20,
                    help="units listed for the whole text without --unit (default: 20)")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    store_arg(p)
+    model_args(p)
     p.set_defaults(func=cmd_probe)
