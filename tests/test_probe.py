@@ -74,3 +74,42 @@ def test_probe_refusals(planted_store: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_cli(["probe", "   ", "--store", planted_store]), "the text to probe is empty")
     assert_one_line_error(run_cli(["probe", TEXT, "--unit", "x", "--store", planted_store]), "x")
     assert_one_line_error(run_cli(["probe", TEXT, "--store", tmp_path / "none.duckdb"]), "none.duckdb")
+
+
+# -- from the app's neuron screen ---------------------------------------------------------------------
+
+def test_probe_from_the_neuron_screen_opens_a_unit_of_the_text(planted_store: Path) -> None:
+    """`t` on a neuron's screen: type a text, enter runs it through the model in a worker; the neuron's activation
+    on it and the text's top units show; enter on one opens it."""
+    import asyncio
+
+    from app_helpers import SIZE, screen_text, until
+    from textual.widgets import OptionList
+
+    from neuronscope.tui.app import NeuronscopeApp
+    from neuronscope.tui.screens.neuron import NeuronScreen
+    from neuronscope.tui.screens.probe import ProbeScreen
+
+    async def drive() -> None:
+        app = NeuronscopeApp(planted_store, backend_options={"device": "cpu", "dtype": "float32"})
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_neuron(0, 0)
+            await pilot.pause()
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, ProbeScreen))
+            await pilot.press(*"so the cat [b]sat", "enter")
+            await until(pilot, lambda: app.screen.query_one(OptionList).option_count > 0)
+            shown = screen_text(app.screen)
+            assert "L0/N0: peak +" in shown and "at ' the'" in shown and "[b]" in shown
+            probe_screen = app.screen
+            assert isinstance(probe_screen, ProbeScreen)
+            first = probe_screen.units[0]
+            app.screen.query_one(OptionList).focus()
+            options = app.screen.query_one(OptionList)
+            await pilot.press("home")
+            assert options.highlighted == 0, options.highlighted
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, NeuronScreen))
+            assert app.screen.position == first
+
+    asyncio.run(drive())

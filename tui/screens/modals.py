@@ -15,7 +15,7 @@ from textual.widgets import Static
 
 from neuronscope.core.ids import NeuronId
 
-_CSS = """
+MODAL_CSS = """
 {name} {{ align: center middle; }}
 {name} > Vertical {{ width: 90%; max-width: 110; height: auto; max-height: 90%; border: thick $error 80%;
     background: $surface; padding: 0 1; }}
@@ -29,7 +29,7 @@ class MessageScreen(ModalScreen[bool]):
     """A title, lines of untrusted text shown literally, and the keys that close it. With `question`, enter
     answers True and escape False; otherwise either closes it."""
 
-    DEFAULT_CSS = _CSS.format(name="MessageScreen")
+    DEFAULT_CSS = MODAL_CSS.format(name="MessageScreen")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter,y", "answer(True)", "OK", show=False),
         Binding("escape,n,q", "answer(False)", "Close", show=False),
@@ -57,7 +57,7 @@ class MessageScreen(ModalScreen[bool]):
 class HelpScreen(ModalScreen[None]):
     """Every key of the app, grouped by where it works."""
 
-    DEFAULT_CSS = _CSS.format(name="HelpScreen").replace("$error", "$primary")
+    DEFAULT_CSS = MODAL_CSS.format(name="HelpScreen").replace("$error", "$primary")
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
 
     def __init__(self, groups: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> None:
@@ -83,7 +83,7 @@ class HelpScreen(ModalScreen[None]):
 class RelatedScreen(ModalScreen[NeuronId | None]):
     """A neuron's related neurons (upstream and downstream, through the weights) to pick one to open."""
 
-    DEFAULT_CSS = _CSS.format(name="RelatedScreen").replace("$error", "$primary") + \
+    DEFAULT_CSS = MODAL_CSS.format(name="RelatedScreen").replace("$error", "$primary") + \
         "RelatedScreen OptionList { height: auto; max-height: 24; }"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,g", "close", "Close")]
 

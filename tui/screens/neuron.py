@@ -33,7 +33,9 @@ class NeuronScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back", tooltip="back to the table"),
-        Binding("g", "related", "Related", tooltip="go to a related neuron (upstream or downstream, by the weights)")]
+        Binding("g", "related", "Related", tooltip="go to a related neuron (upstream or downstream, by the weights)"),
+        Binding("t", "probe", "Probe", tooltip="run a text of your own through the model: this neuron on it, and "
+                                                "the units firing most")]
 
     def __init__(self, store: Any, run: Any, layer: int, neuron: int) -> None:
         super().__init__()
@@ -95,6 +97,16 @@ class NeuronScreen(Screen[None]):
 
         self.app.push_screen(RelatedScreen(f"Neurons related to {self.position} through the weights", choices),
                              chosen)
+
+    def action_probe(self) -> None:
+        from neuronscope.tui.screens.probe import ProbeScreen
+
+        def chosen(target: NeuronId | None) -> None:
+            if target is not None:
+                self.app.open_neuron(*target)  # type: ignore[attr-defined]
+
+        options = getattr(self.app, "backend_options", {})
+        self.app.push_screen(ProbeScreen(self.store, self.run, self.position, dict(options)), chosen)
 
     def show(self, neuron: NeuronId) -> None:
         """Show another neuron on this screen (reusing it spares Textual a new screen's layout and styles)."""
