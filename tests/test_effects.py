@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, copy_store, run_cli
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.models.interventions import effects, intervening, steer
@@ -76,11 +76,14 @@ def test_steer_with_scale_zero_is_the_plain_continuation(planted) -> None:  # ty
     assert pushed != plain
 
 
-def test_effects_and_steer_through_the_cli(planted_store: Path) -> None:
+def test_effects_and_steer_through_the_cli(planted_store: Path, tmp_path: Path) -> None:
+    planted_store = copy_store(planted_store, tmp_path, "effects.duckdb")  # effects writes into it
     result = run_cli(["effects", "0/0", "--store", planted_store, "--top", "3", "--excerpts", "4"])
     assert result.code == 0, result.err
     assert "ablated to zero (+0)" in result.out and "amplified to 4 x its max" in result.out
     assert "raised most" in result.out and "lowered most" in result.out
+    shown = run_cli(["show", "0/0", "--store", planted_store])  # saved: the neuron's related tokens list them
+    assert shown.code == 0 and "ablated −" in shown.out and "amplified +" in shown.out
     result = run_cli(["steer", "0/0", "--prompt", "We saw \x1b[2J the", "--scale", "2", "--tokens", "5",
                       "--store", planted_store])
     assert result.code == 0, result.err

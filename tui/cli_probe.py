@@ -85,6 +85,11 @@ def cmd_effects(args: argparse.Namespace) -> int:
         out.print()
         out.print(Text(f"{shift.name}: mean |change| {shift.mean_abs_change:.4f}", style="bold"), soft_wrap=True)
         out.print(table)
+    lists = {f"{key}_{way}": [(t.token, t.change) for t in getattr(shift, way)]
+             for key, shift in zip(("ablated", "amplified"), found.shifts) for way in ("raised", "lowered")}
+    with Store.open(args.store) as store:  # the lists join the neuron's related tokens: `show`, the app
+        store.write_related(run.run_id, [(unit.layer, unit.neuron, lists, {})])
+    status(f"saved with {unit}'s related tokens in {args.store} (`neuronscope show {unit}`, the app's neuron screen)")
     return 0
 
 

@@ -285,7 +285,8 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
 RELATED_LABELS = {"input_positive": "input +", "input_negative": "input −", "output_positive": "output +",
                   "output_negative": "output −", "lookup": "lookup", "upstream_positive": "upstream +",
                   "upstream_negative": "upstream −", "downstream_positive": "downstream +",
-                  "downstream_negative": "downstream −"}
+                  "downstream_negative": "downstream −", "ablated_lowered": "ablated −", "ablated_raised": "ablated +",
+                  "amplified_raised": "amplified +", "amplified_lowered": "amplified −"}
 
 
 def related_lines(tokens: dict[str, list[tuple[str, float]]], neurons: dict[str, list[tuple[int, int, float]]],
