@@ -78,11 +78,8 @@ def top_at_tokens(probe: Probe, maxima: np.ndarray, count: int) -> list[list[Fir
     relative = _relative(probe, maxima)  # [L, T, F]
     n_layers, n_tokens, width = relative.shape
     flat = relative.transpose(1, 0, 2).reshape(n_tokens, n_layers * width)
-    out = []
-    for t in range(n_tokens):
-        best = np.argsort(-flat[t], kind="stable")[:count]
-        out.append([_firing(probe, maxima, int(i), t) for i in best if np.isfinite(flat[t, i])])
-    return out
+    return [[_firing(probe, maxima, int(i), t) for i in row if np.isfinite(flat[t, i])]
+            for t, row in enumerate(_best(flat, count))]
 
 
 def top_over_text(probe: Probe, maxima: np.ndarray, count: int) -> list[Firing]:
@@ -91,9 +88,22 @@ def top_over_text(probe: Probe, maxima: np.ndarray, count: int) -> list[Firing]:
     peaks = relative.max(1)  # [L, F]
     where = relative.argmax(1)
     flat = peaks.reshape(-1)
-    best = np.argsort(-flat, kind="stable")[:count]
     width = peaks.shape[1]
-    return [_firing(probe, maxima, int(i), int(where[i // width, i % width])) for i in best if np.isfinite(flat[i])]
+    return [_firing(probe, maxima, int(i), int(where[i // width, i % width]))
+            for i in _best(flat[None, :], count)[0] if np.isfinite(flat[i])]
+
+
+def _best(values: np.ndarray, count: int) -> np.ndarray:
+    """Per row of `values` [rows, n], the indices of the `count` largest, largest first (ties: lower index first);
+    a partial selection, then a sort of the few chosen."""
+    count = min(count, values.shape[1])
+    if count < values.shape[1]:
+        chosen = np.argpartition(-values, count - 1, axis=1)[:, :count]
+    else:
+        chosen = np.broadcast_to(np.arange(count), values.shape).copy()
+    keys = np.take_along_axis(values, chosen, 1)
+    order = np.lexsort((chosen, -keys), axis=1)
+    return np.take_along_axis(chosen, order, 1)
 
 
 def _firing(probe: Probe, maxima: np.ndarray, flat_unit: int, position: int) -> Firing:
