@@ -38,6 +38,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise InputError("the text to probe is empty: pass it as an argument, or - to read it from stdin")
+    if args.sae:
+        return _probe_sparse(args, text)
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         units = [_unit_of(run, u) for u in args.unit or ()]
@@ -51,6 +53,41 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         _print_top(probe, maxima, args.top)
     return 0
+
+
+def _probe_sparse(args: argparse.Namespace, text: str) -> int:
+    """probe --sae: a sparse coder's latents on the text, by raw activation (no collection to compare with yet)."""
+    import numpy as np
+
+    from neuronscope.core.models.probe import probe_text
+    from neuronscope.core.models.sparse import load_sparse
+
+    coder = load_sparse(args.sae)
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+    units = [NeuronId.parse(u) for u in args.unit or ()]
+    for unit in units:
+        if unit.layer != coder.layer or not 0 <= unit.neuron < coder.width:
+            raise InputError(f"the sparse coder has no latent {unit}: its latents are L{coder.layer}/N0-"
+                             f"L{coder.layer}/N{coder.width - 1}")
+    subject = _subject_of(run, args)
+    if coder.w_enc.shape[0] != _hidden_size(subject):
+        raise InputError(f"the sparse coder reads {coder.w_enc.shape[0]} dimensions, but {run.model}'s {coder.point} "
+                         f"has {_hidden_size(subject)}: pass a coder trained on this model")
+    status(f"{coder.width:,} latents of {coder.source} at {coder.point} of layer {coder.layer}")
+    probe = probe_text(subject, text, (coder.layer,), sparse=coder)
+    if units:
+        for unit in units:
+            _print_unit(probe, unit, math.nan)
+    else:
+        _print_top(probe, np.ones((1, coder.width), np.float32), args.top, shares=False)
+    return 0
+
+
+def _hidden_size(subject: Subject) -> int:
+    """The width of the residual stream, which every hook point a coder reads has."""
+    config = subject.model.config
+    return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
 
 
 def cmd_effects(args: argparse.Namespace) -> int:
@@ -156,18 +193,18 @@ def _print_unit(probe: Probe, unit: NeuronId, peak: float) -> None:
     out.print()
 
 
-def _print_top(probe: Probe, maxima: np.ndarray, count: int) -> None:
+def _print_top(probe: Probe, maxima: np.ndarray, count: int, shares: bool = True) -> None:
     from neuronscope.core.models.probe import top_at_tokens, top_over_text
 
-    out.print(Text("Units firing most at each token: activation (share of the unit's corpus max)", style="bold"),
-              soft_wrap=True)
+    out.print(Text("Units firing most at each token: activation" +
+                   (" (share of the unit's corpus max)" if shares else ""), style="bold"), soft_wrap=True)
     table = Table(box=None, pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("token")
     for rank in range(PER_TOKEN):
         table.add_column(f"unit {rank + 1}")
     for i, (token, firings) in enumerate(zip(probe.tokens, top_at_tokens(probe, maxima, PER_TOKEN))):
-        cells = [_firing_text(f) for f in firings] + [Text("")] * (PER_TOKEN - len(firings))
+        cells = [_firing_text(f, shares) for f in firings] + [Text("")] * (PER_TOKEN - len(firings))
         table.add_row(str(i), Text(f"'{visible(token)}'"), *cells)
     out.print(table)
     out.print()
@@ -177,14 +214,17 @@ def _print_top(probe: Probe, maxima: np.ndarray, count: int) -> None:
                           ("token", "left")):
         whole.add_column(name, justify=justify)  # type: ignore[arg-type]
     for f in top_over_text(probe, maxima, count):
-        whole.add_row(str(f.unit), f"{f.activation:+.3f}", _share(f.relative), str(f.position),
+        whole.add_row(str(f.unit), f"{f.activation:+.3f}", _share(f.relative) if shares else "-", str(f.position),
                       Text(f"'{visible(probe.tokens[f.position])}'"))
     out.print(whole)
 
 
-def _firing_text(firing: Firing) -> Text:
+def _firing_text(firing: Firing, shares: bool = True) -> Text:
     text = Text(f"{firing.unit} ", style="bold")
-    text.append(f"{firing.activation:+.2f} ({firing.relative:.0%})", style=activation_style(firing.relative, 1.0))
+    if shares:
+        text.append(f"{firing.activation:+.2f} ({firing.relative:.0%})", style=activation_style(firing.relative, 1.0))
+    else:
+        text.append(f"{firing.activation:+.2f}")
     return text
 
 
@@ -229,5 +269,7 @@ def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argpa
                    help="show this unit's activation at every token (repeat for several)")
     p.add_argument("--top", type=number(1, 10_000), default=20,
                    help="units listed for the whole text without --unit (default: 20)")
+    p.add_argument("--sae", metavar="FOLDER", help="a sparse coder's folder (SAELens or sparsify): its latents "
+                                                  "instead of the MLP neurons, ranked by activation")
     model_args(p)
     p.set_defaults(func=cmd_probe)

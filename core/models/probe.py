@@ -16,6 +16,7 @@ from neuronscope.core.ids import NeuronId
 from neuronscope.core.models.subject import SubjectError
 
 if TYPE_CHECKING:
+    from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
 
 
@@ -50,8 +51,9 @@ class Firing:
     """The token (its peak over the text, for whole-text rankings)."""
 
 
-def probe_text(subject: Subject, text: str, layers: tuple[int, ...]) -> Probe:
-    """Run `text` through the subject and keep `layers`' activations; SubjectError for an empty or too long text."""
+def probe_text(subject: Subject, text: str, layers: tuple[int, ...], sparse: SparseCoder | None = None) -> Probe:
+    """Run `text` through the subject and keep `layers`' activations (with `sparse`, that coder's latents at its
+    layer instead); SubjectError for an empty or too long text."""
     import torch
 
     ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -61,6 +63,10 @@ def probe_text(subject: Subject, text: str, layers: tuple[int, ...]) -> Probe:
     if room and len(ids) > room:
         raise SubjectError(f"the text is {len(ids):,} tokens, more than {subject.name} reads at once ({room:,}): "
                            "shorten it")
+    if sparse is not None:
+        hidden = subject.capture(torch.tensor([ids]), sparse.layer, sparse.point)
+        latents = sparse.encode(hidden)[0].cpu().numpy()  # [T, d_sae]
+        return Probe(tuple(subject.token_strings(ids)), (sparse.layer,), latents[None])
     acts = subject.activations(torch.tensor([ids]), layers)
     stacked = np.stack([acts[layer][0].float().cpu().numpy() for layer in layers])  # [layers, T, F]
     return Probe(tuple(subject.token_strings(ids)), tuple(layers), stacked)

@@ -140,6 +140,16 @@ def mlp_projections(model: Any) -> list[Any]:
     )
 
 
+def _blocks(model: Any) -> tuple[list[Any], str]:
+    """The transformer blocks and the path of the MLP module within one."""
+    for blocks_path, proj_path in MLP_LAYOUTS:
+        try:
+            return list(_get(model, blocks_path)), proj_path.rsplit(".", 1)[0]
+        except (AttributeError, TypeError):
+            continue
+    return [], "mlp"
+
+
 def _in_features(projection: Any) -> int:
     if hasattr(projection, "in_features"):
         return int(projection.in_features)
@@ -157,6 +167,7 @@ class Subject:
         self.device = device
         self.dtype = dtype
         self.projections = mlp_projections(model)
+        self.blocks, self._mlp_path = _blocks(model)
         self.n_layers = len(self.projections)
         self.n_neurons = _in_features(self.projections[0])
         self.architecture = getattr(model.config, "model_type", type(model).__name__)
@@ -217,6 +228,43 @@ class Subject:
                 pass
         skip = len(self.prefix_ids)
         return {layer: acts[:, skip:, :] for layer, acts in out.items()}
+
+    def capture(self, token_ids: Any, layer: int, point: str) -> Any:
+        """The model's hidden state at a hook point (neuronscope.core.models.sparse.POINTS) of a layer for a batch:
+        token_ids [B, T] -> [B, T, d] (the prefix dropped). The forward pass stops there."""
+        import torch
+
+        if not 0 <= layer < self.n_layers:
+            raise SubjectError(f"layer {layer} is not within 0-{self.n_layers - 1} of {self.name}")
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if self.prefix_ids:
+            ids = torch.cat([torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1), ids], 1)
+        block = self.blocks[layer]
+        module = _get(block, self._mlp_path) if point in ("mlp_in", "mlp_out") else block
+        seen: list[Any] = []
+
+        def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        def after(_module: Any, _args: Any, output: Any) -> None:
+            seen.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        if point in ("resid_pre", "mlp_in"):
+            handle = module.register_forward_pre_hook(before, with_kwargs=True)
+        elif point in ("resid_post", "mlp_out"):
+            handle = module.register_forward_hook(after)
+        else:
+            raise SubjectError(f"unknown hook point {point!r}: use resid_pre, resid_post, mlp_in or mlp_out")
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=to_device(ids, self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return seen[0][:, len(self.prefix_ids):, :]
 
     def bare_forward(self, token_ids: Any) -> None:
         """The model's plain forward pass on a batch, for benchmarks."""

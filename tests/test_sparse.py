@@ -1,0 +1,127 @@
+"""Sparse coders read from SAELens and sparsify folders (core/models/sparse.py): their latents as their own formulas
+give them, one-line refusals, and a planted latent through `neuronscope probe --sae` on the planted model (whose
+token ' the' alone carries residual dimension 0 into layer 0)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import save_file
+
+from neuronscope.core.models.sparse import SparseError, load_sparse
+
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+D_IN, D_SAE = 32, 64
+
+
+def _random(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(D_IN, D_SAE, generator=gen), "b_enc": torch.randn(D_SAE, generator=gen) - 1,
+            "W_dec": torch.randn(D_SAE, D_IN, generator=gen), "b_dec": torch.randn(D_IN, generator=gen) * 0.1}
+
+
+def write_saelens(folder: Path, tensors: dict[str, torch.Tensor], **cfg: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, "hook_name": "blocks.0.hook_resid_pre",
+                                                  "hook_layer": 0, "apply_b_dec_to_input": True, **cfg}))
+    return folder
+
+
+def write_sparsify(folder: Path, tensors: dict[str, torch.Tensor], k: int, transcode: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
+               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"k": k, "num_latents": D_SAE, "d_in": D_IN, "transcode": transcode}))
+    return folder
+
+
+def test_a_topk_sparsify_coder_gives_its_own_formula(tmp_path: Path) -> None:
+    """By hand against the weights: relu(encoder(x - b_dec)), then only each token's k largest kept."""
+    weights = _random(1)
+    coder = load_sparse(write_sparsify(tmp_path / "layers.2", weights, k=5))
+    assert (coder.layer, coder.point, coder.activation, coder.k, coder.width) == (2, "resid_post", "topk", 5, D_SAE)
+    x = np.random.default_rng(0).standard_normal((3, 7, D_IN)).astype(np.float32)
+    got = coder.encode(torch.from_numpy(x)).numpy()
+    w = weights["W_enc"].numpy().astype(np.float64)
+    pre = np.maximum((x - weights["b_dec"].numpy()) @ w + weights["b_enc"].numpy(), 0.0)
+    want = np.zeros_like(pre)
+    for index in np.ndindex(*pre.shape[:2]):
+        top = np.argsort(-pre[index])[:5]
+        want[index][top] = pre[index][top]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert ((got > 0).sum(-1) <= 5).all() and ((got > 0).sum(-1) > 0).any()
+    mlp = load_sparse(write_sparsify(tmp_path / "model.layers.4.mlp", weights, k=3, transcode=True))
+    assert (mlp.layer, mlp.point, mlp.transcoder, mlp.subtract_b_dec) == (4, "mlp_in", True, False)
+
+
+def test_saelens_relu_and_jumprelu(tmp_path: Path) -> None:
+    weights = _random(2)
+    x = torch.randn(4, 5, D_IN, generator=torch.Generator().manual_seed(3))
+    pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    relu = load_sparse(write_saelens(tmp_path / "relu", weights, architecture="standard"))
+    assert (relu.layer, relu.point, relu.activation) == (0, "resid_pre", "relu")
+    torch.testing.assert_close(relu.encode(x), pre.relu())
+    threshold = torch.full((D_SAE,), 0.7)
+    jump = load_sparse(write_saelens(tmp_path / "jump", {**weights, "threshold": threshold}, architecture="jumprelu",
+                                     hook_name="blocks.1.hook_mlp_out"))
+    assert (jump.layer, jump.point) == (1, "mlp_out")
+    torch.testing.assert_close(jump.encode(x), torch.where(pre > 0.7, pre, torch.zeros_like(pre)))
+    topk = load_sparse(write_saelens(tmp_path / "topk", weights, architecture="topk", activation_fn_kwargs={"k": 2}))
+    assert topk.k == 2 and ((topk.encode(x) > 0).sum(-1) <= 2).all()
+    assert relu.source.startswith(f"saelens:{tmp_path / 'relu'} (sha256 ") and relu.source != jump.source
+
+
+def test_unreadable_coders_are_one_line(tmp_path: Path) -> None:
+    weights = _random(4)
+    cases = {
+        "missing": (tmp_path / "nowhere", "no sparse coder at"),
+        "gated": (write_saelens(tmp_path / "gated", weights, architecture="gated"), "is gated"),
+        "attention": (write_saelens(tmp_path / "attn", weights, hook_name="blocks.3.attn.hook_z"),
+                      "reads blocks.3.attn.hook_z"),
+        "no k": (write_saelens(tmp_path / "nok", weights, architecture="topk"), "names no k"),
+        "incomplete": (write_saelens(tmp_path / "part", {"W_enc": weights["W_enc"]}), "lacks b_enc, W_dec, b_dec"),
+    }
+    write_sparsify(tmp_path / "many" / "layers.0", weights, k=2)
+    write_sparsify(tmp_path / "many" / "layers.1", weights, k=2)
+    cases["parent"] = (tmp_path / "many", "holds a sparse coder per hook point (layers.0, layers.1)")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sae.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "broken" / "cfg.json").write_text("{}")
+    cases["damaged"] = (tmp_path / "broken", "files are damaged")
+    for name, (path, needle) in cases.items():
+        with pytest.raises(SparseError) as info:
+            load_sparse(path)
+        assert needle in str(info.value) and "\n" not in str(info.value), name
+
+
+def test_a_planted_latent_through_probe(planted_store: Path, planted_model: Path, tmp_path: Path) -> None:
+    """Latent 0 reads residual dimension 0 at layer 0's input, which only ' the' carries: it fires there alone."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(planted_model).hidden_size
+    weights = {"W_enc": torch.zeros(hidden, 8), "b_enc": torch.full((8,), -1.0), "W_dec": torch.zeros(8, hidden),
+               "b_dec": torch.zeros(hidden)}
+    weights["W_enc"][0, 0] = 1.0  # the planted token's embedding has 30 there, every other token 0
+    weights["b_enc"][0] = -10.0
+    weights["W_dec"][0, 0] = 1.0
+    folder = write_saelens(tmp_path / "planted-sae", weights, d_in=hidden, d_sae=8)
+    text = "We saw the cat and a dog, then the bird"
+    result = run_cli(["probe", text, "--sae", folder, "--unit", "0/0", "--store", planted_store])
+    assert result.code == 0, result.err
+    assert "8 latents of saelens:" in result.err
+    fired = []
+    for line in result.out.splitlines():
+        parts = line.split("'")
+        if len(parts) == 3 and parts[0].strip().isdigit():
+            fired.append((parts[1], float(parts[2].split()[0])))
+    assert fired and all((value > 5) == (token == " the") for token, value in fired), fired
+    top = run_cli(["probe", text, "--sae", folder, "--store", planted_store, "--top", "2"])
+    assert top.code == 0 and "L0/N0" in top.out and "share" not in top.out
+    assert_one_line_error(run_cli(["probe", text, "--sae", folder, "--unit", "0/9", "--store", planted_store]),
+                          "has no latent L0/N9")
