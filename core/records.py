@@ -66,6 +66,13 @@ class RunInfo:
     """Compute dtype of the subject."""
     error: str = ""
     """Why a failed run failed."""
+    units: str = ""
+    """'' for MLP neurons; for a sparse coder's latents, the coder (its source and hook point)."""
+
+    @property
+    def latents(self) -> bool:
+        """Whether the run's units are a sparse coder's latents rather than MLP neurons."""
+        return bool(self.units)
 
     @property
     def n_neurons(self) -> int:

@@ -125,3 +125,62 @@ def test_a_planted_latent_through_probe(planted_store: Path, planted_model: Path
     assert top.code == 0 and "L0/N0" in top.out and "share" not in top.out
     assert_one_line_error(run_cli(["probe", text, "--sae", folder, "--unit", "0/9", "--store", planted_store]),
                           "has no latent L0/N9")
+
+
+# -- collecting latents -------------------------------------------------------------------------------
+
+def _planted_coder(planted_model: Path, folder: Path, layout: str) -> Path:
+    """Latent 0 reads residual dimension 0, which only ' the' carries into layer 0; latent 1 has random weights and
+    fires broadly; the rest never fire. In the SAELens layout at blocks.0.hook_resid_pre; as a sparsify TopK coder
+    (k=2) at layers.0, the output of block 0, where ' the' still stands out on dimension 0."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(planted_model).hidden_size
+    gen = torch.Generator().manual_seed(5)
+    weights = {"W_enc": torch.zeros(hidden, 8), "b_enc": torch.full((8,), -1e4), "W_dec": torch.zeros(8, hidden),
+               "b_dec": torch.zeros(hidden)}
+    weights["W_enc"][0, 0], weights["b_enc"][0] = 1.0, -10.0
+    weights["W_enc"][:, 1], weights["b_enc"][1] = torch.randn(hidden, generator=gen), 0.0
+    weights["W_enc"][0, 1] = 0.0  # blind to the planted dimension, so its explanation names other tokens
+    weights["W_dec"][:2] = torch.randn(2, hidden, generator=gen)
+    if layout == "saelens":
+        return write_saelens(folder, weights, d_in=hidden, d_sae=8)
+    return write_sparsify(folder / "layers.0", weights, k=2)
+
+
+@pytest.mark.parametrize("layout", ["saelens", "sparsify"])
+def test_collected_latents_are_found_shown_explained_and_scored(layout: str, planted_model: Path, corpus_dir: Path,
+                                                                tmp_path: Path) -> None:
+    from neuronscope.core.store import Store
+
+    coder = _planted_coder(planted_model, tmp_path / layout, layout)
+    store = tmp_path / "latents.duckdb"
+    args = ["collect", "--model", planted_model, "--corpus", corpus_dir, "--sae", coder, "--store", store,
+            "--length", "16", "--top-k", "16", "--bottom-k", "4", "--random-k", "10", "--quantile-k", "1",
+            "--dtype", "float32", "--device", "cpu"]
+    result = run_cli(args, timeout=300)
+    assert result.code == 0, result.err
+    assert "8 latents (" in result.err and "latents over" in result.err
+    with Store.open(store, read_only=True) as opened:
+        (run,) = opened.runs()
+        assert run.latents and run.layers == (0,) and run.neurons_per_layer == 8
+        assert run.units.startswith(f"latents of {layout}:") and "of layer 0" in run.units
+        tops = opened.records(run.run_id, 0, 0, kinds=("top",))
+        assert tops and all(" the" in r.tokens for r in tops)
+        assert opened.neuron_stats(run.run_id, 0, 5).max == 0.0  # a latent that never fires
+    again = run_cli(args, timeout=300)
+    assert "already holds this collection" in again.err  # the same coder: the same run
+    shown = run_cli(["show", "0/0", "--store", store])
+    assert shown.code == 0 and "latent L0/N0" in shown.out and f"latents of {layout}:" in shown.out
+    scored = run_cli(["run", "0/0", "0/1", "--explainer", "baseline", "--store", store], timeout=300)
+    assert scored.code == 0, scored.err
+    with Store.open(store, read_only=True) as opened:
+        rows = {(s.layer, s.neuron): s for s in opened.summaries(opened.run().run_id)}
+    planted = rows[(0, 0)]
+    assert '" the"' in planted.text and planted.score.value >= 0.9 and planted.score.ci_low > 0.8, planted
+    assert abs(planted.shuffled.value) < 0.2 and planted.beats_shuffled  # another latent's explanation: chance
+    # (Latent 1 is a random linear function of the token's embedding, so the token lookup explains it as well: at
+    # a layer's input every latent is a function of the token alone.)
+    probe = run_cli(["probe", "so the cat", "--unit", "0/0", "--store", store])
+    assert probe.code == 0 and "L0/N0  peak +" in probe.out  # the run's coder, found again by its recorded folder
+    assert_one_line_error(run_cli(["effects", "0/0", "--store", store]), "works on MLP neurons so far")

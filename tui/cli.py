@@ -75,6 +75,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
         store = stack.enter_context(Store.output(args.store)) if part is None else None
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
+        sparse = None
+        if args.sae:
+            from neuronscope.core.models.sparse import load_sparse
+
+            sparse = load_sparse(args.sae)
+            hidden = int(getattr(subject.model.config, "hidden_size", 0) or 0)
+            if sparse.w_enc.shape[0] != hidden or sparse.layer >= subject.n_layers:
+                raise InputError(f"the sparse coder reads {sparse.w_enc.shape[0]} dimensions at layer {sparse.layer}, "
+                                 f"but {subject.name} has {subject.n_layers} layers of {hidden}: pass a coder trained "
+                                 "on this model")
+            if args.layers and layers != (sparse.layer,):
+                raise InputError(f"the sparse coder's latents are at layer {sparse.layer}: drop --layers, or pass "
+                                 f"--layers {sparse.layer}")
+            layers = (sparse.layer,)
         room = subject.context and subject.context - len(subject.prefix_ids)
         if room and args.length > room:
             raise InputError(f"--length {args.length} is longer than {subject.name} reads at once ({room} tokens after "
@@ -87,12 +101,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
                                     seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
                                     skipped=skipped, replaced=skipped.replaced)
         skipped.finish()
-        batch = args.batch_size or auto_batch_size(subject, layers, args.length)
-        status(f"{subject.name}: {len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons, "
+        batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
+        units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer})" if sparse else
+                 f"{len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons")
+        status(f"{subject.name}: {units}, "
                f"{len(excerpts.excerpt_ids):,} "
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
         options = {"layers": layers, "settings": settings, "batch_size": batch, "reuse": not args.force,
-                   "checkpoints": checkpoints}
+                   "checkpoints": checkpoints, "sparse": sparse}
         with progress_bars() as progress:
             if store is None:
                 assert part is not None
@@ -103,8 +119,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
             status(f"{target} already holds this collection (use --force to collect again)")
         else:
             what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
-            status(f"{what}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts in {result.seconds:.1f} s "
-                   f"→ {target}")
+            status(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
+                   f"excerpts in {result.seconds:.1f} s → {target}")
         if store is not None:
             store.checkpoint()
             assert result.run_id is not None
@@ -168,7 +184,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         explanations = store.explanations(run.run_id, layer, index)
         related = related_lines(*store.related(run.run_id, layer, index))
     scale = scale_of(records)
-    out.print(Rule(Text(f"{neuron}  ·  run {run.run_id}  ·  {run.model}", style="bold")))
+    out.print(Rule(Text(f"{'latent ' if run.latents else ''}{neuron}  ·  run {run.run_id}  ·  {run.model}",
+                        style="bold")))
+    if run.latents:
+        out.print(Text(run.units, style="dim"), soft_wrap=True)
     out.print(stats_table(stats, run.settings.quantiles))
     out.print(Text("histogram ", style="bold") + histogram_text(stats))
     quantiles = run.settings.quantiles
@@ -306,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "its free memory, 32 on a CPU (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--sae", metavar="FOLDER", help="collect a sparse coder's latents (SAELens or sparsify folder) "
+                                                  "instead of the MLP neurons, at the coder's layer")
     p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread a model too large for one GPU across the GPUs (accelerate); each layer's statistics "
                         "stay on its GPU")

@@ -45,8 +45,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         units = [_unit_of(run, u) for u in args.unit or ()]
         layers = tuple(sorted({u.layer for u in units})) if units else run.layers
         maxima = store.maxima(run.run_id, layers, run.neurons_per_layer)
+    from neuronscope.core.models.sparse import recorded
+
+    coder = recorded(run.units) if run.latents else None
     subject = _subject_of(run, args)
-    probe = probe_text(subject, text, layers)
+    probe = probe_text(subject, text, layers, sparse=coder)
     if units:
         for unit in units:
             _print_unit(probe, unit, float(maxima[layers.index(unit.layer), unit.neuron]))
@@ -98,6 +101,7 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
+        _not_for_latents(run, "effects")
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)
         tops = [r for r in store.records(run.run_id, *unit, kinds=("top",))][: args.excerpts]
@@ -136,6 +140,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
+        _not_for_latents(run, "steer")
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)
         peak = stats.max if stats is not None and stats.max > 0 else 1.0
@@ -149,6 +154,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
                   Text(visible(args.prompt), style="dim") + Text(visible(steered)))
     out.print(table)
     return 0
+
+
+def _not_for_latents(run: RunInfo, what: str) -> None:
+    if run.latents:
+        raise InputError(f"{what} works on MLP neurons so far; run {run.run_id} holds a sparse coder's latents")
 
 
 def _unit_of(run: RunInfo, text: str) -> NeuronId:
@@ -168,7 +178,7 @@ def _subject_of(run: RunInfo, args: argparse.Namespace) -> Subject:
     if subject.revision != run.model_revision:
         status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
                f"run's {run.model_revision[:12]}): activations may not match its excerpts")
-    if subject.n_neurons != run.neurons_per_layer or max(run.layers) >= subject.n_layers:
+    if (not run.latents and subject.n_neurons != run.neurons_per_layer) or max(run.layers) >= subject.n_layers:
         raise InputError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
                          f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
     return subject

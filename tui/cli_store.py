@@ -44,6 +44,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                         f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
             out.print(line, soft_wrap=True)
             out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
+            if r.latents:
+                out.print(Text(f"      {r.units}", style="dim"), soft_wrap=True)
         for job in store.jobs():
             line = Text(f"job {job['job_id']}  ", style="bold")
             line.append(job["state"], style=styles.get(job["state"], "yellow"))

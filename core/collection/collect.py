@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from neuronscope.core.collection.accumulate import Accumulator
     from neuronscope.core.collection.excerpts import Excerpts
     from neuronscope.core.layerdata import LayerResult
+    from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
 
 #: progress(stage, done, total): stage is "collect", "resume", "checkpoint", "write" or "merge".
@@ -75,25 +76,28 @@ def collect(
     progress: Progress | None = None,
     reuse: bool = True,
     checkpoints: Checkpoints | None = None,
+    sparse: SparseCoder | None = None,
 ) -> CollectResult:
-    """Collect every neuron of `layers` over `excerpts` into a new run of `store`; with `checkpoints`, from the
-    last checkpoint of this collection if there is one, writing one whenever due (the caller clears them once
-    the run is safely in the store)."""
+    """Collect every neuron of `layers` over `excerpts` into a new run of `store` (with `sparse`, that coder's
+    latents at its layer instead); with `checkpoints`, from the last checkpoint of this collection if there is one,
+    writing one whenever due (the caller clears them once the run is safely in the store)."""
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
+    units = units_of(sparse)
     if reuse:
-        found = store.find_complete_run(subject.revision, excerpts.corpus, settings, layers, "")
+        found = store.find_complete_run(subject.revision, excerpts.corpus, settings, layers, "", units)
         if found is not None:
             return CollectResult(found.run_id, found.n_excerpts, found.n_neurons, 0.0, reused=True)
     started = time.perf_counter()
     store.mark_stale_runs()
     run_id = store.create_run(
         model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings, layers=layers,
-        neurons_per_layer=subject.n_neurons, dtype=_dtype(subject), shard="",
+        neurons_per_layer=_width(subject, sparse), dtype=_dtype(subject), shard="", units=units,
     )
     try:
-        key = identity(subject.revision, excerpts.corpus, settings, layers, "", excerpt_ids=excerpts.excerpt_ids)
-        results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report)
+        key = identity(subject.revision, excerpts.corpus, settings, layers, "", units,
+                       excerpt_ids=excerpts.excerpt_ids)
+        results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
         write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
                   excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
     except KeyboardInterrupt:
@@ -102,7 +106,18 @@ def collect(
     except BaseException as err:
         store.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    return CollectResult(run_id, n, len(layers) * subject.n_neurons, time.perf_counter() - started)
+    return CollectResult(run_id, n, len(layers) * _width(subject, sparse), time.perf_counter() - started)
+
+
+def units_of(sparse: SparseCoder | None) -> str:
+    """What a run records as its units: '' for MLP neurons, else the coder's source and hook point."""
+    from neuronscope.core.models.sparse import units_text
+
+    return "" if sparse is None else units_text(sparse)
+
+
+def _width(subject: Subject, sparse: SparseCoder | None) -> int:
+    return subject.n_neurons if sparse is None else sparse.width
 
 
 def collect_shard(
@@ -117,6 +132,7 @@ def collect_shard(
     progress: Progress | None = None,
     reuse: bool = True,
     checkpoints: Checkpoints | None = None,
+    sparse: SparseCoder | None = None,
 ) -> CollectResult:
     """Collect part `shard` = (i, n) of a collection (`excerpts` cut with that shard) into a shard state at `folder`
     (core/collection/state.py), for `merge`; a complete state of this same part is reused unless `reuse` is off."""
@@ -124,17 +140,17 @@ def collect_shard(
 
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
-    part = f"{shard[0]}/{shard[1]}"
-    key = identity(subject.revision, excerpts.corpus, settings, layers, part, excerpt_ids=excerpts.excerpt_ids)
-    n_neurons = len(layers) * subject.n_neurons
+    part, units = f"{shard[0]}/{shard[1]}", units_of(sparse)
+    key = identity(subject.revision, excerpts.corpus, settings, layers, part, units, excerpt_ids=excerpts.excerpt_ids)
+    n_neurons = len(layers) * _width(subject, sparse)
     found = read_meta(folder) if reuse else None
     if found is not None and found.identity == key:
         return CollectResult(None, n, n_neurons, 0.0, reused=True)
     started = time.perf_counter()
     meta = ShardMeta(model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings,
-                     layers=layers, neurons_per_layer=subject.n_neurons, dtype=_dtype(subject), index=shard[0],
-                     count=shard[1], n_excerpts=n, identity=key)
-    results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report)
+                     layers=layers, neurons_per_layer=_width(subject, sparse), dtype=_dtype(subject),
+                     index=shard[0], count=shard[1], n_excerpts=n, identity=key, units=units)
+    results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
     write_shard(folder, meta, _reporting(results, len(layers), report), excerpts.token_ids, excerpts.excerpt_ids,
                 subject.token_strings)
     return CollectResult(None, n, n_neurons, time.perf_counter() - started)
@@ -159,7 +175,7 @@ def _reporting(results: Iterable[LayerResult], n_layers: int, report: Progress) 
 
 def accumulate(
     subject: Subject, excerpts: Excerpts, layers: tuple[int, ...], settings: CollectSettings, batch_size: int,
-    key: str, checkpoints: Checkpoints | None, report: Progress,
+    key: str, checkpoints: Checkpoints | None, report: Progress, sparse: SparseCoder | None = None,
 ) -> Iterator[LayerResult]:
     """The collection pass: every batch of excerpts through the subject and into the accumulators (from the last
     checkpoint of `key` when there is one). Returns, once the pass is over, each layer's state as it is taken (a
@@ -172,12 +188,25 @@ def accumulate(
     n = len(excerpts.excerpt_ids)
     # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time,
     # which measured faster here (cache locality beats fewer calls).
+    width = _width(subject, sparse)
     groups = [group for same_device in _by_device(subject, layers) for group in layer_groups(
-        same_device, subject.n_neurons, batch_size * settings.length,
+        same_device, width, batch_size * settings.length,
         GROUP_ELEMENTS if subject.layer_device(same_device[0]).type == "cuda" else 0)]
     fixed = {"0": False, "1": True}.get(os.environ.get("NEURONSCOPE_FIXED_SHAPES", ""))  # default: on a GPU
-    accs = [Accumulator(group, subject.n_neurons, settings, subject.dtype, subject.layer_device(group[0]), fixed)
+    accs = [Accumulator(group, width, settings, subject.dtype, subject.layer_device(group[0]), fixed)
             for group in groups]
+    if sparse is not None:
+        if layers != (sparse.layer,):
+            raise CollectError(f"a sparse coder's latents are at its layer {sparse.layer}, not layers {layers}")
+        coder = sparse.on(subject.layer_device(sparse.layer))
+
+        def read(ids: Any) -> dict[int, Any]:
+            hidden = subject.capture(ids, coder.layer, coder.point)
+            return {coder.layer: coder.encode(hidden).to(subject.dtype)}
+    else:
+        def read(ids: Any) -> dict[int, Any]:
+            return subject.activations(ids, layers)
+
     token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
@@ -189,7 +218,7 @@ def accumulate(
     for start in range(resumed.done if resumed else 0, n, batch_size):
         ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
         eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
-        acts = subject.activations(ids, layers)
+        acts = read(ids)
         on_device: dict[Any, Any] = {}
         for group, acc in zip(groups, accs):
             joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
@@ -221,7 +250,7 @@ def _drain(accs: list[Accumulator]) -> Iterator[LayerResult]:
         yield from accs.pop(0).results()
 
 
-def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int) -> int:
+def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int, width: int | None = None) -> int:
     """Excerpts per forward pass: 32 on a CPU; on GPUs, the largest power of two (up to 1,024) whose working memory
     fits in half of each GPU's free memory. Per token that is the activations of the GPU's layers twice (a batch is
     kept until the next one's forward pass is queued, see accumulate.py), the model's own working memory (about 40
@@ -238,7 +267,7 @@ def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int) -> i
     free = {device: torch.cuda.mem_get_info(device)[0] for device in gpus}
     size = torch.finfo(subject.dtype).bits // 8
     hidden = int(getattr(subject.model.config, "hidden_size", 0) or 4096)
-    n = subject.n_neurons
+    n = width or subject.n_neurons  # units per layer: MLP neurons, or a sparse coder's latents
     for batch in (1 << p for p in range(10, -1, -1)):
         tokens = batch * length
         if all(tokens * (count * n * size * 2 + hidden * 40) + max(GROUP_ELEMENTS, tokens * n) * 20 <= free[device] // 2

@@ -26,8 +26,8 @@ def check_parts(metas: list[ShardMeta]) -> None:
 
     first = metas[0]
     for meta in metas[1:]:
-        if (meta.revision, meta.settings, meta.layers, meta.neurons_per_layer) != (
-                first.revision, first.settings, first.layers, first.neurons_per_layer) or (
+        if (meta.revision, meta.settings, meta.layers, meta.neurons_per_layer, meta.units) != (
+                first.revision, first.settings, first.layers, first.neurons_per_layer, first.units) or (
                 not same_corpus(meta.corpus, first.corpus)):
             raise CollectError("shard states differ in model, corpus, settings or layers: merge shards of one "
                                "collection")
@@ -54,12 +54,12 @@ def merge(out: Store, shards: list[ShardState], progress: Progress | None = None
     first = metas[0]
     settings = first.settings
     n_excerpts, n_neurons = sum(m.n_excerpts for m in metas), len(first.layers) * first.neurons_per_layer
-    done = out.find_complete_run(first.revision, first.corpus, settings, first.layers, shard="")
+    done = out.find_complete_run(first.revision, first.corpus, settings, first.layers, shard="", units=first.units)
     if done is not None and done.n_excerpts == n_excerpts:  # merged before: the same shards give the same run
         return CollectResult(done.run_id, n_excerpts, n_neurons, time.perf_counter() - started, reused=True)
     run_id = out.create_run(
         model=first.model, revision=first.revision, corpus=first.corpus, settings=settings, layers=first.layers,
-        neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="",
+        neurons_per_layer=first.neurons_per_layer, dtype=first.dtype, shard="", units=first.units,
     )
 
     def merged() -> Iterator[LayerResult]:

@@ -96,6 +96,8 @@ class ShardMeta:
     n_excerpts: int
     identity: str
     """The collection's identity (checkpoint.identity): the same command finds its finished shard by it."""
+    units: str = ""
+    """'' for MLP neurons, else the sparse coder whose latents these are (collect.units_of)."""
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)

@@ -59,6 +59,15 @@ class SparseCoder:
     source: str = ""
     """Where it came from and a digest of its weights: `sparsify:/path/layers.8 (sha256 …)`."""
 
+    def on(self, device: Any) -> SparseCoder:
+        """The same coder with its weights on `device` (moved once, not per batch)."""
+        from dataclasses import replace
+
+        move = {name: getattr(self, name).to(device) for name in ("w_enc", "b_enc", "w_dec", "b_dec")}
+        if self.threshold is not None:
+            move["threshold"] = self.threshold.to(device)
+        return replace(self, **move)
+
     @property
     def width(self) -> int:
         return int(self.w_enc.shape[1])
@@ -78,6 +87,23 @@ class SparseCoder:
             top = torch.topk(acts, min(self.k, acts.shape[-1]), dim=-1)
             acts = torch.zeros_like(acts).scatter_(-1, top.indices, top.values)
         return acts
+
+
+def units_text(coder: SparseCoder) -> str:
+    """What a run records as its units when they are this coder's latents (read back by `recorded`)."""
+    return f"latents of {coder.source} at {coder.point} of layer {coder.layer}"
+
+
+def recorded(units: str) -> SparseCoder:
+    """The sparse coder a run recorded (`units_text`), loaded again from its folder and checked by its digest."""
+    found = re.match(r"latents of \w+:(.+) \(sha256 ([0-9a-f]+)\) at ", units)
+    if not found:
+        raise SparseError(f"a run records its units as {units!r}, not a sparse coder neuronscope reads")
+    coder = load_sparse(found.group(1))
+    if f"(sha256 {found.group(2)})" not in coder.source:
+        raise SparseError(f"the sparse coder at {found.group(1)} is not the one the run collected (its weights "
+                          "changed): put that coder back there")
+    return coder
 
 
 def load_sparse(path: str | Path) -> SparseCoder:

@@ -244,7 +244,8 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
             if closed:
                 self.con = Store.open(self.path, create=False).con
         self.__dict__.pop("_related_tables", None)
-        self.__dict__.pop("_owner_columns", None)
+        for key in [key for key in self.__dict__ if key.startswith("_runs_")]:
+            self.__dict__.pop(key)
 
     # -- writing a collection ---------------------------------------------------------------------
     def write_layer(self, run_id: int, result: LayerResult, summary: LayerSummary) -> None:

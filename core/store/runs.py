@@ -15,7 +15,7 @@ from neuronscope.core.store.schema import StoreError
 
 _RUN_COLUMNS = (
     "run_id, model, model_revision, corpus, settings, layers, neurons_per_layer, status, "
-    "strftime(created_at, '%Y-%m-%d %H:%M:%S'), n_excerpts, shard, dtype, error, pid"
+    "strftime(created_at, '%Y-%m-%d %H:%M:%S'), n_excerpts, shard, dtype, error, pid, {units}"
 )
 
 
@@ -81,15 +81,31 @@ class RunsMixin:
         neurons_per_layer: int,
         dtype: str,
         shard: str = "",
+        units: str = "",
     ) -> int:
         """Register a run as 'running' (committed at once, so an interruption is visible)."""
         row = self.con.execute(
             "INSERT INTO runs (model, model_revision, corpus, settings, layers, neurons_per_layer, dtype, shard, "
-            "status, pid, owner_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?) RETURNING run_id",
+            "status, pid, owner_start, units) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?) RETURNING run_id",
             [model, revision, corpus, settings_to_json(settings), list(layers), neurons_per_layer, dtype, shard,
-             *this_owner()],
+             *this_owner(), units],
         ).fetchall()
         return int(row[0][0])
+
+    @property
+    def _run_columns(self) -> str:
+        """The run columns read, units as '' where an older store, opened read-only, lacks the column."""
+        return _RUN_COLUMNS.format(units="units" if self._has_column("units") else "''")
+
+    def _has_column(self, column: str) -> bool:
+        """Whether the runs table has a column added without a version bump (a writable open adds them to older
+        stores; asked once per open store)."""
+        key = f"_runs_{column}"
+        if key not in self.__dict__:
+            rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
+                                    "AND column_name = ?", [column]).fetchall()
+            self.__dict__[key] = bool(rows[0][0])
+        return bool(self.__dict__[key])
 
     def _claim(self, table: str, key: str, row_id: int) -> None:
         """Record this process as the owner of a running run or job (its id and start time)."""
@@ -107,12 +123,7 @@ class RunsMixin:
 
     def _has_owner_start(self) -> bool:
         """Whether the store records owners' start times (a writable open adds the columns to older stores)."""
-        known = self.__dict__.get("_owner_columns")
-        if known is None:
-            rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
-                                    "AND column_name = 'owner_start'").fetchall()
-            known = self.__dict__["_owner_columns"] = bool(rows[0][0])
-        return bool(known)
+        return self._has_column("owner_start")
 
     def _require_neurons(self, run_id: int) -> None:
         """A run is complete only if it holds a neuron: an empty 'complete' run would become the default run."""
@@ -195,14 +206,14 @@ class RunsMixin:
 
     def runs(self) -> list[RunInfo]:
         """Every run, oldest first; a 'running' run whose process is gone shows as interrupted."""
-        rows = self.con.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY run_id").fetchall()
+        rows = self.con.execute(f"SELECT {self._run_columns} FROM runs ORDER BY run_id").fetchall()
         return [self._run_info(r) for r in rows]
 
     def run(self, run_id: int | None = None) -> RunInfo:
         """One run by id, or the newest complete one; StoreError if there is none."""
         if run_id is None:
             rows = self.con.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'complete' ORDER BY run_id DESC LIMIT 1"
+                f"SELECT {self._run_columns} FROM runs WHERE status = 'complete' ORDER BY run_id DESC LIMIT 1"
             ).fetchall()
             if not rows:
                 runs = self.runs()
@@ -213,20 +224,21 @@ class RunsMixin:
                                  f"{': ' + last.error if last.error else ''}): finish it with the command that made "
                                  "it, or `neuronscope collect`; `neuronscope info` lists the runs")
         else:
-            rows = self.con.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchall()
+            rows = self.con.execute(f"SELECT {self._run_columns} FROM runs WHERE run_id = ?", [run_id]).fetchall()
             if not rows:
                 raise StoreError(f"{self.path} has no run {run_id}: `neuronscope info` lists the runs")
         return self._run_info(rows[0])
 
     def find_complete_run(self, revision: str, corpus: str, settings: CollectSettings,
-                          layers: tuple[int, ...], shard: str) -> RunInfo | None:
+                          layers: tuple[int, ...], shard: str, units: str = "") -> RunInfo | None:
         """A complete run with exactly these inputs, if one exists."""
         rows = self.con.execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'complete' AND model_revision = ? AND corpus = ? "
-            "AND settings = ? AND layers = ? AND shard = ? ORDER BY run_id DESC LIMIT 1",
+            f"SELECT {self._run_columns} FROM runs WHERE status = 'complete' AND model_revision = ? AND corpus = ? "
+            "AND settings = ? AND layers = ? AND shard = ? ORDER BY run_id DESC",
             [revision, corpus, settings_to_json(settings), list(layers), shard],
         ).fetchall()
-        return self._run_info(rows[0]) if rows else None
+        found = [info for info in map(self._run_info, rows) if info.units == units]
+        return found[0] if found else None
 
     def _run_info(self, row: tuple) -> RunInfo:  # type: ignore[type-arg]
         status = row[7]
@@ -236,4 +248,5 @@ class RunsMixin:
             run_id=row[0], model=row[1], model_revision=row[2], corpus=row[3],
             settings=settings_from_json(row[4]), layers=tuple(row[5]), neurons_per_layer=row[6], status=status,
             created_at=row[8], n_excerpts=row[9], shard=row[10] or "", dtype=row[11] or "", error=row[12] or "",
+            units=row[14] or "",
         )

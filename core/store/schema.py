@@ -77,7 +77,9 @@ INDEXES = "CREATE INDEX IF NOT EXISTS excerpt_ids ON excerpts (excerpt_id);"
 #: Columns added without a version bump, like INDEXES: when the process that owns a running run or job started
 #: (epoch seconds), so a process id reused by another process is not taken for the owner.
 OWNER_COLUMNS = ("ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner_start DOUBLE; "
-                 "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner_start DOUBLE;")
+                 "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner_start DOUBLE; "
+                 # What a run's units are: '' for MLP neurons, else the sparse coder whose latents it holds.
+                 "ALTER TABLE runs ADD COLUMN IF NOT EXISTS units VARCHAR DEFAULT '';")
 
 SCHEMA = _COLLECTION + _RESULTS + INDEXES
 

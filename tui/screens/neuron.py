@@ -60,10 +60,12 @@ class NeuronScreen(Screen[None]):
         records = self.store.records(run.run_id, layer, neuron)
         explanations = self.store.explanations(run.run_id, layer, neuron)
         scale = scale_of(records)
-        title = Text(str(self.position), style="bold")
+        title = Text(("latent " if run.latents else "") + str(self.position), style="bold")
         title.append(f"  ·  run {run.run_id}  ·  ")
         title.append(visible(run.model))
         parts: list[RenderableType] = [title]
+        if run.latents:
+            parts.append(Text(visible(run.units), style="dim"))
         if stats is None:
             parts.append(Text(f"run {run.run_id} has no neuron {self.position}"))
         else:

@@ -74,7 +74,12 @@ class ProbeScreen(ModalScreen[NeuronId | None]):
             finally:
                 store.close()
             subject = _subject(self.app, self.run.model, self.options)
-            probe = probe_text(subject, text, self.run.layers)
+            coder = None
+            if self.run.latents:
+                from neuronscope.core.models.sparse import recorded
+
+                coder = recorded(self.run.units)
+            probe = probe_text(subject, text, self.run.layers, sparse=coder)
         except NeuronscopeError as exc:
             self.app.call_from_thread(self._failed, str(exc))
             return
