@@ -184,3 +184,10 @@ def test_collected_latents_are_found_shown_explained_and_scored(layout: str, pla
     probe = run_cli(["probe", "so the cat", "--unit", "0/0", "--store", store])
     assert probe.code == 0 and "L0/N0  peak +" in probe.out  # the run's coder, found again by its recorded folder
     assert_one_line_error(run_cli(["effects", "0/0", "--store", store]), "works on MLP neurons so far")
+    # The vocabulary projection: the planted latent's encoder reads ' the' first of all tokens.
+    related = run_cli(["related", "--store", store])
+    assert related.code == 0 and "related tokens of 8 latents" in related.err, related.err
+    lines = run_cli(["show", "0/0", "--store", store]).out.splitlines()
+    first_input = next(line for line in lines if line.strip().startswith("input +"))
+    assert first_input.split("input +", 1)[1].strip().startswith("' the'"), first_input
+    assert any(line.strip().startswith("output +") for line in lines)

@@ -73,6 +73,17 @@ def cmd_related(args: argparse.Namespace) -> int:
         run = store.run(args.run)
         layers = parse_layers(args.layers, run.layers) or ()
         subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
+        if run.latents:
+            from neuronscope.core.models.relations import latent_related_lists
+            from neuronscope.core.models.sparse import recorded
+
+            coder = recorded(run.units)
+            store.write_related(run.run_id, latent_related_lists(subject.model, coder, subject.token_strings,
+                                                                 args.top))
+            store.checkpoint()
+            status(f"run {run.run_id}: related tokens of {coder.width:,} latents from the coder's weights through "
+                   f"{subject.name}'s embeddings and unembedding → {args.store}")
+            return 0
         if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
             raise InputError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
                             f"{run.run_id} ({run.model}) {len(run.layers)} of {run.neurons_per_layer}: pass the "

@@ -380,3 +380,54 @@ def related_lists(model: Any, layer: int, strings: Callable[[list[int]], list[st
              {name: [(other, int(i), float(v)) for i, v in zip(ids[n].tolist(), values[n].tolist())]
               for name, (other, ids, values) in neurons.items()})
             for n in range(width)]
+
+
+def latent_related_lists(model: Any, coder: Any, strings: Callable[[list[int]], list[str]], k: int = RELATED_K
+                         ) -> list[tuple[int, int, dict[str, list[tuple[str, float]]], dict[str, list[Any]]]]:
+    """A sparse coder's latents (neuronscope.core.models.sparse) with their related-token lists, the vocabulary
+    projection along the direct path, as Store.write_related takes them:
+    - input tokens: each token's embedding fed straight to the coder (through the block's MLP input norm when it
+      reads the MLP input), the latent's pre-activation: (x - b_dec)·W_enc[:, i] + b_enc[i];
+    - output tokens: its decoder direction W_dec[i] as the final norm sees it (centred for a LayerNorm, times the
+      gain; a coder writing the MLP output of a Gemma 2/3 block through its post-norm first), dotted with every row
+      of the unembedding.
+    """
+    import torch
+
+    blocks = _check(model, coder.layer, k)
+    holder = _layout(model)[0]
+    device = _device(model)
+    embedding = model.get_input_embeddings()
+    unembedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    final = next((getattr(holder, name) for name in _FINAL_NORMS if getattr(holder, name, None) is not None), None)
+    if final is None or unembedding is None:
+        raise _unsupported(model, "no final norm or no output embeddings (load it as a causal LM)")
+    mlp = _mlp(model, blocks[coder.layer]) if coder.point in ("mlp_in", "mlp_out") or coder.transcoder else None
+    with torch.inference_mode():
+        w_enc, b_enc, b_dec = (_f32(t, device) for t in (coder.w_enc, coder.b_enc, coder.b_dec))
+        norm = _norm32(mlp.norm, device) if mlp is not None and coder.point == "mlp_in" else None
+
+        def inputs() -> Iterator[tuple[int, Any]]:
+            for start, stop in _chunks(int(embedding.weight.shape[0]), 4096):
+                x = _f32(embedding(torch.arange(start, stop, device=embedding.weight.device)), device)
+                x = norm(x) if norm is not None else x
+                yield start, ((x - b_dec) if coder.subtract_b_dec else x) @ w_enc + b_enc
+
+        out = _f32(coder.w_dec, device).T  # [hidden, latents]
+        if mlp is not None and mlp.post_norm is not None and (coder.point == "mlp_out" or coder.transcoder):
+            gain, centres = _reader(mlp.post_norm, device, out.shape[0])
+            out = (out - out.mean(0, keepdim=True) if centres else out) * gain[:, None]
+        gain, centres = _reader(final, device, out.shape[0])
+        directions = (out - out.mean(0, keepdim=True) if centres else out) * gain[:, None]
+
+        def outputs() -> Iterator[tuple[int, Any]]:
+            for start, stop in _chunks(int(unembedding.weight.shape[0]), 4096):
+                yield start, _f32(unembedding.weight[start:stop], device) @ directions
+
+        found = {"input": _running_topk(inputs(), k), "output": _running_topk(outputs(), k)}
+    lists: dict[str, tuple[list[list[str]], np.ndarray]] = {}
+    for side, top in found.items():
+        lists[f"{side}_positive"] = (_names(strings, top.positive_ids), top.positive_values)
+        lists[f"{side}_negative"] = (_names(strings, top.negative_ids), top.negative_values)
+    return [(coder.layer, i, {name: list(zip(names[i], values[i].tolist())) for name, (names, values) in lists.items()},
+             {}) for i in range(coder.width)]
