@@ -183,7 +183,10 @@ def test_collected_latents_are_found_shown_explained_and_scored(layout: str, pla
     # a layer's input every latent is a function of the token alone.)
     probe = run_cli(["probe", "so the cat", "--unit", "0/0", "--store", store])
     assert probe.code == 0 and "L0/N0  peak +" in probe.out  # the run's coder, found again by its recorded folder
-    assert_one_line_error(run_cli(["effects", "0/0", "--store", store]), "works on MLP neurons so far")
+    effects = run_cli(["effects", "0/0", "--store", store, "--top", "3", "--excerpts", "4"])
+    assert effects.code == 0 and "ablated to zero" in effects.out, effects.err
+    steered = run_cli(["steer", "0/0", "--prompt", "so the cat", "--scale", "0", "--tokens", "4", "--store", store])
+    assert steered.code == 0, steered.err
     # The vocabulary projection: the planted latent's encoder reads ' the' first of all tokens.
     related = run_cli(["related", "--store", store])
     assert related.code == 0 and "related tokens of 8 latents" in related.err, related.err
@@ -191,3 +194,32 @@ def test_collected_latents_are_found_shown_explained_and_scored(layout: str, pla
     first_input = next(line for line in lines if line.strip().startswith("input +"))
     assert first_input.split("input +", 1)[1].strip().startswith("' the'"), first_input
     assert any(line.strip().startswith("output +") for line in lines)
+
+
+def test_ablating_a_planted_latent_moves_the_output_where_it_fires_only(planted_model: Path, tmp_path: Path) -> None:
+    """Through the decoder direction: nothing changes on a text without ' the'; with it, the logits change at that
+    token and after it, never before; steering by 0 continues as the plain model does."""
+    from neuronscope.core.ids import NeuronId
+    from neuronscope.core.models.interventions import intervening_latent, steer
+    from neuronscope.core.models.subject import load_subject
+
+    subject = load_subject(str(planted_model), device="cpu", dtype="float32")
+    coder = load_sparse(_planted_coder(planted_model, tmp_path / "coder", "saelens"))
+
+    def logits(text: str, ablate: bool) -> tuple[list[int], torch.Tensor]:
+        ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            if not ablate:
+                return ids, subject.model(input_ids=torch.tensor([ids])).logits[0]
+            with intervening_latent(subject, coder, 0, torch.zeros_like):
+                return ids, subject.model(input_ids=torch.tensor([ids])).logits[0]
+
+    _, plain = logits("We saw a cat and a dog", False)
+    assert torch.equal(plain, logits("We saw a cat and a dog", True)[1])
+    ids, plain = logits("We saw a cat, the dog ran", False)
+    at = ids.index(subject.tokenizer.encode(" the", add_special_tokens=False)[0])
+    changed = (logits("We saw a cat, the dog ran", True)[1] - plain).abs().amax(-1)
+    assert (changed[:at] == 0).all() and (changed[at:] > 0).all()
+    plain_text, steered = steer(subject, NeuronId(0, 0), "We saw the cat and", 0.0, 8, coder=coder)
+    assert plain_text == steered
+    assert steer(subject, NeuronId(0, 0), "We saw the cat and", 50.0, 8, coder=coder)[1] != plain_text

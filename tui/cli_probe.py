@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from neuronscope.core.models.probe import Firing, Probe
+    from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
     from neuronscope.core.records import RunInfo
 
@@ -45,9 +46,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         units = [_unit_of(run, u) for u in args.unit or ()]
         layers = tuple(sorted({u.layer for u in units})) if units else run.layers
         maxima = store.maxima(run.run_id, layers, run.neurons_per_layer)
-    from neuronscope.core.models.sparse import recorded
-
-    coder = recorded(run.units) if run.latents else None
+    coder = _coder(run)
     subject = _subject_of(run, args)
     probe = probe_text(subject, text, layers, sparse=coder)
     if units:
@@ -101,7 +100,6 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        _not_for_latents(run, "effects")
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)
         tops = [r for r in store.records(run.run_id, *unit, kinds=("top",))][: args.excerpts]
@@ -113,7 +111,8 @@ def cmd_effects(args: argparse.Namespace) -> int:
     amplify_to = args.factor * stats.max
     found = effects(subject, unit, token_ids, ablate_to=ablate_to, amplify_to=amplify_to, top=args.top,
                     labels=(f"ablated to {args.ablate} ({ablate_to:+.3g})",
-                            f"amplified to {args.factor:g} x its max ({amplify_to:+.3g}) where it fires"))
+                            f"amplified to {args.factor:g} x its max ({amplify_to:+.3g}) where it fires"),
+                    coder=_coder(run))
     out.print(Text(f"{unit}: next-token log-probability changes over {found.excerpts} top excerpts, at the "
                    f"{found.positions} positions where it fires", style="bold"), soft_wrap=True)
     for shift in found.shifts:
@@ -140,13 +139,12 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        _not_for_latents(run, "steer")
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)
         peak = stats.max if stats is not None and stats.max > 0 else 1.0
     subject = _subject_of(run, args)
     add = args.scale * peak
-    plain, steered = steer(subject, unit, args.prompt, add, args.tokens)
+    plain, steered = steer(subject, unit, args.prompt, add, args.tokens, coder=_coder(run))
     table = Table(show_lines=True)
     table.add_column("plain", ratio=1)
     table.add_column(f"{unit} + {args.scale:g} x its max ({add:+.3g})", ratio=1)
@@ -156,9 +154,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_for_latents(run: RunInfo, what: str) -> None:
-    if run.latents:
-        raise InputError(f"{what} works on MLP neurons so far; run {run.run_id} holds a sparse coder's latents")
+def _coder(run: RunInfo) -> SparseCoder | None:
+    """The sparse coder whose latents a run holds (found again by its recorded folder), None for MLP neurons."""
+    from neuronscope.core.models.sparse import recorded
+
+    return recorded(run.units) if run.latents else None
 
 
 def _unit_of(run: RunInfo, text: str) -> NeuronId:

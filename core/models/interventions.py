@@ -20,6 +20,7 @@ import numpy as np
 from neuronscope.core.ids import NeuronId
 
 if TYPE_CHECKING:
+    from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
 
 #: A position counts as one where the unit fires when its activation reaches this share of the excerpt's peak.
@@ -77,6 +78,51 @@ def intervening(subject: Subject, unit: NeuronId, edit: Callable[[Any], Any], wh
         handle.remove()
 
 
+@contextmanager
+def intervening_latent(subject: Subject, coder: SparseCoder, latent: int, edit: Callable[[Any], Any],
+                       where: Any = None) -> Iterator[None]:
+    """While inside, latent `latent` of the sparse coder reads a (the coder's encoding of the hidden state it reads)
+    and the hidden state it writes moves by (edit(a) - a) x its decoder direction, at every position or those of the
+    mask `where`: the residual stream for an SAE on it, the MLP's output for one on that or for a transcoder (which
+    reads the MLP's input)."""
+    import torch
+
+    coder = coder.on(subject.layer_device(coder.layer))
+    direction = coder.w_dec[latent]
+    block = subject.blocks[coder.layer]
+    mlp = block.get_submodule(subject._mlp_path)
+
+    def shift(read: Any) -> Any:
+        """The change to write, [B, T, d], from the hidden state the coder reads."""
+        old = coder.encode(read)[..., latent]
+        new = edit(old).to(old.dtype)
+        if where is not None:
+            new = torch.where(where.to(old.device), new, old)
+        return ((new - old)[..., None] * direction).to(read.dtype)
+
+    def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if args:
+            return (args[0] + shift(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + shift(kwargs["hidden_states"])}
+
+    def after(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        read = (args[0] if args else kwargs["hidden_states"]) if coder.transcoder else hidden
+        moved = hidden + shift(read)
+        return (moved, *output[1:]) if isinstance(output, tuple) else moved
+
+    if coder.transcoder or coder.point == "mlp_out":
+        handle = mlp.register_forward_hook(after, with_kwargs=True)
+    elif coder.point == "resid_post":
+        handle = block.register_forward_hook(after, with_kwargs=True)
+    else:
+        handle = (mlp if coder.point == "mlp_in" else block).register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _log_probs(subject: Subject, ids: Any, rows: Any) -> Any:
     """Log-softmax of the logits at the positions `rows` (a boolean [B, T] mask), float32 [positions, vocab]."""
     import torch
@@ -87,10 +133,15 @@ def _log_probs(subject: Subject, ids: Any, rows: Any) -> Any:
 
 
 def effects(subject: Subject, unit: NeuronId, token_ids: np.ndarray, *, ablate_to: float, amplify_to: float,
-            top: int = 10, labels: tuple[str, str] = ("ablated", "amplified")) -> Effects:
+            top: int = 10, labels: tuple[str, str] = ("ablated", "amplified"), coder: SparseCoder | None = None
+            ) -> Effects:
     """The unit's effect on the next token over excerpts `token_ids` [n, T] (its top excerpts): ablated (set to
-    `ablate_to` everywhere) and amplified (set to `amplify_to` where it fires), each against the plain pass."""
+    `ablate_to` everywhere) and amplified (set to `amplify_to` where it fires), each against the plain pass. With
+    `coder`, the unit is that coder's latent `unit.neuron`."""
     import torch
+
+    def intervening(subject: Subject, unit: NeuronId, edit: Callable[[Any], Any], where: Any = None) -> Any:
+        return _intervention(subject, unit, edit, where, coder)
 
     ids = torch.as_tensor(np.asarray(token_ids, np.int64))
     if subject.prefix_ids:
@@ -132,8 +183,18 @@ def _shift(subject: Subject, name: str, change: Any, top: int, size: float) -> S
     return Shift(name, shifts(order[:top]), shifts(order[::-1][:top]), size)
 
 
-def steer(subject: Subject, unit: NeuronId, prompt: str, add: float, tokens: int) -> tuple[str, str]:
-    """Greedy continuations of `prompt`, plain and with `add` added to the unit at every position."""
+def _intervention(subject: Subject, unit: NeuronId, edit: Callable[[Any], Any], where: Any,
+                  coder: SparseCoder | None) -> Any:
+    """The intervention on an MLP neuron, or on a sparse coder's latent when `coder` is given."""
+    if coder is None:
+        return intervening(subject, unit, edit, where)
+    return intervening_latent(subject, coder, unit.neuron, edit, where)
+
+
+def steer(subject: Subject, unit: NeuronId, prompt: str, add: float, tokens: int,
+          coder: SparseCoder | None = None) -> tuple[str, str]:
+    """Greedy continuations of `prompt`, plain and with `add` added to the unit (a neuron, or `coder`'s latent) at
+    every position."""
     import torch
 
     from neuronscope.core.models.subject import SubjectError
@@ -152,6 +213,6 @@ def steer(subject: Subject, unit: NeuronId, prompt: str, add: float, tokens: int
         return str(subject.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
 
     plain = continuation()
-    with intervening(subject, unit, lambda x: x + add):
+    with _intervention(subject, unit, lambda x: x + add, None, coder):
         steered = continuation()
     return plain, steered
