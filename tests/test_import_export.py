@@ -297,7 +297,9 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [(x["layer"], x["neuron"]) for x in lines] == NEURONS
     first = lines[0]
-    assert set(first) == {"layer", "neuron", "stats", "records", "explanations", "related_tokens", "related_neurons"}
+    assert set(first) == {"layer", "neuron", "unit", "stats", "records", "explanations", "related_tokens",
+                          "related_neurons"}
+    assert first["unit"] == "neuron"
     assert first["stats"]["density"] is None  # unknown, and JSON has no NaN
     assert first["records"][0]["tokens"] == json.loads((RELEASE / ACTIVATIONS / "0" / "3.json").read_text())[
         "most_positive_activation_records"][0]["tokens"]

@@ -194,6 +194,9 @@ def test_collected_latents_are_found_shown_explained_and_scored(layout: str, pla
     first_input = next(line for line in lines if line.strip().startswith("input +"))
     assert first_input.split("input +", 1)[1].strip().startswith("' the'"), first_input
     assert any(line.strip().startswith("output +") for line in lines)
+    exported = tmp_path / "latents.jsonl"
+    assert run_cli(["export", "--format", "jsonl", "--out", exported, "--store", store]).code == 0
+    assert json.loads(exported.read_text().splitlines()[0])["unit"] == "latent"
 
 
 def test_ablating_a_planted_latent_moves_the_output_where_it_fires_only(planted_model: Path, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ Progress = Callable[[str, int, int], None]
 
 #: The JSONL export's fields, one object per neuron (the README's export section shows it in full).
 JSONL_SCHEMA = {
-    "layer": "int", "neuron": "int",
+    "layer": "int", "neuron": "int", "unit": "neuron (an MLP neuron) | latent (a sparse coder's latent)",
     "stats": "{count, mean, variance, skewness, kurtosis, max, min, density, selectivity, quantile_edges}",
     "records": "[{kind, rank, bin, tokens, activations}]",
     "explanations": "[{tail, role, explainer, sample, selected, text, source, scores: [{split, simulator, method, "
@@ -145,10 +145,11 @@ def _explanation_json(tail: str, e: ScoredExplanation) -> dict[str, Any]:
 def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None = None) -> int:
     """Write one line per neuron; the number of neurons."""
     n = 0
+    unit = "latent" if store.run(run_id).latents else "neuron"
     with _staged(out, folder=False) as staged, staged.open("w", encoding="utf-8") as f:
         for b in bundles(store, run_id, progress=progress):
             line = {
-                "layer": b.stats.layer, "neuron": b.stats.index,
+                "layer": b.stats.layer, "neuron": b.stats.index, "unit": unit,
                 "stats": {"count": b.stats.count, **{k: _clean(getattr(b.stats, k)) for k in (
                     "mean", "variance", "skewness", "kurtosis", "max", "min", "density", "selectivity")},
                           "quantile_edges": list(b.stats.quantile_edges)},
