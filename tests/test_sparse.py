@@ -226,3 +226,21 @@ def test_ablating_a_planted_latent_moves_the_output_where_it_fires_only(planted_
     plain_text, steered = steer(subject, NeuronId(0, 0), "We saw the cat and", 0.0, 8, coder=coder)
     assert plain_text == steered
     assert steer(subject, NeuronId(0, 0), "We saw the cat and", 50.0, 8, coder=coder)[1] != plain_text
+
+
+def test_latent_shards_merge_into_the_single_run(planted_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    from neuronscope.core.store import Store
+
+    coder = _planted_coder(planted_model, tmp_path / "coder", "saelens")
+    base = ["collect", "--model", planted_model, "--corpus", corpus_dir, "--sae", coder, "--length", "16",
+            "--dtype", "float32", "--device", "cpu", "--batch-size", "1"]
+    assert run_cli([*base, "--store", tmp_path / "one.duckdb"], timeout=300).code == 0
+    for i in range(2):
+        assert run_cli([*base, "--shard", f"{i}/2", "--store", tmp_path / "all.duckdb"], timeout=300).code == 0
+    merged = run_cli(["merge", "--output", tmp_path / "all.duckdb"])
+    assert merged.code == 0 and "8 latents over" in merged.err, merged.err
+    query = "SELECT layer, neuron, kind, rank, excerpt_id, scale, acts FROM records ORDER BY layer, neuron, kind, rank"
+    with Store.open(tmp_path / "one.duckdb", read_only=True) as one, \
+            Store.open(tmp_path / "all.duckdb", read_only=True) as two:
+        assert one.run().units == two.run().units and two.run().latents
+        assert one.con.execute(query).fetchall() == two.con.execute(query).fetchall()

@@ -40,7 +40,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             if r.error and r.status != "complete":
                 line.append(f" ({r.error})")
             line.append(f"  {r.model}  layers {layers_text(r.layers)} x {r.neurons_per_layer}  "
-                        f"{stored['neurons']:,} neurons  {r.n_excerpts:,} excerpts  {r.dtype}"
+                        f"{stored['neurons']:,} {'latents' if r.latents else 'neurons'}  {r.n_excerpts:,} excerpts  "
+                        f"{r.dtype}"
                         f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
             out.print(line, soft_wrap=True)
             out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
@@ -114,6 +115,7 @@ def merge_shards(paths: Sequence[str | Path], output: str | Path) -> CollectResu
     if result.reused:
         status(f"run {result.run_id} of {output} already holds this merge: nothing written")
     else:
-        status(f"run {result.run_id}: {result.n_neurons:,} neurons over {result.n_excerpts:,} excerpts "
+        units = "latents" if shards[0].meta.units else "neurons"
+        status(f"run {result.run_id}: {result.n_neurons:,} {units} over {result.n_excerpts:,} excerpts "
                f"merged from {len(shards)} shards → {output}")
     return result
