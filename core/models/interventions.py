@@ -90,7 +90,7 @@ def intervening_latent(subject: Subject, coder: SparseCoder, latent: int, edit: 
     coder = coder.on(subject.layer_device(coder.layer))
     direction = coder.w_dec[latent]
     block = subject.blocks[coder.layer]
-    mlp = block.get_submodule(subject._mlp_path)
+    mlp = block.get_submodule(subject.mlp_path)
 
     def shift(read: Any) -> Any:
         """The change to write, [B, T, d], from the hidden state the coder reads."""

@@ -167,7 +167,7 @@ class Subject:
         self.device = device
         self.dtype = dtype
         self.projections = mlp_projections(model)
-        self.blocks, self._mlp_path = _blocks(model)
+        self.blocks, self.mlp_path = _blocks(model)
         self.n_layers = len(self.projections)
         self.n_neurons = _in_features(self.projections[0])
         self.architecture = getattr(model.config, "model_type", type(model).__name__)
@@ -240,7 +240,7 @@ class Subject:
         if self.prefix_ids:
             ids = torch.cat([torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1), ids], 1)
         block = self.blocks[layer]
-        module = _get(block, self._mlp_path) if point in ("mlp_in", "mlp_out") else block
+        module = _get(block, self.mlp_path) if point in ("mlp_in", "mlp_out") else block
         seen: list[Any] = []
 
         def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
