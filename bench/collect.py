@@ -5,6 +5,7 @@
     python bench/collect.py --rss 500            # peak RSS of `neuronscope collect` at 500 and 2000 excerpts
     python bench/collect.py --random gpt2-xl --device cuda     # a random model of GPT-2 XL's shape (GPU machine)
     python bench/collect.py --random tiny --paths fixed filtered --check   # the same script, checked on a CPU
+    python bench/collect.py --random llama-3.1-8b --sae-width 16          # latents of a 16x coder against neurons
 
 With --random SHAPE (gpt2-xl, llama-3.1-8b, tiny; bench/shapes.py) nothing is downloaded and no store is written:
 the model is randomly initialised, the tokenizer is the folder --tokenizer (see bench/gpu_local.py
@@ -174,6 +175,8 @@ def random_pass(args: argparse.Namespace) -> None:
                           "host_syncs_per_batch": round(syncs / -(-n // batch), 1) if cuda else None,
                           "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if cuda else None}),
               flush=True)
+    if args.sae_width:
+        sparse_against_neurons(subject, excerpts, settings, batch, args.sae_width, sync)
     if args.check:
         check_layers = layers[: max(1, min(len(layers), 4))]
         small = type(excerpts)(excerpts.token_ids[: 4 * batch], excerpts.excerpt_ids[: 4 * batch], 64, "check")
@@ -190,6 +193,41 @@ def random_pass(args: argparse.Namespace) -> None:
         print(json.dumps({"check": "fixed == filtered", "layers": len(check_layers), "excerpts": len(small.excerpt_ids),
                           "identical": same}), flush=True)
     print(json.dumps({"total_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+
+def sparse_against_neurons(subject, excerpts, settings, batch: int, multiple: int, sync) -> None:  # type: ignore[no-untyped-def]
+    """Collection of a random TopK sparse coder (`multiple` x the MLP width, k=64, on the residual stream after the
+    middle block, made in memory) against the MLP neurons of that layer alone, over the same excerpts."""
+    import json
+
+    import torch
+
+    from neuronscope.core.collection.collect import accumulate
+    from neuronscope.core.models.sparse import SparseCoder
+
+    layer = subject.n_layers // 2
+    hidden = int(subject.model.config.hidden_size)
+    width = multiple * subject.n_neurons
+    gen = torch.Generator().manual_seed(0)
+    w_enc = torch.randn(hidden, width, generator=gen) / hidden**0.5
+    coder = SparseCoder(layer=layer, point="resid_post", activation="topk", w_enc=w_enc, b_enc=torch.zeros(width),
+                        w_dec=w_enc.T.contiguous(), b_dec=torch.zeros(hidden), subtract_b_dec=True, k=64,
+                        source="random (bench)")
+    report = lambda _stage, _done, _total: None  # noqa: E731
+    seconds = {}
+    for name, sparse in (("neurons", None), ("latents", coder)):
+        for _ in accumulate(subject, excerpts, (layer,), settings, batch, "warm", None, report, sparse):
+            break  # the first pass warms up (compiles, allocates)
+        sync()
+        started = time.perf_counter()
+        for _ in accumulate(subject, excerpts, (layer,), settings, batch, "bench", None, report, sparse):
+            break
+        sync()
+        seconds[name] = time.perf_counter() - started
+    print(json.dumps({"sae": f"{multiple}x the MLP width, TopK 64, resid_post of layer {layer}", "latents": width,
+                      "neurons": subject.n_neurons, "neurons_s": round(seconds["neurons"], 2),
+                      "latents_s": round(seconds["latents"], 2),
+                      "latents_throughput_ratio": round(seconds["neurons"] / seconds["latents"], 3)}), flush=True)
 
 
 def peak_rss(args: argparse.Namespace) -> None:
@@ -231,6 +269,9 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=("fixed", "filtered"), default=["fixed", "filtered"],
                         help="bookkeeping paths to measure with --random")
     parser.add_argument("--check", action="store_true", help="with --random: the two paths' results are identical")
+    parser.add_argument("--sae-width", type=int, default=0, metavar="M",
+                        help="with --random: also collect a random TopK sparse coder of M x the MLP width at the middle "
+                             "layer against that layer's MLP neurons")
     args = parser.parse_args()
     if args.random:
         random_pass(args)

@@ -11,12 +11,12 @@ PY=${PYTHON:-python3}
 if [ "${SHAPE_SCALE:-}" = tiny ]; then
     gpt2=tiny llama=tiny; many=256 few=128; local_args=(--tiny --concurrency 1 8 --max-seconds 60)
 else
-    gpt2=gpt2-xl llama=llama-3.1-8b; many=4096 few=2048; local_args=(--max-seconds 150)
+    gpt2=gpt2-xl llama=llama-3.1-8b; many=4096 few=2048; local_args=(--max-seconds 110)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 echo '{"check": "collection, GPT-2 XL shape: fixed-shape against filtered bookkeeping, and their results equal"}'
-timeout 170 "$PY" bench/collect.py --random "$gpt2" --excerpts "$many" --check
-echo '{"check": "collection, Llama-3.1-8B shape"}'
-timeout 150 "$PY" bench/collect.py --random "$llama" --excerpts "$few"
+timeout 150 "$PY" bench/collect.py --random "$gpt2" --excerpts "$many" --check
+echo '{"check": "collection, Llama-3.1-8B shape; then a 16x TopK sparse coder against the MLP neurons of one layer"}'
+timeout 180 "$PY" bench/collect.py --random "$llama" --excerpts "$few" --sae-width 16
 echo '{"check": "local backend, Llama-3.1-8B shape (issue 15)"}'
-timeout 200 "$PY" bench/gpu_local.py "${local_args[@]}"
+timeout 150 "$PY" bench/gpu_local.py "${local_args[@]}"
