@@ -36,7 +36,7 @@ def throughput(args: argparse.Namespace) -> None:
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
     from neuronscope.core.records import CollectSettings
     from neuronscope.core.store import Store
 

@@ -42,7 +42,7 @@ def save_tokenizer(folder: Path, model: str) -> None:
     if (cached / "tokenizer.json").exists() or (cached / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
-        from neuronscope.core.models.subject import load_subject
+        from neuronscope.core.models.loading import load_subject
 
         tokenizer = load_subject(model, device="cpu").tokenizer
     tokenizer.save_pretrained(folder)

@@ -243,7 +243,7 @@ def big_corpus(session_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def subject(tiny_model: Path):  # type: ignore[no-untyped-def]
     """The tiny model, loaded once in this process (fp32, CPU)."""
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     return load_subject(str(tiny_model), device="cpu", dtype="float32")
 

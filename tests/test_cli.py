@@ -308,7 +308,7 @@ def test_hostile_tokens_show_literally(cli_store) -> None:  # type: ignore[no-un
 
 
 def test_model_name_with_markup_is_shown_literally(tmp_path, tiny_model, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     odd = tmp_path / "chat[/INST]" / "[bold red]model"
     odd.parent.mkdir(parents=True)

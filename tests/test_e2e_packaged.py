@@ -10,7 +10,7 @@ import torch
 from neuronscope.core.collection.collect import collect
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts
-from neuronscope.core.models.subject import load_subject
+from neuronscope.core.models.loading import load_subject
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
 

@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, copy_store, run_cli
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.models.interventions import effects, intervening, steer
-from neuronscope.core.models.subject import load_subject
+from neuronscope.core.models.loading import load_subject
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 UNIT = NeuronId(0, 0)

@@ -11,8 +11,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from neuronscope.core.ids import NeuronId
+from neuronscope.core.models.loading import load_subject
 from neuronscope.core.models.probe import probe_text, top_at_tokens, top_over_text
-from neuronscope.core.models.subject import load_subject
 from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

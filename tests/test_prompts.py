@@ -100,8 +100,8 @@ def packaged_tokenizer(name: str) -> Any:
     first load (it dequantises every tensor: about a minute for qwen-0.5b)."""
     from transformers import AutoTokenizer
 
+    from neuronscope.core.models.loading import _quiet_transformers
     from neuronscope.core.models.packaged import PACKAGED, cache_dir
-    from neuronscope.core.models.subject import _quiet_transformers
 
     _quiet_transformers()
     model = PACKAGED[name]

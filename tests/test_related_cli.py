@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import Result, assert_one_line_error, run_cli
 
+from neuronscope.core.models.loading import load_subject
 from neuronscope.core.models.relations import input_tokens, upstream_neurons
-from neuronscope.core.models.subject import load_subject
 from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")

@@ -204,7 +204,7 @@ def test_ablating_a_planted_latent_moves_the_output_where_it_fires_only(planted_
     token and after it, never before; steering by 0 continues as the plain model does."""
     from neuronscope.core.ids import NeuronId
     from neuronscope.core.models.interventions import intervening_latent, steer
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     subject = load_subject(str(planted_model), device="cpu", dtype="float32")
     coder = load_sparse(_planted_coder(planted_model, tmp_path / "coder", "saelens"))

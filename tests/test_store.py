@@ -169,7 +169,7 @@ def test_parse_shard() -> None:
 # -- reuse and separate runs -------------------------------------------------------------------------
 
 def test_reuse_and_runs_never_mix(tmp_path, session_dir, subject, corpus_dir, other_corpus) -> None:  # type: ignore[no-untyped-def]
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     path = tmp_path / "store.duckdb"
     base = fast_settings(max_excerpts=48)  # a sample keeps the eight collections below quick
@@ -217,7 +217,7 @@ def test_reuse_and_runs_never_mix(tmp_path, session_dir, subject, corpus_dir, ot
 
 
 def test_different_weights_same_shape_make_a_new_run(tmp_path, session_dir, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     path = tmp_path / "store.duckdb"
     first = collect_into(path, subject, corpus_dir, settings=fast_settings(max_excerpts=48))

@@ -32,12 +32,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from neuronscope.core.models.subject import (
-    Subject,
-    SubjectError,
-    _bos_prefix,
-    mlp_projections,
-)
+from neuronscope.core.models.subject import Subject, SubjectError, _bos_prefix, mlp_projections
 
 VOCAB = 100
 N_LAYERS = 3

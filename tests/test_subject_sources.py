@@ -8,13 +8,9 @@ from typing import Any
 import pytest
 import torch
 
+from neuronscope.core.models.loading import choose_device, choose_dtype, resolve_source
 from neuronscope.core.models.packaged import PACKAGED
-from neuronscope.core.models.subject import (
-    SubjectError,
-    choose_device,
-    choose_dtype,
-    resolve_source,
-)
+from neuronscope.core.models.subject import SubjectError
 
 VOCAB = 100
 N_LAYERS = 3
@@ -78,7 +74,7 @@ def test_choose_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("float8", "int8", "Float32"):
         with pytest.raises(SubjectError, match="unknown dtype"):
             choose_dtype(bad, CPU)
-    import neuronscope.core.models.subject as subject_module
+    import neuronscope.core.models.loading as subject_module
 
     monkeypatch.setattr(subject_module, "cpu_has_bf16", lambda: False)
     assert choose_dtype(None, CPU) is torch.float32

@@ -10,8 +10,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -20,6 +18,7 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, NeuronscopeError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
+from neuronscope.tui.cli_collect import add_collect_parser, print_top
 from neuronscope.tui.cli_store import cmd_clean, cmd_info, cmd_merge
 from neuronscope.tui.console import (
     EXIT_ERROR,
@@ -27,138 +26,18 @@ from neuronscope.tui.console import (
     EXIT_INTERRUPTED,
     MAX_SAMPLES,
     Parser,
-    Skipped,
-    batch_size,
-    duration,
     err,
     interactive,
     number,
     out,
-    progress_bars,
-    status,
 )
-
-#: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
-MAX_K = 1_000
-#: How often a collection writes its state by default (seconds): a long run loses at most this much to a crash.
-CHECKPOINT_EVERY = 20 * 60.0
-
-
-# -- subcommands -------------------------------------------------------------------------------------
-
-def cmd_collect(args: argparse.Namespace) -> int:
-    """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
-    from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import auto_batch_size, collect, collect_shard, parse_shard
-    from neuronscope.core.collection.corpus import CorpusSpec
-    from neuronscope.core.collection.excerpts import cut_excerpts
-    from neuronscope.core.collection.ranks import from_environment, meet, shard_path
-    from neuronscope.core.ids import parse_layers
-    from neuronscope.core.models.subject import load_subject
-    from neuronscope.core.records import CollectSettings
-
-    rank = from_environment() if args.shard == "auto" else None
-    shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
-    together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
-    part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
-    device = args.device
-    if device is None and args.device_map is None and rank is not None and rank.local is not None:
-        import torch
-
-        device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
-    settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
-                               quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
-    target = part or Path(args.store)
-    checkpoints = Checkpoints(target, args.checkpoint_every) if args.checkpoint_every is not None else None
-    with ExitStack() as stack:
-        # A whole run fails fast on a locked or foreign store, before loading a model.
-        store = stack.enter_context(Store.output(args.store)) if part is None else None
-        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map)
-        layers = parse_layers(args.layers, range(subject.n_layers)) or ()
-        sparse = None
-        if args.sae:
-            from neuronscope.core.models.sparse import load_sparse
-
-            sparse = load_sparse(args.sae)
-            hidden = int(getattr(subject.model.config, "hidden_size", 0) or 0)
-            if sparse.w_enc.shape[0] != hidden or sparse.layer >= subject.n_layers:
-                raise InputError(f"the sparse coder reads {sparse.w_enc.shape[0]} dimensions at layer {sparse.layer}, "
-                                 f"but {subject.name} has {subject.n_layers} layers of {hidden}: pass a coder trained "
-                                 "on this model")
-            if args.layers and layers != (sparse.layer,):
-                raise InputError(f"the sparse coder's latents are at layer {sparse.layer}: drop --layers, or pass "
-                                 f"--layers {sparse.layer}")
-            layers = (sparse.layer,)
-        room = subject.context and subject.context - len(subject.prefix_ids)
-        if room and args.length > room:
-            raise InputError(f"--length {args.length} is longer than {subject.name} reads at once ({room} tokens after "
-                             f"its {len(subject.prefix_ids)} prefix token(s)): pass --length {room} or less")
-        spec = CorpusSpec(args.corpus, text_field=args.text_field, strict_utf8=args.strict_utf8)
-        skipped = Skipped()
-        status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
-        with progress_bars() as progress:
-            excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
-                                    seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
-                                    skipped=skipped, replaced=skipped.replaced)
-        skipped.finish()
-        batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
-        units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer})" if sparse else
-                 f"{len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons")
-        status(f"{subject.name}: {units}, "
-               f"{len(excerpts.excerpt_ids):,} "
-               f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
-        options = {"layers": layers, "settings": settings, "batch_size": batch, "reuse": not args.force,
-                   "checkpoints": checkpoints, "sparse": sparse}
-        with progress_bars() as progress:
-            if store is None:
-                assert part is not None
-                result = collect_shard(part, subject, excerpts, shard=shard, progress=progress, **options)
-            else:
-                result = collect(store, subject, excerpts, progress=progress, **options)
-        if result.reused:
-            status(f"{target} already holds this collection (use --force to collect again)")
-        else:
-            what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
-            status(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
-                   f"excerpts in {result.seconds:.1f} s → {target}")
-        if store is not None:
-            store.checkpoint()
-            assert result.run_id is not None
-            _print_top(store, result.run_id, args.top)
-    if checkpoints is not None:  # the run is in the store, under its name: its checkpoints go
-        checkpoints.clear()
-    if together:
-        assert rank is not None
-        status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
-        meet(rank)
-        if rank.index == 0:
-            from neuronscope.tui.cli_store import merge_shards
-
-            merged = merge_shards([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
-            with Store.open(args.store, read_only=True) as merged_store:
-                assert merged.run_id is not None
-                _print_top(merged_store, merged.run_id, args.top)
-    elif part is not None:
-        status(f"when every shard is done: neuronscope merge {shard_path(args.store, '*', shard[1])} "
-               f"--output {args.store}")
-    return 0
-
-
-def _print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:
-    from neuronscope.tui.render import neurons_table
-
-    run = store.run(run_id)
-    rows = store.top_neurons(run_id, limit=limit, order=order)
-    out.print(Text(f"Neurons of run {run_id} by {order} ({run.model}, {run.n_excerpts:,} excerpts)", style="bold"),
-              soft_wrap=True)
-    out.print(neurons_table(rows))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     """Print neurons ranked by a statistic."""
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        _print_top(store, run.run_id, args.limit, args.order)
+        print_top(store, run.run_id, args.limit, args.order)
     return 0
 
 
@@ -273,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     parser = build_parser()
     collect_args = parser.parse_args(["collect", "--store", args.store, "--max-excerpts", str(args.max_excerpts),
                                       "--top", str(args.top)])
-    code = cmd_collect(collect_args)
+    code = int(collect_args.func(collect_args))
     if code or not args.explain:
         return code
     if interactive():
@@ -300,46 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=os.environ.get("NEURONSCOPE_STORE", DEFAULT_STORE),
                        help=f"store file (default: $NEURONSCOPE_STORE or {DEFAULT_STORE})")
 
-    p = sub.add_parser("collect", help="run a model over a corpus and store every neuron's top, bottom, random "
-                                       "and quantile excerpts with statistics")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="packaged name (smollm2-135m, gemma3-270m), .gguf file, model folder or Hugging Face id "
-                        "(default: smollm2-135m)")
-    p.add_argument("--corpus", default="default",
-                   help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:SPLIT]")
-    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/HF data (default: text)")
-    p.add_argument("--strict-utf8", action="store_true", help="refuse corpus files with invalid UTF-8 bytes (by default "
-                                                             "a few become U+FFFD and are counted)")
-    p.add_argument("--layers", help="layers to collect, e.g. 0-5,12 or -1 for the last (default: all)")
-    p.add_argument("--max-excerpts", type=number(1), help="sample at most this many excerpts from the corpus")
-    p.add_argument("--max-tokens", type=number(1), help="read only the corpus's first N tokens (10M, 100M: reading "
-                                                        "stops there; the run is named by a hash of what it read)")
-    p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for excerpt sampling and random records (default: 0)")
-    p.add_argument("--length", type=number(1), default=64,
-                   help="tokens per excerpt, at most the model's context (default: 64)")
-    p.add_argument("--top-k", type=number(0, MAX_K), default=50, help="top excerpts kept per neuron (default: 50)")
-    p.add_argument("--bottom-k", type=number(0, MAX_K), default=50, help="most negative excerpts kept per neuron (default: 50)")
-    p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")
-    p.add_argument("--quantile-k", type=number(0, MAX_K), default=5, help="excerpts per quantile bin (default: 5)")
-    p.add_argument("--batch-size", type=batch_size, help="excerpts per forward pass, or auto: on a GPU what fits in half "
-                                                         "its free memory, 32 on a CPU (default: auto)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    p.add_argument("--sae", metavar="FOLDER", help="collect a sparse coder's latents (SAELens or sparsify folder) "
-                                                  "instead of the MLP neurons, at the coder's layer")
-    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
-                   help="spread a model too large for one GPU across the GPUs (accelerate); each layer's statistics "
-                        "stay on its GPU")
-    p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
-                                   "beside --store, for `neuronscope merge`; auto: the part torchrun or a SLURM job "
-                                   "array gives this process (README, \"Many GPUs\")")
-    p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
-    p.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY, metavar="TIME",
-                   help="write the collection's state beside the store this often (90s, 20m, 1h; default 20m; off), "
-                        "so the same command after a crash or kill -9 goes on from there")
-    p.add_argument("--top", type=number(0), default=15, help="rows of the selective-neuron table printed at the end")
-    store_arg(p)
-    p.set_defaults(func=cmd_collect)
+    add_collect_parser(sub, store_arg)
 
     p = sub.add_parser("info", help="list a store's runs, models, row counts and size")
     store_arg(p)

@@ -66,8 +66,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_related(args: argparse.Namespace) -> int:
     """Compute a run's related tokens and neurons from its model's weights and store them."""
+    from neuronscope.core.models.loading import load_subject
     from neuronscope.core.models.relations import related_lists
-    from neuronscope.core.models.subject import load_subject
 
     with Store.open(args.store) as store:
         run = store.run(args.run)

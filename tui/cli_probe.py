@@ -73,9 +73,7 @@ def _probe_sparse(args: argparse.Namespace, text: str) -> int:
             raise InputError(f"the sparse coder has no latent {unit}: its latents are L{coder.layer}/N0-"
                              f"L{coder.layer}/N{coder.width - 1}")
     subject = _subject_of(run, args)
-    if coder.w_enc.shape[0] != _hidden_size(subject):
-        raise InputError(f"the sparse coder reads {coder.w_enc.shape[0]} dimensions, but {run.model}'s {coder.point} "
-                         f"has {_hidden_size(subject)}: pass a coder trained on this model")
+    coder.check_fits(subject)
     status(f"{coder.width:,} latents of {coder.source} at {coder.point} of layer {coder.layer}")
     probe = probe_text(subject, text, (coder.layer,), sparse=coder)
     if units:
@@ -84,12 +82,6 @@ def _probe_sparse(args: argparse.Namespace, text: str) -> int:
     else:
         _print_top(probe, np.ones((1, coder.width), np.float32), args.top, shares=False)
     return 0
-
-
-def _hidden_size(subject: Subject) -> int:
-    """The width of the residual stream, which every hook point a coder reads has."""
-    config = subject.model.config
-    return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
 
 
 def cmd_effects(args: argparse.Namespace) -> int:
@@ -171,7 +163,7 @@ def _unit_of(run: RunInfo, text: str) -> NeuronId:
 
 def _subject_of(run: RunInfo, args: argparse.Namespace) -> Subject:
     """The run's model, loaded (a one-line error naming how to install it where it is missing)."""
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     subject = load_subject(run.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                            status=status)

@@ -62,8 +62,9 @@ class Embedder:
     @classmethod
     def load(cls, device: str | None = None) -> Embedder:
         """Load the packaged model on device (CUDA, else MPS, else CPU unless named)."""
+        from neuronscope.core.models.loading import _quiet_transformers, choose_device
         from neuronscope.core.models.packaged import ModelError, verify_sha256
-        from neuronscope.core.models.subject import SubjectError, _quiet_transformers, choose_device
+        from neuronscope.core.models.subject import SubjectError
 
         folder = model_dir()
         try:

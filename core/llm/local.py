@@ -109,7 +109,7 @@ class LocalBackend(Backend):
     def __init__(self, model: str, *, spec: str, device: str | None = None, dtype: str | None = None,
                  status: Callable[[str], None] | None = None, batch_size: int = BATCH_ROWS) -> None:
         super().__init__()
-        from neuronscope.core.models.subject import load_subject
+        from neuronscope.core.models.loading import load_subject
 
         self._attach(load_subject(model, device=device, dtype=dtype, status=status), spec, batch_size)
 

@@ -68,6 +68,16 @@ class SparseCoder:
             move["threshold"] = self.threshold.to(device)
         return replace(self, **move)
 
+    def check_fits(self, subject: Any) -> None:
+        """SparseError unless the subject has the coder's layer and the width it reads (every hook point a coder
+        reads has the residual stream's width)."""
+        config = subject.model.config
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+        if self.w_enc.shape[0] != hidden or self.layer >= subject.n_layers:
+            raise SparseError(f"the sparse coder reads {self.w_enc.shape[0]} dimensions at layer {self.layer}, but "
+                              f"{subject.name} has {subject.n_layers} layers of {hidden}: pass a coder trained on "
+                              "this model")
+
     @property
     def width(self) -> int:
         return int(self.w_enc.shape[1])

@@ -114,7 +114,7 @@ class ProbeScreen(ModalScreen[NeuronId | None]):
 
 def _subject(app: Any, model: str, options: dict[str, object]) -> Any:
     """The run's model, loaded once per app (from a worker thread)."""
-    from neuronscope.core.models.subject import load_subject
+    from neuronscope.core.models.loading import load_subject
 
     cached = getattr(app, "probe_subject", None)
     if cached is None or cached.name != model:
