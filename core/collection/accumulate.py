@@ -95,11 +95,12 @@ class Accumulator:
         by_unit: list[torch.Tensor] = []
 
         def fetch(p: torch.Tensor) -> torch.Tensor:
-            """Rows p = u * B + b as [len(p), T]: a few gathered directly, many from one transposed copy."""
-            if by_unit or len(p) * 16 > units * batch:
+            """Rows p = u * B + b as [len(p), T]: gathered directly, or when most of the batch's are wanted, from one
+            copy with tokens innermost ([B, units, T]: a fast transpose, where [units, B, T] is not)."""
+            if by_unit or len(p) * 8 > units * batch:
                 if not by_unit:
-                    by_unit.append(acts.permute(2, 0, 1).reshape(units * batch, -1))
-                return by_unit[0][p]
+                    by_unit.append(acts.transpose(1, 2).reshape(batch * units, -1))
+                return by_unit[0].index_select(0, (p % batch) * units + p // batch)  # whole rows: fast
             return acts[p % batch, :, p // batch]
 
         keys = keys_from(self._unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :])  # [units, B]
@@ -240,17 +241,30 @@ class LayerAccumulator(Accumulator):
 def compute_token_stats(
     acts: torch.Tensor, padded_edges: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments, excerpt max/min and histogram bins of one batch (elementwise only, so it fuses).
+    """Moments, excerpt max/min and histogram bins of one batch (elementwise and reductions, so it fuses).
 
     acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
     and for every hist_stride-th token its index in the flat histogram, hist_offsets [F] plus its bin
     [B, T/stride, F]. padded_edges is HIST_EDGES with -inf before and +inf after.
+
+    The power sums are kept in float64 (raw sums cancel badly in the central moments when |mean| >> std), but
+    computed in float32, at twice float64's vector width: each excerpt's powers about its own mean m, whose
+    sums are exact enough because they are small, then sum (m + d)^p expanded in float64.
     """
     x = acts.float()
-    xd = x.double()  # float64: raw power sums cancel badly when |mean| >> std
-    x2 = xd * xd
-    sums = torch.stack([xd.sum((0, 1)), x2.sum((0, 1)), (x2 * xd).sum((0, 1)), (x2 * x2).sum((0, 1)),
-                        (x > 0).sum((0, 1)).double()])
+    t = x.shape[1]
+    mean = x.mean(1, keepdim=True)  # [B, 1, F]
+    d = x - mean
+    d2 = d * d
+    s1, s2, s3, s4, positive = torch.stack(
+        [d.sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1), (x > 0).float().sum(1)]).double()  # [B, F] each
+    m = mean.squeeze(1).double()
+    m2 = m * m
+    sums = torch.stack([(t * m + s1).sum(0),
+                        (t * m2 + 2 * m * s1 + s2).sum(0),
+                        (t * m2 * m + 3 * m2 * s1 + 3 * m * s2 + s3).sum(0),
+                        (t * m2 * m2 + 4 * m2 * m * s1 + 6 * m2 * s2 + 4 * m * s3 + s4).sum(0),
+                        positive.sum(0)])
     return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :], padded_edges) + hist_offsets
 
 

@@ -207,6 +207,9 @@ def accumulate(
         def read(ids: Any) -> dict[int, Any]:
             return subject.activations(ids, layers)
 
+    # On a CPU, a layer at a time inside the forward pass; on a GPU, after it (queued work, joined layers).
+    by_layer = {group[0]: acc for group, acc in zip(groups, accs)} if sparse is None and all(
+        len(group) == 1 and acc.max.device.type == "cpu" for group, acc in zip(groups, accs)) else {}
     token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
@@ -218,14 +221,19 @@ def accumulate(
     for start in range(resumed.done if resumed else 0, n, batch_size):
         ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
         eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
-        acts = read(ids)
-        on_device: dict[Any, Any] = {}
-        for group, acc in zip(groups, accs):
-            joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
-            if joined.device not in on_device:
-                on_device[joined.device] = to_device(eids, joined.device)
-            acc.update(joined, on_device[joined.device], token_stats if len(ids) == batch_size else None)
-        del acts
+        stats = token_stats if len(ids) == batch_size else None
+        if by_layer:  # each layer's bookkeeping while its activations are still in the CPU's cache
+            subject.activations(ids, layers, each=lambda layer, acts, eids=eids, stats=stats: by_layer[layer].update(
+                acts, eids, stats))
+        else:
+            acts = read(ids)
+            on_device: dict[Any, Any] = {}
+            for group, acc in zip(groups, accs):
+                joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
+                if joined.device not in on_device:
+                    on_device[joined.device] = to_device(eids, joined.device)
+                acc.update(joined, on_device[joined.device], stats)
+            del acts
         done = min(start + batch_size, n)
         report("collect", done, n)
         if checkpoints is not None and done < n and checkpoints.due():

@@ -166,12 +166,13 @@ class SmallestK:
         if bool(real.any()):
             positions = new_pos[in_row[real], in_col[real]]
             rows = fetch(positions)
-            self.acts[dest[real], free_slot[real]] = rows.to(self.acts.dtype)
+            slots = dest[real] * self.k + free_slot[real]
+            self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
             if extremes is None:
                 ext = torch.stack([rows.amax(1), rows.amin(1)], 1).float()
             else:
-                ext = extremes[positions]
-            self.ext[dest[real], free_slot[real]] = ext
+                ext = extremes.index_select(0, positions)
+            self.ext.view(-1, 2).index_copy_(0, slots, ext)
 
     def merge(self, cand: torch.Tensor, source: torch.Tensor, extremes: torch.Tensor) -> Moves:
         """Fixed-shape offer, with no read back to the host: `cand` [groups, W] composites (EMPTY for none) and
@@ -201,7 +202,7 @@ class SmallestK:
             return
         slots = torch.nonzero_static(moves.moving.view(-1), size=count).squeeze(1)
         rows = fetch(moves.position.view(-1)[slots])
-        self.acts.view(-1, self.acts.shape[2])[slots] = rows.to(self.acts.dtype)
+        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Excerpt ids (-1 empty), activations and (max, min) with each group's entries in (key, id) order."""

@@ -103,13 +103,18 @@ class Subject:
         return None
 
     @contextmanager
-    def _hooks(self, layers: tuple[int, ...], out: dict[int, Any]) -> Iterator[None]:
-        last = max(layers)
+    def _hooks(
+        self, layers: tuple[int, ...], out: dict[int, Any], each: Callable[[int, Any], None] | None = None
+    ) -> Iterator[None]:
+        last, skip = max(layers), len(self.prefix_ids)
         handles = []
 
         def make(layer: int) -> Callable[..., None]:
             def hook(_module: Any, args: tuple[Any, ...]) -> None:
-                out[layer] = args[0]
+                if each is None:
+                    out[layer] = args[0]
+                else:
+                    each(layer, args[0][:, skip:, :])
                 if layer == last:
                     raise _StopForward
 
@@ -123,8 +128,13 @@ class Subject:
             for handle in handles:
                 handle.remove()
 
-    def activations(self, token_ids: Any, layers: tuple[int, ...]) -> dict[int, Any]:
-        """Neuron activations for a batch of excerpts.  token_ids [B, T] -> {layer: [B, T, F]}."""
+    def activations(
+        self, token_ids: Any, layers: tuple[int, ...], each: Callable[[int, Any], None] | None = None
+    ) -> dict[int, Any]:
+        """Neuron activations for a batch of excerpts.  token_ids [B, T] -> {layer: [B, T, F]}.
+
+        With `each`, each layer's activations [B, T, F] are passed to each(layer, acts) as soon as they are computed
+        (while they are still in the CPU's cache), and nothing is returned ({})."""
         import torch
 
         if not layers or not all(0 <= layer < self.n_layers for layer in layers):
@@ -135,7 +145,7 @@ class Subject:
             ids = torch.cat([prefix, ids], 1)
         ids = to_device(ids, self.device)
         out: dict[int, Any] = {}
-        with torch.inference_mode(), self._hooks(layers, out):
+        with torch.inference_mode(), self._hooks(layers, out, each):
             try:
                 self.model(input_ids=ids, use_cache=False)
             except _StopForward:
