@@ -37,9 +37,10 @@ Scorer = Literal["detection", "fuzzing", "embedding"]
 #: Scorers beside simulation (neuronscope.core.explanation.scorers).
 SCORERS: tuple[Scorer, ...] = get_args(Scorer)
 
-Role = Literal["candidate", "shuffled", "baseline", "user"]
+Role = Literal["candidate", "shuffled", "baseline", "user", "output", "output-shuffled", "output-baseline"]
 #: Explanation roles: the explainer's own candidates, another neuron's explanation scored on this neuron's records
-#: (the shuffled control), the token-lookup baseline, and a user's sentence.
+#: (the shuffled control), the token-lookup baseline, and a user's sentence; then the same three of output-centric
+#: explanations (what the unit makes the model say, neuronscope.core.explanation.output).
 ROLES: tuple[Role, ...] = get_args(Role)
 
 JobKind = Literal["explain", "score", "run"]

@@ -106,7 +106,7 @@ def _app_settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         parse_spec(spec)
     settings = JobSettings(explainer=args.explainer, simulator=simulator, samples=args.samples, tail=args.tail,
                            scorers=parse_scorers(args.scorers), simulation=args.simulation, revise=args.revise,
-                           controls=args.controls)
+                           controls=args.controls, output=args.output_centric)
     return settings, {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype}
 
 
@@ -262,6 +262,8 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
                                                           "simulated worst, keeping the better one")
     p.add_argument("--controls", default="all", type=controls_arg,
                    help="which neurons of the app's jobs get the shuffled control: all, none or sample:F (default: all)")
+    p.add_argument("--output-centric", action="store_true",
+                   help="the app's jobs also explain what each neuron makes the model say, and score that by steering")
     concurrency_arg(p)
     p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")

@@ -58,6 +58,12 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
             p.add_argument("--revise", action="store_true",
                            help="also revise the first explanation from the held-out select excerpts it simulated "
                                 "worst, and keep whichever scores better there")
+        p.add_argument("--output-centric", action="store_true",
+                       help="also explain what each neuron makes the model say, from the next tokens amplifying it "
+                            "promotes and suppresses (the run's model is loaded for that)"
+                            + ("" if kind == "explain" else ", and score that explanation by steering: how well it "
+                               "tells continuations with the neuron pushed up from plain ones, beside a shuffled "
+                               "explanation's and the promoted tokens'"))
         if kind in ("explain", "run"):
             p.add_argument("--samples", type=number(1, MAX_SAMPLES), default=1,
                            help="candidate explanations per neuron; with score/run the best on a selection split "
@@ -102,7 +108,7 @@ def _settings(args: argparse.Namespace) -> Any:
         samples=getattr(args, "samples", 1), sizes=SplitSizes(args.train, args.test_top, args.test_random),
         seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
         simulation=getattr(args, "simulation", DEFAULT_SIMULATION), revise=getattr(args, "revise", False),
-        controls=getattr(args, "controls", "all"),
+        controls=getattr(args, "controls", "all"), output=args.output_centric,
     )
     return settings
 
@@ -160,6 +166,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
     from neuronscope.core.jobs.engine import Job, env_concurrency
     from neuronscope.core.llm.base import make_backend, parse_spec
+    from neuronscope.core.models.loading import run_subject
     from neuronscope.tui.render import summaries_table
 
     settings = _settings(args)
@@ -172,8 +179,10 @@ def cmd_job(args: argparse.Namespace) -> int:
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         selection = _selection(args, run)
-        job = Job(store, run, settings, selection, backend_factory=lambda spec: make_backend(
-            spec, device=args.device, dtype=None if args.dtype == "auto" else args.dtype, status=status))
+        dtype = None if args.dtype == "auto" else args.dtype
+        job = Job(store, run, settings, selection,
+                  backend_factory=lambda spec: make_backend(spec, device=args.device, dtype=dtype, status=status),
+                  subject_factory=lambda run: run_subject(run, device=args.device, dtype=dtype, status=status))
         try:
             if args.dry_run:
                 with progress_bars() as progress:

@@ -46,8 +46,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         units = [_unit_of(run, u) for u in args.unit or ()]
         layers = tuple(sorted({u.layer for u in units})) if units else run.layers
         maxima = store.maxima(run.run_id, layers, run.neurons_per_layer)
-    coder = _coder(run)
-    subject = _subject_of(run, args)
+    subject, coder = _subject_of(run, args)
     probe = probe_text(subject, text, layers, sparse=coder)
     if units:
         for unit in units:
@@ -72,7 +71,7 @@ def _probe_sparse(args: argparse.Namespace, text: str) -> int:
         if unit.layer != coder.layer or not 0 <= unit.neuron < coder.width:
             raise InputError(f"the sparse coder has no latent {unit}: its latents are L{coder.layer}/N0-"
                              f"L{coder.layer}/N{coder.width - 1}")
-    subject = _subject_of(run, args)
+    subject, _ = _subject_of(run, args)
     coder.check_fits(subject)
     status(f"{coder.width:,} latents of {coder.source} at {coder.point} of layer {coder.layer}")
     probe = probe_text(subject, text, (coder.layer,), sparse=coder)
@@ -98,13 +97,13 @@ def cmd_effects(args: argparse.Namespace) -> int:
         if stats is None or not tops or stats.max <= 0:
             raise InputError(f"{unit} of run {run.run_id} has no top excerpt where it fires: pick another unit")
         token_ids = np.array([store.excerpts(run.run_id, [r.excerpt_id])[r.excerpt_id][0] for r in tops])
-    subject = _subject_of(run, args)
+    subject, coder = _subject_of(run, args)
     ablate_to = stats.mean if args.ablate == "mean" else 0.0
     amplify_to = args.factor * stats.max
     found = effects(subject, unit, token_ids, ablate_to=ablate_to, amplify_to=amplify_to, top=args.top,
                     labels=(f"ablated to {args.ablate} ({ablate_to:+.3g})",
                             f"amplified to {args.factor:g} x its max ({amplify_to:+.3g}) where it fires"),
-                    coder=_coder(run))
+                    coder=coder)
     out.print(Text(f"{unit}: next-token log-probability changes over {found.excerpts} top excerpts, at the "
                    f"{found.positions} positions where it fires", style="bold"), soft_wrap=True)
     for shift in found.shifts:
@@ -134,9 +133,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)
         peak = stats.max if stats is not None and stats.max > 0 else 1.0
-    subject = _subject_of(run, args)
+    subject, coder = _subject_of(run, args)
     add = args.scale * peak
-    plain, steered = steer(subject, unit, args.prompt, add, args.tokens, coder=_coder(run))
+    plain, steered = steer(subject, unit, args.prompt, add, args.tokens, coder=coder)
     table = Table(show_lines=True)
     table.add_column("plain", ratio=1)
     table.add_column(f"{unit} + {args.scale:g} x its max ({add:+.3g})", ratio=1)
@@ -144,13 +143,6 @@ def cmd_steer(args: argparse.Namespace) -> int:
                   Text(visible(args.prompt), style="dim") + Text(visible(steered)))
     out.print(table)
     return 0
-
-
-def _coder(run: RunInfo) -> SparseCoder | None:
-    """The sparse coder whose latents a run holds (found again by its recorded folder), None for MLP neurons."""
-    from neuronscope.core.models.sparse import recorded
-
-    return recorded(run.units) if run.latents else None
 
 
 def _unit_of(run: RunInfo, text: str) -> NeuronId:
@@ -161,19 +153,12 @@ def _unit_of(run: RunInfo, text: str) -> NeuronId:
     return unit
 
 
-def _subject_of(run: RunInfo, args: argparse.Namespace) -> Subject:
-    """The run's model, loaded (a one-line error naming how to install it where it is missing)."""
-    from neuronscope.core.models.loading import load_subject
+def _subject_of(run: RunInfo, args: argparse.Namespace) -> tuple[Subject, SparseCoder | None]:
+    """The run's model, loaded (a one-line error naming how to install it where it is missing), and its sparse coder
+    for a run of latents."""
+    from neuronscope.core.models.loading import run_subject
 
-    subject = load_subject(run.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                           status=status)
-    if subject.revision != run.model_revision:
-        status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
-               f"run's {run.model_revision[:12]}): activations may not match its excerpts")
-    if (not run.latents and subject.n_neurons != run.neurons_per_layer) or max(run.layers) >= subject.n_layers:
-        raise InputError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
-                         f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
-    return subject
+    return run_subject(run, device=args.device, dtype=None if args.dtype == "auto" else args.dtype, status=status)
 
 
 def _print_unit(probe: Probe, unit: NeuronId, peak: float) -> None:

@@ -209,7 +209,8 @@ def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale
 def shuffled_control(explanations: Sequence[ScoredExplanation], index: int, split: SplitScores) -> SplitScores | None:
     """The scores of the shuffled control nearest to explanations[index] (a job stores its candidates and controls
     together) on the same split by the same simulator, if any."""
-    nearest = sorted((abs(j - index), j) for j, e in enumerate(explanations) if e.role == "shuffled")
+    want = "output-shuffled" if explanations[index].role == "output" else "shuffled"
+    nearest = sorted((abs(j - index), j) for j, e in enumerate(explanations) if e.role == want)
     for _, j in nearest:
         for other in explanations[j].splits:
             if (other.split, other.simulator) == (split.split, split.simulator):
@@ -238,7 +239,7 @@ def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
             text.append(f"  {method} {s.value:+.2f}")
             if method == "contrast":
                 flag(s)
-    for method in SCORERS:  # AUROCs, 0.5 is chance
+    for method in (*SCORERS, "steering"):  # AUROCs, 0.5 is chance
         s = split.get(method)
         if s is not None:
             text.append(f"  {method} {s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]")
@@ -254,7 +255,9 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         (Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")), False)]
     for index, ex in enumerate(explanations):
         label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
-                 "baseline": "token baseline", "user": "your sentence"}.get(ex.role, ex.role)
+                 "baseline": "token baseline", "user": "your sentence", "output": f"{ex.explainer} (output)",
+                 "output-shuffled": "shuffled control (output)",
+                 "output-baseline": "promoted tokens (output)"}.get(ex.role, ex.role)
         if ex.source:
             label += f" (from {ex.source})"
         line = Text("* " if ex.selected else "  ", style="bold")
@@ -262,7 +265,7 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         line.append(visible(ex.text))
         parts.append((line, True))
         for split in ex.splits:
-            control = shuffled_control(explanations, index, split) if ex.role in ("candidate", "user") else None
+            control = shuffled_control(explanations, index, split) if ex.role in ("candidate", "user", "output") else None
             parts.append((split_scores_line(split, control), True))
     chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
     if chosen is None:

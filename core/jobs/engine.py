@@ -42,6 +42,7 @@ from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
 from neuronscope.core.jobs.neuron_work import NeuronWork
+from neuronscope.core.jobs.output_work import OutputWork, SubjectFactory
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.jobs.settings import JobReport, JobSettings, Plan, env_concurrency, parse_controls
 from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
@@ -81,11 +82,12 @@ THREADS_PER_REQUEST = 2
 DEFAULT_CONCURRENCY = 8
 
 
-class Job(NeuronWork):
+class Job(NeuronWork, OutputWork):
     """One job over one run. Build it, then `plan()` or `run()`."""
 
     def __init__(self, store: Store, run: RunInfo, settings: JobSettings, selection: Selection, *,
-                 backend_factory: Callable[[str], Backend] | None = None) -> None:
+                 backend_factory: Callable[[str], Backend] | None = None,
+                 subject_factory: SubjectFactory | None = None) -> None:
         if settings.kind not in JOB_KINDS:
             raise JobError(f"unknown job kind {settings.kind!r}")
         if settings.tail not in TAILS:
@@ -120,9 +122,11 @@ class Job(NeuronWork):
         self._tally: Tally | None = None
         #: What the dry run's neurons so far would have stored (the store gives the partner's newest explanation).
         self._planned: dict[NeuronId, NeuronResult] = {}
+        self._init_output(subject_factory)
         identity = {**asdict(settings), "explainer": self.explainer_name, "simulator": self.simulator_name}
-        if settings.controls == "all":
-            del identity["controls"]  # as jobs were named before controls could be sampled
+        for name, default in (("controls", "all"), ("output", False)):
+            if identity[name] == default:
+                del identity[name]  # as jobs were named before the setting was added
         params = {"run_id": run.run_id, **identity, "neurons": [list(n) for n in self.neurons]}
         self.params = json.dumps(params, sort_keys=True)
         self.key = hashlib.sha256(self.params.encode()).hexdigest()
@@ -208,6 +212,7 @@ class Job(NeuronWork):
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        self._subject = None
 
     def prepare(self) -> None:
         """Load the backends the job needs (so a bad model fails before any neuron starts)."""
@@ -216,6 +221,9 @@ class Job(NeuronWork):
         if self.settings.kind != "explain":
             self.backend(self.settings.simulator)
             self.embedder()
+        if self.settings.output:
+            with self._subject_lock:
+                self._load_subject()
 
     # -- running --------------------------------------------------------------------------------------
     def pending(self, job_id: int | None) -> list[int]:
@@ -398,8 +406,8 @@ class Job(NeuronWork):
 
 def run_job(store: Store, run: RunInfo, settings: JobSettings, selection: Selection, **options: Any) -> JobReport:
     """Build and run a job in one call (tests and scripts)."""
-    factory = options.pop("backend_factory", None)
-    job = Job(store, run, settings, selection, backend_factory=factory)
+    factory, subjects = options.pop("backend_factory", None), options.pop("subject_factory", None)
+    job = Job(store, run, settings, selection, backend_factory=factory, subject_factory=subjects)
     try:
         return job.run(**options)
     finally:

@@ -40,6 +40,7 @@ class NeuronWork:
     _planned: dict[NeuronId, NeuronResult]
     backend: Callable[[str], Backend]
     embedder: Callable[[], Embedder | None]
+    _output: Callable[..., list[ScoredExplanation]]
 
     @property
     def _uses_explainer(self) -> bool:
@@ -120,9 +121,11 @@ class NeuronWork:
         texts, explainer, role = self._candidates(neuron, splits)
         seed = self._seed(neuron)
         if self.settings.kind == "explain":
-            out = tuple(ScoredExplanation(text=t, explainer=explainer, role=role, sample=i, selected=i == 0)
-                        for i, t in enumerate(texts))
-            return NeuronResult(neuron[0], neuron[1], self.settings.tail, out)
+            out = [ScoredExplanation(text=t, explainer=explainer, role=role, sample=i, selected=i == 0)
+                   for i, t in enumerate(texts)]
+            if self.settings.output:
+                out += self._output(neuron, splits, seed, None, records)
+            return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(out))
         simulator = self.backend(self.settings.simulator)
         scorers, embedder = self.settings.scorers, self.embedder()
         mode = self.settings.simulation
@@ -141,6 +144,8 @@ class NeuronWork:
         extra = controls(simulator, splits, partner=partner, seed=seed, explainer=explainer, simulation=mode,
                          scorers=scorers, embedder=embedder, with_contrast=controlled,
                          partner_text=(lambda: self._partner_text(partner, records)) if partner else None)  # type: ignore[arg-type]
+        if self.settings.output:
+            extra += self._output(neuron, splits, seed, partner, records)
         return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(scored + extra))
 
     def _prefetch(self, indexes: Sequence[int]) -> dict[NeuronId, list[ActivationRecord]]:

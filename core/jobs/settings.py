@@ -69,6 +69,9 @@ class JobSettings:
     controls: str = "all"
     """Which neurons get the shuffled control and the neutral (contrast) simulation: all, none or sample:F (a
     fraction F of the job's neurons, chosen by the seed). The token-lookup baseline costs no call: every neuron gets it."""
+    output: bool = False
+    """Also an output-centric explanation (what the unit makes the model say, from the promoted and suppressed next
+    tokens) and, for score and run jobs, its steering score (neuronscope.core.explanation.output)."""
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ MLP output projection (a forward pre-hook), so everything after it in the networ
 - `effects`: over the unit's top excerpts, the next-token log-probabilities with the unit ablated (set to zero or
   to its mean, everywhere) and amplified (set to a multiple of its corpus max where it fires), against the plain
   pass; the tokens raised and lowered most, averaged over the positions where the unit fires;
-- `steer`: a greedy continuation of a prompt with a constant added to the unit at every position, beside the plain
-  one (scale 0 adds nothing, so both are the same).
+- `steering_effect`: the next-token probabilities gained and lost when a constant is added to the unit at every
+  position;
+- `steer` and `continuations`: greedy continuations of prompts with a constant added to the unit at every position,
+  beside the plain ones (adding 0 changes nothing, so both are the same).
 """
 
 from __future__ import annotations
@@ -123,6 +125,16 @@ def intervening_latent(subject: Subject, coder: SparseCoder, latent: int, edit: 
         handle.remove()
 
 
+def _with_prefix(subject: Subject, token_ids: np.ndarray) -> Any:
+    """Token ids [n, T] as a tensor, after the subject's prefix (a BOS token) where it has one."""
+    import torch
+
+    ids = torch.as_tensor(np.asarray(token_ids, np.int64))
+    if subject.prefix_ids:
+        ids = torch.cat([torch.tensor(subject.prefix_ids).expand(len(ids), -1), ids], 1)
+    return ids
+
+
 def _log_probs(subject: Subject, ids: Any, rows: Any) -> Any:
     """Log-softmax of the logits at the positions `rows` (a boolean [B, T] mask), float32 [positions, vocab]."""
     import torch
@@ -143,9 +155,7 @@ def effects(subject: Subject, unit: NeuronId, token_ids: np.ndarray, *, ablate_t
     def intervening(subject: Subject, unit: NeuronId, edit: Callable[[Any], Any], where: Any = None) -> Any:
         return _intervention(subject, unit, edit, where, coder)
 
-    ids = torch.as_tensor(np.asarray(token_ids, np.int64))
-    if subject.prefix_ids:
-        ids = torch.cat([torch.tensor(subject.prefix_ids).expand(len(ids), -1), ids], 1)
+    ids = _with_prefix(subject, token_ids)
     seen: list[Any] = []
 
     def record(x: Any) -> Any:
@@ -172,6 +182,27 @@ def effects(subject: Subject, unit: NeuronId, token_ids: np.ndarray, *, ablate_t
     return Effects(unit, len(token_ids), int(firing.sum()), tuple(shifts))
 
 
+def steering_effect(subject: Subject, unit: NeuronId, token_ids: np.ndarray, add: float, *, top: int = 10,
+                    coder: SparseCoder | None = None) -> Shift:
+    """What pushing the unit does to the next token: the mean next-token probability over every position of the
+    excerpts `token_ids` [n, T] with `add` added to the unit at every position, against the plain pass; the tokens
+    gaining and losing the most probability (not log-probability, which rare tokens dominate)."""
+    import torch
+
+    ids = _with_prefix(subject, token_ids)
+    skip = len(subject.prefix_ids)
+
+    def mean_probs() -> Any:
+        with torch.inference_mode():
+            logits = subject.model(input_ids=ids.to(subject.device), use_cache=False).logits[:, skip:]
+        return torch.softmax(logits.float(), -1).mean((0, 1))
+
+    plain = mean_probs()
+    with _intervention(subject, unit, lambda x: x + add, None, coder):
+        change = mean_probs() - plain
+    return _shift(subject, f"pushed by {add:+.3g}", change, top, float(change.abs().mean()))
+
+
 def _shift(subject: Subject, name: str, change: Any, top: int, size: float) -> Shift:
     import torch
 
@@ -195,24 +226,39 @@ def steer(subject: Subject, unit: NeuronId, prompt: str, add: float, tokens: int
           coder: SparseCoder | None = None) -> tuple[str, str]:
     """Greedy continuations of `prompt`, plain and with `add` added to the unit (a neuron, or `coder`'s latent) at
     every position."""
-    import torch
-
     from neuronscope.core.models.subject import SubjectError
 
-    ids = subject.prefix_ids + subject.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if len(ids) == len(subject.prefix_ids):
+    ids = subject.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
         raise SubjectError("the prompt has no tokens: pass --prompt with some text")
-    start = torch.tensor([ids], device=subject.device)
+    plain, steered = continuations(subject, unit, np.array([ids]), add, tokens, coder)
+
+    def text(row: list[int]) -> str:
+        return str(subject.tokenizer.decode(row, skip_special_tokens=True))
+
+    return text(plain[0]), text(steered[0])
+
+
+def continuations(subject: Subject, unit: NeuronId, prompts: np.ndarray, add: float, tokens: int,
+                  coder: SparseCoder | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy continuations of `tokens` tokens (token ids, up to the end-of-text token) of each prompt of
+    `prompts` [n, P] (token ids, one length, so they run as one batch), plain and with `add` added to the unit at
+    every position."""
+    import torch
+
+    ids = _with_prefix(subject, prompts).to(subject.device)
+    end = subject.tokenizer.eos_token_id
     pad = subject.tokenizer.pad_token_id
-    pad = pad if pad is not None else subject.tokenizer.eos_token_id
+    pad = pad if pad is not None else end
 
-    def continuation() -> str:
+    def generate() -> list[list[int]]:
         with torch.inference_mode():
-            out = subject.model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=tokens,
+            out = subject.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                          do_sample=False, pad_token_id=pad)
-        return str(subject.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+        rows = out[:, ids.shape[1]:].tolist()
+        return [row[: row.index(end)] if end is not None and end in row else row for row in rows]
 
-    plain = continuation()
+    plain = generate()
     with _intervention(subject, unit, lambda x: x + add, None, coder):
-        steered = continuation()
+        steered = generate()
     return plain, steered

@@ -10,10 +10,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuronscope.core.models.packaged import PACKAGED, ModelError, cache_dir
 from neuronscope.core.models.subject import Subject, SubjectError
+
+if TYPE_CHECKING:
+    from neuronscope.core.models.sparse import SparseCoder
+    from neuronscope.core.records import RunInfo
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,24 @@ def _load_transformers(source: SubjectSource, dtype: Any, say: Callable[[str], N
             "check the id and the network, or download it elsewhere and pass its folder"
         ) from None
     return model, tokenizer, str(getattr(model.config, "_commit_hash", None) or source.location)
+
+
+def run_subject(run: RunInfo, *, device: str | None = None, dtype: str | None = None,
+                status: Callable[[str], None] | None = None) -> tuple[Subject, SparseCoder | None]:
+    """A run's subject model, loaded (a one-line error naming how to install it where it is missing), and for a run of
+    sparse-coder latents the coder, found again where the run read it. Says through `status` when the model is not
+    the run's exact revision; SubjectError when its shape is not the run's."""
+    from neuronscope.core.ids import layers_text
+    from neuronscope.core.models.sparse import recorded
+
+    subject = load_subject(run.model, device=device, dtype=dtype, status=status)
+    if subject.revision != run.model_revision and status is not None:
+        status(f"note: {run.model} is not the exact model of run {run.run_id} (revision {subject.revision[:12]}, the "
+               f"run's {run.model_revision[:12]}): activations may not match its excerpts")
+    if (not run.latents and subject.n_neurons != run.neurons_per_layer) or max(run.layers) >= subject.n_layers:
+        raise SubjectError(f"{run.model} has {subject.n_layers} layers of {subject.n_neurons} neurons, not the run's "
+                           f"layers {layers_text(run.layers)} of {run.neurons_per_layer}: pass the run's model's store")
+    return subject, recorded(run.units) if run.latents else None
 
 
 def _folder_digest(folder: Path) -> str:

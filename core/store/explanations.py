@@ -237,12 +237,14 @@ class ExplanationsMixin:
                                  for (split, simulator), scores in splits.get(int(r[0]), {}).items()))
                 for r in rows]
 
-    def candidate_texts(self, run_id: int, layer: int, neuron: int, *, tail: str, explainer: str) -> list[str]:
-        """The newest job's candidate explanations of a neuron by an explainer, in sample order."""
+    def candidate_texts(self, run_id: int, layer: int, neuron: int, *, tail: str, explainer: str,
+                        role: str = "candidate") -> list[str]:
+        """The newest job's candidate explanations of a neuron by an explainer, in sample order (role `output`: its
+        output-centric ones)."""
         rows = self.con.execute(
             "SELECT text FROM explanations WHERE run_id = ? AND layer = ? AND neuron = ? AND tail = ? AND explainer = ? "
-            "AND role = 'candidate' QUALIFY job_id = max(job_id) OVER () ORDER BY sample",
-            [run_id, layer, neuron, tail, explainer]).fetchall()
+            "AND role = ? QUALIFY job_id = max(job_id) OVER () ORDER BY sample",
+            [run_id, layer, neuron, tail, explainer, role]).fetchall()
         return list(dict.fromkeys(r[0] for r in rows))
 
     def summaries(self, run_id: int, *, job_id: int | None = None, limit: int | None = None) -> list[NeuronSummary]:

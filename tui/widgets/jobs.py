@@ -144,6 +144,7 @@ class JobsPanel(VerticalScroll):
     def _run(self, store: Any, run: Any, handle: JobHandle, backend_options: dict[str, Any]) -> None:
         from neuronscope.core.jobs.engine import Job
         from neuronscope.core.llm.base import make_backend
+        from neuronscope.core.models.loading import run_subject
 
         worker_store = store.for_thread()
         last = 0.0
@@ -169,7 +170,8 @@ class JobsPanel(VerticalScroll):
         job = None
         try:
             job = Job(worker_store, run, handle.settings, Selection(neurons=handle.neurons),
-                      backend_factory=lambda spec: make_backend(spec, status=status, **backend_options))
+                      backend_factory=lambda spec: make_backend(spec, status=status, **backend_options),
+                      subject_factory=lambda run: run_subject(run, status=status, **backend_options))
             handle.state = "running"
             self.post_message(self.Progress(handle, "loading models…"))
             report = job.run(progress=progress, stop=handle.stop, landed=landed, concurrency=handle.concurrency)
