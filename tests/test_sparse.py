@@ -172,10 +172,13 @@ def test_collected_latents_are_found_shown_explained_and_scored(layout: str, pla
     assert "already holds this collection" in again.err  # the same coder: the same run
     shown = run_cli(["show", "0/0", "--store", store])
     assert shown.code == 0 and "latent L0/N0" in shown.out and f"latents of {layout}:" in shown.out
-    scored = run_cli(["run", "0/0", "0/1", "--explainer", "baseline", "--store", store], timeout=300)
+    scored = run_cli(["run", "0/0", "0/1", "--explainer", "baseline", "--output-centric", "--store", store], timeout=300)
     assert scored.code == 0, scored.err
     with Store.open(store, read_only=True) as opened:
         rows = {(s.layer, s.neuron): s for s in opened.summaries(opened.run().run_id)}
+        # the output-centric explanation: the latent pushed along its decoder direction, steered continuations rated
+        (output,) = [e for e in opened.explanations(opened.run().run_id, 0, 0) if e.role == "output"]
+        assert output.text.startswith("tokens: ") and output.score("steer", "steering").n > 0
     planted = rows[(0, 0)]
     assert '" the"' in planted.text and planted.score.value >= 0.9 and planted.score.ci_low > 0.8, planted
     assert abs(planted.shuffled.value) < 0.2 and planted.beats_shuffled  # another latent's explanation: chance
@@ -244,3 +247,71 @@ def test_latent_shards_merge_into_the_single_run(planted_model: Path, corpus_dir
             Store.open(tmp_path / "all.duckdb", read_only=True) as two:
         assert one.run().units == two.run().units and two.run().latents
         assert one.con.execute(query).fetchall() == two.con.execute(query).fetchall()
+
+
+def test_coders_their_libraries_wrote_read_through_them_and_from_the_files(tmp_path: Path) -> None:
+    """Every kind of coder sae_lens and sparsify save (setup.sh test installs both, the `sae` extra), read through
+    the library and from the files directly: the same coder, whose latents are what the library's own encode gives."""
+    import sparsify
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(7))
+
+    def randomised(module: torch.nn.Module) -> torch.nn.Module:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(8)
+            for name, param in module.named_parameters():
+                param.copy_(torch.randn_like(param).abs() * 0.5 if name == "threshold" else torch.randn_like(param))
+        return module
+
+    def both(folder: Path, library: str) -> list:  # type: ignore[type-arg]
+        through, direct = load_sparse(folder, library=True), load_sparse(folder, library=False)
+        assert through.reader.startswith(f"{library} ") and direct.reader == "files"
+        assert through.source == direct.source  # one coder, whoever reads it
+        return [through, direct]
+
+    lens = {"standard": (StandardSAE, StandardSAEConfig, {}, "blocks.2.hook_resid_pre", "resid_pre", "relu"),
+            "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}, "blocks.1.hook_mlp_out", "mlp_out", "jumprelu"),
+            "topk": (TopKSAE, TopKSAEConfig, {"k": 4}, "blocks.3.hook_resid_post", "resid_post", "topk"),
+            "transcoder": (Transcoder, TranscoderConfig, {"d_out": D_IN, "apply_b_dec_to_input": False},
+                           "blocks.2.ln2.hook_normalized", "mlp_in", "relu")}
+    for name, (kind, config, extra, hook, point, activation) in lens.items():
+        names = {"hook_name": hook, **({"hook_name_out": "blocks.2.hook_mlp_out"} if name == "transcoder" else {})}
+        sae = randomised(kind(config(d_in=D_IN, d_sae=D_SAE, metadata=SAEMetadata(**names), **extra)))
+        sae.save_model(str(tmp_path / name))
+        with torch.no_grad():
+            want = sae.encode(x)
+        assert (want > 0).any() and (want == 0).any(), name
+        for coder in both(tmp_path / name, "sae_lens"):
+            assert (coder.point, coder.activation, coder.transcoder) == (point, activation, name == "transcoder")
+            torch.testing.assert_close(coder.encode(x), want, msg=name)
+
+    for folder, transcode, point in (("layers.3", False, "resid_post"), ("layers.2.mlp", True, "mlp_in")):
+        eleuther = randomised(sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(num_latents=D_SAE, k=4,
+                                                                                     transcode=transcode)))
+        eleuther.save_to_disk(tmp_path / folder)
+        with torch.no_grad():
+            out = eleuther.encode(x.reshape(-1, D_IN))
+        want = torch.zeros(15, D_SAE).scatter_(-1, out.top_indices, out.top_acts).reshape(3, 5, D_SAE)
+        for coder in both(tmp_path / folder, "sparsify"):
+            assert (coder.point, coder.transcoder, coder.k) == (point, transcode, 4)
+            torch.testing.assert_close(coder.encode(x), want, msg=folder)
+
+
+def test_without_its_library_a_coder_is_read_from_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_saelens(tmp_path / "relu", _random(5), architecture="standard")
+    monkeypatch.setitem(__import__("sys").modules, "sae_lens", None)  # as if it were not installed
+    assert load_sparse(folder).reader == "files"
+    with pytest.raises(SparseError) as info:
+        load_sparse(folder, library=True)
+    assert "sae_lens library is not installed" in str(info.value) and "neuronscope[sae]" in str(info.value)

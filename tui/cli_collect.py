@@ -74,7 +74,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                                     skipped=skipped, replaced=skipped.replaced)
         skipped.finish()
         batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
-        units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer})" if sparse else
+        units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer}, read by {sparse.reader})" if sparse else
                  f"{len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons")
         status(f"{subject.name}: {units}, "
                f"{len(excerpts.excerpt_ids):,} "

@@ -1,8 +1,11 @@
 """Sparse coders (SAEs and transcoders) read from the files their libraries write, and their latents computed.
 
-Two layouts are read directly from `cfg.json` and a safetensors file, so neither library is needed:
+Two layouts are read: through the library that defines each (sae_lens, EleutherAI's sparsify: the optional `sae`
+extra, `pip install 'neuronscope[sae]'`) where it is installed, else directly from `cfg.json` and a safetensors file,
+so neither library is needed:
 
-- SAELens: a folder with `cfg.json` (`hook_name` such as `blocks.8.hook_resid_pre`, `architecture` standard,
+- SAELens: a folder with `cfg.json` (`hook_name`, under `metadata` since SAELens 6, such as `blocks.8.hook_resid_pre`;
+  `architecture` standard,
   jumprelu or topk, `apply_b_dec_to_input`) and `sae_weights.safetensors` (`W_enc` [d_in, d_sae], `b_enc`, `W_dec`
   [d_sae, d_in], `b_dec`, and `threshold` for JumpReLU). A transcoder has `d_out` or a `hook_name_out`.
 - EleutherAI sparsify: a folder per hook point named after it (`layers.8` is the residual stream after block 8,
@@ -58,6 +61,8 @@ class SparseCoder:
     transcoder: bool = False
     source: str = ""
     """Where it came from and a digest of its weights: `sparsify:/path/layers.8 (sha256 …)`."""
+    reader: str = "files"
+    """What read it: `files` (directly), or the library and its version, e.g. `sae_lens 6.54.12`."""
 
     def on(self, device: Any) -> SparseCoder:
         """The same coder with its weights on `device` (moved once, not per batch)."""
@@ -116,15 +121,25 @@ def recorded(units: str) -> SparseCoder:
     return coder
 
 
-def load_sparse(path: str | Path) -> SparseCoder:
-    """A sparse coder from a SAELens or sparsify folder; SparseError naming what is wrong otherwise."""
+def load_sparse(path: str | Path, library: bool | None = None) -> SparseCoder:
+    """A sparse coder from a SAELens or sparsify folder; SparseError naming what is wrong otherwise. `library`: read
+    it through its library (True: SparseError when that is not installed), from the files (False), or through the
+    library where it is installed (None)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise SparseError(f"no sparse coder at {folder}: pass the folder holding its cfg.json and weights")
-    if (folder / "sae_weights.safetensors").exists():
-        return _saelens(folder)
-    if (folder / "sae.safetensors").exists():
-        return _sparsify(folder)
+    for weights, read, module, name in (("sae_weights.safetensors", _saelens, "sae_lens", "SAE"),
+                                        ("sae.safetensors", _sparsify, "sparsify", "SparseCoder")):
+        if (folder / weights).exists():
+            loader = _library(module, name, library)
+            if loader is None:
+                return read(folder)
+            try:
+                return read(folder, loader)
+            except SparseError:
+                if library:
+                    raise
+                return read(folder)  # what the library cannot read (an older layout) may still be read directly
     inner = sorted(p.name for p in folder.iterdir() if (p / "sae.safetensors").exists() or
                    (p / "sae_weights.safetensors").exists())
     if inner:
@@ -161,8 +176,62 @@ def _need(tensors: dict[str, Any], folder: Path, *names: str) -> list[Any]:
     return [tensors[n] for n in names]
 
 
-def _saelens(folder: Path) -> SparseCoder:
+def _library(module: str, name: str, wanted: bool | None) -> Any:
+    """The library's loader class `name` when it is to be used, else None."""
+    if wanted is False:
+        return None
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        found = None
+    if found is None and wanted:
+        raise SparseError(f"the {module} library is not installed (or is another package of that name): "
+                          "pip install 'neuronscope[sae]', or read the coder's files directly")
+    return found
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in {"sae_lens": ("sae-lens",), "sparsify": ("eai-sparsify", "sparsify")}[module]:
+        try:
+            return f"{module} {version(distribution)}"
+        except PackageNotFoundError:
+            continue
+    return module
+
+
+def _through(library: str, folder: Path, load: Any) -> Any:
+    """A coder loaded by its library, failures as one line."""
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001 - whatever the library raises on a file it cannot read
+        raise SparseError(f"{library} cannot load the sparse coder in {folder} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160] if str(err) else ''}): check its files, or read them "
+                          "directly without the library") from None
+
+
+def _from_sae_lens(loader: Any, folder: Path, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings and weights of a SAELens folder as sae_lens loads them."""
+    sae = _through("sae_lens", folder, lambda: loader.load_from_disk(str(folder), device="cpu"))
+    c = sae.cfg
+    metadata = getattr(c, "metadata", None)
+    read = {"apply_b_dec_to_input": getattr(c, "apply_b_dec_to_input", True),
+            "normalize_activations": getattr(c, "normalize_activations", "none"),
+            "architecture": c.architecture(), "k": getattr(c, "k", None),
+            "rescale_acts_by_decoder_norm": getattr(c, "rescale_acts_by_decoder_norm", False),
+            "hook_name": getattr(metadata, "hook_name", None) or cfg.get("hook_name")}
+    return {**cfg, **{k: v for k, v in read.items() if v is not None}}, {
+        name: t.detach().float() for name, t in sae.state_dict().items()}
+
+
+def _saelens(folder: Path, loader: Any = None) -> SparseCoder:
     cfg, tensors, digest = _read(folder, "sae_weights.safetensors")
+    cfg = {**(cfg.get("metadata") or {}), **cfg}  # SAELens 6 keeps the hook's name under metadata
+    if loader is not None:
+        cfg, tensors = _from_sae_lens(loader, folder, cfg)
     hook = str(cfg.get("hook_name") or cfg.get("hook_point") or "")
     found = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
     if not found or found.group(2) not in _LENS_POINTS:
@@ -176,15 +245,18 @@ def _saelens(folder: Path) -> SparseCoder:
     if str(cfg.get("normalize_activations") or "none") != "none":
         raise SparseError(f"the SAE in {folder} normalizes its input ({cfg['normalize_activations']}), which "
                           "neuronscope does not apply yet: use an SAE trained without it")
+    if cfg.get("rescale_acts_by_decoder_norm") or "W_skip" in tensors or "skip" in architecture:
+        raise SparseError(f"the SAE in {folder} rescales its latents by its decoder norms or has a skip connection, "
+                          "which neuronscope does not read yet: use a standard, JumpReLU or TopK SAE or transcoder")
     w_enc, b_enc, w_dec, b_dec = _need(tensors, folder, "W_enc", "b_enc", "W_dec", "b_dec")
     k, threshold = 0, None
-    if architecture == "topk" or activation == "topk":
+    if "topk" in architecture or activation == "topk":
         kwargs = cfg.get("activation_fn_kwargs") or {}
         k = int(cfg.get("k") or kwargs.get("k") or 0)
         if k < 1:
             raise SparseError(f"the TopK SAE in {folder} names no k in its cfg.json: add \"k\"")
         activation = "topk"
-    elif architecture == "jumprelu":
+    elif "jumprelu" in architecture:
         activation = "jumprelu"
         if "threshold" in tensors:
             threshold = tensors["threshold"]
@@ -199,11 +271,18 @@ def _saelens(folder: Path) -> SparseCoder:
     return SparseCoder(layer=int(found.group(1)), point=_LENS_POINTS[found.group(2)], activation=activation,
                        w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec,
                        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder, k=k,
-                       threshold=threshold, transcoder=transcoder, source=f"saelens:{folder} (sha256 {digest})")
+                       threshold=threshold, transcoder=transcoder, source=f"saelens:{folder} (sha256 {digest})",
+                       reader="files" if loader is None else _version("sae_lens"))
 
 
-def _sparsify(folder: Path) -> SparseCoder:
+def _sparsify(folder: Path, loader: Any = None) -> SparseCoder:
     cfg, tensors, digest = _read(folder, "sae.safetensors")
+    if loader is not None:
+        coder = _through("sparsify", folder, lambda: loader.load_from_disk(folder, device="cpu"))
+        cfg = {**cfg, "k": coder.cfg.k, "transcode": coder.cfg.transcode, "activation": coder.cfg.activation}
+        tensors = {name: t.detach().float() for name, t in coder.state_dict().items()}
+    if str(cfg.get("activation") or "topk") != "topk":
+        raise SparseError(f"the sparsify coder in {folder} uses {cfg['activation']} latents: neuronscope reads TopK")
     found = re.fullmatch(r"(?:.*\.)?layers\.(\d+)(\.mlp)?", folder.name)
     if not found:
         raise SparseError(f"{folder.name} is not a hook point sparsify names (layers.N or layers.N.mlp): pass the "
@@ -218,4 +297,5 @@ def _sparsify(folder: Path) -> SparseCoder:
     point = ("mlp_in" if transcoder else "mlp_out") if found.group(2) else "resid_post"
     return SparseCoder(layer=int(found.group(1)), point=point, activation="topk", w_enc=w_enc.T.contiguous(),
                        b_enc=b_enc, w_dec=w_dec, b_dec=b_dec, subtract_b_dec=not transcoder, k=k,
-                       transcoder=transcoder, source=f"sparsify:{folder} (sha256 {digest})")
+                       transcoder=transcoder, source=f"sparsify:{folder} (sha256 {digest})",
+                       reader="files" if loader is None else _version("sparsify"))
