@@ -94,3 +94,5 @@ class LayerSummary:
     """[F, Q] excerpt-max value at each of the settings' quantiles."""
     quantile: Samples
     """[F, (Q-1) * quantile_k] samples; slot j is in bin j // quantile_k; id -1 where a bin had too few."""
+    first_peak: np.ndarray
+    """[F] share of the top records whose peak is at the first position counted (after settings.skip_positions)."""

@@ -34,6 +34,9 @@ class CollectSettings:
     """Seed for excerpt sampling and per-neuron random samples."""
     hist_stride: int = 8
     """Token activation histogram uses one token position in this many (1 = every token)."""
+    skip_positions: int = 0
+    """Positions at the start of every excerpt left out of the statistics and of the excerpt maxima and minima that
+    rank its records (their activations are still kept and shown): a model's massive first-position activations."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ class RunInfo:
         return len(self.layers) * self.neurons_per_layer
 
 
+#: A neuron whose top records peak at their first position this often or more is flagged as a likely position
+#: artefact (`show`, the app's filter).
+FIRST_POSITION = 0.5
+
+
 @dataclass(frozen=True)
 class NeuronStats:
     """Per-neuron statistics over every token of the corpus (histogram: a subsample of tokens)."""
@@ -110,6 +118,9 @@ class NeuronStats:
     """Token counts per bin of neuronscope.core.layerdata.HIST_EDGES."""
     quantile_edges: tuple[float, ...] = ()
     """Excerpt-max values at the run's quantiles."""
+    first_peak: float | None = None
+    """Share of its top records whose peak is at their first position (after any skipped ones): a position artefact
+    rather than a feature when large (None: collected before this was measured)."""
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,7 @@ def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_mo
     state = ShardState(tmp_path / "all.shard-1-of-2")
     assert (state.meta.index, state.meta.count, state.meta.n_excerpts) == (1, 2, 16)
     assert not (tmp_path / "all.duckdb").exists()  # no store until the merge
+    assert len(list((tmp_path / "all.tokens").glob("*.npy"))) == 1  # the corpus's token ids, for the other shards
     assert f"neuronscope merge {tmp_path / 'all.shard-*-of-2'} --output {tmp_path / 'all.duckdb'}" in " ".join(
         first.err.split())
     again = run_cli(args, timeout=300)

@@ -28,7 +28,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from neuronscope.core.collection.collect import auto_batch_size, collect, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
-    from neuronscope.core.collection.ranks import from_environment, meet, shard_path
+    from neuronscope.core.collection.ranks import from_environment, meet, shard_path, tokens_path
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.records import CollectSettings
@@ -42,8 +42,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         import torch
 
         device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
+    if args.skip_positions >= args.length:
+        raise InputError(f"--skip-positions {args.skip_positions} leaves nothing of a {args.length}-token excerpt: "
+                         f"pass fewer than {args.length}")
     settings = CollectSettings(length=args.length, top_k=args.top_k, bottom_k=args.bottom_k, random_k=args.random_k,
-                               quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed)
+                               quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed,
+                               skip_positions=args.skip_positions)
     target = part or Path(args.store)
     checkpoints = Checkpoints(target, args.checkpoint_every) if args.checkpoint_every is not None else None
     with ExitStack() as stack:
@@ -67,11 +71,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
                              f"its {len(subject.prefix_ids)} prefix token(s)): pass --length {room} or less")
         spec = CorpusSpec(args.corpus, text_field=args.text_field, strict_utf8=args.strict_utf8)
         skipped = Skipped()
-        status(f"cutting {args.corpus} corpus into {args.length}-token excerpts")
+        # Shards tokenize the corpus once between them, beside the store, and each reads its own windows from there.
+        shared = tokens_path(args.store) if part is not None else None
+        status(f"cutting {args.corpus} corpus into {args.length}-token excerpts"
+               + (f" (the shards' token ids in {shared})" if shared else ""))
         with progress_bars() as progress:
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
                                     seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
-                                    skipped=skipped, replaced=skipped.replaced)
+                                    skipped=skipped, replaced=skipped.replaced, cache=shared)
         skipped.finish()
         batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
         units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer}, read by {sparse.reader})" if sparse else
@@ -144,6 +151,10 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed for excerpt sampling and random records (default: 0)")
     p.add_argument("--length", type=number(1), default=64,
                    help="tokens per excerpt, at most the model's context (default: 64)")
+    p.add_argument("--skip-positions", type=number(0), default=0, metavar="N",
+                   help="leave each excerpt's first N positions out of the statistics and of what ranks its records "
+                        "(their activations are still kept and shown), for models with massive first-position "
+                        "activations (default: 0)")
     p.add_argument("--top-k", type=number(0, MAX_K), default=50, help="top excerpts kept per neuron (default: 50)")
     p.add_argument("--bottom-k", type=number(0, MAX_K), default=50, help="most negative excerpts kept per neuron (default: 50)")
     p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")

@@ -206,7 +206,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     if rows and settings.kind != "explain":
         out.print(Text(f"Run {run.run_id}, job {report.job_id}: test-split scores (Pearson r, 95% bootstrap interval)",
                        style="bold"), soft_wrap=True)
-        out.print(summaries_table(rows))
+        out.print(summaries_table(rows, total=out.width))
     elif rows:
         for s in rows:
             out.print(Text(f"{NeuronId(s.layer, s.neuron)}  ", style="bold") + Text(s.text), soft_wrap=True)

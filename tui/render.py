@@ -10,6 +10,7 @@ import functools
 import unicodedata
 from collections.abc import Sequence
 
+from rich import box
 from rich.color import Color
 from rich.console import RenderableType
 from rich.rule import Rule
@@ -19,7 +20,7 @@ from rich.text import Span, Text
 
 from neuronscope.core.choices import SCORERS
 from neuronscope.core.ids import NeuronId
-from neuronscope.core.records import ActivationRecord, NeuronStats
+from neuronscope.core.records import FIRST_POSITION, ActivationRecord, NeuronStats
 from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
@@ -132,8 +133,12 @@ def stats_table(stats: NeuronStats, quantiles: Sequence[float]) -> Table:
     if stats.quantile_edges:
         edges = ", ".join(f"q{q:g}={v:.3g}" for q, v in zip(quantiles, stats.quantile_edges))
         rows.append(("excerpt max", edges))
+    if stats.first_peak is not None:
+        rows.append(("first position", f"{stats.first_peak:.0%} of its top excerpts peak there"))
     for key, value in rows:
         table.add_row(key, value)
+    if stats.first_peak is not None and stats.first_peak >= FIRST_POSITION:
+        table.add_row("", Text("a position artefact? collect again with --skip-positions 1", style="yellow"))
     return table
 
 
@@ -176,23 +181,41 @@ def score_text(score: Score | None) -> Text:
     return text
 
 
-def summaries_table(rows: Sequence[NeuronSummary], width: int = 60) -> Table:
-    """Explained neurons ranked by headline score, each beside its shuffled and token-baseline controls."""
-    table = Table()
-    for name, justify in (("#", "right"), ("neuron", "left"), ("explanation", "left"), ("score [95% CI]", "right"),
-                          ("shuffled", "right"), ("token baseline", "right"), ("", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for i, s in enumerate(rows, 1):
-        text = visible(s.text)
-        if len(text) > width:
-            text = text[: width - 1] + "…"
-        verdict = Text("")
-        if s.score is not None and s.shuffled is not None and not s.beats_shuffled:
-            verdict = Text("not above shuffled", style="yellow")
-        tail = "" if s.tail == "pos" else " (neg)"
-        table.add_row(str(i), f"{NeuronId(s.layer, s.neuron)}{tail}", Text(text), score_text(s.score),
-                      Text(f"{s.shuffled.value:+.2f}") if s.shuffled else Text("-"),
-                      Text(f"{s.baseline.value:+.2f}") if s.baseline else Text("-"), verdict)
+def short_number(value: float, width: int = 7) -> str:
+    """A number in at most `width` characters, never cut: three significant digits where they fit (fewer where not),
+    thousands and more as k, M, G, T: 3569 -> '3.57k', 0.000123 -> '0.00012', 1.5e-07 -> '1.5e-07'."""
+    for digits in (3, 2, 1):
+        text = f"{value:.{digits}g}"
+        if "e+" in text:  # 1,000 or more (after rounding)
+            for suffix, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)):
+                text = f"{value / scale:.{digits}g}{suffix}"
+                if "e+" not in text:
+                    break
+        if len(text) <= width:
+            return text
+    return f"{value:.0e}"
+
+
+def summaries_table(rows: Sequence[NeuronSummary], width: int = 60, total: int = 120) -> Table:
+    """Explained neurons ranked by headline score, each beside its shuffled and token-baseline controls, in `total`
+    columns (the console's width): every column but the explanation keeps the width of its content, and the
+    explanation takes what is left (at most `width`, at least 12), cut to one line with …. A shuffled score that the
+    explanation's interval does not lie above is yellow, with a caption saying so."""
+    names = [f"{NeuronId(s.layer, s.neuron)}{'' if s.tail == 'pos' else ' (neg)'}" for s in rows]
+    fixed = [max(len(str(len(rows))), 1), max(map(len, names), default=6), 20, 8, 8]
+    room = total - sum(fixed) - 3 * len(fixed) - 2  # a space either side of every column, one between columns
+    flagged = [s.score is not None and s.shuffled is not None and not s.beats_shuffled for s in rows]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption="yellow: the score's interval does not lie above the shuffled "
+                  "control" if any(flagged) else None, caption_justify="left")
+    table.add_column("#", justify="right", no_wrap=True, min_width=fixed[0])
+    table.add_column("neuron", no_wrap=True, min_width=fixed[1])
+    table.add_column("explanation", width=max(12, min(width, room)), no_wrap=True, overflow="ellipsis")
+    for name, least in zip(("score [95% CI]", "shuffled", "baseline"), fixed[2:]):
+        table.add_column(name, justify="right", no_wrap=True, min_width=least)
+    for i, (s, name, flag) in enumerate(zip(rows, names, flagged), 1):
+        shuffled = Text(f"{s.shuffled.value:+.2f}", style="yellow" if flag else "") if s.shuffled else Text("-")
+        table.add_row(str(i), name, Text(visible(s.text)), score_text(s.score), shuffled,
+                      Text(f"{s.baseline.value:+.2f}") if s.baseline else Text("-"))
     return table
 
 

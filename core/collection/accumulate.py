@@ -77,12 +77,14 @@ class Accumulator:
         With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
         when results are taken): by then the caller has queued the next batch's forward pass, so reading how many
         rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
-        stats = (token_stats or compute_token_stats)(acts, self._hist_edges, self.settings.hist_stride,
+        skip = self.settings.skip_positions
+        counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
+        stats = (token_stats or compute_token_stats)(counted, self._hist_edges, self.settings.hist_stride,
                                                      self._hist_offsets)
         sums, ex_max, ex_min, hist_index = stats
         batch, units = acts.shape[0], self.units
         self.sums += sums
-        self.count += batch * acts.shape[1]
+        self.count += batch * counted.shape[1]
         self.max = torch.maximum(self.max, ex_max.amax(0))
         self.min = torch.minimum(self.min, ex_min.amin(0))
         self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))

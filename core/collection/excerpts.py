@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuronscope.core.collection.corpus import CorpusError, CorpusSpec, Replaced, Skipped, describe, iter_documents
+from neuronscope.core.collection.token_cache import TokenStream, cache_key, cached
 
 _BATCH_CHARS = 1_000_000
 
@@ -78,13 +80,16 @@ def cut_excerpts(
     progress: Callable[[int], None] | None = None,
     skipped: Skipped | None = None,
     replaced: Replaced | None = None,
+    cache: Path | None = None,
 ) -> Excerpts:
     """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
 
     ``tokenizer`` is a Hugging Face (fast) tokenizer; ``progress`` gets the number of tokens
     read so far after each batch of documents; ``max_tokens`` stops reading once that many tokens are in (the
     windows cover exactly the first ``max_tokens``; files past them are never opened); ``skipped`` hears of every
-    file of a folder that is not text, ``replaced`` of every file whose invalid bytes became U+FFFD.
+    file of a folder that is not text, ``replaced`` of every file whose invalid bytes became U+FFFD. With ``cache``
+    (a folder), the token ids are tokenized once for every process that names the same folder and corpus, and each
+    reads only its own windows (neuronscope.core.collection.token_cache): for shards.
     """
     if length < 1:
         raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
@@ -95,13 +100,68 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     if max_tokens is not None and max_tokens < length:
         raise CorpusError(f"--max-tokens {max_tokens:,} is less than one excerpt of {length} tokens; raise it")
+    made: list[bool] = []
+
+    def read() -> TokenStream:
+        made.append(True)
+        return _tokenize(spec, tokenizer, max_tokens, progress, skipped, replaced)
+
+    if cache is None:
+        stream = read()
+    else:
+        stream = cached(cache, cache_key(describe(spec), tokenizer, max_tokens), read)
+        if not made:  # read from the cache: say what the reading said
+            for kind, path, value in stream.notes:
+                if kind == "skipped" and skipped is not None:
+                    skipped(Path(path), value)
+                elif kind == "replaced" and replaced is not None:
+                    replaced(Path(path), int(value))
+            if progress is not None:
+                progress(len(stream.tokens))
+    read_ids, total = stream.tokens, len(stream.tokens)
+    n = total // length
+    if n == 0:
+        raise CorpusError(
+            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
+        )
+    corpus = read_description(spec, stream.digest, total, complete=max_tokens is None or total < max_tokens)
+    windows = read_ids[: n * length].reshape(n, length)  # [n, length]
+    ids = np.arange(n, dtype=np.int64)
+    if max_excerpts is not None and max_excerpts < n:
+        rng = np.random.default_rng(seed)
+        ids = np.sort(rng.choice(n, size=max_excerpts, replace=False)).astype(np.int64)
+    ids = ids[index::count]
+    return Excerpts(
+        token_ids=np.ascontiguousarray(windows[ids], dtype=np.int32),
+        excerpt_ids=ids,
+        length=length,
+        corpus=corpus,
+    )
+
+
+def _tokenize(spec: CorpusSpec, tokenizer: Any, max_tokens: int | None, progress: Callable[[int], None] | None,
+              skipped: Skipped | None, replaced: Replaced | None) -> TokenStream:
+    """The corpus's token ids (the first max_tokens of them), hashed as they stream through; the files skipped or
+    repaired are heard of by the callbacks and noted."""
+    notes: list[tuple[str, str, str]] = []
+
+    def skip(path: Path, reason: str) -> None:
+        notes.append(("skipped", str(path), reason))
+        if skipped is not None:
+            skipped(path, reason)
+
+    def repair(path: Path, count: int) -> None:
+        notes.append(("replaced", str(path), str(count)))
+        if replaced is not None:
+            replaced(path, count)
+
     # Under a budget, a batch of documents is no bigger than the budget needs (about 8 characters a token), so
     # little is read past it.
     batch_chars = _BATCH_CHARS if max_tokens is None else min(_BATCH_CHARS, max(16_384, 8 * max_tokens))
     chunks: list[np.ndarray] = []
     total = 0
     digest = hashlib.sha256()  # of the token ids read: the corpus's identity, without a second pass over it
-    for chunk in _token_batches(iter_documents(spec, skipped, replaced), tokenizer, batch_chars):
+    for chunk in _token_batches(iter_documents(spec, skip, repair), tokenizer, batch_chars):
         if max_tokens is not None:
             chunk = chunk[: max_tokens - total]
         chunks.append(chunk)
@@ -111,26 +171,8 @@ def cut_excerpts(
             progress(total)
         if max_tokens is not None and total >= max_tokens:
             break  # the documents after are never read
-    n = total // length
-    if n == 0:
-        raise CorpusError(
-            f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
-        )
-    read = np.concatenate(chunks)
-    del chunks
-    corpus = read_description(spec, digest.hexdigest(), total, complete=max_tokens is None or total < max_tokens)
-    stream = read[: n * length].reshape(n, length)  # [n, length]
-    ids = np.arange(n, dtype=np.int64)
-    if max_excerpts is not None and max_excerpts < n:
-        rng = np.random.default_rng(seed)
-        ids = np.sort(rng.choice(n, size=max_excerpts, replace=False)).astype(np.int64)
-    ids = ids[index::count]
-    return Excerpts(
-        token_ids=np.ascontiguousarray(stream[ids], dtype=np.int32),
-        excerpt_ids=ids,
-        length=length,
-        corpus=corpus,
-    )
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    return TokenStream(tokens, digest.hexdigest(), tuple(notes))
 
 
 def read_description(spec: CorpusSpec, digest: str, tokens: int, complete: bool) -> str:

@@ -63,6 +63,12 @@ def shard_path(store: str | Path, index: int | str, count: int | str) -> Path:
     return path.with_name(f"{path.stem}.shard-{index}-of-{count}")
 
 
+def tokens_path(store: str | Path) -> Path:
+    """The folder beside the store where the shards of a collection into it share the corpus's token ids."""
+    path = Path(store)
+    return path.with_name(f"{path.stem}.tokens")
+
+
 def meet(rank: Rank) -> None:
     """Wait until every rank of a torchrun launch gets here (gloo, over the address torchrun gives); a job array's
     tasks do not wait."""

@@ -103,6 +103,17 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     return out
 
 
+def first_peaks(top: Samples, skip: int) -> np.ndarray:
+    """[F] the share of each neuron's top records whose activation at the first position counted (`skip`) is above
+    every later one."""
+    acts = top.acts[:, :, skip:]  # [F, k, T - skip]
+    valid = top.ids >= 0
+    if acts.shape[2] < 2 or not acts.shape[1]:
+        return np.zeros(len(top.ids), np.float32)
+    first = (acts[:, :, 0] > acts[:, :, 1:].max(2)) & valid
+    return (first.sum(1) / np.maximum(valid.sum(1), 1)).astype(np.float32)
+
+
 def summarize(result: LayerResult, settings: CollectSettings) -> LayerSummary:
     """Statistics, quantile edges and quantile samples of one finished layer."""
     mean, var, skew, kurt, density = moments(result.sums, result.count)
@@ -116,6 +127,7 @@ def summarize(result: LayerResult, settings: CollectSettings) -> LayerSummary:
     with np.errstate(divide="ignore", invalid="ignore"):
         sel = np.where(std > 0, (mean_top - median) / std, 0.0)
     return LayerSummary(
+        first_peak=first_peaks(top, settings.skip_positions),
         mean=mean,
         variance=var,
         skewness=skew,

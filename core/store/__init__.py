@@ -268,6 +268,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
             "histogram": lists(result.histogram.astype(np.int64)),
             "cell_counts": lists(result.cell_counts.astype(np.int64)),
             "quantile_edges": lists(summary.quantile_edges.astype(np.float32)),
+            "first_peak": summary.first_peak.astype(np.float32),
         })
         self.con.register("_neurons_in", neurons)
         self.con.execute("INSERT INTO neurons SELECT * FROM _neurons_in")
@@ -332,14 +333,15 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         return self._stats_query(f"WHERE run_id = ? ORDER BY {ORDER_SQL[order]} NULLS LAST, layer, neuron LIMIT ?", params)
 
     def _stats_query(self, where: str, params: list) -> list[NeuronStats]:  # type: ignore[type-arg]
+        first = "first_peak" if self._has_column("first_peak", "neurons") else "NULL"
         rows = self.con.execute(
             "SELECT layer, neuron, count, mean, variance, skewness, kurtosis, max_act, min_act, density, "
-            f"selectivity, histogram, quantile_edges FROM neurons {where}", params
+            f"selectivity, histogram, quantile_edges, {first} FROM neurons {where}", params
         ).fetchall()
         return [
             NeuronStats(layer=r[0], index=r[1], count=r[2], mean=r[3], variance=r[4], skewness=r[5], kurtosis=r[6],
                         max=r[7], min=r[8], density=r[9], selectivity=r[10], histogram=tuple(r[11] or ()),
-                        quantile_edges=tuple(r[12] or ()))
+                        quantile_edges=tuple(r[12] or ()), first_peak=r[13])
             for r in rows
         ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuronscope.core.ids import NeuronId
+from neuronscope.core.records import FIRST_POSITION
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.explanations import CHOSEN_POS_CTES
 from neuronscope.core.store.schema import StoreError
@@ -25,7 +26,7 @@ BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density"
 _BROWSE_BASE = f"""
 WITH {CHOSEN_POS_CTES}
 SELECT n.layer, n.neuron, c.explanation_id, coalesce(c.text, '') AS text, h.value, h.ci_low, h.ci_high, n.max_act,
-       n.density, n.selectivity
+       n.density, n.selectivity, {{first_peak}} AS first_peak
 FROM neurons n
 LEFT JOIN chosen c ON c.layer = n.layer AND c.neuron = n.neuron
 LEFT JOIN headline h ON h.explanation_id = c.explanation_id
@@ -57,11 +58,14 @@ class BrowseQuery:
     """True: only neurons with an explanation; False: only those without; None: both."""
     search: str | None = None
     """A substring the explanation must contain, case-insensitively (None: no condition)."""
+    first_position: bool | None = None
+    """False: hide the neurons whose top records peak at their first position (FIRST_POSITION of them or more, likely
+    position artefacts); True: only those; None: both."""
 
     @property
     def filtered(self) -> bool:
         """Whether any filter or search narrows the rows."""
-        return any(x is not None for x in (self.layers, self.score, self.explained, self.search))
+        return any(x is not None for x in (self.layers, self.score, self.explained, self.search, self.first_position))
 
 
 def _like_pattern(text: str) -> str:
@@ -76,6 +80,7 @@ def _row(r: tuple[Any, ...]) -> NeuronRow:
 
 class BrowseMixin:
     con: Any
+    _has_column: Any
 
     def _browse_table(self, run_id: int) -> str:
         """The name of the run's browse table on this connection, (re)made when the store changed since."""
@@ -84,7 +89,9 @@ class BrowseMixin:
         fingerprint = tuple(self.con.execute(_FINGERPRINT, [name]).fetchall()[0])
         known = made.get(run_id)
         if known is None or known[0] is not self.con or known[1] != fingerprint:
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {_BROWSE_BASE}", [run_id, run_id])
+            first_peak = "n.first_peak" if self._has_column("first_peak", "neurons") else "NULL"
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {_BROWSE_BASE.format(first_peak=first_peak)}",
+                             [run_id, run_id])
             made[run_id] = (self.con, (*fingerprint[:-1], 1))
         return name
 
@@ -102,6 +109,9 @@ class BrowseMixin:
             params.append(_like_pattern(query.search))
         if query.explained is not None:
             sql += " AND explanation_id IS NOT NULL" if query.explained else " AND explanation_id IS NULL"
+        if query.first_position is not None:
+            sql += f" AND coalesce(first_peak, 0) {'>=' if query.first_position else '<'} ?"
+            params.append(FIRST_POSITION)
         return sql, params
 
     @staticmethod

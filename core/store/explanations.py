@@ -19,7 +19,7 @@ from neuronscope.core.store.shared import now
 #: Statistics a neuron filter may name, and their columns.
 FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness": "skewness", "max": "max_act",
                  "min": "min_act", "density": "density", "mean": "mean", "variance": "variance", "layer": "layer",
-                 "neuron": "neuron"}
+                 "neuron": "neuron", "first_peak": "first_peak"}
 FILTER_OPS = ("<=", ">=", "!=", "<", ">", "=")
 #: The SQL of each order of neuronscope.core.choices.ORDERS, in the direction choices.ASCENDING gives it.
 ORDER_SQL: dict[Order, str] = {

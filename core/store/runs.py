@@ -20,8 +20,12 @@ _RUN_COLUMNS = (
 
 
 def settings_to_json(settings: CollectSettings) -> str:
-    """Stable JSON of collection settings."""
-    return json.dumps(asdict(settings), sort_keys=True)
+    """Stable JSON of collection settings (a setting added later is left out at its default, so a run's settings read
+    as they did before it existed)."""
+    data = asdict(settings)
+    if not data["skip_positions"]:
+        del data["skip_positions"]
+    return json.dumps(data, sort_keys=True)
 
 
 def settings_from_json(text: str) -> CollectSettings:
@@ -97,13 +101,13 @@ class RunsMixin:
         """The run columns read, units as '' where an older store, opened read-only, lacks the column."""
         return _RUN_COLUMNS.format(units="units" if self._has_column("units") else "''")
 
-    def _has_column(self, column: str) -> bool:
-        """Whether the runs table has a column added without a version bump (a writable open adds them to older
-        stores; asked once per open store)."""
-        key = f"_runs_{column}"
+    def _has_column(self, column: str, table: str = "runs") -> bool:
+        """Whether a table has a column added without a version bump (a writable open adds them to older stores;
+        asked once per open store)."""
+        key = f"_{table}_{column}"
         if key not in self.__dict__:
-            rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
-                                    "AND column_name = ?", [column]).fetchall()
+            rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? "
+                                    "AND column_name = ?", [table, column]).fetchall()
             self.__dict__[key] = bool(rows[0][0])
         return bool(self.__dict__[key])
 

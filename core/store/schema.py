@@ -79,7 +79,9 @@ INDEXES = "CREATE INDEX IF NOT EXISTS excerpt_ids ON excerpts (excerpt_id);"
 OWNER_COLUMNS = ("ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner_start DOUBLE; "
                  "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner_start DOUBLE; "
                  # What a run's units are: '' for MLP neurons, else the sparse coder whose latents it holds.
-                 "ALTER TABLE runs ADD COLUMN IF NOT EXISTS units VARCHAR DEFAULT '';")
+                 "ALTER TABLE runs ADD COLUMN IF NOT EXISTS units VARCHAR DEFAULT ''; "
+                 # The share of a neuron's top records that peak at their first (counted) position: NULL before.
+                 "ALTER TABLE neurons ADD COLUMN IF NOT EXISTS first_peak REAL;")
 
 SCHEMA = _COLLECTION + _RESULTS + INDEXES
 

@@ -1,4 +1,5 @@
-"""The filter form (`f`): a layer range, a score range and explained/unexplained, applied to the table."""
+"""The filter form (`f`): a layer range, a score range, explained/unexplained and hiding first-position neurons,
+applied to the table."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, RadioButton, RadioSet, Static
+from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Static
 
 from neuronscope.core.store.browse import BrowseQuery
 
@@ -91,6 +92,8 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
             with RadioSet(id="explained", compact=True):
                 for label, value in EXPLAINED:
                     yield RadioButton(label, value=q.explained is value)
+            yield Checkbox("hide neurons that peak at the first position (artefacts)", q.first_position is False,
+                           id="first-position", compact=True)
             yield Label("", id="filter-error")
             yield Static("enter: apply  escape: cancel  ctrl+r: clear  tab: next  space: choose", classes="modal-keys")
 
@@ -111,7 +114,9 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
             low, high = layers  # open ends stop at the run's first and last layer
             span = (self.layer_span[0] if low == float("-inf") else int(low),
                     self.layer_span[1] if high == float("inf") else int(high))
-        self.dismiss(replace(self.query_spec, layers=span, score=score, explained=explained))
+        hide = self.query_one("#first-position", Checkbox).value
+        self.dismiss(replace(self.query_spec, layers=span, score=score, explained=explained,
+                             first_position=False if hide else None))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -120,4 +125,5 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
         for box in self.query(Input):
             box.value = ""
         self.query(RadioButton).first().value = True
+        self.query_one("#first-position", Checkbox).value = False
         self.query_one("#filter-error", Label).update("")

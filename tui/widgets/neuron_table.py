@@ -20,7 +20,7 @@ from textual.strip import Strip
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.browse import BrowseQuery
-from neuronscope.tui.render import visible
+from neuronscope.tui.render import short_number, visible
 
 PAGE = 200
 PAGES_CACHED = 8
@@ -40,6 +40,8 @@ def describe(query: BrowseQuery) -> str:
         parts.append(f"score {low}..{high}")
     if query.explained is not None:
         parts.append("explained" if query.explained else "unexplained")
+    if query.first_position is not None:
+        parts.append("first-position only" if query.first_position else "no first-position")
     if query.search:
         parts.append("/" + visible(query.search))
     return "".join(f" · {p}" for p in parts)
@@ -161,7 +163,7 @@ class NeuronTable(ScrollView, can_focus=True):
         text.append(_cell(explanation, width) if row.explanation else _cell("-", width), style="" if row.explanation else "dim")
         score = "-" if row.score is None else f"{row.score:+.2f} [{row.ci_low or 0:+.2f},{row.ci_high or 0:+.2f}]"
         text.append(" " + _cell(score, SCORE_W, "right"))
-        text.append(" " + _cell(f"{row.max_act:.3g}", MAX_W, "right"))
+        text.append(" " + _cell(short_number(row.max_act, MAX_W), MAX_W, "right"))
         text.append(" " + _cell(f"{row.density:.1%}", DENSITY_W, "right"))
         return text
 
