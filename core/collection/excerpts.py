@@ -100,17 +100,14 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     if max_tokens is not None and max_tokens < length:
         raise CorpusError(f"--max-tokens {max_tokens:,} is less than one excerpt of {length} tokens; raise it")
-    made: list[bool] = []
-
     def read() -> TokenStream:
-        made.append(True)
         return _tokenize(spec, tokenizer, max_tokens, progress, skipped, replaced)
 
     if cache is None:
         stream = read()
     else:
-        stream = cached(cache, cache_key(describe(spec), tokenizer, max_tokens), read)
-        if not made:  # read from the cache: say what the reading said
+        stream, from_cache = cached(cache, cache_key(describe(spec), tokenizer, max_tokens), read)
+        if from_cache:  # say what the reading said
             for kind, path, value in stream.notes:
                 if kind == "skipped" and skipped is not None:
                     skipped(Path(path), value)

@@ -48,9 +48,10 @@ def cache_key(description: str, tokenizer: Any, max_tokens: int | None) -> str:
     return hashlib.sha256(parts.encode()).hexdigest()[:24]
 
 
-def cached(folder: Path, key: str, make: Callable[[], TokenStream]) -> TokenStream:
-    """The token stream of cache `key` in `folder`: read from it, or made by `make` (under the folder's lock for that
-    key, so one process tokenizes while the others wait) and written there, whole, before the lock is let go."""
+def cached(folder: Path, key: str, make: Callable[[], TokenStream]) -> tuple[TokenStream, bool]:
+    """The token stream of cache `key` in `folder` and whether it was read from there (True) or made by `make` (under
+    the folder's lock for that key, so one process tokenizes while the others wait) and written there, whole, before
+    the lock is let go."""
     folder.mkdir(parents=True, exist_ok=True)
     data, meta = folder / f"{key}.npy", folder / f"{key}.json"
     with open(folder / f"{key}.lock", "a") as lock:
@@ -59,9 +60,9 @@ def cached(folder: Path, key: str, make: Callable[[], TokenStream]) -> TokenStre
             stream = make()
             _write(data, lambda out: np.save(out, np.ascontiguousarray(stream.tokens, dtype="<i4")))
             _write(meta, lambda out: out.write(json.dumps({"digest": stream.digest, "notes": stream.notes}).encode()))
-            return stream
+            return stream, False
     read = json.loads(meta.read_text())
-    return TokenStream(np.load(data, mmap_mode="r"), read["digest"], tuple(tuple(n) for n in read["notes"]))
+    return TokenStream(np.load(data, mmap_mode="r"), read["digest"], tuple(tuple(n) for n in read["notes"])), True
 
 
 def _write(path: Path, save: Callable[[BinaryIO], Any]) -> None:
