@@ -166,3 +166,21 @@ class NeuronBundle:
     """Related-token lists."""
     related_neurons: dict[str, list[tuple[int, int, float]]]
     """Related-neuron lists."""
+
+
+@dataclass(frozen=True)
+class Tag:
+    """A person's tag or note on a neuron."""
+
+    layer: int
+    """Layer."""
+    neuron: int
+    """Neuron index."""
+    tag: str
+    """The tag (e.g. good, wrong, unclear, polysemantic, or the person's own word); '' for a note alone."""
+    note: str
+    """The note ('' for none)."""
+    author: str
+    """Who wrote it ($USER, or --author)."""
+    created_at: str
+    """When, as YYYY-MM-DD HH:MM."""

@@ -273,11 +273,20 @@ def test_our_own_runs_export_in_the_release_layout(cli_store: tuple[Path, Result
 
 def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
     store_path, _ = imported(tmp_path)
+    untagged = tmp_path / "untagged"
+    assert run_cli(["export", "--format", "parquet", "--out", untagged, "--store", store_path]).code == 0
+    assert sorted(p.name for p in untagged.iterdir()) == [
+        "explanations.parquet", "neurons.parquet", "related.parquet"]  # no tags: no tags table
+    tagged = run_cli(["tag", "0/3", "good", "--note", "clean cat detector", "--author", "ada", "--store", store_path])
+    assert tagged.code == 0, tagged.err
     folder = tmp_path / "pq"
     result = run_cli(["export", "--format", "parquet", "--out", folder, "--store", store_path])
     assert result.code == 0, result.err
     assert sorted(p.name for p in folder.iterdir()) == [
-        "explanations.parquet", "neurons.parquet", "related.parquet"]
+        "explanations.parquet", "neurons.parquet", "related.parquet", "tags.parquet"]
+    (tag,) = pq.read_table(folder / "tags.parquet").to_pylist()
+    assert (tag["layer"], tag["neuron"], tag["tag"], tag["note"], tag["author"]) == (0, 3, "good", "clean cat detector",
+                                                                                     "ada")
     neurons = pq.read_table(folder / "neurons.parquet").to_pylist()
     assert [(r["layer"], r["neuron"]) for r in neurons] == NEURONS
     assert neurons[0]["explanation"] == 'the word "cat"' and neurons[0]["score"] == pytest.approx(1.0)
@@ -298,7 +307,9 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
     assert [(x["layer"], x["neuron"]) for x in lines] == NEURONS
     first = lines[0]
     assert set(first) == {"layer", "neuron", "unit", "stats", "records", "explanations", "related_tokens",
-                          "related_neurons"}
+                          "related_neurons", "tags"}
+    assert [(t["tag"], t["note"], t["author"]) for t in first["tags"]] == [("good", "clean cat detector", "ada")]
+    assert lines[1]["tags"] == []
     assert first["unit"] == "neuron"
     assert first["stats"]["density"] is None  # unknown, and JSON has no NaN
     assert first["records"][0]["tokens"] == json.loads((RELEASE / ACTIVATIONS / "0" / "3.json").read_text())[

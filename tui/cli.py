@@ -45,7 +45,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """A neuron's statistics and excerpts, tokens coloured by activation."""
     from rich.rule import Rule
 
-    from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table
+    from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table, visible
 
     layer, index = neuron = NeuronId.parse(args.neuron)
     with Store.open(args.store, read_only=True) as store:
@@ -62,6 +62,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         records = store.records(run.run_id, layer, index)
         explanations = store.explanations(run.run_id, layer, index)
         related = related_lines(*store.related(run.run_id, layer, index))
+        tags = store.tags(run.run_id, [neuron])
     scale = scale_of(records)
     out.print(Rule(Text(f"{'latent ' if run.latents else ''}{neuron}  ·  run {run.run_id}  ·  {run.model}",
                         style="bold")))
@@ -69,6 +70,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         out.print(Text(run.units, style="dim"), soft_wrap=True)
     out.print(stats_table(stats, run.settings.quantiles))
     out.print(Text("histogram ", style="bold") + histogram_text(stats))
+    for t in tags:  # a person's verdicts first: they are why one looks again
+        line = Text("tag ", style="bold") + Text(visible(t.tag) or "note", style="bold magenta")
+        line.append(f"  {visible(t.note)}" if t.note else "")
+        line.append(f"  ({visible(t.author)}, {t.created_at})", style="dim")
+        out.print(line, soft_wrap=True)
     quantiles = run.settings.quantiles
     sections = [("top", "Top excerpts", [r for r in records if r.kind == "top"][: args.count])]
     for b in reversed(range(len(quantiles) - 1)):  # the highest bins first: they are the informative ones
@@ -224,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     from neuronscope.tui.cli_io import add_io_parsers
 
     add_io_parsers(sub, store_arg)
+
+    from neuronscope.tui.cli_triage import add_triage_parsers
+
+    add_triage_parsers(sub, store_arg)
 
     from neuronscope.tui.cli_probe import add_probe_parser
 

@@ -2,7 +2,8 @@
 
 - `parquet`: a folder of Parquet files: `neurons.parquet` (statistics, each neuron's newest selected positive-tail
   explanation and its test score), `explanations.parquet` (every explanation, one row per score),
-  and `related.parquet` (each neuron's related-token and related-neuron lists, one row per list).
+  `related.parquet` (each neuron's related-token and related-neuron lists, one row per list) and `tags.parquet` (a
+  person's tags and notes).
 - `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README, "OpenAI's GPT-2 XL release, Parquet and JSONL").
 - `openai`: the layout of OpenAI's GPT-2 XL release (neuronscope.core.interop.release), so tools written for it read our runs:
   collated-activations/, explanations/ (the positive tail's candidates and user sentences with test-split
@@ -59,6 +60,7 @@ JSONL_SCHEMA = {
     "explanations": "[{tail, role, explainer, sample, selected, text, source, scores: [{split, simulator, method, "
                     "value, ci_low, ci_high, n, flags}]}]",
     "related_tokens": "{list: [[token, value]]}", "related_neurons": "{list: [[layer, neuron, weight]]}",
+    "tags": "[{tag, note, author, created_at}] (a person's tags and notes, oldest first; tag '' for a note alone)",
 }
 
 
@@ -146,6 +148,10 @@ def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None
     """Write one line per neuron; the number of neurons."""
     n = 0
     unit = "latent" if store.run(run_id).latents else "neuron"
+    tags: dict[tuple[int, int], list[dict[str, str]]] = {}
+    for t in store.tags(run_id):
+        tags.setdefault((t.layer, t.neuron), []).append(
+            {"tag": t.tag, "note": t.note, "author": t.author, "created_at": t.created_at})
     with _staged(out, folder=False) as staged, staged.open("w", encoding="utf-8") as f:
         for b in bundles(store, run_id, progress=progress):
             line = {
@@ -158,6 +164,7 @@ def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None
                 "explanations": [_explanation_json(tail, e) for tail in TAILS for e in b.explanations.get(tail, ())],
                 "related_tokens": b.related_tokens,
                 "related_neurons": b.related_neurons,
+                "tags": tags.get((b.stats.layer, b.stats.index), []),
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             n += 1

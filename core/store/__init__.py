@@ -40,6 +40,7 @@ from neuronscope.core.store.schema import (
 )
 from neuronscope.core.store.shared import Shared, SharedMixin, sql_literal
 from neuronscope.core.store.spool import Spool
+from neuronscope.core.store.triage import TRIAGE_TABLES, TriageMixin
 
 DEFAULT_STORE = "neuronscope.duckdb"
 
@@ -48,7 +49,7 @@ DEFAULT_STORE = "neuronscope.duckdb"
 LOCK_WAIT_SECONDS = 5.0
 
 
-class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin):
+class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None,  # type: ignore[no-untyped-def]
@@ -155,7 +156,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     def _initialise(self) -> None:
         self.con.execute("BEGIN")
-        self.con.execute(SCHEMA + RELATED_TABLES + OWNER_COLUMNS)
+        self.con.execute(SCHEMA + RELATED_TABLES + OWNER_COLUMNS + TRIAGE_TABLES)
         self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('app', 'neuronscope')", [str(SCHEMA_VERSION)])
         self.con.execute("COMMIT")
 
@@ -190,7 +191,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 "collect into a new --store, or use the neuronscope version that wrote it"
             )
         if not self.read_only:
-            self.con.execute(INDEXES + RELATED_TABLES + OWNER_COLUMNS)
+            self.con.execute(INDEXES + RELATED_TABLES + OWNER_COLUMNS + TRIAGE_TABLES)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

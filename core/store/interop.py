@@ -93,7 +93,8 @@ class InteropMixin:
     def export_tables(self, run_id: int) -> dict[str, Any]:
         """A run's tables for a Parquet export, as Arrow tables: `neurons` (statistics, each with its newest selected
         positive-tail explanation and that explanation's test score), `explanations` (every explanation, one row per
-        score: split, simulator, method, value, interval) and `related` (a neuron's related lists, one row per list)."""
+        score: split, simulator, method, value, interval), `related` (a neuron's related lists, one row per list) and
+        `tags` (a person's tags and notes, with author and time)."""
         out = {
             "neurons": self.con.sql(
                 f"WITH {CHOSEN_POS_CTES} "
@@ -113,6 +114,9 @@ class InteropMixin:
         if self._has_related():  # type: ignore[attr-defined]
             out["related"] = self.con.sql("SELECT * EXCLUDE (run_id) FROM related WHERE run_id = ? "
                                           "ORDER BY layer, neuron, list", params=[run_id]).to_arrow_table()
+        if self.tags(run_id):  # type: ignore[attr-defined]
+            out["tags"] = self.con.sql("SELECT layer, neuron, tag, note, author, created_at FROM tags WHERE run_id = ? "
+                                       "ORDER BY created_at, layer, neuron", params=[run_id]).to_arrow_table()
         return out
 
     def neuron_bundles(self, run_id: int, layer: int, first: int, last: int) -> list[NeuronBundle]:

@@ -1,0 +1,52 @@
+"""A person's tags and notes on neurons (`neuronscope tag`, `tags`, shown by `show`; exports carry them, see
+test_import_export.py): kept in the store with author and time, listed and filtered, taken off, and inert text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, copy_store, run_cli
+
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.store import Store
+
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+HOSTILE = "[bold]loud[/bold] \x1b[31mred"
+
+
+def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object], tmp_path: Path) -> None:
+    store = copy_store(cli_store[0], tmp_path, "s.duckdb")
+    assert run_cli(["tag", "0/1", "1/2", "wrong", "--note", "fires on dates too", "--author", "ada",
+                    "--store", store]).code == 0
+    noted = run_cli(["tag", "0/1", "--note", HOSTILE, "--store", store])
+    assert noted.code == 0 and "noted 1 neuron" in noted.err, noted.err
+    assert run_cli(["tag", "L2/N3", "good", "--author", "bo", "--store", store]).code == 0
+    with Store.open(store, read_only=True) as opened:
+        run_id = opened.run().run_id
+        found = opened.tags(run_id)
+        assert [(t.layer, t.neuron, t.tag, t.author) for t in found[:2]] == [(0, 1, "wrong", "ada"),
+                                                                             (1, 2, "wrong", "ada")]
+        assert found[2].tag == "" and found[2].note == HOSTILE and found[2].author  # $USER by default
+        assert [t.neuron for t in opened.tags(run_id, tag="wrong")] == [1, 2]
+        assert [t.tag for t in opened.tags(run_id, [NeuronId(2, 3)])] == ["good"]
+
+    listed = run_cli(["tags", "--tag", "wrong", "--store", store])
+    assert listed.code == 0 and "L0/N1" in listed.out and "L1/N2" in listed.out and "L2/N3" not in listed.out
+    everything = run_cli(["tags", "--store", store])
+    assert "[bold]loud[/bold]" in everything.out and "\x1b[31m" not in everything.out  # shown literally
+    shown = run_cli(["show", "0/1", "--store", store])
+    assert shown.code == 0 and "tag wrong  fires on dates too  (ada, " in " ".join(shown.out.split("\n"))
+    assert "[bold]loud[/bold]" in shown.out and "\x1b[31m" not in shown.out
+
+    removed = run_cli(["tag", "0/1", "1/2", "wrong", "--remove", "--store", store])
+    assert removed.code == 0 and "took 'wrong' off 2 taggings" in removed.err
+    assert run_cli(["tags", "--tag", "wrong", "--store", store]).err.startswith("no tags or notes")
+
+
+def test_bad_tags_are_one_line(cli_store: tuple[Path, object], tmp_path: Path) -> None:
+    store = copy_store(cli_store[0], tmp_path, "s.duckdb")
+    assert_one_line_error(run_cli(["tag", "0/1", "not a tag!", "--store", store]), "is not a tag", "good, wrong")
+    assert_one_line_error(run_cli(["tag", "0/1", "--store", store]), "pass a tag, --note, or both")
+    assert_one_line_error(run_cli(["tag", "good", "--store", store]), "name the neurons to tag")
+    assert_one_line_error(run_cli(["tag", "9/0", "good", "--store", store]), "has no neuron L9/N0")

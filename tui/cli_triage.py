@@ -1,0 +1,107 @@
+"""`neuronscope tag` and `tags`: a person's tags and notes on neurons, kept in the store with who wrote them and when
+(`show` lists a neuron's, exports carry them)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+from collections.abc import Callable
+
+from rich.table import Table
+from rich.text import Text
+
+from neuronscope.core.errors import InputError
+from neuronscope.core.ids import NeuronId, layers_text
+from neuronscope.core.records import RunInfo
+from neuronscope.core.results import Tag
+from neuronscope.core.store import Store
+from neuronscope.tui.console import number, out, status
+from neuronscope.tui.render import visible
+
+#: The tags offered first (any word of letters, digits, - and _ is a tag).
+SUGGESTED_TAGS = ("good", "wrong", "unclear", "polysemantic")
+_TAG = re.compile(r"[\w-]{1,40}")
+
+
+def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    """The tag and tags subcommands."""
+    p = sub.add_parser("tag", help="tag neurons (good, wrong, unclear, polysemantic or your own word) and/or note "
+                                   "something on them, kept in the store with your name and the time")
+    p.add_argument("items", nargs="+", metavar="NEURON... [TAG]",
+                   help="LAYER/NEURON pairs, e.g. 12/345, then the tag (leave it out to add a note alone)")
+    p.add_argument("--note", default="", help="a note on the neurons")
+    p.add_argument("--author", help="who tags (default: $USER)")
+    p.add_argument("--remove", action="store_true", help="take the tag off the neurons instead")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("tags", help="list the tags and notes of a run's neurons, oldest first")
+    p.add_argument("neurons", nargs="*", help="only these LAYER/NEURON pairs")
+    p.add_argument("--tag", help="only this tag")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_tags)
+
+
+def _neurons(run: RunInfo, texts: list[str]) -> list[NeuronId]:
+    neurons = [NeuronId.parse(t) for t in texts]
+    for n in neurons:
+        if n.layer not in run.layers or not 0 <= n.neuron < run.neurons_per_layer:
+            raise InputError(f"run {run.run_id} has no neuron {n}: it holds layers {layers_text(run.layers)} with "
+                             f"neurons 0-{run.neurons_per_layer - 1}")
+    return neurons
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """Tag neurons, note something on them, or take a tag off."""
+    items = list(args.items)
+    tag = ""
+    try:
+        NeuronId.parse(items[-1])
+    except InputError:  # not a neuron: the tag
+        tag = items.pop()
+    if tag and not _TAG.fullmatch(tag):
+        raise InputError(f"{tag!r} is not a tag: use a word of letters, digits, - and _ (e.g. "
+                         f"{', '.join(SUGGESTED_TAGS)})")
+    if not items:
+        raise InputError("name the neurons to tag, e.g. neuronscope tag 12/345 good")
+    if not tag and (args.remove or not args.note.strip()):
+        raise InputError("pass a tag, --note, or both (e.g. neuronscope tag 12/345 wrong --note 'fires on dates too')")
+    author = args.author or getpass.getuser()
+    with Store.open(args.store, create=False) as store:
+        run = store.run(args.run)
+        neurons = _neurons(run, items)
+        if args.remove:
+            gone = store.remove_tags(run.run_id, neurons, tag)
+            status(f"took {tag!r} off {gone} tagging{'s' if gone != 1 else ''} of {len(neurons)} neuron"
+                   f"{'s' if len(neurons) != 1 else ''}")
+            return 0
+        store.add_tags(run.run_id, neurons, tag, args.note.strip(), author)
+    what = f"tagged {tag!r}" if tag else "noted"
+    status(f"{what} {len(neurons)} neuron{'s' if len(neurons) != 1 else ''} of run {run.run_id} as {author}")
+    return 0
+
+
+def cmd_tags(args: argparse.Namespace) -> int:
+    """List tags and notes."""
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        found = store.tags(run.run_id, _neurons(run, args.neurons) if args.neurons else None, args.tag)
+    if not found:
+        status(f"no tags or notes on run {run.run_id}" + (" match" if args.neurons or args.tag else ""))
+        return 0
+    out.print(tags_table(found))
+    return 0
+
+
+def tags_table(tags: list[Tag]) -> Table:
+    """Tags and notes, one a row; the text inert."""
+    table = Table()
+    for name in ("neuron", "tag", "note", "by", "when"):
+        table.add_column(name, no_wrap=name != "note", overflow="fold")
+    for t in tags:
+        table.add_row(str(NeuronId(t.layer, t.neuron)), Text(visible(t.tag) or "-"), Text(visible(t.note)),
+                      Text(visible(t.author)), t.created_at)
+    return table
