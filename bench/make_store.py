@@ -118,7 +118,7 @@ def layer_data(layer: int, f: int, n_excerpts: int, rng: np.random.Generator) ->
     summary = LayerSummary(
         mean=mean, variance=var, skewness=skew, kurtosis=kurt, density=density.astype(np.float32),
         selectivity=rng.lognormal(1.5, 0.7, f).astype(np.float32), quantile_edges=edges,
-        quantile=Samples(ids(bins * SETTINGS.quantile_k), *quant),
+        quantile=Samples(ids(bins * SETTINGS.quantile_k), *quant), first_peak=np.zeros(f, np.float32),
     )
     return result, summary
 
