@@ -39,7 +39,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -195,6 +195,9 @@ class OpenAIBackend(RouteProbing, ServerRouting, Backend):
         finally:
             for future in futures:
                 future.cancel()
+            # When one fails (the budget, a cancel), those already running finish before this returns: their calls
+            # are logged with the neuron's, not after the job's last commit, unlogged but counted in its tokens.
+            wait(futures)
 
     # -- dry runs -----------------------------------------------------------------------------------
     def requests(self, kind: str, *args: Any) -> list[tuple[Any, int, int]]:
