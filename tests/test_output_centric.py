@@ -96,6 +96,10 @@ def test_explain_output_centric_stores_the_explanation_without_a_score(wired: tu
     assert json.dumps(words[0]) in output.text and not output.splits and not output.selected
     dry = run_cli(["run", "0/0", "--explainer", "baseline", "--output-centric", "--dry-run", "--store", store])
     assert dry.code == 0, dry.err
+    # Scoring needs the neuron's own output-centric explanation: one explained only from its input fails, saying so.
+    assert run_cli(["explain", "0/1", "--explainer", "baseline", "--store", store], timeout=300).code == 0
+    missing = run_cli(["score", "0/1", "--explainer", "baseline", "--output-centric", "--store", store], timeout=300)
+    assert missing.code == 3 and "has no pos output-centric explanation by baseline" in missing.err, missing.err
 
 
 def test_steering_score_is_chance_when_steering_changes_nothing() -> None:

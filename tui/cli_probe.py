@@ -96,7 +96,8 @@ def cmd_effects(args: argparse.Namespace) -> int:
         tops = [r for r in store.records(run.run_id, *unit, kinds=("top",))][: args.excerpts]
         if stats is None or not tops or stats.max <= 0:
             raise InputError(f"{unit} of run {run.run_id} has no top excerpt where it fires: pick another unit")
-        token_ids = np.array([store.excerpts(run.run_id, [r.excerpt_id])[r.excerpt_id][0] for r in tops])
+        texts = store.excerpts(run.run_id, [r.excerpt_id for r in tops])
+        token_ids = np.array([texts[r.excerpt_id][0] for r in tops])
     subject, coder = _subject_of(run, args)
     ablate_to = stats.mean if args.ablate == "mean" else 0.0
     amplify_to = args.factor * stats.max

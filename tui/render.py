@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Span, Text
 
 from neuronscope.core.choices import SCORERS
+from neuronscope.core.explanation.output import STEER_METHOD
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import FIRST_POSITION, ActivationRecord, NeuronStats
 from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores
@@ -262,7 +263,7 @@ def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
             text.append(f"  {method} {s.value:+.2f}")
             if method == "contrast":
                 flag(s)
-    for method in (*SCORERS, "steering"):  # AUROCs, 0.5 is chance
+    for method in (*SCORERS, STEER_METHOD):  # AUROCs, 0.5 is chance
         s = split.get(method)
         if s is not None:
             text.append(f"  {method} {s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]")

@@ -103,13 +103,18 @@ class OutputWork:
                 tuple(tuple(subject.token_strings(row)) for row in steered))
             return view
 
-    def _output_text(self, neuron: NeuronId, splits: NeuronSplits) -> str:
-        """The neuron's output-centric explanation: the explainer's, or for score jobs the stored one (else the
-        baseline's)."""
+    def _output_text(self, neuron: NeuronId, splits: NeuronSplits, partner: bool = False) -> str:
+        """The neuron's output-centric explanation: the explainer's, or for score jobs the stored one (a partner
+        without one lends its promoted tokens, as its lookup lends an input-centric one)."""
         if self.settings.kind == "score":
             texts = self._reader().candidate_texts(self.run_info.run_id, *neuron, tail=self.settings.tail,
                                                    explainer=self.explainer_name, role=OUTPUT_ROLES["candidate"])
-            return texts[0] if texts else output_lookup(self._view(neuron, splits))
+            if texts:
+                return texts[0]
+            if not partner:
+                raise NeuronError(f"{neuron} has no {self.settings.tail} output-centric explanation by "
+                                  f"{self.explainer_name}: run `neuronscope explain --output-centric` first")
+            return output_lookup(self._view(neuron, splits))
         explainer = self.backend(self.settings.explainer)
         return explainer.explain(output_prompt(self._view(neuron, splits)), 1, self.settings.seed)[0]
 
@@ -125,7 +130,7 @@ class OutputWork:
         out = [scored_output(simulator, mode, text, view, explainer=self.explainer_name, role="candidate", seed=seed)]
         if partner is not None:
             try:
-                other = self._output_text(partner, self._splits(partner, records))
+                other = self._output_text(partner, self._splits(partner, records), partner=True)
             except (LLMError, NeuronError):
                 other = None  # the partner's own failure is recorded against it; this neuron goes without
             if other is not None:

@@ -244,8 +244,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         finally:
             if closed:
                 self.con = Store.open(self.path, create=False).con
-        self.__dict__.pop("_related_tables", None)
-        for key in [key for key in self.__dict__ if key.startswith("_runs_")]:
+        for key in [key for key in self.__dict__ if key.startswith(("_table_", "_column_"))]:
             self.__dict__.pop(key)
 
     # -- writing a collection ---------------------------------------------------------------------

@@ -111,7 +111,7 @@ class InteropMixin:
                 "WHERE e.run_id = ? ORDER BY e.layer, e.neuron, e.tail, e.explanation_id, s.split, s.simulator, "
                 "s.method", params=[run_id]).to_arrow_table(),
         }
-        if self._has_related():  # type: ignore[attr-defined]
+        if self._has_table("related"):  # type: ignore[attr-defined]
             out["related"] = self.con.sql("SELECT * EXCLUDE (run_id) FROM related WHERE run_id = ? "
                                           "ORDER BY layer, neuron, list", params=[run_id]).to_arrow_table()
         if self.tags(run_id):  # type: ignore[attr-defined]
@@ -140,7 +140,7 @@ class InteropMixin:
         for row, scored in zip(rows, self._scored(rows)):  # type: ignore[attr-defined]
             explanations.setdefault(int(row[9]), {}).setdefault(row[8], []).append(scored)
         related: dict[int, list[tuple[Any, ...]]] = {}
-        if self._has_related():  # type: ignore[attr-defined]
+        if self._has_table("related"):  # type: ignore[attr-defined]
             for row in self.con.execute(
                     f'SELECT neuron, list, tokens, other_layers, other_neurons, "values" FROM related WHERE {where} '
                     "ORDER BY neuron, list", params).fetchall():

@@ -23,15 +23,7 @@ class RelatedMixin:
     """Related lists: one row per neuron and list, its entries in list columns."""
 
     con: Any
-
-    def _has_related(self) -> bool:
-        """Whether the store has the related table (asked once per open store: a writable open makes them, and
-        nothing drops them)."""
-        known = self.__dict__.get("_related_tables")
-        if known is None:
-            rows = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'related'")
-            known = self.__dict__["_related_tables"] = bool(rows.fetchall()[0][0])
-        return bool(known)
+    _has_table: Any
 
     def write_related(self, run_id: int, lists: Sequence[tuple[int, int, dict[str, list[tuple[str, float]]],
                                                                 dict[str, list[tuple[int, int, float]]]]]) -> None:
@@ -88,7 +80,7 @@ class RelatedMixin:
                                                                       dict[str, list[tuple[int, int, float]]]]:
         """A neuron's related-token lists (name -> [(token, value)]) and related-neuron lists (name -> [(layer,
         neuron, weight)]), each in rank order."""
-        if not self._has_related():
+        if not self._has_table("related"):
             return {}, {}
         return self._related_rows(self.con.execute(
             'SELECT list, tokens, other_layers, other_neurons, "values" FROM related WHERE run_id = ? AND layer = ? '

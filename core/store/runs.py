@@ -104,10 +104,20 @@ class RunsMixin:
     def _has_column(self, column: str, table: str = "runs") -> bool:
         """Whether a table has a column added without a version bump (a writable open adds them to older stores;
         asked once per open store)."""
-        key = f"_{table}_{column}"
+        key = f"_column_{table}_{column}"
         if key not in self.__dict__:
             rows = self.con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? "
                                     "AND column_name = ?", [table, column]).fetchall()
+            self.__dict__[key] = bool(rows[0][0])
+        return bool(self.__dict__[key])
+
+    def _has_table(self, table: str) -> bool:
+        """Whether the store has a table added without a version bump (related lists, tags: a writable open makes
+        them, nothing drops them; asked once per open store)."""
+        key = f"_table_{table}"
+        if key not in self.__dict__:
+            rows = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                                    [table]).fetchall()
             self.__dict__[key] = bool(rows[0][0])
         return bool(self.__dict__[key])
 
@@ -149,7 +159,7 @@ class RunsMixin:
             self.con.execute("UPDATE runs SET status = ?, error = ? WHERE run_id = ?", [status, error, run_id])
 
     def _delete_run_data(self, run_id: int) -> None:
-        tables = ["excerpts", "neurons", "records"] + (["related"] if self._has_related() else [])  # type: ignore[attr-defined]
+        tables = ["excerpts", "neurons", "records"] + (["related"] if self._has_table("related") else [])
         for table in tables:
             self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 

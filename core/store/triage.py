@@ -19,13 +19,7 @@ CREATE TABLE IF NOT EXISTS tags (
 
 class TriageMixin:
     con: Any
-
-    def _has_tags(self) -> bool:
-        known = self.__dict__.get("_tags_table")
-        if known is None:
-            rows = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'tags'")
-            known = self.__dict__["_tags_table"] = bool(rows.fetchall()[0][0])
-        return bool(known)
+    _has_table: Any
 
     def add_tags(self, run_id: int, neurons: Sequence[NeuronId], tag: str, note: str, author: str) -> None:
         """Tag the neurons (tag '' for a note alone), with a note, by an author, now; one transaction."""
@@ -46,7 +40,7 @@ class TriageMixin:
 
     def tags(self, run_id: int, neurons: Sequence[NeuronId] | None = None, tag: str | None = None) -> list[Tag]:
         """Tags and notes of a run (of some neurons, or with one tag), oldest first."""
-        if not self._has_tags():
+        if not self._has_table("tags"):
             return []
         sql = ("SELECT layer, neuron, tag, note, author, strftime(created_at, '%Y-%m-%d %H:%M') FROM tags "
                "WHERE run_id = ?")
