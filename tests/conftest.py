@@ -97,12 +97,15 @@ TEST_ENV: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
-def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's temp dir; NEURONSCOPE_CACHE goes inside it, torch.compile off, no hub access."""
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's temp dir; NEURONSCOPE_CACHE goes inside it, torch.compile off, no hub access. The cache (the
+    packaged model's unpacked weights and safetensors copy, about 3 GB) is removed when the session ends: pytest keeps
+    its last temp dirs, and three of them filled a CI machine's disk."""
     root = tmp_path_factory.mktemp("neuronscope")
     TEST_ENV.update({"NEURONSCOPE_CACHE": str(root / "cache"), "NEURONSCOPE_COMPILE": "0", "HF_HUB_OFFLINE": "1",
                      "TRANSFORMERS_OFFLINE": "1"})
-    return root
+    yield root
+    shutil.rmtree(root / "cache", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
