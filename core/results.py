@@ -150,6 +150,8 @@ class NeuronRow:
     """Fraction of tokens with a positive activation."""
     selectivity: float
     """The selectivity statistic."""
+    tags: tuple[str, ...] = ()
+    """The tags people gave it, sorted (notes alone are not tags)."""
 
 
 @dataclass(frozen=True)

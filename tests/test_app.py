@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import SIZE, screen_text, sync, table_lines, until
-from conftest import MARKERS, assert_one_line_error, cli_env, run_cli
+from conftest import MARKERS, assert_one_line_error, cli_env, copy_store, run_cli
 from textual.widgets import Input, Label
 
 from neuronscope.core.store import Store
@@ -183,8 +183,8 @@ def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def
 # -- filters, marks, navigation ------------------------------------------------------------------------
 
 @sync
-async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path) -> None:
-    app = NeuronscopeApp(scored_store)
+async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path, tmp_path: Path) -> None:
+    app = NeuronscopeApp(copy_store(scored_store, tmp_path, "s.duckdb"))  # marks are saved in the store
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NeuronTable)
         run_id = app.run_info.run_id

@@ -19,6 +19,7 @@ import pytest
 from app_helpers import SIZE, screen_text, sync
 from conftest import Result, assert_one_line_error, orphan_records, run_cli, run_rows
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.interop.export import bundles, export_openai
 from neuronscope.core.interop.importer import import_release
 from neuronscope.core.interop.release import (
@@ -279,11 +280,15 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
         "explanations.parquet", "neurons.parquet", "related.parquet"]  # no tags: no tags table
     tagged = run_cli(["tag", "0/3", "good", "--note", "clean cat detector", "--author", "ada", "--store", store_path])
     assert tagged.code == 0, tagged.err
+    with Store.open(store_path) as store:  # what the app's L key saves
+        store.save_list(store.run().run_id, "cats", [NeuronId(0, 3), NeuronId(1, 0)], "ada")
     folder = tmp_path / "pq"
     result = run_cli(["export", "--format", "parquet", "--out", folder, "--store", store_path])
     assert result.code == 0, result.err
     assert sorted(p.name for p in folder.iterdir()) == [
-        "explanations.parquet", "neurons.parquet", "related.parquet", "tags.parquet"]
+        "explanations.parquet", "lists.parquet", "neurons.parquet", "related.parquet", "tags.parquet"]
+    assert [(r["name"], r["layer"], r["neuron"], r["author"]) for r in pq.read_table(folder / "lists.parquet").to_pylist()] \
+        == [("cats", 0, 3, "ada"), ("cats", 1, 0, "ada")]
     (tag,) = pq.read_table(folder / "tags.parquet").to_pylist()
     assert (tag["layer"], tag["neuron"], tag["tag"], tag["note"], tag["author"]) == (0, 3, "good", "clean cat detector",
                                                                                      "ada")
@@ -307,7 +312,8 @@ def test_parquet_and_jsonl_exports_read_back(tmp_path: Path) -> None:
     assert [(x["layer"], x["neuron"]) for x in lines] == NEURONS
     first = lines[0]
     assert set(first) == {"layer", "neuron", "unit", "stats", "records", "explanations", "related_tokens",
-                          "related_neurons", "tags"}
+                          "related_neurons", "tags", "lists"}
+    assert first["lists"] == ["cats"] and lines[1]["lists"] == []
     assert [(t["tag"], t["note"], t["author"]) for t in first["tags"]] == [("good", "clean cat detector", "ada")]
     assert lines[1]["tags"] == []
     assert first["unit"] == "neuron"

@@ -5,7 +5,10 @@ first job starts; imports no torch until a job loads a model."""
 
 from __future__ import annotations
 
+import getpass
 import random
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, cast
@@ -14,23 +17,28 @@ from rich.text import Text
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.timer import Timer
 from textual.widgets import Footer, Header, Input
 
 from neuronscope.core.choices import ASCENDING
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
-from neuronscope.core.store import Store
+from neuronscope.core.store import Store, StoreError
 from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
+from neuronscope.core.store.triage import MARKS_LIST
 from neuronscope.tui.commands import NeuronCommands
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen, MessageScreen
 from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.screens.triage import ListsScreen, TagScreen
 from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
 from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 #: Sort orders `s` cycles through, with the direction each reads best in.
 SORTS = tuple((order, order not in ASCENDING) for order in BROWSE_ORDERS)
+#: `tag:WORD` in a search: the neurons tagged so.
+TAG_SEARCH = re.compile(r"(?<!\S)tag:([\w-]+)", re.IGNORECASE)
 #: A job on more neurons than this asks first.
 CONFIRM_ABOVE = 50
 #: Seconds between table reloads while results land.
@@ -40,8 +48,10 @@ SPOOL_INTERVAL = 2.0
 #: The longest the app closes the store (and waits) for another process's fold of the spool: the fold itself takes
 #: about a second, but the processes of other jobs finish the neurons they are on first.
 ASIDE_SECONDS = 10.0
+#: Seconds after the last change of the marks before they are saved (as the list MARKS_LIST).
+MARKS_SAVE_DELAY = 1.0
 #: Actions that act on the table, not offered on a neuron's screen.
-TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark"}
+TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark", "lists"}
 
 
 class NeuronscopeApp(App[None]):
@@ -63,7 +73,15 @@ class NeuronscopeApp(App[None]):
                 tooltip="find explanations containing a text (enter applies, escape clears)"),
         Binding("n", "next_unexplained", "Unexplained", id="next", tooltip="next neuron without an explanation"),
         Binding("r", "random", "Random", id="random", tooltip="open a random neuron of those shown"),
-        Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor"),
+        Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor (marks are kept "
+                                                        "in the store, as the list 'marked')"),
+        Binding("a", "triage('tag')", "Tag", id="tag",
+                tooltip="tag the marked neurons, else the one under the cursor or shown: good, wrong, unclear, "
+                        "polysemantic or your own word (-TAG takes it off); the filter takes tag:WORD"),
+        Binding("N", "triage('note')", "Note", id="note", show=False,
+                tooltip="write a note on the marked neurons, else the one under the cursor or shown"),
+        Binding("L", "lists", "Lists", id="lists", show=False,
+                tooltip="save the marks as a named list, or load a saved list as the marks"),
         Binding("e", "job('run')", "Explain", id="explain",
                 tooltip="explain and score in the background with the configured explainer and simulator"),
         Binding("x", "job('score')", "Score", id="score",
@@ -74,7 +92,7 @@ class NeuronscopeApp(App[None]):
 
     def __init__(self, store_path: str | Path, *, settings: JobSettings | None = None,
                  backend_options: dict[str, object] | None = None, start_job: int = 0,
-                 concurrency: int | None = None) -> None:
+                 concurrency: int | None = None, author: str | None = None) -> None:
         """`settings`: the backends and options of the app's jobs; `start_job`: explain and score this many of
         the most selective unexplained neurons as soon as the app opens (the demo); `concurrency`: the jobs' requests in
         flight (None: the engine's default)."""
@@ -89,6 +107,8 @@ class NeuronscopeApp(App[None]):
         self.backend_options = backend_options or {}
         self.concurrency = concurrency
         self.start_job = start_job
+        self.author = author or getpass.getuser()
+        self._marks_timer: Timer | None = None
         self.sort_index = 0
         self.quitting = False
         self._dirty: set[NeuronId] = set()
@@ -112,7 +132,11 @@ class NeuronscopeApp(App[None]):
         return self.query_one(JobsPanel)
 
     def on_mount(self) -> None:
+        self._table = self.table
         self.table.focus()
+        marks = self.store.list_neurons(self.run_info.run_id, MARKS_LIST)
+        if marks:
+            self.table.set_marks(set(marks))
         self.set_interval(RELOAD_INTERVAL, self._reload_landed)
         self.set_interval(SPOOL_INTERVAL, self._reload_spooled)
         if self.start_job:
@@ -124,6 +148,9 @@ class NeuronscopeApp(App[None]):
             self.start(self.settings, tuple(neurons), "most selective")
 
     def on_unmount(self) -> None:
+        if self._marks_timer is not None:  # marks changed within the last second: saved before the store closes
+            self._marks_timer.stop()
+            self._save_marks()
         self.store.close()
 
     # -- neurons ---------------------------------------------------------------------------------------
@@ -174,7 +201,7 @@ class NeuronscopeApp(App[None]):
             return False
         if action == "cancel":
             return True if any(h.running and not h.stop.is_set() for h in self.jobs.handles) else None
-        if action in ("job", "random", "next_unexplained", "mark") and self.table.row_count == 0 and on_table:
+        if action in ("job", "random", "next_unexplained", "mark", "triage") and self.table.row_count == 0 and on_table:
             return None
         if action == "job" and self.quitting:
             return None
@@ -198,7 +225,8 @@ class NeuronscopeApp(App[None]):
     def action_search(self) -> None:
         box = self.query_one("#search", Input)
         box.add_class("open")
-        box.value = self.table.search or ""
+        query = self.table.query_spec
+        box.value = " ".join(filter(None, [f"tag:{query.tag}" if query.tag else "", query.search or ""]))
         box.focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -211,9 +239,14 @@ class NeuronscopeApp(App[None]):
             self._close_search(None)
 
     def _close_search(self, search: str | None) -> None:
+        """Apply a search: `tag:WORD` takes the neurons tagged so, the rest is a text the explanation contains."""
         box = self.query_one("#search", Input)
         box.remove_class("open")
-        self.table.set_query(replace(self.table.query_spec, search=search))
+        tag = None
+        if search and TAG_SEARCH.search(search):
+            tags = TAG_SEARCH.findall(search)
+            tag, search = tags[-1], " ".join(TAG_SEARCH.sub(" ", search).split()) or None
+        self.table.set_query(replace(self.table.query_spec, search=search, tag=tag))
         self.table.focus()
 
     def action_next_unexplained(self) -> None:
@@ -235,6 +268,88 @@ class NeuronscopeApp(App[None]):
 
     def action_mark(self) -> None:
         self.table.toggle_mark()
+        self._marks_changed()
+
+    # -- triage ----------------------------------------------------------------------------------------
+    def _marks_changed(self) -> None:
+        """Save the marks a moment after the last change (a run of m presses is one write)."""
+        if self._marks_timer is not None:
+            self._marks_timer.stop()
+        self._marks_timer = self.set_timer(MARKS_SAVE_DELAY, self._save_marks)
+
+    def _save_marks(self) -> None:
+        self._marks_timer = None
+        marked = sorted(self._table.marked)  # the table kept from on_mount: it is unmounted when the app saves last
+        self._write(lambda: self.store.save_list(self.run_info.run_id, MARKS_LIST, marked, self.author))
+
+    def _write(self, write: Callable[[], object]) -> bool:
+        """Write a person's triage to the store (beside it, as jobs' results are); an error is a notification."""
+        try:
+            write()
+        except StoreError as exc:
+            self.notify(f"not saved: {exc}", severity="error", markup=False)
+            return False
+        return True
+
+    def _triage_scope(self) -> tuple[tuple[NeuronId, ...], str]:
+        """The neuron shown, else the marked ones, else the one under the cursor; and those in words."""
+        if isinstance(self.screen, NeuronScreen):
+            return (self.screen.position,), str(self.screen.position)
+        if self.table.marked:
+            count = len(self.table.marked)
+            return tuple(sorted(self.table.marked)), f"the {count} marked neuron{'s' if count != 1 else ''}"
+        current = self.current_neuron()
+        return ((current,), str(current)) if current else ((), "")
+
+    def action_triage(self, kind: str) -> None:
+        neurons, scope = self._triage_scope()
+        if not neurons:
+            return
+        run_id = self.run_info.run_id
+        current = sorted({t.tag for t in self.store.tags(run_id, neurons) if t.tag})
+
+        def save(answer: tuple[str, str] | None) -> None:
+            if answer is None:
+                return
+            action, text = answer
+            if action == "untag":
+                gone: list[int] = []
+                if self._write(lambda: gone.append(self.store.remove_tags(run_id, neurons, text))):
+                    self.notify(f"took {text!r} off {gone[0]} tagging{'s' if gone[0] != 1 else ''}", markup=False)
+            elif not self._write(lambda: self.store.add_tags(run_id, neurons, text if action == "tag" else "",
+                                                             text if action == "note" else "", self.author)):
+                return
+            self._triage_landed(set(neurons))
+
+        self.push_screen(TagScreen(kind, scope, current), save)
+
+    def _triage_landed(self, neurons: set[NeuronId]) -> None:
+        self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0  # drawn here, now
+        self.table.reload()
+        for screen in self.screen_stack:
+            if isinstance(screen, NeuronScreen) and screen.position in neurons:
+                screen.reload()
+
+    def action_lists(self) -> None:
+        run_id = self.run_info.run_id
+
+        def chosen(answer: tuple[str, str] | None) -> None:
+            if answer is None:
+                return
+            action, name = answer
+            if action == "save":
+                marked = sorted(self.table.marked)
+                if self._write(lambda: self.store.save_list(run_id, name, marked, self.author)):
+                    self.notify(f"saved {len(marked)} marked neurons as {name!r} (neuronscope lists {name})",
+                                markup=False)
+                return
+            listed = self.store.list_neurons(run_id, name) or []
+            self.table.set_marks(set(listed))
+            self._marks_changed()
+            self.notify(f"marked the {len(listed)} neurons of {name!r}", markup=False)
+
+        saved = [entry for entry in self.store.saved_lists(run_id) if entry[0] != MARKS_LIST]
+        self.push_screen(ListsScreen(len(self.table.marked), saved), chosen)
 
     def action_help(self) -> None:
         def keys(bindings: list[BindingType]) -> list[tuple[str, str]]:

@@ -45,7 +45,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """A neuron's statistics and excerpts, tokens coloured by activation."""
     from rich.rule import Rule
 
-    from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table, visible
+    from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table, tag_line
 
     layer, index = neuron = NeuronId.parse(args.neuron)
     with Store.open(args.store, read_only=True) as store:
@@ -71,10 +71,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.print(stats_table(stats, run.settings.quantiles))
     out.print(Text("histogram ", style="bold") + histogram_text(stats))
     for t in tags:  # a person's verdicts first: they are why one looks again
-        line = Text("tag ", style="bold") + Text(visible(t.tag) or "note", style="bold magenta")
-        line.append(f"  {visible(t.note)}" if t.note else "")
-        line.append(f"  ({visible(t.author)}, {t.created_at})", style="dim")
-        out.print(line, soft_wrap=True)
+        out.print(tag_line(t), soft_wrap=True)
     quantiles = run.settings.quantiles
     sections = [("top", "Top excerpts", [r for r in records if r.kind == "top"][: args.count])]
     for b in reversed(range(len(quantiles) - 1)):  # the highest bins first: they are the informative ones
@@ -124,7 +121,7 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
     settings, options = _app_settings(args)
     env_concurrency()  # a bad NEURONSCOPE_CONCURRENCY fails before the app starts
     app = NeuronscopeApp(args.store_path or args.store, settings=settings, backend_options=options,
-                         start_job=start_job, concurrency=args.concurrency)
+                         start_job=start_job, concurrency=args.concurrency, author=getattr(args, "author", None))
     if args.theme:
         if args.theme not in app.available_themes:
             app.store.close()
@@ -214,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "explain and score in the background (? lists the keys)")
     p.add_argument("store_path", nargs="?", metavar="STORE",
                    help="store file (default: --store, $NEURONSCOPE_STORE or neuronscope.duckdb)")
+    p.add_argument("--author", help="who the app's tags, notes and lists are by (default: $USER)")
     app_job_args(p)
     store_arg(p)
     p.set_defaults(func=cmd_browse)

@@ -70,6 +70,8 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
                                 "is kept (default: 1)")
         p.add_argument("--tail", choices=TAILS, default=TAILS[0],
                        help="pos: explain max(a,0) from top records; neg: max(-a,0) from bottom records")
+        p.add_argument("--list", metavar="NAME", help="the neurons of a saved list (the app's L key; `neuronscope "
+                                                      "lists` shows them), e.g. marked")
         p.add_argument("--layers", help="choose neurons from these layers, e.g. 0-5,12")
         p.add_argument("--limit", type=number(1), default=10, help="how many neurons to choose (default: 10)")
         p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS),
@@ -132,12 +134,22 @@ def controls_arg(text: str) -> str:
     return text
 
 
-def _selection(args: argparse.Namespace, run: RunInfo) -> Any:
-    """The job's neurons: named ones, or a choice among the run's layers."""
+def _selection(args: argparse.Namespace, store: Store, run: RunInfo) -> Any:
+    """The job's neurons: named ones, a saved list's, or a choice among the run's layers."""
     from neuronscope.core.ids import NeuronId, parse_layers
     from neuronscope.core.jobs.selection import Selection, parse_where
 
-    return Selection(neurons=tuple(NeuronId.parse(n) for n in args.neurons),
+    named = tuple(NeuronId.parse(n) for n in args.neurons)
+    if args.list:
+        listed = store.list_neurons(run.run_id, args.list)
+        if listed is None:
+            known = ", ".join(name for name, *_ in store.saved_lists(run.run_id)) or "none yet"
+            raise InputError(f"run {run.run_id} has no list {args.list!r} (lists: {known}): save one with L in the "
+                             "app, or name the neurons")
+        if not listed:
+            raise InputError(f"the list {args.list!r} of run {run.run_id} is empty: mark neurons in the app first")
+        named += tuple(listed)
+    return Selection(neurons=named,
                      layers=parse_layers(args.layers, run.layers) if args.layers else None, order=args.order,
                      where=parse_where(args.where), limit=args.limit)
 
@@ -178,7 +190,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     Store.settle(args.store)
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        selection = _selection(args, run)
+        selection = _selection(args, store, run)
         dtype = None if args.dtype == "auto" else args.dtype
         job = Job(store, run, settings, selection,
                   backend_factory=lambda spec: make_backend(spec, device=args.device, dtype=dtype, status=status),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import re
 from collections.abc import Callable
 
 from rich.table import Table
@@ -15,13 +14,10 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.records import RunInfo
 from neuronscope.core.results import Tag
-from neuronscope.core.store import Store
+from neuronscope.core.store import Store, StoreBusy
+from neuronscope.core.store.triage import tag_problem
 from neuronscope.tui.console import number, out, status
 from neuronscope.tui.render import visible
-
-#: The tags offered first (any word of letters, digits, - and _ is a tag).
-SUGGESTED_TAGS = ("good", "wrong", "unclear", "polysemantic")
-_TAG = re.compile(r"[\w-]{1,40}")
 
 
 def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
@@ -44,6 +40,14 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     store_arg(p)
     p.set_defaults(func=cmd_tags)
 
+    p = sub.add_parser("lists", help="the saved lists of neurons (the app saves its marks as 'marked'; L saves "
+                                     "them under a name), or one list's neurons")
+    p.add_argument("name", nargs="?", help="print this list's neurons, one LAYER/NEURON a line (for scripts, "
+                                           "or a job's --list)")
+    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_lists)
+
 
 def _neurons(run: RunInfo, texts: list[str]) -> list[NeuronId]:
     neurons = [NeuronId.parse(t) for t in texts]
@@ -62,15 +66,18 @@ def cmd_tag(args: argparse.Namespace) -> int:
         NeuronId.parse(items[-1])
     except InputError:  # not a neuron: the tag
         tag = items.pop()
-    if tag and not _TAG.fullmatch(tag):
-        raise InputError(f"{tag!r} is not a tag: use a word of letters, digits, - and _ (e.g. "
-                         f"{', '.join(SUGGESTED_TAGS)})")
+    if tag and tag_problem(tag):
+        raise InputError(str(tag_problem(tag)))
     if not items:
         raise InputError("name the neurons to tag, e.g. neuronscope tag 12/345 good")
     if not tag and (args.remove or not args.note.strip()):
         raise InputError("pass a tag, --note, or both (e.g. neuronscope tag 12/345 wrong --note 'fires on dates too')")
     author = args.author or getpass.getuser()
-    with Store.open(args.store, create=False) as store:
+    try:
+        store = Store.open(args.store, create=False)
+    except StoreBusy:  # the app or a job has it open: written beside it, as their results are
+        store = Store.open(args.store, read_only=True)
+    with store:
         run = store.run(args.run)
         neurons = _neurons(run, items)
         if args.remove:
@@ -105,3 +112,28 @@ def tags_table(tags: list[Tag]) -> Table:
         table.add_row(str(NeuronId(t.layer, t.neuron)), Text(visible(t.tag) or "-"), Text(visible(t.note)),
                       Text(visible(t.author)), t.created_at)
     return table
+
+
+def cmd_lists(args: argparse.Namespace) -> int:
+    """Print the saved lists, or one list's neurons."""
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        saved = store.saved_lists(run.run_id)
+        neurons = store.list_neurons(run.run_id, args.name) if args.name else None
+    if args.name:
+        if neurons is None:
+            known = ", ".join(name for name, *_ in saved) or "none yet"
+            raise InputError(f"run {run.run_id} has no list {args.name!r} (lists: {known})")
+        for n in neurons:
+            out.print(f"{n.layer}/{n.neuron}", markup=False, highlight=False)
+        return 0
+    if not saved:
+        status(f"no saved lists on run {run.run_id}: mark neurons in the app (m), and L saves them under a name")
+        return 0
+    table = Table()
+    for name in ("list", "neurons", "saved by", "when"):
+        table.add_column(name, no_wrap=True)
+    for name, count, author, when in saved:
+        table.add_row(Text(visible(name)), f"{count:,}", Text(visible(author)), when)
+    out.print(table)
+    return 0

@@ -22,7 +22,7 @@ from neuronscope.core.choices import SCORERS
 from neuronscope.core.explanation.output import STEER_METHOD
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import FIRST_POSITION, ActivationRecord, NeuronStats
-from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores
+from neuronscope.core.results import NeuronSummary, Score, ScoredExplanation, SplitScores, Tag
 
 _SHOWN = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -40,6 +40,22 @@ def visible(token: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+#: How the suggested tags look (any other tag is bold cyan).
+TAG_STYLES = {"good": "bold green", "wrong": "bold red", "unclear": "bold yellow", "polysemantic": "bold magenta"}
+
+
+def tag_style(tag: str) -> str:
+    return TAG_STYLES.get(tag, "bold cyan")
+
+
+def tag_line(tag: Tag) -> Text:
+    """One tag or note as `show` and the neuron screen list it: the tag, the note, who and when (all inert)."""
+    line = Text("tag ", style="bold") + Text(visible(tag.tag) or "note", style=tag_style(tag.tag) if tag.tag else "bold")
+    line.append(f"  {visible(tag.note)}" if tag.note else "")
+    line.append(f"  ({visible(tag.author)}, {tag.created_at})", style="dim")
+    return line
 
 
 def activation_style(value: float, scale: float, peak: bool = False) -> Style:

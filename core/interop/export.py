@@ -2,8 +2,8 @@
 
 - `parquet`: a folder of Parquet files: `neurons.parquet` (statistics, each neuron's newest selected positive-tail
   explanation and its test score), `explanations.parquet` (every explanation, one row per score),
-  `related.parquet` (each neuron's related-token and related-neuron lists, one row per list) and `tags.parquet` (a
-  person's tags and notes).
+  `related.parquet` (each neuron's related-token and related-neuron lists, one row per list), `tags.parquet` (a
+  person's tags and notes) and `lists.parquet` (named lists of neurons: the app's marks, lists saved under a name).
 - `jsonl`: one JSON object per line and neuron, in the schema JSONL_SCHEMA documents (README, "OpenAI's GPT-2 XL release, Parquet and JSONL").
 - `openai`: the layout of OpenAI's GPT-2 XL release (neuronscope.core.interop.release), so tools written for it read our runs:
   collated-activations/, explanations/ (the positive tail's candidates and user sentences with test-split
@@ -61,6 +61,7 @@ JSONL_SCHEMA = {
                     "value, ci_low, ci_high, n, flags}]}]",
     "related_tokens": "{list: [[token, value]]}", "related_neurons": "{list: [[layer, neuron, weight]]}",
     "tags": "[{tag, note, author, created_at}] (a person's tags and notes, oldest first; tag '' for a note alone)",
+    "lists": "[name] (the saved lists the neuron is on: 'marked' is the app's marks)",
 }
 
 
@@ -152,6 +153,10 @@ def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None
     for t in store.tags(run_id):
         tags.setdefault((t.layer, t.neuron), []).append(
             {"tag": t.tag, "note": t.note, "author": t.author, "created_at": t.created_at})
+    lists: dict[tuple[int, int], list[str]] = {}
+    for name, *_ in sorted(store.saved_lists(run_id)):
+        for member in store.list_neurons(run_id, name) or ():
+            lists.setdefault(member, []).append(name)
     with _staged(out, folder=False) as staged, staged.open("w", encoding="utf-8") as f:
         for b in bundles(store, run_id, progress=progress):
             line = {
@@ -165,6 +170,7 @@ def export_jsonl(store: Store, run_id: int, out: Path, progress: Progress | None
                 "related_tokens": b.related_tokens,
                 "related_neurons": b.related_neurons,
                 "tags": tags.get((b.stats.layer, b.stats.index), []),
+                "lists": lists.get((b.stats.layer, b.stats.index), []),
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             n += 1

@@ -61,11 +61,14 @@ class BrowseQuery:
     first_position: bool | None = None
     """False: hide the neurons whose top records peak at their first position (FIRST_POSITION of them or more, likely
     position artefacts); True: only those; None: both."""
+    tag: str | None = None
+    """Only the neurons tagged so, by anyone (None: no condition)."""
 
     @property
     def filtered(self) -> bool:
         """Whether any filter or search narrows the rows."""
-        return any(x is not None for x in (self.layers, self.score, self.explained, self.search, self.first_position))
+        return any(x is not None for x in (self.layers, self.score, self.explained, self.search, self.first_position,
+                                           self.tag))
 
 
 def _like_pattern(text: str) -> str:
@@ -73,9 +76,9 @@ def _like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _row(r: tuple[Any, ...]) -> NeuronRow:
+def _row(r: tuple[Any, ...], tags: tuple[str, ...] = ()) -> NeuronRow:
     return NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
-                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0))
+                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0), tags=tags)
 
 
 class BrowseMixin:
@@ -96,8 +99,12 @@ class BrowseMixin:
         return name
 
     def _browse_sql(self, columns: str, run_id: int, query: BrowseQuery) -> tuple[str, list[Any]]:
-        sql = f"SELECT {columns} FROM {self._browse_table(run_id)} WHERE true"
+        sql = f"SELECT {columns} FROM {self._browse_table(run_id)} b WHERE true"
         params: list[Any] = []
+        if query.tag is not None:
+            sql += (" AND EXISTS (SELECT 1 FROM tags t WHERE t.run_id = ? AND t.tag = ? AND t.layer = b.layer "
+                    "AND t.neuron = b.neuron)")
+            params += [run_id, query.tag]
         if query.layers is not None:
             sql += " AND layer BETWEEN ? AND ?"
             params += [query.layers[0], query.layers[1]]
@@ -129,7 +136,13 @@ class BrowseMixin:
         keys = self._order_keys(query)
         sql, params = self._browse_sql(_ROW_COLUMNS, run_id, query)
         rows = self.con.execute(f"{sql} ORDER BY {keys} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        return [_row(r) for r in rows]
+        tags: dict[tuple[int, int], tuple[str, ...]] = {}
+        if rows:  # the page's tags, read after it is cut: a sort never reads the tags table
+            tags = {(int(r[0]), int(r[1])): tuple(r[2]) for r in self.con.execute(
+                "SELECT layer, neuron, list(DISTINCT tag ORDER BY tag) FROM tags WHERE run_id = ? AND tag <> '' "
+                "AND list_contains(?, [layer::INTEGER, neuron]) GROUP BY ALL",
+                [run_id, [[r[0], r[1]] for r in rows]]).fetchall()}
+        return [_row(r, tags.get((int(r[0]), int(r[1])), ())) for r in rows]
 
     def neuron_count(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> int:
         """How many neurons `neuron_rows` pages through."""

@@ -94,7 +94,8 @@ class InteropMixin:
         """A run's tables for a Parquet export, as Arrow tables: `neurons` (statistics, each with its newest selected
         positive-tail explanation and that explanation's test score), `explanations` (every explanation, one row per
         score: split, simulator, method, value, interval), `related` (a neuron's related lists, one row per list) and
-        `tags` (a person's tags and notes, with author and time)."""
+        `tags` (a person's tags and notes, with author and time) and `lists` (named lists of neurons: the app's marks
+        and those saved under a name), the last three where the run has rows."""
         out = {
             "neurons": self.con.sql(
                 f"WITH {CHOSEN_POS_CTES} "
@@ -117,6 +118,10 @@ class InteropMixin:
         if self.tags(run_id):  # type: ignore[attr-defined]
             out["tags"] = self.con.sql("SELECT layer, neuron, tag, note, author, created_at FROM tags WHERE run_id = ? "
                                        "ORDER BY created_at, layer, neuron", params=[run_id]).to_arrow_table()
+        if self.saved_lists(run_id):  # type: ignore[attr-defined]
+            out["lists"] = self.con.sql("SELECT name, layer, neuron, author, saved_at FROM lists WHERE run_id = ? "
+                                        "AND layer IS NOT NULL QUALIFY saved_at = max(saved_at) OVER (PARTITION BY "
+                                        "name) ORDER BY name, layer, neuron", params=[run_id]).to_arrow_table()
         return out
 
     def neuron_bundles(self, run_id: int, layer: int, first: int, last: int) -> list[NeuronBundle]:

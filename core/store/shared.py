@@ -21,13 +21,15 @@ from typing import Any
 
 from neuronscope.core.store.schema import SCHEMA_VERSION
 from neuronscope.core.store.spool import COPIED, IN_PLACE, Spool
+from neuronscope.core.store.triage import PRUNE_LISTS, TRIAGE_FOLD, TRIAGE_SPOOLED, TRIAGE_VIEWS
 
 #: The tables of ids that segments share, and the counters the spool keeps for them (the store's sequences).
 ID_COLUMNS = {"explanation_ids": ("explanations", "explanation_id"), "call_ids": ("llm_calls", "call_id"),
               "job_ids": ("jobs", "job_id")}
 #: The time a row was written, where the store's tables have a default for it.
 STAMPED = {"explanations": "created_at", "scores": "created_at", "llm_calls": "created_at",
-           "job_neurons": "updated_at", "jobs": "created_at"}
+           "job_neurons": "updated_at", "jobs": "created_at", "tags": "created_at", "tag_removals": "created_at",
+           "lists": "saved_at"}
 #: How often a process waiting on a fold (its own, or another's it stepped aside for) looks again.
 FOLD_POLL_SECONDS = 0.1
 _EVENT_COLUMNS = "job_id BIGINT, state VARCHAR, error VARCHAR, pid INTEGER, owner_start DOUBLE, updated_at TIMESTAMP"
@@ -88,6 +90,11 @@ class SharedMixin:
         for table in columns:
             if table != "spool_folded":
                 self._view(table)
+        for table, spooled in TRIAGE_SPOOLED.items():  # laid over the store's, or alone where it has none yet
+            self.con.execute(f"CREATE TABLE spool_{table} ({spooled})")
+        for table, view in TRIAGE_VIEWS.items():
+            stored = f"SELECT * FROM store.main.{table}" if table in columns else f"SELECT * FROM spool_{table} LIMIT 0"
+            self.con.execute(f"CREATE OR REPLACE VIEW main.{table} AS {view.format(store=stored)}")
         self.refresh()
 
     def _view(self, table: str) -> None:
@@ -128,7 +135,7 @@ class SharedMixin:
             shared.seq += 1
             for table in COPIED + IN_PLACE:
                 paths = [str(p) for p in (shared.spool.file(n, table) for n in new) if p.exists()]
-                if not paths or (table not in shared.columns and table != "job_events"):
+                if not paths or (table not in shared.columns and table != "job_events" and table not in TRIAGE_SPOOLED):
                     continue
                 source = f"read_parquet([{', '.join(map(sql_literal, paths))}], filename = true, file_row_number = true)"
                 if table in ("job_neurons", "job_events"):  # in the order written
@@ -346,6 +353,14 @@ class SharedMixin:
             self.con.execute(f"WITH {_LATEST_EVENTS.format(source=f'({events})')} UPDATE jobs SET state = e.state, "
                              "error = e.error, pid = e.pid, owner_start = e.owner_start, updated_at = e.updated_at "
                              "FROM e WHERE jobs.job_id = e.job_id")
+        for table in TRIAGE_SPOOLED:
+            source = files(table)
+            if source and table in TRIAGE_FOLD:
+                self.con.execute(TRIAGE_FOLD[table].format(source=source))
+            elif source:
+                self.con.execute(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE (file_row_number, filename) "
+                                 f"FROM {source}")
+        self.con.execute(PRUNE_LISTS)
         for counter, (table, column) in ID_COLUMNS.items():  # the store's sequences pass every folded id
             top = self.con.execute(f"SELECT max({column}) FROM {table}").fetchall()[0][0]
             current = int(self.con.execute(f"SELECT nextval('{counter}')").fetchall()[0][0])

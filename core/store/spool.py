@@ -29,7 +29,7 @@ from typing import Any
 
 #: Where the rows of each segment table are read from: copied into memory by every open store (small tables that
 #: browsing sorts and joins), or read in place from the Parquet files (large ones, read a neuron at a time).
-COPIED = ("explanations", "scores", "job_neurons", "jobs", "job_events")
+COPIED = ("explanations", "scores", "job_neurons", "jobs", "job_events", "tags", "tag_removals", "lists")
 IN_PLACE = ("simulations", "llm_calls")
 
 

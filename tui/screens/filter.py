@@ -1,5 +1,5 @@
-"""The filter form (`f`): a layer range, a score range, explained/unexplained and hiding first-position neurons,
-applied to the table."""
+"""The filter form (`f`): a layer range, a score range, explained/unexplained, a tag and hiding first-position
+neurons, applied to the table."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Static
 
 from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.core.store.triage import tag_problem
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
 EXPLAINED = (("all neurons", None), ("explained", True), ("unexplained", False))
@@ -92,6 +93,8 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
             with RadioSet(id="explained", compact=True):
                 for label, value in EXPLAINED:
                     yield RadioButton(label, value=q.explained is value)
+            yield Label("tagged (by anyone)")
+            yield Input(q.tag or "", placeholder="e.g. wrong; empty: any", id="tag", compact=True)
             yield Checkbox("hide neurons that peak at the first position (artefacts)", q.first_position is False,
                            id="first-position", compact=True)
             yield Label("", id="filter-error")
@@ -104,6 +107,9 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
         try:
             layers = parse_range(self.query_one("#layers", Input).value, integer=True)
             score = parse_range(self.query_one("#score", Input).value, integer=False)
+            tag = self.query_one("#tag", Input).value.strip() or None
+            if tag and tag_problem(tag):
+                raise ValueError(tag_problem(tag))
         except ValueError as exc:
             self.query_one("#filter-error", Label).update(Text(str(exc)))
             return
@@ -116,7 +122,7 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
                     self.layer_span[1] if high == float("inf") else int(high))
         hide = self.query_one("#first-position", Checkbox).value
         self.dismiss(replace(self.query_spec, layers=span, score=score, explained=explained,
-                             first_position=False if hide else None))
+                             first_position=False if hide else None, tag=tag))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -20,6 +20,7 @@ from neuronscope.tui.render import (
     related_lines,
     scale_of,
     stats_table,
+    tag_line,
     visible,
 )
 from neuronscope.tui.widgets.lines import LinesView
@@ -66,6 +67,7 @@ class NeuronScreen(Screen[None]):
         parts: list[RenderableType] = [title]
         if run.latents:
             parts.append(Text(visible(run.units), style="dim"))
+        parts += [tag_line(t) for t in self.store.tags(run.run_id, [self.position])]
         if stats is None:
             parts.append(Text(f"run {run.run_id} has no neuron {self.position}"))
         else:

@@ -20,7 +20,7 @@ from textual.strip import Strip
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.browse import BrowseQuery
-from neuronscope.tui.render import short_number, visible
+from neuronscope.tui.render import short_number, tag_style, visible
 
 PAGE = 200
 PAGES_CACHED = 8
@@ -42,6 +42,8 @@ def describe(query: BrowseQuery) -> str:
         parts.append("explained" if query.explained else "unexplained")
     if query.first_position is not None:
         parts.append("first-position only" if query.first_position else "no first-position")
+    if query.tag:
+        parts.append("tag:" + visible(query.tag))
     if query.search:
         parts.append("/" + visible(query.search))
     return "".join(f" · {p}" for p in parts)
@@ -130,6 +132,11 @@ class NeuronTable(ScrollView, can_focus=True):
         offset = index - page_no * PAGE
         return page[offset] if offset < len(page) else None
 
+    def set_marks(self, neurons: set[NeuronId]) -> None:
+        """Mark exactly these neurons."""
+        self.marked = set(neurons)
+        self.refresh()
+
     def toggle_mark(self) -> None:
         """Mark or unmark the neuron under the cursor, then step down."""
         row = self.current
@@ -156,10 +163,16 @@ class NeuronTable(ScrollView, can_focus=True):
         neuron = NeuronId(row.layer, row.neuron)
         text.append("●" if neuron in self.marked else " ", style="bold")
         text.append(_cell(str(neuron), NEURON_W - 1), style="bold")
+        text.append(" ")
+        for tag in row.tags:  # a person's verdicts before the model's words
+            if width > len(tag) + 10:
+                tag_text = visible(tag)
+                text.append(tag_text, style=tag_style(tag))
+                text.append(" ")
+                width -= len(tag_text) + 1
         explanation = visible(row.explanation)
         if len(explanation) > width:
             explanation = explanation[: width - 1] + "…"
-        text.append(" ")
         text.append(_cell(explanation, width) if row.explanation else _cell("-", width), style="" if row.explanation else "dim")
         score = "-" if row.score is None else f"{row.score:+.2f} [{row.ci_low or 0:+.2f},{row.ci_high or 0:+.2f}]"
         text.append(" " + _cell(score, SCORE_W, "right"))

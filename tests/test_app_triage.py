@@ -1,0 +1,155 @@
+"""Triage in the app (issue 18): tags and notes from the table and the neuron screen, the tag filter, marks that
+outlive the app, named lists, and the same rows from the CLI while the app has the store open (`tag` writes beside
+it, as jobs do; the next writable open folds it in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from app_helpers import SIZE, screen_text, sync, table_lines
+from conftest import assert_one_line_error, copy_store, run_cli
+from textual.widgets import Input
+
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.screens.filter import FilterScreen
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.screens.triage import ListsScreen, TagScreen
+from neuronscope.tui.widgets.neuron_table import NeuronTable
+
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+HOSTILE = "[bold]loud[/bold] \x1b[31mred"
+
+
+@sync
+async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store: Path, tmp_path: Path) -> None:
+    path = copy_store(scored_store, tmp_path, "s.duckdb")
+    app = NeuronscopeApp(path, author="ada")
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        run_id = app.run_info.run_id
+        first = NeuronId(table.row(0).layer, table.row(0).neuron)  # type: ignore[union-attr]
+
+        # a, then a word: the neuron under the cursor is tagged, by the app's author; the table shows it.
+        await pilot.press("a")
+        await pilot.pause()
+        assert isinstance(app.screen, TagScreen)
+        await pilot.press(*"wrong", "enter")
+        await pilot.pause()
+        assert [(t.layer, t.neuron, t.tag, t.author) for t in app.store.tags(run_id)] == [(*first, "wrong", "ada")]
+        assert table_lines(table, 1)[2].split()[1] == "wrong"
+
+        # A bad tag keeps the modal open with the reason; escape writes nothing.
+        await pilot.press("a", *"no good", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, TagScreen) and "is not a tag" in screen_text(app.screen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(app.store.tags(run_id)) == 1
+
+        # N writes a note (shown literally on the neuron screen, with the tag).
+        await pilot.press("N", *HOSTILE.replace("\x1b", ""), "enter")
+        await pilot.pause()
+        assert [t.note for t in app.store.tags(run_id, [first]) if not t.tag] == [HOSTILE.replace("\x1b", "")]
+
+        # m marks two more neurons; a then 1 (the first suggested tag) tags exactly the marked ones.
+        await pilot.press("down", "m", "m")
+        marked = set(table.marked)
+        await pilot.press("a", "1")
+        await pilot.pause()
+        assert {(t.layer, t.neuron) for t in app.store.tags(run_id, tag="good")} == marked and first not in marked
+
+        # tag:good in the search box and the tag field of the filter form both show the tagged neurons only.
+        await pilot.press("slash", *"tag:good", "enter")
+        await pilot.pause()
+        assert table.query_spec.tag == "good" and table.query_spec.search is None and table.row_count == 2
+        assert "tag:good" in table_lines(table, 0)[0]
+        await pilot.press("f")
+        await pilot.pause()
+        assert isinstance(app.screen, FilterScreen) and app.screen.query_one("#tag", Input).value == "good"
+        await pilot.press("ctrl+r", "enter")
+        await pilot.pause()
+        assert table.query_spec == BrowseQuery() and table.row_count > 2
+
+        # -TAG takes it off the marked neurons.
+        await pilot.press("a", *"-good", "enter")
+        await pilot.pause()
+        assert app.store.tags(run_id, tag="good") == []
+        assert app.store.neuron_count(run_id, BrowseQuery(tag="good")) == 0
+
+        # On the neuron screen, a tags the neuron shown, and the screen lists its tags and notes.
+        table.cursor = 0
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, NeuronScreen)
+        await pilot.press("a", *"polysemantic", "enter")
+        await pilot.pause()
+        text = screen_text(app.screen)
+        assert "tag wrong" in text and "tag polysemantic" in text and "[bold]loud[/bold] [31mred" in text
+        assert "(ada, " in text
+
+
+@sync
+async def test_marks_outlive_the_app_and_lists_save_and_load(scored_store: Path, tmp_path: Path) -> None:
+    path = copy_store(scored_store, tmp_path, "s.duckdb")
+    app = NeuronscopeApp(path, author="ada")
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        await pilot.press("m", "down", "m")
+        marked = set(table.marked)
+        assert len(marked) == 2
+        # L saves the marks under a name.
+        await pilot.press("L")
+        await pilot.pause()
+        assert isinstance(app.screen, ListsScreen)
+        await pilot.press(*"pair", "enter")
+        await pilot.pause()
+        await pilot.press("m")  # a third mark, saved as the app's marks when it quits (within the second)
+        marked_at_quit = set(table.marked)
+    run_id = app.run_info.run_id
+    with Store.open(path, read_only=True) as store:
+        assert set(store.list_neurons(run_id, "pair") or []) == marked
+        assert set(store.list_neurons(run_id, "marked") or []) == marked_at_quit and len(marked_at_quit) == 3
+
+    # Opened again: the marks are back; loading a list makes its neurons the marks.
+    again = NeuronscopeApp(path)
+    async with again.run_test(size=SIZE) as pilot:
+        table = again.query_one(NeuronTable)
+        assert table.marked == marked_at_quit and "3 marked" in table_lines(table, 0)[0]
+        await pilot.press("L")
+        await pilot.pause()
+        await pilot.press("tab", "enter")
+        await pilot.pause()
+        assert table.marked == marked
+
+    # The lists from the CLI, and a job on one.
+    listed = run_cli(["lists", "--store", str(path)])
+    assert listed.code == 0 and "pair" in listed.out and "marked" in listed.out
+    members = run_cli(["lists", "pair", "--store", str(path)]).out.split()
+    assert members == [f"{n.layer}/{n.neuron}" for n in sorted(marked)]
+    plan = run_cli(["explain", "--list", "pair", "--explainer", "baseline", "--dry-run", "--store", str(path)])
+    assert plan.code == 0 and "dry run: 2 neurons to do" in plan.out, plan.out + plan.err
+    assert_one_line_error(run_cli(["explain", "--list", "nope", "--explainer", "baseline", "--store", str(path)]),
+                          "has no list 'nope'", "pair")
+
+
+def test_the_cli_tags_while_the_app_has_the_store_open(scored_store: Path, tmp_path: Path) -> None:
+    path = copy_store(scored_store, tmp_path, "s.duckdb")
+    with Store.open(path, read_only=True) as app_store:  # what the app holds
+        run_id = app_store.run().run_id
+        app_store.add_tags(run_id, [NeuronId(0, 1)], "unclear", "", "ada")
+        tagged = run_cli(["tag", "0/1", "0/2", "wrong", "--author", "bo", "--store", str(path)])
+        assert tagged.code == 0, tagged.err
+        removed = run_cli(["tag", "0/1", "unclear", "--remove", "--store", str(path)])
+        assert removed.code == 0 and "took 'unclear' off 1 tagging" in removed.err, removed.err
+        app_store.refresh()
+        assert [(t.neuron, t.tag, t.author) for t in app_store.tags(run_id)] == [(1, "wrong", "bo"), (2, "wrong", "bo")]
+        assert Path(f"{path}.spool").is_dir()
+    # The next writable open folds it all into the store's own tables, removals included.
+    with Store.open(path) as store:
+        assert [(t.neuron, t.tag) for t in store.tags(run_id)] == [(1, "wrong"), (2, "wrong")]
+        assert store.con.execute("SELECT count(*) FROM tags WHERE tag = 'unclear'").fetchall() == [(0,)]
+    assert not Path(f"{path}.spool").exists()
