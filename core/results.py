@@ -150,6 +150,8 @@ class NeuronRow:
     """Fraction of tokens with a positive activation."""
     selectivity: float
     """The selectivity statistic."""
+    human: bool = False
+    """Whether the explanation is a person's own (role user), not a model's."""
     tags: tuple[str, ...] = ()
     """The tags people gave it, sorted (notes alone are not tags)."""
 

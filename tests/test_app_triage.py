@@ -7,17 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_helpers import SIZE, screen_text, sync, table_lines
+from app_helpers import SIZE, screen_text, sync, table_lines, until
 from conftest import assert_one_line_error, copy_store, run_cli
 from textual.widgets import Input
 
 from neuronscope.core.ids import NeuronId
+from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.neuron import NeuronScreen
-from neuronscope.tui.screens.triage import ListsScreen, TagScreen
+from neuronscope.tui.screens.triage import ListsScreen, TagScreen, WriteScreen
 from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -153,3 +154,40 @@ def test_the_cli_tags_while_the_app_has_the_store_open(scored_store: Path, tmp_p
         assert [(t.neuron, t.tag) for t in store.tags(run_id)] == [(1, "wrong"), (2, "wrong")]
         assert store.con.execute("SELECT count(*) FROM tags WHERE tag = 'unclear'").fetchall() == [(0,)]
     assert not Path(f"{path}.spool").exists()
+
+
+@sync
+async def test_your_own_explanation_is_stored_scored_and_chosen(scored_store: Path, tmp_path: Path) -> None:
+    path = copy_store(scored_store, tmp_path, "s.duckdb")
+    app = NeuronscopeApp(path, settings=JobSettings(explainer="baseline", simulator="baseline"), author="ada")
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        table.set_query(BrowseQuery(order="score", descending=True))  # an explained neuron first
+        row = table.current
+        assert row is not None and row.explanation and not row.human
+        neuron = NeuronId(row.layer, row.neuron)
+        await pilot.press("enter")
+        await pilot.pause()
+        # w opens an editor holding the chosen explanation; the edited text is scored as a job.
+        await pilot.press("w")
+        await pilot.pause()
+        assert isinstance(app.screen, WriteScreen) and app.screen.query_one(Input).value == row.explanation
+        await pilot.press("ctrl+u", *"commas and full stops", "enter")
+        await until(pilot, lambda: bool(app.jobs.handles) and not app.jobs.running)
+        assert app.jobs.handles[0].state == "complete"
+        mine = [e for e in app.store.explanations(app.run_info.run_id, *neuron) if e.role == "user"]
+        assert [(e.text, e.explainer, e.selected) for e in mine] == [("commas and full stops", "user:ada", True)]
+        assert mine[0].score() is not None  # scored on the test split, as any explanation
+        controls = {e.role for e in app.store.explanations(app.run_info.run_id, *neuron)}
+        assert {"candidate", "user", "shuffled", "baseline"} <= controls
+        # The neuron screen shows both explanations with their scores; the table marks the chosen one as a person's.
+        await until(pilot, lambda: "commas and full stops" in screen_text(app.screen))
+        text = screen_text(app.screen)
+        assert "* by ada (human): commas and full stops" in text and row.explanation in text
+        await pilot.press("escape")
+        await pilot.pause()
+        position = app.store.neuron_position(app.run_info.run_id, table.query_spec, *neuron)
+        assert position is not None
+        mine_row = table.row(position)
+        assert mine_row is not None and mine_row.human and mine_row.explanation == "commas and full stops"
+        assert "✎ commas and full stops" in table_lines(table, position + 1)[position + 2]

@@ -50,3 +50,20 @@ def test_bad_tags_are_one_line(cli_store: tuple[Path, object], tmp_path: Path) -
     assert_one_line_error(run_cli(["tag", "0/1", "--store", store]), "pass a tag, --note, or both")
     assert_one_line_error(run_cli(["tag", "good", "--store", store]), "name the neurons to tag")
     assert_one_line_error(run_cli(["tag", "9/0", "good", "--store", store]), "has no neuron L9/N0")
+
+
+def test_a_store_from_before_the_triage_tables_reads_and_writes_them(cli_store: tuple[Path, object],
+                                                                      tmp_path: Path) -> None:
+    store = copy_store(cli_store[0], tmp_path, "old.duckdb")
+    with Store.open(store) as opened:  # as stores written before tags and lists were
+        opened.con.execute("DROP TABLE tags; DROP TABLE lists")
+        run_id = opened.run().run_id
+    with Store.open(store, read_only=True) as shared:  # the app's open: nothing yet, and it writes beside the store
+        assert shared.tags(run_id) == [] and shared.saved_lists(run_id) == [] and shared.list_neurons(run_id, "x") is None
+        shared.add_tags(run_id, [NeuronId(0, 1)], "good", "", "ada")
+        shared.save_list(run_id, "marked", [NeuronId(0, 2)], "ada")
+        assert [t.tag for t in shared.tags(run_id)] == ["good"] and shared.list_neurons(run_id, "marked") == [NeuronId(0, 2)]
+    listed = run_cli(["tags", "--store", store])
+    assert listed.code == 0 and "good" in listed.out
+    with Store.open(store) as opened:  # a writable open makes the tables and folds the spool into them
+        assert [t.tag for t in opened.tags(run_id)] == ["good"] and opened.list_neurons(run_id, "marked") == [NeuronId(0, 2)]

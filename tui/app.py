@@ -389,6 +389,13 @@ class NeuronscopeApp(App[None]):
             question=True)
         self.push_screen(question, lambda yes: self.start(settings, neurons, scope) if yes else None)
 
+    def score_own(self, neuron: NeuronId, text: str) -> None:
+        """Store a person's own explanation of a neuron and score it in the background, as `score --explanation`
+        does (the same job, so either resumes the other)."""
+        settings = replace(self.settings, kind="score", explanation=text, author=self.author, output=False)
+        self.start(settings, (neuron,), "yours")
+        self.notify(f"scoring your explanation of {neuron} with {settings.simulator}", markup=False)
+
     def start(self, settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> None:
         """Start a job in a worker (it writes beside the store, which other processes may have open too)."""
         handle = JobHandle(settings, neurons, job_label(settings, neurons, scope), concurrency=self.concurrency)

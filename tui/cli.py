@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_triage_parsers(sub, store_arg)
 
+    from neuronscope.tui.cli_compare import add_compare_parser
+
+    add_compare_parser(sub, store_arg)
+
     from neuronscope.tui.cli_probe import add_probe_parser
 
     add_probe_parser(sub, store_arg)

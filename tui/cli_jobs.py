@@ -7,6 +7,7 @@ answered from the store. `--dry-run` counts calls and tokens first; `--max-token
 from __future__ import annotations
 
 import argparse
+import getpass
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,9 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
                                 "embedding (the packaged MiniLM); each beside its shuffled and token baselines")
             simulation_arg(p)
         if kind == "score":
-            p.add_argument("--explanation", help="score this sentence instead of stored explanations")
+            p.add_argument("--explanation", help="score this sentence instead of stored explanations (stored as "
+                                                 "a human-written explanation, by --author)")
+            p.add_argument("--author", help="who wrote --explanation (default: $USER)")
         if kind == "run":
             p.add_argument("--revise", action="store_true",
                            help="also revise the first explanation from the held-out select excerpts it simulated "
@@ -111,6 +114,7 @@ def _settings(args: argparse.Namespace) -> Any:
         seed=args.seed, explanation=getattr(args, "explanation", None), scorers=parse_scorers(getattr(args, "scorers", "")),
         simulation=getattr(args, "simulation", DEFAULT_SIMULATION), revise=getattr(args, "revise", False),
         controls=getattr(args, "controls", "all"), output=args.output_centric,
+        author=(getattr(args, "author", None) or getpass.getuser()) if getattr(args, "explanation", None) else "",
     )
     return settings
 

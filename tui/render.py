@@ -287,6 +287,12 @@ def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
     return text
 
 
+def human_label(explainer: str) -> str:
+    """How a person's own explanation is labelled: `by ada (human)`, from its explainer `user:ada`."""
+    author = explainer.partition(":")[2]
+    return f"by {author} (human)" if author else "a person's sentence"
+
+
 def explanation_renderables(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord],
                             scale: float, count: int) -> list[tuple[RenderableType, bool]]:
     """A neuron's explanations with their scores, then real above simulated activations for the newest selected
@@ -295,7 +301,7 @@ def explanation_renderables(explanations: Sequence[ScoredExplanation], records: 
         (Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")), False)]
     for index, ex in enumerate(explanations):
         label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
-                 "baseline": "token baseline", "user": "your sentence", "output": f"{ex.explainer} (output)",
+                 "baseline": "token baseline", "user": human_label(ex.explainer), "output": f"{ex.explainer} (output)",
                  "output-shuffled": "shuffled control (output)",
                  "output-baseline": "promoted tokens (output)"}.get(ex.role, ex.role)
         if ex.source:

@@ -233,3 +233,31 @@ def export_openai(store: Store, run_id: int, out: Path, progress: Progress | Non
                 write(WEIGHT_NEURONS, layer, neuron, related_neurons_json(b.related_neurons))
             n += 1
     return n
+
+
+#: The files `compare --out` writes, by suffix.
+COMPARISON_FORMATS = (".csv", ".parquet", ".jsonl")
+
+
+def export_comparison(rows: Sequence[dict[str, object]], out: Path) -> None:
+    """Write a comparison's paired neurons (dicts of one shape) as CSV, Parquet or JSONL, by `out`'s suffix; whole or
+    not at all."""
+    import pyarrow as pa
+
+    suffix = out.suffix.lower()
+    if suffix not in COMPARISON_FORMATS:
+        raise ExportError(f"cannot write {out.name!r}: end --out with {', '.join(COMPARISON_FORMATS)}")
+    with _staged(out, folder=False) as staged:
+        if suffix == ".jsonl":
+            with staged.open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            return
+        table = pa.Table.from_pylist(list(rows))
+        if suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(table, staged)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, staged)

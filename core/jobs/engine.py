@@ -124,7 +124,7 @@ class Job(NeuronWork, OutputWork):
         self._planned: dict[NeuronId, NeuronResult] = {}
         self._init_output(subject_factory)
         identity = {**asdict(settings), "explainer": self.explainer_name, "simulator": self.simulator_name}
-        for name, default in (("controls", "all"), ("output", False)):
+        for name, default in (("controls", "all"), ("output", False), ("author", "")):
             if identity[name] == default:
                 del identity[name]  # as jobs were named before the setting was added
         params = {"run_id": run.run_id, **identity, "neurons": [list(n) for n in self.neurons]}

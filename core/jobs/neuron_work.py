@@ -97,7 +97,7 @@ class NeuronWork:
         """(texts, explainer, role) to score or store."""
         s = self.settings
         if s.kind == "score" and s.explanation is not None:
-            return [s.explanation], "user", "user"
+            return [s.explanation], f"user:{s.author}" if s.author else "user", "user"
         if s.kind == "score":
             texts = self._reader().candidate_texts(self.run_info.run_id, *neuron, tail=s.tail,
                                                    explainer=self.explainer_name)

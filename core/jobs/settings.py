@@ -59,7 +59,9 @@ class JobSettings:
     seed: int = 0
     """Seed for sampled explanations and bootstrap intervals."""
     explanation: str | None = None
-    """A user's own sentence to score (kind score)."""
+    """A person's own explanation to score (kind score): stored with role user, beside its controls."""
+    author: str = ""
+    """Who wrote `explanation`: it is stored as explainer `user:AUTHOR` ('' : `user`)."""
     scorers: tuple[Scorer, ...] = ()
     """Scorers beside simulation on the test split (detection, fuzzing, embedding)."""
     simulation: SimulationMode = DEFAULT_SIMULATION

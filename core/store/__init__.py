@@ -23,6 +23,7 @@ from neuronscope.core.layerdata import LayerResult, LayerSummary
 from neuronscope.core.records import ActivationRecord, NeuronStats
 from neuronscope.core.store.browse import BrowseMixin
 from neuronscope.core.store.bulk import BulkMixin
+from neuronscope.core.store.compare import CompareMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
@@ -49,7 +50,8 @@ DEFAULT_STORE = "neuronscope.duckdb"
 LOCK_WAIT_SECONDS = 5.0
 
 
-class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin):
+class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin,
+            CompareMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None,  # type: ignore[no-untyped-def]

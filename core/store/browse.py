@@ -26,7 +26,7 @@ BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density"
 _BROWSE_BASE = f"""
 WITH {CHOSEN_POS_CTES}
 SELECT n.layer, n.neuron, c.explanation_id, coalesce(c.text, '') AS text, h.value, h.ci_low, h.ci_high, n.max_act,
-       n.density, n.selectivity, {{first_peak}} AS first_peak
+       n.density, n.selectivity, {{first_peak}} AS first_peak, coalesce(c.role = 'user', false) AS human
 FROM neurons n
 LEFT JOIN chosen c ON c.layer = n.layer AND c.neuron = n.neuron
 LEFT JOIN headline h ON h.explanation_id = c.explanation_id
@@ -39,7 +39,7 @@ _FINGERPRINT = """SELECT (SELECT count(*) FROM explanations), (SELECT count(*) F
     (SELECT count(*) FROM neurons), (SELECT max(run_id) FROM runs),
     (SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?)"""
 
-_ROW_COLUMNS = "layer, neuron, text, value, ci_low, ci_high, max_act, density, selectivity"
+_ROW_COLUMNS = "layer, neuron, text, value, ci_low, ci_high, max_act, density, selectivity, human"
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def _like_pattern(text: str) -> str:
 
 def _row(r: tuple[Any, ...], tags: tuple[str, ...] = ()) -> NeuronRow:
     return NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
-                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0), tags=tags)
+                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0), human=bool(r[9]),
+                     tags=tags)
 
 
 class BrowseMixin:

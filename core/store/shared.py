@@ -93,7 +93,7 @@ class SharedMixin:
         for table, spooled in TRIAGE_SPOOLED.items():  # laid over the store's, or alone where it has none yet
             self.con.execute(f"CREATE TABLE spool_{table} ({spooled})")
         for table, view in TRIAGE_VIEWS.items():
-            stored = f"SELECT * FROM store.main.{table}" if table in columns else f"SELECT * FROM spool_{table} LIMIT 0"
+            stored = f"SELECT * FROM store.main.{table}" if table in columns else f"SELECT * FROM spool_{table} WHERE false"
             self.con.execute(f"CREATE OR REPLACE VIEW main.{table} AS {view.format(store=stored)}")
         self.refresh()
 

@@ -36,7 +36,9 @@ class NeuronScreen(Screen[None]):
         Binding("escape", "app.pop_screen", "Back", tooltip="back to the table"),
         Binding("g", "related", "Related", tooltip="go to a related neuron (upstream or downstream, by the weights)"),
         Binding("t", "probe", "Probe", tooltip="run a text of your own through the model: this neuron on it, and "
-                                                "the units firing most")]
+                                                "the units firing most"),
+        Binding("w", "write", "Write", tooltip="write your own explanation (starting from the chosen one); it is "
+                                                "scored in the background like any other")]
 
     def __init__(self, store: Any, run: Any, layer: int, neuron: int) -> None:
         super().__init__()
@@ -46,6 +48,8 @@ class NeuronScreen(Screen[None]):
         """The neuron shown."""
         self.related: dict[str, list[tuple[int, int, float]]] = {}
         """The related neurons of the neuron shown."""
+        self.chosen = ""
+        """The chosen explanation of the neuron shown ('' if none)."""
 
     def compose(self) -> ComposeResult:
         yield LinesView(self._renderables(), id="neuron-body")
@@ -60,6 +64,7 @@ class NeuronScreen(Screen[None]):
         stats = self.store.neuron_stats(run.run_id, layer, neuron)
         records = self.store.records(run.run_id, layer, neuron)
         explanations = self.store.explanations(run.run_id, layer, neuron)
+        self.chosen = next((e.text for e in explanations if e.selected and e.role in ("candidate", "user")), "")
         scale = scale_of(records)
         title = Text(("latent " if run.latents else "") + str(self.position), style="bold")
         title.append(f"  ·  run {run.run_id}  ·  ")
@@ -101,6 +106,17 @@ class NeuronScreen(Screen[None]):
 
         self.app.push_screen(RelatedScreen(f"Neurons related to {self.position} through the weights", choices),
                              chosen)
+
+    def action_write(self) -> None:
+        from neuronscope.tui.screens.triage import WriteScreen
+
+        neuron = self.position
+
+        def save(text: str | None) -> None:
+            if text is not None:
+                self.app.score_own(neuron, text)  # type: ignore[attr-defined]
+
+        self.app.push_screen(WriteScreen(str(neuron), self.chosen), save)
 
     def action_probe(self) -> None:
         from neuronscope.tui.screens.probe import ProbeScreen

@@ -1,4 +1,5 @@
-"""The triage modals: a tag or a note for the current or marked neurons (`a`, `N`), and named lists of marks (`L`)."""
+"""The triage modals: a tag or a note for the current or marked neurons (`a`, `N`), named lists of marks (`L`), and
+a person's own explanation of a neuron (`w`)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,37 @@ class TagScreen(ModalScreen[tuple[str, str] | None]):
             self.query_one("#triage-error", Label).update(Text(problem))
             return
         self.dismiss((action, tag))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class WriteScreen(ModalScreen[str | None]):
+    """Write an explanation of a neuron, starting from the one chosen now: dismisses with the text (scored as a job),
+    or None on escape or when nothing changed."""
+
+    DEFAULT_CSS = MODAL_CSS.format(name="WriteScreen").replace("$error", "$primary") + "WriteScreen Input { width: 100%; }"
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, neuron: str, chosen: str) -> None:
+        super().__init__()
+        self.neuron = neuron
+        self.chosen = chosen
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(Text(f"Your explanation of {self.neuron}"), classes="modal-title")
+            yield Label(Text("It is stored as yours and scored in the background, as every explanation is, beside "
+                             "its controls; the newest becomes the neuron's chosen one."))
+            yield Input(self.chosen, placeholder="e.g. the word \"dog\" and other pets", id="write-text", compact=True)
+            yield Static("enter: save and score   escape: cancel", classes="modal-keys")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        text = " ".join(event.value.split())
+        self.dismiss(text if text and text != self.chosen else None)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

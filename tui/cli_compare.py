@@ -1,0 +1,103 @@
+"""`neuronscope compare A B`: two sets of explanations on the same neurons (two explainers, two simulation modes, two
+jobs, two runs of one model, a model's against a person's), by the paired difference of their headline scores."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from neuronscope.core.choices import TAILS
+from neuronscope.core.errors import InputError
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.store import Store
+from neuronscope.core.store.compare import SET_KEYS, ExplanationSet
+from neuronscope.tui.console import number, out, status
+from neuronscope.tui.render import visible
+
+
+def add_compare_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    keys = "; ".join(f"{key}: {meaning}" for key, meaning in SET_KEYS.items())
+    p = sub.add_parser(
+        "compare", help="compare two sets of explanations on the neurons both scored: the paired difference of the "
+                        "headline score (B − A) with a bootstrap interval over neurons, wins, losses and ties, and "
+                        "the neurons that changed most",
+        description=f"Each set is KEY=VALUE joined by commas ({keys}). Per neuron a set takes its newest selected "
+                    "explanation with a test-split score. E.g. compare explainer=baseline explainer=openai:gpt-4o-mini; "
+                    "compare job=3 job=5; compare run=1 run=2; compare role=candidate role=user.")
+    p.add_argument("a", metavar="A", help="the first set, e.g. explainer=baseline")
+    p.add_argument("b", metavar="B", help="the second set, e.g. 'simulator=local:qwen-1.5b (tokens)'")
+    p.add_argument("--tail", choices=TAILS, default=TAILS[0], help="which tail's explanations (default: pos)")
+    p.add_argument("--top", type=number(0), default=10, help="neurons that changed most to list (default: 10)")
+    p.add_argument("--tie", type=float, default=0.01,
+                   help="differences this small or smaller are ties (default: 0.01)")
+    p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed of the bootstrap (default: 0)")
+    p.add_argument("--out", help="write every paired neuron (scores, difference, both explanations) to a .csv, "
+                                 ".parquet or .jsonl file, largest change first")
+    p.add_argument("--run", type=number(1), help="run of the sets that name none (default: the newest complete run)")
+    store_arg(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare two sets of explanations."""
+    from neuronscope.core.explanation.compare import RESAMPLES, compare_scores
+
+    if not 0 <= args.tie < 2:
+        raise InputError(f"--tie {args.tie}: a margin between 0 and 2 (scores are correlations)")
+    first, second = ExplanationSet.parse(args.a), ExplanationSet.parse(args.b)
+    with Store.open(args.store, read_only=True) as store:
+        run = store.run(args.run)
+        sides = [store.set_scores(run.run_id, chosen, args.tail) for chosen in (first, second)]
+    for chosen, scores in zip((first, second), sides):
+        if not scores:
+            raise InputError(f"{chosen.text!r} matches no scored {args.tail} explanation in run "
+                             f"{chosen.run or run.run_id}: check it against `neuronscope show` or `info`")
+    comparison = compare_scores({n: v for n, (v, _) in sides[0].items()}, {n: v for n, (v, _) in sides[1].items()},
+                                tie=args.tie, seed=args.seed)
+    if not comparison.neurons:
+        raise InputError(f"no neuron has a scored explanation in both sets ({len(sides[0]):,} in A, "
+                         f"{len(sides[1]):,} in B): compare sets that cover the same neurons")
+    n = len(comparison.neurons)
+    summary = Text(f"A = {first.text}: mean {comparison.a.mean():+.3f}\nB = {second.text}: mean "
+                   f"{comparison.b.mean():+.3f}\n")
+    summary.append(f"B − A: {comparison.difference:+.3f} [{comparison.ci_low:+.3f}, {comparison.ci_high:+.3f}]",
+                   style="bold")
+    summary.append(f"  (95% bootstrap interval over {n:,} paired neuron{'s' if n != 1 else ''}, {RESAMPLES:,} "
+                   f"resamples; headline score: Pearson r on the test split)\n")
+    summary.append(f"B wins {comparison.wins:,}, loses {comparison.losses:,}, ties {comparison.ties:,} "
+                   f"(|difference| ≤ {args.tie:g})")
+    if comparison.only_a or comparison.only_b:
+        summary.append(f"; left out: {comparison.only_a:,} neurons only A scored, {comparison.only_b:,} only B")
+    out.print(summary, soft_wrap=True)
+    order = sorted(range(n), key=lambda i: (-abs(comparison.deltas[i]), comparison.neurons[i]))
+    if args.top:
+        out.print(changed_table(comparison.neurons, order[: args.top], sides))
+    if args.out:
+        from neuronscope.core.interop.export import export_comparison
+
+        rows = [{"layer": comparison.neurons[i].layer, "neuron": comparison.neurons[i].neuron,
+                 "score_a": float(comparison.a[i]), "score_b": float(comparison.b[i]),
+                 "difference": float(comparison.deltas[i]), "explanation_a": sides[0][comparison.neurons[i]][1],
+                 "explanation_b": sides[1][comparison.neurons[i]][1]} for i in order]
+        export_comparison(rows, Path(args.out))
+        status(f"{len(rows):,} paired neurons → {args.out}")
+    return 0
+
+
+def changed_table(neurons: tuple[NeuronId, ...], chosen: list[int], sides: list[dict[NeuronId, tuple[float, str]]]) -> Table:
+    """The neurons that changed most: both scores, the difference and both explanations (inert)."""
+    table = Table(title="Changed most", title_justify="left")
+    for name, justify in (("neuron", "left"), ("A", "right"), ("B", "right"), ("B − A", "right"),
+                          ("A's explanation", "left"), ("B's explanation", "left")):
+        table.add_column(name, justify=justify, no_wrap=name in ("neuron", "A", "B", "B − A"),  # type: ignore[arg-type]
+                         overflow="fold")
+    for i in chosen:
+        neuron = neurons[i]
+        (score_a, text_a), (score_b, text_b) = sides[0][neuron], sides[1][neuron]
+        table.add_row(str(neuron), f"{score_a:+.2f}", f"{score_b:+.2f}", f"{score_b - score_a:+.2f}",
+                      Text(visible(text_a)), Text(visible(text_b)))
+    return table
