@@ -22,9 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import MARKERS
+from conftest import MARKERS, copy_store
 from textual.pilot import Pilot
 
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.neuron import NeuronScreen
 
@@ -99,3 +102,17 @@ def test_neuron_screen_hostile(snap_compare: SnapCompare, cli_store, size: tuple
     assert checked, "run_before did not run"
     assert MARKERS[0] in checked[0] and MARKERS[1] in checked[0], checked[0]
     assert "\x1b" not in checked[0] and "\x07" not in checked[0]
+
+
+def test_table_with_large_maxima_and_tags(snap_compare: SnapCompare, scored_store: Path, tmp_path: Path) -> None:
+    """At 80×24, sorted by max: maxima in the thousands and millions fit their column (`3.57k`, never a cut
+    `3.57e+0`), and a person's tags show before the explanation."""
+    path = copy_store(scored_store, tmp_path, "large.duckdb")
+    with Store.open(path) as store:
+        store.con.execute("UPDATE neurons SET max_act = max_act * CASE WHEN neuron % 16 = 1 THEN 250000 "
+                          "WHEN neuron % 3 = 0 THEN 311 ELSE 1 END")
+        run_id = store.run().run_id
+        rows = store.neuron_rows(run_id, BrowseQuery(order="max", descending=True), limit=3)
+        store.add_tags(run_id, [NeuronId(rows[0].layer, rows[0].neuron)], "wrong", "", "ada")
+        store.add_tags(run_id, [NeuronId(r.layer, r.neuron) for r in rows[1:]], "good", "", "ada")
+    assert snap_compare(steady(NeuronscopeApp(path)), press=["s", "s"], terminal_size=(80, 24))
