@@ -249,6 +249,39 @@ def test_latent_shards_merge_into_the_single_run(planted_model: Path, corpus_dir
         assert one.con.execute(query).fetchall() == two.con.execute(query).fetchall()
 
 
+def test_latents_beside_neurons_in_one_pass_equal_two_collections(planted_model: Path, corpus_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """collect --sae --with-neurons: the MLP neurons and the latents from the same forward passes, as two runs equal
+    to what collecting each alone writes; the same command again reuses both."""
+    from neuronscope.core.store import Store
+
+    coder = _planted_coder(planted_model, tmp_path / "coder", "sparsify")
+    base = ["collect", "--model", planted_model, "--corpus", corpus_dir, "--length", "16", "--dtype", "float32",
+            "--device", "cpu", "--batch-size", "4", "--top-k", "8", "--random-k", "4", "--quantile-k", "1"]
+    both = [*base, "--sae", coder, "--with-neurons", "--store", tmp_path / "both.duckdb"]
+    result = run_cli(both, timeout=300)
+    assert result.code == 0, result.err
+    assert "MLP neurons in the same forward passes" in result.err and "8 latents over" in result.err
+    assert run_cli([*base, "--store", tmp_path / "neurons.duckdb"], timeout=300).code == 0
+    assert run_cli([*base, "--sae", coder, "--store", tmp_path / "latents.duckdb"], timeout=300).code == 0
+    query = ("SELECT layer, neuron, kind, rank, excerpt_id, scale, acts FROM records WHERE run_id = ? "
+             "ORDER BY layer, neuron, kind, rank")
+    stats = "SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+    with Store.open(tmp_path / "both.duckdb", read_only=True) as opened:
+        runs = {run.latents: run for run in opened.runs()}
+        assert len(runs) == 2 and runs[True].neurons_per_layer == 8 and not runs[False].units
+        for latents, alone in ((False, "neurons.duckdb"), (True, "latents.duckdb")):
+            with Store.open(tmp_path / alone, read_only=True) as other:
+                (single,) = other.runs()
+                assert runs[latents].layers == single.layers and runs[latents].units == single.units
+                for sql in (query, stats):
+                    assert opened.con.execute(sql, [runs[latents].run_id]).fetchall() == \
+                        other.con.execute(sql, [single.run_id]).fetchall()
+    again = run_cli(both, timeout=300)
+    assert again.code == 0 and "already in the store" in again.err and "already holds this collection" in again.err
+    assert_one_line_error(run_cli([*base, "--with-neurons", "--store", tmp_path / "x.duckdb"]), "pass --sae")
+
+
 def test_coders_their_libraries_wrote_read_through_them_and_from_the_files(tmp_path: Path) -> None:
     """Every kind of coder sae_lens and sparsify save (setup.sh test installs both, the `sae` extra), read through
     the library and from the files directly: the same coder, whose latents are what the library's own encode gives."""

@@ -25,7 +25,7 @@ CHECKPOINT_EVERY = 20 * 60.0
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
     from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import auto_batch_size, collect, collect_shard, parse_shard
+    from neuronscope.core.collection.collect import auto_batch_size, collect, collect_beside, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.collection.ranks import from_environment, meet, shard_path, tokens_path
@@ -37,6 +37,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
     together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
     part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
+    if args.with_neurons and not args.sae:
+        raise InputError("--with-neurons collects MLP neurons beside a sparse coder's latents: pass --sae FOLDER too, "
+                         "or drop it (MLP neurons are what collect reads by default)")
+    if args.with_neurons and part is not None:
+        raise InputError("--with-neurons works on a whole collection, not a shard: collect the shards' latents "
+                         "(--sae) and their neurons as two collections, or drop --shard")
     device = args.device
     if device is None and args.device_map is None and rank is not None and rank.local is not None:
         import torch
@@ -56,12 +62,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         sparse = None
+        beside: tuple[int, ...] = ()
         if args.sae:
             from neuronscope.core.models.sparse import load_sparse
 
             sparse = load_sparse(args.sae)
             sparse.check_fits(subject)
-            if args.layers and layers != (sparse.layer,):
+            if args.with_neurons:
+                beside = layers
+            elif args.layers and layers != (sparse.layer,):
                 raise InputError(f"the sparse coder's latents are at layer {sparse.layer}: drop --layers, or pass "
                                  f"--layers {sparse.layer}")
             layers = (sparse.layer,)
@@ -88,10 +97,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
                f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
         options = {"layers": layers, "settings": settings, "batch_size": batch, "reuse": not args.force,
                    "checkpoints": checkpoints, "sparse": sparse}
+        if beside:
+            status(f"and {len(beside)} layer{'s' if len(beside) > 1 else ''} x {subject.n_neurons} MLP neurons in the "
+                   "same forward passes, as a second run")
         with progress_bars() as progress:
             if store is None:
                 assert part is not None
                 result = collect_shard(part, subject, excerpts, shard=shard, progress=progress, **options)
+            elif beside:
+                assert sparse is not None
+                options["layers"] = beside
+                neurons, result = collect_beside(store, subject, excerpts, progress=progress, **options)  # type: ignore[arg-type]
+                status(f"run {neurons.run_id}: {neurons.n_neurons:,} neurons over {neurons.n_excerpts:,} excerpts"
+                       + (" (already in the store)" if neurons.reused else ""))
             else:
                 result = collect(store, subject, excerpts, progress=progress, **options)
         if result.reused:
@@ -165,6 +183,9 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--sae", metavar="FOLDER", help="collect a sparse coder's latents (SAELens or sparsify folder) "
                                                   "instead of the MLP neurons, at the coder's layer")
+    p.add_argument("--with-neurons", action="store_true",
+                   help="with --sae: also the MLP neurons (of --layers, default all), from the same forward passes, "
+                        "as a second run of the store")
     p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread a model too large for one GPU across the GPUs (accelerate); each layer's statistics "
                         "stay on its GPU")

@@ -26,6 +26,11 @@ from neuronscope.core.collection.sampling import (
 from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 
+#: A layer key at or above this is a sparse coder's latents at layer key - LATENT_KEY, collected beside the MLP
+#: neurons of the same layer in one pass (neuronscope.core.collection.collect.collect_beside). Sampling hashes the
+#: real layer, so the latents keep the records a collection of them alone keeps.
+LATENT_KEY = 1_000_000
+
 
 class Accumulator:
     """Streaming state for several layers of F neurons each, updated together.
@@ -63,7 +68,8 @@ class Accumulator:
         self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
         self._units = torch.arange(units, device=device)
         self._hist_offsets = self._units * (len(HIST_EDGES) + 1)  # unit u's histogram starts here
-        self._unit_layer = torch.tensor(self.layers, device=device).repeat_interleave(neurons)  # [units]
+        self._unit_layer = torch.tensor([layer % LATENT_KEY for layer in self.layers],
+                                        device=device).repeat_interleave(neurons)  # [units]
         self._unit_neuron = self._units % neurons  # [units]
         self._unit_hash = unit_hash(settings.seed, self._unit_layer, self._unit_neuron)  # [units]
 
@@ -185,7 +191,7 @@ class Accumulator:
             elif kind == "bottom":
                 key = mins
             else:
-                key = hash_keys(self.settings.seed, other.layer, neuron, ids)
+                key = hash_keys(self.settings.seed, other.layer % LATENT_KEY, neuron, ids)
                 if kind == "cell":
                     group = group * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
             sel = (ids >= 0).nonzero().squeeze(1)

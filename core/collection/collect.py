@@ -8,11 +8,12 @@ end, so an interrupted collection never looks complete.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -109,6 +110,62 @@ def collect(
     return CollectResult(run_id, n, len(layers) * _width(subject, sparse), time.perf_counter() - started)
 
 
+def collect_beside(
+    store: Store,
+    subject: Subject,
+    excerpts: Excerpts,
+    *,
+    layers: tuple[int, ...],
+    settings: CollectSettings,
+    sparse: SparseCoder,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    reuse: bool = True,
+    checkpoints: Checkpoints | None = None,
+) -> tuple[CollectResult, CollectResult]:
+    """The MLP neurons of `layers` and a sparse coder's latents from the same forward passes: two runs of `store`,
+    each the run `collect` writes for them alone (a run already there is reused, and only the other collected)."""
+    report = progress or (lambda _stage, _done, _total: None)
+    n = _count(excerpts)
+    units = units_of(sparse)
+    alone = {"settings": settings, "batch_size": batch_size, "progress": progress, "checkpoints": checkpoints}
+    found = [store.find_complete_run(subject.revision, excerpts.corpus, settings, chosen, "", kind) if reuse else None
+             for chosen, kind in ((layers, ""), ((sparse.layer,), units))]
+    if found[0] is not None or found[1] is not None:
+        reused = [CollectResult(f.run_id, f.n_excerpts, f.n_neurons, 0.0, reused=True) if f else None for f in found]
+        return (reused[0] or collect(store, subject, excerpts, layers=layers, **alone),  # type: ignore[arg-type]
+                reused[1] or collect(store, subject, excerpts, layers=(sparse.layer,), sparse=sparse,  # type: ignore[arg-type]
+                                     **alone))
+    started = time.perf_counter()
+    store.mark_stale_runs()
+    runs = [store.create_run(model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings,
+                             layers=chosen, neurons_per_layer=width, dtype=_dtype(subject), shard="", units=kind)
+            for chosen, width, kind in ((layers, subject.n_neurons, ""), ((sparse.layer,), sparse.width, units))]
+    try:
+        key = identity(subject.revision, excerpts.corpus, settings, layers, "", "", sparse.layer, units,
+                       excerpt_ids=excerpts.excerpt_ids)
+        results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
+                             sparse, beside=layers)
+
+        def chunks(wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, list[list[str]]]]:
+            return _excerpt_chunks(subject, excerpts, wanted)
+
+        write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
+                  excerpts=chunks, progress=report)
+        write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
+                  n_excerpts=n, excerpts=chunks, progress=report)
+    except BaseException as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
+        for run_id in runs:
+            if store.run(run_id).status != "complete":
+                store.fail_run(run_id, "interrupted" if interrupted else "failed",
+                               "interrupted by the user" if interrupted else f"{type(err).__name__}: {err}")
+        raise
+    seconds = time.perf_counter() - started
+    return (CollectResult(runs[0], n, len(layers) * subject.n_neurons, seconds),
+            CollectResult(runs[1], n, sparse.width, seconds))
+
+
 def units_of(sparse: SparseCoder | None) -> str:
     """What a run records as its units: '' for MLP neurons, else the coder's source and hook point."""
     from neuronscope.core.models.sparse import units_text
@@ -176,33 +233,53 @@ def _reporting(results: Iterable[LayerResult], n_layers: int, report: Progress) 
 def accumulate(
     subject: Subject, excerpts: Excerpts, layers: tuple[int, ...], settings: CollectSettings, batch_size: int,
     key: str, checkpoints: Checkpoints | None, report: Progress, sparse: SparseCoder | None = None,
+    beside: tuple[int, ...] = (),
 ) -> Iterator[LayerResult]:
     """The collection pass: every batch of excerpts through the subject and into the accumulators (from the last
     checkpoint of `key` when there is one). Returns, once the pass is over, each layer's state as it is taken (a
-    group of layers' memory is freed once its states are)."""
+    group of layers' memory is freed once its states are). With `sparse` and `beside`, the MLP neurons of the
+    `beside` layers are collected in the same forward passes as the coder's latents: their states come first, then
+    the latents' under LATENT_KEY + its layer."""
     import torch
 
-    from neuronscope.core.collection.accumulate import Accumulator
+    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator
     from neuronscope.core.models.subject import to_device
 
     n = len(excerpts.excerpt_ids)
     # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time,
     # which measured faster here (cache locality beats fewer calls).
-    width = _width(subject, sparse)
-    groups = [group for same_device in _by_device(subject, layers) for group in layer_groups(
-        same_device, width, batch_size * settings.length,
-        GROUP_ELEMENTS if subject.layer_device(same_device[0]).type == "cuda" else 0)]
-    fixed = {"0": False, "1": True}.get(os.environ.get("NEURONSCOPE_FIXED_SHAPES", ""))  # default: on a GPU
-    accs = [Accumulator(group, width, settings, subject.dtype, subject.layer_device(group[0]), fixed)
-            for group in groups]
+    keys: list[tuple[tuple[int, ...], int]] = [(beside, subject.n_neurons)] if beside else []
+    latent = sparse.layer if sparse is not None else -1
     if sparse is not None:
         if layers != (sparse.layer,):
             raise CollectError(f"a sparse coder's latents are at its layer {sparse.layer}, not layers {layers}")
+        latent = LATENT_KEY + sparse.layer if beside else sparse.layer
+        keys.append(((latent,), sparse.width))
+    else:
+        keys.append((layers, subject.n_neurons))
+
+    def device(key: int) -> Any:
+        return subject.layer_device(key % LATENT_KEY)
+
+    groups: list[tuple[int, ...]] = []
+    accs: list[Accumulator] = []
+    fixed = {"0": False, "1": True}.get(os.environ.get("NEURONSCOPE_FIXED_SHAPES", ""))  # default: on a GPU
+    for some, width in keys:
+        for same_device in _by_device(device, some):
+            for group in layer_groups(same_device, width, batch_size * settings.length,
+                                      GROUP_ELEMENTS if device(same_device[0]).type == "cuda" else 0):
+                groups.append(group)
+                accs.append(Accumulator(group, width, settings, subject.dtype, device(group[0]), fixed))
+    if sparse is not None:
         coder = sparse.on(subject.layer_device(sparse.layer))
 
         def read(ids: Any) -> dict[int, Any]:
-            hidden = subject.capture(ids, coder.layer, coder.point)
-            return {coder.layer: coder.encode(hidden).to(subject.dtype)}
+            if beside:
+                acts, hidden = subject.activations_and_hidden(ids, beside, coder.layer, coder.point)
+            else:
+                acts, hidden = {}, subject.capture(ids, coder.layer, coder.point)
+            acts[latent] = coder.encode(hidden).to(subject.dtype)
+            return acts
     else:
         def read(ids: Any) -> dict[int, Any]:
             return subject.activations(ids, layers)
@@ -242,11 +319,11 @@ def accumulate(
     return _drain(accs)
 
 
-def _by_device(subject: Subject, layers: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The layers in runs of the same device (one run unless a device map spread the model)."""
     runs: list[list[int]] = []
     for layer in layers:
-        if runs and subject.layer_device(layer) == subject.layer_device(runs[-1][-1]):
+        if runs and device(layer) == device(runs[-1][-1]):
             runs[-1].append(layer)
         else:
             runs.append([layer])

@@ -104,8 +104,11 @@ class Subject:
 
     @contextmanager
     def _hooks(
-        self, layers: tuple[int, ...], out: dict[int, Any], each: Callable[[int, Any], None] | None = None
+        self, layers: tuple[int, ...], out: dict[int, Any], each: Callable[[int, Any], None] | None = None,
+        done: Callable[[], None] | None = None,
     ) -> Iterator[None]:
+        """Hooks that read the neurons of `layers` into `out` (or pass them to `each`); the forward pass stops after
+        the last one, or `done()` is called after each (it stops the pass when everything it waits for is read)."""
         last, skip = max(layers), len(self.prefix_ids)
         handles = []
 
@@ -115,7 +118,9 @@ class Subject:
                     out[layer] = args[0]
                 else:
                     each(layer, args[0][:, skip:, :])
-                if layer == last:
+                if done is not None:
+                    done()
+                elif layer == last:
                     raise _StopForward
 
             return hook
@@ -139,11 +144,7 @@ class Subject:
 
         if not layers or not all(0 <= layer < self.n_layers for layer in layers):
             raise SubjectError(f"layers {layers} are not all within 0-{self.n_layers - 1}")
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if self.prefix_ids:
-            prefix = torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1)
-            ids = torch.cat([prefix, ids], 1)
-        ids = to_device(ids, self.device)
+        ids = self._with_prefix(token_ids)
         out: dict[int, Any] = {}
         with torch.inference_mode(), self._hooks(layers, out, each):
             try:
@@ -158,37 +159,78 @@ class Subject:
         token_ids [B, T] -> [B, T, d] (the prefix dropped). The forward pass stops there."""
         import torch
 
-        if not 0 <= layer < self.n_layers:
-            raise SubjectError(f"layer {layer} is not within 0-{self.n_layers - 1} of {self.name}")
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if self.prefix_ids:
-            ids = torch.cat([torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1), ids], 1)
-        block = self.blocks[layer]
-        module = _get(block, self.mlp_path) if point in ("mlp_in", "mlp_out") else block
         seen: list[Any] = []
 
-        def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            seen.append(args[0] if args else kwargs["hidden_states"])
+        def stop() -> None:
             raise _StopForward
 
-        def after(_module: Any, _args: Any, output: Any) -> None:
-            seen.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        if point in ("resid_pre", "mlp_in"):
-            handle = module.register_forward_pre_hook(before, with_kwargs=True)
-        elif point in ("resid_post", "mlp_out"):
-            handle = module.register_forward_hook(after)
-        else:
-            raise SubjectError(f"unknown hook point {point!r}: use resid_pre, resid_post, mlp_in or mlp_out")
+        handle = self._point_hook(layer, point, seen, stop)
         try:
             with torch.inference_mode():
-                self.model(input_ids=to_device(ids, self.device), use_cache=False)
+                self.model(input_ids=self._with_prefix(token_ids), use_cache=False)
         except _StopForward:
             pass
         finally:
             handle.remove()
         return seen[0][:, len(self.prefix_ids):, :]
+
+    def activations_and_hidden(self, token_ids: Any, layers: tuple[int, ...], layer: int,
+                               point: str) -> tuple[dict[int, Any], Any]:
+        """`activations` of `layers` and the hidden state `capture` reads at a hook point, in one forward pass (it
+        stops once all are read): a sparse coder's latents collected beside the MLP neurons."""
+        import torch
+
+        if not layers or not all(0 <= one < self.n_layers for one in layers):
+            raise SubjectError(f"layers {layers} are not all within 0-{self.n_layers - 1}")
+        seen: list[Any] = []
+        out: dict[int, Any] = {}
+        pending = [len(layers) + 1]
+
+        def done() -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                raise _StopForward
+
+        handle = self._point_hook(layer, point, seen, done)
+        try:
+            with torch.inference_mode(), self._hooks(layers, out, done=done):
+                self.model(input_ids=self._with_prefix(token_ids), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        skip = len(self.prefix_ids)
+        return {one: acts[:, skip:, :] for one, acts in out.items()}, seen[0][:, skip:, :]
+
+    def _with_prefix(self, token_ids: Any) -> Any:
+        """A batch's token ids with the model's prefix (its BOS) before each row, on the model's device."""
+        import torch
+
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if self.prefix_ids:
+            ids = torch.cat([torch.tensor(self.prefix_ids, dtype=torch.long).expand(ids.shape[0], -1), ids], 1)
+        return to_device(ids, self.device)
+
+    def _point_hook(self, layer: int, point: str, seen: list[Any], then: Callable[[], None]) -> Any:
+        """A hook that appends the hidden state at a hook point of a layer to `seen`, then calls `then`."""
+        if not 0 <= layer < self.n_layers:
+            raise SubjectError(f"layer {layer} is not within 0-{self.n_layers - 1} of {self.name}")
+        block = self.blocks[layer]
+        module = _get(block, self.mlp_path) if point in ("mlp_in", "mlp_out") else block
+
+        def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            then()
+
+        def after(_module: Any, _args: Any, output: Any) -> None:
+            seen.append(output[0] if isinstance(output, tuple) else output)
+            then()
+
+        if point in ("resid_pre", "mlp_in"):
+            return module.register_forward_pre_hook(before, with_kwargs=True)
+        if point in ("resid_post", "mlp_out"):
+            return module.register_forward_hook(after)
+        raise SubjectError(f"unknown hook point {point!r}: use resid_pre, resid_post, mlp_in or mlp_out")
 
     def bare_forward(self, token_ids: Any) -> None:
         """The model's plain forward pass on a batch, for benchmarks."""
