@@ -46,3 +46,8 @@ async def until(pilot: Any, condition: Callable[[], bool], seconds: float = 60) 
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the app"
         await pilot.pause(0.05)
+
+
+async def shown(pilot: Any, seconds: float = 30) -> None:
+    """Wait until the neuron screen on top shows the neuron it was asked for (read in a worker)."""
+    await until(pilot, lambda: bool(getattr(pilot.app.screen, "ready", False)), seconds)

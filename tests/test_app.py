@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_helpers import SIZE, screen_text, sync, table_lines, until
+from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
 from conftest import MARKERS, assert_one_line_error, cli_env, copy_store, run_cli
 from textual.widgets import Input, Label
 
@@ -122,7 +122,7 @@ async def test_search_and_neuron_screen(scored_store: Path) -> None:
         assert all(word.lower() in (table.row(i).explanation.lower()) for i in range(table.row_count))  # type: ignore[union-attr]
 
         await pilot.press("enter")
-        await pilot.pause()
+        await shown(pilot)
         screen = app.screen
         assert isinstance(screen, NeuronScreen) and screen.position == (table.current.layer, table.current.neuron)  # type: ignore[union-attr]
         text = screen_text(screen)
@@ -155,7 +155,7 @@ async def test_hostile_tokens_show_literally(cli_store) -> None:  # type: ignore
         assert rows, "no neuron has both markers among its top excerpts"
         screen = NeuronScreen(app.store, app.run_info, *rows[0])
         await app.push_screen(screen)
-        await pilot.pause()
+        await shown(pilot)
         text = screen_text(screen)
         assert MARKERS[0] in text and MARKERS[1] in text
         assert "\x1b" not in text and "\x07" not in text

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import SIZE, screen_text, sync, table_lines, until
+from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
 from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
@@ -70,7 +70,7 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
 
         # The neuron screen's e acts on the neuron shown, and its result appears on the open screen.
         app.open_neuron(0, 5)
-        await pilot.pause()
+        await shown(pilot)
         assert "Explanations" not in screen_text(app.screen)
         await pilot.press("e")
         await until(pilot, lambda: not app.jobs.running)
@@ -268,6 +268,6 @@ async def test_hostile_explanations_show_literally_in_the_table(fresh_store: Pat
         assert "[bold red]x[/] [/INST] \\x1b[31mRED\\x1b[0m \\x1b]0;title\\x07 two↵lines⇥tab" in line
         assert "\x1b" not in line and "\x07" not in line and "\n" not in line
         await pilot.press("enter")
-        await pilot.pause()
+        await shown(pilot)
         text = screen_text(app.screen)
         assert "[/INST]" in text and "\\x1b[31mRED" in text and "\x1b" not in text

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from app_helpers import shown
 from conftest import MARKERS, copy_store
 from textual.pilot import Pilot
 
@@ -70,7 +71,7 @@ def open_hostile(checked: list[str]) -> Callable[[Pilot[None]], Awaitable[None]]
         app = pilot.app
         assert isinstance(app, NeuronscopeApp)
         await app.push_screen(NeuronScreen(app.store, app.run_info, *hostile_neuron(app)))
-        await pilot.pause()
+        await shown(pilot)
         for _ in range(app.size.height):
             if all(m in shown_text(app) for m in MARKERS[:2]):
                 break
@@ -89,7 +90,12 @@ def test_table_by_score(snap_compare: SnapCompare, scored_store: Path, size: tup
 def test_neuron_screen_explained(snap_compare: SnapCompare, scored_store: Path, size: tuple[int, int]) -> None:
     """The neuron screen of the best explained neuron (`s`, then enter): statistics, histogram, explanations."""
     app = steady(NeuronscopeApp(scored_store))
-    assert snap_compare(app, press=["s", "enter"], terminal_size=size)
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        await pilot.press("s", "enter")
+        await shown(pilot)
+
+    assert snap_compare(app, run_before=run_before, terminal_size=size)
 
 
 @SIZES

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_helpers import SIZE, screen_text, sync, table_lines, until
+from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
 from conftest import assert_one_line_error, copy_store, run_cli
 from textual.widgets import Input
 
@@ -84,10 +84,10 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
         # On the neuron screen, a tags the neuron shown, and the screen lists its tags and notes.
         table.cursor = 0
         await pilot.press("enter")
-        await pilot.pause()
+        await shown(pilot)
         assert isinstance(app.screen, NeuronScreen)
         await pilot.press("a", *"polysemantic", "enter")
-        await pilot.pause()
+        await until(pilot, lambda: "tag polysemantic" in screen_text(app.screen))
         text = screen_text(app.screen)
         assert "tag wrong" in text and "tag polysemantic" in text and "[bold]loud[/bold] [31mred" in text
         assert "(ada, " in text
@@ -167,7 +167,7 @@ async def test_your_own_explanation_is_stored_scored_and_chosen(scored_store: Pa
         assert row is not None and row.explanation and not row.human
         neuron = NeuronId(row.layer, row.neuron)
         await pilot.press("enter")
-        await pilot.pause()
+        await shown(pilot)
         # w opens an editor holding the chosen explanation; the edited text is scored as a job.
         await pilot.press("w")
         await pilot.pause()

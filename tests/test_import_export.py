@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from app_helpers import SIZE, screen_text, sync
+from app_helpers import SIZE, screen_text, shown, sync
 from conftest import Result, assert_one_line_error, orphan_records, run_cli, run_rows
 
 from neuronscope.core.ids import NeuronId
@@ -360,7 +360,7 @@ async def test_the_app_shows_related_lists_and_enters_a_related_neuron(tmp_path:
     app = NeuronscopeApp(store_path)
     async with app.run_test(size=SIZE) as pilot:
         app.open_neuron(1, 0)
-        await pilot.pause()
+        await shown(pilot)
         screen = app.screen
         assert isinstance(screen, NeuronScreen) and screen.position == (1, 0)
         text = screen_text(screen)

@@ -83,7 +83,7 @@ def test_probe_from_the_neuron_screen_opens_a_unit_of_the_text(planted_store: Pa
     on it and the text's top units show; enter on one opens it."""
     import asyncio
 
-    from app_helpers import SIZE, screen_text, until
+    from app_helpers import SIZE, screen_text, shown, until
     from textual.widgets import OptionList
 
     from neuronscope.tui.app import NeuronscopeApp
@@ -94,13 +94,13 @@ def test_probe_from_the_neuron_screen_opens_a_unit_of_the_text(planted_store: Pa
         app = NeuronscopeApp(planted_store, backend_options={"device": "cpu", "dtype": "float32"})
         async with app.run_test(size=SIZE) as pilot:
             app.open_neuron(0, 0)
-            await pilot.pause()
+            await shown(pilot)
             await pilot.press("t")
             await until(pilot, lambda: isinstance(app.screen, ProbeScreen))
             await pilot.press(*"so the cat [b]sat", "enter")
             await until(pilot, lambda: app.screen.query_one(OptionList).option_count > 0)
-            shown = screen_text(app.screen)
-            assert "L0/N0: peak +" in shown and "at ' the'" in shown and "[b]" in shown
+            probed = screen_text(app.screen)
+            assert "L0/N0: peak +" in probed and "at ' the'" in probed and "[b]" in probed
             probe_screen = app.screen
             assert isinstance(probe_screen, ProbeScreen)
             first = probe_screen.units[0]

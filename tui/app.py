@@ -18,7 +18,7 @@ from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.timer import Timer
-from textual.widgets import Footer, Header, Input
+from textual.widgets import Header, Input
 
 from neuronscope.core.choices import ASCENDING
 from neuronscope.core.ids import NeuronId
@@ -30,9 +30,10 @@ from neuronscope.tui.commands import NeuronCommands
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen, MessageScreen
-from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.screens.neuron import NeuronScreen, wait_for_readers
 from neuronscope.tui.screens.triage import ListsScreen, TagScreen
 from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
+from neuronscope.tui.widgets.keys import KeysLine
 from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 #: Sort orders `s` cycles through, with the direction each reads best in.
@@ -48,6 +49,8 @@ SPOOL_INTERVAL = 2.0
 #: The longest the app closes the store (and waits) for another process's fold of the spool: the fold itself takes
 #: about a second, but the processes of other jobs finish the neurons they are on first.
 ASIDE_SECONDS = 10.0
+#: Seconds the table's cursor rests on a row before its neuron is read ahead (so that Enter shows it at once).
+READ_AHEAD_AFTER = 0.05
 #: Seconds after the last change of the marks before they are saved (as the list MARKS_LIST).
 MARKS_SAVE_DELAY = 1.0
 #: Actions that act on the table, not offered on a neuron's screen.
@@ -109,6 +112,7 @@ class NeuronscopeApp(App[None]):
         self.start_job = start_job
         self.author = author or getpass.getuser()
         self._marks_timer: Timer | None = None
+        self._ahead_timer: Timer | None = None
         self.sort_index = 0
         self.quitting = False
         self._dirty: set[NeuronId] = set()
@@ -121,7 +125,7 @@ class NeuronscopeApp(App[None]):
         yield NeuronTable(self.store, self.run_info.run_id, id="neurons")
         yield Input(placeholder="search explanations (enter applies, escape clears)", id="search")
         yield JobsPanel(id="jobs")
-        yield Footer()
+        yield KeysLine()
 
     @property
     def table(self) -> NeuronTable:
@@ -134,6 +138,7 @@ class NeuronscopeApp(App[None]):
     def on_mount(self) -> None:
         self._table = self.table
         self.table.focus()
+        self.watch(self.table, "cursor", self._cursor_moved, init=False)
         marks = self.store.list_neurons(self.run_info.run_id, MARKS_LIST)
         if marks:
             self.table.set_marks(set(marks))
@@ -151,6 +156,7 @@ class NeuronscopeApp(App[None]):
         if self._marks_timer is not None:  # marks changed within the last second: saved before the store closes
             self._marks_timer.stop()
             self._save_marks()
+        wait_for_readers()  # neurons being read ahead hold cursors of the store's connection: they finish first
         self.store.close()
 
     # -- neurons ---------------------------------------------------------------------------------------
@@ -162,13 +168,15 @@ class NeuronscopeApp(App[None]):
     def has_neuron(self, layer: int, neuron: int) -> bool:
         return layer in self.run_info.layers and 0 <= neuron < self.run_info.neurons_per_layer
 
-    def open_neuron(self, layer: int, neuron: int) -> None:
-        """Show a neuron's screen, with the table's cursor on it if the filters show it."""
+    def open_neuron(self, layer: int, neuron: int, position: int | None = None) -> None:
+        """Show a neuron's screen, with the table's cursor on it if the filters show it (`position`: where it is in
+        the table, when the caller knows; else it is looked up)."""
         target = NeuronId(layer, neuron)
         if not self.has_neuron(layer, neuron):
             self.notify(f"run {self.run_info.run_id} has no {target}: {self.layers_text}", severity="error")
             return
-        position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
+        if position is None:
+            position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
         if position is not None:
             self.table.cursor = position
         # One neuron screen, installed once and shown again with each neuron: opening skips Textual's
@@ -178,14 +186,50 @@ class NeuronscopeApp(App[None]):
         screen = cast(NeuronScreen, self.get_screen("neuron"))
         while len(self.screen_stack) > 1 and self.screen is not screen:
             self.pop_screen()
+        if screen.is_mounted:
+            screen.show(target)  # at once if read ahead, else read in a worker (a job may have written since)
+        else:
+            screen.position = target  # shown when mounted
         if self.screen is not screen:
             self.push_screen(screen)
-        if screen.is_mounted:
-            screen.show(target)  # read again: a job may have written to it since
-        screen.position = target
 
     def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
-        self.open_neuron(*message.neuron)
+        self.open_neuron(message.neuron.layer, message.neuron.neuron, position=self.table.cursor)
+
+    def step_neuron(self, step: int) -> None:
+        """The next (or previous) neuron in the table's order and filter, on the neuron screen."""
+        table = self.table
+        index = table.cursor + step
+        if not 0 <= index < table.row_count:
+            self.notify("the last neuron shown" if step > 0 else "the first neuron shown")
+            return
+        row = table.cached_row(index) or table.row(index)  # held unless a page boundary was crossed
+        if row is not None:
+            self.open_neuron(row.layer, row.neuron, position=index)
+
+    def _cursor_moved(self) -> None:
+        if self._ahead_timer is not None:
+            self._ahead_timer.stop()
+        self._ahead_timer = self.set_timer(READ_AHEAD_AFTER, self._read_ahead)
+
+    def _read_ahead(self) -> None:
+        """Read the neuron under the resting cursor ahead, once the neuron screen exists (its first opening lays it
+        out), so that Enter finds it rendered."""
+        self._ahead_timer = None
+        if not self.is_screen_installed("neuron") or isinstance(self.screen, NeuronScreen):
+            return
+        screen = cast(NeuronScreen, self.get_screen("neuron"))
+        row = self.table.cached_row(self.table.cursor)
+        if screen.is_mounted and row is not None:
+            screen.read_ahead(NeuronId(row.layer, row.neuron))
+
+    def neighbours(self, neuron: NeuronId) -> list[NeuronId]:
+        """The two neurons after the table's cursor and the one before, where their rows are held: read ahead on the
+        neuron screen."""
+        table = self.table
+        rows = (table.cached_row(table.cursor + 1), table.cached_row(table.cursor - 1),
+                table.cached_row(table.cursor + 2))
+        return [NeuronId(r.layer, r.neuron) for r in rows if r is not None and (r.layer, r.neuron) != neuron]
 
     def current_neuron(self) -> NeuronId | None:
         """The neuron on screen, or under the table's cursor."""

@@ -273,20 +273,22 @@ def accumulate(
     if sparse is not None:
         coder = sparse.on(subject.layer_device(sparse.layer))
 
-        def read(ids: Any) -> dict[int, Any]:
+        def read(ids: Any, each: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
             if beside:
-                acts, hidden = subject.activations_and_hidden(ids, beside, coder.layer, coder.point)
+                acts, hidden = subject.activations_and_hidden(ids, beside, coder.layer, coder.point, each)
             else:
                 acts, hidden = {}, subject.capture(ids, coder.layer, coder.point)
             acts[latent] = coder.encode(hidden).to(subject.dtype)
             return acts
     else:
-        def read(ids: Any) -> dict[int, Any]:
-            return subject.activations(ids, layers)
+        def read(ids: Any, each: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
+            return subject.activations(ids, layers, each)
 
-    # On a CPU, a layer at a time inside the forward pass; on a GPU, after it (queued work, joined layers).
-    by_layer = {group[0]: acc for group, acc in zip(groups, accs)} if sparse is None and all(
-        len(group) == 1 and acc.max.device.type == "cpu" for group, acc in zip(groups, accs)) else {}
+    # On a CPU, the MLP neurons a layer at a time inside the forward pass; on a GPU, after it (queued work, joined
+    # layers). A sparse coder's latents are updated after the pass either way.
+    by_layer = {group[0]: acc for group, acc in zip(groups, accs) if group[0] < LATENT_KEY and group[0] != latent}
+    if not all(len(group) == 1 and acc.max.device.type == "cpu" for group, acc in zip(groups, accs)):
+        by_layer = {}
     token_stats = _token_stats_fn(subject.device, (n // batch_size) * len(groups))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
@@ -299,13 +301,15 @@ def accumulate(
         ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
         eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
         stats = token_stats if len(ids) == batch_size else None
-        if by_layer:  # each layer's bookkeeping while its activations are still in the CPU's cache
-            subject.activations(ids, layers, each=lambda layer, acts, eids=eids, stats=stats: by_layer[layer].update(
-                acts, eids, stats))
-        else:
-            acts = read(ids)
+        def each(layer: int, layer_acts: Any, eids: Any = eids, stats: Any = stats) -> None:
+            by_layer[layer].update(layer_acts, eids, stats)  # while its activations are still in the CPU's cache
+
+        acts = read(ids, each if by_layer else None)
+        if acts:
             on_device: dict[Any, Any] = {}
             for group, acc in zip(groups, accs):
+                if group[0] in by_layer:
+                    continue
                 joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
                 if joined.device not in on_device:
                     on_device[joined.device] = to_device(eids, joined.device)

@@ -174,10 +174,11 @@ class Subject:
             handle.remove()
         return seen[0][:, len(self.prefix_ids):, :]
 
-    def activations_and_hidden(self, token_ids: Any, layers: tuple[int, ...], layer: int,
-                               point: str) -> tuple[dict[int, Any], Any]:
-        """`activations` of `layers` and the hidden state `capture` reads at a hook point, in one forward pass (it
-        stops once all are read): a sparse coder's latents collected beside the MLP neurons."""
+    def activations_and_hidden(self, token_ids: Any, layers: tuple[int, ...], layer: int, point: str,
+                               each: Callable[[int, Any], None] | None = None) -> tuple[dict[int, Any], Any]:
+        """`activations` of `layers` (or, with `each`, passed to it as they are computed) and the hidden state
+        `capture` reads at a hook point, in one forward pass (it stops once all are read): a sparse coder's latents
+        collected beside the MLP neurons."""
         import torch
 
         if not layers or not all(0 <= one < self.n_layers for one in layers):
@@ -193,7 +194,7 @@ class Subject:
 
         handle = self._point_hook(layer, point, seen, done)
         try:
-            with torch.inference_mode(), self._hooks(layers, out, done=done):
+            with torch.inference_mode(), self._hooks(layers, out, each, done=done):
                 self.model(input_ids=self._with_prefix(token_ids), use_cache=False)
         except _StopForward:
             pass

@@ -25,7 +25,8 @@ class LinesView(ScrollView, can_focus=True):
         Binding("home", "scroll_home", "Top", show=False),
         Binding("end", "scroll_end", "Bottom", show=False),
     ]
-    DEFAULT_CSS = "LinesView { height: 1fr; overflow-x: hidden; }"
+    DEFAULT_CSS = "LinesView { height: 1fr; overflow-x: hidden; scrollbar-gutter: stable; }"
+    """A stable gutter: the width, and so the lines rendered for it, do not change when a scrollbar appears."""
 
     def __init__(self, renderables: Sequence[RenderableType], *, id: str | None = None) -> None:  # noqa: A002
         super().__init__(id=id)
@@ -38,6 +39,13 @@ class LinesView(ScrollView, can_focus=True):
         self._renderables = list(renderables)
         self._width = -1
         self._render_all()
+        self.refresh()
+
+    def show_lines(self, renderables: Sequence[RenderableType], lines: list[Strip], width: int) -> None:
+        """Show renderables already rendered into `lines` at `width` (by a worker, off the UI thread); they are
+        rendered again here only if the width changes."""
+        self._renderables, self._lines, self._width = list(renderables), lines, width
+        self.virtual_size = Size(width, len(lines))
         self.refresh()
 
     def _render_all(self) -> None:

@@ -132,6 +132,12 @@ class NeuronTable(ScrollView, can_focus=True):
         offset = index - page_no * PAGE
         return page[offset] if offset < len(page) else None
 
+    def cached_row(self, index: int) -> NeuronRow | None:
+        """The row at a position if its page is held (no store read), else None."""
+        page = self._pages.get(index // PAGE) if 0 <= index < self.row_count else None
+        offset = index % PAGE
+        return page[offset] if page is not None and offset < len(page) else None
+
     def set_marks(self, neurons: set[NeuronId]) -> None:
         """Mark exactly these neurons."""
         self.marked = set(neurons)

@@ -1,0 +1,100 @@
+"""The triage loop off the UI thread (issue 19): opening a neuron from the table and stepping to the next or previous
+one (`]`, `[`) read the store only in workers, the neighbours are read ahead, and the screen follows the table's
+order and filter. The real-terminal benchmark's harness runs in CI on a small store (bench/tui.py --terminal)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from app_helpers import SIZE, shown, sync, until
+from conftest import cli_env
+
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.store import Store
+from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.neuron_table import NeuronTable
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+#: The Store methods a neuron's screen and the table read through.
+READS = ("neuron_stats", "records", "explanations", "related", "tags", "neuron_rows", "neuron_count",
+         "neuron_position", "list_neurons", "saved_lists")
+
+
+class Reads:
+    """Every read of the store while `on` is set: (method, thread name)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.on = threading.Event()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """A spy on the Store's reads: each method still runs, and its thread is recorded."""
+    log = Reads()
+
+    def spy(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def read(*args: Any, **kwargs: Any) -> Any:
+            if log.on.is_set():
+                log.seen.append((name, threading.current_thread().name))
+            return method(*args, **kwargs)
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(Store, name, spy(name, getattr(Store, name)))
+    return log
+
+
+@sync
+async def test_opening_and_stepping_read_the_store_only_in_workers(scored_store: Path,
+                                                                   reads: Reads) -> None:
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        table.set_query(BrowseQuery(order="score", descending=True))
+        await pilot.pause()
+        order = [NeuronId(table.row(i).layer, table.row(i).neuron) for i in range(4)]  # type: ignore[union-attr]
+        reads.on.set()
+        await pilot.press("enter")
+        await shown(pilot)
+        screen = app.screen
+        assert isinstance(screen, NeuronScreen) and screen.position == order[0]
+        # The neighbours were read ahead: `]` shows the next neuron of the table's order at once.
+        await until(pilot, lambda: order[1] in screen._cache)
+        await pilot.press("right_square_bracket")
+        assert screen.ready and screen.position == order[1] and table.cursor == 1
+        await pilot.press("right_square_bracket", "right_square_bracket")
+        await shown(pilot)
+        assert screen.position == order[3]
+        await pilot.press("left_square_bracket")
+        await shown(pilot)
+        assert screen.position == order[2] and table.cursor == 2
+        reads.on.clear()
+        on_ui = [name for name, thread in reads.seen if thread == threading.main_thread().name]
+        assert reads.seen and not on_ui, on_ui
+        # At the first row, `[` stays (and says so).
+        table.cursor = 0
+        await pilot.press("escape", "enter")
+        await shown(pilot)
+        await pilot.press("left_square_bracket")
+        await pilot.pause()
+        assert app.screen.position == order[0]  # type: ignore[attr-defined]
+
+
+def test_the_real_terminal_benchmark_runs(scored_store: Path, tmp_path: Path) -> None:
+    """bench/tui.py --terminal drives `neuronscope browse` in tmux and times key to painted screen; here on the small
+    scored store, a few repeats, asserting only that every operation was measured."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--terminal", "--store", str(scored_store),
+                           "--repeat", "3"], capture_output=True, text=True, timeout=600, env=cli_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for operation in ("enter", "escape", "back ⌫", "next ]", "previous [", "sort s", "filter f", "search /", "page down"):
+        assert f"terminal  {operation}" in proc.stdout, proc.stdout
