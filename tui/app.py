@@ -8,7 +8,6 @@ from __future__ import annotations
 import getpass
 import random
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, cast
@@ -23,7 +22,7 @@ from textual.widgets import Header, Input
 from neuronscope.core.choices import ASCENDING
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
-from neuronscope.core.store import Store, StoreError
+from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
 from neuronscope.core.store.triage import MARKS_LIST
 from neuronscope.tui.commands import NeuronCommands
@@ -31,7 +30,7 @@ from neuronscope.tui.render import visible
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen, MessageScreen
 from neuronscope.tui.screens.neuron import NeuronScreen, wait_for_readers
-from neuronscope.tui.screens.triage import ListsScreen, TagScreen
+from neuronscope.tui.triage_actions import TriageActions
 from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
 from neuronscope.tui.widgets.keys import KeysLine
 from neuronscope.tui.widgets.neuron_table import NeuronTable
@@ -51,13 +50,11 @@ SPOOL_INTERVAL = 2.0
 ASIDE_SECONDS = 10.0
 #: Seconds the table's cursor rests on a row before its neuron is read ahead (so that Enter shows it at once).
 READ_AHEAD_AFTER = 0.05
-#: Seconds after the last change of the marks before they are saved (as the list MARKS_LIST).
-MARKS_SAVE_DELAY = 1.0
 #: Actions that act on the table, not offered on a neuron's screen.
 TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark", "lists"}
 
 
-class NeuronscopeApp(App[None]):
+class NeuronscopeApp(TriageActions, App[None]):
     """Browse the newest complete run of a store. Opening fails with StoreError before the app starts."""
 
     TITLE = "neuronscope"
@@ -313,87 +310,6 @@ class NeuronscopeApp(App[None]):
     def action_mark(self) -> None:
         self.table.toggle_mark()
         self._marks_changed()
-
-    # -- triage ----------------------------------------------------------------------------------------
-    def _marks_changed(self) -> None:
-        """Save the marks a moment after the last change (a run of m presses is one write)."""
-        if self._marks_timer is not None:
-            self._marks_timer.stop()
-        self._marks_timer = self.set_timer(MARKS_SAVE_DELAY, self._save_marks)
-
-    def _save_marks(self) -> None:
-        self._marks_timer = None
-        marked = sorted(self._table.marked)  # the table kept from on_mount: it is unmounted when the app saves last
-        self._write(lambda: self.store.save_list(self.run_info.run_id, MARKS_LIST, marked, self.author))
-
-    def _write(self, write: Callable[[], object]) -> bool:
-        """Write a person's triage to the store (beside it, as jobs' results are); an error is a notification."""
-        try:
-            write()
-        except StoreError as exc:
-            self.notify(f"not saved: {exc}", severity="error", markup=False)
-            return False
-        return True
-
-    def _triage_scope(self) -> tuple[tuple[NeuronId, ...], str]:
-        """The neuron shown, else the marked ones, else the one under the cursor; and those in words."""
-        if isinstance(self.screen, NeuronScreen):
-            return (self.screen.position,), str(self.screen.position)
-        if self.table.marked:
-            count = len(self.table.marked)
-            return tuple(sorted(self.table.marked)), f"the {count} marked neuron{'s' if count != 1 else ''}"
-        current = self.current_neuron()
-        return ((current,), str(current)) if current else ((), "")
-
-    def action_triage(self, kind: str) -> None:
-        neurons, scope = self._triage_scope()
-        if not neurons:
-            return
-        run_id = self.run_info.run_id
-        current = sorted({t.tag for t in self.store.tags(run_id, neurons) if t.tag})
-
-        def save(answer: tuple[str, str] | None) -> None:
-            if answer is None:
-                return
-            action, text = answer
-            if action == "untag":
-                gone: list[int] = []
-                if self._write(lambda: gone.append(self.store.remove_tags(run_id, neurons, text))):
-                    self.notify(f"took {text!r} off {gone[0]} tagging{'s' if gone[0] != 1 else ''}", markup=False)
-            elif not self._write(lambda: self.store.add_tags(run_id, neurons, text if action == "tag" else "",
-                                                             text if action == "note" else "", self.author)):
-                return
-            self._triage_landed(set(neurons))
-
-        self.push_screen(TagScreen(kind, scope, current), save)
-
-    def _triage_landed(self, neurons: set[NeuronId]) -> None:
-        self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0  # drawn here, now
-        self.table.reload()
-        for screen in self.screen_stack:
-            if isinstance(screen, NeuronScreen) and screen.position in neurons:
-                screen.reload()
-
-    def action_lists(self) -> None:
-        run_id = self.run_info.run_id
-
-        def chosen(answer: tuple[str, str] | None) -> None:
-            if answer is None:
-                return
-            action, name = answer
-            if action == "save":
-                marked = sorted(self.table.marked)
-                if self._write(lambda: self.store.save_list(run_id, name, marked, self.author)):
-                    self.notify(f"saved {len(marked)} marked neurons as {name!r} (neuronscope lists {name})",
-                                markup=False)
-                return
-            listed = self.store.list_neurons(run_id, name) or []
-            self.table.set_marks(set(listed))
-            self._marks_changed()
-            self.notify(f"marked the {len(listed)} neurons of {name!r}", markup=False)
-
-        saved = [entry for entry in self.store.saved_lists(run_id) if entry[0] != MARKS_LIST]
-        self.push_screen(ListsScreen(len(self.table.marked), saved), chosen)
 
     def action_help(self) -> None:
         def keys(bindings: list[BindingType]) -> list[tuple[str, str]]:
