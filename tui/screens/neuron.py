@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import duckdb
 from rich.console import Group, RenderableType
 from rich.text import Text
 from textual import work
@@ -159,15 +160,17 @@ class NeuronScreen(Screen[None]):
         reader = self.store.for_thread()
         try:
             parts, related, chosen = self._renderables(reader, neuron)
-            console = self.app.console
-            lines = [Strip(line) for line in console.render_lines(Group(*parts), console.options.update_width(width),
-                                                                  pad=False)]
-        except Exception:  # noqa: BLE001 - the store closed for a fold meanwhile: the next show reads it again
+        except duckdb.Error:  # the store closed for a fold meanwhile: the next show reads it again
             self._hand_over(self._loading.discard, (neuron, version, width))
             return
+        except Exception as err:  # noqa: BLE001 - shown on the screen, not a screen that never changes
+            parts, related, chosen = [Text(f"cannot show {neuron}: {type(err).__name__}: {visible(str(err))}")], {}, ""
         finally:
             reader.close()
             READERS.discard(threading.current_thread())
+        console = self.app.console
+        lines = [Strip(line) for line in console.render_lines(Group(*parts), console.options.update_width(width),
+                                                              pad=False)]
         self._hand_over(self._landed, Shown(neuron, parts, lines, width, related, chosen, version))
 
     def _hand_over(self, callback: Any, argument: Any) -> None:
