@@ -4,8 +4,8 @@ A read-only open attaches the store file read-only to an in-memory database, who
 tables, add the rows of the spool's segments (neuronscope.core.store.spool): so every query of the store reads the
 same SQL whether or not jobs are writing beside it, on any cursor. The small tables that browsing sorts and joins
 are copied into memory a segment at a time (`refresh`); simulations and the call log are read in place. Such a
-store also writes, as a job does: each transaction becomes one segment. A writable open folds the segments into
-the store (`fold`). Mixed into neuronscope.core.store.Store.
+store also writes, as a job does: each transaction becomes one segment (a person's tags, notes and lists too:
+neuronscope.core.store.triage). A writable open folds the segments into the store (`fold`). Mixed into neuronscope.core.store.Store.
 """
 
 from __future__ import annotations
