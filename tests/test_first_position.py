@@ -89,7 +89,7 @@ async def test_the_app_hides_first_position_neurons(tiny_model: Path, corpus_dir
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NeuronTable)
         total = table.row_count
-        await pilot.press("f", "tab", "tab", "tab", "space", "enter")
+        await pilot.press("f", "tab", "tab", "tab", "tab", "space", "enter")  # layers, score, which, tag, the box
         await pilot.pause()
         assert table.query_spec == BrowseQuery(first_position=False)
         assert table.row_count == total - flagged
