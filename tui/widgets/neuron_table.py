@@ -211,6 +211,8 @@ class NeuronTable(ScrollView, can_focus=True):
         else:
             index = int(self.scroll_offset.y) + y - HEADER_LINES
             row = self.row(index)
+            if y == HEADER_LINES:  # once per paint: the pages a screen up and down, fetched after this paint
+                self._warm_around(index)
             if row is None:
                 return Strip.blank(width, self.rich_style)
             text = self._line(row)
@@ -219,6 +221,14 @@ class NeuronTable(ScrollView, can_focus=True):
         segments = list(text.render(self.app.console, end=""))
         return Strip(segments).adjust_cell_length(width, self.rich_style).apply_style(self.rich_style) \
             if segments else Strip([Segment(" " * width, self.rich_style)])
+
+    def _warm_around(self, top: int) -> None:
+        """Fetch, after the current paint, the pages a screen above and below `top` that are not held, so that paging
+        on finds them (a page fetch is a query: it waits for no key press this way)."""
+        screen = max(self.scrollable_content_region.height - HEADER_LINES, 1)
+        wanted = {index // PAGE for index in (top - screen, top + 2 * screen) if 0 <= index < self.row_count}
+        for page_no in wanted - set(self._pages.keys()):
+            self.call_after_refresh(self.row, page_no * PAGE)
 
     # -- cursor -------------------------------------------------------------------------------------
     def validate_cursor(self, index: int) -> int:
