@@ -98,3 +98,22 @@ def test_the_real_terminal_benchmark_runs(scored_store: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for operation in ("enter", "escape", "back ⌫", "next ]", "previous [", "sort s", "filter f", "search /", "page down"):
         assert f"terminal  {operation}" in proc.stdout, proc.stdout
+
+
+@sync
+async def test_the_key_line_lists_the_keys_and_a_click_runs_one(scored_store: Path) -> None:
+    from neuronscope.tui.widgets.keys import KeysLine
+
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=(160, 30)) as pilot:
+        keys = app.screen.query_one(KeysLine)
+        line = keys.render().plain
+        assert "s  Sort" in line and "f  Filter" in line and "palette" in line and "Next" not in line
+        (start, _end, _node, _action), = [span for span in keys._spans if span[3] == "sort"]
+        await pilot.click(KeysLine, offset=(start + 1, 0))
+        await pilot.pause()
+        assert app.query_one(NeuronTable).order == "score"
+        await pilot.press("enter")
+        await shown(pilot)
+        neuron_keys = app.screen.query_one(KeysLine).render().plain
+        assert "]  Next" in neuron_keys and "Sort" not in neuron_keys  # the neuron screen's own keys
