@@ -154,6 +154,8 @@ class NeuronRow:
     """Whether the explanation is a person's own (role user), not a model's."""
     tags: tuple[str, ...] = ()
     """The tags people gave it, sorted (notes alone are not tags)."""
+    noted: bool = False
+    """Whether someone wrote a note on it."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
         await pilot.press("N", *HOSTILE.replace("\x1b", ""), "enter")
         await pilot.pause()
         assert [t.note for t in app.store.tags(run_id, [first]) if not t.tag] == [HOSTILE.replace("\x1b", "")]
+        assert table_lines(table, 1)[2].split()[1:3] == ["wrong", "¶"]  # a note to read, marked in the table
 
         # m marks two more neurons; a then 1 (the first suggested tag) tags exactly the marked ones.
         await pilot.press("down", "m", "m")

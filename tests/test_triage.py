@@ -22,6 +22,7 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
     noted = run_cli(["tag", "0/1", "--note", HOSTILE, "--store", store])
     assert noted.code == 0 and "noted 1 neuron" in noted.err, noted.err
     assert run_cli(["tag", "L2/N3", "good", "--author", "bo", "--store", store]).code == 0
+    assert run_cli(["tag", "0/4", "--note", "a note alone", "--store", store]).code == 0
     with Store.open(store, read_only=True) as opened:
         run_id = opened.run().run_id
         found = opened.tags(run_id)
@@ -30,6 +31,10 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
         assert found[2].tag == "" and found[2].note == HOSTILE and found[2].author  # $USER by default
         assert [t.neuron for t in opened.tags(run_id, tag="wrong")] == [1, 2]
         assert [t.tag for t in opened.tags(run_id, [NeuronId(2, 3)])] == ["good"]
+        rows = {(r.layer, r.neuron): r for r in opened.neuron_rows(run_id, limit=1000)}
+        assert (rows[(0, 1)].tags, rows[(0, 1)].noted) == (("wrong",), True)  # the table's view of them
+        assert (rows[(2, 3)].tags, rows[(2, 3)].noted) == (("good",), False) and not rows[(0, 2)].tags
+        assert (rows[(0, 4)].tags, rows[(0, 4)].noted) == ((), True)
 
     listed = run_cli(["tags", "--tag", "wrong", "--store", store])
     assert listed.code == 0 and "L0/N1" in listed.out and "L1/N2" in listed.out and "L2/N3" not in listed.out

@@ -76,10 +76,10 @@ def _like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _row(r: tuple[Any, ...], tags: tuple[str, ...] = ()) -> NeuronRow:
+def _row(r: tuple[Any, ...], tags: tuple[str, ...] = (), noted: bool = False) -> NeuronRow:
     return NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
                      max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0), human=bool(r[9]),
-                     tags=tags)
+                     tags=tags, noted=noted)
 
 
 class BrowseMixin:
@@ -137,13 +137,13 @@ class BrowseMixin:
         keys = self._order_keys(query)
         sql, params = self._browse_sql(_ROW_COLUMNS, run_id, query)
         rows = self.con.execute(f"{sql} ORDER BY {keys} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        tags: dict[tuple[int, int], tuple[str, ...]] = {}
-        if rows:  # the page's tags, read after it is cut: a sort never reads the tags table
-            tags = {(int(r[0]), int(r[1])): tuple(r[2]) for r in self.con.execute(
-                "SELECT layer, neuron, list(DISTINCT tag ORDER BY tag) FROM tags WHERE run_id = ? AND tag <> '' "
-                "AND list_contains(?, [layer::INTEGER, neuron]) GROUP BY ALL",
+        triage: dict[tuple[int, int], tuple[tuple[str, ...], bool]] = {}
+        if rows:  # the page's tags and notes, read after it is cut: a sort never reads the tags table
+            triage = {(int(r[0]), int(r[1])): (tuple(r[2] or ()), bool(r[3])) for r in self.con.execute(
+                "SELECT layer, neuron, list(DISTINCT tag ORDER BY tag) FILTER (WHERE tag <> ''), bool_or(note <> '') "
+                "FROM tags WHERE run_id = ? AND list_contains(?, [layer::INTEGER, neuron]) GROUP BY ALL",
                 [run_id, [[r[0], r[1]] for r in rows]]).fetchall()}
-        return [_row(r, tags.get((int(r[0]), int(r[1])), ())) for r in rows]
+        return [_row(r, *triage.get((int(r[0]), int(r[1])), ((), False))) for r in rows]
 
     def neuron_count(self, run_id: int, query: BrowseQuery = BrowseQuery()) -> int:
         """How many neurons `neuron_rows` pages through."""

@@ -176,6 +176,9 @@ class NeuronTable(ScrollView, can_focus=True):
                 text.append(tag_text, style=tag_style(tag))
                 text.append(" ")
                 width -= len(tag_text) + 1
+        if row.noted:  # a note to read on its screen
+            text.append("¶ ", style="bold")
+            width -= 2
         if row.human:  # a person's own explanation is the chosen one
             text.append("✎ ", style="bold")
             width -= 2
