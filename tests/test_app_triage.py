@@ -57,10 +57,10 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
         assert [t.note for t in app.store.tags(run_id, [first]) if not t.tag] == [HOSTILE.replace("\x1b", "")]
         assert table_lines(table, 1)[2].split()[1:3] == ["wrong", "¶"]  # a note to read, marked in the table
 
-        # m marks two more neurons; a then 1 (the first suggested tag) tags exactly the marked ones.
+        # m marks two more neurons; a, 1, enter (the first suggested tag) tags exactly the marked ones.
         await pilot.press("down", "m", "m")
         marked = set(table.marked)
-        await pilot.press("a", "1")
+        await pilot.press("a", "1", "enter")
         await pilot.pause()
         assert {(t.layer, t.neuron) for t in app.store.tags(run_id, tag="good")} == marked and first not in marked
 
@@ -76,8 +76,8 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
         await pilot.pause()
         assert table.query_spec == BrowseQuery() and table.row_count > 2
 
-        # -TAG takes it off the marked neurons.
-        await pilot.press("a", *"-good", "enter")
+        # -TAG (or -1) takes it off the marked neurons.
+        await pilot.press("a", *"-1", "enter")
         await pilot.pause()
         assert app.store.tags(run_id, tag="good") == []
         assert app.store.neuron_count(run_id, BrowseQuery(tag="good")) == 0

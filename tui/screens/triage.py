@@ -17,9 +17,12 @@ from neuronscope.core.store.triage import SUGGESTED_TAGS, TAG_PATTERN, tag_probl
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.modals import MODAL_CSS
 
+#: Digits that stand for the suggested tags in the tag modal (`1` enter: good; `-1` enter takes it off).
+SHORTCUTS = {str(i): tag for i, tag in enumerate(SUGGESTED_TAGS, 1)}
+
 
 class TagScreen(ModalScreen[tuple[str, str] | None]):
-    """Ask for a tag (`-TAG` takes it off; 1-4 pick a suggested one on an empty line) or a note: dismisses with
+    """Ask for a tag (1-4 for a suggested one, `-TAG` takes one off) or a note: dismisses with
     ("tag" | "untag" | "note", text), or None on escape."""
 
     DEFAULT_CSS = MODAL_CSS.format(name="TagScreen").replace("$error", "$primary") + \
@@ -38,7 +41,7 @@ class TagScreen(ModalScreen[tuple[str, str] | None]):
             yield Static(Text(f"{'Tag' if self.kind == 'tag' else 'Note on'} {self.scope}"), classes="modal-title")
             if self.kind == "tag":
                 suggested = "  ".join(f"{i}: {tag}" for i, tag in enumerate(SUGGESTED_TAGS, 1))
-                yield Label(Text(f"{suggested}, or type your own word; -TAG takes a tag off"))
+                yield Label(Text(f"{suggested} (then enter), or type your own word; -TAG takes a tag off"))
                 if self.current:
                     yield Label(Text("now: " + ", ".join(visible(t) for t in self.current), style="dim"))
                 yield Input(placeholder="tag", id="triage-text", compact=True)
@@ -50,10 +53,6 @@ class TagScreen(ModalScreen[tuple[str, str] | None]):
     def on_mount(self) -> None:
         self.query_one(Input).focus()
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        if self.kind == "tag" and event.value in {str(i) for i in range(1, len(SUGGESTED_TAGS) + 1)}:
-            self.dismiss(("tag", SUGGESTED_TAGS[int(event.value) - 1]))
-
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()
         if not text:
@@ -63,6 +62,8 @@ class TagScreen(ModalScreen[tuple[str, str] | None]):
             self.dismiss(("note", text))
             return
         action, tag = ("untag", text[1:].strip()) if text.startswith("-") else ("tag", text)
+        if tag in SHORTCUTS:  # 1-4: a suggested tag (a tag of its own is a word, so a lone digit is free for this)
+            tag = SHORTCUTS[tag]
         problem = tag_problem(tag)
         if problem:
             self.query_one("#triage-error", Label).update(Text(problem))
