@@ -135,7 +135,8 @@ def measure(store: Path, repeat: int, search: str, layers: tuple[int, int]) -> l
                                              "sorted table"))
             term.send("f")
             term.wait(lambda s: "Filter neurons" in s, "filter form")
-            term.type_in(f"{layers[0]}..{layers[1]}", lambda s: f"{layers[0]}..{layers[1]}" in s, "typed layers")
+            typed = f"█ {layers[0]}..{layers[1]} "  # in the form's layers field (inside its border), nowhere else
+            term.type_in(f"{layers[0]}..{layers[1]}", lambda s, t=typed: t in s, "typed layers")
             wanted = f"L{layers[0]}..{layers[1]}" if layers[0] != layers[1] else f"L{layers[0]}"
             rows["filter f"].append(term.timed(("Enter",), lambda s: wanted in _status(s) and bool(_table(s)),
                                                "filtered table"))
