@@ -145,11 +145,9 @@ def _selection(args: argparse.Namespace, store: Store, run: RunInfo) -> Any:
 
     named = tuple(NeuronId.parse(n) for n in args.neurons)
     if args.list:
-        listed = store.list_neurons(run.run_id, args.list)
-        if listed is None:
-            known = ", ".join(name for name, *_ in store.saved_lists(run.run_id)) or "none yet"
-            raise InputError(f"run {run.run_id} has no list {args.list!r} (lists: {known}): save one with L in the "
-                             "app, or name the neurons")
+        from neuronscope.tui.cli_triage import listed_neurons
+
+        listed = listed_neurons(store, run, args.list)
         if not listed:
             raise InputError(f"the list {args.list!r} of run {run.run_id} is empty: mark neurons in the app first")
         named += tuple(listed)

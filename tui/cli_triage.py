@@ -114,16 +114,22 @@ def tags_table(tags: list[Tag]) -> Table:
     return table
 
 
+def listed_neurons(store: Store, run: RunInfo, name: str) -> list[NeuronId]:
+    """A saved list's neurons; InputError naming the run's lists when it has none of that name."""
+    neurons = store.list_neurons(run.run_id, name)
+    if neurons is None:
+        known = ", ".join(saved for saved, *_ in store.saved_lists(run.run_id)) or "none yet"
+        raise InputError(f"run {run.run_id} has no list {name!r} (lists: {known}): save one with L in the app")
+    return neurons
+
+
 def cmd_lists(args: argparse.Namespace) -> int:
     """Print the saved lists, or one list's neurons."""
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         saved = store.saved_lists(run.run_id)
-        neurons = store.list_neurons(run.run_id, args.name) if args.name else None
-    if args.name:
-        if neurons is None:
-            known = ", ".join(name for name, *_ in saved) or "none yet"
-            raise InputError(f"run {run.run_id} has no list {args.name!r} (lists: {known})")
+        neurons = listed_neurons(store, run, args.name) if args.name else None
+    if neurons is not None:
         for n in neurons:
             out.print(f"{n.layer}/{n.neuron}", markup=False, highlight=False)
         return 0
