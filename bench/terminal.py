@@ -110,7 +110,10 @@ def _table(screen: str) -> list[str]:
 
 
 def _status(screen: str) -> str:
-    return next((line for line in screen.splitlines() if " neuron" in line and " · by " in line), "")
+    """The table's status line, without the note that a sort or filter is still being read (the rows have not
+    changed yet then)."""
+    line = next((line for line in screen.splitlines() if " neuron" in line and " · by " in line), "")
+    return line.replace(" · reading…", "")
 
 
 def measure(store: Path, repeat: int, search: str, layers: tuple[int, int]) -> list[Row]:

@@ -51,3 +51,9 @@ async def until(pilot: Any, condition: Callable[[], bool], seconds: float = 60) 
 async def shown(pilot: Any, seconds: float = 30) -> None:
     """Wait until the neuron screen on top shows the neuron it was asked for (read in a worker)."""
     await until(pilot, lambda: bool(getattr(pilot.app.screen, "ready", False)), seconds)
+
+
+async def settled(pilot: Any, table: NeuronTable, seconds: float = 30) -> None:
+    """Wait until the table shows what was asked of it last (a sort, filter, search or reload is read in a worker)
+    and holds the pages it is reading."""
+    await until(pilot, lambda: not table.pending, seconds)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
+from app_helpers import SIZE, screen_text, settled, shown, sync, table_lines, until
 from conftest import MARKERS, assert_one_line_error, cli_env, copy_store, run_cli
 from textual.widgets import Input, Label
 
@@ -92,7 +92,7 @@ async def test_table_cursor_and_sort(cli_store) -> None:  # type: ignore[no-unty
         assert table.cursor == 0 and table.scroll_offset.y == 0
 
         await pilot.press("s", "s")  # layer -> score -> max
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.order == "max" and table.descending
         top = app.store.con.execute("SELECT layer, neuron FROM neurons WHERE run_id = ? ORDER BY max_act DESC "
                                     "LIMIT 1", [app.run_info.run_id]).fetchall()[0]
@@ -110,14 +110,14 @@ async def test_search_and_neuron_screen(scored_store: Path) -> None:
         table = app.query_one(NeuronTable)
         total = table.row_count
         await pilot.press("s")  # by score: the best explained neuron first
-        await pilot.pause()
+        await settled(pilot, table)
         best = table.current
         assert best is not None and best.score is not None
         assert f"{best.score:+.2f}" in table_lines(table, 1)[2]
 
         word = best.explanation.split()[1]
         await pilot.press("slash", *word, "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.search == word and 1 <= table.row_count < total
         assert all(word.lower() in (table.row(i).explanation.lower()) for i in range(table.row_count))  # type: ignore[union-attr]
 
@@ -189,7 +189,7 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         table = app.query_one(NeuronTable)
         run_id = app.run_info.run_id
         await pilot.press("f", *"1..2", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers == (1, 2)
         assert table.row_count == app.store.neuron_count(run_id, BrowseQuery(layers=(1, 2))) > 0
         assert {table.row(i).layer for i in range(table.row_count)} == {1, 2}  # type: ignore[union-attr]
@@ -199,7 +199,7 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         await pilot.press("f")
         await pilot.pause()
         await pilot.press("ctrl+r", "tab", *"0.5..", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.query_spec.layers is None and table.query_spec.score == (0.5, float("inf"))
         rows = [table.row(i) for i in range(table.row_count)]
         assert rows and all(r is not None and r.score is not None and r.score >= 0.5 for r in rows)
@@ -220,12 +220,13 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         await pilot.press("f")
         await pilot.pause()
         await pilot.press("ctrl+r", "tab", "tab", "right", "right", "space", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.query_spec == BrowseQuery(explained=False)
         assert table.row_count == app.store.neuron_count(run_id, BrowseQuery()) - 5
 
         # n: the next neuron without an explanation, in score order after the five explained ones.
         table.set_query(BrowseQuery(order="score", descending=True))
+        await settled(pilot, table)
         await pilot.press("n")
         assert table.cursor == 5 and table.current is not None and table.current.explanation == ""
         # m marks and steps down; the status line counts marks.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
+from app_helpers import SIZE, screen_text, settled, shown, sync, table_lines, until
 from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
@@ -91,7 +91,7 @@ async def test_progress_is_rate_limited_and_complete(fresh_store: Path) -> None:
         await pilot.press("f")
         await pilot.pause()
         await pilot.press(*"1..2", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         total = table.row_count
         started = time.monotonic()
         await pilot.press("e")
@@ -133,7 +133,7 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
             await pilot.press("f")
             await pilot.pause()
             await pilot.press(*"1..2", "enter")  # the job takes the filtered rows: layers 1 and 2
-            await pilot.pause()
+            await settled(pilot, table)
             neurons = table.row_count
             assert neurons > CONFIRM_ABOVE
             await pilot.press("e")
@@ -262,7 +262,7 @@ async def test_hostile_explanations_show_literally_in_the_table(fresh_store: Pat
     async with app.run_test(size=(160, 30)) as pilot:
         table = app.query_one(NeuronTable)
         await pilot.press("slash", *"[/INST]", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.row_count == 1 and table.current is not None and table.current.explanation == hostile
         line = table_lines(table, 1)[HEADER_LINES]
         assert "[bold red]x[/] [/INST] \\x1b[31mRED\\x1b[0m \\x1b]0;title\\x07 two↵lines⇥tab" in line

@@ -1,6 +1,6 @@
 """The triage loop off the UI thread (issue 19): opening a neuron from the table and stepping to the next or previous
-one (`]`, `[`) read the store only in workers, the neighbours are read ahead, and the screen follows the table's
-order and filter. The real-terminal benchmark's harness runs in CI on a small store (bench/tui.py --terminal)."""
+one (`]`, `[`), sorting, filtering, searching and paging read the store only in workers, the neighbours are read
+ahead, the rows shown stay until the new ones are read, and the screen follows the table's order and filter. The real-terminal benchmark's harness runs in CI on a small store (bench/tui.py --terminal)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import SIZE, shown, sync, until
+from app_helpers import SIZE, settled, shown, sync, table_lines, until
 from conftest import cli_env
 
 from neuronscope.core.ids import NeuronId
@@ -20,7 +20,8 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.neuron import NeuronScreen
-from neuronscope.tui.widgets.neuron_table import NeuronTable
+from neuronscope.tui.widgets import neuron_table
+from neuronscope.tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -88,6 +89,61 @@ async def test_opening_and_stepping_read_the_store_only_in_workers(scored_store:
         await pilot.press("left_square_bracket")
         await pilot.pause()
         assert app.screen.position == order[0]  # type: ignore[attr-defined]
+
+
+@sync
+async def test_sorts_filters_searches_and_pages_read_the_store_only_in_workers(scored_store: Path, reads: Reads,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(neuron_table, "PAGE", 8)  # pages of 8 rows: paging down crosses pages not yet read
+    gate = threading.Event()
+    gate.set()
+    count = Store.neuron_count
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(30)
+        return count(*args, **kwargs)
+
+    monkeypatch.setattr(Store, "neuron_count", held)
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        with Store.open(scored_store, read_only=True) as store:
+            run_id = app.run_info.run_id
+            by_score = store.neuron_rows(run_id, BrowseQuery(order="score", descending=True), limit=1000)
+            layers = store.neuron_rows(run_id, BrowseQuery(order="score", descending=True, layers=(1, 2)), limit=1000)
+        shown_before = table_lines(table, 3)
+        reads.on.set()
+        # While the sort is read, the rows shown stay, and the status line says it is reading.
+        gate.clear()
+        await pilot.press("s")
+        await pilot.pause(0.2)
+        lines = table_lines(table, 3)
+        assert lines[HEADER_LINES:] == shown_before[HEADER_LINES:] and "reading…" in lines[0]
+        assert table.order == "layer" and table.wanted.order == "score"
+        gate.set()
+        await settled(pilot, table)
+        assert table.order == "score" and table.current == by_score[0] and "reading…" not in table_lines(table, 0)[0]
+        # Paging down through pages not yet read: the cursor lands on the row the order puts there.
+        for _ in range(3):
+            await pilot.press("pagedown")
+            await settled(pilot, table)
+        step = table.size.height - HEADER_LINES - 1
+        assert table.cursor == 3 * step and table.current == by_score[3 * step]
+        await pilot.press("end")
+        await settled(pilot, table)
+        last = str(NeuronId(by_score[-1].layer, by_score[-1].neuron))
+        assert table.current == by_score[-1] and table_lines(table, step + 1)[-1].split()[0] == last
+        await pilot.press("f", *"1..2", "enter")
+        await settled(pilot, table)
+        assert table.row_count == len(layers) and table.current == layers[0]
+        word = next(row.explanation for row in layers if row.explanation).split()[1]  # within the filter
+        await pilot.press("slash", *word, "enter")
+        await settled(pilot, table)
+        assert table.row_count >= 1 and all(word.lower() in table.row(i).explanation.lower()  # type: ignore[union-attr]
+                                            for i in range(table.row_count))
+        reads.on.clear()
+        on_ui = [name for name, thread in reads.seen if thread == threading.main_thread().name]
+        assert {"neuron_rows", "neuron_count"} <= {name for name, _ in reads.seen} and not on_ui, on_ui
 
 
 def test_the_real_terminal_benchmark_runs(scored_store: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from app_helpers import shown
+from app_helpers import settled, shown
 from conftest import MARKERS, copy_store
 from textual.pilot import Pilot
 
@@ -31,6 +31,7 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.neuron_table import NeuronTable
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
@@ -38,6 +39,14 @@ SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "12
 MODEL = "tiny-llama"
 
 SnapCompare = Callable[..., bool]
+
+
+def sorted_by(*keys: str) -> Callable[[Pilot[None]], Awaitable[None]]:
+    """A `run_before` that presses `keys` on the table and waits until the table shows what they asked for."""
+    async def run_before(pilot: Pilot[None]) -> None:
+        await pilot.press(*keys)
+        await settled(pilot, pilot.app.query_one(NeuronTable))
+    return run_before
 
 
 def steady(app: NeuronscopeApp) -> NeuronscopeApp:
@@ -83,7 +92,7 @@ def open_hostile(checked: list[str]) -> Callable[[Pilot[None]], Awaitable[None]]
 @SIZES
 def test_table_by_score(snap_compare: SnapCompare, scored_store: Path, size: tuple[int, int]) -> None:
     """The neuron table sorted by score (`s`): the five explained neurons first, the best under the cursor."""
-    assert snap_compare(steady(NeuronscopeApp(scored_store)), press=["s"], terminal_size=size)
+    assert snap_compare(steady(NeuronscopeApp(scored_store)), run_before=sorted_by("s"), terminal_size=size)
 
 
 @SIZES
@@ -92,7 +101,8 @@ def test_neuron_screen_explained(snap_compare: SnapCompare, scored_store: Path, 
     app = steady(NeuronscopeApp(scored_store))
 
     async def run_before(pilot: Pilot[None]) -> None:
-        await pilot.press("s", "enter")
+        await sorted_by("s")(pilot)
+        await pilot.press("enter")
         await shown(pilot)
 
     assert snap_compare(app, run_before=run_before, terminal_size=size)
@@ -121,4 +131,5 @@ def test_table_with_large_maxima_and_tags(snap_compare: SnapCompare, scored_stor
         rows = store.neuron_rows(run_id, BrowseQuery(order="max", descending=True), limit=3)
         store.add_tags(run_id, [NeuronId(rows[0].layer, rows[0].neuron)], "wrong", "", "ada")
         store.add_tags(run_id, [NeuronId(r.layer, r.neuron) for r in rows[1:]], "good", "", "ada")
-    assert snap_compare(steady(NeuronscopeApp(path)), press=["s", "s"], terminal_size=(80, 24))
+    assert snap_compare(steady(NeuronscopeApp(path)), run_before=sorted_by("s", "s"),
+                        terminal_size=(80, 24))

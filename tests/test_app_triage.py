@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_helpers import SIZE, screen_text, shown, sync, table_lines, until
+from app_helpers import SIZE, screen_text, settled, shown, sync, table_lines, until
 from conftest import assert_one_line_error, copy_store, run_cli
 from textual.widgets import Input
 
@@ -39,7 +39,7 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
         await pilot.pause()
         assert isinstance(app.screen, TagScreen)
         await pilot.press(*"wrong", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert [(t.layer, t.neuron, t.tag, t.author) for t in app.store.tags(run_id)] == [(*first, "wrong", "ada")]
         assert table_lines(table, 1)[2].split()[1] == "wrong"
 
@@ -53,7 +53,7 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
 
         # N writes a note (shown literally on the neuron screen, with the tag).
         await pilot.press("N", *HOSTILE.replace("\x1b", ""), "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert [t.note for t in app.store.tags(run_id, [first]) if not t.tag] == [HOSTILE.replace("\x1b", "")]
         assert table_lines(table, 1)[2].split()[1:3] == ["wrong", "¶"]  # a note to read, marked in the table
 
@@ -66,14 +66,14 @@ async def test_tags_and_notes_from_the_app_show_filter_and_come_off(scored_store
 
         # tag:good in the search box and the tag field of the filter form both show the tagged neurons only.
         await pilot.press("slash", *"tag:good", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.query_spec.tag == "good" and table.query_spec.search is None and table.row_count == 2
         assert "tag:good" in table_lines(table, 0)[0]
         await pilot.press("f")
         await pilot.pause()
         assert isinstance(app.screen, FilterScreen) and app.screen.query_one("#tag", Input).value == "good"
         await pilot.press("ctrl+r", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.query_spec == BrowseQuery() and table.row_count > 2
 
         # -TAG (or -1) takes it off the marked neurons.
@@ -164,6 +164,7 @@ async def test_your_own_explanation_is_stored_scored_and_chosen(scored_store: Pa
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NeuronTable)
         table.set_query(BrowseQuery(order="score", descending=True))  # an explained neuron first
+        await settled(pilot, table)
         row = table.current
         assert row is not None and row.explanation and not row.human
         neuron = NeuronId(row.layer, row.neuron)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import SIZE, sync, table_lines
+from app_helpers import SIZE, settled, sync, table_lines
 from conftest import FAST, assert_one_line_error, run_cli
 
 from neuronscope.core.collection.accumulate import LayerAccumulator
@@ -90,10 +90,10 @@ async def test_the_app_hides_first_position_neurons(tiny_model: Path, corpus_dir
         table = app.query_one(NeuronTable)
         total = table.row_count
         await pilot.press("f", "tab", "tab", "tab", "tab", "space", "enter")  # layers, score, which, tag, the box
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.query_spec == BrowseQuery(first_position=False)
         assert table.row_count == total - flagged
         assert "no first-position" in table_lines(table, 0)[0]
         await pilot.press("f", "ctrl+r", "enter")
-        await pilot.pause()
+        await settled(pilot, table)
         assert table.row_count == total

@@ -154,6 +154,7 @@ class NeuronscopeApp(TriageActions, App[None]):
             self._marks_timer.stop()
             self._save_marks()
         wait_for_readers()  # neurons being read ahead hold cursors of the store's connection: they finish first
+        self._table.close_reader()  # the table is gone from the DOM by now
         self.store.close()
 
     # -- neurons ---------------------------------------------------------------------------------------
@@ -173,7 +174,8 @@ class NeuronscopeApp(TriageActions, App[None]):
             self.notify(f"run {self.run_info.run_id} has no {target}: {self.layers_text}", severity="error")
             return
         if position is None:
-            position = self.store.neuron_position(self.run_info.run_id, self.table.query_spec, layer, neuron)
+            query = self.table.query_spec
+            position = self.table.read(lambda reader: reader.neuron_position(self.run_info.run_id, query, layer, neuron))
         if position is not None:
             self.table.cursor = position
         # One neuron screen, installed once and shown again with each neuron: opening skips Textual's
@@ -200,7 +202,8 @@ class NeuronscopeApp(TriageActions, App[None]):
         if not 0 <= index < table.row_count:
             self.notify("the last neuron shown" if step > 0 else "the first neuron shown")
             return
-        row = table.cached_row(index) or table.row(index)  # held unless a page boundary was crossed
+        row = table.cached_row(index) or table.row(index)  # held: read ahead below
+        table.warm_around(index)  # the table is not painted meanwhile: the pages ahead are read here
         if row is not None:
             self.open_neuron(row.layer, row.neuron, position=index)
 
@@ -251,22 +254,17 @@ class NeuronscopeApp(TriageActions, App[None]):
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(SORTS)
         order, descending = SORTS[self.sort_index]
-        self.table.set_query(replace(self.table.query_spec, order=order, descending=descending))
+        self.table.set_query(replace(self.table.wanted, order=order, descending=descending))
 
     def action_filter(self) -> None:
         layers = self.run_info.layers
 
-        def apply(query: object) -> None:
-            if query is not None:
-                self.table.set_query(query)  # type: ignore[arg-type]
-            self.table.focus()
-
-        self.push_screen(FilterScreen(self.table.query_spec, (min(layers), max(layers))), apply)
+        self.push_screen(FilterScreen(self.table.wanted, (min(layers), max(layers)), self.table.set_query))
 
     def action_search(self) -> None:
         box = self.query_one("#search", Input)
         box.add_class("open")
-        query = self.table.query_spec
+        query = self.table.wanted
         box.value = " ".join(filter(None, [f"tag:{query.tag}" if query.tag else "", query.search or ""]))
         box.focus()
 
@@ -282,17 +280,20 @@ class NeuronscopeApp(TriageActions, App[None]):
     def _close_search(self, search: str | None) -> None:
         """Apply a search: `tag:WORD` takes the neurons tagged so, the rest is a text the explanation contains."""
         box = self.query_one("#search", Input)
-        box.remove_class("open")
         tag = None
         if search and TAG_SEARCH.search(search):
             tags = TAG_SEARCH.findall(search)
             tag, search = tags[-1], " ".join(TAG_SEARCH.sub(" ", search).split()) or None
-        self.table.set_query(replace(self.table.query_spec, search=search, tag=tag))
-        self.table.focus()
+        def close() -> None:  # once the rows found are read: the screen changes once
+            box.remove_class("open")
+            self.table.focus()
+
+        self.table.set_query(replace(self.table.wanted, search=search, tag=tag), landed=close)
 
     def action_next_unexplained(self) -> None:
         table = self.table
-        position = self.store.next_unexplained(self.run_info.run_id, table.query_spec, table.cursor)
+        query, after = table.query_spec, table.cursor
+        position = table.read(lambda reader: reader.next_unexplained(self.run_info.run_id, query, after))
         if position is None:
             self.notify("every neuron shown is explained")
         else:
@@ -330,7 +331,8 @@ class NeuronscopeApp(TriageActions, App[None]):
         if table.marked:
             return tuple(sorted(table.marked)), "marked"
         if table.query_spec.filtered:
-            return tuple(self.store.neuron_keys(self.run_info.run_id, table.query_spec)), "filtered"
+            query = table.query_spec
+            return tuple(table.read(lambda reader: reader.neuron_keys(self.run_info.run_id, query))), "filtered"
         current = self.current_neuron()
         return ((current,) if current else ()), "cursor"
 
@@ -381,7 +383,9 @@ class NeuronscopeApp(TriageActions, App[None]):
             self._stepped_aside = False
         elif not self._stepped_aside and not self.jobs.running:
             self._stepped_aside = True  # once per fold: one that cannot happen within the wait is not waited for again
-            self.store.step_aside(ASIDE_SECONDS)
+            wait_for_readers()
+            with self.table.paused():
+                self.store.step_aside(ASIDE_SECONDS)
             self._spool_seen = -1  # the store was opened again: draw it again
         self.store.refresh()
         seen = self.store.shared.seq if self.store.shared is not None else 0

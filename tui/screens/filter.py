@@ -4,6 +4,7 @@ neurons, applied to the table."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import ClassVar
 
@@ -55,7 +56,7 @@ def range_text(bounds: tuple[float, float] | None) -> str:
     return show[0] if low == high else f"{show[0]}..{show[1]}"
 
 
-class FilterScreen(ModalScreen[BrowseQuery | None]):
+class FilterScreen(ModalScreen[None]):
     """Edit the table's filters; enter applies (wherever the focus is), escape leaves them as they were, ctrl+r
     clears the form."""
 
@@ -73,10 +74,14 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
         Binding("ctrl+r", "clear", "Clear"),
     ]
 
-    def __init__(self, query: BrowseQuery, layers: tuple[int, int]) -> None:
+    def __init__(self, query: BrowseQuery, layers: tuple[int, int],
+                 apply: Callable[[BrowseQuery, Callable[[], None]], None]) -> None:
         super().__init__()
         self.query_spec = query
         self.layer_span = layers
+        self.apply = apply
+        """Shows the rows of a query, then calls its second argument: the form closes once they are read, so that
+        the screen changes once."""
 
     def compose(self) -> ComposeResult:
         q = self.query_spec
@@ -121,8 +126,12 @@ class FilterScreen(ModalScreen[BrowseQuery | None]):
             span = (self.layer_span[0] if low == float("-inf") else int(low),
                     self.layer_span[1] if high == float("inf") else int(high))
         hide = self.query_one("#first-position", Checkbox).value
-        self.dismiss(replace(self.query_spec, layers=span, score=score, explained=explained,
-                             first_position=False if hide else None, tag=tag))
+        self.apply(replace(self.query_spec, layers=span, score=score, explained=explained,
+                           first_position=False if hide else None, tag=tag), self._close)
+
+    def _close(self) -> None:
+        if self.is_current:  # not closed meanwhile (escape)
+            self.dismiss(None)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
