@@ -133,6 +133,22 @@ async def test_sorts_filters_searches_and_pages_read_the_store_only_in_workers(s
         await settled(pilot, table)
         last = str(NeuronId(by_score[-1].layer, by_score[-1].neuron))
         assert table.current == by_score[-1] and table_lines(table, step + 1)[-1].split()[0] == last
+        # n finds the next neuron without an explanation; ] steps on across a page not yet read.
+        await pilot.press("home")
+        await settled(pilot, table)
+        unexplained = next(i for i, row in enumerate(by_score) if i > 0 and not row.explanation)
+        await pilot.press("n")
+        await until(pilot, lambda: table.cursor == unexplained)
+        await pilot.press("enter")
+        await shown(pilot)
+        for step in range(1, neuron_table.PAGE + 1):
+            await pilot.press("right_square_bracket")
+            await until(pilot, lambda: table.cursor == unexplained + step)  # noqa: B023 - awaited within the step
+            await shown(pilot)
+        target = by_score[unexplained + neuron_table.PAGE]
+        assert app.screen.position == (target.layer, target.neuron)  # type: ignore[attr-defined]
+        await pilot.press("backspace")
+        await settled(pilot, table)
         await pilot.press("f", *"1..2", "enter")
         await settled(pilot, table)
         assert table.row_count == len(layers) and table.current == layers[0]

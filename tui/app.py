@@ -173,10 +173,11 @@ class NeuronscopeApp(TriageActions, App[None]):
         if not self.has_neuron(layer, neuron):
             self.notify(f"run {self.run_info.run_id} has no {target}: {self.layers_text}", severity="error")
             return
-        if position is None:
+        if position is None:  # looked up in a worker; the cursor follows when it is found
             query = self.table.query_spec
-            position = self.table.read(lambda reader: reader.neuron_position(self.run_info.run_id, query, layer, neuron))
-        if position is not None:
+            self.table.read_then(lambda reader: reader.neuron_position(self.run_info.run_id, query, layer, neuron),
+                                 self._cursor_on)
+        else:
             self.table.cursor = position
         # One neuron screen, installed once and shown again with each neuron: opening skips Textual's
         # composing and styling of a new screen.
@@ -192,6 +193,10 @@ class NeuronscopeApp(TriageActions, App[None]):
         if self.screen is not screen:
             self.push_screen(screen)
 
+    def _cursor_on(self, position: int | None) -> None:
+        if position is not None:  # the filters show it
+            self.table.cursor = position
+
     def on_neuron_table_selected(self, message: NeuronTable.Selected) -> None:
         self.open_neuron(message.neuron.layer, message.neuron.neuron, position=self.table.cursor)
 
@@ -202,10 +207,8 @@ class NeuronscopeApp(TriageActions, App[None]):
         if not 0 <= index < table.row_count:
             self.notify("the last neuron shown" if step > 0 else "the first neuron shown")
             return
-        row = table.cached_row(index) or table.row(index)  # held: read ahead below
+        table.row_then(index, lambda row: self.open_neuron(row.layer, row.neuron, position=index))  # held: read ahead
         table.warm_around(index)  # the table is not painted meanwhile: the pages ahead are read here
-        if row is not None:
-            self.open_neuron(row.layer, row.neuron, position=index)
 
     def _cursor_moved(self) -> None:
         if self._ahead_timer is not None:
@@ -293,20 +296,20 @@ class NeuronscopeApp(TriageActions, App[None]):
     def action_next_unexplained(self) -> None:
         table = self.table
         query, after = table.query_spec, table.cursor
-        position = table.read(lambda reader: reader.next_unexplained(self.run_info.run_id, query, after))
-        if position is None:
-            self.notify("every neuron shown is explained")
-        else:
-            table.cursor = position
+
+        def found(position: int | None) -> None:
+            if position is None:
+                self.notify("every neuron shown is explained")
+            else:
+                table.move_to(position)
+
+        table.read_then(lambda reader: reader.next_unexplained(self.run_info.run_id, query, after), found)
 
     def action_random(self) -> None:
         table = self.table
         if table.row_count:
             index = random.randrange(table.row_count)
-            table.cursor = index
-            row = table.row(index)
-            if row is not None:
-                self.open_neuron(row.layer, row.neuron)
+            table.row_then(index, lambda row: self.open_neuron(row.layer, row.neuron, position=index))
 
     def action_mark(self) -> None:
         self.table.toggle_mark()

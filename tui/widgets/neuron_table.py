@@ -260,6 +260,38 @@ class NeuronTable(ScrollView, can_focus=True):
         self._call_landed()
         self.notify(f"cannot read the neurons: {visible(str(err)).splitlines()[0]}", severity="error", markup=False)
 
+    def read_then(self, reading: Callable[[Any], T], then: Callable[[T], None]) -> None:
+        """`reading(store)` on the table's cursor in a worker, then `then(result)` on the UI thread (a key's lookup:
+        a neuron's position, the next unexplained one)."""
+        self._read_then(reading, then)
+
+    @work(thread=True, group="table-read", exit_on_error=False)
+    def _read_then(self, reading: Callable[[Any], T], then: Callable[[T], None]) -> None:
+        try:
+            result = self.read(reading)
+        except duckdb.Error as err:
+            self._hand_over(self._failed, err)
+            return
+        self._hand_over(then, result)
+
+    def row_then(self, index: int, then: Callable[[NeuronRow], None]) -> None:
+        """Call `then(row)` with the row at a position of the shown order: at once if its page is held, else once a
+        worker has read it."""
+        row = self.cached_row(index)
+        if row is not None:
+            then(row)
+        elif 0 <= index < self.row_count:
+            view, query, page_no = self._view, self.query_spec, index // PAGE
+
+            def landed(page: list[NeuronRow]) -> None:
+                if view == self._view:
+                    self._pages[page_no] = page
+                if index % PAGE < len(page):
+                    then(page[index % PAGE])
+
+            self.read_then(lambda reader: reader.neuron_rows(self.run_id, query, offset=page_no * PAGE, limit=PAGE),
+                           landed)
+
     def _hand_over(self, callback: Callable[[Any], None], argument: Any) -> None:
         try:
             self.app.call_from_thread(callback, argument)
@@ -270,8 +302,8 @@ class NeuronTable(ScrollView, can_focus=True):
         self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
 
     def row(self, index: int) -> NeuronRow | None:
-        """The row at a position of the shown order, read now if its page is not held (on the UI thread: for the
-        rare action that needs a row not in view)."""
+        """The row at a position of the shown order, read now if its page is not held (on the calling thread: the app
+        uses `row_then`)."""
         if not 0 <= index < self.row_count:
             return None
         page_no = index // PAGE
@@ -435,10 +467,15 @@ class NeuronTable(ScrollView, can_focus=True):
     def action_jump(self, where: int) -> None:
         self._move(self.row_count - 1 if where < 0 else 0)
 
+    def move_to(self, index: int) -> None:
+        """Put the cursor on a row, once the rows in view there are read."""
+        self._move(index)
+
     def action_select(self) -> None:
-        row = self.row(self.cursor)
-        if row is not None:
+        def chosen(row: NeuronRow) -> None:
             self.post_message(self.Selected(NeuronId(row.layer, row.neuron)))
+
+        self.row_then(self.cursor, chosen)
 
     @property
     def current(self) -> NeuronRow | None:
