@@ -20,7 +20,7 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.neuron import NeuronScreen
-from neuronscope.tui.widgets import neuron_table
+from neuronscope.tui.widgets import table_reads
 from neuronscope.tui.widgets.neuron_table import HEADER_LINES, NeuronTable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ async def test_opening_and_stepping_read_the_store_only_in_workers(scored_store:
 @sync
 async def test_sorts_filters_searches_and_pages_read_the_store_only_in_workers(scored_store: Path, reads: Reads,
                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(neuron_table, "PAGE", 8)  # pages of 8 rows: paging down crosses pages not yet read
+    monkeypatch.setattr(table_reads, "PAGE", 8)  # pages of 8 rows: paging down crosses pages not yet read
     gate = threading.Event()
     gate.set()
     count = Store.neuron_count
@@ -141,11 +141,11 @@ async def test_sorts_filters_searches_and_pages_read_the_store_only_in_workers(s
         await until(pilot, lambda: table.cursor == unexplained)
         await pilot.press("enter")
         await shown(pilot)
-        for step in range(1, neuron_table.PAGE + 1):
+        for step in range(1, table_reads.PAGE + 1):
             await pilot.press("right_square_bracket")
             await until(pilot, lambda: table.cursor == unexplained + step)  # noqa: B023 - awaited within the step
             await shown(pilot)
-        target = by_score[unexplained + neuron_table.PAGE]
+        target = by_score[unexplained + table_reads.PAGE]
         assert app.screen.position == (target.layer, target.neuron)  # type: ignore[attr-defined]
         await pilot.press("backspace")
         await settled(pilot, table)
