@@ -227,8 +227,9 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         # n: the next neuron without an explanation, in score order after the five explained ones.
         table.set_query(BrowseQuery(order="score", descending=True))
         await settled(pilot, table)
-        await pilot.press("n")
-        assert table.cursor == 5 and table.current is not None and table.current.explanation == ""
+        await pilot.press("n")  # looked up in a worker
+        await until(pilot, lambda: table.cursor == 5)
+        assert table.current is not None and table.current.explanation == ""
         # m marks and steps down; the status line counts marks.
         await pilot.press("up", "m", "m")
         assert len(table.marked) == 2 and table.cursor == 6 and "2 marked" in table_lines(table, 0)[0]
@@ -238,8 +239,7 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
 
         # r opens a random neuron of those shown; escape goes back.
         await pilot.press("r")
-        await pilot.pause()
-        assert isinstance(app.screen, NeuronScreen)
+        await until(pilot, lambda: isinstance(app.screen, NeuronScreen))
         assert app.check_action("sort", ()) is False and app.check_action("cancel", ()) is None
         await pilot.press("escape")
         await pilot.pause()

@@ -154,7 +154,7 @@ class NeuronscopeApp(TriageActions, App[None]):
             self._marks_timer.stop()
             self._save_marks()
         wait_for_readers()  # neurons being read ahead hold cursors of the store's connection: they finish first
-        self._table.close_reader()  # the table is gone from the DOM by now
+        self._table.close_reader(final=True)  # the table is gone from the DOM by now
         self.store.close()
 
     # -- neurons ---------------------------------------------------------------------------------------

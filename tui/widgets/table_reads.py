@@ -60,6 +60,7 @@ class TableReads:
         self._pages: LRUCache[int, list[NeuronRow]] = LRUCache(PAGES_CACHED)
         self._reader: Any = None
         self._reader_lock = threading.Lock()
+        self._closed = False
         self._asked = 0  # the newest view asked for (a sort, a filter, a reload); older ones landing are dropped
         self._view = 0  # the view shown: pages read for another one are dropped
         self._fetching: set[int] = set()  # pages of the shown view being read
@@ -86,6 +87,8 @@ class TableReads:
         table's is made once). For what is rarely done; sorts, filters and pages are read in a worker."""
         with self._reader_lock:
             if self._reader is None:
+                if self._closed:  # a worker that started as the app closed: no cursor of a closing store
+                    raise duckdb.ConnectionException("the store is closed")
                 self._reader = self.store.for_thread()
             try:
                 return reading(self._reader)
@@ -93,10 +96,11 @@ class TableReads:
                 self._reader = self.store.for_thread()
                 return reading(self._reader)
 
-    def close_reader(self) -> None:
-        """Close the table's cursor once its query is done (before the store closes or steps aside for a fold); the
-        next read opens another."""
+    def close_reader(self, final: bool = False) -> None:
+        """Close the table's cursor once its query is done (before the store steps aside for a fold; the next read
+        opens another), or for good (`final`: before the store closes)."""
         with self._reader_lock:
+            self._closed = final
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
