@@ -48,6 +48,7 @@ class TableReads:
     _deferred: int | None
     _visible_rows: Any
     _top_for: Any
+    _move: Any
 
     def _start_reads(self, store: Any, run_id: int) -> None:
         """The reads' state, and the count and the first page before the first paint (on the table's cursor,
@@ -163,11 +164,13 @@ class TableReads:
         self.query_spec, self.row_count = query, count
         self._pages.clear()
         self._fetching.clear()
-        self._deferred = None
+        deferred, self._deferred = self._deferred, None
         for number, page in pages.items():
             self._pages[number] = page
         self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
         self.cursor = self.cursor if top is None else top  # validated: the last row, or 0 when none is left
+        if top is None and deferred is not None:  # a move asked for while the rows were read again
+            self._move(deferred)
         self.refresh()
         self._call_landed()
 
