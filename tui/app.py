@@ -26,6 +26,7 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BROWSE_ORDERS, BrowseQuery
 from neuronscope.core.store.triage import MARKS_LIST
 from neuronscope.tui.commands import NeuronCommands
+from neuronscope.tui.idle_gc import TICK_SECONDS, IdleCollector
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen, MessageScreen
@@ -115,6 +116,7 @@ class NeuronscopeApp(TriageActions, App[None]):
         self._dirty: set[NeuronId] = set()
         self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
         self._stepped_aside = False
+        self.collector = IdleCollector()
         self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
     def compose(self) -> ComposeResult:
@@ -133,6 +135,8 @@ class NeuronscopeApp(TriageActions, App[None]):
         return self.query_one(JobsPanel)
 
     def on_mount(self) -> None:
+        self.call_after_refresh(self.collector.start)  # full garbage collections while no key is pressed
+        self.set_interval(TICK_SECONDS, self.collector.tick)
         self._table = self.table
         self.table.focus()
         self.watch(self.table, "cursor", self._cursor_moved, init=False)
@@ -156,6 +160,12 @@ class NeuronscopeApp(TriageActions, App[None]):
         wait_for_readers()  # neurons being read ahead hold cursors of the store's connection: they finish first
         self._table.close_reader(final=True)  # the table is gone from the DOM by now
         self.store.close()
+        self.collector.stop()
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, (events.Key, events.MouseEvent)):
+            self.collector.input()
+        await super().on_event(event)
 
     # -- neurons ---------------------------------------------------------------------------------------
     @property
