@@ -297,6 +297,7 @@ class NeuronscopeApp(TriageActions, App[None]):
         if search and TAG_SEARCH.search(search):
             tags = TAG_SEARCH.findall(search)
             tag, search = tags[-1], " ".join(TAG_SEARCH.sub(" ", search).split()) or None
+
         def close() -> None:  # once the rows found are read: the screen changes once
             box.remove_class("open")
             self.table.focus()
