@@ -183,16 +183,9 @@ class TableReads:
         """Read a page of the shown view in a worker, unless it is held or on its way."""
         if page_no not in self._fetching and self._pages.get(page_no) is None and 0 <= page_no * PAGE < self.row_count:
             self._fetching.add(page_no)
-            self._read_page(self._view, self.query_spec, page_no)
-
-    @work(thread=True, group="table-read", exit_on_error=False)
-    def _read_page(self, view: int, query: BrowseQuery, page_no: int) -> None:
-        try:
-            page = self.read(lambda reader: reader.neuron_rows(self.run_id, query, offset=page_no * PAGE, limit=PAGE))
-        except duckdb.Error as err:
-            self._hand_over(self._failed, err)
-            return
-        self._hand_over(self._page_read, (view, page_no, page))
+            view, query = self._view, self.query_spec
+            self.read_then(lambda reader: reader.neuron_rows(self.run_id, query, offset=page_no * PAGE, limit=PAGE),
+                           lambda page: self._page_read((view, page_no, page)))
 
     def _page_read(self, landed: tuple[int, int, list[NeuronRow]]) -> None:
         view, page_no, page = landed
