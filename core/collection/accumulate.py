@@ -30,6 +30,8 @@ from neuronscope.core.records import CollectSettings
 #: neurons of the same layer in one pass (neuronscope.core.collection.collect.collect_beside). Sampling hashes the
 #: real layer, so the latents keep the records a collection of them alone keeps.
 LATENT_KEY = 1_000_000
+#: The mantissa bits of float32 sqrt(2), for hist_bins.
+_SQRT2_MANTISSA = int(np.array([np.sqrt(2)], np.float32).view(np.int32)[0]) & 0x7FFFFF
 
 
 class Accumulator:
@@ -63,8 +65,6 @@ class Accumulator:
         self.min_excerpt_max = torch.full((units,), float("inf"), device=device)
         self.hist = torch.zeros(units * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
         self.cell_counts = torch.zeros(units * CELLS, dtype=torch.int64, device=device)
-        inf = np.array([np.inf], np.float32)
-        self._hist_edges = torch.from_numpy(np.concatenate([-inf, HIST_EDGES, inf])).to(device)  # padded
         self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
         self._units = torch.arange(units, device=device)
         self._hist_offsets = self._units * (len(HIST_EDGES) + 1)  # unit u's histogram starts here
@@ -85,8 +85,7 @@ class Accumulator:
         rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         skip = self.settings.skip_positions
         counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
-        stats = (token_stats or compute_token_stats)(counted, self._hist_edges, self.settings.hist_stride,
-                                                     self._hist_offsets)
+        stats = (token_stats or compute_token_stats)(counted, self.settings.hist_stride, self._hist_offsets)
         sums, ex_max, ex_min, hist_index = stats
         batch, units = acts.shape[0], self.units
         self.sums += sums
@@ -247,13 +246,13 @@ class LayerAccumulator(Accumulator):
 
 
 def compute_token_stats(
-    acts: torch.Tensor, padded_edges: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
+    acts: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Moments, excerpt max/min and histogram bins of one batch (elementwise and reductions, so it fuses).
 
     acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
     and for every hist_stride-th token its index in the flat histogram, hist_offsets [F] plus its bin
-    [B, T/stride, F]. padded_edges is HIST_EDGES with -inf before and +inf after.
+    [B, T/stride, F].
 
     The power sums are kept in float64 (raw sums cancel badly in the central moments when |mean| >> std), but
     computed in float32, at twice float64's vector width: each excerpt's powers about its own mean m, whose
@@ -273,15 +272,22 @@ def compute_token_stats(
                         (t * m2 * m + 3 * m2 * s1 + 3 * m * s2 + s3).sum(0),
                         (t * m2 * m2 + 4 * m2 * m * s1 + 6 * m2 * s2 + 4 * m * s3 + s4).sum(0),
                         positive.sum(0)])
-    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :], padded_edges) + hist_offsets
+    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :]) + hist_offsets
 
 
-def hist_bins(x: torch.Tensor, padded_edges: torch.Tensor) -> torch.Tensor:
-    """What torch.bucketize(x, HIST_EDGES) gives (edges 0 and +-2^(j/2), j = -16..14), computed
-    arithmetically so it fuses: an estimate from log2, then one correction step against the edges."""
-    y = 2 * torch.log2(x.abs())  # -inf at 0
-    above = torch.clamp(torch.ceil(y) + 16, 0, 31) + 32  # 31 negative edges and 0 lie below a positive value
-    below = torch.clamp(14 - torch.floor(y), 0, 31)  # negative edges -2^(j/2) below a negative value
-    idx = torch.where(x > 0, above, torch.where(x < 0, below, torch.full_like(y, 31))).to(torch.int64)
-    # bucketize's rule: edges[i - 1] < x <= edges[i]; padded_edges[i] is edges[i - 1].
-    return idx - (x <= padded_edges[idx]).long() + (x > padded_edges[idx + 1]).long()
+def hist_bins(x: torch.Tensor) -> torch.Tensor:
+    """torch.bucketize(x, HIST_EDGES) for float32 x (edges 0 and +-2^(j/2), j = -16..14: bin i holds
+    edges[i-1] < x <= edges[i]), read off x's exponent and mantissa bits so that it compiles to plain
+    vector code: no logarithm, no gathered edges. Exact for every value, infinities included.
+
+    For |x| = 2^e (1 + m / 2^23), the edges 2^(j/2) below |x| are those with j < 2e, then 2^e itself when
+    m > 0, and 2^e sqrt(2) (as float32: 2^e times float32 sqrt(2), whose mantissa is _SQRT2_MANTISSA) when
+    m is above that mantissa; "at or below" differs only in its ties."""
+    bits = x.view(torch.int32)
+    twice_e = 2 * (((bits >> 23) & 0xFF) - 127)  # 0 and subnormals: far below every edge, as the clamps need
+    m = bits & 0x7FFFFF
+    edges_below = twice_e + (m > 0).int() + (m > _SQRT2_MANTISSA).int() + 16  # of the 31 positive edges
+    edges_at_or_below = twice_e + (m >= _SQRT2_MANTISSA).int() + 17
+    positive = torch.clamp(edges_below, 0, 31) + 32  # the 31 negative edges and 0 are below x
+    negative = 31 - torch.clamp(edges_at_or_below, 0, 31)  # negative edges below x: -2^(j/2) < x
+    return torch.where(x > 0, positive, torch.where(x < 0, negative, 31)).long()  # 0 (and NaN): just below edge 0

@@ -1,0 +1,59 @@
+"""Tests for the per-batch statistics kernel (core/collection/accumulate.py: compute_token_stats, hist_bins),
+eager and as collections run it, compiled by torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuronscope.core.collection.accumulate import compute_token_stats, hist_bins
+from neuronscope.core.layerdata import HIST_EDGES
+
+EDGES = torch.from_numpy(HIST_EDGES)
+
+
+def awkward_values() -> torch.Tensor:
+    """Every edge, the floats either side of it, signed zeros, subnormals, infinities, the largest floats, and a
+    million values spread over 2^-40..2^40 in both signs."""
+    inf = torch.full_like(EDGES, float("inf"))
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 3.4e38, -3.4e38, float("inf"), -float("inf")])
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(1_000_000, generator=g) * torch.exp2(torch.randn(1_000_000, generator=g) * 10)
+    return torch.cat([EDGES, torch.nextafter(EDGES, inf), torch.nextafter(EDGES, -inf), special, spread])
+
+
+def test_hist_bins_is_bucketize_exactly() -> None:
+    values = awkward_values()
+    want = torch.bucketize(values, EDGES)
+    got = hist_bins(values)
+    assert got.dtype == torch.int64
+    wrong = got != want
+    assert not wrong.any(), (values[wrong][:5], got[wrong][:5], want[wrong][:5])
+    assert got.min() == 0 and got.max() == len(HIST_EDGES)  # -inf and +inf land in the outermost bins
+    # numpy's reading of the same rule, on a strided view as compute_token_stats passes it
+    strided = values[: 900_000].view(1000, 900)[:, ::7]
+    assert np.array_equal(hist_bins(strided).numpy(), np.searchsorted(HIST_EDGES, strided.numpy(), side="left"))
+
+
+@pytest.mark.slow
+def test_compiled_token_stats_equal_eager() -> None:
+    """Collections of 300 layer-batches or more run the kernel compiled: the histogram bins, maxima and minima are
+    the eager kernel's exactly, and the power sums agree to float rounding."""
+    g = torch.Generator().manual_seed(1)
+    acts = (torch.randn(8, 40, 96, generator=g) * torch.exp2(torch.randn(96, generator=g) * 4)).bfloat16()
+    acts[0, :, 0] = 0.0
+    acts[1, 3, 1] = -float("inf")
+    offsets = torch.arange(96) * (len(HIST_EDGES) + 1)
+    compiled = torch.compile(compute_token_stats, dynamic=False)
+    for stride in (1, 8):
+        want = compute_token_stats(acts, stride, offsets)
+        got = compiled(acts, stride, offsets)
+        for name, w, c in zip(("sums", "max", "min", "hist"), want, got, strict=True):
+            if name == "sums":
+                finite = torch.isfinite(w).all(0)  # the neuron with -inf has none
+                w, c = w[:, finite], c[:, finite]
+                scale = w.abs().amax(1, keepdim=True)  # float32 sums in another order: rounding relative to a row
+                assert ((c - w).abs() <= 1e-5 * scale + 1e-4 * w.abs()).all(), stride
+            else:
+                assert torch.equal(c, w), (name, stride)
