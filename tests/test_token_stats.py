@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuronscope.core.collection.accumulate import compute_token_stats, hist_bins
-from neuronscope.core.layerdata import HIST_EDGES
+from neuronscope.core.collection.accumulate import cell_bins, compute_token_stats, hist_bins
+from neuronscope.core.collection.sampling import composite, excerpt_hash, keys_from, unit_hash
+from neuronscope.core.layerdata import CELL_EDGES, HIST_EDGES
 
 EDGES = torch.from_numpy(HIST_EDGES)
 
@@ -23,7 +24,7 @@ def awkward_values() -> torch.Tensor:
     return torch.cat([EDGES, torch.nextafter(EDGES, inf), torch.nextafter(EDGES, -inf), special, spread])
 
 
-def test_hist_bins_is_bucketize_exactly() -> None:
+def test_bins_are_bucketize_exactly() -> None:
     values = awkward_values()
     want = torch.bucketize(values, EDGES)
     got = hist_bins(values)
@@ -34,22 +35,47 @@ def test_hist_bins_is_bucketize_exactly() -> None:
     # numpy's reading of the same rule, on a strided view as compute_token_stats passes it
     strided = values[: 900_000].view(1000, 900)[:, ::7]
     assert np.array_equal(hist_bins(strided).numpy(), np.searchsorted(HIST_EDGES, strided.numpy(), side="left"))
+    cells = torch.from_numpy(CELL_EDGES)
+    values = torch.cat([values, cells, torch.nextafter(cells, torch.full_like(cells, np.inf)),
+                        torch.nextafter(cells, torch.zeros_like(cells))])
+    assert torch.equal(cell_bins(values), torch.bucketize(values, cells))
+
+
+def test_candidate_keys() -> None:
+    """Per (unit, excerpt) candidate, in [units, excerpts] order: its extremes, and the composites that rank it in
+    each sampler, as sampling.py defines them."""
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randn(5, 12, 7, generator=g)
+    ids = torch.tensor([40, 3, 17, 8, 25])
+    hashes = unit_hash(3, 4, torch.arange(7))
+    _, ex_max, ex_min, _, extremes, top, bottom, random, cells = compute_token_stats(
+        acts, ids, hashes, 4, torch.arange(7) * (len(HIST_EDGES) + 1))
+    maxes, mins = acts.amax(1).t(), acts.amin(1).t()  # [7, 5]
+    assert torch.equal(extremes, torch.stack([maxes.reshape(-1), mins.reshape(-1)], 1))
+    assert torch.equal(top, composite(-maxes, ids.expand(7, 5)))
+    assert torch.equal(bottom, composite(mins, ids.expand(7, 5)))
+    assert torch.equal(random, composite(keys_from(hashes[:, None], excerpt_hash(ids)[None, :]), ids.expand(7, 5)))
+    assert torch.equal(cells, torch.bucketize(maxes, torch.from_numpy(CELL_EDGES)))
+    assert torch.equal(ex_max, acts.amax(1)) and torch.equal(ex_min, acts.amin(1))
 
 
 @pytest.mark.slow
 def test_compiled_token_stats_equal_eager() -> None:
-    """Collections of 300 layer-batches or more run the kernel compiled: the histogram bins, maxima and minima are
-    the eager kernel's exactly, and the power sums agree to float rounding."""
+    """Collections of 300 layer-batches or more run the kernel compiled: everything but the power sums is the eager
+    kernel's exactly (hashes whose multiplications wrap around included), and the power sums agree to float
+    rounding."""
     g = torch.Generator().manual_seed(1)
     acts = (torch.randn(8, 40, 96, generator=g) * torch.exp2(torch.randn(96, generator=g) * 4)).bfloat16()
     acts[0, :, 0] = 0.0
     acts[1, 3, 1] = -float("inf")
     offsets = torch.arange(96) * (len(HIST_EDGES) + 1)
+    ids, hashes = torch.arange(100, 108), unit_hash(0, 2, torch.arange(96))
     compiled = torch.compile(compute_token_stats, dynamic=False)
     for stride in (1, 8):
-        want = compute_token_stats(acts, stride, offsets)
-        got = compiled(acts, stride, offsets)
-        for name, w, c in zip(("sums", "max", "min", "hist"), want, got, strict=True):
+        want = compute_token_stats(acts, ids, hashes, stride, offsets)
+        got = compiled(acts, ids, hashes, stride, offsets)
+        names = ("sums", "max", "min", "hist", "extremes", "top", "bottom", "random", "cells")
+        for name, w, c in zip(names, want, got, strict=True):
             if name == "sums":
                 finite = torch.isfinite(w).all(0)  # the neuron with -inf has none
                 w, c = w[:, finite], c[:, finite]

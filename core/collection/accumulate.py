@@ -23,7 +23,7 @@ from neuronscope.core.collection.sampling import (
     per_cell,
     unit_hash,
 )
-from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
+from neuronscope.core.layerdata import CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 
 #: A layer key at or above this is a sparse coder's latents at layer key - LATENT_KEY, collected beside the MLP
@@ -65,9 +65,9 @@ class Accumulator:
         self.min_excerpt_max = torch.full((units,), float("inf"), device=device)
         self.hist = torch.zeros(units * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
         self.cell_counts = torch.zeros(units * CELLS, dtype=torch.int64, device=device)
-        self._cell_edges = torch.from_numpy(CELL_EDGES).to(device)
         self._units = torch.arange(units, device=device)
         self._hist_offsets = self._units * (len(HIST_EDGES) + 1)  # unit u's histogram starts here
+        self._cell_base = self._units[:, None] * CELLS  # [units, 1]: unit u's first cell group
         self._unit_layer = torch.tensor([layer % LATENT_KEY for layer in self.layers],
                                         device=device).repeat_interleave(neurons)  # [units]
         self._unit_neuron = self._units % neurons  # [units]
@@ -85,8 +85,10 @@ class Accumulator:
         rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         skip = self.settings.skip_positions
         counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
-        stats = (token_stats or compute_token_stats)(counted, self.settings.hist_stride, self._hist_offsets)
-        sums, ex_max, ex_min, hist_index = stats
+        excerpt_ids = excerpt_ids.to(self.max.device)
+        stats = (token_stats or compute_token_stats)(counted, excerpt_ids, self._unit_hash, self.settings.hist_stride,
+                                                     self._hist_offsets)
+        sums, ex_max, ex_min, hist_index, extremes, top, bottom, random, cell_of = stats
         batch, units = acts.shape[0], self.units
         self.sums += sums
         self.count += batch * counted.shape[1]
@@ -94,11 +96,6 @@ class Accumulator:
         self.min = torch.minimum(self.min, ex_min.amin(0))
         self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
         self._count_into(self.hist, hist_index.reshape(-1))
-
-        excerpt_ids = excerpt_ids.to(self.max.device)
-        maxes = ex_max.t().reshape(-1)  # [units*B]: candidate p = u * B + b
-        mins = ex_min.t().reshape(-1)
-        extremes = torch.stack([maxes, mins], 1)  # [units*B, 2]
         by_unit: list[torch.Tensor] = []
 
         def fetch(p: torch.Tensor) -> torch.Tensor:
@@ -110,18 +107,16 @@ class Accumulator:
                 return by_unit[0].index_select(0, (p % batch) * units + p // batch)  # whole rows: fast
             return acts[p % batch, :, p // batch]
 
-        keys = keys_from(self._unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :])  # [units, B]
-        random = composite(keys, excerpt_ids)  # [units, B]
-        cells = self._units[:, None] * CELLS + torch.bucketize(maxes.view(units, batch), self._cell_edges)  # [units, B]
+        cells = self._cell_base + cell_of  # [units, B]: group (unit, cell of the excerpt max)
         self._count_into(self.cell_counts, cells.reshape(-1))
         if self.fixed:
             self._settle()  # the previous batch's rows
             source = self._units[:, None] * batch + torch.arange(batch, device=acts.device)  # [units, B]
             moves = {
-                "top": self.samplers["top"].merge(composite(-maxes.view(units, batch), excerpt_ids), source, extremes),
-                "bottom": self.samplers["bottom"].merge(composite(mins.view(units, batch), excerpt_ids), source, extremes),
+                "top": self.samplers["top"].merge(top, source, extremes),
+                "bottom": self.samplers["bottom"].merge(bottom, source, extremes),
                 "random": self.samplers["random"].merge(random, source, extremes),
-                "cell": self.samplers["cell"].merge(*per_cell(random, cells % CELLS, CELLS, CELL_K), extremes),
+                "cell": self.samplers["cell"].merge(*per_cell(random, cell_of, CELLS, CELL_K), extremes),
             }
             counts = torch.stack([m.count for m in moves.values()])
             event = None
@@ -133,11 +128,8 @@ class Accumulator:
                 counts = host
             self._pending = (moves, counts, event, fetch)
             return
-        u_of = self._units.repeat_interleave(batch)
-        ids = excerpt_ids.repeat(units)
-        self.samplers["top"].offer(u_of, composite(-maxes, ids), fetch, extremes, blocks=batch)
-        self.samplers["bottom"].offer(u_of, composite(mins, ids), fetch, extremes, blocks=batch)
-        self.samplers["random"].offer(u_of, random.reshape(-1), fetch, extremes, blocks=batch)
+        for kind, comp in (("top", top), ("bottom", bottom), ("random", random)):
+            self.samplers[kind].offer(None, comp.reshape(-1), fetch, extremes, blocks=batch)
         self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), fetch, extremes)
 
     def _count_into(self, counts: torch.Tensor, index: torch.Tensor) -> None:
@@ -192,7 +184,7 @@ class Accumulator:
             else:
                 key = hash_keys(self.settings.seed, other.layer % LATENT_KEY, neuron, ids)
                 if kind == "cell":
-                    group = group * CELLS + torch.bucketize(maxes.contiguous(), self._cell_edges)
+                    group = group * CELLS + cell_bins(maxes)
             sel = (ids >= 0).nonzero().squeeze(1)
 
             def fetch(p: torch.Tensor, rows: torch.Tensor = acts, sel: torch.Tensor = sel) -> torch.Tensor:
@@ -246,13 +238,16 @@ class LayerAccumulator(Accumulator):
 
 
 def compute_token_stats(
-    acts: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments, excerpt max/min and histogram bins of one batch (elementwise and reductions, so it fuses).
+    acts: torch.Tensor, excerpt_ids: torch.Tensor, unit_hash: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Everything one batch contributes before records are chosen, in one function of elementwise operations and
+    reductions (so it compiles to a few fused loops): acts [B, T, F], excerpt_ids [B], unit_hash [F] (sampling.py) ->
 
-    acts [B, T, F] -> sums [5, F] (a, a^2, a^3, a^4, a>0), excerpt max [B, F], excerpt min [B, F],
-    and for every hist_stride-th token its index in the flat histogram, hist_offsets [F] plus its bin
-    [B, T/stride, F].
+    - sums [5, F]: sums of a, a^2, a^3, a^4 and a > 0 (float64);
+    - excerpt max and min [B, F];
+    - for every hist_stride-th token, its index in the flat histogram, hist_offsets [F] plus its bin [B, T/stride, F];
+    - per candidate (unit u, excerpt b), in [F, B] order (candidate p = u * B + b): its (max, min) [F * B, 2], its
+      composites for the top, bottom and random samplers [F, B], and the cell of its max [F, B].
 
     The power sums are kept in float64 (raw sums cancel badly in the central moments when |mean| >> std), but
     computed in float32, at twice float64's vector width: each excerpt's powers about its own mean m, whose
@@ -272,22 +267,39 @@ def compute_token_stats(
                         (t * m2 * m + 3 * m2 * s1 + 3 * m * s2 + s3).sum(0),
                         (t * m2 * m2 + 4 * m2 * m * s1 + 6 * m2 * s2 + 4 * m * s3 + s4).sum(0),
                         positive.sum(0)])
-    return sums, x.amax(1), x.amin(1), hist_bins(x[:, ::hist_stride, :]) + hist_offsets
+    ex_max, ex_min = x.amax(1), x.amin(1)  # [B, F]
+    maxes, mins = ex_max.t(), ex_min.t()  # [F, B]
+    ids = excerpt_ids[None, :]
+    random = composite(keys_from(unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :]), ids)
+    return (sums, ex_max, ex_min, hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
+            torch.stack([maxes, mins], 2).reshape(-1, 2), composite(-maxes, ids), composite(mins, ids), random,
+            cell_bins(maxes))
+
+
+def _half_powers(x: torch.Tensor, lowest: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the edges 2^(j/2), j = lowest .. lowest + count - 1 (as float32), lie below |x|, and how many
+    at or below it, for float32 x; read off x's exponent and mantissa bits so that it compiles to plain vector
+    code (no logarithm, no gathered edges), and exact for every value.
+
+    For |x| = 2^e (1 + m / 2^23), the edges below |x| are those with j < 2e, then 2^e itself when m > 0, and
+    2^e sqrt(2) (as float32: 2^e times float32 sqrt(2), whose mantissa is _SQRT2_MANTISSA) when m is above that
+    mantissa; at or below differs only in its ties. 0 and subnormals lie below every edge."""
+    bits = x.view(torch.int32)
+    j = 2 * (((bits >> 23) & 0xFF) - 127) - lowest  # 2e, counted from the lowest edge
+    m = bits & 0x7FFFFF
+    below = torch.clamp(j + (m > 0).int() + (m > _SQRT2_MANTISSA).int(), 0, count)
+    at_or_below = torch.clamp(j + 1 + (m >= _SQRT2_MANTISSA).int(), 0, count)
+    return below, at_or_below
 
 
 def hist_bins(x: torch.Tensor) -> torch.Tensor:
-    """torch.bucketize(x, HIST_EDGES) for float32 x (edges 0 and +-2^(j/2), j = -16..14: bin i holds
-    edges[i-1] < x <= edges[i]), read off x's exponent and mantissa bits so that it compiles to plain
-    vector code: no logarithm, no gathered edges. Exact for every value, infinities included.
+    """torch.bucketize(x, HIST_EDGES) for float32 x (edges 0 and +-2^(j/2), j = -16..14; bin i holds
+    edges[i-1] < x <= edges[i]), exactly, infinities included; NaN lands with 0."""
+    below, at_or_below = _half_powers(x, -16, 31)
+    # Above 0, the 31 negative edges and 0 lie below x; below 0, the negative edges below x are -2^(j/2) < x.
+    return torch.where(x > 0, below + 32, torch.where(x < 0, 31 - at_or_below, 31)).long()
 
-    For |x| = 2^e (1 + m / 2^23), the edges 2^(j/2) below |x| are those with j < 2e, then 2^e itself when
-    m > 0, and 2^e sqrt(2) (as float32: 2^e times float32 sqrt(2), whose mantissa is _SQRT2_MANTISSA) when
-    m is above that mantissa; "at or below" differs only in its ties."""
-    bits = x.view(torch.int32)
-    twice_e = 2 * (((bits >> 23) & 0xFF) - 127)  # 0 and subnormals: far below every edge, as the clamps need
-    m = bits & 0x7FFFFF
-    edges_below = twice_e + (m > 0).int() + (m > _SQRT2_MANTISSA).int() + 16  # of the 31 positive edges
-    edges_at_or_below = twice_e + (m >= _SQRT2_MANTISSA).int() + 17
-    positive = torch.clamp(edges_below, 0, 31) + 32  # the 31 negative edges and 0 are below x
-    negative = 31 - torch.clamp(edges_at_or_below, 0, 31)  # negative edges below x: -2^(j/2) < x
-    return torch.where(x > 0, positive, torch.where(x < 0, negative, 31)).long()  # 0 (and NaN): just below edge 0
+
+def cell_bins(x: torch.Tensor) -> torch.Tensor:
+    """torch.bucketize(x, CELL_EDGES) for float32 x (edges 2^(j/2), j = -10..14), exactly; NaN lands in cell 0."""
+    return torch.where(x > 0, _half_powers(x, -10, 25)[0], 0).long()

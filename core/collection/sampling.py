@@ -116,7 +116,7 @@ class SmallestK:
 
     def offer(
         self,
-        group: torch.Tensor,
+        group: torch.Tensor | None,
         comp: torch.Tensor,
         fetch: Callable[[torch.Tensor], torch.Tensor],
         extremes: torch.Tensor | None = None,
@@ -128,18 +128,21 @@ class SmallestK:
         activations [len(positions), length]. extremes [n, 2] are the candidates' exact
         (max, min), kept beside activations that may be stored at lower precision; by
         default they are read off the fetched rows. blocks=B declares that the candidates are B
-        consecutive entries for each group in order (group = position // B), a faster filter.
+        consecutive entries for each group in order (group = position // B, and `group` may be None), a faster
+        filter.
         """
-        if self.k == 0 or group.numel() == 0:
+        if self.k == 0 or comp.numel() == 0:
             return
         worst = self.comp.max(dim=1).values  # [groups]
         if blocks:  # candidates come as `blocks` consecutive entries per group, for every group in order
             pos = (comp.view(-1, blocks) < worst[:, None]).view(-1).nonzero().squeeze(1)
+            group = pos // blocks
         else:
+            assert group is not None
             pos = (comp < worst[group]).nonzero().squeeze(1)
+            group = group[pos]
         if pos.numel() == 0:
             return
-        group = group[pos]
         if group.numel() > 1 and not bool((group[1:] >= group[:-1]).all()):
             order = torch.argsort(group, stable=True)
             pos, group = pos[order], group[order]
