@@ -50,15 +50,14 @@ def throughput(args: argparse.Namespace) -> None:
         if subject.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def bare() -> float:
+    def bare(start: int = 0, stop: int = n) -> float:
         started = time.perf_counter()
-        for i in range(0, n, batch):
-            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : i + batch].astype(np.int64)))
+        for i in range(start, stop, batch):
+            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : min(i + batch, stop)].astype(np.int64)))
         sync()
         return time.perf_counter() - started
 
     bare()  # warm-up (allocator, kernels)
-    bare_s = bare()
     # The same compile decision as `neuronscope collect`, applied to the warm-up too.
     compiled = os.environ.get("NEURONSCOPE_COMPILE") == "1" or (
         os.environ.get("NEURONSCOPE_COMPILE", "auto") == "auto"
@@ -73,11 +72,26 @@ def throughput(args: argparse.Namespace) -> None:
         path = Path(tmp) / "bench.duckdb"
         stages: dict[str, float] = {}
         marks: dict[str, float] = {}
+        # Batch by batch, the collection's time and the bare forward pass's over the same excerpts, run in turn: the
+        # machine's speed drifts (by a quarter within a minute on a shared 2-core VM), and so does the ratio of two
+        # passes run one after the other. The bare batches run between the collection's, outside its clock.
+        collect_batches: list[float] = []
+        bare_batches: list[float] = []
+        done_before = [0]
 
         def progress(stage: str, done: int, total: int) -> None:
-            marks.setdefault(stage, time.perf_counter())
-            if done == total:
-                stages[stage] = time.perf_counter() - marks[stage]
+            sync()
+            now = time.perf_counter()
+            if stage == "collect":
+                if done:
+                    collect_batches.append(now - marks["collect"])
+                    bare_batches.append(bare(done_before[0], done))
+                    now = time.perf_counter()
+                marks["collect"], done_before[0] = now, done  # the clock restarts after the bare batch
+            # The write's first report comes after its first layer: its clock starts when the pass ends.
+            marks.setdefault(stage, marks["collect"] if stage == "write" else now)
+            if done == total and stage != "collect":
+                stages[stage] = now - marks[stage]
 
         with Store.open(path) as store:
             settings = CollectSettings(max_excerpts=args.excerpts)
@@ -85,13 +99,16 @@ def throughput(args: argparse.Namespace) -> None:
                              progress=progress, reuse=False)
             store.checkpoint()
         size = path.stat().st_size
-    collect_s = stages.get("collect", result.seconds)
+    collect_s, bare_s = sum(collect_batches), sum(bare_batches)
     write_s = stages.get("write", 0.0)
+    half = len(collect_batches) // 2  # later batches: few excerpts still enter the records, as in most of a long run
+    later_collect, later_bare = sum(collect_batches[half:]), sum(bare_batches[half:])
     print(f"model {subject.name}  dtype {str(subject.dtype).replace('torch.', '')}  device {subject.device}  "
           f"batch {batch}  excerpts {n}  layers {len(layers)}  neurons {result.n_neurons}  "
           f"compiled stats {'yes' if compiled else 'no'}")
     print(f"bare forward        {n * 64 / bare_s:10.0f} tok/s")
     print(f"collection pass     {n * 64 / collect_s:10.0f} tok/s   ratio to bare forward: {bare_s / collect_s:.2f}")
+    print(f"  its second half   {(n - half * batch) * 64 / later_collect:10.0f} tok/s   ratio: {later_bare / later_collect:.2f}")
     print(f"pass + store write  {n * 64 / (collect_s + write_s):10.0f} tok/s   ratio: {bare_s / (collect_s + write_s):.2f}")
     print(f"store bytes per neuron: {size / result.n_neurons:,.0f}  ({size / 1e6:.1f} MB for {result.n_neurons} neurons)")
 
