@@ -137,8 +137,9 @@ class SmallestK:
         if blocks:  # candidates come as `blocks` consecutive entries per group, for every group in order
             pos = (comp.view(-1, blocks) < worst[:, None]).view(-1).nonzero().squeeze(1)
             group = pos // blocks
+        elif group is None:
+            raise ValueError("offer needs each candidate's group unless they come in blocks")
         else:
-            assert group is not None
             pos = (comp < worst[group]).nonzero().squeeze(1)
             group = group[pos]
         if pos.numel() == 0:
