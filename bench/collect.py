@@ -32,7 +32,7 @@ def throughput(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.collect import collect
+    from neuronscope.core.collection.collect import auto_batch_size, collect, stats_compiled
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers
@@ -43,7 +43,7 @@ def throughput(args: argparse.Namespace) -> None:
     subject = load_subject(args.model, device=args.device, dtype=args.dtype)
     layers = parse_layers(args.layers, range(subject.n_layers)) or ()
     excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
-    batch = args.batch_size or (128 if subject.device.type == "cuda" else 32)
+    batch = args.batch_size or auto_batch_size(subject, layers, 64)
     n = len(excerpts.excerpt_ids)
 
     def sync() -> None:
@@ -59,10 +59,7 @@ def throughput(args: argparse.Namespace) -> None:
 
     bare()  # warm-up (allocator, kernels)
     # The same compile decision as `neuronscope collect`, applied to the warm-up too.
-    compiled = os.environ.get("NEURONSCOPE_COMPILE") == "1" or (
-        os.environ.get("NEURONSCOPE_COMPILE", "auto") == "auto"
-        and (subject.device.type == "cuda" or (n // batch) * len(layers) >= 300)
-    )
+    compiled = stats_compiled(subject.device, (n // batch) * batch * len(layers))
     os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: compiles the statistics kernel once
         with Store.open(Path(tmp) / "warm.duckdb") as store:

@@ -178,7 +178,7 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")
     p.add_argument("--quantile-k", type=number(0, MAX_K), default=5, help="excerpts per quantile bin (default: 5)")
     p.add_argument("--batch-size", type=batch_size, help="excerpts per forward pass, or auto: on a GPU what fits in half "
-                                                         "its free memory, 32 on a CPU (default: auto)")
+                                                         "its free memory, 64 on a CPU (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--sae", metavar="FOLDER", help="collect a sparse coder's latents (SAELens or sparsify folder) "
