@@ -114,6 +114,21 @@ def test_explain_samples_where_server_ignores_n(fake: FakeOpenAI) -> None:
     assert [(r.body.get("n"), r.body["seed"]) for r in fake.hits(CHAT)][3:] == [(None, 9), (None, 10)]
 
 
+def test_an_unusable_greedy_explanation_is_asked_again_as_samples(fake: FakeOpenAI) -> None:
+    """A greedy answer with no usable line is asked again as three seeded samples, of which the first usable one
+    is kept; when none is usable either, the neuron fails with a one-line error naming the first answer."""
+    fake.add(CHAT, chat_answer("u\n"), chat_answer("", "- cats and kittens", "pets"))
+    b = backend(fake)
+    assert b.explain(prompt(), seed=4) == ["cats and kittens"]
+    assert [(r.body["temperature"], r.body.get("n"), r.body["seed"]) for r in fake.hits(CHAT)] == [
+        (0, None, 0), (pytest.approx(0.8), 3, 4)]
+    fake.add(CHAT, chat_answer("x"), chat_answer("", "y", "\n"))
+    with pytest.raises(LLMError) as err:
+        b.explain(ExplainPrompt("Explain.", (), "Another neuron.", 1))
+    assert one_line(err.value) == "openai:fake-model returned no usable explanation (its answer began 'x')"
+    assert fake.count(CHAT) == 4
+
+
 # -- simulation routes --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shift", [0, 1])

@@ -118,6 +118,10 @@ def request_key(backend: str, revision: str, kind: str, payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Seeded samples asked for when a greedy explanation has no usable line (Backend.explain).
+RETRY_SAMPLES = 3
+
+
 class Backend(ABC):
     """An explainer and simulator. Subclasses implement `_explain` and `_simulate` through `call`."""
 
@@ -137,9 +141,13 @@ class Backend(ABC):
 
     # -- the two operations -----------------------------------------------------------------------
     def explain(self, prompt: ExplainPrompt, n: int = 1, seed: int = 0) -> list[str]:
-        """n explanations of a neuron (greedy when n == 1, else n seeded samples)."""
+        """n explanations of a neuron (greedy when n == 1, else n seeded samples). A greedy answer with no usable
+        line (empty, or single characters) is asked again as RETRY_SAMPLES seeded samples, the first usable one
+        kept: a second call, logged and cached like the first."""
         texts = self._explain(prompt, n, seed)
         cleaned = [c for c in (clean_explanation(t) for t in texts) if c]
+        if not cleaned and n == 1:
+            cleaned = [c for c in (clean_explanation(t) for t in self._explain(prompt, RETRY_SAMPLES, seed)) if c][:1]
         if not cleaned:
             raise LLMError(f"{self.spec} returned no usable explanation (its answer began {texts[0][:60]!r})")
         return cleaned  # empty samples dropped: fewer than n candidates is fine
