@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import collect_into, fast_settings
-from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer
+from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer, error
 
 from neuronscope.core.choices import SIMULATIONS
 from neuronscope.core.explanation.embedding import Embedder
@@ -93,6 +93,45 @@ def _copy(dry_store: Path, tmp_path: Path, name: str = "job.duckdb") -> Path:
     path = tmp_path / name
     shutil.copy(dry_store, path)
     return path
+
+
+class TerseModel(Model):
+    """Model, but a greedy explanation is one letter (no usable line), so Backend.explain asks again as samples; while
+    `refuse_samples` is set, it answers those with an error."""
+
+    def __init__(self) -> None:
+        self.refuse_samples = False
+
+    def __call__(self, body: Any) -> Reply:
+        user = body["messages"][-1]["content"]
+        if "Rating: ?" in user or any(line.endswith("\t?") for line in user.splitlines()):
+            return super().__call__(body)
+        if body.get("temperature") == 0:
+            return chat_answer("u")
+        return error(400, "scripted refusal") if self.refuse_samples else super().__call__(body)
+
+
+def test_a_retried_explanation_is_planned_not_sent(dry_store: Path, tmp_path: Path, server: FakeOpenAI) -> None:
+    """A job whose explainer answered each neuron's greedy request unusably, then failed the retry as samples: the
+    log holds the greedy answers alone. The rerun's dry run takes them from the log, counts the retries as calls to
+    make and sends nothing; the run then makes exactly those calls."""
+    model = TerseModel()
+    model.refuse_samples = True
+    server.on(CHAT, model)
+    spec = f"openai:fake@{server.url}"
+    settings = JobSettings(kind="run", explainer=spec, simulator=spec, simulation="tokens", sizes=SIZES)
+    with Store.open(_copy(dry_store, tmp_path)) as store:
+        job = Job(store, store.run(), settings, Selection(limit=2))
+        try:
+            failed = job.run()
+        finally:
+            job.close()
+        assert (failed.done, len(failed.failed), failed.new_calls) == (0, 2, 2)  # the greedy requests, logged
+        model.refuse_samples = False
+        plan, report = plan_then_run(store, settings, server=server)  # checks that the plan sends nothing
+        assert plan.neurons == 2 and report.done == 2 and plan.cached >= 2  # the greedy answers among them
+        assert (plan.calls, plan.cached) == (report.new_calls, report.cache_hits)
+        assert all(s.text.startswith("the pattern") for s in store.summaries(store.run().run_id))
 
 
 def _rows(store: Store) -> int:

@@ -97,7 +97,11 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
     with Store.open(reference) as store:
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and not report.failed
-        assert report.new_calls == 6 * 4  # explain; simulate the explanation, the shuffled control, the neutral one
+        # Per neuron: explain (twice when the greedy answer was unusable: Backend.explain); simulate the
+        # explanation, the shuffled control and the neutral one.
+        explains = store.con.execute("SELECT count(*) FROM llm_calls WHERE kind = 'explain'").fetchone()[0]
+        assert 6 <= explains <= 12 and report.new_calls == explains + 6 * 3
+        total = report.new_calls
         expected = {(s.layer, s.neuron): (s.text, s.score.value) for s in store.summaries(store.run().run_id) if s.score}
 
     path = copy_store(job_store, tmp_path, "interrupted.duckdb")
@@ -116,7 +120,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         first_calls = store.call_totals()[0]
         report = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert report.state == "complete" and report.done == 6 and report.job_id == store.jobs()[0]["job_id"]
-        assert first_calls + report.new_calls == 6 * 4  # the interrupted part is never paid twice
+        assert first_calls + report.new_calls == total  # the interrupted part is never paid twice
         got = {(s.layer, s.neuron): (s.text, s.score.value) for s in store.summaries(store.run().run_id) if s.score}
     assert got == expected
     assert len(_calls(path)) == len(set(_calls(path)))
@@ -127,7 +131,7 @@ def test_interrupted_job_resumes_without_repeating_calls(job_store: Path, tmp_pa
         again = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=6))
         assert again.state == "complete" and again.new_calls == 0
         wider = run_job(store, store.run(), JobSettings(explainer=spec, simulator=spec, simulation="lines"), Selection(limit=7))
-        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 4 + 6
+        assert wider.cache_hits >= 6 * 2 and wider.new_calls <= 5 + 6  # the new neuron: 4 calls, or 5
 
 
 def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:

@@ -144,13 +144,18 @@ class Backend(ABC):
         """n explanations of a neuron (greedy when n == 1, else n seeded samples). A greedy answer with no usable
         line (empty, or single characters) is asked again as RETRY_SAMPLES seeded samples, the first usable one
         kept: a second call, logged and cached like the first."""
-        texts = self._explain(prompt, n, seed)
+        texts = self._explain_texts(prompt, n, seed)
         cleaned = [c for c in (clean_explanation(t) for t in texts) if c]
         if not cleaned and n == 1:
-            cleaned = [c for c in (clean_explanation(t) for t in self._explain(prompt, RETRY_SAMPLES, seed)) if c][:1]
+            retried = self._explain_texts(prompt, RETRY_SAMPLES, seed)
+            cleaned = [c for c in (clean_explanation(t) for t in retried) if c][:1]
         if not cleaned:
             raise LLMError(f"{self.spec} returned no usable explanation (its answer began {texts[0][:60]!r})")
         return cleaned  # empty samples dropped: fewer than n candidates is fine
+
+    def _explain_texts(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
+        """An explain request's raw answers (a dry run's backend answers from the log or with stand-ins)."""
+        return self._explain(prompt, n, seed)
 
     def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """The expected activation (0-9 scale) at every token of every excerpt, given the explanation."""

@@ -123,12 +123,7 @@ class RecordingBackend(Backend):
         self.inner.bind(log)
         self.log = log
 
-    # -- the three operations: tallied, then answered from the log or by stand-ins ---------------------------
-    def explain(self, prompt: ExplainPrompt, n: int = 1, seed: int = 0) -> list[str]:
-        if self._record("explain", (prompt, n, seed)):
-            return self.inner.explain(prompt, n, seed)
-        return super().explain(prompt, n, seed)
-
+    # -- the three operations: tallied, then answered from the log or by stand-ins (explain: _explain_texts) ------
     def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
         if self._record("simulate", (explanation, excerpts)):
             return self.inner.simulate(explanation, excerpts)
@@ -159,6 +154,13 @@ class RecordingBackend(Backend):
             self.tally.seen.add(key)
             self.tally.add(prompt_tokens, completion_tokens, self.price)
         return logged
+
+    def _explain_texts(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
+        # Explain's retry of an unusable greedy answer comes through here too, so it is tallied, and answered from
+        # the log where the log holds it, never by a model.
+        if self._record("explain", (prompt, n, seed)):
+            return self.inner._explain_texts(prompt, n, seed)
+        return self._explain(prompt, n, seed)
 
     def _explain(self, prompt: ExplainPrompt, n: int, seed: int) -> list[str]:
         return [stand_in_explanation(prompt, n, seed, i) for i in range(n)]
