@@ -30,7 +30,7 @@ from neuronscope.core.records import CollectSettings
 #: neurons of the same layer in one pass (neuronscope.core.collection.collect.collect_beside). Sampling hashes the
 #: real layer, so the latents keep the records a collection of them alone keeps.
 LATENT_KEY = 1_000_000
-#: The mantissa bits of float32 sqrt(2), for hist_bins.
+#: The mantissa bits of float32 sqrt(2), for _half_powers.
 _SQRT2_MANTISSA = int(np.array([np.sqrt(2)], np.float32).view(np.int32)[0]) & 0x7FFFFF
 
 
