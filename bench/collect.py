@@ -32,7 +32,8 @@ def throughput(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.collect import auto_batch_size, collect, stats_compiled
+    from neuronscope.core.collection.accumulate import stats_compiled
+    from neuronscope.core.collection.collect import auto_batch_size, collect
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers

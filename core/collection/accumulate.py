@@ -7,6 +7,7 @@ offered, so shards merge into exactly what one run would have kept.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -274,6 +275,38 @@ def compute_token_stats(
     return (sums, ex_max, ex_min, hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
             torch.stack([maxes, mins], 2).reshape(-1, 2), composite(-maxes, ids), composite(mins, ids), random,
             cell_bins(maxes))
+
+
+#: A CPU collection compiles its statistics kernel when it folds in at least this many excerpts, summed over layers.
+COMPILE_EXCERPTS = 9_600
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def stats_compiled(device: torch.device, layer_excerpts: int) -> bool:
+    """Whether a collection compiles its per-batch statistics kernel: on a GPU, or for a CPU run long enough to repay
+    the compile (about 20 s the first time in a process, a few once torch's on-disk cache has it; the eager kernel
+    takes about twice as long a batch). NEURONSCOPE_COMPILE=0/1 forces either way."""
+    wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
+    return wanted == "1" or (wanted == "auto" and (device.type == "cuda" or layer_excerpts >= COMPILE_EXCERPTS))
+
+
+def token_stats_fn(device: torch.device, layer_excerpts: int) -> Callable[..., Any]:
+    """compute_token_stats, compiled where stats_compiled says so (eager where no compiler works)."""
+    if not stats_compiled(device, layer_excerpts):
+        return compute_token_stats
+    if "stats" not in _COMPILED:
+        _COMPILED["stats"] = torch.compile(compute_token_stats, dynamic=False)
+
+    def run(*args: Any) -> Any:
+        if _COMPILED["stats"] is not compute_token_stats:
+            try:
+                return _COMPILED["stats"](*args)
+            except Exception:  # noqa: BLE001 - no working compiler here: eager is correct, only slower
+                _COMPILED["stats"] = compute_token_stats
+        return compute_token_stats(*args)
+
+    return run
 
 
 def _half_powers(x: torch.Tensor, lowest: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

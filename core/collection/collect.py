@@ -242,7 +242,7 @@ def accumulate(
     the latents' under LATENT_KEY + its layer."""
     import torch
 
-    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator
+    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator, token_stats_fn
     from neuronscope.core.models.subject import to_device
 
     n = len(excerpts.excerpt_ids)
@@ -289,7 +289,7 @@ def accumulate(
     by_layer = {group[0]: acc for group, acc in zip(groups, accs) if group[0] < LATENT_KEY and group[0] != latent}
     if not all(len(group) == 1 and acc.max.device.type == "cpu" for group, acc in zip(groups, accs)):
         by_layer = {}
-    token_stats = _token_stats_fn(subject.device, (n // batch_size) * batch_size * len(groups))
+    token_stats = token_stats_fn(subject.device, (n // batch_size) * batch_size * len(groups))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
         for acc in accs:
@@ -420,39 +420,3 @@ def _excerpt_chunks(subject: Subject, excerpts: Excerpts,
 
 #: On a GPU, layers are joined for the bookkeeping in groups of about this many activations per batch.
 GROUP_ELEMENTS = 1 << 28
-
-_COMPILED: dict[str, Callable] = {}  # type: ignore[type-arg]
-
-
-#: A CPU collection compiles its statistics kernel when it folds in at least this many excerpts, summed over layers.
-COMPILE_EXCERPTS = 9_600
-
-
-def stats_compiled(device: Any, layer_excerpts: int) -> bool:
-    """Whether a collection compiles its per-batch statistics kernel: on a GPU, or for a CPU run long enough to repay
-    the compile (about 20 s the first time in a process, a few once torch's on-disk cache has it; the eager kernel
-    takes about twice as long a batch). NEURONSCOPE_COMPILE=0/1 forces either way."""
-    wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
-    return wanted == "1" or (wanted == "auto" and (device.type == "cuda" or layer_excerpts >= COMPILE_EXCERPTS))
-
-
-def _token_stats_fn(device, layer_excerpts: int):  # type: ignore[no-untyped-def]
-    """The per-batch statistics kernel (accumulate.compute_token_stats), compiled where stats_compiled says so."""
-    from neuronscope.core.collection.accumulate import compute_token_stats
-
-    if not stats_compiled(device, layer_excerpts):
-        return compute_token_stats
-    if "stats" not in _COMPILED:
-        import torch
-
-        _COMPILED["stats"] = torch.compile(compute_token_stats, dynamic=False)
-
-    def run(*args):  # type: ignore[no-untyped-def]
-        if _COMPILED["stats"] is not compute_token_stats:
-            try:
-                return _COMPILED["stats"](*args)
-            except Exception:  # noqa: BLE001 - no working compiler here: eager is correct, only slower
-                _COMPILED["stats"] = compute_token_stats
-        return compute_token_stats(*args)
-
-    return run

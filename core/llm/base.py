@@ -144,11 +144,13 @@ class Backend(ABC):
         """n explanations of a neuron (greedy when n == 1, else n seeded samples). A greedy answer with no usable
         line (empty, or single characters) is asked again as RETRY_SAMPLES seeded samples, the first usable one
         kept: a second call, logged and cached like the first."""
+        def usable(answers: list[str]) -> list[str]:
+            return [c for c in map(clean_explanation, answers) if c]
+
         texts = self._explain_texts(prompt, n, seed)
-        cleaned = [c for c in (clean_explanation(t) for t in texts) if c]
+        cleaned = usable(texts)
         if not cleaned and n == 1:
-            retried = self._explain_texts(prompt, RETRY_SAMPLES, seed)
-            cleaned = [c for c in (clean_explanation(t) for t in retried) if c][:1]
+            cleaned = usable(self._explain_texts(prompt, RETRY_SAMPLES, seed))[:1]
         if not cleaned:
             raise LLMError(f"{self.spec} returned no usable explanation (its answer began {texts[0][:60]!r})")
         return cleaned  # empty samples dropped: fewer than n candidates is fine
