@@ -130,7 +130,7 @@ class Accumulator:
             self._pending = (moves, counts, event, fetch)
             return
         for kind, comp in (("top", top), ("bottom", bottom), ("random", random)):
-            self.samplers[kind].offer(None, comp.reshape(-1), fetch, extremes, blocks=batch)
+            self.samplers[kind].offer_blocks(comp, fetch, extremes)
         self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), fetch, extremes)
 
     def _count_into(self, counts: torch.Tensor, index: torch.Tensor) -> None:

@@ -6,13 +6,13 @@ random samples a hash of (seed, layer, neuron, excerpt) — so the result is a d
 of the set of excerpts seen, whatever their order or sharding, and two samplers merge exactly.
 Memory is groups x k x length, independent of the corpus size.
 
-There are two ways to offer candidates. `offer` filters them against each group's worst kept entry first and
-merges only the groups that changed: the fastest on a CPU, but it reads sizes back to the host (nonzero, unique,
-int(...)) a dozen times, and on a GPU every such read waits for all queued work. `merge` + `move_rows` are the
-fixed-shape way, for GPUs: `merge` updates every group's keys and extremes with dense tensors of known shapes and
-says which slots take which candidates, reading nothing back; `move_rows` then copies the incoming activation rows,
-given their number, which the caller reads once per batch, late enough that the GPU never waits (accumulate.py).
-Both keep exactly the same entries.
+There are two ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
+group) filter them against each group's worst kept entry first and merge only the groups that changed: the fastest
+on a CPU, but it reads sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such
+read waits for all queued work. `merge` + `move_rows` are the fixed-shape way, for GPUs: `merge` updates every
+group's keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading
+nothing back; `move_rows` then copies the incoming activation rows, given their number, which the caller reads once
+per batch, late enough that the GPU never waits (accumulate.py). Both keep exactly the same entries.
 """
 
 from __future__ import annotations
@@ -116,67 +116,84 @@ class SmallestK:
 
     def offer(
         self,
-        group: torch.Tensor | None,
+        group: torch.Tensor,
         comp: torch.Tensor,
         fetch: Callable[[torch.Tensor], torch.Tensor],
         extremes: torch.Tensor | None = None,
-        blocks: int = 0,
     ) -> None:
         """Offer candidates: flat group indices and composites of equal length.
 
         fetch(positions) receives indices into the offered candidates and returns their
         activations [len(positions), length]. extremes [n, 2] are the candidates' exact
         (max, min), kept beside activations that may be stored at lower precision; by
-        default they are read off the fetched rows. blocks=B declares that the candidates are B
-        consecutive entries for each group in order (group = position // B, and `group` may be None), a faster
-        filter.
+        default they are read off the fetched rows.
         """
         if self.k == 0 or comp.numel() == 0:
             return
-        worst = self.comp.max(dim=1).values  # [groups]
-        if blocks:  # candidates come as `blocks` consecutive entries per group, for every group in order
-            pos = (comp.view(-1, blocks) < worst[:, None]).view(-1).nonzero().squeeze(1)
-            group = pos // blocks
-        elif group is None:
-            raise ValueError("offer needs each candidate's group unless they come in blocks")
-        else:
-            pos = (comp < worst[group]).nonzero().squeeze(1)
-            group = group[pos]
+        pos = (comp < self.comp.max(dim=1).values[group]).nonzero().squeeze(1)  # better than the group's worst
         if pos.numel() == 0:
             return
+        group = group[pos]
         if group.numel() > 1 and not bool((group[1:] >= group[:-1]).all()):
             order = torch.argsort(group, stable=True)
             pos, group = pos[order], group[order]
-        comp = comp[pos]
+        # Lay the passing candidates out as rows of their groups, EMPTY-padded, then merge those rows.
         touched, counts = torch.unique_consecutive(group, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         row = torch.repeat_interleave(torch.arange(len(touched), device=group.device), counts)
         col = torch.arange(len(group), device=group.device) - starts[row]
-        width = int(counts.max())
-        new = torch.full((len(touched), width), EMPTY, dtype=torch.int64, device=group.device)
-        new[row, col] = comp
+        new = torch.full((len(touched), int(counts.max())), EMPTY, dtype=torch.int64, device=group.device)
+        new[row, col] = comp[pos]
         new_pos = torch.full_like(new, -1)
         new_pos[row, col] = pos
-        candidates = torch.cat([self.comp[touched], new], 1)  # [touched, k + width]
-        chosen = torch.topk(candidates, self.k, dim=1, largest=False, sorted=False).indices
-        kept = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, chosen, True)
+        self._merge_rows(touched, new, new_pos.view(-1), comp, fetch, extremes)
+
+    def offer_blocks(
+        self, comp: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor], extremes: torch.Tensor
+    ) -> None:
+        """Offer a block of candidates for every group: comp [groups, B] (candidate p = group * B + b, the
+        position fetch and extremes take). Only the groups with a candidate better than their worst entry are
+        merged, each with its whole block (the others cannot be kept), so nothing is compacted."""
+        if self.k == 0 or comp.numel() == 0:
+            return
+        passing = (comp < self.comp.max(dim=1).values[:, None]).any(1)
+        touched = passing.nonzero().squeeze(1)
+        if touched.numel() == 0:
+            return
+        positions = torch.arange(comp.numel(), device=comp.device).view(comp.shape)
+        if touched.numel() == comp.shape[0]:
+            self._merge_rows(None, comp, positions.view(-1), comp.view(-1), fetch, extremes)
+        else:
+            self._merge_rows(touched, comp[touched], positions[touched].view(-1), comp.view(-1), fetch, extremes)
+
+    def _merge_rows(
+        self, touched: torch.Tensor | None, new: torch.Tensor, new_pos: torch.Tensor, comp: torch.Tensor,
+        fetch: Callable[[torch.Tensor], torch.Tensor], extremes: torch.Tensor | None,
+    ) -> None:
+        """Merge new [rows, W] composites (EMPTY for none; new_pos, flat, their positions among the offered
+        candidates `comp`) into the groups `touched` (None: every group, in order)."""
+        old = self.comp if touched is None else self.comp[touched]
+        both = torch.cat([old, new], 1)  # [rows, k + W]
+        chosen = torch.topk(both, self.k, dim=1, largest=False, sorted=False).indices
+        kept = torch.zeros_like(both, dtype=torch.bool).scatter_(1, chosen, True)
         # Per row, as many old slots are freed as newcomers kept: pair them in row-major order.
         free_row, free_slot = (~kept[:, : self.k]).nonzero(as_tuple=True)
-        in_row, in_col = kept[:, self.k :].nonzero(as_tuple=True)
-        dest = touched[free_row]
-        incoming = new[in_row, in_col]
-        self.comp[dest, free_slot] = incoming
-        real = incoming != EMPTY
-        if bool(real.any()):
-            positions = new_pos[in_row[real], in_col[real]]
-            rows = fetch(positions)
-            slots = dest[real] * self.k + free_slot[real]
-            self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
-            if extremes is None:
-                ext = torch.stack([rows.amax(1), rows.amin(1)], 1).float()
-            else:
-                ext = extremes.index_select(0, positions)
-            self.ext.view(-1, 2).index_copy_(0, slots, ext)
+        incoming = kept[:, self.k :].reshape(-1).nonzero().squeeze(1)  # flat indices into new
+        positions = new_pos[incoming]
+        real = positions >= 0  # an EMPTY newcomer may be "kept" into an empty slot: nothing moves
+        if not bool(real.all()):
+            free_row, free_slot, positions = free_row[real], free_slot[real], positions[real]
+        if positions.numel() == 0:
+            return
+        slots = (free_row if touched is None else touched[free_row]) * self.k + free_slot
+        self.comp.view(-1).index_copy_(0, slots, comp.index_select(0, positions))
+        rows = fetch(positions)
+        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
+        if extremes is None:
+            ext = torch.stack([rows.amax(1), rows.amin(1)], 1).float()
+        else:
+            ext = extremes.index_select(0, positions)
+        self.ext.view(-1, 2).index_copy_(0, slots, ext)
 
     def merge(self, cand: torch.Tensor, source: torch.Tensor, extremes: torch.Tensor) -> Moves:
         """Fixed-shape offer, with no read back to the host: `cand` [groups, W] composites (EMPTY for none) and
