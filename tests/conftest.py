@@ -237,9 +237,10 @@ def other_corpus(session_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def big_corpus(session_dir: Path) -> Path:
-    """A corpus large enough that --batch-size 1 collection takes several seconds."""
+    """A corpus large enough that --batch-size 1 collection takes many seconds (~3,500 excerpts: 701 took only 3 s
+    on a CI machine, too short to be sure a signal lands inside the loop)."""
     path = session_dir / "big.txt"
-    path.write_text(prose_text(5), encoding="utf-8")
+    path.write_text(prose_text(25), encoding="utf-8")
     return path
 
 
