@@ -8,7 +8,7 @@ Memory is groups x k x length, independent of the corpus size.
 
 There are two ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
 group) filter them against each group's worst kept entry first and merge only the groups that changed: the fastest
-on a CPU, but it reads sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such
+on a CPU, but they read sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such
 read waits for all queued work. `merge` + `move_rows` are the fixed-shape way, for GPUs: `merge` updates every
 group's keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading
 nothing back; `move_rows` then copies the incoming activation rows, given their number, which the caller reads once
