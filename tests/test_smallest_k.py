@@ -26,26 +26,35 @@ def test_composite_orders_like_key_then_id() -> None:
     assert np.array_equal(composite_ids(torch.from_numpy(comp)).numpy(), ids)
 
 
-def test_smallest_k_with_ties_and_fetch_calls() -> None:
+def test_smallest_k_with_ties_and_what_it_takes() -> None:
     sampler = SmallestK(groups=2, k=3, length=2, dtype=torch.float32, device=CPU)
-    fetched: list[list[int]] = []
+    admitted: list[list[int]] = []
 
     def offer(group: list[int], key: list[float], ids: list[int]) -> None:
         acts = torch.tensor([[float(i), -float(i)] for i in ids])
-
-        def fetch(pos: torch.Tensor) -> torch.Tensor:
-            fetched.append(pos.tolist())
-            return acts[pos]
-
-        sampler.offer(torch.tensor(group), composite(torch.tensor(key), torch.tensor(ids)), fetch)
+        extremes = torch.stack([acts[:, 0], acts[:, 1]], 1)
+        taken = sampler.offer(torch.tensor(group), composite(torch.tensor(key), torch.tensor(ids)), extremes)
+        admitted.append(sorted(ids[p] for p in taken.positions.tolist()))
+        sampler.storage.index_copy_(0, taken.slots, acts[taken.positions])
 
     offer([0, 0, 0, 1], [0.5, 0.5, 0.5, 0.2], [9, 4, 7, 1])
     offer([0, 0, 1, 1], [0.5, 0.1, 0.9, 0.2], [2, 8, 3, 0])
-    offer([0], [0.5], [5])  # ties the worst key, larger id than the worst kept -> rejected, never fetched
-    ids, acts, _ = sampler.sorted()
+    offer([0], [0.5], [5])  # ties the worst key, larger id than the worst kept -> rejected
+    ids, acts, ext = sampler.sorted()
     assert ids.tolist() == [[8, 2, 4], [0, 1, 3]]
     assert acts[0, :, 0].tolist() == [8.0, 2.0, 4.0] and acts[1, :, 1].tolist() == [-0.0, -1.0, -3.0]
-    assert len(fetched) == 2  # the third offer fetched nothing
+    assert torch.equal(ext, acts)  # the extremes offered, beside their rows
+    assert admitted == [[1, 4, 7, 9], [0, 2, 3, 8], []]  # 9 is evicted by 2 and 8 in the second offer
+
+    # Samplers sharing one storage write disjoint rows of it.
+    storage = torch.zeros((2 * 3 + 4 * 1, 1))
+    first = SmallestK(2, 3, 1, torch.float32, CPU, storage, 0)
+    second = SmallestK(4, 1, 1, torch.float32, CPU, storage, 6)
+    one = torch.ones(2, 2)
+    assert first.offer(torch.tensor([1, 1]), composite(torch.tensor([0.0, 1.0]), torch.tensor([3, 4])),
+                       one).slots.tolist() == [3, 4]
+    assert second.offer(torch.tensor([2]), composite(torch.tensor([0.0]), torch.tensor([5])),
+                        one).slots.tolist() == [8]
     empty_ids, empty_acts, _ = SmallestK(groups=2, k=2, length=1, dtype=torch.float32, device=CPU).sorted()
     assert (empty_ids == -1).all() and (empty_acts == 0).all()
 

@@ -28,7 +28,7 @@ def test_bins_are_bucketize_exactly() -> None:
     values = awkward_values()
     want = torch.bucketize(values, EDGES)
     got = hist_bins(values)
-    assert got.dtype == torch.int64
+    assert got.dtype == torch.int32
     wrong = got != want
     assert not wrong.any(), (values[wrong][:5], got[wrong][:5], want[wrong][:5])
     assert got.min() == 0 and got.max() == len(HIST_EDGES)  # -inf and +inf land in the outermost bins
@@ -48,7 +48,7 @@ def test_candidate_keys() -> None:
     acts = torch.randn(5, 12, 7, generator=g)
     ids = torch.tensor([40, 3, 17, 8, 25])
     hashes = unit_hash(3, 4, torch.arange(7))
-    _, ex_max, ex_min, _, extremes, top, bottom, random, cells = compute_token_stats(
+    _, batch_max, batch_min, min_excerpt_max, _, extremes, top, bottom, random, cells = compute_token_stats(
         acts, ids, hashes, 4, torch.arange(7) * (len(HIST_EDGES) + 1))
     maxes, mins = acts.amax(1).t(), acts.amin(1).t()  # [7, 5]
     assert torch.equal(extremes, torch.stack([maxes.reshape(-1), mins.reshape(-1)], 1))
@@ -56,7 +56,8 @@ def test_candidate_keys() -> None:
     assert torch.equal(bottom, composite(mins, ids.expand(7, 5)))
     assert torch.equal(random, composite(keys_from(hashes[:, None], excerpt_hash(ids)[None, :]), ids.expand(7, 5)))
     assert torch.equal(cells, torch.bucketize(maxes, torch.from_numpy(CELL_EDGES)))
-    assert torch.equal(ex_max, acts.amax(1)) and torch.equal(ex_min, acts.amin(1))
+    assert torch.equal(batch_max, acts.amax((0, 1))) and torch.equal(batch_min, acts.amin((0, 1)))
+    assert torch.equal(min_excerpt_max, acts.amax(1).amin(0))
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_compiled_token_stats_equal_eager() -> None:
     for stride in (1, 8):
         want = compute_token_stats(acts, ids, hashes, stride, offsets)
         got = compiled(acts, ids, hashes, stride, offsets)
-        names = ("sums", "max", "min", "hist", "extremes", "top", "bottom", "random", "cells")
+        names = ("sums", "max", "min", "min excerpt max", "hist", "extremes", "top", "bottom", "random", "cells")
         for name, w, c in zip(names, want, got, strict=True):
             if name == "sums":
                 finite = torch.isfinite(w).all(0)  # the neuron with -inf has none

@@ -17,6 +17,7 @@ import torch
 from neuronscope.core.collection.sampling import (
     Moves,
     SmallestK,
+    Taken,
     composite,
     excerpt_hash,
     hash_keys,
@@ -50,15 +51,17 @@ class Accumulator:
         self.layers, self.neurons, self.settings = tuple(layers), neurons, settings
         #: Fixed-shape updates that never wait for the device (the default on a GPU; see sampling.py).
         self.fixed = device.type == "cuda" if fixed is None else fixed
-        self._pending: tuple[dict[str, Moves], torch.Tensor, Any, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        self._pending: tuple[dict[str, Moves], torch.Tensor, Any, torch.Tensor] | None = None
         units = self.units = len(self.layers) * neurons
         length = settings.length
-        self.samplers = {
-            "top": SmallestK(units, settings.top_k, length, dtype, device),
-            "bottom": SmallestK(units, settings.bottom_k, length, dtype, device),
-            "random": SmallestK(units, settings.random_k, length, dtype, device),
-            "cell": SmallestK(units * CELLS, CELL_K, length, dtype, device),
-        }
+        shapes = {"top": (units, settings.top_k), "bottom": (units, settings.bottom_k),
+                  "random": (units, settings.random_k), "cell": (units * CELLS, CELL_K)}
+        #: Every sampler's activation rows, in one storage: a batch's rows are copied in at once.
+        self.rows = torch.zeros((sum(g * k for g, k in shapes.values()), length), dtype=dtype, device=device)
+        self.samplers, base = {}, 0
+        for kind, (groups, k) in shapes.items():
+            self.samplers[kind] = SmallestK(groups, k, length, dtype, device, self.rows, base)
+            base += groups * k
         self.sums = torch.zeros((5, units), dtype=torch.float64, device=device)
         self.count = 0
         self.max = torch.full((units,), -float("inf"), device=device)
@@ -67,7 +70,7 @@ class Accumulator:
         self.hist = torch.zeros(units * (len(HIST_EDGES) + 1), dtype=torch.int64, device=device)
         self.cell_counts = torch.zeros(units * CELLS, dtype=torch.int64, device=device)
         self._units = torch.arange(units, device=device)
-        self._hist_offsets = self._units * (len(HIST_EDGES) + 1)  # unit u's histogram starts here
+        self._hist_offsets = (self._units * (len(HIST_EDGES) + 1)).int()  # unit u's histogram starts here
         self._cell_base = self._units[:, None] * CELLS  # [units, 1]: unit u's first cell group
         self._unit_layer = torch.tensor([layer % LATENT_KEY for layer in self.layers],
                                         device=device).repeat_interleave(neurons)  # [units]
@@ -89,29 +92,18 @@ class Accumulator:
         excerpt_ids = excerpt_ids.to(self.max.device)
         stats = (token_stats or compute_token_stats)(counted, excerpt_ids, self._unit_hash, self.settings.hist_stride,
                                                      self._hist_offsets)
-        sums, ex_max, ex_min, hist_index, extremes, top, bottom, random, cell_of = stats
-        batch, units = acts.shape[0], self.units
+        sums, batch_max, batch_min, batch_min_excerpt_max, hist_index, extremes, top, bottom, random, cell_of = stats
         self.sums += sums
-        self.count += batch * counted.shape[1]
-        self.max = torch.maximum(self.max, ex_max.amax(0))
-        self.min = torch.minimum(self.min, ex_min.amin(0))
-        self.min_excerpt_max = torch.minimum(self.min_excerpt_max, ex_max.amin(0))
+        self.count += acts.shape[0] * counted.shape[1]
+        torch.maximum(self.max, batch_max, out=self.max)
+        torch.minimum(self.min, batch_min, out=self.min)
+        torch.minimum(self.min_excerpt_max, batch_min_excerpt_max, out=self.min_excerpt_max)
         self._count_into(self.hist, hist_index.reshape(-1))
-        by_unit: list[torch.Tensor] = []
-
-        def fetch(p: torch.Tensor) -> torch.Tensor:
-            """Rows p = u * B + b as [len(p), T]: gathered directly, or when most of the batch's are wanted, from one
-            copy with tokens innermost ([B, units, T]: a fast transpose, where [units, B, T] is not)."""
-            if by_unit or len(p) * 8 > units * batch:
-                if not by_unit:
-                    by_unit.append(acts.transpose(1, 2).reshape(batch * units, -1))
-                return by_unit[0].index_select(0, (p % batch) * units + p // batch)  # whole rows: fast
-            return acts[p % batch, :, p // batch]
-
         cells = self._cell_base + cell_of  # [units, B]: group (unit, cell of the excerpt max)
         self._count_into(self.cell_counts, cells.reshape(-1))
         if self.fixed:
             self._settle()  # the previous batch's rows
+            batch = acts.shape[0]
             source = self._units[:, None] * batch + torch.arange(batch, device=acts.device)  # [units, B]
             moves = {
                 "top": self.samplers["top"].merge(top, source, extremes),
@@ -127,11 +119,31 @@ class Accumulator:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(counts.device))
                 counts = host
-            self._pending = (moves, counts, event, fetch)
+            self._pending = (moves, counts, event, acts)
             return
-        for kind, comp in (("top", top), ("bottom", bottom), ("random", random)):
-            self.samplers[kind].offer_blocks(comp, fetch, extremes)
-        self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), fetch, extremes)
+        taken = [self.samplers[kind].offer_blocks(comp, extremes)
+                 for kind, comp in (("top", top), ("bottom", bottom), ("random", random))]
+        taken.append(self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), extremes))
+        self._copy_rows(taken, acts)
+
+    def _copy_rows(self, taken: list[Taken], acts: torch.Tensor) -> None:
+        """Copy the admitted candidates' activations (candidate p = unit * B + excerpt b: acts[b, :, unit]) into the
+        samplers' rows, every sampler's at once, reading the batch in its own order (excerpt, then unit): in the
+        samplers' order (unit, then excerpt) every token of a row is a cache line of its own, three times slower.
+        When most of the batch is taken (its first batches), from one copy with tokens innermost instead."""
+        slots = torch.cat([t.slots for t in taken])
+        positions = torch.cat([t.positions for t in taken])
+        if positions.numel() == 0:
+            return
+        batch, units = acts.shape[0], self.units
+        key = (positions % batch) * units + positions // batch  # excerpt-major
+        if positions.numel() * 2 > batch * units:
+            rows = acts.transpose(1, 2).reshape(batch * units, -1).index_select(0, key)
+        else:
+            key, order = torch.sort(key)
+            slots = slots[order]
+            rows = acts[key // units, :, key % units]
+        self.rows.index_copy_(0, slots, rows.to(self.rows.dtype))
 
     def _count_into(self, counts: torch.Tensor, index: torch.Tensor) -> None:
         """counts[i] += occurrences of i in index (bincount reads the largest index back to the host: not on a GPU)."""
@@ -145,12 +157,12 @@ class Accumulator:
         """Copy the last fixed-shape update's activation rows into the samplers."""
         if self._pending is None:
             return
-        moves, counts, event, fetch = self._pending
+        moves, counts, event, acts = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
-        for (kind, m), n in zip(moves.items(), counts.tolist()):
-            self.samplers[kind].move_rows(m, n, fetch)
+        self._copy_rows([self.samplers[kind].taken(m, n) for (kind, m), n in zip(moves.items(), counts.tolist())],
+                        acts)
 
     def absorb(self, other: LayerResult) -> None:
         """Merge another state of one of this accumulator's layers into it (a shard's, or a checkpoint's): exact."""
@@ -187,11 +199,8 @@ class Accumulator:
                 if kind == "cell":
                     group = group * CELLS + cell_bins(maxes)
             sel = (ids >= 0).nonzero().squeeze(1)
-
-            def fetch(p: torch.Tensor, rows: torch.Tensor = acts, sel: torch.Tensor = sel) -> torch.Tensor:
-                return rows[sel[p]]
-
-            self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), fetch, extremes[sel])
+            taken = self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), extremes[sel])
+            self.rows.index_copy_(0, taken.slots, acts[sel[taken.positions]].to(self.rows.dtype))
 
     # -- results -----------------------------------------------------------------------------
     def results(self) -> Iterator[LayerResult]:
@@ -245,8 +254,9 @@ def compute_token_stats(
     reductions (so it compiles to a few fused loops): acts [B, T, F], excerpt_ids [B], unit_hash [F] (sampling.py) ->
 
     - sums [5, F]: sums of a, a^2, a^3, a^4 and a > 0 (float64);
-    - excerpt max and min [B, F];
-    - for every hist_stride-th token, its index in the flat histogram, hist_offsets [F] plus its bin [B, T/stride, F];
+    - the batch's max and min, and its smallest excerpt max [F];
+    - for every hist_stride-th token, its index in the flat histogram, hist_offsets [F] plus its bin [B, T/stride, F]
+      (int32, as the offsets are);
     - per candidate (unit u, excerpt b), in [F, B] order (candidate p = u * B + b): its (max, min) [F * B, 2], its
       composites for the top, bottom and random samplers [F, B], and the cell of its max [F, B].
 
@@ -272,7 +282,7 @@ def compute_token_stats(
     maxes, mins = ex_max.t(), ex_min.t()  # [F, B]
     ids = excerpt_ids[None, :]
     random = composite(keys_from(unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :]), ids)
-    return (sums, ex_max, ex_min, hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
+    return (sums, ex_max.amax(0), ex_min.amin(0), ex_max.amin(0), hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
             torch.stack([maxes, mins], 2).reshape(-1, 2), composite(-maxes, ids), composite(mins, ids), random,
             cell_bins(maxes))
 
@@ -327,10 +337,10 @@ def _half_powers(x: torch.Tensor, lowest: int, count: int) -> tuple[torch.Tensor
 
 def hist_bins(x: torch.Tensor) -> torch.Tensor:
     """torch.bucketize(x, HIST_EDGES) for float32 x (edges 0 and +-2^(j/2), j = -16..14; bin i holds
-    edges[i-1] < x <= edges[i]), exactly, infinities included; NaN lands with 0."""
+    edges[i-1] < x <= edges[i]), exactly, infinities included; NaN lands with 0. As int32."""
     below, at_or_below = _half_powers(x, -16, 31)
     # Above 0, the 31 negative edges and 0 lie below x; below 0, the negative edges below x are -2^(j/2) < x.
-    return torch.where(x > 0, below + 32, torch.where(x < 0, 31 - at_or_below, 31)).long()
+    return torch.where(x > 0, below + 32, torch.where(x < 0, 31 - at_or_below, 31)).int()
 
 
 def cell_bins(x: torch.Tensor) -> torch.Tensor:

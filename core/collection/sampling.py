@@ -9,15 +9,18 @@ Memory is groups x k x length, independent of the corpus size.
 There are two ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
 group) filter them against each group's worst kept entry first and merge only the groups that changed: the fastest
 on a CPU, but they read sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such
-read waits for all queued work. `merge` + `move_rows` are the fixed-shape way, for GPUs: `merge` updates every
-group's keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading
-nothing back; `move_rows` then copies the incoming activation rows, given their number, which the caller reads once
-per batch, late enough that the GPU never waits (accumulate.py). Both keep exactly the same entries.
+read waits for all queued work. `merge` + `taken` are the fixed-shape way, for GPUs: `merge` updates every group's
+keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading nothing
+back; `taken` then lists the incoming rows, given their number, which the caller reads once per batch, late enough
+that the GPU never waits (accumulate.py). Both keep exactly the same entries.
+
+Either way, an offer updates keys and extremes and returns what it admitted as `Taken` (storage rows and the
+candidates' positions): the caller copies the activation rows, for all its samplers at once, from a batch laid out
+as it knows best. Samplers may share one storage of activation rows for that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +76,15 @@ def composite_ids(comp: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """What an offer admitted: the rows `slots` of the samplers' activation storage take the activations of the
+    offered candidates at `positions` (the caller copies them)."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Moves:
     """What a fixed-shape merge decided: which slots take a newcomer, and the newcomer's position."""
 
@@ -108,31 +120,31 @@ class SmallestK:
     only the rows of winners are written (call `sorted()` for the final order).
     """
 
-    def __init__(self, groups: int, k: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, groups: int, k: int, length: int, dtype: torch.dtype, device: torch.device,
+        storage: torch.Tensor | None = None, base: int = 0,
+    ) -> None:
+        """storage [rows, length]: activation rows shared with other samplers, this one's from row `base` on (by
+        default its own)."""
         self.k = k
         self.comp = torch.full((groups, k), EMPTY, dtype=torch.int64, device=device)  # [groups, k]
-        self.acts = torch.zeros((groups, k, length), dtype=dtype, device=device)  # [groups, k, length]
+        self.storage = torch.zeros((groups * k, length), dtype=dtype, device=device) if storage is None else storage
+        self.base = base
+        self.acts = self.storage[base : base + groups * k].view(groups, k, length)  # [groups, k, length]
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
 
-    def offer(
-        self,
-        group: torch.Tensor,
-        comp: torch.Tensor,
-        fetch: Callable[[torch.Tensor], torch.Tensor],
-        extremes: torch.Tensor | None = None,
-    ) -> None:
-        """Offer candidates: flat group indices and composites of equal length.
+    def _nothing(self) -> Taken:
+        none = torch.zeros(0, dtype=torch.int64, device=self.comp.device)
+        return Taken(none, none)
 
-        fetch(positions) receives indices into the offered candidates and returns their
-        activations [len(positions), length]. extremes [n, 2] are the candidates' exact
-        (max, min), kept beside activations that may be stored at lower precision; by
-        default they are read off the fetched rows.
-        """
+    def offer(self, group: torch.Tensor, comp: torch.Tensor, extremes: torch.Tensor) -> Taken:
+        """Offer candidates: flat group indices, composites and exact (max, min) extremes [n, 2] (kept beside
+        activations that may be stored at lower precision). Returns the rows to copy, by position among these."""
         if self.k == 0 or comp.numel() == 0:
-            return
+            return self._nothing()
         pos = (comp < self.comp.max(dim=1).values[group]).nonzero().squeeze(1)  # better than the group's worst
         if pos.numel() == 0:
-            return
+            return self._nothing()
         group = group[pos]
         if group.numel() > 1 and not bool((group[1:] >= group[:-1]).all()):
             order = torch.argsort(group, stable=True)
@@ -146,30 +158,27 @@ class SmallestK:
         new[row, col] = comp[pos]
         new_pos = torch.full_like(new, -1)
         new_pos[row, col] = pos
-        self._merge_rows(touched, new, new_pos.view(-1), comp, fetch, extremes)
+        return self._merge_rows(touched, new, new_pos.view(-1), comp, extremes)
 
-    def offer_blocks(
-        self, comp: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor], extremes: torch.Tensor
-    ) -> None:
+    def offer_blocks(self, comp: torch.Tensor, extremes: torch.Tensor) -> Taken:
         """Offer a block of candidates for every group: comp [groups, B] (candidate p = group * B + b, the
-        position fetch and extremes take). Only the groups with a candidate better than their worst entry are
-        merged, each with its whole block (the others cannot be kept), so nothing is compacted."""
+        position extremes and the returned rows take). Only the groups with a candidate better than their worst entry
+        are merged, each with its whole block (the others cannot be kept), so nothing is compacted."""
         if self.k == 0 or comp.numel() == 0:
-            return
+            return self._nothing()
         passing = (comp < self.comp.max(dim=1).values[:, None]).any(1)
         touched = passing.nonzero().squeeze(1)
         if touched.numel() == 0:
-            return
+            return self._nothing()
         positions = torch.arange(comp.numel(), device=comp.device).view(comp.shape)
         if touched.numel() == comp.shape[0]:
-            self._merge_rows(None, comp, positions.view(-1), comp.view(-1), fetch, extremes)
-        else:
-            self._merge_rows(touched, comp[touched], positions[touched].view(-1), comp.view(-1), fetch, extremes)
+            return self._merge_rows(None, comp, positions.view(-1), comp.view(-1), extremes)
+        return self._merge_rows(touched, comp[touched], positions[touched].view(-1), comp.view(-1), extremes)
 
     def _merge_rows(
         self, touched: torch.Tensor | None, new: torch.Tensor, new_pos: torch.Tensor, comp: torch.Tensor,
-        fetch: Callable[[torch.Tensor], torch.Tensor], extremes: torch.Tensor | None,
-    ) -> None:
+        extremes: torch.Tensor,
+    ) -> Taken:
         """Merge new [rows, W] composites (EMPTY for none; new_pos, flat, their positions among the offered
         candidates `comp`) into the groups `touched` (None: every group, in order)."""
         old = self.comp if touched is None else self.comp[touched]
@@ -184,22 +193,17 @@ class SmallestK:
         if not bool(real.all()):
             free_row, free_slot, positions = free_row[real], free_slot[real], positions[real]
         if positions.numel() == 0:
-            return
+            return self._nothing()
         slots = (free_row if touched is None else touched[free_row]) * self.k + free_slot
         self.comp.view(-1).index_copy_(0, slots, comp.index_select(0, positions))
-        rows = fetch(positions)
-        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
-        if extremes is None:
-            ext = torch.stack([rows.amax(1), rows.amin(1)], 1).float()
-        else:
-            ext = extremes.index_select(0, positions)
-        self.ext.view(-1, 2).index_copy_(0, slots, ext)
+        self.ext.view(-1, 2).index_copy_(0, slots, extremes.index_select(0, positions))
+        return Taken(slots + self.base, positions)
 
     def merge(self, cand: torch.Tensor, source: torch.Tensor, extremes: torch.Tensor) -> Moves:
         """Fixed-shape offer, with no read back to the host: `cand` [groups, W] composites (EMPTY for none) and
         `source` [groups, W] their positions among the offered candidates (any value where EMPTY); `extremes`
         [positions, 2] their exact (max, min). Keys and extremes are updated now; the slots that take a newcomer are
-        returned, for `move_rows` to copy their activations in."""
+        returned, for `taken` to list."""
         k, width = self.k, cand.shape[1]
         both = torch.cat([self.comp, cand], 1)  # [groups, k + W]
         chosen = torch.topk(both, k, dim=1, largest=False, sorted=False).indices
@@ -217,13 +221,10 @@ class SmallestK:
         self.ext = torch.where(moving[:, :, None], extremes[safe], self.ext)
         return Moves(moving, safe, moving.sum())
 
-    def move_rows(self, moves: Moves, count: int, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Copy the activations of a merge's newcomers (`count` = moves.count, read by the caller) into their slots."""
-        if count == 0:
-            return
+    def taken(self, moves: Moves, count: int) -> Taken:
+        """The rows a merge admitted, given their number (`count` = moves.count, read by the caller)."""
         slots = torch.nonzero_static(moves.moving.view(-1), size=count).squeeze(1)
-        rows = fetch(moves.position.view(-1)[slots])
-        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slots, rows.to(self.acts.dtype))
+        return Taken(slots + self.base, moves.position.view(-1)[slots])
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Excerpt ids (-1 empty), activations and (max, min) with each group's entries in (key, id) order."""
