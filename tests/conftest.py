@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -409,3 +410,21 @@ class SpoolWatch:
     @property
     def folded_midway(self) -> bool:
         return self.folded and self.resumed
+
+
+@pytest.fixture(scope="module")
+def sampled() -> tuple[Any, Any]:
+    """Awkward random activations [600, 10, 12] and their excerpt ids (tests/sampling_data.py), for the sampler and
+    summary tests."""
+    from sampling_data import SETTINGS, make_data
+
+    return make_data(600, SETTINGS.length, 12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def sampled_state(sampled: tuple[Any, Any]) -> Any:
+    """The state of one LayerAccumulator run over `sampled`, streamed in uneven batches."""
+    from sampling_data import SETTINGS, accumulate
+
+    acts, ids = sampled
+    return accumulate(acts, ids, SETTINGS)

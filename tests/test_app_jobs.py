@@ -22,7 +22,8 @@ from textual.widgets import Label, ProgressBar
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
-from neuronscope.tui.app import CONFIRM_ABOVE, NeuronscopeApp
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.job_actions import CONFIRM_ABOVE
 from neuronscope.tui.screens.modals import MessageScreen
 from neuronscope.tui.widgets.jobs import PROGRESS_INTERVAL
 from neuronscope.tui.widgets.neuron_table import HEADER_LINES, NeuronTable

@@ -1,0 +1,126 @@
+"""The app's job actions: explain and score jobs on the shown, marked, filtered or current neurons (`e`, `x`, a
+person's own explanation), cancelling them (`c`), their results and failures as they land, and quitting once they
+stop; a mixin of neuronscope.tui.app.NeuronscopeApp, which provides the store, the run, the table and the jobs
+panel."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from rich.text import Text
+
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.jobs.engine import JobSettings
+from neuronscope.tui.render import visible
+from neuronscope.tui.screens.modals import MessageScreen
+from neuronscope.tui.screens.neuron import NeuronScreen
+from neuronscope.tui.widgets.jobs import JobHandle, JobsPanel, job_label
+
+#: A job on more neurons than this asks first.
+CONFIRM_ABOVE = 50
+
+
+class JobActions:
+    """What NeuronscopeApp needs for these actions is declared here; the app provides it."""
+
+    store: Any
+    run_info: Any
+    author: str
+    settings: JobSettings
+    backend_options: dict[str, object]
+    concurrency: int | None
+    quitting: bool
+    _dirty: set[NeuronId]
+    table: Any
+    jobs: Any
+    screen: Any
+    notify: Any
+    push_screen: Any
+    refresh_bindings: Any
+    exit: Any
+    current_neuron: Any
+    _reload_landed: Any
+
+    def _job_scope(self) -> tuple[tuple[NeuronId, ...], str]:
+        if isinstance(self.screen, NeuronScreen):
+            return (self.screen.position,), "shown"
+        table = self.table
+        if table.marked:
+            return tuple(sorted(table.marked)), "marked"
+        if table.query_spec.filtered:
+            query = table.query_spec
+            return tuple(table.read(lambda reader: reader.neuron_keys(self.run_info.run_id, query))), "filtered"
+        current = self.current_neuron()
+        return ((current,) if current else ()), "cursor"
+
+    def action_job(self, kind: str) -> None:
+        neurons, scope = self._job_scope()
+        if not neurons:
+            return
+        settings = replace(self.settings, kind=kind)
+        if len(neurons) <= CONFIRM_ABOVE:
+            self.start(settings, neurons, scope)
+            return
+        verb = "explain and score" if kind == "run" else kind
+        question = MessageScreen(f"{verb} {len(neurons):,} {scope} neurons?", [
+            Text(f"explainer {settings.explainer}, simulator {settings.simulator}"),
+            Text("The job runs in the background; c cancels it, and the same job started again resumes it.")],
+            question=True)
+        self.push_screen(question, lambda yes: self.start(settings, neurons, scope) if yes else None)
+
+    def score_own(self, neuron: NeuronId, text: str) -> None:
+        """Store a person's own explanation of a neuron and score it in the background, as `score --explanation`
+        does (the same job, so either resumes the other)."""
+        settings = replace(self.settings, kind="score", explanation=text, author=self.author, output=False)
+        self.start(settings, (neuron,), "yours")
+        self.notify(f"scoring your explanation of {neuron} with {settings.simulator}", markup=False)
+
+    def start(self, settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> None:
+        """Start a job in a worker (it writes beside the store, which other processes may have open too)."""
+        handle = JobHandle(settings, neurons, job_label(settings, neurons, scope), concurrency=self.concurrency)
+        self.jobs.start(self.store, self.run_info, handle, dict(self.backend_options))
+        self.refresh_bindings()
+
+    def action_cancel(self) -> None:
+        handle = self.jobs.cancel_newest()
+        if handle is not None:
+            self.notify(f"stopping {handle.label} before its next LLM call; the same job started again resumes it")
+        self.refresh_bindings()
+
+    def on_jobs_panel_landed(self, message: JobsPanel.Landed) -> None:
+        self._dirty.add(message.neuron)
+        if message.error:
+            self.notify(f"{message.neuron} failed: {visible(message.error)}", severity="error", markup=False)
+
+    def on_jobs_panel_finished(self, message: JobsPanel.Finished) -> None:
+        handle = message.handle
+        self._reload_landed()
+        self.refresh_bindings()
+        if self.quitting and not self.jobs.running:
+            self.exit()
+            return
+        problems = [Text(f"{neuron}: ", style="bold") + Text(error) for neuron, error in handle.failures[:20]]
+        if len(handle.failures) > 20:
+            problems.append(Text(f"… and {len(handle.failures) - 20} more"))
+        if message.error:
+            problems.insert(0, Text(message.error))
+        if problems:
+            title = f"{handle.label}: {handle.state}" + (
+                f", {len(handle.failures)} neuron{'s' if len(handle.failures) != 1 else ''} failed"
+                if handle.failures else "")
+            problems.append(Text("Start the same job again to retry the failed neurons.", style="dim"))
+            self.push_screen(MessageScreen(title, problems))
+        elif handle.state == "complete":
+            self.notify(f"{handle.label}: complete")
+
+    async def action_quit(self) -> None:
+        if not self.jobs.running:
+            self.exit()
+            return
+        if self.quitting:
+            self.notify("still waiting for the current LLM calls; the store stays consistent either way")
+            return
+        self.quitting = True
+        self.jobs.cancel_all()
+        self.notify("stopping jobs after their current LLM call, then quitting; they resume when started again")
