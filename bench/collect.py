@@ -11,8 +11,9 @@ With --random SHAPE (gpt2-xl, llama-3.1-8b, tiny; bench/shapes.py) nothing is do
 the model is randomly initialised, the tokenizer is the folder --tokenizer (see bench/gpu_local.py
 --save-tokenizer), and it measures the collection pass alone against the bare forward pass, once per bookkeeping
 path (`fixed`: fixed-shape merges, the GPU default; `filtered`: the CPU default), with the host reads back from
-the GPU counted per batch. --check compares the two paths' results exactly on the first layers. It runs from a
-plain checkout with torch and transformers only. Prints JSON lines.
+the GPU counted per batch. --check compares the two paths' results exactly on the first layers, and the compiled
+statistics kernel with eager on one batch. It runs from a plain checkout with torch and transformers only. Prints
+JSON lines.
 
 Everything is measured in one run on one machine and printed as ratios; absolute times are noise.
 """
@@ -207,7 +208,31 @@ def random_pass(args: argparse.Namespace) -> None:
                   for a, b in zip(got["fixed"], got["filtered"]))
         print(json.dumps({"check": "fixed == filtered", "layers": len(check_layers), "excerpts": len(small.excerpt_ids),
                           "identical": same}), flush=True)
+        print(json.dumps(compiled_against_eager(subject, small, check_layers[0], batch)), flush=True)
     print(json.dumps({"total_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+
+def compiled_against_eager(subject, excerpts, layer: int, batch: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """The statistics kernel compiled (as a GPU collection runs it) against eager, on one batch of a layer's real
+    activations: everything but the power sums equal, the power sums to float rounding."""
+    import numpy as np
+    import torch
+
+    from neuronscope.core.collection.accumulate import compute_token_stats
+    from neuronscope.core.collection.sampling import unit_hash
+    from neuronscope.core.layerdata import HIST_EDGES
+
+    acts = subject.activations(torch.from_numpy(excerpts.token_ids[:batch].astype(np.int64)), (layer,))[layer]
+    units = torch.arange(acts.shape[2], device=acts.device)
+    args = (acts, torch.from_numpy(excerpts.excerpt_ids[:batch]).to(acts.device), unit_hash(0, layer, units), 8,
+            (units * (len(HIST_EDGES) + 1)).int())
+    want = compute_token_stats(*args)
+    got = torch.compile(compute_token_stats, dynamic=False)(*args)
+    finite = torch.isfinite(want[0]).all(0)
+    rel = ((got[0] - want[0]).abs()[:, finite] / want[0].abs()[:, finite].amax(1, keepdim=True).clamp_min(1e-30))
+    return {"check": "compiled statistics kernel == eager", "layer": layer, "excerpts": int(acts.shape[0]),
+            "identical_but_sums": all(torch.equal(w, g) for w, g in zip(want[1:], got[1:], strict=True)),
+            "sums_max_relative_error": float(rel.max()) if rel.numel() else 0.0}
 
 
 def sparse_against_neurons(subject, excerpts, settings, batch: int, multiple: int, sync) -> None:  # type: ignore[no-untyped-def]
@@ -283,7 +308,7 @@ def main() -> None:
                         help="tokenizer folder for --random")
     parser.add_argument("--paths", nargs="+", choices=("fixed", "filtered"), default=["fixed", "filtered"],
                         help="bookkeeping paths to measure with --random")
-    parser.add_argument("--check", action="store_true", help="with --random: the two paths' results are identical")
+    parser.add_argument("--check", action="store_true", help="with --random: the two paths' results are identical, and the compiled kernel is eager's")
     parser.add_argument("--sae-width", type=int, default=0, metavar="M",
                         help="with --random: also collect a random TopK sparse coder of M x the MLP width at the middle "
                              "layer against that layer's MLP neurons")
