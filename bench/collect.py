@@ -47,6 +47,7 @@ def throughput(args: argparse.Namespace) -> None:
     excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
     batch = args.batch_size or auto_batch_size(subject, layers, 64)
     n = len(excerpts.excerpt_ids)
+    last_layer = max(layers)  # the bare forward pass runs as far as the collection's does
 
     def sync() -> None:
         if subject.device.type == "cuda":
@@ -55,7 +56,8 @@ def throughput(args: argparse.Namespace) -> None:
     def bare(start: int = 0, stop: int = n) -> float:
         started = time.perf_counter()
         for i in range(start, stop, batch):
-            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : min(i + batch, stop)].astype(np.int64)))
+            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : min(i + batch, stop)].astype(np.int64)),
+                                 last_layer)
         sync()
         return time.perf_counter() - started
 
@@ -148,7 +150,7 @@ def random_pass(args: argparse.Namespace) -> None:
         sync()
         started = time.perf_counter()
         for i in range(0, n, batch):
-            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : i + batch].astype(np.int64)))
+            subject.bare_forward(torch.from_numpy(excerpts.token_ids[i : i + batch].astype(np.int64)), max(layers))
         sync()
         return time.perf_counter() - started
 

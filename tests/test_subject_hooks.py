@@ -307,6 +307,12 @@ def test_only_requested_layers_and_forward_stops_early() -> None:
         calls.clear()
         subject.activations(_ids(), (2,))
         assert calls == ["block1", "block2"]
+        calls.clear()
+        subject.bare_forward(_ids(), last_layer=1)  # the benchmarks' reference: as far as a collection of layer 1
+        assert calls == ["block1"]
+        calls.clear()
+        subject.bare_forward(_ids())
+        assert calls == ["block1", "block2", "norm", "lm_head"]
     finally:
         for handle in spy:
             handle.remove()

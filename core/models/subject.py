@@ -233,13 +233,27 @@ class Subject:
             return module.register_forward_hook(after)
         raise SubjectError(f"unknown hook point {point!r}: use resid_pre, resid_post, mlp_in or mlp_out")
 
-    def bare_forward(self, token_ids: Any) -> None:
-        """The model's plain forward pass on a batch, for benchmarks."""
+    def bare_forward(self, token_ids: Any, last_layer: int | None = None) -> None:
+        """The model's plain forward pass on a batch, for benchmarks: with `last_layer`, only as far as a collection
+        whose last layer that is runs it (to that layer's MLP neurons), else to the last position's logits."""
         import torch
 
-        ids = torch.as_tensor(token_ids, dtype=torch.long).to(self.device)
+        ids = self._with_prefix(token_ids)
         with torch.inference_mode():
-            self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            if last_layer is None:
+                self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                return
+
+            def stop(*_: Any) -> None:
+                raise _StopForward
+
+            handle = self.projections[last_layer].register_forward_pre_hook(stop)
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
 
     def token_strings(self, token_ids: Any) -> list[str]:
         """Each token decoded on its own (partial UTF-8 shows as U+FFFD)."""
