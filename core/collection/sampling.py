@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 EMPTY = torch.iinfo(torch.int64).max
+#: offer_blocks merges whole blocks unless fewer than 1 in this many candidates pass.
+SPARSE_BLOCKS = 8
 _MASK63 = (1 << 63) - 1
 
 
@@ -143,9 +145,13 @@ class SmallestK:
         if self.k == 0 or comp.numel() == 0:
             return self._nothing()
         pos = (comp < self.comp.max(dim=1).values[group]).nonzero().squeeze(1)  # better than the group's worst
+        return self._offer_passing(pos, group[pos], comp, extremes)
+
+    def _offer_passing(self, pos: torch.Tensor, group: torch.Tensor, comp: torch.Tensor, extremes: torch.Tensor
+                       ) -> Taken:
+        """Merge the candidates at `pos` (those better than their group's worst entry; `group` theirs)."""
         if pos.numel() == 0:
             return self._nothing()
-        group = group[pos]
         if group.numel() > 1 and not bool((group[1:] >= group[:-1]).all()):
             order = torch.argsort(group, stable=True)
             pos, group = pos[order], group[order]
@@ -162,14 +168,16 @@ class SmallestK:
 
     def offer_blocks(self, comp: torch.Tensor, extremes: torch.Tensor) -> Taken:
         """Offer a block of candidates for every group: comp [groups, B] (candidate p = group * B + b, the
-        position extremes and the returned rows take). Only the groups with a candidate better than their worst entry
-        are merged, each with its whole block (the others cannot be kept), so nothing is compacted."""
+        position extremes and the returned rows take). While many pass (a run's first batches), the groups with a
+        candidate better than their worst entry are merged each with its whole block (the others cannot be kept), so
+        nothing is compacted; once few do, only those that pass are, as `offer` merges them."""
         if self.k == 0 or comp.numel() == 0:
             return self._nothing()
-        passing = (comp < self.comp.max(dim=1).values[:, None]).any(1)
-        touched = passing.nonzero().squeeze(1)
-        if touched.numel() == 0:
-            return self._nothing()
+        passing = comp < self.comp.max(dim=1).values[:, None]  # [groups, B]
+        pos = passing.view(-1).nonzero().squeeze(1)  # in group order
+        if pos.numel() * SPARSE_BLOCKS < comp.numel():
+            return self._offer_passing(pos, pos // comp.shape[1], comp.view(-1), extremes)
+        touched = passing.any(1).nonzero().squeeze(1)
         positions = torch.arange(comp.numel(), device=comp.device).view(comp.shape)
         if touched.numel() == comp.shape[0]:
             return self._merge_rows(None, comp, positions.view(-1), comp.view(-1), extremes)
