@@ -174,8 +174,8 @@ class SmallestK:
         if self.k == 0 or comp.numel() == 0:
             return self._nothing()
         passing = comp < self.comp.max(dim=1).values[:, None]  # [groups, B]
-        pos = passing.view(-1).nonzero().squeeze(1)  # in group order
-        if pos.numel() * SPARSE_BLOCKS < comp.numel():
+        if int(passing.sum()) * SPARSE_BLOCKS < comp.numel():
+            pos = passing.view(-1).nonzero().squeeze(1)  # in group order
             return self._offer_passing(pos, pos // comp.shape[1], comp.view(-1), extremes)
         touched = passing.any(1).nonzero().squeeze(1)
         positions = torch.arange(comp.numel(), device=comp.device).view(comp.shape)

@@ -243,17 +243,11 @@ class Subject:
             if last_layer is None:
                 self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
                 return
-
-            def stop(*_: Any) -> None:
-                raise _StopForward
-
-            handle = self.projections[last_layer].register_forward_pre_hook(stop)
-            try:
-                self.model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
+            with self._hooks((last_layer,), {}):  # the collection's own hook, which stops the pass there
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
 
     def token_strings(self, token_ids: Any) -> list[str]:
         """Each token decoded on its own (partial UTF-8 shows as U+FFFD)."""
