@@ -19,6 +19,7 @@ from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
 from textual.widgets import Label, ProgressBar
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
@@ -221,6 +222,10 @@ async def test_the_app_shows_what_a_job_in_another_process_landed(fresh_store: P
         assert result.code == 0, result.err
         await until(pilot, lambda: table.row(2).explanation == "the word blue", seconds=10)  # type: ignore[union-attr]
         assert table.row(2).score is not None  # type: ignore[union-attr]
+        app._dirty.add(NeuronId(0, 2))
+    # A timer's tick that comes while the app closes (its widgets removed, its store closed) does nothing.
+    for tick in (app._reload_spooled, app._reload_landed, app._read_ahead):
+        tick()
 
 
 @pytest.mark.slow

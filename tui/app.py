@@ -5,9 +5,11 @@ first job starts; imports no torch until a job loads a model."""
 
 from __future__ import annotations
 
+import functools
 import getpass
 import random
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, cast
@@ -51,6 +53,16 @@ ASIDE_SECONDS = 10.0
 READ_AHEAD_AFTER = 0.05
 #: Actions that act on the table, not offered on a neuron's screen.
 TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark", "lists"}
+
+
+def while_running(tick: Callable[[NeuronscopeApp], None]) -> Callable[[NeuronscopeApp], None]:
+    """A timer's callback that does nothing once the app is closing: a tick can come while its widgets are being
+    removed and its store closed."""
+    @functools.wraps(tick)
+    def guarded(app: NeuronscopeApp) -> None:
+        if app.is_running:
+            tick(app)
+    return guarded
 
 
 class NeuronscopeApp(JobActions, TriageActions, App[None]):
@@ -223,6 +235,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
             self._ahead_timer.stop()
         self._ahead_timer = self.set_timer(READ_AHEAD_AFTER, self._read_ahead)
 
+    @while_running
     def _read_ahead(self) -> None:
         """Read the neuron under the resting cursor ahead, once the neuron screen exists (its first opening lays it
         out), so that Enter finds it rendered."""
@@ -335,6 +348,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
             ("Neuron screen", keys(NeuronScreen.BINDINGS) + [("e / x", "act on the neuron shown")]),
         ]))
 
+    @while_running
     def _reload_spooled(self) -> None:
         """Show what jobs in other processes landed since the last look (they write beside the store); close the
         store for a moment when one asks to fold what they wrote into it (a job of this app's own needs the store
@@ -357,6 +371,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
             if isinstance(screen, NeuronScreen):
                 screen.reload()
 
+    @while_running
     def _reload_landed(self) -> None:
         """Show the neurons that landed since the last tick (rate-limited, so fast backends stay smooth)."""
         if not self._dirty:
