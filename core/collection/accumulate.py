@@ -269,8 +269,10 @@ def compute_token_stats(
     mean = x.mean(1, keepdim=True)  # [B, 1, F]
     d = x - mean
     d2 = d * d
-    s1, s2, s3, s4, positive = torch.stack(
-        [d.sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1), (x > 0).float().sum(1)]).double()  # [B, F] each
+    # [B, F] each; stacked, the seven reductions compile to one loop (apart, the extremes took a pass of their own)
+    s1, s2, s3, s4, positive, ex_max, ex_min = torch.stack(
+        [d.sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1), (x > 0).float().sum(1), x.amax(1), x.amin(1)])
+    s1, s2, s3, s4, positive = (s.double() for s in (s1, s2, s3, s4, positive))
     m = mean.squeeze(1).double()
     m2 = m * m
     sums = torch.stack([(t * m + s1).sum(0),
@@ -278,13 +280,12 @@ def compute_token_stats(
                         (t * m2 * m + 3 * m2 * s1 + 3 * m * s2 + s3).sum(0),
                         (t * m2 * m2 + 4 * m2 * m * s1 + 6 * m2 * s2 + 4 * m * s3 + s4).sum(0),
                         positive.sum(0)])
-    ex_max, ex_min = x.amax(1), x.amin(1)  # [B, F]
     maxes, mins = ex_max.t(), ex_min.t()  # [F, B]
     ids = excerpt_ids[None, :]
     random = composite(keys_from(unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :]), ids)
     return (sums, ex_max.amax(0), ex_min.amin(0), ex_max.amin(0), hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
             torch.stack([maxes, mins], 2).reshape(-1, 2), composite(-maxes, ids), composite(mins, ids), random,
-            cell_bins(maxes))
+            cell_bins(maxes).contiguous())
 
 
 #: A CPU collection compiles its statistics kernel when it folds in at least this many excerpts, summed over layers.
