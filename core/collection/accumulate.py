@@ -270,9 +270,9 @@ def compute_token_stats(
     d = x - mean
     d2 = d * d
     # [B, F] each; stacked, the seven reductions compile to one loop (apart, the extremes took a pass of their own)
-    s1, s2, s3, s4, positive, ex_max, ex_min = torch.stack(
+    reduced = torch.stack(
         [d.sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1), (x > 0).float().sum(1), x.amax(1), x.amin(1)])
-    s1, s2, s3, s4, positive = (s.double() for s in (s1, s2, s3, s4, positive))
+    (s1, s2, s3, s4, positive), ex_max, ex_min = reduced[:5].double(), reduced[5], reduced[6]
     m = mean.squeeze(1).double()
     m2 = m * m
     sums = torch.stack([(t * m + s1).sum(0),
