@@ -165,6 +165,9 @@ def test_empty_inputs(tmp_path):
 
 def test_a_file_that_is_not_text_says_why(tmp_path):
     assert "is not text: it looks binary (14% of its bytes are NUL" in error(write(tmp_path / "a.txt", b"abc\x00def"))
+    assert "it looks binary (50% of its bytes are NUL" in error(write(tmp_path / "utf16.txt", "plain text".encode("utf-16-le")))
+    typed = write(tmp_path / "typed.txt", b"hello\x00world, a line typed by hand\n")  # 1 byte in 35: text
+    assert list(iter_documents(CorpusSpec(str(typed)))) == ["hello\x00world, a line typed by hand"]
     assert ("is not text: it is not UTF-8 text (2 invalid bytes, the first byte 0xff at offset 0): convert it to "
             "UTF-8") in error(write(tmp_path / "b.txt", b"\xff\xfe"))
     assert "is not text: it is not a valid .gz file" in error(write(tmp_path / "c.txt.gz", b"not gzip"))

@@ -44,8 +44,9 @@ from pathlib import Path
 from neuronscope.core.errors import NeuronscopeError
 
 MAX_DOC_CHARS = 20_000
-#: A file with more than this share of NUL bytes is binary (or UTF-16), not text with stray NULs.
-MAX_NUL_SHARE = 0.01
+#: A file with more than this share of NUL bytes is binary (or UTF-16, where every other byte of ASCII text is NUL),
+#: not text with stray NULs: a line typed by hand with one NUL in it is text.
+MAX_NUL_SHARE = 0.1
 #: A file with more than this share of bytes that are not UTF-8 is in another encoding (or binary), not UTF-8 text
 #: with stray invalid bytes.
 MAX_INVALID_SHARE = 0.001
