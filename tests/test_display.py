@@ -1,12 +1,13 @@
-"""Numbers and tables that never mislead: a number formatted to its column is never cut, and the piped table of a
-job's scores stays one line a neuron at 80 columns."""
+"""Numbers and tables that never mislead: a number formatted to its column is never cut, the piped table of a
+job's scores stays one line a neuron at 80 columns, and a record's peak token reads as the excerpt shows it."""
 
 from __future__ import annotations
 
 from rich.console import Console
 
+from neuronscope.core.records import ActivationRecord
 from neuronscope.core.results import NeuronSummary, Score
-from neuronscope.tui.render import short_number, summaries_table
+from neuronscope.tui.render import record_line, short_number, summaries_table
 
 
 def test_a_number_fits_its_column_and_reads_right() -> None:
@@ -39,3 +40,14 @@ def test_the_scores_table_is_one_line_a_neuron_at_80_columns() -> None:
     plain = Console(width=80, record=True, color_system=None)
     plain.print(summaries_table(rows[:2], total=80))
     assert "yellow" not in plain.export_text()  # no caption when every score beats its shuffled control
+
+
+def test_a_records_peak_token_is_named_as_its_excerpt_shows_it() -> None:
+    """A control character is escaped once (a NUL reads \\x00 in the excerpt and in the peak's name, not \\\\x00), and
+    the name keeps its quotes and leading space."""
+    def line(tokens: tuple[str, ...]) -> str:
+        record = ActivationRecord("top", 0, 7, tokens, (0.1, 2.0, 0.3))
+        return record_line(record, 2.0).plain
+
+    assert line(("a", "\x00", "b")) == "  +2.000       '\\x00' a\\x00b"
+    assert line(("a", " the", "\x1b[31m")) == "  +2.000       ' the' a the\\x1b[31m"

@@ -109,9 +109,9 @@ def record_line(record: ActivationRecord, scale: float, negative: bool = False) 
     token is named in plain text too, so the line reads without colour (NO_COLOR, pipes)."""
     at = peak_index(record, negative)
     value = record.min if negative else record.max
-    token = visible(record.tokens[at]) if 0 <= at < len(record.tokens) else ""
+    token = f"'{visible(record.tokens[at])}'" if 0 <= at < len(record.tokens) else "''"
     line = Text(f"{value:+8.3f} ", style="dim")
-    line.append(f"{token!r:>12.12} ", style="bold")
+    line.append(f"{token:>12.12} ", style="bold")  # quoted as it is made visible, not escaped a second time
     line.append_text(record_text(record, scale, negative=negative))
     return line
 
