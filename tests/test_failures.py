@@ -29,8 +29,11 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["related", "--top", "2k"], ("argument --top", "2,000 is out of range", "from 1 to 1,000")),  # 2k is read
     (["collect", "--max-tokens", "1.5"], ("argument --max-tokens", "'1.5' is not a whole number (write 10000000 or 10M)")),
     (["collect", "--checkpoint-every", "soon"], ("argument --checkpoint-every", "not a duration: write 90s, 20m, 1h or off")),
+    (["collect", "--batch-size", "huge"], ("argument --batch-size", "'huge' is not a batch size: write a number of "
+                                           "excerpts (64) or auto")),
+    (["collect", "--batch-size", "0"], ("argument --batch-size", "0 is out of range", "from 1 to 65,536")),
 ], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers", "suffix",
-        "not-whole", "duration"])
+        "not-whole", "duration", "batch-size-word", "batch-size-zero"])
 def test_numbers_out_of_bounds_are_one_line(cli_store: tuple[Path, Result], args: list[str],
                                             needles: tuple[str, ...]) -> None:
     path, _ = cli_store

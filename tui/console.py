@@ -46,15 +46,16 @@ class Parser(argparse.ArgumentParser):
 SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
-def number(least: int, most: int | None = None) -> Callable[[str], int]:
+def number(least: int, most: int | None = None,
+           otherwise: str = "is not a whole number (write 10000000 or 10M)") -> Callable[[str], int]:
     """An argparse type: a whole number from `least` to `most`, written plainly or with a k, M or G suffix (10M,
-    2.5k); anything else is a one-line error naming the range."""
+    2.5k); anything else is a one-line error naming the range (or, for what is no whole number, `otherwise`)."""
 
     def parse(text: str) -> int:
         found = re.fullmatch(r"(-?\d+(?:\.\d+)?)([kMG]?)", text.strip().replace("_", "").replace(",", ""))
         scaled = Decimal(found.group(1)) * SUFFIXES[found.group(2)] if found else Decimal("NaN")
         if not scaled.is_finite() or scaled != scaled.to_integral_value():
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (write 10000000 or 10M)")
+            raise argparse.ArgumentTypeError(f"{text!r} {otherwise}")
         value = int(scaled)
         if value < least or (most is not None and value > most):
             allowed = f"from {least:,} to {most:,}" if most is not None else f"at least {least:,}"
@@ -66,7 +67,9 @@ def number(least: int, most: int | None = None) -> Callable[[str], int]:
 
 def batch_size(text: str) -> int | None:
     """An argparse type: excerpts per forward pass, or `auto` (None: the collector sizes it from free memory)."""
-    return None if text.strip().lower() == "auto" else number(1, 65_536)(text)
+    if text.strip().lower() == "auto":
+        return None
+    return number(1, 65_536, "is not a batch size: write a number of excerpts (64) or auto")(text)
 
 
 def duration(text: str) -> float | None:
