@@ -14,9 +14,10 @@ Sources (``CorpusSpec.source``):
 Text files are UTF-8. Control characters inside text, NUL included (common in crawled text), are text: they are
 stored as they are and shown inertly. Invalid bytes inside a mostly-UTF-8 file (at most ``MAX_INVALID_SHARE`` of
 its bytes) become U+FFFD and are counted (the ``replaced`` callback; ``strict_utf8`` refuses such a file instead);
-a file with more, one that is mostly NULs (binary, or UTF-16), or a damaged ``.gz`` is not text. Text files are
-split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph (blank-line) boundaries; CRLF line ends
-become LF. neuronscope.core.collection.excerpts tokenizes the documents and cuts them into numbered windows.
+a file with more, one where more than one byte in ten is NUL (binary, or UTF-16), or a damaged ``.gz`` is not text.
+Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph (blank-line) boundaries;
+CRLF line ends become LF. neuronscope.core.collection.excerpts tokenizes the documents and cuts them into numbered
+windows.
 
 Default corpus: The Jargon File, version 4.4.7 (Eric S. Raymond and contributors, 2003),
 which is in the public domain ("to be freely used, shared, and modified"). The file
