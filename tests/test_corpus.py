@@ -405,6 +405,10 @@ def test_import_is_light():
 
 def test_default_corpus_build_cache_and_rebuild(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONSCOPE_CACHE", str(tmp_path))
+    # No Debian copy and no apt-get (as on a machine with no network): the packaged copy alone builds it.
+    monkeypatch.setattr(default_corpus, "_SYSTEM_JARGON", tmp_path / "none.gz")
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     text = default_corpus.default_corpus_text()
     cached = list((tmp_path / "corpus").iterdir())
     assert len(cached) == 1
@@ -419,7 +423,7 @@ def test_default_corpus_build_cache_and_rebuild(tmp_path, monkeypatch):
 def test_default_corpus_unbuildable(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONSCOPE_CACHE", str(tmp_path))
     write(tmp_path / "data" / "jargon-4.4.7.txt.gz", gzip.compress(b"wrong text"))
-    monkeypatch.setattr(default_corpus, "_DATA_DIRS", (tmp_path / "data",))
+    monkeypatch.setattr(default_corpus, "_packaged", lambda: tmp_path / "data" / "jargon-4.4.7.txt.gz")
     monkeypatch.setattr(default_corpus, "_SYSTEM_JARGON", tmp_path / "none.gz")
     monkeypatch.setattr(default_corpus, "_apt_download_jargon", lambda: None)
     message = error("default")

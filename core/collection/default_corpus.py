@@ -17,6 +17,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from neuronscope.core.collection.corpus import CorpusError
@@ -25,8 +27,6 @@ DEFAULT_NAME = "jargon-file-4.4.7"
 _JARGON_FILE = "jargon-4.4.7.txt.gz"
 _JARGON_RAW_SHA256 = "40dfb4b98191a670a09a183d5798d50f243d23fdbd1495dcc0aca2ce5895ba97"
 _JARGON_TEXT_SHA256 = "a772368d3904882ae18e0af53d44b5d3c37237ccf911af65668fdb33ebb32d5f"
-_HERE = Path(__file__).resolve().parent
-_DATA_DIRS = (_HERE.parent / "data" / "corpus", _HERE / "data" / "corpus")
 _SYSTEM_JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 DESCRIPTION = f"default:{DEFAULT_NAME}@{_JARGON_TEXT_SHA256[:12]}"
 """How runs record the default corpus (see neuronscope.core.collection.corpus.describe)."""
@@ -66,7 +66,7 @@ def default_corpus_text() -> str:
 
 def _jargon_source() -> bytes:
     """The Jargon File text from the first place that has the expected bytes."""
-    for path in [*(d / _JARGON_FILE for d in _DATA_DIRS), _SYSTEM_JARGON]:
+    for path in (_packaged(), _SYSTEM_JARGON):
         data = _verified_gunzip(path)
         if data is not None:
             return data
@@ -80,7 +80,12 @@ def _jargon_source() -> bytes:
     )
 
 
-def _verified_gunzip(path: Path) -> bytes | None:
+def _packaged() -> Traversable:
+    """The copy inside the package (data/corpus in a checkout), wherever neuronscope is installed or imported from."""
+    return resources.files("neuronscope.data").joinpath("corpus", _JARGON_FILE)
+
+
+def _verified_gunzip(path: Traversable) -> bytes | None:
     try:
         data = gzip.decompress(path.read_bytes())
     except (OSError, EOFError):
