@@ -21,12 +21,14 @@ Everything is measured in one run on one machine and printed as ratios; absolute
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -211,7 +213,88 @@ def random_pass(args: argparse.Namespace) -> None:
         print(json.dumps({"check": "fixed == filtered", "layers": len(check_layers), "excerpts": len(small.excerpt_ids),
                           "identical": same}), flush=True)
         print(json.dumps(compiled_against_eager(subject, small, check_layers[0], batch)), flush=True)
+    if args.profile:
+        profile_update(subject, excerpts, layers[0], batch, settings, sync)
     print(json.dumps({"total_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+
+def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) -> None:  # type: ignore[no-untyped-def]
+    """Where one layer's bookkeeping spends its time, per path: the third and fourth batches' updates (after two that
+    fill the samplers) under torch.profiler, the operators that take the most device time (CPU time on a CPU), and
+    the wall time per update without the profiler. Then the three ways to count the histogram's bins of one batch."""
+    import json
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from neuronscope.core.collection.accumulate import Accumulator, token_stats_fn
+    from neuronscope.core.layerdata import HIST_EDGES
+
+    device = subject.device
+    cuda = device.type == "cuda"
+    parts = [slice(i * batch, (i + 1) * batch) for i in range(4)]
+    if len(excerpts.excerpt_ids) < 4 * batch:
+        print(json.dumps({"profile": "skipped: fewer than 4 batches of excerpts"}), flush=True)
+        return
+    acts = [subject.activations(torch.from_numpy(excerpts.token_ids[p].astype(np.int64)), (layer,))[layer]
+            for p in parts]
+    eids = [torch.from_numpy(excerpts.excerpt_ids[p].astype(np.int64)).to(device) for p in parts]
+    stats = token_stats_fn(device, 1 << 40)  # compiled where a collection would compile it
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+
+    def updated(fixed: bool, profiled: bool) -> tuple[float, Any]:
+        acc = Accumulator((layer,), subject.n_neurons, settings, subject.dtype, device, fixed)
+        for i in (0, 1):
+            acc.update(acts[i], eids[i], stats)
+        acc._settle()
+        sync()
+        with profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+            started = time.perf_counter()
+            for i in (2, 3):
+                acc.update(acts[i], eids[i], stats)
+            acc._settle()
+            sync()
+            wall = (time.perf_counter() - started) / 2
+        return wall, prof
+
+    def own(event: Any) -> float:  # microseconds of the operator's own time, on the device where there is one
+        if not cuda:
+            return float(event.self_cpu_time_total)
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0))
+
+    for path in ("fixed", "filtered"):
+        updated(path == "fixed", False)  # warm-up
+        wall, _ = updated(path == "fixed", False)
+        _, prof = updated(path == "fixed", True)
+        events = sorted(prof.key_averages(), key=own, reverse=True)
+        print(json.dumps({"profile": path, "layer": layer, "units": subject.n_neurons, "batch": batch,
+                          "wall_ms_per_update": round(wall * 1e3, 2),
+                          "own_ms_per_update": round(sum(own(e) for e in events) / 2e3, 2),
+                          "top": [[e.key[:70], round(own(e) / 2e3, 3), e.count // 2] for e in events[:14]]}),
+              flush=True)
+    units = torch.arange(subject.n_neurons, device=device)
+    index = (torch.randint(0, len(HIST_EDGES) + 1, (batch, 8, subject.n_neurons), device=device, dtype=torch.int32)
+             + (units * (len(HIST_EDGES) + 1)).int()).reshape(-1)
+    size = subject.n_neurons * (len(HIST_EDGES) + 1)
+    ones = torch.ones((), dtype=torch.int64, device=device).expand(len(index))
+    ways = {"index_put_ accumulate": lambda c: c.index_put_((index.long(),), ones, accumulate=True),
+            "scatter_add_": lambda c: c.scatter_add_(0, index.long(), ones),
+            "bincount": lambda c: c.add_(torch.bincount(index, minlength=size))}
+    timed, results = {}, []
+    for name, way in ways.items():
+        times = []
+        for _ in range(5):
+            counts = torch.zeros(size, dtype=torch.int64, device=device)
+            sync()
+            started = time.perf_counter()
+            way(counts)
+            sync()
+            times.append(time.perf_counter() - started)
+        timed[name] = round(sorted(times)[2] * 1e3, 3)
+        results.append(counts)
+    print(json.dumps({"histogram counts of one batch": len(index), "median_ms": timed,
+                      "equal": all(torch.equal(results[0], r) for r in results[1:])}), flush=True)
 
 
 def compiled_against_eager(subject, excerpts, layer: int, batch: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -314,6 +397,8 @@ def main() -> None:
     parser.add_argument("--sae-width", type=int, default=0, metavar="M",
                         help="with --random: also collect a random TopK sparse coder of M x the MLP width at the middle "
                              "layer against that layer's MLP neurons")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --random: where one layer's bookkeeping spends its time, per path (torch.profiler)")
     args = parser.parse_args()
     if args.random:
         random_pass(args)
