@@ -273,7 +273,14 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
                           "own_ms_per_update": round(sum(own(e) for e in events) / 2e3, 2),
                           "top": [[e.key[:70], round(own(e) / 2e3, 3), e.count // 2] for e in events[:14]]}),
               flush=True)
+    # The statistics kernel alone, against reading the layer's activations once (a sum of them): its floor.
+    from neuronscope.core.collection.sampling import unit_hash
+
     units = torch.arange(subject.n_neurons, device=device)
+    args = (acts[2], eids[2], unit_hash(0, layer, units), settings.hist_stride, (units * (len(HIST_EDGES) + 1)).int())
+    kernel = {"statistics kernel": lambda: stats(*args), "one read of the activations": lambda: acts[2].sum()}
+    print(json.dumps({"median_ms": {name: round(median_ms(way, sync), 3) for name, way in kernel.items()},
+                      "activations_mb": round(acts[2].numel() * acts[2].element_size() / 1e6)}), flush=True)
     index = (torch.randint(0, len(HIST_EDGES) + 1, (batch, 8, subject.n_neurons), device=device, dtype=torch.int32)
              + (units * (len(HIST_EDGES) + 1)).int()).reshape(-1)
     size = subject.n_neurons * (len(HIST_EDGES) + 1)
@@ -283,18 +290,25 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
             "bincount": lambda c: c.add_(torch.bincount(index, minlength=size))}
     timed, results = {}, []
     for name, way in ways.items():
-        times = []
-        for _ in range(5):
-            counts = torch.zeros(size, dtype=torch.int64, device=device)
-            sync()
-            started = time.perf_counter()
-            way(counts)
-            sync()
-            times.append(time.perf_counter() - started)
-        timed[name] = round(sorted(times)[2] * 1e3, 3)
+        counts = torch.zeros(size, dtype=torch.int64, device=device)
+        way(counts)
         results.append(counts)
+        timed[name] = round(median_ms(lambda way=way: way(torch.zeros_like(counts)), sync), 3)
     print(json.dumps({"histogram counts of one batch": len(index), "median_ms": timed,
                       "equal": all(torch.equal(results[0], r) for r in results[1:])}), flush=True)
+
+
+def median_ms(way, sync) -> float:  # type: ignore[no-untyped-def]
+    """The median of five timed calls, in milliseconds (after one untimed)."""
+    way()
+    times = []
+    for _ in range(5):
+        sync()
+        started = time.perf_counter()
+        way()
+        sync()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[2] * 1e3
 
 
 def compiled_against_eager(subject, excerpts, layer: int, batch: int) -> dict[str, object]:  # type: ignore[no-untyped-def]

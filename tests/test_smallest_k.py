@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from neuronscope.core.collection.sampling import SmallestK, composite, composite_ids, hash_keys
+from neuronscope.core.collection.sampling import EMPTY, SmallestK, composite, composite_ids, hash_keys
 
 CPU = torch.device("cpu")
 LAYER = 4
@@ -98,3 +98,20 @@ def test_hash_keys_never_reach_one() -> None:
     """[0, 1) as documented: a 52-bit fraction rounded to float32 can become exactly 1.0."""
     key = hash_keys(0, 0, torch.tensor([0]), torch.tensor([37856820]))
     assert key.item() < 1.0, key.item()
+
+
+def test_smallest_columns_pairwise_and_by_topk_agree() -> None:
+    """Narrow rows (the cell sampler's) are ranked pair by pair, wide ones by topk: both take a row's k smallest
+    values, whose columns come back unique and ascending; among EMPTY ties either may take any."""
+    from neuronscope.core.collection.sampling import PAIRWISE_WIDTH, _smallest_columns
+
+    gen = torch.Generator().manual_seed(3)
+    for width in (1, 2, 6, PAIRWISE_WIDTH, PAIRWISE_WIDTH + 1, 40):
+        values = torch.randperm(500 * width, generator=gen).view(500, width).to(torch.int64)
+        values[torch.rand(values.shape, generator=gen) < 0.3] = EMPTY
+        for k in {1, min(3, width), width}:
+            got = _smallest_columns(values, k)
+            want = torch.topk(values, k, dim=1, largest=False).values.sort(dim=1).values
+            assert got.shape == (500, k) and got.is_contiguous()
+            assert bool((got[:, 1:] > got[:, :-1]).all()), (width, k)
+            assert torch.equal(torch.gather(values, 1, got).sort(dim=1).values, want), (width, k)

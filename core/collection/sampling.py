@@ -115,6 +115,28 @@ def per_cell(comp: torch.Tensor, cells: torch.Tensor, n_cells: int, k: int) -> t
     return cand[:, :-1].reshape(units * n_cells, k), source[:, :-1].reshape(units * n_cells, k)
 
 
+#: Rows at most this wide are ranked by comparing every pair of entries (the cell sampler's: k + its k): torch.topk
+#: takes a thread block per row, and most of a batch's bookkeeping time on a GPU went to that for 166k rows of 6.
+PAIRWISE_WIDTH = 16
+
+
+def _smallest_columns(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, W] -> [rows, k]: per row, the columns of its k smallest values, in ascending column order. Among equal
+    values (EMPTY slots only: composites are unique), which are taken is left open."""
+    rows, width = values.shape
+    if width > PAIRWISE_WIDTH:
+        return torch.sort(torch.topk(values, k, dim=1, largest=False, sorted=False).indices, dim=1).values
+    column = torch.arange(width, device=values.device)
+    before = column[None, :] < column[:, None]  # [W, W]: column j before column i
+    a, b = values[:, :, None], values[:, None, :]
+    rank = ((b < a) | ((b == a) & before)).sum(2)  # [rows, W]: the entries ranked before each
+    kept = rank < k
+    place = (kept[:, None, :] & before).sum(2)  # [rows, W]: kept columns before each
+    chosen = torch.zeros((rows, k + 1), dtype=torch.int64, device=values.device)
+    chosen.scatter_(1, torch.where(kept, place, k), column.expand(rows, -1))
+    return chosen[:, :k].contiguous()
+
+
 class SmallestK:
     """Per group, the k entries with the smallest (key, excerpt id), each with its activations.
 
@@ -134,6 +156,7 @@ class SmallestK:
         self.base = base
         self.acts = self.storage[base : base + groups * k].view(groups, k, length)  # [groups, k, length]
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
+        self._slot_index: torch.Tensor | None = None
 
     def _nothing(self) -> Taken:
         none = torch.zeros(0, dtype=torch.int64, device=self.comp.device)
@@ -213,14 +236,16 @@ class SmallestK:
         [positions, 2] their exact (max, min). Keys and extremes are updated now; the slots that take a newcomer are
         returned, for `taken` to list."""
         k, width = self.k, cand.shape[1]
-        both = torch.cat([self.comp, cand], 1)  # [groups, k + W]
-        chosen = torch.topk(both, k, dim=1, largest=False, sorted=False).indices
-        kept = torch.zeros_like(both, dtype=torch.bool).scatter_(1, chosen, True)
-        freed = ~kept[:, :k]  # [groups, k]: as many per group as newcomers kept
-        # The r-th freed slot of a group (in slot order) takes its r-th kept newcomer (in candidate order).
-        newcomers = torch.sort((~kept[:, k:]).to(torch.int8), dim=1, stable=True).indices  # kept ones first
-        rank = (torch.cumsum(freed, 1) - 1).clamp_(0, width - 1)
-        column = torch.gather(newcomers, 1, rank)  # [groups, k]
+        both = torch.cat([self.comp, cand], 1)  # [groups, k + W]: column j < k is slot j, k + i is candidate i
+        # The k kept columns in order: the slots that stay, then the kept newcomers in candidate order. (Scans and
+        # sorts along rows as wide as the block cost milliseconds a batch on a GPU; these rows are k wide.)
+        chosen = _smallest_columns(both, k)
+        slot = self._slots(both.device)  # [groups, k]: 0 .. k - 1
+        staying_before = torch.searchsorted(chosen, slot)  # per slot, how many slots below it stay
+        freed = torch.gather(chosen, 1, staying_before.clamp(max=k - 1)) != slot
+        # The r-th freed slot of a group (r = slot - staying_before) takes its r-th kept newcomer.
+        staying = staying_before[:, -1:] + (~freed[:, -1:]).long()  # [groups, 1]
+        column = (torch.gather(chosen, 1, (staying + slot - staying_before).clamp(max=k - 1)) - k).clamp(0, width - 1)
         incoming = torch.gather(cand, 1, column)
         position = torch.gather(source, 1, column)
         self.comp = torch.where(freed, incoming, self.comp)
@@ -228,6 +253,12 @@ class SmallestK:
         safe = torch.where(moving, position, torch.zeros_like(position))
         self.ext = torch.where(moving[:, :, None], extremes[safe], self.ext)
         return Moves(moving, safe, moving.sum())
+
+    def _slots(self, device: torch.device) -> torch.Tensor:
+        """[groups, k]: each row 0 .. k - 1 (kept, as searchsorted wants its queries contiguous)."""
+        if self._slot_index is None:
+            self._slot_index = torch.arange(self.k, device=device).expand(self.comp.shape[0], -1).contiguous()
+        return self._slot_index
 
     def taken(self, moves: Moves, count: int) -> Taken:
         """The rows a merge admitted, given their number (`count` = moves.count, read by the caller)."""
