@@ -250,6 +250,35 @@ def test_fixed_shape_updates_keep_exactly_what_filtered_updates_keep(sampled: tu
     assert_same_result(live.result(), sampled_state)
 
 
+def test_fixed_shape_merges_offer_what_a_narrowed_merge_left_out() -> None:
+    """Once few candidates pass, a fixed-shape merge takes only each unit's first few; when a later batch brings more
+    (here excerpts 1,000 times larger than all before), the rest are offered once the counts are read: the records are
+    still exactly the brute-force ones, and the filtered path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    acts, ids = make_data(400, 10, 12, seed=5)
+    scale = np.concatenate([np.linspace(1.0, 0.1, 352), np.full(48, 1000.0)]).astype(np.float32)
+    acts = acts * scale[:, None, None]
+    sizes = (16,) * 22 + (48,)
+    filtered = feed(LayerAccumulator(LAYER, 12, SETTINGS, torch.float32, CPU, fixed=False), acts, ids, sizes).result()
+    acc = feed(LayerAccumulator(LAYER, 12, SETTINGS, torch.float32, CPU, fixed=True), acts, ids, sizes)
+
+    class Ops(TorchDispatchMode):
+        seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        fixed = acc.result()  # the last batch's rows are copied, and its left-out candidates offered, here
+    assert "nonzero" in Ops.seen  # the overflow's offer ran
+    assert_same_result(filtered, fixed)
+    for kind in KINDS:
+        assert np.array_equal(filtered.samples[kind].maxes, fixed.samples[kind].maxes), kind
+    check_samples(fixed, acts, ids, SETTINGS)
+
+
 def test_fixed_shape_updates_never_read_the_device_back() -> None:
     """A GPU waits for all queued work whenever the host reads a value back (nonzero, unique, bincount, .item(),
     boolean indexing): the fixed-shape update issues none of them, where the filtered one issues many."""

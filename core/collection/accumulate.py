@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from neuronscope.core.collection.sampling import (
+    EMPTY,
     Moves,
     SmallestK,
     Taken,
@@ -22,6 +23,7 @@ from neuronscope.core.collection.sampling import (
     excerpt_hash,
     hash_keys,
     keys_from,
+    narrow,
     per_cell,
     unit_hash,
 )
@@ -32,6 +34,13 @@ from neuronscope.core.records import CollectSettings
 #: neurons of the same layer in one pass (neuronscope.core.collection.collect.collect_beside). Sampling hashes the
 #: real layer, so the latents keep the records a collection of them alone keeps.
 LATENT_KEY = 1_000_000
+#: The narrowest a fixed-shape merge gets: the candidates it takes per unit and batch once few pass.
+MIN_WIDTH = 8
+#: A fixed-shape update's queued work: the merges' moves, the numbers read back (per sampler: rows moving, candidates
+#: passing, placed, most passing in a unit), the event they wait on, the batch's activations, what narrowed merges
+#: left out (passing, placed positions, composites), the cells of the excerpts' maxima and the candidates' extremes.
+_Pending = tuple[dict[str, Moves], torch.Tensor, Any, torch.Tensor,
+                 dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]
 #: The mantissa bits of float32 sqrt(2), for _half_powers.
 _SQRT2_MANTISSA = int(np.array([np.sqrt(2)], np.float32).view(np.int32)[0]) & 0x7FFFFF
 
@@ -51,7 +60,9 @@ class Accumulator:
         self.layers, self.neurons, self.settings = tuple(layers), neurons, settings
         #: Fixed-shape updates that never wait for the device (the default on a GPU; see sampling.py).
         self.fixed = device.type == "cuda" if fixed is None else fixed
-        self._pending: tuple[dict[str, Moves], torch.Tensor, Any, torch.Tensor] | None = None
+        self._pending: _Pending | None = None
+        #: Per sampler, how many passing candidates of a unit the next fixed-shape merge takes (the whole block first).
+        self._widths = dict.fromkeys(("top", "bottom", "random", "cell"), 1 << 62)
         units = self.units = len(self.layers) * neurons
         length = settings.length
         shapes = {"top": (units, settings.top_k), "bottom": (units, settings.bottom_k),
@@ -103,28 +114,91 @@ class Accumulator:
         self._count_into(self.cell_counts, cells.reshape(-1))
         if self.fixed:
             self._settle()  # the previous batch's rows
-            batch = acts.shape[0]
-            source = self._units[:, None] * batch + torch.arange(batch, device=acts.device)  # [units, B]
-            moves = {
-                "top": self.samplers["top"].merge(top, source, extremes),
-                "bottom": self.samplers["bottom"].merge(bottom, source, extremes),
-                "random": self.samplers["random"].merge(random, source, extremes),
-                "cell": self.samplers["cell"].merge(*per_cell(random, cell_of, CELLS, CELL_K), extremes),
-            }
-            counts = torch.stack([m.count for m in moves.values()])
-            event = None
-            if counts.is_cuda:  # copied back while the next forward pass runs; waited for at the next update
-                host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-                host.copy_(counts, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(counts.device))
-                counts = host
-            self._pending = (moves, counts, event, acts)
+            self._pending = self._merge_fixed(acts, {"top": top, "bottom": bottom, "random": random, "cell": random},
+                                              cell_of, extremes)
             return
         taken = [self.samplers[kind].offer_blocks(comp, extremes)
                  for kind, comp in (("top", top), ("bottom", bottom), ("random", random))]
         taken.append(self.samplers["cell"].offer(cells.reshape(-1), random.reshape(-1), extremes))
         self._copy_rows(taken, acts)
+
+    def _merge_fixed(self, acts: torch.Tensor, offered: dict[str, torch.Tensor], cell_of: torch.Tensor,
+                     extremes: torch.Tensor) -> _Pending:
+        """Every sampler's fixed-shape merge of a batch (candidate p = unit * B + excerpt b), queued with nothing read
+        back. A sampler merges the whole block while many candidates pass (a run's first batches); then only each
+        unit's first `width` passing ones (sampling.narrow), the width set from the previous batch's most passing in
+        a unit, with room to spare: few enter the lists late in a run, and a merge's cost is its width."""
+        batch = acts.shape[0]
+        source = self._units[:, None] * batch + torch.arange(batch, device=acts.device)  # [units, B]
+        moves, left, numbers = {}, {}, []
+        for kind, cand in offered.items():
+            sampler = self.samplers[kind]
+            cells = cell_of if kind == "cell" else None
+            if sampler.k == 0:
+                passing = torch.zeros_like(cand, dtype=torch.bool)
+            elif cells is None:
+                passing = cand < sampler.worst()[:, None]
+            else:
+                passing = cand < sampler.worst().view(self.units, CELLS).gather(1, cells)
+            width = self._widths[kind]
+            if width < batch:
+                block_source, placed = narrow(passing, width)
+                left[kind] = (passing, block_source, cand)
+                safe = block_source.clamp(max=passing.numel() - 1)
+                block = torch.where(block_source < passing.numel(), cand.view(-1)[safe], EMPTY)
+                block_cells = cells.reshape(-1)[safe] if cells is not None else None
+            else:
+                block, block_source, block_cells = cand, source, cells
+                placed = passing.sum()
+            if cells is not None:
+                cell_cand, cell_source = per_cell(block, block_cells, CELLS, CELL_K)
+                moves[kind] = sampler.merge(cell_cand, block_source.view(-1)[cell_source], extremes)
+            else:
+                moves[kind] = sampler.merge(block, block_source, extremes)
+            numbers += [moves[kind].count, passing.sum(), placed, passing.sum(1).amax()]
+        counts = torch.stack(numbers)
+        event = None
+        if counts.is_cuda:  # copied back while the next forward pass runs; waited for at the next update
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(counts.device))
+            counts = host
+        return moves, counts, event, acts, left, cell_of, extremes
+
+    def _settle(self) -> None:
+        """Copy the last fixed-shape update's activation rows into the samplers; offer the candidates a narrowed
+        merge left out (an overflow: more passed in a unit than its width); set the next widths."""
+        if self._pending is None:
+            return
+        moves, counts, event, acts, left, cell_of, extremes = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        numbers = counts.tolist()
+        overflow = []
+        for i, (kind, m) in enumerate(moves.items()):
+            count, passing, placed, most = numbers[4 * i : 4 * i + 4]
+            moves[kind] = self.samplers[kind].taken(m, count)  # type: ignore[assignment]
+            self._widths[kind] = max(MIN_WIDTH, 1 << (2 * most - 1).bit_length()) if most else MIN_WIDTH
+            if kind in left and passing > placed:
+                overflow.append(kind)
+        self._copy_rows(list(moves.values()), acts)  # type: ignore[arg-type]
+        if overflow:  # after the rows just copied: these offers may evict some of them
+            self._copy_rows([self._offer_left(kind, *left[kind], cell_of, extremes) for kind in overflow], acts)
+
+    def _offer_left(self, kind: str, passing: torch.Tensor, placed: torch.Tensor, cand: torch.Tensor,
+                    cell_of: torch.Tensor, extremes: torch.Tensor) -> Taken:
+        """Offer the passing candidates a narrowed merge did not place (reading sizes back: overflows are rare).
+        Offered after the merge, they meet the lists it left: exactly the entries one merge of all would keep."""
+        rest = passing.reshape(-1).clone()
+        placed = placed.reshape(-1)
+        rest[placed[placed < rest.numel()]] = False
+        pos = rest.nonzero().squeeze(1)
+        unit = pos // passing.shape[1]
+        group = unit * CELLS + cell_of.reshape(-1)[pos] if kind == "cell" else unit
+        taken = self.samplers[kind].offer(group, cand.reshape(-1)[pos], extremes[pos])
+        return Taken(taken.slots, pos[taken.positions])
 
     def _copy_rows(self, taken: list[Taken], acts: torch.Tensor) -> None:
         """Copy the admitted candidates' activations (candidate p = unit * B + excerpt b: acts[b, :, unit]) into the
@@ -153,17 +227,6 @@ class Accumulator:
             counts.scatter_add_(0, index.long(), torch.ones((), dtype=counts.dtype, device=counts.device).expand(len(index)))
         else:
             counts += torch.bincount(index, minlength=counts.numel())
-
-    def _settle(self) -> None:
-        """Copy the last fixed-shape update's activation rows into the samplers."""
-        if self._pending is None:
-            return
-        moves, counts, event, acts = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        self._copy_rows([self.samplers[kind].taken(m, n) for (kind, m), n in zip(moves.items(), counts.tolist())],
-                        acts)
 
     def absorb(self, other: LayerResult) -> None:
         """Merge another state of one of this accumulator's layers into it (a shard's, or a checkpoint's): exact."""

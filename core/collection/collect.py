@@ -344,7 +344,8 @@ def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int, widt
     128 slows its forward pass); on GPUs, the largest power of two (up to 1,024) whose working memory
     fits in half of each GPU's free memory. Per token that is the activations of the GPU's layers twice (a batch is
     kept until the next one's forward pass is queued, see accumulate.py), the model's own working memory (about 40
-    bytes per hidden unit), and the statistics' float32 and float64 copies of a group of layers."""
+    bytes per hidden unit), and the statistics' float32 and float64 copies of a group of layers; per excerpt and
+    unit, the candidates a fixed-shape update keeps with the batch."""
     import torch
 
     per_device: dict[Any, int] = {}
@@ -360,7 +361,8 @@ def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int, widt
     n = width or subject.n_neurons  # units per layer: MLP neurons, or a sparse coder's latents
     for batch in (1 << p for p in range(10, -1, -1)):
         tokens = batch * length
-        if all(tokens * (count * n * size * 2 + hidden * 40) + max(GROUP_ELEMENTS, tokens * n) * 20 <= free[device] // 2
+        if all(tokens * (count * n * size * 2 + hidden * 40) + batch * count * n * CANDIDATE_BYTES
+               + max(GROUP_ELEMENTS, tokens * n) * 20 <= free[device] // 2
                for device, count in gpus.items()):
             return batch
     return 1
@@ -420,3 +422,6 @@ def _excerpt_chunks(subject: Subject, excerpts: Excerpts,
 
 #: On a GPU, layers are joined for the bookkeeping in groups of about this many activations per batch.
 GROUP_ELEMENTS = 1 << 28
+#: Bytes per (excerpt, unit) candidate a fixed-shape update keeps until the next batch: three composites, a cell,
+#: (max, min) and four masks (accumulate.py's _merge_fixed), rounded up.
+CANDIDATE_BYTES = 48

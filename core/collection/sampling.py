@@ -12,7 +12,9 @@ on a CPU, but they read sizes back to the host (nonzero, unique, int(...)) a doz
 read waits for all queued work. `merge` + `taken` are the fixed-shape way, for GPUs: `merge` updates every group's
 keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading nothing
 back; `taken` then lists the incoming rows, given their number, which the caller reads once per batch, late enough
-that the GPU never waits (accumulate.py). Both keep exactly the same entries.
+that the GPU never waits (accumulate.py). Once few candidates pass, `narrow` hands `merge` only each unit's first few
+passing ones; the caller offers any it left out once it has read how many there were. Both ways keep exactly the
+same entries.
 
 Either way, an offer updates keys and extremes and returns what it admitted as `Taken` (storage rows and the
 candidates' positions): the caller copies the activation rows, for all its samplers at once, from a batch laid out
@@ -96,6 +98,22 @@ class Moves:
     """[groups, k] position among the offered candidates (0 where not moving)."""
     count: torch.Tensor
     """Scalar on the device: moving.sum()."""
+
+
+def narrow(passing: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `width` passing candidates of each unit, for a fixed-shape merge of far fewer than the whole block:
+    passing [units, B] bool -> (source [units, width], their positions u * B + b, units * B where a unit has fewer;
+    placed, a device scalar: how many were placed). The others of a unit with more than `width` are left out: the
+    caller offers them once it sees placed < passing.sum() (an overflow, rare by the choice of width)."""
+    units, batch = passing.shape
+    none = units * batch
+    pos = torch.nonzero_static(passing.view(-1), size=units * width, fill_value=none).squeeze(1)  # ascending
+    unit = pos // batch
+    column = torch.arange(len(pos), device=pos.device) - torch.searchsorted(unit, unit)  # rank within its unit
+    fits = (column < width) & (pos < none)
+    source = torch.full((units * width + 1,), none, dtype=torch.int64, device=pos.device)
+    source.scatter_(0, torch.where(fits, unit * width + column, units * width), pos)
+    return source[:-1].view(units, width), fits.sum()
 
 
 def per_cell(comp: torch.Tensor, cells: torch.Tensor, n_cells: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +277,10 @@ class SmallestK:
         if self._slot_index is None:
             self._slot_index = torch.arange(self.k, device=device).expand(self.comp.shape[0], -1).contiguous()
         return self._slot_index
+
+    def worst(self) -> torch.Tensor:
+        """[groups]: each group's worst kept composite (EMPTY while it has a free slot); k > 0."""
+        return self.comp.amax(1)
 
     def taken(self, moves: Moves, count: int) -> Taken:
         """The rows a merge admitted, given their number (`count` = moves.count, read by the caller)."""
