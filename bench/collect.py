@@ -273,12 +273,22 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
                           "own_ms_per_update": round(sum(own(e) for e in events) / 2e3, 2),
                           "top": [[e.key[:70], round(own(e) / 2e3, 3), e.count // 2] for e in events[:14]]}),
               flush=True)
-    # The statistics kernel alone, against reading the layer's activations once (a sum of them): its floor.
+    # The statistics kernel alone, against reading the layer's activations once (a sum of them): its floor. Then the
+    # candidates for a faster one: compiled with inductor's coordinate-descent tuning of its block sizes, and run
+    # on the activations laid out tokens last ([B, F, T], reductions along contiguous memory) after a copy.
+    from neuronscope.core.collection.accumulate import compute_token_stats
     from neuronscope.core.collection.sampling import unit_hash
 
     units = torch.arange(subject.n_neurons, device=device)
     args = (acts[2], eids[2], unit_hash(0, layer, units), settings.hist_stride, (units * (len(HIST_EDGES) + 1)).int())
+    last = acts[2].transpose(1, 2).contiguous()
     kernel = {"statistics kernel": lambda: stats(*args), "one read of the activations": lambda: acts[2].sum()}
+    if cuda:
+        tuned = torch.compile(compute_token_stats, dynamic=False, options={"coordinate_descent_tuning": True})
+        on_last = torch.compile(compute_token_stats, dynamic=False)
+        kernel.update({"tuned statistics kernel": lambda: tuned(*args),
+                       "copy to tokens last": lambda: acts[2].transpose(1, 2).contiguous(),
+                       "statistics kernel on tokens last": lambda: on_last(last, *args[1:], tokens=2)})
     print(json.dumps({"median_ms": {name: round(median_ms(way, sync), 3) for name, way in kernel.items()},
                       "activations_mb": round(acts[2].numel() * acts[2].element_size() / 1e6)}), flush=True)
     index = (torch.randint(0, len(HIST_EDGES) + 1, (batch, 8, subject.n_neurons), device=device, dtype=torch.int32)

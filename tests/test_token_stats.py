@@ -60,6 +60,21 @@ def test_candidate_keys() -> None:
     assert torch.equal(min_excerpt_max, acts.amax(1).amin(0))
 
 
+def test_token_stats_with_tokens_last() -> None:
+    """The kernel on activations laid out [B, F, T] (tokens=2) gives what it gives on [B, T, F]: the same extremes,
+    candidates, the same histogram entries in another order, and the power sums to float rounding."""
+    g = torch.Generator().manual_seed(4)
+    acts = torch.randn(6, 16, 9, generator=g) * torch.exp2(torch.randn(9, generator=g) * 3)
+    ids, hashes = torch.arange(6) * 7, unit_hash(1, 3, torch.arange(9))
+    offsets = (torch.arange(9) * (len(HIST_EDGES) + 1)).int()
+    want = compute_token_stats(acts, ids, hashes, 4, offsets)
+    got = compute_token_stats(acts.transpose(1, 2).contiguous(), ids, hashes, 4, offsets, tokens=2)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0.0)  # float32 sums in another order
+    assert torch.equal(got[4].reshape(-1).sort().values, want[4].reshape(-1).sort().values)
+    for w, c in zip(want[1:4] + want[5:], got[1:4] + got[5:], strict=True):
+        assert torch.equal(c, w)
+
+
 @pytest.mark.slow
 def test_compiled_token_stats_equal_eager() -> None:
     """Collections of 300 layer-batches or more run the kernel compiled: everything but the power sums is the eager

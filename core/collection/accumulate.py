@@ -312,7 +312,8 @@ class LayerAccumulator(Accumulator):
 
 
 def compute_token_stats(
-    acts: torch.Tensor, excerpt_ids: torch.Tensor, unit_hash: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor
+    acts: torch.Tensor, excerpt_ids: torch.Tensor, unit_hash: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor,
+    tokens: int = 1,
 ) -> tuple[torch.Tensor, ...]:
     """Everything one batch contributes before records are chosen, in one function of elementwise operations and
     reductions (so it compiles to a few fused loops): acts [B, T, F], excerpt_ids [B], unit_hash [F] (sampling.py) ->
@@ -327,17 +328,21 @@ def compute_token_stats(
     The power sums are kept in float64 (raw sums cancel badly in the central moments when |mean| >> std), but
     computed in float32, at twice float64's vector width: each excerpt's powers about its own mean m, whose
     sums are exact enough because they are small, then sum (m + d)^p expanded in float64.
+
+    `tokens` is the tokens' dimension: 1 as hooks give the activations, or 2 for acts [B, F, T] (then the histogram
+    indices are [B, F, T/stride]); bench/collect.py --profile times both layouts on a GPU.
     """
     x = acts.float()
-    t = x.shape[1]
-    mean = x.mean(1, keepdim=True)  # [B, 1, F]
+    t = x.shape[tokens]
+    mean = x.mean(tokens, keepdim=True)  # [B, 1, F] (or [B, F, 1])
     d = x - mean
     d2 = d * d
     # [B, F] each; stacked, the seven reductions compile to one loop (apart, the extremes took a pass of their own)
     reduced = torch.stack(
-        [d.sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1), (x > 0).float().sum(1), x.amax(1), x.amin(1)])
+        [d.sum(tokens), d2.sum(tokens), (d2 * d).sum(tokens), (d2 * d2).sum(tokens), (x > 0).float().sum(tokens),
+         x.amax(tokens), x.amin(tokens)])
     (s1, s2, s3, s4, positive), ex_max, ex_min = reduced[:5].double(), reduced[5], reduced[6]
-    m = mean.squeeze(1).double()
+    m = mean.squeeze(tokens).double()
     m2 = m * m
     sums = torch.stack([(t * m + s1).sum(0),
                         (t * m2 + 2 * m * s1 + s2).sum(0),
@@ -345,9 +350,13 @@ def compute_token_stats(
                         (t * m2 * m2 + 4 * m2 * m * s1 + 6 * m2 * s2 + 4 * m * s3 + s4).sum(0),
                         positive.sum(0)])
     maxes, mins = ex_max.t(), ex_min.t()  # [F, B]
+    if tokens == 1:
+        hist_index = hist_bins(x[:, ::hist_stride, :]) + hist_offsets
+    else:
+        hist_index = hist_bins(x[:, :, ::hist_stride]) + hist_offsets[:, None]
     ids = excerpt_ids[None, :]
     random = composite(keys_from(unit_hash[:, None], excerpt_hash(excerpt_ids)[None, :]), ids)
-    return (sums, ex_max.amax(0), ex_min.amin(0), ex_max.amin(0), hist_bins(x[:, ::hist_stride, :]) + hist_offsets,
+    return (sums, ex_max.amax(0), ex_min.amin(0), ex_max.amin(0), hist_index,
             torch.stack([maxes, mins], 2).reshape(-1, 2), composite(-maxes, ids), composite(mins, ids), random,
             cell_bins(maxes).contiguous())
 
