@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,24 @@ from neuronscope.core.records import CollectSettings
 LATENT_KEY = 1_000_000
 #: The narrowest a fixed-shape merge gets: the candidates it takes per unit and batch once few pass.
 MIN_WIDTH = 8
-#: A fixed-shape update's queued work: the merges' moves, the numbers read back (per sampler: rows moving, candidates
-#: passing, placed, most passing in a unit), the event they wait on, the batch's activations, what narrowed merges
-#: left out (passing, placed positions, composites), the cells of the excerpts' maxima and the candidates' extremes.
-_Pending = tuple[dict[str, Moves], torch.Tensor, Any, torch.Tensor,
-                 dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]
 #: The mantissa bits of float32 sqrt(2), for _half_powers.
 _SQRT2_MANTISSA = int(np.array([np.sqrt(2)], np.float32).view(np.int32)[0]) & 0x7FFFFF
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A fixed-shape update's queued work, settled at the next update."""
+
+    moves: dict[str, Moves]
+    counts: torch.Tensor
+    """Read back, per sampler: rows moving, candidates passing, placed, the most passing in a unit."""
+    event: Any
+    """What reading `counts` waits for (None on a CPU)."""
+    acts: torch.Tensor
+    left: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """Per narrowed merge: the passing mask, the placed positions and the composites, for an overflow's offer."""
+    cell_of: torch.Tensor
+    extremes: torch.Tensor
 
 
 class Accumulator:
@@ -164,28 +176,28 @@ class Accumulator:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(counts.device))
             counts = host
-        return moves, counts, event, acts, left, cell_of, extremes
+        return _Pending(moves, counts, event, acts, left, cell_of, extremes)
 
     def _settle(self) -> None:
         """Copy the last fixed-shape update's activation rows into the samplers; offer the candidates a narrowed
         merge left out (an overflow: more passed in a unit than its width); set the next widths."""
         if self._pending is None:
             return
-        moves, counts, event, acts, left, cell_of, extremes = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        numbers = counts.tolist()
-        overflow = []
-        for i, (kind, m) in enumerate(moves.items()):
+        pending, self._pending = self._pending, None
+        if pending.event is not None:
+            pending.event.synchronize()
+        numbers = pending.counts.tolist()
+        taken, overflow = [], []
+        for i, (kind, moves) in enumerate(pending.moves.items()):
             count, passing, placed, most = numbers[4 * i : 4 * i + 4]
-            moves[kind] = self.samplers[kind].taken(m, count)  # type: ignore[assignment]
+            taken.append(self.samplers[kind].taken(moves, count))
             self._widths[kind] = max(MIN_WIDTH, 1 << (2 * most - 1).bit_length()) if most else MIN_WIDTH
-            if kind in left and passing > placed:
+            if kind in pending.left and passing > placed:
                 overflow.append(kind)
-        self._copy_rows(list(moves.values()), acts)  # type: ignore[arg-type]
+        self._copy_rows(taken, pending.acts)
         if overflow:  # after the rows just copied: these offers may evict some of them
-            self._copy_rows([self._offer_left(kind, *left[kind], cell_of, extremes) for kind in overflow], acts)
+            self._copy_rows([self._offer_left(kind, *pending.left[kind], pending.cell_of, pending.extremes)
+                             for kind in overflow], pending.acts)
 
     def _offer_left(self, kind: str, passing: torch.Tensor, placed: torch.Tensor, cand: torch.Tensor,
                     cell_of: torch.Tensor, extremes: torch.Tensor) -> Taken:
