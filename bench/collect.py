@@ -219,9 +219,10 @@ def random_pass(args: argparse.Namespace) -> None:
 
 
 def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) -> None:  # type: ignore[no-untyped-def]
-    """Where one layer's bookkeeping spends its time, per path: the third and fourth batches' updates (after two that
-    fill the samplers) under torch.profiler, the operators that take the most device time (CPU time on a CPU), and
-    the wall time per update without the profiler. Then the three ways to count the histogram's bins of one batch."""
+    """Where one layer's bookkeeping spends its time, per path: the last two of up to ten batches' updates (after the
+    others have filled the samplers, as later in a run) under torch.profiler, the operators that take the most device
+    time (CPU time on a CPU), and the wall time per update without the profiler. Then the statistics kernel's
+    variants, and the three ways to count the histogram's bins of one batch."""
     import json
 
     import numpy as np
@@ -233,30 +234,31 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
 
     device = subject.device
     cuda = device.type == "cuda"
-    parts = [slice(i * batch, (i + 1) * batch) for i in range(4)]
-    if len(excerpts.excerpt_ids) < 4 * batch:
+    count = min(10, len(excerpts.excerpt_ids) // batch)
+    if count < 4:
         print(json.dumps({"profile": "skipped: fewer than 4 batches of excerpts"}), flush=True)
         return
+    parts = [slice(i * batch, (i + 1) * batch) for i in range(count)]
     acts = [subject.activations(torch.from_numpy(excerpts.token_ids[p].astype(np.int64)), (layer,))[layer]
             for p in parts]
     eids = [torch.from_numpy(excerpts.excerpt_ids[p].astype(np.int64)).to(device) for p in parts]
     stats = token_stats_fn(device, 1 << 40)  # compiled where a collection would compile it
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
 
-    def updated(fixed: bool, profiled: bool) -> tuple[float, Any]:
+    def updated(fixed: bool, profiled: bool) -> tuple[float, Any, dict[str, int] | None]:
         acc = Accumulator((layer,), subject.n_neurons, settings, subject.dtype, device, fixed)
-        for i in (0, 1):
+        for i in range(count - 2):
             acc.update(acts[i], eids[i], stats)
         acc._settle()
         sync()
         with profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
             started = time.perf_counter()
-            for i in (2, 3):
+            for i in (count - 2, count - 1):
                 acc.update(acts[i], eids[i], stats)
             acc._settle()
             sync()
             wall = (time.perf_counter() - started) / 2
-        return wall, prof
+        return wall, prof, dict(acc._widths) if fixed else None
 
     def own(event: Any) -> float:  # microseconds of the operator's own time, on the device where there is one
         if not cuda:
@@ -265,12 +267,15 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
 
     for path in ("fixed", "filtered"):
         updated(path == "fixed", False)  # warm-up
-        wall, _ = updated(path == "fixed", False)
-        _, prof = updated(path == "fixed", True)
+        wall, _, widths = updated(path == "fixed", False)
+        _, prof, _ = updated(path == "fixed", True)
         events = sorted(prof.key_averages(), key=own, reverse=True)
+        # On a GPU an operator and its kernels both carry the kernels' time: the total counts kernels alone.
+        kernels = [e for e in events if not cuda or str(getattr(e, "device_type", "")).endswith("CUDA")]
         print(json.dumps({"profile": path, "layer": layer, "units": subject.n_neurons, "batch": batch,
+                          "batches_before": count - 2, "widths": widths,
                           "wall_ms_per_update": round(wall * 1e3, 2),
-                          "own_ms_per_update": round(sum(own(e) for e in events) / 2e3, 2),
+                          "own_ms_per_update": round(sum(own(e) for e in kernels) / 2e3, 2),
                           "top": [[e.key[:70], round(own(e) / 2e3, 3), e.count // 2] for e in events[:14]]}),
               flush=True)
     # The statistics kernel alone, against reading the layer's activations once (a sum of them): its floor. Then the
