@@ -152,7 +152,7 @@ class Accumulator:
                 passing = cand < sampler.worst()[:, None]
             else:
                 passing = cand < sampler.worst().view(self.units, CELLS).gather(1, cells)
-            width = self._widths[kind]
+            width, passed = self._widths[kind], passing.sum()
             if width < batch:
                 block_source, placed = narrow(passing, width)
                 left[kind] = (passing, block_source, cand)
@@ -160,14 +160,13 @@ class Accumulator:
                 block = torch.where(block_source < passing.numel(), cand.view(-1)[safe], EMPTY)
                 block_cells = cells.reshape(-1)[safe] if cells is not None else None
             else:
-                block, block_source, block_cells = cand, source, cells
-                placed = passing.sum()
+                block, block_source, block_cells, placed = cand, source, cells, passed
             if cells is not None:
                 cell_cand, cell_source = per_cell(block, block_cells, CELLS, CELL_K)
                 moves[kind] = sampler.merge(cell_cand, block_source.view(-1)[cell_source], extremes)
             else:
                 moves[kind] = sampler.merge(block, block_source, extremes)
-            numbers += [moves[kind].count, passing.sum(), placed, passing.sum(1).amax()]
+            numbers += [moves[kind].count, passed, placed, passing.sum(1).amax()]
         counts = torch.stack(numbers)
         event = None
         if counts.is_cuda:  # copied back while the next forward pass runs; waited for at the next update
