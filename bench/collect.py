@@ -286,11 +286,11 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
 
     units = torch.arange(subject.n_neurons, device=device)
     args = (acts[2], eids[2], unit_hash(0, layer, units), settings.hist_stride, (units * (len(HIST_EDGES) + 1)).int())
-    last = acts[2].transpose(1, 2).contiguous()
     kernel = {"statistics kernel": lambda: stats(*args), "one read of the activations": lambda: acts[2].sum()}
     if cuda:
         tuned = torch.compile(compute_token_stats, dynamic=False, options={"coordinate_descent_tuning": True})
         on_last = torch.compile(compute_token_stats, dynamic=False)
+        last = acts[2].transpose(1, 2).contiguous()
         kernel.update({"tuned statistics kernel": lambda: tuned(*args),
                        "copy to tokens last": lambda: acts[2].transpose(1, 2).contiguous(),
                        "statistics kernel on tokens last": lambda: on_last(last, *args[1:], tokens=2)})
