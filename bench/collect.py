@@ -96,7 +96,7 @@ def throughput(args: argparse.Namespace) -> None:
             if done == total and stage != "collect":
                 stages[stage] = now - marks[stage]
 
-        with Store.open(path) as store:
+        with Store.open(path) as store, timed_updates() as updates:
             settings = CollectSettings(max_excerpts=args.excerpts)
             result = collect(store, subject, excerpts, layers=layers, settings=settings, batch_size=batch,
                              progress=progress, reuse=False)
@@ -114,6 +114,48 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"  its second half   {(n - half * batch) * 64 / later_collect:10.0f} tok/s   ratio: {later_bare / later_collect:.2f}")
     print(f"pass + store write  {n * 64 / (collect_s + write_s):10.0f} tok/s   ratio: {bare_s / (collect_s + write_s):.2f}")
     print(f"store bytes per neuron: {size / result.n_neurons:,.0f}  ({size / 1e6:.1f} MB for {result.n_neurons} neurons)")
+    if len(updates) == len(collect_batches) * len(layers):  # on a CPU, each layer is updated inside the pass
+        print_phases(np.array(updates).reshape(len(collect_batches), len(layers)).sum(1), collect_batches, bare_batches,
+                     len(layers))
+
+
+@contextlib.contextmanager
+def timed_updates():  # type: ignore[no-untyped-def]
+    """The seconds of each Accumulator.update call made inside the block, in order (a wrapper timing the class's own
+    method: on a CPU an update runs to completion before it returns)."""
+    from neuronscope.core.collection.accumulate import Accumulator
+
+    seconds: list[float] = []
+    update = Accumulator.update
+
+    def timed(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        update(self, *args, **kwargs)
+        seconds.append(time.perf_counter() - started)
+
+    Accumulator.update = timed  # type: ignore[method-assign]
+    try:
+        yield seconds
+    finally:
+        Accumulator.update = update  # type: ignore[method-assign]
+
+
+def print_phases(bookkeeping, collect_batches: list[float], bare_batches: list[float], layers: int) -> None:  # type: ignore[no-untyped-def]
+    """Per phase of the run, milliseconds per layer and batch: the bookkeeping (the updates), the forward pass inside
+    the collection (the rest of its batch), and the bare forward pass. A run's first batches, while the records
+    fill, cost the most; later ones approach the steady state."""
+    import numpy as np
+
+    n = len(collect_batches)
+    print("per layer and batch, ms:   bookkeeping   forward in the pass   bare forward")
+    for first, last in ((0, 0), (1, 7), (8, 15), (16, 31), (32, 63), (64, n - 1)):
+        if first >= n:
+            break
+        at = slice(first, min(last, n - 1) + 1)
+        kept, total, bare = (float(np.mean(x[at])) * 1e3 / layers
+                             for x in (bookkeeping, np.array(collect_batches), np.array(bare_batches)))
+        name = f"batch {first}" if first == last else f"batches {first}-{min(last, n - 1)}"
+        print(f"  {name:<16} {kept:12.1f} {total - kept:21.1f} {bare:14.1f}")
 
 
 def random_pass(args: argparse.Namespace) -> None:
