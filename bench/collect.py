@@ -64,7 +64,7 @@ def throughput(args: argparse.Namespace) -> None:
 
     bare()  # warm-up (allocator, kernels)
     # The same compile decision as `neuronscope collect`, applied to the warm-up too.
-    compiled = stats_compiled(subject.device, (n // batch) * batch * len(layers))
+    compiled = stats_compiled(subject.device, (n // batch) * batch * 64 * len(layers) * subject.n_neurons)
     os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: compiles the statistics kernel once
         with Store.open(Path(tmp) / "warm.duckdb") as store:
@@ -181,12 +181,16 @@ def random_pass(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    subject = random_subject(args.random, args.tokenizer, device, dtype)
+    subject = random_subject(args.random, args.tokenizer, device, dtype, args.random_layers)
     layers = parse_layers(args.layers, range(subject.n_layers)) or ()
     excerpts = cut_excerpts(CorpusSpec("default"), subject.tokenizer, length=64, max_excerpts=args.excerpts, seed=0)
     batch = args.batch_size or auto_batch_size(subject, layers, 64)
     n = len(excerpts.excerpt_ids)
     cuda = device.type == "cuda"
+    if not cuda:  # as a CPU collection does, so that the bare forward pass runs on the same allocator (models/heap.py)
+        from neuronscope.core.models.heap import keep_freed_memory
+
+        keep_freed_memory()
 
     def sync() -> None:
         if cuda:
@@ -331,6 +335,8 @@ def main() -> None:
     parser.add_argument("--rss", type=int, help="measure peak RSS at this many excerpts and 4x as many")
     parser.add_argument("--random", choices=("gpt2-xl", "llama-3.1-8b", "tiny"),
                         help="a randomly initialised model of this shape: the pass alone, per bookkeeping path")
+    parser.add_argument("--random-layers", type=int, metavar="N",
+                        help="with --random: only the first N layers, each of the real shape (a CPU's measure)")
     parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent.parent / ".gpu_tokenizer",
                         help="tokenizer folder for --random")
     parser.add_argument("--paths", nargs="+", choices=("fixed", "filtered"), default=["fixed", "filtered"],

@@ -64,16 +64,24 @@ def build_model(config: dict[str, Any], device: Any, dtype: Any) -> Any:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def random_subject(shape: str, tokenizer_folder: Path, device: Any, dtype: Any) -> Any:
-    """A Subject over a random model of `shape` (a key of SHAPES) with the saved tokenizer."""
+#: Where each architecture's config counts its layers.
+LAYER_KEYS = {"llama": "num_hidden_layers", "gpt2": "n_layer"}
+
+
+def random_subject(shape: str, tokenizer_folder: Path, device: Any, dtype: Any, layers: int | None = None) -> Any:
+    """A Subject over a random model of `shape` (a key of SHAPES) with the saved tokenizer; `layers` keeps only the
+    first so many of its layers (each of the real shape), for a CPU that cannot hold or run them all."""
     from transformers import AutoTokenizer
 
     from neuronscope.core.models.subject import Subject
 
     config = SHAPES[shape]
+    if layers:
+        config = {**config, LAYER_KEYS[config["model_type"]]: layers}
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if len(tokenizer) > config["vocab_size"]:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} ids, more than the model's {config['vocab_size']} rows")
     model = build_model(config, device, dtype)
-    return Subject(model, tokenizer, name=f"random {shape} shape", revision=f"random-init-{shape}", device=device,
+    name = f"random {shape} shape" + (f", {layers} layers" if layers else "")
+    return Subject(model, tokenizer, name=name, revision=f"random-init-{shape}", device=device,
                    dtype=dtype)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from neuronscope.core.collection.accumulate import cell_bins, compute_token_stats, hist_bins
+from neuronscope.core.collection.accumulate import (
+    COMPILE_ELEMENTS,
+    cell_bins,
+    compute_token_stats,
+    hist_bins,
+    stats_compiled,
+    token_stats_fn,
+)
 from neuronscope.core.collection.sampling import composite, excerpt_hash, keys_from, unit_hash
 from neuronscope.core.layerdata import CELL_EDGES, HIST_EDGES
 
@@ -77,7 +84,7 @@ def test_token_stats_with_tokens_last() -> None:
 
 @pytest.mark.slow
 def test_compiled_token_stats_equal_eager() -> None:
-    """Collections of 300 layer-batches or more run the kernel compiled: everything but the power sums is the eager
+    """Long collections run the kernel compiled: everything but the power sums is the eager
     kernel's exactly (hashes whose multiplications wrap around included), and the power sums agree to float
     rounding."""
     g = torch.Generator().manual_seed(1)
@@ -99,3 +106,19 @@ def test_compiled_token_stats_equal_eager() -> None:
                 assert ((c - w).abs() <= 1e-5 * scale + 1e-4 * w.abs()).all(), stride
             else:
                 assert torch.equal(c, w), (name, stride)
+
+
+def test_compile_decision_counts_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run compiles once it reads enough activations, however they are split between layers, widths and
+    excerpts; a GPU run always; NEURONSCOPE_COMPILE forces either way."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("NEURONSCOPE_COMPILE", "auto")
+    assert not stats_compiled(cpu, COMPILE_ELEMENTS - 1)
+    assert stats_compiled(cpu, COMPILE_ELEMENTS)
+    assert stats_compiled(cuda, 1)
+    monkeypatch.setenv("NEURONSCOPE_COMPILE", "0")
+    assert not stats_compiled(cpu, 10 * COMPILE_ELEMENTS)
+    assert token_stats_fn(cpu, 10 * COMPILE_ELEMENTS) is compute_token_stats
+    monkeypatch.setenv("NEURONSCOPE_COMPILE", "1")
+    assert stats_compiled(cpu, 1)
+

@@ -243,6 +243,7 @@ def accumulate(
     import torch
 
     from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator, token_stats_fn
+    from neuronscope.core.models.heap import keep_freed_memory
     from neuronscope.core.models.subject import to_device
 
     n = len(excerpts.excerpt_ids)
@@ -289,7 +290,10 @@ def accumulate(
     by_layer = {group[0]: acc for group, acc in zip(groups, accs) if group[0] < LATENT_KEY and group[0] != latent}
     if not all(len(group) == 1 and acc.max.device.type == "cpu" for group, acc in zip(groups, accs)):
         by_layer = {}
-    token_stats = token_stats_fn(subject.device, (n // batch_size) * batch_size * len(groups))
+    if all(acc.max.device.type == "cpu" for acc in accs):
+        keep_freed_memory()  # a batch's large temporaries reused, not faulted in afresh page by page
+    token_stats = token_stats_fn(subject.device, (n // batch_size) * batch_size * settings.length
+                                 * sum(acc.units for acc in accs))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
         for acc in accs:
@@ -335,8 +339,11 @@ def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tu
 
 
 def _drain(accs: list[Accumulator]) -> Iterator[LayerResult]:
+    from neuronscope.core.models.heap import give_back_freed_memory
+
     while accs:  # a group's state is freed once its layers are taken
         yield from accs.pop(0).results()
+    give_back_freed_memory()
 
 
 def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int, width: int | None = None) -> int:
