@@ -84,9 +84,8 @@ def test_token_stats_with_tokens_last() -> None:
 
 @pytest.mark.slow
 def test_compiled_token_stats_equal_eager() -> None:
-    """Long collections run the kernel compiled: everything but the power sums is the eager
-    kernel's exactly (hashes whose multiplications wrap around included), and the power sums agree to float
-    rounding."""
+    """Long collections run the kernel compiled: everything but the power sums is the eager kernel's exactly (hashes
+    whose multiplications wrap around included), and the power sums agree to float rounding."""
     g = torch.Generator().manual_seed(1)
     acts = (torch.randn(8, 40, 96, generator=g) * torch.exp2(torch.randn(96, generator=g) * 4)).bfloat16()
     acts[0, :, 0] = 0.0
@@ -109,8 +108,8 @@ def test_compiled_token_stats_equal_eager() -> None:
 
 
 def test_compile_decision_counts_activations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU run compiles once it reads enough activations, however they are split between layers, widths and
-    excerpts; a GPU run always; NEURONSCOPE_COMPILE forces either way."""
+    """A CPU run compiles once it reads COMPILE_ELEMENTS activations, a GPU run always; NEURONSCOPE_COMPILE forces
+    either way (0: the eager kernel itself)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("NEURONSCOPE_COMPILE", "auto")
     assert not stats_compiled(cpu, COMPILE_ELEMENTS - 1)

@@ -3,7 +3,7 @@
 glibc's malloc maps every block of 32 MB or more afresh from the kernel and unmaps it when it is freed (smaller ones
 too until its threshold has grown), so each batch's large temporaries — a wide layer's activations, the forward
 pass's intermediates — are zero-filled page by page again, batch after batch. On a CPU collection of four GPT-2 XL
-layers that was a fifth of the run's time in the kernel (bench/README.md). Served from malloc's own heap and kept
+layers that was some 15 % of the process's CPU time, spent in the kernel (bench/README.md). Served from malloc's own heap and kept
 there when freed, the same blocks are reused as they are.
 """
 
