@@ -10,6 +10,7 @@ there when freed, the same blocks are reused as they are.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 #: mallopt's parameters (malloc.h).
@@ -18,17 +19,14 @@ _M_MMAP_MAX = -4
 #: Freed memory at the top of the heap beyond this much is given back to the kernel (mallopt takes an int).
 _TRIM_ABOVE = (1 << 31) - 1
 
-_kept: list[bool] = []
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """From now on in this process, serve large blocks from glibc's heap and keep freed ones for reuse. Once per
     process; False where the C library is not glibc (nothing changes there). The heap then stays as large as its
     peak until `give_back_freed_memory`."""
-    if not _kept:
-        mallopt = _glibc("mallopt")
-        _kept.append(mallopt is not None and mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE) == 1)
-    return _kept[0]
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE) == 1
 
 
 def give_back_freed_memory() -> None:
