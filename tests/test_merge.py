@@ -3,6 +3,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -21,9 +22,10 @@ from conftest import (
     fast_settings,
     orphan_records,
     run_cli,
+    run_rows,
 )
 
-from neuronscope.core.collection.collect import CollectError
+from neuronscope.core.collection.collect import CollectError, write_run
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts
 from neuronscope.core.collection.merge import merge
@@ -120,6 +122,31 @@ def test_merge_equals_single_run_exactly(shard_stores) -> None:  # type: ignore[
         assert single.con.execute(RECORDS, [one.run_id]).fetchall() == merged.con.execute(RECORDS, [two.run_id]).fetchall()
         query = "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? ORDER BY excerpt_id"
         assert single.con.execute(query, [one.run_id]).fetchall() == merged.con.execute(query, [two.run_id]).fetchall()
+
+
+def test_a_failed_write_leaves_nothing(shard_stores, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A layer is prepared in a second thread while the one before it is inserted: an error there reaches the
+    caller, and the layers already inserted are taken back with the rest of the run's rows."""
+    _folder, _single, parts, _merged, _result = shard_stores
+    shard = ShardState(parts[0])
+    meta = shard.meta
+    layers = [shard.layer(layer) for layer in meta.layers]
+    samples = {kind: value for kind, value in layers[-1].samples.items() if kind != "cell"}
+    damaged = dataclasses.replace(layers[-1], samples=samples)  # summarising it fails
+    with Store.open(tmp_path / "out.duckdb") as out:
+        run_id = out.create_run(
+            model=meta.model, revision=meta.revision, corpus=meta.corpus, settings=meta.settings, layers=meta.layers,
+            neurons_per_layer=meta.neurons_per_layer, dtype=meta.dtype, shard="", units=meta.units)
+        written: list[int] = []
+        with pytest.raises(KeyError, match="cell"):
+            write_run(out, run_id, [*layers[:-1], damaged], len(layers), meta.settings, n_excerpts=meta.n_excerpts,
+                      excerpts=shard.excerpts, progress=lambda _stage, done, _total: written.append(done))
+        assert written == list(range(1, len(layers)))  # every layer before the damaged one was inserted
+        assert run_rows(out, run_id) == {"neurons": [], "records": [], "excerpts": []}
+        write_run(out, run_id, layers, len(layers), meta.settings, n_excerpts=meta.n_excerpts,
+                  excerpts=shard.excerpts, progress=lambda _stage, _done, _total: None)
+        rows = run_rows(out, run_id)
+        assert len(rows["neurons"]) == len(layers) * meta.neurons_per_layer and orphan_records(out) == 0
 
 
 def _merge_error(out_path: Path, shard_paths: list[Path]) -> str:

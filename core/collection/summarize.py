@@ -64,7 +64,6 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
 
     parts = [result.samples[kind] for kind in ("cell", "random", "top")]
     ids = np.concatenate([p.ids for p in parts], 1)  # [F, M]
-    acts = np.concatenate([p.acts for p in parts], 1)  # [F, M, T]
     ex_max = np.concatenate([p.maxes for p in parts], 1)  # [F, M] exact, whatever the acts' precision
     ex_min = np.concatenate([p.mins for p in parts], 1)
     n_neurons, n_cand = ids.shape
@@ -82,24 +81,29 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     bins = len(settings.quantiles) - 1
     out = Samples(
         ids=np.full((n_neurons, bins * k), -1, np.int64),
-        acts=np.zeros((n_neurons, bins * k, acts.shape[2]), np.float32),
+        acts=np.zeros((n_neurons, bins * k, parts[0].acts.shape[2]), np.float32),
         maxes=np.zeros((n_neurons, bins * k), np.float32),
         mins=np.zeros((n_neurons, bins * k), np.float32),
     )
     if n_cand == 0 or k == 0:
         return out
-    rows = np.arange(n_neurons)[:, None]
+    picked = np.full((n_neurons, bins * k), -1, np.int64)  # [F, bins * k]: the chosen candidate, -1 for none
     for b in range(bins):
         inside = valid & (ex_max >= edges[:, b : b + 1]) & (ex_max < edges[:, b + 1 : b + 2])
         masked = np.where(inside, keys, np.inf)
         pick = np.lexsort((ids, masked), axis=1)[:, :k]
         ok = np.isfinite(np.take_along_axis(masked, pick, 1))
-        width = pick.shape[1]
-        dest = slice(b * k, b * k + width)
-        out.ids[:, dest] = np.where(ok, np.take_along_axis(ids, pick, 1), -1)
-        out.acts[:, dest] = np.where(ok[:, :, None], acts[rows, pick], 0.0)
-        out.maxes[:, dest] = np.where(ok, ex_max[rows, pick], 0.0)
-        out.mins[:, dest] = np.where(ok, ex_min[rows, pick], 0.0)
+        picked[:, b * k : b * k + pick.shape[1]] = np.where(ok, pick, -1)
+    who, slot = np.nonzero(picked >= 0)
+    chosen = picked[who, slot]
+    out.ids[who, slot] = ids[who, chosen]
+    out.maxes[who, slot] = ex_max[who, chosen]
+    out.mins[who, slot] = ex_min[who, chosen]
+    start = 0  # the activations from each kind's rows, without joining them (a layer's are tens of megabytes)
+    for part in parts:
+        here = (chosen >= start) & (chosen < start + part.ids.shape[1])
+        out.acts[who[here], slot[here]] = part.acts[who[here], chosen[here] - start]
+        start += part.ids.shape[1]
     return out
 
 

@@ -27,7 +27,7 @@ from neuronscope.core.store.compare import CompareMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
-from neuronscope.core.store.rows import decode_many, lists, record_rows
+from neuronscope.core.store.rows import decode_many, layer_tables, lists
 from neuronscope.core.store.runs import RunsMixin
 from neuronscope.core.store.schema import (
     INDEXES,
@@ -252,36 +252,15 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     # -- writing a collection ---------------------------------------------------------------------
     def write_layer(self, run_id: int, result: LayerResult, summary: LayerSummary) -> None:
         """Insert one layer's neurons and records (in the caller's transaction)."""
-        import pyarrow as pa
+        self.insert_layer(*layer_tables(run_id, result, summary))
 
-        n = len(result.max)
-        layer = result.layer
-        neurons = pa.table({
-            "run_id": pa.array(np.full(n, run_id, np.int32)),
-            "layer": pa.array(np.full(n, layer, np.int16)),
-            "neuron": pa.array(np.arange(n, dtype=np.int32)),
-            "count": pa.array(np.full(n, result.count, np.int64)),
-            "mean": summary.mean, "variance": summary.variance, "skewness": summary.skewness,
-            "kurtosis": summary.kurtosis,
-            "max_act": result.max.astype(np.float32), "min_act": result.min.astype(np.float32),
-            "density": summary.density.astype(np.float32), "selectivity": summary.selectivity,
-            "sums": lists(result.sums.T.astype(np.float64)),
-            "min_excerpt_max": result.min_excerpt_max.astype(np.float32),
-            "histogram": lists(result.histogram.astype(np.int64)),
-            "cell_counts": lists(result.cell_counts.astype(np.int64)),
-            "quantile_edges": lists(summary.quantile_edges.astype(np.float32)),
-            "first_peak": summary.first_peak.astype(np.float32),
-        })
-        self.con.register("_neurons_in", neurons)
-        self.con.execute("INSERT INTO neurons SELECT * FROM _neurons_in")
-        self.con.unregister("_neurons_in")
-        parts = [record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in ("top", "bottom", "random")]
-        bins = max(summary.quantile_edges.shape[1] - 1, 1)
-        parts.append(record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
-        records = pa.concat_tables([p for p in parts if p.num_rows])
-        self.con.register("_records_in", records)
-        self.con.execute("INSERT INTO records SELECT * FROM _records_in")
-        self.con.unregister("_records_in")
+    def insert_layer(self, neurons: Any, records: Any) -> None:
+        """Insert one layer's tables from rows.layer_tables (in the caller's transaction): a collection builds the
+        next layer's while this one's are inserted."""
+        for name, table, rows in (("neurons", "_neurons_in", neurons), ("records", "_records_in", records)):
+            self.con.register(table, rows)
+            self.con.execute(f"INSERT INTO {name} SELECT * FROM {table}")
+            self.con.unregister(table)
 
     def write_excerpts(self, run_id: int, excerpt_ids: np.ndarray, token_ids: np.ndarray, tokens: list[list[str]]) -> None:
         """Insert excerpts (in the caller's transaction)."""

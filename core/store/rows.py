@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neuronscope.core.layerdata import Samples, dequantize, quantize
+from neuronscope.core.layerdata import LayerResult, LayerSummary, Samples, dequantize, quantize
 
 
 def lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]
@@ -49,7 +49,8 @@ def record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: 
     import pyarrow as pa
 
     neuron, slot = np.nonzero(samples.ids >= 0)
-    scale, codes = quantize(samples.acts[neuron, slot].astype(np.float32))
+    k, length = samples.ids.shape[1], samples.acts.shape[2]
+    scale, codes = quantize(samples.acts.reshape(-1, length)[neuron * k + slot].astype(np.float32, copy=False))
     return pa.table({
         "run_id": pa.array(np.full(len(slot), run_id, np.int32)),
         "layer": pa.array(np.full(len(slot), layer, np.int16)),
@@ -63,3 +64,31 @@ def record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: 
         "scale": pa.array(scale),
         "acts": blobs(codes),
     })
+
+
+def layer_tables(run_id: int, result: LayerResult, summary: LayerSummary):  # type: ignore[no-untyped-def]
+    """One finished layer's rows of the neurons and records tables, as Arrow tables."""
+    import pyarrow as pa
+
+    n = len(result.max)
+    layer = result.layer
+    neurons = pa.table({
+        "run_id": pa.array(np.full(n, run_id, np.int32)),
+        "layer": pa.array(np.full(n, layer, np.int16)),
+        "neuron": pa.array(np.arange(n, dtype=np.int32)),
+        "count": pa.array(np.full(n, result.count, np.int64)),
+        "mean": summary.mean, "variance": summary.variance, "skewness": summary.skewness,
+        "kurtosis": summary.kurtosis,
+        "max_act": result.max.astype(np.float32), "min_act": result.min.astype(np.float32),
+        "density": summary.density.astype(np.float32), "selectivity": summary.selectivity,
+        "sums": lists(result.sums.T.astype(np.float64)),
+        "min_excerpt_max": result.min_excerpt_max.astype(np.float32),
+        "histogram": lists(result.histogram.astype(np.int64)),
+        "cell_counts": lists(result.cell_counts.astype(np.int64)),
+        "quantile_edges": lists(summary.quantile_edges.astype(np.float32)),
+        "first_peak": summary.first_peak.astype(np.float32),
+    })
+    parts = [record_rows(run_id, layer, kind, result.samples[kind], bin_size=0) for kind in ("top", "bottom", "random")]
+    bins = max(summary.quantile_edges.shape[1] - 1, 1)
+    parts.append(record_rows(run_id, layer, "quantile", summary.quantile, bin_size=summary.quantile.ids.shape[1] // bins))
+    return neurons, pa.concat_tables([p for p in parts if p.num_rows])
