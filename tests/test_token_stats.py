@@ -120,4 +120,3 @@ def test_compile_decision_counts_activations(monkeypatch: pytest.MonkeyPatch) ->
     assert token_stats_fn(cpu, 10 * COMPILE_ELEMENTS) is compute_token_stats
     monkeypatch.setenv("NEURONSCOPE_COMPILE", "1")
     assert stats_compiled(cpu, 1)
-

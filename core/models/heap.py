@@ -25,19 +25,19 @@ def keep_freed_memory() -> bool:
     """From now on in this process, serve large blocks from glibc's heap and keep freed ones for reuse. Once per
     process; False where the C library is not glibc (nothing changes there). The heap then stays as large as its
     peak until `give_back_freed_memory`."""
-    mallopt = _glibc("mallopt")
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     return mallopt is not None and mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE) == 1
 
 
 def give_back_freed_memory() -> None:
     """Return the heap's free pages to the kernel (after a collection; what is still in use stays)."""
-    trim = _glibc("malloc_trim")
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is not None:
         trim(0)
 
 
-def _glibc(name: str):  # type: ignore[no-untyped-def]
-    """A glibc function, or None elsewhere (macOS, musl, Windows)."""
+def _glibc(name: str, *argtypes: type):  # type: ignore[no-untyped-def]
+    """A glibc function returning an int, or None elsewhere (macOS, musl, Windows)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -47,6 +47,6 @@ def _glibc(name: str):  # type: ignore[no-untyped-def]
         function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int] if name == "mallopt" else [ctypes.c_size_t]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
