@@ -10,7 +10,8 @@
 With --random SHAPE (gpt2-xl, llama-3.1-8b, tiny; bench/shapes.py) nothing is downloaded and no store is written:
 the model is randomly initialised, the tokenizer is the folder --tokenizer (see bench/gpu_local.py
 --save-tokenizer), and it measures the collection pass alone against the bare forward pass, once per bookkeeping
-path (`fixed`: fixed-shape merges, the GPU default; `filtered`: the CPU default), with the host reads back from
+path (`fixed`: fixed-shape merges, the GPU default; `filtered`: on a GPU, merges of the candidates that pass each
+group's worst entry, in torch; on a CPU, the compiled loops that are the CPU's default), with the host reads back from
 the GPU counted per batch. --check compares the two paths' results exactly on the first layers, and the compiled
 statistics kernel with eager on one batch. It runs from a plain checkout with torch and transformers only. Prints
 JSON lines.

@@ -45,3 +45,9 @@ def test_cli_and_store_open_without_torch() -> None:
 def test_help_runs_without_heavy_imports() -> None:
     loaded = _modules_after("import neuronscope.tui.cli; neuronscope.tui.cli.build_parser().format_help()")
     assert "torch" not in loaded and "textual" not in loaded
+
+
+def test_numba_is_imported_by_a_cpu_collection_alone() -> None:
+    """numba (about a second to import) is the CPU collection's: importing the accumulators and collection leaves it."""
+    loaded = _modules_after("import neuronscope.core.collection.accumulate, neuronscope.core.collection.collect")
+    assert "torch" in loaded and "numba" not in loaded

@@ -176,10 +176,13 @@ def test_shard_merge_equals_single_run(sampled: tuple[np.ndarray, np.ndarray], s
         merged.absorb(first)
         merged.absorb(second)
         assert_same_result(merged.result(), sampled_state)
-    # Absorbing into a live accumulator (not a fresh one) gives the same.
-    live = feed(LayerAccumulator(LAYER, acts.shape[2], SETTINGS, torch.float32, CPU), acts[in_a], ids[in_a], (50,))
+    # Absorbing into a live accumulator (not a fresh one) gives the same; so does streaming on after it (a resumed
+    # checkpoint: the CPU's merges rebuild their heaps from the keys the absorbed shard changed).
+    part = np.flatnonzero(in_a)
+    live = feed(LayerAccumulator(LAYER, acts.shape[2], SETTINGS, torch.float32, CPU), acts[part[::2]],
+                ids[part[::2]], (50,))
     live.absorb(shard_b)
-    merged_result = live.result()
+    merged_result = feed(live, acts[part[1::2]], ids[part[1::2]], (9, 30)).result()
     assert_same_result(merged_result, sampled_state)
     a, b = summarize(merged_result, SETTINGS), summarize(sampled_state, SETTINGS)
     assert np.array_equal(quantile_samples(a)[0], quantile_samples(b)[0])
@@ -229,7 +232,7 @@ def test_layers_updated_together_equal_layers_updated_apart() -> None:
 
 def test_fixed_shape_updates_keep_exactly_what_filtered_updates_keep(sampled: tuple[np.ndarray, np.ndarray],
                                                                       sampled_state: LayerResult) -> None:
-    """The GPU's fixed-shape merges keep the same entries, activations and extremes as the CPU's filtered offers,
+    """The GPU's fixed-shape merges keep the same entries, activations and extremes as the CPU's compiled merges,
     whatever the order and batch sizes; so do layers joined into one unit axis."""
     acts, ids = sampled
     order = np.random.default_rng(3).permutation(len(ids))
@@ -253,7 +256,7 @@ def test_fixed_shape_updates_keep_exactly_what_filtered_updates_keep(sampled: tu
 def test_fixed_shape_merges_offer_what_a_narrowed_merge_left_out() -> None:
     """Once few candidates pass, a fixed-shape merge takes only each unit's first few; when a later batch brings more
     (here excerpts 1,000 times larger than all before), the rest are offered once the counts are read: the records are
-    still exactly the brute-force ones, and the filtered path's."""
+    still exactly the brute-force ones, and the CPU path's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     acts, ids = make_data(400, 10, 12, seed=5)
@@ -281,7 +284,7 @@ def test_fixed_shape_merges_offer_what_a_narrowed_merge_left_out() -> None:
 
 def test_fixed_shape_updates_never_read_the_device_back() -> None:
     """A GPU waits for all queued work whenever the host reads a value back (nonzero, unique, bincount, .item(),
-    boolean indexing): the fixed-shape update issues none of them, where the filtered one issues many."""
+    boolean indexing): the fixed-shape update issues none of them, where the filtered merges issue many."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     reads_back = {"nonzero", "_local_scalar_dense", "unique_consecutive", "_unique2", "bincount", "masked_select",
@@ -302,16 +305,17 @@ def test_fixed_shape_updates_never_read_the_device_back() -> None:
 
     acts, ids = make_data(96, 8, 10, seed=2)
     settings = CollectSettings(length=8, top_k=4, bottom_k=3, random_k=2, quantile_k=2, seed=1)
-    for fixed in (True, False):
-        acc = LayerAccumulator(LAYER, 10, settings, torch.float32, CPU, fixed=fixed)
-        batches = [(torch.from_numpy(acts[i : i + 32]), torch.from_numpy(ids[i : i + 32])) for i in range(0, 96, 32)]
-        acc.update(*batches[0])
-        with Ops() as ops:
-            for batch in batches[1:]:
-                acc.update(*batch)  # the fixed path also copies the previous batch's rows in here
-        found = ops.seen & (reads_back | {"boolean index"})
-        if fixed:
-            assert not found, found
-            assert "nonzero_static" in ops.seen and "topk" in ops.seen
-        else:
-            assert {"nonzero", "bincount"} <= found
+    acc = LayerAccumulator(LAYER, 10, settings, torch.float32, CPU, fixed=True)
+    batches = [(torch.from_numpy(acts[i : i + 32]), torch.from_numpy(ids[i : i + 32])) for i in range(0, 96, 32)]
+    acc.update(*batches[0])
+    with Ops() as ops:
+        for batch in batches[1:]:
+            acc.update(*batch)  # also copies the previous batch's rows in here
+    assert not ops.seen & (reads_back | {"boolean index"}), ops.seen
+    assert "nonzero_static" in ops.seen and "topk" in ops.seen
+    # The filtered merges (a GPU's with NEURONSCOPE_FIXED_SHAPES=0) are seen reading back.
+    top = LayerAccumulator(LAYER, 10, settings, torch.float32, CPU).samplers["top"]
+    with Ops() as ops:
+        for _ in range(2):
+            top.offer_blocks(torch.arange(10 * 32).view(10, 32), torch.zeros((10 * 32, 2)))
+    assert {"nonzero", "_local_scalar_dense"} <= ops.seen

@@ -59,6 +59,26 @@ def test_smallest_k_with_ties_and_what_it_takes() -> None:
     assert (empty_ids == -1).all() and (empty_acts == 0).all()
 
 
+def test_offer_blocks_keeps_what_offer_keeps() -> None:
+    """A block of candidates for every group (a GPU run's filtered merges, NEURONSCOPE_FIXED_SHAPES=0) keeps what
+    offering them one by one keeps, while most candidates pass (whole blocks merged) and once few do (compacted)."""
+    rng = np.random.default_rng(3)
+    groups, k, block = 40, 5, 16
+    blockwise, onewise = (SmallestK(groups, k, 1, torch.float32, CPU) for _ in range(2))
+    for step in range(12):
+        keys = torch.from_numpy(np.round(rng.standard_normal((groups, block)), 1).astype(np.float32))  # ties
+        ids = torch.from_numpy(rng.choice(1 << 30, (groups, block), replace=False))
+        comp = composite(keys, ids)
+        extremes = torch.stack([keys.reshape(-1), -keys.reshape(-1)], 1)
+        for sampler, taken in ((blockwise, blockwise.offer_blocks(comp, extremes)),
+                               (onewise, onewise.offer(torch.arange(groups).repeat_interleave(block), comp.reshape(-1),
+                                                       extremes))):
+            sampler.storage.index_copy_(0, taken.slots, ids.reshape(-1, 1)[taken.positions].float())
+        for got, want in zip(blockwise.sorted(), onewise.sorted()):
+            assert torch.equal(got, want), step
+    assert (blockwise.sorted()[0] >= 0).all()
+
+
 # -- hash_keys ----------------------------------------------------------------------------------------
 
 def test_hash_keys_range_determinism_uniformity() -> None:

@@ -107,7 +107,8 @@ class Accumulator:
         """Fold in one batch.  acts: [B, T, units] in the subject's dtype (the layers' activations
         concatenated in order); excerpt_ids: [B] int64.
 
-        With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
+        On a CPU (unless fixed), the samplers take the batch in compiled loops over the units (cpu_offer.py), which
+        also write the rows. With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
         when results are taken): by then the caller has queued the next batch's forward pass, so reading how many
         rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         skip = self.settings.skip_positions
@@ -122,6 +123,12 @@ class Accumulator:
         torch.minimum(self.min, batch_min, out=self.min)
         torch.minimum(self.min_excerpt_max, batch_min_excerpt_max, out=self.min_excerpt_max)
         self._count_into(self.hist, hist_index.reshape(-1))
+        if acts.device.type == "cpu" and not self.fixed:  # compiled loops over the units (numba, imported here alone)
+            from neuronscope.core.collection.cpu_offer import offer_batch
+
+            offer_batch(self.samplers, {"top": top, "bottom": bottom, "random": random}, cell_of, extremes, acts,
+                        self.rows, self.cell_counts)
+            return
         cells = self._cell_base + cell_of  # [units, B]: group (unit, cell of the excerpt max)
         self._count_into(self.cell_counts, cells.reshape(-1))
         if self.fixed:

@@ -6,17 +6,18 @@ random samples a hash of (seed, layer, neuron, excerpt) — so the result is a d
 of the set of excerpts seen, whatever their order or sharding, and two samplers merge exactly.
 Memory is groups x k x length, independent of the corpus size.
 
-There are two ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
-group) filter them against each group's worst kept entry first and merge only the groups that changed: the fastest
-on a CPU, but they read sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such
-read waits for all queued work. `merge` + `taken` are the fixed-shape way, for GPUs: `merge` updates every group's
+There are three ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
+group) filter them against each group's worst kept entry first and merge only the groups that changed, but they read
+sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such read waits for all queued
+work; `offer` merges shards and checkpoints. On a CPU, a collection's batches go to compiled loops over the units
+instead (cpu_offer.py: a heap per group, kept in `heap`). `merge` + `taken` are the fixed-shape way, for GPUs: `merge` updates every group's
 keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading nothing
 back; `taken` then lists the incoming rows, given their number, which the caller reads once per batch, late enough
 that the GPU never waits (accumulate.py). Once few candidates pass, `narrow` hands `merge` only each unit's first few
-passing ones; the caller offers any it left out once it has read how many there were. Both ways keep exactly the
+passing ones; the caller offers any it left out once it has read how many there were. All ways keep exactly the
 same entries.
 
-Either way, an offer updates keys and extremes and returns what it admitted as `Taken` (storage rows and the
+Any way, an offer updates keys and extremes and returns what it admitted as `Taken` (storage rows and the
 candidates' positions): the caller copies the activation rows, for all its samplers at once, from a batch laid out
 as it knows best. Samplers may share one storage of activation rows for that.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 EMPTY = torch.iinfo(torch.int64).max
@@ -175,6 +177,9 @@ class SmallestK:
         self.acts = self.storage[base : base + groups * k].view(groups, k, length)  # [groups, k, length]
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
         self._slot_index: torch.Tensor | None = None
+        #: Each group's composites in max-heap order (the worst first) and their slots, kept between batches by the
+        #: CPU's compiled merges (cpu_offer.py); None once anything else changed the keys.
+        self.heap: tuple[np.ndarray, np.ndarray] | None = None
 
     def _nothing(self) -> Taken:
         none = torch.zeros(0, dtype=torch.int64, device=self.comp.device)
@@ -245,6 +250,7 @@ class SmallestK:
             return self._nothing()
         slots = (free_row if touched is None else touched[free_row]) * self.k + free_slot
         self.comp.view(-1).index_copy_(0, slots, comp.index_select(0, positions))
+        self.heap = None
         self.ext.view(-1, 2).index_copy_(0, slots, extremes.index_select(0, positions))
         return Taken(slots + self.base, positions)
 
@@ -267,6 +273,7 @@ class SmallestK:
         incoming = torch.gather(cand, 1, column)
         position = torch.gather(source, 1, column)
         self.comp = torch.where(freed, incoming, self.comp)
+        self.heap = None
         moving = freed & (incoming != EMPTY)  # an empty newcomer in an empty slot moves nothing
         safe = torch.where(moving, position, torch.zeros_like(position))
         self.ext = torch.where(moving[:, :, None], extremes[safe], self.ext)
