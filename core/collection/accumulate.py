@@ -108,9 +108,9 @@ class Accumulator:
         concatenated in order); excerpt_ids: [B] int64.
 
         On a CPU (unless fixed), the samplers take the batch in compiled loops over the units (cpu_offer.py), which
-        also write the rows. With fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or
-        when results are taken): by then the caller has queued the next batch's forward pass, so reading how many
-        rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
+        also write the rows. With fixed-shape updates, the batch's activation rows are copied into the samplers at
+        the next update (or when results are taken): by then the caller has queued the next batch's forward pass, so
+        reading how many rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         skip = self.settings.skip_positions
         counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
         excerpt_ids = excerpt_ids.to(self.max.device)

@@ -10,12 +10,12 @@ There are three ways to offer candidates. `offer` (any groups) and `offer_blocks
 group) filter them against each group's worst kept entry first and merge only the groups that changed, but they read
 sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such read waits for all queued
 work; `offer` merges shards and checkpoints. On a CPU, a collection's batches go to compiled loops over the units
-instead (cpu_offer.py: a heap per group, kept in `heap`). `merge` + `taken` are the fixed-shape way, for GPUs: `merge` updates every group's
-keys and extremes with dense tensors of known shapes and says which slots take which candidates, reading nothing
-back; `taken` then lists the incoming rows, given their number, which the caller reads once per batch, late enough
-that the GPU never waits (accumulate.py). Once few candidates pass, `narrow` hands `merge` only each unit's first few
-passing ones; the caller offers any it left out once it has read how many there were. All ways keep exactly the
-same entries.
+instead (cpu_offer.py: a heap per group, kept in `heap`). `merge` + `taken` are the fixed-shape way, for GPUs:
+`merge` updates every group's keys and extremes with dense tensors of known shapes and says which slots take which
+candidates, reading nothing back; `taken` then lists the incoming rows, given their number, which the caller reads
+once per batch, late enough that the GPU never waits (accumulate.py). Once few candidates pass, `narrow` hands `merge`
+only each unit's first few passing ones; the caller offers any it left out once it has read how many there were. All
+ways keep exactly the same entries.
 
 Any way, an offer updates keys and extremes and returns what it admitted as `Taken` (storage rows and the
 candidates' positions): the caller copies the activation rows, for all its samplers at once, from a batch laid out
@@ -178,7 +178,7 @@ class SmallestK:
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
         self._slot_index: torch.Tensor | None = None
         #: Each group's composites in max-heap order (the worst first) and their slots, kept between batches by the
-        #: CPU's compiled merges (cpu_offer.py); None once anything else changed the keys.
+        #: CPU's compiled merges (cpu_offer.py; 12 bytes a slot); None once anything else changed the keys.
         self.heap: tuple[np.ndarray, np.ndarray] | None = None
 
     def _nothing(self) -> Taken:
