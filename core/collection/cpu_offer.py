@@ -96,7 +96,6 @@ def _offer_batch(top, bottom, random, cell_of, extremes, acts, rows, cell_counts
     cells = cell_comp.shape[0] // units
     length = rows.shape[1]
     blocks = (units + BLOCK - 1) // BLOCK
-    copied = np.zeros(blocks, np.int64)
     width = max(top_comp.shape[1], bottom_comp.shape[1], random_comp.shape[1], cells * cell_comp.shape[1])
     per_unit = top_comp.shape[1] + bottom_comp.shape[1] + random_comp.shape[1] + cells * cell_comp.shape[1]
     for block in prange(blocks):
@@ -131,17 +130,15 @@ def _offer_batch(top, bottom, random, cell_of, extremes, acts, rows, cell_counts
             b, u, row = out_b[i], out_u[i], out_row[i]
             for t in range(length):
                 rows[row, t] = acts[b, t, u]
-        copied[block] = n
-    return copied.sum()
 
 
 def offer_batch(samplers: dict[str, SmallestK], cands: dict[str, torch.Tensor], cell_of: torch.Tensor,
-                extremes: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor, cell_counts: torch.Tensor) -> int:
+                extremes: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor, cell_counts: torch.Tensor) -> None:
     """Offer a batch to the samplers "top", "bottom", "random" (groups: units) and "cell" (groups: unit x cell of the
     candidate, offered the "random" candidates), which keep their activation rows in `rows` [rows, length]: cands
     [units, B] composites (candidate p = unit * B + b), cell_of [units, B], extremes [units * B, 2] float32, acts
     [B, length, units] (any strides). Updates keys, extremes and rows in place, and counts each candidate in its cell
-    (cell_counts [units * cells]). Returns the rows written."""
+    (cell_counts [units * cells])."""
     if acts.dtype != rows.dtype:
         acts = acts.to(rows.dtype)
     bits = _BITS[rows.element_size()]
@@ -152,10 +149,10 @@ def offer_batch(samplers: dict[str, SmallestK], cands: dict[str, torch.Tensor], 
     for kind in ("top", "bottom", "random", "cell"):
         sampler = samplers[kind]
         fresh = sampler.heap is None
-        if sampler.heap is None:
+        if fresh:
             sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32))
         state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
-    return int(_offer_batch(
+    _offer_batch(
         cands["top"].numpy(), cands["bottom"].numpy(), cands["random"].numpy(), cell_of.numpy(), extremes.numpy(),
         acts.view(bits).numpy(), rows.view(bits).numpy(), cell_counts.numpy(),
-        *state[0], *state[1], *state[2], *state[3]))
+        *state[0], *state[1], *state[2], *state[3])
