@@ -11,7 +11,7 @@ With --random SHAPE (gpt2-xl, llama-3.1-8b, tiny; bench/shapes.py) nothing is do
 the model is randomly initialised, the tokenizer is the folder --tokenizer (see bench/gpu_local.py
 --save-tokenizer), and it measures the collection pass alone against the bare forward pass, once per bookkeeping
 path (`fixed`: fixed-shape merges, the GPU default; `filtered`: on a GPU, merges of the candidates that pass each
-group's worst entry, in torch; on a CPU, the compiled loops that are the CPU's default), with the host reads back from
+group's worst entry, in torch; on a CPU, the compiled pass that is the CPU's default), with the host reads back from
 the GPU counted per batch. --check compares the two paths' results exactly on the first layers, and the compiled
 statistics kernel with eager on one batch. It runs from a plain checkout with torch and transformers only. Prints
 JSON lines.
@@ -67,6 +67,8 @@ def throughput(args: argparse.Namespace) -> None:
     # The same compile decision as `neuronscope collect`, applied to the warm-up too.
     compiled = stats_compiled(subject.device, (n // batch) * batch * 64 * len(layers) * subject.n_neurons)
     os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
+    cpu_pass = subject.device.type == "cpu" and os.environ.get("NEURONSCOPE_FIXED_SHAPES") != "1"
+    stats_path = "torch.compile" if compiled else "in the CPU's compiled pass" if cpu_pass else "eager"
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: compiles the statistics kernel once
         with Store.open(Path(tmp) / "warm.duckdb") as store:
             warm = type(excerpts)(excerpts.token_ids[: 2 * batch], excerpts.excerpt_ids[: 2 * batch], 64, "warm-up")
@@ -108,7 +110,7 @@ def throughput(args: argparse.Namespace) -> None:
     later_collect, later_bare = sum(collect_batches[half:]), sum(bare_batches[half:])
     print(f"model {subject.name}  dtype {str(subject.dtype).replace('torch.', '')}  device {subject.device}  "
           f"batch {batch}  excerpts {n}  layers {len(layers)}  neurons {result.n_neurons}  "
-          f"compiled stats {'yes' if compiled else 'no'}")
+          f"statistics {stats_path}")
     print(f"bare forward        {n * 64 / bare_s:10.0f} tok/s")
     print(f"collection pass     {n * 64 / collect_s:10.0f} tok/s   ratio to bare forward: {bare_s / collect_s:.2f}")
     print(f"  its second half   {(n - half * batch) * 64 / later_collect:10.0f} tok/s   ratio: {later_bare / later_collect:.2f}")

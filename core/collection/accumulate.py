@@ -107,27 +107,30 @@ class Accumulator:
         """Fold in one batch.  acts: [B, T, units] in the subject's dtype (the layers' activations
         concatenated in order); excerpt_ids: [B] int64.
 
-        On a CPU (unless fixed), the samplers take the batch in compiled loops over the units (cpu_offer.py), which
-        also write the rows. With fixed-shape updates, the batch's activation rows are copied into the samplers at
-        the next update (or when results are taken): by then the caller has queued the next batch's forward pass, so
-        reading how many rows there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
+        `token_stats` is compute_token_stats or its compiled form (token_stats_fn). On a CPU (unless fixed), the
+        batch goes to the samplers in one compiled pass (cpu_update.py), which writes the rows and, unless
+        `token_stats` is compiled, takes the statistics too (eager, the kernel is many times slower). With fixed-shape updates, the batch's activation rows are copied into
+        the samplers at the next update (or when results are taken): by then the caller has queued the next batch's
+        forward pass, so reading how many rows there are to copy does not leave the GPU idle. `acts` is kept alive
+        until then."""
         skip = self.settings.skip_positions
-        counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
         excerpt_ids = excerpt_ids.to(self.max.device)
+        self.count += acts.shape[0] * (acts.shape[1] - skip)
+        cpu_pass = acts.device.type == "cpu" and not self.fixed
+        if cpu_pass and (token_stats is None or token_stats is compute_token_stats):
+            _cpu_update(self, acts, excerpt_ids)  # the statistics too: compiled, where compute_token_stats is eager
+            return
+        counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions
         stats = (token_stats or compute_token_stats)(counted, excerpt_ids, self._unit_hash, self.settings.hist_stride,
                                                      self._hist_offsets)
         sums, batch_max, batch_min, batch_min_excerpt_max, hist_index, extremes, top, bottom, random, cell_of = stats
         self.sums += sums
-        self.count += acts.shape[0] * counted.shape[1]
         torch.maximum(self.max, batch_max, out=self.max)
         torch.minimum(self.min, batch_min, out=self.min)
         torch.minimum(self.min_excerpt_max, batch_min_excerpt_max, out=self.min_excerpt_max)
         self._count_into(self.hist, hist_index.reshape(-1))
-        if acts.device.type == "cpu" and not self.fixed:  # compiled loops over the units (numba, imported here alone)
-            from neuronscope.core.collection.cpu_offer import offer_batch
-
-            offer_batch(self.samplers, {"top": top, "bottom": bottom, "random": random}, cell_of, extremes, acts,
-                        self.rows, self.cell_counts)
+        if cpu_pass:  # statistics from torch.compile's kernel (a long run), records in the compiled pass
+            _cpu_update(self, acts, excerpt_ids, (top, bottom, random, cell_of, extremes))
             return
         cells = self._cell_base + cell_of  # [units, B]: group (unit, cell of the excerpt max)
         self._count_into(self.cell_counts, cells.reshape(-1))
@@ -329,6 +332,13 @@ class LayerAccumulator(Accumulator):
         return next(self.results())
 
 
+def _cpu_update(*args: Any) -> None:
+    """cpu_update.update, imported when first used (it imports numba)."""
+    from neuronscope.core.collection.cpu_update import update
+
+    update(*args)
+
+
 def compute_token_stats(
     acts: torch.Tensor, excerpt_ids: torch.Tensor, unit_hash: torch.Tensor, hist_stride: int, hist_offsets: torch.Tensor,
     tokens: int = 1,
@@ -391,7 +401,8 @@ def stats_compiled(device: torch.device, elements: int) -> bool:
     for a CPU run long enough to repay the compile (17 s the first time on a 2-core AMD EPYC, about 2 s once torch's
     on-disk cache has it). Eager, the kernel's float32 temporaries cost some 6 ns an activation more at SmolLM2's
     width (44 against 3.7 ms a layer and batch of 64 x 64 tokens) and 14 ns at GPT-2 XL's, where each is larger than
-    the allocator keeps (389 against 13 ms). NEURONSCOPE_COMPILE=0/1 forces either way."""
+    the allocator keeps (389 against 13 ms). NEURONSCOPE_COMPILE=0/1 forces either way. (A CPU collection takes its
+    statistics in cpu_update.py's compiled pass instead, unless NEURONSCOPE_FIXED_SHAPES=1.)"""
     wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
     return wanted == "1" or (wanted == "auto" and (device.type == "cuda" or elements >= COMPILE_ELEMENTS))
 

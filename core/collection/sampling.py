@@ -9,8 +9,8 @@ Memory is groups x k x length, independent of the corpus size.
 There are three ways to offer candidates. `offer` (any groups) and `offer_blocks` (a block of candidates for every
 group) filter them against each group's worst kept entry first and merge only the groups that changed, but they read
 sizes back to the host (nonzero, unique, int(...)) a dozen times, and on a GPU every such read waits for all queued
-work; `offer` merges shards and checkpoints. On a CPU, a collection's batches go to compiled loops over the units
-instead (cpu_offer.py: a heap per group, kept in `heap`). `merge` + `taken` are the fixed-shape way, for GPUs:
+work; `offer` merges shards and checkpoints. On a CPU, a collection's batches go to one compiled pass over blocks of
+units instead (cpu_update.py: a heap per group, kept in `heap`). `merge` + `taken` are the fixed-shape way, for GPUs:
 `merge` updates every group's keys and extremes with dense tensors of known shapes and says which slots take which
 candidates, reading nothing back; `taken` then lists the incoming rows, given their number, which the caller reads
 once per batch, late enough that the GPU never waits (accumulate.py). Once few candidates pass, `narrow` hands `merge`
@@ -33,6 +33,8 @@ EMPTY = torch.iinfo(torch.int64).max
 #: offer_blocks merges whole blocks unless fewer than 1 in this many candidates pass.
 SPARSE_BLOCKS = 8
 _MASK63 = (1 << 63) - 1
+INF_BITS = 0x7F800000  # float32 +inf; bits above it (sign aside) are NaNs
+NAN_BITS = 0x7FC00000  # the NaN composite uses
 
 
 _MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
@@ -70,8 +72,10 @@ def hash_keys(seed: int, layer: int | torch.Tensor, neurons: torch.Tensor, excer
 
 def composite(key: torch.Tensor, excerpt_id: torch.Tensor) -> torch.Tensor:
     """One int64 per entry whose order is the order of (key, excerpt id): float32 key bits made
-    monotonic in the high half, the id (< 2^31) in the low half."""
+    monotonic in the high half, the id (< 2^31) in the low half. A NaN key (an excerpt with a NaN activation) is
+    one NaN, after +inf, whatever its bits (which differ between devices and kernels): the worst in any sampler."""
     bits = (key.to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits & 0x7FFFFFFF > INF_BITS, NAN_BITS, bits)
     bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     return (bits.to(torch.int64) << 32) + excerpt_id.to(torch.int64)
 
@@ -178,7 +182,7 @@ class SmallestK:
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
         self._slot_index: torch.Tensor | None = None
         #: Each group's composites in max-heap order (the worst first) and their slots, kept between batches by the
-        #: CPU's compiled merges (cpu_offer.py; 12 bytes a slot); None once anything else changed the keys.
+        #: CPU's compiled pass (cpu_update.py; 12 bytes a slot); None once anything else changed the keys.
         self.heap: tuple[np.ndarray, np.ndarray] | None = None
 
     def _nothing(self) -> Taken:
