@@ -31,7 +31,7 @@ from numba import config as numba_config
 from numba import get_num_threads, njit, prange, set_num_threads
 
 from neuronscope.core.collection.accumulate import _SQRT2_MANTISSA
-from neuronscope.core.collection.sampling import _MUL2, INF_BITS, NAN_BITS, excerpt_hash
+from neuronscope.core.collection.sampling import _MUL2, EMPTY, INF_BITS, NAN_BITS, excerpt_hash
 from neuronscope.core.layerdata import HIST_EDGES
 
 if TYPE_CHECKING:
@@ -82,14 +82,15 @@ def _lowest(low, a, b):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _sift_down(keys, slots, g, k, i):  # type: ignore[no-untyped-def]
-    """Restore group g's max-heap (keys[g] in heap order, the worst first; slots[g] the slot of each) below i."""
+def _sift_down(keys, slots, g, size, i):  # type: ignore[no-untyped-def]
+    """Restore group g's max-heap of `size` entries (keys[g] in heap order, the worst first; slots[g] the slot of
+    each) below i."""
     key, slot = keys[g, i], slots[g, i]
     while True:
         child = 2 * i + 1
-        if child >= k:
+        if child >= size:
             break
-        if child + 1 < k and keys[g, child + 1] > keys[g, child]:
+        if child + 1 < size and keys[g, child + 1] > keys[g, child]:
             child += 1
         if keys[g, child] <= key:
             break
@@ -99,34 +100,65 @@ def _sift_down(keys, slots, g, k, i):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _offer(cand, cell_of, cells, comp, keys, slots, fresh, ext, extremes, base, u, moved, touched,  # type: ignore[no-untyped-def]
-           out_row, out_b, out_u, n):
+def _sift_up(keys, slots, g, i):  # type: ignore[no-untyped-def]
+    """Restore group g's max-heap above i, where a new entry was put (a random one rises about one level)."""
+    key, slot = keys[g, i], slots[g, i]
+    while i > 0:
+        parent = (i - 1) // 2
+        if keys[g, parent] >= key:
+            break
+        keys[g, i], slots[g, i] = keys[g, parent], slots[g, parent]
+        i = parent
+    keys[g, i], slots[g, i] = key, slot
+
+
+@njit(cache=True, inline="always")
+def _offer(cand, cell_of, cells, comp, keys, slots, sizes, fresh, ext, extremes, base, u, moved,  # type: ignore[no-untyped-def]
+           touched, out_row, out_b, out_u, n):
     """Offer unit u's candidates cand[u] to its groups of comp [groups, k]: group u, or with cells > 1 the group
-    (u, cell_of[u, b]) of each. A group's kept keys are also a max-heap (keys, slots; built
-    from comp when `fresh`), so a candidate is compared with its group's worst at once. Lists a row to copy from
-    out_*[n] per slot that changed, whatever happened to it in between (moved: -1 per slot, and left so)."""
+    (u, cell_of[u, b]) of each. A group's kept entries are also a max-heap (the first sizes[g] of keys and slots;
+    then its free slots; built from comp when `fresh`): a candidate takes a free slot while there is one, then is
+    compared with the group's worst at once. Lists a row to copy from out_*[n] per slot that changed, whatever
+    happened to it in between (moved: -1 per slot, and left so)."""
     k, batch = comp.shape[1], cand.shape[1]
     if k == 0:
         return 0
     first = u * cells
     if fresh:
         for g in range(first, first + cells):
+            size = 0
             for i in range(k):
-                keys[g, i], slots[g, i] = comp[g, i], i
-            for i in range(k // 2 - 1, -1, -1):
-                _sift_down(keys, slots, g, k, i)
+                if comp[g, i] != EMPTY:
+                    keys[g, size], slots[g, size] = comp[g, i], i
+                    size += 1
+            free = size
+            for i in range(k):
+                if comp[g, i] == EMPTY:
+                    keys[g, free], slots[g, free] = EMPTY, i
+                    free += 1
+            sizes[g] = size
+            for i in range(size // 2 - 1, -1, -1):
+                _sift_down(keys, slots, g, size, i)
     changed = 0
     for b in range(batch):
         g = first + cell_of[u, b] if cells > 1 else first
-        if cand[u, b] < keys[g, 0]:  # better than the group's worst entry: it takes that slot
+        size = sizes[g]
+        if size < k:  # a free slot (a run's first batches): the candidate takes it
+            slot = slots[g, size]
+            comp[g, slot] = keys[g, size] = cand[u, b]
+            _sift_up(keys, slots, g, size)
+            sizes[g] = size + 1
+        elif cand[u, b] < keys[g, 0]:  # better than the group's worst entry: it takes that slot
             slot = slots[g, 0]
             comp[g, slot] = keys[g, 0] = cand[u, b]
             _sift_down(keys, slots, g, k, 0)
-            at = (g - first) * k + slot
-            if moved[at] < 0:
-                touched[changed] = at
-                changed += 1
-            moved[at] = b
+        else:
+            continue
+        at = (g - first) * k + slot
+        if moved[at] < 0:
+            touched[changed] = at
+            changed += 1
+        moved[at] = b
     for i in range(changed):
         at = touched[i]
         b = moved[at]
@@ -257,10 +289,10 @@ def _block_statistics(vals, bf16, skip, stride, excerpt_ids, excerpt_hashes, uni
 @njit(cache=True, parallel=True)
 def _update(compute, vals, bf16, raw, skip, stride, excerpt_ids, excerpt_hashes, unit_hashes,  # type: ignore[no-untyped-def]
             sums, maxes, mins, min_excerpt_max, hist, top, bottom, random, cell_of, extremes, cell_counts, rows,
-            top_comp, top_keys, top_slots, top_fresh, top_ext, top_base,
-            bottom_comp, bottom_keys, bottom_slots, bottom_fresh, bottom_ext, bottom_base,
-            random_comp, random_keys, random_slots, random_fresh, random_ext, random_base,
-            cell_comp, cell_keys, cell_slots, cell_fresh, cell_ext, cell_base):
+            top_comp, top_keys, top_slots, top_sizes, top_fresh, top_ext, top_base,
+            bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_fresh, bottom_ext, bottom_base,
+            random_comp, random_keys, random_slots, random_sizes, random_fresh, random_ext, random_base,
+            cell_comp, cell_keys, cell_slots, cell_sizes, cell_fresh, cell_ext, cell_base):
     batch, length, units = raw.shape
     cells = cell_comp.shape[0] // units
     blocks = (units + BLOCK - 1) // BLOCK
@@ -282,14 +314,14 @@ def _update(compute, vals, bf16, raw, skip, stride, excerpt_ids, excerpt_hashes,
         out_u = np.empty(BLOCK * per_unit, np.int64)
         n = 0
         for u in range(u0, u0 + w):
-            n += _offer(top, cell_of, 1, top_comp, top_keys, top_slots, top_fresh, top_ext, extremes, top_base, u,
-                        moved, touched, out_row, out_b, out_u, n)
-            n += _offer(bottom, cell_of, 1, bottom_comp, bottom_keys, bottom_slots, bottom_fresh, bottom_ext,
-                        extremes, bottom_base, u, moved, touched, out_row, out_b, out_u, n)
-            n += _offer(random, cell_of, 1, random_comp, random_keys, random_slots, random_fresh, random_ext,
-                        extremes, random_base, u, moved, touched, out_row, out_b, out_u, n)
-            n += _offer(random, cell_of, cells, cell_comp, cell_keys, cell_slots, cell_fresh, cell_ext, extremes,
-                        cell_base, u, moved, touched, out_row, out_b, out_u, n)
+            n += _offer(top, cell_of, 1, top_comp, top_keys, top_slots, top_sizes, top_fresh, top_ext, extremes,
+                        top_base, u, moved, touched, out_row, out_b, out_u, n)
+            n += _offer(bottom, cell_of, 1, bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_fresh,
+                        bottom_ext, extremes, bottom_base, u, moved, touched, out_row, out_b, out_u, n)
+            n += _offer(random, cell_of, 1, random_comp, random_keys, random_slots, random_sizes, random_fresh,
+                        random_ext, extremes, random_base, u, moved, touched, out_row, out_b, out_u, n)
+            n += _offer(random, cell_of, cells, cell_comp, cell_keys, cell_slots, cell_sizes, cell_fresh, cell_ext,
+                        extremes, cell_base, u, moved, touched, out_row, out_b, out_u, n)
         # The block's rows in excerpt order (a counting sort): raw[b, :, block] is read while it is in the cache.
         start = np.zeros(batch + 1, np.int64)
         for i in range(n):
@@ -330,7 +362,9 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor,
         sampler = acc.samplers[kind]
         fresh = sampler.heap is None
         if fresh:
-            sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32))
+            groups = sampler.comp.shape[0]
+            sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32),
+                            np.empty(groups, np.int32))
         state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
     if candidates is None:
         cands = [np.empty((units, batch), np.int64) for _ in range(4)]
