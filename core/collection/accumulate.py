@@ -109,10 +109,10 @@ class Accumulator:
 
         `token_stats` is compute_token_stats or its compiled form (token_stats_fn). On a CPU (unless fixed), the
         batch goes to the samplers in one compiled pass (cpu_update.py), which writes the rows and, unless
-        `token_stats` is compiled, takes the statistics too (eager, the kernel is many times slower). With fixed-shape updates, the batch's activation rows are copied into
-        the samplers at the next update (or when results are taken): by then the caller has queued the next batch's
-        forward pass, so reading how many rows there are to copy does not leave the GPU idle. `acts` is kept alive
-        until then."""
+        `token_stats` is compiled, takes the statistics too (eager, the kernel is many times slower). With
+        fixed-shape updates, the batch's activation rows are copied into the samplers at the next update (or when
+        results are taken): by then the caller has queued the next batch's forward pass, so reading how many rows
+        there are to copy does not leave the GPU idle. `acts` is kept alive until then."""
         skip = self.settings.skip_positions
         excerpt_ids = excerpt_ids.to(self.max.device)
         self.count += acts.shape[0] * (acts.shape[1] - skip)

@@ -18,7 +18,7 @@ happens to it during the batch, and a block's rows are written excerpt by excerp
 for the block stay in the cache while they are.
 
 numba is imported here alone, when a CPU collection first updates (its import and a cached compile take about a
-second; a first compile, some 20 s, is cached beside this file or in the user's cache).
+second; a first compile, some 15-20 s, is cached beside this file or in the user's cache).
 """
 
 from __future__ import annotations
