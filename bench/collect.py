@@ -35,10 +35,10 @@ def throughput(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.accumulate import stats_compiled
     from neuronscope.core.collection.collect import auto_batch_size, collect
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
+    from neuronscope.core.collection.token_stats import stats_compiled
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.records import CollectSettings

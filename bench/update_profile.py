@@ -20,7 +20,8 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from neuronscope.core.collection.accumulate import Accumulator, token_stats_fn
+    from neuronscope.core.collection.accumulate import Accumulator
+    from neuronscope.core.collection.token_stats import token_stats_fn
     from neuronscope.core.layerdata import HIST_EDGES
 
     device = subject.device
@@ -72,8 +73,8 @@ def profile_update(subject, excerpts, layer: int, batch: int, settings, sync) ->
     # The statistics kernel alone, against reading the layer's activations once (a sum of them): its floor. Then the
     # candidates for a faster one: compiled with inductor's coordinate-descent tuning of its block sizes, and run
     # on the activations laid out tokens last ([B, F, T], reductions along contiguous memory) after a copy.
-    from neuronscope.core.collection.accumulate import compute_token_stats
     from neuronscope.core.collection.sampling import unit_hash
+    from neuronscope.core.collection.token_stats import compute_token_stats
 
     units = torch.arange(subject.n_neurons, device=device)
     args = (acts[2], eids[2], unit_hash(0, layer, units), settings.hist_stride, (units * (len(HIST_EDGES) + 1)).int())
@@ -123,8 +124,8 @@ def compiled_against_eager(subject, excerpts, layer: int, batch: int) -> dict[st
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.accumulate import compute_token_stats
     from neuronscope.core.collection.sampling import unit_hash
+    from neuronscope.core.collection.token_stats import compute_token_stats
     from neuronscope.core.layerdata import HIST_EDGES
 
     acts = subject.activations(torch.from_numpy(excerpts.token_ids[:batch].astype(np.int64)), (layer,))[layer]

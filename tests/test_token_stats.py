@@ -1,4 +1,4 @@
-"""Tests for the per-batch statistics kernel (core/collection/accumulate.py: compute_token_stats, hist_bins),
+"""Tests for the per-batch statistics kernel (core/collection/token_stats.py: compute_token_stats, hist_bins),
 eager and as collections run it, compiled by torch.compile."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronscope.core.collection.accumulate import (
+from neuronscope.core.collection.sampling import composite, excerpt_hash, keys_from, unit_hash
+from neuronscope.core.collection.token_stats import (
     COMPILE_ELEMENTS,
     cell_bins,
     compute_token_stats,
@@ -15,7 +16,6 @@ from neuronscope.core.collection.accumulate import (
     stats_compiled,
     token_stats_fn,
 )
-from neuronscope.core.collection.sampling import composite, excerpt_hash, keys_from, unit_hash
 from neuronscope.core.layerdata import CELL_EDGES, HIST_EDGES
 
 EDGES = torch.from_numpy(HIST_EDGES)

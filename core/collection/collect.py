@@ -242,7 +242,8 @@ def accumulate(
     the latents' under LATENT_KEY + its layer."""
     import torch
 
-    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator, token_stats_fn
+    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator
+    from neuronscope.core.collection.token_stats import token_stats_fn
     from neuronscope.core.models.heap import keep_freed_memory
     from neuronscope.core.models.subject import to_device
 

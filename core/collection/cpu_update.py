@@ -4,10 +4,10 @@ Threads take blocks of BLOCK units. For each excerpt, a block's activations (len
 are read once into a float32 tile that stays in the L1 cache while everything is taken from it: the power sums, the
 positive count and the extremes (vectorised across the block's units), the histogram counts, and, once the block has
 seen the whole batch, the candidates' composites and cells. (A long run, which repays torch.compile, takes all that
-from the compiled statistics kernel instead: accumulate.stats_compiled.) Then the block's candidates go to every
+from the compiled statistics kernel instead: token_stats.stats_compiled.) Then the block's candidates go to every
 sampler at once. A unit's groups, rows and counts are written by its block's thread alone.
 
-Everything but the power sums is exactly what compute_token_stats (accumulate.py) and the samplers' other merges give:
+Everything but the power sums is exactly what compute_token_stats (token_stats.py) and the samplers' other merges give:
 the bins, cells and hashes are the same integer operations on the same float32 bits. The power sums agree to float32
 rounding (each excerpt's sums about its own mean, summed in another order), as the compiled kernel's do with eager's.
 
@@ -30,8 +30,8 @@ import torch
 from numba import config as numba_config
 from numba import get_num_threads, njit, prange, set_num_threads
 
-from neuronscope.core.collection.accumulate import _SQRT2_MANTISSA
 from neuronscope.core.collection.sampling import _MUL2, EMPTY, INF_BITS, NAN_BITS, excerpt_hash
+from neuronscope.core.collection.token_stats import _SQRT2_MANTISSA
 from neuronscope.core.layerdata import HIST_EDGES
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _SIGN = -(1 << 31)  # a float32's sign bit, in a sign-extended int64 of its bits
 
 @njit(cache=True, inline="always")
 def _half_powers(bits, lowest, count):  # type: ignore[no-untyped-def]
-    """accumulate._half_powers for one float32's bits: how many edges 2^(j/2), j >= lowest, lie below |x| and at or
+    """token_stats._half_powers for one float32's bits: how many edges 2^(j/2), j >= lowest, lie below |x| and at or
     below it."""
     j = 2 * (((bits >> 23) & 0xFF) - 127) - lowest
     m = bits & 0x7FFFFF
@@ -255,7 +255,7 @@ def _block_statistics(vals, bf16, skip, stride, excerpt_ids, excerpt_hashes, uni
             sums[3, u] += nt * m2 * m2 + 4 * m2 * m * a1 + 6 * m2 * a2 + 4 * m * a3 + a4
             sums[4, u] += np.float64(positive[i])
             ex[i, b, 0], ex[i, b, 1] = high[i], low[i]
-        for t in range(skip, length, stride):  # accumulate.hist_bins, computed for the block's row at once
+        for t in range(skip, length, stride):  # token_stats.hist_bins, computed for the block's row at once
             for i in range(BLOCK):
                 x, bits = tile[t, i], tile_bits[t, i]
                 half = 2 * (((bits >> 23) & 0xFF) - 127) + 16  # _half_powers(bits, -16, 31), written to vectorise
@@ -348,10 +348,11 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor,
     activation rows (acc.rows) change in place. Not the count."""
     settings, rows = acc.settings, acc.rows
     batch, units = acts.shape[0], acts.shape[2]
-    if acts.dtype == torch.bfloat16:  # its bits are float32's upper half: widened in the tile
-        vals, bf16 = acts.view(torch.int16), True
+    bf16 = acts.dtype == torch.bfloat16  # its bits are float32's upper half: widened in the tile
+    if candidates is not None:  # the statistics were taken: the pass reads the rows alone
+        vals = torch.empty((0, 0, 0), dtype=torch.int16 if bf16 else torch.int32)
     else:
-        vals, bf16 = acts.float().view(torch.int32), False
+        vals = acts.view(torch.int16) if bf16 else acts.float().view(torch.int32)
     raw = acts if acts.dtype == rows.dtype else acts.to(rows.dtype)
     bits = _BITS[rows.element_size()]
     threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
