@@ -68,7 +68,7 @@ def throughput(args: argparse.Namespace) -> None:
     compiled = stats_compiled(subject.device, (n // batch) * batch * 64 * len(layers) * subject.n_neurons)
     os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
     cpu_pass = subject.device.type == "cpu" and os.environ.get("NEURONSCOPE_FIXED_SHAPES") != "1"
-    stats_path = "torch.compile" if compiled else "in the CPU's compiled pass" if cpu_pass else "eager"
+    stats_path = "in the CPU's compiled passes" if cpu_pass else "torch.compile" if compiled else "eager"
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: compiles the statistics kernel once
         with Store.open(Path(tmp) / "warm.duckdb") as store:
             warm = type(excerpts)(excerpts.token_ids[: 2 * batch], excerpts.excerpt_ids[: 2 * batch], 64, "warm-up")

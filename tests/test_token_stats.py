@@ -124,17 +124,20 @@ def test_compile_decision_counts_activations(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_pass_equals_the_torch_kernel_and_merges(dtype: torch.dtype) -> None:
-    """A CPU collection folds a batch in one compiled pass (cpu_update.py), statistics included unless they come from
-    the compiled statistics kernel; a GPU's runs compute_token_stats and the fixed-shape merges. Over awkward values (every histogram and cell edge and the floats either side, signed zeros,
-    subnormals, infinities, a NaN), 40 units (a whole block of 32 and part of one), 11 tokens of which the first 2
-    are skipped, in uneven batches, both keep exactly the same records, extremes, histogram and cell counts, and
-    power sums equal to float rounding."""
+    """A CPU collection folds a batch in compiled passes (cpu_update.py); a GPU's runs compute_token_stats and the
+    fixed-shape merges. Over awkward values (every histogram and cell edge and the floats either side, signed zeros,
+    subnormals, infinities, a NaN), 2,100 units (two spans of the statistics pass, and a whole block of 32 and part
+    of one for the records), 11 tokens of which the first 2 are skipped, in uneven batches, both keep exactly the
+    same records, extremes, histogram and cell counts, and power sums equal to float rounding. The CPU pass reads
+    its batches as a hook gives them, behind a prefix position that is sliced off (in place, not copied), and also
+    from transposed storage."""
     from sampling_data import LAYER
 
     from neuronscope.core.collection.accumulate import LayerAccumulator
+    from neuronscope.core.collection.cpu_update import _contiguous
     from neuronscope.core.records import CollectSettings
 
-    n, t, f = 90, 11, 40
+    n, t, f = 90, 11, 2100
     g = torch.Generator().manual_seed(7)
     acts = torch.randn(n, t, f, generator=g) * torch.exp2(torch.randn(f, generator=g) * 4)
     values = awkward_values()
@@ -149,27 +152,29 @@ def test_cpu_pass_equals_the_torch_kernel_and_merges(dtype: torch.dtype) -> None
     acts[3, 4, 5] = float("nan")
     acts[:, :, 6] = float(CELL_EDGES[7])  # every excerpt max on a cell edge, and ties throughout
     acts = acts.to(dtype)
+    hooked = torch.cat([torch.full((n, 1, f), float("inf"), dtype=dtype), acts], 1)[:, 1:, :]  # behind a prefix
+    transposed = acts.transpose(1, 2).contiguous().transpose(1, 2)
+    whole, first = _contiguous(hooked)
+    assert first == 1 and whole.data_ptr() == hooked.data_ptr() - f * hooked.element_size()  # read in place
     ids = torch.from_numpy(np.random.default_rng(1).choice(10 * n, n, replace=False))
     settings = CollectSettings(length=t, top_k=7, bottom_k=5, random_k=4, quantile_k=2, seed=3, hist_stride=3,
                                skip_positions=2)
     results = []
-    # The CPU pass alone; the GPU's path; the CPU pass given the statistics kernel's candidates (as a long run takes
-    # them from torch.compile's kernel: any token_stats but the eager function itself).
-    for fixed, stats in ((False, None), (True, None), (False, lambda *args: compute_token_stats(*args))):
+    for fixed, batches in ((True, acts), (False, hooked), (False, transposed)):  # the GPU's path, then the CPU's
         acc = LayerAccumulator(LAYER, f, settings, dtype, torch.device("cpu"), fixed)
         for start, size in zip((0, 17, 18, 50), (17, 1, 32, 40)):
-            acc.update(acts[start : start + size], ids[start : start + size], stats)
+            acc.update(batches[start : start + size], ids[start : start + size])
         results.append(acc.result())
-    cpu, torch_path, given = results
-    assert cpu.count == torch_path.count == given.count == n * (t - 2)
-    for other in (cpu, given):
+    torch_path, cpu, from_transposed = results
+    assert cpu.count == torch_path.count == n * (t - 2)
+    assert np.array_equal(from_transposed.sums, cpu.sums, equal_nan=True)
+    for other in (cpu, from_transposed):
         for kind in ("top", "bottom", "random", "cell"):
             for field in ("ids", "acts", "maxes", "mins"):
                 assert np.array_equal(getattr(other.samples[kind], field), getattr(torch_path.samples[kind], field),
                                       equal_nan=True), (kind, field)
         for name in ("max", "min", "min_excerpt_max", "histogram", "cell_counts"):
             assert np.array_equal(getattr(other, name), getattr(torch_path, name), equal_nan=True), name
-    assert np.array_equal(given.sums, torch_path.sums, equal_nan=True)  # the same kernel's sums
     assert np.isnan(cpu.max[5]) and np.isnan(cpu.min[5])
     assert np.isinf(cpu.max[7:10]).all() and np.isinf(cpu.min[7:10]).all()
     finite = np.isfinite(torch_path.sums).all(0)

@@ -182,9 +182,10 @@ class SmallestK:
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
         self._slot_index: torch.Tensor | None = None
         #: Each group's kept composites in max-heap order (the worst first), then its free slots' (EMPTY); the slot of
-        #: each; and how many are kept: kept between batches by the CPU's compiled pass (cpu_update.py; 12 bytes a
-        #: slot and 4 a group); None once anything else changed the keys.
-        self.heap: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: each; how many are kept; and the worst kept of a full group (EMPTY until full): kept between batches by
+        #: the CPU's compiled pass (cpu_update.py; 12 bytes a slot and 12 a group); None once anything else changed
+        #: the keys.
+        self.heap: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def _nothing(self) -> Taken:
         none = torch.zeros(0, dtype=torch.int64, device=self.comp.device)

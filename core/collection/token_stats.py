@@ -2,8 +2,9 @@
 histogram indices, the candidates' composites and cells), as torch elementwise operations and reductions that compile
 to a few fused loops; and whether a collection compiles it (torch.compile).
 
-A GPU's collection and a long CPU one run it (accumulate.py); a short CPU run takes the same values in cpu_update.py's
-compiled pass, which reads the same float32 bits with the same integer operations.
+A GPU's collection runs it (accumulate.py), as does a CPU's with NEURONSCOPE_FIXED_SHAPES=1; a CPU collection
+otherwise takes the same values in cpu_update.py's compiled passes, which read the same float32 bits with the same
+integer operations.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def stats_compiled(device: torch.device, elements: int) -> bool:
     on-disk cache has it). Eager, the kernel's float32 temporaries cost some 6 ns an activation more at SmolLM2's
     width (44 against 3.7 ms a layer and batch of 64 x 64 tokens) and 14 ns at GPT-2 XL's, where each is larger than
     the allocator keeps (389 against 13 ms). NEURONSCOPE_COMPILE=0/1 forces either way. (A CPU collection takes its
-    statistics in cpu_update.py's compiled pass instead, unless NEURONSCOPE_FIXED_SHAPES=1.)"""
+    statistics in cpu_update.py's compiled passes instead, unless NEURONSCOPE_FIXED_SHAPES=1: the kernel is then
+    never called, so never compiled.)"""
     wanted = os.environ.get("NEURONSCOPE_COMPILE", "auto")
     return wanted == "1" or (wanted == "auto" and (device.type == "cuda" or elements >= COMPILE_ELEMENTS))
 
