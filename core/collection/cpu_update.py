@@ -4,8 +4,9 @@
    time, contiguous values that the prefetcher streams and the loops vectorise over: its mean, power sums about it,
    positive count, extremes and histogram bins, into a batch-sized scratch (about 5 MB for 64 excerpts of SmolLM2).
 2. _offers: threads take blocks of BLOCK units, fold the batch into their statistics (excerpt by excerpt, each
-   excerpt's across the block's units), write the candidates' composites and cells, and offer them to
-   every sampler at once, listing the rows that changed.
+   excerpt's across the block's units), write the candidates' composites and cells into a scratch of the block's
+   own (kept in the cache: no batch-wide candidate arrays), and offer them to every sampler at once, listing the
+   rows that changed.
 3. _copy_rows: threads take excerpts and copy the listed rows, each excerpt's activations read into the cache once.
    A compiled function of its own: inside _offers's, its loop ran three to five times slower.
 
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 #: Units per task of the record pass (_offers).
 BLOCK = 32
-#: Units per task of a batch's statistics, read token by token (an excerpt's sums for a span stay in the L1 cache).
+#: Units per task of a batch's statistics, read token by token (an excerpt's sums for a span, 28 bytes a unit, stay
+#: in the L2 cache).
 SPAN = 2048
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BINS = len(HIST_EDGES) + 1
@@ -121,10 +123,10 @@ def _sift_up(keys, slots, g, i):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _offer(cand, cell_of, cells, comp, keys, slots, sizes, worst, fresh, ext, extremes, base, u,  # type: ignore[no-untyped-def]
+def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext, extremes, base, u,  # type: ignore[no-untyped-def]
            moved, touched, out_row, out_b, out_u, n):
-    """Offer unit u's candidates cand[u] to its groups of comp [groups, k]: group u, or with cells > 1 the group
-    (u, cell_of[u, b]) of each. A group's kept entries are also a max-heap (the first sizes[g] of keys and slots;
+    """Offer unit u's candidates cand[r] (its row of the block's scratch) to its groups of comp [groups, k]: group u,
+    or with cells > 1 the group (u, cell_of[r, b]) of each. A group's kept entries are also a max-heap (the first sizes[g] of keys and slots;
     then its free slots; built from comp when `fresh`): a candidate takes a free slot while there is one, then is
     compared with the group's worst at once. worst[g] is that worst while the group is full (EMPTY before): one
     dense array, which a late batch, whose candidates nearly all fail, reads alone. Lists a row to copy from out_*[n] per slot that changed, whatever
@@ -151,20 +153,20 @@ def _offer(cand, cell_of, cells, comp, keys, slots, sizes, worst, fresh, ext, ex
             worst[g] = keys[g, 0] if size == k else EMPTY
     changed = 0
     for b in range(batch):
-        g = first + cell_of[u, b] if cells > 1 else first
-        if cand[u, b] >= worst[g]:  # no better than a full group's worst entry
+        g = first + cell_of[r, b] if cells > 1 else first
+        if cand[r, b] >= worst[g]:  # no better than a full group's worst entry
             continue
         size = sizes[g]
         if size < k:  # a free slot (a run's first batches): the candidate takes it
             slot = slots[g, size]
-            comp[g, slot] = keys[g, size] = cand[u, b]
+            comp[g, slot] = keys[g, size] = cand[r, b]
             _sift_up(keys, slots, g, size)
             sizes[g] = size + 1
             if size + 1 == k:
                 worst[g] = keys[g, 0]
         else:  # better than the group's worst entry: it takes that slot
             slot = slots[g, 0]
-            comp[g, slot] = keys[g, 0] = cand[u, b]
+            comp[g, slot] = keys[g, 0] = cand[r, b]
             _sift_down(keys, slots, g, k, 0)
             worst[g] = keys[g, 0]
         at = (g - first) * k + slot
@@ -177,8 +179,8 @@ def _offer(cand, cell_of, cells, comp, keys, slots, sizes, worst, fresh, ext, ex
         b = moved[at]
         moved[at] = -1
         g, slot = first + at // k, at % k
-        ext[g, slot, 0] = extremes[u, b, 0]
-        ext[g, slot, 1] = extremes[u, b, 1]
+        ext[g, slot, 0] = extremes[r, b, 0]
+        ext[g, slot, 1] = extremes[r, b, 1]
         out_row[n + i], out_b[n + i], out_u[n + i] = base + g * k + slot, b, u
     return changed
 
@@ -270,8 +272,8 @@ def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums
           hist, top, bottom, random, cell_of, extremes, u0, w):
     """Units u0 .. u0 + w - 1: the batch's statistics (_excerpt_statistics's) folded in excerpt by excerpt, each
     excerpt's across the units (contiguous values, through slices: see _widen): power sums, extremes, histogram;
-    and the candidates' composites, cells and (max, min) written into top, bottom, random, cell_of [units, B] and
-    extremes [units, B, 2], exactly as compute_token_stats gives them."""
+    and the candidates' composites, cells and (max, min) written into the block's scratch top, bottom, random,
+    cell_of [w, B] and extremes [w, B, 2], exactly as compute_token_stats gives them."""
     nt = np.float64(counted)
     ex = np.empty((w, 2), np.float32)
     ex_bits = ex.view(np.int32)
@@ -308,12 +310,11 @@ def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums
                 counts[i * _BINS + row[i]] += 1
         eid = excerpt_ids[b]
         for i in range(w):
-            u = u0 + i
-            extremes[u, b, 0], extremes[u, b, 1] = ex[i, 0], ex[i, 1]
-            top[u, b] = _composite(np.int64(ex_bits[i, 0]) ^ _SIGN, eid)
-            bottom[u, b] = _composite(np.int64(ex_bits[i, 1]), eid)
-            random[u, b] = _composite(np.int64(key_bits[i]), eid)
-            cell_of[u, b] = _half_powers(np.int64(ex_bits[i, 0]), -10, 25)[0] if ex[i, 0] > 0 else 0
+            extremes[i, b, 0], extremes[i, b, 1] = ex[i, 0], ex[i, 1]
+            top[i, b] = _composite(np.int64(ex_bits[i, 0]) ^ _SIGN, eid)
+            bottom[i, b] = _composite(np.int64(ex_bits[i, 1]), eid)
+            random[i, b] = _composite(np.int64(key_bits[i]), eid)
+            cell_of[i, b] = _half_powers(np.int64(ex_bits[i, 0]), -10, 25)[0] if ex[i, 0] > 0 else 0
 
 
 @njit(cache=True, parallel=True)
@@ -334,7 +335,7 @@ def _statistics(vals, bf16, first, skip, stride):  # type: ignore[no-untyped-def
 
 @njit(cache=True, parallel=True)
 def _offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  # type: ignore[no-untyped-def]
-            sums, maxes, mins, min_excerpt_max, hist, top, bottom, random, cell_of, extremes, cell_counts,
+            sums, maxes, mins, min_excerpt_max, hist, cell_counts,
             top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext, top_base,
             bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst, bottom_fresh, bottom_ext,
             bottom_base, random_comp, random_keys, random_slots, random_sizes, random_worst, random_fresh, random_ext,
@@ -342,7 +343,7 @@ def _offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  #
             cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh, cell_ext, cell_base):
     """Pass 2, per block of units: the statistics folded in, the cells counted, and the candidates offered to every sampler at once. Returns the rows to copy: per block,
     into out_row[block, i] from unit out_u[block, i] of excerpt b, for i from start[block, b] to start[block, b + 1]."""
-    units, batch = top.shape
+    batch, units = reduced.shape[0], reduced.shape[2]
     cells = cell_comp.shape[0] // units
     blocks = (units + BLOCK - 1) // BLOCK
     width = max(top_comp.shape[1], bottom_comp.shape[1], random_comp.shape[1], cells * cell_comp.shape[1])
@@ -353,11 +354,14 @@ def _offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  #
     for block in prange(blocks):
         u0 = block * BLOCK
         w = min(units, u0 + BLOCK) - u0
+        top, bottom = np.empty((w, batch), np.int64), np.empty((w, batch), np.int64)  # the block's candidates
+        random, cell_of = np.empty((w, batch), np.int64), np.empty((w, batch), np.int64)
+        extremes = np.empty((w, batch, 2), np.float32)
         _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,
               hist, top, bottom, random, cell_of, extremes, u0, w)
-        for u in range(u0, u0 + w):
+        for r in range(w):
             for b in range(batch):
-                cell_counts[u * cells + cell_of[u, b]] += 1
+                cell_counts[(u0 + r) * cells + cell_of[r, b]] += 1
         moved = np.full(width, -1, np.int64)  # per slot of a unit's groups: the excerpt that took it
         touched = np.empty(width, np.int64)
         rows_at = np.empty(BLOCK * per_unit, np.int64)
@@ -365,13 +369,13 @@ def _offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  #
         from_u = np.empty(BLOCK * per_unit, np.int64)
         n = 0
         for u in range(u0, u0 + w):
-            n += _offer(top, cell_of, 1, top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext,
+            n += _offer(top, cell_of, u - u0, 1, top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext,
                         extremes, top_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(bottom, cell_of, 1, bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst,
+            n += _offer(bottom, cell_of, u - u0, 1, bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst,
                         bottom_fresh, bottom_ext, extremes, bottom_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(random, cell_of, 1, random_comp, random_keys, random_slots, random_sizes, random_worst,
+            n += _offer(random, cell_of, u - u0, 1, random_comp, random_keys, random_slots, random_sizes, random_worst,
                         random_fresh, random_ext, extremes, random_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(random, cell_of, cells, cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh,
+            n += _offer(random, cell_of, u - u0, cells, cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh,
                         cell_ext, extremes, cell_base, u, moved, touched, rows_at, from_b, from_u, n)
         for i in range(n):  # a counting sort by excerpt
             start[block, from_b[i] + 1] += 1
@@ -403,7 +407,6 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> N
     (groups: unit x cell of the candidate's max, offered the "random" composites), whose keys, extremes and
     activation rows (acc.rows) change in place. Not the count."""
     settings, rows = acc.settings, acc.rows
-    batch, units = acts.shape[0], acts.shape[2]
     bf16 = acts.dtype == torch.bfloat16  # its bits are float32's upper half: widened as they are read
     whole, first = _contiguous(acts)
     vals = whole.view(torch.int16) if bf16 else whole.float().view(torch.int32)
@@ -421,14 +424,11 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> N
             sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32),
                             np.empty(groups, np.int32), np.empty(groups, np.int64))
         state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
-    cands = [np.empty((units, batch), np.int64) for _ in range(4)]  # top, bottom, random, cell_of
-    extremes = np.empty((units, batch, 2), np.float32)
     ids = excerpt_ids.to(torch.int64)
     reduced, bins = _statistics(vals.numpy(), bf16, first, settings.skip_positions, settings.hist_stride)
     listed = _offers(reduced, bins, raw.shape[1] - first - settings.skip_positions,  # type: ignore[call-arg]
                      ids.numpy(), excerpt_hash(ids).numpy(), acc._unit_hash.numpy(), acc.sums.numpy(), acc.max.numpy(),
-                     acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(), *cands, extremes,
-                     acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
+                     acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(), acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
     _copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
 
 
