@@ -17,3 +17,14 @@ class InputError(NeuronscopeError):
 class NeuronError(NeuronscopeError):
     """One neuron cannot be explained or scored for a reason that is not an LLM failure (too few records, no
     stored explanation): recorded against the neuron, the job goes on."""
+
+
+def caused_by_interrupt(err: BaseException | None) -> bool:
+    """Whether `err` is a KeyboardInterrupt or was raised from one: a Ctrl-C that Python notices inside a C
+    extension's callback (numba boxes a compiled function's results through one) comes out as a SystemError whose
+    cause is the interrupt."""
+    for _ in range(16):  # a cause chain is short; a cyclic one must not hang the error path
+        if err is None or isinstance(err, KeyboardInterrupt):
+            return err is not None
+        err = err.__cause__
+    return False

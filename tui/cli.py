@@ -15,7 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
-from neuronscope.core.errors import InputError, NeuronscopeError
+from neuronscope.core.errors import InputError, NeuronscopeError, caused_by_interrupt
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
 from neuronscope.tui.cli_collect import add_collect_parser, print_top
@@ -294,13 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing half-written is marked complete; run the same command again to redo it")
-        return EXIT_INTERRUPTED
     except NeuronscopeError as exc:
         err.print(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - every other failure becomes one line too
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
+        if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
+            err.print("interrupted: nothing half-written is marked complete; run the same command again to redo it")
+            return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
         known = storage_failure(exc, getattr(args, "store", None))

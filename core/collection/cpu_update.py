@@ -39,6 +39,7 @@ from numba import get_num_threads, njit, prange, set_num_threads
 
 from neuronscope.core.collection.sampling import _MUL2, EMPTY, INF_BITS, NAN_BITS, excerpt_hash
 from neuronscope.core.collection.token_stats import _SQRT2_MANTISSA
+from neuronscope.core.errors import caused_by_interrupt
 from neuronscope.core.layerdata import HIST_EDGES
 
 if TYPE_CHECKING:
@@ -415,21 +416,34 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> N
     threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if get_num_threads() != threads:
         set_num_threads(threads)
-    state = []
-    for kind in ("top", "bottom", "random", "cell"):
-        sampler = acc.samplers[kind]
-        fresh = sampler.heap is None
-        if fresh:
-            groups = sampler.comp.shape[0]
-            sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32),
-                            np.empty(groups, np.int32), np.empty(groups, np.int64))
-        state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
-    ids = excerpt_ids.to(torch.int64)
-    reduced, bins = _statistics(vals.numpy(), bf16, first, settings.skip_positions, settings.hist_stride)
-    listed = _offers(reduced, bins, raw.shape[1] - first - settings.skip_positions,  # type: ignore[call-arg]
-                     ids.numpy(), excerpt_hash(ids).numpy(), acc._unit_hash.numpy(), acc.sums.numpy(), acc.max.numpy(),
-                     acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(), acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
-    _copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
+    try:
+        state = []
+        for kind in ("top", "bottom", "random", "cell"):
+            sampler = acc.samplers[kind]
+            fresh = sampler.heap is None
+            if fresh:
+                groups = sampler.comp.shape[0]
+                sampler.heap = (np.empty(sampler.comp.shape, np.int64), np.empty(sampler.comp.shape, np.int32),
+                                np.empty(groups, np.int32), np.empty(groups, np.int64))
+            state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
+        ids = excerpt_ids.to(torch.int64)
+        reduced, bins = _statistics(vals.numpy(), bf16, first, settings.skip_positions, settings.hist_stride)
+        listed = _offers(reduced, bins, raw.shape[1] - first - settings.skip_positions,  # type: ignore[call-arg]
+                         ids.numpy(), excerpt_hash(ids).numpy(), acc._unit_hash.numpy(), acc.sums.numpy(),
+                         acc.max.numpy(), acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(),
+                         acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
+        _copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
+    except BaseException as err:
+        # A batch stopped part-way (Ctrl-C) is lost with the rest of the in-memory state (checkpoints are saved
+        # between batches), but a heap it left half-built must not be read as built: it is rebuilt from the keys.
+        for sampler in acc.samplers.values():
+            sampler.heap = None
+        # numba boxes a compiled function's returned arrays through a Python callback, and a Ctrl-C that Python
+        # notices there comes out as "SystemError: CPUDispatcher(...) returned a result with an exception set",
+        # caused by the KeyboardInterrupt: the interrupt itself is raised, so the run is marked interrupted, not failed.
+        if isinstance(err, SystemError) and caused_by_interrupt(err):
+            raise KeyboardInterrupt from err
+        raise
 
 
 def _contiguous(acts: torch.Tensor) -> tuple[torch.Tensor, int]:
