@@ -137,13 +137,18 @@ def test_ctrl_c_inside_the_compiled_cpu_pass_is_an_interrupt() -> None:
     acts = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
     acc.update(acts, torch.arange(-2, 0))  # compiled (or loaded from numba's cache) before any Ctrl-C
     done = 0
-    for _ in range(12):
-        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
-        deadline = time.monotonic() + 30
-        with pytest.raises(KeyboardInterrupt):
-            while time.monotonic() < deadline:
-                acc.update(acts, torch.arange(done, done + 2))
-                done += 2
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for _ in range(12):
+            threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+            deadline = time.monotonic() + 30
+            with pytest.raises(KeyboardInterrupt):
+                while time.monotonic() < deadline:
+                    acc.update(acts, torch.arange(done, done + 2))
+                    done += 2
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     acc.update(acts, torch.arange(done, done + 2))
     assert acc.result().samples["top"].ids.shape == (8, 3)
 
