@@ -293,8 +293,7 @@ def accumulate(
         by_layer = {}
     if all(acc.max.device.type == "cpu" for acc in accs):
         keep_freed_memory()  # a batch's large temporaries reused, not faulted in afresh page by page
-    # A CPU accumulator takes its statistics in cpu_update.py's passes: no kernel to wrap (torch.compile's import
-    # alone takes 1.5 s).
+    # CPU accumulators take their statistics in cpu_update.py (no kernel: torch.compile's import alone takes 1.5 s).
     token_stats = None if all(acc.max.device.type == "cpu" and not acc.fixed for acc in accs) else token_stats_fn(
         subject.device, (n // batch_size) * batch_size * settings.length * sum(acc.units for acc in accs))
     resumed = checkpoints.load(key) if checkpoints is not None else None

@@ -433,14 +433,10 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> N
                          acc.max.numpy(), acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(),
                          acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
         _copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
-    except BaseException as err:
-        # A batch stopped part-way (Ctrl-C) is lost with the rest of the in-memory state (checkpoints are saved
-        # between batches), but a heap it left half-built must not be read as built: it is rebuilt from the keys.
+    except BaseException as err:  # a batch stopped part-way: a heap it left half-built is rebuilt from the keys
         for sampler in acc.samplers.values():
             sampler.heap = None
-        # numba boxes a compiled function's returned arrays through a Python callback, and a Ctrl-C that Python
-        # notices there comes out as "SystemError: CPUDispatcher(...) returned a result with an exception set",
-        # caused by the KeyboardInterrupt: the interrupt itself is raised, so the run is marked interrupted, not failed.
+        # A Ctrl-C that Python notices in numba's boxing callback comes out as a SystemError caused by it.
         if isinstance(err, SystemError) and caused_by_interrupt(err):
             raise KeyboardInterrupt from err
         raise
