@@ -1,32 +1,6 @@
-"""A batch folded into an accumulator on a CPU in three compiled passes (numba): statistics, records, rows.
-
-1. _statistics: threads take (excerpt, span of up to SPAN units) tasks and read the excerpt's activations a token at a
-   time, contiguous values that the prefetcher streams and the loops vectorise over: its mean, power sums about it,
-   positive count, extremes and histogram bins, into a batch-sized scratch (about 5 MB for 64 excerpts of SmolLM2).
-2. _offers: threads take blocks of BLOCK units, fold the batch into their statistics (excerpt by excerpt, each
-   excerpt's across the block's units), write the candidates' composites and cells into a scratch of the block's
-   own (kept in the cache: no batch-wide candidate arrays), and offer them to every sampler at once, listing the
-   rows that changed.
-3. _copy_rows: threads take excerpts and copy the listed rows, each excerpt's activations read into the cache once.
-   A compiled function of its own: inside _offers's, its loop ran three to five times slower.
-
-A unit's groups, rows and counts are written by one thread alone in each pass. Arrays are indexed through slices
-(see _widen), and a hook's activations with the model's prefix sliced off are read in place as a contiguous array
-(_contiguous): numba vectorises neither strided arrays nor an index it cannot prove non-negative (a span's were 7-8
-times slower).
-
-Everything but the power sums is exactly what compute_token_stats (token_stats.py) and the samplers' other merges give:
-the bins, cells and hashes are the same integer operations on the same float32 bits. The power sums agree to float32
-rounding (each excerpt's sums about its own mean, summed in another order), as the compiled kernel's do with eager's.
-
-The records are found per unit by a heap over each group's slots instead of tensor-wide sorts: the same entries as
-SmallestK.offer keeps (the k smallest composites of each group, sampling.py), but a unit whose candidates are all
-worse than its groups' worst entries costs one scan of a dense array. Each slot's activation row is written once a
-batch, whatever happens to it during the batch.
-
-numba is imported here alone, when a CPU collection first updates (its import and a cached compile take about a
-second; a first compile, some 15-20 s, is cached beside this file or in the user's cache).
-"""
+"""A batch folded into an accumulator on a CPU: the activations read in place where they can be, the samplers' heaps
+kept between batches, and cpu_kernels.py's three compiled passes (statistics, records, rows) run on torch's thread
+count. Imported when a CPU collection first updates (it imports numba)."""
 
 from __future__ import annotations
 
@@ -35,378 +9,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from numba import config as numba_config
-from numba import get_num_threads, njit, prange, set_num_threads
+from numba import get_num_threads, set_num_threads
 
-from neuronscope.core.collection.sampling import _MUL2, EMPTY, INF_BITS, NAN_BITS, excerpt_hash
-from neuronscope.core.collection.token_stats import _SQRT2_MANTISSA
+from neuronscope.core.collection.cpu_kernels import copy_rows, offers, statistics
+from neuronscope.core.collection.sampling import excerpt_hash
 from neuronscope.core.errors import caused_by_interrupt
-from neuronscope.core.layerdata import HIST_EDGES
 
 if TYPE_CHECKING:
     from neuronscope.core.collection.accumulate import Accumulator
 
-#: Units per task of the record pass (_offers).
-BLOCK = 32
-#: Units per task of a batch's statistics, read token by token (an excerpt's sums for a span, 28 bytes a unit, stay
-#: in the L2 cache).
-SPAN = 2048
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BINS = len(HIST_EDGES) + 1
-_SIGN = -(1 << 31)  # a float32's sign bit, in a sign-extended int64 of its bits
-
-
-@njit(cache=True, inline="always")
-def _half_powers(bits, lowest, count):  # type: ignore[no-untyped-def]
-    """token_stats._half_powers for one float32's bits: how many edges 2^(j/2), j >= lowest, lie below |x| and at or
-    below it."""
-    j = 2 * (((bits >> 23) & 0xFF) - 127) - lowest
-    m = bits & 0x7FFFFF
-    below = j + (1 if m > 0 else 0) + (1 if m > _SQRT2_MANTISSA else 0)
-    at_or_below = j + 1 + (1 if m >= _SQRT2_MANTISSA else 0)
-    return min(max(below, 0), count), min(max(at_or_below, 0), count)
-
-
-@njit(cache=True, inline="always")
-def _composite(bits, excerpt_id):  # type: ignore[no-untyped-def]
-    """sampling.composite for a float32 key given as its bits (a sign-extended int64)."""
-    if bits == _SIGN:  # -0.0, which composite's + 0.0 makes +0.0
-        bits = 0
-    if bits & 0x7FFFFFFF > INF_BITS:  # any NaN: one NaN, the worst
-        bits = NAN_BITS
-    if bits < 0:
-        bits ^= 0x7FFFFFFF
-    return (bits << 32) + excerpt_id
-
-
-@njit(cache=True, inline="always")
-def _highest(high, a, b):  # type: ignore[no-untyped-def]
-    """The largest of three float32 values, NaN if any is (as amax gives), written to vectorise."""
-    high = a if (a > high) | (a != a) else high
-    return b if (b > high) | (b != b) else high
-
-
-@njit(cache=True, inline="always")
-def _lowest(low, a, b):  # type: ignore[no-untyped-def]
-    """The smallest of three float32 values, NaN if any is (as amin gives), written to vectorise."""
-    low = a if (a < low) | (a != a) else low
-    return b if (b < low) | (b != b) else low
-
-
-@njit(cache=True, inline="always")
-def _sift_down(keys, slots, g, size, i):  # type: ignore[no-untyped-def]
-    """Restore group g's max-heap of `size` entries (keys[g] in heap order, the worst first; slots[g] the slot of
-    each) below i."""
-    key, slot = keys[g, i], slots[g, i]
-    while True:
-        child = 2 * i + 1
-        if child >= size:
-            break
-        if child + 1 < size and keys[g, child + 1] > keys[g, child]:
-            child += 1
-        if keys[g, child] <= key:
-            break
-        keys[g, i], slots[g, i] = keys[g, child], slots[g, child]
-        i = child
-    keys[g, i], slots[g, i] = key, slot
-
-
-@njit(cache=True, inline="always")
-def _sift_up(keys, slots, g, i):  # type: ignore[no-untyped-def]
-    """Restore group g's max-heap above i, where a new entry was put (a random one rises about one level)."""
-    key, slot = keys[g, i], slots[g, i]
-    while i > 0:
-        parent = (i - 1) // 2
-        if keys[g, parent] >= key:
-            break
-        keys[g, i], slots[g, i] = keys[g, parent], slots[g, parent]
-        i = parent
-    keys[g, i], slots[g, i] = key, slot
-
-
-@njit(cache=True, inline="always")
-def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext, extremes, base, u,  # type: ignore[no-untyped-def]
-           moved, touched, out_row, out_b, out_u, n):
-    """Offer unit u's candidates cand[r] (its row of the block's scratch) to its groups of comp [groups, k]: group u,
-    or with cells > 1 the group (u, cell_of[r, b]) of each. A group's kept entries are also a max-heap (the first sizes[g] of keys and slots;
-    then its free slots; built from comp when `fresh`): a candidate takes a free slot while there is one, then is
-    compared with the group's worst at once. worst[g] is that worst while the group is full (EMPTY before): one
-    dense array, which a late batch, whose candidates nearly all fail, reads alone. Lists a row to copy from out_*[n] per slot that changed, whatever
-    happened to it in between (moved: -1 per slot, and left so)."""
-    k, batch = comp.shape[1], cand.shape[1]
-    if k == 0:
-        return 0
-    first = u * cells
-    if fresh:
-        for g in range(first, first + cells):
-            size = 0
-            for i in range(k):
-                if comp[g, i] != EMPTY:
-                    keys[g, size], slots[g, size] = comp[g, i], i
-                    size += 1
-            free = size
-            for i in range(k):
-                if comp[g, i] == EMPTY:
-                    keys[g, free], slots[g, free] = EMPTY, i
-                    free += 1
-            sizes[g] = size
-            for i in range(size // 2 - 1, -1, -1):
-                _sift_down(keys, slots, g, size, i)
-            worst[g] = keys[g, 0] if size == k else EMPTY
-    changed = 0
-    for b in range(batch):
-        g = first + cell_of[r, b] if cells > 1 else first
-        if cand[r, b] >= worst[g]:  # no better than a full group's worst entry
-            continue
-        size = sizes[g]
-        if size < k:  # a free slot (a run's first batches): the candidate takes it
-            slot = slots[g, size]
-            comp[g, slot] = keys[g, size] = cand[r, b]
-            _sift_up(keys, slots, g, size)
-            sizes[g] = size + 1
-            if size + 1 == k:
-                worst[g] = keys[g, 0]
-        else:  # better than the group's worst entry: it takes that slot
-            slot = slots[g, 0]
-            comp[g, slot] = keys[g, 0] = cand[r, b]
-            _sift_down(keys, slots, g, k, 0)
-            worst[g] = keys[g, 0]
-        at = (g - first) * k + slot
-        if moved[at] < 0:
-            touched[changed] = at
-            changed += 1
-        moved[at] = b
-    for i in range(changed):
-        at = touched[i]
-        b = moved[at]
-        moved[at] = -1
-        g, slot = first + at // k, at % k
-        ext[g, slot, 0] = extremes[r, b, 0]
-        ext[g, slot, 1] = extremes[r, b, 1]
-        out_row[n + i], out_b[n + i], out_u[n + i] = base + g * k + slot, b, u
-    return changed
-
-
-@njit(cache=True, inline="always")
-def _widen(vals, bf16, b, t, u0, w, out_bits):  # type: ignore[no-untyped-def]
-    """Units u0 .. u0 + w - 1 of token t of excerpt b as float32 bits (bf16's are float32's upper half). Read
-    through a slice: indexed by u0 + i, numba's negative-index check keeps the loop from vectorising."""
-    src = vals[b, t, u0 : u0 + w]
-    if bf16:
-        for i in range(w):
-            out_bits[i] = np.int32(src[i]) << 16
-    else:
-        for i in range(w):
-            out_bits[i] = src[i]
-
-
-@njit(cache=True, inline="always")
-def _excerpt_statistics(vals, bf16, first, skip, stride, b, u0, w, reduced, bins):  # type: ignore[no-untyped-def]
-    """Excerpt b's statistics of units u0 .. u0 + w - 1 (its tokens from `first` on), reading a token's values at a
-    time (contiguous, which the prefetcher streams): its mean, the power sums about it and the positive count in
-    reduced[b, 0..5] (float32), its (max, min) in reduced[b, 6..7] (NaN kept, as amax keeps it), and the histogram
-    bin of every stride-th token in bins[b]."""
-    length = vals.shape[1]
-    counted = length - first - skip
-    row = np.empty((4, w), np.float32)
-    row_bits = row.view(np.int32)
-    mean = np.zeros(w, np.float32)
-    for t in range(first + skip, length):
-        _widen(vals, bf16, b, t, u0, w, row_bits[0])
-        for i in range(w):
-            mean[i] += row[0, i]
-    for i in range(w):
-        mean[i] /= np.float32(counted)
-    s1 = np.zeros(w, np.float32)
-    s2 = np.zeros(w, np.float32)
-    s3 = np.zeros(w, np.float32)
-    s4 = np.zeros(w, np.float32)
-    positive = np.zeros(w, np.float32)  # exact below 2^24 tokens an excerpt
-    high = np.full(w, -np.inf, np.float32)
-    low = np.full(w, np.inf, np.float32)
-    rest = first + skip + (counted // 4) * 4
-    for t in range(first + skip, rest, 4):  # four tokens a step: the sums are loaded and stored a quarter as often
-        for j in range(4):
-            _widen(vals, bf16, b, t + j, u0, w, row_bits[j])
-        for i in range(w):
-            m = mean[i]
-            x0, x1, x2, x3 = row[0, i], row[1, i], row[2, i], row[3, i]
-            d0, d1, d2, d3 = x0 - m, x1 - m, x2 - m, x3 - m
-            q0, q1, q2, q3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
-            s1[i] += (d0 + d1) + (d2 + d3)
-            s2[i] += (q0 + q1) + (q2 + q3)
-            s3[i] += (q0 * d0 + q1 * d1) + (q2 * d2 + q3 * d3)
-            s4[i] += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
-            positive[i] += (np.float32(x0 > 0) + np.float32(x1 > 0)) + (np.float32(x2 > 0) + np.float32(x3 > 0))
-            high[i] = _highest(_highest(high[i], x0, x1), x2, x3)
-            low[i] = _lowest(_lowest(low[i], x0, x1), x2, x3)
-    for t in range(rest, length):
-        _widen(vals, bf16, b, t, u0, w, row_bits[0])
-        for i in range(w):
-            x = row[0, i]
-            d = x - mean[i]
-            q = d * d
-            s1[i] += d
-            s2[i] += q
-            s3[i] += q * d
-            s4[i] += q * q
-            positive[i] += np.float32(x > 0)
-            high[i] = _highest(high[i], x, x)
-            low[i] = _lowest(low[i], x, x)
-    for k, values in enumerate((mean, s1, s2, s3, s4, positive, high, low)):
-        out = reduced[b, k, u0 : u0 + w]
-        for i in range(w):
-            out[i] = values[i]
-    for n, t in enumerate(range(first + skip, length, stride)):  # token_stats.hist_bins
-        _widen(vals, bf16, b, t, u0, w, row_bits[0])
-        out = bins[b, n, u0 : u0 + w]
-        for i in range(w):
-            x, bits = row[0, i], row_bits[0, i]
-            half = 2 * (((bits >> 23) & 0xFF) - 127) + 16  # _half_powers(bits, -16, 31), written to vectorise
-            mantissa = bits & 0x7FFFFF
-            below = min(max(half + (mantissa > 0) + (mantissa > _SQRT2_MANTISSA), 0), 31)
-            at_or_below = min(max(half + 1 + (mantissa >= _SQRT2_MANTISSA), 0), 31)
-            out[i] = below + 32 if x > 0 else (31 - at_or_below if x < 0 else 31)
-
-
-@njit(cache=True, inline="always")
-def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,  # type: ignore[no-untyped-def]
-          hist, top, bottom, random, cell_of, extremes, u0, w):
-    """Units u0 .. u0 + w - 1: the batch's statistics (_excerpt_statistics's) folded in excerpt by excerpt, each
-    excerpt's across the units (contiguous values, through slices: see _widen): power sums, extremes, histogram;
-    and the candidates' composites, cells and (max, min) written into the block's scratch top, bottom, random,
-    cell_of [w, B] and extremes [w, B, 2], exactly as compute_token_stats gives them."""
-    nt = np.float64(counted)
-    ex = np.empty((w, 2), np.float32)
-    ex_bits = ex.view(np.int32)
-    key = np.empty(w, np.float32)
-    key_bits = key.view(np.int32)
-    sum0, sum1, sum2 = sums[0, u0 : u0 + w], sums[1, u0 : u0 + w], sums[2, u0 : u0 + w]
-    sum3, sum4 = sums[3, u0 : u0 + w], sums[4, u0 : u0 + w]
-    high, low, lowest_high = maxes[u0 : u0 + w], mins[u0 : u0 + w], min_excerpt_max[u0 : u0 + w]
-    counts = hist[u0 * _BINS : (u0 + w) * _BINS]
-    hashes = unit_hashes[u0 : u0 + w]
-    for b in range(reduced.shape[0]):
-        mean, s1, s2 = reduced[b, 0, u0 : u0 + w], reduced[b, 1, u0 : u0 + w], reduced[b, 2, u0 : u0 + w]
-        s3, s4, positive = reduced[b, 3, u0 : u0 + w], reduced[b, 4, u0 : u0 + w], reduced[b, 5, u0 : u0 + w]
-        his, los = reduced[b, 6, u0 : u0 + w], reduced[b, 7, u0 : u0 + w]
-        for i in range(w):
-            m = np.float64(mean[i])
-            m2 = m * m
-            a1, a2, a3, a4 = np.float64(s1[i]), np.float64(s2[i]), np.float64(s3[i]), np.float64(s4[i])
-            sum0[i] += nt * m + a1
-            sum1[i] += nt * m2 + 2 * m * a1 + a2
-            sum2[i] += nt * m2 * m + 3 * m2 * a1 + 3 * m * a2 + a3
-            sum3[i] += nt * m2 * m2 + 4 * m2 * m * a1 + 6 * m2 * a2 + 4 * m * a3 + a4
-            sum4[i] += np.float64(positive[i])
-            hi, lo = his[i], los[i]
-            high[i] = hi if (hi > high[i]) | (hi != hi) else high[i]
-            low[i] = lo if (lo < low[i]) | (lo != lo) else low[i]
-            lowest_high[i] = hi if (hi < lowest_high[i]) | (hi != hi) else lowest_high[i]
-            ex[i, 0], ex[i, 1] = hi, lo
-            mixed = (hashes[i] ^ excerpt_hashes[b]) * _MUL2
-            key[i] = np.float32((mixed >> 40) & 0xFFFFFF) / np.float32(1 << 24)
-        for n in range(bins.shape[1]):
-            row = bins[b, n, u0 : u0 + w]
-            for i in range(w):  # each unit its own counts: no increment waits for the one before
-                counts[i * _BINS + row[i]] += 1
-        eid = excerpt_ids[b]
-        for i in range(w):
-            extremes[i, b, 0], extremes[i, b, 1] = ex[i, 0], ex[i, 1]
-            top[i, b] = _composite(np.int64(ex_bits[i, 0]) ^ _SIGN, eid)
-            bottom[i, b] = _composite(np.int64(ex_bits[i, 1]), eid)
-            random[i, b] = _composite(np.int64(key_bits[i]), eid)
-            cell_of[i, b] = _half_powers(np.int64(ex_bits[i, 0]), -10, 25)[0] if ex[i, 0] > 0 else 0
-
-
-@njit(cache=True, parallel=True)
-def _statistics(vals, bf16, first, skip, stride):  # type: ignore[no-untyped-def]
-    """Pass 1: every excerpt's statistics (_excerpt_statistics), a span of units at a time, threads taking (excerpt,
-    span) tasks. vals [B, first + length, units]."""
-    batch, length, units = vals.shape
-    counted = length - first - skip
-    reduced = np.empty((batch, 8, units), np.float32)
-    bins = np.empty((batch, (counted + stride - 1) // stride, units), np.uint8)
-    spans = (units + SPAN - 1) // SPAN
-    span = (units + spans - 1) // spans
-    for task in prange(batch * spans):
-        b, u0 = task // spans, (task % spans) * span
-        _excerpt_statistics(vals, bf16, first, skip, stride, b, u0, min(units, u0 + span) - u0, reduced, bins)
-    return reduced, bins
-
-
-@njit(cache=True, parallel=True)
-def _offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  # type: ignore[no-untyped-def]
-            sums, maxes, mins, min_excerpt_max, hist, cell_counts,
-            top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext, top_base,
-            bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst, bottom_fresh, bottom_ext,
-            bottom_base, random_comp, random_keys, random_slots, random_sizes, random_worst, random_fresh, random_ext,
-            random_base,
-            cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh, cell_ext, cell_base):
-    """Pass 2, per block of units: the statistics folded in, the cells counted, and the candidates offered to every sampler at once. Returns the rows to copy: per block,
-    into out_row[block, i] from unit out_u[block, i] of excerpt b, for i from start[block, b] to start[block, b + 1]."""
-    batch, units = reduced.shape[0], reduced.shape[2]
-    cells = cell_comp.shape[0] // units
-    blocks = (units + BLOCK - 1) // BLOCK
-    width = max(top_comp.shape[1], bottom_comp.shape[1], random_comp.shape[1], cells * cell_comp.shape[1])
-    per_unit = top_comp.shape[1] + bottom_comp.shape[1] + random_comp.shape[1] + cells * cell_comp.shape[1]
-    out_row = np.empty((blocks, BLOCK * per_unit), np.int64)
-    out_u = np.empty((blocks, BLOCK * per_unit), np.int64)
-    start = np.zeros((blocks, batch + 1), np.int64)
-    for block in prange(blocks):
-        u0 = block * BLOCK
-        w = min(units, u0 + BLOCK) - u0
-        top, bottom = np.empty((w, batch), np.int64), np.empty((w, batch), np.int64)  # the block's candidates
-        random, cell_of = np.empty((w, batch), np.int64), np.empty((w, batch), np.int64)
-        extremes = np.empty((w, batch, 2), np.float32)
-        _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,
-              hist, top, bottom, random, cell_of, extremes, u0, w)
-        for r in range(w):
-            for b in range(batch):
-                cell_counts[(u0 + r) * cells + cell_of[r, b]] += 1
-        moved = np.full(width, -1, np.int64)  # per slot of a unit's groups: the excerpt that took it
-        touched = np.empty(width, np.int64)
-        rows_at = np.empty(BLOCK * per_unit, np.int64)
-        from_b = np.empty(BLOCK * per_unit, np.int64)
-        from_u = np.empty(BLOCK * per_unit, np.int64)
-        n = 0
-        for u in range(u0, u0 + w):
-            n += _offer(top, cell_of, u - u0, 1, top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext,
-                        extremes, top_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(bottom, cell_of, u - u0, 1, bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst,
-                        bottom_fresh, bottom_ext, extremes, bottom_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(random, cell_of, u - u0, 1, random_comp, random_keys, random_slots, random_sizes, random_worst,
-                        random_fresh, random_ext, extremes, random_base, u, moved, touched, rows_at, from_b, from_u, n)
-            n += _offer(random, cell_of, u - u0, cells, cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh,
-                        cell_ext, extremes, cell_base, u, moved, touched, rows_at, from_b, from_u, n)
-        for i in range(n):  # a counting sort by excerpt
-            start[block, from_b[i] + 1] += 1
-        for b in range(batch):
-            start[block, b + 1] += start[block, b]
-        at = start[block, :batch].copy()
-        for i in range(n):
-            out_row[block, at[from_b[i]]], out_u[block, at[from_b[i]]] = rows_at[i], from_u[i]
-            at[from_b[i]] += 1
-    return out_row, out_u, start
-
-
-@njit(cache=True, parallel=True)
-def _copy_rows(raw, first, rows, out_row, out_u, start):  # type: ignore[no-untyped-def]
-    """Pass 3: the rows _offers lists, an excerpt at a time (its activations are read into the cache once). A
-    compiled function of its own: inside _offers's, this loop ran three to five times slower."""
-    batch, length, _ = raw.shape
-    for b in prange(batch):
-        for block in range(start.shape[0]):
-            for i in range(start[block, b], start[block, b + 1]):
-                row, u = out_row[block, i], out_u[block, i]
-                for t in range(length - first):
-                    rows[row, t] = raw[b, first + t, u]
 
 
 def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> None:
     """Fold a batch into a CPU accumulator's state: acts [B, length, units] (any strides) in any float dtype,
-    excerpt_ids [B] int64. Updates the power sums, extremes and histogram, counts the cells, and offers the batch to the samplers "top", "bottom", "random" (groups: units) and "cell"
-    (groups: unit x cell of the candidate's max, offered the "random" composites), whose keys, extremes and
-    activation rows (acc.rows) change in place. Not the count."""
+    excerpt_ids [B] int64. Updates the power sums, extremes and histogram, counts the cells, and offers the batch to
+    the samplers "top", "bottom", "random" (groups: units) and "cell" (groups: unit x cell of the candidate's max,
+    offered the "random" composites), whose keys, extremes and activation rows (acc.rows) change in place. Not the
+    count."""
     settings, rows = acc.settings, acc.rows
     bf16 = acts.dtype == torch.bfloat16  # its bits are float32's upper half: widened as they are read
     whole, first = _contiguous(acts)
@@ -427,12 +47,12 @@ def update(acc: Accumulator, acts: torch.Tensor, excerpt_ids: torch.Tensor) -> N
                                 np.empty(groups, np.int32), np.empty(groups, np.int64))
             state.append((sampler.comp.numpy(), *sampler.heap, fresh, sampler.ext.numpy(), sampler.base))
         ids = excerpt_ids.to(torch.int64)
-        reduced, bins = _statistics(vals.numpy(), bf16, first, settings.skip_positions, settings.hist_stride)
-        listed = _offers(reduced, bins, raw.shape[1] - first - settings.skip_positions,  # type: ignore[call-arg]
-                         ids.numpy(), excerpt_hash(ids).numpy(), acc._unit_hash.numpy(), acc.sums.numpy(),
-                         acc.max.numpy(), acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(),
-                         acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
-        _copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
+        reduced, bins = statistics(vals.numpy(), bf16, first, settings.skip_positions, settings.hist_stride)
+        listed = offers(reduced, bins, raw.shape[1] - first - settings.skip_positions,  # type: ignore[call-arg]
+                        ids.numpy(), excerpt_hash(ids).numpy(), acc._unit_hash.numpy(), acc.sums.numpy(),
+                        acc.max.numpy(), acc.min.numpy(), acc.min_excerpt_max.numpy(), acc.hist.numpy(),
+                        acc.cell_counts.numpy(), *state[0], *state[1], *state[2], *state[3])
+        copy_rows(raw.view(bits).numpy(), first, rows.view(bits).numpy(), *listed)
     except BaseException as err:  # a batch stopped part-way: a heap it left half-built is rebuilt from the keys
         for sampler in acc.samplers.values():
             sampler.heap = None
