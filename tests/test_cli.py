@@ -192,6 +192,12 @@ def test_collect_reads_only_max_tokens(tiny_model: Path, corpus_dir: Path, tmp_p
     with Store.open(store, read_only=True) as opened:
         (run,) = opened.runs()
     assert run.n_excerpts == 1000 // 16 and "(first 1,000 tokens, sha256 " in run.corpus  # FAST's --length 16
+    assert "tokenizing corpus (tokens): 1,000/1,000" in result.err  # the budget is the bar's total
+    beyond = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", tmp_path / "all.duckdb",
+                      "--max-tokens", "10M", *FAST])
+    assert beyond.code == 0, beyond.err
+    ends = re.findall(r"tokenizing corpus \(tokens\): ([\d,]+)/([\d,]+)", beyond.err)
+    assert ends[-1][0] == ends[-1][1] != "10,000,000"  # a corpus short of the budget: the bar ends full at its size
 
 
 def test_info(cli_store) -> None:  # type: ignore[no-untyped-def]

@@ -85,9 +85,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
         status(f"cutting {args.corpus} corpus into {args.length}-token excerpts"
                + (f" (the shards' token ids in {shared})" if shared else ""))
         with progress_bars() as progress:
+            read = [0]
+
+            def tokenized(tokens: int) -> None:  # toward the budget when there is one (an eta), else a pulsing bar
+                read[0] = tokens
+                progress("tokenize", tokens, args.max_tokens or 0)
+
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
-                                    seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=lambda tokens: progress("tokenize", tokens, 0),
+                                    seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=tokenized,
                                     skipped=skipped, replaced=skipped.replaced, cache=shared)
+            if read[0] and read[0] != args.max_tokens:  # ends full where the corpus is shorter than the budget too
+                progress("tokenize", read[0], read[0])
         skipped.finish()
         batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
         units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer}, read by {sparse.reader})" if sparse else
