@@ -116,7 +116,7 @@ def _sift_up(keys, slots, g, i):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext, extremes, base, u,  # type: ignore[no-untyped-def]
+def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext, reduced, base, u,  # type: ignore[no-untyped-def]
            moved, touched, out_row, out_b, out_u, n):
     """Offer unit u's candidates cand[:, r] (its column of the block's scratch) to its groups of comp [groups, k]:
     group u, or with cells > 1 the group (u, cell_of[b, r]) of each. A group's kept entries are also a max-heap
@@ -124,7 +124,7 @@ def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext,
     free slot while there is one, then is compared with the group's worst at once. worst[g] is that worst while the
     group is full (EMPTY before): one dense array, which a late batch, whose candidates nearly all fail, reads alone.
     Lists a row to copy from out_*[n] per slot that changed, whatever happened to it in between (moved: -1 per slot,
-    and left so)."""
+    and left so), and sets its (max, min) in ext from the batch's statistics (`reduced`)."""
     k, batch = comp.shape[1], cand.shape[0]
     if k == 0:
         return 0
@@ -173,8 +173,8 @@ def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext,
         b = moved[at]
         moved[at] = -1
         g, slot = first + at // k, at % k
-        ext[g, slot, 0] = extremes[0, b, r]
-        ext[g, slot, 1] = extremes[1, b, r]
+        ext[g, slot, 0] = reduced[b, 6, u]  # the excerpt's (max, min), from the batch's statistics
+        ext[g, slot, 1] = reduced[b, 7, u]
         out_row[n + i], out_b[n + i], out_u[n + i] = base + g * k + slot, b, u
     return changed
 
@@ -263,13 +263,13 @@ def _excerpt_statistics(vals, bf16, first, skip, stride, b, u0, w, reduced, bins
 
 @njit(cache=True, inline="always")
 def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,  # type: ignore[no-untyped-def]
-          hist, top, bottom, random, cell_of, extremes, u0, w):
+          hist, top, bottom, random, cell_of, u0, w):
     """Units u0 .. u0 + w - 1: the batch's statistics (_excerpt_statistics's) folded in excerpt by excerpt, each
     excerpt's across the units (contiguous values, through slices: see _widen): power sums, extremes, histogram;
-    and the candidates' composites, cells and (max, min) written into the block's scratch top, bottom, random,
-    cell_of [B, w] and extremes [2, B, w], exactly as compute_token_stats gives them. A loop over the units reads
-    and writes two to six arrays: LLVM vectorises a loop only where a few run-time checks show that its arrays do not
-    overlap (written as one loop, this fold took 1.4 times as long)."""
+    and the candidates' composites and cells written into the block's scratch top, bottom, random, cell_of [B, w],
+    exactly as compute_token_stats gives them. Each loop over the units reads and writes two to six arrays: LLVM
+    vectorises a loop only where a few run-time checks show that its arrays do not overlap (written as one loop,
+    this fold took 1.8 times as long)."""
     nt = np.float64(counted)
     bits = reduced.view(np.int32)
     key = np.empty(w, np.float32)
@@ -310,10 +310,7 @@ def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums
             for i in range(w):  # each unit its own counts: no increment waits for the one before
                 counts[i * _BINS + row[i]] += 1
         eid, mixer = excerpt_ids[b], excerpt_hashes[b]
-        ext_hi, ext_lo, tops, bottoms = extremes[0, b], extremes[1, b], top[b], bottom[b]
-        randoms, cells = random[b], cell_of[b]
-        for i in range(w):
-            ext_hi[i], ext_lo[i] = his[i], los[i]
+        tops, bottoms, randoms, cells = top[b], bottom[b], random[b], cell_of[b]
         for i in range(w):
             tops[i] = _composite(np.int64(hi_bits[i]) ^ _SIGN, eid)
         for i in range(w):
@@ -365,9 +362,8 @@ def offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  # 
         w = min(units, u0 + BLOCK) - u0
         top, bottom = np.empty((batch, w), np.int64), np.empty((batch, w), np.int64)  # the block's candidates
         random, cell_of = np.empty((batch, w), np.int64), np.empty((batch, w), np.int64)
-        extremes = np.empty((2, batch, w), np.float32)
         _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,
-              hist, top, bottom, random, cell_of, extremes, u0, w)
+              hist, top, bottom, random, cell_of, u0, w)
         for b in range(batch):
             for r in range(w):
                 cell_counts[(u0 + r) * cells + cell_of[b, r]] += 1
@@ -379,13 +375,13 @@ def offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  # 
         n = 0
         for u in range(u0, u0 + w):
             n += _offer(top, cell_of, u - u0, 1, top_comp, top_keys, top_slots, top_sizes, top_worst, top_fresh, top_ext,
-                        extremes, top_base, u, moved, touched, rows_at, from_b, from_u, n)
+                        reduced, top_base, u, moved, touched, rows_at, from_b, from_u, n)
             n += _offer(bottom, cell_of, u - u0, 1, bottom_comp, bottom_keys, bottom_slots, bottom_sizes, bottom_worst,
-                        bottom_fresh, bottom_ext, extremes, bottom_base, u, moved, touched, rows_at, from_b, from_u, n)
+                        bottom_fresh, bottom_ext, reduced, bottom_base, u, moved, touched, rows_at, from_b, from_u, n)
             n += _offer(random, cell_of, u - u0, 1, random_comp, random_keys, random_slots, random_sizes, random_worst,
-                        random_fresh, random_ext, extremes, random_base, u, moved, touched, rows_at, from_b, from_u, n)
+                        random_fresh, random_ext, reduced, random_base, u, moved, touched, rows_at, from_b, from_u, n)
             n += _offer(random, cell_of, u - u0, cells, cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh,
-                        cell_ext, extremes, cell_base, u, moved, touched, rows_at, from_b, from_u, n)
+                        cell_ext, reduced, cell_base, u, moved, touched, rows_at, from_b, from_u, n)
         for i in range(n):  # a counting sort by excerpt
             start[block, from_b[i] + 1] += 1
         for b in range(batch):
