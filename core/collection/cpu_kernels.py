@@ -12,8 +12,8 @@
 
 A unit's groups, rows and counts are written by one thread alone in each pass. Arrays are indexed through slices
 (see _widen), and a hook's activations with the model's prefix sliced off are read in place as a contiguous array
-(cpu_update._contiguous): numba vectorises neither strided arrays nor an index it cannot prove non-negative (a span's were 7-8
-times slower).
+(cpu_update._contiguous): numba vectorises neither strided arrays nor an index it cannot prove non-negative (a
+span's were 7-8 times slower).
 
 Everything but the power sums is exactly what compute_token_stats (token_stats.py) and the samplers' other merges give:
 the bins, cells and hashes are the same integer operations on the same float32 bits. The power sums agree to float32
