@@ -256,7 +256,8 @@ def random_pass(args: argparse.Namespace) -> None:
             os.environ["NEURONSCOPE_FIXED_SHAPES"] = "1" if path == "fixed" else "0"
             got[path] = list(accumulate(subject, small, check_layers, settings, batch, "check", None, report))
         same = all(
-            np.array_equal(a.samples[k].ids, b.samples[k].ids) and np.array_equal(a.samples[k].acts, b.samples[k].acts)
+            np.array_equal(a.samples[k].ids, b.samples[k].ids) and np.array_equal(a.samples[k].codes, b.samples[k].codes)
+            and np.array_equal(a.samples[k].scales, b.samples[k].scales, equal_nan=True)
             and np.array_equal(a.samples[k].maxes, b.samples[k].maxes)
             for a, b in zip(got["fixed"], got["filtered"]) for k in a.samples
         ) and all(np.array_equal(a.histogram, b.histogram) and np.array_equal(a.cell_counts, b.cell_counts)

@@ -96,8 +96,8 @@ def layer_data(layer: int, f: int, n_excerpts: int, rng: np.random.Generator) ->
     def ids(k: int) -> np.ndarray:
         return rng.integers(0, n_excerpts, (f, k)).astype(np.int64)
 
-    empty = Samples(np.zeros((f, 0), np.int64), np.zeros((f, 0, LENGTH), np.float32), np.zeros((f, 0), np.float32),
-                    np.zeros((f, 0), np.float32))
+    empty = Samples.of(np.zeros((f, 0), np.int64), np.zeros((f, 0, LENGTH), np.float32), np.zeros((f, 0), np.float32),
+                       np.zeros((f, 0), np.float32))
     count = n_excerpts * LENGTH
     mean = (scale * 0.02).astype(np.float64)
     var = (scale * 0.15).astype(np.float64) ** 2
@@ -113,12 +113,13 @@ def layer_data(layer: int, f: int, n_excerpts: int, rng: np.random.Generator) ->
         layer=layer, sums=np.stack([mean, m2, m3, m4, density]) * count, count=count,
         max=top[1][:, 0].copy(), min=np.minimum(top[2].min(1), rand[2].min(1)), min_excerpt_max=rand[1].min(1),
         histogram=hist.astype(np.int64), cell_counts=cells.astype(np.int64),
-        samples={"top": Samples(ids(SETTINGS.top_k), *top), "bottom": empty, "random": Samples(ids(SETTINGS.random_k), *rand)},
+        samples={"top": Samples.of(ids(SETTINGS.top_k), *top), "bottom": empty,
+                 "random": Samples.of(ids(SETTINGS.random_k), *rand)},
     )
     summary = LayerSummary(
         mean=mean, variance=var, skewness=skew, kurtosis=kurt, density=density.astype(np.float32),
         selectivity=rng.lognormal(1.5, 0.7, f).astype(np.float32), quantile_edges=edges,
-        quantile=Samples(ids(bins * SETTINGS.quantile_k), *quant), first_peak=np.zeros(f, np.float32),
+        quantile=Samples.of(ids(bins * SETTINGS.quantile_k), *quant), first_peak=np.zeros(f, np.float32),
     )
     return result, summary
 

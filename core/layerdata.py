@@ -23,31 +23,52 @@ CELL_K = 3
 
 @dataclass(frozen=True)
 class Samples:
-    """One kind of kept records for every neuron of a layer."""
+    """One kind of kept records for every neuron of a layer, their activations as the store keeps them: int8 codes
+    with a scale per record (quantize), taken on the collector's device before they leave it."""
 
     ids: np.ndarray
     """[F, k] excerpt ids, -1 for an empty slot."""
-    acts: np.ndarray
-    """[F, k, length] float32 activations."""
+    scales: np.ndarray
+    """[F, k] float32: each record's largest |activation| (0 for an empty slot)."""
+    codes: np.ndarray
+    """[F, k, length] int8 activations, round(127 a / scale)."""
     maxes: np.ndarray
-    """[F, k] exact excerpt maxima (the sampler's keys; activations may be quantised)."""
+    """[F, k] exact excerpt maxima (the sampler's keys; activations are quantised)."""
     mins: np.ndarray
     """[F, k] exact excerpt minima."""
 
+    @classmethod
+    def of(cls, ids: np.ndarray, acts: np.ndarray, maxes: np.ndarray, mins: np.ndarray) -> Samples:
+        """Samples of float activations acts [F, k, length], quantised."""
+        f, k, length = acts.shape
+        scales, codes = quantize(acts.reshape(f * k, length))
+        return cls(ids, scales.reshape(f, k), codes.reshape(f, k, length), maxes, mins)
+
+    @property
+    def acts(self) -> np.ndarray:
+        """[F, k, length] float32: the activations the codes stand for (dequantize)."""
+        f, k, length = self.codes.shape
+        return dequantize(self.scales.reshape(-1), self.codes.reshape(f * k, length)).reshape(f, k, length)
+
 
 def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Activations [n, T] -> (scale [n] = max |a|, int8 codes [n, T] = round(127 a / scale))."""
+    """Activations [n, T] float32 -> (scale [n] = max |a|, int8 codes [n, T] = round(127 a / scale), half to even).
+    In float32 throughout, so that a collector's torch quantize on any device gives the same codes; a NaN code
+    (a NaN or infinite activation) is 0, its scale NaN or infinite."""
+    rows = np.asarray(rows, np.float32)
     scale = np.abs(rows).max(1) if rows.size else np.zeros(len(rows), np.float32)
-    safe = np.where(scale > 0, scale, 1.0)[:, None]
-    codes = np.rint(rows / safe * 127.0).clip(-127, 127).astype(np.int8)
-    return scale.astype(np.float32), codes
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)[:, None]
+    with np.errstate(invalid="ignore"):  # an infinity over its infinite scale: NaN, then code 0
+        codes = np.rint(rows / safe * np.float32(127.0)).clip(-127, 127)
+    return scale.astype(np.float32), np.nan_to_num(codes, nan=0.0).astype(np.int8)
 
 
 def dequantize(scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Inverse of quantize; the extreme codes map back to exactly +-scale, so re-quantising is a no-op."""
-    values = codes.astype(np.float32) * (scale[:, None] / np.float32(127.0))
-    extreme = np.abs(codes) == 127
-    return np.where(extreme, np.sign(codes) * scale[:, None], values).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # a record of infinite scale (it held an infinity): NaN but at its extremes
+        values = codes.astype(np.float32) * (scale[:, None] / np.float32(127.0))
+        extreme = np.abs(codes) == 127
+        return np.where(extreme, np.sign(codes) * scale[:, None], values).astype(np.float32)
 
 
 @dataclass(frozen=True)

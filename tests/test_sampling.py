@@ -16,7 +16,7 @@ from sampling_data import CPU, KINDS, LAYER, SETTINGS, accumulate, feed, make_da
 from neuronscope.core.collection.accumulate import LayerAccumulator
 from neuronscope.core.collection.sampling import hash_keys
 from neuronscope.core.collection.summarize import summarize
-from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult
+from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, quantize
 from neuronscope.core.records import CollectSettings
 
 # -- brute-force references ---------------------------------------------------------------------------
@@ -56,12 +56,13 @@ def reference_samples(acts: np.ndarray, ids: np.ndarray, settings: CollectSettin
 def check_samples(result: LayerResult, acts: np.ndarray, ids: np.ndarray, settings: CollectSettings) -> None:
     expected = reference_samples(acts, ids, settings)
     for kind in KINDS:
-        got_ids, got_acts = result.samples[kind].ids, result.samples[kind].acts
+        got = result.samples[kind]
         for j, pos in enumerate(expected[kind]):
             want_ids = np.where(pos >= 0, ids[pos], -1)
-            assert np.array_equal(got_ids[j], want_ids), (kind, j, got_ids[j], want_ids)
-            want_acts = np.where((pos >= 0)[:, None], acts[pos][:, :, j], 0.0)
-            assert np.array_equal(got_acts[j], want_acts), (kind, j)
+            assert np.array_equal(got.ids[j], want_ids), (kind, j, got.ids[j], want_ids)
+            # the activations as the store keeps them: the exact rows, quantised
+            want_scales, want_codes = quantize(np.where((pos >= 0)[:, None], acts[pos][:, :, j], 0.0))
+            assert np.array_equal(got.scales[j], want_scales) and np.array_equal(got.codes[j], want_codes), (kind, j)
 
 
 def assert_same_result(a: LayerResult, b: LayerResult) -> None:
@@ -69,7 +70,8 @@ def assert_same_result(a: LayerResult, b: LayerResult) -> None:
     assert a.layer == b.layer and a.count == b.count
     for kind in KINDS:
         assert np.array_equal(a.samples[kind].ids, b.samples[kind].ids), kind
-        assert np.array_equal(a.samples[kind].acts, b.samples[kind].acts), kind
+        assert np.array_equal(a.samples[kind].scales, b.samples[kind].scales), kind
+        assert np.array_equal(a.samples[kind].codes, b.samples[kind].codes), kind
     for name in ("max", "min", "min_excerpt_max", "histogram", "cell_counts"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     np.testing.assert_allclose(a.sums, b.sums, rtol=1e-5, atol=1e-6 * np.abs(a.sums).max())
@@ -319,3 +321,26 @@ def test_fixed_shape_updates_never_read_the_device_back() -> None:
         for _ in range(2):
             top.offer_blocks(torch.arange(10 * 32).view(10, 32), torch.zeros((10 * 32, 2)))
     assert {"nonzero", "_local_scalar_dense"} <= ops.seen
+
+
+def test_the_collectors_quantizer_gives_the_stores_codes() -> None:
+    """Records leave the accumulator quantised on its device (accumulate.quantize_rows): the codes and scales are
+    those of the store's numpy quantize, halves rounded to even, zero, NaN and infinite rows included."""
+    from neuronscope.core.collection.accumulate import quantize_rows
+
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((300, 64)) * rng.choice([1e-30, 1e-3, 1.0, 1e4], (300, 1))).astype(np.float32)
+    rows[0] = 0.0
+    rows[1, :6] = [127.0, 0.5, 1.5, 2.5, -0.5, -2.5]  # scale 127: the codes are these halves, rounded to even
+    rows[1, 6:] = 0.0
+    rows[2, 3] = np.nan
+    rows[3, 7] = -np.inf
+    rows[4] = np.float32(1e-45)  # subnormal
+    for dtype in (torch.float32, torch.bfloat16):
+        as_stored = torch.from_numpy(rows).to(dtype)
+        want_scales, want_codes = quantize(as_stored.float().numpy())
+        scales, codes = quantize_rows(as_stored)
+        assert np.array_equal(scales.numpy(), want_scales, equal_nan=True), dtype
+        assert np.array_equal(codes.numpy(), want_codes), dtype
+    assert want_codes[1, :6].tolist() == [127, 0, 2, 2, 0, -2] and want_scales[0] == 0 and not want_codes[0].any()
+    assert np.isnan(want_scales[2]) and np.isinf(want_scales[3])

@@ -13,7 +13,7 @@ import pytest
 from conftest import cli_env
 
 from neuronscope.core.collection.state import ShardMeta, ShardState, kept_ids, load_layer, save_layer, write_shard
-from neuronscope.core.layerdata import CELL_K, CELLS, HIST_EDGES, LayerResult, Samples, quantize
+from neuronscope.core.layerdata import CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
 
@@ -33,7 +33,7 @@ def synthetic_layer(rng: np.random.Generator, layer: int, neurons: int, part_ids
         ids = np.where(rng.random((neurons, k)) < fill, ids, -1)
         acts = rng.standard_normal((neurons, k, SETTINGS.length)).astype(np.float32) * 3
         acts[ids < 0] = 0.0
-        samples[kind] = Samples(ids.astype(np.int64), acts, acts.max(2), acts.min(2))
+        samples[kind] = Samples.of(ids.astype(np.int64), acts, acts.max(2), acts.min(2))
     return LayerResult(layer=layer, sums=rng.standard_normal((5, neurons)), count=len(part_ids) * SETTINGS.length,
                        max=rng.standard_normal(neurons).astype(np.float32),
                        min=rng.standard_normal(neurons).astype(np.float32),
@@ -73,16 +73,14 @@ def test_a_layer_file_keeps_what_the_store_keeps(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a.mins, b.mins)
         filled = a.ids >= 0
         assert 0 < filled.sum() < filled.size
-        # The activations come back as the store would write them: quantising again gives the same codes and scales.
-        scale_a, codes_a = quantize(a.acts[filled])
-        scale_b, codes_b = quantize(b.acts[filled])
-        np.testing.assert_array_equal(codes_a, codes_b)
-        np.testing.assert_array_equal(scale_a, scale_b)
-        assert not b.acts[~filled].any()
+        # The activations come back as the store keeps them: the same codes and scales, empty slots zero.
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scales, b.scales)
+        assert not b.codes[~filled].any() and not b.scales[~filled].any()
     assert kept_ids(back).tolist() == sorted({int(i) for k in KS for i in result.samples[k].ids.ravel() if i >= 0})
-    # int8 codes of the filled slots only: about a quarter of float32 activations for every slot.
-    dense = sum(result.samples[k].acts.nbytes for k in KS)
-    assert (tmp_path / "layer.npz").stat().st_size < 0.25 * dense
+    # The filled slots' codes only: the whole file is smaller than every slot's codes alone.
+    dense = sum(result.samples[k].codes.nbytes for k in KS)
+    assert (tmp_path / "layer.npz").stat().st_size < dense
 
 
 def test_a_shard_state_keeps_only_the_excerpts_its_records_use(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from sampling_data import SETTINGS, accumulate, make_data, quantile_samples
 
 from neuronscope.core.collection.summarize import moments, quantile_edges, summarize
-from neuronscope.core.layerdata import CELL_EDGES, LayerResult
+from neuronscope.core.layerdata import CELL_EDGES, LayerResult, dequantize, quantize
 from neuronscope.core.records import CollectSettings
 
 
@@ -99,7 +99,7 @@ def test_quantile_edges_and_samples(sampled: tuple[np.ndarray, np.ndarray], samp
                     continue
                 pos = where[int(e)]
                 assert edges[j, b] <= ex_max[pos, j] < edges[j, b + 1], (j, b, e)
-                assert np.array_equal(q_acts[j, b, s], acts[pos, :, j])
+                assert np.array_equal(q_acts[j, b, s], dequantize(*quantize(acts[pos, :, j][None]))[0])  # as stored
             filled = (q_ids[j, b] >= 0).sum()
             # Slots fill in order; a bin holding at least quantile_k excerpts is full unless it is
             # degenerate (ties making it empty: the all-zero and quantised neurons).

@@ -283,19 +283,18 @@ class Accumulator:
     def results(self) -> Iterator[LayerResult]:
         """Each layer's state as numpy arrays (for the store, or a later merge), in layer order."""
         self._settle()
-        sorted_samples = {kind: sampler.sorted() for kind, sampler in self.samplers.items()}
         f, nb = self.neurons, len(HIST_EDGES) + 1
         for i, layer in enumerate(self.layers):
             at = slice(i * f, (i + 1) * f)
             samples = {}
-            for kind, (ids, acts, ext) in sorted_samples.items():
+            for kind, sampler in self.samplers.items():
                 per = CELLS if kind == "cell" else 1
-                rows = slice(at.start * per, at.stop * per)
-                width = ids.shape[1] * per
-                ext_np = ext[rows].reshape(f, width, 2).cpu().numpy()
-                samples[kind] = Samples(ids[rows].reshape(f, width).cpu().numpy(),
-                                        acts[rows].reshape(f, width, acts.shape[2]).float().cpu().numpy(),
-                                        ext_np[..., 0], ext_np[..., 1])
+                ids, acts, ext = sampler.sorted(slice(at.start * per, at.stop * per))
+                width, length = ids.shape[1] * per, acts.shape[2]
+                scales, codes = quantize_rows(acts.reshape(-1, length))  # on the device: a quarter of the bytes leave
+                ext_np = ext.reshape(f, width, 2).cpu().numpy()
+                samples[kind] = Samples(ids.reshape(f, width).cpu().numpy(), scales.reshape(f, width).cpu().numpy(),
+                                        codes.reshape(f, width, length).cpu().numpy(), ext_np[..., 0], ext_np[..., 1])
             yield LayerResult(
                 layer=layer,
                 sums=self.sums[:, at].cpu().numpy(),
@@ -307,6 +306,23 @@ class Accumulator:
                 cell_counts=self.cell_counts[at.start * CELLS : at.stop * CELLS].reshape(f, CELLS).cpu().numpy(),
                 samples=samples,
             )
+
+
+def quantize_rows(rows: torch.Tensor, chunk: int = 1 << 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """layerdata.quantize on the rows' device: rows [n, T] -> (scales [n] float32, codes [n, T] int8), the same
+    float32 operations (an IEEE division, rounding half to even), so the same codes on every device. A chunk of
+    rows at a time, in place on a float32 copy of it (on a CPU, 9 times as fast as whole-tensor operations)."""
+    n, length = rows.shape
+    scales = torch.empty(n, device=rows.device)
+    codes = torch.empty((n, length), dtype=torch.int8, device=rows.device)
+    for start in range(0, n, chunk):
+        part = rows[start : start + chunk]
+        high = part.abs().amax(1).float() if length else torch.zeros(len(part), device=rows.device)  # exact in bf16
+        scales[start : start + chunk] = high
+        values = part.to(torch.float32, copy=True)
+        values.div_(torch.where(high > 0, high, 1.0)[:, None]).mul_(127.0).round_().clamp_(-127, 127)
+        codes[start : start + chunk] = values.nan_to_num_(0.0)  # NaN (an infinity over its scale): code 0
+    return scales, codes
 
 
 class LayerAccumulator(Accumulator):

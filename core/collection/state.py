@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from neuronscope.core.errors import NeuronscopeError
-from neuronscope.core.layerdata import LayerResult, Samples, dequantize, quantize
+from neuronscope.core.layerdata import LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 
 KINDS = ("top", "bottom", "random", "cell")
@@ -48,9 +48,9 @@ def save_layer(path: Path, result: LayerResult) -> None:
     for kind in KINDS:
         sample = result.samples[kind]
         filled = sample.ids >= 0
-        scale, codes = quantize(sample.acts[filled].astype(np.float32))
         arrays |= {f"{kind}_ids": sample.ids.astype(np.int32), f"{kind}_maxes": sample.maxes[filled],
-                   f"{kind}_mins": sample.mins[filled], f"{kind}_scales": scale, f"{kind}_codes": codes}
+                   f"{kind}_mins": sample.mins[filled], f"{kind}_scales": sample.scales[filled],
+                   f"{kind}_codes": sample.codes[filled]}
     with open(path, "wb") as file:
         np.savez(file, **arrays)  # type: ignore[arg-type]
 
@@ -62,12 +62,12 @@ def load_layer(path: Path, layer: int) -> LayerResult:
         for kind in KINDS:
             ids = data[f"{kind}_ids"].astype(np.int64)
             filled = ids >= 0
-            codes = data[f"{kind}_codes"]
-            acts = np.zeros((*ids.shape, codes.shape[1]), np.float32)
-            acts[filled] = dequantize(data[f"{kind}_scales"], codes)
-            maxes, mins = np.zeros(ids.shape, np.float32), np.zeros(ids.shape, np.float32)
+            stored = data[f"{kind}_codes"]
+            codes = np.zeros((*ids.shape, stored.shape[1]), np.int8)
+            scales, maxes, mins = (np.zeros(ids.shape, np.float32) for _ in range(3))
+            codes[filled], scales[filled] = stored, data[f"{kind}_scales"]
             maxes[filled], mins[filled] = data[f"{kind}_maxes"], data[f"{kind}_mins"]
-            samples[kind] = Samples(ids, acts, maxes, mins)
+            samples[kind] = Samples(ids, scales, codes, maxes, mins)
         stats = {name: data[name] for name in _STATS}
         return LayerResult(layer=layer, count=int(data["count"]), samples=samples, **stats)
 

@@ -81,7 +81,8 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     bins = len(settings.quantiles) - 1
     out = Samples(
         ids=np.full((n_neurons, bins * k), -1, np.int64),
-        acts=np.zeros((n_neurons, bins * k, parts[0].acts.shape[2]), np.float32),
+        scales=np.zeros((n_neurons, bins * k), np.float32),
+        codes=np.zeros((n_neurons, bins * k, parts[0].codes.shape[2]), np.int8),
         maxes=np.zeros((n_neurons, bins * k), np.float32),
         mins=np.zeros((n_neurons, bins * k), np.float32),
     )
@@ -99,22 +100,24 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     out.ids[who, slot] = ids[who, chosen]
     out.maxes[who, slot] = ex_max[who, chosen]
     out.mins[who, slot] = ex_min[who, chosen]
-    start = 0  # the activations from each kind's rows, without joining them (a layer's are tens of megabytes)
+    start = 0  # the activations from each kind's rows, without joining them (a layer's are megabytes)
     for part in parts:
         here = (chosen >= start) & (chosen < start + part.ids.shape[1])
-        out.acts[who[here], slot[here]] = part.acts[who[here], chosen[here] - start]
+        out.codes[who[here], slot[here]] = part.codes[who[here], chosen[here] - start]
+        out.scales[who[here], slot[here]] = part.scales[who[here], chosen[here] - start]
         start += part.ids.shape[1]
     return out
 
 
 def first_peaks(top: Samples, skip: int) -> np.ndarray:
     """[F] the share of each neuron's top records whose activation at the first position counted (`skip`) is above
-    every later one."""
-    acts = top.acts[:, :, skip:]  # [F, k, T - skip]
+    every later one, as stored: compared in codes, which order as the activations they stand for do (a record
+    whose scale is not a positive finite number has no first peak)."""
+    codes = top.codes[:, :, skip:]  # [F, k, T - skip]
     valid = top.ids >= 0
-    if acts.shape[2] < 2 or not acts.shape[1]:
+    if codes.shape[2] < 2 or not codes.shape[1]:
         return np.zeros(len(top.ids), np.float32)
-    first = (acts[:, :, 0] > acts[:, :, 1:].max(2)) & valid
+    first = (codes[:, :, 0] > codes[:, :, 1:].max(2)) & valid & (top.scales > 0) & np.isfinite(top.scales)
     return (first.sum(1) / np.maximum(valid.sum(1), 1)).astype(np.float32)
 
 

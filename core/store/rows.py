@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neuronscope.core.layerdata import LayerResult, LayerSummary, Samples, dequantize, quantize
+from neuronscope.core.layerdata import LayerResult, LayerSummary, Samples, dequantize
 
 
 def lists(matrix: np.ndarray):  # type: ignore[no-untyped-def]
@@ -49,8 +49,6 @@ def record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: 
     import pyarrow as pa
 
     neuron, slot = np.nonzero(samples.ids >= 0)
-    k, length = samples.ids.shape[1], samples.acts.shape[2]
-    scale, codes = quantize(samples.acts.reshape(-1, length)[neuron * k + slot].astype(np.float32, copy=False))
     return pa.table({
         "run_id": pa.array(np.full(len(slot), run_id, np.int32)),
         "layer": pa.array(np.full(len(slot), layer, np.int16)),
@@ -61,8 +59,8 @@ def record_rows(run_id: int, layer: int, kind: str, samples: Samples, bin_size: 
         "excerpt_id": pa.array(samples.ids[neuron, slot].astype(np.int64)),
         "max_act": pa.array(samples.maxes[neuron, slot].astype(np.float32)),
         "min_act": pa.array(samples.mins[neuron, slot].astype(np.float32)),
-        "scale": pa.array(scale),
-        "acts": blobs(codes),
+        "scale": pa.array(samples.scales[neuron, slot].astype(np.float32, copy=False)),
+        "acts": blobs(samples.codes[neuron, slot]),
     })
 
 
