@@ -286,6 +286,25 @@ def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterru
         assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
 
 
+def test_a_checkpoint_the_disk_refuses_is_a_warning_and_the_collection_goes_on(
+        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint that cannot be written (here a file where its folder goes; a full disk alike) loses nothing: the
+    run warns in one line, goes on from the state in memory, tries again later and writes its store."""
+    store = tmp_path / "refused.duckdb"
+    (tmp_path / "refused.duckdb.checkpoint").write_text("in the way")
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts",
+                      "48", *FAST, "--store", store, "--checkpoint-every", "0.05s"], timeout=300,
+                     NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if line.startswith("could not write a checkpoint")]
+    assert len(warnings) >= 2 and "refused.duckdb.checkpoint" in warnings[0], result.err  # tried again
+    assert "goes on" in warnings[0] and "Traceback" not in result.err
+    assert "last checkpoint" not in result.err  # none was written, and none is reported
+    with Store.open(store, read_only=True) as done:
+        (run,) = done.runs()
+        assert run.status == "complete" and run.n_excerpts == 48
+
+
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,
                                                                          tmp_path: Path) -> None:
     args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--shard", "1/2",

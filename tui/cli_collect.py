@@ -12,7 +12,7 @@ from rich.text import Text
 
 from neuronscope.core.errors import InputError
 from neuronscope.core.store import Store
-from neuronscope.tui.console import Skipped, batch_size, duration, number, out, progress_bars, status
+from neuronscope.tui.console import Skipped, batch_size, duration, number, out, progress_bars, status, warning
 
 #: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
 MAX_K = 1_000
@@ -55,7 +55,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                                quantile_k=args.quantile_k, max_excerpts=args.max_excerpts, seed=args.seed,
                                skip_positions=args.skip_positions)
     target = part or Path(args.store)
-    checkpoints = Checkpoints(target, args.checkpoint_every) if args.checkpoint_every is not None else None
+    checkpoints = (Checkpoints(target, args.checkpoint_every, warn=warning) if args.checkpoint_every is not None
+                   else None)
     with ExitStack() as stack:
         # A whole run fails fast on a locked or foreign store, before loading a model.
         store = stack.enter_context(Store.output(args.store)) if part is None else None

@@ -177,3 +177,10 @@ class Skipped:
 def status(message: str) -> None:
     """A dim one-line status message on stderr."""
     err.print(Text(message, style="dim"))
+
+
+def warning(message: str) -> None:
+    """A yellow one-line warning on stderr, control characters shown escaped (it may quote a path)."""
+    from neuronscope.tui.render import visible
+
+    err.print(Text(visible(message), style="yellow"))

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,32 +40,44 @@ class Resumed:
 class Checkpoints:
     """The checkpoints of collections into one store: a folder beside it."""
 
-    def __init__(self, store: str | Path, every: float) -> None:
+    def __init__(self, store: str | Path, every: float, warn: Callable[[str], None] = print) -> None:
+        """`warn` is told, in one line, of a checkpoint the disk refused."""
         store = Path(store)
         self.folder = store.with_name(store.name + ".checkpoint")
         self.every = every
+        self.warn = warn
         self.last = time.monotonic()
 
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.every
 
-    def save(self, identity: str, done: int, layers: Iterable[LayerResult]) -> None:
-        """Write a checkpoint of `identity` after `done` excerpts."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def save(self, identity: str, done: int, layers: Iterable[LayerResult]) -> bool:
+        """Write a checkpoint of `identity` after `done` excerpts. False where the disk refused it (full, read-only,
+        a file where the folder goes): the collection's state is still in memory, so the run goes on, and the next
+        checkpoint is tried `every` seconds later; what was half written goes, the previous checkpoint stays."""
         name = f"{done:012d}-{os.getpid()}"
         staged = self.folder / f".{name}"
-        staged.mkdir(exist_ok=True)
-        for result in layers:
-            save_layer(staged / f"layer-{result.layer}.npz", result)
-        (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
-        os.rename(staged, self.folder / name)
-        pointer = self.folder / f".current.{os.getpid()}"
-        pointer.write_text(name)
-        os.replace(pointer, self.folder / "current")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staged.mkdir(exist_ok=True)
+            for result in layers:
+                save_layer(staged / f"layer-{result.layer}.npz", result)
+            (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
+            os.rename(staged, self.folder / name)
+            pointer = self.folder / f".current.{os.getpid()}"
+            pointer.write_text(name)
+            os.replace(pointer, self.folder / "current")
+        except OSError as err:
+            shutil.rmtree(staged, ignore_errors=True)
+            self.warn(f"could not write a checkpoint after {done:,} excerpts in {self.folder} ({err.strerror or err}): "
+                      f"the collection goes on and tries again in {self.every:g} s")
+            return False
+        finally:
+            self.last = time.monotonic()
         for old in self.folder.iterdir():
             if old.name not in (name, "current") and not old.name.startswith(".current"):
                 shutil.rmtree(old, ignore_errors=True)
-        self.last = time.monotonic()
+        return True
 
     def load(self, identity: str) -> Resumed | None:
         """The latest checkpoint of this collection, if there is one (another collection's is left alone)."""

@@ -323,9 +323,9 @@ def accumulate(
             del acts
         done = min(start + batch_size, n)
         report("collect", done, n)
-        if checkpoints is not None and done < n and checkpoints.due():
+        if checkpoints is not None and done < n and checkpoints.due() and checkpoints.save(
+                key, done, (result for acc in accs for result in acc.results())):
             report("checkpoint", done, n)
-            checkpoints.save(key, done, (result for acc in accs for result in acc.results()))
     return _drain(accs)
 
 
