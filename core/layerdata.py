@@ -46,7 +46,7 @@ class Samples:
 
     @property
     def acts(self) -> np.ndarray:
-        """[F, k, length] float32: the activations the codes stand for (dequantize)."""
+        """[F, k, length] float32: the activations the codes stand for (dequantize, computed at each access)."""
         f, k, length = self.codes.shape
         return dequantize(self.scales.reshape(-1), self.codes.reshape(f * k, length)).reshape(f, k, length)
 

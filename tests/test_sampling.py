@@ -16,7 +16,7 @@ from sampling_data import CPU, KINDS, LAYER, SETTINGS, accumulate, feed, make_da
 from neuronscope.core.collection.accumulate import LayerAccumulator
 from neuronscope.core.collection.sampling import hash_keys
 from neuronscope.core.collection.summarize import summarize
-from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, quantize
+from neuronscope.core.layerdata import CELL_EDGES, CELL_K, CELLS, HIST_EDGES, LayerResult, dequantize, quantize
 from neuronscope.core.records import CollectSettings
 
 # -- brute-force references ---------------------------------------------------------------------------
@@ -344,3 +344,18 @@ def test_the_collectors_quantizer_gives_the_stores_codes() -> None:
         assert np.array_equal(codes.numpy(), want_codes), dtype
     assert want_codes[1, :6].tolist() == [127, 0, 2, 2, 0, -2] and want_scales[0] == 0 and not want_codes[0].any()
     assert np.isnan(want_scales[2]) and np.isinf(want_scales[3])
+
+
+def test_the_collectors_dequantizer_gives_the_stores_values() -> None:
+    """A shard's or a checkpoint's records go back into an accumulator through accumulate.dequantize_rows: the values
+    layerdata.dequantize gives, bit for bit, extreme codes exactly +-scale, NaN and infinite scales included."""
+    from neuronscope.core.collection.accumulate import dequantize_rows
+
+    rng = np.random.default_rng(6)
+    codes = rng.integers(-127, 128, (500, 64)).astype(np.int8)
+    codes[:, 0] = 127
+    scales = (rng.random(500) * 10.0 ** rng.integers(-30, 30, 500)).astype(np.float32)
+    scales[:3] = [0.0, np.nan, np.inf]
+    got = dequantize_rows(torch.from_numpy(scales), torch.from_numpy(codes), chunk=64).numpy()
+    want = dequantize(scales, codes)
+    assert np.array_equal(got, want, equal_nan=True) and (got[3:, 0] == scales[3:]).all()

@@ -262,7 +262,8 @@ class Accumulator:
             k = sample.ids.shape[1]
             neuron = torch.arange(f, device=dev).repeat_interleave(k)
             ids = torch.from_numpy(sample.ids).to(dev).reshape(-1)
-            acts = torch.from_numpy(sample.acts).to(dev).reshape(-1, sample.acts.shape[2])
+            acts = dequantize_rows(torch.from_numpy(sample.scales).to(dev).reshape(-1),  # int8 to the device
+                                   torch.from_numpy(sample.codes).to(dev).reshape(-1, self.settings.length))
             maxes = torch.from_numpy(sample.maxes).to(dev).reshape(-1)
             mins = torch.from_numpy(sample.mins).to(dev).reshape(-1)
             extremes = torch.stack([maxes, mins], 1)
@@ -323,6 +324,16 @@ def quantize_rows(rows: torch.Tensor, chunk: int = 1 << 15) -> tuple[torch.Tenso
         values.div_(torch.where(high > 0, high, 1.0)[:, None]).mul_(127.0).round_().clamp_(-127, 127)
         codes[start : start + chunk] = values.nan_to_num_(0.0)  # NaN (an infinity over its scale): code 0
     return scales, codes
+
+
+def dequantize_rows(scales: torch.Tensor, codes: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+    """layerdata.dequantize on the codes' device, a chunk of rows at a time: scales [n], codes [n, T] int8 -> float32
+    [n, T], the same float32 operations, so the same values (the extreme codes exactly +-scale)."""
+    out = torch.empty(codes.shape, device=codes.device)
+    for start in range(0, len(codes), chunk):
+        part, scale = codes[start : start + chunk], scales[start : start + chunk, None]
+        out[start : start + chunk] = torch.where(part.abs() == 127, part.sign() * scale, part * (scale / 127.0))
+    return out
 
 
 class LayerAccumulator(Accumulator):
