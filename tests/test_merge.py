@@ -305,6 +305,35 @@ def test_a_checkpoint_the_disk_refuses_is_a_warning_and_the_collection_goes_on(
         assert run.status == "complete" and run.n_excerpts == 48
 
 
+def test_a_long_pass_ends_with_a_checkpoint_so_a_failed_write_costs_no_collecting(
+        subject, corpus_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pass that ran at least the checkpoint interval writes one more checkpoint when it ends: if the store write
+    then fails (a full disk), the same collection resumes at its end and only writes. A short pass writes none."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
+    from neuronscope.core.collection.collect import accumulate
+
+    excerpts = cut_excerpts(CorpusSpec(str(corpus_dir)), subject.tokenizer, length=16, max_excerpts=24, seed=0)
+    settings, n = fast_settings(), len(excerpts.excerpt_ids)
+
+    def run(every: float) -> tuple[list[tuple[str, int, int]], list]:  # type: ignore[type-arg]
+        said: list[tuple[str, int, int]] = []
+        states = list(accumulate(subject, excerpts, (0, 1), settings, 8, "key",
+                                 Checkpoints(tmp_path / "s.duckdb", every), lambda *a: said.append(a)))
+        return said, states
+
+    said, _ = run(3600.0)
+    assert Checkpoints(tmp_path / "s.duckdb", 1.0).load("key") is None and not any(s == "checkpoint" for s, *_ in said)
+    said, first = run(0.0)
+    assert ("checkpoint", n, n) in said and Checkpoints(tmp_path / "s.duckdb", 1.0).load("key").done == n
+    said, again = run(3600.0)  # the rerun after a failed write: no batch goes through the model again
+    assert ("resume", n, n) in said and [s for s in said if s[0] == "collect"] == [("collect", n, n)]
+    for a, b in zip(first, again, strict=True):
+        for kind in a.samples:
+            assert np.array_equal(a.samples[kind].ids, b.samples[kind].ids)
+            assert np.array_equal(a.samples[kind].codes, b.samples[kind].codes)
+        assert np.array_equal(a.sums, b.sums) and np.array_equal(a.histogram, b.histogram)
+
+
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,
                                                                          tmp_path: Path) -> None:
     args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--shard", "1/2",

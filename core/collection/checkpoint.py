@@ -46,10 +46,14 @@ class Checkpoints:
         self.folder = store.with_name(store.name + ".checkpoint")
         self.every = every
         self.warn = warn
-        self.last = time.monotonic()
+        self.started = self.last = time.monotonic()
 
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every
+    def due(self, finished: bool = False) -> bool:
+        """Whether to write a checkpoint now: `every` seconds after the last one, and once more when a pass that ran
+        that long has `finished` (so a store write that fails, on a full disk say, costs no collecting: the same
+        command goes straight to the write)."""
+        now = time.monotonic()
+        return now - (self.started if finished else self.last) >= self.every
 
     def save(self, identity: str, done: int, layers: Iterable[LayerResult]) -> bool:
         """Write a checkpoint of `identity` after `done` excerpts. False where the disk refused it (full, read-only,

@@ -323,7 +323,7 @@ def accumulate(
             del acts
         done = min(start + batch_size, n)
         report("collect", done, n)
-        if checkpoints is not None and done < n and checkpoints.due() and checkpoints.save(
+        if checkpoints is not None and checkpoints.due(finished=done == n) and checkpoints.save(
                 key, done, (result for acc in accs for result in acc.results())):
             report("checkpoint", done, n)
     return _drain(accs)
