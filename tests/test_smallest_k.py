@@ -40,7 +40,8 @@ def test_smallest_k_with_ties_and_what_it_takes() -> None:
     offer([0, 0, 0, 1], [0.5, 0.5, 0.5, 0.2], [9, 4, 7, 1])
     offer([0, 0, 1, 1], [0.5, 0.1, 0.9, 0.2], [2, 8, 3, 0])
     offer([0], [0.5], [5])  # ties the worst key, larger id than the worst kept -> rejected
-    ids, acts, ext = sampler.sorted()
+    ids, acts, ext, scales = sampler.sorted()
+    assert scales is None  # rows in the sampler's dtype
     assert ids.tolist() == [[8, 2, 4], [0, 1, 3]]
     assert acts[0, :, 0].tolist() == [8.0, 2.0, 4.0] and acts[1, :, 1].tolist() == [-0.0, -1.0, -3.0]
     assert torch.equal(ext, acts)  # the extremes offered, beside their rows
@@ -55,7 +56,7 @@ def test_smallest_k_with_ties_and_what_it_takes() -> None:
                        one).slots.tolist() == [3, 4]
     assert second.offer(torch.tensor([2]), composite(torch.tensor([0.0]), torch.tensor([5])),
                         one).slots.tolist() == [8]
-    empty_ids, empty_acts, _ = SmallestK(groups=2, k=2, length=1, dtype=torch.float32, device=CPU).sorted()
+    empty_ids, empty_acts, *_ = SmallestK(groups=2, k=2, length=1, dtype=torch.float32, device=CPU).sorted()
     assert (empty_ids == -1).all() and (empty_acts == 0).all()
 
 
@@ -74,7 +75,7 @@ def test_offer_blocks_keeps_what_offer_keeps() -> None:
                                (onewise, onewise.offer(torch.arange(groups).repeat_interleave(block), comp.reshape(-1),
                                                        extremes))):
             sampler.storage.index_copy_(0, taken.slots, ids.reshape(-1, 1)[taken.positions].float())
-        for got, want in zip(blockwise.sorted(), onewise.sorted()):
+        for got, want in zip(blockwise.sorted()[:3], onewise.sorted()[:3]):
             assert torch.equal(got, want), step
     assert (blockwise.sorted()[0] >= 0).all()
 

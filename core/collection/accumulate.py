@@ -74,11 +74,17 @@ class Accumulator:
         length = settings.length
         shapes = {"top": (units, settings.top_k), "bottom": (units, settings.bottom_k),
                   "random": (units, settings.random_k), "cell": (units * CELLS, CELL_K)}
+        slots = sum(g * k for g, k in shapes.values())
+        #: Where torch copies the rows (a GPU; a CPU with fixed shapes), they are kept as the store keeps them, int8
+        #: codes and a scale each (`scales`), quantised as they are copied: half a bf16 row's memory, which on a GPU
+        #: is what a model's records cost (11.6 GB bf16 for Llama-3.1-8B's 458,752 neurons). The CPU's compiled copy
+        #: keeps the subject's dtype: quantising there cost more than twice the copy (bench/README.md).
+        self.scales = torch.zeros(slots, device=device) if device.type != "cpu" or self.fixed else None
         #: Every sampler's activation rows, in one storage: a batch's rows are copied in at once.
-        self.rows = torch.zeros((sum(g * k for g, k in shapes.values()), length), dtype=dtype, device=device)
+        self.rows = torch.zeros((slots, length), dtype=dtype if self.scales is None else torch.int8, device=device)
         self.samplers, base = {}, 0
         for kind, (groups, k) in shapes.items():
-            self.samplers[kind] = SmallestK(groups, k, length, dtype, device, self.rows, base)
+            self.samplers[kind] = SmallestK(groups, k, length, dtype, device, self.rows, base, self.scales)
             base += groups * k
         self.sums = torch.zeros((5, units), dtype=torch.float64, device=device)
         self.count = 0
@@ -230,7 +236,12 @@ class Accumulator:
             key, order = torch.sort(key)
             slots = slots[order]
             rows = acts[key // units, :, key % units]
-        self.rows.index_copy_(0, slots, rows.to(self.rows.dtype))
+        if self.scales is None:
+            self.rows.index_copy_(0, slots, rows.to(self.rows.dtype))
+        else:
+            scales, codes = quantize_rows(rows)
+            self.rows.index_copy_(0, slots, codes)
+            self.scales.index_copy_(0, slots, scales)
 
     def _count_into(self, counts: torch.Tensor, index: torch.Tensor) -> None:
         """counts[i] += occurrences of i in index. bincount reads the largest index back to the host, so not on a GPU;
@@ -262,8 +273,8 @@ class Accumulator:
             k = sample.ids.shape[1]
             neuron = torch.arange(f, device=dev).repeat_interleave(k)
             ids = torch.from_numpy(sample.ids).to(dev).reshape(-1)
-            acts = dequantize_rows(torch.from_numpy(sample.scales).to(dev).reshape(-1),  # int8 to the device
-                                   torch.from_numpy(sample.codes).to(dev).reshape(-1, self.settings.length))
+            scales = torch.from_numpy(sample.scales).to(dev).reshape(-1)  # int8 to the device
+            codes = torch.from_numpy(sample.codes).to(dev).reshape(-1, self.settings.length)
             maxes = torch.from_numpy(sample.maxes).to(dev).reshape(-1)
             mins = torch.from_numpy(sample.mins).to(dev).reshape(-1)
             extremes = torch.stack([maxes, mins], 1)
@@ -278,7 +289,12 @@ class Accumulator:
                     group = group * CELLS + cell_bins(maxes)
             sel = (ids >= 0).nonzero().squeeze(1)
             taken = self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), extremes[sel])
-            self.rows.index_copy_(0, taken.slots, acts[sel[taken.positions]].to(self.rows.dtype))
+            rows = sel[taken.positions]
+            if self.scales is None:
+                self.rows.index_copy_(0, taken.slots, dequantize_rows(scales[rows], codes[rows]).to(self.rows.dtype))
+            else:  # kept as they come
+                self.rows.index_copy_(0, taken.slots, codes[rows])
+                self.scales.index_copy_(0, taken.slots, scales[rows])
 
     # -- results -----------------------------------------------------------------------------
     def results(self) -> Iterator[LayerResult]:
@@ -290,9 +306,12 @@ class Accumulator:
             samples = {}
             for kind, sampler in self.samplers.items():
                 per = CELLS if kind == "cell" else 1
-                ids, acts, ext = sampler.sorted(slice(at.start * per, at.stop * per))
+                ids, acts, ext, scales = sampler.sorted(slice(at.start * per, at.stop * per))
                 width, length = ids.shape[1] * per, acts.shape[2]
-                scales, codes = quantize_rows(acts.reshape(-1, length))  # on the device: a quarter of the bytes leave
+                if scales is None:  # on the device: a quarter of float32's bytes leave it
+                    scales, codes = quantize_rows(acts.reshape(-1, length))
+                else:
+                    codes = acts
                 ext_np = ext.reshape(f, width, 2).cpu().numpy()
                 samples[kind] = Samples(ids.reshape(f, width).cpu().numpy(), scales.reshape(f, width).cpu().numpy(),
                                         codes.reshape(f, width, length).cpu().numpy(), ext_np[..., 0], ext_np[..., 1])
@@ -309,11 +328,13 @@ class Accumulator:
             )
 
 
-def quantize_rows(rows: torch.Tensor, chunk: int = 1 << 15) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(rows: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """layerdata.quantize on the rows' device: rows [n, T] -> (scales [n] float32, codes [n, T] int8), the same
     float32 operations (an IEEE division, rounding half to even), so the same codes on every device. A chunk of
-    rows at a time, in place on a float32 copy of it (on a CPU, 9 times as fast as whole-tensor operations)."""
+    rows at a time, in place on a float32 copy of it (on a CPU, 32,768 rows: 9 times as fast as whole-tensor
+    operations; on a GPU, a million, few kernel launches)."""
     n, length = rows.shape
+    chunk = chunk or (1 << 15 if rows.device.type == "cpu" else 1 << 20)
     scales = torch.empty(n, device=rows.device)
     codes = torch.empty((n, length), dtype=torch.int8, device=rows.device)
     for start in range(0, n, chunk):

@@ -170,15 +170,16 @@ class SmallestK:
 
     def __init__(
         self, groups: int, k: int, length: int, dtype: torch.dtype, device: torch.device,
-        storage: torch.Tensor | None = None, base: int = 0,
+        storage: torch.Tensor | None = None, base: int = 0, scales: torch.Tensor | None = None,
     ) -> None:
         """storage [rows, length]: activation rows shared with other samplers, this one's from row `base` on (by
-        default its own)."""
+        default its own); with `scales` [rows] beside it, the rows are int8 codes of those scales (quantize)."""
         self.k = k
         self.comp = torch.full((groups, k), EMPTY, dtype=torch.int64, device=device)  # [groups, k]
         self.storage = torch.zeros((groups * k, length), dtype=dtype, device=device) if storage is None else storage
         self.base = base
         self.acts = self.storage[base : base + groups * k].view(groups, k, length)  # [groups, k, length]
+        self.scales = None if scales is None else scales[base : base + groups * k].view(groups, k)
         self.ext = torch.zeros((groups, k, 2), dtype=torch.float32, device=device)  # [groups, k, (max, min)]
         self._slot_index: torch.Tensor | None = None
         #: Each group's kept composites in max-heap order (the worst first), then its free slots' (EMPTY); the slot of
@@ -300,13 +301,16 @@ class SmallestK:
         slots = torch.nonzero_static(moves.moving.view(-1), size=count).squeeze(1)
         return Taken(slots + self.base, moves.position.view(-1)[slots])
 
-    def sorted(self, groups: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Excerpt ids (-1 empty), activations and (max, min) of `groups` (all by default; a slice keeps the copy
-        of the activations to those groups') with each group's entries in (key, id) order."""
+    def sorted(self, groups: slice = slice(None)
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Excerpt ids (-1 empty), activations (codes where the rows are quantised), (max, min) and the scales (None
+        where the rows are not quantised) of `groups` (all by default; a slice keeps the copy of the activations to
+        those groups') with each group's entries in (key, id) order."""
         comp, acts, ext = self.comp[groups], self.acts[groups], self.ext[groups]
         order = torch.argsort(comp, dim=1)
         ids = composite_ids(torch.gather(comp, 1, order))
         # whole rows by index (a gather of single values through an expanded index took 4 times as long on a CPU)
         flat = (order + torch.arange(comp.shape[0], device=comp.device)[:, None] * self.k).view(-1)
+        scales = None if self.scales is None else self.scales[groups].reshape(-1)[flat].view(order.shape)
         return (ids, acts.reshape(-1, acts.shape[2]).index_select(0, flat).view(acts.shape),
-                ext.reshape(-1, 2).index_select(0, flat).view(ext.shape))
+                ext.reshape(-1, 2).index_select(0, flat).view(ext.shape), scales)
