@@ -289,12 +289,13 @@ class Accumulator:
                     group = group * CELLS + cell_bins(maxes)
             sel = (ids >= 0).nonzero().squeeze(1)
             taken = self.samplers[kind].offer(group[sel], composite(key[sel], ids[sel]), extremes[sel])
-            rows = sel[taken.positions]
+            chosen = sel[taken.positions]
             if self.scales is None:
-                self.rows.index_copy_(0, taken.slots, dequantize_rows(scales[rows], codes[rows]).to(self.rows.dtype))
+                self.rows.index_copy_(0, taken.slots,
+                                      dequantize_rows(scales[chosen], codes[chosen]).to(self.rows.dtype))
             else:  # kept as they come
-                self.rows.index_copy_(0, taken.slots, codes[rows])
-                self.scales.index_copy_(0, taken.slots, scales[rows])
+                self.rows.index_copy_(0, taken.slots, codes[chosen])
+                self.scales.index_copy_(0, taken.slots, scales[chosen])
 
     # -- results -----------------------------------------------------------------------------
     def results(self) -> Iterator[LayerResult]:
