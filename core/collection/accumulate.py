@@ -340,7 +340,7 @@ def quantize_rows(rows: torch.Tensor, chunk: int | None = None) -> tuple[torch.T
     codes = torch.empty((n, length), dtype=torch.int8, device=rows.device)
     for start in range(0, n, chunk):
         part = rows[start : start + chunk]
-        high = part.abs().amax(1).float() if length else torch.zeros(len(part), device=rows.device)  # exact in bf16
+        high = part.abs().amax(1).float()  # exact in bf16
         scales[start : start + chunk] = high
         values = part.to(torch.float32, copy=True)
         values.div_(torch.where(high > 0, high, 1.0)[:, None]).mul_(127.0).round_().clamp_(-127, 127)

@@ -111,13 +111,13 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
 
 def first_peaks(top: Samples, skip: int) -> np.ndarray:
     """[F] the share of each neuron's top records whose activation at the first position counted (`skip`) is above
-    every later one, as stored: compared in codes, which order as the activations they stand for do (a record
-    whose scale is not a positive finite number has no first peak)."""
+    every later one, as stored: compared in codes, which order as the activations they stand for do (a record of
+    NaN or infinite scale has no first peak; one of scale 0 is all zero codes)."""
     codes = top.codes[:, :, skip:]  # [F, k, T - skip]
     valid = top.ids >= 0
     if codes.shape[2] < 2 or not codes.shape[1]:
         return np.zeros(len(top.ids), np.float32)
-    first = (codes[:, :, 0] > codes[:, :, 1:].max(2)) & valid & (top.scales > 0) & np.isfinite(top.scales)
+    first = (codes[:, :, 0] > codes[:, :, 1:].max(2)) & valid & np.isfinite(top.scales)
     return (first.sum(1) / np.maximum(valid.sum(1), 1)).astype(np.float32)
 
 
