@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -40,29 +39,3 @@ def test_large_blocks_are_reused_after_keep_freed_memory() -> None:
     assert kept == "True"  # this project's machines and CI run glibc
     assert int(mapped) >= 16 * 16_000
     assert int(reused) <= 2 * 16_384 + 1_000
-
-
-HUGE = """
-import resource, torch
-from neuronscope.core.models.heap import huge_pages
-
-x = torch.empty(64 << 20, dtype=torch.uint8)  # a block of its own, not yet written
-advised = huge_pages(x)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x.fill_(1)
-print(advised, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages: Linux only")
-def test_an_advised_tensor_is_faulted_in_2_mb_pages() -> None:
-    """Where the kernel grants huge pages on request (this project's machines and CI), 64 MB written after the advice
-    take some 32 faults of 2 MB instead of 16,384 of 4 KB; where it grants none, the 4 KB pages stay."""
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    granted = setting.exists() and "[never]" not in setting.read_text()
-    proc = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, timeout=120, check=True)
-    advised, faults = proc.stdout.split()
-    if granted:
-        assert advised == "True" and int(faults) < 2_000
-    else:
-        assert int(faults) >= 16_000

@@ -26,7 +26,6 @@ from neuronscope.core.collection.sampling import (
 )
 from neuronscope.core.collection.token_stats import cell_bins, compute_token_stats
 from neuronscope.core.layerdata import CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
-from neuronscope.core.models.heap import huge_pages
 from neuronscope.core.records import CollectSettings
 
 #: A layer key at or above this is a sparse coder's latents at layer key - LATENT_KEY, collected beside the MLP
@@ -82,10 +81,7 @@ class Accumulator:
         #: keeps the subject's dtype: quantising there cost more than twice the copy (bench/README.md).
         self.scales = torch.zeros(slots, device=device) if device.type != "cpu" or self.fixed else None
         #: Every sampler's activation rows, in one storage: a batch's rows are copied in at once.
-        self.rows = torch.empty((slots, length), dtype=dtype if self.scales is None else torch.int8, device=device)
-        if device.type == "cpu":  # written a few rows a unit at scattered places: 5-10 % faster in 2 MB pages
-            huge_pages(self.rows)
-        self.rows.zero_()
+        self.rows = torch.zeros((slots, length), dtype=dtype if self.scales is None else torch.int8, device=device)
         self.samplers, base = {}, 0
         for kind, (groups, k) in shapes.items():
             self.samplers[kind] = SmallestK(groups, k, length, dtype, device, self.rows, base, self.scales)

@@ -12,19 +12,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 #: mallopt's parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 #: Freed memory at the top of the heap beyond this much is given back to the kernel (mallopt takes an int).
 _TRIM_ABOVE = (1 << 31) - 1
-#: madvise's advice for transparent huge pages (linux/mman.h), and their size on x86-64 and most arm64 kernels.
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 2 << 20
 
 
 @functools.cache
@@ -41,19 +34,6 @@ def give_back_freed_memory() -> None:
     trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is not None:
         trim(0)
-
-
-def huge_pages(tensor: torch.Tensor) -> bool:
-    """Ask Linux to back a large CPU tensor, not yet written, with 2 MB pages (transparent huge pages, which these
-    machines grant on request: `madvise` in /sys/kernel/mm/transparent_hugepage/enabled). For memory written a row
-    at a time at scattered places, as the samplers' activation rows are, each 4 KB page otherwise costs a TLB miss
-    (bench/README.md). Returns whether the kernel took the advice: False off Linux or where it has no huge pages
-    (nothing changes then); where they are set to `never`, it takes it and grants none."""
-    madvise = _glibc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE  # whole huge pages inside
-    return madvise is not None and last > first and madvise(first, last - first, _MADV_HUGEPAGE) == 0
 
 
 def _glibc(name: str, *argtypes: type):  # type: ignore[no-untyped-def]
