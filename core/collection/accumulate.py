@@ -67,6 +67,8 @@ class Accumulator:
         self.layers, self.neurons, self.settings = tuple(layers), neurons, settings
         #: Fixed-shape updates that never wait for the device (the default on a GPU; see sampling.py).
         self.fixed = device.type == "cuda" if fixed is None else fixed
+        #: Batches folded in by the CPU's compiled passes (cpu_update.py) rather than by torch.
+        self.cpu_passes = device.type == "cpu" and not self.fixed
         self._pending: _Pending | None = None
         #: Per sampler, how many passing candidates of a unit the next fixed-shape merge takes (the whole block first).
         self._widths = dict.fromkeys(("top", "bottom", "random", "cell"), 1 << 62)
@@ -79,7 +81,7 @@ class Accumulator:
         #: codes and a scale each (`scales`), quantised as they are copied: half a bf16 row's memory, which on a GPU
         #: is what a model's records cost (11.6 GB bf16 for Llama-3.1-8B's 458,752 neurons). The CPU's compiled copy
         #: keeps the subject's dtype: quantising there cost more than twice the copy (bench/README.md).
-        self.scales = torch.zeros(slots, device=device) if device.type != "cpu" or self.fixed else None
+        self.scales = None if self.cpu_passes else torch.zeros(slots, device=device)
         #: Every sampler's activation rows, in one storage: a batch's rows are copied in at once.
         self.rows = torch.zeros((slots, length), dtype=dtype if self.scales is None else torch.int8, device=device)
         self.samplers, base = {}, 0
@@ -118,7 +120,7 @@ class Accumulator:
         skip = self.settings.skip_positions
         excerpt_ids = excerpt_ids.to(self.max.device)
         self.count += acts.shape[0] * (acts.shape[1] - skip)
-        if acts.device.type == "cpu" and not self.fixed:
+        if self.cpu_passes:
             _cpu_update(self, acts, excerpt_ids)
             return
         counted = acts[:, skip:, :] if skip else acts  # statistics and record ranking leave out the first positions

@@ -294,7 +294,7 @@ def accumulate(
     if all(acc.max.device.type == "cpu" for acc in accs):
         keep_freed_memory()  # a batch's large temporaries reused, not faulted in afresh page by page
     # CPU accumulators take their statistics in cpu_update.py (no kernel: torch.compile's import alone takes 1.5 s).
-    token_stats = None if all(acc.max.device.type == "cpu" and not acc.fixed for acc in accs) else token_stats_fn(
+    token_stats = None if all(acc.cpu_passes for acc in accs) else token_stats_fn(
         subject.device, (n // batch_size) * batch_size * settings.length * sum(acc.units for acc in accs))
     resumed = checkpoints.load(key) if checkpoints is not None else None
     if resumed is not None:
