@@ -1,8 +1,9 @@
 """The three compiled passes (numba) that fold a batch into an accumulator on a CPU: statistics, records, rows.
 
 1. statistics: threads take (excerpt, span of up to SPAN units) tasks and read the excerpt's activations a token at a
-   time, contiguous values that the prefetcher streams and the loops vectorise over: its mean, power sums about it,
-   positive count, extremes and histogram bins, into a batch-sized scratch (about 5 MB for 64 excerpts of SmolLM2).
+   time, contiguous values that the prefetcher streams and the loops vectorise over, once: power sums about each
+   unit's last value, positive count, extremes and histogram bins, into a batch-sized scratch (about 5 MB for 64
+   excerpts of SmolLM2).
 2. offers: threads take blocks of BLOCK units, fold the batch into their statistics (excerpt by excerpt, each
    excerpt's across the block's units), write the candidates' composites and cells into a scratch of the block's
    own (kept in the cache: no batch-wide candidate arrays), and offer them to every sampler at once, listing the
@@ -17,7 +18,8 @@ span's were 7-8 times slower).
 
 Everything but the power sums is exactly what compute_token_stats (token_stats.py) and the samplers' other merges give:
 the bins, cells and hashes are the same integer operations on the same float32 bits. The power sums agree to float32
-rounding (each excerpt's sums about its own mean, summed in another order), as the compiled kernel's do with eager's.
+rounding (each excerpt's sums about its last value, summed in another order), as the compiled kernel's do with
+eager's.
 
 The records are found per unit by a heap over each group's slots instead of tensor-wide sorts: the same entries as
 SmallestK.offer keeps (the k smallest composites of each group, sampling.py), but a unit whose candidates are all
@@ -194,34 +196,34 @@ def _widen(vals, bf16, b, t, u0, w, out_bits):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _excerpt_statistics(vals, bf16, first, skip, stride, b, u0, w, reduced, bins):  # type: ignore[no-untyped-def]
-    """Excerpt b's statistics of units u0 .. u0 + w - 1 (its tokens from `first` on), reading a token's values at a
-    time (contiguous, which the prefetcher streams): its mean, the power sums about it and the positive count in
-    reduced[b, 0..5] (float32), its (max, min) in reduced[b, 6..7] (NaN kept, as amax keeps it), and the histogram
-    bin of every stride-th token in bins[b]."""
-    length = vals.shape[1]
-    counted = length - first - skip
+    """Excerpt b's statistics of units u0 .. u0 + w - 1 (its tokens from `first` on, the first `skip` of them left
+    out), in one read, a token's values at a time (contiguous, which the prefetcher streams): the power sums about a
+    shift, each unit's last value, and its positive count in reduced[b, 0..5] (float32: the shift, then the sums), its
+    (max, min) in reduced[b, 6..7], and the histogram bin of every stride-th token in bins[b].
+
+    Sums about the excerpt's mean would take a second read (and 1.4 times as long). About its last value they are
+    as precise unless that value is far from the others: not the first, where many models put a massive activation
+    (summed about it, the moments came out a hundred times less precise; tests/test_summaries.py). A unit whose
+    fourth-power sum is not finite (an infinity or a NaN among its values, or values some 10^9 apart) is taken again
+    by _centred_statistics, whose extremes keep a NaN as amax does: only then could a NaN be among them."""
+    counted = vals.shape[1] - first - skip
+    if counted <= 0:
+        _centred_statistics(vals, bf16, first, skip, b, u0, w, reduced)
+        _excerpt_bins(vals, bf16, first + skip, stride, b, u0, w, bins)
+        return
     row = np.empty((4, w), np.float32)
     row_bits = row.view(np.int32)
-    mean = np.zeros(w, np.float32)
-    for t in range(first + skip, length):
-        _widen(vals, bf16, b, t, u0, w, row_bits[0])
-        for i in range(w):
-            mean[i] += row[0, i]
-    for i in range(w):
-        mean[i] /= np.float32(counted)
-    s1 = np.zeros(w, np.float32)
-    s2 = np.zeros(w, np.float32)
-    s3 = np.zeros(w, np.float32)
-    s4 = np.zeros(w, np.float32)
-    positive = np.zeros(w, np.float32)  # exact below 2^24 tokens an excerpt
-    high = np.full(w, -np.inf, np.float32)
-    low = np.full(w, np.inf, np.float32)
+    shift = np.empty(w, np.float32)
+    _widen(vals, bf16, b, vals.shape[1] - 1, u0, w, shift.view(np.int32))
+    s1, s2, s3, s4 = np.zeros(w, np.float32), np.zeros(w, np.float32), np.zeros(w, np.float32), np.zeros(w, np.float32)
+    positive = np.zeros(w, np.int32)
+    high, low = np.full(w, -np.inf, np.float32), np.full(w, np.inf, np.float32)
     rest = first + skip + (counted // 4) * 4
     for t in range(first + skip, rest, 4):  # four tokens a step: the sums are loaded and stored a quarter as often
         for j in range(4):
             _widen(vals, bf16, b, t + j, u0, w, row_bits[j])
         for i in range(w):
-            m = mean[i]
+            m = shift[i]
             x0, x1, x2, x3 = row[0, i], row[1, i], row[2, i], row[3, i]
             d0, d1, d2, d3 = x0 - m, x1 - m, x2 - m, x3 - m
             q0, q1, q2, q3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
@@ -229,31 +231,88 @@ def _excerpt_statistics(vals, bf16, first, skip, stride, b, u0, w, reduced, bins
             s2[i] += (q0 + q1) + (q2 + q3)
             s3[i] += (q0 * d0 + q1 * d1) + (q2 * d2 + q3 * d3)
             s4[i] += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
-            positive[i] += (np.float32(x0 > 0) + np.float32(x1 > 0)) + (np.float32(x2 > 0) + np.float32(x3 > 0))
-            high[i] = _highest(_highest(high[i], x0, x1), x2, x3)
-            low[i] = _lowest(_lowest(low[i], x0, x1), x2, x3)
-    for t in range(rest, length):
+            positive[i] += (np.int32(x0 > 0) + np.int32(x1 > 0)) + (np.int32(x2 > 0) + np.int32(x3 > 0))
+            most, least = max(max(x0, x1), max(x2, x3)), min(min(x0, x1), min(x2, x3))
+            high[i] = most if most > high[i] else high[i]
+            low[i] = least if least < low[i] else low[i]
+    for t in range(rest, vals.shape[1]):
         _widen(vals, bf16, b, t, u0, w, row_bits[0])
+        _add_token(row[0], shift, s1, s2, s3, s4, positive, high, low)
+    _store(reduced, b, u0, shift, s1, s2, s3, s4, positive, high, low)
+    for i in range(w):
+        if not np.isfinite(s4[i]):
+            _centred_statistics(vals, bf16, first, skip, b, u0 + i, 1, reduced)
+    _excerpt_bins(vals, bf16, first + skip, stride, b, u0, w, bins)
+
+
+@njit(cache=True)
+def _centred_statistics(vals, bf16, first, skip, b, u0, w, reduced):  # type: ignore[no-untyped-def]
+    """_excerpt_statistics's reduced[b, 0..7] for units u0 .. u0 + w - 1 in two reads: the excerpt's mean, then the
+    power sums about it, and extremes that keep a NaN (as amax keeps it). For the rare units whose values one read
+    cannot sum about their last (infinities, NaNs)."""
+    row = np.empty(w, np.float32)
+    mean = np.zeros(w, np.float32)
+    for t in range(first + skip, vals.shape[1]):
+        _widen(vals, bf16, b, t, u0, w, row.view(np.int32))
         for i in range(w):
-            x = row[0, i]
-            d = x - mean[i]
-            q = d * d
-            s1[i] += d
-            s2[i] += q
-            s3[i] += q * d
-            s4[i] += q * q
-            positive[i] += np.float32(x > 0)
-            high[i] = _highest(high[i], x, x)
-            low[i] = _lowest(low[i], x, x)
-    for k, values in enumerate((mean, s1, s2, s3, s4, positive, high, low)):
+            mean[i] += row[i]
+    for i in range(w):
+        mean[i] /= np.float32(vals.shape[1] - first - skip)
+    s1, s2, s3, s4 = np.zeros(w, np.float32), np.zeros(w, np.float32), np.zeros(w, np.float32), np.zeros(w, np.float32)
+    positive = np.zeros(w, np.int32)
+    high, low = np.full(w, -np.inf, np.float32), np.full(w, np.inf, np.float32)
+    for t in range(first + skip, vals.shape[1]):
+        _widen(vals, bf16, b, t, u0, w, row.view(np.int32))
+        _add_token(row, mean, s1, s2, s3, s4, positive, high, low)
+    _store(reduced, b, u0, mean, s1, s2, s3, s4, positive, high, low)
+
+
+@njit(cache=True, inline="always")
+def _add_token(row, shift, s1, s2, s3, s4, positive, high, low):  # type: ignore[no-untyped-def]
+    """One token's values (row) added to the power sums about `shift`, the positive counts and the extremes (NaN
+    kept)."""
+    for i in range(row.shape[0]):
+        x = row[i]
+        d = x - shift[i]
+        q = d * d
+        s1[i] += d
+        s2[i] += q
+        s3[i] += q * d
+        s4[i] += q * q
+        positive[i] += np.int32(x > 0)
+        high[i] = _highest(high[i], x, x)
+        low[i] = _lowest(low[i], x, x)
+
+
+@njit(cache=True, inline="always")
+def _store(reduced, b, u0, shift, s1, s2, s3, s4, positive, high, low):  # type: ignore[no-untyped-def]
+    """An excerpt's statistics of units u0 .. u0 + len(shift) - 1 into reduced[b, 0..7] (float32; the positive
+    counts are exact below 2^24 tokens an excerpt)."""
+    w = shift.shape[0]
+    for k, values in enumerate((shift, s1, s2, s3, s4)):
         out = reduced[b, k, u0 : u0 + w]
         for i in range(w):
             out[i] = values[i]
-    for n, t in enumerate(range(first + skip, length, stride)):  # token_stats.hist_bins
-        _widen(vals, bf16, b, t, u0, w, row_bits[0])
+    out = reduced[b, 5, u0 : u0 + w]
+    for i in range(w):
+        out[i] = positive[i]
+    for k, values in enumerate((high, low)):
+        out = reduced[b, 6 + k, u0 : u0 + w]
+        for i in range(w):
+            out[i] = values[i]
+
+
+@njit(cache=True, inline="always")
+def _excerpt_bins(vals, bf16, start, stride, b, u0, w, bins):  # type: ignore[no-untyped-def]
+    """The histogram bin (token_stats.hist_bins) of units u0 .. u0 + w - 1 of excerpt b's every stride-th token from
+    `start`, in bins[b]."""
+    row_bits = np.empty(w, np.int32)
+    row = row_bits.view(np.float32)
+    for n, t in enumerate(range(start, vals.shape[1], stride)):
+        _widen(vals, bf16, b, t, u0, w, row_bits)
         out = bins[b, n, u0 : u0 + w]
         for i in range(w):
-            x, bits = row[0, i], row_bits[0, i]
+            x, bits = row[i], row_bits[i]
             half = 2 * (((bits >> 23) & 0xFF) - 127) + 16  # _half_powers(bits, -16, 31), written to vectorise
             mantissa = bits & 0x7FFFFF
             below = min(max(half + (mantissa > 0) + (mantissa > _SQRT2_MANTISSA), 0), 31)
@@ -280,20 +339,20 @@ def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums
     counts = hist[u0 * _BINS : (u0 + w) * _BINS]
     hashes = unit_hashes[u0 : u0 + w]
     for b in range(reduced.shape[0]):
-        mean, s1, s2 = reduced[b, 0, u0 : u0 + w], reduced[b, 1, u0 : u0 + w], reduced[b, 2, u0 : u0 + w]
+        shift, s1, s2 = reduced[b, 0, u0 : u0 + w], reduced[b, 1, u0 : u0 + w], reduced[b, 2, u0 : u0 + w]
         s3, s4, positive = reduced[b, 3, u0 : u0 + w], reduced[b, 4, u0 : u0 + w], reduced[b, 5, u0 : u0 + w]
         his, los = reduced[b, 6, u0 : u0 + w], reduced[b, 7, u0 : u0 + w]
         hi_bits, lo_bits = bits[b, 6, u0 : u0 + w], bits[b, 7, u0 : u0 + w]
         for i in range(w):
-            sum0[i] += nt * np.float64(mean[i]) + np.float64(s1[i])
+            sum0[i] += nt * np.float64(shift[i]) + np.float64(s1[i])
         for i in range(w):
-            m = np.float64(mean[i])
+            m = np.float64(shift[i])
             sum1[i] += nt * m * m + 2 * m * np.float64(s1[i]) + np.float64(s2[i])
         for i in range(w):
-            m = np.float64(mean[i])
+            m = np.float64(shift[i])
             sum2[i] += nt * m * m * m + 3 * m * m * np.float64(s1[i]) + 3 * m * np.float64(s2[i]) + np.float64(s3[i])
         for i in range(w):
-            m = np.float64(mean[i])
+            m = np.float64(shift[i])
             m2 = m * m
             a1, a2, a3, a4 = np.float64(s1[i]), np.float64(s2[i]), np.float64(s3[i]), np.float64(s4[i])
             sum3[i] += nt * m2 * m2 + 4 * m2 * m * a1 + 6 * m2 * a2 + 4 * m * a3 + a4
