@@ -11,7 +11,8 @@ import torch
 from numba import config as numba_config
 from numba import get_num_threads, set_num_threads
 
-from neuronscope.core.collection.cpu_kernels import copy_rows, offers, statistics
+from neuronscope.core.collection.cpu_kernels import copy_rows, offers
+from neuronscope.core.collection.cpu_statistics import statistics
 from neuronscope.core.collection.sampling import excerpt_hash
 from neuronscope.core.errors import caused_by_interrupt
 
