@@ -162,6 +162,29 @@ async def test_sorts_filters_searches_and_pages_read_the_store_only_in_workers(s
         assert {"neuron_rows", "neuron_count"} <= {name for name, _ in reads.seen} and not on_ui, on_ui
 
 
+@pytest.mark.parametrize("page", [2, 5])
+@sync
+async def test_paging_settles_when_a_screen_spans_more_pages_than_are_held(scored_store: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           page: int) -> None:
+    """While a move waits for the rows at its target, the rows shown are painted and read ahead: the pages held grow
+    with the screen, or pages landing for one evict the other's, which are read again without end (a flake of the
+    test above, whose pages of 8 rows made a screen span four)."""
+    monkeypatch.setattr(table_reads, "PAGE", page)
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        with Store.open(scored_store, read_only=True) as store:
+            rows = store.neuron_rows(app.run_info.run_id, BrowseQuery(), limit=1000)
+        assert table._visible_rows() // page + 1 > table_reads.PAGES_CACHED // 2  # two screens: more than the default
+        step = table._visible_rows() - 1
+        for key, cursor in (("pagedown", step), ("pagedown", 2 * step), ("end", len(rows) - 1), ("home", 0),
+                            ("end", len(rows) - 1)):
+            await pilot.press(key)
+            await settled(pilot, table, seconds=15)
+            assert table.cursor == cursor and table.current == rows[cursor]
+
+
 def test_the_real_terminal_benchmark_runs(scored_store: Path, tmp_path: Path) -> None:
     """bench/tui.py --terminal drives `neuronscope browse` in tmux and times key to painted screen; here on the small
     scored store, a few repeats, asserting only that every operation was measured."""

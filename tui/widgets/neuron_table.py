@@ -122,6 +122,7 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
     # -- rendering ----------------------------------------------------------------------------------
     def on_resize(self) -> None:
         self.virtual_size = Size(self.size.width, self.row_count + HEADER_LINES)
+        self.fit_pages()
 
     def _explanation_width(self) -> int:
         return max(self.scrollable_content_region.width - NEURON_W - SCORE_W - MAX_W - DENSITY_W - 4, 10)

@@ -24,7 +24,7 @@ from neuronscope.tui.render import visible
 
 #: Rows read at a time.
 PAGE = 200
-#: Pages held.
+#: Pages held, at least (more when a screen spans more: `fit_pages`).
 PAGES_CACHED = 8
 #: Lines above the rows: what is shown (count, order, filters, marks), then the column names.
 HEADER_LINES = 2
@@ -274,6 +274,12 @@ class TableReads:
         for index in (top - screen, top + 2 * screen):
             if 0 <= index < self.row_count:
                 self._fetch(index // PAGE)
+
+    def fit_pages(self) -> None:
+        """Hold at least the pages of two screens and the two read ahead: while a move waits for the rows in view
+        at its target, the rows shown are painted and read ahead too. With fewer, the pages landing for one evict
+        those of the other, which are read again, without end."""
+        self._pages.grow(2 * (self._visible_rows() // PAGE + 2) + 2)
 
     def _in_view_held(self, cursor: int) -> bool:
         """Whether every row in view with the cursor at `cursor` is held; reads the pages that are not."""
