@@ -10,9 +10,9 @@
    A compiled function of its own: inside offers's, its loop ran three to five times slower.
 
 A unit's groups, rows and counts are written by one thread alone in each pass. Arrays are indexed through slices
-(see cpu_statistics._widen), and a hook's activations with the model's prefix sliced off are read in place as a contiguous array
-(cpu_update._contiguous): numba vectorises neither strided arrays nor an index it cannot prove non-negative (a
-span's were 7-8 times slower).
+(see cpu_statistics._widen) or, in the row copy, flat views by unsigned offsets, and a hook's activations with the
+model's prefix sliced off are read in place as a contiguous array (cpu_update._contiguous): numba vectorises neither
+strided arrays nor an index it cannot prove non-negative (a span's were 7-8 times slower).
 
 Everything but the power sums is exactly what compute_token_stats (token_stats.py) and the samplers' other merges give:
 the bins, cells and hashes are the same integer operations on the same float32 bits. The power sums agree to float32
@@ -25,7 +25,7 @@ worse than its groups' worst entries costs one scan of a dense array. Each slot'
 batch, whatever happens to it during the batch.
 
 cpu_update.py drives them. numba is imported by these three modules alone, when a CPU collection first updates (its
-import and a cached compile take about a second; a first compile, 15-20 s on an AMD EPYC and about a minute on an
+import and a cached compile take about a second; a first compile, 15-20 s as first measured and about a minute on an
 AMX Xeon, is cached beside this file or in the user's cache).
 """
 
@@ -165,12 +165,12 @@ def _offer(cand, cell_of, r, cells, comp, keys, slots, sizes, worst, fresh, ext,
 @njit(cache=True, inline="always")
 def _fold(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes, sums, maxes, mins, min_excerpt_max,  # type: ignore[no-untyped-def]
           hist, top, bottom, random, cell_of, u0, w):
-    """Units u0 .. u0 + w - 1: the batch's statistics (cpu_statistics._excerpt_statistics's) folded in excerpt by excerpt, each
-    excerpt's across the units (contiguous values, through slices: see cpu_statistics._widen): power sums, extremes, histogram;
-    and the candidates' composites and cells written into the block's scratch top, bottom, random, cell_of [B, w],
-    exactly as compute_token_stats gives them. Each loop over the units reads and writes two to six arrays: LLVM
-    vectorises a loop only where a few run-time checks show that its arrays do not overlap (written as one loop,
-    this fold took 1.8 times as long)."""
+    """Units u0 .. u0 + w - 1: the batch's statistics (cpu_statistics._excerpt_statistics's) folded in excerpt by
+    excerpt, each excerpt's across the units (contiguous values, through slices: see cpu_statistics._widen): power sums,
+    extremes, histogram; and the candidates' composites and cells written into the block's scratch top, bottom, random,
+    cell_of [B, w], exactly as compute_token_stats gives them. Each loop over the units reads and writes two to six
+    arrays: LLVM vectorises a loop only where a few run-time checks show that its arrays do not overlap (written as one
+    loop, this fold took 1.8 times as long)."""
     nt = np.float64(counted)
     bits = reduced.view(np.int32)
     key = np.empty(w, np.float32)
@@ -232,8 +232,9 @@ def offers(reduced, bins, counted, excerpt_ids, excerpt_hashes, unit_hashes,  # 
             bottom_base, random_comp, random_keys, random_slots, random_sizes, random_worst, random_fresh, random_ext,
             random_base,
             cell_comp, cell_keys, cell_slots, cell_sizes, cell_worst, cell_fresh, cell_ext, cell_base):
-    """Pass 2, per block of units: the statistics folded in, the cells counted, and the candidates offered to every sampler at once. Returns the rows to copy: per block,
-    into out_row[block, i] from unit out_u[block, i] of excerpt b, for i from start[block, b] to start[block, b + 1]."""
+    """Pass 2, per block of units: the statistics folded in, the cells counted, and the candidates offered to every
+    sampler at once. Returns the rows to copy: per block, into out_row[block, i] from unit out_u[block, i] of excerpt b,
+    for i from start[block, b] to start[block, b + 1]."""
     batch, units = reduced.shape[0], reduced.shape[2]
     cells = cell_comp.shape[0] // units
     blocks = (units + BLOCK - 1) // BLOCK
