@@ -181,3 +181,38 @@ def test_cpu_pass_equals_the_torch_kernel_and_merges(dtype: torch.dtype) -> None
     assert finite.sum() > f // 2 and np.array_equal(finite, np.isfinite(cpu.sums).all(0))
     want, got = torch_path.sums[:, finite], cpu.sums[:, finite]
     assert (np.abs(got - want) <= 1e-5 * np.abs(want).max(1, keepdims=True) + 1e-4 * np.abs(want)).all()
+
+
+def test_compiling_the_cpu_passes_first_leaves_nothing_to_compile_in_the_pass() -> None:
+    """A CPU collection compiles its passes (a minute the first time on a machine) on a one-excerpt batch before
+    its bar starts, reporting the stage "compile" while that takes long. That batch must give numba the same
+    signatures as a collection's batches (bf16 and float32, contiguous or behind a sliced-off prefix), or the
+    pass would compile again under a bar sitting at 0. Run in a fresh interpreter: a dispatcher keeps the
+    signatures of every earlier test."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, torch
+from neuronscope.core.collection import cpu_kernels, cpu_statistics
+from neuronscope.core.collection.accumulate import Accumulator, compile_cpu_passes
+from neuronscope.core.records import CollectSettings
+passes = (cpu_statistics.statistics, cpu_kernels.offers, cpu_kernels.copy_rows)
+settings, reports, counts = CollectSettings(length=9, top_k=3, skip_positions=1), [], []
+for dtype in (torch.bfloat16, torch.float32):
+    compile_cpu_passes(settings, dtype, lambda *report: reports.append(report), 0.0)
+    before = [len(p.signatures) for p in passes]
+    acc = Accumulator((2, 3), 40, settings, dtype, torch.device("cpu"))
+    hooked = torch.randn(5, 10, 80).to(dtype)[:, 1:, :]
+    acc.update(hooked, torch.arange(5))
+    acc.update(hooked.contiguous()[:3], torch.arange(5, 8))
+    counts.append((before, [len(p.signatures) for p in passes]))
+print(json.dumps({"reports": reports, "counts": counts}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["reports"] == [["compile", 0, 0], ["compile", 1, 1]] * 2  # after 0 s: reported as slow
+    (bf16_before, bf16_after), (fp32_before, fp32_after) = found["counts"]
+    assert bf16_before == bf16_after == [1, 1, 1]
+    assert fp32_before == fp32_after == [2, 1, 2]  # the records pass reads the same statistics either way

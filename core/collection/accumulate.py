@@ -380,3 +380,10 @@ def _cpu_update(*args: Any) -> None:
     from neuronscope.core.collection.cpu_update import update
 
     update(*args)
+
+
+def compile_cpu_passes(*args: Any) -> None:
+    """cpu_update.compile_passes, imported when first used (it imports numba)."""
+    from neuronscope.core.collection.cpu_update import compile_passes
+
+    compile_passes(*args)

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
 
-#: progress(stage, done, total): stage is "collect", "resume", "checkpoint", "write" or "merge".
+#: progress(stage, done, total): stage is "compile", "collect", "resume", "checkpoint", "write" or "merge".
 Progress = Callable[[str, int, int], None]
 
 
@@ -146,10 +147,7 @@ def collect_beside(
                        excerpt_ids=excerpts.excerpt_ids)
         results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
                              sparse, beside=layers)
-
-        def chunks(wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, list[list[str]]]]:
-            return _excerpt_chunks(subject, excerpts, wanted)
-
+        chunks = partial(_excerpt_chunks, subject, excerpts)
         write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
                   excerpts=chunks, progress=report)
         write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
@@ -242,14 +240,13 @@ def accumulate(
     the latents' under LATENT_KEY + its layer."""
     import torch
 
-    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator
+    from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator, compile_cpu_passes
     from neuronscope.core.collection.token_stats import token_stats_fn
     from neuronscope.core.models.heap import keep_freed_memory
     from neuronscope.core.models.subject import to_device
 
     n = len(excerpts.excerpt_ids)
-    # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time,
-    # which measured faster here (cache locality beats fewer calls).
+    # On a GPU, layers are updated together (fewer kernel launches); on a CPU one at a time (cache locality won).
     keys: list[tuple[tuple[int, ...], int]] = [(beside, subject.n_neurons)] if beside else []
     latent = sparse.layer if sparse is not None else -1
     if sparse is not None:
@@ -293,6 +290,8 @@ def accumulate(
         by_layer = {}
     if all(acc.max.device.type == "cpu" for acc in accs):
         keep_freed_memory()  # a batch's large temporaries reused, not faulted in afresh page by page
+    if any(acc.cpu_passes for acc in accs):  # compiled (a minute, the first time) or loaded before the bar starts
+        compile_cpu_passes(settings, subject.dtype, report)
     # CPU accumulators take their statistics in cpu_update.py (no kernel: torch.compile's import alone takes 1.5 s).
     token_stats = None if all(acc.cpu_passes for acc in accs) else token_stats_fn(
         subject.device, (n // batch_size) * batch_size * settings.length * sum(acc.units for acc in accs))

@@ -24,9 +24,10 @@ SmallestK.offer keeps (the k smallest composites of each group, sampling.py), bu
 worse than its groups' worst entries costs one scan of a dense array. Each slot's activation row is written once a
 batch, whatever happens to it during the batch.
 
-cpu_update.py drives them. numba is imported by these three modules alone, when a CPU collection first updates (its
-import and a cached compile take about a second; a first compile, 15-20 s as first measured and about a minute on an
-AMX Xeon, is cached beside this file or in the user's cache).
+cpu_update.py drives them and has them compiled on a one-excerpt batch before a CPU collection starts
+(compile_passes). numba is imported by these three modules alone (its import and a cached compile take about a
+second; a first compile, 15-20 s as first measured and about a minute on an AMX Xeon, is cached beside this file or
+in the user's cache).
 """
 
 from __future__ import annotations
