@@ -398,14 +398,18 @@ def write_run(
     gives the wanted excerpts (sorted ids) as chunks of (ids, token ids, token strings), so that memory stays bounded
     however many there are.
 
-    A layer is summarised and its rows built in a second thread while the one before it is inserted: the store's
-    inserts run on one core, and so did this half of the work (a third of a SmolLM2 layer's write)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    A layer is taken from `results`, summarised and its rows built in a second thread while the one before it is
+    inserted: the store's inserts run on one core, and so did the rest (taking a SmolLM2 layer's state, its rows
+    quantised, was a quarter of it). The results' progress reports come from that thread."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from neuronscope.core.collection.summarize import summarize
     from neuronscope.core.store.rows import layer_tables
 
-    def prepare(result: LayerResult) -> tuple[np.ndarray, Any]:
+    def take(taken: Iterator[LayerResult]) -> tuple[np.ndarray, Any] | None:
+        result = next(taken, None)
+        if result is None:
+            return None
         summary = summarize(result, settings)
         kept = (result.samples[kind].ids.ravel() for kind in ("top", "bottom", "random"))
         used = np.concatenate([*kept, summary.quantile.ids.ravel()])
@@ -413,15 +417,17 @@ def write_run(
 
     with store.transaction(), ThreadPoolExecutor(1, thread_name_prefix="neuronscope-write") as pool:
         wanted = np.zeros(0, np.int64)
-        pending: Future[tuple[np.ndarray, Any]] | None = None
-        for i, result in enumerate(itertools.chain(results, [None])):  # taken here: taking them may report progress
-            ahead = pool.submit(prepare, result) if result is not None else None
-            if pending is not None:
-                used, tables = pending.result()
-                store.insert_layer(*tables)
-                wanted = np.union1d(wanted, used)
-                progress("write", i, n_layers)
-            pending = ahead
+        taken = iter(results)
+        pending = pool.submit(take, taken)
+        for i in itertools.count(1):
+            prepared = pending.result()
+            if prepared is None:
+                break
+            pending = pool.submit(take, taken)  # the next layer, while this one is inserted
+            used, tables = prepared
+            store.insert_layer(*tables)
+            wanted = np.union1d(wanted, used)
+            progress("write", i, n_layers)
         written = 0
         for ids, token_ids, strings in excerpts(wanted):
             store.write_excerpts(run_id, ids, token_ids, strings)
