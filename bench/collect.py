@@ -12,9 +12,10 @@ the model is randomly initialised, the tokenizer is the folder --tokenizer (see 
 --save-tokenizer), and it measures the collection pass alone against the bare forward pass, once per bookkeeping
 path (`fixed`: fixed-shape merges, the GPU default; `filtered`: on a GPU, merges of the candidates that pass each
 group's worst entry, in torch; on a CPU, the compiled pass that is the CPU's default), with the host reads back from
-the GPU counted per batch. --check compares the two paths' results exactly on the first layers, and the compiled
-statistics kernel with eager on one batch. It runs from a plain checkout with torch and transformers only. Prints
-JSON lines.
+the GPU counted per batch. --check compares the two paths' results exactly on the first layers, the fixed
+path's states taken in a second thread (as the store write takes them) with those taken in the calling thread, and
+the compiled statistics kernel with eager on one batch. It runs from a plain checkout with torch and transformers
+only. Prints JSON lines.
 
 Everything is measured in one run on one machine and printed as ratios; absolute times are noise.
 """
@@ -171,6 +172,7 @@ def random_pass(args: argparse.Namespace) -> None:
     make_importable()
     import json
     import warnings
+    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import torch
@@ -252,22 +254,40 @@ def random_pass(args: argparse.Namespace) -> None:
         check_layers = layers[: max(1, min(len(layers), 4))]
         small = type(excerpts)(excerpts.token_ids[: 4 * batch], excerpts.excerpt_ids[: 4 * batch], 64, "check")
         got = {}
-        for path in ("fixed", "filtered"):
-            os.environ["NEURONSCOPE_FIXED_SHAPES"] = "1" if path == "fixed" else "0"
-            got[path] = list(accumulate(subject, small, check_layers, settings, batch, "check", None, report))
-        same = all(
-            np.array_equal(a.samples[k].ids, b.samples[k].ids) and np.array_equal(a.samples[k].codes, b.samples[k].codes)
-            and np.array_equal(a.samples[k].scales, b.samples[k].scales, equal_nan=True)
-            and np.array_equal(a.samples[k].maxes, b.samples[k].maxes)
-            for a, b in zip(got["fixed"], got["filtered"]) for k in a.samples
-        ) and all(np.array_equal(a.histogram, b.histogram) and np.array_equal(a.cell_counts, b.cell_counts)
-                  for a, b in zip(got["fixed"], got["filtered"]))
+        for path in ("fixed", "filtered", "fixed, taken in a second thread"):
+            os.environ["NEURONSCOPE_FIXED_SHAPES"] = "0" if path == "filtered" else "1"
+            results = accumulate(subject, small, check_layers, settings, batch, "check", None, report)
+            if path.endswith("second thread"):  # as the store write takes the states (collect.write_run)
+                with ThreadPoolExecutor(1) as pool:
+                    got[path] = pool.submit(list, results).result()
+            else:
+                got[path] = list(results)
+        print(json.dumps({"check": "states taken in a second thread == in the calling thread", "identical":
+                          same_results(got["fixed"], got["fixed, taken in a second thread"], everything=True)}),
+              flush=True)
+        same = same_results(got["fixed"], got["filtered"], everything=False)
         print(json.dumps({"check": "fixed == filtered", "layers": len(check_layers), "excerpts": len(small.excerpt_ids),
                           "identical": same}), flush=True)
         print(json.dumps(compiled_against_eager(subject, small, check_layers[0], batch)), flush=True)
     if args.profile:
         profile_update(subject, excerpts, layers[0], batch, settings, sync)
     print(json.dumps({"total_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+
+def same_results(these, those, everything: bool) -> bool:  # type: ignore[no-untyped-def]
+    """Whether two lists of LayerResult keep the same records (ids, codes, scales, maxima), histograms and cell
+    counts; with `everything`, every array they hold (the power sums, which two bookkeeping paths round apart,
+    included)."""
+    import numpy as np
+
+    fields = ("ids", "codes", "scales", "maxes") + (("mins",) if everything else ())
+    arrays = ("histogram", "cell_counts") + (("sums", "max", "min", "min_excerpt_max") if everything else ())
+    return len(these) == len(those) and all(
+        all(np.array_equal(getattr(a.samples[k], f), getattr(b.samples[k], f), equal_nan=True)
+            for k in a.samples for f in fields)
+        and all(np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True) for name in arrays)
+        and (not everything or (a.layer, a.count, sorted(a.samples)) == (b.layer, b.count, sorted(b.samples)))
+        for a, b in zip(these, those))
 
 
 def sparse_against_neurons(subject, excerpts, settings, batch: int, multiple: int, sync) -> None:  # type: ignore[no-untyped-def]

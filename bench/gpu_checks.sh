@@ -14,7 +14,7 @@ else
     gpt2=gpt2-xl llama=llama-3.1-8b; many=4096 few=2048; local_args=(--max-seconds 110)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-echo '{"check": "collection, GPT-2 XL shape: fixed-shape against filtered bookkeeping, their results equal, and the compiled statistics kernel against eager; where the bookkeeping of one layer spends its time"}'
+echo '{"check": "collection, GPT-2 XL shape: fixed-shape against filtered bookkeeping, their results equal, states taken in a second thread as in the store write, and the compiled statistics kernel against eager; where the bookkeeping of one layer spends its time"}'
 timeout 170 "$PY" bench/collect.py --random "$gpt2" --excerpts "$many" --check --profile
 echo '{"check": "collection, Llama-3.1-8B shape; then a 16x TopK sparse coder against the MLP neurons of one layer"}'
 timeout 180 "$PY" bench/collect.py --random "$llama" --excerpts "$few" --sae-width 16
