@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from sampling_data import SETTINGS, accumulate, make_data, quantile_samples
 
+from neuronscope.core.collection.sampling import hash_keys
 from neuronscope.core.collection.summarize import moments, quantile_edges, summarize
 from neuronscope.core.layerdata import CELL_EDGES, LayerResult, dequantize, quantize
 from neuronscope.core.records import CollectSettings
@@ -101,6 +103,13 @@ def test_quantile_edges_and_samples(sampled: tuple[np.ndarray, np.ndarray], samp
                 assert edges[j, b] <= ex_max[pos, j] < edges[j, b + 1], (j, b, e)
                 assert np.array_equal(q_acts[j, b, s], dequantize(*quantize(acts[pos, :, j][None]))[0])  # as stored
             filled = (q_ids[j, b] >= 0).sum()
+            # The bin's kept candidates (cell, random and top records) with the smallest hash keys, ties by id.
+            kept = np.unique(np.concatenate([sampled_state.samples[kind].ids[j] for kind in ("cell", "random", "top")]))
+            kept = kept[kept >= 0]
+            kept = kept[(edges[j, b] <= ex_max[[where[int(e)] for e in kept], j])
+                        & (ex_max[[where[int(e)] for e in kept], j] < edges[j, b + 1])]
+            keys = hash_keys(SETTINGS.seed, sampled_state.layer, torch.tensor(j), torch.from_numpy(kept)).numpy()
+            assert np.array_equal(q_ids[j, b, :filled], kept[np.lexsort((kept, keys))][: SETTINGS.quantile_k]), (j, b)
             # Slots fill in order; a bin holding at least quantile_k excerpts is full unless it is
             # degenerate (ties making it empty: the all-zero and quantised neurons).
             assert (q_ids[j, b, :filled] >= 0).all() and (q_ids[j, b, filled:] < 0).all()

@@ -60,23 +60,13 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     excerpt max lies in the bin.  Slot j of a neuron belongs to bin j // quantile_k."""
     import torch
 
-    from neuronscope.core.collection.sampling import hash_keys
+    from neuronscope.core.collection.sampling import composite, hash_keys
 
     parts = [result.samples[kind] for kind in ("cell", "random", "top")]
-    ids = np.concatenate([p.ids for p in parts], 1)  # [F, M]
+    ids = torch.from_numpy(np.concatenate([p.ids for p in parts], 1))  # [F, M]
     ex_max = np.concatenate([p.maxes for p in parts], 1)  # [F, M] exact, whatever the acts' precision
     ex_min = np.concatenate([p.mins for p in parts], 1)
     n_neurons, n_cand = ids.shape
-    neuron = torch.arange(n_neurons)[:, None]
-    keys = hash_keys(settings.seed, result.layer, neuron, torch.from_numpy(ids)).numpy()
-    # Drop duplicates (an excerpt can be both a cell candidate and a random or top one).
-    order = np.argsort(ids, axis=1, kind="stable")
-    sorted_ids = np.take_along_axis(ids, order, 1)
-    dup_sorted = np.zeros(ids.shape, bool)
-    dup_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    dup = np.zeros(ids.shape, bool)
-    np.put_along_axis(dup, order, dup_sorted, 1)
-    valid = (ids >= 0) & ~dup
     k = settings.quantile_k
     bins = len(settings.quantiles) - 1
     out = Samples(
@@ -88,16 +78,24 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     )
     if n_cand == 0 or k == 0:
         return out
+    # Each neuron's candidates in the order of (hash key, id), sorted once for every bin. An excerpt kept by more
+    # than one sampler (a cell candidate and a random or top one) has the same key each time: the copies are
+    # neighbours, and all but the first are dropped.
+    keys = hash_keys(settings.seed, result.layer, torch.arange(n_neurons)[:, None], ids)
+    by_key = torch.sort(composite(keys, ids), dim=1, stable=True)
+    ordered, order = by_key.values.numpy(), by_key.indices.numpy()
+    valid = np.take_along_axis(ids.numpy(), order, 1) >= 0
+    valid[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    ex_sorted = np.take_along_axis(ex_max, order, 1)
     picked = np.full((n_neurons, bins * k), -1, np.int64)  # [F, bins * k]: the chosen candidate, -1 for none
-    for b in range(bins):
-        inside = valid & (ex_max >= edges[:, b : b + 1]) & (ex_max < edges[:, b + 1 : b + 2])
-        masked = np.where(inside, keys, np.inf)
-        pick = np.lexsort((ids, masked), axis=1)[:, :k]
-        ok = np.isfinite(np.take_along_axis(masked, pick, 1))
-        picked[:, b * k : b * k + pick.shape[1]] = np.where(ok, pick, -1)
+    for b in range(bins):  # the first k of the bin's candidates
+        inside = valid & (ex_sorted >= edges[:, b : b + 1]) & (ex_sorted < edges[:, b + 1 : b + 2])
+        rank = np.cumsum(inside, 1, dtype=np.int32)  # among the bin's candidates, from 1
+        who, at = np.nonzero(inside & (rank <= k))
+        picked[who, b * k + rank[who, at] - 1] = order[who, at]
     who, slot = np.nonzero(picked >= 0)
     chosen = picked[who, slot]
-    out.ids[who, slot] = ids[who, chosen]
+    out.ids[who, slot] = ids.numpy()[who, chosen]
     out.maxes[who, slot] = ex_max[who, chosen]
     out.mins[who, slot] = ex_min[who, chosen]
     start = 0  # the activations from each kind's rows, without joining them (a layer's are megabytes)
