@@ -63,7 +63,7 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     from neuronscope.core.collection.sampling import composite, hash_keys
 
     parts = [result.samples[kind] for kind in ("cell", "random", "top")]
-    ids = torch.from_numpy(np.concatenate([p.ids for p in parts], 1))  # [F, M]
+    ids = np.concatenate([p.ids for p in parts], 1)  # [F, M]
     ex_max = np.concatenate([p.maxes for p in parts], 1)  # [F, M] exact, whatever the acts' precision
     ex_min = np.concatenate([p.mins for p in parts], 1)
     n_neurons, n_cand = ids.shape
@@ -81,10 +81,11 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
     # Each neuron's candidates in the order of (hash key, id), sorted once for every bin. An excerpt kept by more
     # than one sampler (a cell candidate and a random or top one) has the same key each time: the copies are
     # neighbours, and all but the first are dropped.
-    keys = hash_keys(settings.seed, result.layer, torch.arange(n_neurons)[:, None], ids)
-    by_key = torch.sort(composite(keys, ids), dim=1, stable=True)
+    cand = torch.from_numpy(ids)
+    by_key = torch.sort(composite(hash_keys(settings.seed, result.layer, torch.arange(n_neurons)[:, None], cand), cand),
+                        dim=1, stable=True)
     ordered, order = by_key.values.numpy(), by_key.indices.numpy()
-    valid = np.take_along_axis(ids.numpy(), order, 1) >= 0
+    valid = np.take_along_axis(ids, order, 1) >= 0
     valid[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
     ex_sorted = np.take_along_axis(ex_max, order, 1)
     picked = np.full((n_neurons, bins * k), -1, np.int64)  # [F, bins * k]: the chosen candidate, -1 for none
@@ -95,7 +96,7 @@ def quantile_samples(result: LayerResult, settings: CollectSettings, edges: np.n
         picked[who, b * k + rank[who, at] - 1] = order[who, at]
     who, slot = np.nonzero(picked >= 0)
     chosen = picked[who, slot]
-    out.ids[who, slot] = ids.numpy()[who, chosen]
+    out.ids[who, slot] = ids[who, chosen]
     out.maxes[who, slot] = ex_max[who, chosen]
     out.mins[who, slot] = ex_min[who, chosen]
     start = 0  # the activations from each kind's rows, without joining them (a layer's are megabytes)
