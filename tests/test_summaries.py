@@ -106,8 +106,8 @@ def test_quantile_edges_and_samples(sampled: tuple[np.ndarray, np.ndarray], samp
             # The bin's kept candidates (cell, random and top records) with the smallest hash keys, ties by id.
             kept = np.unique(np.concatenate([sampled_state.samples[kind].ids[j] for kind in ("cell", "random", "top")]))
             kept = kept[kept >= 0]
-            kept = kept[(edges[j, b] <= ex_max[[where[int(e)] for e in kept], j])
-                        & (ex_max[[where[int(e)] for e in kept], j] < edges[j, b + 1])]
+            kept_max = ex_max[[where[int(e)] for e in kept], j]
+            kept = kept[(edges[j, b] <= kept_max) & (kept_max < edges[j, b + 1])]
             keys = hash_keys(SETTINGS.seed, sampled_state.layer, torch.tensor(j), torch.from_numpy(kept)).numpy()
             assert np.array_equal(q_ids[j, b, :filled], kept[np.lexsort((kept, keys))][: SETTINGS.quantile_k]), (j, b)
             # Slots fill in order; a bin holding at least quantile_k excerpts is full unless it is
