@@ -134,7 +134,8 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
         now = time.monotonic()
         if plain and (now - last.get(stage, -1e9) >= every or (total and done >= total)):
             last[stage] = now
-            err.print(f"{labels.get(stage, stage)}: {done:,}/{total:,}" if total else f"{labels.get(stage, stage)}: {done:,}")
+            label = labels.get(stage, stage)
+            err.print(f"{label}: {done:,}/{total:,}" if total else f"{label}: {done:,}" if done else label)
 
     try:
         yield update
