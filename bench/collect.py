@@ -257,7 +257,7 @@ def random_pass(args: argparse.Namespace) -> None:
         for path in ("fixed", "filtered", "fixed, taken in a second thread"):
             os.environ["NEURONSCOPE_FIXED_SHAPES"] = "0" if path == "filtered" else "1"
             results = accumulate(subject, small, check_layers, settings, batch, "check", None, report)
-            if path.endswith("second thread"):  # as the store write takes the states (collect.write_run)
+            if path.endswith("second thread"):  # as the store write takes the states (store_write.write_run)
                 with ThreadPoolExecutor(1) as pool:
                     got[path] = pool.submit(list, results).result()
             else:

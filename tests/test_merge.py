@@ -25,11 +25,12 @@ from conftest import (
     run_rows,
 )
 
-from neuronscope.core.collection.collect import CollectError, write_run
+from neuronscope.core.collection.collect import CollectError
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts
 from neuronscope.core.collection.merge import merge
 from neuronscope.core.collection.state import ShardState, StateError
+from neuronscope.core.collection.store_write import write_run
 from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,6 +83,8 @@ def collect(
     """Collect every neuron of `layers` over `excerpts` into a new run of `store` (with `sparse`, that coder's
     latents at its layer instead); with `checkpoints`, from the last checkpoint of this collection if there is one,
     writing one whenever due (the caller clears them once the run is safely in the store)."""
+    from neuronscope.core.collection.store_write import write_run
+
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
     units = units_of(sparse)
@@ -126,6 +128,8 @@ def collect_beside(
 ) -> tuple[CollectResult, CollectResult]:
     """The MLP neurons of `layers` and a sparse coder's latents from the same forward passes: two runs of `store`,
     each the run `collect` writes for them alone (a run already there is reused, and only the other collected)."""
+    from neuronscope.core.collection.store_write import write_run
+
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
     units = units_of(sparse)
@@ -381,61 +385,6 @@ def layer_groups(layers: tuple[int, ...], neurons: int, tokens_per_batch: int, b
     neurons] within `budget` elements (a copy of that size is made per batch)."""
     per_group = max(1, budget // max(1, tokens_per_batch * neurons))
     return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
-
-
-def write_run(
-    store: Store,
-    run_id: int,
-    results: Iterable[LayerResult],
-    n_layers: int,
-    settings: CollectSettings,
-    *,
-    n_excerpts: int,
-    excerpts: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray, list[list[str]]]]],
-    progress: Progress,
-) -> None:
-    """Summarise finished layers and write them, their excerpts and the run's completion at once. `excerpts(wanted)`
-    gives the wanted excerpts (sorted ids) as chunks of (ids, token ids, token strings), so that memory stays bounded
-    however many there are.
-
-    A layer is taken from `results`, summarised and its rows built in a second thread while the one before it is
-    inserted: the store's inserts run on one core, and so did the rest (taking a SmolLM2 layer's state, its rows
-    quantised, was a quarter of it). The results' progress reports come from that thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from neuronscope.core.collection.summarize import summarize
-    from neuronscope.core.store.rows import layer_tables
-
-    def take(taken: Iterator[LayerResult]) -> tuple[np.ndarray, Any] | None:
-        result = next(taken, None)
-        if result is None:
-            return None
-        summary = summarize(result, settings)
-        kept = (result.samples[kind].ids.ravel() for kind in ("top", "bottom", "random"))
-        used = np.concatenate([*kept, summary.quantile.ids.ravel()])
-        return used[used >= 0], layer_tables(run_id, result, summary)
-
-    with store.transaction(), ThreadPoolExecutor(1, thread_name_prefix="neuronscope-write") as pool:
-        wanted = np.zeros(0, np.int64)
-        taken = iter(results)
-        pending = pool.submit(take, taken)
-        for i in itertools.count(1):
-            prepared = pending.result()
-            if prepared is None:
-                break
-            pending = pool.submit(take, taken)  # the next layer, while this one is inserted
-            used, tables = prepared
-            store.insert_layer(*tables)
-            wanted = np.union1d(wanted, used)
-            progress("write", i, n_layers)
-        written = 0
-        for ids, token_ids, strings in excerpts(wanted):
-            store.write_excerpts(run_id, ids, token_ids, strings)
-            written += len(ids)
-        if written != len(wanted):
-            raise CollectError(f"{len(wanted) - written:,} of the excerpts the records use are missing from the shard "
-                               "states: they are damaged; collect those shards again")
-        store.finish_run(run_id, n_excerpts)
 
 
 def _excerpt_chunks(subject: Subject, excerpts: Excerpts,

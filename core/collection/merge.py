@@ -12,7 +12,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from neuronscope.core.collection.collect import CollectError, CollectResult, Progress, write_run
+from neuronscope.core.collection.collect import CollectError, CollectResult, Progress
+from neuronscope.core.collection.store_write import write_run
 from neuronscope.core.store import Store
 
 if TYPE_CHECKING:
