@@ -65,7 +65,7 @@ def throughput(args: argparse.Namespace) -> None:
         sync()
         return time.perf_counter() - started
 
-    bare()  # warm-up (allocator, kernels)
+    bare(0, min(n, 2 * batch))  # warm-up (allocator, kernels; the measured bare batches run between the pass's)
     # The same compile decision as `neuronscope collect`, applied to the warm-up too.
     compiled = stats_compiled(subject.device, (n // batch) * batch * 64 * len(layers) * subject.n_neurons)
     os.environ["NEURONSCOPE_COMPILE"] = "1" if compiled else "0"
