@@ -46,9 +46,6 @@ case "$task" in
     # --no-cache-dir so that a wheel cached from another build configuration is not reused.
     python -c "import llama_cpp.server.app" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
       pip install "${quiet[@]}" --no-cache-dir "llama-cpp-python[server]==0.3.36"
-    # Two worker processes, a test file each (pytest-xdist): most tests keep about one core busy (a CLI subprocess,
-    # the app, a server), so on 2 cores two workers run the suite in 0.57 of the serial time (638 against 1,124 s on
-    # an Intel Xeon with AMX). `./setup.sh test -n 0` runs it in one process.
-    exec python -m pytest -n 2 --dist loadfile "$@" ;;
+    exec python -m pytest "$@" ;;
   *) echo "usage: ./setup.sh demo|test [args]" >&2; exit 2 ;;
 esac
