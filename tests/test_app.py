@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from app_helpers import SIZE, screen_text, settled, shown, sync, table_lines, until
 from conftest import MARKERS, assert_one_line_error, cli_env, copy_store, run_cli
+from textual import events
 from textual.widgets import Input, Label
 
 from neuronscope.core.store import Store
@@ -181,6 +182,48 @@ def test_app_imports_no_torch(cli_store) -> None:  # type: ignore[no-untyped-def
 
 
 # -- filters, marks, navigation ------------------------------------------------------------------------
+
+def together(app: NeuronscopeApp, *keys: str) -> None:
+    """Keys that reach the app together, as from one read of a terminal (typed fast over SSH, or sent by a script):
+    none is handled before the next is queued (Pilot's `press` waits after each key)."""
+    for key in keys:
+        event = events.Key(key, "." if key == "full_stop" else key if len(key) == 1 else None)
+        event.set_sender(app)
+        app._driver.send_message(event)  # type: ignore[union-attr]
+
+
+@sync
+async def test_keys_that_arrive_together_apply_in_order(scored_store: Path) -> None:
+    """Textual's Input ran its bound keys (backspace, ctrl+u, the arrows) only after they had passed up to the app,
+    and the form's priority enter before the field had taken the letters typed before it: keys that came together
+    were applied out of order (`a b backspace c` gave "ab"; `ctrl+u 1..2 enter` filtered nothing)."""
+    app = NeuronscopeApp(scored_store)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        await pilot.press("slash")
+        box = app.query_one("#search", Input)
+        together(app, "a", "b", "backspace", "c")
+        await pilot.pause()
+        assert box.value == "ac"
+        together(app, "ctrl+u", "x", "y", "left", "backspace", "z")
+        await pilot.pause()
+        assert box.value == "zy"
+        await pilot.press("escape")
+        await settled(pilot, table)
+
+        await pilot.press("f")
+        await pilot.pause()
+        together(app, "ctrl+u", "1", "full_stop", "full_stop", "2", "enter")
+        await pilot.pause()  # the keys handled
+        await settled(pilot, table)
+        assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers == (1, 2)
+        await pilot.press("f")
+        await pilot.pause()
+        together(app, "ctrl+u", "enter")  # emptied, then applied: every layer again
+        await pilot.pause()  # the keys handled
+        await settled(pilot, table)
+        assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers is None
+
 
 @sync
 async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path, tmp_path: Path) -> None:

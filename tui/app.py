@@ -34,6 +34,7 @@ from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen
 from neuronscope.tui.screens.neuron import NeuronScreen, wait_for_readers
 from neuronscope.tui.triage_actions import TriageActions
+from neuronscope.tui.widgets.field import Field
 from neuronscope.tui.widgets.jobs import JobsPanel
 from neuronscope.tui.widgets.keys import KeysLine
 from neuronscope.tui.widgets.neuron_table import NeuronTable
@@ -132,7 +133,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield NeuronTable(self.store, self.run_info.run_id, id="neurons")
-        yield Input(placeholder="search explanations (enter applies, escape clears)", id="search")
+        yield Field(placeholder="search explanations (enter applies, escape clears)", id="search")
         yield JobsPanel(id="jobs")
         yield KeysLine()
 

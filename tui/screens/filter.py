@@ -17,6 +17,7 @@ from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Stati
 
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.core.store.triage import tag_problem
+from neuronscope.tui.widgets.field import Field
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
 EXPLAINED = (("all neurons", None), ("explained", True), ("unexplained", False))
@@ -88,18 +89,18 @@ class FilterScreen(ModalScreen[None]):
         with Vertical():
             yield Static(Text("Filter neurons", style="bold"))
             yield Label(f"layers (the run has {self.layer_span[0]}..{self.layer_span[1]})")
-            yield Input(range_text(q.layers and (float(q.layers[0]), float(q.layers[1]))),
+            yield Field(range_text(q.layers and (float(q.layers[0]), float(q.layers[1]))),
                         placeholder="e.g. 3..10, 3-10 or 5; empty: all", id="layers",
                         compact=True)
             yield Label("headline score (Pearson r on the test split)")
-            yield Input(range_text(q.score), placeholder="e.g. 0.3.. or -0.2..0.5; empty: any",
+            yield Field(range_text(q.score), placeholder="e.g. 0.3.. or -0.2..0.5; empty: any",
                         id="score", compact=True)
             yield Label("which neurons")
             with RadioSet(id="explained", compact=True):
                 for label, value in EXPLAINED:
                     yield RadioButton(label, value=q.explained is value)
             yield Label("tagged (by anyone)")
-            yield Input(q.tag or "", placeholder="e.g. wrong; empty: any", id="tag", compact=True)
+            yield Field(q.tag or "", placeholder="e.g. wrong; empty: any", id="tag", compact=True)
             yield Checkbox("hide neurons that peak at the first position (artefacts)", q.first_position is False,
                            id="first-position", compact=True)
             yield Label("", id="filter-error")
@@ -109,6 +110,15 @@ class FilterScreen(ModalScreen[None]):
         self.query_one("#layers", Input).focus()
 
     def action_apply(self) -> None:
+        """Enter, wherever the focus is. A priority binding runs as the key reaches the app, before the focused field
+        has taken the keys typed just before it (they are on their way to it when keys come together): the form is
+        read once it has."""
+        if self.focused is not None:
+            self.focused.call_later(self._apply)
+        else:
+            self._apply()
+
+    def _apply(self) -> None:
         try:
             layers = parse_range(self.query_one("#layers", Input).value, integer=True)
             score = parse_range(self.query_one("#score", Input).value, integer=False)

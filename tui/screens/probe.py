@@ -18,6 +18,7 @@ from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.ids import NeuronId
 from neuronscope.tui.render import tokens_text, visible
 from neuronscope.tui.screens.modals import MODAL_CSS
+from neuronscope.tui.widgets.field import Field
 
 #: Units listed for the whole text.
 TOP = 15
@@ -41,7 +42,7 @@ class ProbeScreen(ModalScreen[NeuronId | None]):
         with Vertical():
             yield Static(Text(f"Probe: a text through {visible(self.run.model)}, read by {self.unit}"),
                          classes="modal-title")
-            yield Input(placeholder="type a text, enter runs it", id="probe-text")
+            yield Field(placeholder="type a text, enter runs it", id="probe-text")
             loading = LoadingIndicator()
             loading.display = False
             yield loading

@@ -16,6 +16,7 @@ from textual.widgets.option_list import Option
 from neuronscope.core.store.triage import SUGGESTED_TAGS, TAG_PATTERN, tag_problem
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.modals import MODAL_CSS
+from neuronscope.tui.widgets.field import Field
 
 #: Digits that stand for the suggested tags in the tag modal (`1` enter: good; `-1` enter takes it off).
 SHORTCUTS = {str(i): tag for i, tag in enumerate(SUGGESTED_TAGS, 1)}
@@ -44,9 +45,9 @@ class TagScreen(ModalScreen[tuple[str, str] | None]):
                 yield Label(Text(f"{suggested} (then enter), or type your own word; -TAG takes a tag off"))
                 if self.current:
                     yield Label(Text("now: " + ", ".join(visible(t) for t in self.current), style="dim"))
-                yield Input(placeholder="tag", id="triage-text", compact=True)
+                yield Field(placeholder="tag", id="triage-text", compact=True)
             else:
-                yield Input(placeholder="a note (kept with your name and the time)", id="triage-text", compact=True)
+                yield Field(placeholder="a note (kept with your name and the time)", id="triage-text", compact=True)
             yield Label("", id="triage-error")
             yield Static("enter: save   escape: cancel", classes="modal-keys")
 
@@ -91,7 +92,7 @@ class WriteScreen(ModalScreen[str | None]):
             yield Static(Text(f"Your explanation of {self.neuron}"), classes="modal-title")
             yield Label(Text("It is stored as yours and scored in the background, as every explanation is, beside "
                              "its controls; the newest becomes the neuron's chosen one."))
-            yield Input(self.chosen, placeholder="e.g. the word \"dog\" and other pets", id="write-text", compact=True)
+            yield Field(self.chosen, placeholder="e.g. the word \"dog\" and other pets", id="write-text", compact=True)
             yield Static("enter: save and score   escape: cancel", classes="modal-keys")
 
     def on_mount(self) -> None:
@@ -123,7 +124,7 @@ class ListsScreen(ModalScreen[tuple[str, str] | None]):
         with Vertical():
             yield Static(Text("Lists of neurons"), classes="modal-title")
             yield Label(Text(f"save the {self.marked} marked neuron{'s' if self.marked != 1 else ''} as:"))
-            yield Input(placeholder="a name, e.g. dates-for-ada", id="list-name", compact=True)
+            yield Field(placeholder="a name, e.g. dates-for-ada", id="list-name", compact=True)
             yield Label("", id="triage-error")
             if self.lists:
                 yield Label(Text("or load one as the marks (tab, then enter):"))

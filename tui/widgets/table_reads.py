@@ -203,7 +203,9 @@ class TableReads:
         self._deferred = None
         self._view = self._asked  # nothing more is coming for what was asked
         self._call_landed()
-        self.notify(f"cannot read the neurons: {visible(str(err)).splitlines()[0]}", severity="error", markup=False)
+        message = f"cannot read the neurons: {visible(str(err)).splitlines()[0]}"
+        self.app.log.error(f"{message} ({type(err).__name__})")  # TEXTUAL_LOG keeps it after the note has gone
+        self.notify(message, severity="error", markup=False)
 
     def read_then(self, reading: Callable[[Any], T], then: Callable[[T], None]) -> None:
         """`reading(store)` on the table's cursor in a worker, then `then(result)` on the UI thread (a key's lookup:
