@@ -81,14 +81,30 @@ class Terminal:
                 raise SystemExit(f"no {what} within {DEADLINE:.0f} s; the screen:\n{screen}")
             time.sleep(0.001)
 
-    def type_in(self, text: str, shown: Callable[[str], bool], what: str) -> None:
-        """Type into the field a form just opened, until the screen shows it (keys that arrive before the form has
-        focused its field are dropped: typed again)."""
+    def type_in(self, text: str, shown: Callable[[str], bool], empty: Callable[[str], bool], what: str) -> None:
+        """Type into the field a form just opened, until the screen shows `text` there. Keys that arrive before the
+        form has focused its field are dropped: they are typed again (after 5 s). A field that shows something else (what came
+        late, or in part) is emptied with ctrl+u first, and typed into once the screen shows it empty: Textual runs
+        ctrl+u (a binding) only once the key has passed up to the app, while the field takes the letters after it at
+        once, so on a loaded machine a ctrl+u sent with the letters emptied the field after them."""
+        for _ in range(20):
+            if not empty(self.screen()):
+                self.empty_field(empty, what)
+            self.send("-l", text)
+            try:  # long enough for slow letters to land, lest they come after the next try's
+                self.wait(shown, what, deadline=5.0)
+                return
+            except TimeoutError:
+                continue
+        raise SystemExit(f"no {what}; the screen:\n{self.screen()}")
+
+    def empty_field(self, empty: Callable[[str], bool], what: str) -> None:
+        """ctrl+u in the field a form just opened, until the screen shows it empty (sent again if it came before the
+        form focused its field)."""
         for _ in range(20):
             self.send("C-u")
-            self.send("-l", text)
             try:
-                self.wait(shown, what, deadline=1.0)
+                self.wait(empty, what, deadline=1.0)
                 return
             except TimeoutError:
                 continue
@@ -139,24 +155,25 @@ def measure(store: Path, repeat: int, search: str, layers: tuple[int, int]) -> l
             term.send("f")
             term.wait(lambda s: "Filter neurons" in s, "filter form")
             typed = f"█ {layers[0]}..{layers[1]} "  # in the form's layers field (inside its border), nowhere else
-            term.type_in(f"{layers[0]}..{layers[1]}", lambda s, t=typed: t in s, "typed layers")
+            term.type_in(f"{layers[0]}..{layers[1]}", lambda s, t=typed: t in s, lambda s: "empty: all" in s,
+                         "typed layers")
             wanted = f"L{layers[0]}..{layers[1]}" if layers[0] != layers[1] else f"L{layers[0]}"
             rows["filter f"].append(term.timed(("Enter",), lambda s: wanted in _status(s) and bool(_table(s)),
                                                "filtered table"))
             term.send("f")
             term.wait(lambda s: "Filter neurons" in s, "filter form")
-            term.send("C-u")
-            term.wait(lambda s: "empty: all" in s, "cleared layers")  # the field's placeholder: it is empty
+            term.empty_field(lambda s: "empty: all" in s, "cleared layers")  # the field's placeholder: it is empty
             term.send("Enter")
             term.wait(lambda s: wanted not in _status(s) and bool(_table(s)), "unfiltered table")
             term.send("/")
             term.wait(lambda s: "▊▔" in s, "search box")
             term.type_in(search, lambda s: any(line.startswith("▊") and search in line for line in s.splitlines()),
-                         "typed search")
+                         lambda s: "search explanations (enter" in s, "typed search")
             rows["search /"].append(term.timed(("Enter",), lambda s: f"/{search}" in _status(s), "searched table"))
             term.send("/")
             term.wait(lambda s: "▊▔" in s, "search box")
-            term.send("C-u", "Enter")
+            term.empty_field(lambda s: "search explanations (enter" in s, "cleared search")
+            term.send("Enter")
             term.wait(lambda s: f"/{search}" not in _status(s) and bool(_table(s)), "table without the search")
             term.send("Home", "PageDown")  # the cursor to the last row shown: the next PageDown scrolls a page
             term.wait(lambda s: bool(_table(s)), "table")

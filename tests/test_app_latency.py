@@ -185,14 +185,32 @@ async def test_paging_settles_when_a_screen_spans_more_pages_than_are_held(score
             assert table.cursor == cursor and table.current == rows[cursor]
 
 
+@pytest.mark.terminal
 def test_the_real_terminal_benchmark_runs(scored_store: Path, tmp_path: Path) -> None:
     """bench/tui.py --terminal drives `neuronscope browse` in tmux and times key to painted screen; here on the small
-    scored store, a few repeats, asserting only that every operation was measured."""
+    scored store, a few repeats, asserting only that every operation was measured. Should it fail, the app's keys,
+    reads and errors (Textual's log) come with the screen."""
+    log = tmp_path / "textual.log"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--terminal", "--store", str(scored_store),
-                           "--repeat", "3"], capture_output=True, text=True, timeout=600, env=cli_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+                           "--repeat", "3"], capture_output=True, text=True, timeout=600,
+                          env=cli_env(TEXTUAL_LOG=str(log)), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + "\nthe app's log:\n" + app_log(log)
     for operation in ("enter", "escape", "back ⌫", "next ]", "previous [", "sort s", "filter f", "search /", "page down"):
         assert f"terminal  {operation}" in proc.stdout, proc.stdout
+
+
+def app_log(path: Path, lines: int = 60) -> str:
+    """The last keys, table reads and errors of a Textual log (TEXTUAL_LOG), a line each (a key once, not once for
+    each widget it passes)."""
+    if not path.exists():
+        return "(no log)"
+    wanted = ("Key(key=", "_read_view", "_read_then", "ERROR", "Error", "cannot read")
+    found: list[str] = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.split(" >>> ")[0][:200]
+        if any(w in line for w in wanted) and not line.startswith("<Worker") and (not found or found[-1] != line):
+            found.append(line)
+    return "\n".join(found[-lines:])
 
 
 @sync

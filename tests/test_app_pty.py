@@ -27,7 +27,7 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("neuronscope_env")
+pytestmark = [pytest.mark.usefixtures("neuronscope_env"), pytest.mark.terminal]
 WIDTH, HEIGHT = 100, 30
 #: Seconds any one screen may take to appear (the app starts in under 2 s; CI machines can be slow).
 DEADLINE = 30.0
