@@ -196,13 +196,18 @@ def together(app: NeuronscopeApp, *keys: str) -> None:
 async def test_keys_that_arrive_together_apply_in_order(scored_store: Path) -> None:
     """Textual's Input ran its bound keys (backspace, ctrl+u, the arrows) only after they had passed up to the app,
     and the form's priority enter before the field had taken the letters typed before it: keys that came together
-    were applied out of order (`a b backspace c` gave "ab"; `ctrl+u 1..2 enter` filtered nothing)."""
+    were applied out of order (`a b backspace c` gave "ab"; `ctrl+u 1..2 enter` filtered nothing), and the letters
+    typed right after `/` went to the table, whose keys they are (m marks, e explains, q quits)."""
     app = NeuronscopeApp(scored_store)
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NeuronTable)
-        await pilot.press("slash")
+        marked = set(table.marked)
+        together(app, "slash", "m", "e", "q")
+        await pilot.pause()
         box = app.query_one("#search", Input)
-        together(app, "a", "b", "backspace", "c")
+        assert box.value == "meq" and app.focused is box
+        assert table.marked == marked and not app.jobs.handles and app.is_running
+        together(app, "ctrl+u", "a", "b", "backspace", "c")
         await pilot.pause()
         assert box.value == "ac"
         together(app, "ctrl+u", "x", "y", "left", "backspace", "z")

@@ -176,7 +176,21 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, (events.Key, events.MouseEvent)):
             self.collector.input()
+        if isinstance(event, events.Key) and not event.is_forwarded and await self._bound_at_once(event):
+            return
         await super().on_event(event)
+
+    async def _bound_at_once(self, event: events.Key) -> bool:
+        """Run a key's binding as the key arrives, where no text field has the focus; whether one ran. Textual hands
+        a key to the focused widget and runs its binding only once it has passed back up to the app, meanwhile handing
+        on the keys after it: `/` and a word typed together (fast over SSH, or while the app was busy) gave the word's
+        letters to the table, where `m` marked a neuron and `e` started an explain job. Bindings run here are found
+        as Textual would find them (the priority ones, then from the focused widget up); the keys after one then go
+        where it sent the focus (search moves it at once), or to the screen it opened."""
+        if isinstance(self.focused, Input) or not self.screen.is_mounted:  # a field takes letters; a screen mounting
+            return False  # waits for the keys typed into it in its own queue, as Textual hands them over
+        self.app_focus = True
+        return await self._check_bindings(event.key, priority=True) or await self._check_bindings(event.key)
 
     # -- neurons ---------------------------------------------------------------------------------------
     @property
@@ -291,7 +305,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         box.add_class("open")
         query = self.table.wanted
         box.value = " ".join(filter(None, [f"tag:{query.tag}" if query.tag else "", query.search or ""]))
-        box.focus()
+        self.screen.set_focus(box)  # at once, not later (`focus`): the keys typed right after `/` go to the box
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "search":
