@@ -83,10 +83,10 @@ class Terminal:
 
     def type_in(self, text: str, shown: Callable[[str], bool], empty: Callable[[str], bool], what: str) -> None:
         """Type into the field a form just opened, until the screen shows `text` there. Keys that arrive before the
-        form has focused its field are dropped: they are typed again (after 5 s). A field that shows something else (what came
-        late, or in part) is emptied with ctrl+u first, and typed into once the screen shows it empty: Textual runs
-        ctrl+u (a binding) only once the key has passed up to the app, while the field takes the letters after it at
-        once, so on a loaded machine a ctrl+u sent with the letters emptied the field after them."""
+        form has focused its field are dropped: they are typed again (after 5 s). A field that shows something else
+        (what came late, or in part) is emptied with ctrl+u first, and typed into once the screen shows it empty
+        (before the app's fields kept their keys in order, a ctrl+u sent with the letters emptied the field after
+        them)."""
         for _ in range(20):
             if not empty(self.screen()):
                 self.empty_field(empty, what)

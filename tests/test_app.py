@@ -229,7 +229,7 @@ async def test_keys_that_arrive_together_apply_in_order(scored_store: Path) -> N
         await settled(pilot, table)
         assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers is None
 
-        together(app, "a", "e", "x")  # the tag form's field takes what follows `a`, not the table (e explains, x scores)
+        together(app, "a", "e", "x")  # the tag form's field takes what follows `a`, not the table (e explains)
         await pilot.pause()
         assert isinstance(app.focused, Input) and app.focused.value == "ex" and not app.jobs.handles
 
