@@ -87,24 +87,24 @@ class Terminal:
         (what came late, or in part) is emptied with ctrl+u first, and typed into once the screen shows it empty
         (before the app's fields kept their keys in order, a ctrl+u sent with the letters emptied the field after
         them)."""
-        for _ in range(20):
+        def attempt() -> None:
             if not empty(self.screen()):
                 self.empty_field(empty, what)
             self.send("-l", text)
-            try:  # long enough for slow letters to land, lest they come after the next try's
-                self.wait(shown, what, deadline=5.0)
-                return
-            except TimeoutError:
-                continue
-        raise SystemExit(f"no {what}; the screen:\n{self.screen()}")
+
+        self._retried(attempt, shown, what, 5.0)  # long enough for slow letters to land before the next try's
 
     def empty_field(self, empty: Callable[[str], bool], what: str) -> None:
         """ctrl+u in the field a form just opened, until the screen shows it empty (sent again if it came before the
         form focused its field)."""
+        self._retried(lambda: self.send("C-u"), empty, what, 1.0)
+
+    def _retried(self, attempt: Callable[[], None], done: Callable[[str], bool], what: str, deadline: float) -> None:
+        """`attempt()` until the screen satisfies `done` within `deadline` seconds of one, 20 times at most."""
         for _ in range(20):
-            self.send("C-u")
+            attempt()
             try:
-                self.wait(empty, what, deadline=1.0)
+                self.wait(done, what, deadline=deadline)
                 return
             except TimeoutError:
                 continue
