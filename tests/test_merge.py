@@ -227,6 +227,12 @@ def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(2):
         assert ShardState(tmp_path / f"ranks.shard-{i}-of-2").meta.index == i
+    # The ranks share a terminal: rank 0 alone shows its progress; rank 1 prints its result, named.
+    lines = proc.stderr.splitlines()
+    assert sum(line.startswith("cutting ") for line in lines) == 1, proc.stderr
+    assert sum(line == "collecting excerpts: 32/32" for line in lines) == 1, proc.stderr
+    results = [found.group(0) for found in re.finditer(r"^(rank \d: )?shard \d/2: ", proc.stderr, re.MULTILINE)]
+    assert sorted(results) == ["rank 1: shard 1/2: ", "shard 0/2: "], proc.stderr
     with Store.open(single, read_only=True) as one, Store.open(store, read_only=True) as merged:
         (a,), (b,) = one.runs(), merged.runs()
         assert b.shard == "" and (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts) \
@@ -234,6 +240,32 @@ def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, 
         query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
         assert one.con.execute(query, [a.run_id]).fetchall() == merged.con.execute(query, [b.run_id]).fetchall()
         assert one.con.execute(RECORDS, [a.run_id]).fetchall() == merged.con.execute(RECORDS, [b.run_id]).fetchall()
+
+
+def test_a_rank_that_another_speaks_for_names_itself_and_shows_no_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun, a rank other than its node's first prints no status lines, progress or skipped files into the
+    shared terminal; its results, warnings and errors carry its name."""
+    from rich.text import Text
+
+    from neuronscope.tui.console import Skipped, progress_bars, say, speak_as, status, summary, warning
+
+    speak_as("rank 3")
+    try:
+        status("loading the model")
+        with progress_bars() as progress:
+            progress("collect", 5, 10)
+        skipped = Skipped()
+        skipped("a.bin", "binary")
+        skipped.finish()
+        warning("cannot write a checkpoint: disk full")
+        summary("shard 3/4: 12 neurons over 32 excerpts")
+        say(Text("error: ", style="bold red") + Text("out of memory"))
+    finally:
+        speak_as(None)
+    status("rank 0 again")
+    assert capsys.readouterr().err.splitlines() == [
+        "rank 3: cannot write a checkpoint: disk full", "rank 3: shard 3/4: 12 neurons over 32 excerpts",
+        "rank 3: error: out of memory", "rank 0 again"]
 
 
 def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:

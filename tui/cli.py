@@ -30,6 +30,7 @@ from neuronscope.tui.console import (
     interactive,
     number,
     out,
+    say,
 )
 
 
@@ -295,11 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NeuronscopeError as exc:
-        err.print(Text("error: ", style="bold red") + Text(str(exc)))
+        say(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
-            err.print("interrupted: nothing half-written is marked complete; run the same command again to redo it")
+            say("interrupted: nothing half-written is marked complete; run the same command again to redo it")
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
@@ -308,12 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             known = StoreError(f"DuckDB failed on {getattr(args, 'store', 'the store')}: {' '.join(str(exc).split())}: "
                                "run the same command again; if it fails again, please report it")
         if known is not None:
-            err.print(Text("error: ", style="bold red") + Text(str(known)))
+            say(Text("error: ", style="bold red") + Text(str(known)))
             return EXIT_ERROR
         if os.environ.get("NEURONSCOPE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        err.print(Text("internal error: ", style="bold red")
+        say(Text("internal error: ", style="bold red")
                   + Text(f"{type(exc).__name__}: {first} (set NEURONSCOPE_DEBUG=1 for the traceback, and please report it)"))
         return 1
 

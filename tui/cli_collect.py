@@ -12,7 +12,18 @@ from rich.text import Text
 
 from neuronscope.core.errors import InputError
 from neuronscope.core.store import Store
-from neuronscope.tui.console import Skipped, batch_size, duration, number, out, progress_bars, status, warning
+from neuronscope.tui.console import (
+    Skipped,
+    batch_size,
+    duration,
+    number,
+    out,
+    progress_bars,
+    speak_as,
+    status,
+    summary,
+    warning,
+)
 
 #: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
 MAX_K = 1_000
@@ -36,6 +47,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
     rank = from_environment() if args.shard == "auto" else None
     shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
     together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
+    if together:  # the ranks share a terminal (a node's): its first rank alone shows the progress
+        assert rank is not None
+        speak_as(f"rank {rank.index}" if rank.local else None)
+        status(f"rank {rank.index} of {rank.count} shows its progress here; the other ranks print only their "
+               "results, warnings and errors")
     part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
     if args.with_neurons and not args.sae:
         raise InputError("--with-neurons collects MLP neurons beside a sparse coder's latents: pass --sae FOLDER too, "
@@ -122,11 +138,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
             else:
                 result = collect(store, subject, excerpts, progress=progress, **options)
         if result.reused:
-            status(f"{target} already holds this collection (use --force to collect again)")
+            summary(f"{target} already holds this collection (use --force to collect again)")
         else:
             what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
-            status(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
-                   f"excerpts in {result.seconds:.1f} s → {target}")
+            summary(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
+                    f"excerpts in {result.seconds:.1f} s → {target}")
         if store is not None:
             store.checkpoint()
             assert result.run_id is not None

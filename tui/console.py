@@ -32,6 +32,23 @@ MAX_SAMPLES = 64
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
+#: This process's name before every line it prints, where a launcher runs several processes in one terminal and
+#: another one shows the progress (`speak_as`); None where this process speaks for itself.
+_rank: str | None = None
+
+
+def speak_as(label: str | None) -> None:
+    """Several processes of one launch share this terminal (torchrun's ranks) and another one shows the progress:
+    this one's status lines, progress bars and skipped files are left out, and its results, warnings and errors are
+    printed with `label` before them (None: back to speaking for itself)."""
+    global _rank
+    _rank = label
+
+
+def say(line: Text | str) -> None:
+    """A line on stderr that every process prints (an error, a result), with this process's label where it has
+    one (speak_as)."""
+    err.print(Text(f"{_rank}: ") + line if _rank else line)
 
 
 class Parser(argparse.ArgumentParser):
@@ -115,6 +132,9 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
               "compile": "compiling the CPU passes (once per machine, about a minute)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    if _rank:  # another process of the launch shows the progress
+        yield lambda _stage, _done, _total: None
+        return
     tasks: dict[str, TaskID] = {}
     plain = not err.is_terminal
     every = float(os.environ.get("NEURONSCOPE_PROGRESS_SECONDS", "10"))
@@ -158,7 +178,7 @@ class Skipped:
         from neuronscope.tui.render import visible
 
         self.count += 1
-        if self.count <= self.shown:
+        if self.count <= self.shown and not _rank:
             err.print(Text("skipped ", style="yellow") + Text(f"{visible(str(path))}: {visible(reason)}"))
 
     def replaced(self, _path: object, count: int) -> None:
@@ -168,6 +188,8 @@ class Skipped:
 
     def finish(self) -> None:
         """The count of those not shown, and of the invalid bytes replaced."""
+        if _rank:
+            return
         if self.count > self.shown:
             err.print(Text(f"... and {self.count - self.shown:,} more files skipped", style="yellow"))
         if self.replaced_bytes:
@@ -177,12 +199,18 @@ class Skipped:
 
 
 def status(message: str) -> None:
-    """A dim one-line status message on stderr."""
-    err.print(Text(message, style="dim"))
+    """A dim one-line status message on stderr (none from a process that another one speaks for: speak_as)."""
+    if not _rank:
+        err.print(Text(message, style="dim"))
+
+
+def summary(message: str) -> None:
+    """A dim one-line status message that every process of a launch prints: what it did."""
+    say(Text(message, style="dim"))
 
 
 def warning(message: str) -> None:
     """A yellow one-line warning on stderr, control characters shown escaped (it may quote a path)."""
     from neuronscope.tui.render import visible
 
-    err.print(Text(visible(message), style="yellow"))
+    say(Text(visible(message), style="yellow"))
