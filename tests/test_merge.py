@@ -233,6 +233,12 @@ def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, 
     assert sum(line == "collecting excerpts: 32/32" for line in lines) == 1, proc.stderr
     results = [found.group(0) for found in re.finditer(r"^(rank \d: )?shard \d/2: ", proc.stderr, re.MULTILINE)]
     assert sorted(results) == ["rank 1: shard 1/2: ", "shard 0/2: "], proc.stderr
+    # Rank 0 says what the merged store no longer needs beside it, and its size.
+    left = re.search(r"the store holds the 2 shard states now: they can be deleted, with the shards' token ids in "
+                     r"\S+ranks.tokens \(([\d.,]+) MB in all\)", proc.stderr)
+    folders = [tmp_path / "ranks.shard-0-of-2", tmp_path / "ranks.shard-1-of-2", tmp_path / "ranks.tokens"]
+    size = sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
+    assert left and left.group(1) == f"{size / 1e6:,.1f}", proc.stderr
     with Store.open(single, read_only=True) as one, Store.open(store, read_only=True) as merged:
         (a,), (b,) = one.runs(), merged.runs()
         assert b.shard == "" and (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts) \

@@ -118,4 +118,19 @@ def merge_shards(paths: Sequence[str | Path], output: str | Path) -> CollectResu
         units = "latents" if shards[0].meta.units else "neurons"
         status(f"run {result.run_id}: {result.n_neurons:,} {units} over {result.n_excerpts:,} excerpts "
                f"merged from {len(shards)} shards → {output}")
+    _left_behind(paths, output)
     return result
+
+
+def _left_behind(paths: Sequence[str | Path], output: str | Path) -> None:
+    """Say what the merged store no longer needs beside it, and its size: the shard states (a large model's are
+    gigabytes each) and the token ids the shards shared."""
+    from neuronscope.core.collection.ranks import tokens_path
+    from neuronscope.tui.render import visible
+
+    tokens = tokens_path(output)
+    folders = [Path(path) for path in paths] + ([tokens] if tokens.is_dir() else [])
+    size = sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
+    status(f"the store holds the {len(paths)} shard states now: they can be deleted"
+           + (f", with the shards' token ids in {visible(str(tokens))}" if tokens.is_dir() else "")
+           + f" ({size / 1e6:,.1f} MB in all)")
