@@ -161,6 +161,14 @@ def run_cli(args: Sequence[str], timeout: float = 120, **env: str) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+#: What a collection stores exactly (any number of shards, any batches), nearly (float sums in another order), and its
+#: records in a comparable order.
+NEURON_EXACT = ("layer", "neuron", "count", "max_act", "min_act", "min_excerpt_max", "histogram", "cell_counts")
+NEURON_CLOSE = ("mean", "variance", "skewness", "kurtosis", "density", "sums")
+RECORDS = ("SELECT layer, neuron, kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "
+           "WHERE run_id = ? ORDER BY layer, neuron, kind, rank")
+
+
 #: Dim progress lines `collect` prints on stderr before it can fail (model load, corpus cut).
 STATUS_PREFIXES = ("loading ", "verifying packaged weights", "cutting ", "skipped ", "importing neurons")
 

@@ -1,5 +1,4 @@
-"""Shards and merge: shard states merged into one store equal a single-run store; merge refusals; torchrun ranks;
-checkpoints."""
+"""Shards and merge: shard states merged into one store equal a single-run store; merge refusals; torchrun ranks."""
 
 from __future__ import annotations
 
@@ -8,15 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import (
     FAST,
+    NEURON_CLOSE,
+    NEURON_EXACT,
+    RECORDS,
     assert_one_line_error,
-    cli_command,
     cli_env,
     collect_into,
     fast_settings,
@@ -74,12 +74,6 @@ def shard_stores(tmp_path_factory, subject, corpus_dir):  # type: ignore[no-unty
                        progress=lambda stage, _d, _t: stages.append(stage))
     assert "merge" in stages and "write" in stages
     return folder, single, parts, merged, result
-
-
-NEURON_EXACT = ("layer", "neuron", "count", "max_act", "min_act", "min_excerpt_max", "histogram", "cell_counts")
-NEURON_CLOSE = ("mean", "variance", "skewness", "kurtosis", "density", "sums")
-RECORDS = ("SELECT layer, neuron, kind, rank, bin, excerpt_id, scale, acts, max_act, min_act FROM records "
-           "WHERE run_id = ? ORDER BY layer, neuron, kind, rank")
 
 
 def test_merge_equals_single_run(shard_stores) -> None:  # type: ignore[no-untyped-def]
@@ -287,90 +281,6 @@ def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: 
     result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", tmp_path / "s.duckdb",
                       "--shard", "auto", *FAST])
     assert_one_line_error(result, "--shard auto found no launcher: run it under torchrun")
-
-
-@pytest.mark.slow
-def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterrupted_one(
-        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
-    """`kill -9` mid-collection, then the same command: it goes on from the last checkpoint (here one every 0.2 s)
-    and writes the store an uninterrupted run writes; the checkpoints go once the run is in the store."""
-    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts", "96",
-            *FAST]
-    whole = tmp_path / "whole.duckdb"
-    assert run_cli([*args, "--store", whole, "--checkpoint-every", "off"], timeout=300).code == 0
-    store = tmp_path / "killed.duckdb"
-    folder = tmp_path / "killed.duckdb.checkpoint"
-    proc = subprocess.Popen(cli_command([*args, "--store", store, "--checkpoint-every", "0.2s"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(), cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while not (folder / "current").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.kill()
-    proc.wait()
-    assert (folder / "current").exists() and not store.exists()  # killed mid-run: a checkpoint, no store yet
-    rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
-    assert rerun.code == 0, rerun.err
-    resumed = re.search(r"resumed from a checkpoint \(excerpts\): (\d+)/(\d+)", rerun.err)
-    assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), rerun.err
-    assert not folder.exists()
-    with Store.open(whole, read_only=True) as one, Store.open(store, read_only=True) as two:
-        a = next(r for r in one.runs() if r.status == "complete")
-        b = next(r for r in two.runs() if r.status == "complete")
-        assert (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts)
-        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
-        close = f"SELECT {', '.join(NEURON_CLOSE[:-1])} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        np.testing.assert_allclose(np.array(one.con.execute(close, [a.run_id]).fetchall(), float),
-                                   np.array(two.con.execute(close, [b.run_id]).fetchall(), float), rtol=1e-6)
-        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
-
-
-def test_a_checkpoint_the_disk_refuses_is_a_warning_and_the_collection_goes_on(
-        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
-    """A checkpoint that cannot be written (here a file where its folder goes; a full disk alike) loses nothing: the
-    run warns in one line, goes on from the state in memory, tries again later and writes its store."""
-    store = tmp_path / "refused.duckdb"
-    (tmp_path / "refused.duckdb.checkpoint").write_text("in the way")
-    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts",
-                      "48", *FAST, "--store", store, "--checkpoint-every", "0.05s"], timeout=300,
-                     NEURONSCOPE_PROGRESS_SECONDS="0")
-    assert result.code == 0, result.err
-    warnings = [line for line in result.err.splitlines() if line.startswith("could not write a checkpoint")]
-    assert len(warnings) >= 2 and "refused.duckdb.checkpoint" in warnings[0], result.err  # tried again
-    assert "goes on" in warnings[0] and "Traceback" not in result.err
-    assert "last checkpoint" not in result.err  # none was written, and none is reported
-    with Store.open(store, read_only=True) as done:
-        (run,) = done.runs()
-        assert run.status == "complete" and run.n_excerpts == 48
-
-
-def test_a_long_pass_ends_with_a_checkpoint_so_a_failed_write_costs_no_collecting(
-        subject, corpus_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A pass that ran at least the checkpoint interval writes one more checkpoint when it ends: if the store write
-    then fails (a full disk), the same collection resumes at its end and only writes. A short pass writes none."""
-    from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import accumulate
-
-    excerpts = cut_excerpts(CorpusSpec(str(corpus_dir)), subject.tokenizer, length=16, max_excerpts=24, seed=0)
-    settings, n = fast_settings(), len(excerpts.excerpt_ids)
-
-    def run(every: float) -> tuple[list[tuple[str, int, int]], list]:  # type: ignore[type-arg]
-        said: list[tuple[str, int, int]] = []
-        states = list(accumulate(subject, excerpts, (0, 1), settings, 8, "key",
-                                 Checkpoints(tmp_path / "s.duckdb", every), lambda *a: said.append(a)))
-        return said, states
-
-    said, _ = run(3600.0)
-    assert Checkpoints(tmp_path / "s.duckdb", 1.0).load("key") is None and not any(s == "checkpoint" for s, *_ in said)
-    said, first = run(0.0)
-    assert ("checkpoint", n, n) in said and Checkpoints(tmp_path / "s.duckdb", 1.0).load("key").done == n
-    said, again = run(3600.0)  # the rerun after a failed write: no batch goes through the model again
-    assert ("resume", n, n) in said and [s for s in said if s[0] == "collect"] == [("collect", n, n)]
-    for a, b in zip(first, again, strict=True):
-        for kind in a.samples:
-            assert np.array_equal(a.samples[kind].ids, b.samples[kind].ids)
-            assert np.array_equal(a.samples[kind].codes, b.samples[kind].codes)
-        assert np.array_equal(a.sums, b.sums) and np.array_equal(a.histogram, b.histogram)
 
 
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,

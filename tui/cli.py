@@ -15,6 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
+from neuronscope.core.collection.stopping import Stopped
 from neuronscope.core.errors import InputError, NeuronscopeError, caused_by_interrupt
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
@@ -300,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
-            say("interrupted: nothing half-written is marked complete; run the same command again to redo it")
+            say("interrupted: " + (str(exc) if isinstance(exc, Stopped) else "nothing half-written is marked "
+                                   "complete; run the same command again to redo it"))
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 

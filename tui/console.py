@@ -129,6 +129,7 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
               "planning": "counting calls", "import": "importing neurons", "export": "exporting neurons",
               "related": "related tokens and neurons (layers)", "resume": "resumed from a checkpoint (excerpts)",
               "checkpoint": "last checkpoint (excerpts)",
+              "stop": "saving, then stopping (Ctrl-C: now)",
               "compile": "compiling the CPU passes (once per machine, about a minute)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuronscope.core.collection.checkpoint import Checkpoints, identity
+from neuronscope.core.collection.stopping import Stopped, StopRequests
 from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
     from neuronscope.core.models.sparse import SparseCoder
     from neuronscope.core.models.subject import Subject
 
-#: progress(stage, done, total): stage is "compile", "collect", "resume", "checkpoint", "write" or "merge".
+#: progress(stage, done, total): stage is "compile", "collect", "resume", "checkpoint", "stop" (saving the state
+#: before a stop request is obeyed), "write" or "merge".
 Progress = Callable[[str, int, int], None]
 
 
@@ -305,31 +307,51 @@ def accumulate(
             for layer in acc.layers:
                 acc.absorb(resumed.layers[layer])
         report("resume", resumed.done, n)
-    report("collect", resumed.done if resumed else 0, n)
-    for start in range(resumed.done if resumed else 0, n, batch_size):
-        ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
-        eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
-        stats = token_stats if len(ids) == batch_size else None
-        def each(layer: int, layer_acts: Any, eids: Any = eids, stats: Any = stats) -> None:
-            by_layer[layer].update(layer_acts, eids, stats)  # while its activations are still in the CPU's cache
+    saved = resumed.done if resumed else 0  # excerpts in the last checkpoint
+    report("collect", saved, n)
+    with StopRequests() as stop:  # Ctrl-C and SIGTERM taken at a batch's end, the state saved first
+        for start in range(saved, n, batch_size):
+            ids = torch.from_numpy(excerpts.token_ids[start : start + batch_size].astype(np.int64))
+            eids = torch.from_numpy(excerpts.excerpt_ids[start : start + batch_size].astype(np.int64))
+            stats = token_stats if len(ids) == batch_size else None
+            def each(layer: int, layer_acts: Any, eids: Any = eids, stats: Any = stats) -> None:
+                by_layer[layer].update(layer_acts, eids, stats)  # while its activations are still in the CPU's cache
 
-        acts = read(ids, each if by_layer else None)
-        if acts:
-            on_device: dict[Any, Any] = {}
-            for group, acc in zip(groups, accs):
-                if group[0] in by_layer:
-                    continue
-                joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
-                if joined.device not in on_device:
-                    on_device[joined.device] = to_device(eids, joined.device)
-                acc.update(joined, on_device[joined.device], stats)
-            del acts
-        done = min(start + batch_size, n)
-        report("collect", done, n)
-        if checkpoints is not None and checkpoints.due(finished=done == n) and checkpoints.save(
-                key, done, (result for acc in accs for result in acc.results())):
-            report("checkpoint", done, n)
+            acts = read(ids, each if by_layer else None)
+            if acts:
+                on_device: dict[Any, Any] = {}
+                for group, acc in zip(groups, accs):
+                    if group[0] in by_layer:
+                        continue
+                    joined = acts[group[0]] if len(group) == 1 else torch.cat([acts[layer] for layer in group], 2)
+                    if joined.device not in on_device:
+                        on_device[joined.device] = to_device(eids, joined.device)
+                    acc.update(joined, on_device[joined.device], stats)
+                del acts
+            done = min(start + batch_size, n)
+            report("collect", done, n)
+            if stop.signal is not None:
+                raise _stopped(checkpoints, key, accs, saved, done, n, report)
+            if checkpoints is not None and checkpoints.due(finished=done == n) and checkpoints.save(
+                    key, done, (result for acc in accs for result in acc.results())):
+                saved = done
+                report("checkpoint", done, n)
     return _drain(accs)
+
+
+def _stopped(checkpoints: Checkpoints | None, key: str, accs: list[Accumulator], saved: int, done: int, n: int,
+             report: Progress) -> KeyboardInterrupt:
+    """What a stop request at a batch's end raises, once the state is saved where checkpoints are on and the last
+    one does not hold it already."""
+    if checkpoints is None:
+        return KeyboardInterrupt()
+    if done > saved:
+        report("stop", done, n)
+        if not checkpoints.save(key, done, (result for acc in accs for result in acc.results())):
+            return KeyboardInterrupt()
+        saved = done
+    return Stopped(f"the collection's state after {saved:,} of {n:,} excerpts is in {checkpoints.folder}: the same "
+                   "command goes on from there")
 
 
 def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -1,0 +1,51 @@
+"""Stop requests during a collection's pass. Ctrl-C (SIGINT) and SIGTERM (a scheduler preempting the job, `scancel`,
+the end of a job's time, torchrun stopping its ranks) are taken at the end of the batch in progress rather than
+wherever they land, so that the pass can save its state as a checkpoint before it stops: a batch folded into some
+layers and not others is no state to save. A second request stops at once, as a plain interrupt, unless it comes
+within REPEATED seconds of the first: then it is the same request passed on (torchrun passes on to its ranks the
+signal it gets, and a terminal's Ctrl-C or a scheduler's SIGTERM reaches the ranks themselves too)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any
+
+#: Seconds within which a second stop request is the first passed on by a launcher, not a person asking again.
+REPEATED = 0.5
+
+
+class Stopped(KeyboardInterrupt):
+    """A collection stopped at a batch's end, on a stop request; its message says where its state was saved."""
+
+
+class StopRequests:
+    """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
+    SIGTERM set `signal` instead of stopping the process; a second one, REPEATED seconds later or more, raises
+    KeyboardInterrupt where it lands. The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        self._previous.clear()
+
+    def _request(self, number: int, _frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._first = number, now
+        elif now - self._first >= REPEATED:  # asked again: at once
+            raise KeyboardInterrupt

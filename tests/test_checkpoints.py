@@ -1,0 +1,170 @@
+"""Checkpoints of a collection in progress: resumed after `kill -9` or a stop request (Ctrl-C, SIGTERM) into the store
+an uninterrupted run writes; refused by the disk; written once more when a long pass ends."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, cli_command, cli_env, fast_settings, run_cli
+
+from neuronscope.core.collection.corpus import CorpusSpec
+from neuronscope.core.collection.excerpts import cut_excerpts
+from neuronscope.core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+
+
+def _assert_same_collection(whole: Path, store: Path) -> None:
+    """The complete runs of two stores hold the same collection: statistics, records and activations."""
+    with Store.open(whole, read_only=True) as one, Store.open(store, read_only=True) as two:
+        a = next(r for r in one.runs() if r.status == "complete")
+        b = next(r for r in two.runs() if r.status == "complete")
+        assert (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts)
+        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
+        close = f"SELECT {', '.join(NEURON_CLOSE[:-1])} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
+        np.testing.assert_allclose(np.array(one.con.execute(close, [a.run_id]).fetchall(), float),
+                                   np.array(two.con.execute(close, [b.run_id]).fetchall(), float), rtol=1e-6)
+        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
+
+
+@pytest.mark.slow
+def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterrupted_one(
+        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` mid-collection, then the same command: it goes on from the last checkpoint (here one every 0.2 s)
+    and writes the store an uninterrupted run writes; the checkpoints go once the run is in the store."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts", "96",
+            *FAST]
+    whole = tmp_path / "whole.duckdb"
+    assert run_cli([*args, "--store", whole, "--checkpoint-every", "off"], timeout=300).code == 0
+    store = tmp_path / "killed.duckdb"
+    folder = tmp_path / "killed.duckdb.checkpoint"
+    proc = subprocess.Popen(cli_command([*args, "--store", store, "--checkpoint-every", "0.2s"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (folder / "current").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert (folder / "current").exists() and not store.exists()  # killed mid-run: a checkpoint, no store yet
+    rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert rerun.code == 0, rerun.err
+    resumed = re.search(r"resumed from a checkpoint \(excerpts\): (\d+)/(\d+)", rerun.err)
+    assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), rerun.err
+    assert not folder.exists()
+    _assert_same_collection(whole, store)
+
+
+def test_a_checkpoint_the_disk_refuses_is_a_warning_and_the_collection_goes_on(
+        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint that cannot be written (here a file where its folder goes; a full disk alike) loses nothing: the
+    run warns in one line, goes on from the state in memory, tries again later and writes its store."""
+    store = tmp_path / "refused.duckdb"
+    (tmp_path / "refused.duckdb.checkpoint").write_text("in the way")
+    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts",
+                      "48", *FAST, "--store", store, "--checkpoint-every", "0.05s"], timeout=300,
+                     NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if line.startswith("could not write a checkpoint")]
+    assert len(warnings) >= 2 and "refused.duckdb.checkpoint" in warnings[0], result.err  # tried again
+    assert "goes on" in warnings[0] and "Traceback" not in result.err
+    assert "last checkpoint" not in result.err  # none was written, and none is reported
+    with Store.open(store, read_only=True) as done:
+        (run,) = done.runs()
+        assert run.status == "complete" and run.n_excerpts == 48
+
+
+def test_a_long_pass_ends_with_a_checkpoint_so_a_failed_write_costs_no_collecting(
+        subject, corpus_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pass that ran at least the checkpoint interval writes one more checkpoint when it ends: if the store write
+    then fails (a full disk), the same collection resumes at its end and only writes. A short pass writes none."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
+    from neuronscope.core.collection.collect import accumulate
+
+    excerpts = cut_excerpts(CorpusSpec(str(corpus_dir)), subject.tokenizer, length=16, max_excerpts=24, seed=0)
+    settings, n = fast_settings(), len(excerpts.excerpt_ids)
+
+    def run(every: float) -> tuple[list[tuple[str, int, int]], list]:  # type: ignore[type-arg]
+        said: list[tuple[str, int, int]] = []
+        states = list(accumulate(subject, excerpts, (0, 1), settings, 8, "key",
+                                 Checkpoints(tmp_path / "s.duckdb", every), lambda *a: said.append(a)))
+        return said, states
+
+    said, _ = run(3600.0)
+    assert Checkpoints(tmp_path / "s.duckdb", 1.0).load("key") is None and not any(s == "checkpoint" for s, *_ in said)
+    said, first = run(0.0)
+    assert ("checkpoint", n, n) in said and Checkpoints(tmp_path / "s.duckdb", 1.0).load("key").done == n
+    said, again = run(3600.0)  # the rerun after a failed write: no batch goes through the model again
+    assert ("resume", n, n) in said and [s for s in said if s[0] == "collect"] == [("collect", n, n)]
+    for a, b in zip(first, again, strict=True):
+        for kind in a.samples:
+            assert np.array_equal(a.samples[kind].ids, b.samples[kind].ids)
+            assert np.array_equal(a.samples[kind].codes, b.samples[kind].codes)
+        assert np.array_equal(a.sums, b.sums) and np.array_equal(a.histogram, b.histogram)
+
+
+@pytest.mark.slow
+def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
+        tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-collection (a scheduler preempting the job, `scancel`): the batch in progress ends, the state is
+    saved as a checkpoint, and the process exits 130 saying where. The same command goes on from exactly there and
+    writes the store an uninterrupted run writes. The checkpoints' interval (1 h) never comes: only the stop saves."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts", "96",
+            *FAST]
+    whole = tmp_path / "whole.duckdb"
+    assert run_cli([*args, "--store", whole, "--checkpoint-every", "off"], timeout=300).code == 0
+    store = tmp_path / "stopped.duckdb"
+    proc = subprocess.Popen(cli_command([*args, "--store", store, "--checkpoint-every", "1h"]), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=ROOT)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:  # a plain progress line a batch
+        found = re.fullmatch(r"collecting excerpts: (\d+)/96", line.strip())
+        if found and int(found.group(1)) > 0:
+            seen = int(found.group(1))
+            proc.send_signal(signal.SIGTERM)
+            break
+    said = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130 and seen, said
+    saved = re.search(r"^interrupted: the collection's state after (\d+) of 96 excerpts is in (.+): the same command "
+                      r"goes on from there$", said, re.MULTILINE)
+    assert saved and seen <= int(saved.group(1)) <= 96 and Path(saved.group(2)) == tmp_path / "stopped.duckdb.checkpoint"
+    assert "Traceback" not in said
+    rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert rerun.code == 0, rerun.err
+    assert f"resumed from a checkpoint (excerpts): {saved.group(1)}/96" in rerun.err, rerun.err
+    _assert_same_collection(whole, store)
+
+
+def test_a_stop_request_waits_for_the_batch_and_a_second_stops_at_once() -> None:
+    """StopRequests, in a process of its own (signals are a process's main thread's): a first Ctrl-C or SIGTERM is
+    noted, not raised, and so is the same request passed on at once (torchrun's); one more, later, raises
+    KeyboardInterrupt where it lands; the handlers before come back after."""
+    code = """
+import os, signal, time
+from neuronscope.core.collection.stopping import REPEATED, StopRequests
+before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+with StopRequests() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    print("noted", stop.signal == signal.SIGTERM)
+    time.sleep(REPEATED)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        print("not raised")
+    except KeyboardInterrupt:
+        print("raised")
+print("restored", (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert done.stdout.split() == ["noted", "True", "raised", "restored", "True"], done.stderr
