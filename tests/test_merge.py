@@ -274,6 +274,13 @@ def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: 
     assert from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(1, 4, 1, "torchrun")
     assert from_environment({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
                              "SLURM_ARRAY_TASK_COUNT": "3"}) == Rank(1, 3, None, "slurm")
+    # With --device-map, a node's ranks split its GPUs between them, in order.
+    second = from_environment({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert second.local_count == 4 and second.gpus(8) == (2, 3) and second.gpus(9) == (2, 3)
+    with pytest.raises(CollectError, match=r"4 ranks on a node with 2 GPUs: .* start at most 2 a node"):
+        second.gpus(2)
+    with pytest.raises(CollectError, match="this node has none: drop --device-map"):
+        second.gpus(0)
     with pytest.raises(CollectError, match="rank 7 of 3; an array must run tasks 0..n-1"):
         from_environment({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3"})
     with pytest.raises(CollectError, match="RANK='x' is not a whole number"):

@@ -64,6 +64,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         import torch
 
         device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
+    gpus = None
+    if args.device_map is not None and rank is not None and rank.local is not None:
+        import torch
+
+        if torch.cuda.is_available():  # each rank spreads its model over its share of the node's GPUs
+            gpus = rank.gpus(torch.cuda.device_count())
     if args.skip_positions >= args.length:
         raise InputError(f"--skip-positions {args.skip_positions} leaves nothing of a {args.length}-token excerpt: "
                          f"pass fewer than {args.length}")
@@ -76,7 +82,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         # A whole run fails fast on a locked or foreign store, before loading a model.
         store = stack.enter_context(Store.output(args.store)) if part is None else None
-        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map)
+        subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map,
+                               gpus=gpus)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
         sparse = None
         beside: tuple[int, ...] = ()
@@ -212,8 +219,8 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                    help="with --sae: also the MLP neurons (of --layers, default all), from the same forward passes, "
                         "as a second run of the store")
     p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
-                   help="spread a model too large for one GPU across the GPUs (accelerate); each layer's statistics "
-                        "stay on its GPU")
+                   help="spread a model too large for one GPU across the GPUs (accelerate; under torchrun, the "
+                        "rank's share of its node's GPUs); each layer's statistics stay on its GPU")
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
                                    "beside --store, for `neuronscope merge`; auto: the part torchrun or a SLURM job "
                                    "array gives this process (README, \"Many GPUs\")")

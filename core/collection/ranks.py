@@ -28,6 +28,21 @@ class Rank:
     """The GPU of this node to use (torchrun's LOCAL_RANK), when the launcher says."""
     launcher: str
     """'torchrun' or 'slurm'."""
+    local_count: int = 1
+    """The ranks on this node (torchrun's LOCAL_WORLD_SIZE)."""
+
+    def gpus(self, count: int) -> tuple[int, ...]:
+        """The GPUs of the node's `count` this rank spreads its model over (--device-map): the node's GPUs split
+        evenly between its ranks, in order (8 GPUs, 4 ranks: rank 1 takes GPUs 2 and 3). CollectError where the
+        node has fewer GPUs than ranks."""
+        local, ranks = self.local or 0, max(self.local_count, 1)
+        each = count // ranks
+        if each == 0:
+            raise CollectError(f"{ranks} ranks on a node with {count} GPU{'s' if count != 1 else ''}: with --device-map "
+                               f"each rank spreads its model over GPUs of its own; start at most {count} a node "
+                               f"(torchrun --nproc-per-node {count})" if count else
+                               "--device-map spreads a model across GPUs, and this node has none: drop --device-map")
+        return tuple(range(local * each, (local + 1) * each))
 
 
 def _whole(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -44,7 +59,8 @@ def _whole(env: Mapping[str, str], name: str, default: int | None = None) -> int
 def from_environment(env: Mapping[str, str] = os.environ) -> Rank:
     """This process's part, from torchrun's variables, else a SLURM job array's; CollectError naming what to set."""
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank = Rank(_whole(env, "RANK"), _whole(env, "WORLD_SIZE"), _whole(env, "LOCAL_RANK", 0), "torchrun")
+        rank = Rank(_whole(env, "RANK"), _whole(env, "WORLD_SIZE"), _whole(env, "LOCAL_RANK", 0), "torchrun",
+                    _whole(env, "LOCAL_WORLD_SIZE", 1))
     elif "SLURM_ARRAY_TASK_ID" in env:
         first = _whole(env, "SLURM_ARRAY_TASK_MIN", 0)
         rank = Rank(_whole(env, "SLURM_ARRAY_TASK_ID") - first, _whole(env, "SLURM_ARRAY_TASK_COUNT"), None, "slurm")

@@ -102,17 +102,22 @@ def choose_dtype(requested: str | None, device: Any) -> Any:
 
 def load_subject(
     model: str, *, device: str | None = None, dtype: str | None = None, status: Callable[[str], None] | None = None,
-    device_map: str | None = None,
+    device_map: str | None = None, gpus: tuple[int, ...] | None = None,
 ) -> Subject:
     """Load a subject model; SubjectError/ModelError for every failure a user can fix. `device_map` (auto, balanced,
-    sequential) places the layers across the GPUs, through accelerate, for a model larger than one GPU."""
+    sequential) places the layers across the GPUs, through accelerate, for a model larger than one GPU: those of
+    `gpus` alone where given (a torchrun rank's share of its node's), each with its free memory."""
     say = status or (lambda _msg: None)
     source = resolve_source(model)
     if device_map is not None and device is not None:
         raise SubjectError("--device and --device-map both place the model: pass one of them")
     dev = choose_device(device)
     dt = choose_dtype(dtype, dev)
-    place = {"device_map": device_map} if device_map is not None else {}
+    place: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if device_map is not None and gpus:
+        import torch
+
+        place["max_memory"] = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}  # the others are not used
     _quiet_transformers()
     try:
         if source.kind in ("packaged", "gguf"):
