@@ -62,3 +62,27 @@ def test_shards_tokenize_the_corpus_once_and_read_their_own_windows(tmp_path, to
     changed = cut_excerpts(spec, counting, length=8, cache=cache)
     assert counting.calls > tokenized + 1 and len(list(cache.glob("*.npy"))) == 3
     assert changed.corpus != shards[0].corpus
+
+
+def test_a_shard_that_waits_for_another_to_tokenize_says_so(tmp_path, tok):
+    """While another process holds the cache's lock (tokenizing a budget of 100M tokens takes minutes), a shard is
+    told it waits, then goes on once the lock is let go."""
+    import fcntl
+    import threading
+
+    from neuronscope.core.collection.corpus import describe
+    from neuronscope.core.collection.token_cache import cache_key
+
+    folder = tmp_path / "corpus"
+    write(folder / "a.txt", "\n\n".join(f"paragraph {i} of plain prose that goes on" for i in range(50)))
+    spec, cache = CorpusSpec(str(folder)), tmp_path / "all.tokens"
+    cache.mkdir()
+    waited, cut = threading.Event(), []
+    with open(cache / f"{cache_key(describe(spec), tok, None)}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another shard, tokenizing
+        shard = threading.Thread(target=lambda: cut.append(
+            cut_excerpts(spec, tok, length=8, shard=(1, 2), cache=cache, waiting=waited.set)))
+        shard.start()
+        assert waited.wait(30) and shard.is_alive() and not cut
+    shard.join(30)
+    assert cut and cut[0].token_ids.tolist() == cut_excerpts(spec, tok, length=8, shard=(1, 2)).token_ids.tolist()

@@ -117,7 +117,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
             excerpts = cut_excerpts(spec, subject.tokenizer, length=args.length, max_excerpts=args.max_excerpts,
                                     seed=args.seed, shard=shard, max_tokens=args.max_tokens, progress=tokenized,
-                                    skipped=skipped, replaced=skipped.replaced, cache=shared)
+                                    skipped=skipped, replaced=skipped.replaced, cache=shared,
+                                    waiting=lambda: status(f"waiting for another shard to tokenize the corpus into "
+                                                           f"{shared}"))
             if read[0] and read[0] != args.max_tokens:  # ends full where the corpus is shorter than the budget too
                 progress("tokenize", read[0], read[0])
         skipped.finish()

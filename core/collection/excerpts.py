@@ -81,6 +81,7 @@ def cut_excerpts(
     skipped: Skipped | None = None,
     replaced: Replaced | None = None,
     cache: Path | None = None,
+    waiting: Callable[[], None] | None = None,
 ) -> Excerpts:
     """Cut the corpus into windows of ``length`` tokens; sample, then keep one shard.
 
@@ -89,7 +90,8 @@ def cut_excerpts(
     windows cover exactly the first ``max_tokens``; files past them are never opened); ``skipped`` hears of every
     file of a folder that is not text, ``replaced`` of every file whose invalid bytes became U+FFFD. With ``cache``
     (a folder), the token ids are tokenized once for every process that names the same folder and corpus, and each
-    reads only its own windows (neuronscope.core.collection.token_cache): for shards.
+    reads only its own windows (neuronscope.core.collection.token_cache): for shards; ``waiting`` is told when this
+    one waits for another that is tokenizing.
     """
     if length < 1:
         raise CorpusError(f"excerpt length must be at least 1 token (got {length}); raise --length")
@@ -106,7 +108,7 @@ def cut_excerpts(
     if cache is None:
         stream = read()
     else:
-        stream, from_cache = cached(cache, cache_key(describe(spec), tokenizer, max_tokens), read)
+        stream, from_cache = cached(cache, cache_key(describe(spec), tokenizer, max_tokens), read, waiting)
         if from_cache:  # say what the reading said
             for kind, path, value in stream.notes:
                 if kind == "skipped" and skipped is not None:

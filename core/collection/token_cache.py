@@ -48,14 +48,20 @@ def cache_key(description: str, tokenizer: Any, max_tokens: int | None) -> str:
     return hashlib.sha256(parts.encode()).hexdigest()[:24]
 
 
-def cached(folder: Path, key: str, make: Callable[[], TokenStream]) -> tuple[TokenStream, bool]:
+def cached(folder: Path, key: str, make: Callable[[], TokenStream],
+           waiting: Callable[[], None] | None = None) -> tuple[TokenStream, bool]:
     """The token stream of cache `key` in `folder` and whether it was read from there (True) or made by `make` (under
-    the folder's lock for that key, so one process tokenizes while the others wait) and written there, whole, before
-    the lock is let go."""
+    the folder's lock for that key, so one process tokenizes while the others wait: `waiting` is told when this one
+    must) and written there, whole, before the lock is let go."""
     folder.mkdir(parents=True, exist_ok=True)
     data, meta = folder / f"{key}.npy", folder / f"{key}.json"
     with open(folder / f"{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        try:  # the lock is released when the file closes, also when its process dies
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is tokenizing (a corpus budget of 100M tokens: minutes)
+            if waiting is not None:
+                waiting()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not (data.exists() and meta.exists()):
             stream = make()
             _write(data, lambda out: np.save(out, np.ascontiguousarray(stream.tokens, dtype="<i4")))
