@@ -22,11 +22,13 @@ EXIT_ERROR = 2
 EXIT_UNFINISHED = 3
 """A job did not finish every neuron (some failed, or --max-tokens stopped it); the same command resumes it."""
 EXIT_INTERRUPTED = 130
-"""Ctrl-C: nothing half-written is marked complete; the same command resumes or redoes it."""
+"""Ctrl-C (or SIGTERM during a collection, its state saved first): nothing half-written is marked complete; the same
+command resumes or redoes it."""
 #: What --help says of them.
 EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one line (bad input, or a failure of the "
              f"disk, the store or a server, with what to do); {EXIT_UNFINISHED} a job left neurons unfinished (some "
-             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C)")
+             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C; "
+             "SIGTERM during a collection)")
 #: Largest --samples: each is an explainer call and a simulation per neuron.
 MAX_SAMPLES = 64
 
