@@ -147,10 +147,12 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
 def test_a_stop_request_waits_for_the_batch_and_a_second_stops_at_once() -> None:
     """StopRequests, in a process of its own (signals are a process's main thread's): a first Ctrl-C or SIGTERM is
     noted, not raised, and so is the same request passed on at once (torchrun's); one more, later, raises
-    KeyboardInterrupt where it lands; the handlers before come back after."""
+    KeyboardInterrupt where it lands; the handlers before come back after; a signal the process ignores stays
+    ignored."""
     code = """
 import os, signal, time
 from neuronscope.core.collection.stopping import REPEATED, StopRequests
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
 before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 with StopRequests() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
@@ -165,6 +167,11 @@ with StopRequests() as stop:
     except KeyboardInterrupt:
         print("raised")
 print("restored", (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal the process ignores stays ignored
+with StopRequests() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+print("ignored", stop.signal is None)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
-    assert done.stdout.split() == ["noted", "True", "raised", "restored", "True"], done.stderr
+    assert done.stdout.split() == ["noted", "True", "raised", "restored", "True", "ignored", "True"], done.stderr

@@ -23,7 +23,7 @@ class Stopped(KeyboardInterrupt):
 
 class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
-    SIGTERM set `signal` instead of stopping the process; a second one, REPEATED seconds later or more, raises
+    SIGTERM (those the process does not ignore) set `signal` instead of stopping the process; a second one, REPEATED seconds later or more, raises
     KeyboardInterrupt where it lands. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
@@ -34,7 +34,8 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._request)
+                if signal.getsignal(number) is not signal.SIG_IGN:  # one this process ignores (`cmd &` in a script)
+                    self._previous[number] = signal.signal(number, self._request)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
