@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neuronscope.core.collection import corpus, default_corpus
+from neuronscope.core.collection import default_corpus, text_files
 from neuronscope.core.collection.corpus import (
     CorpusError,
     CorpusSpec,
@@ -84,7 +84,7 @@ def error(source: Path | str, field: str = "text") -> str:
 def test_text_file_paragraphs_and_splitting(tmp_path, monkeypatch):
     path = write(tmp_path / "a.md", "\ufeffone\r\ntwo\r\n\r\n\r\n  three\n \t\nfour\n")
     assert docs(path) == ["one\ntwo\n\n  three\n\nfour"]
-    monkeypatch.setattr(corpus, "MAX_DOC_CHARS", 12)
+    monkeypatch.setattr(text_files, "MAX_DOC_CHARS", 12)
     assert docs(path) == ["one\ntwo", "  three", "four"]
     long = write(tmp_path / "long.txt", "abcdefghij\n" * 3 + "x" * 30)
     pieces = docs(long)
@@ -228,28 +228,6 @@ def test_too_few_tokens(tmp_path, tok):
     spec = CorpusSpec(str(write(tmp_path / "a.txt", "tiny")))
     with pytest.raises(CorpusError, match="only 4 tokens, fewer than one excerpt of 64"):
         cut_excerpts(spec, tok)
-
-
-def test_max_tokens_is_honoured_exactly_and_nothing_after_is_read(tmp_path, tok):
-    """The windows are exactly those of the first N tokens of the whole cut; the files after them are never opened
-    (a binary one there is not even reported); the run is named by what it read, so shards of one budget agree and
-    another budget is another corpus."""
-    write(tmp_path / "a.txt", "\n\n".join(f"paragraph {i} of plain prose that goes on" for i in range(600)))
-    write(tmp_path / "b.txt", "more prose after the budget")
-    whole = cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8)
-    write(tmp_path / "z.bin", bytes(range(256)))  # sorted after the text: read only by a cut that gets that far
-    left_out: list[str] = []
-    part = cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=43,
-                        skipped=lambda path, _why: left_out.append(path.name))
-    assert part.token_ids.tolist() == whole.token_ids[:5].tolist() and part.excerpt_ids.tolist() == list(range(5))
-    assert left_out == []
-    assert re.search(r"\(3 files, [\d,]+ bytes, newest [\d-]+ [\d:]+ UTC\) \(first 43 tokens, sha256 [0-9a-f]{12}\)$",
-                     part.corpus)
-    shard = cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=43, shard=(1, 2))
-    assert shard.excerpt_ids.tolist() == [1, 3] and same_corpus(shard.corpus, part.corpus)
-    assert not same_corpus(cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=51).corpus, part.corpus)
-    with pytest.raises(CorpusError, match="--max-tokens 7 is less than one excerpt of 8 tokens"):
-        cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=8, max_tokens=7)
 
 
 def test_hf_without_datasets(monkeypatch):

@@ -11,13 +11,10 @@ Sources (``CorpusSpec.source``):
 - ``"hf:<dataset id>[:<config>][:<split>]"``: a Hugging Face dataset, streamed with the
   optional ``datasets`` package (split defaults to ``train``).
 
-Text files are UTF-8. Control characters inside text, NUL included (common in crawled text), are text: they are
-stored as they are and shown inertly. Invalid bytes inside a mostly-UTF-8 file (at most ``MAX_INVALID_SHARE`` of
-its bytes) become U+FFFD and are counted (the ``replaced`` callback; ``strict_utf8`` refuses such a file instead);
-a file with more, one where more than one byte in ten is NUL (binary, or UTF-16), or a damaged ``.gz`` is not text.
-Text files are split into documents of at most ``MAX_DOC_CHARS`` characters at paragraph (blank-line) boundaries;
-CRLF line ends become LF. neuronscope.core.collection.excerpts tokenizes the documents and cuts them into numbered
-windows.
+Text files are UTF-8 (text_files.py: what is text, how a file becomes documents, how a large one is read a block at
+a time). Control characters inside text, NUL included (common in crawled text), are text: they are stored as they are
+and shown inertly. JSONL lines get the same treatment of invalid bytes. neuronscope.core.collection.excerpts
+tokenizes the documents and cuts them into numbered windows.
 
 Default corpus: The Jargon File, version 4.4.7 (Eric S. Raymond and contributors, 2003),
 which is in the public domain ("to be freely used, shared, and modified"). The file
@@ -42,32 +39,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.collection.text_files import (
+    INVALID,
+    CorpusError,
+    NotText,
+    Replaced,
+    brief,
+    split_text,
+    text_documents,
+)
 
-MAX_DOC_CHARS = 20_000
-#: A file with more than this share of NUL bytes is binary (or UTF-16, where every other byte of ASCII text is NUL),
-#: not text with stray NULs: a line typed by hand with one NUL in it is text.
-MAX_NUL_SHARE = 0.1
-#: A file with more than this share of bytes that are not UTF-8 is in another encoding (or binary), not UTF-8 text
-#: with stray invalid bytes.
-MAX_INVALID_SHARE = 0.001
-#: The bytes that UTF-8 decoding with surrogateescape could not decode.
-_INVALID = re.compile("[\udc80-\udcff]")
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class CorpusError(NeuronscopeError):
-    """One-line message naming the problem and the fix (shown to the user as is)."""
-
-
-class NotText(Exception):
-    """A file that is not text: its reason, e.g. "it is not UTF-8 text (byte 0xe9 at offset 1,024)"."""
 
 
 #: skipped(path, reason): a file of a corpus folder that was not read, and why.
 Skipped = Callable[[Path, str], None]
-#: replaced(path, count): a file (or JSONL line's file) in which `count` invalid bytes became U+FFFD.
-Replaced = Callable[[Path, int], None]
 
 
 @dataclass(frozen=True)
@@ -97,14 +83,40 @@ def describe(spec: CorpusSpec) -> str:
     if spec.source.startswith("hf:"):
         name, config, split = _parse_hf(spec.source)
         return f"hf:{name}:{config + ':' if config else ''}{split} (streamed{field})"
-    root = _existing_path(spec.source)
-    stats = [path.stat() for path in (_list_files(root) if root.is_dir() else [root])]
+    root, stats = _listing(spec)
     size = sum(stat.st_size for stat in stats)
     newest = max((stat.st_mtime for stat in stats), default=0.0)
     when = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     strict = ", strict UTF-8" if spec.strict_utf8 else ""
     return (f"files:{root} ({len(stats):,} file{'' if len(stats) == 1 else 's'}, {size:,} bytes, newest {when} UTC"
             f"{field}{strict})")
+
+
+def _listing(spec: CorpusSpec) -> tuple[Path, list[os.stat_result]]:
+    """A file corpus's root and its files' stats (nothing read)."""
+    root = _existing_path(spec.source)
+    return root, [path.stat() for path in (_list_files(root) if root.is_dir() else [root])]
+
+
+#: Bytes of text a token takes, at the fewest: English prose takes about 4 with a BPE tokenizer, source code about 3.
+BYTES_PER_TOKEN = 3
+
+
+def check_fits_whole(spec: CorpusSpec, memory: int) -> None:
+    """Before a corpus is read whole (no token budget): CorpusError where its token ids would not fit in `memory`
+    bytes. Read whole, a corpus's ids are kept in memory (8 bytes a token at the peak, as they are joined) to cut its
+    excerpts, and a corpus of terabytes would take hours to tokenize before failing for memory. Uncompressed text is
+    judged at BYTES_PER_TOKEN; compressed files and streamed datasets are not judged."""
+    if spec.source == "default" or spec.source.startswith("hf:"):
+        return
+    root, stats = _listing(spec)
+    size = sum(stat.st_size for stat in stats)
+    need = 8 * size // BYTES_PER_TOKEN
+    if need > memory:
+        raise CorpusError(f"{root} holds {size / 1e9:,.1f} GB of files, up to {size / BYTES_PER_TOKEN / 1e9:,.1f} "
+                          f"billion tokens, whose ids (some {need / 1e9:,.0f} GB) would not fit in this machine's "
+                          f"{memory / 1e9:,.0f} GB of memory: pass --max-tokens (10M, 100M) to read the corpus's "
+                          "first N tokens")
 
 
 #: What a run read, at the end of its corpus description: "(all|first N tokens, sha256 DIGEST)".
@@ -131,7 +143,7 @@ def iter_documents(spec: CorpusSpec, skipped: Skipped | None = None,
     if spec.source == "default":
         from neuronscope.core.collection.default_corpus import default_corpus_text
 
-        yield from _split_text(default_corpus_text())
+        yield from split_text(default_corpus_text())
         return
     if spec.source.startswith("hf:"):
         yield from _iter_hf(spec)
@@ -191,19 +203,6 @@ def _list_files(root: Path) -> list[Path]:
     return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(root).parts)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CorpusError(f"cannot read {path} ({_brief(exc)}); check it exists and is readable") from None
-
-
-def _brief(exc: BaseException) -> str:
-    """First line of an exception's message, for one-line CorpusErrors."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _file_docs(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iterator[str]:
     """Documents of one file; NotText for a text file that is not text."""
     name = path.name.lower()
@@ -211,84 +210,7 @@ def _file_docs(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Itera
         return _iter_parquet(path, spec.text_field)
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _iter_jsonl(path, spec, replaced)
-    return _split_text(_text(path, _read(path), spec.strict_utf8, replaced))
-
-
-def _text(path: Path, data: bytes, strict: bool = False, replaced: Replaced | None = None) -> str:
-    """A text file's text (gunzipped, BOM and CRs dropped, invalid bytes as U+FFFD unless `strict`); NotText naming
-    why it is not text."""
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
-            raise NotText("it is a truncated .gz file (the compressed stream ends early)") from None
-        except OSError as exc:
-            raise NotText(f"it is not a valid .gz file ({_brief(exc)})") from None
-    nuls = data.count(b"\0")
-    if nuls > MAX_NUL_SHARE * len(data):
-        raise NotText(f"it looks binary ({nuls / len(data):.0%} of its bytes are NUL; UTF-16 text must be converted "
-                      "to UTF-8)")
-    return _decode(path, data, strict, replaced).removeprefix("\ufeff").replace("\r\n", "\n")
-
-
-def _decode(path: Path, data: bytes, strict: bool, replaced: Replaced | None) -> str:
-    """UTF-8 bytes as text, a few invalid bytes as U+FFFD (counted through `replaced`); NotText when `strict` finds
-    one, or when there are more than MAX_INVALID_SHARE of them."""
-    text = data.decode("utf-8", "surrogateescape")
-    text, bad = _INVALID.subn("\ufffd", text)
-    if not bad:
-        return text
-    where = ""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        where = f"byte 0x{data[exc.start]:02x} at offset {exc.start:,}"
-    if strict:
-        raise NotText(f"it is not UTF-8 text ({where}; --strict-utf8 refuses invalid bytes)")
-    if bad > MAX_INVALID_SHARE * len(data):
-        raise NotText(f"it is not UTF-8 text ({bad:,} invalid bytes, the first {where}): convert it to UTF-8")
-    if replaced is not None:
-        replaced(path, bad)
-    return text
-
-
-def _split_text(text: str) -> Iterator[str]:
-    """Documents of at most MAX_DOC_CHARS characters, cut at blank lines (then lines)."""
-    current: list[str] = []
-    size = 0
-    for para in re.split(r"\n(?:[ \t\f\v]*\n)+", text):
-        para = para.lstrip("\n").rstrip()
-        if not para.strip():
-            continue
-        for piece in _pieces(para):
-            if not piece.strip():
-                continue
-            if current and size + len(piece) + 2 > MAX_DOC_CHARS:
-                yield "\n\n".join(current)
-                current, size = [], 0
-            current.append(piece)
-            size += len(piece) + 2
-    if current:
-        yield "\n\n".join(current)
-
-
-def _pieces(para: str) -> Iterator[str]:
-    """Split an over-long paragraph at line ends, then every MAX_DOC_CHARS characters."""
-    if len(para) <= MAX_DOC_CHARS:
-        yield para
-        return
-    group: list[str] = []
-    size = 0
-    for line in para.split("\n"):
-        for start in range(0, len(line) or 1, MAX_DOC_CHARS):
-            part = line[start : start + MAX_DOC_CHARS]
-            if group and size + len(part) + 1 > MAX_DOC_CHARS:
-                yield "\n".join(group)
-                group, size = [], 0
-            group.append(part)
-            size += len(part) + 1
-    if group:
-        yield "\n".join(group)
+    return text_documents(path, spec.strict_utf8, replaced)
 
 
 def _iter_jsonl(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iterator[str]:
@@ -300,7 +222,7 @@ def _iter_jsonl(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iter
         with opener(path, "rb") as lines:
             for number, raw in enumerate(lines, 1):
                 where = f"{path} line {number}"
-                line, invalid = _INVALID.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+                line, invalid = INVALID.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
                 if invalid and spec.strict_utf8:
                     raise CorpusError(f"{where} is not UTF-8 text (--strict-utf8 refuses invalid bytes); {fix}")
                 bad += invalid
@@ -324,7 +246,7 @@ def _iter_jsonl(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iter
                 if value and value.strip():
                     yield value
     except (OSError, EOFError) as exc:
-        raise CorpusError(f"cannot read {path} ({_brief(exc)}); pass a valid JSONL or .jsonl.gz file") from None
+        raise CorpusError(f"cannot read {path} ({brief(exc)}); pass a valid JSONL or .jsonl.gz file") from None
     if bad and replaced is not None:
         replaced(path, bad)
 
@@ -337,7 +259,7 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(
-            f"{path} is not a readable Parquet file ({_brief(exc)}); pass a valid .parquet file"
+            f"{path} is not a readable Parquet file ({brief(exc)}); pass a valid .parquet file"
         ) from None
     schema = table.schema_arrow
     if field not in schema.names:
@@ -388,6 +310,6 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: many types
         raise CorpusError(
-            f"cannot load Hugging Face dataset {name!r} split {split!r} ({_brief(exc)}); check the id "
+            f"cannot load Hugging Face dataset {name!r} split {split!r} ({brief(exc)}); check the id "
             "and that you are online, or save it as JSONL/Parquet and pass the file"
         ) from None

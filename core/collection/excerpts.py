@@ -5,6 +5,7 @@ stable, so shards merge), then sampled and sharded. The documents come from neur
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from neuronscope.core.collection.corpus import CorpusError, CorpusSpec, Replaced, Skipped, describe, iter_documents
+from neuronscope.core.collection.corpus import (
+    CorpusError,
+    CorpusSpec,
+    Replaced,
+    Skipped,
+    check_fits_whole,
+    describe,
+    iter_documents,
+)
 from neuronscope.core.collection.token_cache import TokenStream, cache_key, cached
 
 _BATCH_CHARS = 1_000_000
@@ -102,6 +111,9 @@ def cut_excerpts(
         raise CorpusError(f"shard {index}/{count} is invalid; use 0 <= index < count")
     if max_tokens is not None and max_tokens < length:
         raise CorpusError(f"--max-tokens {max_tokens:,} is less than one excerpt of {length} tokens; raise it")
+    if max_tokens is None:
+        check_fits_whole(spec, _memory())
+
     def read() -> TokenStream:
         return _tokenize(spec, tokenizer, max_tokens, progress, skipped, replaced)
 
@@ -136,6 +148,11 @@ def cut_excerpts(
         length=length,
         corpus=corpus,
     )
+
+
+def _memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _tokenize(spec: CorpusSpec, tokenizer: Any, max_tokens: int | None, progress: Callable[[int], None] | None,
