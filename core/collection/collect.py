@@ -330,12 +330,12 @@ def accumulate(
                 del acts
             done = min(start + batch_size, n)
             report("collect", done, n)
-            if stop.signal is not None:
-                raise _stopped(checkpoints, key, accs, saved, done, n, report)
             if checkpoints is not None and checkpoints.due(finished=done == n) and checkpoints.save(
                     key, done, (result for acc in accs for result in acc.results())):
                 saved = done
                 report("checkpoint", done, n)
+            if stop.signal is not None:  # (one that came during that checkpoint too)
+                raise _stopped(checkpoints, key, accs, saved, done, n, report)
     return _drain(accs)
 
 
