@@ -112,7 +112,11 @@ def interactive() -> bool:
 def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress display driven by core's progress(stage, done, total) callbacks. When stderr is not a
     terminal (a batch job's log, nohup), plain `label: done/total` lines are printed too, at most one per
-    $NEURONSCOPE_PROGRESS_SECONDS (default 10) per stage, so a log shows how far a long job got."""
+    $NEURONSCOPE_PROGRESS_SECONDS (default 10) per stage, so a log shows how far a long job got. None from a process
+    that another one speaks for (speak_as)."""
+    if _rank:
+        yield lambda _stage, _done, _total: None
+        return
     import time
 
     from rich.progress import (
@@ -135,9 +139,6 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
               "compile": "compiling the CPU passes (once per machine, about a minute)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    if _rank:  # another process of the launch shows the progress
-        yield lambda _stage, _done, _total: None
-        return
     tasks: dict[str, TaskID] = {}
     plain = not err.is_terminal
     every = float(os.environ.get("NEURONSCOPE_PROGRESS_SECONDS", "10"))

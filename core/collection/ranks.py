@@ -37,11 +37,12 @@ class Rank:
         node has fewer GPUs than ranks."""
         local, ranks = self.local or 0, max(self.local_count, 1)
         each = count // ranks
+        if count == 0:
+            raise CollectError("--device-map spreads a model across GPUs, and this node has none: drop --device-map")
         if each == 0:
-            raise CollectError(f"{ranks} ranks on a node with {count} GPU{'s' if count != 1 else ''}: with --device-map "
-                               f"each rank spreads its model over GPUs of its own; start at most {count} a node "
-                               f"(torchrun --nproc-per-node {count})" if count else
-                               "--device-map spreads a model across GPUs, and this node has none: drop --device-map")
+            raise CollectError(f"{ranks} ranks on a node with {count} GPU{'s' if count != 1 else ''}: with "
+                               f"--device-map each rank spreads its model over GPUs of its own; start at most {count} "
+                               f"a node (torchrun --nproc-per-node {count})")
         return tuple(range(local * each, (local + 1) * each))
 
 
