@@ -105,8 +105,8 @@ BYTES_PER_TOKEN = 3
 def check_fits_whole(spec: CorpusSpec, memory: int) -> None:
     """Before a corpus is read whole (no token budget): CorpusError where its token ids would not fit in `memory`
     bytes. Read whole, a corpus's ids are kept in memory (8 bytes a token at the peak, as they are joined) to cut its
-    excerpts, and a corpus of terabytes would take hours to tokenize before failing for memory. Uncompressed text is
-    judged at BYTES_PER_TOKEN; compressed files and streamed datasets are not judged."""
+    excerpts, and a corpus of terabytes would take hours to tokenize before failing for memory. Files count at
+    BYTES_PER_TOKEN of their size (a compressed one's, so it passes more easily); streamed datasets are not judged."""
     if spec.source == "default" or spec.source.startswith("hf:"):
         return
     root, stats = _listing(spec)
