@@ -13,6 +13,8 @@ from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError
 
 #: Exceptions that are control flow, never shown: each is caught where it is raised.
 SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall"}
+#: Interrupts that say what was saved: KeyboardInterrupts, which the CLI shows with their message and exit status 130.
+INTERRUPTS = {"Stopped"}
 
 
 def _our_exception_classes() -> dict[str, type[BaseException]]:
@@ -30,10 +32,12 @@ def test_every_error_class_is_a_neuronscope_error() -> None:
     classes = _our_exception_classes()
     assert len(classes) >= 15  # the walk found the stage errors
     strays = [name for name, cls in classes.items()
-              if not issubclass(cls, NeuronscopeError) and name.rsplit(".", 1)[1] not in SIGNALS]
+              if not issubclass(cls, NeuronscopeError) and name.rsplit(".", 1)[1] not in SIGNALS | INTERRUPTS]
     assert strays == []
+    assert all(issubclass(cls, KeyboardInterrupt) for name, cls in classes.items()
+               if name.rsplit(".", 1)[1] in INTERRUPTS)
     assert {InputError, NeuronError} <= set(classes.values())
-    assert {name.rsplit(".", 1)[1] for name in classes} >= SIGNALS  # no stale allowance
+    assert {name.rsplit(".", 1)[1] for name in classes} >= SIGNALS | INTERRUPTS  # no stale allowance
 
 
 def test_the_cli_turns_any_of_them_into_one_line(capsys) -> None:  # type: ignore[no-untyped-def]
