@@ -175,3 +175,19 @@ print("ignored", stop.signal is None)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
     assert done.stdout.split() == ["noted", "True", "raised", "restored", "True", "ignored", "True"], done.stderr
+
+
+def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_path: Path) -> None:
+    """Rerun with a changed command (other layers, another --max-excerpts), a collection cannot use the checkpoint
+    beside its store, and its first checkpoint will replace it: it says so first, with how far that one got."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
+
+    heard: list[str] = []
+    points = Checkpoints(tmp_path / "s.duckdb", 60.0, warn=heard.append)
+    assert points.save("the first command", 1_234, []) and heard == []
+    assert points.load("a changed command") is None
+    assert heard == [f"{tmp_path}/s.duckdb.checkpoint holds the saved state of another collection (after 1,234 "
+                     "excerpts): this collection starts from the beginning, and its first checkpoint replaces that "
+                     "one; to go on with that one instead, stop this and run the command that started it"]
+    resumed = points.load("the first command")
+    assert resumed is not None and resumed.done == 1_234 and len(heard) == 1

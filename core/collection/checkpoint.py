@@ -84,13 +84,19 @@ class Checkpoints:
         return True
 
     def load(self, identity: str) -> Resumed | None:
-        """The latest checkpoint of this collection, if there is one (another collection's is left alone)."""
+        """The latest checkpoint of this collection, if there is one. Another collection's (another command: other
+        layers, settings, excerpts or model), or another version's, is left alone, and `warn` is told: this
+        collection's first checkpoint will replace it, so a command changed by mistake must not cost hours silently."""
         try:
             folder = self.folder / (self.folder / "current").read_text().strip()
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError):
             return None
         if meta.get("format") != FORMAT or meta.get("identity") != identity:
+            whose = "another collection" if meta.get("format") == FORMAT else "another version of neuronscope"
+            self.warn(f"{self.folder} holds the saved state of {whose} (after {int(meta.get('done', 0)):,} excerpts): "
+                      "this collection starts from the beginning, and its first checkpoint replaces that one; to go "
+                      "on with that one instead, stop this and run the command that started it")
             return None
         layers = {}
         try:
