@@ -179,7 +179,8 @@ print("ignored", stop.signal is None)
 
 def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_path: Path) -> None:
     """Rerun with a changed command (other layers, another --max-excerpts), a collection cannot use the checkpoint
-    beside its store, and its first checkpoint will replace it: it says so first, with how far that one got."""
+    beside its store, and its first checkpoint will replace it: it says so first, with how far that one got. Until
+    then the other's state stays, also when this collection ends without a checkpoint of its own."""
     from neuronscope.core.collection.checkpoint import Checkpoints
 
     heard: list[str] = []
@@ -189,5 +190,10 @@ def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_p
     assert heard == [f"{tmp_path}/s.duckdb.checkpoint holds the saved state of another collection (after 1,234 "
                      "excerpts): this collection starts from the beginning, and its first checkpoint replaces that "
                      "one; to go on with that one instead, stop this and run the command that started it"]
+    points.clear()  # the changed command's run is in its store without a checkpoint of its own: the other stays
     resumed = points.load("the first command")
     assert resumed is not None and resumed.done == 1_234 and len(heard) == 1
+    again = Checkpoints(tmp_path / "s.duckdb", 60.0, warn=heard.append)
+    assert again.load("a changed command") is None and again.save("a changed command", 10, [])
+    again.clear()  # once replaced, the folder is this collection's and goes with it
+    assert not (tmp_path / "s.duckdb.checkpoint").exists()

@@ -47,6 +47,8 @@ class Checkpoints:
         self.every = every
         self.warn = warn
         self.started = self.last = time.monotonic()
+        #: The folder holds another collection's checkpoint, which this one has not replaced (yet): clear leaves it.
+        self.foreign = False
 
     def due(self, finished: bool = False) -> bool:
         """Whether to write a checkpoint now: `every` seconds after the last one, and once more when a pass that ran
@@ -71,6 +73,7 @@ class Checkpoints:
             pointer = self.folder / f".current.{os.getpid()}"
             pointer.write_text(name)
             os.replace(pointer, self.folder / "current")
+            self.foreign = False
         except OSError as err:
             shutil.rmtree(staged, ignore_errors=True)
             self.warn(f"could not write a checkpoint after {done:,} excerpts in {self.folder} ({err.strerror or err}): "
@@ -93,6 +96,7 @@ class Checkpoints:
         except (OSError, ValueError):
             return None
         if meta.get("format") != FORMAT or meta.get("identity") != identity:
+            self.foreign = True
             whose = "another collection" if meta.get("format") == FORMAT else "another version of neuronscope"
             self.warn(f"{self.folder} holds the saved state of {whose} (after {int(meta.get('done', 0)):,} excerpts): "
                       "this collection starts from the beginning, and its first checkpoint replaces that one; to go "
@@ -108,8 +112,9 @@ class Checkpoints:
         return Resumed(int(meta["done"]), layers)
 
     def clear(self) -> None:
-        """The collection is in the store: its checkpoints go."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The collection is in the store: its checkpoints go (another collection's, never replaced, stays)."""
+        if not self.foreign:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def identity(*parts: object, excerpt_ids: np.ndarray) -> str:
