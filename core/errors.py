@@ -28,3 +28,17 @@ def caused_by_interrupt(err: BaseException | None) -> bool:
             return err is not None
         err = err.__cause__
     return False
+
+
+def out_of_memory(err: BaseException) -> NeuronscopeError | None:
+    """A GPU's or this machine's memory running out, as one line with what to do (None for anything else): torch's
+    OutOfMemoryError (recognised by name, so that torch is not imported for it) or Python's MemoryError."""
+    detail = " ".join(str(err).split()).split(". ")[0] or type(err).__name__
+    if type(err).__name__ == "OutOfMemoryError" and type(err).__module__.split(".")[0] == "torch":
+        return NeuronscopeError(f"the GPU ran out of memory ({detail}): pass a smaller --batch-size, or free the GPU "
+                                "(nvidia-smi lists what holds it), then run the same command again; a collection goes "
+                                "on from its last checkpoint")
+    if isinstance(err, MemoryError):
+        return NeuronscopeError(f"this machine ran out of memory ({detail}): pass a smaller --batch-size, or free "
+                                "memory, then run the same command again; a collection goes on from its last checkpoint")
+    return None

@@ -7,9 +7,11 @@ import importlib
 import inspect
 import pkgutil
 
+import pytest
+
 import neuronscope.core
 import neuronscope.tui
-from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError
+from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError, out_of_memory
 
 #: Exceptions that are control flow, never shown: each is caught where it is raised.
 SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall"}
@@ -47,3 +49,20 @@ def test_the_cli_turns_any_of_them_into_one_line(capsys) -> None:  # type: ignor
     assert main(["show", "twelve/3", "--store", "/nonexistent/never-opened.duckdb"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: cannot read the neuron 'twelve/3'")
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_do() -> None:
+    """A GPU's memory (torch's OutOfMemoryError) or this machine's (a MemoryError, here numpy's own) running out is
+    one line saying which, and what to pass or free; anything else is not taken for it."""
+    import numpy as np
+    import torch
+
+    gpu = out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                               "capacity of 79.19 GiB of which 1.20 GiB is free."))
+    assert str(gpu) == ("the GPU ran out of memory (CUDA out of memory): pass a smaller --batch-size, or free the GPU "
+                        "(nvidia-smi lists what holds it), then run the same command again; a collection goes on from "
+                        "its last checkpoint")
+    with pytest.raises(MemoryError) as refused:
+        np.empty(1 << 62, np.uint8)
+    assert str(out_of_memory(refused.value)).startswith("this machine ran out of memory (Unable to allocate 4.00 EiB for an array with shape ")
+    assert out_of_memory(RuntimeError("out of memory")) is None

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
 from neuronscope.core.collection.stopping import Stopped
-from neuronscope.core.errors import InputError, NeuronscopeError, caused_by_interrupt
+from neuronscope.core.errors import InputError, NeuronscopeError, caused_by_interrupt, out_of_memory
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
 from neuronscope.tui.cli_collect import add_collect_parser, print_top
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
-        known = storage_failure(exc, getattr(args, "store", None))
+        known = storage_failure(exc, getattr(args, "store", None)) or out_of_memory(exc)
         if known is None and is_duckdb_error(exc):
             known = StoreError(f"DuckDB failed on {getattr(args, 'store', 'the store')}: {' '.join(str(exc).split())}: "
                                "run the same command again; if it fails again, please report it")
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
         say(Text("internal error: ", style="bold red")
-                  + Text(f"{type(exc).__name__}: {first} (set NEURONSCOPE_DEBUG=1 for the traceback, and please report it)"))
+            + Text(f"{type(exc).__name__}: {first} (set NEURONSCOPE_DEBUG=1 for the traceback, and please report it)"))
         return 1
 
 
