@@ -81,3 +81,21 @@ def test_packaged_gemma_collects_with_its_bos(tmp_path) -> None:  # type: ignore
     expected = manual["x"][0, 1:, stats.index].float().numpy()
     assert np.allclose(np.array(top.activations), expected, atol=abs(expected).max() / 127 + 1e-4)
     assert abs(top.max - float(expected.max())) < 1e-4
+
+
+def test_processes_started_together_dequantise_a_packaged_model_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Processes that load a packaged GGUF into an empty cache at once (torchrun's ranks on a fresh machine): one
+    dequantises it and writes its safetensors copy while the other waits, then reads that copy. Both dequantising
+    held the float32 model twice and wrote into the same files."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from neuronscope.core.models.loading import load_subject; load_subject('smollm2-135m', status=print)"
+    env = {**os.environ, "NEURONSCOPE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    said = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], said
+    assert sorted("first time: dequantising" in out for out, _err in said) == [False, True], said
+    assert sorted("from the safetensors cache" in out for out, _err in said) == [False, True], said

@@ -3,6 +3,7 @@ it runs in, and the load itself (a GGUF dequantised once and cached as safetenso
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -209,16 +210,29 @@ def _load_gguf_cached(gguf: Path, revision: str, dtype: Any, say: Callable[[str]
                       place: dict[str, Any]) -> tuple[Any, Any]:
     """Load a GGUF once (slow: every tensor dequantised), keep a safetensors copy, reload from it (placed across
     devices as `place` says)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir() / "subjects" / revision[:16]
-    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
-        say(f"loading {gguf.name} from the safetensors cache")
-        return (
-            AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **place),
-            AutoTokenizer.from_pretrained(cached),
-        )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.with_name(cached.name + ".lock"), "a") as lock:
+        # One process dequantises while the others (torchrun's ranks, started together) wait, then read its copy:
+        # each would otherwise hold the whole float32 model at once and write over the others' files.
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when this process dies
+        if not ((cached / "config.json").exists() and (cached / "model.safetensors").exists()):
+            return _dequantised(gguf, cached, dtype, say, place)
+    say(f"loading {gguf.name} from the safetensors cache")
+    return (
+        AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **place),
+        AutoTokenizer.from_pretrained(cached),
+    )
+
+
+def _dequantised(gguf: Path, cached: Path, dtype: Any, say: Callable[[str], None],
+                 place: dict[str, Any]) -> tuple[Any, Any]:
+    """_load_gguf_cached's first time: the GGUF dequantised, written as safetensors at `cached`, and returned."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     say(f"loading {gguf.name} (first time: dequantising, then caching as safetensors)")
     _silence_gguf_progress()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
