@@ -6,11 +6,11 @@ mostly-UTF-8 file (at most MAX_INVALID_SHARE of its bytes) become U+FFFD and are
 UTF-16), or a damaged .gz is not text (NotText). Documents are cut at paragraph (blank-line) boundaries, at most
 MAX_DOC_CHARS characters each; CRLF line ends become LF.
 
-A file of up to TEXT_BLOCK bytes (a .gz: an eighth of that, compressed) is read and judged whole. A larger one is read
-a block at a time and judged by its first block, so that a token budget (`collect --max-tokens`) reads only the blocks
-it needs and memory stays bounded whatever the file's size: a text dump of tens of gigabytes was read whole before,
-however few tokens were asked for. Read either way, a file gives the same documents (a paragraph longer than a block
-aside: it is cut at a line end).
+A file is read TEXT_BLOCK bytes at a time (a .gz's text, decompressed) and judged by its first block, which is the
+whole of a file up to that size: a token budget (`collect --max-tokens`) reads only the blocks it needs, and memory
+stays bounded whatever the file's size (a text dump of tens of gigabytes was read whole before, however few tokens
+were asked for). Wherever the blocks cut it, a file gives the same documents (a paragraph longer than a block aside:
+it is cut at a line end).
 """
 
 from __future__ import annotations
@@ -59,12 +59,9 @@ def brief(exc: BaseException) -> str:
 
 def text_documents(path: Path, strict: bool = False, replaced: Replaced | None = None) -> Iterator[str]:
     """A text file's documents; NotText, before any document, where it is not text."""
-    gz = path.name.lower().endswith(".gz")
     try:
-        size = path.stat().st_size
-        if size <= (TEXT_BLOCK // 8 if gz else TEXT_BLOCK):
-            return split_text(_text(path, path.read_bytes(), strict, replaced))
-        source: io.BufferedIOBase = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 - closed by _streamed
+        source: io.BufferedIOBase = (gzip.open(path, "rb") if path.name.lower().endswith(".gz")  # noqa: SIM115
+                                     else open(path, "rb"))  # (closed by _streamed)
     except OSError as exc:
         raise CorpusError(f"cannot read {path} ({brief(exc)}); check it exists and is readable") from None
     count = [0]
@@ -80,23 +77,6 @@ def text_documents(path: Path, strict: bool = False, replaced: Replaced | None =
 def split_text(text: str) -> Iterator[str]:
     """Documents of at most MAX_DOC_CHARS characters, cut at blank lines (then lines)."""
     return _documents(_BLANK.split(text))
-
-
-def _text(path: Path, data: bytes, strict: bool = False, replaced: Replaced | None = None) -> str:
-    """A whole text file's text (gunzipped, BOM and CRs dropped, invalid bytes as U+FFFD unless `strict`); NotText
-    naming why it is not text."""
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
-            raise NotText("it is a truncated .gz file (the compressed stream ends early)") from None
-        except OSError as exc:
-            raise NotText(f"it is not a valid .gz file ({brief(exc)})") from None
-    _judge_nuls(data)
-    text, bad = _replace_invalid(data, data.decode("utf-8", "surrogateescape"), strict)
-    if bad and replaced is not None:
-        replaced(path, bad)
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 def _judge_nuls(data: bytes) -> None:
@@ -125,21 +105,24 @@ def _replace_invalid(data: bytes, text: str, strict: bool) -> tuple[str, int]:
 
 
 def _blocks(path: Path, source: io.BufferedIOBase, strict: bool, count: list[int]) -> Iterator[str]:
-    """A large file's text a block at a time (a character cut by a block's end decoded whole in the next; a CRLF
-    cut so, made LF). The first block is judged as a small file is judged whole (NotText); later, invalid bytes are
-    counted into count[0] (CorpusError with `strict`), and a .gz that ends early or is damaged is a CorpusError."""
+    """A file's text a block at a time, gunzipped (a character cut by a block's end decoded whole in the next; a CRLF
+    cut so, made LF; the BOM dropped). The first block is judged as text (NotText: binary, another encoding, a
+    damaged .gz); later, invalid bytes are counted into count[0] (CorpusError with `strict`), and a .gz that ends
+    early or is damaged is a CorpusError."""
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     offset, carried_cr = 0, False
     while True:
         try:
             data = source.read(TEXT_BLOCK)
-        except (EOFError, OSError) as exc:  # gzip's, for a truncated or damaged stream
+        except (EOFError, OSError) as exc:  # gzip's, for a truncated or damaged stream; or the disk's
+            if not isinstance(source, gzip.GzipFile):
+                raise CorpusError(f"cannot read {path} ({brief(exc)}); check it exists and is readable") from None
             if offset == 0:
                 raise NotText("it is a truncated .gz file (the compressed stream ends early)" if isinstance(
                     exc, EOFError) else f"it is not a valid .gz file ({brief(exc)})") from None
             raise CorpusError(f"cannot read {path} past its first {offset:,} bytes ({brief(exc)}); pass a whole "
                               "file") from None
-        final = not data
+        final = len(data) < TEXT_BLOCK  # a short read is the end of a file, plain or gunzipped
         text = decoder.decode(data, final)
         if offset == 0:
             _judge_nuls(data)
@@ -162,8 +145,8 @@ def _blocks(path: Path, source: io.BufferedIOBase, strict: bool, count: list[int
 
 def _streamed(path: Path, source: io.BufferedIOBase, first: str, blocks: Iterator[str], count: list[int],
               replaced: Replaced | None) -> Iterator[str]:
-    """A large file's documents, from its first block's text and the blocks after it; the invalid bytes replaced
-    in what was read are reported when reading ends (also when a budget stops it part-way)."""
+    """A file's documents, from its first block's text and the blocks after it; the invalid bytes replaced in what
+    was read are reported when reading ends (also when a budget stops it part-way)."""
     try:
         with source:
             yield from _documents(_paragraphs(first, blocks))
@@ -187,7 +170,7 @@ def _paragraphs(first: str, blocks: Iterable[str]) -> Iterator[str]:
             cut = rest.rfind("\n") + 1 or len(rest) // MAX_DOC_CHARS * MAX_DOC_CHARS
             yield rest[:cut]
             rest = rest[cut:]
-    yield rest
+    yield from _BLANK.split(rest)
 
 
 def _documents(paragraphs: Iterable[str]) -> Iterator[str]:
