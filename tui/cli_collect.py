@@ -59,17 +59,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.with_neurons and part is not None:
         raise InputError("--with-neurons works on a whole collection, not a shard: collect the shards' latents "
                          "(--sae) and their neurons as two collections, or drop --shard")
-    device = args.device
-    if device is None and args.device_map is None and rank is not None and rank.local is not None:
+    device, gpus = args.device, None
+    if rank is not None and rank.local is not None and device is None:
         import torch
 
-        device = f"cuda:{rank.local}" if torch.cuda.is_available() else None  # each rank its own GPU
-    gpus = None
-    if args.device_map is not None and rank is not None and rank.local is not None:
-        import torch
-
-        if torch.cuda.is_available():  # each rank spreads its model over its share of the node's GPUs
-            gpus = rank.gpus(torch.cuda.device_count())
+        if torch.cuda.is_available() and args.device_map is not None:
+            gpus = rank.gpus(torch.cuda.device_count())  # each rank spreads its model over its share of the node's
+        elif torch.cuda.is_available():
+            device = f"cuda:{rank.local}"  # each rank its own GPU
     if args.skip_positions >= args.length:
         raise InputError(f"--skip-positions {args.skip_positions} leaves nothing of a {args.length}-token excerpt: "
                          f"pass fewer than {args.length}")
