@@ -5,6 +5,8 @@ StoreError, LLMError, ...); the ones no stage owns are here."""
 
 from __future__ import annotations
 
+import signal
+
 
 class NeuronscopeError(Exception):
     """A problem stated in one line that names what happened and what to do."""
@@ -17,6 +19,18 @@ class InputError(NeuronscopeError):
 class NeuronError(NeuronscopeError):
     """One neuron cannot be explained or scored for a reason that is not an LLM failure (too few records, no
     stored explanation): recorded against the neuron, the job goes on."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is (neuronscope.tui.cli): a scheduler preempting or cancelling a job or ending its
+    time, `kill`, torchrun stopping its ranks. What landed is kept and the same command goes on from there."""
+
+
+def interruption(err: BaseException) -> str:
+    """What a run or job records as the reason it stopped, for an interrupt (`caused_by_interrupt`)."""
+    if any(isinstance(e, Terminated) or getattr(e, "signal", None) == signal.SIGTERM for e in (err, err.__cause__)):
+        return "stopped by SIGTERM (a scheduler's preemption, cancel or time limit, or kill)"
+    return "interrupted by the user (Ctrl-C)"
 
 
 def caused_by_interrupt(err: BaseException | None) -> bool:

@@ -5,7 +5,9 @@ explanations shown inertly."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +172,43 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
         assert len(jobs) == 1 and jobs[0]["state"] == "interrupted"  # one job, resumable
         assert jobs[0]["done"] == second.done < neurons
         assert len(store.summaries(app.run_info.run_id)) == second.done
+
+
+@sync
+async def test_sigterm_quits_mid_job_as_q_does(fresh_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (`kill`, a scheduler's cancel or time limit) while a job runs: the job stops after its current LLM
+    call and the app exits, as q does, rather than dying on the spot; the job is interrupted and resumable, and the
+    process's SIGTERM handler from before comes back."""
+    monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
+    heard: list[int] = []  # where the app does not take SIGTERM, this test's own handler does: the worker lives
+    before = signal.signal(signal.SIGTERM, lambda number, _frame: heard.append(number))
+    try:
+        with FakeOpenAI() as server:
+            server.on(CHAT, SlowServer(0.15))
+            spec = f"openai:fake@{server.url}"
+            app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec, simulation="lines"))
+            async with app.run_test(size=SIZE) as pilot:
+                await pilot.press("f")
+                await pilot.pause()
+                await pilot.press(*"1..2", "enter")
+                await settled(pilot, app.query_one(NeuronTable))
+                await pilot.press("e")
+                await pilot.pause()
+                await pilot.press("enter")  # the question: so many neurons
+                handle = app.jobs.handles[0]
+                await until(pilot, lambda: handle.done >= 2)
+                os.kill(os.getpid(), signal.SIGTERM)
+                await until(pilot, lambda: not handle.running)
+            assert app.terminated and handle.state == "cancelled" and not heard
+            assert signal.getsignal(signal.SIGTERM) is not None and not heard
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler from before is back
+            time.sleep(0.05)
+            assert heard == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    with Store.open(fresh_store, read_only=True) as store:
+        jobs = store.jobs()
+        assert len(jobs) == 1 and jobs[0]["state"] == "interrupted" and 2 <= jobs[0]["done"] == handle.done
 
 
 def test_browse_a_store_another_process_writes(cli_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -187,3 +188,33 @@ def test_missing_store_is_one_line(tmux: str, tmp_path: Path) -> None:
     assert "Traceback" not in last
     assert len(lines) == 1 and lines[0].startswith("error:") and "no store" in lines[0].lower(), last
     assert not missing.exists()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: no procps needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[-1].split()[1])  # after the name, which may hold anything
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_gives_the_terminal_back(tmux: str, scored_store: Path, tmp_path: Path) -> None:
+    """SIGTERM to the app (`kill`, a scheduler's cancel): it quits as q does, and the terminal gets its own screen
+    back with one line saying why, exit status 130. Dying on the spot left the app's screen, and the terminal's
+    modes with it."""
+    with browse(tmux, scored_store, tmp_path) as pane:
+        pane.wait_for(lambda s: len(neuron_rows(s)) > 3, "neuron table")
+        shell = pane.tmux("display-message", "-p", "-t", "main", "#{pane_pid}").strip()
+        app = children(int(shell))
+        assert len(app) == 1, app
+        os.kill(app[0], signal.SIGTERM)
+        status, last = pane.wait_exit()
+    lines = [line for line in last.splitlines() if line.strip() and not line.startswith("Pane is dead")]
+    assert status == 130, last
+    assert lines == ["interrupted: SIGTERM closed the app; what its jobs finished is kept, and starting them again "
+                     "resumes them"], last

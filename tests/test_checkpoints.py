@@ -147,11 +147,12 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
 def test_a_stop_request_waits_for_the_batch_and_a_second_stops_at_once() -> None:
     """StopRequests, in a process of its own (signals are a process's main thread's): a first Ctrl-C or SIGTERM is
     noted, not raised, and so is the same request passed on at once (torchrun's); one more, later, raises
-    KeyboardInterrupt where it lands; the handlers before come back after; a signal the process ignores stays
+    KeyboardInterrupt where it lands (Terminated for SIGTERM); the handlers before come back after; a signal the process ignores stays
     ignored."""
     code = """
 import os, signal, time
 from neuronscope.core.collection.stopping import REPEATED, StopRequests
+from neuronscope.core.errors import Terminated
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever this test inherited
 before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 with StopRequests() as stop:
@@ -167,6 +168,15 @@ with StopRequests() as stop:
     except KeyboardInterrupt:
         print("raised")
 print("restored", (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before)
+with StopRequests() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(REPEATED + 0.05)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # asked again by SIGTERM: its own interrupt, for the run's record
+        time.sleep(1)
+        print("not raised")
+    except Terminated:
+        print("terminated")
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal the process ignores stays ignored
 with StopRequests() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
@@ -174,7 +184,8 @@ with StopRequests() as stop:
 print("ignored", stop.signal is None)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
-    assert done.stdout.split() == ["noted", "True", "raised", "restored", "True", "ignored", "True"], done.stderr
+    assert done.stdout.split() == ["noted", "True", "raised", "restored", "True", "terminated", "ignored",
+                                   "True"], done.stderr
 
 
 def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_path: Path) -> None:

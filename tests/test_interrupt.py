@@ -114,7 +114,7 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path, subject, tiny_model, corpus_
         runs = store.runs()
         assert [r.status for r in runs] == ["complete", "interrupted"]
         assert runs[1].corpus.startswith(describe(CorpusSpec(str(big_corpus))) + " (all ")
-        assert runs[1].error == "interrupted by the user"
+        assert runs[1].error == "interrupted by the user (Ctrl-C)"
         assert store.run_counts(runs[1].run_id) == {"neurons": 0, "records": 0, "excerpts": 0}
         assert run_rows(store, done.run_id) == before
         assert store.run().run_id == done.run_id, "the newest complete run is still the old one"

@@ -180,7 +180,11 @@ def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, t
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_kill_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path,
+                                                          stop: int) -> None:
+    """kill -9, or SIGTERM (a scheduler's cancel or time limit: taken as Ctrl-C is, exit 130 with one line), mid-job;
+    the same command then finishes the job without asking anything twice."""
     path = copy_store(job_store, tmp_path, "killed.duckdb")
     # Two requests in flight: the job outlasts its first commits (at 16, the tiny model's default, it can finish
     # between the progress line and the kill).
@@ -194,9 +198,15 @@ def test_kill_9_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp
         if found and int(found.group(1)) >= 3:
             break
     time.sleep(0.1)  # somewhere inside a later neuron
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert Spool(path).names()  # what landed is in segments beside the store (the job held it read-only)
+    proc.send_signal(stop)
+    said = proc.stderr.read()
+    assert proc.wait(timeout=30) == (-9 if stop == signal.SIGKILL else 130), said
+    if stop == signal.SIGTERM:
+        assert "Traceback" not in said and said.strip().splitlines()[-1].startswith("interrupted: "), said
+        with Store.open(path, read_only=True) as store:
+            assert store.jobs()[0]["error"].startswith("stopped by SIGTERM")
+    else:
+        assert Spool(path).names()  # what landed is in segments beside the store (the job held it read-only)
     killed_calls = _calls(path)
     with Store.open(path, read_only=True) as store:
         states = [j["state"] for j in store.jobs()]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +242,52 @@ def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, 
         query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
         assert one.con.execute(query, [a.run_id]).fetchall() == merged.con.execute(query, [b.run_id]).fetchall()
         assert one.con.execute(RECORDS, [a.run_id]).fetchall() == merged.con.execute(RECORDS, [b.run_id]).fetchall()
+
+
+@pytest.mark.parametrize("other", ["joined", "late"])
+def test_a_rank_waiting_for_the_others_stops_on_sigterm(other: str) -> None:
+    """A rank done before the others waits for them (gloo's barrier, in C++). SIGTERM there (torchrun's, when another
+    rank failed, or a scheduler's) stops it at once with status 130, as the CLI takes it: the barrier had held the
+    signal off until the last rank came, days later on a long collection; so did joining the group while another
+    rank had not (`late`)."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    code = """
+import datetime, sys, time
+import torch.distributed as dist
+from neuronscope.core.collection.ranks import MEET_TIMEOUT, Rank, meet
+from neuronscope.core.errors import Terminated
+from neuronscope.tui.console import terminate_as_interrupt
+rank = int(sys.argv[1])
+if rank == 1:  # in the group but never at the barrier, or not even in the group
+    if sys.argv[2] == "joined":
+        dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
+    time.sleep(120)
+with terminate_as_interrupt():
+    try:
+        print("waiting", flush=True)
+        meet(Rank(0, 2, 0, "torchrun", 2))
+    except Terminated:
+        print("stopped", flush=True)
+        sys.exit(130)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), other], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                                          WORLD_SIZE="2"))
+             for rank in (0, 1)]
+    try:
+        assert procs[0].stdout is not None and procs[0].stdout.readline() == "waiting\n"
+        time.sleep(2)  # into the wait
+        assert procs[0].poll() is None, "rank 0 did not wait for rank 1"
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=10) == 130 and procs[0].stdout.read() == "stopped\n"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_rank_that_another_speaks_for_names_itself_and_shows_no_progress(capsys: pytest.CaptureFixture[str]) -> None:

@@ -124,6 +124,8 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         self._ahead_timer: Timer | None = None
         self.sort_index = 0
         self.quitting = False
+        self.terminated = False
+        """Whether SIGTERM quit the app."""
         self._dirty: set[NeuronId] = set()
         self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
         self._stepped_aside = False
@@ -146,6 +148,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         return self.query_one(JobsPanel)
 
     def on_mount(self) -> None:
+        self.quit_on_sigterm(True)
         self.call_after_refresh(self.collector.start)  # full garbage collections while no key is pressed
         self.set_interval(TICK_SECONDS, self.collector.tick)
         self._table = self.table
@@ -165,6 +168,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
             self.start(self.settings, tuple(neurons), "most selective")
 
     def on_unmount(self) -> None:
+        self.quit_on_sigterm(False)
         if self._marks_timer is not None:  # marks changed within the last second: saved before the store closes
             self._marks_timer.stop()
             self._save_marks()

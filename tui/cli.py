@@ -1,6 +1,6 @@
 """The `neuronscope` command line.
 
-Every known failure is one line on stderr and exit status 2; Ctrl-C is exit 130 with the store
+Every known failure is one line on stderr and exit status 2; Ctrl-C or SIGTERM is exit 130 with the store
 left consistent. Heavy libraries load only inside the subcommands that need them.
 """
 
@@ -32,6 +32,7 @@ from neuronscope.tui.console import (
     number,
     out,
     say,
+    terminate_as_interrupt,
 )
 
 
@@ -138,6 +139,9 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
         Store.settle(app.store.path)
     except StoreError as exc:
         err.print(Text(f"the store stays as it is, with the app's results beside it: {exc}"), soft_wrap=True)
+    if app.terminated:
+        say("interrupted: SIGTERM closed the app; what its jobs finished is kept, and starting them again resumes them")
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -295,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_interrupt():
+            return int(args.func(args) or 0)
     except NeuronscopeError as exc:
         say(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR

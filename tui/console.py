@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
+from types import FrameType
 from typing import NoReturn
 
 from rich.console import Console
 from rich.text import Text
+
+from neuronscope.core.errors import Terminated
 
 #: Exit statuses, the same for every command (README, "Commands"; `neuronscope --help`).
 EXIT_DONE = 0
@@ -22,13 +27,13 @@ EXIT_ERROR = 2
 EXIT_UNFINISHED = 3
 """A job did not finish every neuron (some failed, or --max-tokens stopped it); the same command resumes it."""
 EXIT_INTERRUPTED = 130
-"""Ctrl-C (or SIGTERM during a collection, its state saved first): nothing half-written is marked complete; the same
-command resumes or redoes it."""
+"""Ctrl-C or SIGTERM (`terminate_as_interrupt`): nothing half-written is marked complete, a collection's state is
+saved first; the same command resumes or redoes it."""
 #: What --help says of them.
 EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one line (bad input, or a failure of the "
              f"disk, the store or a server, with what to do); {EXIT_UNFINISHED} a job left neurons unfinished (some "
-             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C; "
-             "SIGTERM during a collection)")
+             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C "
+             "or SIGTERM; the same command goes on)")
 #: Largest --samples: each is an explainer call and a simulation per neuron.
 MAX_SAMPLES = 64
 
@@ -37,6 +42,27 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one l
 #: This process's name before every line it prints, where a launcher runs several processes in one terminal and
 #: another one shows the progress (`speak_as`); None where this process speaks for itself.
 _rank: str | None = None
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM taken as Ctrl-C is while a command runs (a scheduler preempting or cancelling a job or ending its
+    time, `kill`, torchrun stopping its ranks): it raises Terminated where it lands, so a job commits what landed
+    and is marked interrupted, a collection saves its state, and the command exits 130 rather than dying on the
+    spot. A process that ignores SIGTERM, or handles it itself, keeps doing so; off the main thread nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(_number: int, _frame: FrameType | None) -> NoReturn:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def speak_as(label: str | None) -> None:

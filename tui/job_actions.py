@@ -5,6 +5,8 @@ panel."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +33,8 @@ class JobActions:
     backend_options: dict[str, object]
     concurrency: int | None
     quitting: bool
+    terminated: bool
+    _sigterm_before: Any = None
     _dirty: set[NeuronId]
     table: Any
     jobs: Any
@@ -39,6 +43,7 @@ class JobActions:
     push_screen: Any
     refresh_bindings: Any
     exit: Any
+    call_later: Any
     current_neuron: Any
     _reload_landed: Any
 
@@ -124,3 +129,22 @@ class JobActions:
         self.quitting = True
         self.jobs.cancel_all()
         self.notify("stopping jobs after their current LLM call, then quitting; they resume when started again")
+
+    def quit_on_sigterm(self, on: bool) -> None:
+        """While the app runs (`on`), SIGTERM (`kill`, a scheduler's cancel or time limit) quits it as q does: its
+        jobs stop after their current LLM call, and the terminal is given back as it was (dying on the spot left it
+        in the app's screen and modes). Off, the handler from before comes back. Where the event loop cannot take
+        signals, nothing changes."""
+        try:
+            loop = asyncio.get_running_loop()
+            if on:
+                self._sigterm_before = signal.getsignal(signal.SIGTERM)
+                loop.add_signal_handler(signal.SIGTERM, self._terminate)
+            elif loop.remove_signal_handler(signal.SIGTERM):
+                signal.signal(signal.SIGTERM, self._sigterm_before or signal.SIG_DFL)
+        except (RuntimeError, NotImplementedError, ValueError):  # not the main thread, or no signals here
+            pass
+
+    def _terminate(self) -> None:
+        self.terminated = True
+        self.call_later(self.action_quit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ import numpy as np
 
 from neuronscope.core.collection.checkpoint import Checkpoints, identity
 from neuronscope.core.collection.stopping import Stopped, StopRequests
-from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.errors import NeuronscopeError, Terminated, interruption
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
 
@@ -106,8 +107,8 @@ def collect(
         results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
         write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
                   excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
-    except KeyboardInterrupt:
-        store.fail_run(run_id, "interrupted", "interrupted by the user")
+    except KeyboardInterrupt as err:
+        store.fail_run(run_id, "interrupted", interruption(err))
         raise
     except BaseException as err:
         store.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
@@ -163,7 +164,7 @@ def collect_beside(
         for run_id in runs:
             if store.run(run_id).status != "complete":
                 store.fail_run(run_id, "interrupted" if interrupted else "failed",
-                               "interrupted by the user" if interrupted else f"{type(err).__name__}: {err}")
+                               interruption(err) if interrupted else f"{type(err).__name__}: {err}")
         raise
     seconds = time.perf_counter() - started
     return (CollectResult(runs[0], n, len(layers) * subject.n_neurons, seconds),
@@ -335,23 +336,24 @@ def accumulate(
                 saved = done
                 report("checkpoint", done, n)
             if stop.signal is not None:  # (one that came during that checkpoint too)
-                raise _stopped(checkpoints, key, accs, saved, done, n, report)
+                raise _stopped(checkpoints, key, accs, saved, done, n, report, stop.signal)
     return _drain(accs)
 
 
 def _stopped(checkpoints: Checkpoints | None, key: str, accs: list[Accumulator], saved: int, done: int, n: int,
-             report: Progress) -> KeyboardInterrupt:
-    """What a stop request at a batch's end raises, once the state is saved where checkpoints are on and the last
-    one does not hold it already."""
+             report: Progress, number: int) -> KeyboardInterrupt:
+    """What a stop request (signal `number`) at a batch's end raises, once the state is saved where checkpoints are
+    on and the last one does not hold it already."""
+    plain = Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
     if checkpoints is None:
-        return KeyboardInterrupt()
+        return plain
     if done > saved:
         report("stop", done, n)
         if not checkpoints.save(key, done, (result for acc in accs for result in acc.results())):
-            return KeyboardInterrupt()
+            return plain
         saved = done
     return Stopped(f"the collection's state after {saved:,} of {n:,} excerpts is in {checkpoints.folder}: the same "
-                   "command goes on from there")
+                   "command goes on from there", number)
 
 
 def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tuple[int, ...]]:

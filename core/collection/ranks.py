@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from neuronscope.core.collection.collect import CollectError
 
 #: How long a rank that finished waits for the others (a collection of hours: they may finish much later).
 MEET_TIMEOUT = datetime.timedelta(days=7)
+#: Seconds between looks at a wait in another thread (the longest a stop request waits to be taken there).
+WAIT_STEP = 0.2
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,35 @@ def tokens_path(store: str | Path) -> Path:
 
 def meet(rank: Rank) -> None:
     """Wait until every rank of a torchrun launch gets here (gloo, over the address torchrun gives); a job array's
-    tasks do not wait."""
+    tasks do not wait. Ctrl-C and SIGTERM stop the wait (`_interruptible`)."""
     if rank.launcher != "torchrun" or rank.count == 1:
         return
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
-    try:
+    def together() -> None:  # joining waits for every rank to join too
+        dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    _interruptible(together)
+    dist.destroy_process_group()  # (not after an interrupt: it would wait for the barrier)
+
+
+def _interruptible(call: Callable[[], object]) -> None:
+    """`call()` in a thread of its own, waited for a moment at a time. A signal's handler runs only in the main
+    thread between Python steps, so a group joined or a barrier waited for in C++ held off Ctrl-C and SIGTERM (a scheduler's, or
+    torchrun's when another rank failed) for as long as the slowest rank took: up to MEET_TIMEOUT. The thread is a
+    daemon: an interrupted process exits without it."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - raised again in the waiting thread
+            failed.append(err)
+
+    thread = threading.Thread(target=run, name="neuronscope-meet", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(WAIT_STEP)
+    if failed:
+        raise failed[0]

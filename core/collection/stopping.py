@@ -13,6 +13,8 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
+from neuronscope.core.errors import Terminated
+
 #: Seconds within which a second stop request is the first passed on by a launcher, not a person asking again.
 REPEATED = 0.5
 
@@ -20,11 +22,16 @@ REPEATED = 0.5
 class Stopped(KeyboardInterrupt):
     """A collection stopped at a batch's end, on a stop request; its message says where its state was saved."""
 
+    def __init__(self, message: str, number: int | None) -> None:
+        super().__init__(message)
+        self.signal = number
+        """The signal that asked (SIGINT or SIGTERM)."""
+
 
 class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
     SIGTERM (those the process does not ignore) set `signal` instead of stopping the process; a second one, REPEATED
-    seconds later or more, raises KeyboardInterrupt where it lands. The previous handlers come back on exit."""
+    seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -49,4 +56,4 @@ class StopRequests:
         if self.signal is None:
             self.signal, self._first = number, now
         elif now - self._first >= REPEATED:  # asked again: at once
-            raise KeyboardInterrupt
+            raise Terminated if number == signal.SIGTERM else KeyboardInterrupt

@@ -37,7 +37,7 @@ from neuronscope.core.choices import (
     SIMULATIONS,
     TAILS,
 )
-from neuronscope.core.errors import NeuronError
+from neuronscope.core.errors import NeuronError, caused_by_interrupt, interruption
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
@@ -349,7 +349,7 @@ class Job(NeuronWork, OutputWork):
                     blocks.committed(landing.last_committed)
             if landing.commit():
                 progress("neurons", done + landing.count, len(self.neurons))
-        except BaseException:
+        except BaseException as err:
             cancel.set()  # workers stop at their next call; the requests in flight are waited for (a second Ctrl-C
             try:          # stops waiting), so their answers are logged and the neurons they finish land
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -360,7 +360,8 @@ class Job(NeuronWork, OutputWork):
             try:
                 landing.commit()  # what landed before Ctrl-C or the failure is kept
             finally:
-                self.store.set_job_state(job_id, "interrupted", "stopped by the user or a fatal error")
+                self.store.set_job_state(job_id, "interrupted", interruption(err) if caused_by_interrupt(err)
+                                         else f"stopped by {type(err).__name__}: {err}")
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
