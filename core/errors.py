@@ -6,6 +6,7 @@ StoreError, LLMError, ...); the ones no stage owns are here."""
 from __future__ import annotations
 
 import signal
+from typing import NoReturn
 
 
 class NeuronscopeError(Exception):
@@ -25,10 +26,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, taken as Ctrl-C is (neuronscope.tui.cli): a scheduler preempting or cancelling a job or ending its
     time, `kill`, torchrun stopping its ranks. What landed is kept and the same command goes on from there."""
 
+    received = False
+    """Whether SIGTERM raised one in this process (`terminate`): a library may put another error in its place."""
+
+
+def terminate(_number: int, _frame: object) -> NoReturn:
+    """A SIGTERM handler: raise Terminated where the signal lands."""
+    Terminated.received = True
+    raise Terminated
+
 
 def interruption(err: BaseException) -> str:
     """What a run or job records as the reason it stopped, for an interrupt (`caused_by_interrupt`)."""
-    if any(isinstance(e, Terminated) or getattr(e, "signal", None) == signal.SIGTERM for e in (err, err.__cause__)):
+    if Terminated.received or any(getattr(e, "signal", None) == signal.SIGTERM for e in (err, err.__cause__)):
         return "stopped by SIGTERM (a scheduler's preemption, cancel or time limit, or kill)"
     return "interrupted by the user (Ctrl-C)"
 
@@ -36,12 +46,19 @@ def interruption(err: BaseException) -> str:
 def caused_by_interrupt(err: BaseException | None) -> bool:
     """Whether `err` is a KeyboardInterrupt or was raised from one: a Ctrl-C that Python notices inside a C
     extension's callback (numba boxes a compiled function's results through one) comes out as a SystemError whose
-    cause is the interrupt."""
+    cause is the interrupt. DuckDB, noticing one while a query runs, stops the query and raises its own error with
+    nothing attached."""
     for _ in range(16):  # a cause chain is short; a cyclic one must not hang the error path
         if err is None or isinstance(err, KeyboardInterrupt):
             return err is not None
+        if type(err) is RuntimeError and str(err) == DUCKDB_INTERRUPTED:
+            return True
         err = err.__cause__
     return False
+
+
+#: What DuckDB's Python client raises (a plain RuntimeError) when a signal's handler raised during a query.
+DUCKDB_INTERRUPTED = "Query interrupted"
 
 
 def out_of_memory(err: BaseException) -> NeuronscopeError | None:

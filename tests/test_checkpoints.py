@@ -208,3 +208,34 @@ def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_p
     assert again.load("a changed command") is None and again.save("a changed command", 10, [])
     again.clear()  # once replaced, the folder is this collection's and goes with it
     assert not (tmp_path / "s.duckdb.checkpoint").exists()
+
+
+def test_an_interrupt_while_the_store_is_written_says_the_pass_is_saved(tmp_path: Path, subject, corpus_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C or SIGTERM after a pass longer than the interval, while the store is written: the pass's end is in a
+    checkpoint, and the interrupt says where, as one during the pass does (DuckDB's "Query interrupted" is such an
+    interrupt too). The same command goes on from there and only writes."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
+    from neuronscope.core.collection.collect import collect
+    from neuronscope.core.collection.stopping import Stopped
+
+    settings = fast_settings(max_excerpts=48)
+    excerpts = cut_excerpts(CorpusSpec(str(corpus_dir)), subject.tokenizer, length=settings.length, max_excerpts=48,
+                            seed=settings.seed)
+    options = {"layers": tuple(range(subject.n_layers)), "settings": settings, "batch_size": 16}
+    path = tmp_path / "s.duckdb"
+
+    def interrupt_the_write(stage: str, done: int, _total: int) -> None:
+        if stage == "write" and done >= 1:
+            raise RuntimeError("Query interrupted")  # what DuckDB raises for a Ctrl-C it noticed during a query
+
+    stages: list[tuple[str, int]] = []
+    with Store.open(path) as store:
+        with pytest.raises(Stopped, match=rf"^the collection's state after 48 of 48 excerpts is in {path}.checkpoint: "):
+            collect(store, subject, excerpts, progress=interrupt_the_write, checkpoints=Checkpoints(path, 0.0),
+                    **options)  # type: ignore[arg-type]
+        assert [(r.status, r.error) for r in store.runs()] == [("interrupted", "interrupted by the user (Ctrl-C)")]
+        collect(store, subject, excerpts, progress=lambda stage, done, _total: stages.append((stage, done)),
+                checkpoints=Checkpoints(path, 0.0), **options)  # type: ignore[arg-type]
+        assert [r.status for r in store.runs()] == ["interrupted", "complete"]
+    assert ("resume", 48) in stages and ("collect", 48) in stages
+    assert not [done for stage, done in stages if stage == "collect" and done < 48], "the pass was not redone"

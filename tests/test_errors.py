@@ -66,3 +66,32 @@ def test_running_out_of_memory_is_one_line_with_what_to_do() -> None:
         np.empty(1 << 62, np.uint8)
     assert str(out_of_memory(refused.value)).startswith("this machine ran out of memory (Unable to allocate 4.00 EiB for an array with shape ")
     assert out_of_memory(RuntimeError("out of memory")) is None
+
+
+def test_an_interrupt_duckdb_noticed_is_an_interrupt() -> None:
+    """Ctrl-C or SIGTERM during a DuckDB query: DuckDB stops the query and raises its own RuntimeError in place of the
+    KeyboardInterrupt, which the CLI showed as an internal error with exit 1 (seen stopping a collection while it
+    wrote its store). It is an interrupt, recorded for the signal that caused it."""
+    import os
+    import signal
+    import threading
+
+    import duckdb
+
+    from neuronscope.core.errors import Terminated, caused_by_interrupt, interruption, terminate
+
+    con = duckdb.connect()  # (a query of a connection made in the same expression notices no signal at all)
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(RuntimeError) as stopped:  # a minute's work on two cores, uninterrupted
+            con.execute("SELECT count(*) FROM range(50000000000) t(x) WHERE x % 7 = 3").fetchall()
+        timer.join()
+        assert caused_by_interrupt(stopped.value), stopped.value
+        assert interruption(stopped.value).startswith("stopped by SIGTERM")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        Terminated.received = False
+    assert not caused_by_interrupt(RuntimeError("Query failed")) and interruption(stopped.value).startswith(
+        "interrupted by the user")

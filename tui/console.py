@@ -11,13 +11,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from types import FrameType
 from typing import NoReturn
 
 from rich.console import Console
 from rich.text import Text
 
-from neuronscope.core.errors import Terminated
+from neuronscope.core.errors import terminate
 
 #: Exit statuses, the same for every command (README, "Commands"; `neuronscope --help`).
 EXIT_DONE = 0
@@ -54,11 +53,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-
-    def terminated(_number: int, _frame: FrameType | None) -> NoReturn:
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:

@@ -49,6 +49,8 @@ class Checkpoints:
         self.started = self.last = time.monotonic()
         #: The folder holds another collection's checkpoint, which this one has not replaced (yet): clear leaves it.
         self.foreign = False
+        #: The excerpts the folder's checkpoint of this collection holds, once one was saved or resumed from.
+        self.held = 0
 
     def due(self, finished: bool = False) -> bool:
         """Whether to write a checkpoint now: `every` seconds after the last one, and once more when a pass that ran
@@ -73,7 +75,7 @@ class Checkpoints:
             pointer = self.folder / f".current.{os.getpid()}"
             pointer.write_text(name)
             os.replace(pointer, self.folder / "current")
-            self.foreign = False
+            self.foreign, self.held = False, done
         except OSError as err:
             shutil.rmtree(staged, ignore_errors=True)
             self.warn(f"could not write a checkpoint after {done:,} excerpts in {self.folder} ({err.strerror or err}): "
@@ -109,7 +111,8 @@ class Checkpoints:
                 layers[layer] = load_layer(path, layer)
         except (OSError, ValueError, KeyError):  # damaged (a disk error): collect from the start
             return None
-        return Resumed(int(meta["done"]), layers)
+        self.held = int(meta["done"])
+        return Resumed(self.held, layers)
 
     def clear(self) -> None:
         """The collection is in the store: its checkpoints go (another collection's, never replaced, stays)."""

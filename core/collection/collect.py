@@ -22,7 +22,7 @@ import numpy as np
 
 from neuronscope.core.collection.checkpoint import Checkpoints, identity
 from neuronscope.core.collection.stopping import Stopped, StopRequests
-from neuronscope.core.errors import NeuronscopeError, Terminated, interruption
+from neuronscope.core.errors import NeuronscopeError, Terminated, caused_by_interrupt, interruption
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
 
@@ -107,12 +107,11 @@ def collect(
         results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
         write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
                   excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
-    except KeyboardInterrupt as err:
-        store.fail_run(run_id, "interrupted", interruption(err))
-        raise
     except BaseException as err:
-        store.fail_run(run_id, "failed", f"{type(err).__name__}: {err}")
-        raise
+        _record_failure(store, (run_id,), err)
+        if (saved := _saved_whole(checkpoints, n, err)) is None:
+            raise
+        raise saved from err
     return CollectResult(run_id, n, len(layers) * _width(subject, sparse), time.perf_counter() - started)
 
 
@@ -160,15 +159,34 @@ def collect_beside(
         write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
                   n_excerpts=n, excerpts=chunks, progress=report)
     except BaseException as err:
-        interrupted = isinstance(err, KeyboardInterrupt)
-        for run_id in runs:
-            if store.run(run_id).status != "complete":
-                store.fail_run(run_id, "interrupted" if interrupted else "failed",
-                               interruption(err) if interrupted else f"{type(err).__name__}: {err}")
-        raise
+        _record_failure(store, [run_id for run_id in runs if store.run(run_id).status != "complete"], err)
+        if (saved := _saved_whole(checkpoints, n, err)) is None:
+            raise
+        raise saved from err
     seconds = time.perf_counter() - started
     return (CollectResult(runs[0], n, len(layers) * subject.n_neurons, seconds),
             CollectResult(runs[1], n, sparse.width, seconds))
+
+
+def _record_failure(store: Store, runs: Iterable[int], err: BaseException) -> None:
+    """Mark unfinished runs interrupted (Ctrl-C, SIGTERM) or failed, with why."""
+    interrupted = caused_by_interrupt(err)
+    for run_id in runs:
+        store.fail_run(run_id, "interrupted" if interrupted else "failed",
+                       interruption(err) if interrupted else f"{type(err).__name__}: {err}")
+
+
+def _saved_whole(checkpoints: Checkpoints | None, n: int, err: BaseException) -> Stopped | None:
+    """An interrupt while the store was written, after a pass whose end was saved as a checkpoint (a pass longer
+    than the interval): where it is, as a stop in the pass says (the same command only writes the store)."""
+    if checkpoints is None or checkpoints.held != n or isinstance(err, Stopped) or not caused_by_interrupt(err):
+        return None
+    return Stopped(_state_in(checkpoints, n, n), signal.SIGTERM if Terminated.received else signal.SIGINT)
+
+
+def _state_in(checkpoints: Checkpoints, saved: int, n: int) -> str:
+    return (f"the collection's state after {saved:,} of {n:,} excerpts is in {checkpoints.folder}: the same command "
+            "goes on from there")
 
 
 def units_of(sparse: SparseCoder | None) -> str:
@@ -352,8 +370,7 @@ def _stopped(checkpoints: Checkpoints | None, key: str, accs: list[Accumulator],
         if not checkpoints.save(key, done, (result for acc in accs for result in acc.results())):
             return plain
         saved = done
-    return Stopped(f"the collection's state after {saved:,} of {n:,} excerpts is in {checkpoints.folder}: the same "
-                   "command goes on from there", number)
+    return Stopped(_state_in(checkpoints, saved, n), number)
 
 
 def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.errors import NeuronscopeError, caused_by_interrupt
 from neuronscope.core.explanation.score import score
 from neuronscope.core.interop.release import (
     ACTIVATIONS,
@@ -326,7 +326,9 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
             if len(pending) >= batch:
                 flush(done)
         flush(len(files))
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not caused_by_interrupt(err):  # (a Ctrl-C during a DuckDB write comes out as DuckDB's error)
+            raise
         pending.clear()  # the batch in hand is dropped whole; a rerun reads it again
         store.set_job_state(job_id, "interrupted")
         return ImportReport(run_id, written, len(present), problems, False)
