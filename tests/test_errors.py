@@ -16,7 +16,7 @@ from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError, o
 #: Exceptions that are control flow, never shown: each is caught where it is raised.
 SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall"}
 #: Interrupts (Ctrl-C saying what was saved, SIGTERM): KeyboardInterrupts, which the CLI shows as such, exit status 130.
-INTERRUPTS = {"Stopped", "Terminated"}
+INTERRUPTS = {"Interrupted", "Stopped", "Terminated"}
 
 
 def _our_exception_classes() -> dict[str, type[BaseException]]:

