@@ -210,7 +210,8 @@ def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_p
     assert not (tmp_path / "s.duckdb.checkpoint").exists()
 
 
-def test_an_interrupt_while_the_store_is_written_says_the_pass_is_saved(tmp_path: Path, subject, corpus_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_interrupt_while_the_store_is_written_says_the_pass_is_saved(  # type: ignore[no-untyped-def]
+        tmp_path: Path, subject, corpus_dir: Path) -> None:
     """Ctrl-C or SIGTERM after a pass longer than the interval, while the store is written: the pass's end is in a
     checkpoint, and the interrupt says where, as one during the pass does (DuckDB's "Query interrupted" is such an
     interrupt too). The same command goes on from there and only writes."""
@@ -230,7 +231,8 @@ def test_an_interrupt_while_the_store_is_written_says_the_pass_is_saved(tmp_path
 
     stages: list[tuple[str, int]] = []
     with Store.open(path) as store:
-        with pytest.raises(Stopped, match=rf"^the collection's state after 48 of 48 excerpts is in {path}.checkpoint: "):
+        saved = rf"^the collection's state after 48 of 48 excerpts is in {path}.checkpoint: "
+        with pytest.raises(Stopped, match=saved):
             collect(store, subject, excerpts, progress=interrupt_the_write, checkpoints=Checkpoints(path, 0.0),
                     **options)  # type: ignore[arg-type]
         assert [(r.status, r.error) for r in store.runs()] == [("interrupted", "interrupted by the user (Ctrl-C)")]

@@ -106,9 +106,9 @@ def meet(rank: Rank) -> None:
 
 def _interruptible(call: Callable[[], object]) -> None:
     """`call()` in a thread of its own, waited for a moment at a time. A signal's handler runs only in the main
-    thread between Python steps, so a group joined or a barrier waited for in C++ held off Ctrl-C and SIGTERM (a scheduler's, or
-    torchrun's when another rank failed) for as long as the slowest rank took: up to MEET_TIMEOUT. The thread is a
-    daemon: an interrupted process exits without it."""
+    thread between Python steps, so a group joined or a barrier waited for in C++ held off Ctrl-C and SIGTERM (a
+    scheduler's, or torchrun's when another rank failed) for as long as the slowest rank took: up to MEET_TIMEOUT.
+    The thread is a daemon: an interrupted process exits without it."""
     failed: list[BaseException] = []
 
     def run() -> None:

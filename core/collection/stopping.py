@@ -31,7 +31,8 @@ class Stopped(Interrupted):
 class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
     SIGTERM (those the process does not ignore) set `signal` instead of stopping the process; a second one, REPEATED
-    seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands. The previous handlers come back on exit."""
+    seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands. The previous handlers
+    come back on exit."""
 
     def __init__(self) -> None:
         self.signal: int | None = None

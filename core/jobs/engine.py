@@ -357,12 +357,13 @@ class Job(NeuronWork, OutputWork):
                 pass
             for future in [f for f in inflight if f.done() and not f.cancelled() and f.exception() is None]:
                 landing.done(future.result())
+            interrupted = caused_by_interrupt(err)
             try:
                 landing.commit()  # what landed before Ctrl-C or the failure is kept
             finally:
-                self.store.set_job_state(job_id, "interrupted", interruption(err) if caused_by_interrupt(err)
+                self.store.set_job_state(job_id, "interrupted", interruption(err) if interrupted
                                          else f"stopped by {type(err).__name__}: {err}")
-            if caused_by_interrupt(err):
+            if interrupted:
                 raise Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
                                   "kept; the same command goes on from there") from err
             raise
