@@ -43,6 +43,8 @@ class TriageActions:
         self._marks_timer = self.set_timer(MARKS_SAVE_DELAY, self._save_marks)
 
     def _save_marks(self) -> None:
+        if self._marks_timer is None:  # saved already: the app, closing, saved them before this timer's call came
+            return
         self._marks_timer = None
         marked = sorted(self._table.marked)  # the table kept from on_mount: it is unmounted when the app saves last
         self._write(lambda: self.store.save_list(self.run_info.run_id, MARKS_LIST, marked, self.author))
