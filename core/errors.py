@@ -5,7 +5,6 @@ StoreError, LLMError, ...); the ones no stage owns are here."""
 
 from __future__ import annotations
 
-import signal
 from typing import NoReturn
 
 
@@ -31,7 +30,8 @@ class Terminated(KeyboardInterrupt):
     time, `kill`, torchrun stopping its ranks. What landed is kept and the same command goes on from there."""
 
     received = False
-    """Whether SIGTERM raised one in this process (`terminate`): a library may put another error in its place."""
+    """Whether SIGTERM came to this process (`terminate`, or a collection's stop request): what a run or job records,
+    also where a library put another error in place of the interrupt."""
 
 
 def terminate(_number: int, _frame: object) -> NoReturn:
@@ -42,7 +42,7 @@ def terminate(_number: int, _frame: object) -> NoReturn:
 
 def interruption(err: BaseException) -> str:
     """What a run or job records as the reason it stopped, for an interrupt (`caused_by_interrupt`)."""
-    if Terminated.received or any(getattr(e, "signal", None) == signal.SIGTERM for e in (err, err.__cause__)):
+    if Terminated.received or isinstance(err, Terminated):
         return "stopped by SIGTERM (a scheduler's preemption, cancel or time limit, or kill)"
     return "interrupted by the user (Ctrl-C)"
 

@@ -50,7 +50,8 @@ def terminate_as_interrupt() -> Iterator[None]:
     and is marked interrupted, a collection saves its state, and the command exits 130 rather than dying on the
     spot. A process that ignores SIGTERM, or handles it itself, keeps doing so; off the main thread nothing
     changes."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
     signal.signal(signal.SIGTERM, terminate)

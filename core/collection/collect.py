@@ -181,7 +181,7 @@ def _saved_whole(checkpoints: Checkpoints | None, n: int, err: BaseException) ->
     than the interval): where it is, as a stop in the pass says (the same command only writes the store)."""
     if checkpoints is None or checkpoints.held != n or isinstance(err, Stopped) or not caused_by_interrupt(err):
         return None
-    return Stopped(_state_in(checkpoints, n, n), signal.SIGTERM if Terminated.received else signal.SIGINT)
+    return Stopped(_state_in(checkpoints, n, n))
 
 
 def _state_in(checkpoints: Checkpoints, saved: int, n: int) -> str:
@@ -370,7 +370,7 @@ def _stopped(checkpoints: Checkpoints | None, key: str, accs: list[Accumulator],
         if not checkpoints.save(key, done, (result for acc in accs for result in acc.results())):
             return plain
         saved = done
-    return Stopped(_state_in(checkpoints, saved, n), number)
+    return Stopped(_state_in(checkpoints, saved, n))
 
 
 def _by_device(device: Callable[[int], Any], layers: tuple[int, ...]) -> list[tuple[int, ...]]:

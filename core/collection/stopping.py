@@ -22,11 +22,6 @@ REPEATED = 0.5
 class Stopped(Interrupted):
     """A collection stopped at a batch's end, on a stop request; its message says where its state was saved."""
 
-    def __init__(self, message: str, number: int | None) -> None:
-        super().__init__(message)
-        self.signal = number
-        """The signal that asked (SIGINT or SIGTERM)."""
-
 
 class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
@@ -54,6 +49,8 @@ class StopRequests:
 
     def _request(self, number: int, _frame: FrameType | None) -> None:
         now = time.monotonic()
+        if number == signal.SIGTERM:
+            Terminated.received = True  # (what the run records)
         if self.signal is None:
             self.signal, self._first = number, now
         elif now - self._first >= REPEATED:  # asked again: at once
