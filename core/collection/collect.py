@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -354,15 +353,15 @@ def accumulate(
                 saved = done
                 report("checkpoint", done, n)
             if stop.signal is not None:  # (one that came during that checkpoint too)
-                raise _stopped(checkpoints, key, accs, saved, done, n, report, stop.signal)
+                raise _stopped(checkpoints, key, accs, saved, done, n, report)
     return _drain(accs)
 
 
 def _stopped(checkpoints: Checkpoints | None, key: str, accs: list[Accumulator], saved: int, done: int, n: int,
-             report: Progress, number: int) -> KeyboardInterrupt:
-    """What a stop request (signal `number`) at a batch's end raises, once the state is saved where checkpoints are
-    on and the last one does not hold it already."""
-    plain = Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+             report: Progress) -> KeyboardInterrupt:
+    """What a stop request at a batch's end raises, once the state is saved where checkpoints are on and the last
+    one does not hold it already."""
+    plain = Terminated() if Terminated.received else KeyboardInterrupt()
     if checkpoints is None:
         return plain
     if done > saved:
