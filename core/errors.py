@@ -5,7 +5,9 @@ StoreError, LLMError, ...); the ones no stage owns are here."""
 
 from __future__ import annotations
 
-from typing import NoReturn
+import errno
+import os
+import signal
 
 
 class NeuronscopeError(Exception):
@@ -26,22 +28,56 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is (neuronscope.tui.cli): a scheduler preempting or cancelling a job or ending its
-    time, `kill`, torchrun stopping its ranks. What landed is kept and the same command goes on from there."""
+    """SIGTERM or SIGHUP, taken as Ctrl-C is (neuronscope.tui.cli). SIGTERM: a scheduler preempting or cancelling a
+    job or ending its time, `kill`, torchrun stopping its ranks. SIGHUP: the terminal closed (an SSH connection
+    dropped with the command running in it). What landed is kept and the same command goes on from there."""
 
-    received = False
-    """Whether SIGTERM came to this process (`terminate`, or a collection's stop request): what a run or job records,
-    also where a library put another error in place of the interrupt."""
+    received: str | None = None
+    """Which of them came to this process first ("SIGTERM" or "SIGHUP"; `note`): what a run or job records, also
+    where a library put another error in place of the interrupt."""
+
+    @classmethod
+    def note(cls, number: int) -> None:
+        """`number` came (one of STOP_SIGNALS). After SIGHUP every write to the closed terminal fails (EIO), and the
+        failure of a progress bar or of the last line would stop the state being saved: what this process prints
+        there goes nowhere instead."""
+        cls.received = cls.received or signal.Signals(number).name
+        if number == signal.SIGHUP:
+            leave_closed_terminal()
 
 
-def terminate(_number: int, _frame: object) -> NoReturn:
-    """A SIGTERM handler: raise Terminated where the signal lands."""
-    Terminated.received = True
-    raise Terminated
+#: The signals taken as Ctrl-C is (Terminated).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def terminate(number: int, _frame: object) -> None:
+    """A handler of STOP_SIGNALS: raise Terminated where the signal lands. A SIGHUP that comes once the command is
+    stopping already is only noted: a shell passes its own hangup on to the commands it ran, and no person is
+    asking again."""
+    stopping = Terminated.received is not None
+    Terminated.note(number)
+    if not (stopping and number == signal.SIGHUP):
+        raise Terminated
+
+
+def leave_closed_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that has closed (a write to it fails with
+    EIO; a file, a pipe or a terminal still open keeps them)."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def interruption(err: BaseException) -> str:
     """What a run or job records as the reason it stopped, for an interrupt (`caused_by_interrupt`)."""
+    if Terminated.received == "SIGHUP":
+        return ("stopped by SIGHUP (its terminal closed, as when an SSH connection drops: run long commands in tmux "
+                "or screen, or under nohup)")
     if Terminated.received or isinstance(err, Terminated):
         return "stopped by SIGTERM (a scheduler's preemption, cancel or time limit, or kill)"
     return "interrupted by the user (Ctrl-C)"

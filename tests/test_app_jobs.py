@@ -174,14 +174,16 @@ async def test_cancel_resume_and_quit_mid_job(fresh_store: Path, monkeypatch: py
         assert len(store.summaries(app.run_info.run_id)) == second.done
 
 
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "hangup"])
 @sync
-async def test_sigterm_quits_mid_job_as_q_does(fresh_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM (`kill`, a scheduler's cancel or time limit) while a job runs: the job stops after its current LLM
-    call and the app exits, as q does, rather than dying on the spot; the job is interrupted and resumable, and the
-    process's SIGTERM handler from before comes back."""
+async def test_a_stop_signal_quits_mid_job_as_q_does(fresh_store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     number: int) -> None:
+    """SIGTERM (`kill`, a scheduler's cancel or time limit) or SIGHUP (the terminal closed: an SSH connection
+    dropped) while a job runs: the job stops after its current LLM call and the app exits, as q does, rather than
+    dying on the spot; the job is interrupted and resumable, and the process's handler from before comes back."""
     monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
-    heard: list[int] = []  # where the app does not take SIGTERM, this test's own handler does: the worker lives
-    before = signal.signal(signal.SIGTERM, lambda number, _frame: heard.append(number))
+    heard: list[int] = []  # where the app does not take the signal, this test's own handler does: the worker lives
+    before = signal.signal(number, lambda got, _frame: heard.append(got))
     try:
         with FakeOpenAI() as server:
             server.on(CHAT, SlowServer(0.15))
@@ -197,15 +199,15 @@ async def test_sigterm_quits_mid_job_as_q_does(fresh_store: Path, monkeypatch: p
                 await pilot.press("enter")  # the question: so many neurons
                 handle = app.jobs.handles[0]
                 await until(pilot, lambda: handle.done >= 2)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), number)
                 await until(pilot, lambda: not handle.running)
-            assert app.terminated and handle.state == "cancelled" and not heard
-            assert signal.getsignal(signal.SIGTERM) is not None and not heard
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler from before is back
+            assert app.stopped_by == signal.Signals(number).name and handle.state == "cancelled" and not heard
+            assert signal.getsignal(number) is not None and not heard
+            os.kill(os.getpid(), number)  # the handler from before is back
             time.sleep(0.05)
-            assert heard == [signal.SIGTERM]
+            assert heard == [number]
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(number, before)
     with Store.open(fresh_store, read_only=True) as store:
         jobs = store.jobs()
         assert len(jobs) == 1 and jobs[0]["state"] == "interrupted" and 2 <= jobs[0]["done"] == handle.done

@@ -22,10 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, cli_env
+from conftest import cli_command, cli_env, copy_store
 
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
+from neuronscope.core.store.triage import MARKS_LIST
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.usefixtures("neuronscope_env"), pytest.mark.terminal]
@@ -218,3 +220,25 @@ def test_sigterm_gives_the_terminal_back(tmux: str, scored_store: Path, tmp_path
     assert status == 130, last
     assert lines == ["interrupted: SIGTERM closed the app; what its jobs finished is kept, and starting them again "
                      "resumes them"], last
+
+
+def test_a_closed_terminal_quits_as_q_does(tmux: str, scored_store: Path, tmp_path: Path) -> None:
+    """The terminal closes under the app (an SSH connection drops; here tmux kills the session, and the kernel sends
+    SIGHUP): it quits as q does, with nothing left to draw on, and keeps what it held. A mark saves a second after
+    it changes; one made just before the hangup is in the store, where dying on the spot lost it."""
+    store = copy_store(scored_store, tmp_path, "marked.duckdb")
+    with browse(tmux, store, tmp_path) as pane:
+        screen = pane.wait_for(lambda s: len(neuron_rows(s)) > 3, "neuron table")
+        first = neuron_rows(screen)[0]
+        app = children(int(pane.tmux("display-message", "-p", "-t", "main", "#{pane_pid}").strip()))
+        assert len(app) == 1, app
+        pane.send("m")
+        pane.wait_for(lambda s: re.search(rf"^●{first} ", s, re.MULTILINE) is not None, f"{first} marked")
+        pane.tmux("kill-session", "-t", "main")
+        end = time.monotonic() + DEADLINE
+        while Path(f"/proc/{app[0]}").exists() and time.monotonic() < end:
+            time.sleep(POLL)
+        assert not Path(f"/proc/{app[0]}").exists(), "the app did not exit after its terminal closed"
+    layer, neuron = (int(part) for part in re.findall(r"\d+", first))
+    with Store.open(store, read_only=True) as opened:
+        assert opened.list_neurons(opened.run().run_id, MARKS_LIST) == [NeuronId(layer, neuron)]

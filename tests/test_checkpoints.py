@@ -1,5 +1,6 @@
-"""Checkpoints of a collection in progress: resumed after `kill -9` or a stop request (Ctrl-C, SIGTERM) into the store
-an uninterrupted run writes; refused by the disk; written once more when a long pass ends."""
+"""Checkpoints of a collection in progress: resumed after `kill -9` or a stop request (Ctrl-C, SIGTERM, a closed
+terminal's SIGHUP) into the store an uninterrupted run writes; refused by the disk; written once more when a long
+pass ends."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, cli_command, cli_env, fast_settings, run_cli
+from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, Terminal, cli_command, cli_env, fast_settings, run_cli
 
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts
@@ -144,11 +145,31 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
     _assert_same_collection(whole, store)
 
 
+@pytest.mark.slow
+def test_a_collection_whose_terminal_closes_saves_its_state(tiny_model: Path, corpus_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """The terminal closes mid-collection (an SSH connection drops with the command running in it, and the kernel
+    sends it SIGHUP): as for SIGTERM, the batch in progress ends, the state is saved and the command exits 130, where
+    it used to die on the spot and lose what it had collected since its last checkpoint. Every write to the closed
+    terminal fails, the progress bar's and the last line's too: none stops the save. The same command goes on from
+    there."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts", "96",
+            "--store", tmp_path / "s.duckdb", *FAST]
+    with Terminal([*args, "--checkpoint-every", "1h"]) as terminal:
+        terminal.wait_for(r"(\d+)/96", lambda found: int(found.group(1)) > 0)  # the progress bar, past batch 0
+        terminal.hang_up()
+        assert terminal.proc.wait(timeout=300) == 130
+    rerun = run_cli(args, timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
+    assert rerun.code == 0, rerun.err
+    resumed = re.search(r"resumed from a checkpoint \(excerpts\): (\d+)/96", rerun.err)
+    assert resumed and int(resumed.group(1)) > 0, rerun.err
+
+
 def test_a_stop_request_waits_for_the_batch_and_a_second_stops_at_once() -> None:
     """StopRequests, in a process of its own (signals are a process's main thread's): a first Ctrl-C or SIGTERM is
     noted, not raised, and so is the same request passed on at once (torchrun's); one more, later, raises
-    KeyboardInterrupt where it lands (Terminated for SIGTERM); the handlers before come back after; a signal the process ignores stays
-    ignored."""
+    KeyboardInterrupt where it lands (Terminated for SIGTERM); the handlers before come back after; a signal the
+    process ignores stays ignored. A second SIGHUP is never raised: no person asks again when a terminal closes."""
     code = """
 import os, signal, time
 from neuronscope.core.collection.stopping import REPEATED, StopRequests
@@ -182,10 +203,17 @@ with StopRequests() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
 print("ignored", stop.signal is None)
+Terminated.received = None
+with StopRequests() as stop:
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(REPEATED + 0.05)
+    os.kill(os.getpid(), signal.SIGHUP)  # a shell passing its own hangup on: noted, never raised
+    time.sleep(0.05)
+print("hangup", stop.signal == signal.SIGHUP, Terminated.received)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env())
     assert done.stdout.split() == ["noted", "True", "raised", "restored", "True", "terminated", "ignored",
-                                   "True"], done.stderr
+                                   "True", "hangup", "True", "SIGHUP"], done.stderr
 
 
 def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     PLANTED_WORDS,
+    Terminal,
     assert_one_line_error,
     cli_command,
     cli_env,
@@ -180,43 +181,53 @@ def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP], ids=["kill-9", "sigterm", "hangup"])
 def test_kill_then_rerun_finishes_without_repeating_calls(job_store: Path, tmp_path: Path, tiny_model: Path,
                                                           stop: int) -> None:
-    """kill -9, or SIGTERM (a scheduler's cancel or time limit: taken as Ctrl-C is, exit 130 with one line), mid-job;
+    """kill -9, SIGTERM (a scheduler's cancel or time limit: taken as Ctrl-C is, exit 130 with one line), or the
+    job's terminal closing (an SSH connection dropped: SIGHUP, taken as SIGTERM is, with nowhere to write) mid-job;
     the same command then finishes the job without asking anything twice."""
     path = copy_store(job_store, tmp_path, "killed.duckdb")
     # Two requests in flight: the job outlasts its first commits (at 16, the tiny model's default, it can finish
     # between the progress line and the kill).
     args = ["run", "--explainer", f"local:{tiny_model}", "--simulation", "lines", "--limit", "30", "--concurrency", "2",
             "--store", path]
-    proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=Path(__file__).resolve().parent.parent)
-    assert proc.stderr is not None
-    for line in proc.stderr:  # plain progress lines, since stderr is not a terminal: committed neurons
-        found = re.match(r"explaining and scoring neurons: (\d+)/30", line)
-        if found and int(found.group(1)) >= 3:
-            break
-    time.sleep(0.1)  # somewhere inside a later neuron
-    proc.send_signal(stop)
-    said = proc.stderr.read()
-    assert proc.wait(timeout=30) == (-9 if stop == signal.SIGKILL else 130), said
+    if stop == signal.SIGHUP:
+        with Terminal(args) as terminal:
+            terminal.wait_for(r"(\d+)/30", lambda found: int(found.group(1)) >= 3)  # the progress bar: committed
+            time.sleep(0.1)
+            terminal.hang_up()
+            assert terminal.proc.wait(timeout=30) == 130
+    else:
+        proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(NEURONSCOPE_PROGRESS_SECONDS="0"), cwd=Path(__file__).resolve().parent.parent)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # plain progress lines, since stderr is not a terminal: committed neurons
+            found = re.match(r"explaining and scoring neurons: (\d+)/30", line)
+            if found and int(found.group(1)) >= 3:
+                break
+        time.sleep(0.1)  # somewhere inside a later neuron
+        proc.send_signal(stop)
+        said = proc.stderr.read()
+        assert proc.wait(timeout=30) == (-9 if stop == signal.SIGKILL else 130), said
+    if stop == signal.SIGKILL:
+        assert Spool(path).names()  # what landed is in segments beside the store (the job held it read-only)
+    else:
+        with Store.open(path, read_only=True) as store:
+            assert store.jobs()[0]["error"].startswith(f"stopped by {signal.Signals(stop).name}")
     if stop == signal.SIGTERM:
         assert "Traceback" not in said, said
         kept = re.fullmatch(r"interrupted: job 1: (\d+) of 30 neurons done and kept; the same command goes on from "
                             r"there", said.strip().splitlines()[-1])
         with Store.open(path, read_only=True) as store:
-            assert store.jobs()[0]["error"].startswith("stopped by SIGTERM")
             assert kept and int(kept.group(1)) == store.jobs()[0]["done"], said
-    else:
-        assert Spool(path).names()  # what landed is in segments beside the store (the job held it read-only)
     killed_calls = _calls(path)
     with Store.open(path, read_only=True) as store:
         states = [j["state"] for j in store.jobs()]
         done_before = store.jobs()[0]["done"]
     assert states == ["interrupted"] and 3 <= done_before < 30, "the job finished before the kill: make it longer"
     assert len(killed_calls) >= 3 * 2
-    result = run_cli(args)
+    result = run_cli(args, timeout=300)  # (27 neurons of a local model: two minutes on a loaded CI machine)
     assert result.code == 0, result.err
     calls = _calls(path)
     # Every call made before the kill is kept and none is made twice (identical requests are one call).

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 from textual import events
 from textual.app import App, ComposeResult
@@ -124,8 +124,9 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         self._ahead_timer: Timer | None = None
         self.sort_index = 0
         self.quitting = False
-        self.terminated = False
-        """Whether SIGTERM quit the app."""
+        self.stopped_by: str | None = None
+        """The signal that quit the app (SIGTERM or SIGHUP; JobActions.quit_on_signals), if one did."""
+        self._signals_before: dict[int, Any] = {}
         self._dirty: set[NeuronId] = set()
         self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
         self._stepped_aside = False
@@ -148,7 +149,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         return self.query_one(JobsPanel)
 
     def on_mount(self) -> None:
-        self.quit_on_sigterm(True)
+        self.quit_on_signals(True)
         self.call_after_refresh(self.collector.start)  # full garbage collections while no key is pressed
         self.set_interval(TICK_SECONDS, self.collector.tick)
         self._table = self.table
@@ -168,7 +169,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
             self.start(self.settings, tuple(neurons), "most selective")
 
     def on_unmount(self) -> None:
-        self.quit_on_sigterm(False)
+        self.quit_on_signals(False)
         if self._marks_timer is not None:  # marks changed within the last second: saved before the store closes
             self._marks_timer.stop()
             self._save_marks()

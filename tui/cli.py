@@ -138,8 +138,9 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
         Store.settle(app.store.path)
     except StoreError as exc:
         err.print(Text(f"the store stays as it is, with the app's results beside it: {exc}"), soft_wrap=True)
-    if app.terminated:
-        say("interrupted: SIGTERM closed the app; what its jobs finished is kept, and starting them again resumes them")
+    if app.stopped_by:
+        say(f"interrupted: {app.stopped_by} closed the app; what its jobs finished is kept, and starting them again "
+            "resumes them")
         return EXIT_INTERRUPTED
     return 0
 

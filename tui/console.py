@@ -16,7 +16,7 @@ from typing import NoReturn
 from rich.console import Console
 from rich.text import Text
 
-from neuronscope.core.errors import terminate
+from neuronscope.core.errors import STOP_SIGNALS, terminate
 
 #: Exit statuses, the same for every command (README, "Commands"; `neuronscope --help`).
 EXIT_DONE = 0
@@ -26,13 +26,13 @@ EXIT_ERROR = 2
 EXIT_UNFINISHED = 3
 """A job did not finish every neuron (some failed, or --max-tokens stopped it); the same command resumes it."""
 EXIT_INTERRUPTED = 130
-"""Ctrl-C or SIGTERM (`terminate_as_interrupt`): nothing half-written is marked complete, a collection's state is
-saved first; the same command resumes or redoes it."""
+"""Ctrl-C, SIGTERM or SIGHUP (`terminate_as_interrupt`): nothing half-written is marked complete, a collection's
+state is saved first; the same command resumes or redoes it."""
 #: What --help says of them.
 EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one line (bad input, or a failure of the "
              f"disk, the store or a server, with what to do); {EXIT_UNFINISHED} a job left neurons unfinished (some "
-             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted (Ctrl-C "
-             "or SIGTERM; the same command goes on)")
+             f"failed, or --max-tokens stopped it: the same command resumes it); {EXIT_INTERRUPTED} interrupted "
+             "(Ctrl-C, SIGTERM or SIGHUP; the same command goes on)")
 #: Largest --samples: each is an explainer call and a simulation per neuron.
 MAX_SAMPLES = 64
 
@@ -45,20 +45,22 @@ _rank: str | None = None
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM taken as Ctrl-C is while a command runs (a scheduler preempting or cancelling a job or ending its
-    time, `kill`, torchrun stopping its ranks): it raises Terminated where it lands, so a job commits what landed
-    and is marked interrupted, a collection saves its state, and the command exits 130 rather than dying on the
-    spot. A process that ignores SIGTERM, or handles it itself, keeps doing so; off the main thread nothing
-    changes."""
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    """SIGTERM and SIGHUP taken as Ctrl-C is while a command runs (SIGTERM: a scheduler preempting or cancelling a
+    job or ending its time, `kill`, torchrun stopping its ranks; SIGHUP: the terminal closed, as when an SSH
+    connection drops): they raise Terminated where they land, so a job commits what landed and is marked
+    interrupted, a collection saves its state, and the command exits 130 rather than dying on the spot. A signal the
+    process ignores (`nohup` ignores SIGHUP), or handles itself, stays so; off the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGTERM, terminate)
+    taken = [number for number in STOP_SIGNALS if signal.getsignal(number) == signal.SIG_DFL]
+    for number in taken:
+        signal.signal(number, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for number in taken:
+            signal.signal(number, signal.SIG_DFL)
 
 
 def speak_as(label: str | None) -> None:

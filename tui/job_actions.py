@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.text import Text
 
+from neuronscope.core.errors import STOP_SIGNALS, leave_closed_terminal
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.tui.render import visible
@@ -33,8 +34,8 @@ class JobActions:
     backend_options: dict[str, object]
     concurrency: int | None
     quitting: bool
-    terminated: bool
-    _sigterm_before: Any = None
+    stopped_by: str | None
+    _signals_before: dict[int, Any]
     _dirty: set[NeuronId]
     table: Any
     jobs: Any
@@ -130,21 +131,26 @@ class JobActions:
         self.jobs.cancel_all()
         self.notify("stopping jobs after their current LLM call, then quitting; they resume when started again")
 
-    def quit_on_sigterm(self, on: bool) -> None:
-        """While the app runs (`on`), SIGTERM (`kill`, a scheduler's cancel or time limit) quits it as q does: its
-        jobs stop after their current LLM call, and the terminal is given back as it was (dying on the spot left it
-        in the app's screen and modes). Off, the handler from before comes back. Where the event loop cannot take
-        signals, nothing changes."""
+    def quit_on_signals(self, on: bool) -> None:
+        """While the app runs (`on`), SIGTERM (`kill`, a scheduler's cancel or time limit) and SIGHUP (the terminal
+        closed: an SSH connection dropped) quit it as q does: its jobs stop after their current LLM call, and the
+        terminal is given back as it was (dying on the spot left it in the app's screen and modes; a closed one
+        takes nothing more). A signal the process ignores stays ignored. Off, the handlers from before come back. Where
+        the event loop cannot take signals, nothing changes."""
         try:
             loop = asyncio.get_running_loop()
-            if on:
-                self._sigterm_before = signal.getsignal(signal.SIGTERM)
-                loop.add_signal_handler(signal.SIGTERM, self._terminate)
-            elif loop.remove_signal_handler(signal.SIGTERM):
-                signal.signal(signal.SIGTERM, self._sigterm_before or signal.SIG_DFL)
+            for number in STOP_SIGNALS:
+                if on and signal.getsignal(number) is not signal.SIG_IGN:  # one ignored stays so (`nohup`)
+                    self._signals_before[number] = signal.getsignal(number)
+                    loop.add_signal_handler(number, self._stop_on, number)
+                elif loop.remove_signal_handler(number):
+                    signal.signal(number, self._signals_before.pop(number, None) or signal.SIG_DFL)
         except (RuntimeError, NotImplementedError, ValueError):  # not the main thread, or no signals here
             pass
 
-    def _terminate(self) -> None:
-        self.terminated = True
-        self.call_later(self.action_quit)
+    def _stop_on(self, number: int) -> None:
+        if number == signal.SIGHUP:
+            leave_closed_terminal()
+        if self.stopped_by is None:  # (a shell passes its own hangup on: once is enough)
+            self.stopped_by = signal.Signals(number).name
+            self.call_later(self.action_quit)

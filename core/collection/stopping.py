@@ -1,5 +1,5 @@
-"""Stop requests during a collection's pass. Ctrl-C (SIGINT) and SIGTERM (a scheduler preempting the job, `scancel`,
-the end of a job's time, torchrun stopping its ranks) are taken at the end of the batch in progress rather than
+"""Stop requests during a collection's pass. Ctrl-C (SIGINT), SIGTERM (a scheduler preempting the job, `scancel`,
+the end of a job's time, torchrun stopping its ranks) and SIGHUP (the terminal closed) are taken at the end of the batch in progress rather than
 wherever they land, so that the pass can save its state as a checkpoint before it stops: a batch folded into some
 layers and not others is no state to save. A second request stops at once, as a plain interrupt, unless it comes
 within REPEATED seconds of the first: then it is the same request passed on (torchrun passes on to its ranks the
@@ -13,7 +13,7 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
-from neuronscope.core.errors import Interrupted, Terminated
+from neuronscope.core.errors import STOP_SIGNALS, Interrupted, Terminated
 
 #: Seconds within which a second stop request is the first passed on by a launcher, not a person asking again.
 REPEATED = 0.5
@@ -24,9 +24,10 @@ class Stopped(Interrupted):
 
 
 class StopRequests:
-    """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT and
-    SIGTERM (those the process does not ignore) set `signal` instead of stopping the process; a second one, REPEATED
-    seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands. The previous handlers
+    """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT, SIGTERM
+    and SIGHUP (those the process does not ignore) set `signal` instead of stopping the process; a second one,
+    REPEATED seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands; a second SIGHUP
+    never does (a shell passing its hangup on). The previous handlers
     come back on exit."""
 
     def __init__(self) -> None:
@@ -36,7 +37,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
+            for number in (signal.SIGINT, *STOP_SIGNALS):
                 if signal.getsignal(number) is not signal.SIG_IGN:  # one this process ignores (`cmd &` in a script)
                     self._previous[number] = signal.signal(number, self._request)
         return self
@@ -49,9 +50,9 @@ class StopRequests:
 
     def _request(self, number: int, _frame: FrameType | None) -> None:
         now = time.monotonic()
-        if number == signal.SIGTERM:
-            Terminated.received = True  # (what the run records)
+        if number in STOP_SIGNALS:
+            Terminated.note(number)  # (what the run records)
         if self.signal is None:
             self.signal, self._first = number, now
-        elif now - self._first >= REPEATED:  # asked again: at once
-            raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+        elif number != signal.SIGHUP and now - self._first >= REPEATED:  # asked again: at once (a hangup asks nothing)
+            raise Terminated if number in STOP_SIGNALS else KeyboardInterrupt
