@@ -50,10 +50,10 @@ case "$task" in
     # test file each (pytest-xdist): most tests keep about one core busy (a CLI subprocess, the app, a server), so on
     # 2 cores that takes 0.57 of the serial time (638 against 1,124 s on an Intel Xeon with AMX). The tests marked
     # `terminal` drive the real app in tmux against deadlines: they run afterwards, alone, with no other test
-    # loading the machine.
+    # loading the machine. The first run lists its 20 slowest tests at the end: CI must stay under 30 minutes.
     [ $# -gt 0 ] && exec python -m pytest "$@"
     status=0
-    python -m pytest -n 2 --dist loadfile -m "not terminal" || status=$?
+    python -m pytest -n 2 --dist loadfile -m "not terminal" --durations=20 || status=$?
     python -m pytest -m terminal || status=$((status ? status : $?))
     exit "$status" ;;
   *) echo "usage: ./setup.sh demo|test [args]" >&2; exit 2 ;;

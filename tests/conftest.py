@@ -184,13 +184,15 @@ class Terminal:
 
     def wait_for(self, pattern: str, accept: Callable[[re.Match[str]], bool], timeout: float = 120) -> None:
         """Read the output until `pattern` matches a part of it that `accept` takes."""
+        assert self._master is not None, "the terminal is closed"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._master is not None:
+        while time.monotonic() < deadline:
             if select.select([self._master], [], [], 0.1)[0]:
                 try:
                     self.seen += os.read(self._master, 65536).decode(errors="replace")
-                except OSError:  # the command closed the terminal: it ended
-                    break
+                except OSError:  # every process closed the terminal: the command ended
+                    raise AssertionError(f"the command ended before {pattern!r} showed: {self.seen[-2000:]!r}"
+                                         ) from None
                 if any(accept(found) for found in re.finditer(pattern, self.seen)):
                     return
         raise AssertionError(f"{pattern!r} not seen in {timeout} s; the terminal showed: {self.seen[-2000:]!r}")

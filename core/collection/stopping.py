@@ -1,9 +1,10 @@
 """Stop requests during a collection's pass. Ctrl-C (SIGINT), SIGTERM (a scheduler preempting the job, `scancel`,
-the end of a job's time, torchrun stopping its ranks) and SIGHUP (the terminal closed) are taken at the end of the batch in progress rather than
-wherever they land, so that the pass can save its state as a checkpoint before it stops: a batch folded into some
-layers and not others is no state to save. A second request stops at once, as a plain interrupt, unless it comes
-within REPEATED seconds of the first: then it is the same request passed on (torchrun passes on to its ranks the
-signal it gets, and a terminal's Ctrl-C or a scheduler's SIGTERM reaches the ranks themselves too)."""
+the end of a job's time, torchrun stopping its ranks) and SIGHUP (the terminal closed) are taken at the end of the
+batch in progress rather than wherever they land, so that the pass can save its state as a checkpoint before it
+stops: a batch folded into some layers and not others is no state to save. A second request stops at once, as a
+plain interrupt, unless it comes within REPEATED seconds of the first: then it is the same request passed on
+(torchrun passes on to its ranks the signal it gets, and a terminal's Ctrl-C or a scheduler's SIGTERM reaches the
+ranks themselves too)."""
 
 from __future__ import annotations
 
