@@ -28,8 +28,7 @@ class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT, SIGTERM
     and SIGHUP (those the process does not ignore) set `signal` instead of stopping the process; a second one,
     REPEATED seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands; a second SIGHUP
-    never does (a shell passing its hangup on). The previous handlers
-    come back on exit."""
+    never does (a shell passing its hangup on). The previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
