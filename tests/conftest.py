@@ -13,6 +13,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -172,12 +173,17 @@ class Terminal:
     its output read as it comes. `hang_up` closes the terminal as a dropped connection does: the kernel sends the
     command SIGHUP, and from then on every write to the terminal fails."""
 
-    def __init__(self, args: Sequence[str], **env: str) -> None:
+    def __init__(self, args: Sequence[str], ignore_hangup: bool = False, **env: str) -> None:
         master, slave = pty.openpty()
+
+        def controlled() -> None:  # in the child: the pty is its terminal (and SIGHUP ignored, as `disown` leaves it)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if ignore_hangup:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
         self.proc = subprocess.Popen(
             cli_command(args), stdin=slave, stdout=slave, stderr=slave, cwd=Path(__file__).resolve().parent.parent,
-            env=cli_env(TERM="xterm-256color", **env), start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509 - a new session's terminal
+            env=cli_env(TERM="xterm-256color", **env), start_new_session=True, preexec_fn=controlled)  # noqa: PLW1509
         os.close(slave)
         self._master: int | None = master
         self.seen = ""

@@ -165,6 +165,21 @@ def test_a_collection_whose_terminal_closes_saves_its_state(tiny_model: Path, co
     assert resumed and int(resumed.group(1)) > 0, rerun.err
 
 
+def test_a_collection_that_outlives_its_terminal_finishes(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """A collection that ignores SIGHUP (`disown`, or started so) goes on when its terminal closes, and every write
+    there then fails (EIO): the progress bar's, the status lines', the summary's. None of them stops it: it ends with
+    status 0 and its store complete, where the first status line after the hangup used to stop it (exit 1, no
+    store)."""
+    store = tmp_path / "s.duckdb"
+    with Terminal(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--batch-size", "1", "--max-excerpts",
+                   "96", "--store", store, *FAST], ignore_hangup=True) as terminal:
+        terminal.wait_for(r"(\d+)/96", lambda found: int(found.group(1)) > 0)
+        terminal.hang_up()
+        assert terminal.proc.wait(timeout=300) == 0
+    with Store.open(store, read_only=True) as opened:
+        assert [run.status for run in opened.runs()] == ["complete"] and opened.run().n_excerpts == 96
+
+
 def test_a_stop_request_waits_for_the_batch_and_a_second_stops_at_once() -> None:
     """StopRequests, in a process of its own (signals are a process's main thread's): a first Ctrl-C or SIGTERM is
     noted, not raised, and so is the same request passed on at once (torchrun's); one more, later, raises

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -11,12 +12,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import NoReturn
+from typing import IO, Any, NoReturn, cast
 
 from rich.console import Console
 from rich.text import Text
 
-from neuronscope.core.errors import STOP_SIGNALS, terminate
+from neuronscope.core.errors import STOP_SIGNALS, leave_closed_terminal, terminate
 
 #: Exit statuses, the same for every command (README, "Commands"; `neuronscope --help`).
 EXIT_DONE = 0
@@ -36,8 +37,46 @@ EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one 
 #: Largest --samples: each is an explainer call and a simulation per neuron.
 MAX_SAMPLES = 64
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, whatever the width
+
+
+class _Stream:
+    """sys.stdout or sys.stderr, looked up at each write as Rich does (a live display or a test puts another in
+    place), through which no write fails once the terminal has closed: a command that outlives its terminal
+    (`disown`, SIGHUP ignored) gets EIO for every write there, and a status line stopped it mid-run (exit 1, the run
+    lost). Then what it prints goes nowhere (core.errors.leave_closed_terminal)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _target(self) -> Any:
+        stream = getattr(sys, self._name)
+        return getattr(stream, "rich_proxied_file", stream)  # a live display's proxy prints through this console
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "rich_proxied_file":
+            raise AttributeError(attr)
+        return getattr(self._target(), attr)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._target().write(text))
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            leave_closed_terminal()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._target().flush()
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            leave_closed_terminal()
+
+
+out = Console(file=cast(IO[str], _Stream("stdout")), highlight=False)
+err = Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
 #: This process's name before every line it prints, where a launcher runs several processes in one terminal and
 #: another one shows the progress (`speak_as`); None where this process speaks for itself.
 _rank: str | None = None
