@@ -38,7 +38,6 @@ EXIT_HELP = (f"exit status: {EXIT_DONE} all done; {EXIT_ERROR} an error, in one 
 MAX_SAMPLES = 64
 
 
-
 class _Stream:
     """sys.stdout or sys.stderr, looked up at each write as Rich does (a live display or a test puts another in
     place), through which no write fails once the terminal has closed: a command that outlives its terminal
@@ -58,17 +57,15 @@ class _Stream:
         return getattr(self._target(), attr)
 
     def write(self, text: str) -> int:
-        try:
-            return int(self._target().write(text))
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            leave_closed_terminal()
-            return len(text)
+        self._unless_closed(lambda target: target.write(text))
+        return len(text)
 
     def flush(self) -> None:
+        self._unless_closed(lambda target: target.flush())
+
+    def _unless_closed(self, action: Callable[[Any], object]) -> None:
         try:
-            self._target().flush()
+            action(self._target())
         except OSError as exc:
             if exc.errno != errno.EIO:
                 raise
