@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, Terminal, cli_command, cli_env, fast_settings, run_cli
+from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, cli_command, cli_env, fast_settings, run_cli
+from terminal import Terminal
 
 from neuronscope.core.collection.corpus import CorpusSpec
 from neuronscope.core.collection.excerpts import cut_excerpts

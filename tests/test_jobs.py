@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import (
     PLANTED_WORDS,
-    Terminal,
     assert_one_line_error,
     cli_command,
     cli_env,
     copy_store,
     run_cli,
 )
+from terminal import Terminal
 
 from neuronscope.core.jobs.engine import Job, JobError, JobSettings, Selection, run_job
 from neuronscope.core.jobs.selection import parse_where

@@ -140,11 +140,12 @@ class JobActions:
         try:
             loop = asyncio.get_running_loop()
             for number in STOP_SIGNALS:
-                if on and signal.getsignal(number) is not signal.SIG_IGN:  # one ignored stays so (`nohup`)
+                if not on:
+                    if loop.remove_signal_handler(number):
+                        signal.signal(number, self._signals_before.pop(number, None) or signal.SIG_DFL)
+                elif signal.getsignal(number) is not signal.SIG_IGN:  # one ignored stays so (`nohup`)
                     self._signals_before[number] = signal.getsignal(number)
                     loop.add_signal_handler(number, self._stop_on, number)
-                elif loop.remove_signal_handler(number):
-                    signal.signal(number, self._signals_before.pop(number, None) or signal.SIG_DFL)
         except (RuntimeError, NotImplementedError, ValueError):  # not the main thread, or no signals here
             pass
 
