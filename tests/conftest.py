@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from neuronscope.core.store import Store
@@ -72,17 +73,14 @@ HOSTILE = [
 
 def _variant(text: str, i: int) -> str:
     """A deterministic variation of a paragraph: sentences rotated, a counter woven in."""
-    sentences = [s.strip() for s in text.replace("? ", ". ").split(". ") if s.strip()]
+    sentences = [s.strip().rstrip(".") for s in text.replace("? ", ". ").split(". ") if s.strip()]
     k = i % len(sentences)
-    rotated = sentences[k:] + sentences[:k]
-    return f"Note {i + 1}. " + ". ".join(s.rstrip(".") for s in rotated) + "."
+    return f"Note {i + 1}. " + ". ".join(sentences[k:] + sentences[:k]) + "."
 
 
 def prose_text(copies: int = 2) -> str:
     """The prose paragraphs and `copies - 1` varied copies, blank-line separated."""
-    paras = list(PROSE)
-    for c in range(1, copies):
-        paras += [_variant(p, c * len(PROSE) + i) for i, p in enumerate(PROSE)]
+    paras = PROSE + [_variant(p, c * len(PROSE) + i) for c in range(1, copies) for i, p in enumerate(PROSE)]
     return "\n\n".join(paras) + "\n"
 
 
@@ -171,6 +169,19 @@ RECORDS = ("SELECT layer, neuron, kind, rank, bin, excerpt_id, scale, acts, max_
 
 #: Dim progress lines `collect` prints on stderr before it can fail (model load, corpus cut).
 STATUS_PREFIXES = ("loading ", "verifying packaged weights", "cutting ", "skipped ", "importing neurons")
+
+
+def assert_same_collection(whole: Path, store: Path) -> None:
+    """The complete runs of two stores hold the same collection: statistics, records and activations."""
+    with Store.open(whole, read_only=True) as one, Store.open(store, read_only=True) as two:
+        runs = [(s, next(r for r in s.runs() if r.status == "complete")) for s in (one, two)]
+        (_, a), (_, b) = runs
+        assert (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts)
+        exact, close, records = ([s.con.execute(query, [r.run_id]).fetchall() for s, r in runs] for query in (
+            f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron",
+            f"SELECT {', '.join(NEURON_CLOSE[:-1])} FROM neurons WHERE run_id = ? ORDER BY layer, neuron", RECORDS))
+        assert exact[0] == exact[1] and records[0] == records[1]
+        np.testing.assert_allclose(np.array(close[0], float), np.array(close[1], float), rtol=1e-6)
 
 
 def assert_one_line_error(result: Result, *needles: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, NEURON_CLOSE, NEURON_EXACT, RECORDS, cli_command, cli_env, fast_settings, run_cli
+from conftest import FAST, assert_same_collection, cli_command, cli_env, fast_settings, run_cli
 from terminal import Terminal
 
 from neuronscope.core.collection.corpus import CorpusSpec
@@ -22,20 +22,6 @@ from neuronscope.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
-
-
-def _assert_same_collection(whole: Path, store: Path) -> None:
-    """The complete runs of two stores hold the same collection: statistics, records and activations."""
-    with Store.open(whole, read_only=True) as one, Store.open(store, read_only=True) as two:
-        a = next(r for r in one.runs() if r.status == "complete")
-        b = next(r for r in two.runs() if r.status == "complete")
-        assert (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts)
-        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
-        close = f"SELECT {', '.join(NEURON_CLOSE[:-1])} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        np.testing.assert_allclose(np.array(one.con.execute(close, [a.run_id]).fetchall(), float),
-                                   np.array(two.con.execute(close, [b.run_id]).fetchall(), float), rtol=1e-6)
-        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
 
 
 @pytest.mark.slow
@@ -62,7 +48,7 @@ def test_a_collection_killed_goes_on_from_its_checkpoint_and_equals_an_uninterru
     resumed = re.search(r"resumed from a checkpoint \(excerpts\): (\d+)/(\d+)", rerun.err)
     assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), rerun.err
     assert not folder.exists()
-    _assert_same_collection(whole, store)
+    assert_same_collection(whole, store)
 
 
 def test_a_checkpoint_the_disk_refuses_is_a_warning_and_the_collection_goes_on(
@@ -143,7 +129,7 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
     rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
     assert rerun.code == 0, rerun.err
     assert f"resumed from a checkpoint (excerpts): {saved.group(1)}/96" in rerun.err, rerun.err
-    _assert_same_collection(whole, store)
+    assert_same_collection(whole, store)
 
 
 @pytest.mark.slow

@@ -1,14 +1,9 @@
-"""Shards and merge: shard states merged into one store equal a single-run store; merge refusals; torchrun ranks."""
+"""Shards and merge: shard states merged into one store equal a single-run store; merge refusals; --device-map."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +14,7 @@ from conftest import (
     NEURON_EXACT,
     RECORDS,
     assert_one_line_error,
-    cli_env,
+    assert_same_collection,
     collect_into,
     fast_settings,
     orphan_records,
@@ -205,139 +200,6 @@ def test_merging_the_same_shards_again_adds_no_second_run(shard_stores) -> None:
         assert (len(out.runs()), out.counts()) == before
 
 
-@pytest.mark.slow
-def test_torchrun_ranks_collect_shards_and_rank_0_merges_them(tiny_model: Path, corpus_dir: Path,
-                                                              tmp_path: Path) -> None:
-    """`torchrun --nproc-per-node 2 … collect --shard auto`: each rank collects its shard beside the store (gloo on
-    CPU), they meet, and rank 0 merges them into a store equal to one process's collection (batches of one, so the
-    forward pass is the same in any batch)."""
-    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "64", "--batch-size", "1",
-            *FAST]
-    single = tmp_path / "single.duckdb"
-    assert run_cli([*args, "--store", single], timeout=300).code == 0
-    store = tmp_path / "ranks.duckdb"
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
-                "-m", "neuronscope.tui.cli"]
-    proc = subprocess.run([*torchrun, *map(str, args), "--store", str(store), "--shard", "auto"], capture_output=True,
-                          text=True, timeout=600, env=cli_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for i in range(2):
-        assert ShardState(tmp_path / f"ranks.shard-{i}-of-2").meta.index == i
-    # The ranks share a terminal: rank 0 alone shows its progress; rank 1 prints its result, named.
-    lines = proc.stderr.splitlines()
-    assert sum(line.startswith("cutting ") for line in lines) == 1, proc.stderr
-    assert sum(line == "collecting excerpts: 32/32" for line in lines) == 1, proc.stderr
-    results = [found.group(0) for found in re.finditer(r"^(rank \d: )?shard \d/2: ", proc.stderr, re.MULTILINE)]
-    assert sorted(results) == ["rank 1: shard 1/2: ", "shard 0/2: "], proc.stderr
-    # Rank 0 says what the merged store no longer needs beside it, and its size.
-    left = re.search(r"the store holds the 2 shard states now: they can be deleted, with the shards' token ids in "
-                     r"\S+ranks.tokens \(([\d.,]+) MB in all\)", proc.stderr)
-    folders = [tmp_path / "ranks.shard-0-of-2", tmp_path / "ranks.shard-1-of-2", tmp_path / "ranks.tokens"]
-    size = sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
-    assert left and left.group(1) == f"{size / 1e6:,.1f}", proc.stderr
-    with Store.open(single, read_only=True) as one, Store.open(store, read_only=True) as merged:
-        (a,), (b,) = one.runs(), merged.runs()
-        assert b.shard == "" and (a.corpus, a.settings, a.n_excerpts) == (b.corpus, b.settings, b.n_excerpts) \
-            and b.n_excerpts == 64
-        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        assert one.con.execute(query, [a.run_id]).fetchall() == merged.con.execute(query, [b.run_id]).fetchall()
-        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == merged.con.execute(RECORDS, [b.run_id]).fetchall()
-
-
-@pytest.mark.parametrize("other", ["joined", "late"])
-def test_a_rank_waiting_for_the_others_stops_on_sigterm(other: str) -> None:
-    """A rank done before the others waits for them (gloo's barrier, in C++). SIGTERM there (torchrun's, when another
-    rank failed, or a scheduler's) stops it at once with status 130, as the CLI takes it: the barrier had held the
-    signal off until the last rank came, days later on a long collection; so did joining the group while another
-    rank had not (`late`)."""
-    import socket
-
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    code = """
-import datetime, sys, time
-import torch.distributed as dist
-from neuronscope.core.collection.ranks import MEET_TIMEOUT, Rank, meet
-from neuronscope.core.errors import Terminated
-from neuronscope.tui.console import terminate_as_interrupt
-rank = int(sys.argv[1])
-if rank == 1:  # in the group but never at the barrier, or not even in the group
-    if sys.argv[2] == "joined":
-        dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
-    time.sleep(120)
-with terminate_as_interrupt():
-    try:
-        print("waiting", flush=True)
-        meet(Rank(0, 2, 0, "torchrun", 2))
-    except Terminated:
-        print("stopped", flush=True)
-        sys.exit(130)
-"""
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), other], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env=cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                                          WORLD_SIZE="2"))
-             for rank in (0, 1)]
-    try:
-        assert procs[0].stdout is not None and procs[0].stdout.readline() == "waiting\n"
-        time.sleep(2)  # into the wait
-        assert procs[0].poll() is None, "rank 0 did not wait for rank 1"
-        procs[0].send_signal(signal.SIGTERM)
-        assert procs[0].wait(timeout=10) == 130 and procs[0].stdout.read() == "stopped\n"
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-
-
-def test_a_rank_that_another_speaks_for_names_itself_and_shows_no_progress(capsys: pytest.CaptureFixture[str]) -> None:
-    """Under torchrun, a rank other than its node's first prints no status lines, progress or skipped files into the
-    shared terminal; its results, warnings and errors carry its name."""
-    from rich.text import Text
-
-    from neuronscope.tui.console import Skipped, progress_bars, say, speak_as, status, summary, warning
-
-    speak_as("rank 3")
-    try:
-        status("loading the model")
-        with progress_bars() as progress:
-            progress("collect", 5, 10)
-        skipped = Skipped()
-        skipped("a.bin", "binary")
-        skipped.finish()
-        warning("cannot write a checkpoint: disk full")
-        summary("shard 3/4: 12 neurons over 32 excerpts")
-        say(Text("error: ", style="bold red") + Text("out of memory"))
-    finally:
-        speak_as(None)
-    status("rank 0 again")
-    assert capsys.readouterr().err.splitlines() == [
-        "rank 3: cannot write a checkpoint: disk full", "rank 3: shard 3/4: 12 neurons over 32 excerpts",
-        "rank 3: error: out of memory", "rank 0 again"]
-
-
-def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
-    from neuronscope.core.collection.ranks import Rank, from_environment
-
-    assert from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(1, 4, 1, "torchrun")
-    assert from_environment({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
-                             "SLURM_ARRAY_TASK_COUNT": "3"}) == Rank(1, 3, None, "slurm")
-    # With --device-map, a node's ranks split its GPUs between them, in order.
-    second = from_environment({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
-    assert second.local_count == 4 and second.gpus(8) == (2, 3) and second.gpus(9) == (2, 3)
-    with pytest.raises(CollectError, match=r"4 ranks on a node with 2 GPUs: .* start at most 2 a node"):
-        second.gpus(2)
-    with pytest.raises(CollectError, match="this node has none: drop --device-map"):
-        second.gpus(0)
-    with pytest.raises(CollectError, match="rank 7 of 3; an array must run tasks 0..n-1"):
-        from_environment({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3"})
-    with pytest.raises(CollectError, match="RANK='x' is not a whole number"):
-        from_environment({"RANK": "x", "WORLD_SIZE": "2"})
-    result = run_cli(["collect", "--model", tiny_model, "--corpus", corpus_dir, "--store", tmp_path / "s.duckdb",
-                      "--shard", "auto", *FAST])
-    assert_one_line_error(result, "--shard auto found no launcher: run it under torchrun")
-
-
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,
                                                                          tmp_path: Path) -> None:
     args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--shard", "1/2",
@@ -365,10 +227,6 @@ def test_device_map_collects_what_one_device_collects(tiny_model: Path, corpus_d
     assert run_cli([*args, "--store", plain], timeout=300).code == 0
     result = run_cli([*args, "--store", mapped, "--device-map", "auto"], timeout=300)
     assert result.code == 0, result.err
-    with Store.open(plain, read_only=True) as one, Store.open(mapped, read_only=True) as two:
-        (a,), (b,) = one.runs(), two.runs()
-        query = f"SELECT {', '.join(NEURON_EXACT)} FROM neurons WHERE run_id = ? ORDER BY layer, neuron"
-        assert one.con.execute(query, [a.run_id]).fetchall() == two.con.execute(query, [b.run_id]).fetchall()
-        assert one.con.execute(RECORDS, [a.run_id]).fetchall() == two.con.execute(RECORDS, [b.run_id]).fetchall()
+    assert_same_collection(plain, mapped)
     both = run_cli([*args, "--store", tmp_path / "both.duckdb", "--device-map", "auto", "--device", "cpu"])
     assert_one_line_error(both, "--device and --device-map both place the model: pass one of them")

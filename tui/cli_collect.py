@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
@@ -25,6 +26,9 @@ from neuronscope.tui.console import (
     warning,
 )
 
+if TYPE_CHECKING:
+    from neuronscope.core.collection.ranks import Rank
+
 #: Largest --top-k/--bottom-k/--random-k/--quantile-k: memory grows with neurons x k x length.
 MAX_K = 1_000
 #: How often a collection writes its state by default (seconds): a long run loses at most this much to a crash.
@@ -35,21 +39,40 @@ CHECKPOINT_EVERY = 20 * 60.0
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect activations of a model over a corpus into the store, then print the most selective neurons."""
+    from neuronscope.core.collection.collect import CollectError
+    from neuronscope.core.collection.ranks import from_environment, report
+    from neuronscope.core.errors import caused_by_interrupt, interruption
+
+    rank = from_environment() if args.shard == "auto" else None
+    if rank is None or rank.launcher != "srun" or rank.index == 0:
+        return _collect(args, rank)
+    try:  # another task of an srun step: rank 0 waits for its word (ranks.gather)
+        code = _collect(args, rank)
+    except BaseException as exc:
+        with suppress(CollectError):  # (this failure is the one to tell)
+            report(rank, args.store, interruption(exc) if caused_by_interrupt(exc) else
+                   (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise
+    report(rank, args.store, None)
+    return code
+
+
+def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
     from neuronscope.core.collection.checkpoint import Checkpoints
     from neuronscope.core.collection.collect import auto_batch_size, collect, collect_beside, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
-    from neuronscope.core.collection.ranks import from_environment, meet, shard_path, tokens_path
+    from neuronscope.core.collection.ranks import gather, meet, shard_path, tokens_path
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.records import CollectSettings
 
-    rank = from_environment() if args.shard == "auto" else None
     shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
-    together = rank is not None and rank.launcher == "torchrun" and rank.count > 1  # rank 0 merges at the end
-    if together:  # the ranks share a terminal (a node's): its first rank alone shows the progress
+    # torchrun's ranks and an srun step's tasks meet when all are done, and rank 0 merges (a job array's never do).
+    together = rank is not None and rank.launcher in ("torchrun", "srun") and rank.count > 1
+    if together:  # the ranks share a terminal (torchrun's a node's, srun's a step's): one shows the progress
         assert rank is not None
-        speak_as(f"rank {rank.index}" if rank.local else None)
+        speak_as(f"rank {rank.index}" if (rank.index if rank.launcher == "srun" else rank.local) else None)
         status(f"rank {rank.index} of {rank.count} shows its progress here; the other ranks print only their "
                "results, warnings and errors")
     part = shard_path(args.store, *shard) if shard[1] > 1 else None  # a shard writes its state beside the store
@@ -66,7 +89,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if torch.cuda.is_available() and args.device_map is not None:
             gpus = rank.gpus(torch.cuda.device_count())  # each rank spreads its model over its share of the node's
         elif torch.cuda.is_available():
-            device = f"cuda:{rank.local}"  # each rank its own GPU
+            device = f"cuda:{rank.device(torch.cuda.device_count())}"  # each rank its own GPU
     if args.skip_positions >= args.length:
         raise InputError(f"--skip-positions {args.skip_positions} leaves nothing of a {args.length}-token excerpt: "
                          f"pass fewer than {args.length}")
@@ -157,8 +180,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         checkpoints.clear()
     if together:
         assert rank is not None
-        status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
-        meet(rank)
+        if rank.launcher == "torchrun":
+            status(f"rank {rank.index} of {rank.count}: waiting for the other ranks")
+            meet(rank)
+        elif rank.index == 0:
+            status(f"rank 0 of {rank.count}: waiting for the other tasks' shards")
+            gather(rank, args.store)
         if rank.index == 0:
             from neuronscope.tui.cli_store import merge_shards
 
@@ -218,11 +245,11 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                    help="with --sae: also the MLP neurons (of --layers, default all), from the same forward passes, "
                         "as a second run of the store")
     p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
-                   help="spread a model too large for one GPU across the GPUs (accelerate; under torchrun, the "
-                        "rank's share of its node's GPUs); each layer's statistics stay on its GPU")
+                   help="spread a model too large for one GPU across the GPUs (accelerate; under torchrun or srun, "
+                        "the rank's share of its node's GPUs); each layer's statistics stay on its GPU")
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
-                                   "beside --store, for `neuronscope merge`; auto: the part torchrun or a SLURM job "
-                                   "array gives this process (README, \"Many GPUs\")")
+                                   "beside --store, for `neuronscope merge`; auto: the part torchrun, srun or a SLURM "
+                                   "job array gives this process (README, \"On a GPU box\")")
     p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
     p.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY, metavar="TIME",
                    help="write the collection's state beside the store this often (90s, 20m, 1h; default 20m; off), "
