@@ -73,6 +73,7 @@ def test_ranks_collect_shards_and_rank_0_merges_them(launcher: str, tiny_model: 
     assert code == 0, stderr[-3000:]
     for i in range(2):
         assert ShardState(tmp_path / f"ranks.shard-{i}-of-2").meta.index == i
+    assert not report_path(store, 1, 2).exists()  # rank 0 took rank 1's report of this launch away
     # The ranks share a terminal: rank 0 alone shows its progress; rank 1 prints its result, named.
     lines = stderr.splitlines()
     assert sum(line.startswith("cutting ") for line in lines) == 1, stderr
@@ -124,6 +125,7 @@ def test_rank_0_of_an_srun_step_waits_for_the_reports_of_this_launch(tmp_path: P
     started = time.monotonic()
     gather(task(0, "7.0."), store)
     assert time.monotonic() - started >= 0.3
+    assert not report_path(store, 1, 3).exists() and not report_path(store, 2, 3).exists()  # taken away
     report(task(2, "8.0."), store, "stopped by SIGTERM")
     with pytest.raises(CollectError, match=r"^rank 2 of 3 stopped without its shard \(stopped by SIGTERM\): "):
         gather(task(0, "8.0."), store)  # (task 1 has not said yet in this launch)

@@ -149,13 +149,14 @@ def report(rank: Rank, store: str | Path, error: str | None) -> None:
 
 def gather(rank: Rank, store: str | Path) -> None:
     """Rank 0 of an srun step: wait until every other task has reported, in this launch, that its shard is written
-    (`report`); CollectError naming a task that stopped without its shard, and why. Ctrl-C and SIGTERM stop the wait
-    (it sleeps in the main thread)."""
+    (`report`), and take those reports away; CollectError naming a task that stopped without its shard, and why (that
+    report stays). Ctrl-C and SIGTERM stop the wait (it sleeps in the main thread)."""
     waiting = set(range(rank.count)) - {rank.index}
     while True:
         for index in sorted(waiting):
+            path = report_path(store, index, rank.count)
             try:
-                said = json.loads(report_path(store, index, rank.count).read_text())
+                said = json.loads(path.read_text())
             except (OSError, ValueError):  # not yet (or half-copied by a file system that shows it early)
                 continue
             if not isinstance(said, dict) or said.get("launch") != rank.launch:
@@ -165,6 +166,7 @@ def gather(rank: Rank, store: str | Path) -> None:
                                    "that is mended, run the same command again (finished shards are kept, the others "
                                    "go on from their checkpoints)")
             waiting.discard(index)
+            path.unlink(missing_ok=True)
         if not waiting:
             return
         time.sleep(GATHER_STEP)
