@@ -254,9 +254,11 @@ def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: 
     assert from_environment({**step, "SLURM_STEP_TASKS_PER_NODE": "3,2(x2)", "SLURM_NODEID": "2"}).local_count == 2
     with pytest.raises(CollectError, match=r"SLURM_STEP_TASKS_PER_NODE='4\*2' is not srun's list of tasks per node"):
         from_environment({**step, "SLURM_STEP_TASKS_PER_NODE": "4*2"})
-    # srun --gpus-per-task: Slurm gives each task GPUs of its own, and the task uses all it sees.
-    bound = from_environment({**step, "SLURM_GPUS_PER_TASK": "2"})
-    assert bound.device(2) == 0 and bound.gpus(2) == (0, 1)
+    # srun --gpus-per-task (or --gpu-bind): a task that sees fewer than the job's GPUs on its node was given them
+    # alone (as Slurm 22.05 does: CUDA_VISIBLE_DEVICES=2,3 for the second task of two on four GPUs) and uses them all.
+    gpus = from_environment({**step, "SLURM_GPUS_ON_NODE": "8"})
+    assert gpus.device(2) == 0 and gpus.gpus(2) == (0, 1)
+    assert gpus.device(8) == 1 and gpus.gpus(8) == (2, 3)  # all eight visible: shared with the node's tasks
     # The innermost launcher says: torchrun started by srun, an srun step in an array task.
     assert from_environment({**step, "RANK": "3", "WORLD_SIZE": "4"}).launcher == "torchrun"
     assert from_environment({**step, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}).launcher == "srun"

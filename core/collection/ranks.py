@@ -44,19 +44,24 @@ class Rank:
     launch: str = ""
     """Which launch this is, where the launcher says (an srun step: its job, step and restart count), so that rank 0
     never takes a report left by an earlier one (`gather`)."""
-    bound: bool = False
-    """The launcher gave this process GPUs of its own (srun --gpus-per-task): it uses every GPU it sees."""
+    node_gpus: int | None = None
+    """The job's GPUs on this node, where the launcher says (srun's SLURM_GPUS_ON_NODE). A process that sees fewer
+    was given GPUs of its own (srun --gpus-per-task or --gpu-bind: Slurm sets each task's CUDA_VISIBLE_DEVICES) and
+    uses all it sees; one that sees them all shares them with the node's other ranks."""
+
+    def _own(self, count: int) -> bool:
+        return self.node_gpus is not None and count < self.node_gpus
 
     def device(self, count: int) -> int:
-        """The GPU of the `count` this process sees that it runs its model on (without --device-map): its own
-        (LOCAL_RANK) of the node's, or the first of those the launcher gave it alone."""
-        return 0 if self.bound else (self.local or 0) % max(count, 1)
+        """Which of the `count` GPUs this process sees it runs its model on (without --device-map): its own of the
+        node's (LOCAL_RANK), or the first of those the launcher gave it alone."""
+        return 0 if self._own(count) else (self.local or 0) % max(count, 1)
 
     def gpus(self, count: int) -> tuple[int, ...]:
-        """The GPUs of the node's `count` this rank spreads its model over (--device-map): the node's GPUs split
-        evenly between its ranks, in order (8 GPUs, 4 ranks: rank 1 takes GPUs 2 and 3), or all those it sees where
+        """The GPUs of the `count` this process sees that it spreads its model over (--device-map): the node's GPUs
+        split evenly between its ranks, in order (8 GPUs, 4 ranks: rank 1 takes GPUs 2 and 3), or all of them where
         the launcher gave it GPUs of its own. CollectError where the node has fewer GPUs than ranks."""
-        local, ranks = (0, 1) if self.bound else (self.local or 0, max(self.local_count, 1))
+        local, ranks = (0, 1) if self._own(count) else (self.local or 0, max(self.local_count, 1))
         each = count // ranks
         if count == 0:
             raise CollectError("--device-map spreads a model across GPUs, and this node has none: drop --device-map")
@@ -100,7 +105,7 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Rank:
     elif "SLURM_PROCID" in env and _whole(env, "SLURM_STEP_NUM_TASKS", 1) > 1:  # (a batch script is no step)
         launch = ".".join(env.get(name, "") for name in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
         rank = Rank(_whole(env, "SLURM_PROCID"), _whole(env, "SLURM_STEP_NUM_TASKS"), _whole(env, "SLURM_LOCALID", 0),
-                    "srun", _tasks_on_node(env), launch, bound="SLURM_GPUS_PER_TASK" in env)
+                    "srun", _tasks_on_node(env), launch, _whole(env, "SLURM_GPUS_ON_NODE", 0) or None)
     elif "SLURM_ARRAY_TASK_ID" in env:
         first = _whole(env, "SLURM_ARRAY_TASK_MIN", 0)
         rank = Rank(_whole(env, "SLURM_ARRAY_TASK_ID") - first, _whole(env, "SLURM_ARRAY_TASK_COUNT"), None, "slurm")
