@@ -122,9 +122,9 @@ def test_rank_0_of_an_srun_step_waits_for_the_reports_of_this_launch(tmp_path: P
     report(task(2, "6.0."), store, "an earlier launch's error")  # not this launch's: not taken
     late = threading.Timer(0.3, report, (task(2, "7.0."), store, None))
     late.start()
-    started = time.monotonic()
-    gather(task(0, "7.0."), store)
-    assert time.monotonic() - started >= 0.3
+    started, told = time.monotonic(), []
+    gather(task(0, "7.0."), store, lambda done, total: told.append((done, total)))
+    assert time.monotonic() - started >= 0.3 and told == [(0, 2), (1, 2), (2, 2)]
     assert not report_path(store, 1, 3).exists() and not report_path(store, 2, 3).exists()  # taken away
     report(task(2, "8.0."), store, "stopped by SIGTERM")
     with pytest.raises(CollectError, match=r"^rank 2 of 3 stopped without its shard \(stopped by SIGTERM\): "):

@@ -185,7 +185,8 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
             meet(rank)
         elif rank.index == 0:
             status(f"rank 0 of {rank.count}: waiting for the other tasks' shards")
-            gather(rank, args.store)
+            with progress_bars() as progress:
+                gather(rank, args.store, lambda done, total: progress("shards", done, total))
         if rank.index == 0:
             from neuronscope.tui.cli_store import merge_shards
 

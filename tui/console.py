@@ -194,7 +194,7 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
               "tokenize": "tokenizing corpus (tokens)", "neurons": "explaining and scoring neurons",
               "planning": "counting calls", "import": "importing neurons", "export": "exporting neurons",
               "related": "related tokens and neurons (layers)", "resume": "resumed from a checkpoint (excerpts)",
-              "checkpoint": "last checkpoint (excerpts)",
+              "checkpoint": "last checkpoint (excerpts)", "shards": "the other tasks' shards written",
               "stop": "saving, then stopping (Ctrl-C: now)",
               "compile": "compiling the CPU passes (once per machine, about a minute)"}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),

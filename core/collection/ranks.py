@@ -152,12 +152,17 @@ def report(rank: Rank, store: str | Path, error: str | None) -> None:
                            "once the folder takes it, run the same command again (the shard is kept)") from None
 
 
-def gather(rank: Rank, store: str | Path) -> None:
+def gather(rank: Rank, store: str | Path, progress: Callable[[int, int], None] | None = None) -> None:
     """Rank 0 of an srun step: wait until every other task has reported, in this launch, that its shard is written
     (`report`), and take those reports away; CollectError naming a task that stopped without its shard, and why (that
-    report stays). Ctrl-C and SIGTERM stop the wait (it sleeps in the main thread)."""
+    report stays). `progress(done, total)` is told how many have, whenever that changes. Ctrl-C and SIGTERM stop the
+    wait (it sleeps in the main thread)."""
     waiting = set(range(rank.count)) - {rank.index}
+    total, told = len(waiting), -1
     while True:
+        if progress is not None and total - len(waiting) != told:
+            told = total - len(waiting)
+            progress(told, total)
         for index in sorted(waiting):
             path = report_path(store, index, rank.count)
             try:
@@ -173,6 +178,8 @@ def gather(rank: Rank, store: str | Path) -> None:
             waiting.discard(index)
             path.unlink(missing_ok=True)
         if not waiting:
+            if progress is not None:
+                progress(total, total)
             return
         time.sleep(GATHER_STEP)
 
