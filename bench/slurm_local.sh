@@ -6,10 +6,12 @@
 #   3. a task that stops without its shard: rank 0 stops waiting, names it, and srun exits 2;
 #   4. `scancel` mid-collection: every task saves its state (exit 130), and the same job resumes and merges;
 #   5. GPUs (four stand-ins: character devices Slurm hands out as it would GPUs, setting each task's
-#      CUDA_VISIBLE_DEVICES): each task's GPU, and its share under --device-map, never another task's.
+#      CUDA_VISIBLE_DEVICES): each task's GPU, and its share under --device-map, never another task's;
+#   6. a time limit's warning (`--signal=TERM@60`) under `srun --kill-on-bad-exit=1`: the first task to have saved
+#      exits 130, srun sends the other its SIGTERM again, and that one still saves and exits 130.
 #
 #   apt-get install slurm-wlm munge      # Debian 12: Slurm 22.05; run as root (the daemons)
-#   bash bench/slurm_local.sh            # about five minutes on two cores
+#   bash bench/slurm_local.sh            # about seven minutes on two cores
 #
 # Nothing is downloaded: the packaged default model and corpus. Prints what each check saw; exits non-zero at the
 # first that fails.
@@ -151,7 +153,18 @@ for gpus in "--gpus-per-task=1|runs on 0, --device-map over 0;runs on 1, --devic
     [ "$(echo "$said" | sed 's/^task [01] sees [0-9,]*: //' | paste -sd';')" = "$expected" ] \
         || fail "expected $expected"
 done
-echo "all five checks passed (Slurm $(srun --version | cut -d' ' -f2), $(nproc) CPUs)"
+echo "6. a time limit's SIGTERM a minute early (--signal=TERM@60), srun --kill-on-bad-exit=1 passing it on again"
+cat > "$HERE/limit.sbatch" <<EOF
+#!/bin/bash
+#SBATCH --ntasks=2 --time=2 --signal=TERM@60 --output=$RUNS/limit.out --error=$RUNS/limit.err
+srun --kill-on-bad-exit=1 $NS collect --layers 0-11 --max-excerpts 8192 --batch-size 32 --shard auto \
+    --store $RUNS/limit.duckdb
+EOF
+sbatch --wait "$HERE/limit.sbatch" > /dev/null && fail "the job ended with status 0 before its time limit"
+grep "interrupted: \|task [01]: " "$RUNS/limit.err" | cut -c1-110 | sed 's/^/   /'
+[ "$(grep -c "task [01]: Exited with exit code 130" "$RUNS/limit.err")" = 2 ] \
+    || fail "a task did not save and exit 130: $(grep "task [01]" "$RUNS/limit.err")"
+echo "all six checks passed (Slurm $(srun --version | cut -d' ' -f2), $(nproc) CPUs)"
 stop
 trap - EXIT
 rm -rf "$HERE"  # (left for a look where a check failed)

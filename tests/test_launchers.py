@@ -277,3 +277,25 @@ def test_shard_auto_reads_the_launchers_variables(tiny_model: Path, corpus_dir: 
     assert_one_line_error(result, "--shard auto found no launcher: run it under torchrun")
 
 
+
+
+@pytest.mark.parametrize("how", ["own", "called"])
+def test_a_stop_signal_once_the_command_is_over_is_ignored(how: str) -> None:
+    """A launcher's SIGTERM again (srun --kill-on-bad-exit, torchrun, once another rank stopped) can reach a rank that
+    has saved its state while it prints so or shuts down. The process's own command line (`main()`) ends with its
+    own status, here 2, not killed (143); a call of main with arguments, as in-process tests make, leaves the default
+    behind."""
+    code = """
+import os, signal, sys, time
+from neuronscope.tui.cli import main
+args = ["show", "twelve/3", "--store", "/nonexistent/never-opened.duckdb"]
+sys.argv = ["neuronscope", *args]
+status = main() if os.environ["HOW"] == "own" else main(args)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print("ended", status)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=cli_env(HOW=how), cwd=ROOT)
+    expected = (0, "ended 2") if how == "own" else (-signal.SIGTERM, "")
+    assert (done.returncode, done.stdout.strip()) == expected, done.stderr

@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(last=argv is None):  # (argv None: the process's own command line)
             return int(args.func(args) or 0)
     except NeuronscopeError as exc:
         say(Text("error: ", style="bold red") + Text(str(exc)))

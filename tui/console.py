@@ -80,12 +80,15 @@ _rank: str | None = None
 
 
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt(last: bool = False) -> Iterator[None]:
     """SIGTERM and SIGHUP taken as Ctrl-C is while a command runs (SIGTERM: a scheduler preempting or cancelling a
     job or ending its time, `kill`, torchrun stopping its ranks; SIGHUP: the terminal closed, as when an SSH
     connection drops): they raise Terminated where they land, so a job commits what landed and is marked
     interrupted, a collection saves its state, and the command exits 130 rather than dying on the spot. A signal the
-    process ignores (`nohup` ignores SIGHUP), or handles itself, stays so; off the main thread nothing changes."""
+    process ignores (`nohup` ignores SIGHUP), or handles itself, stays so; off the main thread nothing changes.
+    `last`: the command is the process's, which only ends after it: the signals are ignored from then on, as nothing
+    is left to stop (a launcher's SIGTERM again, once another rank stopped, killed a rank that had saved its state
+    while it printed so or shut down, and it exited 143, not 130)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -96,7 +99,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         for number in taken:
-            signal.signal(number, signal.SIG_DFL)
+            signal.signal(number, signal.SIG_IGN if last else signal.SIG_DFL)
 
 
 def speak_as(label: str | None) -> None:

@@ -159,12 +159,19 @@ def gather(rank: Rank, store: str | Path, progress: Callable[[int, int], None] |
     wait (it sleeps in the main thread)."""
     waiting = set(range(rank.count)) - {rank.index}
     total, told = len(waiting), -1
+    folder = report_path(store, 0, rank.count).parent
     while True:
         if progress is not None and total - len(waiting) != told:
             told = total - len(waiting)
             progress(told, total)
+        try:  # one listing a look, not a read per task (thousands of tasks, a shared file system)
+            present = {entry.name for entry in os.scandir(folder)}
+        except OSError:
+            present = set()
         for index in sorted(waiting):
             path = report_path(store, index, rank.count)
+            if path.name not in present:
+                continue
             try:
                 said = json.loads(path.read_text())
             except (OSError, ValueError):  # not yet (or half-copied by a file system that shows it early)

@@ -1,10 +1,12 @@
 """Stop requests during a collection's pass. Ctrl-C (SIGINT), SIGTERM (a scheduler preempting the job, `scancel`,
 the end of a job's time, torchrun stopping its ranks) and SIGHUP (the terminal closed) are taken at the end of the
 batch in progress rather than wherever they land, so that the pass can save its state as a checkpoint before it
-stops: a batch folded into some layers and not others is no state to save. A second request stops at once, as a
-plain interrupt, unless it comes within REPEATED seconds of the first: then it is the same request passed on
-(torchrun passes on to its ranks the signal it gets, and a terminal's Ctrl-C or a scheduler's SIGTERM reaches the
-ranks themselves too)."""
+stops: a batch folded into some layers and not others is no state to save. A second Ctrl-C stops at once, as a
+plain interrupt, unless it comes within REPEATED seconds of the first: then it is the same request passed on (a
+terminal's Ctrl-C reaches torchrun and its ranks alike, and torchrun passes it on). A second SIGTERM or SIGHUP never
+cuts the save short: no person is asking again. Launchers send them to the other ranks once one rank stops (torchrun,
+`srun --kill-on-bad-exit`), and a shell passes its own hangup on; a sender that insists sends SIGKILL, which the
+atomically written checkpoints survive."""
 
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ class Stopped(Interrupted):
 
 class StopRequests:
     """While entered (in the main thread: elsewhere signals cannot be caught, and nothing changes), SIGINT, SIGTERM
-    and SIGHUP (those the process does not ignore) set `signal` instead of stopping the process; a second one,
-    REPEATED seconds later or more, raises KeyboardInterrupt (Terminated for SIGTERM) where it lands; a second SIGHUP
-    never does (a shell passing its hangup on). The previous handlers come back on exit."""
+    and SIGHUP (those the process does not ignore) set `signal` instead of stopping the process; a later Ctrl-C,
+    REPEATED seconds after the first request or more, raises KeyboardInterrupt where it lands; a later SIGTERM or
+    SIGHUP is only noted. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -54,5 +56,5 @@ class StopRequests:
             Terminated.note(number)  # (what the run records)
         if self.signal is None:
             self.signal, self._first = number, now
-        elif number != signal.SIGHUP and now - self._first >= REPEATED:  # asked again: at once (a hangup asks nothing)
-            raise Terminated if number in STOP_SIGNALS else KeyboardInterrupt
+        elif number == signal.SIGINT and now - self._first >= REPEATED:  # a person asking again: at once
+            raise KeyboardInterrupt
