@@ -51,12 +51,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def terminate(number: int, _frame: object) -> None:
-    """A handler of STOP_SIGNALS: raise Terminated where the signal lands. A SIGHUP that comes once the command is
-    stopping already is only noted: a shell passes its own hangup on to the commands it ran, and no person is
-    asking again."""
+    """A handler of STOP_SIGNALS: raise Terminated where the first one lands. One that comes once the command is
+    stopping already is only noted, so that what it keeps on the way out (a job's requests in flight, its commit) is
+    kept: no person is asking again (Ctrl-C is how one does). A shell passes its own hangup on to the commands it
+    ran, and launchers send SIGTERM to the other ranks once one has stopped (torchrun, srun --kill-on-bad-exit)."""
     stopping = Terminated.received is not None
     Terminated.note(number)
-    if not (stopping and number == signal.SIGHUP):
+    if not stopping:
         raise Terminated
 
 

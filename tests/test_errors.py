@@ -97,3 +97,20 @@ def test_an_interrupt_duckdb_noticed_is_an_interrupt() -> None:
         Terminated.received = None
     assert not caused_by_interrupt(RuntimeError("Query failed")) and interruption(stopped.value).startswith(
         "interrupted by the user")
+
+
+def test_only_the_first_stop_signal_raises() -> None:
+    """SIGTERM or SIGHUP once a command is stopping (a launcher passing SIGTERM on to the other ranks, a shell its
+    hangup) is noted, not raised: it would cut short what the command keeps on its way out."""
+    import signal
+
+    from neuronscope.core.errors import Terminated, terminate
+
+    try:
+        with pytest.raises(Terminated):
+            terminate(signal.SIGTERM, None)
+        terminate(signal.SIGTERM, None)
+        terminate(signal.SIGHUP, None)
+        assert Terminated.received == "SIGTERM"
+    finally:
+        Terminated.received = None
