@@ -40,6 +40,12 @@ def screen_text(screen: Screen[Any]) -> str:
     return "\n".join(lines)
 
 
+def on_screen(screen: Screen[Any]) -> list[str]:
+    """The terminal's lines as they are drawn: what overlaps something else (two widgets docked to one edge) shows
+    only once."""
+    return [strip.text for strip in screen._compositor.render_strips()]
+
+
 async def until(pilot: Any, condition: Callable[[], bool], seconds: float = 60) -> None:
     """Let the app run until `condition` holds (jobs run in threads; their messages need the loop)."""
     deadline = time.monotonic() + seconds

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import SIZE, screen_text, settled, shown, sync, table_lines, until
+from app_helpers import SIZE, on_screen, screen_text, settled, shown, sync, table_lines, until
 from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from test_job_faults import Server
@@ -59,6 +59,15 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
         assert f"{row.score:+.2f}" in table_lines(table, 2)[3]
         assert "complete 1/1" in str(app.jobs.query_one(".job-state", Label).render())
         assert app.check_action("cancel", ()) is None  # nothing to cancel: greyed out
+        # The job's row is drawn above the keys (it once lay under them, both docked to the bottom), and the same
+        # job again, found complete, says so with its count.
+        lines = on_screen(app.screen)
+        assert "explain L0/N1 · baseline" in lines[-2] and "complete 1/1" in lines[-2] and "Help" in lines[-1]
+        await pilot.press("e")
+        await until(pilot, lambda: len(app.jobs.handles) == 2 and not app.jobs.running)
+        await pilot.pause()
+        lines = on_screen(app.screen)
+        assert "explain L0/N1 · baseline" in lines[-2] and "complete 1/1" in lines[-2], lines[-4:]
 
         # Score the marked neurons: L0/N1 has an explanation, L0/N3 has none and fails with a modal naming it.
         await pilot.press("m", "down", "m")
@@ -70,7 +79,7 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
         assert "L0/N1:" not in text
         await pilot.press("escape")
         await pilot.pause()
-        assert app.jobs.handles[1].state == "partial"
+        assert app.jobs.handles[-1].state == "partial"
 
         # The neuron screen's e acts on the neuron shown, and its result appears on the open screen.
         app.open_neuron(0, 5)

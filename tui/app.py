@@ -17,6 +17,7 @@ from typing import Any, ClassVar, cast
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import Vertical
 from textual.timer import Timer
 from textual.widgets import Header, Input
 
@@ -72,7 +73,9 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     TITLE = "neuronscope"
     COMMANDS = App.COMMANDS | {NeuronCommands}
     CSS = """
-    #search { dock: bottom; display: none; }
+    #bottom { dock: bottom; height: auto; }
+    #bottom > KeysLine { dock: none; }
+    #search { display: none; }
     #search.open { display: block; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -136,9 +139,10 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield NeuronTable(self.store, self.run_info.run_id, id="neurons")
-        yield Field(placeholder="search explanations (enter applies, escape clears)", id="search")
-        yield JobsPanel(id="jobs")
-        yield KeysLine()
+        with Vertical(id="bottom"):  # one dock: widgets docked to the same edge would overlap
+            yield Field(placeholder="search explanations (enter applies, escape clears)", id="search")
+            yield JobsPanel(id="jobs")
+            yield KeysLine()
 
     @property
     def table(self) -> NeuronTable:

@@ -81,7 +81,7 @@ class JobsPanel(VerticalScroll):
     """The jobs of this session, newest last; hidden until the first one starts."""
 
     DEFAULT_CSS = """
-    JobsPanel { dock: bottom; height: auto; max-height: 4; display: none; border-top: solid $primary; }
+    JobsPanel { height: auto; max-height: 4; display: none; border-top: solid $primary; }
     JobsPanel.active { display: block; }
     """
 
@@ -176,6 +176,7 @@ class JobsPanel(VerticalScroll):
             self.post_message(self.Progress(handle, "loading models…"))
             report = job.run(progress=progress, stop=handle.stop, landed=landed, concurrency=handle.concurrency)
             handle.state = "cancelled" if report.state == "interrupted" else report.state
+            handle.done, handle.total = report.done, report.total  # a job found complete reports no progress
             self.post_message(self.Finished(handle, report.message if report.state == "stopped" else ""))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the user in the error modal
             from neuronscope.core.store.schema import storage_failure
