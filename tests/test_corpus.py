@@ -175,7 +175,7 @@ def test_a_file_that_is_not_text_says_why(tmp_path):
     assert "is not text: it is a truncated .gz file" in error(write(tmp_path / "d.txt.gz", truncated))
 
 
-def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
+def test_a_folder_reports_every_file_it_leaves_out(tmp_path, tok):
     """Nothing is dropped silently: each left-out file reaches the callback with its reason, and the corpus
     description (what `info` shows) counts them; stray NULs in real text are text, kept as they are."""
     write(tmp_path / "good.txt", "plain text")
@@ -183,15 +183,22 @@ def test_a_folder_reports_every_file_it_leaves_out(tmp_path):
     write(tmp_path / "latin1.txt", ("caf\xe9 " * 10).encode("latin-1"))
     write(tmp_path / "cut.txt.gz", gzip.compress(("word " * 5000).encode())[:-40])
     write(tmp_path / "image.bin", bytes(range(256)) * 4)
+    write(tmp_path / "damaged.txt.gz", b"\x1f\x8b\x08\x00garbage" * 10)  # zlib's own error, not an OSError
     left_out: list[tuple[str, str]] = []
     got = list(iter_documents(CorpusSpec(str(tmp_path)), lambda path, why: left_out.append((path.name, why))))
     assert got == [("a crawled page " * 20) + "\x00 with one stray NUL", "plain text"]
     assert left_out == [("cut.txt.gz", "it is a truncated .gz file (the compressed stream ends early)"),
+                        ("damaged.txt.gz", "it is not a valid .gz file (Error -3 while decompressing data: too many "
+                                           "length or distance symbols)"),
                         ("image.bin", "it is not UTF-8 text (512 invalid bytes, the first byte 0x80 at offset 128): "
                                       "convert it to UTF-8"),
                         ("latin1.txt", "it is not UTF-8 text (10 invalid bytes, the first byte 0xe9 at offset 3): "
                                        "convert it to UTF-8")]
-    assert describe(CorpusSpec(str(tmp_path))).startswith(f"files:{tmp_path.resolve()} (5 files, ")  # as listed
+    assert describe(CorpusSpec(str(tmp_path))).startswith(f"files:{tmp_path.resolve()} (6 files, ")  # as listed
+    write(tmp_path / "page.txt", ("a page of crawled text " * 100).encode() + b"\xe9\xff the rest")
+    corpus = cut_excerpts(CorpusSpec(str(tmp_path)), tok, length=4).corpus
+    assert re.search(r" tokens, sha256 [0-9a-f]{12}; 4 files skipped as not text; 2 invalid bytes replaced in 1 file\)$",
+                     corpus), corpus
 
 
 def test_a_few_invalid_bytes_become_u_fffd_and_are_counted_unless_strict(tmp_path):

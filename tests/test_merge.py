@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,28 @@ def test_merge_equals_single_run_exactly(shard_stores) -> None:  # type: ignore[
         assert single.con.execute(query, [one.run_id]).fetchall() == merged.con.execute(query, [two.run_id]).fetchall()
 
 
+def test_characters_split_between_tokens_read_whole_after_a_merge(tmp_path, subject) -> None:  # type: ignore[no-untyped-def]
+    """Text in other scripts, whose characters the tiny model's tokens split into bytes: every excerpt's tokens read
+    as the text (the tokens before a character's last byte ''), in one run and after a merge alike."""
+    corpus = tmp_path / "scripts.txt"
+    corpus.write_text("\n\n".join(f"{i}: שלום עולם, 中文的文本 😀 naïve café. " * 3 for i in range(40)), encoding="utf-8")
+    settings = fast_settings(max_excerpts=24, seed=1)
+    collect_into(tmp_path / "one.duckdb", subject, corpus, settings=settings, batch_size=8)
+    parts = [tmp_path / f"two.shard-{i}-of-2" for i in range(2)]
+    for i, part in enumerate(parts):
+        collect_into(part, subject, corpus, settings=settings, shard=(i, 2), batch_size=8)
+    with Store.open(tmp_path / "two.duckdb") as out:
+        merge(out, [ShardState(p) for p in parts])
+    query = "SELECT excerpt_id, token_ids, tokens FROM excerpts ORDER BY excerpt_id"
+    with Store.open(tmp_path / "one.duckdb", read_only=True) as one, Store.open(tmp_path / "two.duckdb") as two:
+        rows = one.con.execute(query).fetchall()
+        assert rows == two.con.execute(query).fetchall()
+    tokens = [t for row in rows for t in row[2]]
+    assert "" in tokens and "中" in tokens and "😀" in tokens
+    for _, ids, texts in rows:  # U+FFFD only where an excerpt starts or ends inside a character
+        assert "".join(texts) == subject.tokenizer.decode(ids) and "\ufffd" not in "".join(texts).strip("\ufffd")
+
+
 def test_a_failed_write_leaves_nothing(shard_stores, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A layer is prepared in a second thread while the one before it is inserted: an error there reaches the
     caller, and the layers already inserted are taken back with the rest of the run's rows."""
@@ -161,6 +184,11 @@ def test_merge_errors(shard_stores, tmp_path, subject, other_corpus) -> None:  #
     assert "twice" in message
     message = _merge_error(tmp_path / "c.duckdb", [parts[0], copy])
     assert "missing 1/2" in message
+    other_split = shutil.copytree(parts[1], tmp_path / "of-3")  # what `--shard 1/3` of the same collection writes
+    meta = json.loads((other_split / "meta.json").read_text())
+    (other_split / "meta.json").write_text(json.dumps({**meta, "count": 3}))
+    message = _merge_error(tmp_path / "g.duckdb", [parts[0], other_split])
+    assert message == "shards of different splits (of 2, of 3): pass the shard states of one split, every i/n for one n"
 
     foreign = tmp_path / "other-shard1"
     collect_into(foreign, subject, other_corpus, settings=fast_settings(max_excerpts=96, seed=3), shard=(1, 2))

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from neuronscope.core.collection.state import ShardMeta, ShardState, kept_ids, load_layer, save_layer, write_shard
+from neuronscope.core.collection.state import (
+    ShardMeta,
+    ShardState,
+    StateError,
+    kept_ids,
+    load_layer,
+    save_layer,
+    write_shard,
+)
 from neuronscope.core.layerdata import CELL_K, CELLS, HIST_EDGES, LayerResult, Samples
 from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
@@ -54,7 +62,7 @@ def synthetic_shards(folder: Path, count: int, *, layers: int, neurons: int, per
                          identity=str(index))
         paths.append(folder / f"all.shard-{index}-of-{count}")
         results = (synthetic_layer(rng, layer, neurons, part_ids) for layer in range(layers))
-        write_shard(paths[-1], meta, results, tokens, part_ids, lambda ids: [f"t{int(t)} " for t in ids])
+        write_shard(paths[-1], meta, results, tokens, part_ids, lambda ids, apart=False: [f"t{int(t)} " for t in ids])
     return paths
 
 
@@ -81,6 +89,27 @@ def test_a_layer_file_keeps_what_the_store_keeps(tmp_path: Path) -> None:
     # The filled slots' codes only: the whole file is smaller than every slot's codes alone.
     dense = sum(result.samples[k].codes.nbytes for k in KS)
     assert (tmp_path / "layer.npz").stat().st_size < dense
+
+
+def test_a_damaged_layer_file_is_named_not_a_crash(tmp_path: Path) -> None:
+    """A layer file cut short (a disk error, a copy stopped part-way) in a shard state is a one-line StateError
+    naming it; in a checkpoint, the collection is told, and starts from the beginning."""
+    from neuronscope.core.collection.checkpoint import Checkpoints
+
+    (path,) = synthetic_shards(tmp_path, 1, layers=1, neurons=8, per_shard=40)
+    with open(path / "layer-0.npz", "r+b") as file:
+        file.truncate(1000)  # numpy's zip reader raises BadZipFile, which is no OSError
+    with pytest.raises(StateError, match=r"layer 0 cannot be read \(BadZipFile\): the shard state is damaged"):
+        ShardState(path).layer(0)
+    heard: list[str] = []
+    points = Checkpoints(tmp_path / "s.duckdb", 60.0, warn=heard.append)
+    assert points.save("this collection", 40, [synthetic_layer(np.random.default_rng(0), 0, 8, np.arange(40))])
+    (layer_file,) = (tmp_path / "s.duckdb.checkpoint").glob("*/layer-0.npz")
+    with open(layer_file, "r+b") as file:
+        file.truncate(1000)
+    assert points.load("this collection") is None
+    assert len(heard) == 1 and "(BadZipFile): the saved state is damaged, so this collection starts from the " \
+        "beginning" in heard[0]
 
 
 def test_a_shard_state_keeps_only_the_excerpts_its_records_use(tmp_path: Path) -> None:

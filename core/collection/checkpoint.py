@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuronscope.core.collection.state import load_layer, save_layer
+from neuronscope.core.collection.state import DAMAGED, load_layer, save_layer
 from neuronscope.core.layerdata import LayerResult
 
 FORMAT = 2
@@ -109,7 +109,9 @@ class Checkpoints:
             for path in folder.glob("layer-*.npz"):
                 layer = int(path.stem.split("-", 1)[1])
                 layers[layer] = load_layer(path, layer)
-        except (OSError, ValueError, KeyError):  # damaged (a disk error): collect from the start
+        except DAMAGED as err:  # a disk error: collect from the start, and say so
+            self.warn(f"{folder} cannot be read ({type(err).__name__}): the saved state is damaged, so this collection "
+                      "starts from the beginning, and its first checkpoint replaces that one")
             return None
         self.held = int(meta["done"])
         return Resumed(self.held, layers)

@@ -35,6 +35,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,8 @@ def check_fits_whole(spec: CorpusSpec, memory: int) -> None:
                           "first N tokens")
 
 
-#: What a run read, at the end of its corpus description: "(all|first N tokens, sha256 DIGEST)".
-_READ = re.compile(r" \((?:all|first) ([\d,]+) tokens, sha256 ([0-9a-f]+)\)$")
+#: What a run read, at the end of its corpus description: "(all|first N tokens, sha256 DIGEST[; what was skipped])".
+_READ = re.compile(r" \((?:all|first) ([\d,]+) tokens, sha256 ([0-9a-f]+)(?:; [^()]*)?\)$")
 
 
 def same_corpus(a: str, b: str) -> bool:
@@ -245,7 +246,7 @@ def _iter_jsonl(path: Path, spec: CorpusSpec, replaced: Replaced | None) -> Iter
                     )
                 if value and value.strip():
                     yield value
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise CorpusError(f"cannot read {path} ({brief(exc)}); pass a valid JSONL or .jsonl.gz file") from None
     if bad and replaced is not None:
         replaced(path, bad)

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import zlib
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -88,7 +89,7 @@ def _packaged() -> Traversable:
 def _verified_gunzip(path: Traversable) -> bytes | None:
     try:
         data = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return None
     return data if hashlib.sha256(data).hexdigest() == _JARGON_RAW_SHA256 else None
 

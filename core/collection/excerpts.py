@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,8 @@ def cut_excerpts(
         raise CorpusError(
             f"corpus gives only {total} tokens, fewer than one excerpt of {length}; add text or lower --length"
         )
-    corpus = read_description(spec, stream.digest, total, complete=max_tokens is None or total < max_tokens)
+    corpus = read_description(spec, stream.digest, total, complete=max_tokens is None or total < max_tokens,
+                              notes=stream.notes)
     windows = read_ids[: n * length].reshape(n, length)  # [n, length]
     ids = np.arange(n, dtype=np.int64)
     if max_excerpts is not None and max_excerpts < n:
@@ -191,11 +192,21 @@ def _tokenize(spec: CorpusSpec, tokenizer: Any, max_tokens: int | None, progress
     return TokenStream(tokens, digest.hexdigest(), tuple(notes))
 
 
-def read_description(spec: CorpusSpec, digest: str, tokens: int, complete: bool) -> str:
+def read_description(spec: CorpusSpec, digest: str, tokens: int, complete: bool,
+                     notes: Sequence[tuple[str, str, str]] = ()) -> str:
     """What a run records as its corpus: the manifest (corpus.describe: the source, its files, bytes and newest
-    modification time) and what was read: all of it or the first `tokens` token ids, and their sha256. Runs and shards
-    that read the same text agree wherever the files are (corpus.same_corpus); a changed file is another corpus.
-    The default corpus is pinned by the sha256 of its text: its name says it all when read whole."""
+    modification time) and what was read: all of it or the first `tokens` token ids, their sha256, and how many
+    files were skipped as not text and invalid bytes replaced (TokenStream.notes). Runs and shards that read the same
+    text agree wherever the files are (corpus.same_corpus); a changed file is another corpus. The default corpus is
+    pinned by the sha256 of its text: its name says it all when read whole."""
     if spec.source == "default" and complete:
         return describe(spec)
-    return describe(spec) + f" ({'all' if complete else 'first'} {tokens:,} tokens, sha256 {digest[:12]})"
+    said = [f"{'all' if complete else 'first'} {tokens:,} tokens, sha256 {digest[:12]}"]
+    skipped = sum(kind == "skipped" for kind, _, _ in notes)
+    if skipped:
+        said.append(f"{skipped:,} file{'s' * (skipped != 1)} skipped as not text")
+    fixed = [int(value) for kind, _, value in notes if kind == "replaced"]
+    if fixed:
+        said.append(f"{sum(fixed):,} invalid byte{'s' * (sum(fixed) != 1)} replaced in {len(fixed):,} "
+                    f"file{'s' * (len(fixed) != 1)}")
+    return describe(spec) + f" ({'; '.join(said)})"

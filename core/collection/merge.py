@@ -33,8 +33,12 @@ def check_parts(metas: list[ShardMeta]) -> None:
             raise CollectError("shard states differ in model, corpus, settings or layers: merge shards of one "
                                "collection")
     total = first.count
+    splits = sorted({meta.count for meta in metas})
+    if len(splits) > 1:
+        raise CollectError(f"shards of different splits ({', '.join(f'of {n}' for n in splits)}): pass the shard "
+                           "states of one split, every i/n for one n")
     have = sorted(meta.index for meta in metas)
-    if have != list(range(total)) or any(meta.count != total for meta in metas):
+    if have != list(range(total)):
         missing = sorted(set(range(total)) - set(have))
         detail = f"missing {', '.join(f'{i}/{total}' for i in missing)}" if missing else "a shard appears twice"
         raise CollectError(f"shards do not cover the corpus exactly ({detail}): pass every shard state once")

@@ -17,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.layerdata import LayerResult, Samples
 from neuronscope.core.records import CollectSettings
+from neuronscope.core.staging import staged as staged_path
 
 KINDS = ("top", "bottom", "random", "cell")
 #: Version of the shard state folder's layout.
@@ -53,6 +57,10 @@ def save_layer(path: Path, result: LayerResult) -> None:
                    f"{kind}_codes": sample.codes[filled]}
     with open(path, "wb") as file:
         np.savez(file, **arrays)  # type: ignore[arg-type]
+
+
+#: What reading a damaged or cut-short .npz or .npy raises.
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def load_layer(path: Path, layer: int) -> LayerResult:
@@ -113,10 +121,11 @@ class ShardMeta:
 
 
 def write_shard(folder: Path, meta: ShardMeta, results: Iterable[LayerResult], token_ids: np.ndarray,
-                excerpt_ids: np.ndarray, token_text: Callable[[np.ndarray], list[str]]) -> None:
+                excerpt_ids: np.ndarray, token_text: Callable[..., list[str]]) -> None:
     """Write a shard's state: its layers as they finish, then the excerpts (of `excerpt_ids`, sorted, with their
-    `token_ids` rows) that the kept records use, and `token_text(ids)` of every token in them."""
-    staged = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    `token_ids` rows) that the kept records use, with their tokens' text (Subject.token_strings): each token's own
+    (`token_text(ids, apart=True)`) once, and where an excerpt's differs (a character its tokens share) that."""
+    staged = staged_path(folder, "partial")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     try:
@@ -129,11 +138,14 @@ def write_shard(folder: Path, meta: ShardMeta, results: Iterable[LayerResult], t
         np.save(staged / "excerpt_ids.npy", used.astype(np.int64))
         np.save(staged / "excerpt_tokens.npy", kept_tokens)
         vocab = np.unique(kept_tokens)
-        encoded = [text.encode("utf-8", "surrogatepass") for text in token_text(vocab)]
-        offsets = np.zeros(len(encoded) + 1, np.int64)
-        offsets[1:] = np.cumsum([len(b) for b in encoded])
-        np.savez(staged / "vocab.npz", ids=vocab.astype(np.int32), offsets=offsets,
-                 text=np.frombuffer(b"".join(encoded), np.uint8))
+        alone = token_text(vocab, apart=True)
+        own = dict(zip(vocab.tolist(), alone, strict=True))
+        fixed = [(row, at, text) for row, ids in enumerate(kept_tokens.tolist())
+                 for at, text in enumerate(token_text(ids)) if text != own[ids[at]]]
+        arrays: dict[str, Any] = {"ids": vocab.astype(np.int32), **_packed(alone), **_packed([f[2] for f in fixed], "fix_"),
+                                  "fix_rows": np.array([f[0] for f in fixed], np.int64),
+                                  "fix_at": np.array([f[1] for f in fixed], np.int64)}
+        np.savez(staged / "vocab.npz", **arrays)
         (staged / "meta.json").write_text(meta.to_json())
         if folder.exists():  # an older state of this part (another collection, or --force): replaced whole
             old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
@@ -173,7 +185,7 @@ class ShardState:
     def layer(self, layer: int) -> LayerResult:
         try:
             return load_layer(self.folder / f"layer-{layer}.npz", layer)
-        except (OSError, ValueError, KeyError) as err:
+        except DAMAGED as err:
             raise StateError(f"{self.folder}: layer {layer} cannot be read ({type(err).__name__}): the shard state "
                              "is damaged; collect that shard again") from None
 
@@ -185,14 +197,34 @@ class ShardState:
             tokens = np.load(self.folder / "excerpt_tokens.npy", mmap_mode="r")
             with np.load(self.folder / "vocab.npz") as vocab:
                 vocab_ids, offsets, text = vocab["ids"], vocab["offsets"], vocab["text"].tobytes()
-        except (OSError, ValueError, KeyError) as err:
+                fixes: dict[int, list[tuple[int, str]]] = {}
+                if "fix_rows" in vocab:  # (states written before 2026-12-07 have none)
+                    fixed = _unpacked(vocab["fix_offsets"], vocab["fix_text"].tobytes())
+                    for row, at, string in zip(vocab["fix_rows"].tolist(), vocab["fix_at"].tolist(), fixed, strict=True):
+                        fixes.setdefault(row, []).append((at, string))
+        except DAMAGED as err:
             raise StateError(f"{self.folder}: its excerpts cannot be read ({type(err).__name__}): the shard state is "
                              "damaged; collect that shard again") from None
-        strings = {int(t): text[offsets[i]: offsets[i + 1]].decode("utf-8", "surrogatepass")
-                   for i, t in enumerate(vocab_ids)}
+        strings = dict(zip(vocab_ids.tolist(), _unpacked(offsets, text), strict=True))
         rows = np.flatnonzero(np.isin(ids, wanted))
         for start in range(0, len(rows), EXCERPT_CHUNK):
             chunk = rows[start: start + EXCERPT_CHUNK]
             token_ids = np.asarray(tokens[chunk], np.int32)
-            yield ids[chunk], token_ids, [[strings[t] for t in row] for row in token_ids.tolist()]
+            texts = [[strings[t] for t in row] for row in token_ids.tolist()]
+            for i, row in enumerate(chunk.tolist()):
+                for at, string in fixes.get(row, ()):
+                    texts[i][at] = string
+            yield ids[chunk], token_ids, texts
         del tokens
+
+
+def _packed(strings: list[str], prefix: str = "") -> dict[str, np.ndarray]:
+    """Strings as one UTF-8 byte array and the offsets of each (surrogates kept), for np.savez."""
+    encoded = [string.encode("utf-8", "surrogatepass") for string in strings]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in encoded])
+    return {f"{prefix}offsets": offsets, f"{prefix}text": np.frombuffer(b"".join(encoded), np.uint8)}
+
+
+def _unpacked(offsets: np.ndarray, text: bytes) -> list[str]:
+    return [text[offsets[i]: offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1)]

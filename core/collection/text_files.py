@@ -19,6 +19,7 @@ import codecs
 import gzip
 import io
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _blocks(path: Path, source: io.BufferedIOBase, strict: bool, count: list[int
     while True:
         try:
             data = source.read(TEXT_BLOCK)
-        except (EOFError, OSError) as exc:  # gzip's, for a truncated or damaged stream; or the disk's
+        except (EOFError, OSError, zlib.error) as exc:  # gzip's, for a truncated or damaged stream; or the disk's
             if not isinstance(source, gzip.GzipFile):
                 raise CorpusError(f"cannot read {path} ({brief(exc)}); check it exists and is readable") from None
             if offset == 0:

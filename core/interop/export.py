@@ -46,6 +46,7 @@ from neuronscope.core.interop.release import (
 )
 from neuronscope.core.records import TOP, ActivationRecord
 from neuronscope.core.results import NeuronBundle, ScoredExplanation
+from neuronscope.core.staging import staged as staged_path
 
 if TYPE_CHECKING:
     from neuronscope.core.store import Store
@@ -79,9 +80,9 @@ def _staged(out: Path, *, folder: bool) -> Iterator[Path]:
         raise ExportError(f"{out} is a folder that is not empty: pass a new or empty folder as --out")
     if not folder and out.exists():
         raise ExportError(f"{out} exists: pass a new file as --out")
-    staged = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        staged = staged_path(out, "partial")  # (what a process killed meanwhile left there goes)
         if folder:
             staged.mkdir()
     except OSError as err:

@@ -249,15 +249,46 @@ class Subject:
                 except _StopForward:
                     pass
 
-    def token_strings(self, token_ids: Any) -> list[str]:
-        """Each token decoded on its own (partial UTF-8 shows as U+FFFD)."""
+    def token_strings(self, token_ids: Any, *, apart: bool = False) -> list[str]:
+        """The text of each token of a sequence (an excerpt, a prompt). A character whose bytes several tokens share
+        (much of a text in another script than Latin's, emoji) is given whole to the token that completes it, and
+        a token holding only the first bytes of one is '' (alone, each token would show U+FFFD: `joined`).
+        `apart`: the tokens are not one text (a ranking of next tokens), each is decoded alone."""
+        ids = [int(t) for t in token_ids]
         out = []
-        for tid in (int(t) for t in token_ids):
+        for tid in ids:
             text = self._strings.get(tid)
             if text is None:
                 text = self._strings[tid] = self.tokenizer.decode([tid])
             out.append(text)
+        if apart:
+            return out
+        start = 0
+        while start < len(out):  # a token whose text holds no U+FFFD holds no part of a character
+            if "\ufffd" not in out[start]:
+                start += 1
+                continue
+            end = start + 1
+            while end < len(out) and "\ufffd" in out[end]:
+                end += 1
+            if end - start > 1:
+                out[start:end] = joined(self.tokenizer.decode, ids[start:end])
+            start = end
         return out
+
+
+def joined(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Each token's text within a run decoded together: the characters each token completes, a character split
+    between tokens going to the one with its last byte. What stays U+FFFD (bytes that are no character) goes with
+    the token after it, or the last."""
+    texts, shown = [], 0
+    for end in range(1, len(ids) + 1):
+        text = decode(ids[:end])
+        if end < len(ids):
+            text = text.rstrip("\ufffd")  # an unfinished character, until a later token completes it
+        texts.append(text[shown:])
+        shown = max(shown, len(text))
+    return texts
 
 
 def to_device(tensor: Any, device: Any) -> Any:

@@ -21,6 +21,7 @@ from neuronscope.core.choices import COLLECTED_KINDS, RecordKind
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.layerdata import LayerResult, LayerSummary
 from neuronscope.core.records import ActivationRecord, NeuronStats
+from neuronscope.core.staging import staged as staged_path
 from neuronscope.core.store.browse import BrowseMixin
 from neuronscope.core.store.bulk import BulkMixin
 from neuronscope.core.store.compare import CompareMixin
@@ -141,7 +142,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 yield store
                 store.checkpoint()
             return
-        staged = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        staged = staged_path(path, "partial")
         wal = staged.with_name(staged.name + ".wal")
         try:
             store = cls.open(staged)
@@ -229,7 +230,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         give it back on its own), then reopen it. The copy is renamed over the store only when complete."""
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only: compact needs a writable open")
-        staged = self.path.with_name(f".{self.path.name}.{os.getpid()}.compact")
+        staged = staged_path(self.path, "compact")
         database = self.con.execute("SELECT current_database()").fetchall()[0][0]
         closed = False
         try:
@@ -278,7 +279,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     # -- reading ------------------------------------------------------------------------------------
     def excerpts(self, run_id: int, excerpt_ids: list[int] | None = None) -> dict[int, tuple[list[int], list[str]]]:
-        """excerpt id -> (token ids, token strings)."""
+        """excerpt id -> (token ids, token strings); an imported run's excerpts have no token ids ([])."""
         if excerpt_ids is None:
             rows = self.con.execute(
                 "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? ORDER BY excerpt_id", [run_id]
@@ -288,7 +289,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 "SELECT excerpt_id, token_ids, tokens FROM excerpts WHERE run_id = ? AND list_contains(?, excerpt_id)",
                 [run_id, list(excerpt_ids)],
             ).fetchall()
-        return {r[0]: (list(r[1]), list(r[2])) for r in rows}
+        return {r[0]: (list(r[1] or ()), list(r[2])) for r in rows}
 
     def neuron_stats(self, run_id: int, layer: int, neuron: int) -> NeuronStats | None:
         """One neuron's statistics, or None if the run has no such neuron."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from neuronscope.core.errors import NeuronscopeError
+from neuronscope.core.staging import target_of
 
 SCHEMA_VERSION = 2
 
@@ -140,11 +141,12 @@ def storage_failure(exc: BaseException, path: object = None) -> StoreError | Non
     if not (is_duckdb_error(exc) or isinstance(exc, OSError)):
         return None
     detail = " ".join(str(exc).split()) or type(exc).__name__
-    where = getattr(exc, "filename", None) or path
+    where = target_of(getattr(exc, "filename", None) or path)  # a hidden copy's target, not the copy
     text = f"{detail} {getattr(exc, 'strerror', '') or ''}".lower()
     for needles, what, fix in _FAILURES:
         if any(n in text for n in needles):
             return StoreError(f"{what}{f' ({where})' if where else ''}: {fix}: {detail}")
     if isinstance(exc, OSError):
-        return StoreError(f"cannot read or write {where or 'a file'}: {detail}")
+        return StoreError(f"cannot read or write {where or 'a file'}: check that its folder exists and can be "
+                          f"written, or pass another path: {detail}")
     return None

@@ -106,8 +106,12 @@ class Spool:
         first = max(int(ids.get(counter, 0)), floor)
         ids[counter] = first + n
         staged = path.with_name(f".ids.{os.getpid()}")
-        staged.write_text(json.dumps(ids))
-        os.replace(staged, path)
+        try:
+            staged.write_text(json.dumps(ids))
+            os.replace(staged, path)
+        except BaseException:  # a full disk: no empty file left behind
+            staged.unlink(missing_ok=True)
+            raise
         return first
 
     def claim(self, job_id: int, block: int, *, wait: bool) -> int | None:
