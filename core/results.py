@@ -76,6 +76,11 @@ class ScoredExplanation:
     """Predictions per held-out excerpt."""
     splits: tuple[SplitScores, ...] = ()
     """Scores per split."""
+    tail: str = "pos"
+    """pos or neg: the tail it explains."""
+    job: int | None = field(default=None, compare=False)
+    """The job that stored it (None where unknown): a job's shuffled control and token baseline control the
+    explanations of the same job and tail."""
 
     def score(self, split: str = "test", method: str = "all") -> Score | None:
         """One score, if it was measured."""

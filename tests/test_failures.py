@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, Result, assert_one_line_error, run_cli
+from conftest import FAST, Result, assert_one_line_error, cli_command, cli_env, run_cli
 
 from neuronscope.core.store import Store
 
@@ -32,14 +32,31 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["collect", "--batch-size", "huge"], ("argument --batch-size", "'huge' is not a batch size: write a number of "
                                            "excerpts (64) or auto")),
     (["collect", "--batch-size", "0"], ("argument --batch-size", "0 is out of range", "from 1 to 65,536")),
+    (["top", "--limit", "1" + "0" * 23], ("argument --limit", "is out of range", "below 2^63")),  # a store's BIGINT
+    (["show", "1/3", "--run", "abc"], ("argument --run", "'abc' is not a run id", "neuronscope info")),
+    (["effects", "1/3", "--factor", "nan"], ("argument --factor", "nan is out of range", "from -1000 to 1000")),
+    (["steer", "1/3", "--prompt", "hi", "--scale", "inf"], ("argument --scale", "inf is out of range")),
 ], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers", "suffix",
-        "not-whole", "duration", "batch-size-word", "batch-size-zero"])
+        "not-whole", "duration", "batch-size-word", "batch-size-zero", "huge-limit", "run-id", "nan", "inf"])
 def test_numbers_out_of_bounds_are_one_line(cli_store: tuple[Path, Result], args: list[str],
                                             needles: tuple[str, ...]) -> None:
     path, _ = cli_store
     before = path.stat().st_mtime_ns
     assert_one_line_error(run_cli([*args, "--store", path]), *needles)
     assert path.stat().st_mtime_ns == before
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(cli_store: tuple[Path, Result]) -> None:
+    """`neuronscope show … | head`: once the pipe's reader has gone, the command stops printing and exits 0 without
+    a word (Rich's own handling exited 1); text with invalid UTF-8 bytes on the command line is text."""
+    path, _ = cli_store
+    for args in (["show", "1/3"], ["probe", "caf\udce9 au lait"]):  # (a byte 0xe9 alone, as Python keeps it)
+        proc = subprocess.Popen(cli_command([*args, "--store", path]), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=cli_env())
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0 and "error" not in err, err
 
 
 def test_an_excerpt_longer_than_the_model_reads_is_refused(tmp_path: Path, tiny_model: Path,
@@ -49,6 +66,11 @@ def test_an_excerpt_longer_than_the_model_reads_is_refused(tmp_path: Path, tiny_
                       "--length", "500"])
     assert_one_line_error(result, "--length 500 is longer than", "pass --length")
     assert not store.exists() and not list(tmp_path.iterdir())  # no empty store left behind
+
+
+def test_a_command_on_a_missing_store_creates_none(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli(["related", "--store", tmp_path / "none.duckdb"]), "no store at", "collect")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_collect_leaves_no_store(tmp_path: Path, tiny_model: Path) -> None:

@@ -55,3 +55,5 @@ def test_related_refuses_a_model_that_is_not_the_runs(cli_store: tuple[Path, Res
     assert_one_line_error(run_cli(["related", "--store", imported, "--model", model]), "pass the run's own model")
     assert_one_line_error(run_cli(["related", "--store", imported, "--layers", "7"]), "names layer 7, which is not here")
     assert_one_line_error(run_cli(["related", "--store", imported, "--top", "0"]), "argument --top: 0 is out of range: it must be from 1 to 1,000")
+    # An import holds its excerpts as text alone: what runs them through the model says so, in one line.
+    assert_one_line_error(run_cli(["effects", "1/0", "--store", imported]), "holds its excerpts as text alone")

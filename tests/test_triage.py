@@ -21,7 +21,8 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
                     "--store", store]).code == 0
     noted = run_cli(["tag", "0/1", "--note", HOSTILE, "--store", store])
     assert noted.code == 0 and "noted 1 neuron" in noted.err, noted.err
-    assert run_cli(["tag", "L2/N3", "good", "--author", "bo", "--store", store]).code == 0
+    tagged = run_cli(["tag", "L2/N3", "good", "--author", "bo\x1b]0;title\x07", "--store", store])
+    assert tagged.code == 0 and tagged.err.strip().endswith("as bo\\x1b]0;title\\x07"), tagged.err  # inert
     assert run_cli(["tag", "0/4", "--note", "a note alone", "--store", store]).code == 0
     with Store.open(store, read_only=True) as opened:
         run_id = opened.run().run_id
@@ -30,7 +31,7 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
                                                                              (1, 2, "wrong", "ada")]
         assert found[2].tag == "" and found[2].note == HOSTILE and found[2].author  # $USER by default
         assert [t.neuron for t in opened.tags(run_id, tag="wrong")] == [1, 2]
-        assert [t.tag for t in opened.tags(run_id, [NeuronId(2, 3)])] == ["good"]
+        assert [(t.tag, t.author) for t in opened.tags(run_id, [NeuronId(2, 3)])] == [("good", "bo\x1b]0;title\x07")]
         rows = {(r.layer, r.neuron): r for r in opened.neuron_rows(run_id, limit=1000)}
         assert (rows[(0, 1)].tags, rows[(0, 1)].noted) == (("wrong",), True)  # the table's view of them
         assert (rows[(2, 3)].tags, rows[(2, 3)].noted) == (("good",), False) and not rows[(0, 2)].tags

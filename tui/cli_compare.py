@@ -15,7 +15,7 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.store import Store
 from neuronscope.core.store.compare import SET_KEYS, ExplanationSet
-from neuronscope.tui.console import number, out, status
+from neuronscope.tui.console import number, out, run_id, status
 from neuronscope.tui.render import visible
 
 
@@ -37,7 +37,7 @@ def add_compare_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument("--out", help="write every paired neuron (scores, difference, both explanations) to a .csv, "
                                  ".parquet or .jsonl file, largest change first")
-    p.add_argument("--run", type=number(1), help="run of the sets that name none (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run of the sets that name none (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_compare)
 
@@ -52,10 +52,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         sides = [store.set_scores(run.run_id, chosen, args.tail) for chosen in (first, second)]
-    for chosen, scores in zip((first, second), sides):
-        if not scores:
-            raise InputError(f"{chosen.text!r} matches no scored {args.tail} explanation in run "
-                             f"{chosen.run or run.run_id}: check it against `neuronscope show` or `info`")
+        for chosen, scores in zip((first, second), sides):
+            if not scores:
+                names = store.set_names(chosen.run or run.run_id, args.tail)
+                named = "; ".join(f"{key}s: {', '.join(repr(v) for v in values)}" for key, values in names.items()
+                                  if values)
+                raise InputError(f"{chosen.text!r} matches no scored {args.tail} explanation in run "
+                                 f"{chosen.run or run.run_id}" + (f" (its {named})" if named else "") +
+                                 ": check it against `neuronscope show` or `info`")
     comparison = compare_scores({n: v for n, (v, _) in sides[0].items()}, {n: v for n, (v, _) in sides[1].items()},
                                 tie=args.tie, seed=args.seed)
     if not comparison.neurons:

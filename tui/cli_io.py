@@ -11,7 +11,7 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.console import EXIT_INTERRUPTED, Skipped, err, number, progress_bars, status
+from neuronscope.tui.console import EXIT_INTERRUPTED, Skipped, err, number, progress_bars, run_id, status
 
 #: Largest `related --top`: each list entry is stored for every neuron.
 MAX_RELATED = 1_000
@@ -69,7 +69,7 @@ def cmd_related(args: argparse.Namespace) -> int:
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.models.relations import related_lists
 
-    with Store.open(args.store) as store:
+    with Store.open(args.store, create=False) as store:
         run = store.run(args.run)
         layers = parse_layers(args.layers, run.layers) or ()
         subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
@@ -121,13 +121,13 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
     p.add_argument("--format", choices=FORMATS, required=True,
                    help="parquet (a folder of tables), jsonl (one file) or openai (a folder in the release's layout)")
     p.add_argument("--out", required=True, help="new file (jsonl) or new or empty folder (parquet, openai)")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("related", help="compute every neuron's related tokens (input and output, through the "
                                        "weights) and related neurons (adjacent layers) of a run, for show and the app")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     p.add_argument("--model", help="the run's model, when it is not where the run says (an imported run's GPT-2 XL)")
     p.add_argument("--layers", help="only these layers, e.g. 0-5,12 (default: the run's)")
     p.add_argument("--top", type=number(1, MAX_RELATED), default=10,

@@ -15,7 +15,7 @@ from rich.text import Text
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import Store
-from neuronscope.tui.console import number, out, status
+from neuronscope.tui.console import number, out, real, run_id, status
 from neuronscope.tui.render import activation_style, tokens_text, visible
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Run a text through the run's subject and print what fires."""
     from neuronscope.core.models.probe import probe_text
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = sys.stdin.buffer.read().decode("utf-8", "replace") if args.text == "-" else args.text
     if not text.strip():
         raise InputError("the text to probe is empty: pass it as an argument, or - to read it from stdin")
     if args.sae:
@@ -97,6 +97,9 @@ def cmd_effects(args: argparse.Namespace) -> int:
         if stats is None or not tops or stats.max <= 0:
             raise InputError(f"{unit} of run {run.run_id} has no top excerpt where it fires: pick another unit")
         texts = store.excerpts(run.run_id, [r.excerpt_id for r in tops])
+        if not all(texts[r.excerpt_id][0] for r in tops):
+            raise InputError(f"run {run.run_id} holds its excerpts as text alone (an import), not the token ids "
+                             "`effects` runs through the model: use a run that `neuronscope collect` made")
         token_ids = np.array([texts[r.excerpt_id][0] for r in tops])
     subject, coder = _subject_of(run, args)
     ablate_to = stats.mean if args.ablate == "mean" else 0.0
@@ -105,6 +108,12 @@ def cmd_effects(args: argparse.Namespace) -> int:
                     labels=(f"ablated to {args.ablate} ({ablate_to:+.3g})",
                             f"amplified to {args.factor:g} x its max ({amplify_to:+.3g}) where it fires"),
                     coder=coder)
+    lists = {f"{key}_{way}": [(t.token, t.change) for t in getattr(shift, way)]
+             for key, shift in zip(("ablated", "amplified"), found.shifts) for way in ("raised", "lowered")}
+    # The lists join the neuron's related tokens (`show`, the app), saved before they are printed: a reader that
+    # stops reading (`| head`) ends the printing.
+    with Store.open(args.store, create=False) as store:
+        store.write_related(run.run_id, [(unit.layer, unit.neuron, lists, {})])
     out.print(Text(f"{unit}: next-token log-probability changes over {found.excerpts} top excerpts, at the "
                    f"{found.positions} positions where it fires", style="bold"), soft_wrap=True)
     for shift in found.shifts:
@@ -117,10 +126,6 @@ def cmd_effects(args: argparse.Namespace) -> int:
         out.print()
         out.print(Text(f"{shift.name}: mean |change| {shift.mean_abs_change:.4f}", style="bold"), soft_wrap=True)
         out.print(table)
-    lists = {f"{key}_{way}": [(t.token, t.change) for t in getattr(shift, way)]
-             for key, shift in zip(("ablated", "amplified"), found.shifts) for way in ("raised", "lowered")}
-    with Store.open(args.store) as store:  # the lists join the neuron's related tokens: `show`, the app
-        store.write_related(run.run_id, [(unit.layer, unit.neuron, lists, {})])
     status(f"saved with {unit}'s related tokens in {args.store} (`neuronscope show {unit}`, the app's neuron screen)")
     return 0
 
@@ -228,7 +233,7 @@ def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argpa
     """probe, effects and steer."""
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+        p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
         p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
         store_arg(p)
@@ -238,7 +243,7 @@ def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argpa
     p.add_argument("unit", help="LAYER/INDEX, e.g. 12/345")
     p.add_argument("--excerpts", type=number(1, 1_000), default=10, help="top excerpts measured (default: 10)")
     p.add_argument("--ablate", choices=("zero", "mean"), default="zero", help="ablate to zero or to its mean")
-    p.add_argument("--factor", type=float, default=4.0, help="amplify to this multiple of its max (default: 4)")
+    p.add_argument("--factor", type=real(-1000, 1000), default=4.0, help="amplify to this multiple of its max (default: 4)")
     p.add_argument("--top", type=number(1, 1_000), default=10, help="tokens listed each way (default: 10)")
     model_args(p)
     p.set_defaults(func=cmd_effects)
@@ -246,7 +251,7 @@ def add_probe_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argpa
     p = sub.add_parser("steer", help="a greedy continuation with a unit pushed, beside the plain one")
     p.add_argument("unit", help="LAYER/INDEX, e.g. 12/345")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--scale", type=float, required=True, help="add this multiple of the unit's max at every token")
+    p.add_argument("--scale", type=real(-1000, 1000), required=True, help="add this multiple of the unit's max at every token")
     p.add_argument("--tokens", type=number(1, 2_000), default=30, help="tokens generated (default: 30)")
     model_args(p)
     p.set_defaults(func=cmd_steer)

@@ -16,7 +16,7 @@ from neuronscope.core.records import RunInfo
 from neuronscope.core.results import Tag
 from neuronscope.core.store import Store, StoreBusy
 from neuronscope.core.store.triage import tag_problem
-from neuronscope.tui.console import number, out, status
+from neuronscope.tui.console import out, run_id, status
 from neuronscope.tui.render import visible
 
 
@@ -29,14 +29,14 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--note", default="", help="a note on the neurons")
     p.add_argument("--author", help="who tags (default: $USER)")
     p.add_argument("--remove", action="store_true", help="take the tag off the neurons instead")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("tags", help="list the tags and notes of a run's neurons, oldest first")
     p.add_argument("neurons", nargs="*", help="only these LAYER/NEURON pairs")
     p.add_argument("--tag", help="only this tag")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_tags)
 
@@ -44,7 +44,7 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                                      "them under a name), or one list's neurons")
     p.add_argument("name", nargs="?", help="print this list's neurons, one LAYER/NEURON a line (for scripts, "
                                            "or a job's --list)")
-    p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+    p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_lists)
 
@@ -87,7 +87,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
             return 0
         store.add_tags(run.run_id, neurons, tag, args.note.strip(), author)
     what = f"tagged {tag!r}" if tag else "noted"
-    status(f"{what} {len(neurons)} neuron{'s' if len(neurons) != 1 else ''} of run {run.run_id} as {author}")
+    status(f"{what} {len(neurons)} neuron{'s' if len(neurons) != 1 else ''} of run {run.run_id} as {visible(author)}")
     return 0
 
 

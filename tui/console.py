@@ -72,8 +72,17 @@ class _Stream:
             leave_closed_terminal()
 
 
-out = Console(file=cast(IO[str], _Stream("stdout")), highlight=False)
-err = Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """A reader that stopped reading (`neuronscope show … | head`): nothing more is printed, and the command ends
+        with status 0 (cli.main catches the error; Rich's own exits with 1)."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
+        raise BrokenPipeError
+
+
+out = _Console(file=cast(IO[str], _Stream("stdout")), highlight=False)
+err = _Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
 #: This process's name before every line it prints, where a launcher runs several processes in one terminal and
 #: another one shows the progress (`speak_as`); None where this process speaks for itself.
 _rank: str | None = None
@@ -128,7 +137,11 @@ class Parser(argparse.ArgumentParser):
 SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
-def number(least: int, most: int | None = None,
+#: The largest number any option takes (a store's BIGINT): a larger one is an error naming the range.
+MOST = 2**63 - 1
+
+
+def number(least: int, most: int = MOST,
            otherwise: str = "is not a whole number (write 10000000 or 10M)") -> Callable[[str], int]:
     """An argparse type: a whole number from `least` to `most`, written plainly or with a k, M or G suffix (10M,
     2.5k); anything else is a one-line error naming the range (or, for what is no whole number, `otherwise`)."""
@@ -139,9 +152,28 @@ def number(least: int, most: int | None = None,
         if not scaled.is_finite() or scaled != scaled.to_integral_value():
             raise argparse.ArgumentTypeError(f"{text!r} {otherwise}")
         value = int(scaled)
-        if value < least or (most is not None and value > most):
-            allowed = f"from {least:,} to {most:,}" if most is not None else f"at least {least:,}"
+        if not least <= value <= most:
+            allowed = f"from {least:,} to {most:,}" if most < MOST else f"at least {least:,} (and below 2^63)"
             raise argparse.ArgumentTypeError(f"{value:,} is out of range: it must be {allowed}")
+        return value
+
+    return parse
+
+
+#: An argparse type: a run's id.
+run_id = number(1, otherwise="is not a run id: write one of the numbers `neuronscope info` lists")
+
+
+def real(least: float, most: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from `least` to `most` (nan and inf are refused, in one line)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (write 4 or 0.5)") from None
+        if not least <= value <= most:  # also false for nan
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be a number from {least:g} to {most:g}")
         return value
 
     return parse

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from rich import box
+from rich.cells import cell_len, set_cell_size
 from rich.color import Color
 from rich.console import RenderableType
 from rich.rule import Rule
@@ -81,6 +82,15 @@ def _shade(step: int, peak: bool) -> Style:
     return Style(color=fg, bgcolor=Color.from_rgb(*rgb), bold=peak, underline=peak)
 
 
+def fit(text: str, width: int, justify: str = "left") -> str:
+    """`text` in exactly `width` terminal cells (wide characters take two, combining ones none), cut with … or
+    padded; right-justified on request."""
+    if cell_len(text) > width:
+        text = set_cell_size(text, max(width - 1, 0)) + "…" if width > 0 else ""
+    pad = " " * (width - cell_len(text))
+    return pad + text if justify == "right" else text + pad
+
+
 def peak_index(record: ActivationRecord, negative: bool = False) -> int:
     """Position of the record's largest activation (its most negative one for negative records)."""
     acts = record.activations
@@ -109,11 +119,21 @@ def record_line(record: ActivationRecord, scale: float, negative: bool = False) 
     token is named in plain text too, so the line reads without colour (NO_COLOR, pipes)."""
     at = peak_index(record, negative)
     value = record.min if negative else record.max
-    token = f"'{visible(record.tokens[at])}'" if 0 <= at < len(record.tokens) else "''"
     line = Text(f"{value:+8.3f} ", style="dim")
-    line.append(f"{token:>12.12} ", style="bold")  # quoted as it is made visible, not escaped a second time
+    line.append(fit(_named(record.tokens, at), 12, "right") + " ", style="bold")
     line.append_text(record_text(record, scale, negative=negative))
     return line
+
+
+def _named(tokens: Sequence[str], at: int) -> str:
+    """The token at `at`, quoted as it is made visible (not escaped a second time); one holding only the first
+    bytes of a character (Subject.token_strings gives it '') as part of the token that completes it."""
+    if not 0 <= at < len(tokens):
+        return "''"
+    if tokens[at] or at == len(tokens) - 1:
+        return f"'{visible(tokens[at])}'"
+    rest = next((t for t in tokens[at + 1:] if t), "")
+    return f"part of '{visible(rest[:1])}'"
 
 
 def scale_of(records: Sequence[ActivationRecord]) -> float:
@@ -188,13 +208,20 @@ def neurons_table(rows: Sequence[NeuronStats]) -> Table:
     return table
 
 
-def score_text(score: Score | None) -> Text:
-    """A score with its 95% interval, e.g. `0.41 [0.30, 0.52]`; flags shown dim; '-' when not measured."""
+#: A score's flags as a table's narrow column names them (`score_text(brief=True)`).
+BRIEF_FLAGS = {"constant_prediction": "flat", "constant_target": "flat target", "no_tokens": "no tokens"}
+
+
+def score_text(score: Score | None, brief: bool = False) -> Text:
+    """A score with its 95% interval, e.g. `0.41 [0.30, 0.52]`; flags shown dim (`brief`: BRIEF_FLAGS's words);
+    '-' when not measured."""
     if score is None:
         return Text("-", style="dim")
     text = Text(f"{score.value:+.2f} [{score.ci_low:+.2f}, {score.ci_high:+.2f}]")
     if score.flags:
-        text.append(f" {score.flags.replace('_', ' ')}", style="dim")
+        flags = score.flags.split(",")
+        text.append(" " + ", ".join(BRIEF_FLAGS.get(f, f) if brief else f.replace("_", " ") for f in flags),
+                    style="dim")
     return text
 
 
@@ -216,22 +243,28 @@ def short_number(value: float, width: int = 7) -> str:
 def summaries_table(rows: Sequence[NeuronSummary], width: int = 60, total: int = 120) -> Table:
     """Explained neurons ranked by headline score, each beside its shuffled and token-baseline controls, in `total`
     columns (the console's width): every column but the explanation keeps the width of its content, and the
-    explanation takes what is left (at most `width`, at least 12), cut to one line with …. A shuffled score that the
-    explanation's interval does not lie above is yellow, with a caption saying so."""
+    explanation takes what is left (at most `width`, at least 8), cut to one line with …. A shuffled score that the
+    explanation's interval does not lie above is marked ≤ (read without colour too) and yellow, as the caption says."""
     names = [f"{NeuronId(s.layer, s.neuron)}{'' if s.tail == 'pos' else ' (neg)'}" for s in rows]
-    fixed = [max(len(str(len(rows))), 1), max(map(len, names), default=6), 20, 8, 8]
-    room = total - sum(fixed) - 3 * len(fixed) - 2  # a space either side of every column, one between columns
+    scores = [score_text(s.score, brief=True) for s in rows]
+    fixed = [max(len(str(len(rows))), 1), max(map(len, names), default=6), max([20, *(t.cell_len for t in scores)]),
+             8, 8]
+    room = total - sum(fixed) - 2 * (len(fixed) + 1)  # a space either side of every column, shared between them
     flagged = [s.score is not None and s.shuffled is not None and not s.beats_shuffled for s in rows]
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption="yellow: the score's interval does not lie above the shuffled "
-                  "control" if any(flagged) else None, caption_justify="left")
+    notes = ["≤ (yellow): the score's interval does not lie above the shuffled control"] if any(flagged) else []
+    if any(s.score is not None and "constant_prediction" in s.score.flags for s in rows):
+        notes.append("flat: the simulation predicted one value everywhere")
+    caption = "\n".join(notes) or None
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption=caption, caption_justify="left", collapse_padding=True)
     table.add_column("#", justify="right", no_wrap=True, min_width=fixed[0])
     table.add_column("neuron", no_wrap=True, min_width=fixed[1])
-    table.add_column("explanation", width=max(12, min(width, room)), no_wrap=True, overflow="ellipsis")
+    table.add_column("explanation", width=max(8, min(width, room)), no_wrap=True, overflow="ellipsis")
     for name, least in zip(("score [95% CI]", "shuffled", "baseline"), fixed[2:]):
         table.add_column(name, justify="right", no_wrap=True, min_width=least)
     for i, (s, name, flag) in enumerate(zip(rows, names, flagged), 1):
-        shuffled = Text(f"{s.shuffled.value:+.2f}", style="yellow" if flag else "") if s.shuffled else Text("-")
-        table.add_row(str(i), name, Text(visible(s.text)), score_text(s.score), shuffled,
+        shuffled = Text(f"{'≤ ' if flag else ''}{s.shuffled.value:+.2f}", style="yellow" if flag else "") \
+            if s.shuffled else Text("-")
+        table.add_row(str(i), name, Text(visible(s.text)), scores[i - 1], shuffled,
                       Text(f"{s.baseline.value:+.2f}") if s.baseline else Text("-"))
     return table
 
@@ -246,16 +279,18 @@ def simulated_record(record: ActivationRecord, predicted: Sequence[float], scale
     return replace(record, activations=values, exact_max=max(values, default=0.0), exact_min=min(values, default=0.0))
 
 
+#: The role of each role's shuffled control.
+CONTROL_ROLES = {"candidate": "shuffled", "user": "shuffled", "output": "output-shuffled"}
+
+
 def shuffled_control(explanations: Sequence[ScoredExplanation], index: int, split: SplitScores) -> SplitScores | None:
-    """The scores of the shuffled control nearest to explanations[index] (a job stores its candidates and controls
-    together) on the same split by the same simulator, if any."""
-    want = "output-shuffled" if explanations[index].role == "output" else "shuffled"
-    nearest = sorted((abs(j - index), j) for j, e in enumerate(explanations) if e.role == want)
-    for _, j in nearest:
-        for other in explanations[j].splits:
-            if (other.split, other.simulator) == (split.split, split.simulator):
-                return other
-    return None
+    """The scores of explanations[index]'s own shuffled control (the one its job stored for the same tail) on the
+    same split by the same simulator, if any."""
+    ex = explanations[index]
+    want = CONTROL_ROLES.get(ex.role)
+    controls = [e for e in explanations if e.role == want and e.job == ex.job and e.tail == ex.tail]
+    return next((other for e in controls for other in e.splits
+                 if (other.split, other.simulator) == (split.split, split.simulator)), None)
 
 
 def split_scores_line(split: SplitScores, control: SplitScores | None) -> Text:
@@ -293,40 +328,93 @@ def human_label(explainer: str) -> str:
     return f"by {author} (human)" if author else "a person's sentence"
 
 
+#: How each tail's explanations are introduced in `show` (the positive tail's need no heading).
+TAIL_HEADINGS = {"neg": "Negative tail (--tail neg): explanations of the most negative activations"}
+
+
+def _jobs(jobs: Sequence[int | None]) -> str:
+    return f" (job{'s' if len(jobs) > 1 else ''} {', '.join(map(str, jobs))})"
+
+
+def _entry(explanations: Sequence[ScoredExplanation], indexes: Sequence[int],
+           by_job: bool) -> list[tuple[RenderableType, bool]]:
+    """One explanation as `show` lists it, stored alike (same tail, role, author, text) by the jobs at `indexes`:
+    once, naming the jobs where `by_job`, each score line once (each job's flagged against its own control; the
+    lines that differ between the jobs name theirs)."""
+    ex = explanations[indexes[0]]
+    label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control", "baseline": "token baseline",
+             "user": human_label(ex.explainer), "output": f"{ex.explainer} (output)",
+             "output-shuffled": "shuffled control (output)", "output-baseline": "promoted tokens (output)"}.get(ex.role,
+                                                                                                          ex.role)
+    named = _jobs([explanations[i].job for i in indexes]) if by_job else ""
+    label += f" (from {ex.source}{', ' + named[2:-1] if named else ''})" if ex.source else named
+    line = Text("* " if ex.selected else "  ", style="bold")
+    line.append(f"{visible(label)}: ", style="bold" if ex.selected else "")
+    line.append(visible(ex.text))
+    lines: dict[str, tuple[Text, list[int | None]]] = {}
+    for i in indexes:
+        for split in explanations[i].splits:
+            text = split_scores_line(split, shuffled_control(explanations, i, split))
+            lines.setdefault(text.plain, (text, []))[1].append(explanations[i].job)
+    kinds = {(s.split, s.simulator) for i in indexes for s in explanations[i].splits}
+    for text, jobs in lines.values():
+        if by_job and len(lines) > len(kinds):
+            text.append(_jobs(jobs), style="dim")
+    return [(line, True), *((text, True) for text, _ in lines.values())]
+
+
+def _ordered(explanations: Sequence[ScoredExplanation], groups: list[list[int]]) -> list[list[int]]:
+    """Groups of explanations in their order, but each control after the last explanation it controls (those of
+    the same jobs, output-centric or not): a control read with another job's explanations would look like theirs."""
+    def family(e: ScoredExplanation) -> tuple[bool, int | None]:
+        return e.role.startswith("output"), e.job
+
+    last = {family(explanations[i]): n for n, g in enumerate(groups) if explanations[g[0]].role in CONTROL_ROLES
+            for i in g}
+
+    def place(n: int, g: list[int]) -> tuple[int, int, int]:
+        if explanations[g[0]].role in CONTROL_ROLES:
+            return n, 0, n
+        return max(last.get(family(explanations[i]), n) for i in g), 1, n
+
+    return [g for n, g in sorted(enumerate(groups), key=lambda ng: place(*ng))]
+
+
 def explanation_renderables(explanations: Sequence[ScoredExplanation], records: Sequence[ActivationRecord],
                             scale: float, count: int) -> list[tuple[RenderableType, bool]]:
-    """A neuron's explanations with their scores, then real above simulated activations for the newest selected
-    one, as (renderable, keep on one line) pairs: `show` prints them, the app's neuron screen stacks them."""
+    """A neuron's explanations with their scores, by tail (the positive first), an explanation that several jobs
+    stored alike listed once; then real above simulated activations for the newest selected one (of the positive
+    tail where there is one), as (renderable, keep on one line) pairs: `show` prints them, the app's neuron screen
+    stacks them. Explanations from several jobs name their jobs (where they were read with them)."""
     parts: list[tuple[RenderableType, bool]] = [
         (Rule(Text("Explanations (newest first; scores on the test split unless marked)", style="bold")), False)]
-    for index, ex in enumerate(explanations):
-        label = {"candidate": f"{ex.explainer} #{ex.sample}", "shuffled": "shuffled control",
-                 "baseline": "token baseline", "user": human_label(ex.explainer), "output": f"{ex.explainer} (output)",
-                 "output-shuffled": "shuffled control (output)",
-                 "output-baseline": "promoted tokens (output)"}.get(ex.role, ex.role)
-        if ex.source:
-            label += f" (from {ex.source})"
-        line = Text("* " if ex.selected else "  ", style="bold")
-        line.append(f"{visible(label)}: ", style="bold" if ex.selected else "")
-        line.append(visible(ex.text))
-        parts.append((line, True))
-        for split in ex.splits:
-            control = shuffled_control(explanations, index, split) if ex.role in ("candidate", "user", "output") else None
-            parts.append((split_scores_line(split, control), True))
-    chosen = next((e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)), None)
+    jobs = {e.job for e in explanations}
+    by_job = len(jobs) > 1 and None not in jobs
+    for tail in dict.fromkeys(["pos", *(e.tail for e in explanations)]):
+        alike: dict[tuple[object, ...], list[int]] = {}
+        for i, e in enumerate(explanations):
+            if e.tail == tail:
+                alike.setdefault((e.role, e.explainer, e.sample, e.selected, e.text, e.source), []).append(i)
+        if alike and tail != "pos":
+            parts.append((Text(TAIL_HEADINGS.get(tail, f"{visible(tail)} tail"), style="bold"), True))
+        for indexes in _ordered(explanations, list(alike.values())) if by_job else alike.values():
+            parts += _entry(explanations, indexes, by_job)
+    with_test = [e for e in explanations if e.selected and any(s.split == "test" for s in e.simulations)]
+    chosen = next((e for e in with_test if e.tail == "pos"), with_test[0] if with_test else None)
     if chosen is None:
         return parts
+    negative = chosen.tail == "neg"  # a negative tail's records and simulation as troughs, real beside simulated
     by_excerpt = {(r.excerpt_id, r.kind): r for r in records}
     parts.append((Text(""), False))
-    parts.append((Text("Real (upper) and simulated (lower) activations on the test excerpts", style="bold underline"),
-                  False))
+    parts.append((Text("Real (upper) and simulated (lower) activations on the test excerpts"
+                       + (" (negative tail)" if negative else ""), style="bold underline"), False))
     for sim in [s for s in chosen.simulations if s.split == "test"][: 2 * count]:
-        record = by_excerpt.get((sim.excerpt_id, sim.kind))
+        record = by_excerpt.get((sim.excerpt_id, "bottom" if negative and sim.kind == "top" else sim.kind))
         if record is None:
             continue
-        parts.append((Text("real ", style="bold") + record_line(record, scale), False))
-        parts.append((Text("sim  ", style="bold") + record_line(simulated_record(record, sim.predicted, scale), scale),
-                      False))
+        simulated = simulated_record(record, sim.predicted, -scale if negative else scale)
+        parts.append((Text("real ", style="bold") + record_line(record, scale, negative), False))
+        parts.append((Text("sim  ", style="bold") + record_line(simulated, scale, negative), False))
     return parts
 
 

@@ -90,6 +90,9 @@ class OutputWork:
 
             subject, coder = self._load_subject()
             ids = self._reader().excerpts(self.run_info.run_id, [e.excerpt_id for e in splits.train + splits.test])
+            if not all(ids[e.excerpt_id][0] for e in splits.train + splits.test):
+                raise NeuronError(f"run {self.run_info.run_id} holds its excerpts as text alone (an import), not the "
+                                  "token ids that steering runs through the model: use a run that collect made")
             sign = 1.0 if self.settings.tail == "pos" else -1.0
             peak = sign * splits.scale_max
             pushed = steering_effect(subject, neuron, np.array([ids[e.excerpt_id][0] for e in splits.train]),

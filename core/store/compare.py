@@ -86,3 +86,13 @@ class CompareMixin:
             f"WHERE {' AND '.join(where)} QUALIFY row_number() OVER (PARTITION BY e.layer, e.neuron ORDER BY "
             "e.job_id DESC, e.explanation_id DESC, s.created_at DESC) = 1", params).fetchall()
         return {NeuronId(int(r[0]), int(r[1])): (float(r[2]), str(r[3])) for r in rows}
+
+    def set_names(self, run_id: int, tail: str = "pos") -> dict[str, list[str]]:
+        """The explainers and simulators of a run's scored explanations (what a set's filters can name)."""
+        names: dict[str, list[str]] = {}
+        for column in ("explainer", "simulator"):
+            names[column] = [str(r[0]) for r in self.con.execute(
+                f"SELECT DISTINCT {'e' if column == 'explainer' else 's'}.{column} FROM explanations e JOIN scores s "
+                "USING (explanation_id) WHERE e.run_id = ? AND e.tail = ? AND s.split = 'test' ORDER BY 1",
+                [run_id, tail]).fetchall()]
+        return names

@@ -198,8 +198,8 @@ class ExplanationsMixin:
     def explanations(self, run_id: int, layer: int, neuron: int, *, role: str | None = None,
                      explainer: str | None = None, tail: str | None = None) -> list[ScoredExplanation]:
         """A neuron's explanations, newest job first, each with its simulations and scores."""
-        sql = ("SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail "
-               "FROM explanations WHERE run_id = ? AND layer = ? AND neuron = ?")
+        sql = ("SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, "
+               "job_id FROM explanations WHERE run_id = ? AND layer = ? AND neuron = ?")
         params: list[Any] = [run_id, layer, neuron]
         for column, value in (("role", role), ("explainer", explainer), ("tail", tail)):
             if value is not None:
@@ -210,7 +210,7 @@ class ExplanationsMixin:
 
     def _scored(self, rows: Sequence[tuple[Any, ...]]) -> list[ScoredExplanation]:
         """Explanation rows (explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron,
-        ...) as ScoredExplanations with their simulations and scores, in the rows' order."""
+        tail, job_id, ...) as ScoredExplanations with their simulations and scores, in the rows' order."""
         if not rows:
             return []
         # Their simulations and scores in one query each: the ids (integers from the store) as constants, and their
@@ -231,7 +231,8 @@ class ExplanationsMixin:
                 Score(method, value, low, high, n, flags or ""))
         return [ScoredExplanation(
                     text=r[1], explainer=r[2], role=r[3], sample=r[4], selected=bool(r[5]),
-                    source=NeuronId(r[6], r[7]) if r[6] is not None else None,
+                    source=NeuronId(r[6], r[7]) if r[6] is not None else None, tail=r[8],
+                    job=int(r[9]) if r[9] is not None else None,
                     simulations=tuple(sims.get(int(r[0]), ())),
                     splits=tuple(SplitScores(split, simulator, tuple(scores))
                                  for (split, simulator), scores in splits.get(int(r[0]), {}).items()))

@@ -139,11 +139,12 @@ class InteropMixin:
                 kind=kind, rank=rank, excerpt_id=excerpt, tokens=tuple(tokens), bin=bin_,
                 activations=tuple(decode(scale, acts).tolist()), exact_max=high, exact_min=low))
         rows = self.con.execute(
-            "SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, neuron "
+            "SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, job_id, "
+            "neuron "
             f"FROM explanations WHERE {where} ORDER BY neuron, job_id DESC, explanation_id", params).fetchall()
         explanations: dict[int, dict[str, list[ScoredExplanation]]] = {}
         for row, scored in zip(rows, self._scored(rows)):  # type: ignore[attr-defined]
-            explanations.setdefault(int(row[9]), {}).setdefault(row[8], []).append(scored)
+            explanations.setdefault(int(row[10]), {}).setdefault(row[8], []).append(scored)
         related: dict[int, list[tuple[Any, ...]]] = {}
         if self._has_table("related"):  # type: ignore[attr-defined]
             for row in self.con.execute(

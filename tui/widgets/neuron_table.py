@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
@@ -21,7 +22,7 @@ from textual.strip import Strip
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.results import NeuronRow
 from neuronscope.core.store.browse import BrowseQuery
-from neuronscope.tui.render import short_number, tag_style, visible
+from neuronscope.tui.render import fit, short_number, tag_style, visible
 from neuronscope.tui.widgets.table_reads import HEADER_LINES, TableReads
 
 __all__ = ["HEADER_LINES", "NeuronTable", "describe"]
@@ -46,11 +47,6 @@ def describe(query: BrowseQuery) -> str:
     if query.search:
         parts.append("/" + visible(query.search))
     return "".join(f" · {p}" for p in parts)
-
-
-def _cell(text: str, width: int, justify: str = "left") -> str:
-    text = text[:width]
-    return text.rjust(width) if justify == "right" else text.ljust(width)
 
 
 class NeuronTable(TableReads, ScrollView, can_focus=True):
@@ -132,14 +128,14 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
         text = Text(no_wrap=True, overflow="ellipsis")
         neuron = NeuronId(row.layer, row.neuron)
         text.append("●" if neuron in self.marked else " ", style="bold")
-        text.append(_cell(str(neuron), NEURON_W - 1), style="bold")
+        text.append(fit(str(neuron), NEURON_W - 1), style="bold")
         text.append(" ")
         for tag in row.tags:  # a person's verdicts before the model's words
-            if width > len(tag) + 10:
-                tag_text = visible(tag)
+            tag_text = visible(tag)
+            if width > cell_len(tag_text) + 10:
                 text.append(tag_text, style=tag_style(tag))
                 text.append(" ")
-                width -= len(tag_text) + 1
+                width -= cell_len(tag_text) + 1
         if row.noted:  # a note to read on its screen
             text.append("¶ ", style="bold")
             width -= 2
@@ -147,13 +143,11 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
             text.append("✎ ", style="bold")
             width -= 2
         explanation = visible(row.explanation)
-        if len(explanation) > width:
-            explanation = explanation[: width - 1] + "…"
-        text.append(_cell(explanation, width) if row.explanation else _cell("-", width), style="" if row.explanation else "dim")
+        text.append(fit(explanation, width) if row.explanation else fit("-", width), style="" if row.explanation else "dim")
         score = "-" if row.score is None else f"{row.score:+.2f} [{row.ci_low or 0:+.2f},{row.ci_high or 0:+.2f}]"
-        text.append(" " + _cell(score, SCORE_W, "right"))
-        text.append(" " + _cell(short_number(row.max_act, MAX_W), MAX_W, "right"))
-        text.append(" " + _cell(f"{row.density:.1%}", DENSITY_W, "right"))
+        text.append(" " + fit(score, SCORE_W, "right"))
+        text.append(" " + fit(short_number(row.max_act, MAX_W), MAX_W, "right"))
+        text.append(" " + fit(f"{row.density:.1%}", DENSITY_W, "right"))
         return text
 
     def _status(self) -> Text:
@@ -169,8 +163,8 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
 
     def _header(self) -> Text:
         width = self._explanation_width()
-        cells = [_cell(" neuron", NEURON_W), _cell("explanation", width), _cell("score [95% CI]", SCORE_W, "right"),
-                 _cell("max", MAX_W, "right"), _cell("density", DENSITY_W, "right")]
+        cells = [fit(" neuron", NEURON_W), fit("explanation", width), fit("score [95% CI]", SCORE_W, "right"),
+                 fit("max", MAX_W, "right"), fit("density", DENSITY_W, "right")]
         return Text(" ".join(cells), no_wrap=True, overflow="ellipsis", style="bold underline")
 
     def render_line(self, y: int) -> Strip:
