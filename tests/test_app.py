@@ -131,6 +131,10 @@ async def test_search_and_neuron_screen(scored_store: Path) -> None:
         assert f"L{layer}/N{neuron}" in text and "Top excerpts" in text and "Explanations" in text
         record = app.store.records(app.run_info.run_id, layer, neuron, kinds=("top",))[0]
         assert "".join(record.tokens[:3]).strip() in text
+        await pilot.press("g")  # no related neurons computed: it says how to get them
+        await pilot.pause()
+        assert app.screen is screen and any("`neuronscope related` computes" in str(n.message)
+                                            for n in app._notifications)
 
         await pilot.press("escape")
         await pilot.pause()
@@ -248,6 +252,11 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         assert "L1..2" in table_lines(table, 0)[0]
 
         # A score range keeps only scored neurons in it; the form shows the current filters when reopened.
+        await pilot.press("f")  # -1 is the last layer, as on the command line
+        await pilot.pause()
+        await pilot.press("ctrl+r", *"-1", "enter")
+        await settled(pilot, table)
+        assert table.query_spec.layers == (2, 2) and table.row_count == 48
         await pilot.press("f")
         await pilot.pause()
         await pilot.press("ctrl+r", "tab", *"0.5..", "enter")
@@ -264,6 +273,9 @@ async def test_filter_form_next_unexplained_marks_and_random(scored_store: Path,
         await pilot.pause()
         assert isinstance(app.screen, FilterScreen)
         assert "cannot read 'abc'" in str(app.screen.query_one("#filter-error", Label).render())
+        await pilot.press("ctrl+r", *"7", "enter")  # the run has layers 0..2
+        await pilot.pause()
+        assert "no layer of the run is in 7: it has 0..2" in str(app.screen.query_one("#filter-error", Label).render())
         await pilot.press("escape")
         await pilot.pause()
         assert table.query_spec.score == (0.5, float("inf"))

@@ -18,6 +18,7 @@ import pytest
 from app_helpers import SIZE, on_screen, screen_text, settled, shown, sync, table_lines, until
 from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
+from rich.cells import cell_len
 from test_job_faults import Server
 from textual.widgets import Label, ProgressBar
 
@@ -76,6 +77,7 @@ async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Pat
         await until(pilot, lambda: isinstance(app.screen, MessageScreen))
         text = screen_text(app.screen)
         assert "1 neuron failed" in text and "L0/N3: " in text and "no pos explanation" in text
+        assert "explain them (e) or write your own (w), then score again (x)" in app.screen.lines[-1].plain
         assert "L0/N1:" not in text
         await pilot.press("escape")
         await pilot.pause()
@@ -327,3 +329,13 @@ async def test_hostile_explanations_show_literally_in_the_table(fresh_store: Pat
         await shown(pilot)
         text = screen_text(app.screen)
         assert "[/INST]" in text and "\\x1b[31mRED" in text and "\x1b" not in text
+        # Wide characters (two cells each) and a combining accent (none) keep the columns where the header has them.
+        wide = "中文中文中文 😀 e\u0301 wide"
+        assert run_cli(["score", "0/3", "--explanation", wide, "--simulator", "baseline", "--store", str(fresh_store)]
+                       ).code == 0
+        await pilot.press("escape", "escape", "slash", *"wide", "enter")
+        await until(pilot, lambda: table.row_count == 1 and table.current is not None
+                    and table.current.explanation == wide, seconds=10)
+        header, line = table_lines(table, 1)[HEADER_LINES - 1 : HEADER_LINES + 1]
+        assert wide in line and cell_len(line) == cell_len(header) == table.size.width
+        assert cell_len(line[: line.index("%") + 1]) == cell_len(header.rstrip())  # the density column's end

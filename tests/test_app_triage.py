@@ -100,6 +100,12 @@ async def test_marks_outlive_the_app_and_lists_save_and_load(scored_store: Path,
     app = NeuronscopeApp(path, author="ada")
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NeuronTable)
+        await pilot.press("L")  # nothing marked yet: nothing to save
+        await pilot.pause()
+        await pilot.press(*"none", "enter")
+        await pilot.pause()
+        assert app.store.list_neurons(app.run_info.run_id, "none") is None
+        assert any("nothing is marked" in str(n.message) for n in app._notifications)
         await pilot.press("m", "down", "m")
         marked = set(table.marked)
         assert len(marked) == 2

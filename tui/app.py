@@ -88,8 +88,8 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
                 tooltip="find explanations containing a text (enter applies, escape clears)"),
         Binding("n", "next_unexplained", "Unexplained", id="next", tooltip="next neuron without an explanation"),
         Binding("r", "random", "Random", id="random", tooltip="open a random neuron of those shown"),
-        Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor (marks are kept "
-                                                        "in the store, as the list 'marked')"),
+        Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor and step to the "
+                                                        "next (marks are kept in the store, as the list 'marked')"),
         Binding("a", "triage('tag')", "Tag", id="tag",
                 tooltip="tag the marked neurons, else the one under the cursor or shown: good, wrong, unclear, "
                         "polysemantic or your own word (-TAG takes it off); the filter takes tag:WORD"),

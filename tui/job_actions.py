@@ -115,7 +115,10 @@ class JobActions:
             title = f"{handle.label}: {handle.state}" + (
                 f", {len(handle.failures)} neuron{'s' if len(handle.failures) != 1 else ''} failed"
                 if handle.failures else "")
-            problems.append(Text("Start the same job again to retry the failed neurons.", style="dim"))
+            unexplained = all("`neuronscope explain` first" in error for _, error in handle.failures)
+            problems.append(Text("Those neurons have nothing to score yet: explain them (e) or write your own (w), "
+                                 "then score again (x)." if handle.failures and unexplained else
+                                 "Start the same job again to retry the failed neurons.", style="dim"))
             self.push_screen(MessageScreen(title, problems))
         elif handle.state == "complete":
             self.notify(f"{handle.label}: complete")

@@ -106,7 +106,10 @@ class TriageActions:
             action, name = answer
             if action == "save":
                 marked = sorted(self.table.marked)
-                if self._write(lambda: self.store.save_list(run_id, name, marked, self.author)):
+                if not marked:
+                    self.notify(f"nothing is marked, so {name!r} is not saved: mark neurons with m first",
+                                severity="warning", markup=False)
+                elif self._write(lambda: self.store.save_list(run_id, name, marked, self.author)):
                     self.notify(f"saved {len(marked)} marked neurons as {name!r} (neuronscope lists {name})",
                                 markup=False)
                 return

@@ -48,6 +48,11 @@ def parse_range(text: str, *, integer: bool) -> tuple[float, float] | None:
     return low, high
 
 
+def _layer(value: int, last: int) -> int:
+    """A layer as written, -1 being the last (`last`), -2 the one before it."""
+    return last + 1 + value if value < 0 else value
+
+
 def range_text(bounds: tuple[float, float] | None) -> str:
     """A range as the form shows it (the inverse of parse_range)."""
     if bounds is None:
@@ -132,9 +137,14 @@ class FilterScreen(ModalScreen[None]):
         explained = EXPLAINED[index][1] if index >= 0 else None
         span = None
         if layers is not None:
-            low, high = layers  # open ends stop at the run's first and last layer
-            span = (self.layer_span[0] if low == float("-inf") else int(low),
-                    self.layer_span[1] if high == float("inf") else int(high))
+            first, last = self.layer_span
+            # Open ends stop at the run's first and last layer; -1 is the last, as on the command line.
+            span = (first if layers[0] == float("-inf") else _layer(int(layers[0]), last),
+                    last if layers[1] == float("inf") else _layer(int(layers[1]), last))
+            if span[0] > last or span[1] < first or span[0] > span[1]:
+                self.query_one("#filter-error", Label).update(Text(
+                    f"no layer of the run is in {range_text(layers)}: it has {first}..{last} (-1 is the last)"))
+                return
         hide = self.query_one("#first-position", Checkbox).value
         self.apply(replace(self.query_spec, layers=span, score=score, explained=explained,
                            first_position=False if hide else None, tag=tag), self._close)

@@ -237,9 +237,6 @@ class NeuronScreen(Screen[None]):
                 parts += [record_line(rec, scale, negative=kind == "bottom") for rec in chosen]
         return parts, neurons, chosen_text
 
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return bool(self.related) if action == "related" else True
-
     def action_step(self, step: int) -> None:
         stepper = getattr(self.app, "step_neuron", None)
         if stepper is not None:
@@ -248,6 +245,10 @@ class NeuronScreen(Screen[None]):
     def action_related(self) -> None:
         from neuronscope.tui.screens.modals import RelatedScreen
 
+        if not self.related:
+            self.notify(f"{self.position} has no related neurons in the store: `neuronscope related` computes every "
+                        "neuron's from the run's model weights (about a minute for SmolLM2)", severity="warning")
+            return
         choices = [(RELATED_LABELS[name], layer, index, weight) for name in RELATED_LABELS
                    for layer, index, weight in self.related.get(name, [])]
 
