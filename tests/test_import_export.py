@@ -94,6 +94,7 @@ def test_import_brings_every_part_of_the_release_in(tmp_path: Path) -> None:
     assert "lookup       ' 2023' +4.1, ' mat' +0.3" in shown.out
     assert "published +0.97" in shown.out
     assert "[bold]" in shown.out  # an explanation's markup-like text is shown, not interpreted
+    assert "job 1  complete  import on run 1  3/3 neurons done" in run_cli(["info", "--store", store_path]).out
 
 
 def test_a_second_import_resumes_and_writes_nothing_twice(tmp_path: Path) -> None:
@@ -108,27 +109,42 @@ def test_a_second_import_resumes_and_writes_nothing_twice(tmp_path: Path) -> Non
         assert store.counts()["explanations"] == 6
 
 
+def _rows(store: Store, run_id: int) -> str:
+    """Every row of an imported run, its explanations and their simulations' excerpts too, as text (NaN != NaN)."""
+    return repr([run_rows(store, run_id), store.con.execute(
+        "SELECT layer, neuron, text, selected, sample, s.excerpt_id FROM explanations LEFT JOIN simulations s "
+        "USING (explanation_id) ORDER BY ALL").fetchall()])
+
+
+def _sharing_release(tmp_path: Path) -> Path:
+    """The fixture and neuron 0/8, a copy of 0/3: its records and simulations hold 0/3's sequences."""
+    release = tmp_path / "sharing"
+    shutil.copytree(RELEASE, release)
+    for source in release.glob("**/0/3.json*"):
+        obj = json.loads(source.read_text())
+        obj.get("neuron_id", {})["neuron_index"] = 8
+        source.with_stem("8").write_text(json.dumps(obj))
+    return release
+
+
 def test_an_interrupted_import_resumes_where_it_stopped(tmp_path: Path) -> None:
-    calls = 0
-
     def interrupt(_stage: str, _done: int, _total: int) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise KeyboardInterrupt  # after the first batch of one neuron was committed
+        raise KeyboardInterrupt  # after the first batch of one neuron was committed
 
+    release = _sharing_release(tmp_path)
+    with Store.open(tmp_path / "whole.duckdb") as store:
+        whole = _rows(store, import_release(store, release, batch=1).run_id)
     with Store.open(tmp_path / "s.duckdb") as store:
-        report = import_release(store, RELEASE, batch=1, progress=interrupt)
-        assert not report.complete and report.imported == 1
-        assert store.run(report.run_id).status == "importing"
+        report = import_release(store, release, batch=1, progress=interrupt)
+        assert (report.complete, report.imported, store.run(report.run_id).status) == (False, 1, "importing")
         assert set(store.run_neurons(report.run_id)) == {NEURONS[0]}
-        rest = import_release(store, RELEASE, batch=1)
-        assert rest.complete and (rest.run_id, rest.imported, rest.present) == (report.run_id, 2, 1)
+        assert [(j["state"], j["done"]) for j in store.jobs()] == [("interrupted", 1)]
+        rest = import_release(store, release, batch=1)
+        assert rest.complete and (rest.run_id, rest.imported, rest.present) == (report.run_id, 3, 1)
         assert store.run(report.run_id).status == "complete"
-        assert store.counts()["neurons"] == 3
-        # Excerpt ids stay unique across the two sessions, and every record's excerpt is there.
-        rows = store.con.execute("SELECT count(*), count(DISTINCT excerpt_id) FROM excerpts").fetchall()[0]
-        assert rows[0] == rows[1] == store.counts()["records"] - 0  # the fixture's sequences are all different
+        assert [(j["state"], j["done"], j["total"]) for j in store.jobs()] == [("complete", 4, 4)]
+        # 0/8's records point at the excerpts the first session stored: the rows are those of one import.
+        assert _rows(store, report.run_id) == whole
         assert orphan_records(store) == 0
 
 
@@ -144,6 +160,9 @@ def _corrupt_release(tmp_path: Path) -> Path:
     bad["neuron_id"]["neuron_index"] = 6
     bad["most_positive_activation_records"][0]["activations"].pop()
     (release / ACTIVATIONS / "1" / "6.json").write_text(json.dumps(bad))
+    (release / ACTIVATIONS / "0" / "5000.json").write_text("garbage")  # neither is a neuron of the run
+    (release / ACTIVATIONS / "2").mkdir()
+    (release / ACTIVATIONS / "2" / "0.json").write_text("garbage")
     return release
 
 
@@ -152,16 +171,18 @@ def test_malformed_and_missing_files_are_reported_and_skipped(tmp_path: Path) ->
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
     skipped = [line for line in result.err.splitlines() if line.startswith("skipped ")]
-    assert len(skipped) == 5, result.err
+    assert len(skipped) == 7, result.err
     reasons = "\n".join(skipped)
     assert "0/7.json: it is not valid JSON" in reasons
     assert "1/0.jsonl: it is not UTF-8 text" in reasons
     assert "weight-based/0/3.json: missing" in reasons
     assert "1/5.json: it holds neuron 1/0, not 1/5" in reasons
     assert "1/6.json: NeuronRecord.most_positive_activation_records[0] has 8 tokens but 7 activations" in reasons
-    assert "2 neurons imported, 5 files skipped" in result.err
+    assert "2 neurons imported, 7 files skipped" in result.err
+    assert "import on run 1  2/7 neurons done, 5 failed" in run_cli(["info", "--store", store_path]).out
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
+        assert (run.layers, run.neurons_per_layer) == ((0, 1), 4)  # those of 0/3 and 1/0, the neurons it holds
         assert set(store.run_neurons(run.run_id)) == {(0, 3), (1, 0)}
         assert store.explanations(run.run_id, 1, 0) == []  # its explanations file was unreadable
         assert "input_positive" not in store.related_tokens(run.run_id, 0, 3)
@@ -386,6 +407,7 @@ def test_importing_more_layers_of_the_same_folder_grows_the_run(tmp_path: Path) 
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
         assert (run.layers, len(store.runs())) == ((0, 1), 1)
+        assert [(j["done"], j["total"]) for j in store.jobs()] == [(1, 1), (3, 3)]  # a job per choice of layers
         assert set(store.run_neurons(run.run_id)) == set(NEURONS)
     again = run_cli(["import-openai", RELEASE, "--layers", "1", "--store", store_path])
     assert again.code == 0 and "0 neurons imported, 1 already there" in again.err  # counts the layers asked for
@@ -422,9 +444,6 @@ def test_worker_processes_import_the_same_rows(tmp_path: Path) -> None:
         with Store.open(tmp_path / f"w{workers}.duckdb") as store:
             reports.append(import_release(store, release, batch=1, workers=workers,
                                           problem=lambda f, m, out=found: out.append((f, m))))
-            rows = run_rows(store, reports[-1].run_id)
-            rows["explanations"] = store.con.execute("SELECT layer, neuron, text, selected FROM explanations "
-                                                     "ORDER BY layer, neuron, sample").fetchall()
-        problems.append((found, rows))
+            problems.append((found, _rows(store, reports[-1].run_id)))
     assert reports[0] == reports[1] and reports[0].imported == 2
     assert repr(problems[0]) == repr(problems[1])  # rows hold NaN (unknown density)

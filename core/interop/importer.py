@@ -1,20 +1,22 @@
 """`neuronscope import-openai`: a local copy of (part of) OpenAI's GPT-2 XL neuron release into a run of the store.
 
-Files are read one neuron at a time (neuronscope.core.interop.release parses them) and written in batches, each one transaction that
-holds its neurons whole: records, statistics, related lists and explanations. The run is 'importing' until every
-file has been read; rerunning the same command finds the run by its folder and skips the neurons it already
-holds, so an interrupted import resumes where it stopped. A malformed or missing file is reported through
-`problem` and skipped; it never stops the import.
+Files are read one neuron at a time (neuronscope.core.interop.release parses them) and written in batches, each one
+transaction that holds its neurons whole: records, statistics, related lists and explanations. The run is
+'importing' until every file has been read; rerunning the same command finds the run by its folder and skips the
+neurons it already holds, so an interrupted import resumes where it stopped. A malformed or missing file is reported
+through `problem` and skipped; it never stops the import. The run's layers and width are those of the neurons it
+holds (a skipped file defines neither); the import's job counts the neurons done (held) and failed (unreadable) of
+its files.
 
 What the release has and a collection would compute differently:
-- The release has no excerpt ids: records with the same tokens share one excerpt (within an import session),
-  stored with token strings and no token ids.
+- The release has no excerpt ids: records with the same tokens share one excerpt (a resumed import, or one of
+  more layers of the same folder, reuses the excerpts the run holds), stored with token strings and no token ids.
 - Statistics: the release's moments; max and min over the records; selectivity as a collection defines it, with the
   median excerpt maximum taken from the random sample; token count and density are unknown (0 and NaN).
 - Explanations are the release's candidates for the positive tail, the best by its published score selected. Their
-  per-sequence simulations (0-10 scale, stored on our 0-9 scale) are scored again by neuronscope.core.explanation.score on the same
-  sequences, so they carry our intervals and top/random split; the release's own number is kept as the
-  `published` method.
+  per-sequence simulations (0-10 scale, stored on our 0-9 scale) are scored again by
+  neuronscope.core.explanation.score on the same sequences, so they carry our intervals and top/random split; the
+  release's own number is kept as the `published` method.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from neuronscope.core.choices import RECORD_KINDS
 from neuronscope.core.errors import NeuronscopeError, caused_by_interrupt
 from neuronscope.core.explanation.score import score
+from neuronscope.core.ids import NeuronId
 from neuronscope.core.interop.release import (
     ACTIVATIONS,
     EXPLANATIONS,
@@ -66,6 +70,8 @@ RELEASE_EXPLAINER = "openai-release"
 RELEASE_REVISION = "openai-2023"
 #: Neurons written per transaction.
 BATCH = 200
+#: Neurons whose records are read at once when a resumed import gathers the excerpts the run holds.
+SEED_BATCH = 500
 DEFAULT_MODEL = "gpt2-xl"
 
 
@@ -127,15 +133,21 @@ def _settings(files: list[tuple[int, int, Path]]) -> CollectSettings:
             continue
         bins = len(n.quantile)
         quantiles = CollectSettings().quantiles
+        if len(quantiles) != bins + 1:
+            quantiles = tuple(float(b) for b in range(bins + 1))
         return CollectSettings(length=len(n.top[0].tokens), top_k=len(n.top), bottom_k=0, random_k=len(n.random),
-                               quantile_k=len(n.quantile[0]) if bins else 0,
-                               quantiles=quantiles if len(quantiles) == bins + 1 else tuple(float(b) for b in range(bins + 1)))
+                               quantile_k=len(n.quantile[0]) if bins else 0, quantiles=quantiles)
     return CollectSettings(bottom_k=0)
+
+
+def _excerpt_key(tokens: tuple[str, ...]) -> bytes:
+    return hashlib.blake2b(json.dumps(tokens).encode(), digest_size=16).digest()  # unambiguous for any tokens
 
 
 class ExcerptPool:
     """Excerpt ids by content: a sequence that several records hold (the release draws every neuron's records from
-    one set of sequences) is stored once. Within one import session; a resumed import starts a new pool."""
+    one set of sequences) is stored once. A resumed import first tells the pool the excerpts the run holds
+    (`known`), so its records point at those instead of storing them again."""
 
     def __init__(self, next_id: int) -> None:
         self.next_id = next_id
@@ -143,8 +155,12 @@ class ExcerptPool:
         self.new: dict[int, tuple[str, ...]] = {}
         """Excerpts first seen since the last `take_new`."""
 
+    def known(self, excerpt_id: int, tokens: tuple[str, ...]) -> None:
+        """An excerpt the store already holds (written by an earlier session of the import)."""
+        self._ids.setdefault(_excerpt_key(tokens), excerpt_id)
+
     def id_of(self, tokens: tuple[str, ...]) -> int:
-        key = hashlib.blake2b(json.dumps(tokens).encode(), digest_size=16).digest()  # unambiguous for any tokens
+        key = _excerpt_key(tokens)
         found = self._ids.get(key)
         if found is None:
             found = self._ids[key] = self.next_id
@@ -158,7 +174,8 @@ class ExcerptPool:
 
 
 def _records(n: ReleaseNeuron, pool: ExcerptPool) -> tuple[ActivationRecord, ...]:
-    groups = [("top", -1, n.top), ("random", -1, n.random)] + [("quantile", b, bin_) for b, bin_ in enumerate(n.quantile)]
+    groups = [("top", -1, n.top), ("random", -1, n.random)]
+    groups += [("quantile", b, bin_) for b, bin_ in enumerate(n.quantile)]
     out = []
     ranks: dict[str, int] = {}
     for kind, bin_, excerpts in groups:
@@ -192,14 +209,15 @@ def _results(n: ReleaseNeuron, records: tuple[ActivationRecord, ...], explanatio
                                           exact_min=min(s.true))
                 scored.append(record)
                 by_tokens[s.tokens] = record
-            kind = "top" if record.kind == "top" or (record.kind == "scored" and record.max >= weakest_top) else "random"
+            strong = record.kind == "top" or (record.kind == "scored" and record.max >= weakest_top)
+            kind = "top" if strong else "random"
             predicted = tuple(v * TOP / RELEASE_SCALE for v in s.expected)
             sims.append(Simulation(record.excerpt_id, kind, "test", predicted))
             kinds.append(kind)
             targets.append(np.maximum(np.asarray(s.true, np.float64), 0.0))
             predictions.append(np.asarray(predicted, np.float64))
-        ours = list(score(kinds, targets, predictions, scale_max=scale_max, seed=n.layer * 100_003 + n.neuron).values()) \
-            if sims else []
+        seed = n.layer * 100_003 + n.neuron
+        ours = list(score(kinds, targets, predictions, scale_max=scale_max, seed=seed).values()) if sims else []
         published = Score("published", e.score, math.nan, math.nan, sum(len(s.tokens) for s in e.sequences),
                           "" if math.isfinite(e.score) else "undefined")
         out.append(ScoredExplanation(
@@ -260,6 +278,16 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _seed(store: Store, run_id: int, held: list[NeuronId], pool: ExcerptPool) -> None:
+    """Tell the pool the excerpts the run's records use (an earlier session of the import wrote them), so this
+    session's records with the same tokens share them."""
+    ranks = {kind: 2**15 for kind in RECORD_KINDS}  # every record (ranks are int16)
+    for start in range(0, len(held), SEED_BATCH):
+        for records in store.records_many(run_id, held[start:start + SEED_BATCH], ranks).values():
+            for r in records:
+                pool.known(r.excerpt_id, r.tokens)
+
+
 def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, layers: tuple[int, ...] | None = None,
                    batch: int = BATCH, workers: int = 1, progress: Callable[[str, int, int], None] | None = None,
                    problem: Callable[[Path, str], None] | None = None) -> ImportReport:
@@ -271,20 +299,25 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         raise ReleaseImportError(f"{root / ACTIVATIONS} holds no L/N.json neuron files"
                                  + (f" in layers {', '.join(map(str, layers))}" if layers else ""))
     corpus = f"openai-release:{root.resolve()}"
-    found_layers = {f[0] for f in files}
-    width = max(f[1] for f in files) + 1
     run_id = store.find_run(model, corpus)
-    if run_id is None:
+    if run_id is None:  # shaped by the file names until neurons are written, then by those (`reshape`)
         run_id = store.create_run(model=model, revision=RELEASE_REVISION, corpus=corpus, settings=_settings(files),
-                                  layers=tuple(sorted(found_layers)), neurons_per_layer=width, dtype="float32")
-    else:  # a resumed import, or more layers of the same folder
-        run = store.run(run_id)
-        store.set_run_shape(run_id, tuple(sorted(found_layers | set(run.layers))), max(width, run.neurons_per_layer))
+                                  layers=tuple(sorted({f[0] for f in files})),
+                                  neurons_per_layer=max(f[1] for f in files) + 1, dtype="float32")
     store.set_run_status(run_id, "importing")
-    key = f"import:{run_id}"
+    held = store.run_neurons(run_id)  # a resumed import, or more layers of the same folder
+    held_layers, held_width = {n.layer for n in held}, max((n.neuron + 1 for n in held), default=0)
+    # One job per folder and choice of layers, so its total is the count of its files.
+    key = f"import:{run_id}" + (f":layers {','.join(map(str, sorted(set(layers))))}" if layers is not None else "")
     job = store.find_job(key)
-    job_id = job[0] if job else store.create_job(run_id, "import", json.dumps({"path": str(root)}), key, len(files))
-    present = set(store.run_neurons(run_id)) & {(layer, neuron) for layer, neuron, _ in files}
+    if job:
+        job_id = job[0]
+        store.set_job_state(job_id, "running")
+    else:
+        job_id = store.create_job(run_id, "import", json.dumps({"path": str(root), "layers": layers}), key, len(files))
+    states = store.job_neuron_states(job_id)
+    failed_before = {n for n, (state, _) in states.items() if state == "failed"}
+    present = set(held) & {(layer, neuron) for layer, neuron, _ in files}
     pool = ExcerptPool(store.next_excerpt_id(run_id))
     problems = written = 0
 
@@ -294,16 +327,36 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         if problem:
             problem(file, message)
 
+    def mark(done: list[NeuronId], failed: dict[NeuronId, str]) -> None:
+        """The job's states of neurons written (done) and of unreadable ones (failed), in a transaction after the
+        neurons' own: a neuron written but not marked (Ctrl-C between the two) is marked by the next session."""
+        if done or failed:
+            store.save_batch(job_id, run_id, [NeuronResult(layer, neuron, "pos") for layer, neuron in done], failed,
+                             retried=failed_before & {*done, *failed})
+
+    def reshape(neurons: list[NeuronId]) -> None:
+        """The run's layers and width: those of the neurons it holds (a skipped file defines neither)."""
+        nonlocal held_width
+        held_layers.update(n.layer for n in neurons)
+        held_width = max([held_width, *(n.neuron + 1 for n in neurons)])
+        if held_layers:
+            store.set_run_shape(run_id, tuple(sorted(held_layers)), held_width)
+
     parts = tuple(p for p in (EXPLANATIONS, WEIGHT_TOKENS, LOOKUP_TOKENS, WEIGHT_NEURONS) if (root / p).is_dir())
     todo = [(layer, neuron, file) for layer, neuron, file in files if (layer, neuron) not in present]
     pending: list[tuple[ImportedNeuron, NeuronResult]] = []
+    failing: dict[NeuronId, str] = {}
 
     def flush(done: int) -> None:
         nonlocal written
+        neurons = [NeuronId(n.stats.layer, n.stats.index) for n, _ in pending]
         if pending:
             store.import_neurons(run_id, job_id, pool.take_new(), [n for n, _ in pending], [r for _, r in pending])
             written += len(pending)
             pending.clear()
+        mark(neurons, failing)
+        failing.clear()
+        reshape(neurons)
         if progress:
             progress("import", done, len(files))
 
@@ -315,21 +368,26 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         layer_ids, neuron_ids, paths = zip(*todo)
         reads = executor.map(_read_neuron, repeat(root), repeat(parts), layer_ids, neuron_ids, paths, chunksize=16)
     try:
-        for done, read in enumerate(reads, len(present) + 1):
+        _seed(store, run_id, held, pool)
+        mark(sorted(n for n in present if states.get(n, ("", ""))[0] != "done"), {})
+        for done, ((layer, neuron, _), read) in enumerate(zip(todo, reads), len(present) + 1):
             for file, message in read.problems:
                 report(file, message)
             if read.record is None:
-                continue
-            records = _records(read.record, pool)
-            result, scored = _results(read.record, records, read.explanations, pool)
-            pending.append((ImportedNeuron(_stats(read.record), records + scored, read.tokens, read.related), result))
-            if len(pending) >= batch:
+                failing[NeuronId(layer, neuron)] = read.problems[0][1]
+            else:
+                records = _records(read.record, pool)
+                result, scored = _results(read.record, records, read.explanations, pool)
+                pending.append((ImportedNeuron(_stats(read.record), records + scored, read.tokens, read.related),
+                                result))
+            if len(pending) + len(failing) >= batch:
                 flush(done)
         flush(len(files))
     except BaseException as err:
         if not caused_by_interrupt(err):  # (a Ctrl-C during a DuckDB write comes out as DuckDB's error)
             raise
         pending.clear()  # the batch in hand is dropped whole; a rerun reads it again
+        failing.clear()
         store.set_job_state(job_id, "interrupted")
         return ImportReport(run_id, written, len(present), problems, False)
     finally:
