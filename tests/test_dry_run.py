@@ -13,13 +13,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import collect_into, fast_settings
+from conftest import collect_into, fast_settings, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer, error
 
 from neuronscope.core.choices import SIMULATIONS
 from neuronscope.core.explanation.embedding import Embedder
 from neuronscope.core.explanation.splits import SplitSizes
 from neuronscope.core.jobs.engine import Job, JobReport, JobSettings, Plan, Selection
+from neuronscope.core.llm.base import LLMError
+from neuronscope.core.llm.recording import Tally
 from neuronscope.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
@@ -263,3 +265,76 @@ def test_baseline_dry_run_is_free(dry_store: Path, tmp_path: Path) -> None:
     with Store.open(_copy(dry_store, tmp_path)) as store:
         plan, report = plan_then_run(store, settings, limit=3)
     assert plan == Plan(3, 0, 0, 0, 0, 0.0) and (report.new_calls, report.cache_hits) == (0, 0)
+
+
+def test_an_openai_job_is_priced_without_a_key(dry_store: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pricing a job comes before having a key: without OPENAI_API_KEY, the dry run of a job on OpenAI's API counts
+    what it would send as it does with a key (it sends nothing either way), and prices it; the run still asks for
+    the key (the backend built for the dry run is not kept), and nothing is written."""
+    for name in ("OPENAI_BASE_URL", "NEURONSCOPE_OPENAI_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = JobSettings(kind="run", explainer="openai:gpt-4o-mini", simulator="openai:gpt-4o-mini", sizes=SIZES)
+    plans: dict[str, Plan] = {}
+    with Store.open(_copy(dry_store, tmp_path)) as store:
+        for key in ("sk-test", ""):
+            if key:
+                monkeypatch.setenv("OPENAI_API_KEY", key)
+            else:
+                monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+            job = Job(store, store.run(), settings, Selection(limit=3))
+            try:
+                plans[key] = job.plan()
+                if not key:
+                    with pytest.raises(LLMError, match="set OPENAI_API_KEY"):
+                        job.prepare()
+            finally:
+                job.close()
+        assert _rows(store) == 0 and store.jobs() == []
+    assert plans[""] == plans["sk-test"]
+    assert plans[""].calls == 3 and plans[""].prompt_tokens > 0 and plans[""].cost is not None and plans[""].cost > 0
+
+
+def test_the_plan_tells_calls_in_the_log_from_repeats(dry_store: Path, tmp_path: Path, server: FakeOpenAI) -> None:
+    """Plan.cached is what the run will answer from the log: the calls the log holds now, and the repeats of the
+    job's own new calls (a neuron's shuffled control asks for its partner's explanation). The tally tells them
+    apart, so a dry run on an empty log says none is in it."""
+    spec = f"openai:gpt-4o-mini@{server.url}"
+    settings = JobSettings(kind="run", explainer=spec, simulator=spec, sizes=SIZES)
+    with Store.open(_copy(dry_store, tmp_path)) as store:
+        tally = Tally()
+        job = Job(store, store.run(), settings, Selection(limit=3))
+        try:
+            plan = job.plan(tally=tally)
+        finally:
+            job.close()
+        assert (plan.calls, plan.cached, tally.logged, tally.repeats) == (3, 3, 0, 3)
+        plan_then_run(store, settings, limit=2, server=server)  # two neurons' explanations now in the log
+        tally = Tally()
+        job = Job(store, store.run(), settings, Selection(limit=3))
+        try:
+            plan = job.plan(tally=tally)
+            report = job.run()
+        finally:
+            job.close()
+    assert (plan.calls, plan.cached) == (report.new_calls, report.cache_hits) == (1, 5)
+    assert (tally.logged, tally.repeats) == (4, 1)  # two neurons' explanations, each asked twice; the third's repeat
+
+
+def test_dry_run_line_is_the_same_with_or_without_a_key(dry_store: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tester's command: `run --explainer openai:gpt-4o-mini --dry-run --limit 3` on a store with an empty call
+    log prices the job without a key as with one, and says no call is in the log."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "NEURONSCOPE_OPENAI_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    path = _copy(dry_store, tmp_path)
+    args = ["run", "--explainer", "openai:gpt-4o-mini", "--dry-run", "--limit", "3", "--store", str(path)]
+    lines = []
+    for env in ({}, {"OPENAI_API_KEY": "sk-test"}):
+        result = run_cli(args, **env)
+        assert result.code == 0, result.err
+        lines += [line for line in result.out.splitlines() if line.startswith("dry run:")]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    assert lines[0].startswith("dry run: 3 neurons to do, 3 new LLM calls and 3 repeats of them (answered from the "
+                               "log once made), 0 already in the log, about "), lines[0]
+    assert "cost about $" in lines[0] and "free" not in lines[0]

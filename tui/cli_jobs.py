@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
@@ -27,7 +27,21 @@ from neuronscope.core.ids import NeuronId
 from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import ScoredExplanation
 from neuronscope.core.store import Store
-from neuronscope.tui.console import EXIT_HELP, EXIT_UNFINISHED, MAX_SAMPLES, err, number, out, progress_bars, status
+from neuronscope.tui.console import (
+    EXIT_HELP,
+    EXIT_UNFINISHED,
+    MAX_SAMPLES,
+    err,
+    number,
+    out,
+    progress_bars,
+    run_id,
+    status,
+)
+
+if TYPE_CHECKING:
+    from neuronscope.core.jobs.settings import Plan
+    from neuronscope.core.llm.recording import Tally
 
 #: Largest --train/--test-top/--test-random: a neuron keeps at most a thousand records of a kind.
 MAX_EXCERPTS = 1_000
@@ -95,7 +109,7 @@ def add_job_parsers(sub: Any, store_arg: Any) -> None:
         p.add_argument("--max-tokens", type=number(1), help="stop cleanly once this many LLM tokens are spent")
         p.add_argument("--device", help="device for local models: cpu, cuda, cuda:N or mps")
         p.add_argument("--dtype", default="auto", help="dtype for local models (default: auto)")
-        p.add_argument("--run", type=number(1), help="run id (default: the newest complete run)")
+        p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
         store_arg(p)
         p.set_defaults(func=cmd_job, kind=kind)
 
@@ -176,10 +190,28 @@ def parse_scorers(text: str) -> tuple[str, ...]:
     return names
 
 
+def dry_run_line(plan: Plan, tally: Tally) -> str:
+    """What a dry run counted, in one line: the new calls (and their repeats, which the real run answers from the
+    log once the first is made) apart from the calls the log holds now."""
+    def some(count: int, what: str) -> str:
+        return f"{count:,} {what}{'s' if count != 1 else ''}"
+
+    repeats = f" and {some(tally.repeats, 'repeat')} of them (answered from the log once made)" if tally.repeats else ""
+    if plan.calls == 0:
+        cost = "nothing (no new call)"
+    else:
+        cost = "free (local or baseline)" if plan.cost == 0 else (
+            f"about ${plan.cost:.4f}" if plan.cost is not None else "unknown (no price for this model)")
+    return (f"dry run: {some(plan.neurons, 'neuron')} to do, {some(plan.calls, 'new LLM call')}{repeats}, "
+            f"{tally.logged:,} already in the log, about {plan.prompt_tokens:,} prompt + "
+            f"{plan.completion_tokens:,} completion tokens; cost {cost}")
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
     from neuronscope.core.jobs.engine import Job, env_concurrency
     from neuronscope.core.llm.base import make_backend, parse_spec
+    from neuronscope.core.llm.recording import Tally
     from neuronscope.core.models.loading import run_subject
     from neuronscope.tui.render import summaries_table
 
@@ -199,14 +231,10 @@ def cmd_job(args: argparse.Namespace) -> int:
                   subject_factory=lambda run: run_subject(run, device=args.device, dtype=dtype, status=status))
         try:
             if args.dry_run:
+                tally = Tally()
                 with progress_bars() as progress:
-                    plan = job.plan(progress)
-                cost = "free (local or baseline)" if plan.cost == 0 else (
-                    f"about ${plan.cost:.4f}" if plan.cost is not None else "unknown (no price for this model)")
-                out.print(Text(f"dry run: {plan.neurons} neuron{'s' if plan.neurons != 1 else ''} to do, "
-                               f"{plan.calls} new LLM call{'s' if plan.calls != 1 else ''} "
-                               f"({plan.cached} answered from the log), about {plan.prompt_tokens:,} prompt + "
-                               f"{plan.completion_tokens:,} completion tokens; cost {cost}"), soft_wrap=True)
+                    plan = job.plan(progress, tally)
+                out.print(Text(dry_run_line(plan, tally)), soft_wrap=True)
                 return 0
             job.prepare()
             status(f"{settings.kind} {len(job.neurons)} neurons of run {run.run_id} ({settings.tail} tail): "

@@ -45,7 +45,15 @@ from neuronscope.core.jobs.neuron_work import NeuronWork
 from neuronscope.core.jobs.output_work import OutputWork, SubjectFactory
 from neuronscope.core.jobs.selection import JobError, Selection
 from neuronscope.core.jobs.settings import JobReport, JobSettings, Plan, env_concurrency, parse_controls
-from neuronscope.core.llm.base import Backend, BudgetExceeded, CallLog, LLMError, make_backend, spec_name
+from neuronscope.core.llm.base import (
+    Backend,
+    BudgetExceeded,
+    CallLog,
+    LLMError,
+    make_backend,
+    pricing_backends,
+    spec_name,
+)
 from neuronscope.core.llm.recording import LookupOnlyLog, RecordingBackend, Tally
 from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import NeuronResult
@@ -385,27 +393,41 @@ class Job(NeuronWork, OutputWork):
                          failed={n: e for n, (s, e) in states.items() if s == "failed"}, total=len(self.neurons),
                          new_calls=log.new_calls, cache_hits=log.cache_hits, tokens=log.used_tokens, message=message)
 
-    def plan(self, progress: Progress | None = None) -> Plan:
+    def plan(self, progress: Progress | None = None, tally: Tally | None = None) -> Plan:
         """Count the calls and tokens the job would spend, without calling any model or writing anything: the
         neurons still to do go through `process()` as in `run()`, every backend wrapped in a RecordingBackend
         (neuronscope.core.llm.recording) that tallies the requests the real one would send and answers from the call
-        log where it can, else with stand-ins. The embedding model is not loaded (it calls no LLM)."""
+        log where it can, else with stand-ins. The embedding model is not loaded (it calls no LLM). Backends are
+        built as `prepare()` builds them, first, so one that cannot be built fails the plan as it fails the run;
+        but within `pricing_backends` (an openai model needs no API key to be priced), and those built only for
+        pricing are dropped after. `tally`, when given, is counted into (it tells the calls the log holds now from
+        the repeats of new calls, which Plan.cached adds up)."""
         found = self.store.find_job(self.key)
         todo = [] if found and found[1] == "complete" else self.pending(found[0] if found else None)
-        tally = Tally()
+        tally = tally if tally is not None else Tally()
         self.log, self._tally = LookupOnlyLog(StoreCallLog(self.store, None)), tally
         self._planned.clear()
         try:
-            for step, index in enumerate(todo):
-                try:
-                    self._planned[self.neurons[index]] = self.process(index)
-                except (LLMError, NeuronError):
-                    pass  # the real run records the failure against the neuron and goes on
-                if progress:
-                    progress("planning", step + 1, len(todo))
+            with pricing_backends():
+                if todo and self._uses_explainer and self.settings.explanation is None:
+                    self.backend(self.settings.explainer)
+                if todo and self.settings.kind != "explain":
+                    self.backend(self.settings.simulator)
+                for step, index in enumerate(todo):
+                    try:
+                        self._planned[self.neurons[index]] = self.process(index)
+                    except (LLMError, NeuronError):
+                        pass  # the real run records the failure against the neuron and goes on
+                    if progress:
+                        progress("planning", step + 1, len(todo))
         finally:
             self.log, self._tally = CallLog(), None
             self._planned.clear()
+            with self._backend_lock:
+                priced = [spec for spec, backend in self._backends.items() if backend.pricing_only]
+                closing = [self._backends.pop(spec) for spec in priced]
+            for backend in closing:
+                backend.close()
         return Plan(len(todo), tally.calls, tally.cached, tally.prompt_tokens, tally.completion_tokens, tally.cost)
 
 

@@ -15,7 +15,9 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +133,9 @@ class Backend(ABC):
     revision: str = ""
     #: Dollars per million (prompt, completion) tokens, where known.
     price: tuple[float, float] | None = None
+    #: Built for a dry run without what its calls need (an API key; see `pricing_backends`): it lists requests and
+    #: reads the call log, and refuses to call a model.
+    pricing_only: bool = False
 
     def __init__(self) -> None:
         self.log = CallLog()
@@ -244,6 +249,8 @@ class Backend(ABC):
                 return cached
             waiting.wait()  # then read its answer from the log, or make the request ourselves if it failed
         try:
+            if self.pricing_only:
+                raise LLMError(f"{self.spec} was built to count a dry run's calls and cannot make one")
             log.reserve(estimate)
             limiter = log.limiter
             if limiter is not None:
@@ -331,9 +338,26 @@ def spec_name(spec: str) -> str:
     return parse_spec(spec).name
 
 
+#: Set while a dry run builds its backends (`pricing_backends`).
+_PRICING: ContextVar[bool] = ContextVar("neuronscope_pricing", default=False)
+
+
+@contextmanager
+def pricing_backends() -> Iterator[None]:
+    """While active (in this thread), `make_backend` builds backends for a dry run, which counts requests and sends
+    none: an openai spec needs no OPENAI_API_KEY then (pricing a job comes before having a key). Such a backend is
+    `pricing_only` and refuses to call; the real run builds its own, and asks for the key."""
+    token = _PRICING.set(True)
+    try:
+        yield
+    finally:
+        _PRICING.reset(token)
+
+
 def make_backend(spec: str, *, device: str | None = None, dtype: str | None = None,
                  status: Callable[[str], None] | None = None) -> Backend:
-    """Build the backend a spec names (models load here, lazily imported)."""
+    """Build the backend a spec names (models load here, lazily imported); in `pricing_backends`, an openai backend
+    is built `pricing_only` (it needs no OPENAI_API_KEY)."""
     parsed = parse_spec(spec)
     if parsed.kind == "baseline":
         from neuronscope.core.llm.baseline import BaselineBackend
@@ -353,4 +377,4 @@ def make_backend(spec: str, *, device: str | None = None, dtype: str | None = No
     except ValueError:
         raise LLMError(f"NEURONSCOPE_OPENAI_TIMEOUT={timeout!r} is not a number of seconds") from None
     return OpenAIBackend(parsed.model, spec=parsed.name, urls=parsed.urls, revision=parsed.revision, mode=mode,
-                         timeout=seconds)
+                         timeout=seconds, pricing_only=_PRICING.get())

@@ -108,8 +108,10 @@ class OpenAIBackend(RouteProbing, ServerRouting, Backend):
     def __init__(self, model: str, *, spec: str, urls: Sequence[str] = (), revision: str = "",
                  mode: str | None = None, echo_shift: int | None = None, concurrency: int | None = None,
                  timeout: float = 60.0, max_retries: int = 4, top_logprobs: int = 20,
-                 pack_tokens: int | None = None) -> None:
+                 pack_tokens: int | None = None, pricing_only: bool = False) -> None:
+        """`pricing_only`: for a dry run, which sends nothing, so OpenAI's API needs no key (Backend.pricing_only)."""
         super().__init__()
+        self.pricing_only = pricing_only
         self.spec = spec
         self.model = model
         given = [u.strip().rstrip("/") for u in urls if u.strip()]
@@ -120,7 +122,7 @@ class OpenAIBackend(RouteProbing, ServerRouting, Backend):
         hosts = [urlparse(u).hostname == "api.openai.com" for u in self.urls]
         self.is_openai = any(hosts)
         key = os.environ.get("OPENAI_API_KEY") or ""
-        if not key and self.is_openai:
+        if not key and self.is_openai and not pricing_only:
             raise LLMError(f"{spec}: set OPENAI_API_KEY to use {OPENAI_URL} (or name another server: "
                            f"openai:MODEL@http://HOST:PORT/v1)")
         self._key = key or DUMMY_KEY

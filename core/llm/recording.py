@@ -3,8 +3,9 @@
 A dry run (neuronscope.core.jobs.engine's `Job.plan`) runs the job's real per-neuron code with each backend wrapped
 in a `RecordingBackend`. For every explain, simulate or rate that code asks for, the wrapper lists the requests the
 real backend would send (`Backend.requests`: payload, prompt and completion tokens) and counts them in a `Tally`:
-a request the call log holds, or one this dry run has already counted (the real run's log holds it by then), is
-answered from the log; any other is a new call, with its tokens and, at the backend's price, its dollars.
+a request the call log holds is answered from the log, and so is one this dry run has already counted (a repeat:
+the real run's log holds it by then), counted apart; any other is a new call, with its tokens and, at the backend's
+price, its dollars.
 
 When the log holds every request of an operation, the real backend answers it from the log (no model runs), so a
 resumed job is planned from the answers it really got. Otherwise the wrapper answers with stand-ins shaped as the
@@ -14,7 +15,8 @@ activation and rating. A backend that needs no call (the token-lookup baseline l
 itself, for free.
 
 The real backend is still asked for its tokenizer, prompts and estimates, and through `LookupOnlyLog` it may read
-the call log but never make a call or write one.
+the call log but never make a call or write one. It is built for the dry run (neuronscope.core.llm.base's
+`pricing_backends`): an openai backend needs no OPENAI_API_KEY to be counted.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class Tally:
 
     calls: int = 0
     """New calls."""
-    cached: int = 0
-    """Calls the log would answer (held now, or made earlier in the same job)."""
+    logged: int = 0
+    """Calls the log holds now, answered from it."""
+    repeats: int = 0
+    """Repeats of new calls counted earlier in the same job (a shuffled control asks for another neuron's
+    explanation): the real run answers them from the log too, once the first is made."""
     prompt_tokens: int = 0
     """Prompt tokens of the new calls."""
     completion_tokens: int = 0
@@ -70,6 +75,11 @@ class Tally:
     """Dollars of the new calls; None once a new call's backend has no known price."""
     seen: set[str] = field(default_factory=set)
     """Keys of the new calls counted, so a repeat counts as answered from the log."""
+
+    @property
+    def cached(self) -> int:
+        """Calls the log would answer in the real run: held now, or repeats of its new calls (its cache hits)."""
+        return self.logged + self.repeats
 
     def add(self, prompt_tokens: int, completion_tokens: int, price: tuple[float, float] | None) -> None:
         """Count one new call."""
@@ -141,7 +151,7 @@ class RecordingBackend(Backend):
         logged = True
         for index, (payload, prompt_tokens, completion_tokens) in enumerate(requests):
             if payload is not None and self.inner.is_cached(kind, payload):
-                self.tally.cached += 1
+                self.tally.logged += 1
                 continue
             logged = False
             # A request whose payload the backend cannot give is known by the operation's arguments: repeats in
@@ -149,7 +159,7 @@ class RecordingBackend(Backend):
             key = request_key(self.spec, self.revision, kind, payload if payload is not None else
                               {"dry run": _arguments(kind, args), "request": index})
             if key in self.tally.seen:
-                self.tally.cached += 1
+                self.tally.repeats += 1
                 continue
             self.tally.seen.add(key)
             self.tally.add(prompt_tokens, completion_tokens, self.price)
