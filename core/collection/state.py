@@ -142,7 +142,8 @@ def write_shard(folder: Path, meta: ShardMeta, results: Iterable[LayerResult], t
         own = dict(zip(vocab.tolist(), alone, strict=True))
         fixed = [(row, at, text) for row, ids in enumerate(kept_tokens.tolist())
                  for at, text in enumerate(token_text(ids)) if text != own[ids[at]]]
-        arrays: dict[str, Any] = {"ids": vocab.astype(np.int32), **_packed(alone), **_packed([f[2] for f in fixed], "fix_"),
+        arrays: dict[str, Any] = {"ids": vocab.astype(np.int32), **_packed(alone),
+                                  **_packed([f[2] for f in fixed], "fix_"),
                                   "fix_rows": np.array([f[0] for f in fixed], np.int64),
                                   "fix_at": np.array([f[1] for f in fixed], np.int64)}
         np.savez(staged / "vocab.npz", **arrays)
@@ -200,7 +201,8 @@ class ShardState:
                 fixes: dict[int, list[tuple[int, str]]] = {}
                 if "fix_rows" in vocab:  # (states written before 2026-12-07 have none)
                     fixed = _unpacked(vocab["fix_offsets"], vocab["fix_text"].tobytes())
-                    for row, at, string in zip(vocab["fix_rows"].tolist(), vocab["fix_at"].tolist(), fixed, strict=True):
+                    places = zip(vocab["fix_rows"].tolist(), vocab["fix_at"].tolist(), fixed, strict=True)
+                    for row, at, string in places:
                         fixes.setdefault(row, []).append((at, string))
         except DAMAGED as err:
             raise StateError(f"{self.folder}: its excerpts cannot be read ({type(err).__name__}): the shard state is "

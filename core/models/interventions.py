@@ -209,7 +209,8 @@ def _shift(subject: Subject, name: str, change: Any, top: int, size: float) -> S
     order = torch.argsort(change, descending=True).tolist()
 
     def shifts(ids: list[int]) -> tuple[TokenShift, ...]:
-        return tuple(TokenShift(text, i, float(change[i])) for i, text in zip(ids, subject.token_strings(ids, apart=True)))
+        texts = subject.token_strings(ids, apart=True)  # a ranking of tokens, not a text
+        return tuple(TokenShift(text, i, float(change[i])) for i, text in zip(ids, texts))
 
     return Shift(name, shifts(order[:top]), shifts(order[::-1][:top]), size)
 

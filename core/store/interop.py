@@ -139,8 +139,8 @@ class InteropMixin:
                 kind=kind, rank=rank, excerpt_id=excerpt, tokens=tuple(tokens), bin=bin_,
                 activations=tuple(decode(scale, acts).tolist()), exact_max=high, exact_min=low))
         rows = self.con.execute(
-            "SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, job_id, "
-            "neuron "
+            "SELECT explanation_id, text, explainer, role, sample, selected, source_layer, source_neuron, tail, "
+            "job_id, neuron "
             f"FROM explanations WHERE {where} ORDER BY neuron, job_id DESC, explanation_id", params).fetchall()
         explanations: dict[int, dict[str, list[ScoredExplanation]]] = {}
         for row, scored in zip(rows, self._scored(rows)):  # type: ignore[attr-defined]
