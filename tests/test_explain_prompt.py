@@ -13,6 +13,7 @@ from neuronscope.core.llm.prompts import (
     LISTED_TOKENS,
     MARK_SHARE,
     Example,
+    _explain_listing,
     explain_prompt,
     fewshot,
     firing,
@@ -69,6 +70,12 @@ def test_marked_window_centres_on_the_peak() -> None:
     assert text == "..." + expected + "..."
     # At the edges nothing is cut, so no dots.
     assert marked_window(tokens[:3], np.array([0.0, 1.0, 0.0])) == " t0<< t1>> t2"
+    # A token holding only a character's first bytes ('') marks the character it begins; the explainer's list of
+    # firing tokens names the character, never '' (nor what an excerpt cut inside a character ends with).
+    split, fires = [" a", "", "中", " b", ""], np.array([0.0, 5.0, 1.0, 0.0, 4.0])
+    assert marked_window(split, fires) == " a<<中>> b"
+    assert _explain_listing([(split, fires)], 5.0).startswith('Tokens it fires on most (strength 0-9, how often): '
+                                                              '"中" (9, 1x)\n')
 
 
 def test_explain_prompt_lists_firing_tokens_and_marked_windows() -> None:

@@ -29,7 +29,7 @@ def test_related_stores_what_the_weights_give_and_show_prints_it(cli_store: tupl
         neurons = store.related_neurons(run.run_id, layer, 5)
         rows = store.con.execute("SELECT count(*), sum(len(tokens)) FROM related").fetchall()[0]
     expected = input_tokens(subject.model, layer, 4)
-    assert [t for t, _ in tokens["input_positive"]] == subject.token_strings(expected.positive_ids[5])
+    assert [t for t, _ in tokens["input_positive"]] == subject.token_strings(expected.positive_ids[5], apart=True)
     assert [v for _, v in tokens["input_negative"]] == pytest.approx(expected.negative_values[5].tolist(), rel=1e-5)
     up = upstream_neurons(subject.model, layer, 4)
     assert neurons["upstream_positive"] == [(layer - 1, int(i), pytest.approx(float(v), rel=1e-5))

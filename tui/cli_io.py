@@ -73,12 +73,15 @@ def cmd_related(args: argparse.Namespace) -> int:
         run = store.run(args.run)
         layers = parse_layers(args.layers, run.layers) or ()
         subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
+        def vocabulary(ids: list[int]) -> list[str]:  # lists of tokens, not a text: each token decoded alone
+            return subject.token_strings(ids, apart=True)
+
         if run.latents:
             from neuronscope.core.models.relations import latent_related_lists
             from neuronscope.core.models.sparse import recorded
 
             coder = recorded(run.units)
-            store.write_related(run.run_id, latent_related_lists(subject.model, coder, subject.token_strings,
+            store.write_related(run.run_id, latent_related_lists(subject.model, coder, vocabulary,
                                                                  args.top))
             store.checkpoint()
             status(f"run {run.run_id}: related tokens of {coder.width:,} latents from the coder's weights through "
@@ -91,7 +94,7 @@ def cmd_related(args: argparse.Namespace) -> int:
         with progress_bars() as progress:
             progress("related", 0, len(layers))
             for i, layer in enumerate(layers, 1):
-                store.write_related(run.run_id, related_lists(subject.model, layer, subject.token_strings,
+                store.write_related(run.run_id, related_lists(subject.model, layer, vocabulary,
                                                               args.top))
                 progress("related", i, len(layers))
         store.checkpoint()

@@ -16,7 +16,7 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import Store
 from neuronscope.tui.console import number, out, real, run_id, status
-from neuronscope.tui.render import activation_style, tokens_text, visible
+from neuronscope.tui.render import activation_style, token_name, tokens_text, visible
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -179,8 +179,8 @@ def _print_unit(probe: Probe, unit: NeuronId, peak: float) -> None:
     table = Table(box=None, pad_edge=False)
     for name, justify in (("#", "right"), ("token", "left"), ("activation", "right"), ("of max", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for i, (token, value) in enumerate(zip(probe.tokens, values)):
-        table.add_row(str(i), Text(f"'{visible(token)}'"), Text(f"{value:+.3f}", style=activation_style(value, scale)),
+    for i, value in enumerate(values):
+        table.add_row(str(i), Text(token_name(probe.tokens, i)), Text(f"{value:+.3f}", style=activation_style(value, scale)),
                       _share(_of(value, peak)))
     out.print(table)
     out.print()
@@ -196,9 +196,9 @@ def _print_top(probe: Probe, maxima: np.ndarray, count: int, shares: bool = True
     table.add_column("token")
     for rank in range(PER_TOKEN):
         table.add_column(f"unit {rank + 1}")
-    for i, (token, firings) in enumerate(zip(probe.tokens, top_at_tokens(probe, maxima, PER_TOKEN))):
+    for i, firings in enumerate(top_at_tokens(probe, maxima, PER_TOKEN)):
         cells = [_firing_text(f, shares) for f in firings] + [Text("")] * (PER_TOKEN - len(firings))
-        table.add_row(str(i), Text(f"'{visible(token)}'"), *cells)
+        table.add_row(str(i), Text(token_name(probe.tokens, i)), *cells)
     out.print(table)
     out.print()
     out.print(Text(f"Units firing most over the text (top {count})", style="bold"), soft_wrap=True)
@@ -208,7 +208,7 @@ def _print_top(probe: Probe, maxima: np.ndarray, count: int, shares: bool = True
         whole.add_column(name, justify=justify)  # type: ignore[arg-type]
     for f in top_over_text(probe, maxima, count):
         whole.add_row(str(f.unit), f"{f.activation:+.3f}", _share(f.relative) if shares else "-", str(f.position),
-                      Text(f"'{visible(probe.tokens[f.position])}'"))
+                      Text(token_name(probe.tokens, f.position)))
     out.print(whole)
 
 

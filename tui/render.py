@@ -120,12 +120,12 @@ def record_line(record: ActivationRecord, scale: float, negative: bool = False) 
     at = peak_index(record, negative)
     value = record.min if negative else record.max
     line = Text(f"{value:+8.3f} ", style="dim")
-    line.append(fit(_named(record.tokens, at), 12, "right") + " ", style="bold")
+    line.append(fit(token_name(record.tokens, at), 12, "right") + " ", style="bold")
     line.append_text(record_text(record, scale, negative=negative))
     return line
 
 
-def _named(tokens: Sequence[str], at: int) -> str:
+def token_name(tokens: Sequence[str], at: int) -> str:
     """The token at `at`, quoted as it is made visible (not escaped a second time); one holding only the first
     bytes of a character (Subject.token_strings gives it '') as part of the token that completes it."""
     if not 0 <= at < len(tokens):

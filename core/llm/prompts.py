@@ -144,14 +144,23 @@ def firing(values: np.ndarray) -> np.ndarray:
     return values >= MARK_SHARE * peak if peak > 0 else np.zeros(len(values), bool)
 
 
+def shown_at(tokens: Sequence[str], i: int) -> int:
+    """The token that shows position i: i itself, or for a token holding only a character's first bytes ('',
+    Subject.token_strings) the token after it that completes the character."""
+    while i + 1 < len(tokens) and tokens[i] == "":
+        i += 1
+    return i
+
+
 def marked_window(tokens: Sequence[str], values: np.ndarray, centre: int | None = None) -> str:
     """The excerpt around its peak (or `centre`; CONTEXT_BEFORE tokens before it, CONTEXT_AFTER after) as one
-    inert line, firing tokens inside << >>, cut ends shown as ..."""
+    inert line, firing tokens inside << >> (a firing '' marks the character it begins), cut ends shown as ..."""
     fires = firing(values)
     peak = int(np.argmax(values)) if centre is None else centre
     start, stop = max(0, peak - CONTEXT_BEFORE), min(len(tokens), peak + CONTEXT_AFTER + 1)
-    text = "".join(f"<<{show_token(t)}>>" if fires[i] else show_token(t)
-                   for i, t in enumerate(tokens[start:stop], start))
+    marked = {shown_at(tokens, i) for i in np.flatnonzero(fires).tolist()}
+    text = "".join(f"<<{show_token(t)}>>" if i in marked else show_token(t)
+                   for i, t in enumerate(tokens[start:stop], start) if t)
     return ("..." if start else "") + text + ("..." if stop < len(tokens) else "")
 
 
@@ -166,8 +175,11 @@ def _explain_listing(excerpts: Sequence[tuple[Sequence[str], np.ndarray]], scale
         if not values.max(initial=0.0) > 0:
             continue
         for i in np.flatnonzero(firing(values)).tolist():
-            count[tokens[i]] += 1
-            peak[tokens[i]] = max(peak.get(tokens[i], 0.0), float(values[i]))
+            token = tokens[shown_at(tokens, i)]
+            if not token:  # the excerpt ends inside a character
+                continue
+            count[token] += 1
+            peak[token] = max(peak.get(token, 0.0), float(values[i]))
         windows.append(f"{len(windows) + 1}. {marked_window(tokens, values)}")
     listed = sorted(count, key=lambda t: (-peak[t], -count[t], t))[:LISTED_TOKENS]
     strength = dict(zip(listed, on_scale(np.array([peak[t] for t in listed]), scale_max).round().astype(int).tolist()))
