@@ -275,13 +275,13 @@ def test_a_bad_key_stops_the_job_and_names_the_fix(cli_store: tuple[Path, Result
 
 
 def test_a_job_that_leaves_neurons_unfinished_exits_3(cli_store: tuple[Path, Result], tmp_path: Path) -> None:
-    """Some neurons failed (here: nothing stored to score): not 0, and not an error either; the same command
-    retries them."""
+    """Some neurons failed (here: nothing stored to score): not 0, and not an error either; the line says what
+    mends them (explaining them: a retry alone would fail again)."""
     store = tmp_path / "s.duckdb"
     shutil.copy(cli_store[0], store)
     result = run_cli(["score", "--explainer", "baseline", "--limit", "2", "--store", store])
     assert result.code == 3, result.err
-    assert "0/2 neurons done, 2 failed (run the same command to retry them)" in result.err
+    assert "0/2 neurons done, 2 failed (explain them first, or pass --explanation)" in result.err
     done = run_cli(["run", "--explainer", "baseline", "--limit", "2", "--store", store])
     assert done.code == 0, done.err
 

@@ -210,6 +210,7 @@ def dry_run_line(plan: Plan, tally: Tally) -> str:
 def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
     from neuronscope.core.jobs.engine import Job, env_concurrency
+    from neuronscope.core.jobs.neuron_work import needs_explanation
     from neuronscope.core.llm.base import make_backend, parse_spec
     from neuronscope.core.llm.recording import Tally
     from neuronscope.core.models.loading import run_subject
@@ -254,8 +255,10 @@ def cmd_job(args: argparse.Namespace) -> int:
             out.print(Text(f"{NeuronId(s.layer, s.neuron)}  ", style="bold") + Text(s.text), soft_wrap=True)
     for neuron, error in sorted(report.failed.items()):
         err.print(Text(f"failed {neuron}: ", style="red") + Text(error), soft_wrap=True)
+    mend = "explain them first, or pass --explanation" if all(map(needs_explanation, report.failed.values())) \
+        else "run the same command to retry them"
     line = (f"job {report.job_id} {report.state}: {report.done}/{report.total} neurons done"
-            f"{f', {len(report.failed)} failed (run the same command to retry them)' if report.failed else ''}; "
+            f"{f', {len(report.failed)} failed ({mend})' if report.failed else ''}; "
             f"{report.new_calls} new LLM calls, {report.cache_hits} from the log, {report.tokens:,} tokens")
     status(line)
     if report.message:

@@ -15,6 +15,7 @@ from rich.text import Text
 from neuronscope.core.errors import STOP_SIGNALS, leave_closed_terminal
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
+from neuronscope.core.jobs.neuron_work import needs_explanation
 from neuronscope.tui.render import visible
 from neuronscope.tui.screens.modals import MessageScreen
 from neuronscope.tui.screens.neuron import NeuronScreen
@@ -115,7 +116,7 @@ class JobActions:
             title = f"{handle.label}: {handle.state}" + (
                 f", {len(handle.failures)} neuron{'s' if len(handle.failures) != 1 else ''} failed"
                 if handle.failures else "")
-            unexplained = all("`neuronscope explain` first" in error for _, error in handle.failures)
+            unexplained = all(needs_explanation(error) for _, error in handle.failures)
             problems.append(Text("Those neurons have nothing to score yet: explain them (e) or write your own (w), "
                                  "then score again (x)." if handle.failures and unexplained else
                                  "Start the same job again to retry the failed neurons.", style="dim"))

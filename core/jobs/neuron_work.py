@@ -20,6 +20,14 @@ from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
 
+#: How a score job's neuron with nothing to score fails: a retry cannot mend it (`needs_explanation`).
+NOTHING_TO_SCORE = "run `neuronscope explain` first, or pass --explanation"
+
+
+def needs_explanation(error: str) -> bool:
+    """Whether a neuron failed for want of an explanation to score (explaining it, not retrying, mends that)."""
+    return NOTHING_TO_SCORE in error
+
 if TYPE_CHECKING:
     from neuronscope.core.explanation.embedding import Embedder
 
@@ -102,8 +110,7 @@ class NeuronWork:
             texts = self._reader().candidate_texts(self.run_info.run_id, *neuron, tail=s.tail,
                                                    explainer=self.explainer_name)
             if not texts:
-                raise NeuronError(f"{neuron} has no {s.tail} explanation by {self.explainer_name}: "
-                                  "run `neuronscope explain` first, or pass --explanation")
+                raise NeuronError(f"{neuron} has no {s.tail} explanation by {self.explainer_name}: {NOTHING_TO_SCORE}")
             return texts, self.explainer_name, "candidate"
         explainer = self.backend(s.explainer)
         return explainer.explain(prompt_for(explainer, splits), s.samples, s.seed), self.explainer_name, "candidate"
