@@ -4,6 +4,7 @@ it, as jobs do; the next writable open folds it in)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,7 @@ async def test_your_own_explanation_is_stored_scored_and_chosen(scored_store: Pa
         # The neuron screen shows both explanations with their scores; the table marks the chosen one as a person's.
         await until(pilot, lambda: "commas and full stops" in screen_text(app.screen))
         text = screen_text(app.screen)
-        assert "* by ada (human): commas and full stops" in text and row.explanation in text
+        assert re.search(r"\* by ada \(human\) \(job \d+\): commas and full stops", text) and row.explanation in text
         await pilot.press("escape")
         await pilot.pause()
         position = app.store.neuron_position(app.run_info.run_id, table.query_spec, *neuron)
