@@ -25,6 +25,7 @@ from neuronscope.tui.console import (
     EXIT_HELP,
     EXIT_INTERRUPTED,
     MAX_SAMPLES,
+    OutputClosed,
     Parser,
     err,
     interactive,
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeuronscopeError as exc:
         say(Text("error: ", style="bold red") + Text(str(exc)))
         return EXIT_ERROR
-    except BrokenPipeError:  # `neuronscope show … | head`: the reader has what it wanted (console._Console)
+    except OutputClosed:  # `neuronscope show … | head`: the reader has what it wanted (another pipe is an error)
         return 0
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every other failure becomes one line too
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError

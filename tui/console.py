@@ -72,17 +72,22 @@ class _Stream:
             leave_closed_terminal()
 
 
-class _Console(Console):
+class OutputClosed(BrokenPipeError):
+    """The reader of this process's output has gone (`| head`)."""
+
+
+class _Output(Console):
     def on_broken_pipe(self) -> None:
-        """A reader that stopped reading (`neuronscope show … | head`): nothing more is printed, and the command ends
-        with status 0 (cli.main catches the error; Rich's own exits with 1)."""
+        """A reader of the output that stopped reading (`neuronscope show … | head`): nothing more is printed, and
+        the command ends with status 0 (cli.main catches the error; Rich's own exits with 1). Errors and progress
+        (stderr) keep Rich's way: a status that says nothing went wrong must not hide an error."""
         self.quiet = True
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
-        raise BrokenPipeError
+        raise OutputClosed
 
 
-out = _Console(file=cast(IO[str], _Stream("stdout")), highlight=False)
-err = _Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
+out = _Output(file=cast(IO[str], _Stream("stdout")), highlight=False)
+err = Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
 #: This process's name before every line it prints, where a launcher runs several processes in one terminal and
 #: another one shows the progress (`speak_as`); None where this process speaks for itself.
 _rank: str | None = None

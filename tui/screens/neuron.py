@@ -247,7 +247,8 @@ class NeuronScreen(Screen[None]):
 
         if not self.related:
             self.notify(f"{self.position} has no related neurons in the store: `neuronscope related` computes every "
-                        "neuron's from the run's model weights (about a minute for SmolLM2)", severity="warning")
+                        "neuron's from the run's model weights (about a minute for SmolLM2)", severity="warning",
+                        markup=False)
             return
         choices = [(RELATED_LABELS[name], layer, index, weight) for name in RELATED_LABELS
                    for layer, index, weight in self.related.get(name, [])]
