@@ -14,7 +14,7 @@ import neuronscope.tui
 from neuronscope.core.errors import InputError, NeuronError, NeuronscopeError, out_of_memory
 
 #: Exceptions that are control flow, never shown: each is caught where it is raised.
-SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall"}
+SIGNALS = {"JobCancelled", "BudgetExceeded", "_StopForward", "NotText", "DryRunCall", "OutputClosed"}
 #: Interrupts (Ctrl-C saying what was saved, SIGTERM): KeyboardInterrupts, which the CLI shows as such, exit status 130.
 INTERRUPTS = {"Interrupted", "Stopped", "Terminated"}
 
