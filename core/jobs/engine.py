@@ -224,14 +224,19 @@ class Job(NeuronWork, OutputWork):
 
     def prepare(self) -> None:
         """Load the backends the job needs (so a bad model fails before any neuron starts)."""
-        if self._uses_explainer and self.settings.explanation is None:
-            self.backend(self.settings.explainer)
+        self._llm_backends()
         if self.settings.kind != "explain":
-            self.backend(self.settings.simulator)
             self.embedder()
         if self.settings.output:
             with self._subject_lock:
                 self._load_subject()
+
+    def _llm_backends(self) -> None:
+        """Build the explainer and simulator the job calls (what `prepare` and a dry run's `plan` both need first)."""
+        if self._uses_explainer and self.settings.explanation is None:
+            self.backend(self.settings.explainer)
+        if self.settings.kind != "explain":
+            self.backend(self.settings.simulator)
 
     # -- running --------------------------------------------------------------------------------------
     def pending(self, job_id: int | None) -> list[int]:
@@ -409,10 +414,8 @@ class Job(NeuronWork, OutputWork):
         self._planned.clear()
         try:
             with pricing_backends():
-                if todo and self._uses_explainer and self.settings.explanation is None:
-                    self.backend(self.settings.explainer)
-                if todo and self.settings.kind != "explain":
-                    self.backend(self.settings.simulator)
+                if todo:
+                    self._llm_backends()
                 for step, index in enumerate(todo):
                     try:
                         self._planned[self.neurons[index]] = self.process(index)
