@@ -18,6 +18,7 @@ from neuronscope.core.store import Store
 from neuronscope.core.store.browse import BrowseQuery
 from neuronscope.tui.app import NeuronscopeApp
 from neuronscope.tui.screens.filter import FilterScreen
+from neuronscope.tui.screens.modals import MessageScreen
 from neuronscope.tui.screens.neuron import NeuronScreen
 from neuronscope.tui.screens.triage import ListsScreen, TagScreen, WriteScreen
 from neuronscope.tui.widgets.neuron_table import NeuronTable
@@ -203,3 +204,27 @@ async def test_your_own_explanation_is_stored_scored_and_chosen(scored_store: Pa
         mine_row = table.row(position)
         assert mine_row is not None and mine_row.human and mine_row.explanation == "commas and full stops"
         assert "✎ commas and full stops" in table_lines(table, position + 1)[position + 2]
+
+
+@sync
+async def test_a_job_on_marks_the_filter_hides_asks_first_and_M_unmarks_all(scored_store: Path, tmp_path: Path) -> None:
+    """Marks outlive a filter, so `e` would act on neurons not in sight: it asks first, saying how many are hidden;
+    M clears the marks."""
+    app = NeuronscopeApp(copy_store(scored_store, tmp_path, "s.duckdb"), author="ada")
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(NeuronTable)
+        await pilot.press("m", "end", "m")
+        assert {n.layer for n in table.marked} == {0, 2}
+        await pilot.press("f", *"1..2", "enter")
+        await settled(pilot, table)
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, MessageScreen))
+        text = screen_text(app.screen)
+        assert "explain and score 2 marked neurons?" in text and "1 of them are hidden by the filter" in text
+        await pilot.press("escape")  # no: nothing starts
+        await pilot.pause()
+        assert not app.jobs.handles
+        await pilot.press("M")
+        await pilot.pause()
+        assert not table.marked and "marked" not in table_lines(table, 0)[0]
+        assert any("unmarked 2 neurons" in str(n.message) for n in app._notifications)

@@ -24,11 +24,13 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["related", "--top", "10000000"], ("argument --top", "from 1 to 1,000")),
     (["top", "--limit", "ten"], ("argument --limit", "'ten' is not a whole number")),
     (["top", "--order", "loudest"], ("argument --order", "invalid choice", "density")),
-    (["collect", "--top-k", "1000000"], ("argument --top-k", "from 0 to 1,000")),
+    (["collect", "--top-k", "1000000"], ("argument --top-k", "from 1 to 1,000")),
+    (["collect", "--top-k", "0"], ("argument --top-k", "0 is out of range", "from 1 to 1,000")),
     (["import-openai", "x", "--workers", "0"], ("argument --workers", "from 1 to 64")),
     (["related", "--top", "2k"], ("argument --top", "2,000 is out of range", "from 1 to 1,000")),  # 2k is read
     (["collect", "--max-tokens", "1.5"], ("argument --max-tokens", "'1.5' is not a whole number (write 10000000 or 10M)")),
     (["collect", "--checkpoint-every", "soon"], ("argument --checkpoint-every", "not a duration: write 90s, 20m, 1h or off")),
+    (["collect", "--checkpoint-every", "0s"], ("argument --checkpoint-every", "'0s' is too short", "at least 1s")),
     (["collect", "--batch-size", "huge"], ("argument --batch-size", "'huge' is not a batch size: write a number of "
                                            "excerpts (64) or auto")),
     (["collect", "--batch-size", "0"], ("argument --batch-size", "0 is out of range", "from 1 to 65,536")),
@@ -36,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["show", "1/3", "--run", "abc"], ("argument --run", "'abc' is not a run id", "neuronscope info")),
     (["effects", "1/3", "--factor", "nan"], ("argument --factor", "nan is out of range", "from -1000 to 1000")),
     (["steer", "1/3", "--prompt", "hi", "--scale", "inf"], ("argument --scale", "inf is out of range")),
-], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "workers", "suffix",
-        "not-whole", "duration", "batch-size-word", "batch-size-zero", "huge-limit", "run-id", "nan", "inf"])
+], ids=["top-limit", "show-count", "related-top", "not-a-number", "unknown-order", "top-k", "top-k-zero", "workers",
+        "suffix", "not-whole", "duration", "duration-zero", "batch-size-word", "batch-size-zero", "huge-limit", "run-id", "nan", "inf"])
 def test_numbers_out_of_bounds_are_one_line(cli_store: tuple[Path, Result], args: list[str],
                                             needles: tuple[str, ...]) -> None:
     path, _ = cli_store

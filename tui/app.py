@@ -54,7 +54,7 @@ ASIDE_SECONDS = 10.0
 #: Seconds the table's cursor rests on a row before its neuron is read ahead (so that Enter shows it at once).
 READ_AHEAD_AFTER = 0.05
 #: Actions that act on the table, not offered on a neuron's screen.
-TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark", "lists"}
+TABLE_ACTIONS = {"sort", "filter", "search", "next_unexplained", "mark", "unmark_all", "lists"}
 
 
 def while_running(tick: Callable[[NeuronscopeApp], None]) -> Callable[[NeuronscopeApp], None]:
@@ -90,6 +90,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         Binding("r", "random", "Random", id="random", tooltip="open a random neuron of those shown"),
         Binding("m", "mark", "Mark", id="mark", tooltip="mark or unmark the neuron under the cursor and step to the "
                                                         "next (marks are kept in the store, as the list 'marked')"),
+        Binding("M", "unmark_all", "Unmark all", id="unmark", show=False, tooltip="unmark every marked neuron"),
         Binding("a", "triage('tag')", "Tag", id="tag",
                 tooltip="tag the marked neurons, else the one under the cursor or shown: good, wrong, unclear, "
                         "polysemantic or your own word (-TAG takes it off); the filter takes tag:WORD"),
@@ -360,6 +361,12 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     def action_mark(self) -> None:
         self.table.toggle_mark()
         self._marks_changed()
+
+    def action_unmark_all(self) -> None:
+        if self.table.marked:
+            self.notify(f"unmarked {len(self.table.marked):,} neurons")
+            self.table.set_marks(set())
+            self._marks_changed()
 
     def action_help(self) -> None:
         def keys(bindings: list[BindingType]) -> list[tuple[str, str]]:

@@ -232,7 +232,8 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                    help="leave each excerpt's first N positions out of the statistics and of what ranks its records "
                         "(their activations are still kept and shown), for models with massive first-position "
                         "activations (default: 0)")
-    p.add_argument("--top-k", type=number(0, MAX_K), default=50, help="top excerpts kept per neuron (default: 50)")
+    p.add_argument("--top-k", type=number(1, MAX_K), default=50,
+                   help="top excerpts kept per neuron, at least 1: explanations are written from them (default: 50)")
     p.add_argument("--bottom-k", type=number(0, MAX_K), default=50, help="most negative excerpts kept per neuron (default: 50)")
     p.add_argument("--random-k", type=number(0, MAX_K), default=20, help="random excerpts per neuron (default: 20)")
     p.add_argument("--quantile-k", type=number(0, MAX_K), default=5, help="excerpts per quantile bin (default: 5)")

@@ -198,7 +198,10 @@ def duration(text: str) -> float | None:
     found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 20m, 1h or off")
-    return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[found.group(2)]
+    seconds = float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[found.group(2)]
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short: write at least 1s (90s, 20m, 1h), or off")
+    return seconds
 
 
 def interactive() -> bool:

@@ -49,28 +49,31 @@ class JobActions:
     current_neuron: Any
     _reload_landed: Any
 
-    def _job_scope(self) -> tuple[tuple[NeuronId, ...], str]:
+    def _job_scope(self) -> tuple[tuple[NeuronId, ...], str, int]:
+        """The neurons a job acts on, in words, and how many of them the filter hides (marks outlive a filter)."""
         if isinstance(self.screen, NeuronScreen):
-            return (self.screen.position,), "shown"
-        table = self.table
+            return (self.screen.position,), "shown", 0
+        table, query = self.table, self.table.query_spec
+        listed = table.read(lambda reader: reader.neuron_keys(self.run_info.run_id, query)) if query.filtered else None
         if table.marked:
-            return tuple(sorted(table.marked)), "marked"
-        if table.query_spec.filtered:
-            query = table.query_spec
-            return tuple(table.read(lambda reader: reader.neuron_keys(self.run_info.run_id, query))), "filtered"
+            return tuple(sorted(table.marked)), "marked", 0 if listed is None else len(table.marked - set(listed))
+        if listed is not None:
+            return tuple(listed), "filtered", 0
         current = self.current_neuron()
-        return ((current,) if current else ()), "cursor"
+        return ((current,) if current else ()), "cursor", 0
 
     def action_job(self, kind: str) -> None:
-        neurons, scope = self._job_scope()
+        neurons, scope, hidden = self._job_scope()
         if not neurons:
             return
         settings = replace(self.settings, kind=kind)
-        if len(neurons) <= CONFIRM_ABOVE:
+        if len(neurons) <= CONFIRM_ABOVE and not hidden:
             self.start(settings, neurons, scope)
             return
         verb = "explain and score" if kind == "run" else kind
         question = MessageScreen(f"{verb} {len(neurons):,} {scope} neurons?", [
+            *([Text(f"{hidden:,} of them are hidden by the filter (marks are kept across filters; "
+                    "M unmarks them all)")] if hidden else []),
             Text(f"explainer {settings.explainer}, simulator {settings.simulator}"),
             Text("The job runs in the background; c cancels it, and the same job started again resumes it.")],
             question=True)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neuronscope.core.choices import RECORD_KINDS
 from neuronscope.core.errors import NeuronscopeError, caused_by_interrupt
 from neuronscope.core.explanation.score import score
 from neuronscope.core.ids import NeuronId
@@ -70,8 +69,6 @@ RELEASE_EXPLAINER = "openai-release"
 RELEASE_REVISION = "openai-2023"
 #: Neurons written per transaction.
 BATCH = 200
-#: Neurons whose records are read at once when a resumed import gathers the excerpts the run holds.
-SEED_BATCH = 500
 DEFAULT_MODEL = "gpt2-xl"
 
 
@@ -278,14 +275,11 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _seed(store: Store, run_id: int, held: list[NeuronId], pool: ExcerptPool) -> None:
-    """Tell the pool the excerpts the run's records use (an earlier session of the import wrote them), so this
-    session's records with the same tokens share them."""
-    ranks = {kind: 2**15 for kind in RECORD_KINDS}  # every record (ranks are int16)
-    for start in range(0, len(held), SEED_BATCH):
-        for records in store.records_many(run_id, held[start:start + SEED_BATCH], ranks).values():
-            for r in records:
-                pool.known(r.excerpt_id, r.tokens)
+def _seed(store: Store, run_id: int, pool: ExcerptPool) -> None:
+    """Tell the pool the excerpts the run holds (an earlier session of the import wrote them), so this session's
+    records with the same tokens share them."""
+    for excerpt_id, tokens in store.excerpt_texts(run_id):
+        pool.known(excerpt_id, tokens)
 
 
 def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, layers: tuple[int, ...] | None = None,
@@ -368,7 +362,7 @@ def import_release(store: Store, path: Path, *, model: str = DEFAULT_MODEL, laye
         layer_ids, neuron_ids, paths = zip(*todo)
         reads = executor.map(_read_neuron, repeat(root), repeat(parts), layer_ids, neuron_ids, paths, chunksize=16)
     try:
-        _seed(store, run_id, held, pool)
+        _seed(store, run_id, pool)
         mark(sorted(n for n in present if states.get(n, ("", ""))[0] != "done"), {})
         for done, ((layer, neuron, _), read) in enumerate(zip(todo, reads), len(present) + 1):
             for file, message in read.problems:

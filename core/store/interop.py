@@ -3,7 +3,7 @@ the bulk reads that exports make (neuronscope.core.interop.export). Mixed into n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,14 @@ class InteropMixin:
         """The first excerpt id a run has not used."""
         return int(self.con.execute("SELECT coalesce(max(excerpt_id) + 1, 0) FROM excerpts WHERE run_id = ?",
                                     [run_id]).fetchall()[0][0])
+
+    def excerpt_texts(self, run_id: int, batch: int = 10_000) -> Iterator[tuple[int, tuple[str, ...]]]:
+        """Every excerpt of a run as (excerpt id, tokens), read `batch` rows at a time (a resumed import of the whole
+        GPT-2 XL release holds millions); nothing else may use the connection until the iteration ends."""
+        cursor = self.con.execute("SELECT excerpt_id, tokens FROM excerpts WHERE run_id = ?", [run_id])
+        while rows := cursor.fetchmany(batch):
+            for excerpt_id, tokens in rows:
+                yield int(excerpt_id), tuple(tokens)
 
     def import_neurons(self, run_id: int, job_id: int, excerpts: dict[int, tuple[str, ...]],
                        neurons: Sequence[ImportedNeuron], results: Sequence[NeuronResult]) -> None:

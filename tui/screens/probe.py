@@ -46,7 +46,7 @@ class ProbeScreen(ModalScreen[NeuronId | None]):
             loading = LoadingIndicator()
             loading.display = False
             yield loading
-            with VerticalScroll():
+            with VerticalScroll(can_focus=False):  # Tab goes from the text to the list, unless the text overflows
                 yield Static("", id="probe-unit")
             yield OptionList(id="probe-units")
             yield Static("enter: run the text (in the list: open the unit)   escape: close", classes="modal-keys")
@@ -105,6 +105,12 @@ class ProbeScreen(ModalScreen[NeuronId | None]):
         options.add_options([Text(f"{f.unit}  peak {f.activation:+.3f} ({f.relative:.0%})  at '"
                                   f"{visible(tokens[f.position])}'") for f in top])
         options.display = bool(top)
+        self.call_after_refresh(self._scrollable)
+
+    def _scrollable(self) -> None:
+        """The text's activations take a Tab stop (to scroll them by keys) only when they do not fit."""
+        scroll = self.query_one(VerticalScroll)
+        scroll.can_focus = scroll.max_scroll_y > 0
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(self.units[event.option_index])

@@ -39,29 +39,50 @@ class KeysLine(Widget):
             self.refresh()
 
     def render(self) -> Text:
-        key, description, disabled = (self.get_component_rich_style(f"keys--{name}", partial=True)
-                                      for name in ("key", "description", "disabled"))
-        text = Text(no_wrap=True, overflow="ellipsis", end="")
-        self._spans = []
+        """Each key with its description, padded; where that is too wide for the terminal (80 columns), unpadded, and
+        then the last keys without their descriptions, so that every key stays on the line (? lists them all)."""
         active = self.screen.active_bindings
-        shown: set[str] = set()
+        keys: dict[str, tuple[Any, Any, bool]] = {}
         for node, binding, enabled, _tooltip in active.values():
-            if not binding.show or binding.action in shown:
-                continue
-            shown.add(binding.action)
-            start = len(text)
-            text.append(f" {self.app.get_key_display(binding)} ", style=key if enabled else disabled)
-            text.append(f" {binding.description} ", style=description if enabled else disabled)
-            if enabled:
-                self._spans.append((start, len(text), node, binding.action))
+            if binding.show and binding.action not in keys:
+                keys[binding.action] = (node, binding, enabled)
+        shown = list(keys.values())
+        text = self._line(shown, " ", len(shown))
+        if text.cell_len > self.size.width:
+            described = len(shown)
+            text = self._line(shown, "", described)
+            while text.cell_len > self.size.width and described:
+                described -= 1
+                text = self._line(shown, "", described)
         palette = active.get(self.app.COMMAND_PALETTE_BINDING) if self.app.ENABLE_COMMAND_PALETTE else None
         if palette is not None:
+            key, description, _ = self._styles()
             hint = Text.assemble((f" {self.app.get_key_display(palette.binding)} ", key), (" palette ", description))
             room = self.size.width - len(text) - len(hint)
             if room > 0:
                 text.append(" " * room)
                 self._spans.append((len(text), len(text) + len(hint), palette.node, palette.binding.action))
                 text.append_text(hint)
+        return text
+
+    def _styles(self) -> tuple[Any, Any, Any]:
+        key, description, disabled = (self.get_component_rich_style(f"keys--{name}", partial=True)
+                                      for name in ("key", "description", "disabled"))
+        return key, description, disabled
+
+    def _line(self, shown: list[tuple[Any, Any, bool]], pad: str, described: int) -> Text:
+        """The keys, `pad` inside each key's and description's cell, the first `described` keys with descriptions."""
+        key, description, disabled = self._styles()
+        text = Text(no_wrap=True, overflow="ellipsis", end="")
+        self._spans = []
+        for index, (node, binding, enabled) in enumerate(shown):
+            start = len(text)
+            text.append(f"{pad or ' '}{self.app.get_key_display(binding)}{pad}", style=key if enabled else disabled)
+            if index < described:
+                text.append(f"{pad}{binding.description}{pad}" if pad else f" {binding.description}",
+                            style=description if enabled else disabled)
+            if enabled:
+                self._spans.append((start, len(text), node, binding.action))
         return text
 
     async def on_click(self, event: events.Click) -> None:
