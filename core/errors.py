@@ -26,6 +26,10 @@ class NeuronError(NeuronscopeError):
 class Interrupted(KeyboardInterrupt):
     """An interrupt whose message says what was kept and how to go on; the CLI shows it as it is (exit 130)."""
 
+    abandoned: bool = False
+    """Threads were left running (a second Ctrl-C stopped waiting for a job's requests in flight): the process ends
+    without waiting for them."""
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, taken as Ctrl-C is (neuronscope.tui.cli). SIGTERM: a scheduler preempting or cancelling a

@@ -5,11 +5,14 @@ kept, and a rerun against a healthy server finishes the failed neurons from the 
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import collect_into, fast_settings
+from conftest import cli_command, cli_env, collect_into, fast_settings, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply, chat_answer, error
 
 from neuronscope.core.jobs.engine import JobSettings, Selection, run_job
@@ -100,3 +103,52 @@ def test_faults_fail_only_their_neurons_and_a_rerun_finishes_them(fault_store: P
         new_explains = [r for r in server.hits(CHAT)[requests_before:]
                         if r.body["messages"][0]["content"] == EXPLAIN_SYSTEM]
         assert len(new_explains) == 3
+
+
+class Slow(Server):
+    """The same answers, explanations after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__({})
+        self.delay = delay
+
+    def __call__(self, body: Any) -> Reply:
+        reply = super().__call__(body)
+        if body["messages"][0]["content"] == EXPLAIN_SYSTEM:
+            reply.delay = self.delay
+        return reply
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
+def test_ctrl_c_waits_for_answers_in_flight_and_twice_stops_waiting(fault_store: Path, tmp_path: Path,
+                                                                   presses: int) -> None:
+    """One Ctrl-C waits for the requests in flight, and what they bring is logged (paid for, never asked again); a
+    second stops waiting at once, giving them up (it used to wait for them all the same, then drop their answers)."""
+    path = tmp_path / "slow.duckdb"
+    shutil.copy(fault_store, path)
+    delay = 3.0 if presses == 1 else 60.0
+    with FakeOpenAI() as server:
+        server.on(CHAT, Slow(delay))
+        spec = f"openai:fake@{server.url}"
+        proc = subprocess.Popen(cli_command(["run", "--explainer", spec, "--simulator", spec, "--limit", "3",
+                                             "--concurrency", "3", "--store", path]),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(NEURONSCOPE_OPENAI_MODE="chat-digits", NEURONSCOPE_OPENAI_TIMEOUT="90"))
+        deadline = time.monotonic() + 120
+        while len(server.hits(CHAT)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(server.hits(CHAT)) == 3, proc.communicate()
+        pressed = time.monotonic()
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: job 1: "), err
+    info = run_cli(["info", "--store", path]).out
+    if presses == 1:
+        assert "LLM calls logged: 3" in info, info  # the three explanations landed
+    else:
+        assert time.monotonic() - pressed < 20, "the second Ctrl-C did not stop the wait"
+        assert "(3 neurons' requests in flight given up)" in err, err
+        assert "LLM calls logged: 0" in info or "LLM calls logged" not in info, info

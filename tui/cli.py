@@ -333,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
             say("interrupted: " + (str(exc) if isinstance(exc, Interrupted) else "nothing half-written is marked "
                                    "complete; run the same command again to redo it"))
+            if getattr(exc, "abandoned", False) and argv is None:  # the store is closed; the threads left waiting on
+                sys.stdout.flush()                                  # a server would hold the exit until it answers
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 

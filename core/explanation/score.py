@@ -11,7 +11,10 @@ Methods (each a row in the store's `scores` table):
   prior for salient tokens), leaving what the explanation itself changes.
 A constant prediction or target has no correlation: the score is 0 with a flag, never a crash.
 Intervals: percentile bootstrap over excerpts (tokens within an excerpt are not independent),
-resampling top and random excerpts separately, from per-excerpt sums so it is one matrix product.
+resampling top and random excerpts separately, from per-excerpt sums so it is one matrix product. A resample whose
+prediction is constant (it drew none of the excerpts where the explanation predicts anything) scores 0, as the whole
+sample would: an interval that reaches 0 says that the score rests on a few excerpts. Leaving such resamples out
+would give a narrow interval conditional on the rare excerpts being drawn.
 """
 
 from __future__ import annotations

@@ -296,6 +296,7 @@ class Job(NeuronWork, OutputWork):
         # request in flight runs one neuron at a time, a serial job.
         threads = requests if requests == 1 else THREADS_PER_REQUEST * requests
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="neuronscope-job")
+        abandoned = 0  # requests a second Ctrl-C gave up waiting for
         try:
             while True:
                 if stop is not None and stop.is_set() and state == "running":
@@ -367,7 +368,7 @@ class Job(NeuronWork, OutputWork):
             try:          # stops waiting), so their answers are logged and the neurons they finish land
                 pool.shutdown(wait=True, cancel_futures=True)
             except KeyboardInterrupt:
-                pass
+                abandoned = sum(not f.done() for f in inflight)
             for future in [f for f in inflight if f.done() and not f.cancelled() and f.exception() is None]:
                 landing.done(future.result())
             interrupted = caused_by_interrupt(err)
@@ -377,11 +378,14 @@ class Job(NeuronWork, OutputWork):
                 self.store.set_job_state(job_id, "interrupted", interruption(err) if interrupted
                                          else f"stopped by {type(err).__name__}: {err}")
             if interrupted:
-                raise Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
-                                  "kept; the same command goes on from there") from err
+                given_up = f" ({abandoned:,} neurons' requests in flight given up)" if abandoned else ""
+                stop = Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
+                                   f"kept{given_up}; the same command goes on from there")
+                stop.abandoned = bool(abandoned)
+                raise stop from err
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=not abandoned, cancel_futures=True)
             blocks.release_all()
             self._close_readers()
         if state == "failed":
