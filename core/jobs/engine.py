@@ -379,10 +379,10 @@ class Job(NeuronWork, OutputWork):
                                          else f"stopped by {type(err).__name__}: {err}")
             if interrupted:
                 given_up = f" ({abandoned:,} neurons' requests in flight given up)" if abandoned else ""
-                stop = Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
+                halt = Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "
                                    f"kept{given_up}; the same command goes on from there")
-                stop.abandoned = bool(abandoned)
-                raise stop from err
+                halt.abandoned = bool(abandoned)
+                raise halt from err
             raise
         finally:
             pool.shutdown(wait=not abandoned, cancel_futures=True)
