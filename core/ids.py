@@ -10,7 +10,7 @@ from typing import NamedTuple
 from neuronscope.core.errors import InputError
 
 #: LAYER then INDEX, separated by `/`, `:` or spaces, each optionally prefixed (`L12/N345`, `L12N345`, `12:345`).
-_NEURON = re.compile(r"\s*l?(\d+)\s*(?:[/:]|\s|(?=n))\s*n?(\d+)\s*", re.IGNORECASE)
+_NEURON = re.compile(r"\s*l?(-1|\d+)\s*(?:[/:]|\s|(?=n))\s*n?(\d+)\s*", re.IGNORECASE)
 NEURON_FORMS = "12/345, L12/N345, L12N345 or 12:345"
 
 
@@ -27,12 +27,22 @@ class NeuronId(NamedTuple):
         return f"L{self.layer}/N{self.neuron}"
 
     @classmethod
-    def parse(cls, text: str) -> NeuronId:
-        """`12/345`, `L12/N345`, `L12N345`, `12:345` or `12 345` -> NeuronId(12, 345); InputError otherwise."""
+    def parse(cls, text: str, layers: Sequence[int] | None = None) -> NeuronId:
+        """`12/345`, `L12/N345`, `L12N345`, `12:345` or `12 345` -> NeuronId(12, 345), and `-1/345` the last of
+        `layers` (a run's); InputError otherwise."""
         match = _NEURON.fullmatch(text)
         if not match:
             raise InputError(f"cannot read the neuron {text!r}: write LAYER/INDEX, e.g. {NEURON_FORMS}")
+        if match.group(1) == "-1":
+            if not layers:
+                raise InputError(f"{text.strip()!r}: layer -1 means the last layer, which is not known here: name it")
+            return cls(max(layers), int(match.group(2)))
         return cls(int(match.group(1)), int(match.group(2)))
+
+    @staticmethod
+    def written(text: str) -> bool:
+        """Whether a text is written as a neuron (`parse` reads it, given the layers)."""
+        return _NEURON.fullmatch(text) is not None
 
 
 def layers_text(layers: Iterable[int]) -> str:

@@ -227,12 +227,12 @@ def test_top_by_kurtosis(cli_store) -> None:  # type: ignore[no-untyped-def]
     assert "kurtosis" in result.out
 
 
-@pytest.mark.parametrize("spelling", ["1/3", "L1/N3", "L1N3", "1:3", "l1/n3"])
+@pytest.mark.parametrize("spelling", ["1/3", "L1/N3", "L1N3", "1:3", "l1/n3", "-1/3"])  # -1: the last, 2
 def test_show(cli_store, spelling: str) -> None:  # type: ignore[no-untyped-def]
     path, _ = cli_store
     result = run_cli(["show", spelling, "--store", path])
     assert result.code == 0, result.err
-    for needle in ("L1/N3", "Top excerpts", "Most negative excerpts", "Random excerpts", "Quantile bin [",
+    for needle in ("L2/N3" if spelling == "-1/3" else "L1/N3", "Top excerpts", "Most negative excerpts", "Random excerpts", "Quantile bin [",
                    "kurtosis", "histogram"):
         assert needle in result.out
 

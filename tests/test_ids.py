@@ -15,11 +15,17 @@ def test_every_form_reads_the_same_neuron(text: str) -> None:
     assert parse_neuron_text(text) == NeuronId(12, 345)
 
 
-@pytest.mark.parametrize("text", ["12345", "12/", "/345", "L12", "12/345/6", "x/y", "-1/3", "12/N", ""])
+@pytest.mark.parametrize("text", ["12345", "12/", "/345", "L12", "12/345/6", "x/y", "-2/3", "12/N", ""])
 def test_bad_neuron_text_names_the_forms(text: str) -> None:
     with pytest.raises(InputError, match=r"write LAYER/INDEX, e\.g\. 12/345, L12/N345, L12N345 or 12:345"):
         NeuronId.parse(text)
     assert parse_neuron_text(text) is None
+
+
+def test_layer_minus_one_is_the_last_of_the_layers_given() -> None:
+    assert NeuronId.parse("-1/3", (0, 5, 2)) == NeuronId(5, 3) and NeuronId.parse("L-1/N3", range(12)) == (11, 3)
+    with pytest.raises(InputError, match="layer -1 means the last layer, which is not known here"):
+        NeuronId.parse("-1/3")
 
 
 def test_a_neuron_prints_and_orders_as_one_address() -> None:

@@ -68,6 +68,13 @@ def test_planted_neurons_are_found_named_and_scored(planted_store: Path, tmp_pat
             user = [e for e in store.explanations(store.run().run_id, layer, neuron) if e.role == "user"]
             assert user and user[0].text == 'fires on "the"'
             assert abs(user[0].score().value) < 0.2
+    # The quotes mode asks the simulator nothing: its model is not loaded, nor even looked for (a sentence scored
+    # with the default simulator used to need its package installed); the lines mode asks it, and says it is missing.
+    nowhere = f"local:{tmp_path / 'no-model'}"
+    for mode, code in (("quotes", 0), ("lines", 2)):
+        result = run_cli(["score", "1/5", "--explanation", 'fires on "of"', "--simulator", nowhere, "--simulation",
+                          mode, "--store", path])
+        assert result.code == code and ("error: " in result.err) == (code == 2), result.err
     show = run_cli(["show", "0/0", "--store", path])
     assert show.code == 0, show.err
     assert "Explanations" in show.out and "baseline #0" in show.out and "shuffled control" in show.out

@@ -51,13 +51,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table, tag_line
 
-    layer, index = neuron = NeuronId.parse(args.neuron)
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
+        layer, index = neuron = NeuronId.parse(args.neuron, run.layers)
         stats = store.neuron_stats(run.run_id, layer, index)
         if stats is None and run.status != "complete":
             raise InputError(f"run {run.run_id} is {run.status}, and {neuron} is not among the neurons it wrote: finish "
                              "the run with the command that made it, or pick a complete run (`neuronscope info`)")
+        if stats is None and layer in run.layers and 0 <= index < run.neurons_per_layer:
+            raise InputError(f"run {run.run_id} holds no {neuron}: it has only part of its layers' neurons (an import "
+                             "of part of a release?); `neuronscope top` lists those it holds")
         if stats is None:
             raise InputError(
                 f"run {run.run_id} has no neuron {neuron}: it holds layers {layers_text(run.layers)} "

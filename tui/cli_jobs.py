@@ -157,7 +157,7 @@ def _selection(args: argparse.Namespace, store: Store, run: RunInfo) -> Any:
     from neuronscope.core.ids import NeuronId, parse_layers
     from neuronscope.core.jobs.selection import Selection, parse_where
 
-    named = tuple(NeuronId.parse(n) for n in args.neurons)
+    named = tuple(NeuronId.parse(n, run.layers) for n in args.neurons)
     if args.list:
         from neuronscope.tui.cli_triage import listed_neurons
 
@@ -238,10 +238,15 @@ def cmd_job(args: argparse.Namespace) -> int:
                 out.print(Text(dry_run_line(plan, tally)), soft_wrap=True)
                 return 0
             job.prepare()
-            status(f"{settings.kind} {len(job.neurons)} neurons of run {run.run_id} ({settings.tail} tail): "
-                   f"explainer {settings.explainer}, simulator {settings.simulator}")
+            count = len(job.neurons)
+            uses = ([f"explainer {settings.explainer}"] if settings.kind != "score" else []) + \
+                ([f"simulator {settings.simulator} ({settings.simulation})"] if settings.kind != "explain" else [])
+            status(f"{settings.kind} {count:,} neuron{'s' if count != 1 else ''} of run {run.run_id} "
+                   f"({settings.tail} tail): {', '.join(uses)}")
+            stage = {"explain": "explaining neurons", "score": "scoring neurons"}.get(settings.kind, "neurons")
             with progress_bars() as progress:
-                report = job.run(progress=progress, max_tokens=args.max_tokens, concurrency=args.concurrency)
+                report = job.run(progress=lambda _, done, total: progress(stage, done, total),
+                                 max_tokens=args.max_tokens, concurrency=args.concurrency)
         finally:
             job.close()
         rows = store.summaries(run.run_id, job_id=report.job_id)

@@ -152,7 +152,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _unit_of(run: RunInfo, text: str) -> NeuronId:
-    unit = NeuronId.parse(text)
+    unit = NeuronId.parse(text, run.layers)
     if unit.layer not in run.layers or not 0 <= unit.neuron < run.neurons_per_layer:
         raise InputError(f"run {run.run_id} has no unit {unit}: it holds layers {layers_text(run.layers)} "
                          f"with neurons 0-{run.neurons_per_layer - 1}")

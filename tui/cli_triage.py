@@ -50,7 +50,7 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
 
 
 def _neurons(run: RunInfo, texts: list[str]) -> list[NeuronId]:
-    neurons = [NeuronId.parse(t) for t in texts]
+    neurons = [NeuronId.parse(t, run.layers) for t in texts]
     for n in neurons:
         if n.layer not in run.layers or not 0 <= n.neuron < run.neurons_per_layer:
             raise InputError(f"run {run.run_id} has no neuron {n}: it holds layers {layers_text(run.layers)} with "
@@ -62,9 +62,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     """Tag neurons, note something on them, or take a tag off."""
     items = list(args.items)
     tag = ""
-    try:
-        NeuronId.parse(items[-1])
-    except InputError:  # not a neuron: the tag
+    if not NeuronId.written(items[-1]):  # not a neuron: the tag
         tag = items.pop()
     if tag and tag_problem(tag):
         raise InputError(str(tag_problem(tag)))

@@ -131,7 +131,13 @@ def say(line: Text | str) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (the problem and where the help is) instead of a usage block."""
+    """argparse, with its errors as one line (the problem and where the help is) instead of a usage block, and every
+    argument that starts with a minus and a digit read as a value: `show -1/5` (the last layer), `--scale -1e3`
+    (argparse before Python 3.13 took them for options)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")  # (what Python 3.13's argparse has)
 
     def error(self, message: str) -> NoReturn:
         err.print(Text("error: ", style="bold red") + Text(f"{message} (see `{self.prog} --help`)"))

@@ -47,6 +47,7 @@ class NeuronWork:
     _opened: list[Store]
     _planned: dict[NeuronId, NeuronResult]
     backend: Callable[[str], Backend]
+    simulator: Callable[[], Backend]
     embedder: Callable[[], Embedder | None]
     _output: Callable[..., list[ScoredExplanation]]
 
@@ -133,7 +134,7 @@ class NeuronWork:
             if self.settings.output:
                 out += self._output(neuron, splits, seed, None, records)
             return NeuronResult(neuron[0], neuron[1], self.settings.tail, tuple(out))
-        simulator = self.backend(self.settings.simulator)
+        simulator = self.simulator()
         scorers, embedder = self.settings.scorers, self.embedder()
         mode = self.settings.simulation
         controlled = self._controlled(neuron)

@@ -52,6 +52,7 @@ class OutputWork:
     simulator_name: str
     _tally: Any
     backend: Callable[[str], Backend]
+    simulator: Callable[[], Backend]
     _reader: Callable[[], Store]
     _splits: Callable[..., NeuronSplits]
 
@@ -129,7 +130,7 @@ class OutputWork:
         if self.settings.kind == "explain":
             return [ScoredExplanation(text=text, explainer=self.explainer_name, role=OUTPUT_ROLES["candidate"])]
         view = self._view(neuron, splits)
-        simulator, mode = self.backend(self.settings.simulator), self.settings.simulation
+        simulator, mode = self.simulator(), self.settings.simulation
         out = [scored_output(simulator, mode, text, view, explainer=self.explainer_name, role="candidate", seed=seed)]
         if partner is not None:
             try:

@@ -114,6 +114,18 @@ class CallLog:
         self.limiter = threading.BoundedSemaphore(limit) if limit else None
 
 
+class Deferred:
+    """A backend built when first used for more than its spec (`build` makes it): a job's simulator that the quotes
+    mode names in its scores but never asks."""
+
+    def __init__(self, spec: str, build: Callable[[], Backend]) -> None:
+        self.spec = spec
+        self._build = build
+
+    def __getattr__(self, name: str) -> Any:  # (only for what is not set above)
+        return getattr(self._build(), name)
+
+
 def request_key(backend: str, revision: str, kind: str, payload: Any) -> str:
     """A stable cache key for a request: same backend, weights, kind and payload -> same key."""
     text = json.dumps([backend, revision, kind, payload], sort_keys=True, ensure_ascii=False)
