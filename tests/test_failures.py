@@ -14,6 +14,7 @@ import pytest
 from conftest import FAST, Result, assert_one_line_error, cli_command, cli_env, run_cli
 
 from neuronscope.core.store import Store
+from neuronscope.core.store.spool import Spool
 
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
@@ -274,6 +275,9 @@ def test_a_bad_key_stops_the_job_and_names_the_fix(cli_store: tuple[Path, Result
         assert len(server.hits(CHAT)) == 3  # one request per neuron, none retried
     last = result.err.strip().splitlines()[-1]
     assert result.code == 2 and "(authentication)" in last and "check OPENAI_API_KEY" in last, result.err
+    assert not Spool(store).root.exists()  # what the stopped job wrote beside the store is folded in, as after any job
+    with Store.open(store, read_only=True) as s:
+        assert s.jobs()[-1]["state"] == "failed"
 
 
 def test_a_job_that_leaves_neurons_unfinished_exits_3(cli_store: tuple[Path, Result], tmp_path: Path) -> None:

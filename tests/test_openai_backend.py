@@ -293,10 +293,12 @@ def test_malformed_answers(fake: FakeOpenAI, body: Any, message: str) -> None:
 
 
 def test_client_error_is_not_retried(fake: FakeOpenAI) -> None:
-    fake.add(CHAT, error(401, f"bad key {KEY}"))  # even a server echoing the key does not leak it
+    fake.add(CHAT, error(401, f"bad key {KEY}, {KEY[:9]}*****{KEY[-4:]}"))  # echoed whole or partly: never leaked
     with pytest.raises(LLMError) as err:
         backend(fake).explain(prompt())
-    assert f"HTTP 401 from {fake.url} (authentication failed: check OPENAI_API_KEY): bad key ***" in one_line(err.value)
+    message = one_line(err.value)
+    assert f"HTTP 401 from {fake.url} (authentication failed: check OPENAI_API_KEY): bad key ***, ***" in message
+    assert KEY[:9] not in message and KEY[3:9] not in message
     assert len(fake.hits(CHAT)) == 1
 
 

@@ -209,7 +209,7 @@ def dry_run_line(plan: Plan, tally: Tally) -> str:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Run, resume or plan an explain/score job, then print the ranked table."""
-    from neuronscope.core.jobs.engine import Job, env_concurrency
+    from neuronscope.core.jobs.engine import Job, JobStopped, env_concurrency
     from neuronscope.core.jobs.neuron_work import needs_explanation
     from neuronscope.core.llm.base import make_backend, parse_spec
     from neuronscope.core.llm.recording import Tally
@@ -223,33 +223,37 @@ def cmd_job(args: argparse.Namespace) -> int:
     # The job opens the store read-only and writes its results beside it (neuronscope.core.store.spool), so the app,
     # `show`, `info` and other jobs can open it meanwhile; what is beside it is folded in when nobody else has it.
     Store.settle(args.store)
-    with Store.open(args.store, read_only=True) as store:
-        run = store.run(args.run)
-        selection = _selection(args, store, run)
-        dtype = None if args.dtype == "auto" else args.dtype
-        job = Job(store, run, settings, selection,
-                  backend_factory=lambda spec: make_backend(spec, device=args.device, dtype=dtype, status=status),
-                  subject_factory=lambda run: run_subject(run, device=args.device, dtype=dtype, status=status))
-        try:
-            if args.dry_run:
-                tally = Tally()
+    try:  # a job stopped by a systematic failure (a bad key) leaves what it wrote beside the store: folded in too
+        with Store.open(args.store, read_only=True) as store:
+            run = store.run(args.run)
+            selection = _selection(args, store, run)
+            dtype = None if args.dtype == "auto" else args.dtype
+            job = Job(store, run, settings, selection,
+                      backend_factory=lambda spec: make_backend(spec, device=args.device, dtype=dtype, status=status),
+                      subject_factory=lambda run: run_subject(run, device=args.device, dtype=dtype, status=status))
+            try:
+                if args.dry_run:
+                    tally = Tally()
+                    with progress_bars() as progress:
+                        plan = job.plan(progress, tally)
+                    out.print(Text(dry_run_line(plan, tally)), soft_wrap=True)
+                    return 0
+                job.prepare()
+                count = len(job.neurons)
+                uses = ([f"explainer {settings.explainer}"] if settings.kind != "score" else []) + \
+                    ([f"simulator {settings.simulator} ({settings.simulation})"] if settings.kind != "explain" else [])
+                status(f"{settings.kind} {count:,} neuron{'s' if count != 1 else ''} of run {run.run_id} "
+                       f"({settings.tail} tail): {', '.join(uses)}")
+                stage = {"explain": "explaining neurons", "score": "scoring neurons"}.get(settings.kind, "neurons")
                 with progress_bars() as progress:
-                    plan = job.plan(progress, tally)
-                out.print(Text(dry_run_line(plan, tally)), soft_wrap=True)
-                return 0
-            job.prepare()
-            count = len(job.neurons)
-            uses = ([f"explainer {settings.explainer}"] if settings.kind != "score" else []) + \
-                ([f"simulator {settings.simulator} ({settings.simulation})"] if settings.kind != "explain" else [])
-            status(f"{settings.kind} {count:,} neuron{'s' if count != 1 else ''} of run {run.run_id} "
-                   f"({settings.tail} tail): {', '.join(uses)}")
-            stage = {"explain": "explaining neurons", "score": "scoring neurons"}.get(settings.kind, "neurons")
-            with progress_bars() as progress:
-                report = job.run(progress=lambda _, done, total: progress(stage, done, total),
-                                 max_tokens=args.max_tokens, concurrency=args.concurrency)
-        finally:
-            job.close()
-        rows = store.summaries(run.run_id, job_id=report.job_id)
+                    report = job.run(progress=lambda _, done, total: progress(stage, done, total),
+                                     max_tokens=args.max_tokens, concurrency=args.concurrency)
+            finally:
+                job.close()
+            rows = store.summaries(run.run_id, job_id=report.job_id)
+    except JobStopped:
+        Store.settle(args.store)
+        raise
     Store.settle(args.store)
     if rows and settings.kind != "explain":
         out.print(Text(f"Run {run.run_id}, job {report.job_id}: test-split scores (Pearson r, 95% bootstrap interval)",

@@ -14,6 +14,7 @@ naming the spec and the server, never a traceback. Each thread has its own HTTP 
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ except ImportError:  # pragma: no cover - depends on the installed openai
 
 #: Sent as the key to servers other than OpenAI's when OPENAI_API_KEY is unset (they ignore it).
 DUMMY_KEY = "sk-no-key-required"
+#: Characters of the API key that an error text may not hold in a row (`_scrub`).
+KEY_FRAGMENT = 6
 #: Connections each thread's HTTP pool of a server may hold open (a chat route's simulate sends a call's excerpts
 #: from one thread at once; the job's limiter caps the requests in flight).
 POOL_CONNECTIONS = 64
@@ -226,5 +229,18 @@ class ServerRouting:
         return BEARER.sub("Bearer ***", text) if "bearer" in text.lower() else text
 
     def _scrub(self, text: Any, limit: int = 200) -> str:
-        """One line of an error text, redacted (before it is cut, so no part of a key survives the cut)."""
-        return one_line(self._redact(str(text)), limit)
+        """One line of an error text, redacted (before it is cut, so no part of a key survives the cut), without
+        any run of KEY_FRAGMENT or more characters of the key either: a server may echo a key partly masked or cut
+        (`sk-abc***xyz`), and the error is stored with the job."""
+        text = self._redact(str(text))[: 4 * limit]
+        key = self._key
+        if key != DUMMY_KEY and len(key) > KEY_FRAGMENT:
+            hidden = bytearray(len(text))
+            for i in range(len(key) - KEY_FRAGMENT + 1):
+                at = text.find(key[i:i + KEY_FRAGMENT])
+                while at >= 0:
+                    hidden[at:at + KEY_FRAGMENT] = b"\1" * KEY_FRAGMENT
+                    at = text.find(key[i:i + KEY_FRAGMENT], at + 1)
+            if any(hidden):
+                text = re.sub("\0+", "***", "".join("\0" if h else c for c, h in zip(text, hidden)))
+        return one_line(text, limit)
