@@ -48,6 +48,9 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
     removed = run_cli(["tag", "0/1", "1/2", "wrong", "--remove", "--store", store])
     assert removed.code == 0 and "took 'wrong' off 2 taggings" in removed.err
     assert run_cli(["tags", "--tag", "wrong", "--store", store]).err.startswith("no tags or notes")
+    with Store.open(store, read_only=True) as opened:  # the notes written with the tag stay, as notes alone
+        assert [(t.neuron, t.tag, t.note) for t in opened.tags(run_id) if t.note == "fires on dates too"] == [
+            (1, "", "fires on dates too"), (2, "", "fires on dates too")]
 
 
 def test_bad_tags_are_one_line(cli_store: tuple[Path, object], tmp_path: Path) -> None:
@@ -67,9 +70,14 @@ def test_a_store_from_before_the_triage_tables_reads_and_writes_them(cli_store: 
     with Store.open(store, read_only=True) as shared:  # the app's open: nothing yet, and it writes beside the store
         assert shared.tags(run_id) == [] and shared.saved_lists(run_id) == [] and shared.list_neurons(run_id, "x") is None
         shared.add_tags(run_id, [NeuronId(0, 1)], "good", "", "ada")
+        shared.add_tags(run_id, [NeuronId(0, 3)], "wrong", "a note kept", "ada")
+        shared.add_tags(run_id, [NeuronId(0, 5)], "wrong", "", "ada")
+        assert shared.remove_tags(run_id, [NeuronId(0, 3), NeuronId(0, 5)], "wrong") == 2
         shared.save_list(run_id, "marked", [NeuronId(0, 2)], "ada")
-        assert [t.tag for t in shared.tags(run_id)] == ["good"] and shared.list_neurons(run_id, "marked") == [NeuronId(0, 2)]
+        kept = [("good", ""), ("", "a note kept")]  # the removal took the tags off, and kept the note
+        assert [(t.tag, t.note) for t in shared.tags(run_id)] == kept
+        assert shared.list_neurons(run_id, "marked") == [NeuronId(0, 2)]
     listed = run_cli(["tags", "--store", store])
     assert listed.code == 0 and "good" in listed.out
     with Store.open(store) as opened:  # a writable open makes the tables and folds the spool into them
-        assert [t.tag for t in opened.tags(run_id)] == ["good"] and opened.list_neurons(run_id, "marked") == [NeuronId(0, 2)]
+        assert [(t.tag, t.note) for t in opened.tags(run_id)] == kept and opened.list_neurons(run_id, "marked") == [NeuronId(0, 2)]

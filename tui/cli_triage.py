@@ -28,7 +28,8 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
                    help="LAYER/NEURON pairs, e.g. 12/345, then the tag (leave it out to add a note alone)")
     p.add_argument("--note", default="", help="a note on the neurons")
     p.add_argument("--author", help="who tags (default: $USER)")
-    p.add_argument("--remove", action="store_true", help="take the tag off the neurons instead")
+    p.add_argument("--remove", action="store_true",
+                   help="take the tag off the neurons instead (a note written with it stays)")
     p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_tag)

@@ -49,17 +49,21 @@ _ARROW_TYPES = {"INTEGER": "int32", "SMALLINT": "int16", "VARCHAR": "string", "T
 _ARROW = {table: {name: _ARROW_TYPES[kind] for name, kind in (c.split() for c in columns.split(", "))}
           for table, columns in TRIAGE_SPOOLED.items()}
 #: The view of each triage table on a shared open, over the store's rows (`{store}`) and the spooled ones.
+#: A removal `r` takes the tag of tagging `t` off: its note, if it has one, stays, as a note alone.
+_REMOVES = ("r.run_id = t.run_id AND r.layer = t.layer AND r.neuron = t.neuron AND r.tag = t.tag AND "
+            "r.created_at >= t.created_at")
+_NOTED = "coalesce(t.note, '') <> ''"
 TRIAGE_VIEWS = {
-    "tags": "SELECT * FROM ({store} UNION ALL BY NAME SELECT * FROM spool_tags) t WHERE NOT EXISTS (SELECT 1 FROM "
-            "spool_tag_removals r WHERE r.run_id = t.run_id AND r.layer = t.layer AND r.neuron = t.neuron AND "
-            "r.tag = t.tag AND r.created_at >= t.created_at)",
+    "tags": "SELECT run_id, layer, neuron, CASE WHEN removed THEN '' ELSE tag END AS tag, note, author, created_at "
+            "FROM (SELECT *, EXISTS (SELECT 1 FROM spool_tag_removals r WHERE " + _REMOVES + ") AS removed FROM "
+            "({store} UNION ALL BY NAME SELECT * FROM spool_tags) t) t WHERE NOT removed OR " + _NOTED,
     "lists": "{store} UNION ALL BY NAME SELECT * FROM spool_lists",
 }
-#: What folding a spool's triage rows does after inserting them: removals delete the taggings they hide, and a
-#: list's older saves go.
+#: What folding a spool's triage rows does after inserting them: removals take the tags they hide off (a tagging
+#: with a note keeps the note), and a list's older saves go.
 TRIAGE_FOLD = {
-    "tag_removals": "DELETE FROM tags t USING {source} r WHERE r.run_id = t.run_id AND r.layer = t.layer AND "
-                    "r.neuron = t.neuron AND r.tag = t.tag AND r.created_at >= t.created_at",
+    "tag_removals": "UPDATE tags t SET tag = '' FROM {source} r WHERE " + _REMOVES + " AND " + _NOTED + "; "
+                    "DELETE FROM tags t USING {source} r WHERE " + _REMOVES,
 }
 PRUNE_LISTS = ("DELETE FROM lists l USING (SELECT run_id, name, max(saved_at) AS newest FROM lists GROUP BY ALL) n "
                 "WHERE l.run_id = n.run_id AND l.name = n.name AND l.saved_at < n.newest")
@@ -82,7 +86,7 @@ class TriageMixin:
         self._write_triage("tags", rows)
 
     def remove_tags(self, run_id: int, neurons: Sequence[NeuronId], tag: str) -> int:
-        """Take a tag off the neurons (every author's); how many taggings went."""
+        """Take a tag off the neurons (every author's; a note written with it stays); how many taggings lost it."""
         pairs = [[n.layer, n.neuron] for n in neurons]
         gone = int(self.con.execute("SELECT count(*) FROM tags WHERE run_id = ? AND tag = ? AND "
                                     "list_contains(?, [layer::INTEGER, neuron])", [run_id, tag, pairs]).fetchall()[0][0])
@@ -90,8 +94,9 @@ class TriageMixin:
             self._write_triage("tag_removals", {"run_id": [run_id] * len(neurons), "layer": [p[0] for p in pairs],
                                                 "neuron": [p[1] for p in pairs], "tag": [tag] * len(neurons)})
         else:
-            self.con.execute("DELETE FROM tags WHERE run_id = ? AND tag = ? AND list_contains(?, "
-                             "[layer::INTEGER, neuron])", [run_id, tag, pairs])
+            hit = "run_id = ? AND tag = ? AND list_contains(?, [layer::INTEGER, neuron])"
+            self.con.execute(f"UPDATE tags t SET tag = '' WHERE {hit} AND {_NOTED}", [run_id, tag, pairs])
+            self.con.execute(f"DELETE FROM tags WHERE {hit}", [run_id, tag, pairs])
         return gone
 
     def tags(self, run_id: int, neurons: Sequence[NeuronId] | None = None, tag: str | None = None) -> list[Tag]:
