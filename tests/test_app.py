@@ -232,6 +232,16 @@ async def test_keys_that_arrive_together_apply_in_order(scored_store: Path) -> N
         await pilot.pause()  # the keys handled
         await settled(pilot, table)
         assert not isinstance(app.screen, FilterScreen) and table.query_spec.layers is None
+        await pilot.press("f")  # Tab moves to the next field before the letters after it are handed on
+        await pilot.pause()
+        together(app, "ctrl+u", "1", "full_stop", "full_stop", "2", "tab", "0", "full_stop", "5", "full_stop",
+                 "full_stop", "enter")
+        await pilot.pause()
+        await settled(pilot, table)
+        assert not isinstance(app.screen, FilterScreen), app.screen.query_one("#filter-error", Label).render()
+        assert table.query_spec.layers == (1, 2) and table.query_spec.score == (0.5, float("inf"))
+        table.set_query(BrowseQuery())
+        await settled(pilot, table)
 
         together(app, "a", "e", "x")  # the tag form's field takes what follows `a`, not the table (e explains)
         await pilot.pause()

@@ -196,9 +196,12 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         on the keys after it: `/` and a word typed together (fast over SSH, or while the app was busy) gave the word's
         letters to the table, where `m` marked a neuron and `e` started an explain job. Bindings run here are found
         as Textual would find them (the priority ones, then from the focused widget up); the keys after one then go
-        where it sent the focus (search moves it at once), or to the screen it opened."""
-        if isinstance(self.focused, Input) or not self.screen.is_mounted:  # a field takes letters; a screen mounting
-            return False  # waits for the keys typed into it in its own queue, as Textual hands them over
+        where it sent the focus (search moves it at once), or to the screen it opened. In a text field only Tab (and
+        shift+Tab) runs here: it moves the focus to the next field before the letters after it are handed on."""
+        if not self.screen.is_mounted:  # a screen mounting waits for the keys typed into it in its own queue
+            return False
+        if isinstance(self.focused, Input) and event.key not in ("tab", "shift+tab"):  # a field takes letters
+            return False
         self.app_focus = True
         return await self._check_bindings(event.key, priority=True) or await self._check_bindings(event.key)
 
