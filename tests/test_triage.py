@@ -3,10 +3,11 @@ test_import_export.py): kept in the store with author and time, listed and filte
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, copy_store, run_cli
+from conftest import assert_one_line_error, cli_command, cli_env, copy_store, run_cli
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.store import Store
@@ -51,6 +52,23 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
     with Store.open(store, read_only=True) as opened:  # the notes written with the tag stay, as notes alone
         assert [(t.neuron, t.tag, t.note) for t in opened.tags(run_id) if t.note == "fires on dates too"] == [
             (1, "", "fires on dates too"), (2, "", "fires on dates too")]
+
+
+def test_many_neurons_are_tagged_from_stdin_or_a_saved_list(cli_store: tuple[Path, object], tmp_path: Path) -> None:
+    """Tens of thousands of neurons pass no command line: `-` reads them from stdin, `--list` takes a saved list's."""
+    store = copy_store(cli_store[0], tmp_path, "s.duckdb")
+    piped = subprocess.run(cli_command(["tag", "-", "polysemantic", "--store", store]), input="0/1 0/2\nL1/N3\n",
+                           capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert piped.returncode == 0 and "tagged 'polysemantic' 3 neurons" in piped.stderr, piped.stderr
+    with Store.open(store) as opened:
+        run_id = opened.run().run_id
+        opened.save_list(run_id, "odd", [NeuronId(0, 5), NeuronId(2, 7)], "ada")
+    listed = run_cli(["tag", "--list", "odd", "wrong", "--store", store])
+    assert listed.code == 0 and "tagged 'wrong' 2 neurons" in listed.err, listed.err
+    with Store.open(store, read_only=True) as opened:
+        assert {(t.layer, t.neuron) for t in opened.tags(run_id, tag="polysemantic")} == {(0, 1), (0, 2), (1, 3)}
+        assert {(t.layer, t.neuron) for t in opened.tags(run_id, tag="wrong")} == {(0, 5), (2, 7)}
+    assert_one_line_error(run_cli(["tag", "--list", "none", "wrong", "--store", store]), "has no list 'none'")
 
 
 def test_bad_tags_are_one_line(cli_store: tuple[Path, object], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 from collections.abc import Callable
 
 from rich.table import Table
@@ -25,7 +26,10 @@ def add_triage_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p = sub.add_parser("tag", help="tag neurons (good, wrong, unclear, polysemantic or your own word) and/or note "
                                    "something on them, kept in the store with your name and the time")
     p.add_argument("items", nargs="+", metavar="NEURON... [TAG]",
-                   help="LAYER/NEURON pairs, e.g. 12/345, then the tag (leave it out to add a note alone)")
+                   help="LAYER/NEURON pairs, e.g. 12/345, then the tag (leave it out to add a note alone); - reads "
+                        "neurons from stdin, one or more a line (`neuronscope lists NAME | neuronscope tag - wrong`)")
+    p.add_argument("--list", metavar="NAME", help="also the neurons of this saved list (`neuronscope lists`; the app's "
+                                                  "marks are 'marked')")
     p.add_argument("--note", default="", help="a note on the neurons")
     p.add_argument("--author", help="who tags (default: $USER)")
     p.add_argument("--remove", action="store_true",
@@ -67,7 +71,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
         tag = items.pop()
     if tag and tag_problem(tag):
         raise InputError(str(tag_problem(tag)))
-    if not items:
+    if "-" in items:  # (a pipe of thousands of neurons, past what a command line holds)
+        items = [word for item in items for word in (sys.stdin.read().split() if item == "-" else [item])]
+    if not items and not args.list:
         raise InputError("name the neurons to tag, e.g. neuronscope tag 12/345 good")
     if not tag and (args.remove or not args.note.strip()):
         raise InputError("pass a tag, --note, or both (e.g. neuronscope tag 12/345 wrong --note 'fires on dates too')")
@@ -78,15 +84,17 @@ def cmd_tag(args: argparse.Namespace) -> int:
         store = Store.open(args.store, read_only=True)
     with store:
         run = store.run(args.run)
-        neurons = _neurons(run, items)
+        neurons = _neurons(run, items) + (listed_neurons(store, run, args.list) if args.list else [])
+        if not neurons:
+            raise InputError(f"there are no neurons to tag: {'stdin' if '-' in args.items else 'the list'} was empty")
         if args.remove:
             gone = store.remove_tags(run.run_id, neurons, tag)
-            status(f"took {tag!r} off {gone} tagging{'s' if gone != 1 else ''} of {len(neurons)} neuron"
+            status(f"took {tag!r} off {gone:,} tagging{'s' if gone != 1 else ''} of {len(neurons):,} neuron"
                    f"{'s' if len(neurons) != 1 else ''}")
             return 0
         store.add_tags(run.run_id, neurons, tag, args.note.strip(), author)
     what = f"tagged {tag!r}" if tag else "noted"
-    status(f"{what} {len(neurons)} neuron{'s' if len(neurons) != 1 else ''} of run {run.run_id} as {visible(author)}")
+    status(f"{what} {len(neurons):,} neuron{'s' if len(neurons) != 1 else ''} of run {run.run_id} as {visible(author)}")
     return 0
 
 
