@@ -166,6 +166,18 @@ def test_budget_stops_cleanly_and_dry_run_counts(job_store: Path, tmp_path: Path
         assert _job(store, spec, limit=4).plan().neurons == 0
 
 
+def test_a_finished_job_run_again_loads_no_model(job_store: Path, tmp_path: Path, tiny_model: Path) -> None:
+    """The same command again, once its job is complete, says so without loading the explainer (seconds to minutes
+    for a real model): here the model is gone by then."""
+    path = copy_store(job_store, tmp_path, "again.duckdb")
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    args = ["run", "--explainer", f"local:{model}", "--limit", "2", "--store", path]
+    assert run_cli(args).code == 0
+    shutil.rmtree(model)
+    again = run_cli(args)
+    assert again.code == 0 and "job 1 complete: 2/2 neurons done; 0 new LLM calls" in again.err, again.err
+
+
 def test_best_of_k_selects_on_select_split_and_scores_on_test(job_store: Path, tmp_path: Path) -> None:
     path = copy_store(job_store, tmp_path, "bestof.duckdb")
     with Store.open(path) as store:
