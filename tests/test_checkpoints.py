@@ -132,6 +132,37 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
     assert_same_collection(whole, store)
 
 
+#: `neuronscope ARGS` whose store write (or shard state's) gets a SIGTERM as it starts.
+STOPPED_AT_WRITE = """import os, signal, sys
+import neuronscope.core.collection.state as state, neuronscope.core.collection.store_write as store_write
+def stopped(real):
+    def write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return write
+store_write.write_run, state.write_shard = stopped(store_write.write_run), stopped(state.write_shard)
+from neuronscope.tui.cli import main
+sys.exit(main(sys.argv[1:]))"""
+
+
+def test_a_stop_request_during_the_write_lets_it_finish(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """Once the pass is over, SIGTERM (or Ctrl-C) lets the store write finish: what a stop would save is what it
+    writes (it used to throw the whole pass away, with no checkpoint where the pass was shorter than the interval).
+    The same for a shard's state."""
+    args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--top", "0", *FAST]
+    whole = tmp_path / "whole.duckdb"
+    assert run_cli([*args, "--store", whole], timeout=300).code == 0
+    for parts in ([[]], [["--shard", "0/2"], ["--shard", "1/2"]]):
+        store = tmp_path / f"stopped{len(parts)}.duckdb"
+        for part in parts:
+            done = subprocess.run([sys.executable, "-c", STOPPED_AT_WRITE, *map(str, [*args, *part, "--store", store])],
+                                  capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+            assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        if len(parts) > 1:
+            assert run_cli(["merge", "--output", store], timeout=300).code == 0
+        assert_same_collection(whole, store)
+
+
 @pytest.mark.slow
 def test_a_collection_whose_terminal_closes_saves_its_state(tiny_model: Path, corpus_dir: Path,
                                                             tmp_path: Path) -> None:

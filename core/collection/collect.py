@@ -3,7 +3,9 @@ state (core/collection/state.py) that `merge` (core/collection/merge.py) combine
 
 Memory is bounded by neurons x records x length (see neuronscope.core.collection.accumulate); the corpus only streams
 through. The run is registered as 'running' first and all its data lands in one transaction at the
-end, so an interrupted collection never looks complete.
+end, so an interrupted collection never looks complete. A stop request (Ctrl-C, SIGTERM, SIGHUP) during the pass
+saves its state and stops (core/collection/stopping.py); during that write, the collection's last step, it lets the
+write finish, since what stopping would save is what it writes (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def collect(
         key = identity(subject.revision, excerpts.corpus, settings, layers, "", units,
                        excerpt_ids=excerpts.excerpt_ids)
         results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
-        write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
-                  excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
+        with StopRequests():
+            write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
+                      excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
     except BaseException as err:
         _record_failure(store, (run_id,), err)
         if (saved := _saved_whole(checkpoints, n, err)) is None:
@@ -153,10 +156,11 @@ def collect_beside(
         results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
                              sparse, beside=layers)
         chunks = partial(_excerpt_chunks, subject, excerpts)
-        write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
-                  excerpts=chunks, progress=report)
-        write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
-                  n_excerpts=n, excerpts=chunks, progress=report)
+        with StopRequests():
+            write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
+                      excerpts=chunks, progress=report)
+            write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
+                      n_excerpts=n, excerpts=chunks, progress=report)
     except BaseException as err:
         _record_failure(store, [run_id for run_id in runs if store.run(run_id).status != "complete"], err)
         if (saved := _saved_whole(checkpoints, n, err)) is None:
@@ -230,8 +234,9 @@ def collect_shard(
                      layers=layers, neurons_per_layer=_width(subject, sparse), dtype=_dtype(subject),
                      index=shard[0], count=shard[1], n_excerpts=n, identity=key, units=units)
     results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
-    write_shard(folder, meta, _reporting(results, len(layers), report), excerpts.token_ids, excerpts.excerpt_ids,
-                subject.token_strings)
+    with StopRequests():
+        write_shard(folder, meta, _reporting(results, len(layers), report), excerpts.token_ids, excerpts.excerpt_ids,
+                    subject.token_strings)
     return CollectResult(None, n, n_neurons, time.perf_counter() - started)
 
 
