@@ -168,7 +168,7 @@ def _corrupt_release(tmp_path: Path) -> Path:
 
 def test_malformed_and_missing_files_are_reported_and_skipped(tmp_path: Path) -> None:
     store_path, result = imported(tmp_path, _corrupt_release(tmp_path))
-    assert result.code == 0, result.err
+    assert result.code == 3, result.err  # neurons failed: the same command retries them
     assert "Traceback" not in result.err
     skipped = [line for line in result.err.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == 7, result.err
@@ -179,7 +179,7 @@ def test_malformed_and_missing_files_are_reported_and_skipped(tmp_path: Path) ->
     assert "1/5.json: it holds neuron 1/0, not 1/5" in reasons
     assert "1/6.json: NeuronRecord.most_positive_activation_records[0] has 8 tokens but 7 activations" in reasons
     assert "2 neurons imported, 7 files skipped" in result.err
-    assert "import on run 1  2/7 neurons done, 5 failed" in run_cli(["info", "--store", store_path]).out
+    assert "import on run 1  0/7 neurons done, 7 failed" in run_cli(["info", "--store", store_path]).out
     with Store.open(store_path, read_only=True) as store:
         run = store.run()
         assert (run.layers, run.neurons_per_layer) == ((0, 1), 4)  # those of 0/3 and 1/0, the neurons it holds
@@ -211,7 +211,7 @@ def test_an_import_that_reads_no_neuron_makes_no_complete_run(cli_store: tuple[P
     assert "failed (no neuron file of the release could be read)" in info.out
     (release / ACTIVATIONS / "0" / "3.json").write_text((RELEASE / ACTIVATIONS / "0" / "3.json").read_text())
     again = run_cli(["import-openai", release, "--store", store_path])  # fixed: the same command resumes
-    assert again.code == 0 and "1 neurons imported" in again.err, again.err
+    assert again.code == 3 and "1 neurons imported, 2 files skipped" in again.err, again.err  # 2 still broken
 
 
 @pytest.mark.parametrize("make, needle", [
@@ -224,8 +224,8 @@ def test_no_release_at_the_path_is_one_line(tmp_path: Path, make: Any, needle: s
 
 
 def _close(a: Any, b: Any, where: str = "") -> None:
-    """JSON values equal, numbers to the precision the store keeps (int8 codes: 1/254 of a record's largest |a|;
-    float32 for related weights)."""
+    """JSON values equal, numbers to the precision the store keeps (int8 codes: 1/254 of a record's largest |a|, and
+    the export's 4 significant digits of it: 1/2000; float32 for related weights)."""
     if isinstance(a, dict):
         assert set(a) == set(b), where
         for key in a:
@@ -235,7 +235,7 @@ def _close(a: Any, b: Any, where: str = "") -> None:
         scale = max((abs(x) for x in a if isinstance(x, (int, float))), default=0.0)
         for i, (x, y) in enumerate(zip(a, b)):
             if isinstance(x, (int, float)) and not isinstance(x, bool) and isinstance(y, (int, float)):
-                assert y == pytest.approx(x, abs=scale / 254 + 1e-6, rel=1e-6), f"{where}[{i}]"
+                assert y == pytest.approx(x, abs=scale / 254 + scale / 2000 + 1e-6, rel=1e-6), f"{where}[{i}]"
             else:
                 _close(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and isinstance(b, float):
@@ -251,7 +251,7 @@ def test_release_round_trip_import_then_export_in_the_same_layout(tmp_path: Path
     exported = run_cli(["export", "--format", "openai", "--out", out, "--store", store_path])
     assert exported.code == 0, exported.err
     originals = sorted(p.relative_to(RELEASE) for p in RELEASE.rglob("*.json*"))
-    assert sorted(p.relative_to(out) for p in out.rglob("*.json*")) == originals
+    assert sorted(p.relative_to(out) for p in out.rglob("*.json*") if "neuronscope" not in p.parts) == originals
     for relative in originals:
         a, b = read_json(RELEASE / relative), read_json(out / relative)
         if relative.parts[0] == EXPLANATIONS:

@@ -11,7 +11,17 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.console import EXIT_INTERRUPTED, Skipped, err, number, progress_bars, run_id, status
+from neuronscope.tui.console import (
+    EXIT_INTERRUPTED,
+    EXIT_UNFINISHED,
+    Skipped,
+    err,
+    number,
+    progress_bars,
+    run_id,
+    status,
+    warning,
+)
 
 #: Largest `related --top`: each list entry is stored for every neuron.
 MAX_RELATED = 1_000
@@ -20,30 +30,43 @@ MAX_RELATED = 1_000
 
 def cmd_import_openai(args: argparse.Namespace) -> int:
     """Import a local copy of OpenAI's GPT-2 XL neuron release (or part of it) as a run of the store."""
-    from neuronscope.core.interop.importer import import_release, release_root
+    from neuronscope.core.interop.importer import import_release, release_metadata, release_root
     from neuronscope.core.interop.release import ACTIVATIONS, release_layers
+    from neuronscope.core.interop.sidecar import RUN_FILE
 
     problem = Skipped()
     root = release_root(Path(args.path))
     layers = parse_layers(args.layers, release_layers(root, ACTIVATIONS))
+    exported = release_metadata(root)
+    if args.model and exported and args.model != exported.model:
+        warning(f"{RUN_FILE} says this export is of {exported.model}; importing it as {args.model} (--model)")
     with Store.open(args.store) as store, progress_bars() as progress:
         report = import_release(store, root, model=args.model, layers=layers,
                                 workers=args.workers, progress=progress, problem=problem)
         store.checkpoint()
     problem.finish()
     summary = (f"run {report.run_id}: {report.imported:,} neurons imported"
-               + (f", {report.present:,} already there" if report.present else "")
-               + (f", {report.problems:,} files skipped" if report.problems else ""))
+               + (f" ({report.retried:,} again: a file of theirs had been skipped)" if report.retried else "")
+               + (f", {report.present:,} already there" if report.present else ""))
+    if report.problems:
+        summary += (f", {report.problems:,} file{'s' if report.problems != 1 else ''} skipped (each listed above "
+                    f"with its reason): {report.failed:,} neuron{'s' if report.failed != 1 else ''} failed"
+                    + (f", {report.partial:,} of them imported without what a skipped file holds" if report.partial
+                       else ""))
     if not report.complete:
         err.print(f"interrupted: {summary}; run the same command again to resume")
         return EXIT_INTERRUPTED
+    if report.failed:
+        warning(f"{summary} → {args.store}; fix or replace the files skipped and run the same command again: it "
+                "reads those neurons again")
+        return EXIT_UNFINISHED
     status(f"{summary} → {args.store}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run as Parquet files, JSONL or the OpenAI release layout."""
-    from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet
+    from neuronscope.core.interop.export import export_jsonl, export_openai, export_parquet, layer_neurons
 
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
@@ -51,15 +74,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise InputError(f"run {run.run_id} is {run.status}, so it holds part of a collection at most: finish it "
                              "(collect it again, or rerun the import that made it) or export a complete run "
                              "(`neuronscope info` lists them)")
+        layers = parse_layers(args.layers, run.layers) if args.layers else None
         out = Path(args.out)
         if args.format == "parquet":
-            counts = export_parquet(store, run.run_id, out)
+            counts = export_parquet(store, run.run_id, out, layers)
             status(f"run {run.run_id}: " + ", ".join(f"{name}.parquet {rows:,} rows" for name, rows in counts.items())
                    + f" → {out}")
             return 0
         write: Callable[..., int] = export_jsonl if args.format == "jsonl" else export_openai
         with progress_bars() as progress:
-            n = write(store, run.run_id, out, progress)
+            n = write(store, run.run_id, out, progress, neurons=layer_neurons(store, run.run_id, layers))
     status(f"run {run.run_id}: {n:,} neurons → {out}")
     return 0
 
@@ -112,7 +136,8 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
                                              "records, statistics, explanations, related tokens and neurons")
     p.add_argument("path", help="the release folder (holding collated-activations/, explanations/, related-tokens/, "
                                 "related-neurons/)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name the run is shown under (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", help="the model the run is of (default: the one an export by neuronscope names in its "
+                                   f"neuronscope/run.json, else {DEFAULT_MODEL})")
     p.add_argument("--layers", help="import only these layers, e.g. 0-5,12 (default: all)")
     p.add_argument("--workers", type=number(1, 64), default=min(8, max(1, (os.cpu_count() or 1) - 1)),
                    help="processes that read and parse the files while one writes (default: CPU cores - 1, at most 8)")
@@ -125,6 +150,7 @@ def add_io_parsers(sub: argparse._SubParsersAction, store_arg: Callable[[argpars
                    help="parquet (a folder of tables), jsonl (one file) or openai (a folder in the release's layout)")
     p.add_argument("--out", required=True, help="new file (jsonl) or new or empty folder (parquet, openai)")
     p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
+    p.add_argument("--layers", help="export only the neurons of these layers, e.g. 0-5,12 (default: all)")
     store_arg(p)
     p.set_defaults(func=cmd_export)
 

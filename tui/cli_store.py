@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from rich.text import Text
 
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import layers_text
+from neuronscope.core.records import RunInfo
 from neuronscope.core.store import SCHEMA_VERSION, Store
 from neuronscope.tui.console import out, progress_bars, status
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
+    from neuronscope.core.interop.importer import is_import, levels_unknown
+
     with Store.open(args.store, read_only=True) as store:
         runs = store.runs()
         counts = store.counts()
@@ -35,18 +39,22 @@ def cmd_info(args: argparse.Namespace) -> int:
                   "stopped": "yellow"}
         for r in runs:
             stored = store.run_counts(r.run_id)
+            excerpts = stored["excerpts"] if is_import(r) else r.n_excerpts  # (an import's are those it stored so far)
             line = Text(f"run {r.run_id}  ", style="bold")
             line.append(r.status, style=styles.get(r.status, ""))
             if r.error and r.status != "complete":
                 line.append(f" ({r.error})")
             line.append(f"  {r.model}  layers {layers_text(r.layers)} x {r.neurons_per_layer}  "
-                        f"{stored['neurons']:,} {'latents' if r.latents else 'neurons'}  {r.n_excerpts:,} excerpts  "
+                        f"{stored['neurons']:,} {'latents' if r.latents else 'neurons'}  {excerpts:,} excerpts  "
                         f"{r.dtype}"
                         f"{'  shard ' + r.shard if r.shard else ''}  {r.created_at}")
             out.print(line, soft_wrap=True)
             out.print(Text(f"      corpus {r.corpus}  revision {r.model_revision[:12]}", style="dim"), soft_wrap=True)
             if r.latents:
                 out.print(Text(f"      {r.units}", style="dim"), soft_wrap=True)
+            if levels_unknown(r):
+                out.print(Text("      quantile levels not recorded by the release: its excerpt-max edges and bins are "
+                               "numbered 0, 1, 2, ... (q0, q1, ...), not quantiles", style="dim"), soft_wrap=True)
         for job in store.jobs():
             line = Text(f"job {job['job_id']}  ", style="bold")
             line.append(job["state"], style=styles.get(job["state"], "yellow"))
@@ -65,12 +73,27 @@ def cmd_info(args: argparse.Namespace) -> int:
                            "for writing with no other process in it)", style="dim"), soft_wrap=True)
         if counts["neurons"]:
             out.print(Text(f"store bytes per neuron: {size / counts['neurons']:,.0f}"))
-        unfinished = [r.run_id for r in runs if r.status in ("interrupted", "failed")]
-        if unfinished:
-            out.print(Text(f"{len(unfinished)} run{'s' if len(unfinished) > 1 else ''} did not finish "
-                           f"({', '.join(map(str, unfinished))}): `neuronscope clean --store {args.store}` removes "
+        unfinished = [r for r in runs if r.status in ("interrupted", "failed")]
+        for r in unfinished:
+            if is_import(r):
+                out.print(Text(f"run {r.run_id} is an import that did not finish: `{_resume(store, r, args.store)}` "
+                               f"resumes it (or `neuronscope clean --store {args.store}` removes it)", style="yellow"),
+                          soft_wrap=True)
+        others = [r.run_id for r in unfinished if not is_import(r)]
+        if others:
+            out.print(Text(f"{len(others)} run{'s' if len(others) > 1 else ''} did not finish "
+                           f"({', '.join(map(str, others))}): `neuronscope clean --store {args.store}` removes "
                            "them and compacts the store", style="yellow"), soft_wrap=True)
     return 0
+
+
+def _resume(store: Store, run: RunInfo, path: str) -> str:
+    """The import-openai command that resumes an imported run: its folder, model and the layers it was asked for."""
+    from neuronscope.core.interop.importer import import_path
+
+    layers = store.import_layers(run.run_id)
+    return " ".join(["neuronscope import-openai", shlex.quote(import_path(run)), "--model", shlex.quote(run.model),
+                     *(["--layers", layers_text(layers)] if layers else []), "--store", shlex.quote(str(path))])
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

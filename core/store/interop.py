@@ -3,7 +3,8 @@ the bulk reads that exports make (neuronscope.core.interop.export). Mixed into n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,14 +51,31 @@ class InteropMixin:
                 yield int(excerpt_id), tuple(tokens)
 
     def import_neurons(self, run_id: int, job_id: int, excerpts: dict[int, tuple[str, ...]],
-                       neurons: Sequence[ImportedNeuron], results: Sequence[NeuronResult]) -> None:
+                       neurons: Sequence[ImportedNeuron], results: Sequence[NeuronResult], *,
+                       failed: Mapping[NeuronId, str] | None = None, retried: Collection[NeuronId] = (),
+                       replace: Collection[NeuronId] = (), n_excerpts: int | None = None) -> None:
         """Write imported neurons (the excerpts their records are the first to use, statistics, records, related
-        lists) and their explanations with scores, in one transaction: a neuron is either wholly in the store or
-        not at all."""
+        lists) and their explanations with scores, and the job's state of each, in one transaction: a neuron is
+        either wholly in the store or not at all. Neurons in `failed` (a file of theirs was skipped; those not in
+        `neurons` were not readable at all) are marked failed, the others done; `retried`: those the job had marked
+        failed before. `replace`: neurons the run holds already, whose rows (and the explanations imports wrote for
+        them, with their simulations and scores) are removed first. `n_excerpts`: the run's excerpts so far."""
         import pyarrow as pa
 
+        failed = failed or {}
         records = [(n.stats.layer, n.stats.index, r) for n in neurons for r in n.records]
         with self.transaction():  # type: ignore[attr-defined]
+            if replace:
+                self._drop_imported(run_id, replace)
+            states = [(n.stats.layer, n.stats.index, "done", "") for n in neurons
+                      if NeuronId(n.stats.layer, n.stats.index) not in failed]
+            states += [(n.layer, n.neuron, "failed", error) for n, error in failed.items()]
+            if states:
+                self._mark(job_id, states, retried)  # type: ignore[attr-defined]
+            if n_excerpts is not None:
+                self.con.execute("UPDATE runs SET n_excerpts = ? WHERE run_id = ?", [n_excerpts, run_id])
+            if not neurons:
+                return
             if excerpts:
                 self._insert("excerpts", pa.table({  # type: ignore[attr-defined]
                     "run_id": pa.array(np.full(len(excerpts), run_id, np.int32)),
@@ -98,12 +116,45 @@ class InteropMixin:
             self._write_related(run_id, related)  # type: ignore[attr-defined]
             self._write_results(job_id, run_id, results)  # type: ignore[attr-defined]
 
-    def export_tables(self, run_id: int) -> dict[str, Any]:
+    def _drop_imported(self, run_id: int, neurons: Collection[NeuronId]) -> None:
+        """Remove what imports wrote of some neurons of a run: statistics, records, related lists, and the
+        explanations of import jobs with their simulations and scores (a person's or a job's own stay). Their
+        excerpts stay: the records written again point at them."""
+        pairs = ", ".join(f"({int(a)}, {int(b)})" for a, b in neurons)
+        related = self._has_table("related")  # type: ignore[attr-defined]
+        tables = ["neurons", "records"] + (["related"] if related else [])
+        for table in tables:
+            self.con.execute(f"DELETE FROM {table} WHERE run_id = ? AND (layer, neuron) IN ({pairs})", [run_id])
+        imported = (f"SELECT explanation_id FROM explanations WHERE run_id = ? AND (layer, neuron) IN ({pairs}) "
+                    "AND job_id IN (SELECT job_id FROM jobs WHERE run_id = ? AND kind = 'import')")
+        for table in ("simulations", "scores", "explanations"):
+            self.con.execute(f"DELETE FROM {table} WHERE explanation_id IN ({imported})", [run_id, run_id])
+
+    def import_failures(self, run_id: int) -> set[NeuronId]:
+        """The neurons of a run whose newest state in its import jobs is failed (a file of theirs was skipped):
+        the next import of the folder reads them again."""
+        rows = self.con.execute(
+            "SELECT layer, neuron FROM (SELECT n.layer, n.neuron, n.state, row_number() OVER (PARTITION BY n.layer, "
+            "n.neuron ORDER BY n.updated_at DESC, n.state = 'done' DESC) AS k FROM job_neurons n JOIN jobs j "
+            "USING (job_id) WHERE j.run_id = ? AND j.kind = 'import') WHERE k = 1 AND state = 'failed'",
+            [run_id]).fetchall()
+        return {NeuronId(int(a), int(b)) for a, b in rows}
+
+    def import_layers(self, run_id: int) -> tuple[int, ...] | None:
+        """The layers the newest import job of a run was asked for (None: all, or no import job)."""
+        rows = self.con.execute("SELECT params FROM jobs WHERE run_id = ? AND kind = 'import' ORDER BY job_id DESC "
+                                "LIMIT 1", [run_id]).fetchall()
+        layers = json.loads(rows[0][0]).get("layers") if rows else None
+        return tuple(int(x) for x in layers) if layers is not None else None
+
+    def export_tables(self, run_id: int, layers: Sequence[int] | None = None) -> dict[str, Any]:
         """A run's tables for a Parquet export, as Arrow tables: `neurons` (statistics, each with its newest selected
         positive-tail explanation and that explanation's test score), `explanations` (every explanation, one row per
         score: split, simulator, method, value, interval), `related` (a neuron's related lists, one row per list) and
         `tags` (a person's tags and notes, with author and time) and `lists` (named lists of neurons: the app's marks
-        and those saved under a name), the last three where the run has rows."""
+        and those saved under a name), the last three where the run has rows. `layers`: only the neurons of these
+        layers (None: every layer)."""
+        only, wanted = ("", []) if layers is None else (" AND list_contains(?, layer)", [[int(x) for x in layers]])
         out = {
             "neurons": self.con.sql(
                 f"WITH {CHOSEN_POS_CTES} "
@@ -112,24 +163,27 @@ class InteropMixin:
                 "h.ci_low AS score_low, h.ci_high AS score_high FROM neurons n "
                 "LEFT JOIN chosen c ON c.layer = n.layer AND c.neuron = n.neuron "
                 "LEFT JOIN headline h ON h.explanation_id = c.explanation_id "
-                "WHERE n.run_id = ? ORDER BY n.layer, n.neuron", params=[run_id, run_id]).to_arrow_table(),
+                f"WHERE n.run_id = ?{only.replace('layer', 'n.layer')} ORDER BY n.layer, n.neuron",
+                params=[run_id, run_id, *wanted]).to_arrow_table(),
             "explanations": self.con.sql(
-                "SELECT e.layer, e.neuron, e.tail, e.explanation_id, e.role, e.explainer, e.sample, e.selected, e.text, "
-                "e.source_layer, e.source_neuron, e.job_id, s.split, s.simulator, s.method, s.value, s.ci_low, "
+                "SELECT e.layer, e.neuron, e.tail, e.explanation_id, e.role, e.explainer, e.sample, e.selected, "
+                "e.text, e.source_layer, e.source_neuron, e.job_id, s.split, s.simulator, s.method, s.value, s.ci_low, "
                 "s.ci_high, s.n, s.flags FROM explanations e LEFT JOIN scores s USING (explanation_id) "
-                "WHERE e.run_id = ? ORDER BY e.layer, e.neuron, e.tail, e.explanation_id, s.split, s.simulator, "
-                "s.method", params=[run_id]).to_arrow_table(),
+                f"WHERE e.run_id = ?{only.replace('layer', 'e.layer')} ORDER BY e.layer, e.neuron, e.tail, "
+                "e.explanation_id, s.split, s.simulator, s.method", params=[run_id, *wanted]).to_arrow_table(),
         }
         if self._has_table("related"):  # type: ignore[attr-defined]
-            out["related"] = self.con.sql("SELECT * EXCLUDE (run_id) FROM related WHERE run_id = ? "
-                                          "ORDER BY layer, neuron, list", params=[run_id]).to_arrow_table()
+            out["related"] = self.con.sql(f"SELECT * EXCLUDE (run_id) FROM related WHERE run_id = ?{only} "
+                                          "ORDER BY layer, neuron, list", params=[run_id, *wanted]).to_arrow_table()
         if self.tags(run_id):  # type: ignore[attr-defined]
-            out["tags"] = self.con.sql("SELECT layer, neuron, tag, note, author, created_at FROM tags WHERE run_id = ? "
-                                       "ORDER BY created_at, layer, neuron", params=[run_id]).to_arrow_table()
+            out["tags"] = self.con.sql("SELECT layer, neuron, tag, note, author, created_at FROM tags WHERE run_id = ?"
+                                       f"{only} ORDER BY created_at, layer, neuron",
+                                       params=[run_id, *wanted]).to_arrow_table()
         if self.saved_lists(run_id):  # type: ignore[attr-defined]
-            out["lists"] = self.con.sql("SELECT name, layer, neuron, author, saved_at FROM lists WHERE run_id = ? "
-                                        "AND layer IS NOT NULL QUALIFY saved_at = max(saved_at) OVER (PARTITION BY "
-                                        "name) ORDER BY name, layer, neuron", params=[run_id]).to_arrow_table()
+            out["lists"] = self.con.sql("SELECT * FROM (SELECT name, layer, neuron, author, saved_at FROM lists "
+                                        "WHERE run_id = ? AND layer IS NOT NULL QUALIFY saved_at = max(saved_at) OVER "
+                                        f"(PARTITION BY name)) WHERE true{only} ORDER BY name, layer, neuron",
+                                        params=[run_id, *wanted]).to_arrow_table()
         return out
 
     def neuron_bundles(self, run_id: int, layer: int, first: int, last: int) -> list[NeuronBundle]:
