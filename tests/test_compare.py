@@ -5,6 +5,8 @@ the export, and how sets are chosen (explainer, simulator, job, role; newest sel
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from conftest import assert_one_line_error, copy_store, run_cli
 from scipy import stats
 
-from neuronscope.core.explanation.compare import compare_scores, paired_interval
+from neuronscope.core.explanation.compare import MIN_PAIRS, Comparison, compare_scores, paired_interval
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.store import Store
 
@@ -129,3 +131,82 @@ def test_the_interval_is_scipys_percentile_bootstrap() -> None:
     assert result.neurons == (NeuronId(0, 0), NeuronId(0, 1)) and (result.only_a, result.only_b) == (1, 1)
     assert (result.wins, result.losses, result.ties) == (0, 1, 1)
     assert result.difference == pytest.approx((0.01 - 0.2) / 2)
+
+
+# -- scale, few pairs, controls (testers' reports on a 307,200-neuron store) ----------------------------
+
+def _best_time(action, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_the_changed_order_is_n_log_n_and_breaks_ties_by_neuron() -> None:
+    """The CLI sorted its indices by a key that rebuilt B − A over every neuron for each index: quadratic (17.9 s at
+    200,000 pairs). The order comes from one argsort of the differences."""
+    small = compare_scores({NeuronId(0, i): 0.0 for i in range(6)},
+                           {NeuronId(0, i): d for i, d in enumerate([0.1, -0.3, 0.3, 0.0, -0.1, 0.2])}, resamples=10)
+    assert small.by_change().tolist() == [1, 2, 5, 0, 4, 3]  # |0.3| twice: the lower neuron first
+    rng = np.random.default_rng(0)
+
+    def ordering(n: int) -> Comparison:
+        neurons = [NeuronId(i // 6400, i % 6400) for i in range(n)]
+        return compare_scores(dict(zip(neurons, rng.normal(size=n).tolist())),
+                              dict(zip(neurons, rng.normal(size=n).tolist())), resamples=1)
+
+    few, many = ordering(20_000), ordering(160_000)
+    ratio = _best_time(many.by_change) / _best_time(few.by_change)
+    assert ratio < 30, ratio  # 8x the pairs: about 9x the time for n log n, 64x for the old sort
+
+
+def test_the_bootstrap_holds_a_bounded_chunk_of_draws() -> None:
+    """The bootstrap drew up to 20 million neuron indices at once (int64, then their float64 differences: about
+    320 MB whatever the count); it now holds _CHUNK draws per thread (at most _WORKERS threads), and its time grows
+    with resamples × neurons."""
+    deltas = np.random.default_rng(3).normal(0.02, 0.2, 300_000)
+    tracemalloc.start()
+    try:
+        paired_interval(deltas, resamples=200)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20, peak  # at most 8 x 125,000 draws (an index and a difference each): 16 MB; was 320 MB
+    low, high = paired_interval(deltas[:1000], seed=4)
+    assert (low, high) == paired_interval(deltas[:1000], seed=4) != paired_interval(deltas[:1000], seed=5)
+    assert low < deltas[:1000].mean() < high
+    quarter = _best_time(lambda: paired_interval(deltas[:75_000], resamples=100), 3)
+    whole = _best_time(lambda: paired_interval(deltas, resamples=100), 3)
+    assert whole / quarter < 8, whole / quarter  # linear in the neurons: about 4
+
+
+def test_few_pairs_say_the_interval_means_nothing(compared: Path) -> None:
+    """One paired neuron printed an interval of [x, x] as if it were one."""
+    result = run_cli(["compare", "role=candidate", "role=user", "--store", str(compared)])
+    assert result.code == 0, result.err
+    text = " ".join(result.out.split())
+    assert "over 1 paired neuron," in text
+    assert f"the interval is not meaningful with 1 paired neuron: a bootstrap needs at least {MIN_PAIRS}" in text
+    many = run_cli(["compare", "explainer=alpha", "explainer=beta,simulator=sim", "--store", str(compared)])
+    assert many.code == 0 and "not meaningful" not in many.out
+
+
+def test_a_set_that_matches_nothing_lists_only_what_its_roles_can_name(compared: Path) -> None:
+    """`explainer=baseline` matched no candidate, and the error listed 'baseline' among the explainers to choose
+    from: the token baseline's explanations are controls, a set of their own (role=baseline)."""
+    wrong = run_cli(["compare", "explainer=baseline", "explainer=alpha", "--store", str(compared)])
+    line = assert_one_line_error(wrong, "'explainer=baseline' matches no scored pos explanation in run",
+                                 "explainers: 'alpha', 'beta', 'gamma', 'user:ada';",
+                                 "'baseline' explains only its baseline controls, compared with role=baseline",
+                                 "compare role=baseline explainer=alpha")
+    assert "'baseline'," not in line and "'baseline';" not in line
+    # As it says: the controls by role, against the explanations they control.
+    assert run_cli(["compare", "role=baseline", "explainer=alpha", "--store", str(compared)]).code == 0
+    # A set of controls lists the controls' names.
+    assert_one_line_error(run_cli(["compare", "role=shuffled", "explainer=alpha", "--store", str(compared)]),
+                          "'role=shuffled' matches no scored pos explanation", "it has no scored shuffled explanation")
+    assert_one_line_error(run_cli(["compare", "role=baseline,explainer=alpha", "explainer=alpha", "--store",
+                                   str(compared)]),
+                          "its baseline explanations' explainers: 'baseline'; simulators: 'sim')")

@@ -18,7 +18,7 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, Interrupted, NeuronscopeError, caused_by_interrupt, out_of_memory
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
-from neuronscope.tui.cli_collect import add_collect_parser, print_top
+from neuronscope.tui.cli_collect import add_collect_parser
 from neuronscope.tui.cli_store import cmd_clean, cmd_info, cmd_merge
 from neuronscope.tui.console import (
     EXIT_ERROR,
@@ -38,10 +38,21 @@ from neuronscope.tui.console import (
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    """Print neurons ranked by a statistic."""
+    """Print neurons ranked by a statistic (random: a shuffle fixed by --seed); say so when the run does not know it."""
+    from neuronscope.core.interop.importer import is_import
+    from neuronscope.tui.console import warning
+    from neuronscope.tui.render import neurons_table
+
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
-        print_top(store, run.run_id, args.limit, args.order)
+        rows = store.top_neurons(run.run_id, args.limit, args.order, seed=args.seed)
+    seed = f" (seed {args.seed})" if args.order == "random" else ""
+    out.print(Text(f"Neurons of run {run.run_id} by {args.order}{seed} ({run.model}, {run.n_excerpts:,} excerpts)",
+                   style="bold"), soft_wrap=True)
+    if args.order == "density" and rows and rows[0].density != rows[0].density:  # NaN first: none is known
+        why = "imported from OpenAI's release, which has no token counts" if is_import(run) else "not collected"
+        warning(f"density is unknown for run {run.run_id} ({why}): its neurons are listed in layer order")
+    out.print(neurons_table(rows))
     return 0
 
 
@@ -219,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="rank a run's neurons by a statistic (selectivity, kurtosis, max, min, density)")
     p.add_argument("--order", default=DEFAULT_ORDER, choices=tuple(ORDERS), help=order_help())
     p.add_argument("--limit", type=number(1), default=20, help="rows (default: 20)")
+    p.add_argument("--seed", type=number(0, 2**32 - 1), default=0, help="seed of --order random (default: 0)")
     p.add_argument("--run", type=run_id, help="run id (default: the newest complete run)")
     store_arg(p)
     p.set_defaults(func=cmd_top)

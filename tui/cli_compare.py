@@ -15,18 +15,25 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.store import Store
 from neuronscope.core.store.compare import SET_KEYS, ExplanationSet
-from neuronscope.tui.console import number, out, run_id, status
+from neuronscope.tui.console import number, out, progress_bars, run_id, status
 from neuronscope.tui.render import visible
 
+#: Draws (paired neurons × resamples) from which the bootstrap shows its progress: about a second of a CPU core.
+LONG_BOOTSTRAP = 100_000_000
+#: The progress bar's label.
+BAR = "bootstrap resamples"
 
-def add_compare_parser(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+
+def add_compare_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+                       store_arg: Callable[[argparse.ArgumentParser], None]) -> None:
     keys = "; ".join(f"{key}: {meaning}" for key, meaning in SET_KEYS.items())
     p = sub.add_parser(
         "compare", help="compare two sets of explanations on the neurons both scored: the paired difference of the "
                         "headline score (B − A) with a bootstrap interval over neurons, wins, losses and ties, and "
                         "the neurons that changed most",
         description=f"Each set is KEY=VALUE joined by commas ({keys}). Per neuron a set takes its newest selected "
-                    "explanation with a test-split score. E.g. compare explainer=baseline explainer=openai:gpt-4o-mini; "
+                    "explanation with a test-split score. E.g. compare explainer=baseline "
+                    "explainer=openai:gpt-4o-mini; "
                     "compare job=3 job=5; compare run=1 run=2; compare role=candidate role=user.")
     p.add_argument("a", metavar="A", help="the first set, e.g. explainer=baseline")
     p.add_argument("b", metavar="B", help="the second set, e.g. 'simulator=local:qwen-1.5b (tokens)'")
@@ -44,7 +51,7 @@ def add_compare_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare two sets of explanations."""
-    from neuronscope.core.explanation.compare import RESAMPLES, compare_scores
+    from neuronscope.core.explanation.compare import MIN_PAIRS, RESAMPLES, compare_scores
 
     if not 0 <= args.tie < 2:
         raise InputError(f"--tie {args.tie}: a margin between 0 and 2 (scores are correlations)")
@@ -54,17 +61,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sides = [store.set_scores(run.run_id, chosen, args.tail) for chosen in (first, second)]
         for chosen, scores in zip((first, second), sides):
             if not scores:
-                names = store.set_names(chosen.run or run.run_id, args.tail)
-                named = "; ".join(f"{key}s: {', '.join(repr(v) for v in values)}" for key, values in names.items()
-                                  if values)
-                raise InputError(f"{chosen.text!r} matches no scored {args.tail} explanation in run "
-                                 f"{chosen.run or run.run_id}" + (f" (its {named})" if named else "") +
-                                 ": check it against `neuronscope show` or `info`")
-    comparison = compare_scores({n: v for n, (v, _) in sides[0].items()}, {n: v for n, (v, _) in sides[1].items()},
-                                tie=args.tie, seed=args.seed)
-    if not comparison.neurons:
+                raise InputError(store.missing_set(chosen.run or run.run_id, chosen, args.tail))
+    scores_a, scores_b = ({n: v for n, (v, _) in side.items()} for side in sides)
+    pairs = len(scores_a.keys() & scores_b.keys())
+    if not pairs:
         raise InputError(f"no neuron has a scored explanation in both sets ({len(sides[0]):,} in A, "
                          f"{len(sides[1]):,} in B): compare sets that cover the same neurons")
+    if pairs * RESAMPLES >= LONG_BOOTSTRAP:  # seconds: a bar (or, in a log, a line every few seconds)
+        with progress_bars() as progress:
+            comparison = compare_scores(scores_a, scores_b, tie=args.tie, seed=args.seed,
+                                        progress=lambda _stage, done, total: progress(BAR, done, total))
+    else:
+        comparison = compare_scores(scores_a, scores_b, tie=args.tie, seed=args.seed)
     n = len(comparison.neurons)
     summary = Text(f"A = {first.text}: mean {comparison.a.mean():+.3f}\nB = {second.text}: mean "
                    f"{comparison.b.mean():+.3f}\n")
@@ -72,32 +80,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    style="bold")
     summary.append(f"  (95% bootstrap interval over {n:,} paired neuron{'s' if n != 1 else ''}, {RESAMPLES:,} "
                    f"resamples; headline score: Pearson r on the test split)\n")
+    if not comparison.interval_meaningful:
+        summary.append(f"the interval is not meaningful with {n} paired neuron{'s' if n != 1 else ''}: a bootstrap "
+                       f"needs at least {MIN_PAIRS}; compare sets that share more neurons\n", style="yellow")
     summary.append(f"B wins {comparison.wins:,}, loses {comparison.losses:,}, ties {comparison.ties:,} "
                    f"(|difference| ≤ {args.tie:g})")
     if comparison.only_a or comparison.only_b:
         summary.append(f"; left out: {comparison.only_a:,} neurons only A scored, {comparison.only_b:,} only B")
     out.print(summary, soft_wrap=True)
-    order = sorted(range(n), key=lambda i: (-abs(comparison.deltas[i]), comparison.neurons[i]))
+    order = comparison.by_change()
     if args.top:
-        out.print(changed_table(comparison.neurons, order[: args.top], sides))
+        out.print(changed_table(comparison.neurons, order[: args.top].tolist(), sides))
     if args.out:
         from neuronscope.core.interop.export import export_comparison
 
-        rows = [{"layer": comparison.neurons[i].layer, "neuron": comparison.neurons[i].neuron,
-                 "score_a": float(comparison.a[i]), "score_b": float(comparison.b[i]),
-                 "difference": float(comparison.deltas[i]), "explanation_a": sides[0][comparison.neurons[i]][1],
-                 "explanation_b": sides[1][comparison.neurons[i]][1]} for i in order]
+        neurons, deltas = comparison.neurons, comparison.deltas.tolist()
+        a, b = comparison.a.tolist(), comparison.b.tolist()
+        rows = [{"layer": neurons[i].layer, "neuron": neurons[i].neuron, "score_a": a[i], "score_b": b[i],
+                 "difference": deltas[i], "explanation_a": sides[0][neurons[i]][1],
+                 "explanation_b": sides[1][neurons[i]][1]} for i in order.tolist()]
         export_comparison(rows, Path(args.out))
         status(f"{len(rows):,} paired neurons → {args.out}")
     return 0
 
 
-def changed_table(neurons: tuple[NeuronId, ...], chosen: list[int], sides: list[dict[NeuronId, tuple[float, str]]]) -> Table:
+def changed_table(neurons: tuple[NeuronId, ...], chosen: list[int],
+                  sides: list[dict[NeuronId, tuple[float, str]]]) -> Table:
     """The neurons that changed most: both scores, the difference and both explanations (inert)."""
     table = Table(title="Changed most", title_justify="left")
     for name, justify in (("neuron", "left"), ("A", "right"), ("B", "right"), ("B − A", "right"),
                           ("A's explanation", "left"), ("B's explanation", "left")):
-        table.add_column(name, justify=justify, no_wrap=name in ("neuron", "A", "B", "B − A"),  # type: ignore[arg-type]
+        table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                         no_wrap=name in ("neuron", "A", "B", "B − A"),
                          overflow="fold")
     for i in chosen:
         neuron = neurons[i]

@@ -204,7 +204,7 @@ def neurons_table(rows: Sequence[NeuronStats]) -> Table:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, s in enumerate(rows, 1):
         table.add_row(str(i), str(NeuronId(s.layer, s.index)), f"{s.selectivity:.2f}", f"{s.max:.3g}", f"{s.min:.3g}",
-                      f"{s.density:.1%}", f"{s.kurtosis:.3g}")
+                      f"{s.density:.1%}" if s.density == s.density else "-", f"{s.kurtosis:.3g}")
     return table
 
 

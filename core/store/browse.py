@@ -18,6 +18,7 @@ from neuronscope.core.store.explanations import CHOSEN_POS_CTES
 from neuronscope.core.store.schema import StoreError
 
 #: Sort orders of the browser: columns of the browse table, each sorted with NULLS LAST and ties broken by position.
+#: Unknown values (an imported run's density) are NULL in the browse table, so they sort last both ways.
 BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density": "density",
                  "selectivity": "selectivity"}
 
@@ -26,7 +27,8 @@ BROWSE_ORDERS = {"layer": "layer", "score": "value", "max": "max_act", "density"
 _BROWSE_BASE = f"""
 WITH {CHOSEN_POS_CTES}
 SELECT n.layer, n.neuron, c.explanation_id, coalesce(c.text, '') AS text, h.value, h.ci_low, h.ci_high, n.max_act,
-       n.density, n.selectivity, {{first_peak}} AS first_peak, coalesce(c.role = 'user', false) AS human
+       CASE WHEN isnan(n.density) THEN NULL ELSE n.density END AS density, n.selectivity,
+       {{first_peak}} AS first_peak, coalesce(c.role = 'user', false) AS human
 FROM neurons n
 LEFT JOIN chosen c ON c.layer = n.layer AND c.neuron = n.neuron
 LEFT JOIN headline h ON h.explanation_id = c.explanation_id
@@ -78,7 +80,8 @@ def _like_pattern(text: str) -> str:
 
 def _row(r: tuple[Any, ...], tags: tuple[str, ...] = (), noted: bool = False) -> NeuronRow:
     return NeuronRow(layer=int(r[0]), neuron=int(r[1]), explanation=r[2], score=r[3], ci_low=r[4], ci_high=r[5],
-                     max_act=float(r[6]), density=float(r[7]), selectivity=float(r[8] or 0.0), human=bool(r[9]),
+                     max_act=float(r[6]), density=float("nan") if r[7] is None else float(r[7]),
+                     selectivity=float(r[8] or 0.0), human=bool(r[9]),
                      tags=tags, noted=noted)
 
 
@@ -160,7 +163,8 @@ class BrowseMixin:
         """The query's rows numbered from 0 in its order, as SQL over (pos, layer, neuron, explained)."""
         keys = self._order_keys(query)
         sql, params = self._browse_sql(
-            f"row_number() OVER (ORDER BY {keys}) - 1 AS pos, layer, neuron, explanation_id IS NOT NULL AS explained", run_id, query)
+            f"row_number() OVER (ORDER BY {keys}) - 1 AS pos, layer, neuron, explanation_id IS NOT NULL AS explained",
+            run_id, query)
         return sql, params
 
     def neuron_position(self, run_id: int, query: BrowseQuery, layer: int, neuron: int) -> int | None:

@@ -60,39 +60,66 @@ class ExplanationSet:
         return cls(text=text, **fields)
 
 
+#: The roles a set takes when it names none: the explanations people and models wrote, not the controls.
+DEFAULT_ROLES = ("candidate", "user")
+#: The controls scored beside every chosen explanation.
+CONTROL_ROLES = ("baseline", "shuffled")
+
+
+def _set_where(run_id: int, chosen: ExplanationSet, tail: str, roles: tuple[str, ...]) -> tuple[str, list[Any]]:
+    """The conditions on `e` (explanations) and `s` (scores) a set's explanations meet, in the given roles: the
+    selected ones of candidates and people's, every control; a finite test-split headline score."""
+    where = ["e.run_id = ?", "e.tail = ?", "s.split = 'test'", "s.method = 'all'", "s.value IS NOT NULL",
+             "isfinite(s.value)", "list_contains(?, e.role)",
+             "(e.selected OR NOT list_contains(['candidate', 'user'], e.role))"]
+    params: list[Any] = [run_id, tail, list(roles)]
+    for column, value in (("e.job_id", chosen.job), ("e.explainer", chosen.explainer),
+                          ("s.simulator", chosen.simulator)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    return " AND ".join(where), params
+
+
 class CompareMixin:
     con: Any
 
-    def set_scores(self, default_run: int, chosen: ExplanationSet, tail: str = "pos") -> dict[NeuronId, tuple[float, str]]:
+    def set_scores(self, default_run: int, chosen: ExplanationSet,
+                   tail: str = "pos") -> dict[NeuronId, tuple[float, str]]:
         """Per neuron of the set: its headline score (test split, Pearson over all excerpts) and the explanation's
         text."""
-        where = ["e.run_id = ?", "e.tail = ?", "s.split = 'test'", "s.method = 'all'",
-                 "s.value IS NOT NULL", "isfinite(s.value)"]
-        params: list[Any] = [chosen.run if chosen.run is not None else default_run, tail]
-        for column, value in (("e.job_id", chosen.job), ("e.explainer", chosen.explainer),
-                              ("s.simulator", chosen.simulator)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if chosen.role is not None:
-            where.append("e.role = ?")
-            params.append(chosen.role)
-        else:
-            where.append("e.role IN ('candidate', 'user')")
-        if chosen.role in (None, "candidate", "user"):
-            where.append("e.selected")
+        roles = (chosen.role,) if chosen.role is not None else DEFAULT_ROLES
+        where, params = _set_where(chosen.run if chosen.run is not None else default_run, chosen, tail, roles)
         rows = self.con.execute(
             f"SELECT e.layer, e.neuron, s.value, e.text FROM explanations e JOIN scores s USING (explanation_id) "
-            f"WHERE {' AND '.join(where)} QUALIFY row_number() OVER (PARTITION BY e.layer, e.neuron ORDER BY "
+            f"WHERE {where} QUALIFY row_number() OVER (PARTITION BY e.layer, e.neuron ORDER BY "
             "e.job_id DESC, e.explanation_id DESC, s.created_at DESC) = 1", params).fetchall()
         return {NeuronId(int(r[0]), int(r[1])): (float(r[2]), str(r[3])) for r in rows}
 
-    def set_names(self, run_id: int, tail: str = "pos") -> dict[str, list[str]]:
-        """The explainers and simulators of a run's scored explanations (what a set's filters can name)."""
-        names: dict[str, list[str]] = {}
-        for column in ("explainer", "simulator"):
-            names[column] = [str(r[0]) for r in self.con.execute(
-                f"SELECT DISTINCT {'e' if column == 'explainer' else 's'}.{column} FROM explanations e JOIN scores s "
-                "USING (explanation_id) WHERE e.run_id = ? AND e.tail = ? AND s.split = 'test' ORDER BY 1",
-                [run_id, tail]).fetchall()]
-        return names
+    def set_names(self, run_id: int, tail: str = "pos",
+                  roles: tuple[str, ...] = DEFAULT_ROLES) -> dict[str, list[str]]:
+        """The explainers and simulators of a run's scored explanations in these roles (what a set of those roles
+        can name)."""
+        where, params = _set_where(run_id, ExplanationSet(text=""), tail, roles)
+        rows = self.con.execute(f"SELECT list(DISTINCT e.explainer ORDER BY e.explainer), list(DISTINCT s.simulator "
+                                f"ORDER BY s.simulator) FROM explanations e JOIN scores s USING (explanation_id) "
+                                f"WHERE {where}", params).fetchall()
+        return {"explainer": [str(v) for v in rows[0][0] or ()], "simulator": [str(v) for v in rows[0][1] or ()]}
+
+    def missing_set(self, run_id: int, chosen: ExplanationSet, tail: str = "pos") -> str:
+        """Why a set that matches nothing matches nothing, in one line: what its roles' explanations can be named by,
+        and how to name the controls when the set named an explainer of theirs (the token baseline's is `baseline`)."""
+        roles = (chosen.role,) if chosen.role is not None else DEFAULT_ROLES
+        names = self.set_names(run_id, tail, roles)
+        whose = " and ".join(roles)
+        listed = "; ".join(f"{key}s: {', '.join(repr(v) for v in values)}" for key, values in names.items() if values)
+        line = (f"{chosen.text!r} matches no scored {tail} explanation in run {run_id}" +
+                (f" (its {whose} explanations' {listed})" if listed else f" (it has no scored {whose} explanation)"))
+        if chosen.role is None:
+            controls = [role for role in CONTROL_ROLES if chosen.explainer in self.set_names(run_id, tail, (role,))[
+                "explainer"]]
+            if controls:
+                other = f"explainer={names['explainer'][0]}" if names["explainer"] else "job=N"
+                return (f"{line}: {chosen.explainer!r} explains only its {' and '.join(controls)} controls, compared "
+                        f"with role={controls[0]} (e.g. neuronscope compare role={controls[0]} {other})")
+        return f"{line}: check it against `neuronscope show` or `info`"

@@ -21,12 +21,16 @@ FILTER_FIELDS = {"selectivity": "selectivity", "kurtosis": "kurtosis", "skewness
                  "min": "min_act", "density": "density", "mean": "mean", "variance": "variance", "layer": "layer",
                  "neuron": "neuron", "first_peak": "first_peak"}
 FILTER_OPS = ("<=", ">=", "!=", "<", ">", "=")
-#: The SQL of each order of neuronscope.core.choices.ORDERS, in the direction choices.ASCENDING gives it.
+#: The SQL of each order of neuronscope.core.choices.ORDERS, in the direction choices.ASCENDING gives it (with NULLS
+#: LAST): an unknown value (NaN: an imported run's density) as a missing one, last. Random: a shuffle by the seed (the
+#: one parameter), the hash of (layer, neuron, seed) and a constant: DuckDB hashes 0, and a tuple of zeros, to 0,
+#: which put L0/N0 first for seed 0, and the hash of layer * 1000003 + neuron + seed made seed s+1 the order of s
+#: shifted.
 ORDER_SQL: dict[Order, str] = {
-    **{order: f"{column} {'ASC' if order in ASCENDING else 'DESC'}" for order, column in (
-        ("selectivity", "selectivity"), ("kurtosis", "kurtosis"), ("max", "max_act"), ("min", "min_act"),
-        ("density", "density"))},
-    "random": "hash(layer * 1000003 + neuron + ?)"}
+    **{order: f"CASE WHEN isnan({column}) THEN NULL ELSE {column} END {'ASC' if order in ASCENDING else 'DESC'}"
+       for order, column in (("selectivity", "selectivity"), ("kurtosis", "kurtosis"), ("max", "max_act"),
+                             ("min", "min_act"), ("density", "density"))},
+    "random": "hash(layer, neuron, ?::UBIGINT, 'neuronscope')"}
 
 
 #: `chosen`: per neuron and tail, the newest selected explanation of a run (first parameter: the run id;

@@ -147,7 +147,8 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
         score = "-" if row.score is None else f"{row.score:+.2f} [{row.ci_low or 0:+.2f},{row.ci_high or 0:+.2f}]"
         text.append(" " + fit(score, SCORE_W, "right"))
         text.append(" " + fit(short_number(row.max_act, MAX_W), MAX_W, "right"))
-        text.append(" " + fit(f"{row.density:.1%}", DENSITY_W, "right"))
+        known = row.density == row.density  # NaN: unknown (an imported run's)
+        text.append(" " + fit(f"{row.density:.1%}" if known else "-", DENSITY_W, "right"), style="" if known else "dim")
         return text
 
     def _status(self) -> Text:
@@ -156,7 +157,7 @@ class NeuronTable(TableReads, ScrollView, can_focus=True):
         text.append(f"{self.row_count:,} neuron{'s' if self.row_count != 1 else ''}")
         text.append(describe(self.query_spec) + f" · by {self.order} {arrow}")
         if self.marked:
-            text.append(f" · {len(self.marked)} marked")
+            text.append(f" · {len(self.marked):,} marked")
         if self.reading:
             text.append(" · reading…", style="dim")
         return text
