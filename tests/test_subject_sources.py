@@ -92,4 +92,9 @@ def test_choose_device(monkeypatch: pytest.MonkeyPatch) -> None:
         choose_device("cuda")
     with pytest.raises(SubjectError, match="no CUDA"):
         choose_device("cuda:1")
-    assert choose_device(None).type in ("cpu", "mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # (it was an internal error, exit 1)
+    with pytest.raises(SubjectError, match=r"--device mps asked for, but this machine has no Apple GPU \(MPS\)"):
+        choose_device("mps")
+    with pytest.raises(SubjectError, match="use cpu, cuda, cuda:N or mps"):
+        choose_device("tpu")
+    assert choose_device(None).type == "cpu"

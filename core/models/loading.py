@@ -64,10 +64,14 @@ def choose_device(requested: str | None = None) -> Any:
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise SubjectError(f"--device {requested} asked for, but this machine has no CUDA GPU: use --device cpu")
+        mps = getattr(torch.backends, "mps", None)
+        if requested.startswith("mps") and not (mps and mps.is_available()):
+            raise SubjectError(f"--device {requested} asked for, but this machine has no Apple GPU (MPS): "
+                               "use --device cpu")
         try:
             return torch.device(requested)
         except RuntimeError:
-            raise SubjectError(f"unknown device {requested!r}: use cpu, cuda or cuda:N") from None
+            raise SubjectError(f"unknown device {requested!r}: use cpu, cuda, cuda:N or mps") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -114,6 +118,8 @@ def load_subject(
         raise SubjectError("--device and --device-map both place the model: pass one of them")
     dev = choose_device(device)
     dt = choose_dtype(dtype, dev)
+    if device_map is not None and dev.type != "cuda":
+        say(f"--device-map {device_map} spreads a model over GPUs, and this machine has none: it runs on the {dev.type}")
     place: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
     if device_map is not None and gpus:
         import torch
