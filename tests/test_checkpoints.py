@@ -126,6 +126,9 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
                       r"goes on from there$", said, re.MULTILINE)
     assert saved and seen <= int(saved.group(1)) <= 96 and Path(saved.group(2)) == tmp_path / "stopped.duckdb.checkpoint"
     assert "Traceback" not in said
+    info = run_cli(["info", "--store", store])  # no store yet, and info says where the collection's state is
+    assert info.code == 2 and f"holds a collection's state after {saved.group(1)} excerpts" in info.out, info
+    assert "no store at" in info.err and "stopped before it wrote one" in info.err
     rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
     assert rerun.code == 0, rerun.err
     assert f"resumed from a checkpoint (excerpts): {saved.group(1)}/96" in rerun.err, rerun.err
@@ -259,8 +262,9 @@ def test_a_checkpoint_of_another_collection_is_named_before_it_is_replaced(tmp_p
     assert points.save("the first command", 1_234, []) and heard == []
     assert points.load("a changed command") is None
     assert heard == [f"{tmp_path}/s.duckdb.checkpoint holds the saved state of another collection (after 1,234 "
-                     "excerpts): this collection starts from the beginning, and its first checkpoint replaces that "
-                     "one; to go on with that one instead, stop this and run the command that started it"]
+                     "excerpts: another model, corpus, layers or settings; with the same command, a corpus file "
+                     "changed since): this collection starts from the beginning, and its first checkpoint replaces "
+                     "that one; to go on with that one instead, stop this and run the command that started it"]
     points.clear()  # the changed command's run is in its store without a checkpoint of its own: the other stays
     resumed = points.load("the first command")
     assert resumed is not None and resumed.done == 1_234 and len(heard) == 1

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
     (["related", "--top", "2k"], ("argument --top", "2,000 is out of range", "from 1 to 1,000")),  # 2k is read
     (["collect", "--max-tokens", "1.5"], ("argument --max-tokens", "'1.5' is not a whole number (write 10000000 or 10M)")),
     (["collect", "--checkpoint-every", "soon"], ("argument --checkpoint-every", "not a duration: write 90s, 20m, 1h or off")),
-    (["collect", "--checkpoint-every", "0s"], ("argument --checkpoint-every", "'0s' is too short", "at least 1s")),
+    (["collect", "--checkpoint-every", "0s"], ("argument --checkpoint-every", "'0s' is no interval", "longer than 0")),
     (["collect", "--batch-size", "huge"], ("argument --batch-size", "'huge' is not a batch size: write a number of "
                                            "excerpts (64) or auto")),
     (["collect", "--batch-size", "0"], ("argument --batch-size", "0 is out of range", "from 1 to 65,536")),

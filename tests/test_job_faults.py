@@ -133,6 +133,7 @@ def test_ctrl_c_waits_for_answers_in_flight_and_twice_stops_waiting(fault_store:
         proc = subprocess.Popen(cli_command(["run", "--explainer", spec, "--simulator", spec, "--limit", "3",
                                              "--concurrency", "3", "--store", path]),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (as in a terminal)
                                 env=cli_env(NEURONSCOPE_OPENAI_MODE="chat-digits", NEURONSCOPE_OPENAI_TIMEOUT="90"))
         deadline = time.monotonic() + 120
         while len(server.hits(CHAT)) < 3 and time.monotonic() < deadline and proc.poll() is None:

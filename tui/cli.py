@@ -62,6 +62,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from neuronscope.tui.render import histogram_text, record_line, related_lines, scale_of, stats_table, tag_line
 
+    if not NeuronId.written(args.neuron):
+        NeuronId.parse(args.neuron)  # a wrong form is said before the store is read (it raises)
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         layer, index = neuron = NeuronId.parse(args.neuron, run.layers)

@@ -24,8 +24,17 @@ if TYPE_CHECKING:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
+    from neuronscope.core.collection.checkpoint import saved_state
     from neuronscope.core.interop.importer import is_import, levels_unknown
 
+    checkpoint = saved_state(args.store)
+    if checkpoint is not None:
+        folder, done, size = checkpoint
+        saved = Text(f"{folder} holds a collection's state after {done:,} excerpts ({size / 1e6:,.1f} MB): the "
+                     "collect command that made it goes on from there (delete the folder to drop it)", style="yellow")
+        if not Path(args.store).exists():
+            out.print(saved, soft_wrap=True)
+            raise InputError(f"no store at {args.store} yet: its first collection was stopped before it wrote one")
     with Store.open(args.store, read_only=True) as store:
         runs = store.runs()
         counts = store.counts()
@@ -79,6 +88,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 out.print(Text(f"run {r.run_id} is an import that did not finish: `{_resume(store, r, args.store)}` "
                                f"resumes it (or `neuronscope clean --store {args.store}` removes it)", style="yellow"),
                           soft_wrap=True)
+        if checkpoint is not None:
+            out.print(saved, soft_wrap=True)
         others = [r.run_id for r in unfinished if not is_import(r)]
         if others:
             out.print(Text(f"{len(others)} run{'s' if len(others) > 1 else ''} did not finish "
@@ -104,8 +115,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         status(f"compacting {store.path}")
         store.compact()
         after = store.path.stat().st_size
+    from neuronscope.core.collection.checkpoint import saved_state
+
     removed = ", ".join(f"run {r.run_id} ({r.status})" for r in gone) or "no unfinished run"
-    status(f"removed {removed}; {before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB")
+    checkpoint = saved_state(args.store)
+    kept = (f"; {checkpoint[0]} ({checkpoint[2] / 1e6:,.1f} MB) stays: the collect command that made it goes on from "
+            "it (delete the folder to drop it)") if checkpoint else ""
+    status(f"removed {removed}; {before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB{kept}")
     return 0
 
 

@@ -205,8 +205,8 @@ def duration(text: str) -> float | None:
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 20m, 1h or off")
     seconds = float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[found.group(2)]
-    if seconds < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short: write at least 1s (90s, 20m, 1h), or off")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no interval: write one longer than 0 (90s, 20m, 1h), or off")
     return seconds
 
 

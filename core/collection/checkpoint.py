@@ -100,9 +100,10 @@ class Checkpoints:
         if meta.get("format") != FORMAT or meta.get("identity") != identity:
             self.foreign = True
             whose = "another collection" if meta.get("format") == FORMAT else "another version of neuronscope"
-            self.warn(f"{self.folder} holds the saved state of {whose} (after {int(meta.get('done', 0)):,} excerpts): "
-                      "this collection starts from the beginning, and its first checkpoint replaces that one; to go "
-                      "on with that one instead, stop this and run the command that started it")
+            self.warn(f"{self.folder} holds the saved state of {whose} (after {int(meta.get('done', 0)):,} excerpts: "
+                      "another model, corpus, layers or settings; with the same command, a corpus file changed "
+                      "since): this collection starts from the beginning, and its first checkpoint replaces that "
+                      "one; to go on with that one instead, stop this and run the command that started it")
             return None
         layers = {}
         try:
@@ -120,6 +121,18 @@ class Checkpoints:
         """The collection is in the store: its checkpoints go (another collection's, never replaced, stays)."""
         if not self.foreign:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def saved_state(store: str | Path) -> tuple[Path, int, int] | None:
+    """The checkpoint beside a store, if one is there: (its folder, the excerpts it holds, its bytes)."""
+    store = Path(store)
+    folder = store.with_name(store.name + ".checkpoint")
+    try:
+        meta = json.loads((folder / (folder / "current").read_text().strip() / "meta.json").read_text())
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return folder, int(meta.get("done", 0)), size
+    except (OSError, ValueError):
+        return None
 
 
 def identity(*parts: object, excerpt_ids: np.ndarray) -> str:

@@ -27,11 +27,15 @@ def check_parts(metas: list[ShardMeta]) -> None:
 
     first = metas[0]
     for meta in metas[1:]:
-        if (meta.revision, meta.settings, meta.layers, meta.neurons_per_layer, meta.units) != (
-                first.revision, first.settings, first.layers, first.neurons_per_layer, first.units) or (
-                not same_corpus(meta.corpus, first.corpus)):
-            raise CollectError("shard states differ in model, corpus, settings or layers: merge shards of one "
-                               "collection")
+        differ = [name for name, ours, theirs in (
+            ("model", (meta.model, meta.revision), (first.model, first.revision)), ("layers", meta.layers, first.layers),
+            ("settings", meta.settings, first.settings), ("units", (meta.neurons_per_layer, meta.units),
+                                                          (first.neurons_per_layer, first.units))) if ours != theirs]
+        differ += [] if same_corpus(meta.corpus, first.corpus) else ["corpus"]
+        if differ:
+            raise CollectError(f"shard {meta.index}/{meta.count} differs from shard {first.index}/{first.count} in its "
+                               f"{' and '.join(differ)}: merge shards of one collection (collect that shard again "
+                               "with the others' command)")
     total = first.count
     splits = sorted({meta.count for meta in metas})
     if len(splits) > 1:
