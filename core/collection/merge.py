@@ -27,10 +27,9 @@ def check_parts(metas: list[ShardMeta]) -> None:
 
     first = metas[0]
     for meta in metas[1:]:
-        differ = [name for name, ours, theirs in (
-            ("model", (meta.model, meta.revision), (first.model, first.revision)), ("layers", meta.layers, first.layers),
-            ("settings", meta.settings, first.settings), ("units", (meta.neurons_per_layer, meta.units),
-                                                          (first.neurons_per_layer, first.units))) if ours != theirs]
+        differ = [name for name, fields in (("model", ("model", "revision")), ("layers", ("layers",)),
+                                             ("settings", ("settings",)), ("units", ("neurons_per_layer", "units")))
+                  if any(getattr(meta, f) != getattr(first, f) for f in fields)]
         differ += [] if same_corpus(meta.corpus, first.corpus) else ["corpus"]
         if differ:
             raise CollectError(f"shard {meta.index}/{meta.count} differs from shard {first.index}/{first.count} in its "

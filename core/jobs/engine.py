@@ -38,7 +38,6 @@ from neuronscope.core.choices import (
     TAILS,
 )
 from neuronscope.core.errors import Interrupted, NeuronError, caused_by_interrupt, interruption
-from neuronscope.core.explanation.scorers import RATED
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.jobs.claims import Blocks
 from neuronscope.core.jobs.landing import COMMIT_SECONDS, SEGMENT_SECONDS, JobCancelled, Landed, Landing, StoreCallLog
@@ -50,7 +49,6 @@ from neuronscope.core.llm.base import (
     Backend,
     BudgetExceeded,
     CallLog,
-    Deferred,
     LLMError,
     make_backend,
     pricing_backends,
@@ -237,21 +235,8 @@ class Job(NeuronWork, OutputWork):
         """Build the explainer and simulator the job calls (what `prepare` and a dry run's `plan` both need first)."""
         if self._uses_explainer and self.settings.explanation is None:
             self.backend(self.settings.explainer)
-        if self.settings.kind != "explain" and self._simulator_asked:
+        if self.settings.kind != "explain" and self.settings.simulator_asked:
             self.backend(self.settings.simulator)
-
-    @property
-    def _simulator_asked(self) -> bool:
-        """Whether the simulator model is asked anything: the quotes mode reads an explanation itself; the rated
-        scorers (detection, fuzzing) and output-centric scores ask it."""
-        s = self.settings
-        return s.simulation != "quotes" or any(name in RATED for name in s.scorers) or s.output
-
-    def simulator(self) -> Backend:
-        """The simulator; where it is asked nothing, named only, loaded if something asks it after all (its model
-        need not even be installed: `score --explanation` in the quotes mode)."""
-        spec = self.settings.simulator
-        return self.backend(spec) if self._simulator_asked else Deferred(spec, lambda: self.backend(spec))
 
     # -- running --------------------------------------------------------------------------------------
     def pending(self, job_id: int | None) -> list[int]:

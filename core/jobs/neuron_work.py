@@ -15,7 +15,7 @@ from neuronscope.core.explanation.explain import controls, lookup_of, prompt_for
 from neuronscope.core.explanation.splits import NeuronSplits, needed_ranks, split_records
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.settings import JobSettings
-from neuronscope.core.llm.base import Backend
+from neuronscope.core.llm.base import Backend, Deferred
 from neuronscope.core.records import ActivationRecord, RunInfo
 from neuronscope.core.results import NeuronResult, ScoredExplanation
 from neuronscope.core.store import Store
@@ -47,9 +47,14 @@ class NeuronWork:
     _opened: list[Store]
     _planned: dict[NeuronId, NeuronResult]
     backend: Callable[[str], Backend]
-    simulator: Callable[[], Backend]
     embedder: Callable[[], Embedder | None]
     _output: Callable[..., list[ScoredExplanation]]
+
+    def simulator(self) -> Backend:
+        """The simulator; where it is asked nothing (JobSettings.simulator_asked), named only, loaded if something
+        asks it after all (its model need not even be installed: `score --explanation` in the quotes mode)."""
+        spec = self.settings.simulator
+        return self.backend(spec) if self.settings.simulator_asked else Deferred(spec, lambda: self.backend(spec))
 
     @property
     def _uses_explainer(self) -> bool:

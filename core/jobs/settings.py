@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_SIMULATION, JobKind, Scorer, SimulationMode, Tail
 from neuronscope.core.errors import InputError
+from neuronscope.core.explanation.scorers import RATED
 from neuronscope.core.explanation.splits import SplitSizes
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.selection import JobError
@@ -74,6 +75,12 @@ class JobSettings:
     output: bool = False
     """Also an output-centric explanation (what the unit makes the model say, from the promoted and suppressed next
     tokens) and, for score and run jobs, its steering score (neuronscope.core.explanation.output)."""
+
+    @property
+    def simulator_asked(self) -> bool:
+        """Whether the simulator model is asked anything: the quotes mode reads an explanation itself; the rated
+        scorers (detection, fuzzing) and output-centric scores ask it."""
+        return self.simulation != "quotes" or any(name in RATED for name in self.scorers) or self.output
 
 
 @dataclass(frozen=True)
