@@ -67,12 +67,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not pairs:
         raise InputError(f"no neuron has a scored explanation in both sets ({len(sides[0]):,} in A, "
                          f"{len(sides[1]):,} in B): compare sets that cover the same neurons")
-    if pairs * RESAMPLES >= LONG_BOOTSTRAP:  # seconds: a bar (or, in a log, a line every few seconds)
-        with progress_bars() as progress:
-            comparison = compare_scores(scores_a, scores_b, tie=args.tie, seed=args.seed,
-                                        progress=lambda _stage, done, total: progress(BAR, done, total))
-    else:
-        comparison = compare_scores(scores_a, scores_b, tie=args.tie, seed=args.seed)
+    long = pairs * RESAMPLES >= LONG_BOOTSTRAP  # seconds: a bar (or, in a log, a line every few seconds)
+    with progress_bars() as progress:  # (it starts with the first progress reported: a short one shows nothing)
+        comparison = compare_scores(scores_a, scores_b, tie=args.tie, seed=args.seed,
+                                    progress=(lambda _stage, done, total: progress(BAR, done, total)) if long else None)
     n = len(comparison.neurons)
     summary = Text(f"A = {first.text}: mean {comparison.a.mean():+.3f}\nB = {second.text}: mean "
                    f"{comparison.b.mean():+.3f}\n")

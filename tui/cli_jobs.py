@@ -239,8 +239,8 @@ def cmd_job(args: argparse.Namespace) -> int:
                     out.print(Text(dry_run_line(plan, tally)), soft_wrap=True)
                     return 0
                 found = store.find_job(job.key)
-                if not (found and found[1] == "complete") and job.pending(found[0] if found else None):
-                    job.prepare()  # (models load before the progress bar; a job with nothing left loads none)
+                if not (found and found[1] == "complete"):  # (run() reads which neurons are left)
+                    job.prepare()  # models load before the progress bar; a complete job loads none
                 count = len(job.neurons)
                 uses = ([f"explainer {settings.explainer}"] if settings.kind != "score" else []) + \
                     ([f"simulator {settings.simulator} ({settings.simulation})"] if settings.kind != "explain" else [])
