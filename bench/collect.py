@@ -37,7 +37,8 @@ def throughput(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.collect import auto_batch_size, collect
+    from neuronscope.core.collection.batching import auto_batch_size
+    from neuronscope.core.collection.collect import collect
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.collection.token_stats import stats_compiled
@@ -179,7 +180,8 @@ def random_pass(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from neuronscope.core.collection.collect import accumulate, auto_batch_size
+    from neuronscope.core.collection.batching import auto_batch_size
+    from neuronscope.core.collection.collect import accumulate
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.ids import parse_layers

@@ -127,7 +127,7 @@ def test_a_collection_stopped_by_sigterm_saves_its_state_and_goes_on_from_it(
     assert saved and seen <= int(saved.group(1)) <= 96 and Path(saved.group(2)) == tmp_path / "stopped.duckdb.checkpoint"
     assert "Traceback" not in said
     info = run_cli(["info", "--store", store])  # no store yet, and info says where the collection's state is
-    assert info.code == 2 and f"holds a collection's state after {saved.group(1)} excerpts" in info.out, info
+    assert info.code == 2 and f"holds a collection's state after {saved.group(1)} excerpt" in info.out, info
     assert "no store at" in info.err and "stopped before it wrote one" in info.err
     rerun = run_cli([*args, "--store", store], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
     assert rerun.code == 0, rerun.err

@@ -97,16 +97,19 @@ def test_rank_0_of_an_srun_step_stops_when_another_task_fails(tiny_model: Path, 
                                                               tmp_path: Path) -> None:
     """srun lets the other tasks of a step run on when one fails, so rank 0 would have waited for its shard until the
     job's time limit. The task says why it stopped beside the store; rank 0, done with its own shard, stops waiting and
-    names it, with status 2. (Three tasks of two excerpts: the third has none.)"""
+    names it, with status 2. (The third task finds the finished shard of another collection where its own goes.)"""
     store = tmp_path / "ranks.duckdb"
-    code, errs = _srun(["collect", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--max-excerpts", "2",
-                        *FAST, "--store", str(store), "--shard", "auto"], 3, tmp_path)
+    args = ["collect", "--model", str(tiny_model), "--corpus", str(corpus_dir), "--max-excerpts", "6", *FAST,
+            "--store", str(store)]
+    assert run_cli([*args, "--shard", "2/3", "--seed", "1"], timeout=300).code == 0
+    code, errs = _srun([*args, "--shard", "auto"], 3, tmp_path)
     assert code == 2, errs
-    assert "rank 2: error: this shard of the corpus has no excerpts" in errs[2]
+    refusal = (f"{tmp_path / 'ranks.shard-2-of-3'} holds shard 2/3 of another collection (other settings): merge it "
+               "or move it away first, or pass --force to replace it")
+    assert f"rank 2: error: {refusal}" in errs[2]
     error = [line for line in errs[0].splitlines() if line.startswith("error: ")]
-    assert error == ["error: rank 2 of 3 stopped without its shard (this shard of the corpus has no excerpts: use fewer "
-                     "shards or a larger corpus): once that is mended, run the same command again (finished shards are "
-                     "kept, the others go on from their checkpoints)"], errs[0]
+    assert error == [f"error: rank 2 of 3 stopped without its shard ({refusal}): once that is mended, run the same "
+                     "command again (finished shards are kept, the others go on from their checkpoints)"], errs[0]
     assert ShardState(tmp_path / "ranks.shard-1-of-3").meta.index == 1 and not store.exists()
 
 

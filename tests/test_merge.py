@@ -228,6 +228,20 @@ def test_merging_the_same_shards_again_adds_no_second_run(shard_stores) -> None:
         assert (len(out.runs()), out.counts()) == before
 
 
+def test_shards_with_no_excerpts_merge_into_the_single_run(tmp_path, subject, corpus_dir) -> None:  # type: ignore[no-untyped-def]
+    """More shards than excerpts (more ranks than a small corpus fills): the empty shards write empty states, and
+    the merge of all equals one process's collection."""
+    settings = fast_settings(max_excerpts=3, seed=1)
+    collect_into(tmp_path / "single.duckdb", subject, corpus_dir, settings=settings, batch_size=1)
+    parts = [tmp_path / f"all.shard-{i}-of-5" for i in range(5)]
+    sizes = [collect_into(part, subject, corpus_dir, settings=settings, shard=(i, 5), batch_size=1).n_excerpts
+             for i, part in enumerate(parts)]
+    assert sorted(sizes) == [0, 0, 1, 1, 1]
+    with Store.open(tmp_path / "all.duckdb") as out:
+        assert merge(out, [ShardState(p) for p in parts]).n_excerpts == 3
+    assert_same_collection(tmp_path / "single.duckdb", tmp_path / "all.duckdb")
+
+
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,
                                                                          tmp_path: Path) -> None:
     args = ["collect", "--model", tiny_model, "--corpus", corpus_dir, "--max-excerpts", "32", "--shard", "1/2",
@@ -242,6 +256,14 @@ def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_mo
         first.err.split())
     again = run_cli(args, timeout=300)
     assert again.code == 0 and "already holds this collection" in again.err
+    # A changed command does not replace a finished shard unasked (--force does).
+    changed = run_cli([*args, "--seed", "1"], timeout=300)
+    assert changed.code == 2 and changed.err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'all.shard-1-of-2'} holds shard 1/2 of another collection (other settings): merge it or "
+        "move it away first, or pass --force to replace it"), changed.err
+    assert ShardState(tmp_path / "all.shard-1-of-2").meta.settings.seed == 0
+    assert run_cli([*args, "--seed", "1", "--force"], timeout=300).code == 0
+    assert ShardState(tmp_path / "all.shard-1-of-2").meta.settings.seed == 1
     missing = run_cli(["merge", "--output", tmp_path / "all.duckdb"])
     assert_one_line_error(missing, "missing 0/2", "pass every shard state once")
 

@@ -205,7 +205,7 @@ def test_three_shards_and_empty_shard(sampled: tuple[np.ndarray, np.ndarray], sa
 def test_layers_updated_together_equal_layers_updated_apart() -> None:
     """The GPU path joins layers into one unit axis; it must keep exactly what per-layer updates keep."""
     from neuronscope.core.collection.accumulate import Accumulator
-    from neuronscope.core.collection.collect import layer_groups
+    from neuronscope.core.collection.batching import layer_groups
 
     gen = torch.Generator().manual_seed(7)
     layers, f, t = (2, 5, 9), 6, 8

@@ -58,8 +58,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
+    from neuronscope.core.collection.batching import auto_batch_size
     from neuronscope.core.collection.checkpoint import Checkpoints
-    from neuronscope.core.collection.collect import auto_batch_size, collect, collect_beside, collect_shard, parse_shard
+    from neuronscope.core.collection.collect import collect, collect_beside, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
     from neuronscope.core.collection.ranks import gather, meet, shard_path, tokens_path
@@ -143,6 +144,9 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
             if read[0] and read[0] != args.max_tokens:  # ends full where the corpus is shorter than the budget too
                 progress("tokenize", read[0], read[0])
         skipped.finish()
+        if part is not None and not len(excerpts.excerpt_ids):
+            status(f"shard {shard[0]}/{shard[1]} has no excerpts (more shards than the corpus fills): its state is "
+                   "empty, and the merge takes it as it takes the others")
         batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
         units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer}, read by {sparse.reader})" if sparse else
                  f"{len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons")
@@ -161,17 +165,18 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
             elif beside:
                 assert sparse is not None
                 options["layers"] = beside
-                neurons, result = collect_beside(store, subject, excerpts, progress=progress, **options)  # type: ignore[arg-type]
+                neurons, result = collect_beside(store, subject, excerpts, progress=progress, waiting=warning,
+                                                 **options)  # type: ignore[arg-type]
                 status(f"run {neurons.run_id}: {neurons.n_neurons:,} neurons over {neurons.n_excerpts:,} excerpts"
                        + (" (already in the store)" if neurons.reused else ""))
             else:
-                result = collect(store, subject, excerpts, progress=progress, **options)
+                result = collect(store, subject, excerpts, progress=progress, waiting=warning, **options)
         if result.reused:
             summary(f"{target} already holds this collection (use --force to collect again)")
         else:
             what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
             summary(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
-                    f"excerpts in {result.seconds:.1f} s → {target}")
+                    f"excerpt{'' if result.n_excerpts == 1 else 's'} in {result.seconds:.1f} s → {target}")
         if store is not None:
             store.checkpoint()
             assert result.run_id is not None
@@ -252,7 +257,8 @@ def add_collect_parser(sub: argparse._SubParsersAction, store_arg: Callable[[arg
     p.add_argument("--shard", help="collect only part i of n of the corpus, e.g. 0/4, into a shard state STORE.shard-i-of-n "
                                    "beside --store, for `neuronscope merge`; auto: the part torchrun, srun or a SLURM "
                                    "job array gives this process (README, \"On a GPU box\")")
-    p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run")
+    p.add_argument("--force", action="store_true", help="collect again even if the store holds this exact run "
+                                                        "(with --shard: replace the shard state there, whatever it holds)")
     p.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY, metavar="TIME",
                    help="write the collection's state beside the store this often (90s, 20m, 1h; default 20m; off), "
                         "so the same command after a crash or kill -9 goes on from there")

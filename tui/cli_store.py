@@ -30,8 +30,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     checkpoint = saved_state(args.store)
     if checkpoint is not None:
         folder, done, size = checkpoint
-        saved = Text(f"{folder} holds a collection's state after {done:,} excerpts ({size / 1e6:,.1f} MB): the "
-                     "collect command that made it goes on from there (delete the folder to drop it)", style="yellow")
+        after = f"after {done:,} excerpt{'' if done == 1 else 's'} ({size / 1e6:,.1f} MB)"
+        saved = Text(f"{folder} holds a collection's state {after}: the collect command that made it goes on from "
+                     "there (delete the folder to drop it)", style="yellow")
         if not Path(args.store).exists():
             out.print(saved, soft_wrap=True)
             raise InputError(f"no store at {args.store} yet: its first collection was stopped before it wrote one")
@@ -53,6 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             line.append(r.status, style=styles.get(r.status, ""))
             if r.error and r.status != "complete":
                 line.append(f" ({r.error})")
+            elif r.status == "running":
+                line.append(" (collecting: its data lands when the pass ends)")
             line.append(f"  {r.model}  layers {layers_text(r.layers)} x {r.neurons_per_layer}  "
                         f"{stored['neurons']:,} {'latents' if r.latents else 'neurons'}  {excerpts:,} excerpts  "
                         f"{r.dtype}"
@@ -88,7 +91,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 out.print(Text(f"run {r.run_id} is an import that did not finish: `{_resume(store, r, args.store)}` "
                                f"resumes it (or `neuronscope clean --store {args.store}` removes it)", style="yellow"),
                           soft_wrap=True)
-        if checkpoint is not None:
+        if checkpoint is not None and any(r.status == "running" for r in runs):
+            out.print(Text(f"{checkpoint[0]} holds the state of the collection in progress, saved {after}",
+                           style="dim"), soft_wrap=True)
+        elif checkpoint is not None:
             out.print(saved, soft_wrap=True)
         others = [r.run_id for r in unfinished if not is_import(r)]
         if others:

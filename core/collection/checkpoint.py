@@ -51,13 +51,16 @@ class Checkpoints:
         self.foreign = False
         #: The excerpts the folder's checkpoint of this collection holds, once one was saved or resumed from.
         self.held = 0
+        #: Whether a pass that ends must save its state however short it was (its store is held by another
+        #: process, so its write waits: collect.py's `_aside`).
+        self.keep_finished: Callable[[], bool] = lambda: False
 
     def due(self, finished: bool = False) -> bool:
         """Whether to write a checkpoint now: `every` seconds after the last one, and once more when a pass that ran
         that long has `finished` (so a store write that fails, on a full disk say, costs no collecting: the same
-        command goes straight to the write)."""
+        command goes straight to the write), or one that must keep its state (`keep_finished`)."""
         now = time.monotonic()
-        return now - (self.started if finished else self.last) >= self.every
+        return now - (self.started if finished else self.last) >= self.every or (finished and self.keep_finished())
 
     def save(self, identity: str, done: int, layers: Iterable[LayerResult]) -> bool:
         """Write a checkpoint of `identity` after `done` excerpts. False where the disk refused it (full, read-only,

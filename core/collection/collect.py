@@ -1,11 +1,12 @@
-"""Collection: one streaming, batched pass of a subject model over excerpts into a store run, or into a shard
-state (core/collection/state.py) that `merge` (core/collection/merge.py) combines with the other parts.
+"""Collection: one streaming, batched pass of a subject model over excerpts into a store run, or into a shard state
+(core/collection/state.py) that `merge` (core/collection/merge.py) combines with the other parts.
 
 Memory is bounded by neurons x records x length (see neuronscope.core.collection.accumulate); the corpus only streams
-through. The run is registered as 'running' first and all its data lands in one transaction at the
-end, so an interrupted collection never looks complete. A stop request (Ctrl-C, SIGTERM, SIGHUP) during the pass
-saves its state and stops (core/collection/stopping.py); during that write, the collection's last step, it lets the
-write finish, since what stopping would save is what it writes (a second Ctrl-C stops at once).
+through. The run is registered as 'running' first and all its data lands in one transaction at the end, so an
+interrupted collection never looks complete. Between the two the store is closed, so that a pass of hours does not keep
+the app, `info` or jobs off it; the write waits for any of them that holds it then. A stop request (Ctrl-C, SIGTERM,
+SIGHUP) during the pass saves its state and stops (core/collection/stopping.py); during that write, the collection's
+last step, it lets the write finish, since what stopping would save is what it writes (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -83,11 +84,14 @@ def collect(
     reuse: bool = True,
     checkpoints: Checkpoints | None = None,
     sparse: SparseCoder | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> CollectResult:
     """Collect every neuron of `layers` over `excerpts` into a new run of `store` (with `sparse`, that coder's
     latents at its layer instead); with `checkpoints`, from the last checkpoint of this collection if there is one,
-    writing one whenever due (the caller clears them once the run is safely in the store)."""
-    from neuronscope.core.collection.store_write import write_run
+    writing one whenever due (the caller clears them once the run is safely in the store). The store is closed
+    during the pass, for other processes to use, and its write waits for whoever holds it then (`waiting` is told, in
+    one line, whom)."""
+    from neuronscope.core.collection.store_write import aside, write_run
 
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
@@ -105,7 +109,8 @@ def collect(
     try:
         key = identity(subject.revision, excerpts.corpus, settings, layers, "", units,
                        excerpt_ids=excerpts.excerpt_ids)
-        results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
+        with aside(store, checkpoints, n, waiting):
+            results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
         with StopRequests():
             write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
                       excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
@@ -129,15 +134,17 @@ def collect_beside(
     progress: Progress | None = None,
     reuse: bool = True,
     checkpoints: Checkpoints | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> tuple[CollectResult, CollectResult]:
     """The MLP neurons of `layers` and a sparse coder's latents from the same forward passes: two runs of `store`,
     each the run `collect` writes for them alone (a run already there is reused, and only the other collected)."""
-    from neuronscope.core.collection.store_write import write_run
+    from neuronscope.core.collection.store_write import aside, taken_back, write_run
 
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
     units = units_of(sparse)
-    alone = {"settings": settings, "batch_size": batch_size, "progress": progress, "checkpoints": checkpoints}
+    alone = {"settings": settings, "batch_size": batch_size, "progress": progress, "checkpoints": checkpoints,
+             "waiting": waiting}
     found = [store.find_complete_run(subject.revision, excerpts.corpus, settings, chosen, "", kind) if reuse else None
              for chosen, kind in ((layers, ""), ((sparse.layer,), units))]
     if found[0] is not None or found[1] is not None:
@@ -153,8 +160,9 @@ def collect_beside(
     try:
         key = identity(subject.revision, excerpts.corpus, settings, layers, "", "", sparse.layer, units,
                        excerpt_ids=excerpts.excerpt_ids)
-        results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
-                             sparse, beside=layers)
+        with aside(store, checkpoints, n, waiting):
+            results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
+                                 sparse, beside=layers)
         chunks = partial(_excerpt_chunks, subject, excerpts)
         with StopRequests():
             write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
@@ -162,7 +170,8 @@ def collect_beside(
             write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
                       n_excerpts=n, excerpts=chunks, progress=report)
     except BaseException as err:
-        _record_failure(store, [run_id for run_id in runs if store.run(run_id).status != "complete"], err)
+        if taken_back(store):  # (the runs' statuses are read from it)
+            _record_failure(store, [run_id for run_id in runs if store.run(run_id).status != "complete"], err)
         if (saved := _saved_whole(checkpoints, n, err)) is None:
             raise
         raise saved from err
@@ -172,7 +181,12 @@ def collect_beside(
 
 
 def _record_failure(store: Store, runs: Iterable[int], err: BaseException) -> None:
-    """Mark unfinished runs interrupted (Ctrl-C, SIGTERM) or failed, with why."""
+    """Mark unfinished runs interrupted (Ctrl-C, SIGTERM) or failed, with why (where the store can be opened: a
+    run it cannot record shows as interrupted once this process is gone)."""
+    from neuronscope.core.collection.store_write import taken_back
+
+    if not taken_back(store):
+        return
     interrupted = caused_by_interrupt(err)
     for run_id in runs:
         store.fail_run(run_id, "interrupted" if interrupted else "failed",
@@ -222,17 +236,21 @@ def collect_shard(
     from neuronscope.core.collection.state import ShardMeta, read_meta, write_shard
 
     report = progress or (lambda _stage, _done, _total: None)
-    n = _count(excerpts)
+    n = len(excerpts.excerpt_ids)  # (a shard of more shards than excerpts has none: an empty state merges)
     part, units = f"{shard[0]}/{shard[1]}", units_of(sparse)
     key = identity(subject.revision, excerpts.corpus, settings, layers, part, units, excerpt_ids=excerpts.excerpt_ids)
     n_neurons = len(layers) * _width(subject, sparse)
-    found = read_meta(folder) if reuse else None
-    if found is not None and found.identity == key:
-        return CollectResult(None, n, n_neurons, 0.0, reused=True)
-    started = time.perf_counter()
     meta = ShardMeta(model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings,
                      layers=layers, neurons_per_layer=_width(subject, sparse), dtype=_dtype(subject),
                      index=shard[0], count=shard[1], n_excerpts=n, identity=key, units=units)
+    found = read_meta(folder) if reuse else None
+    if found is not None and found.identity == key:
+        return CollectResult(None, n, n_neurons, 0.0, reused=True)
+    if found is not None:  # a finished shard of hours is not replaced by a changed command unasked
+        what = " and ".join(found.differences(meta)) or "excerpts (a corpus file changed, or --max-tokens)"
+        raise CollectError(f"{folder} holds shard {part} of another collection (other {what}): merge it or move it "
+                           "away first, or pass --force to replace it")
+    started = time.perf_counter()
     results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
     with StopRequests():
         write_shard(folder, meta, _reporting(results, len(layers), report), excerpts.token_ids, excerpts.excerpt_ids,
@@ -270,6 +288,7 @@ def accumulate(
     import torch
 
     from neuronscope.core.collection.accumulate import LATENT_KEY, Accumulator, compile_cpu_passes
+    from neuronscope.core.collection.batching import GROUP_ELEMENTS, layer_groups
     from neuronscope.core.collection.token_stats import token_stats_fn
     from neuronscope.core.models.heap import keep_freed_memory
     from neuronscope.core.models.subject import to_device
@@ -396,42 +415,6 @@ def _drain(accs: list[Accumulator]) -> Iterator[LayerResult]:
     give_back_freed_memory()
 
 
-def auto_batch_size(subject: Subject, layers: tuple[int, ...], length: int, width: int | None = None) -> int:
-    """Excerpts per forward pass: 64 on a CPU (against 32, 12 % faster collections of SmolLM2 in bench/collect.py;
-    128 slows its forward pass); on GPUs, the largest power of two (up to 1,024) whose working memory
-    fits in half of each GPU's free memory. Per token that is the activations of the GPU's layers twice (a batch is
-    kept until the next one's forward pass is queued, see accumulate.py), the model's own working memory (about 40
-    bytes per hidden unit), and the statistics' float32 and float64 copies of a group of layers; per excerpt and
-    unit, the candidates a fixed-shape update keeps with the batch."""
-    import torch
-
-    per_device: dict[Any, int] = {}
-    for layer in layers:
-        device = subject.layer_device(layer)
-        per_device[device] = per_device.get(device, 0) + 1
-    gpus = {device: count for device, count in per_device.items() if device.type == "cuda"}
-    if not gpus:
-        return 64
-    free = {device: torch.cuda.mem_get_info(device)[0] for device in gpus}
-    size = torch.finfo(subject.dtype).bits // 8
-    hidden = int(getattr(subject.model.config, "hidden_size", 0) or 4096)
-    n = width or subject.n_neurons  # units per layer: MLP neurons, or a sparse coder's latents
-    for batch in (1 << p for p in range(10, -1, -1)):
-        tokens = batch * length
-        if all(tokens * (count * n * size * 2 + hidden * 40) + batch * count * n * CANDIDATE_BYTES
-               + max(GROUP_ELEMENTS, tokens * n) * 20 <= free[device] // 2
-               for device, count in gpus.items()):
-            return batch
-    return 1
-
-
-def layer_groups(layers: tuple[int, ...], neurons: int, tokens_per_batch: int, budget: int) -> list[tuple[int, ...]]:
-    """Split layers into groups updated together, each group's joined batch [tokens, layers x
-    neurons] within `budget` elements (a copy of that size is made per batch)."""
-    per_group = max(1, budget // max(1, tokens_per_batch * neurons))
-    return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
-
-
 def _excerpt_chunks(subject: Subject, excerpts: Excerpts,
                     wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, list[list[str]]]]:
     from neuronscope.core.collection.state import EXCERPT_CHUNK
@@ -440,10 +423,3 @@ def _excerpt_chunks(subject: Subject, excerpts: Excerpts,
         ids = wanted[start : start + EXCERPT_CHUNK]
         token_ids = excerpts.token_ids[np.searchsorted(excerpts.excerpt_ids, ids)]
         yield ids, token_ids, [subject.token_strings(row) for row in token_ids]
-
-
-#: On a GPU, layers are joined for the bookkeeping in groups of about this many activations per batch.
-GROUP_ELEMENTS = 1 << 28
-#: Bytes per (excerpt, unit) candidate a fixed-shape update keeps until the next batch: three composites, a cell,
-#: (max, min) and four masks (accumulate.py's _merge_fixed), rounded up.
-CANDIDATE_BYTES = 48

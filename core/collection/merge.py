@@ -23,15 +23,9 @@ if TYPE_CHECKING:
 
 def check_parts(metas: list[ShardMeta]) -> None:
     """CollectError unless the shards are every part of one collection, each once."""
-    from neuronscope.core.collection.corpus import same_corpus
-
     first = metas[0]
     for meta in metas[1:]:
-        differ = [name for name, fields in (("model", ("model", "revision")), ("layers", ("layers",)),
-                                             ("settings", ("settings",)), ("units", ("neurons_per_layer", "units")))
-                  if any(getattr(meta, f) != getattr(first, f) for f in fields)]
-        differ += [] if same_corpus(meta.corpus, first.corpus) else ["corpus"]
-        if differ:
+        if differ := meta.differences(first):
             raise CollectError(f"shard {meta.index}/{meta.count} differs from shard {first.index}/{first.count} in its "
                                f"{' and '.join(differ)}: merge shards of one collection (collect that shard again "
                                "with the others' command)")

@@ -107,6 +107,16 @@ class ShardMeta:
     units: str = ""
     """'' for MLP neurons, else the sparse coder whose latents these are (collect.units_of)."""
 
+    def differences(self, other: ShardMeta) -> list[str]:
+        """What makes another shard's collection not this one's, by name: model, layers, settings, units, corpus (the
+        token ids read: paths and modification times may differ by host)."""
+        from neuronscope.core.collection.corpus import same_corpus
+
+        differ = [name for name, fields in (("model", ("model", "revision")), ("layers", ("layers",)),
+                                             ("settings", ("settings",)), ("units", ("neurons_per_layer", "units")))
+                  if any(getattr(self, f) != getattr(other, f) for f in fields)]
+        return differ + ([] if same_corpus(self.corpus, other.corpus) else ["corpus"])
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
 

@@ -1,10 +1,12 @@
 """The store write of a collection or a merge: finished layers summarised and inserted, then the excerpts their
-records use and the run's completion, in one transaction."""
+records use and the run's completion, in one transaction; and the store left to other processes while a
+collection's pass runs (`aside`)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,6 +16,7 @@ from neuronscope.core.records import CollectSettings
 from neuronscope.core.store import Store
 
 if TYPE_CHECKING:
+    from neuronscope.core.collection.checkpoint import Checkpoints
     from neuronscope.core.layerdata import LayerResult
 
 
@@ -70,3 +73,41 @@ def write_run(
             raise CollectError(f"{len(wanted) - written:,} of the excerpts the records use are missing from the shard "
                                "states: they are damaged; collect those shards again")
         store.finish_run(run_id, n_excerpts)
+
+
+@contextmanager
+def aside(store: Store, checkpoints: Checkpoints | None, n: int, waiting: Callable[[str], None] | None
+           ) -> Iterator[None]:
+    """The store closed while the block (the pass) runs, so that other processes may read it and jobs write beside
+    it meanwhile (its run shows as running), then opened for writing again: waiting as long as another process
+    holds it, the pass's end first saved as a checkpoint where checkpoints are on."""
+    store.set_aside()
+    if checkpoints is not None:  # the state kept before a wait, which Ctrl-C or kill would otherwise cost
+        checkpoints.keep_finished = lambda: not taken_back(store)
+    yield
+    store.take_back(lambda pid: waiting(_holder(store, pid, checkpoints, n)) if waiting else None)
+
+
+def taken_back(store: Store) -> bool:
+    """Whether the store set aside is open again, without waiting (False while another process holds it, or when
+    it cannot be opened: the write will say why)."""
+    from neuronscope.core.store.schema import StoreError
+
+    try:
+        return store.take_back()
+    except StoreError:
+        return False
+
+
+def _holder(store: Store, pid: int | None, checkpoints: Checkpoints | None, n: int) -> str:
+    """What a collection waiting for its store says: who holds it, and what stopping the wait would cost."""
+    from neuronscope.core.store.runs import process_command
+
+    command = process_command(pid) if pid else ""
+    who = (f"PID {pid}" + (f" ({command})" if command else "")) if pid else "another process"
+    if checkpoints is not None and checkpoints.held == n:
+        kept = f"its state is in {checkpoints.folder}, so stopping now loses nothing: the same command writes it later"
+    else:
+        kept = "stopping now loses the pass: " + ("checkpoints are off" if checkpoints is None else
+                                                   "its checkpoint could not be written")
+    return f"the collection is done; it writes {store.path} once {who} closes it ({kept})"

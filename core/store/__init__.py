@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ DEFAULT_STORE = "neuronscope.duckdb"
 
 #: How long a read-only open waits for a process that holds the store for writing (a job folding its spool).
 LOCK_WAIT_SECONDS = 5.0
+#: How often a writer that waits for the store (`Store.take_back`) tries it again.
+TAKE_BACK_POLL_SECONDS = 1.0
 
 
 class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin,
@@ -101,7 +103,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 if pid:
                     raise StoreBusy(
                         f"store {path} is in use by PID {pid.group(1)}: wait for it to finish or close it, "
-                        "or use another --store"
+                        "or use another --store", int(pid.group(1))
                     ) from None
                 if "not a valid duckdb database" in msg.lower():
                     raise StoreError(f"{path} is not a neuronscope store (not a DuckDB file): pass another --store") from None
@@ -199,6 +201,31 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self.con.close()
+
+    def set_aside(self) -> None:
+        """Close this writable store for a while (a collection's pass of hours), so that other processes may open it
+        meanwhile (the app, `info`, jobs); `take_back` opens it again."""
+        self.con.close()
+        self.__dict__["_aside"] = True
+
+    def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
+        """Open a store that `set_aside` closed for writing again, in place (one not set aside stays as it is).
+        Without `waiting`: whether it could (False while another process holds it). With it, as long as one does:
+        `waiting` is told each new holder's process id, and Ctrl-C stops the wait. Other StoreErrors (the file gone
+        or damaged) are raised."""
+        told: list[int | None] = []
+        while self.__dict__.get("_aside"):
+            try:
+                self.con = Store.open(self.path, create=False).con
+                self.__dict__["_aside"] = False
+            except StoreBusy as busy:
+                if waiting is None:
+                    return False
+                if told[-1:] != [busy.pid]:
+                    told.append(busy.pid)
+                    waiting(busy.pid)
+                time.sleep(TAKE_BACK_POLL_SECONDS)
+        return True
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""

@@ -46,6 +46,22 @@ def process_start(pid: int) -> float | None:
         return None
 
 
+def process_command(pid: int) -> str:
+    """What a process runs, for a person to recognise it ("neuronscope browse s.duckdb"): its command line with the
+    interpreter and folders left out, at most 60 characters; '' where it cannot be read (Linux /proc only)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    words = [word for word in words if word]
+    if words and Path(words[0]).name.startswith("python"):
+        words = words[1:]
+        if words[:1] == ["-m"]:
+            words = words[1:]
+    text = " ".join([Path(words[0]).name, *words[1:]]) if words else ""
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 @cache
 def this_owner() -> tuple[int, float | None]:
     """This process as an owner: its id and start time."""

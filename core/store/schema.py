@@ -22,6 +22,11 @@ class StoreError(NeuronscopeError):
 class StoreBusy(StoreError):
     """Another process holds the store (for writing, or it is open elsewhere and this open wants to write)."""
 
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        """The holder's process id, where the lock named it."""
+
 
 #: The records' activations (int8 codes, 64 bytes a record at the default length) are compressed with zstd: DuckDB's
 #: own choice for them, a dictionary with FSST, took twice as long to insert a collection's records (a store write's
