@@ -17,12 +17,16 @@ from neuronscope.core.store import Store
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
 
-def _collection_in_its_pass(store: Path, tiny_model: Path, big_corpus: Path) -> Collector:
-    """A collection into an existing store, once its pass runs (its first checkpoint is written)."""
-    assert run_cli(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", store, *FAST,
+ARGS = [*FAST, "--batch-size", "1", "--max-excerpts", "1500", "--checkpoint-every", "1s"]
+
+
+def _a_store(path: Path, tiny_model: Path, big_corpus: Path) -> None:
+    assert run_cli(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *FAST,
                     "--max-excerpts", "32"], timeout=300).code == 0
-    collector = Collector(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", store, *FAST,
-                           "--batch-size", "1", "--max-excerpts", "1500", "--checkpoint-every", "1s"])
+
+
+def _in_its_pass(collector: Collector, store: Path) -> Collector:
+    """The collection once its pass runs (its first checkpoint is written)."""
     deadline = time.monotonic() + 120
     while not (store.parent / f"{store.name}.checkpoint" / "current").exists() and time.monotonic() < deadline:
         assert collector.proc.poll() is None, collector.finish()[2]
@@ -31,27 +35,36 @@ def _collection_in_its_pass(store: Path, tiny_model: Path, big_corpus: Path) -> 
 
 
 @pytest.mark.slow
-def test_a_store_is_readable_during_a_collection_whose_write_waits_for_its_reader(
+def test_a_collection_starts_while_the_app_has_its_store_open_and_writes_once_it_closes(
         tmp_path: Path, tiny_model: Path, big_corpus: Path) -> None:
-    """During the pass `info` reads the store and names the run collecting; a process that holds the store open
-    when the pass ends is named, with the saved state, and the run is written once it closes the store."""
+    """A store open in another process (the app, say, open until the person closes it) takes a collection: it says
+    so, `info` reads the store during the pass and names the collection in progress, and when the pass ends the
+    collection names the process it waits for, with its saved state, and writes its run once the store is closed."""
     path = tmp_path / "s.duckdb"
-    collector = _collection_in_its_pass(path, tiny_model, big_corpus)
+    _a_store(path, tiny_model, big_corpus)
+    reader = Store.open(path, read_only=True)
     try:
-        reader = Store.open(path, read_only=True)  # the app, say: open until the person closes it
+        collector = Collector(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *ARGS])
         try:
+            collector.wait_for(f"is open in PID {os.getpid()} (")
+            assert collector.seen[-1].rstrip().endswith("the collection registers its run when it writes the store")
+            _in_its_pass(collector, path)
             info = run_cli(["info", "--store", path])
             assert info.code == 0, info.err
-            assert "run 2  running (collecting: its data lands when the pass ends)" in info.out, info.out
-            assert f"{path}.checkpoint holds the state of the collection in progress, saved after " in info.out
-            assert [r.status for r in reader.runs()] == ["complete", "running"]
+            assert f"{path}.checkpoint holds the state of a collection in progress, saved after " in info.out, info.out
+            assert f" by PID {collector.proc.pid} (" in info.out, info.out
+            assert [r.status for r in reader.runs()] == ["complete"]
             collector.wait_for(f"once PID {os.getpid()} (", timeout=120)
             said = collector.seen[-1]
             assert f"its state is in {path}.checkpoint, so stopping now loses nothing" in said, said
             time.sleep(2)
             assert collector.proc.poll() is None, "the collection did not wait for the store"
-        finally:
-            reader.close()
+        except BaseException:
+            collector.kill()
+            raise
+    finally:
+        reader.close()
+    try:
         code, _out, err = collector.finish(timeout=120)
     finally:
         collector.kill()
@@ -66,12 +79,19 @@ def test_a_store_is_readable_during_a_collection_whose_write_waits_for_its_reade
 @pytest.mark.slow
 def test_ctrl_c_while_the_write_waits_keeps_the_pass_for_the_same_command(
         tmp_path: Path, tiny_model: Path, big_corpus: Path) -> None:
-    """Ctrl-C while the finished pass waits for the store: status 130, the state saved, and the same command
-    later only writes it (no excerpt collected again)."""
+    """A collection started on a free store shows in `info` as running; a process that opens the store during the
+    pass holds up the write, and Ctrl-C then exits 130 with the state saved: the same command later only writes
+    it (no excerpt collected again)."""
     path = tmp_path / "s.duckdb"
-    collector = _collection_in_its_pass(path, tiny_model, big_corpus)
+    _a_store(path, tiny_model, big_corpus)
+    args = ["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *ARGS]
+    collector = _in_its_pass(Collector(args), path)
     try:
-        with Store.open(path, read_only=True):
+        with Store.open(path, read_only=True) as reader:
+            info = run_cli(["info", "--store", path])
+            assert info.code == 0, info.err
+            assert "run 2  running (collecting: its data lands when the pass ends)" in info.out, info.out
+            assert [r.status for r in reader.runs()] == ["complete", "running"]
             collector.wait_for("once PID", timeout=120)
             collector.proc.send_signal(signal.SIGINT)
             code, _out, err = collector.finish(timeout=60)
@@ -82,8 +102,7 @@ def test_ctrl_c_while_the_write_waits_keeps_the_pass_for_the_same_command(
                                             f"{path}.checkpoint: the same command goes on from there"), err
     with Store.open(path, read_only=True) as store:  # a run it could not mark: interrupted, as its process is gone
         assert [r.status for r in store.runs()] == ["complete", "interrupted"]
-    again = run_cli(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *FAST,
-                     "--batch-size", "1", "--max-excerpts", "1500"], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
+    again = run_cli(args[:-2], timeout=300, NEURONSCOPE_PROGRESS_SECONDS="0")
     assert again.code == 0, again.err
     assert "resumed from a checkpoint (excerpts): 1,500/1,500" in again.err, again.err
     with Store.open(path, read_only=True) as store:

@@ -38,10 +38,13 @@ def test_tags_and_notes_persist_list_and_come_off(cli_store: tuple[Path, object]
         assert (rows[(2, 3)].tags, rows[(2, 3)].noted) == (("good",), False) and not rows[(0, 2)].tags
         assert (rows[(0, 4)].tags, rows[(0, 4)].noted) == ((), True)
 
-    listed = run_cli(["tags", "--tag", "wrong", "--store", store])
-    assert listed.code == 0 and "L0/N1" in listed.out and "L1/N2" in listed.out and "L2/N3" not in listed.out
+    listed = run_cli(["tags", "--tag", "wrong", "--store", store])  # piped: a tab-separated line each
+    rows = [line.split("\t") for line in listed.out.splitlines()]
+    assert listed.code == 0 and [row[:4] for row in rows] == [["0/1", "wrong", "fires on dates too", "ada"],
+                                                              ["1/2", "wrong", "fires on dates too", "ada"]], listed.out
     everything = run_cli(["tags", "--store", store])
     assert "[bold]loud[/bold]" in everything.out and "\x1b[31m" not in everything.out  # shown literally
+    assert all(len(line.split("\t")) == 5 for line in everything.out.splitlines()), everything.out  # tabs escaped
     shown = run_cli(["show", "0/1", "--store", store])
     assert shown.code == 0 and "tag wrong  fires on dates too  (ada, " in " ".join(shown.out.split("\n"))
     assert "[bold]loud[/bold]" in shown.out and "\x1b[31m" not in shown.out

@@ -102,7 +102,7 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
                    else None)
     with ExitStack() as stack:
         # A whole run fails fast on a locked or foreign store, before loading a model.
-        store = stack.enter_context(Store.output(args.store)) if part is None else None
+        store = _store_for(args.store, stack) if part is None else None
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map,
                                gpus=gpus)
         layers = parse_layers(args.layers, range(subject.n_layers)) or ()
@@ -203,6 +203,21 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
         status(f"when every shard is done: neuronscope merge {shard_path(args.store, '*', shard[1])} "
                f"--output {args.store}")
     return 0
+
+
+def _store_for(path: str, stack: ExitStack) -> Store:
+    """The store a whole collection writes: for writing, or, where other processes have it open (the app, jobs),
+    read-only until the collection's write (its run is registered then); a store being written is refused."""
+    from neuronscope.core.store.runs import named_process
+    from neuronscope.core.store.schema import StoreBusy
+
+    try:
+        return stack.enter_context(Store.output(path))
+    except StoreBusy as busy:
+        store = stack.enter_context(Store.open(path, read_only=True))
+        status(f"{path} is open in {named_process(busy.pid)}: the collection registers its run when it writes the "
+               "store")
+        return store
 
 
 def print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:

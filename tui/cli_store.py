@@ -26,16 +26,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
     from neuronscope.core.collection.checkpoint import saved_state
     from neuronscope.core.interop.importer import is_import, levels_unknown
+    from neuronscope.core.store.runs import named_process
 
     checkpoint = saved_state(args.store)
     if checkpoint is not None:
-        folder, done, size = checkpoint
-        after = f"after {done:,} excerpt{'' if done == 1 else 's'} ({size / 1e6:,.1f} MB)"
-        saved = Text(f"{folder} holds a collection's state {after}: the collect command that made it goes on from "
-                     "there (delete the folder to drop it)", style="yellow")
+        after = (f"after {checkpoint.done:,} excerpt{'' if checkpoint.done == 1 else 's'} "
+                 f"({checkpoint.size / 1e6:,.1f} MB)")
+        saved = Text(f"{checkpoint.folder} holds a collection's state {after}: the collect command that made it goes "
+                     "on from there (delete the folder to drop it)", style="yellow")
+        if checkpoint.collecting:
+            saved = Text(f"{checkpoint.folder} holds the state of a collection in progress, saved {after} by "
+                         f"{named_process(checkpoint.collecting)}", style="dim")
         if not Path(args.store).exists():
             out.print(saved, soft_wrap=True)
-            raise InputError(f"no store at {args.store} yet: its first collection was stopped before it wrote one")
+            raise InputError(f"no store at {args.store} yet: its first collection " + (
+                "is in progress" if checkpoint.collecting else "was stopped before it wrote one"))
     with Store.open(args.store, read_only=True) as store:
         runs = store.runs()
         counts = store.counts()
@@ -91,10 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 out.print(Text(f"run {r.run_id} is an import that did not finish: `{_resume(store, r, args.store)}` "
                                f"resumes it (or `neuronscope clean --store {args.store}` removes it)", style="yellow"),
                           soft_wrap=True)
-        if checkpoint is not None and any(r.status == "running" for r in runs):
-            out.print(Text(f"{checkpoint[0]} holds the state of the collection in progress, saved {after}",
-                           style="dim"), soft_wrap=True)
-        elif checkpoint is not None:
+        if checkpoint is not None:
             out.print(saved, soft_wrap=True)
         others = [r.run_id for r in unfinished if not is_import(r)]
         if others:
@@ -125,8 +127,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     removed = ", ".join(f"run {r.run_id} ({r.status})" for r in gone) or "no unfinished run"
     checkpoint = saved_state(args.store)
-    kept = (f"; {checkpoint[0]} ({checkpoint[2] / 1e6:,.1f} MB) stays: the collect command that made it goes on from "
-            "it (delete the folder to drop it)") if checkpoint else ""
+    kept = (f"; {checkpoint.folder} ({checkpoint.size / 1e6:,.1f} MB) stays: the collect command that made it goes "
+            "on from it (delete the folder to drop it)") if checkpoint else ""
     status(f"removed {removed}; {before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB{kept}")
     return 0
 

@@ -17,7 +17,7 @@ from neuronscope.core.records import RunInfo
 from neuronscope.core.results import Tag
 from neuronscope.core.store import Store, StoreBusy
 from neuronscope.core.store.triage import tag_problem
-from neuronscope.tui.console import out, run_id, status
+from neuronscope.tui.console import out, plain_lines, run_id, status
 from neuronscope.tui.render import visible
 
 
@@ -106,6 +106,10 @@ def cmd_tags(args: argparse.Namespace) -> int:
     if not found:
         status(f"no tags or notes on run {run.run_id}" + (" match" if args.neurons or args.tag else ""))
         return 0
+    if not out.is_terminal:  # for scripts (and fast at any size): a tab-separated line each, LAYER/NEURON first
+        plain_lines("\t".join([f"{t.layer}/{t.neuron}", *map(visible, (t.tag, t.note, t.author)), str(t.created_at)])
+                    for t in found)
+        return 0
     out.print(tags_table(found))
     return 0
 
@@ -137,8 +141,7 @@ def cmd_lists(args: argparse.Namespace) -> int:
         saved = store.saved_lists(run.run_id)
         neurons = listed_neurons(store, run, args.name) if args.name else None
     if neurons is not None:
-        for n in neurons:
-            out.print(f"{n.layer}/{n.neuron}", markup=False, highlight=False)
+        plain_lines(f"{n.layer}/{n.neuron}" for n in neurons)
         return 0
     if not saved:
         status(f"no saved lists on run {run.run_id}: mark neurons in the app (m), and L saves them under a name")

@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import IO, Any, NoReturn, cast
@@ -309,6 +309,17 @@ class Skipped:
             files = f"{self.replaced_files:,} file{'s' if self.replaced_files > 1 else ''}"
             err.print(Text(f"replaced {self.replaced_bytes:,} invalid UTF-8 byte{'s' if self.replaced_bytes > 1 else ''}"
                            f" with U+FFFD in {files} (--strict-utf8 refuses such files)", style="yellow"))
+
+
+def plain_lines(lines: Iterable[str]) -> None:
+    """Lines on stdout as they are, for scripts (Rich would turn tabs into spaces), inert text only: a reader that
+    stops reading ends the command as `out` does."""
+    try:
+        for line in lines:
+            out.file.write(line + "\n")
+        out.file.flush()
+    except BrokenPipeError:
+        out.on_broken_pipe()
 
 
 def status(message: str) -> None:

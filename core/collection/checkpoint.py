@@ -25,6 +25,7 @@ import numpy as np
 
 from neuronscope.core.collection.state import DAMAGED, load_layer, save_layer
 from neuronscope.core.layerdata import LayerResult
+from neuronscope.core.store.runs import owner_alive, this_owner
 
 FORMAT = 2
 
@@ -73,7 +74,8 @@ class Checkpoints:
             staged.mkdir(exist_ok=True)
             for result in layers:
                 save_layer(staged / f"layer-{result.layer}.npz", result)
-            (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
+            (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done,
+                                                          "owner": this_owner()}))
             os.rename(staged, self.folder / name)
             pointer = self.folder / f".current.{os.getpid()}"
             pointer.write_text(name)
@@ -126,15 +128,29 @@ class Checkpoints:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def saved_state(store: str | Path) -> tuple[Path, int, int] | None:
-    """The checkpoint beside a store, if one is there: (its folder, the excerpts it holds, its bytes)."""
+@dataclass(frozen=True)
+class SavedState:
+    """A checkpoint found beside a store."""
+
+    folder: Path
+    done: int
+    """Excerpts it holds."""
+    size: int
+    """Its bytes."""
+    collecting: int | None
+    """The process id of the collection that wrote it, while that collection runs."""
+
+
+def saved_state(store: str | Path) -> SavedState | None:
+    """The checkpoint beside a store, if one is there."""
     store = Path(store)
     folder = store.with_name(store.name + ".checkpoint")
     try:
         meta = json.loads((folder / (folder / "current").read_text().strip() / "meta.json").read_text())
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        return folder, int(meta.get("done", 0)), size
-    except (OSError, ValueError):
+        pid, started = meta.get("owner") or (None, None)
+        return SavedState(folder, int(meta.get("done", 0)), size, pid if pid and owner_alive(pid, started) else None)
+    except (OSError, ValueError, TypeError):
         return None
 
 

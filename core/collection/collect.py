@@ -15,7 +15,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -90,7 +90,7 @@ def collect(
     latents at its layer instead); with `checkpoints`, from the last checkpoint of this collection if there is one,
     writing one whenever due (the caller clears them once the run is safely in the store). The store is closed
     during the pass, for other processes to use, and its write waits for whoever holds it then (`waiting` is told, in
-    one line, whom)."""
+    one line, whom). A `store` open read-only (other processes had it open) gets the run when it is written."""
     from neuronscope.core.collection.store_write import aside, write_run
 
     report = progress or (lambda _stage, _done, _total: None)
@@ -101,25 +101,34 @@ def collect(
         if found is not None:
             return CollectResult(found.run_id, found.n_excerpts, found.n_neurons, 0.0, reused=True)
     started = time.perf_counter()
-    store.mark_stale_runs()
-    run_id = store.create_run(
-        model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings, layers=layers,
-        neurons_per_layer=_width(subject, sparse), dtype=_dtype(subject), shard="", units=units,
-    )
+    register = partial(_register, store, subject, excerpts.corpus, settings, [(layers, _width(subject, sparse), units)])
+    runs = [] if store.read_only else register()
     try:
         key = identity(subject.revision, excerpts.corpus, settings, layers, "", units,
                        excerpt_ids=excerpts.excerpt_ids)
         with aside(store, checkpoints, n, waiting):
             results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)
+        runs = runs or register()
         with StopRequests():
-            write_run(store, run_id, results, len(layers), settings, n_excerpts=n,
+            write_run(store, runs[0], results, len(layers), settings, n_excerpts=n,
                       excerpts=lambda wanted: _excerpt_chunks(subject, excerpts, wanted), progress=report)
     except BaseException as err:
-        _record_failure(store, (run_id,), err)
+        _record_failure(store, runs, err)
         if (saved := _saved_whole(checkpoints, n, err)) is None:
             raise
         raise saved from err
-    return CollectResult(run_id, n, len(layers) * _width(subject, sparse), time.perf_counter() - started)
+    return CollectResult(runs[0], n, len(layers) * _width(subject, sparse), time.perf_counter() - started)
+
+
+def _register(store: Store, subject: Subject, corpus: str, settings: CollectSettings,
+              parts: list[tuple[tuple[int, ...], int, str]]) -> list[int]:
+    """The runs of a collection registered as running, one per (layers, width, units) part, the runs of processes
+    gone marked first. A collection into a store that other processes had open (read-only) registers them once it
+    has the store for its write."""
+    store.mark_stale_runs()
+    return [store.create_run(model=subject.name, revision=subject.revision, corpus=corpus, settings=settings,
+                             layers=chosen, neurons_per_layer=width, dtype=_dtype(subject), shard="", units=kind)
+            for chosen, width, kind in parts]
 
 
 def collect_beside(
@@ -153,16 +162,16 @@ def collect_beside(
                 reused[1] or collect(store, subject, excerpts, layers=(sparse.layer,), sparse=sparse,  # type: ignore[arg-type]
                                      **alone))
     started = time.perf_counter()
-    store.mark_stale_runs()
-    runs = [store.create_run(model=subject.name, revision=subject.revision, corpus=excerpts.corpus, settings=settings,
-                             layers=chosen, neurons_per_layer=width, dtype=_dtype(subject), shard="", units=kind)
-            for chosen, width, kind in ((layers, subject.n_neurons, ""), ((sparse.layer,), sparse.width, units))]
+    register = partial(_register, store, subject, excerpts.corpus, settings,
+                       [(layers, subject.n_neurons, ""), ((sparse.layer,), sparse.width, units)])
+    runs = [] if store.read_only else register()
     try:
         key = identity(subject.revision, excerpts.corpus, settings, layers, "", "", sparse.layer, units,
                        excerpt_ids=excerpts.excerpt_ids)
         with aside(store, checkpoints, n, waiting):
             results = accumulate(subject, excerpts, (sparse.layer,), settings, batch_size, key, checkpoints, report,
                                  sparse, beside=layers)
+        runs = runs or register()
         chunks = partial(_excerpt_chunks, subject, excerpts)
         with StopRequests():
             write_run(store, runs[0], itertools.islice(results, len(layers)), len(layers), settings, n_excerpts=n,
@@ -170,7 +179,7 @@ def collect_beside(
             write_run(store, runs[1], (replace(result, layer=sparse.layer) for result in results), 1, settings,
                       n_excerpts=n, excerpts=chunks, progress=report)
     except BaseException as err:
-        if taken_back(store):  # (the runs' statuses are read from it)
+        if runs and taken_back(store):  # (the runs' statuses are read from it)
             _record_failure(store, [run_id for run_id in runs if store.run(run_id).status != "complete"], err)
         if (saved := _saved_whole(checkpoints, n, err)) is None:
             raise
@@ -180,12 +189,12 @@ def collect_beside(
             CollectResult(runs[1], n, sparse.width, seconds))
 
 
-def _record_failure(store: Store, runs: Iterable[int], err: BaseException) -> None:
+def _record_failure(store: Store, runs: Sequence[int], err: BaseException) -> None:
     """Mark unfinished runs interrupted (Ctrl-C, SIGTERM) or failed, with why (where the store can be opened: a
     run it cannot record shows as interrupted once this process is gone)."""
     from neuronscope.core.collection.store_write import taken_back
 
-    if not taken_back(store):
+    if not runs or not taken_back(store):
         return
     interrupted = caused_by_interrupt(err)
     for run_id in runs:

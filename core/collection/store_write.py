@@ -101,13 +101,11 @@ def taken_back(store: Store) -> bool:
 
 def _holder(store: Store, pid: int | None, checkpoints: Checkpoints | None, n: int) -> str:
     """What a collection waiting for its store says: who holds it, and what stopping the wait would cost."""
-    from neuronscope.core.store.runs import process_command
+    from neuronscope.core.store.runs import named_process
 
-    command = process_command(pid) if pid else ""
-    who = (f"PID {pid}" + (f" ({command})" if command else "")) if pid else "another process"
     if checkpoints is not None and checkpoints.held == n:
         kept = f"its state is in {checkpoints.folder}, so stopping now loses nothing: the same command writes it later"
     else:
         kept = "stopping now loses the pass: " + ("checkpoints are off" if checkpoints is None else
                                                    "its checkpoint could not be written")
-    return f"the collection is done; it writes {store.path} once {who} closes it ({kept})"
+    return f"the collection is done; it writes {store.path} once {named_process(pid)} closes it ({kept})"

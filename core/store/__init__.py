@@ -203,13 +203,14 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.con.close()
 
     def set_aside(self) -> None:
-        """Close this writable store for a while (a collection's pass of hours), so that other processes may open it
-        meanwhile (the app, `info`, jobs); `take_back` opens it again."""
+        """Close this store for a while (a collection's pass of hours), so that other processes may open it meanwhile
+        (the app, `info`, jobs); `take_back` opens it for writing."""
         self.con.close()
+        self.__dict__.pop("_thread_cursors", None)
         self.__dict__["_aside"] = True
 
     def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
-        """Open a store that `set_aside` closed for writing again, in place (one not set aside stays as it is).
+        """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is).
         Without `waiting`: whether it could (False while another process holds it). With it, as long as one does:
         `waiting` is told each new holder's process id, and Ctrl-C stops the wait. Other StoreErrors (the file gone
         or damaged) are raised."""
@@ -217,7 +218,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         while self.__dict__.get("_aside"):
             try:
                 self.con = Store.open(self.path, create=False).con
+                self.read_only, self.shared = False, None
                 self.__dict__["_aside"] = False
+                self._forget_shape()
             except StoreBusy as busy:
                 if waiting is None:
                     return False
@@ -274,6 +277,10 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         finally:
             if closed:
                 self.con = Store.open(self.path, create=False).con
+        self._forget_shape()
+
+    def _forget_shape(self) -> None:
+        """Forget which tables and columns the store has (`_has_table`, `_has_column`): a writable open may add them."""
         for key in [key for key in self.__dict__ if key.startswith(("_table_", "_column_"))]:
             self.__dict__.pop(key)
 

@@ -46,20 +46,24 @@ def process_start(pid: int) -> float | None:
         return None
 
 
-def process_command(pid: int) -> str:
-    """What a process runs, for a person to recognise it ("neuronscope browse s.duckdb"): its command line with the
-    interpreter and folders left out, at most 60 characters; '' where it cannot be read (Linux /proc only)."""
+def named_process(pid: int | None) -> str:
+    """A process as a person recognises it: "PID 4242 (neuronscope browse s.duckdb)", its command line with the
+    interpreter and folders left out, at most 60 characters (Linux /proc; elsewhere only the PID); "another process"
+    without an id."""
+    if not pid:
+        return "another process"
     try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        words = [word for word in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+                 if word]
     except OSError:
-        return ""
-    words = [word for word in words if word]
+        words = []
     if words and Path(words[0]).name.startswith("python"):
         words = words[1:]
         if words[:1] == ["-m"]:
             words = words[1:]
     text = " ".join([Path(words[0]).name, *words[1:]]) if words else ""
-    return text if len(text) <= 60 else text[:59] + "…"
+    text = text if len(text) <= 60 else text[:59] + "…"
+    return f"PID {pid} ({text})" if text else f"PID {pid}"
 
 
 @cache
