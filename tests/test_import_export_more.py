@@ -70,6 +70,23 @@ def test_a_rerun_reads_again_the_neurons_whose_files_were_skipped(tmp_path: Path
     assert third.code == 0 and "0 neurons imported, 3 already there" in third.err, third.err
 
 
+def test_a_neuron_failed_under_one_layers_choice_and_read_by_another_import_is_done_in_both(tmp_path: Path) -> None:
+    """An import of --layers 1 skips a broken file; once it is fixed, the import of every layer (another job) reads
+    that neuron: the first job no longer counts it failed."""
+    release = tmp_path / "part"
+    shutil.copytree(RELEASE, release)
+    broken = release / EXPLANATIONS / "1" / "0.jsonl"
+    broken.write_text("garbage")
+    store_path = tmp_path / "s.duckdb"
+    assert run_cli(["import-openai", release, "--layers", "1", "--store", store_path]).code == 3
+    shutil.copy(RELEASE / EXPLANATIONS / "1" / "0.jsonl", broken)
+    again = run_cli(["import-openai", release, "--store", store_path])
+    assert again.code == 0 and "(1 again: a file of theirs had been skipped)" in again.err, again.err
+    jobs = [line for line in run_cli(["info", "--store", store_path]).out.splitlines() if line.startswith("job ")]
+    assert len(jobs) == 2 and not any("failed" in line for line in jobs), jobs
+    assert all(re.search(r"  (\d+)/\1 neurons done", line) for line in jobs), jobs
+
+
 @pytest.fixture(scope="module")
 def our_export(cli_store: tuple[Path, Result], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A collection of the tiny model with a person's sentence on neuron 0/2, and its export in the release layout."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from conftest import (
     RECORDS,
     assert_one_line_error,
     assert_same_collection,
+    cli_env,
     collect_into,
     fast_settings,
     orphan_records,
@@ -240,6 +244,30 @@ def test_shards_with_no_excerpts_merge_into_the_single_run(tmp_path, subject, co
     with Store.open(tmp_path / "all.duckdb") as out:
         assert merge(out, [ShardState(p) for p in parts]).n_excerpts == 3
     assert_same_collection(tmp_path / "single.duckdb", tmp_path / "all.duckdb")
+
+
+def test_rank_0s_merge_waits_for_a_process_that_has_the_store_open(shard_stores, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Rank 0 of a launch merges the shards unattended: a store open in another process (the app) is waited for,
+    naming it, rather than failing after hours of collecting; `neuronscope merge` itself is refused at once."""
+    from neuronscope.tui.cli_store import merge_shards
+
+    _folder, _single, parts, _merged, _result = shard_stores
+    out = tmp_path / "held.duckdb"
+    Store.open(out).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from neuronscope.core.store import Store; "
+                               "s = Store.open(sys.argv[1], read_only=True); print('open', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        assert_one_line_error(run_cli(["merge", *parts, "--output", out]), f"store {out} is in use by PID {holder.pid}")
+        threading.Timer(1.0, holder.kill).start()  # the person closes the app a moment later
+        result = merge_shards(parts, out, wait=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not result.reused and result.n_excerpts == 96
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"the shards are done; they are merged into {out} once PID {holder.pid} (-c import sys" in said, said
 
 
 def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_model: Path, corpus_dir: Path,

@@ -16,7 +16,7 @@ from neuronscope.core.errors import InputError
 from neuronscope.core.ids import layers_text
 from neuronscope.core.records import RunInfo
 from neuronscope.core.store import SCHEMA_VERSION, Store
-from neuronscope.tui.console import out, progress_bars, status
+from neuronscope.tui.console import out, progress_bars, status, warning
 
 if TYPE_CHECKING:
     from neuronscope.core.collection.collect import CollectResult
@@ -151,13 +151,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_shards(paths: Sequence[str | Path], output: str | Path) -> CollectResult:
-    """Merge shard states into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun)."""
+def merge_shards(paths: Sequence[str | Path], output: str | Path, wait: bool = False) -> CollectResult:
+    """Merge shard states into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun or srun, which
+    `wait`s for a process that has the store open, as a collection does)."""
     from neuronscope.core.collection.merge import merge
     from neuronscope.core.collection.state import ShardState
+    from neuronscope.core.store.runs import named_process
 
     shards = [ShardState(path) for path in paths]
-    with Store.output(output) as target, progress_bars() as progress:
+
+    def waiting(pid: int | None) -> None:
+        warning(f"the shards are done; they are merged into {output} once {named_process(pid)} closes it (the shard "
+                "states stay beside it, so stopping now loses nothing: `neuronscope merge` merges them later)")
+
+    with Store.output(output, waiting if wait else None) as target, progress_bars() as progress:
         result = merge(target, shards, progress=progress)
     if result.reused:
         status(f"run {result.run_id} of {output} already holds this merge: nothing written")

@@ -49,8 +49,8 @@ DEFAULT_STORE = "neuronscope.duckdb"
 
 #: How long a read-only open waits for a process that holds the store for writing (a job folding its spool).
 LOCK_WAIT_SECONDS = 5.0
-#: How often a writer that waits for the store (`Store.take_back`) tries it again.
-TAKE_BACK_POLL_SECONDS = 1.0
+#: How often a writer that waits for the store (`Store.open_when_free`) tries it again.
+WAIT_POLL_SECONDS = 1.0
 
 
 class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin,
@@ -124,6 +124,23 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         return store
 
     @classmethod
+    def open_when_free(cls, path: str | Path, waiting: Callable[[int | None], None] | None = None, *,
+                       create: bool = True) -> Store:
+        """Open a store for writing. While another process holds it: StoreBusy, or with `waiting`, wait as long as
+        it takes (Ctrl-C stops it), `waiting` told each new holder's process id."""
+        told: list[int | None] = []
+        while True:
+            try:
+                return cls.open(path, create=create)
+            except StoreBusy as busy:
+                if waiting is None:
+                    raise
+                if told[-1:] != [busy.pid]:
+                    told.append(busy.pid)
+                    waiting(busy.pid)
+                time.sleep(WAIT_POLL_SECONDS)
+
+    @classmethod
     def settle(cls, path: str | Path) -> bool:
         """Fold the spool that jobs left beside a store into it, if no other process has the store open (a writable
         open folds); whether it could."""
@@ -135,12 +152,13 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     @classmethod
     @contextmanager
-    def output(cls, path: str | Path) -> Iterator[Store]:
-        """A store to write into. An existing store is opened as it is; a new one is built under a hidden name beside
-        `path` and renamed onto it only when the block completes, so a failure or Ctrl-C leaves no store behind."""
+    def output(cls, path: str | Path, waiting: Callable[[int | None], None] | None = None) -> Iterator[Store]:
+        """A store to write into. An existing store is opened as it is (with `waiting`, once no other process holds
+        it: `open_when_free`); a new one is built under a hidden name beside `path` and renamed onto it only when the
+        block completes, so a failure or Ctrl-C leaves no store behind."""
         path = Path(path)
         if path.exists():
-            with cls.open(path) as store:
+            with cls.open_when_free(path, waiting) as store:
                 yield store
                 store.checkpoint()
             return
@@ -210,24 +228,17 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.__dict__["_aside"] = True
 
     def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
-        """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is).
-        Without `waiting`: whether it could (False while another process holds it). With it, as long as one does:
-        `waiting` is told each new holder's process id, and Ctrl-C stops the wait. Other StoreErrors (the file gone
-        or damaged) are raised."""
-        told: list[int | None] = []
-        while self.__dict__.get("_aside"):
-            try:
-                self.con = Store.open(self.path, create=False).con
-                self.read_only, self.shared = False, None
-                self.__dict__["_aside"] = False
-                self._forget_shape()
-            except StoreBusy as busy:
-                if waiting is None:
-                    return False
-                if told[-1:] != [busy.pid]:
-                    told.append(busy.pid)
-                    waiting(busy.pid)
-                time.sleep(TAKE_BACK_POLL_SECONDS)
+        """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is), waiting as
+        `open_when_free` does; without `waiting`, whether it could (False while another process holds it)."""
+        if not self.__dict__.get("_aside"):
+            return True
+        try:
+            again = Store.open_when_free(self.path, waiting, create=False)
+        except StoreBusy:
+            return False
+        self.con, self.read_only, self.shared = again.con, False, None
+        self.__dict__["_aside"] = False
+        self._forget_shape()
         return True
 
     def for_thread(self) -> Store:

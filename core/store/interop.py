@@ -72,6 +72,7 @@ class InteropMixin:
             states += [(n.layer, n.neuron, "failed", error) for n, error in failed.items()]
             if states:
                 self._mark(job_id, states, retried)  # type: ignore[attr-defined]
+                self._settle_other_imports(run_id, job_id, {NeuronId(s[0], s[1]) for s in states if s[2] == "done"})
             if n_excerpts is not None:
                 self.con.execute("UPDATE runs SET n_excerpts = ? WHERE run_id = ?", [n_excerpts, run_id])
             if not neurons:
@@ -129,6 +130,19 @@ class InteropMixin:
                     "AND job_id IN (SELECT job_id FROM jobs WHERE run_id = ? AND kind = 'import')")
         for table in ("simulations", "scores", "explanations"):
             self.con.execute(f"DELETE FROM {table} WHERE explanation_id IN ({imported})", [run_id, run_id])
+
+    def _settle_other_imports(self, run_id: int, job_id: int, done: set[NeuronId]) -> None:
+        """Neurons that other import jobs of the run (another --layers) recorded failed, read whole now by this one:
+        done in those jobs too (`info` counts them there no more as failed)."""
+        rows = self.con.execute(
+            "SELECT n.job_id, n.layer, n.neuron FROM job_neurons n JOIN jobs j USING (job_id) WHERE j.run_id = ? AND "
+            "j.kind = 'import' AND n.job_id <> ? AND n.state = 'failed'", [run_id, job_id]).fetchall()
+        settled: dict[int, list[NeuronId]] = {}
+        for other, layer, neuron in rows:
+            if NeuronId(layer, neuron) in done:
+                settled.setdefault(other, []).append(NeuronId(layer, neuron))
+        for other, neurons in settled.items():
+            self._mark(other, [(n.layer, n.neuron, "done", "") for n in neurons], set(neurons))  # type: ignore[attr-defined]
 
     def import_failures(self, run_id: int) -> set[NeuronId]:
         """The neurons of a run whose newest state in its import jobs is failed (a file of theirs was skipped):
