@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from collector import Collector
-from conftest import FAST, run_cli
+from conftest import FAST, assert_one_line_error, run_cli
 
 from neuronscope.core.store import Store
 
@@ -79,18 +79,24 @@ def test_a_collection_starts_while_the_app_has_its_store_open_and_writes_once_it
 @pytest.mark.slow
 def test_ctrl_c_while_the_write_waits_keeps_the_pass_for_the_same_command(
         tmp_path: Path, tiny_model: Path, big_corpus: Path) -> None:
-    """A collection started on a free store shows in `info` as running; a process that opens the store during the
-    pass holds up the write, and Ctrl-C then exits 130 with the state saved: the same command later only writes
+    """A collection started on a free store shows in `info` as running, and a second collection into the store is
+    refused meanwhile; a process that opens the store during the pass holds up the write, and Ctrl-C then exits 130 with the state saved: the same command later only writes
     it (no excerpt collected again)."""
     path = tmp_path / "s.duckdb"
     _a_store(path, tiny_model, big_corpus)
     args = ["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *ARGS]
     collector = _in_its_pass(Collector(args), path)
     try:
+        # A second collection into the store would share its checkpoints: refused while this one runs.
+        second = run_cli([*args[:-2], "--layers", "1"], timeout=300)
+        assert_one_line_error(second, f"another collection into {path} is in progress (PID {collector.proc.pid} (")
+        assert (tmp_path / "s.duckdb.checkpoint" / "current").exists()
         with Store.open(path, read_only=True) as reader:
             info = run_cli(["info", "--store", path])
             assert info.code == 0, info.err
             assert "run 2  running (collecting: its data lands when the pass ends)" in info.out, info.out
+            assert_one_line_error(run_cli(["top", "--run", "2", "--store", path]),
+                                  "run 2 is running, and holds no neuron yet: it is being collected")
             assert [r.status for r in reader.runs()] == ["complete", "running"]
             collector.wait_for("once PID", timeout=120)
             collector.proc.send_signal(signal.SIGINT)

@@ -104,8 +104,8 @@ def test_rank_0_of_an_srun_step_stops_when_another_task_fails(tiny_model: Path, 
     assert run_cli([*args, "--shard", "2/3", "--seed", "1"], timeout=300).code == 0
     code, errs = _srun([*args, "--shard", "auto"], 3, tmp_path)
     assert code == 2, errs
-    refusal = (f"{tmp_path / 'ranks.shard-2-of-3'} holds shard 2/3 of another collection (other settings): merge it "
-               "or move it away first, or pass --force to replace it")
+    refusal = (f"{tmp_path / 'ranks.shard-2-of-3'} holds shard 2/3 of another collection, with other settings "
+               "(--seed 1, not 0): merge it or move it away first, or pass --force to replace it")
     assert f"rank 2: error: {refusal}" in errs[2]
     error = [line for line in errs[0].splitlines() if line.startswith("error: ")]
     assert error == [f"error: rank 2 of 3 stopped without its shard ({refusal}): once that is mended, run the same "

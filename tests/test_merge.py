@@ -287,8 +287,8 @@ def test_a_shard_writes_its_state_beside_the_store_and_says_how_to_merge(tiny_mo
     # A changed command does not replace a finished shard unasked (--force does).
     changed = run_cli([*args, "--seed", "1"], timeout=300)
     assert changed.code == 2 and changed.err.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'all.shard-1-of-2'} holds shard 1/2 of another collection (other settings): merge it or "
-        "move it away first, or pass --force to replace it"), changed.err
+        f"error: {tmp_path / 'all.shard-1-of-2'} holds shard 1/2 of another collection, with other settings "
+        "(--seed 0, not 1): merge it or move it away first, or pass --force to replace it"), changed.err
     assert ShardState(tmp_path / "all.shard-1-of-2").meta.settings.seed == 0
     assert run_cli([*args, "--seed", "1", "--force"], timeout=300).code == 0
     assert ShardState(tmp_path / "all.shard-1-of-2").meta.settings.seed == 1

@@ -63,6 +63,9 @@ def test_many_neurons_are_tagged_from_stdin_or_a_saved_list(cli_store: tuple[Pat
     piped = subprocess.run(cli_command(["tag", "-", "polysemantic", "--store", store]), input="0/1 0/2\nL1/N3\n",
                            capture_output=True, text=True, env=cli_env(), timeout=120)
     assert piped.returncode == 0 and "tagged 'polysemantic' 3 neurons" in piped.stderr, piped.stderr
+    empty = subprocess.run(cli_command(["tag", "-", "polysemantic", "--store", store]), input="", capture_output=True,
+                           text=True, env=cli_env(), timeout=120)
+    assert empty.returncode == 2 and empty.stderr.strip() == "error: there are no neurons to tag: stdin was empty"
     with Store.open(store) as opened:
         run_id = opened.run().run_id
         opened.save_list(run_id, "odd", [NeuronId(0, 5), NeuronId(2, 7)], "ada")

@@ -18,6 +18,7 @@ from neuronscope.core.choices import DEFAULT_BACKEND, DEFAULT_ORDER, ORDERS, TAI
 from neuronscope.core.errors import InputError, Interrupted, NeuronscopeError, caused_by_interrupt, out_of_memory
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import DEFAULT_STORE, Store, StoreError
+from neuronscope.core.store.runs import unfinished_advice
 from neuronscope.tui.cli_collect import add_collect_parser
 from neuronscope.tui.cli_store import cmd_clean, cmd_info, cmd_merge
 from neuronscope.tui.console import (
@@ -46,6 +47,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     with Store.open(args.store, read_only=True) as store:
         run = store.run(args.run)
         rows = store.top_neurons(run.run_id, args.limit, args.order, seed=args.seed)
+        if not rows and run.status != "complete":
+            raise InputError(f"run {run.run_id} is {run.status}, and holds no neuron yet: {unfinished_advice(run)}")
     seed = f" (seed {args.seed})" if args.order == "random" else ""
     out.print(Text(f"Neurons of run {run.run_id} by {args.order}{seed} ({run.model}, {run.n_excerpts:,} excerpts)",
                    style="bold"), soft_wrap=True)
@@ -69,8 +72,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         layer, index = neuron = NeuronId.parse(args.neuron, run.layers)
         stats = store.neuron_stats(run.run_id, layer, index)
         if stats is None and run.status != "complete":
-            raise InputError(f"run {run.run_id} is {run.status}, and {neuron} is not among the neurons it wrote: finish "
-                             "the run with the command that made it, or pick a complete run (`neuronscope info`)")
+            raise InputError(f"run {run.run_id} is {run.status}, and {neuron} is not among the neurons it wrote: "
+                             f"{unfinished_advice(run)}")
         if stats is None and layer in run.layers and 0 <= index < run.neurons_per_layer:
             raise InputError(f"run {run.run_id} holds no {neuron}: it has only part of its layers' neurons (an import "
                              "of part of a release?); `neuronscope top` lists those it holds")

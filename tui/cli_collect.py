@@ -59,7 +59,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
     from neuronscope.core.collection.batching import auto_batch_size
-    from neuronscope.core.collection.checkpoint import Checkpoints
+    from neuronscope.core.collection.checkpoint import Checkpoints, only_collection
     from neuronscope.core.collection.collect import collect, collect_beside, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
@@ -101,6 +101,9 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
     checkpoints = (Checkpoints(target, args.checkpoint_every, warn=warning) if args.checkpoint_every is not None
                    else None)
     with ExitStack() as stack:
+        stack.enter_context(only_collection(target))
+        if checkpoints is not None:  # once the run is in the store, under its name (the store closed): they go
+            stack.push(lambda failed, _error, _trace: None if failed else checkpoints.clear())
         # A whole run fails fast on a locked or foreign store, before loading a model.
         store = _store_for(args.store, stack) if part is None else None
         subject = load_subject(args.model, device=device, dtype=args.dtype, status=status, device_map=args.device_map,
@@ -145,14 +148,14 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
                 progress("tokenize", read[0], read[0])
         skipped.finish()
         if part is not None and not len(excerpts.excerpt_ids):
-            status(f"shard {shard[0]}/{shard[1]} has no excerpts (more shards than the corpus fills): its state is "
-                   "empty, and the merge takes it as it takes the others")
+            summary(f"shard {shard[0]}/{shard[1]} has no excerpts (more shards than the corpus fills): its state is "
+                    "empty, and the merge takes it as it takes the others")
         batch = args.batch_size or auto_batch_size(subject, layers, args.length, sparse.width if sparse else None)
         units = (f"{sparse.width:,} latents ({sparse.point} of layer {sparse.layer}, read by {sparse.reader})" if sparse else
                  f"{len(layers)} layer{'s' if len(layers) > 1 else ''} x {subject.n_neurons} neurons")
         status(f"{subject.name}: {units}, "
                f"{len(excerpts.excerpt_ids):,} "
-               f"excerpts, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
+               f"excerpt{'' if len(excerpts.excerpt_ids) == 1 else 's'}, {str(subject.dtype).replace('torch.', '')} on {subject.device}, batch {batch}")
         options = {"layers": layers, "settings": settings, "batch_size": batch, "reuse": not args.force,
                    "checkpoints": checkpoints, "sparse": sparse}
         if beside:
@@ -181,8 +184,6 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
             store.checkpoint()
             assert result.run_id is not None
             print_top(store, result.run_id, args.top)
-    if checkpoints is not None:  # the run is in the store, under its name: its checkpoints go
-        checkpoints.clear()
     if together:
         assert rank is not None
         if rank.launcher == "torchrun":
@@ -207,23 +208,23 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
 
 
 def _store_for(path: str, stack: ExitStack) -> Store:
-    """The store a whole collection writes: for writing, or, where other processes have it open (the app, jobs),
-    read-only until the collection's write (its run is registered then); a store being written is refused."""
-    from neuronscope.core.store.runs import named_process
+    """The store a whole collection writes, checked (a foreign or newer store, or one being written, is refused before
+    a model loads) and set aside until `collect` needs it."""
     from neuronscope.core.store.schema import StoreBusy
 
     try:
-        return stack.enter_context(Store.output(path))
-    except StoreBusy as busy:
+        store = stack.enter_context(Store.output(path))
+    except StoreBusy:  # the app or a job has it open: `collect` reads it beside them
         store = stack.enter_context(Store.open(path, read_only=True))
-        status(f"{path} is open in {named_process(busy.pid)}: the collection registers its run when it writes the "
-               "store")
-        return store
+    store.set_aside()  # others may open it while the model loads and the corpus is cut (collect opens it again)
+    return store
 
 
 def print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:
     from neuronscope.tui.render import neurons_table
 
+    if not limit:  # (--top 0: no table)
+        return
     run = store.run(run_id)
     rows = store.top_neurons(run_id, limit=limit, order=order)
     out.print(Text(f"Neurons of run {run_id} by {order} ({run.model}, {run.n_excerpts:,} excerpts)", style="bold"),

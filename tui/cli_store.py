@@ -75,7 +75,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for job in store.jobs():
             line = Text(f"job {job['job_id']}  ", style="bold")
             line.append(job["state"], style=styles.get(job["state"], "yellow"))
-            line.append(f"  {job['kind']} on run {job['run_id']}  {job['done']}/{job['total']} neurons done"
+            line.append(f"  {job['kind']} on run {job['run_id']}  {job['done']:,}/{job['total']:,} neurons done"
                         f"{', ' + str(job['failed']) + ' failed' if job['failed'] else ''}  {job['created_at']}")
             if job["error"]:
                 line.append(f"  ({job['error']})", style="dim")

@@ -73,6 +73,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
         raise InputError(str(tag_problem(tag)))
     if "-" in items:  # (a pipe of thousands of neurons, past what a command line holds)
         items = [word for item in items for word in (sys.stdin.read().split() if item == "-" else [item])]
+    if not items and "-" in args.items:
+        raise InputError("there are no neurons to tag: stdin was empty")
     if not items and not args.list:
         raise InputError("name the neurons to tag, e.g. neuronscope tag 12/345 good")
     if not tag and (args.remove or not args.note.strip()):

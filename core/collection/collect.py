@@ -91,11 +91,12 @@ def collect(
     writing one whenever due (the caller clears them once the run is safely in the store). The store is closed
     during the pass, for other processes to use, and its write waits for whoever holds it then (`waiting` is told, in
     one line, whom). A `store` open read-only (other processes had it open) gets the run when it is written."""
-    from neuronscope.core.collection.store_write import aside, write_run
+    from neuronscope.core.collection.store_write import aside, reopen, write_run
 
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
     units = units_of(sparse)
+    reopen(store, waiting)
     if reuse:
         found = store.find_complete_run(subject.revision, excerpts.corpus, settings, layers, "", units)
         if found is not None:
@@ -147,11 +148,12 @@ def collect_beside(
 ) -> tuple[CollectResult, CollectResult]:
     """The MLP neurons of `layers` and a sparse coder's latents from the same forward passes: two runs of `store`,
     each the run `collect` writes for them alone (a run already there is reused, and only the other collected)."""
-    from neuronscope.core.collection.store_write import aside, taken_back, write_run
+    from neuronscope.core.collection.store_write import aside, reopen, taken_back, write_run
 
     report = progress or (lambda _stage, _done, _total: None)
     n = _count(excerpts)
     units = units_of(sparse)
+    reopen(store, waiting)
     alone = {"settings": settings, "batch_size": batch_size, "progress": progress, "checkpoints": checkpoints,
              "waiting": waiting}
     found = [store.find_complete_run(subject.revision, excerpts.corpus, settings, chosen, "", kind) if reuse else None
@@ -257,7 +259,7 @@ def collect_shard(
         return CollectResult(None, n, n_neurons, 0.0, reused=True)
     if found is not None:  # a finished shard of hours is not replaced by a changed command unasked
         what = " and ".join(found.differences(meta)) or "excerpts (a corpus file changed, or --max-tokens)"
-        raise CollectError(f"{folder} holds shard {part} of another collection (other {what}): merge it or move it "
+        raise CollectError(f"{folder} holds shard {part} of another collection, with other {what}: merge it or move it "
                            "away first, or pass --force to replace it")
     started = time.perf_counter()
     results = accumulate(subject, excerpts, layers, settings, batch_size, key, checkpoints, report, sparse)

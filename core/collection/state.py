@@ -20,7 +20,7 @@ import shutil
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,13 @@ class ShardMeta:
         token ids read: paths and modification times may differ by host)."""
         from neuronscope.core.collection.corpus import same_corpus
 
-        differ = [name for name, fields in (("model", ("model", "revision")), ("layers", ("layers",)),
-                                             ("settings", ("settings",)), ("units", ("neurons_per_layer", "units")))
-                  if any(getattr(self, f) != getattr(other, f) for f in fields)]
+        differ = [name for name, kept in (("model", ("model", "revision")), ("layers", ("layers",)),
+                                           ("units", ("neurons_per_layer", "units")))
+                  if any(getattr(self, f) != getattr(other, f) for f in kept)]
+        options = [f"--{field.name.replace('_', '-')} {getattr(self.settings, field.name)}, not "
+                   f"{getattr(other.settings, field.name)}" for field in fields(self.settings)
+                   if getattr(self.settings, field.name) != getattr(other.settings, field.name)]
+        differ += [f"settings ({'; '.join(options)})"] if options else []
         return differ + ([] if same_corpus(self.corpus, other.corpus) else ["corpus"])
 
     def to_json(self) -> str:

@@ -88,6 +88,18 @@ def aside(store: Store, checkpoints: Checkpoints | None, n: int, waiting: Callab
     store.take_back(lambda pid: waiting(_holder(store, pid, checkpoints, n)) if waiting else None)
 
 
+def reopen(store: Store, waiting: Callable[[str], None] | None) -> None:
+    """A store set aside while the model loaded, open again for the collection's start: for writing where it is
+    free, else read-only beside the processes that have it open (`waiting` is told whose), the run registered at the
+    write."""
+    from neuronscope.core.store.runs import named_process
+
+    holder = store.reopen()
+    if holder is not None and waiting is not None:
+        waiting(f"{store.path} is open in {named_process(holder)}: the collection registers its run when it writes "
+                "the store")
+
+
 def taken_back(store: Store) -> bool:
     """Whether the store set aside is open again, without waiting (False while another process holds it, or when
     it cannot be opened: the write will say why)."""

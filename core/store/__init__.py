@@ -227,6 +227,21 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.__dict__.pop("_thread_cursors", None)
         self.__dict__["_aside"] = True
 
+    def reopen(self) -> int | None:
+        """Open a store that `set_aside` closed again, in place: for writing where no other process has it open,
+        else read-only, shared with them (StoreBusy where one writes it); then the process id of one of them."""
+        if not self.__dict__.get("_aside"):
+            return None
+        try:
+            self.con = Store.open(self.path, create=False).con
+            self.read_only, self.shared, holder = False, None, None
+        except StoreBusy as busy:
+            again = Store.open(self.path, read_only=True)
+            self.con, self.read_only, self.shared, holder = again.con, True, again.shared, busy.pid
+        self.__dict__["_aside"] = False
+        self._forget_shape()
+        return holder
+
     def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
         """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is), waiting as
         `open_when_free` does; without `waiting`, whether it could (False while another process holds it)."""

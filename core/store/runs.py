@@ -66,6 +66,13 @@ def named_process(pid: int | None) -> str:
     return f"PID {pid} ({text})" if text else f"PID {pid}"
 
 
+def unfinished_advice(run: RunInfo) -> str:
+    """What to do about a run that is not complete (a collection still in its pass, or one that stopped)."""
+    if run.status == "running":
+        return "it is being collected, and its data lands when the pass ends; `neuronscope info` lists the runs"
+    return "finish it with the command that made it, or `neuronscope collect`; `neuronscope info` lists the runs"
+
+
 @cache
 def this_owner() -> tuple[int, float | None]:
     """This process as an owner: its id and start time."""
@@ -255,8 +262,7 @@ class RunsMixin:
                     raise StoreError(f"{self.path} has no complete run: run `neuronscope collect` first")
                 last = runs[-1]
                 raise StoreError(f"{self.path} has no complete run (run {last.run_id} is {last.status}"
-                                 f"{': ' + last.error if last.error else ''}): finish it with the command that made "
-                                 "it, or `neuronscope collect`; `neuronscope info` lists the runs")
+                                 f"{': ' + last.error if last.error else ''}): {unfinished_advice(last)}")
         else:
             rows = self.con.execute(f"SELECT {self._run_columns} FROM runs WHERE run_id = ?", [run_id]).fetchall()
             if not rows:
