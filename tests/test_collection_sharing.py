@@ -27,7 +27,7 @@ def _a_store(path: Path, tiny_model: Path, big_corpus: Path) -> None:
 
 def _in_its_pass(collector: Collector, store: Path) -> Collector:
     """The collection once its pass runs (its first checkpoint is written)."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not (store.parent / f"{store.name}.checkpoint" / "current").exists() and time.monotonic() < deadline:
         assert collector.proc.poll() is None, collector.finish()[2]
         time.sleep(0.01)
@@ -46,7 +46,7 @@ def test_a_collection_starts_while_the_app_has_its_store_open_and_writes_once_it
     try:
         collector = Collector(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *ARGS])
         try:
-            collector.wait_for(f"is open in PID {os.getpid()} (")
+            collector.wait_for(f"is open in PID {os.getpid()} (", timeout=300)
             assert collector.seen[-1].rstrip().endswith("the collection registers its run when it writes the store")
             _in_its_pass(collector, path)
             info = run_cli(["info", "--store", path])
@@ -54,7 +54,7 @@ def test_a_collection_starts_while_the_app_has_its_store_open_and_writes_once_it
             assert f"{path}.checkpoint holds the state of a collection in progress, saved after " in info.out, info.out
             assert f" by PID {collector.proc.pid} (" in info.out, info.out
             assert [r.status for r in reader.runs()] == ["complete"]
-            collector.wait_for(f"once PID {os.getpid()} (", timeout=120)
+            collector.wait_for(f"once PID {os.getpid()} (", timeout=300)
             said = collector.seen[-1]
             assert f"its state is in {path}.checkpoint, so stopping now loses nothing" in said, said
             time.sleep(2)
@@ -65,7 +65,7 @@ def test_a_collection_starts_while_the_app_has_its_store_open_and_writes_once_it
     finally:
         reader.close()
     try:
-        code, _out, err = collector.finish(timeout=120)
+        code, _out, err = collector.finish(timeout=300)
     finally:
         collector.kill()
     assert code == 0, err
@@ -98,7 +98,7 @@ def test_ctrl_c_while_the_write_waits_keeps_the_pass_for_the_same_command(
             assert_one_line_error(run_cli(["top", "--run", "2", "--store", path]),
                                   "run 2 is running, and holds no neuron yet: it is being collected")
             assert [r.status for r in reader.runs()] == ["complete", "running"]
-            collector.wait_for("once PID", timeout=120)
+            collector.wait_for("once PID", timeout=300)
             collector.proc.send_signal(signal.SIGINT)
             code, _out, err = collector.finish(timeout=60)
     finally:

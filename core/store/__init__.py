@@ -233,14 +233,11 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         if not self.__dict__.get("_aside"):
             return None
         try:
-            self.con = Store.open(self.path, create=False).con
-            self.read_only, self.shared, holder = False, None, None
+            self._adopt(Store.open(self.path, create=False))
         except StoreBusy as busy:
-            again = Store.open(self.path, read_only=True)
-            self.con, self.read_only, self.shared, holder = again.con, True, again.shared, busy.pid
-        self.__dict__["_aside"] = False
-        self._forget_shape()
-        return holder
+            self._adopt(Store.open(self.path, read_only=True))
+            return busy.pid
+        return None
 
     def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
         """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is), waiting as
@@ -248,13 +245,16 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         if not self.__dict__.get("_aside"):
             return True
         try:
-            again = Store.open_when_free(self.path, waiting, create=False)
+            self._adopt(Store.open_when_free(self.path, waiting, create=False))
         except StoreBusy:
             return False
-        self.con, self.read_only, self.shared = again.con, False, None
+        return True
+
+    def _adopt(self, again: Store) -> None:
+        """Another open of this store's file becomes this store's own, in place."""
+        self.con, self.read_only, self.shared = again.con, again.read_only, again.shared
         self.__dict__["_aside"] = False
         self._forget_shape()
-        return True
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
