@@ -113,3 +113,21 @@ def test_ctrl_c_while_the_write_waits_keeps_the_pass_for_the_same_command(
     assert "resumed from a checkpoint (excerpts): 1,500/1,500" in again.err, again.err
     with Store.open(path, read_only=True) as store:
         assert [(r.status, r.n_excerpts) for r in store.runs()][-1] == ("complete", 1500)
+
+
+@pytest.mark.slow
+def test_a_store_its_first_collection_is_making_is_named_as_such(tmp_path: Path, tiny_model: Path,
+                                                                 big_corpus: Path) -> None:
+    """Before a new store's first collection writes it, a command on it says that collection is in progress (not
+    "run `neuronscope collect` first", which the lock would refuse)."""
+    path = tmp_path / "new.duckdb"
+    collector = Collector(["collect", "--model", tiny_model, "--corpus", big_corpus, "--store", path, *ARGS])
+    try:
+        collector.wait_for(", batch 1", timeout=300)
+        assert_one_line_error(run_cli(["top", "--store", path]), f"no store at {path} yet: a collection into it is "
+                              f"in progress (PID {collector.proc.pid} (", "the store appears when its pass ends")
+        collector.proc.send_signal(signal.SIGINT)
+        assert collector.finish(timeout=300)[0] == 130
+    finally:
+        collector.kill()
+    assert_one_line_error(run_cli(["top", "--store", path]), f"no store at {path}: run `neuronscope collect")

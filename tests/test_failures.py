@@ -4,6 +4,7 @@ one line naming the fix (a full disk on a real tmpfs), and no duplicate or empty
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,17 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(cli_store: tuple[P
         proc.stdout.close()  # the reader is gone before the first line
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 0 and "error" not in err, err
+
+
+def test_errors_a_reader_no_longer_reads_keep_their_exit_status(tmp_path: Path) -> None:
+    """`neuronscope … 2>&1 | tee log`, where Ctrl-C stops tee as well: the line that cannot be written is dropped,
+    and the status says what happened (2 here, an error; it was 1, Rich's own for a closed pipe)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.Popen(cli_command(["info", "--store", tmp_path / "none.duckdb"]), stdout=subprocess.DEVNULL,
+                            stderr=write, env=cli_env())
+    os.close(write)
+    assert proc.wait(timeout=120) == 2
 
 
 def test_an_excerpt_longer_than_the_model_reads_is_refused(tmp_path: Path, tiny_model: Path,

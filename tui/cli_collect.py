@@ -59,7 +59,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
     from neuronscope.core.collection.batching import auto_batch_size
-    from neuronscope.core.collection.checkpoint import Checkpoints, only_collection
+    from neuronscope.core.collection.checkpoint import Checkpoints
     from neuronscope.core.collection.collect import collect, collect_beside, collect_shard, parse_shard
     from neuronscope.core.collection.corpus import CorpusSpec
     from neuronscope.core.collection.excerpts import cut_excerpts
@@ -67,6 +67,7 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
     from neuronscope.core.ids import parse_layers
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.records import CollectSettings
+    from neuronscope.core.store.collecting import only_collection
 
     shard = (rank.index, rank.count) if rank is not None else parse_shard(args.shard)
     # torchrun's ranks and an srun step's tasks meet when all are done, and rank 0 merges (a job array's never do).

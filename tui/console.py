@@ -79,15 +79,23 @@ class OutputClosed(BrokenPipeError):
 class _Output(Console):
     def on_broken_pipe(self) -> None:
         """A reader of the output that stopped reading (`neuronscope show … | head`): nothing more is printed, and
-        the command ends with status 0 (cli.main catches the error; Rich's own exits with 1). Errors and progress
-        (stderr) keep Rich's way: a status that says nothing went wrong must not hide an error."""
+        the command ends with status 0 (cli.main catches the error; Rich's own exits with 1)."""
         self.quiet = True
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
         raise OutputClosed
 
 
+class _Errors(Console):
+    def on_broken_pipe(self) -> None:
+        """A reader of the errors and progress that has gone (`neuronscope collect … 2>&1 | tee log`, where Ctrl-C
+        stops tee too): nothing more is printed there, and the command goes on to the status its work deserves (130
+        for that Ctrl-C; Rich's own would exit with 1 at the first line that could not be written)."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 out = _Output(file=cast(IO[str], _Stream("stdout")), highlight=False)
-err = Console(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
+err = _Errors(file=cast(IO[str], _Stream("stderr")), highlight=False, soft_wrap=True)  # one error = one line
 #: This process's name before every line it prints, where a launcher runs several processes in one terminal and
 #: another one shows the progress (`speak_as`); None where this process speaks for itself.
 _rank: str | None = None

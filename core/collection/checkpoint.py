@@ -12,21 +12,18 @@ older ones are deleted: a kill at any moment leaves the previous checkpoint or t
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from neuronscope.core.collection.state import DAMAGED, load_layer, save_layer
-from neuronscope.core.errors import NeuronscopeError
 from neuronscope.core.layerdata import LayerResult
 from neuronscope.core.store.runs import owner_alive, this_owner
 
@@ -155,46 +152,6 @@ def saved_state(store: str | Path) -> SavedState | None:
         return SavedState(folder, int(meta.get("done", 0)), size, pid if pid and owner_alive(pid, started) else None)
     except (OSError, ValueError, TypeError):
         return None
-
-
-class CollectionBusy(NeuronscopeError):
-    """Another collection into the same store (or shard state) is in progress."""
-
-
-@contextmanager
-def only_collection(target: str | Path) -> Iterator[None]:
-    """This process the only collection into `target` (a store, or a shard state) while the block runs: two would
-    share its checkpoints, each replacing the other's saved state, and write the same run twice. A lock on
-    TARGET.collecting, which names its holder; let go when the block ends or the process dies."""
-    from neuronscope.core.store.runs import named_process
-
-    target = Path(target)
-    path = target.with_name(target.name + ".collecting")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid = int(json.loads(os.read(fd, 200) or b"[0]")[0])
-            except (ValueError, TypeError, IndexError):
-                pid = 0
-            os.close(fd)
-            raise CollectionBusy(f"another collection into {target} is in progress ({named_process(pid)}): wait for it "
-                                 "to finish, or collect into another --store") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # (else its last holder removed it between our open and our lock: again)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(list(this_owner())).encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def identity(*parts: object, excerpt_ids: np.ndarray) -> str:

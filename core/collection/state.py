@@ -111,10 +111,12 @@ class ShardMeta:
         """What makes another shard's collection not this one's, by name: model, layers, settings, units, corpus (the
         token ids read: paths and modification times may differ by host)."""
         from neuronscope.core.collection.corpus import same_corpus
+        from neuronscope.core.ids import layers_text
 
-        differ = [name for name, kept in (("model", ("model", "revision")), ("layers", ("layers",)),
-                                           ("units", ("neurons_per_layer", "units")))
+        differ = [name for name, kept in (("model", ("model", "revision")), ("units", ("neurons_per_layer", "units")))
                   if any(getattr(self, f) != getattr(other, f) for f in kept)]
+        if self.layers != other.layers:
+            differ.append(f"layers (--layers {layers_text(self.layers)}, not {layers_text(other.layers)})")
         options = [f"--{field.name.replace('_', '-')} {getattr(self.settings, field.name)}, not "
                    f"{getattr(other.settings, field.name)}" for field in fields(self.settings)
                    if getattr(self.settings, field.name) != getattr(other.settings, field.name)]

@@ -24,12 +24,13 @@ from neuronscope.core.records import ActivationRecord, NeuronStats
 from neuronscope.core.staging import staged as staged_path
 from neuronscope.core.store.browse import BrowseMixin
 from neuronscope.core.store.bulk import BulkMixin
+from neuronscope.core.store.collecting import collecting_into
 from neuronscope.core.store.compare import CompareMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
 from neuronscope.core.store.rows import decode_many, layer_tables, lists
-from neuronscope.core.store.runs import RunsMixin
+from neuronscope.core.store.runs import RunsMixin, named_process
 from neuronscope.core.store.schema import (
     INDEXES,
     OWNER_COLUMNS,
@@ -73,6 +74,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
         path = Path(path)
         if not path.exists() and (read_only or not create):
+            if (collector := collecting_into(path)) is not None:
+                raise StoreError(f"no store at {path} yet: a collection into it is in progress "
+                                 f"({named_process(collector)}), and the store appears when its pass ends")
             raise StoreError(f"no store at {path}: run `neuronscope collect --store {path}` first")
         if path.is_dir():
             raise StoreError(f"{path} is a folder, not a store file: pass a file path with --store")
