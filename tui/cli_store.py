@@ -26,21 +26,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
     from neuronscope.core.collection.checkpoint import saved_state
     from neuronscope.core.interop.importer import is_import, levels_unknown
+    from neuronscope.core.store.collecting import collecting_into
     from neuronscope.core.store.runs import named_process
 
-    checkpoint = saved_state(args.store)
+    checkpoint, collector = saved_state(args.store), collecting_into(args.store)
     if checkpoint is not None:
         after = (f"after {checkpoint.done:,} excerpt{'' if checkpoint.done == 1 else 's'} "
                  f"({checkpoint.size / 1e6:,.1f} MB)")
         saved = Text(f"{checkpoint.folder} holds a collection's state {after}: the collect command that made it goes "
                      "on from there (delete the folder to drop it)", style="yellow")
-        if checkpoint.collecting:
+        if collector is not None:
             saved = Text(f"{checkpoint.folder} holds the state of a collection in progress, saved {after} by "
-                         f"{named_process(checkpoint.collecting)}", style="dim")
+                         f"{named_process(collector)}", style="dim")
         if not Path(args.store).exists():
             out.print(saved, soft_wrap=True)
             raise InputError(f"no store at {args.store} yet: its first collection " + (
-                "is in progress" if checkpoint.collecting else "was stopped before it wrote one"))
+                "is in progress" if collector is not None else "was stopped before it wrote one"))
     with Store.open(args.store, read_only=True) as store:
         runs = store.runs()
         counts = store.counts()

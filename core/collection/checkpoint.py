@@ -25,7 +25,6 @@ import numpy as np
 
 from neuronscope.core.collection.state import DAMAGED, load_layer, save_layer
 from neuronscope.core.layerdata import LayerResult
-from neuronscope.core.store.runs import owner_alive, this_owner
 
 FORMAT = 2
 
@@ -53,7 +52,7 @@ class Checkpoints:
         #: The excerpts the folder's checkpoint of this collection holds, once one was saved or resumed from.
         self.held = 0
         #: Whether a pass that ends must save its state however short it was (its store is held by another
-        #: process, so its write waits: collect.py's `_aside`).
+        #: process, so its write waits: store_write.aside).
         self.keep_finished: Callable[[], bool] = lambda: False
 
     def due(self, finished: bool = False) -> bool:
@@ -74,8 +73,7 @@ class Checkpoints:
             staged.mkdir(exist_ok=True)
             for result in layers:
                 save_layer(staged / f"layer-{result.layer}.npz", result)
-            (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done,
-                                                          "owner": this_owner()}))
+            (staged / "meta.json").write_text(json.dumps({"format": FORMAT, "identity": identity, "done": done}))
             os.rename(staged, self.folder / name)
             pointer = self.folder / f".current.{os.getpid()}"
             pointer.write_text(name)
@@ -137,8 +135,6 @@ class SavedState:
     """Excerpts it holds."""
     size: int
     """Its bytes."""
-    collecting: int | None
-    """The process id of the collection that wrote it, while that collection runs."""
 
 
 def saved_state(store: str | Path) -> SavedState | None:
@@ -148,9 +144,8 @@ def saved_state(store: str | Path) -> SavedState | None:
     try:
         meta = json.loads((folder / (folder / "current").read_text().strip() / "meta.json").read_text())
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        pid, started = meta.get("owner") or (None, None)
-        return SavedState(folder, int(meta.get("done", 0)), size, pid if pid and owner_alive(pid, started) else None)
-    except (OSError, ValueError, TypeError):
+        return SavedState(folder, int(meta.get("done", 0)), size)
+    except (OSError, ValueError):
         return None
 
 

@@ -2,9 +2,10 @@
 (core/collection/state.py) that `merge` (core/collection/merge.py) combines with the other parts.
 
 Memory is bounded by neurons x records x length (see neuronscope.core.collection.accumulate); the corpus only streams
-through. The run is registered as 'running' first and all its data lands in one transaction at the end, so an
-interrupted collection never looks complete. Between the two the store is closed, so that a pass of hours does not keep
-the app, `info` or jobs off it; the write waits for any of them that holds it then. A stop request (Ctrl-C, SIGTERM,
+through. The run is registered as 'running' first (or, where other processes have the store open then, at the write)
+and all its data lands in one transaction at the end, so an interrupted collection never looks complete. Between the two
+the store is closed, so that a pass of hours does not keep the app, `info` or jobs off it; the write waits for any of
+them that holds it then. A stop request (Ctrl-C, SIGTERM,
 SIGHUP) during the pass saves its state and stops (core/collection/stopping.py); during that write, the collection's
 last step, it lets the write finish, since what stopping would save is what it writes (a second Ctrl-C stops at once).
 """
