@@ -177,9 +177,10 @@ def test_the_bootstrap_holds_a_bounded_chunk_of_draws() -> None:
     low, high = paired_interval(deltas[:1000], seed=4)
     assert (low, high) == paired_interval(deltas[:1000], seed=4) != paired_interval(deltas[:1000], seed=5)
     assert low < deltas[:1000].mean() < high
-    quarter = _best_time(lambda: paired_interval(deltas[:75_000], resamples=100), 3)
-    whole = _best_time(lambda: paired_interval(deltas, resamples=100), 3)
-    assert whole / quarter < 8, whole / quarter  # linear in the neurons: about 4
+    quarter = _best_time(lambda: paired_interval(deltas[:75_000], resamples=100), 7)
+    whole = _best_time(lambda: paired_interval(deltas, resamples=100), 5)
+    # Linear in the neurons: about 4 (quadratic would be 16). A CI worker beside another measured 9.3 once.
+    assert whole / quarter < 12, whole / quarter
 
 
 def test_few_pairs_say_the_interval_means_nothing(compared: Path) -> None:
