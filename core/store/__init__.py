@@ -27,6 +27,7 @@ from neuronscope.core.store.bulk import BulkMixin
 from neuronscope.core.store.collecting import collecting_into
 from neuronscope.core.store.compare import CompareMixin
 from neuronscope.core.store.explanations import ORDER_SQL, ExplanationsMixin
+from neuronscope.core.store.handover import HandoverMixin
 from neuronscope.core.store.interop import InteropMixin
 from neuronscope.core.store.related import RELATED_TABLES, RelatedMixin
 from neuronscope.core.store.rows import decode_many, layer_tables, lists
@@ -55,7 +56,7 @@ WAIT_POLL_SECONDS = 1.0
 
 
 class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, InteropMixin, SharedMixin, TriageMixin,
-            CompareMixin):
+            CompareMixin, HandoverMixin):
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None,  # type: ignore[no-untyped-def]
@@ -223,42 +224,6 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self.con.close()
-
-    def set_aside(self) -> None:
-        """Close this store for a while (a collection's pass of hours), so that other processes may open it meanwhile
-        (the app, `info`, jobs); `take_back` opens it for writing."""
-        self.con.close()
-        self.__dict__.pop("_thread_cursors", None)
-        self.__dict__["_aside"] = True
-
-    def reopen(self) -> int | None:
-        """Open a store that `set_aside` closed again, in place: for writing where no other process has it open,
-        else read-only, shared with them (StoreBusy where one writes it); then the process id of one of them."""
-        if not self.__dict__.get("_aside"):
-            return None
-        try:
-            self._adopt(Store.open(self.path, create=False))
-        except StoreBusy as busy:
-            self._adopt(Store.open(self.path, read_only=True))
-            return busy.pid
-        return None
-
-    def take_back(self, waiting: Callable[[int | None], None] | None = None) -> bool:
-        """Open a store that `set_aside` closed, for writing, in place (one not set aside stays as it is), waiting as
-        `open_when_free` does; without `waiting`, whether it could (False while another process holds it)."""
-        if not self.__dict__.get("_aside"):
-            return True
-        try:
-            self._adopt(Store.open_when_free(self.path, waiting, create=False))
-        except StoreBusy:
-            return False
-        return True
-
-    def _adopt(self, again: Store) -> None:
-        """Another open of this store's file becomes this store's own, in place."""
-        self.con, self.read_only, self.shared = again.con, again.read_only, again.shared
-        self.__dict__["_aside"] = False
-        self._forget_shape()
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
