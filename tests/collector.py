@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class Collector:
     """`neuronscope collect` in a subprocess, with its stderr read line by line in a thread."""
 
-    def __init__(self, args: list[object]) -> None:
+    def __init__(self, args: list[object], **env: str) -> None:
         # Ctrl-C at its default, as in a terminal: a test run launched in the background by a script (`cmd &`
         # without job control) passes on SIGINT ignored, and a process started so rightly keeps ignoring it.
         self.proc = subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=cli_env(), cwd=ROOT,
+                                     env=cli_env(**env), cwd=ROOT,
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

@@ -35,9 +35,9 @@ PROBES = [(0, 0), (0, 17), (1, 3), (1, 40), (2, 11), (2, 47)]
 
 def _start_long_collect(path: Path, model: Path, corpus: Path) -> Collector:
     collector = Collector(["collect", "--model", model, "--corpus", corpus, "--store", path, *FAST,
-                           "--batch-size", "1"])
-    collector.wait_for(", batch 1")  # the last status line before the run is registered
-    time.sleep(1.5)  # well inside the loop: the full pass takes ~15 s at batch size 1
+                           "--batch-size", "1"], NEURONSCOPE_PROGRESS_SECONDS="0")  # a progress line a batch
+    collector.wait_for("collecting excerpts: 1/")  # inside the loop (the full pass takes ~15 s at batch size 1),
+    # whatever the store's opening and the run's registration take before it
     assert collector.proc.poll() is None, "the collection ended before it could be interrupted"
     return collector
 
