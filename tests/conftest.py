@@ -325,6 +325,14 @@ def cli_store(session_dir: Path, tiny_model: Path, corpus_dir: Path) -> tuple[Pa
     return path, result
 
 
+@pytest.fixture
+def fresh_store(cli_store: tuple[Path, Result], tmp_path: Path) -> Path:
+    """A copy of the CLI store with nothing explained yet."""
+    path = tmp_path / "jobs.duckdb"
+    shutil.copy(cli_store[0], path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def scored_store(cli_store: tuple[Path, Result], session_dir: Path) -> Path:
     """A copy of the CLI store in which a baseline explain/score job ran on five neurons (the app's tests only

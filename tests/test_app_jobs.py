@@ -36,14 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("neuronscope_env")
 
 
-@pytest.fixture
-def fresh_store(cli_store, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the CLI store with nothing explained yet."""
-    path = tmp_path / "jobs.duckdb"
-    shutil.copy(cli_store[0], path)
-    return path
-
-
 @sync
 async def test_jobs_land_in_the_table_and_failures_open_a_modal(fresh_store: Path) -> None:
     app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))

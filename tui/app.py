@@ -34,6 +34,7 @@ from neuronscope.tui.render import visible
 from neuronscope.tui.screens.filter import FilterScreen
 from neuronscope.tui.screens.modals import HelpScreen
 from neuronscope.tui.screens.neuron import NeuronScreen, wait_for_readers
+from neuronscope.tui.store_aside import WITHOUT_STORE, StoreAside
 from neuronscope.tui.triage_actions import TriageActions
 from neuronscope.tui.widgets.field import Field
 from neuronscope.tui.widgets.jobs import JobsPanel
@@ -48,9 +49,6 @@ TAG_SEARCH = re.compile(r"(?<!\S)tag:([\w-]+)", re.IGNORECASE)
 RELOAD_INTERVAL = 0.25
 #: How often the app looks for what jobs in other processes landed.
 SPOOL_INTERVAL = 2.0
-#: The longest the app closes the store (and waits) for another process's fold of the spool: the fold itself takes
-#: about a second, but the processes of other jobs finish the neurons they are on first.
-ASIDE_SECONDS = 10.0
 #: Seconds the table's cursor rests on a row before its neuron is read ahead (so that Enter shows it at once).
 READ_AHEAD_AFTER = 0.05
 #: Actions that act on the table, not offered on a neuron's screen.
@@ -67,7 +65,7 @@ def while_running(tick: Callable[[NeuronscopeApp], None]) -> Callable[[Neuronsco
     return guarded
 
 
-class NeuronscopeApp(JobActions, TriageActions, App[None]):
+class NeuronscopeApp(JobActions, TriageActions, StoreAside, App[None]):
     """Browse the newest complete run of a store. Opening fails with StoreError before the app starts."""
 
     TITLE = "neuronscope"
@@ -133,7 +131,6 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         self._signals_before: dict[int, Any] = {}
         self._dirty: set[NeuronId] = set()
         self._spool_seen = self.store.shared.seq if self.store.shared is not None else 0
-        self._stepped_aside = False
         self.collector = IdleCollector()
         self.sub_title = f"{self.store.path.name} · run {self.run_info.run_id} · {visible(self.run_info.model)}"
 
@@ -175,9 +172,11 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
 
     def on_unmount(self) -> None:
         self.quit_on_signals(False)
+        store_open = self._end_aside(closing=True)  # closed for another process's write: open again if it is over
         if self._marks_timer is not None:  # marks changed within the last second: saved before the store closes
             self._marks_timer.stop()
-            self._save_marks()
+            if store_open:
+                self._save_marks()
         wait_for_readers()  # neurons being read ahead hold cursors of the store's connection: they finish first
         self._table.close_reader(final=True)  # the table is gone from the DOM by now
         self.store.close()
@@ -268,7 +267,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
         """Read the neuron under the resting cursor ahead, once the neuron screen exists (its first opening lays it
         out), so that Enter finds it rendered."""
         self._ahead_timer = None
-        if not self.is_screen_installed("neuron") or isinstance(self.screen, NeuronScreen):
+        if self.aside or not self.is_screen_installed("neuron") or isinstance(self.screen, NeuronScreen):
             return
         screen = cast(NeuronScreen, self.get_screen("neuron"))
         row = self.table.cached_row(self.table.cursor)
@@ -292,6 +291,8 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
 
     # -- table actions -----------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self.aside and action not in WITHOUT_STORE:
+            return False
         on_table = not isinstance(self.screen, NeuronScreen)
         if action in TABLE_ACTIONS and not on_table:
             return False
@@ -385,16 +386,10 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     @while_running
     def _reload_spooled(self) -> None:
         """Show what jobs in other processes landed since the last look (they write beside the store); close the
-        store for a moment when one asks to fold what they wrote into it (a job of this app's own needs the store
-        open: then the fold waits for a later try)."""
-        if not self.store.fold_asked():
-            self._stepped_aside = False
-        elif not self._stepped_aside and not self.jobs.running:
-            self._stepped_aside = True  # once per fold: one that cannot happen within the wait is not waited for again
-            wait_for_readers()
-            with self.table.paused():
-                self.store.step_aside(ASIDE_SECONDS)
-            self._spool_seen = -1  # the store was opened again: draw it again
+        store while another process asks for it, to fold what they wrote into it or to write a collection
+        (neuronscope.tui.store_aside)."""
+        if self._step_aside_if_asked():
+            return
         self.store.refresh()
         seen = self.store.shared.seq if self.store.shared is not None else 0
         if seen == self._spool_seen:
@@ -408,7 +403,7 @@ class NeuronscopeApp(JobActions, TriageActions, App[None]):
     @while_running
     def _reload_landed(self) -> None:
         """Show the neurons that landed since the last tick (rate-limited, so fast backends stay smooth)."""
-        if not self._dirty:
+        if not self._dirty or self.aside:
             return
         landed, self._dirty = self._dirty, set()
         self.table.reload()

@@ -324,7 +324,7 @@ class Job(NeuronWork, OutputWork):
                         blocks.committed(landing.last_committed)
                     self._close_readers()
                     if aside:
-                        self.store.step_aside(FOLD_WAIT_SECONDS)
+                        self._step_aside(FOLD_WAIT_SECONDS, progress)
                     elif self.store.resettle(wait=FOLD_WAIT_SECONDS):
                         settle_every = SETTLE_SECONDS
                     else:

@@ -83,6 +83,21 @@ class NeuronWork:
         self._opened.clear()
         self._readers = threading.local()
 
+    def _step_aside(self, wait: float, progress: Callable[[str, int, int], None]) -> None:
+        """Close the store while another process folds the spool into it or writes it (a collection's write can take
+        minutes): the writer's name is a stage of the progress meanwhile."""
+        from neuronscope.core.store.runs import named_process
+
+        waited: list[str] = []
+
+        def waiting(pid: int) -> None:
+            waited.append(f"waiting while {named_process(pid)} writes the store")
+            progress(waited[-1], 0, 0)
+
+        self.store.step_aside(wait, waiting)
+        for stage in waited:
+            progress(stage, 1, 1)
+
     def _splits(self, neuron: NeuronId, records: Mapping[NeuronId, list[ActivationRecord]]) -> NeuronSplits:
         found = records.get(neuron)
         if found is None:

@@ -69,8 +69,10 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, read_only: bool = False, create: bool = True) -> Store:
-        """Open (and with create, initialise) a store; StoreError on every known failure."""
+    def open(cls, path: str | Path, *, read_only: bool = False, create: bool = True,
+             lock_wait: float = LOCK_WAIT_SECONDS) -> Store:
+        """Open (and with create, initialise) a store; StoreError on every known failure. A read-only open waits up
+        to `lock_wait` seconds while another process holds the store for writing."""
         import duckdb
 
         path = Path(path)
@@ -86,7 +88,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         limit = os.environ.get("NEURONSCOPE_DUCKDB_MEMORY", "2GB")
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit):
             raise StoreError(f"NEURONSCOPE_DUCKDB_MEMORY={limit!r} is not a size like 2GB or 512MiB")
-        deadline = time.monotonic() + (LOCK_WAIT_SECONDS if read_only else 0)
+        deadline = time.monotonic() + (lock_wait if read_only else 0)
         while True:
             try:
                 if read_only:  # shared with other readers and with jobs (neuronscope.core.store.shared)
@@ -132,18 +134,25 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     def open_when_free(cls, path: str | Path, waiting: Callable[[int | None], None] | None = None, *,
                        create: bool = True) -> Store:
         """Open a store for writing. While another process holds it: StoreBusy, or with `waiting`, wait as long as
-        it takes (Ctrl-C stops it), `waiting` told each new holder's process id."""
+        it takes (Ctrl-C stops it), `waiting` told each new holder's process id. Meanwhile it asks the processes that
+        share the store to step aside (Spool.ask_fold): the app and jobs close it until this write is over."""
         told: list[int | None] = []
-        while True:
-            try:
-                return cls.open(path, create=create)
-            except StoreBusy as busy:
-                if waiting is None:
-                    raise
-                if told[-1:] != [busy.pid]:
-                    told.append(busy.pid)
-                    waiting(busy.pid)
-                time.sleep(WAIT_POLL_SECONDS)
+        spool, asked = Spool(Path(path)), False
+        try:
+            while True:
+                try:
+                    return cls.open(path, create=create)
+                except StoreBusy as busy:
+                    if waiting is None:
+                        raise
+                    asked = asked or spool.ask_fold()
+                    if told[-1:] != [busy.pid]:
+                        told.append(busy.pid)
+                        waiting(busy.pid)
+                    time.sleep(WAIT_POLL_SECONDS)
+        finally:
+            if asked:  # the others now wait for this write to end (SharedMixin.step_aside)
+                spool.end_fold()
 
     @classmethod
     def settle(cls, path: str | Path) -> bool:

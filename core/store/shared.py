@@ -14,7 +14,7 @@ import datetime
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,7 +253,7 @@ class SharedMixin:
 
         spool = Spool(self.path)
         asked = bool(wait) and spool.ask_fold()
-        self._close_all()
+        self.close_shared()
         deadline = time.monotonic() + wait
         try:
             while True:
@@ -267,34 +267,55 @@ class SharedMixin:
                 spool.end_fold()
             self._reopen()
 
-    def fold_asked(self) -> bool:
-        """Whether another process asks everyone to step aside for its fold of the spool."""
-        asker = self.shared.spool.fold_asked() if self.shared is not None else None
-        return asker is not None and asker != os.getpid()
-
-    def step_aside(self, wait: float) -> None:
-        """Close the store while another process folds the spool into it (`fold_asked`), then open it read-only
-        again, in place: when the fold is over, or after `wait` seconds. For a store's own connection, with no
-        other thread using it or its cursors meanwhile."""
-        if self.shared is None:
-            return
-        self._close_all()
-        deadline = time.monotonic() + wait
-        try:
-            while self.fold_asked() and time.monotonic() < deadline:
-                time.sleep(FOLD_POLL_SECONDS)
-        finally:
-            self._reopen()
-
-    def _close_all(self) -> None:
-        self.con.close()
-        self.__dict__.pop("_thread_cursors", None)
-
     def _reopen(self) -> None:
         from neuronscope.core.store import Store
 
         again = Store.open(self.path, read_only=True)
         self.con, self.shared = again.con, again.shared
+
+    def fold_asked(self) -> int | None:
+        """The process that asks everyone to step aside (for its fold of the spool, or its write), if another does."""
+        asker = self.shared.spool.fold_asked() if self.shared is not None else None
+        return asker if asker is not None and asker != os.getpid() else None
+
+    def step_aside(self, wait: float, waiting: Callable[[int], None] | None = None) -> None:
+        """Close the store while another process folds the spool into it or writes it (`fold_asked`), then open it
+        read-only again, in place: when the request is over, or after `wait` seconds if the asker has not taken the
+        store by then (another process keeps it from it); while a process holds the store for writing (the asker's
+        write can take minutes), as long as it does, `waiting` told each new holder. For a store's own connection,
+        with no other thread using it or its cursors meanwhile."""
+        if self.shared is None:
+            return
+        self.close_shared()
+        deadline = time.monotonic() + wait
+        told: list[int] = []
+        while True:
+            if not self.fold_asked() or time.monotonic() >= deadline:
+                holder = self.open_shared()
+                if holder is None:
+                    return
+                if waiting is not None and told[-1:] != [holder]:
+                    told.append(holder)
+                    waiting(holder)
+            time.sleep(FOLD_POLL_SECONDS)
+
+    def close_shared(self) -> None:
+        """Close a shared store for a while (`step_aside`); `open_shared` opens it again."""
+        self.con.close()
+        self.__dict__.pop("_thread_cursors", None)
+
+    def open_shared(self) -> int | None:
+        """Open a store that `close_shared` closed again, read-only, in place, at once: None, or the process id of
+        the process that holds it for writing (then it stays closed)."""
+        from neuronscope.core.store import Store
+        from neuronscope.core.store.schema import StoreBusy
+
+        try:
+            again = Store.open(self.path, read_only=True, lock_wait=0)
+        except StoreBusy as busy:
+            return busy.pid
+        self.con, self.shared = again.con, again.shared
+        return None
 
     # -- folding ------------------------------------------------------------------------------------
     def fold(self, spool: Spool) -> int:

@@ -157,16 +157,18 @@ class NeuronScreen(Screen[None]):
     def _read(self, neuron: NeuronId, version: int, width: int) -> None:
         """Read and render one neuron on this worker's own cursor, then hand it to the UI thread."""
         READERS.add(threading.current_thread())
-        reader = self.store.for_thread()
+        reader = None
         try:
+            reader = self.store.for_thread()
             parts, related, chosen = self._renderables(reader, neuron)
-        except duckdb.Error:  # the store closed for a fold meanwhile: the next show reads it again
+        except duckdb.Error:  # the store closed for another process's write meanwhile: the next show reads it again
             self._hand_over(self._loading.discard, (neuron, version, width))
             return
         except Exception as err:  # noqa: BLE001 - shown on the screen, not a screen that never changes
             parts, related, chosen = [Text(f"cannot show {neuron}: {type(err).__name__}: {visible(str(err))}")], {}, ""
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
             READERS.discard(threading.current_thread())
         console = self.app.console
         lines = [Strip(line) for line in console.render_lines(Group(*parts), console.options.update_width(width),

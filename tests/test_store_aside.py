@@ -1,0 +1,133 @@
+"""A process that waits to write a store (a collection at the end of its pass, rank 0's merge) asks the processes
+that share it to close it: the app closes it, names the writer, pauses the table and opens it again once the write
+is over; a job in another process waits out a write of minutes instead of failing when it opens the store again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from app_helpers import SIZE, screen_text, sync, until
+from conftest import cli_env
+
+from neuronscope.core.store import Store
+from neuronscope.core.store.spool import Spool
+from neuronscope.tui.app import NeuronscopeApp
+from neuronscope.tui.store_aside import AsideScreen
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("neuronscope_env")
+
+#: A process that writes the store as a collection's end does: it waits for the store (asking the others to close
+#: it), says when it holds it, and keeps it until its stdin closes.
+WRITER = """
+import sys
+from neuronscope.core.store import Store
+store = Store.open_when_free(sys.argv[1], lambda pid: print("waits for", pid, flush=True))
+print("writing", flush=True)
+sys.stdin.read()
+store.close()
+print("done", flush=True)
+"""
+
+
+class Writer:
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+        self.said: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.said.append(line.strip())
+
+    def finish(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _until(condition: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@sync
+async def test_the_app_closes_its_store_while_another_process_writes_it(fresh_store: Path) -> None:
+    app = NeuronscopeApp(fresh_store)
+    async with app.run_test(size=SIZE) as pilot:
+        writer = Writer(fresh_store)
+        try:
+            await until(pilot, lambda: f"waits for {os.getpid()}" in writer.said, seconds=60)
+            # At its next look at the spool (every 2 s), the app closes the store; the writer takes it at once.
+            await until(pilot, lambda: "writing" in writer.said, seconds=30)
+            assert isinstance(app.screen, AsideScreen)
+            await until(pilot, lambda: f"PID {writer.proc.pid} (-c" in screen_text(app.screen), seconds=10)
+            assert "jobs.duckdb is being written by another process" in screen_text(app.screen)
+            # Nothing that reads the store runs meanwhile: not a sort, not the command palette.
+            sorted_by = app.sort_index
+            await pilot.press("s", "ctrl+p")
+            assert app.sort_index == sorted_by and isinstance(app.screen, AsideScreen)
+            assert writer.proc.poll() is None
+            assert writer.finish() == 0
+            await until(pilot, lambda: not app.aside, seconds=10)
+            assert not isinstance(app.screen, AsideScreen)
+            await pilot.press("s")  # the table reads again, from the store opened again
+            await until(pilot, lambda: app.table.query_spec.order != "neuron" and not app.table.pending, seconds=10)
+            assert app.table.row(0) is not None
+        finally:
+            writer.kill()
+    assert not Spool(fresh_store).root.exists()  # the request is gone with the write
+
+
+@sync
+async def test_quitting_while_the_store_is_being_written_leaves_the_writer_alone(fresh_store: Path) -> None:
+    app = NeuronscopeApp(fresh_store)
+    writer = Writer(fresh_store)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "writing" in writer.said, seconds=60)
+            assert isinstance(app.screen, AsideScreen)
+            await pilot.press("q")
+        assert writer.proc.poll() is None
+        assert writer.finish() == 0
+    finally:
+        writer.kill()
+
+
+def test_a_shared_store_waits_out_a_long_write_when_it_steps_aside(fresh_store: Path) -> None:
+    """A job's store (read-only, shared) steps aside when a writer asks, and opens again only once the write is
+    over, told who writes meanwhile: it used to give up after 5 s and fail the job."""
+    store = Store.open(fresh_store, read_only=True)
+    writer = Writer(fresh_store)
+    told: list[int] = []
+    try:
+        aside = threading.Thread(target=lambda: store.step_aside(1.0, told.append))
+        _until(lambda: f"waits for {os.getpid()}" in writer.said)
+        assert store.fold_asked() == writer.proc.pid
+        aside.start()
+        _until(lambda: "writing" in writer.said)
+        aside.join(timeout=6)  # more than the 5 s it used to wait
+        assert aside.is_alive() and told == [writer.proc.pid]
+        assert writer.finish() == 0
+        aside.join(timeout=30)
+        assert not aside.is_alive()
+        assert store.runs()  # open again
+    finally:
+        writer.kill()
+        store.close()
