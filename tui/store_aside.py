@@ -24,8 +24,9 @@ from neuronscope.tui.screens.modals import MODAL_CSS
 from neuronscope.tui.screens.neuron import wait_for_readers
 
 #: The longest the app keeps the store closed for a process that asks for it but has not taken it (another process
-#: keeps it from the store): the processes of other jobs finish the neurons they are on first.
-ASIDE_SECONDS = 10.0
+#: keeps it from the store): the processes of other jobs finish the neurons they are on first (an LLM call or two).
+#: Then the app opens it again, and does not step aside for that request again.
+ASIDE_SECONDS = 30.0
 #: How often the app, its store closed, looks whether it may open it again.
 ASIDE_POLL_SECONDS = 0.2
 #: The one action the app takes while its store is closed (every other waits until the store is back).
@@ -91,7 +92,7 @@ class StoreAside:
         if self._aside is not None:
             return True
         asker = self.store.fold_asked()
-        if asker is None or asker != self._stepped_for:
+        if asker is None:
             self._stepped_for = None
         if asker is None or asker == self._stepped_for or self.jobs.running:
             return False

@@ -145,7 +145,10 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 except StoreBusy as busy:
                     if waiting is None:
                         raise
-                    asked = asked or spool.ask_fold()
+                    try:
+                        asked = asked or spool.ask_fold()
+                    except OSError:  # a folder it may not write in: it waits without asking
+                        pass
                     if told[-1:] != [busy.pid]:
                         told.append(busy.pid)
                         waiting(busy.pid)
