@@ -27,20 +27,23 @@ pytestmark = pytest.mark.usefixtures("neuronscope_env")
 #: A process that writes the store as a collection's end does: it waits for the store (asking the others to close
 #: it), says when it holds it, and keeps it until its stdin closes.
 WRITER = """
-import sys
-from neuronscope.core.store import Store
+import os, sys
+from neuronscope.core.store import Store, spool
+spool.ASK_SECONDS = spool.ASK_AGAIN_SECONDS = float(os.environ.get("ASK_SECONDS", spool.ASK_SECONDS))
 store = Store.open_when_free(sys.argv[1], lambda pid: print("waits for", pid, flush=True))
 print("writing", flush=True)
 sys.stdin.read()
+if sys.argv[2:] == ["new-run"]:  # what a collection lands: a run newer than the app's
+    store.con.execute("INSERT INTO runs SELECT * REPLACE (run_id + 1 AS run_id) FROM runs ORDER BY run_id DESC LIMIT 1")
 store.close()
 print("done", flush=True)
 """
 
 
 class Writer:
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+    def __init__(self, path: Path, *args: str, **env: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(**env))
         self.said: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -71,7 +74,7 @@ def _until(condition: Callable[[], bool], seconds: float = 60) -> None:
 async def test_the_app_closes_its_store_while_another_process_writes_it(fresh_store: Path) -> None:
     app = NeuronscopeApp(fresh_store)
     async with app.run_test(size=SIZE) as pilot:
-        writer = Writer(fresh_store)
+        writer = Writer(fresh_store, "new-run")
         try:
             await until(pilot, lambda: f"waits for {os.getpid()}" in writer.said, seconds=60)
             # At its next look at the spool (every 2 s), the app closes the store; the writer takes it at once.
@@ -87,12 +90,45 @@ async def test_the_app_closes_its_store_while_another_process_writes_it(fresh_st
             assert writer.finish() == 0
             await until(pilot, lambda: not app.aside, seconds=10)
             assert not isinstance(app.screen, AsideScreen)
+            # The writer made a newer run than the one shown: the app says so (the table stays on its own run).
+            assert any("run 2 was written into jobs.duckdb meanwhile; this table shows run 1" in str(n.message)
+                       for n in app._notifications)
             await pilot.press("s")  # the table reads again, from the store opened again
             await until(pilot, lambda: app.table.query_spec.order != "neuron" and not app.table.pending, seconds=10)
             assert app.table.row(0) is not None
         finally:
             writer.kill()
     assert not Spool(fresh_store).root.exists()  # the request is gone with the write
+
+
+@sync
+async def test_a_process_that_keeps_the_store_does_not_keep_the_app_closed(fresh_store: Path) -> None:
+    """Another process keeps the store (an app running a job, a script): the app closes it for the writer and names
+    the process it waits for; when the request lapses the app opens the store again, and once that process lets go,
+    the writer asks again and writes (two apps used to keep a writer waiting for ever, each having stepped aside once)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from neuronscope.core.store import Store; "
+                               "s = Store.open(sys.argv[1], read_only=True); print('open', flush=True); "
+                               "sys.stdin.read()", str(fresh_store)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+    app = NeuronscopeApp(fresh_store)
+    writer = Writer(fresh_store, ASK_SECONDS="3")
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.aside, seconds=60)
+            await until(pilot, lambda: f"it waits for PID {holder.pid} (-c" in screen_text(app.screen), seconds=30)
+            await until(pilot, lambda: not app.aside, seconds=30)  # the request lapsed: the table is back
+            assert "writing" not in writer.said and app.table.row(0) is not None
+            assert holder.stdin is not None
+            holder.stdin.close()
+            assert holder.wait(timeout=30) == 0
+            await until(pilot, lambda: "writing" in writer.said, seconds=60)  # asked again, and the app stepped aside
+            assert app.aside
+            assert writer.finish() == 0
+            await until(pilot, lambda: not app.aside, seconds=30)
+    finally:
+        holder.kill()
+        writer.kill()
 
 
 @sync
@@ -112,14 +148,15 @@ async def test_quitting_while_the_store_is_being_written_leaves_the_writer_alone
 
 def test_a_shared_store_waits_out_a_long_write_when_it_steps_aside(fresh_store: Path) -> None:
     """A job's store (read-only, shared) steps aside when a writer asks, and opens again only once the write is
-    over, told who writes meanwhile: it used to give up after 5 s and fail the job."""
+    over, told who writes meanwhile: it used to give up after 5 s and fail the job. The writer's request names the
+    process it waits for (here this one, until it steps aside)."""
     store = Store.open(fresh_store, read_only=True)
     writer = Writer(fresh_store)
     told: list[int] = []
     try:
-        aside = threading.Thread(target=lambda: store.step_aside(1.0, told.append))
+        aside = threading.Thread(target=lambda: store.step_aside(told.append))
         _until(lambda: f"waits for {os.getpid()}" in writer.said)
-        assert store.fold_asked() == writer.proc.pid
+        assert store.fold_asked() == writer.proc.pid and store.fold_waits_for() == os.getpid()
         aside.start()
         _until(lambda: "writing" in writer.said)
         aside.join(timeout=6)  # more than the 5 s it used to wait
@@ -131,3 +168,40 @@ def test_a_shared_store_waits_out_a_long_write_when_it_steps_aside(fresh_store: 
     finally:
         writer.kill()
         store.close()
+
+
+def test_a_writer_asks_for_a_while_then_pauses_longer_each_time(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that keeps the store (an app running a job) must not keep the others closed for as long as it does:
+    a writer's request stands ASK_SECONDS, then the others open the store again until the writer asks again, after a
+    pause that doubles; each request names the process it waits for."""
+    from neuronscope.core.store import spool as spool_module
+    from neuronscope.core.store.spool import Asking
+
+    monkeypatch.setattr(spool_module, "ASK_SECONDS", 0.3)
+    monkeypatch.setattr(spool_module, "ASK_AGAIN_SECONDS", 0.3)
+    monkeypatch.setattr(spool_module, "ASK_AGAIN_MAX_SECONDS", 0.6)
+    spool = Spool(tmp_path / "s.duckdb")
+    asking = Asking(spool)
+    asking.held_by(111)
+    assert spool.fold_request() == (os.getpid(), 111)
+    asking.held_by(222)  # the first holder closed it; another still has it
+    assert spool.fold_request() == (os.getpid(), 222)
+    time.sleep(0.35)
+    asking.held_by(222)  # asked long enough: the others open the store again meanwhile
+    assert spool.fold_request() is None
+    pauses = []
+    for _ in range(2):
+        start = time.monotonic()
+        while spool.fold_request() is None:
+            asking.held_by(222)
+            time.sleep(0.01)
+        pauses.append(time.monotonic() - start)
+        time.sleep(0.35)
+        asking.held_by(222)
+        assert spool.fold_request() is None
+    # 0.3 s, then 0.6 s, and no longer after that (the longest)
+    assert pauses[0] > 0.28 and pauses[1] > 0.58 and asking.pause == 0.6, pauses
+    asking.held_by(222)
+    asking.end()
+    assert spool.fold_request() is None and not spool.root.exists()

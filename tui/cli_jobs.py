@@ -248,7 +248,8 @@ def cmd_job(args: argparse.Namespace) -> int:
                        f"({settings.tail} tail): {', '.join(uses)}")
                 stage = {"explain": "explaining neurons", "score": "scoring neurons"}.get(settings.kind, "neurons")
                 with progress_bars() as progress:
-                    report = job.run(progress=lambda _, done, total: progress(stage, done, total),
+                    report = job.run(progress=lambda kind, done, total: progress(stage if kind == "neurons" else kind,
+                                                                                 done, total),
                                      max_tokens=args.max_tokens, concurrency=args.concurrency)
             finally:
                 job.close()

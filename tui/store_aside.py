@@ -2,11 +2,12 @@
 job in another process folding its spool into the store (a second or so), or a collection writing its run (minutes
 on a large model). The table pauses, a notice names the writer, and the store opens again, in a timer of the UI
 thread, once the write is over; the person may quit meanwhile. The app steps aside only while none of its own jobs
-runs (they need the store open): the writer then waits for them."""
+runs (they need the store open): the writer then waits for them, and the app stays closed for it meanwhile, as a
+lock that prefers its writers does (an app that came back after a while could keep the writer waiting for ever)."""
 
 from __future__ import annotations
 
-import time
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,16 +18,12 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.timer import Timer
-from textual.widgets import LoadingIndicator, Static
+from textual.widgets import Static
 
 from neuronscope.core.store.runs import named_process
 from neuronscope.tui.screens.modals import MODAL_CSS
 from neuronscope.tui.screens.neuron import wait_for_readers
 
-#: The longest the app keeps the store closed for a process that asks for it but has not taken it (another process
-#: keeps it from the store): the processes of other jobs finish the neurons they are on first (an LLM call or two).
-#: Then the app opens it again, and does not step aside for that request again.
-ASIDE_SECONDS = 30.0
 #: How often the app, its store closed, looks whether it may open it again.
 ASIDE_POLL_SECONDS = 0.2
 #: The one action the app takes while its store is closed (every other waits until the store is back).
@@ -36,9 +33,8 @@ WITHOUT_STORE = {"quit"}
 class AsideScreen(ModalScreen[None]):
     """What the app waits for while its store is closed: who writes it, and that q quits meanwhile."""
 
-    DEFAULT_CSS = MODAL_CSS.format(name="AsideScreen").replace("$error", "$primary") + \
-        "AsideScreen LoadingIndicator { height: 1; }"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("q,escape", "app.quit", "Quit")]
+    DEFAULT_CSS = MODAL_CSS.format(name="AsideScreen").replace("$error", "$primary")
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("q", "app.quit", "Quit")]
 
     def __init__(self, store_name: str, line: str) -> None:
         super().__init__()
@@ -48,9 +44,7 @@ class AsideScreen(ModalScreen[None]):
         with Vertical():
             yield Static(Text(f"{self.store_name} is being written by another process"), classes="modal-title")
             yield Static(Text(self.line), id="writer")
-            yield LoadingIndicator()
-            yield Static("the table comes back when the write is over   q: quit (jobs are not affected)",
-                         classes="modal-keys")
+            yield Static("the table comes back when the write is over   q: quit", classes="modal-keys")
 
     def say(self, line: str) -> None:
         if line != self.line and self.is_mounted:
@@ -65,7 +59,6 @@ class Aside:
     paused: ExitStack
     timer: Timer
     screen: AsideScreen
-    since: float
 
 
 class StoreAside:
@@ -74,16 +67,20 @@ class StoreAside:
     store: Any
     table: Any
     jobs: Any
+    run_info: Any
     _spool_seen: int
+    _marks_timer: Timer | None
     set_interval: Any
     push_screen: Any
+    notify: Any
     _reload_spooled: Any
+    _save_marks: Any
     _aside: Aside | None = None
-    _stepped_for: int | None = None  # the asker the app stepped aside for last: once per request
+    _told_of_run = 0  # the newest run the app said was written meanwhile
 
     @property
     def aside(self) -> bool:
-        """Whether the store is closed for another process's write (only quitting and help work meanwhile)."""
+        """Whether the store is closed for another process's write (only quitting works meanwhile)."""
         return self._aside is not None
 
     def _step_aside_if_asked(self) -> bool:
@@ -92,29 +89,37 @@ class StoreAside:
         if self._aside is not None:
             return True
         asker = self.store.fold_asked()
-        if asker is None:
-            self._stepped_for = None
-        if asker is None or asker == self._stepped_for or self.jobs.running:
+        if asker is None or self.jobs.running:
             return False
-        self._stepped_for = asker
+        if self._marks_timer is not None:  # marks of the last second: saved before the store closes
+            self._marks_timer.stop()
+            self._save_marks()
         wait_for_readers()  # neurons being read hold cursors of the store's connection
         paused = ExitStack()
         paused.enter_context(self.table.paused())  # reads of the table wait (in their workers) until it is back
         self.store.close_shared()
-        screen = AsideScreen(self.store.path.name, f"{named_process(asker)} asked for it")
+        screen = AsideScreen(self.store.path.name, self._asking(asker))
         self.push_screen(screen)
-        self._aside = Aside(paused, self.set_interval(ASIDE_POLL_SECONDS, self._come_back), screen, time.monotonic())
+        self._aside = Aside(paused, self.set_interval(ASIDE_POLL_SECONDS, self._come_back), screen)
         return True
 
+    def _asking(self, asker: int) -> str:
+        """Who asked for the store, and whom it still waits for (another process that has not closed it)."""
+        waits_for = self.store.fold_waits_for()
+        others = f"; it waits for {named_process(waits_for)} to close it" if waits_for not in (None, os.getpid()) \
+            else ""
+        return f"{named_process(asker)} asked for it{others}"
+
     def _come_back(self) -> None:
-        """Open the store again once the asker's write is over, or once it has waited ASIDE_SECONDS for a store that
-        another process keeps from it; while a process writes the store, wait for it, named."""
+        """Open the store again once the request is over and no process writes the store; meanwhile name the one
+        that asked (and whom it waits for), or the one that writes."""
         aside = self._aside
         if aside is None:
             return
         asker = self.store.fold_asked()
-        if asker is not None and time.monotonic() - aside.since < ASIDE_SECONDS:
-            return  # it has not taken the store yet: a read-only open now would keep it from it
+        if asker is not None:
+            aside.screen.say(self._asking(asker))
+            return
         writer = self.store.open_shared()
         if writer is not None:
             aside.screen.say(f"{named_process(writer)} is writing it")
@@ -122,6 +127,21 @@ class StoreAside:
         self._end_aside()
         self._spool_seen = -1  # the store was opened again: draw it again
         self._reload_spooled()
+        self._tell_of_new_run()
+
+    def _tell_of_new_run(self) -> None:
+        """A collection that wrote the store meanwhile made a newer run than the one shown: say so, once."""
+        from neuronscope.core.store.schema import StoreError
+
+        try:
+            newest = self.store.run().run_id
+        except StoreError:
+            return
+        if newest > max(self.run_info.run_id, self._told_of_run):
+            self._told_of_run = newest
+            self.notify(f"run {newest} was written into {self.store.path.name} meanwhile; this table shows run "
+                        f"{self.run_info.run_id}: quit and open the app again to browse run {newest}", timeout=30,
+                        markup=False)
 
     def _end_aside(self, closing: bool = False) -> bool:
         """The table reads again and the notice goes; `closing`: the app closes (the pause ends, so that nothing

@@ -31,7 +31,6 @@ class TriageActions:
     _table: Any
     _spool_seen: int
     _marks_timer: Timer | None
-    aside: bool
     set_timer: Any
     notify: Any
     push_screen: Any
@@ -45,9 +44,6 @@ class TriageActions:
 
     def _save_marks(self) -> None:
         if self._marks_timer is None:  # saved already: the app, closing, saved them before this timer's call came
-            return
-        if self.aside:  # the store is closed for another process's write: saved once it is back
-            self._marks_timer = self.set_timer(MARKS_SAVE_DELAY, self._save_marks)
             return
         self._marks_timer = None
         marked = sorted(self._table.marked)  # the table kept from on_mount: it is unmounted when the app saves last

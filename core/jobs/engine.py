@@ -82,7 +82,7 @@ BLOCK = 256
 #: longest interval it backs off to while other processes keep it from folding.
 SETTLE_SECONDS, SETTLE_MAX_SECONDS = 300.0, 3600.0
 #: How long a job waits for the other processes in the store to step aside for its fold (they finish the neurons
-#: they are on first), and how long one that stepped aside waits for the fold to end.
+#: they are on first); then it gives up asking, and they open the store again.
 FOLD_WAIT_SECONDS = 60.0
 #: Neurons running at once per request allowed in flight (and as many more wait their turn, started).
 THREADS_PER_REQUEST = 2
@@ -324,7 +324,7 @@ class Job(NeuronWork, OutputWork):
                         blocks.committed(landing.last_committed)
                     self._close_readers()
                     if aside:
-                        self._step_aside(FOLD_WAIT_SECONDS, progress)
+                        self._step_aside(progress)
                     elif self.store.resettle(wait=FOLD_WAIT_SECONDS):
                         settle_every = SETTLE_SECONDS
                     else:

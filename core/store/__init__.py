@@ -43,7 +43,7 @@ from neuronscope.core.store.schema import (
     storage_failure,
 )
 from neuronscope.core.store.shared import Shared, SharedMixin, sql_literal
-from neuronscope.core.store.spool import Spool
+from neuronscope.core.store.spool import Asking, Spool
 from neuronscope.core.store.triage import TRIAGE_TABLES, TriageMixin
 
 DEFAULT_STORE = "neuronscope.duckdb"
@@ -135,9 +135,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                        create: bool = True) -> Store:
         """Open a store for writing. While another process holds it: StoreBusy, or with `waiting`, wait as long as
         it takes (Ctrl-C stops it), `waiting` told each new holder's process id. Meanwhile it asks the processes that
-        share the store to step aside (Spool.ask_fold): the app and jobs close it until this write is over."""
+        share the store to close it (`Asking`): the app and jobs do, and open it again once this write is over."""
         told: list[int | None] = []
-        spool, asked = Spool(Path(path)), False
+        asking = Asking(Spool(Path(path)))
         try:
             while True:
                 try:
@@ -145,17 +145,13 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 except StoreBusy as busy:
                     if waiting is None:
                         raise
-                    try:
-                        asked = asked or spool.ask_fold()
-                    except OSError:  # a folder it may not write in: it waits without asking
-                        pass
+                    asking.held_by(busy.pid)
                     if told[-1:] != [busy.pid]:
                         told.append(busy.pid)
                         waiting(busy.pid)
                     time.sleep(WAIT_POLL_SECONDS)
         finally:
-            if asked:  # the others now wait for this write to end (SharedMixin.step_aside)
-                spool.end_fold()
+            asking.end()
 
     @classmethod
     def settle(cls, path: str | Path) -> bool:

@@ -278,19 +278,22 @@ class SharedMixin:
         asker = self.shared.spool.fold_asked() if self.shared is not None else None
         return asker if asker is not None and asker != os.getpid() else None
 
-    def step_aside(self, wait: float, waiting: Callable[[int], None] | None = None) -> None:
-        """Close the store while another process folds the spool into it or writes it (`fold_asked`), then open it
-        read-only again, in place: when the request is over, or after `wait` seconds if the asker has not taken the
-        store by then (another process keeps it from it); while a process holds the store for writing (the asker's
-        write can take minutes), as long as it does, `waiting` told each new holder. For a store's own connection,
-        with no other thread using it or its cursors meanwhile."""
+    def fold_waits_for(self) -> int | None:
+        """The process that the one asking everyone to step aside waits for now, where it says."""
+        request = self.shared.spool.fold_request() if self.shared is not None else None
+        return request[1] if request is not None else None
+
+    def step_aside(self, waiting: Callable[[int], None] | None = None) -> None:
+        """Close the store while another process asks everyone to (`fold_asked`: a fold of the spool into the store,
+        or a collection's write), then open it read-only again, in place, once the request is over and nobody holds
+        the store for writing (a collection's write takes minutes), `waiting` told each writer meanwhile. For a
+        store's own connection, with no other thread using it or its cursors meanwhile."""
         if self.shared is None:
             return
         self.close_shared()
-        deadline = time.monotonic() + wait
         told: list[int] = []
         while True:
-            if not self.fold_asked() or time.monotonic() >= deadline:
+            if not self.fold_asked():
                 holder = self.open_shared()
                 if holder is None:
                     return

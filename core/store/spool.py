@@ -33,6 +33,11 @@ COPIED = ("explanations", "scores", "job_neurons", "jobs", "job_events", "tags",
 IN_PLACE = ("simulations", "llm_calls")
 
 
+#: How long a writer's request that the others close the store stands, and the pause before it asks again (it
+#: doubles, up to the last, while some process keeps the store): neuronscope.core.store.spool.Asking.
+ASK_SECONDS, ASK_AGAIN_SECONDS, ASK_AGAIN_MAX_SECONDS = 60.0, 60.0, 600.0
+
+
 class Spool:
     """The spool folder of one store."""
 
@@ -134,14 +139,11 @@ class Spool:
         os.close(fd)
 
     # -- asking the others to step aside for a fold -----------------------------------------------------
-    def ask_fold(self) -> bool:
-        """Ask every process with the store open to close it for a moment (`fold_asked`), so this one can open it
-        for writing and fold the spool; False when another live process asks already."""
-        from neuronscope.core.store.runs import process_start
-
-        self.root.mkdir(exist_ok=True)
-        staged = self.root / f".fold.{os.getpid()}"
-        staged.write_text(json.dumps([os.getpid(), process_start(os.getpid())]))
+    def ask_fold(self, waits_for: int | None = None) -> bool:
+        """Ask every process with the store open to close it (`fold_asked`) until this one has opened it for writing
+        (to fold the spool, or to write a collection), `waits_for` the one that holds it now; False when another live
+        process asks already."""
+        staged = self._request(waits_for)
         try:
             for _ in range(2):
                 try:
@@ -155,15 +157,35 @@ class Spool:
         finally:
             staged.unlink(missing_ok=True)
 
+    def still_asking(self, waits_for: int | None) -> None:
+        """This process's request (`ask_fold`) now waits for another process (one that has not closed the store yet:
+        the app names it to the person)."""
+        os.replace(self._request(waits_for), self.root / "fold")
+
+    def _request(self, waits_for: int | None) -> Path:
+        from neuronscope.core.store.runs import process_start
+
+        self.root.mkdir(exist_ok=True)
+        staged = self.root / f".fold.{os.getpid()}"
+        staged.write_text(json.dumps([os.getpid(), process_start(os.getpid()), waits_for]))
+        return staged
+
     def fold_asked(self) -> int | None:
-        """The process asking for a fold, while one that still runs does (a stat when none does)."""
+        """The process asking the others to close the store, while one that still runs does (a stat when none does)."""
+        request = self.fold_request()
+        return request[0] if request else None
+
+    def fold_request(self) -> tuple[int, int | None] | None:
+        """The process asking the others to close the store, while one that still runs does, and the process it waits
+        for (None when it did not say)."""
         from neuronscope.core.store.runs import owner_alive
 
         try:
-            pid, started = json.loads((self.root / "fold").read_text())
+            pid, started, *more = json.loads((self.root / "fold").read_text())
+            pid, waits_for = int(pid), (int(more[0]) if more and more[0] is not None else None)
         except (FileNotFoundError, ValueError, TypeError):
             return None
-        return int(pid) if owner_alive(int(pid), started) else None
+        return (pid, waits_for) if owner_alive(pid, started) else None
 
     def end_fold(self) -> None:
         """This process's fold is over (done or given up): the others may open the store again."""
@@ -204,3 +226,41 @@ class Spool:
             self.root.rmdir()
         except OSError:
             pass
+
+
+class Asking:
+    """A writer's requests, while it waits for its store, that the processes sharing it close it (`Spool.ask_fold`):
+    each stands for ASK_SECONDS, and the next comes after a pause that doubles (up to ASK_AGAIN_MAX_SECONDS) while a
+    process that does not close it keeps it (an app running a job of its own): the others then open it again and go
+    on meanwhile, and all of them are asked again later. A request names the process the writer waits for."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.since: float | None = None  # when the standing request was made
+        self.waits_for: int | None = None
+        self.next_at = 0.0
+        self.pause = ASK_AGAIN_SECONDS
+
+    def held_by(self, pid: int | None) -> None:
+        """The store is still held, by `pid` now: ask, say whom the request waits for, or end it and pause."""
+        import time
+
+        now = time.monotonic()
+        try:
+            if self.since is not None and now - self.since >= ASK_SECONDS:
+                self.end()
+                self.next_at, self.pause = now + self.pause, min(2 * self.pause, ASK_AGAIN_MAX_SECONDS)
+            if self.since is None and now >= self.next_at:
+                if self.spool.ask_fold(pid):
+                    self.since, self.waits_for = now, pid
+            elif self.since is not None and pid != self.waits_for:
+                self.spool.still_asking(pid)
+                self.waits_for = pid
+        except OSError:  # a folder it may not write in: it waits without asking
+            pass
+
+    def end(self) -> None:
+        """The writer has the store, or stops waiting: the others may open it again."""
+        if self.since is not None:
+            self.since = None
+            self.spool.end_fold()
