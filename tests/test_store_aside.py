@@ -16,6 +16,8 @@ import pytest
 from app_helpers import SIZE, screen_text, sync, until
 from conftest import cli_env
 
+from neuronscope.core.ids import NeuronId
+from neuronscope.core.jobs.engine import JobSettings
 from neuronscope.core.store import Store
 from neuronscope.core.store.spool import Spool
 from neuronscope.tui.app import NeuronscopeApp
@@ -34,7 +36,8 @@ store = Store.open_when_free(sys.argv[1], lambda pid: print("waits for", pid, fl
 print("writing", flush=True)
 sys.stdin.read()
 if sys.argv[2:] == ["new-run"]:  # what a collection lands: a run newer than the app's
-    store.con.execute("INSERT INTO runs SELECT * REPLACE (run_id + 1 AS run_id) FROM runs ORDER BY run_id DESC LIMIT 1")
+    store.con.execute("INSERT INTO runs SELECT * REPLACE ((SELECT max(run_id) + 1 FROM runs) AS run_id) FROM runs "
+                      "WHERE status = 'complete' ORDER BY run_id DESC LIMIT 1")
 store.close()
 print("done", flush=True)
 """
@@ -72,7 +75,9 @@ def _until(condition: Callable[[], bool], seconds: float = 60) -> None:
 
 @sync
 async def test_the_app_closes_its_store_while_another_process_writes_it(fresh_store: Path) -> None:
-    app = NeuronscopeApp(fresh_store)
+    with Store.open(fresh_store, read_only=True) as store:  # (the session's store may hold more than one run)
+        new_run = max(run.run_id for run in store.runs()) + 1
+    app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer="baseline", simulator="baseline"))
     async with app.run_test(size=SIZE) as pilot:
         writer = Writer(fresh_store, "new-run")
         try:
@@ -86,19 +91,26 @@ async def test_the_app_closes_its_store_while_another_process_writes_it(fresh_st
             sorted_by = app.sort_index
             await pilot.press("s", "ctrl+p")
             assert app.sort_index == sorted_by and isinstance(app.screen, AsideScreen)
+            # A job confirmed in the moment the app stepped aside waits for the store, then runs.
+            app.start(app.settings, (NeuronId(0, 2),), "cursor")
+            await pilot.pause()
+            assert not app.jobs.handles
+            assert any("the job on 1 neuron starts once the store is back" in str(n.message)
+                       for n in app._notifications)
             assert writer.proc.poll() is None
             assert writer.finish() == 0
             await until(pilot, lambda: not app.aside, seconds=10)
             assert not isinstance(app.screen, AsideScreen)
             # The writer made a newer run than the one shown: the app says so (the table stays on its own run).
-            assert any("run 2 was written into jobs.duckdb meanwhile; this table shows run 1" in str(n.message)
-                       for n in app._notifications)
+            told = f"run {new_run} was written into jobs.duckdb meanwhile; this table shows run {app.run_info.run_id}"
+            await until(pilot, lambda: any(told in str(n.message) for n in app._notifications), seconds=10)
+            await until(pilot, lambda: app.table.row(2).score is not None, seconds=60)  # type: ignore[union-attr]
             await pilot.press("s")  # the table reads again, from the store opened again
             await until(pilot, lambda: app.table.query_spec.order != "neuron" and not app.table.pending, seconds=10)
             assert app.table.row(0) is not None
         finally:
             writer.kill()
-    assert not Spool(fresh_store).root.exists()  # the request is gone with the write
+    assert Spool(fresh_store).fold_request() is None  # the request is gone with the write
 
 
 @sync

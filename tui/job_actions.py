@@ -48,6 +48,7 @@ class JobActions:
     call_later: Any
     current_neuron: Any
     _reload_landed: Any
+    when_back: Any
 
     def _job_scope(self) -> tuple[tuple[NeuronId, ...], str, int]:
         """The neurons a job acts on, in words, and how many of them the filter hides (marks outlive a filter)."""
@@ -88,6 +89,9 @@ class JobActions:
 
     def start(self, settings: JobSettings, neurons: tuple[NeuronId, ...], scope: str) -> None:
         """Start a job in a worker (it writes beside the store, which other processes may have open too)."""
+        count = f"{len(neurons):,} neuron{'s' if len(neurons) != 1 else ''}"
+        if self.when_back(f"the job on {count} starts", lambda: self.start(settings, neurons, scope)):
+            return
         handle = JobHandle(settings, neurons, job_label(settings, neurons, scope), concurrency=self.concurrency)
         self.jobs.start(self.store, self.run_info, handle, dict(self.backend_options))
         self.refresh_bindings()

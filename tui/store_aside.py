@@ -8,8 +8,9 @@ lock that prefers its writers does (an app that came back after a while could ke
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -59,6 +60,7 @@ class Aside:
     paused: ExitStack
     timer: Timer
     screen: AsideScreen
+    later: list[Callable[[], object]] = field(default_factory=list)
 
 
 class StoreAside:
@@ -77,6 +79,15 @@ class StoreAside:
     _save_marks: Any
     _aside: Aside | None = None
     _told_of_run = 0  # the newest run the app said was written meanwhile
+
+    def when_back(self, what: str, action: Callable[[], object]) -> bool:
+        """Whether the store is closed for another process's write; then `action` (`what` it does, in words) waits
+        until the store is back (a confirmation answered in the moment the app stepped aside)."""
+        if self._aside is None:
+            return False
+        self._aside.later.append(action)
+        self.notify(f"{what} once the store is back", markup=False)
+        return True
 
     @property
     def aside(self) -> bool:
@@ -128,6 +139,8 @@ class StoreAside:
         self._spool_seen = -1  # the store was opened again: draw it again
         self._reload_spooled()
         self._tell_of_new_run()
+        for action in aside.later:
+            action()
 
     def _tell_of_new_run(self) -> None:
         """A collection that wrote the store meanwhile made a newer run than the one shown: say so, once."""

@@ -31,6 +31,7 @@ class TriageActions:
     _table: Any
     _spool_seen: int
     _marks_timer: Timer | None
+    when_back: Any
     set_timer: Any
     notify: Any
     push_screen: Any
@@ -51,6 +52,8 @@ class TriageActions:
 
     def _write(self, write: Callable[[], object]) -> bool:
         """Write a person's triage to the store (beside it, as jobs' results are); an error is a notification."""
+        if self.when_back("it is saved", lambda: self._write(write)):
+            return True
         try:
             write()
         except StoreError as exc:

@@ -134,8 +134,9 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     def open_when_free(cls, path: str | Path, waiting: Callable[[int | None], None] | None = None, *,
                        create: bool = True) -> Store:
         """Open a store for writing. While another process holds it: StoreBusy, or with `waiting`, wait as long as
-        it takes (Ctrl-C stops it), `waiting` told each new holder's process id. Meanwhile it asks the processes that
-        share the store to close it (`Asking`): the app and jobs do, and open it again once this write is over."""
+        it takes (Ctrl-C stops it), `waiting` told each new holder's process id (and again each time a request
+        lapses). Meanwhile it asks the processes that share the store to close it (`Asking`): the app and jobs do,
+        and open it again once this write is over."""
         told: list[int | None] = []
         asking = Asking(Spool(Path(path)))
         try:
@@ -145,8 +146,8 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
                 except StoreBusy as busy:
                     if waiting is None:
                         raise
-                    asking.held_by(busy.pid)
-                    if told[-1:] != [busy.pid]:
+                    lapsed = asking.held_by(busy.pid)  # (then said again: it still waits, and asks again later)
+                    if told[-1:] != [busy.pid] or lapsed:
                         told.append(busy.pid)
                         waiting(busy.pid)
                     time.sleep(WAIT_POLL_SECONDS)

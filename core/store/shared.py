@@ -286,20 +286,19 @@ class SharedMixin:
     def step_aside(self, waiting: Callable[[int], None] | None = None) -> None:
         """Close the store while another process asks everyone to (`fold_asked`: a fold of the spool into the store,
         or a collection's write), then open it read-only again, in place, once the request is over and nobody holds
-        the store for writing (a collection's write takes minutes), `waiting` told each writer meanwhile. For a
-        store's own connection, with no other thread using it or its cursors meanwhile."""
+        the store for writing (a collection's write takes minutes), `waiting` told each asker or writer meanwhile. For
+        a store's own connection, with no other thread using it or its cursors meanwhile."""
         if self.shared is None:
             return
         self.close_shared()
         told: list[int] = []
         while True:
-            if not self.fold_asked():
-                holder = self.open_shared()
-                if holder is None:
-                    return
-                if waiting is not None and told[-1:] != [holder]:
-                    told.append(holder)
-                    waiting(holder)
+            holder = self.fold_asked() or self.open_shared()
+            if holder is None:
+                return
+            if waiting is not None and told[-1:] != [holder]:
+                told.append(holder)
+                waiting(holder)
             time.sleep(FOLD_POLL_SECONDS)
 
     def close_shared(self) -> None:

@@ -241,15 +241,17 @@ class Asking:
         self.next_at = 0.0
         self.pause = ASK_AGAIN_SECONDS
 
-    def held_by(self, pid: int | None) -> None:
-        """The store is still held, by `pid` now: ask, say whom the request waits for, or end it and pause."""
+    def held_by(self, pid: int | None) -> bool:
+        """The store is still held, by `pid` now: ask, say whom the request waits for, or end it and pause; whether a
+        request lapsed now (the writer may say it still waits)."""
         import time
 
-        now = time.monotonic()
+        now, lapsed = time.monotonic(), False
         try:
             if self.since is not None and now - self.since >= ASK_SECONDS:
                 self.end()
                 self.next_at, self.pause = now + self.pause, min(2 * self.pause, ASK_AGAIN_MAX_SECONDS)
+                lapsed = True
             if self.since is None and now >= self.next_at:
                 if self.spool.ask_fold(pid):
                     self.since, self.waits_for = now, pid
@@ -258,6 +260,7 @@ class Asking:
                 self.waits_for = pid
         except OSError:  # a folder it may not write in: it waits without asking
             pass
+        return lapsed
 
     def end(self) -> None:
         """The writer has the store, or stops waiting: the others may open it again."""
