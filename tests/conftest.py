@@ -418,27 +418,6 @@ def planted_store(session_dir: Path, planted_model: Path, corpus_dir: Path) -> P
     return path
 
 
-class SpoolWatch:
-    """Watches a store's spool while jobs run: `folded_midway` once it emptied (a fold) and then filled again
-    while they still ran (so not a process's fold as it exits). Call `look()` often."""
-
-    def __init__(self, store: Path) -> None:
-        from neuronscope.core.store.spool import Spool
-
-        self.spool = Spool(store)
-        self.last, self.folded, self.resumed = 0, False, False
-
-    def look(self) -> None:
-        published = len(self.spool.names())
-        self.resumed |= self.folded and published > self.last
-        self.folded |= published < self.last
-        self.last = published
-
-    @property
-    def folded_midway(self) -> bool:
-        return self.folded and self.resumed
-
-
 @pytest.fixture(scope="module")
 def sampled() -> tuple[Any, Any]:
     """Awkward random activations [600, 10, 12] and their excerpt ids (tests/sampling_data.py), for the sampler and

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from app_helpers import SIZE, on_screen, screen_text, settled, shown, sync, table_lines, until
-from conftest import SpoolWatch, assert_one_line_error, cli_command, cli_env, run_cli
+from conftest import assert_one_line_error, cli_command, cli_env, run_cli
 from fake_openai import CHAT, FakeOpenAI, Reply
 from rich.cells import cell_len
+from spool_watch import SpoolWatch
 from test_job_faults import Server
 from textual.widgets import Label, ProgressBar
 

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpoolWatch, cli_command, cli_env, copy_store, run_cli
+from conftest import cli_command, cli_env, copy_store, run_cli
+from spool_watch import SpoolWatch
 
 from neuronscope.core.store import Store
 from neuronscope.core.store.spool import Spool

@@ -267,10 +267,12 @@ class SharedMixin:
                 spool.end_fold()
             self._reopen()
 
-    def _reopen(self) -> None:
+    def _reopen(self, lock_wait: float | None = None) -> None:
+        """Open a shared store closed for a while (`close_shared`) again, read-only, in place (StoreBusy while a
+        process holds it for writing, after `lock_wait` seconds: by default Store.open's)."""
         from neuronscope.core.store import Store
 
-        again = Store.open(self.path, read_only=True)
+        again = Store.open(self.path, read_only=True, **({} if lock_wait is None else {"lock_wait": lock_wait}))
         self.con, self.shared = again.con, again.shared
 
     def fold_asked(self) -> int | None:
@@ -307,16 +309,14 @@ class SharedMixin:
         self.__dict__.pop("_thread_cursors", None)
 
     def open_shared(self) -> int | None:
-        """Open a store that `close_shared` closed again, read-only, in place, at once: None, or the process id of
-        the process that holds it for writing (then it stays closed)."""
-        from neuronscope.core.store import Store
+        """`_reopen` at once: None, or the process id of the process that holds the store for writing (then it stays
+        closed)."""
         from neuronscope.core.store.schema import StoreBusy
 
         try:
-            again = Store.open(self.path, read_only=True, lock_wait=0)
+            self._reopen(lock_wait=0)
         except StoreBusy as busy:
             return busy.pid
-        self.con, self.shared = again.con, again.shared
         return None
 
     # -- folding ------------------------------------------------------------------------------------
