@@ -121,13 +121,14 @@ def neuronscope_env(session_dir: Path) -> Iterator[None]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a `neuronscope` subprocess: TEST_ENV, plain output, wide lines, no colours."""
+    """Environment for a `neuronscope` subprocess: TEST_ENV, plain output, wide lines, no colours, stacks on a crash."""
     assert TEST_ENV, "request the session_dir fixture (or neuronscope_env) first"
     env = dict(os.environ)
     for key in ("FORCE_COLOR", "CLICOLOR_FORCE", "NEURONSCOPE_DEBUG", "NEURONSCOPE_STORE", "CI"):
         env.pop(key, None)
     env.update(TEST_ENV)
-    env.update({"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "400", "PYTHONUNBUFFERED": "1"})
+    # PYTHONFAULTHANDLER: a process that dies of a native fault (SIGABRT, SIGSEGV) prints each thread's stack
+    env.update({"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "400", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     env.update(extra)
     return env
 

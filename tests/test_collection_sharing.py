@@ -127,7 +127,8 @@ def test_a_store_its_first_collection_is_making_is_named_as_such(tmp_path: Path,
         assert_one_line_error(run_cli(["top", "--store", path]), f"no store at {path} yet: a collection into it is "
                               f"in progress (PID {collector.proc.pid} (", "the store appears when its pass ends")
         collector.proc.send_signal(signal.SIGINT)
-        assert collector.finish(timeout=300)[0] == 130
+        code, _out, err = collector.finish(timeout=300)
+        assert code == 130, err
     finally:
         collector.kill()
     assert_one_line_error(run_cli(["top", "--store", path]), f"no store at {path}: run `neuronscope collect")

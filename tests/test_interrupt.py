@@ -15,6 +15,7 @@ import pytest
 from collector import Collector
 from conftest import (
     FAST,
+    cli_env,
     collect_into,
     fast_settings,
     orphan_records,
@@ -102,6 +103,33 @@ def test_ctrl_c_inside_the_compiled_cpu_pass_is_an_interrupt() -> None:
         signal.signal(signal.SIGINT, inherited)
     acc.update(acts, torch.arange(done, done + 2))
     assert acc.result().samples["top"].ids.shape == (8, 3)
+
+
+def test_a_ctrl_c_in_code_run_from_a_string_exits_130(tmp_path: Path) -> None:
+    """CPython notes a KeyboardInterrupt that ends code exec() runs from a string as unhandled, even when the CLI
+    handles it, and a process started with `python -m` (torchrun's ranks, these tests) then killed itself with
+    SIGINT at exit: -2, not 130, for one Ctrl-C in 15 while a model loaded (the dataclasses of the modules a
+    command imports define their methods so). Here the interrupt comes out of such code at the first import the
+    command makes, once the console has printed (the modules it imports on its first line define dataclasses too,
+    and running one clears the note)."""
+    (tmp_path / "landing.py").write_text(
+        "import builtins, io, sys\n"
+        "from rich.console import Console\n"
+        "from neuronscope.tui.cli import main\n"
+        "Console(file=io.StringIO()).print('as a collection has printed before a Ctrl-C')\n"
+        "real = builtins.__import__\n"
+        "def landing(name, *args, **kwargs):\n"
+        "    if sys._getframe(1).f_code.co_name == 'cmd_top':\n"
+        "        builtins.__import__ = real\n"
+        "        exec('raise KeyboardInterrupt')\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = landing\n"
+        "sys.exit(main())\n")
+    done = subprocess.run([sys.executable, "-m", "landing", "top", "--store", str(tmp_path / "s.duckdb")],
+                          env=cli_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == ("interrupted: nothing half-written is marked complete; run the same command again "
+                                   "to redo it")
 
 
 @pytest.mark.slow

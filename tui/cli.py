@@ -329,6 +329,15 @@ def _mended(value: object) -> object:
     return value
 
 
+def _forget_unhandled_interrupt() -> None:
+    """Have this process exit with the status main returns (130) after an interrupt it handled. CPython notes a
+    KeyboardInterrupt that ends code exec() runs from a string as unhandled, even when a caller catches it, and a
+    process started with `python -m` (torchrun's ranks) then kills itself with SIGINT at exit: -2, not 130, for
+    one Ctrl-C in 15 while a model loaded (the dataclasses its imports define make their methods so). Running an
+    empty string so clears the note."""
+    exec("")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -357,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.flush()                                  # a server would hold the exit until it answers
                 sys.stderr.flush()
                 os._exit(EXIT_INTERRUPTED)
+            if argv is None:
+                _forget_unhandled_interrupt()
             return EXIT_INTERRUPTED
         from neuronscope.core.store.schema import StoreError, is_duckdb_error, storage_failure
 
