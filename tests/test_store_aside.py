@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import SIZE, screen_text, sync, until
-from conftest import cli_env
+from conftest import cli_command, cli_env
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
@@ -156,6 +156,32 @@ async def test_quitting_while_the_store_is_being_written_leaves_the_writer_alone
         assert writer.finish() == 0
     finally:
         writer.kill()
+
+
+@sync
+async def test_a_writing_command_waits_for_the_app_which_steps_aside(fresh_store: Path) -> None:
+    """`clean` (as `related`, `effects`, `import-openai` and `merge`) run while the app has the store open waits
+    for it, naming the app, and asks it to close it, rather than saying the store is in use: the app steps aside,
+    the command writes, and the table comes back."""
+    app = NeuronscopeApp(fresh_store)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.table.row(0) is not None, seconds=30)
+        clean = subprocess.Popen(cli_command(["clean", "--store", fresh_store]), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+        try:
+            await until(pilot, lambda: app.aside, seconds=60)
+            await until(pilot, lambda: clean.poll() is not None, seconds=60)
+            await until(pilot, lambda: not app.aside, seconds=30)
+            assert app.table.row(0) is not None
+        finally:
+            if clean.poll() is None:
+                clean.kill()
+            _out, err = clean.communicate(timeout=30)
+    said = " ".join(err.split())
+    assert clean.returncode == 0, err
+    assert f"`neuronscope clean` waits for {fresh_store}: PID {os.getpid()} (" in said, said
+    assert "has it open and is asked to close it (Ctrl-C stops waiting, with nothing written)" in said, said
+    assert "removed no unfinished run" in said, said
 
 
 def test_a_shared_store_waits_out_a_long_write_when_it_steps_aside(fresh_store: Path) -> None:

@@ -197,8 +197,7 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
         if rank.index == 0:
             from neuronscope.tui.cli_store import merge_shards
 
-            merged = merge_shards([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store,
-                                  wait=True)
+            merged = merge_shards([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
             with Store.open(args.store, read_only=True) as merged_store:
                 assert merged.run_id is not None
                 print_top(merged_store, merged.run_id, args.top)

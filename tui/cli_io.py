@@ -11,6 +11,7 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
+from neuronscope.tui.cli_store import store_to_write
 from neuronscope.tui.console import (
     EXIT_INTERRUPTED,
     EXIT_UNFINISHED,
@@ -40,7 +41,7 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
     exported = release_metadata(root)
     if args.model and exported and args.model != exported.model:
         warning(f"{RUN_FILE} says this export is of {exported.model}; importing it as {args.model} (--model)")
-    with Store.open(args.store) as store, progress_bars() as progress:
+    with store_to_write(args.store, "import-openai", create=True) as store, progress_bars() as progress:
         report = import_release(store, root, model=args.model, layers=layers,
                                 workers=args.workers, progress=progress, problem=problem)
         store.checkpoint()
@@ -93,34 +94,36 @@ def cmd_related(args: argparse.Namespace) -> int:
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.models.relations import related_lists
 
-    with Store.open(args.store, create=False) as store:
+    with Store.open(args.store, read_only=True) as store:  # (beside the app and jobs: the model loads meanwhile)
         run = store.run(args.run)
-        layers = parse_layers(args.layers, run.layers) or ()
-        subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
-        def vocabulary(ids: list[int]) -> list[str]:  # lists of tokens, not a text: each token decoded alone
-            return subject.token_strings(ids, apart=True)
+    layers = parse_layers(args.layers, run.layers) or ()
+    subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)
 
-        if run.latents:
-            from neuronscope.core.models.relations import latent_related_lists
-            from neuronscope.core.models.sparse import recorded
+    def vocabulary(ids: list[int]) -> list[str]:  # lists of tokens, not a text: each token decoded alone
+        return subject.token_strings(ids, apart=True)
 
-            coder = recorded(run.units)
-            store.write_related(run.run_id, latent_related_lists(subject.model, coder, vocabulary,
-                                                                 args.top))
+    if run.latents:
+        from neuronscope.core.models.relations import latent_related_lists
+        from neuronscope.core.models.sparse import recorded
+
+        coder = recorded(run.units)
+        lists = latent_related_lists(subject.model, coder, vocabulary, args.top)
+        with store_to_write(args.store, "related") as store:
+            store.write_related(run.run_id, lists)
             store.checkpoint()
-            status(f"run {run.run_id}: related tokens of {coder.width:,} latents from the coder's weights through "
-                   f"{subject.name}'s embeddings and unembedding → {args.store}")
-            return 0
-        if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
-            raise InputError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
-                            f"{run.run_id} ({run.model}) {len(run.layers)} of {run.neurons_per_layer}: pass the "
-                            "run's own model with --model")
-        with progress_bars() as progress:
-            progress("related", 0, len(layers))
-            for i, layer in enumerate(layers, 1):
-                store.write_related(run.run_id, related_lists(subject.model, layer, vocabulary,
-                                                              args.top))
-                progress("related", i, len(layers))
+        status(f"run {run.run_id}: related tokens of {coder.width:,} latents from the coder's weights through "
+               f"{subject.name}'s embeddings and unembedding → {args.store}")
+        return 0
+    if subject.n_neurons != run.neurons_per_layer or max(layers) >= subject.n_layers:
+        raise InputError(f"{subject.name} has {subject.n_layers} layers of {subject.n_neurons} neurons, run "
+                         f"{run.run_id} ({run.model}) {len(run.layers)} of {run.neurons_per_layer}: pass the "
+                         "run's own model with --model")
+    # Written a layer at a time as they are computed: a large model's lists at --top 1000 do not fit in memory.
+    with store_to_write(args.store, "related") as store, progress_bars() as progress:
+        progress("related", 0, len(layers))
+        for i, layer in enumerate(layers, 1):
+            store.write_related(run.run_id, related_lists(subject.model, layer, vocabulary, args.top))
+            progress("related", i, len(layers))
         store.checkpoint()
     status(f"run {run.run_id}: related tokens and neurons of {len(layers)} layer{'s' if len(layers) > 1 else ''} "
            f"from {subject.name}'s weights → {args.store}")

@@ -15,6 +15,7 @@ from rich.text import Text
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import Store
+from neuronscope.tui.cli_store import store_to_write
 from neuronscope.tui.console import number, out, real, run_id, status
 from neuronscope.tui.render import activation_style, token_name, tokens_text, visible
 
@@ -112,7 +113,7 @@ def cmd_effects(args: argparse.Namespace) -> int:
              for key, shift in zip(("ablated", "amplified"), found.shifts) for way in ("raised", "lowered")}
     # The lists join the neuron's related tokens (`show`, the app), saved before they are printed: a reader that
     # stops reading (`| head`) ends the printing.
-    with Store.open(args.store, create=False) as store:
+    with store_to_write(args.store, "effects") as store:
         store.write_related(run.run_id, [(unit.layer, unit.neuron, lists, {})])
     out.print(Text(f"{unit}: next-token log-probability changes over {found.excerpts} top excerpts, at the "
                    f"{found.positions} positions where it fires", style="bold"), soft_wrap=True)

@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from neuronscope.core.collection.collect import CollectResult
 
 
+def store_to_write(path: str | Path, command: str, *, create: bool = False) -> Store:
+    """The store open for writing by `neuronscope command`: while other processes have it open, it asks them to
+    close it (the app and jobs in other processes do, and open it again after the write) and waits, saying whom
+    for, as a collection's write does, rather than refusing."""
+    from neuronscope.core.store.runs import named_process
+
+    def waiting(pid: int | None) -> None:
+        warning(f"`neuronscope {command}` waits for {path}: {named_process(pid)} has it open and is asked to close it "
+                "(Ctrl-C stops waiting, with nothing written)")
+
+    return Store.open_when_free(path, waiting, create=create)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
     from neuronscope.core.collection.checkpoint import saved_state
@@ -118,7 +131,7 @@ def _resume(store: Store, run: RunInfo, path: str) -> str:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove the runs that did not finish and compact the store."""
-    with Store.open(args.store, create=False) as store:
+    with store_to_write(args.store, "clean") as store:
         before = store.path.stat().st_size
         gone = store.remove_unfinished_runs()
         status(f"compacting {store.path}")
@@ -152,9 +165,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_shards(paths: Sequence[str | Path], output: str | Path, wait: bool = False) -> CollectResult:
-    """Merge shard states into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun or srun, which
-    `wait`s for a process that has the store open, as a collection does)."""
+def merge_shards(paths: Sequence[str | Path], output: str | Path) -> CollectResult:
+    """Merge shard states into `output` (`merge`, and rank 0 of `collect --shard auto` under torchrun or srun): an
+    existing store another process has open is waited for, as a collection's write does."""
     from neuronscope.core.collection.merge import merge
     from neuronscope.core.collection.state import ShardState
     from neuronscope.core.store.runs import named_process
@@ -165,7 +178,7 @@ def merge_shards(paths: Sequence[str | Path], output: str | Path, wait: bool = F
         warning(f"the shards are done; they are merged into {output} once {named_process(pid)} closes it (the shard "
                 "states stay beside it, so stopping now loses nothing: `neuronscope merge` merges them later)")
 
-    with Store.output(output, waiting if wait else None) as target, progress_bars() as progress:
+    with Store.output(output, waiting) as target, progress_bars() as progress:
         result = merge(target, shards, progress=progress)
     if result.reused:
         status(f"run {result.run_id} of {output} already holds this merge: nothing written")
