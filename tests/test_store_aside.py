@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from app_helpers import SIZE, screen_text, sync, until
 from conftest import cli_command, cli_env
+from fake_openai import CHAT, FakeOpenAI
+from test_app_jobs import SlowServer
 
 from neuronscope.core.ids import NeuronId
 from neuronscope.core.jobs.engine import JobSettings
@@ -156,6 +158,41 @@ async def test_quitting_while_the_store_is_being_written_leaves_the_writer_alone
         assert writer.finish() == 0
     finally:
         writer.kill()
+
+
+@sync
+async def test_the_apps_own_job_pauses_for_a_writer_and_goes_on_after(fresh_store: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job of the app's own used to keep the app from stepping aside, so a collection's write waited for the end
+    of the job (hours, for a large one): the job now pauses once the neurons it is on have landed, the app steps
+    aside, the writer writes, and the job goes on to complete, each neuron once."""
+    monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
+    with FakeOpenAI() as server:
+        server.on(CHAT, SlowServer(0.3))
+        spec = f"openai:fake@{server.url}"
+        app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec, simulation="lines"),
+                             concurrency=1)
+        neurons = tuple(NeuronId(1, n) for n in range(8))  # about 3 s each, one request at a time
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.table.row(0) is not None, seconds=30)
+            app.start(app.settings, neurons, "cursor")
+            handle = app.jobs.handles[0]
+            await until(pilot, lambda: handle.done >= 1, seconds=60)
+            writer = Writer(fresh_store)
+            try:
+                await until(pilot, lambda: "writing" in writer.said, seconds=60)
+                assert app.aside and handle.running and handle.paused
+                calls = len(server.hits(CHAT))
+                await pilot.pause(1.0)
+                assert len(server.hits(CHAT)) == calls  # nothing is asked while the store is being written
+                assert writer.finish() == 0
+                await until(pilot, lambda: not app.aside, seconds=30)
+                await until(pilot, lambda: not handle.running, seconds=120)
+            finally:
+                writer.kill()
+    assert handle.state == "complete" and handle.done == handle.total == len(neurons), handle.state
+    with Store.open(fresh_store, read_only=True) as store:
+        assert len(store.jobs()) == 1
 
 
 @sync

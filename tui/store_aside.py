@@ -1,9 +1,10 @@
 """The app closes its store while another process writes it (a mixin of neuronscope.tui.app.NeuronscopeApp): a
 job in another process folding its spool into the store (a second or so), or a collection writing its run (minutes
 on a large model). The table pauses, a notice names the writer, and the store opens again, in a timer of the UI
-thread, once the write is over; the person may quit meanwhile. The app steps aside only while none of its own jobs
-runs (they need the store open): the writer then waits for them, and the app stays closed for it meanwhile, as a
-lock that prefers its writers does (an app that came back after a while could keep the writer waiting for ever)."""
+thread, once the write is over; the person may quit meanwhile. The app's own jobs pause first, each once the
+neurons it is on have landed (as jobs in other processes do), and go on after the write. The app stays closed while
+the request stands, as a lock that prefers its writers does (an app that came back after a while could keep the
+writer waiting for ever)."""
 
 from __future__ import annotations
 
@@ -95,20 +96,23 @@ class StoreAside:
         return self._aside is not None
 
     def _step_aside_if_asked(self) -> bool:
-        """Close the store when another process asks for it (Spool.ask_fold) and none of the app's jobs runs; whether
-        it is closed now."""
+        """Close the store when another process asks for it (Spool.ask_fold) and the app's jobs have paused for it
+        (they see the request too); whether it is closed now."""
         if self._aside is not None:
             return True
         asker = self.store.fold_asked()
-        if asker is None or self.jobs.running:
+        if asker is None:
             return False
-        if self._marks_timer is not None:  # marks of the last second: saved before the store closes
-            self._marks_timer.stop()
-            self._save_marks()
-        wait_for_readers()  # neurons being read hold cursors of the store's connection
-        paused = ExitStack()
-        paused.enter_context(self.table.paused())  # reads of the table wait (in their workers) until it is back
-        self.store.close_shared()
+        with self.store.turn:  # (a paused job's cursor comes back only while the store is open)
+            if not all(handle.paused for handle in self.jobs.running):
+                return False
+            if self._marks_timer is not None:  # marks of the last second: saved before the store closes
+                self._marks_timer.stop()
+                self._save_marks()
+            wait_for_readers()  # neurons being read hold cursors of the store's connection
+            paused = ExitStack()
+            paused.enter_context(self.table.paused())  # reads of the table wait (in their workers) until it is back
+            self.store.close_shared()
         screen = AsideScreen(self.store.path.name, self._asking(asker))
         self.push_screen(screen)
         self._aside = Aside(paused, self.set_interval(ASIDE_POLL_SECONDS, self._come_back), screen)

@@ -303,7 +303,7 @@ class Job(NeuronWork, OutputWork):
                     state, message = "interrupted", "cancelled"
                     cancel.set()
                 window = max(FAIL_FAST - streak, 1) if probing else threads + requests
-                aside = sharing and self.store.fold_asked()  # another process asks for a fold
+                aside = self.store.shared is not None and self.store.fold_asked()  # for a fold or a write (in the app too)
                 # to fold the spool, or let another fold it: start nothing until all have landed
                 draining = aside or time.monotonic() >= settle_at
                 while state == "running" and len(inflight) < window and not draining:

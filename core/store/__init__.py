@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,12 +61,14 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
     """An open store. Use `Store.open`; close it (or use it as a context manager) when done."""
 
     def __init__(self, con, path: Path, read_only: bool, shared: Shared | None = None,  # type: ignore[no-untyped-def]
-                 own: bool = True) -> None:
+                 owner: Store | None = None) -> None:
         self.con = con
         self.path = path
         self.read_only = read_only
         self.shared = shared
-        self.own = own  # its own connection, not a cursor of another Store's (for_thread)
+        self.owner = owner  # the Store this one is a cursor of (for_thread), whose connection it uses
+        self.own = owner is None
+        self.turn = threading.RLock()  # an owner's: its closing for a writer against its cursors' coming back
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -236,7 +239,7 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
 
     def for_thread(self) -> Store:
         """The same store on a new cursor, for use by one other thread (close it there when done)."""
-        return Store(self.con.cursor(), self.path, self.read_only, self.shared, own=False)
+        return Store(self.con.cursor(), self.path, self.read_only, self.shared, owner=self.owner or self)
 
     def __enter__(self) -> Store:
         return self

@@ -62,6 +62,11 @@ class SharedMixin:
     con: Any
     path: Any
     shared: Shared | None
+    owner: Any  # (Store | None: the Store whose connection this one is a cursor of)
+    turn: threading.RLock
+    closed = False  # closed for another process (close_shared) until it opens again
+    paused = False  # a cursor closed while its owner steps aside (step_aside)
+    writer: int | None = None  # the process that held the store for writing when it last tried to open again
 
     # -- opening ------------------------------------------------------------------------------------
     def _share(self, spool: Spool) -> None:
@@ -273,7 +278,8 @@ class SharedMixin:
         from neuronscope.core.store import Store
 
         again = Store.open(self.path, read_only=True, **({} if lock_wait is None else {"lock_wait": lock_wait}))
-        self.con, self.shared = again.con, again.shared
+        with self.turn:
+            self.con, self.shared, self.closed, self.writer = again.con, again.shared, False, None
 
     def fold_asked(self) -> int | None:
         """The process that asks everyone to step aside (for its fold of the spool, or its write), if another does."""
@@ -289,8 +295,11 @@ class SharedMixin:
         """Close the store while another process asks everyone to (`fold_asked`: a fold of the spool into the store,
         or a collection's write), then open it read-only again, in place, once the request is over and nobody holds
         the store for writing (a collection's write takes minutes), `waiting` told each asker or writer meanwhile. For
-        a store's own connection, with no other thread using it or its cursors meanwhile."""
+        a store's own connection, with no other thread using it or its cursors meanwhile, or for a cursor (`_pause`)."""
         if self.shared is None:
+            return
+        if self.owner is not None:
+            self._pause(waiting)
             return
         self.close_shared()
         told: list[int] = []
@@ -303,10 +312,35 @@ class SharedMixin:
                 waiting(holder)
             time.sleep(FOLD_POLL_SECONDS)
 
+    def _pause(self, waiting: Callable[[int], None] | None) -> None:
+        """`step_aside` for a cursor of another Store's connection (a job's in the app): the cursor closes, and the
+        owner closes its connection once each of its cursors that writes has paused (the app: StoreAside); then a
+        new cursor of the owner's connection, once the request is over and the owner has opened it again (at once
+        where it did not close it), `waiting` told each asker or writer meanwhile."""
+        owner = self.owner
+        with owner.turn:
+            self.con.close()
+            self.paused = True
+        told: list[int] = []
+        while True:
+            with owner.turn:
+                holder = self.fold_asked()
+                if holder is None and not owner.closed:
+                    self.con, self.shared, self.paused = owner.con.cursor(), owner.shared, False
+                    self.__dict__.pop("_thread_cursors", None)
+                    return
+            holder = holder or owner.writer
+            if waiting is not None and holder is not None and told[-1:] != [holder]:
+                told.append(holder)
+                waiting(holder)
+            time.sleep(FOLD_POLL_SECONDS)
+
     def close_shared(self) -> None:
         """Close a shared store for a while (`step_aside`); `open_shared` opens it again."""
-        self.con.close()
-        self.__dict__.pop("_thread_cursors", None)
+        with self.turn:
+            self.con.close()
+            self.__dict__.pop("_thread_cursors", None)
+            self.closed = True
 
     def open_shared(self) -> int | None:
         """`_reopen` at once: None, or the process id of the process that holds the store for writing (then it stays
@@ -316,6 +350,7 @@ class SharedMixin:
         try:
             self._reopen(lock_wait=0)
         except StoreBusy as busy:
+            self.writer = busy.pid
             return busy.pid
         return None
 

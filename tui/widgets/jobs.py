@@ -42,10 +42,17 @@ class JobHandle:
     """Requests in flight (None: NEURONSCOPE_CONCURRENCY, else the backends' default)."""
     updates: int = 0
     """Progress messages posted (at most about 1 / PROGRESS_INTERVAL a second)."""
+    store: Any = None
+    """Its worker's cursor of the app's store, once the worker runs."""
 
     @property
     def running(self) -> bool:
         return self.state in ("starting", "running", "stopping")
+
+    @property
+    def paused(self) -> bool:
+        """Whether it has paused for another process's write (its cursor closed until the store is back)."""
+        return self.store is not None and self.store.paused
 
 
 class JobRow(Horizontal):
@@ -146,11 +153,14 @@ class JobsPanel(VerticalScroll):
         from neuronscope.core.llm.base import make_backend
         from neuronscope.core.models.loading import run_subject
 
-        worker_store = store.for_thread()
+        worker_store = handle.store = store.for_thread()
         last = 0.0
 
-        def progress(_label: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int) -> None:
             nonlocal last
+            if stage.startswith("waiting"):  # paused for another process's write: said until it goes on
+                self.post_message(self.Progress(handle, "" if done else stage))
+                return
             handle.done, handle.total = done, total
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL or done >= total:
