@@ -172,7 +172,7 @@ async def test_the_apps_own_job_pauses_for_a_writer_and_goes_on_after(fresh_stor
         spec = f"openai:fake@{server.url}"
         app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec, simulation="lines"),
                              concurrency=1)
-        neurons = tuple(NeuronId(1, n) for n in range(8))  # about 3 s each, one request at a time
+        neurons = tuple(NeuronId(1, n) for n in range(5))  # about 3 s each, one request at a time
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.table.row(0) is not None, seconds=30)
             app.start(app.settings, neurons, "cursor")
