@@ -160,12 +160,14 @@ async def test_quitting_while_the_store_is_being_written_leaves_the_writer_alone
         writer.kill()
 
 
+@pytest.mark.parametrize("then", ["write", "quit"])
 @sync
-async def test_the_apps_own_job_pauses_for_a_writer_and_goes_on_after(fresh_store: Path,
+async def test_the_apps_own_job_pauses_for_a_writer_and_goes_on_after(fresh_store: Path, then: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A job of the app's own used to keep the app from stepping aside, so a collection's write waited for the end
     of the job (hours, for a large one): the job now pauses once the neurons it is on have landed, the app steps
-    aside, the writer writes, and the job goes on to complete, each neuron once."""
+    aside, the writer writes, and the job goes on to complete, each neuron once. Quitting meanwhile does not wait
+    for the write."""
     monkeypatch.setenv("NEURONSCOPE_OPENAI_MODE", "chat-digits")
     with FakeOpenAI() as server:
         server.on(CHAT, SlowServer(0.3))
@@ -173,22 +175,32 @@ async def test_the_apps_own_job_pauses_for_a_writer_and_goes_on_after(fresh_stor
         app = NeuronscopeApp(fresh_store, settings=JobSettings(explainer=spec, simulator=spec, simulation="lines"),
                              concurrency=1)
         neurons = tuple(NeuronId(1, n) for n in range(5))  # about 3 s each, one request at a time
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.table.row(0) is not None, seconds=30)
-            app.start(app.settings, neurons, "cursor")
-            handle = app.jobs.handles[0]
-            await until(pilot, lambda: handle.done >= 1, seconds=60)
-            writer = Writer(fresh_store)
-            try:
+        writer: Writer | None = None
+        try:
+            async with app.run_test(size=SIZE) as pilot:
+                await until(pilot, lambda: app.table.row(0) is not None, seconds=30)
+                app.start(app.settings, neurons, "cursor")
+                handle = app.jobs.handles[0]
+                await until(pilot, lambda: handle.done >= 1, seconds=60)
+                writer = Writer(fresh_store)
                 await until(pilot, lambda: "writing" in writer.said, seconds=60)
                 assert app.aside and handle.running and handle.paused
                 calls = len(server.hits(CHAT))
                 await pilot.pause(1.0)
                 assert len(server.hits(CHAT)) == calls  # nothing is asked while the store is being written
+                if then == "quit":
+                    await pilot.press("q")
+                    await until(pilot, lambda: not handle.running, seconds=10)
+                else:
+                    assert writer.finish() == 0
+                    await until(pilot, lambda: not app.aside, seconds=30)
+                    await until(pilot, lambda: not handle.running, seconds=120)
+            if then == "quit":
+                assert app.return_code == 0 and writer.proc.poll() is None  # out, while the write goes on
                 assert writer.finish() == 0
-                await until(pilot, lambda: not app.aside, seconds=30)
-                await until(pilot, lambda: not handle.running, seconds=120)
-            finally:
+                return
+        finally:
+            if writer is not None:
                 writer.kill()
     assert handle.state == "complete" and handle.done == handle.total == len(neurons), handle.state
     with Store.open(fresh_store, read_only=True) as store:
@@ -210,6 +222,10 @@ async def test_a_writing_command_waits_for_the_app_which_steps_aside(fresh_store
             await until(pilot, lambda: clean.poll() is not None, seconds=60)
             await until(pilot, lambda: not app.aside, seconds=30)
             assert app.table.row(0) is not None
+            # clean compacted the store into a new file: the app has that one open, not the old one it deleted (an
+            # app that opened the store between clean's close and its rename kept the old file)
+            assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}") and
+                        os.readlink(f"/proc/self/fd/{fd}") == f"{fresh_store} (deleted)"]
         finally:
             if clean.poll() is None:
                 clean.kill()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from neuronscope.core.errors import InputError
+from neuronscope.core.errors import InputError, Interrupted
 from neuronscope.core.store import Store
 from neuronscope.tui.console import (
     Skipped,
@@ -175,16 +175,19 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
                        + (" (already in the store)" if neurons.reused else ""))
             else:
                 result = collect(store, subject, excerpts, progress=progress, waiting=warning, **options)
-        if result.reused:
-            summary(f"{target} already holds this collection (use --force to collect again)")
-        else:
-            what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
-            summary(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
-                    f"excerpt{'' if result.n_excerpts == 1 else 's'} in {result.seconds:.1f} s → {target}")
         if store is not None:
             store.checkpoint()
-            assert result.run_id is not None
-            print_top(store, result.run_id, args.top)
+    # Said once the store is complete under its name (a new one is renamed onto it as the block ends): a Ctrl-C
+    # while the table prints used to delete a new store's whole collection.
+    if result.reused:
+        summary(f"{target} already holds this collection (use --force to collect again)")
+    else:
+        what = f"shard {shard[0]}/{shard[1]}" if part else f"run {result.run_id}"
+        summary(f"{what}: {result.n_neurons:,} {'latents' if sparse else 'neurons'} over {result.n_excerpts:,} "
+                f"excerpt{'' if result.n_excerpts == 1 else 's'} in {result.seconds:.1f} s → {target}")
+    if part is None:
+        assert result.run_id is not None
+        _print_written(args.store, result.run_id, args.top)
     if together:
         assert rank is not None
         if rank.launcher == "torchrun":
@@ -198,9 +201,8 @@ def _collect(args: argparse.Namespace, rank: Rank | None) -> int:
             from neuronscope.tui.cli_store import merge_shards
 
             merged = merge_shards([shard_path(args.store, i, rank.count) for i in range(rank.count)], args.store)
-            with Store.open(args.store, read_only=True) as merged_store:
-                assert merged.run_id is not None
-                print_top(merged_store, merged.run_id, args.top)
+            assert merged.run_id is not None
+            _print_written(args.store, merged.run_id, args.top)
     elif part is not None:
         status(f"when every shard is done: neuronscope merge {shard_path(args.store, '*', shard[1])} "
                f"--output {args.store}")
@@ -218,6 +220,18 @@ def _store_for(path: str, stack: ExitStack) -> Store:
         store = stack.enter_context(Store.open(path, read_only=True))
     store.set_aside()  # others may open it while the model loads and the corpus is cut (collect opens it again)
     return store
+
+
+def _print_written(path: str, run_id: int, limit: int) -> None:
+    """The top neurons of a run just written; a Ctrl-C meanwhile says the run is kept."""
+    if not limit:  # (--top 0: no table)
+        return
+    try:
+        with Store.open(path, read_only=True) as store:
+            print_top(store, run_id, limit)
+    except KeyboardInterrupt:
+        raise Interrupted(f"run {run_id} is complete in {path}; only the table of its top neurons was cut short") \
+            from None
 
 
 def print_top(store: Store, run_id: int, limit: int, order: str = "selectivity") -> None:

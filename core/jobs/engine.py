@@ -324,7 +324,7 @@ class Job(NeuronWork, OutputWork):
                         blocks.committed(landing.last_committed)
                     self._close_readers()
                     if aside:
-                        self._step_aside(progress)
+                        self._step_aside(progress, lambda: stop is not None and stop.is_set())
                     elif self.store.resettle(wait=FOLD_WAIT_SECONDS):
                         settle_every = SETTLE_SECONDS
                     else:
@@ -375,8 +375,9 @@ class Job(NeuronWork, OutputWork):
             try:
                 landing.commit()  # what landed before Ctrl-C or the failure is kept
             finally:
-                self.store.set_job_state(job_id, "interrupted", interruption(err) if interrupted
-                                         else f"stopped by {type(err).__name__}: {err}")
+                if not self.store.paused:  # (closed: a job in the app that quit while another process wrote)
+                    self.store.set_job_state(job_id, "interrupted", interruption(err) if interrupted
+                                             else f"stopped by {type(err).__name__}: {err}")
             if interrupted:
                 given_up = f" ({abandoned:,} neurons' requests in flight given up)" if abandoned else ""
                 halt = Interrupted(f"job {job_id}: {done + landing.count:,} of {len(self.neurons):,} neurons done and "

@@ -83,9 +83,9 @@ class NeuronWork:
         self._opened.clear()
         self._readers = threading.local()
 
-    def _step_aside(self, progress: Callable[[str, int, int], None]) -> None:
+    def _step_aside(self, progress: Callable[[str, int, int], None], stopped: Callable[[], bool]) -> None:
         """Close the store while another process folds the spool into it or writes it (a collection's write can take
-        minutes): the writer's name is a stage of the progress meanwhile."""
+        minutes): the writer's name is a stage of the progress meanwhile (`stopped`: Store.step_aside's)."""
         from neuronscope.core.store.runs import named_process
 
         waited: list[str] = []
@@ -94,7 +94,7 @@ class NeuronWork:
             waited.append(f"waiting while {named_process(pid)} writes the store")
             progress(waited[-1], 0, 0)
 
-        self.store.step_aside(waiting)
+        self.store.step_aside(waiting, stopped)
         for stage in waited:
             progress(stage, 1, 1)
 

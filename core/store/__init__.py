@@ -270,6 +270,8 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         staged = staged_path(self.path, "compact")
         database = self.con.execute("SELECT current_database()").fetchall()[0][0]
         closed = False
+        spool = Spool(self.path)  # those aside stay so until the new file is open here (else some kept the old one)
+        asked = spool.ask_fold()
         try:
             self.con.execute("ATTACH ? AS compacted", [str(staged)])
             self.con.execute(f'COPY FROM DATABASE "{database}" TO compacted')
@@ -282,8 +284,12 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
             staged.with_name(staged.name + ".wal").unlink(missing_ok=True)
             raise
         finally:
-            if closed:
-                self.con = Store.open(self.path, create=False).con
+            try:
+                if closed:  # (a reader that opened it meanwhile, `info` say, is waited for)
+                    self.con = Store.open_when_free(self.path, lambda _pid: None, create=False).con
+            finally:
+                if asked:
+                    spool.end_fold()
         self._forget_shape()
 
     def _forget_shape(self) -> None:

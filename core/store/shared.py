@@ -291,7 +291,8 @@ class SharedMixin:
         request = self.shared.spool.fold_request() if self.shared is not None else None
         return request[1] if request is not None else None
 
-    def step_aside(self, waiting: Callable[[int], None] | None = None) -> None:
+    def step_aside(self, waiting: Callable[[int], None] | None = None,
+                   stopped: Callable[[], bool] | None = None) -> None:
         """Close the store while another process asks everyone to (`fold_asked`: a fold of the spool into the store,
         or a collection's write), then open it read-only again, in place, once the request is over and nobody holds
         the store for writing (a collection's write takes minutes), `waiting` told each asker or writer meanwhile. For
@@ -299,7 +300,7 @@ class SharedMixin:
         if self.shared is None:
             return
         if self.owner is not None:
-            self._pause(waiting)
+            self._pause(waiting, stopped)
             return
         self.close_shared()
         told: list[int] = []
@@ -312,11 +313,14 @@ class SharedMixin:
                 waiting(holder)
             time.sleep(FOLD_POLL_SECONDS)
 
-    def _pause(self, waiting: Callable[[int], None] | None) -> None:
+    def _pause(self, waiting: Callable[[int], None] | None, stopped: Callable[[], bool] | None) -> None:
         """`step_aside` for a cursor of another Store's connection (a job's in the app): the cursor closes, and the
         owner closes its connection once each of its cursors that writes has paused (the app: StoreAside); then a
         new cursor of the owner's connection, once the request is over and the owner has opened it again (at once
-        where it did not close it), `waiting` told each asker or writer meanwhile."""
+        where it did not close it), `waiting` told each asker or writer meanwhile. StoreError, the cursor closed,
+        once `stopped` (the app quits meanwhile: its job ends without the store, and shows as interrupted)."""
+        from neuronscope.core.store.schema import StoreError
+
         owner = self.owner
         with owner.turn:
             self.con.close()
@@ -329,6 +333,8 @@ class SharedMixin:
                     self.con, self.shared, self.paused = owner.con.cursor(), owner.shared, False
                     self.__dict__.pop("_thread_cursors", None)
                     return
+            if stopped is not None and stopped():
+                raise StoreError(f"stopped while another process wrote {self.path}")
             holder = holder or owner.writer
             if waiting is not None and holder is not None and told[-1:] != [holder]:
                 told.append(holder)
