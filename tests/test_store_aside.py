@@ -237,6 +237,25 @@ async def test_a_writing_command_waits_for_the_app_which_steps_aside(fresh_store
     assert "removed no unfinished run" in said, said
 
 
+def test_related_waits_for_a_process_that_writes_the_store(fresh_store: Path) -> None:
+    """`related` (as `effects`) reads the store before it loads its model: while another process writes it, it
+    waits and says for whom, rather than refusing with "in use"."""
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                               "print('open', flush=True); time.sleep(8)", str(fresh_store)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        done = subprocess.run(cli_command(["related", "--store", fresh_store]), capture_output=True, text=True,
+                              cwd=ROOT, env=cli_env(), timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 0, done.stderr
+    assert f"`neuronscope related` waits for {fresh_store}: PID {holder.pid} (-c import duckdb" in said, said
+    assert "is writing it (Ctrl-C stops waiting, with nothing written)" in said and "related tokens and neurons" in said
+
+
 def test_a_shared_store_waits_out_a_long_write_when_it_steps_aside(fresh_store: Path) -> None:
     """A job's store (read-only, shared) steps aside when a writer asks, and opens again only once the write is
     over, told who writes meanwhile: it used to give up after 5 s and fail the job. The writer's request names the

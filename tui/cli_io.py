@@ -11,7 +11,7 @@ from pathlib import Path
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import parse_layers
 from neuronscope.core.store import Store
-from neuronscope.tui.cli_store import store_to_write
+from neuronscope.tui.cli_store import store_to_read, store_to_write
 from neuronscope.tui.console import (
     EXIT_INTERRUPTED,
     EXIT_UNFINISHED,
@@ -94,7 +94,7 @@ def cmd_related(args: argparse.Namespace) -> int:
     from neuronscope.core.models.loading import load_subject
     from neuronscope.core.models.relations import related_lists
 
-    with Store.open(args.store, read_only=True) as store:  # (beside the app and jobs: the model loads meanwhile)
+    with store_to_read(args.store, "related") as store:  # (beside the app and jobs: the model loads meanwhile)
         run = store.run(args.run)
     layers = parse_layers(args.layers, run.layers) or ()
     subject = load_subject(args.model or run.model, device=args.device, dtype=args.dtype, status=status)

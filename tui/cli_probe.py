@@ -15,7 +15,7 @@ from rich.text import Text
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import NeuronId, layers_text
 from neuronscope.core.store import Store
-from neuronscope.tui.cli_store import store_to_write
+from neuronscope.tui.cli_store import store_to_read, store_to_write
 from neuronscope.tui.console import number, out, real, run_id, status
 from neuronscope.tui.render import activation_style, token_name, tokens_text, visible
 
@@ -90,7 +90,7 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
     from neuronscope.core.models.interventions import effects
 
-    with Store.open(args.store, read_only=True) as store:
+    with store_to_read(args.store, "effects") as store:
         run = store.run(args.run)
         unit = _unit_of(run, args.unit)
         stats = store.neuron_stats(run.run_id, *unit)

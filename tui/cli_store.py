@@ -35,6 +35,23 @@ def store_to_write(path: str | Path, command: str, *, create: bool = False) -> S
     return Store.open_when_free(path, waiting, create=create)
 
 
+def store_to_read(path: str | Path, command: str) -> Store:
+    """The store open read-only for `neuronscope command`, which writes it later (`related`, `effects`): while
+    another process writes it, it waits, saying whom for, rather than refusing."""
+    from neuronscope.core.store import StoreBusy
+    from neuronscope.core.store.runs import named_process
+
+    told: list[int | None] = []
+    while True:
+        try:
+            return Store.open(path, read_only=True)
+        except StoreBusy as busy:  # (after Store.open's own few seconds)
+            if told[-1:] != [busy.pid]:
+                told.append(busy.pid)
+                warning(f"`neuronscope {command}` waits for {path}: {named_process(busy.pid)} is writing it (Ctrl-C "
+                        "stops waiting, with nothing written)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Runs, models, counts and size of a store."""
     from neuronscope.core.collection.checkpoint import saved_state
