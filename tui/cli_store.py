@@ -15,7 +15,7 @@ from rich.text import Text
 from neuronscope.core.errors import InputError
 from neuronscope.core.ids import layers_text
 from neuronscope.core.records import RunInfo
-from neuronscope.core.store import SCHEMA_VERSION, Store
+from neuronscope.core.store import SCHEMA_VERSION, Store, StoreBusy
 from neuronscope.tui.console import out, progress_bars, status, warning
 
 if TYPE_CHECKING:
@@ -29,8 +29,7 @@ def store_to_write(path: str | Path, command: str, *, create: bool = False) -> S
     from neuronscope.core.store.runs import named_process
 
     def waiting(pid: int | None) -> None:
-        warning(f"`neuronscope {command}` waits for {path}: {named_process(pid)} has it open and is asked to close it "
-                "(Ctrl-C stops waiting, with nothing written)")
+        _waits(command, path, f"{named_process(pid)} has it open and is asked to close it")
 
     return Store.open_when_free(path, waiting, create=create)
 
@@ -38,7 +37,6 @@ def store_to_write(path: str | Path, command: str, *, create: bool = False) -> S
 def store_to_read(path: str | Path, command: str) -> Store:
     """The store open read-only for `neuronscope command`, which writes it later (`related`, `effects`): while
     another process writes it, it waits, saying whom for, rather than refusing."""
-    from neuronscope.core.store import StoreBusy
     from neuronscope.core.store.runs import named_process
 
     told: list[int | None] = []
@@ -48,8 +46,11 @@ def store_to_read(path: str | Path, command: str) -> Store:
         except StoreBusy as busy:  # (after Store.open's own few seconds)
             if told[-1:] != [busy.pid]:
                 told.append(busy.pid)
-                warning(f"`neuronscope {command}` waits for {path}: {named_process(busy.pid)} is writing it (Ctrl-C "
-                        "stops waiting, with nothing written)")
+                _waits(command, path, f"{named_process(busy.pid)} is writing it")
+
+
+def _waits(command: str, path: str | Path, holder: str) -> None:
+    warning(f"`neuronscope {command}` waits for {path}: {holder} (Ctrl-C stops waiting, with nothing written)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
