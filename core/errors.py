@@ -27,8 +27,9 @@ class Interrupted(KeyboardInterrupt):
     """An interrupt whose message says what was kept and how to go on; the CLI shows it as it is (exit 130)."""
 
     abandoned: bool = False
-    """Threads were left running (a second Ctrl-C stopped waiting for a job's requests in flight): the process ends
-    without waiting for them."""
+    """Threads were left running (a second Ctrl-C stopped waiting for a job's requests in flight; the CPU passes'
+    compile, cpu_update.compile_passes, sets it on a plain KeyboardInterrupt): the process ends without waiting for
+    them."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -362,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if caused_by_interrupt(exc):  # a Ctrl-C, also one a C extension's callback wrapped in a SystemError
             say("interrupted: " + (str(exc) if isinstance(exc, Interrupted) else "nothing half-written is marked "
                                    "complete; run the same command again to redo it"))
-            if getattr(exc, "abandoned", False) and argv is None:  # the store is closed; the threads left waiting on
-                sys.stdout.flush()                                  # a server would hold the exit until it answers
-                sys.stderr.flush()
+            if getattr(exc, "abandoned", False) and argv is None:  # the store is closed; threads left waiting on a
+                sys.stdout.flush()                                  # server would hold the exit until it answers, and
+                sys.stderr.flush()                                  # one in native code (a compile) could abort it
                 os._exit(EXIT_INTERRUPTED)
             if argv is None:
                 _forget_unhandled_interrupt()

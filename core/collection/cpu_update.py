@@ -103,11 +103,17 @@ def compile_passes(settings: CollectSettings, dtype: torch.dtype, report: Callab
 
     thread = threading.Thread(target=fold, name="compile CPU passes", daemon=True)  # daemon: Ctrl-C does not wait
     thread.start()
-    thread.join(after)
-    slow = thread.is_alive()
-    if slow:
-        report("compile", 0, 0)
-    thread.join()
+    try:
+        thread.join(after)
+        slow = thread.is_alive()
+        if slow:
+            report("compile", 0, 0)
+        thread.join()
+    except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM)
+        # The thread may still be in numba's native code: a process that exits normally around it aborted now and
+        # then ("terminate called without an active exception", SIGABRT in CI), so the CLI ends this one at once.
+        err.abandoned = True  # type: ignore[attr-defined]
+        raise
     if failed:
         raise failed[0]
     if slow:
