@@ -285,7 +285,7 @@ class Job(NeuronWork, OutputWork):
         # come later: it drains, asks the other processes in the store to step aside, and folds when they have (a
         # job drains first, the app closes the store for the moment); when one does not, it goes on, and tries
         # again after twice as long.
-        sharing = self.store.shared is not None and self.store.own
+        sharing = self.store.shared is not None and self.store.owner is None
         settle_every = SETTLE_SECONDS
         settle_at = time.monotonic() + settle_every if sharing else float("inf")
         chunk: list[int] = []  # the block being started, and its records

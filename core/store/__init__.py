@@ -67,7 +67,6 @@ class Store(RunsMixin, ExplanationsMixin, BrowseMixin, BulkMixin, RelatedMixin, 
         self.read_only = read_only
         self.shared = shared
         self.owner = owner  # the Store this one is a cursor of (for_thread), whose connection it uses
-        self.own = owner is None
         self.turn = threading.RLock()  # an owner's: its closing for a writer against its cursors' coming back
 
     # -- opening --------------------------------------------------------------------------------
